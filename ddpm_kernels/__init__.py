@@ -1,0 +1,49 @@
+"""ddpm_kernels: fused kernels for the per-timestep math of DDPM (Ho et al. 2020), CompVis ldm style.
+
+    import ddpm_kernels as dk
+    s = dk.DiffusionSchedule("linear", timesteps=1000)
+    x_t = dk.q_sample(x_start, t, noise, s)
+    x_prev = dk.p_sample(x_t, t, model_output, s)
+"""
+
+from . import reference
+from .backends import BackendUnavailableError, available_backends
+from .diffusion import GaussianDiffusion
+from .ops import (
+    device_t_check,
+    diffusion_loss,
+    get_v,
+    p_mean_variance,
+    p_sample,
+    predict_eps_from_z_and_v,
+    predict_noise_from_start,
+    predict_start_from_noise,
+    predict_start_from_z_and_v,
+    q_posterior,
+    q_sample,
+    set_device_t_check,
+)
+from .schedule import DiffusionSchedule, make_beta_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "DiffusionSchedule",
+    "GaussianDiffusion",
+    "available_backends",
+    "device_t_check",
+    "diffusion_loss",
+    "get_v",
+    "make_beta_schedule",
+    "p_mean_variance",
+    "p_sample",
+    "predict_eps_from_z_and_v",
+    "predict_noise_from_start",
+    "predict_start_from_noise",
+    "predict_start_from_z_and_v",
+    "q_posterior",
+    "q_sample",
+    "reference",
+    "set_device_t_check",
+]

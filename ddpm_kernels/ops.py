@@ -1,0 +1,312 @@
+"""Public functional API: validation in one place, then dispatch to a backend.
+
+Every function checks its arguments before any kernel runs and raises ``ValueError`` for bad values, shapes,
+devices or names and ``TypeError`` for bad dtypes, naming the argument and what was expected. Metadata checks
+are always on. The value check of ``t`` (``0 <= t < T``) is done whenever ``t`` is on the CPU (free); for
+device tensors it would cost a host sync per step, so it is off unless ``set_device_t_check(True)`` (or
+``DDPM_KERNELS_CHECK_T=1``); kernels never read outside the tables whatever ``t`` holds (NaN results).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from . import backends
+from .schedule import DiffusionSchedule
+
+__all__ = [
+    "q_sample",
+    "predict_start_from_noise",
+    "predict_noise_from_start",
+    "get_v",
+    "predict_start_from_z_and_v",
+    "predict_eps_from_z_and_v",
+    "q_posterior",
+    "p_mean_variance",
+    "p_sample",
+    "diffusion_loss",
+    "set_device_t_check",
+    "device_t_check",
+]
+
+PARAMETERIZATIONS = {"eps": "eps", "x0": "x0", "v": "v", "epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+LOSS_TYPES = ("l1", "l2")
+
+_device_t_check = os.environ.get("DDPM_KERNELS_CHECK_T", "0") not in ("", "0", "false", "False")
+
+
+def set_device_t_check(enabled: bool) -> bool:
+    """Also check ``0 <= t < T`` for ``t`` on a GPU (one host sync per call). Returns the previous setting."""
+    global _device_t_check
+    previous, _device_t_check = _device_t_check, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def device_t_check(enabled: bool = True):
+    """Context manager form of `set_device_t_check`."""
+    previous = set_device_t_check(enabled)
+    try:
+        yield
+    finally:
+        set_device_t_check(previous)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _check_data(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if x.ndim < 1:
+        raise ValueError(f"{name}: expected a tensor with a batch dimension (ndim >= 1), got a 0-d tensor")
+    return x
+
+
+def _check_like(name: str, y, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    _check_data(name, y)
+    if y.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {y.dtype}")
+    if y.shape != ref.shape:
+        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (the shape of {ref_name}), got {tuple(y.shape)}")
+    if y.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {y.device}")
+    return y
+
+
+def _check_schedule(schedule, x: torch.Tensor) -> DiffusionSchedule:
+    if not isinstance(schedule, DiffusionSchedule):
+        raise TypeError(f"schedule: expected a ddpm_kernels.DiffusionSchedule, got {type(schedule).__name__}")
+    if schedule.device != x.device:
+        raise ValueError(
+            f"schedule: its tables are on {schedule.device} but the data is on {x.device}; "
+            f"call schedule.to({str(x.device)!r})"
+        )
+    return schedule
+
+
+def _check_t(t, x: torch.Tensor, x_name: str, schedule: DiffusionSchedule) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t: expected an int64 tensor of shape ({x.shape[0]},), got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"t: expected an integer tensor (int64), got {t.dtype}")
+    if t.ndim != 1 or t.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"t: expected shape ({x.shape[0]},) (one timestep per sample of {x_name}), got {tuple(t.shape)}"
+        )
+    if t.device != x.device:
+        raise ValueError(f"t: expected a tensor on {x.device} (the device of {x_name}), got {t.device}")
+    if (t.device.type == "cpu" or _device_t_check) and not torch.compiler.is_compiling() and t.numel() > 0:
+        T = schedule.num_timesteps
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= T:
+            raise ValueError(f"t: expected values in [0, {T}) (the schedule's timesteps), got min {lo}, max {hi}")
+    return t if t.dtype == torch.int64 else t.to(torch.int64)
+
+
+def _check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+def _check_parameterization(value) -> str:
+    return PARAMETERIZATIONS[_check_choice("parameterization", value, PARAMETERIZATIONS)]
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_weight(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return value
+
+
+def _check_out(out, x: torch.Tensor, x_name: str) -> Optional[torch.Tensor]:
+    if out is None:
+        return None
+    _check_like("out", out, x_name, x)
+    if out.requires_grad and torch.is_grad_enabled():
+        raise ValueError("out: expected a tensor that does not require grad (out= does not support autograd)")
+    return out
+
+
+def _check_generator(generator, x: torch.Tensor):
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != x.device.type:
+        raise ValueError(f"generator: expected a generator for {x.device.type}, got one for {generator.device}")
+    return generator
+
+
+def _dispatch(op: str, backend: str, x: torch.Tensor):
+    _check_choice("backend", backend, backends.BACKEND_NAMES)
+    return backends.resolve(op, backend, x.device, x.dtype)[1]
+
+
+# --------------------------------------------------------------------------------------------------- ops
+def q_sample(x_start, t, noise, schedule, backend="auto", *, out=None):
+    """Diffuse ``x_start`` to step ``t``: ``sqrt(ab_t) x_start + sqrt(1 - ab_t) noise``.
+
+    ``noise=None`` draws ``torch.randn_like(x_start)`` as the seed does. ``out`` may be ``x_start`` itself.
+    Differentiable w.r.t. ``x_start`` and ``noise``.
+    """
+    _check_data("x_start", x_start)
+    if noise is None:
+        noise = torch.randn_like(x_start)
+    _check_like("noise", noise, "x_start", x_start)
+    _check_schedule(schedule, x_start)
+    t = _check_t(t, x_start, "x_start", schedule)
+    out = _check_out(out, x_start, "x_start")
+    return _dispatch("q_sample", backend, x_start)(x_start, t, noise, schedule, out=out)
+
+
+def predict_start_from_noise(x_t, t, noise, schedule, backend="auto"):
+    """``x_0 = sqrt(1/ab_t) x_t - sqrt(1/ab_t - 1) noise``."""
+    _check_data("x_t", x_t)
+    _check_like("noise", noise, "x_t", x_t)
+    _check_schedule(schedule, x_t)
+    t = _check_t(t, x_t, "x_t", schedule)
+    return _dispatch("predict_start_from_noise", backend, x_t)(x_t, t, noise, schedule)
+
+
+def predict_noise_from_start(x_t, t, x0, schedule, backend="auto"):
+    """The inverse of `predict_start_from_noise`: ``(sqrt(1/ab_t) x_t - x0) / sqrt(1/ab_t - 1)``."""
+    _check_data("x_t", x_t)
+    _check_like("x0", x0, "x_t", x_t)
+    _check_schedule(schedule, x_t)
+    t = _check_t(t, x_t, "x_t", schedule)
+    return _dispatch("predict_noise_from_start", backend, x_t)(x_t, t, x0, schedule)
+
+
+def get_v(x_start, noise, t, schedule, backend="auto"):
+    """The v-prediction target ``sqrt(ab_t) noise - sqrt(1 - ab_t) x_start`` (the seed's ``get_v``)."""
+    _check_data("x_start", x_start)
+    _check_like("noise", noise, "x_start", x_start)
+    _check_schedule(schedule, x_start)
+    t = _check_t(t, x_start, "x_start", schedule)
+    return _dispatch("get_v", backend, x_start)(x_start, noise, t, schedule)
+
+
+def predict_start_from_z_and_v(x_t, t, v, schedule, backend="auto"):
+    """``x_0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v``."""
+    _check_data("x_t", x_t)
+    _check_like("v", v, "x_t", x_t)
+    _check_schedule(schedule, x_t)
+    t = _check_t(t, x_t, "x_t", schedule)
+    return _dispatch("predict_start_from_z_and_v", backend, x_t)(x_t, t, v, schedule)
+
+
+def predict_eps_from_z_and_v(x_t, t, v, schedule, backend="auto"):
+    """``eps = sqrt(ab_t) v + sqrt(1 - ab_t) x_t``."""
+    _check_data("x_t", x_t)
+    _check_like("v", v, "x_t", x_t)
+    _check_schedule(schedule, x_t)
+    t = _check_t(t, x_t, "x_t", schedule)
+    return _dispatch("predict_eps_from_z_and_v", backend, x_t)(x_t, t, v, schedule)
+
+
+def q_posterior(x_start, x_t, t, schedule, backend="auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, variance and clipped log-variance of ``q(x_{t-1} | x_t, x_0)``.
+
+    The mean has ``x_t``'s dtype and shape; variance and log-variance are float32 (float64 for float64 data)
+    and shaped ``(B, 1, ..., 1)`` as in CompVis.
+    """
+    _check_data("x_t", x_t)
+    _check_like("x_start", x_start, "x_t", x_t)
+    _check_schedule(schedule, x_t)
+    t = _check_t(t, x_t, "x_t", schedule)
+    return _dispatch("q_posterior", backend, x_t)(x_start, x_t, t, schedule)
+
+
+def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True, backend="auto"):
+    """Mean and variance of ``p(x_{t-1} | x_t)`` from a model output (eps, x0 or v), x0 clipped to [-1, 1]
+    when ``clip_denoised``. Returns ``(mean, var, log_var)`` as `q_posterior`."""
+    _check_data("x_t", x_t)
+    _check_like("model_output", model_output, "x_t", x_t)
+    _check_schedule(schedule, x_t)
+    t = _check_t(t, x_t, "x_t", schedule)
+    parameterization = _check_parameterization(parameterization)
+    clip_denoised = _check_bool("clip_denoised", clip_denoised)
+    fn = _dispatch("p_mean_variance", backend, x_t)
+    return fn(x_t, t, model_output, schedule, parameterization, clip_denoised)
+
+
+def p_sample(
+    x_t,
+    t,
+    model_output,
+    schedule,
+    parameterization="eps",
+    clip_denoised=True,
+    noise=None,
+    generator=None,
+    backend="auto",
+    *,
+    out=None,
+):
+    """One ancestral sampling step: ``x_{t-1} = mean + [t > 0] exp(0.5 log_var) z``.
+
+    ``noise`` is ``z`` when given; with ``noise=None`` the backend draws it from ``generator`` (or torch's
+    default generator), advancing that generator's state. ``out`` may be ``x_t`` (an in-place step).
+    """
+    _check_data("x_t", x_t)
+    _check_like("model_output", model_output, "x_t", x_t)
+    if noise is not None:
+        _check_like("noise", noise, "x_t", x_t)
+    _check_schedule(schedule, x_t)
+    t = _check_t(t, x_t, "x_t", schedule)
+    parameterization = _check_parameterization(parameterization)
+    clip_denoised = _check_bool("clip_denoised", clip_denoised)
+    generator = _check_generator(generator, x_t)
+    out = _check_out(out, x_t, "x_t")
+    fn = _dispatch("p_sample", backend, x_t)
+    return fn(x_t, t, model_output, schedule, parameterization, clip_denoised, noise, generator, out=out)
+
+
+def diffusion_loss(
+    model_output,
+    x_start,
+    noise,
+    t,
+    schedule,
+    parameterization="eps",
+    loss_type="l2",
+    l_simple_weight=1.0,
+    original_elbo_weight=0.0,
+    backend="auto",
+):
+    """The seed's ``p_losses`` after the model call: ``(loss, loss_simple, loss_vlb)``, scalars in
+    ``model_output``'s dtype, computed in float32 (float64 for float64 data).
+
+    ``loss_simple`` is the mean over the batch of each sample's mean l1/l2 error against the target (noise,
+    x_start or v); ``loss_vlb`` weights each sample by ``lvlb_weights[t]``; ``loss = l_simple_weight *
+    loss_simple + original_elbo_weight * loss_vlb``. Differentiable w.r.t. ``model_output``.
+    """
+    _check_data("model_output", model_output)
+    _check_like("x_start", x_start, "model_output", model_output)
+    _check_like("noise", noise, "model_output", model_output)
+    _check_schedule(schedule, model_output)
+    t = _check_t(t, model_output, "model_output", schedule)
+    parameterization = _check_parameterization(parameterization)
+    loss_type = _check_choice("loss_type", loss_type, LOSS_TYPES)
+    l_simple_weight = _check_weight("l_simple_weight", l_simple_weight)
+    original_elbo_weight = _check_weight("original_elbo_weight", original_elbo_weight)
+    fn = _dispatch("diffusion_loss", backend, model_output)
+    return fn(
+        model_output, x_start, noise, t, schedule, parameterization, loss_type, l_simple_weight, original_elbo_weight
+    )
