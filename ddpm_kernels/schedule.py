@@ -88,7 +88,7 @@ def _compute_tables(betas: np.ndarray, v_posterior: float) -> Dict[str, np.ndarr
     alphas = 1.0 - betas
     alphas_cumprod = np.cumprod(alphas, axis=0)
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         posterior_variance = (1 - v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (
             1.0 - alphas_cumprod
         ) + v_posterior * betas
@@ -184,6 +184,13 @@ class DiffusionSchedule(nn.Module):
 
         tables = _compute_tables(betas, self.v_posterior)
         packed64 = torch.from_numpy(np.stack([tables[name] for name in TABLE_NAMES])).contiguous()
+        finite = torch.isfinite(packed64).all(dim=1) & torch.isfinite(packed64.to(torch.float32)).all(dim=1)
+        if not bool(finite.all()):
+            bad = [name for name, ok in zip(TABLE_NAMES, finite.tolist()) if not ok]
+            raise ValueError(
+                f"betas: the schedule's tables {bad} are not finite in float32 (alphas_cumprod reaches "
+                f"{float(tables['alphas_cumprod'][-1]):.3g}); use fewer timesteps or smaller betas"
+            )
         self._set_tables(packed64.to(torch.float32), packed64)
 
     # ------------------------------------------------------------------ tables
