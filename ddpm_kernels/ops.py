@@ -153,8 +153,11 @@ def _check_generator(generator, x: torch.Tensor):
     return generator
 
 
+def _check_backend(backend) -> str:
+    return _check_choice("backend", backend, backends.BACKEND_NAMES)
+
+
 def _dispatch(op: str, backend: str, x: torch.Tensor):
-    _check_choice("backend", backend, backends.BACKEND_NAMES)
     return backends.resolve(op, backend, x.device, x.dtype)[1]
 
 
@@ -165,6 +168,7 @@ def q_sample(x_start, t, noise, schedule, backend="auto", *, out=None):
     ``noise=None`` draws ``torch.randn_like(x_start)`` as the seed does. ``out`` may be ``x_start`` itself.
     Differentiable w.r.t. ``x_start`` and ``noise``.
     """
+    _check_backend(backend)
     _check_data("x_start", x_start)
     if noise is None:
         noise = torch.randn_like(x_start)
@@ -177,6 +181,7 @@ def q_sample(x_start, t, noise, schedule, backend="auto", *, out=None):
 
 def predict_start_from_noise(x_t, t, noise, schedule, backend="auto"):
     """``x_0 = sqrt(1/ab_t) x_t - sqrt(1/ab_t - 1) noise``."""
+    _check_backend(backend)
     _check_data("x_t", x_t)
     _check_like("noise", noise, "x_t", x_t)
     _check_schedule(schedule, x_t)
@@ -186,6 +191,7 @@ def predict_start_from_noise(x_t, t, noise, schedule, backend="auto"):
 
 def predict_noise_from_start(x_t, t, x0, schedule, backend="auto"):
     """The inverse of `predict_start_from_noise`: ``(sqrt(1/ab_t) x_t - x0) / sqrt(1/ab_t - 1)``."""
+    _check_backend(backend)
     _check_data("x_t", x_t)
     _check_like("x0", x0, "x_t", x_t)
     _check_schedule(schedule, x_t)
@@ -195,6 +201,7 @@ def predict_noise_from_start(x_t, t, x0, schedule, backend="auto"):
 
 def get_v(x_start, noise, t, schedule, backend="auto"):
     """The v-prediction target ``sqrt(ab_t) noise - sqrt(1 - ab_t) x_start`` (the seed's ``get_v``)."""
+    _check_backend(backend)
     _check_data("x_start", x_start)
     _check_like("noise", noise, "x_start", x_start)
     _check_schedule(schedule, x_start)
@@ -204,6 +211,7 @@ def get_v(x_start, noise, t, schedule, backend="auto"):
 
 def predict_start_from_z_and_v(x_t, t, v, schedule, backend="auto"):
     """``x_0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v``."""
+    _check_backend(backend)
     _check_data("x_t", x_t)
     _check_like("v", v, "x_t", x_t)
     _check_schedule(schedule, x_t)
@@ -213,6 +221,7 @@ def predict_start_from_z_and_v(x_t, t, v, schedule, backend="auto"):
 
 def predict_eps_from_z_and_v(x_t, t, v, schedule, backend="auto"):
     """``eps = sqrt(ab_t) v + sqrt(1 - ab_t) x_t``."""
+    _check_backend(backend)
     _check_data("x_t", x_t)
     _check_like("v", v, "x_t", x_t)
     _check_schedule(schedule, x_t)
@@ -226,6 +235,7 @@ def q_posterior(x_start, x_t, t, schedule, backend="auto") -> Tuple[torch.Tensor
     The mean has ``x_t``'s dtype and shape; variance and log-variance are float32 (float64 for float64 data)
     and shaped ``(B, 1, ..., 1)`` as in CompVis.
     """
+    _check_backend(backend)
     _check_data("x_t", x_t)
     _check_like("x_start", x_start, "x_t", x_t)
     _check_schedule(schedule, x_t)
@@ -236,6 +246,7 @@ def q_posterior(x_start, x_t, t, schedule, backend="auto") -> Tuple[torch.Tensor
 def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True, backend="auto"):
     """Mean and variance of ``p(x_{t-1} | x_t)`` from a model output (eps, x0 or v), x0 clipped to [-1, 1]
     when ``clip_denoised``. Returns ``(mean, var, log_var)`` as `q_posterior`."""
+    _check_backend(backend)
     _check_data("x_t", x_t)
     _check_like("model_output", model_output, "x_t", x_t)
     _check_schedule(schedule, x_t)
@@ -264,6 +275,7 @@ def p_sample(
     ``noise`` is ``z`` when given; with ``noise=None`` the backend draws it from ``generator`` (or torch's
     default generator), advancing that generator's state. ``out`` may be ``x_t`` (an in-place step).
     """
+    _check_backend(backend)
     _check_data("x_t", x_t)
     _check_like("model_output", model_output, "x_t", x_t)
     if noise is not None:
@@ -297,6 +309,7 @@ def diffusion_loss(
     x_start or v); ``loss_vlb`` weights each sample by ``lvlb_weights[t]``; ``loss = l_simple_weight *
     loss_simple + original_elbo_weight * loss_vlb``. Differentiable w.r.t. ``model_output``.
     """
+    _check_backend(backend)
     _check_data("model_output", model_output)
     _check_like("x_start", x_start, "model_output", model_output)
     _check_like("noise", noise, "model_output", model_output)
