@@ -1,0 +1,67 @@
+"""Triton backend: each per-timestep op as one fused kernel (one file per op), registered as
+``torch.library`` custom ops under ``ddpm_kernels_triton::`` so they work under ``torch.compile`` and
+``torch.library.opcheck``.
+
+Ops run on CUDA tensors (compiled) and, when ``TRITON_INTERPRET=1`` was set before triton was first imported,
+on CPU tensors through Triton's interpreter (how the tests run without a GPU).
+
+Registration is ``torch.library.custom_op`` + ``register_fake`` + ``register_autograd`` around the Triton
+launch. ``triton_op`` + ``wrap_triton`` (which would let inductor trace into the kernels) was tried: under the
+interpreter it fails ``opcheck``'s fake-tensor test and ``torch.compile`` (the interpreter reads data pointers
+of fake tensors), so the one registration that works on both CPU and GPU is used. Inductor treats the ops as
+opaque calls, which loses nothing: each already is one fused pass.
+
+Autograd: ``q_sample`` (x_start, noise), ``predict_start_from_noise`` (x_t, noise), ``q_posterior`` (mean
+w.r.t. x_start, x_t) and ``diffusion_loss`` (model_output, and x_start / noise where the target depends on
+them). ``p_mean_variance`` and ``p_sample`` have no backward (sampling only).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .utils import INTERPRETED
+
+from .diffusion_loss import diffusion_loss
+from .p_mean_variance import p_mean_variance
+from .p_sample import p_sample
+from .predict_start_from_noise import predict_start_from_noise
+from .q_posterior import q_posterior
+from .q_sample import q_sample
+
+__all__ = ["BACKEND", "TritonBackend"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class TritonBackend:
+    name = "triton"
+    ops = {
+        "q_sample": q_sample,
+        "predict_start_from_noise": predict_start_from_noise,
+        "q_posterior": q_posterior,
+        "p_mean_variance": p_mean_variance,
+        "p_sample": p_sample,
+        "diffusion_loss": diffusion_loss,
+    }
+
+    @staticmethod
+    def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        device = torch.device(device)
+        if dtype not in _DTYPES:
+            return f"the Triton kernels take float16, bfloat16, float32 or float64 data, not {dtype}"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if INTERPRETED:
+                return None
+            return (
+                "Triton compiles for GPUs; CPU tensors run only through Triton's interpreter, enabled by setting "
+                "TRITON_INTERPRET=1 before triton is first imported (slow: for tests)"
+            )
+        return f"the Triton backend runs CUDA tensors, not {device.type}"
+
+
+BACKEND = TritonBackend()

@@ -1,0 +1,362 @@
+"""Fused ``diffusion_loss``: the seed's ``p_losses`` after the model call, ``(loss, loss_simple, loss_vlb)``,
+and its backward. Reference: ``ddpm_kernels.reference.diffusion_loss_ref``.
+
+Forward is two launches: ``diffusion_loss_kernel`` streams ``model_output`` and the target inputs once and
+writes one partial sum per (sample, tile); ``diffusion_loss_reduce_kernel`` (a single program) sums each
+sample's partials in a fixed order, weights samples by ``lvlb_weights[t]`` and writes the three scalars. A
+grid-wide reduction needs either this second launch or atomics; atomics would make the loss depend on
+program scheduling (float addition is not associative), and a fixed-order loss is worth a one-program launch.
+
+Backward is one launch that writes the gradient for ``model_output`` and, when they require grad, for the
+target inputs (``noise`` for eps, ``x_start`` for x0, both for v): all are a per-sample scale of the same
+per-element derivative, so the extra gradients cost one store each and no extra reads.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import (
+    PARAMETERIZATION_ID,
+    ROW,
+    ROW_SQRT_ALPHAS_CUMPROD,
+    ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD,
+    as_rows,
+    batch_chunks,
+    gather_coefficient,
+    launch_config,
+    split_float,
+)
+
+__all__ = ["diffusion_loss_kernel", "diffusion_loss_reduce_kernel", "diffusion_loss_backward_kernel", "diffusion_loss"]
+
+
+@triton.jit
+def _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION: tl.constexpr, cd: tl.constexpr):
+    if PARAMETERIZATION == 0:  # eps: the model predicts the noise
+        target = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(cd)
+    elif PARAMETERIZATION == 1:  # x0
+        target = tl.load(x_start_ptr + offs, mask=mask, other=0.0).to(cd)
+    else:  # v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0
+        sqrt_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ALPHAS_CUMPROD, t, T)
+        sqrt_one_minus_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD, t, T)
+        noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(cd)
+        x_start = tl.load(x_start_ptr + offs, mask=mask, other=0.0).to(cd)
+        target = sqrt_alphas_cumprod * noise - sqrt_one_minus_alphas_cumprod * x_start
+    return target
+
+
+@triton.jit
+def diffusion_loss_kernel(
+    model_output_ptr,
+    x_start_ptr,
+    noise_ptr,
+    t_ptr,
+    table_ptr,
+    partial_ptr,
+    N,
+    T,
+    batch_start,
+    n_tiles,
+    PARAMETERIZATION: tl.constexpr,
+    LOSS_L1: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    sample = tl.program_id(1) + batch_start
+    offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs_in_sample < N
+    offs = sample.to(tl.int64) * N + offs_in_sample
+    t = tl.load(t_ptr + sample)
+    cd: tl.constexpr = table_ptr.dtype.element_ty
+    target = _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION, cd)
+    diff = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(cd) - target
+    if LOSS_L1:
+        per_element = tl.abs(diff)
+    else:
+        per_element = diff * diff
+    per_element = tl.where(mask, per_element, 0.0)
+    tl.store(partial_ptr + sample.to(tl.int64) * n_tiles + tl.program_id(0), tl.sum(per_element, axis=0))
+
+
+@triton.jit
+def diffusion_loss_reduce_kernel(
+    partial_ptr,
+    t_ptr,
+    table_ptr,
+    loss_ptr,
+    loss_simple_ptr,
+    loss_vlb_ptr,
+    B,
+    N,
+    T,
+    n_tiles,
+    l_simple_weight_hi,
+    l_simple_weight_lo,
+    original_elbo_weight_hi,
+    original_elbo_weight_lo,
+    ROW_LVLB: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    cd: tl.constexpr = table_ptr.dtype.element_ty
+    simple_acc = tl.zeros((BLOCK_B,), dtype=cd)
+    vlb_acc = tl.zeros((BLOCK_B,), dtype=cd)
+    # while, not range(): Triton's interpreter (how CI runs kernels) cannot take a runtime bound in range() with
+    # numpy 2, while compiled Triton handles both the same way.
+    b0 = 0
+    while b0 < B:
+        samples = b0 + tl.arange(0, BLOCK_B)
+        in_batch = samples < B
+        sample_sum = tl.zeros((BLOCK_B,), dtype=cd)
+        p0 = 0
+        while p0 < n_tiles:
+            tiles = p0 + tl.arange(0, BLOCK_P)
+            ptrs = partial_ptr + samples.to(tl.int64)[:, None] * n_tiles + tiles[None, :]
+            vals = tl.load(ptrs, mask=in_batch[:, None] & (tiles < n_tiles)[None, :], other=0.0)
+            sample_sum += tl.sum(vals, axis=1)
+            p0 += BLOCK_P
+        per_sample = sample_sum / tl.cast(N, cd)
+        t = tl.load(t_ptr + samples, mask=in_batch, other=0)
+        t_in_range = (t >= 0) & (t < T)
+        lvlb_weight = tl.load(
+            table_ptr + ROW_LVLB * T + tl.where(t_in_range, t, 0), mask=in_batch & t_in_range, other=float("nan")
+        )
+        simple_acc += tl.where(in_batch, per_sample, 0.0)
+        vlb_acc += tl.where(in_batch, lvlb_weight * per_sample, 0.0)
+        b0 += BLOCK_B
+    loss_simple = tl.sum(simple_acc, axis=0) / tl.cast(B, cd)
+    loss_vlb = tl.sum(vlb_acc, axis=0) / tl.cast(B, cd)
+    l_simple_weight = tl.cast(l_simple_weight_hi, cd) + tl.cast(l_simple_weight_lo, cd)
+    original_elbo_weight = tl.cast(original_elbo_weight_hi, cd) + tl.cast(original_elbo_weight_lo, cd)
+    loss = l_simple_weight * loss_simple + original_elbo_weight * loss_vlb
+    tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
+    tl.store(loss_simple_ptr, loss_simple.to(loss_simple_ptr.dtype.element_ty))
+    tl.store(loss_vlb_ptr, loss_vlb.to(loss_vlb_ptr.dtype.element_ty))
+
+
+@triton.jit
+def diffusion_loss_backward_kernel(
+    model_output_ptr,
+    x_start_ptr,
+    noise_ptr,
+    t_ptr,
+    table_ptr,
+    grad_loss_ptr,
+    grad_loss_simple_ptr,
+    grad_loss_vlb_ptr,
+    grad_model_output_ptr,
+    grad_x_start_ptr,
+    grad_noise_ptr,
+    B,
+    N,
+    T,
+    batch_start,
+    l_simple_weight_hi,
+    l_simple_weight_lo,
+    original_elbo_weight_hi,
+    original_elbo_weight_lo,
+    PARAMETERIZATION: tl.constexpr,
+    LOSS_L1: tl.constexpr,
+    GRAD_X_START: tl.constexpr,
+    GRAD_NOISE: tl.constexpr,
+    ROW_LVLB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    sample = tl.program_id(1) + batch_start
+    offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs_in_sample < N
+    offs = sample.to(tl.int64) * N + offs_in_sample
+    t = tl.load(t_ptr + sample)
+    cd: tl.constexpr = table_ptr.dtype.element_ty
+    lvlb_weight = gather_coefficient(table_ptr, ROW_LVLB, t, T)
+    l_simple_weight = tl.cast(l_simple_weight_hi, cd) + tl.cast(l_simple_weight_lo, cd)
+    original_elbo_weight = tl.cast(original_elbo_weight_hi, cd) + tl.cast(original_elbo_weight_lo, cd)
+    # d(loss, loss_simple, loss_vlb) / d(per_sample[b]), contracted with the incoming gradients (read from
+    # device memory: no host sync), and the two means' 1 / (B N).
+    grad_per_sample = (
+        tl.load(grad_loss_ptr).to(cd) * (l_simple_weight + original_elbo_weight * lvlb_weight)
+        + tl.load(grad_loss_simple_ptr).to(cd)
+        + tl.load(grad_loss_vlb_ptr).to(cd) * lvlb_weight
+    ) / (tl.cast(B, cd) * tl.cast(N, cd))
+    target = _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION, cd)
+    diff = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(cd) - target
+    if LOSS_L1:
+        # torch's abs backward: sign(diff), 0 at 0.
+        d_per_element = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)).to(cd)
+    else:
+        d_per_element = 2.0 * diff
+    grad_model_output = grad_per_sample * d_per_element
+    tl.store(grad_model_output_ptr + offs, grad_model_output.to(grad_model_output_ptr.dtype.element_ty), mask=mask)
+    grad_target = -grad_model_output
+    if PARAMETERIZATION == 0:
+        if GRAD_NOISE:
+            tl.store(grad_noise_ptr + offs, grad_target.to(grad_noise_ptr.dtype.element_ty), mask=mask)
+    elif PARAMETERIZATION == 1:
+        if GRAD_X_START:
+            tl.store(grad_x_start_ptr + offs, grad_target.to(grad_x_start_ptr.dtype.element_ty), mask=mask)
+    else:
+        if GRAD_NOISE:
+            sqrt_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ALPHAS_CUMPROD, t, T)
+            grad_noise = sqrt_alphas_cumprod * grad_target
+            tl.store(grad_noise_ptr + offs, grad_noise.to(grad_noise_ptr.dtype.element_ty), mask=mask)
+        if GRAD_X_START:
+            sqrt_one_minus_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD, t, T)
+            grad_x_start = -sqrt_one_minus_alphas_cumprod * grad_target
+            tl.store(grad_x_start_ptr + offs, grad_x_start.to(grad_x_start_ptr.dtype.element_ty), mask=mask)
+
+
+_LVLB_ROW = {0: ROW["lvlb_weights_eps"], 1: ROW["lvlb_weights_x0"], 2: ROW["lvlb_weights_v"]}
+
+
+@torch.library.custom_op("ddpm_kernels_triton::diffusion_loss", mutates_args=())
+def diffusion_loss_op(
+    model_output: torch.Tensor,
+    x_start: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    table: torch.Tensor,
+    parameterization: int,
+    loss_l1: bool,
+    l_simple_weight: float,
+    original_elbo_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    model_output, batch, n = as_rows(model_output)
+    x_start, noise = x_start.contiguous(), noise.contiguous()
+    dtype, device = model_output.dtype, model_output.device
+    loss, loss_simple, loss_vlb = (torch.empty((), dtype=dtype, device=device) for _ in range(3))
+    if model_output.numel() == 0:
+        # Mean over nothing: NaN, as torch's mean gives.
+        return tuple(torch.full((), float("nan"), dtype=dtype, device=device) for _ in range(3))
+    block, warps = launch_config(n, batch)
+    n_tiles = triton.cdiv(n, block)
+    partial = torch.empty((batch, n_tiles), dtype=table.dtype, device=device)
+    for b0, nb in batch_chunks(batch):
+        diffusion_loss_kernel[(n_tiles, nb)](
+            model_output, x_start, noise, t, table, partial, n, table.shape[1], b0, n_tiles,
+            PARAMETERIZATION=parameterization, LOSS_L1=loss_l1, BLOCK=block, num_warps=warps,
+        )
+    ls_hi, ls_lo = split_float(l_simple_weight)
+    elbo_hi, elbo_lo = split_float(original_elbo_weight)
+    diffusion_loss_reduce_kernel[(1,)](
+        partial, t, table, loss, loss_simple, loss_vlb, batch, n, table.shape[1], n_tiles,
+        ls_hi, ls_lo, elbo_hi, elbo_lo,
+        ROW_LVLB=_LVLB_ROW[parameterization],
+        BLOCK_B=min(32, triton.next_power_of_2(batch)), BLOCK_P=min(128, triton.next_power_of_2(n_tiles)),
+        num_warps=4,
+    )
+    return loss, loss_simple, loss_vlb
+
+
+@diffusion_loss_op.register_fake
+def _(model_output, x_start, noise, t, table, parameterization, loss_l1, l_simple_weight, original_elbo_weight):
+    return tuple(model_output.new_empty(()) for _ in range(3))
+
+
+@torch.library.custom_op("ddpm_kernels_triton::diffusion_loss_backward", mutates_args=())
+def diffusion_loss_backward_op(
+    grad_loss: torch.Tensor,
+    grad_loss_simple: torch.Tensor,
+    grad_loss_vlb: torch.Tensor,
+    model_output: torch.Tensor,
+    x_start: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    table: torch.Tensor,
+    parameterization: int,
+    loss_l1: bool,
+    l_simple_weight: float,
+    original_elbo_weight: float,
+    grad_x_start_needed: bool,
+    grad_noise_needed: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_model_output, grad_x_start, grad_noise); a gradient not needed, or not depending on the loss for
+    this parameterization, comes back as an empty tensor."""
+    model_output, batch, n = as_rows(model_output)
+    x_start, noise = x_start.contiguous(), noise.contiguous()
+    grad_model_output = torch.empty_like(model_output)
+    write_x_start = grad_x_start_needed and parameterization != 0
+    write_noise = grad_noise_needed and parameterization != 1
+    grad_x_start = torch.empty_like(model_output) if write_x_start else model_output.new_empty(0)
+    grad_noise = torch.empty_like(model_output) if write_noise else model_output.new_empty(0)
+    if model_output.numel() == 0:
+        return grad_model_output, grad_x_start, grad_noise
+    ls_hi, ls_lo = split_float(l_simple_weight)
+    elbo_hi, elbo_lo = split_float(original_elbo_weight)
+    block, warps = launch_config(n, batch)
+    for b0, nb in batch_chunks(batch):
+        diffusion_loss_backward_kernel[(triton.cdiv(n, block), nb)](
+            model_output, x_start, noise, t, table,
+            grad_loss.contiguous(), grad_loss_simple.contiguous(), grad_loss_vlb.contiguous(),
+            grad_model_output, grad_x_start if write_x_start else grad_model_output,
+            grad_noise if write_noise else grad_model_output,
+            batch, n, table.shape[1], b0, ls_hi, ls_lo, elbo_hi, elbo_lo,
+            PARAMETERIZATION=parameterization, LOSS_L1=loss_l1,
+            GRAD_X_START=write_x_start, GRAD_NOISE=write_noise,
+            ROW_LVLB=_LVLB_ROW[parameterization], BLOCK=block, num_warps=warps,
+        )
+    return grad_model_output, grad_x_start, grad_noise
+
+
+@diffusion_loss_backward_op.register_fake
+def _(grad_loss, grad_loss_simple, grad_loss_vlb, model_output, x_start, noise, t, table, parameterization,
+      loss_l1, l_simple_weight, original_elbo_weight, grad_x_start_needed, grad_noise_needed):
+    like = torch.empty_like(model_output, memory_format=torch.contiguous_format)
+    write_x_start = grad_x_start_needed and parameterization != 0
+    write_noise = grad_noise_needed and parameterization != 1
+    return (
+        like,
+        torch.empty_like(like) if write_x_start else model_output.new_empty(0),
+        torch.empty_like(like) if write_noise else model_output.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    model_output, x_start, noise, t, table, parameterization, loss_l1, l_simple_weight, original_elbo_weight = inputs
+    ctx.save_for_backward(model_output, x_start, noise, t, table)
+    ctx.config = (parameterization, loss_l1, l_simple_weight, original_elbo_weight)
+
+
+def _backward(ctx, grad_loss, grad_loss_simple, grad_loss_vlb):
+    model_output, x_start, noise, t, table = ctx.saved_tensors
+    parameterization, loss_l1, l_simple_weight, original_elbo_weight = ctx.config
+    zero = None
+    grads = []
+    for g in (grad_loss, grad_loss_simple, grad_loss_vlb):
+        if g is None:
+            zero = model_output.new_zeros(()) if zero is None else zero
+            g = zero
+        grads.append(g)
+    need_x_start, need_noise = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    grad_model_output, grad_x_start, grad_noise = diffusion_loss_backward_op(
+        *grads, model_output, x_start, noise, t, table, parameterization, loss_l1, l_simple_weight,
+        original_elbo_weight, need_x_start, need_noise,
+    )
+    if not ctx.needs_input_grad[0]:
+        grad_model_output = None
+    # The target does not depend on x_start for eps, nor on noise for x0: no gradient, as in the reference.
+    grad_x_start = grad_x_start if need_x_start and parameterization != 0 else None
+    grad_noise = grad_noise if need_noise and parameterization != 1 else None
+    return grad_model_output, grad_x_start, grad_noise, None, None, None, None, None, None
+
+
+diffusion_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def diffusion_loss(
+    model_output,
+    x_start,
+    noise,
+    t,
+    schedule,
+    parameterization="eps",
+    loss_type="l2",
+    l_simple_weight=1.0,
+    original_elbo_weight=0.0,
+):
+    """Backend entry with ``reference.diffusion_loss_ref``'s signature."""
+    return diffusion_loss_op(
+        model_output, x_start, noise, t, schedule.table(model_output.dtype), PARAMETERIZATION_ID[parameterization],
+        loss_type == "l1", float(l_simple_weight), float(original_elbo_weight),
+    )

@@ -1,0 +1,228 @@
+"""Pieces every Triton op here shares: the launch table, the flattening of inputs, the in-kernel gather of a
+schedule coefficient, in-kernel Philox noise and the backward of a two-term linear combination.
+
+Layout. Every op is elementwise over ``(B, N)`` where ``B`` is the batch and ``N`` the product of the other
+dims (inputs are made contiguous first, so any ndim >= 1 and any strides work). The grid is
+``(cdiv(N, BLOCK), B)``: a program owns ``BLOCK`` consecutive elements of one sample, so it gathers its
+sample's coefficients once, as scalars, instead of once per element (and never divides an element index by
+``N``). Offsets are int64 from the first multiplication on, so tensors past 2**31 elements are addressed
+correctly.
+
+Vectorization. Triton specializes integer arguments divisible by 16 and pointers aligned to 16 bytes; when
+``N`` is divisible by 16 the compiler knows each program's tile starts 16-byte aligned and emits 128-bit
+loads/stores (``BLOCK / (32 * num_warps)`` contiguous elements per thread). Odd ``N`` still runs, with
+narrower accesses.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..schedule import TABLE_ROW
+
+__all__ = [
+    "INTERPRETED",
+    "PARAMETERIZATION_ID",
+    "MAX_GRID_Y",
+    "launch_config",
+    "batch_chunks",
+    "as_rows",
+    "gather_coefficient",
+    "philox_normal",
+    "split_float",
+    "extract_rows",
+    "draw_seed",
+    "posterior_mean_from_model_output",
+    "linear_combination_backward_kernel",
+    "linear_combination_backward",
+    "ROW",
+    "ROW_SQRT_ALPHAS_CUMPROD",
+    "ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD",
+]
+
+# Triton decides at decoration time whether a @triton.jit function is compiled or interpreted
+# (TRITON_INTERPRET=1 makes it an InterpretedFunction that runs on CPU tensors). Recorded once so the backend
+# can say truthfully whether CPU tensors can run here.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+ROW = TABLE_ROW
+PARAMETERIZATION_ID = {"eps": 0, "x0": 1, "v": 2}
+
+# Table rows the jit helpers below read, as module-level constexprs (Triton resolves these globals at compile
+# time; a plain dict lookup is not allowed inside a kernel).
+ROW_SQRT_ALPHAS_CUMPROD = tl.constexpr(TABLE_ROW["sqrt_alphas_cumprod"])
+ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD = tl.constexpr(TABLE_ROW["sqrt_one_minus_alphas_cumprod"])
+ROW_SQRT_RECIP_ALPHAS_CUMPROD = tl.constexpr(TABLE_ROW["sqrt_recip_alphas_cumprod"])
+ROW_SQRT_RECIPM1_ALPHAS_CUMPROD = tl.constexpr(TABLE_ROW["sqrt_recipm1_alphas_cumprod"])
+ROW_POSTERIOR_MEAN_COEF1 = tl.constexpr(TABLE_ROW["posterior_mean_coef1"])
+ROW_POSTERIOR_MEAN_COEF2 = tl.constexpr(TABLE_ROW["posterior_mean_coef2"])
+
+# CUDA caps gridDim.y at 65535; batches larger than that are launched in chunks along the batch.
+MAX_GRID_Y = 65535
+
+# Launch table: (BLOCK, num_warps) candidates, largest first.
+#
+# NOT MEASURED: this table was written on a machine without a GPU, so it is a reasoned starting point, not a
+# tuned result; the benchmark suite sweeps it on hardware and this comment must be replaced by its numbers.
+# Reasoning: these ops are bandwidth-bound streams (2-4 tensors in, 1-2 out, ~10 flops/element), for which
+# torch inductor's pointwise heuristics (and Triton's vector-add tutorial) settle on BLOCK=1024 with
+# 4 warps: 8 elements per thread, i.e. two 128-bit accesses per tensor for fp32 and one for fp16/bf16, enough
+# bytes in flight per SM to cover HBM latency without register pressure. Smaller tensors get smaller blocks
+# so the grid still has about two waves of programs on a 132-SM H100 (a 64x64x4 latent is only 16 blocks of
+# 1024); below that the op is launch-latency bound and the block size no longer matters.
+LAUNCH_TABLE = ((1024, 4), (512, 4), (256, 2), (128, 1))
+MIN_PROGRAMS = 264  # two waves of 132 SMs (H100 SXM)
+
+
+def launch_config(n_per_sample: int, batch: int) -> Tuple[int, int]:
+    """(BLOCK, num_warps) for ``batch`` samples of ``n_per_sample`` elements (see LAUNCH_TABLE)."""
+    for block, warps in LAUNCH_TABLE:
+        if triton.cdiv(n_per_sample, block) * batch >= MIN_PROGRAMS:
+            return block, warps
+    block, warps = LAUNCH_TABLE[-1]
+    # A 1-element sample should not launch 128-wide programs that mask off 127 lanes.
+    return min(block, max(16, triton.next_power_of_2(n_per_sample))), warps
+
+
+def batch_chunks(batch: int):
+    """(first sample, samples) of each launch: one launch unless the batch exceeds CUDA's grid-y limit."""
+    return [(b0, min(MAX_GRID_Y, batch - b0)) for b0 in range(0, batch, MAX_GRID_Y)]
+
+
+def as_rows(x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """``x`` contiguous, with its batch size and per-sample element count."""
+    x = x.contiguous()
+    batch = x.shape[0]
+    return x, batch, (x.numel() // batch if batch else 0)
+
+
+def split_float(value: float) -> Tuple[float, float]:
+    """``value`` as two float32s whose float64 sum is ``value`` to ~48 bits.
+
+    Triton passes Python floats to kernels as float32; loss weights reach float64 kernels as hi + lo so
+    float64 losses keep float64 accuracy.
+    """
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    lo = float(torch.tensor(value - hi, dtype=torch.float32))
+    return hi, lo
+
+
+def draw_seed(generator, device) -> torch.Tensor:
+    """A one-element int64 device tensor holding a fresh 63-bit Philox key, drawn from ``generator`` (torch's
+    default generator for ``device`` when None). Read by kernels from memory, never passed as an int, so a
+    captured CUDA graph re-draws it on every replay."""
+    return torch.randint(0, 2**63 - 1, (1,), generator=generator, device=device, dtype=torch.int64)
+
+
+def extract_rows(table: torch.Tensor, names, t: torch.Tensor, ndim: int):
+    """Host-side gather of table rows at ``t`` shaped ``(B, 1, ..., 1)``, NaN outside [0, T).
+
+    Only for zero-element samples, where no program runs to write the per-sample variances.
+    """
+    T = table.shape[1]
+    cols = table.index_select(1, t.clamp(0, T - 1))
+    cols = torch.where((t >= 0) & (t < T), cols, torch.full_like(cols, float("nan")))
+    shape = (t.shape[0],) + (1,) * (ndim - 1)
+    return tuple(cols[ROW[name]].reshape(shape).clone() for name in names)
+
+
+@triton.jit
+def gather_coefficient(table_ptr, row: tl.constexpr, t, T):
+    """``table[row, t]`` in the table's dtype; NaN (and no memory access) when ``t`` is outside [0, T)."""
+    in_range = (t >= 0) & (t < T)
+    # The clamped index keeps the address inside the table even if a backend ignores the mask.
+    t_safe = tl.where(in_range, t, 0)
+    return tl.load(table_ptr + row * T + t_safe, mask=in_range, other=float("nan"))
+
+
+@triton.jit
+def posterior_mean_from_model_output(
+    x_t, model_output, t, table_ptr, T, PARAMETERIZATION: tl.constexpr, CLIP_DENOISED: tl.constexpr
+):
+    """Mean of ``p(x_{t-1} | x_t)``: the model's x_0 prediction (eps, x0 or v; clipped to [-1, 1] when
+    ``CLIP_DENOISED``) put through the posterior ``coef1_t x_0 + coef2_t x_t``. ``x_t`` and ``model_output``
+    are already in the compute dtype."""
+    if PARAMETERIZATION == 0:  # eps
+        sqrt_recip_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_RECIP_ALPHAS_CUMPROD, t, T)
+        sqrt_recipm1_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_RECIPM1_ALPHAS_CUMPROD, t, T)
+        x_start = sqrt_recip_alphas_cumprod * x_t - sqrt_recipm1_alphas_cumprod * model_output
+    elif PARAMETERIZATION == 1:  # x0
+        x_start = model_output
+    else:  # v
+        sqrt_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ALPHAS_CUMPROD, t, T)
+        sqrt_one_minus_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD, t, T)
+        x_start = sqrt_alphas_cumprod * x_t - sqrt_one_minus_alphas_cumprod * model_output
+    if CLIP_DENOISED:
+        # min/max, not a NaN-dropping clamp: torch.clamp propagates NaN and so must this.
+        x_start = tl.where(x_start < -1.0, -1.0, tl.where(x_start > 1.0, 1.0, x_start))
+    posterior_mean_coef1 = gather_coefficient(table_ptr, ROW_POSTERIOR_MEAN_COEF1, t, T)
+    posterior_mean_coef2 = gather_coefficient(table_ptr, ROW_POSTERIOR_MEAN_COEF2, t, T)
+    return posterior_mean_coef1 * x_start + posterior_mean_coef2 * x_t
+
+
+@triton.jit
+def philox_normal(seed, sample, tile_start, N, BLOCK: tl.constexpr):
+    """Standard normals for elements ``tile_start + arange(BLOCK)`` of ``sample`` (``tile_start % 4 == 0``).
+
+    Element ``i`` of sample ``b`` takes lane ``i % 4`` of ``randn4x(seed, counter = b * ceil(N / 4) + i // 4)``:
+    one Philox4x32-10 call yields four normals (two Box-Muller pairs), a quarter of the integer work of one
+    ``tl.randn`` per element, and the value depends only on (seed, b, i), not on BLOCK or the grid, so the
+    launch table can change without changing the samples.
+    """
+    counters_per_sample = (N + 3) // 4
+    first = sample.to(tl.int64) * counters_per_sample + tile_start // 4
+    counter = first + tl.arange(0, BLOCK // 4)
+    n1, n2, n3, n4 = tl.randn4x(seed, counter)
+    # join(join(n1, n3), join(n2, n4)) has shape (BLOCK/4, 2, 2); row-major flattening lays it out as
+    # n1, n2, n3, n4 per counter, so each thread's 4 contiguous elements come from one Philox call.
+    z = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), [BLOCK])
+    return z
+
+
+@triton.jit
+def linear_combination_backward_kernel(
+    grad_ptr,
+    t_ptr,
+    table_ptr,
+    grad_a_ptr,
+    grad_b_ptr,
+    N,
+    T,
+    batch_start,
+    ROW_A: tl.constexpr,
+    ROW_B: tl.constexpr,
+    SIGN_B: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Both input gradients of ``out = c_a[t] a + SIGN_B c_b[t] b`` in one pass over ``grad``."""
+    sample = tl.program_id(1) + batch_start
+    offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs_in_sample < N
+    offs = sample.to(tl.int64) * N + offs_in_sample
+    t = tl.load(t_ptr + sample)
+    c_a = gather_coefficient(table_ptr, ROW_A, t, T)
+    c_b = gather_coefficient(table_ptr, ROW_B, t, T)
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(c_a.dtype)
+    tl.store(grad_a_ptr + offs, (c_a * g).to(grad_a_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_b_ptr + offs, (SIGN_B * c_b * g).to(grad_b_ptr.dtype.element_ty), mask=mask)
+
+
+def linear_combination_backward(grad, t, table, row_a: str, row_b: str, sign_b: float):
+    """(grad_a, grad_b) of ``c_a[t] a + sign_b c_b[t] b``, shaped and typed like ``grad``."""
+    grad, batch, n = as_rows(grad)
+    grad_a = torch.empty_like(grad)
+    grad_b = torch.empty_like(grad)
+    if grad.numel() == 0:
+        return grad_a, grad_b
+    block, warps = launch_config(n, batch)
+    for b0, nb in batch_chunks(batch):
+        linear_combination_backward_kernel[(triton.cdiv(n, block), nb)](
+            grad, t, table, grad_a, grad_b, n, table.shape[1], b0,
+            ROW_A=ROW[row_a], ROW_B=ROW[row_b], SIGN_B=sign_b, BLOCK=block, num_warps=warps,
+        )
+    return grad_a, grad_b
