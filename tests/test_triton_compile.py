@@ -1,0 +1,145 @@
+"""Every Triton kernel compiles to PTX and cubin for sm_90 and sm_80 on a machine without a GPU.
+
+The other Triton tests run the kernels through the interpreter, which accepts code the GPU compiler rejects
+(and vice versa); this test runs the real compiler (``triton.compile`` with an explicit ``GPUTarget``, Triton's
+bundled ptxas) in a subprocess with ``TRITON_INTERPRET`` unset, so a kernel that only the interpreter accepts
+fails here. It also checks from the PTX that 16-divisible, 16-byte-aligned tensors get 128-bit accesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent(
+    r'''
+    import json, os, sys
+    assert "TRITON_INTERPRET" not in os.environ
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from ddpm_kernels.triton import utils
+    from ddpm_kernels.triton.q_sample import q_sample_kernel
+    from ddpm_kernels.triton.predict_start_from_noise import predict_start_from_noise_kernel
+    from ddpm_kernels.triton.q_posterior import q_posterior_kernel
+    from ddpm_kernels.triton.p_mean_variance import p_mean_variance_kernel
+    from ddpm_kernels.triton.p_sample import p_sample_kernel
+    from ddpm_kernels.triton.diffusion_loss import (
+        diffusion_loss_kernel, diffusion_loss_reduce_kernel, diffusion_loss_backward_kernel,
+    )
+    assert not utils.INTERPRETED
+    R = utils.ROW
+
+    DATA = {"x_start_ptr", "noise_ptr", "x_t_ptr", "model_output_ptr", "out_ptr", "mean_ptr", "grad_ptr",
+            "grad_a_ptr", "grad_b_ptr", "grad_model_output_ptr", "grad_x_start_ptr", "grad_noise_ptr",
+            "loss_ptr", "loss_simple_ptr", "loss_vlb_ptr", "grad_loss_ptr", "grad_loss_simple_ptr",
+            "grad_loss_vlb_ptr"}
+    INDEX = {"t_ptr", "seed_ptr"}
+    COMPUTE = {"table_ptr", "var_ptr", "log_var_ptr", "partial_ptr"}
+    FLOATS = {"l_simple_weight_hi", "l_simple_weight_lo", "original_elbo_weight_hi", "original_elbo_weight_lo"}
+
+    def source(kernel, dtype, constexprs, aligned=False, ones=()):
+        """ASTSource as the runtime would build it: pointers typed by role, ints i32 (specialized to the
+        constexpr 1 for names in `ones`, as Triton does for an argument equal to 1), and with `aligned`
+        the divisibility-by-16 attributes Triton adds for aligned pointers and 16-divisible ints."""
+        compute = "fp64" if dtype == "fp64" else "fp32"
+        names = kernel.arg_names
+        signature, consts, attrs = {}, {}, {}
+        for i, (name, param) in enumerate(zip(names, kernel.params)):
+            if param.is_constexpr:
+                signature[name] = "constexpr"
+                consts[(i,)] = constexprs[name]
+                continue
+            if name in ones:
+                signature[name] = "constexpr"
+                consts[(i,)] = 1
+                continue
+            if name in DATA:
+                signature[name] = "*" + dtype
+            elif name in INDEX:
+                signature[name] = "*i64"
+            elif name in COMPUTE:
+                signature[name] = "*" + compute
+            elif name in FLOATS:
+                signature[name] = "fp32"
+            else:
+                assert not name.endswith("_ptr"), f"{kernel.__name__}: untyped pointer {name}"
+                signature[name] = "i32"
+            if aligned and (signature[name].startswith("*") or name == "N"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        return triton.compiler.ASTSource(kernel, signature, consts, attrs)
+
+    ELEMENTWISE = dict(BLOCK=1024)
+    CASES = [
+        ("q_sample", q_sample_kernel, dict(ELEMENTWISE, ROW_SQRT_AB=R["sqrt_alphas_cumprod"], ROW_SQRT_1M_AB=R["sqrt_one_minus_alphas_cumprod"])),
+        ("predict_start_from_noise", predict_start_from_noise_kernel,
+         dict(ELEMENTWISE, ROW_SQRT_RECIP_AB=R["sqrt_recip_alphas_cumprod"], ROW_SQRT_RECIPM1_AB=R["sqrt_recipm1_alphas_cumprod"])),
+        ("linear_combination_backward", utils.linear_combination_backward_kernel,
+         dict(ELEMENTWISE, ROW_A=R["sqrt_alphas_cumprod"], ROW_B=R["sqrt_one_minus_alphas_cumprod"], SIGN_B=-1.0)),
+        ("q_posterior", q_posterior_kernel,
+         dict(ELEMENTWISE, ROW_COEF1=R["posterior_mean_coef1"], ROW_COEF2=R["posterior_mean_coef2"], ROW_VAR=R["posterior_variance"], ROW_LOG_VAR=R["posterior_log_variance_clipped"])),
+        ("p_mean_variance[x0,clip]", p_mean_variance_kernel,
+         dict(ELEMENTWISE, PARAMETERIZATION=1, CLIP_DENOISED=True, ROW_VAR=R["posterior_variance"], ROW_LOG_VAR=R["posterior_log_variance_clipped"])),
+        ("p_mean_variance[eps]", p_mean_variance_kernel,
+         dict(ELEMENTWISE, PARAMETERIZATION=0, CLIP_DENOISED=False, ROW_VAR=R["posterior_variance"], ROW_LOG_VAR=R["posterior_log_variance_clipped"])),
+        ("p_sample[v,clip,philox]", p_sample_kernel,
+         dict(ELEMENTWISE, PARAMETERIZATION=2, CLIP_DENOISED=True, HAS_NOISE=False, ROW_LOG_VAR=R["posterior_log_variance_clipped"])),
+        ("p_sample[eps,noise]", p_sample_kernel,
+         dict(ELEMENTWISE, PARAMETERIZATION=0, CLIP_DENOISED=False, HAS_NOISE=True, ROW_LOG_VAR=R["posterior_log_variance_clipped"])),
+        ("diffusion_loss[v,l2]", diffusion_loss_kernel, dict(ELEMENTWISE, PARAMETERIZATION=2, LOSS_L1=False)),
+        ("diffusion_loss[eps,l1]", diffusion_loss_kernel, dict(ELEMENTWISE, PARAMETERIZATION=0, LOSS_L1=True)),
+        ("diffusion_loss_reduce", diffusion_loss_reduce_kernel, dict(ROW_LVLB=R["lvlb_weights_eps"], BLOCK_B=32, BLOCK_P=128)),
+        ("diffusion_loss_backward[v]", diffusion_loss_backward_kernel,
+         dict(ELEMENTWISE, PARAMETERIZATION=2, LOSS_L1=True, GRAD_X_START=True, GRAD_NOISE=True, ROW_LVLB=R["lvlb_weights_v"])),
+        ("diffusion_loss_backward[x0]", diffusion_loss_backward_kernel,
+         dict(ELEMENTWISE, PARAMETERIZATION=1, LOSS_L1=False, GRAD_X_START=True, GRAD_NOISE=False, ROW_LVLB=R["lvlb_weights_x0"])),
+    ]
+
+    results = []
+    def compile_one(label, kernel, constexprs, dtype, cc, **kw):
+        compiled = triton.compile(source(kernel, dtype, constexprs, **kw), target=GPUTarget("cuda", cc, 32),
+                                  options={"num_warps": 4})
+        ptx = compiled.asm["ptx"]
+        results.append(dict(label=label, dtype=dtype, cc=cc, ptx=len(ptx), cubin=len(compiled.asm["cubin"]),
+                            ld_v4=ptx.count("ld.global.v4"), st_v4=ptx.count("st.global.v4"), **kw))
+
+    for label, kernel, constexprs in CASES:
+        for cc in (90, 80):
+            compile_one(label, kernel, constexprs, "bf16", cc)
+        compile_one(label, kernel, constexprs, "fp64", 80)
+        compile_one(label, kernel, constexprs, "fp32", 90, aligned=True)
+    # Runtime specializations of an argument equal to 1 (one element per sample, batch of one).
+    for label, kernel, constexprs in CASES:
+        if "N" in kernel.arg_names:
+            ones = ("N", "B") if "B" in kernel.arg_names else ("N",)
+            compile_one(label, kernel, constexprs, "fp16", 90, ones=ones)
+    json.dump(results, sys.stdout)
+    '''
+)
+
+
+def test_every_kernel_compiles_for_sm90_and_sm80():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, cwd=repo, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = json.loads(proc.stdout)
+    assert {r["cc"] for r in results} == {80, 90}
+    for r in results:
+        assert r["ptx"] > 0 and r["cubin"] > 0, r
+    # 128-bit vectorized access for aligned float32 tensors with a 16-divisible sample size.
+    for r in results:
+        if r.get("aligned") and r["label"] not in ("diffusion_loss_reduce",):
+            assert r["ld_v4"] > 0, r
+            if not r["label"].startswith("diffusion_loss["):  # the forward loss writes one partial per tile
+                assert r["st_v4"] > 0, r
