@@ -1,0 +1,645 @@
+// CPU kernels of every ddpm_kernels operator: one pass over the data, per-sample coefficients gathered from
+// the schedule table by t, math in float32 (float64 for float64 data) on at::vec::Vectorized lanes, work
+// split with at::parallel_for.
+//
+// setup.py compiles this file once per x86 instruction set (baseline, AVX2, AVX-512) into separate
+// libraries; ddpm_kernels/extension.py loads the widest one torch.backends.cpu.get_cpu_capability() allows,
+// as PyTorch does with its own per-ISA kernels. Vectorized<T> picks its implementation from the
+// CPU_CAPABILITY_* macro setup.py defines for each build.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "../checks.h"
+#include "../coefficients.h"
+#include "../module.h"
+
+namespace ddpm {
+namespace cpu {
+namespace {
+
+using at::vec::Vectorized;
+
+// Unit of parallel work and of the in-kernel noise stream: noise for element i depends only on i and the
+// generator's seed, so results do not depend on the thread count.
+constexpr int64_t kBlock = 256;
+// Blocks per parallel task (~32K elements): below that, threading costs more than it saves.
+constexpr int64_t kGrainBlocks = 128;
+
+// A vector-width slice of a tensor loaded as float32 (float64) lanes: one Vectorized<acc_t> for
+// float/double data, two for float16/bfloat16 (converted to float32 on load, rounded once on store).
+template <typename scalar_t, typename Enable = void>
+struct Lanes {
+  using acc_t = scalar_t;
+  using AVec = Vectorized<acc_t>;
+  static constexpr int kVecs = 1;
+  static constexpr int64_t size() { return AVec::size(); }
+  static inline void load(const scalar_t* p, AVec* v, int64_t n) {
+    v[0] = n == size() ? AVec::loadu(p) : AVec::loadu(p, n);
+  }
+  static inline void store(scalar_t* p, const AVec* v, int64_t n) {
+    if (n == size()) v[0].store(p); else v[0].store(p, static_cast<int>(n));
+  }
+};
+
+template <typename scalar_t>
+struct Lanes<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<scalar_t>>> {
+  using acc_t = float;
+  using AVec = Vectorized<float>;
+  using SVec = Vectorized<scalar_t>;
+  static constexpr int kVecs = 2;
+  static constexpr int64_t size() { return SVec::size(); }
+  static inline void load(const scalar_t* p, AVec* v, int64_t n) {
+    const SVec s = n == size() ? SVec::loadu(p) : SVec::loadu(p, n);
+    std::tie(v[0], v[1]) = at::vec::convert_to_float<scalar_t>(s);
+  }
+  static inline void store(scalar_t* p, const AVec* v, int64_t n) {
+    const SVec s = at::vec::convert_from_float<scalar_t>(v[0], v[1]);
+    if (n == size()) s.store(p); else s.store(p, static_cast<int>(n));
+  }
+};
+
+// The same slice read from an acc_t buffer (the in-kernel noise), always full vectors.
+template <typename scalar_t>
+inline void load_acc(const typename Lanes<scalar_t>::acc_t* p, typename Lanes<scalar_t>::AVec* v) {
+  using L = Lanes<scalar_t>;
+  for (int k = 0; k < L::kVecs; ++k) v[k] = L::AVec::loadu(p + k * L::AVec::size());
+}
+
+// Calls f(b, begin, end) for every sample-homogeneous piece of the elements of blocks [blk0, blk1).
+template <typename F>
+inline void for_each_segment(int64_t blk0, int64_t blk1, int64_t numel, int64_t N, const F& f) {
+  int64_t begin = blk0 * kBlock;
+  const int64_t end = std::min(blk1 * kBlock, numel);
+  while (begin < end) {
+    const int64_t b = begin / N;
+    const int64_t stop = std::min(end, (b + 1) * N);
+    f(b, begin, stop);
+    begin = stop;
+  }
+}
+
+template <typename F>
+inline void parallel_blocks(int64_t numel, const F& f) {
+  const int64_t nblocks = (numel + kBlock - 1) / kBlock;
+  at::parallel_for(0, nblocks, kGrainBlocks, f);
+}
+
+// ------------------------------------------------------------------------------------------- two-operand ops
+template <typename scalar_t>
+void pair_kernel(PairOp op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& t, const at::Tensor& table,
+                 const at::Tensor& out) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  const int64_t numel = x.numel();
+  if (numel == 0) return;
+  const int64_t N = numel / x.size(0), T = table.size(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+  const int64_t* tp = t.const_data_ptr<int64_t>();
+  const acc_t* tab = table.const_data_ptr<acc_t>();
+  parallel_blocks(numel, [&](int64_t blk0, int64_t blk1) {
+    for_each_segment(blk0, blk1, numel, N, [&](int64_t b, int64_t i, int64_t stop) {
+      const Pair<acc_t> c = pair_coefficients<acc_t>(op, tab, T, tp[b]);
+      const AVec ca(c.a), cb(c.b);
+      AVec xv[L::kVecs], yv[L::kVecs];
+      for (; i < stop; i += L::size()) {
+        const int64_t n = std::min<int64_t>(L::size(), stop - i);
+        L::load(xp + i, xv, n);
+        L::load(yp + i, yv, n);
+        for (int k = 0; k < L::kVecs; ++k) xv[k] = at::vec::fmadd(ca, xv[k], cb * yv[k]);
+        L::store(op_ + i, xv, n);
+      }
+    });
+  });
+}
+
+void pair_dispatch(PairOp op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& t, const at::Tensor& table,
+                   const at::Tensor& out) {
+  check_common(x, t, table);
+  check_data("second operand", y, x);
+  check_data("out", out, x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ddpm_kernels_pair", [&] {
+    pair_kernel<scalar_t>(op, x, y, t, table, out);
+  });
+}
+
+template <PairOp kOp>
+at::Tensor pair_op(const at::Tensor& x, const at::Tensor& t, const at::Tensor& y, const at::Tensor& table) {
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  pair_dispatch(kOp, x, y, t, table, out);
+  return out;
+}
+
+at::Tensor q_sample_kernel(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& noise,
+                           const at::Tensor& table) {
+  return pair_op<PairOp::kQSample>(x_start, t, noise, table);
+}
+
+void q_sample_out_kernel(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& noise,
+                         const at::Tensor& table, const at::Tensor& out) {
+  pair_dispatch(PairOp::kQSample, x_start, noise, t, table, out);
+}
+
+at::Tensor get_v_kernel(const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
+                        const at::Tensor& table) {
+  return pair_op<PairOp::kGetV>(x_start, t, noise, table);
+}
+
+// grad_x_start = sqrt(ab) grad, grad_noise = sqrt(1 - ab) grad: one read, two writes.
+template <typename scalar_t>
+void q_sample_backward_impl(const at::Tensor& g, const at::Tensor& t, const at::Tensor& table, const at::Tensor& gx,
+                            const at::Tensor& gn) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  const int64_t numel = g.numel();
+  if (numel == 0) return;
+  const int64_t N = numel / g.size(0), T = table.size(1);
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+  scalar_t* gnp = gn.mutable_data_ptr<scalar_t>();
+  const int64_t* tp = t.const_data_ptr<int64_t>();
+  const acc_t* tab = table.const_data_ptr<acc_t>();
+  parallel_blocks(numel, [&](int64_t blk0, int64_t blk1) {
+    for_each_segment(blk0, blk1, numel, N, [&](int64_t b, int64_t i, int64_t stop) {
+      const Pair<acc_t> c = pair_coefficients<acc_t>(PairOp::kQSample, tab, T, tp[b]);
+      const AVec ca(c.a), cb(c.b);
+      AVec gv[L::kVecs], o[L::kVecs];
+      for (; i < stop; i += L::size()) {
+        const int64_t n = std::min<int64_t>(L::size(), stop - i);
+        L::load(gp + i, gv, n);
+        for (int k = 0; k < L::kVecs; ++k) o[k] = ca * gv[k];
+        L::store(gxp + i, o, n);
+        for (int k = 0; k < L::kVecs; ++k) o[k] = cb * gv[k];
+        L::store(gnp + i, o, n);
+      }
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_backward_kernel(const at::Tensor& grad, const at::Tensor& t,
+                                                            const at::Tensor& table) {
+  check_common(grad, t, table);
+  at::Tensor gx = at::empty_like(grad, at::MemoryFormat::Contiguous);
+  at::Tensor gn = at::empty_like(grad, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "q_sample_backward", [&] {
+    q_sample_backward_impl<scalar_t>(grad, t, table, gx, gn);
+  });
+  return {gx, gn};
+}
+
+// ----------------------------------------------------------------------------------- posterior / sampling
+// Philox4x32-10 (Salmon et al., SC'11), the counter-based generator of curand and torch's CUDA RNG.
+inline void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = uint64_t(0xD2511F53u) * c0;
+    const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2;
+    const uint32_t n0 = uint32_t(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = uint32_t(p0 >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(p1);
+    c3 = uint32_t(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+constexpr int64_t kCounters = kBlock / 4;  // one Philox call gives four normals
+
+// Standard normals of block `blk` into buf[0, kBlock): Philox4x32-10 keyed by the per-call seed, counter =
+// global 4-element group, Box-Muller on each pair of 24-bit uniforms. Element blk*kBlock + k*kCounters + j
+// takes output k of counter blk*kCounters + j, so every lane store is contiguous.
+inline void normal_block(int64_t blk, uint64_t seed, float* buf) {
+  alignas(64) uint32_t r[4][kCounters];
+  const uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  const uint64_t base = uint64_t(blk) * kCounters;
+  // Independent lanes: the compiler vectorizes this loop at the build's vector width.
+  for (int64_t j = 0; j < kCounters; ++j) {
+    const uint64_t ctr = base + uint64_t(j);
+    uint32_t c0 = uint32_t(ctr), c1 = uint32_t(ctr >> 32), c2 = 0, c3 = 0;
+    philox4x32_10(c0, c1, c2, c3, k0, k1);
+    r[0][j] = c0;
+    r[1][j] = c1;
+    r[2][j] = c2;
+    r[3][j] = c3;
+  }
+  alignas(64) float u[4][kCounters];
+  for (int k = 0; k < 4; ++k)
+    for (int64_t j = 0; j < kCounters; ++j)
+      // (0, 1) exactly: 24 random bits, centred in their interval, so log(u) is finite.
+      u[k][j] = (static_cast<float>(r[k][j] >> 8) + 0.5f) * 5.9604644775390625e-08f;
+  using FVec = Vectorized<float>;
+  const FVec minus_two(-2.0f), two_pi(6.283185307179586f);
+  for (int pair = 0; pair < 2; ++pair) {
+    for (int64_t j = 0; j < kCounters; j += FVec::size()) {
+      const FVec radius = (minus_two * FVec::loadu(&u[2 * pair][j]).log()).sqrt();
+      const FVec theta = two_pi * FVec::loadu(&u[2 * pair + 1][j]);
+      (radius * theta.cos()).store(buf + (2 * pair) * kCounters + j);
+      (radius * theta.sin()).store(buf + (2 * pair + 1) * kCounters + j);
+    }
+  }
+}
+
+enum class StepMode { kPosterior, kMean, kSampleNoise, kSampleRandom };
+
+// Everything the step kernels share. `mo` is model_output (x_start for q_posterior), `noise` the given
+// noise (kSampleNoise), `seed` the per-call key of the in-kernel noise (kSampleRandom).
+template <typename scalar_t>
+struct StepArgs {
+  const scalar_t* x_t;
+  const scalar_t* mo;
+  const scalar_t* noise;
+  scalar_t* out;
+  const int64_t* t;
+  const typename Lanes<scalar_t>::acc_t* table;
+  int64_t T, numel, N;
+  uint64_t seed;
+};
+
+template <typename scalar_t, StepMode kMode, Param kParam, bool kClip>
+void step_kernel(const StepArgs<scalar_t>& a) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  parallel_blocks(a.numel, [&](int64_t blk0, int64_t blk1) {
+    // Room for the last partial vector read past a segment that ends mid-block.
+    alignas(64) float noise_f[kBlock];
+    alignas(64) acc_t noise_buf[kBlock + 64];
+    int64_t noise_blk = -1;
+    for_each_segment(blk0, blk1, a.numel, a.N, [&](int64_t b, int64_t i, int64_t stop) {
+      const Step<acc_t> c = step_coefficients<acc_t>(kParam, a.table, a.T, a.t[b]);
+      const AVec x0_xt(c.x0_xt), x0_mo(c.x0_mo), coef1(c.coef1), coef2(c.coef2), sigma(c.sigma);
+      const AVec lo(acc_t(-1)), hi(acc_t(1));
+      AVec xv[L::kVecs], mv[L::kVecs], zv[L::kVecs];
+      for (; i < stop; i += L::size()) {
+        const int64_t n = std::min<int64_t>(L::size(), stop - i);
+        L::load(a.x_t + i, xv, n);
+        L::load(a.mo + i, mv, n);
+        if constexpr (kMode == StepMode::kSampleNoise) {
+          L::load(a.noise + i, zv, n);
+        } else if constexpr (kMode == StepMode::kSampleRandom) {
+          const int64_t blk = i / kBlock;
+          if (blk != noise_blk) {
+            // A vector never crosses a block boundary: blocks and segments start at multiples of the
+            // vector size except at sample boundaries, where the tail is partial and read from the buffer.
+            normal_block(blk, a.seed, noise_f);
+            for (int64_t j = 0; j < kBlock; ++j) noise_buf[j] = static_cast<acc_t>(noise_f[j]);
+            noise_blk = blk;
+          }
+          const int64_t off = i - blk * kBlock;
+          if (off + L::size() <= kBlock) {
+            load_acc<scalar_t>(noise_buf + off, zv);
+          } else {
+            // The vector straddles two noise blocks (a sample boundary not aligned to the vector width).
+            alignas(64) acc_t tmp[64 + 64];
+            const int64_t first = kBlock - off;
+            std::memcpy(tmp, noise_buf + off, sizeof(acc_t) * first);
+            normal_block(blk + 1, a.seed, noise_f);
+            for (int64_t j = 0; j < kBlock; ++j) noise_buf[j] = static_cast<acc_t>(noise_f[j]);
+            noise_blk = blk + 1;
+            std::memcpy(tmp + first, noise_buf, sizeof(acc_t) * (L::size() - first));
+            load_acc<scalar_t>(tmp, zv);
+          }
+        }
+        for (int k = 0; k < L::kVecs; ++k) {
+          AVec x0;
+          if constexpr (kParam == Param::kX0) {
+            x0 = mv[k];
+          } else {
+            x0 = at::vec::fmadd(x0_xt, xv[k], x0_mo * mv[k]);
+          }
+          if constexpr (kClip) x0 = at::vec::clamp(x0, lo, hi);
+          AVec r = at::vec::fmadd(coef1, x0, coef2 * xv[k]);
+          if constexpr (kMode == StepMode::kSampleNoise || kMode == StepMode::kSampleRandom) {
+            r = at::vec::fmadd(sigma, zv[k], r);
+          }
+          xv[k] = r;
+        }
+        L::store(a.out + i, xv, n);
+      }
+    });
+  });
+}
+
+template <typename scalar_t, StepMode kMode>
+void step_dispatch(const StepArgs<scalar_t>& a, Param param, bool clip) {
+  if (a.numel == 0) return;
+#define DDPM_STEP_CASE(P, C) \
+  if (param == P && clip == C) return step_kernel<scalar_t, kMode, P, C>(a);
+  DDPM_STEP_CASE(Param::kEps, true)
+  DDPM_STEP_CASE(Param::kEps, false)
+  DDPM_STEP_CASE(Param::kX0, true)
+  DDPM_STEP_CASE(Param::kX0, false)
+  DDPM_STEP_CASE(Param::kV, true)
+  DDPM_STEP_CASE(Param::kV, false)
+#undef DDPM_STEP_CASE
+}
+
+// var and log_var, (B, 1, ..., 1) in the table's dtype.
+std::tuple<at::Tensor, at::Tensor> variances(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table) {
+  auto opts = table.options();
+  at::Tensor var = at::empty(per_sample_shape(x), opts), log_var = at::empty(per_sample_shape(x), opts);
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "ddpm_kernels_variances", [&] {
+    const scalar_t* tab = table.const_data_ptr<scalar_t>();
+    const int64_t* tp = t.const_data_ptr<int64_t>();
+    const int64_t T = table.size(1);
+    scalar_t* v = var.mutable_data_ptr<scalar_t>();
+    scalar_t* lv = log_var.mutable_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < x.size(0); ++b) {
+      v[b] = gather<scalar_t>(tab, T, kPosteriorVariance, tp[b]);
+      lv[b] = gather<scalar_t>(tab, T, kPosteriorLogVarianceClipped, tp[b]);
+    }
+  });
+  return {var, log_var};
+}
+
+template <StepMode kMode>
+void run_step(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& mo, const at::Tensor& table,
+              const at::Tensor* noise, uint64_t seed, Param param, bool clip, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "ddpm_kernels_step", [&] {
+    StepArgs<scalar_t> a;
+    a.x_t = x_t.const_data_ptr<scalar_t>();
+    a.mo = mo.const_data_ptr<scalar_t>();
+    a.noise = noise ? noise->const_data_ptr<scalar_t>() : nullptr;
+    a.out = out.mutable_data_ptr<scalar_t>();
+    a.t = t.const_data_ptr<int64_t>();
+    a.table = table.const_data_ptr<typename Lanes<scalar_t>::acc_t>();
+    a.T = table.size(1);
+    a.numel = x_t.numel();
+    a.N = a.numel == 0 ? 1 : a.numel / x_t.size(0);
+    a.seed = seed;
+    step_dispatch<scalar_t, kMode>(a, param, clip);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> q_posterior_kernel(const at::Tensor& x_start, const at::Tensor& x_t,
+                                                                  const at::Tensor& t, const at::Tensor& table) {
+  check_common(x_t, t, table);
+  check_data("x_start", x_start, x_t);
+  at::Tensor mean = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  run_step<StepMode::kPosterior>(x_t, t, x_start, table, nullptr, 0, Param::kX0, false, mean);
+  auto [var, log_var] = variances(x_t, t, table);
+  return {mean, var, log_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> p_mean_variance_kernel(const at::Tensor& x_t, const at::Tensor& t,
+                                                                      const at::Tensor& model_output,
+                                                                      const at::Tensor& table,
+                                                                      c10::string_view parameterization,
+                                                                      bool clip_denoised) {
+  check_common(x_t, t, table);
+  check_data("model_output", model_output, x_t);
+  const Param param = parse_param(std::string(parameterization));
+  at::Tensor mean = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  run_step<StepMode::kMean>(x_t, t, model_output, table, nullptr, 0, param, clip_denoised, mean);
+  auto [var, log_var] = variances(x_t, t, table);
+  return {mean, var, log_var};
+}
+
+void p_sample_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& model_output,
+                         const at::Tensor& table, c10::string_view parameterization, bool clip_denoised,
+                         const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+                         const at::Tensor& out) {
+  check_common(x_t, t, table);
+  check_data("model_output", model_output, x_t);
+  check_data("out", out, x_t);
+  const Param param = parse_param(std::string(parameterization));
+  if (noise.has_value()) {
+    check_data("noise", *noise, x_t);
+    run_step<StepMode::kSampleNoise>(x_t, t, model_output, table, &*noise, 0, param, clip_denoised, out);
+    return;
+  }
+  // One 64-bit draw per call keys the Philox stream: the same generator state gives the same noise, and
+  // the generator advances like any other CPU sampling call.
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  uint64_t seed;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    seed = gen->random64();
+  }
+  run_step<StepMode::kSampleRandom>(x_t, t, model_output, table, nullptr, seed, param, clip_denoised, out);
+}
+
+at::Tensor p_sample_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& model_output,
+                           const at::Tensor& table, c10::string_view parameterization, bool clip_denoised,
+                           const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator) {
+  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  p_sample_out_kernel(x_t, t, model_output, table, parameterization, clip_denoised, noise, std::move(generator), out);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------ loss
+// Elements per reduction chunk: partial sums are kept per (sample, chunk) in float64, so the result does
+// not depend on the thread count, and the float32 lane accumulators sum at most a few hundred terms.
+constexpr int64_t kLossChunk = 4096;
+
+template <typename scalar_t, Param kParam, bool kL1>
+void loss_partials(const scalar_t* mo, const scalar_t* xs, const scalar_t* nz, const int64_t* t,
+                   const typename Lanes<scalar_t>::acc_t* table, int64_t T, int64_t B, int64_t N, double* partial,
+                   int64_t chunks) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  at::parallel_for(0, B * chunks, std::max<int64_t>(1, 32768 / kLossChunk), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b = c / chunks;
+      const LossCoef<acc_t> lc = loss_coefficients<acc_t>(kParam, table, T, t[b]);
+      const AVec tx(lc.tgt_x), tn(lc.tgt_n);
+      int64_t i = b * N + (c % chunks) * kLossChunk;
+      const int64_t stop = std::min(i + kLossChunk, (b + 1) * N);
+      AVec acc[L::kVecs], mv[L::kVecs], xv[L::kVecs], nv[L::kVecs];
+      for (int k = 0; k < L::kVecs; ++k) acc[k] = AVec(acc_t(0));
+      for (; i < stop; i += L::size()) {
+        const int64_t n = std::min<int64_t>(L::size(), stop - i);
+        L::load(mo + i, mv, n);
+        if constexpr (kParam != Param::kEps) L::load(xs + i, xv, n);
+        if constexpr (kParam != Param::kX0) L::load(nz + i, nv, n);
+        for (int k = 0; k < L::kVecs; ++k) {
+          AVec target;
+          if constexpr (kParam == Param::kEps) target = nv[k];
+          else if constexpr (kParam == Param::kX0) target = xv[k];
+          else target = at::vec::fmadd(tx, xv[k], tn * nv[k]);
+          const AVec d = mv[k] - target;  // zero in the lanes past a partial load
+          acc[k] = kL1 ? acc[k] + d.abs() : at::vec::fmadd(d, d, acc[k]);
+        }
+      }
+      alignas(64) acc_t lanes[AVec::size()];
+      double s = 0;
+      for (int k = 0; k < L::kVecs; ++k) {
+        acc[k].store(lanes);
+        for (int64_t j = 0; j < AVec::size(); ++j) s += static_cast<double>(lanes[j]);
+      }
+      partial[c] = s;
+    }
+  });
+}
+
+template <typename scalar_t, typename F>
+void with_loss_variant(Param param, bool l1, const F& f) {
+#define DDPM_LOSS_CASE(P, L1) \
+  if (param == P && l1 == L1) return f(std::integral_constant<Param, P>(), std::integral_constant<bool, L1>());
+  DDPM_LOSS_CASE(Param::kEps, false)
+  DDPM_LOSS_CASE(Param::kEps, true)
+  DDPM_LOSS_CASE(Param::kX0, false)
+  DDPM_LOSS_CASE(Param::kX0, true)
+  DDPM_LOSS_CASE(Param::kV, false)
+  DDPM_LOSS_CASE(Param::kV, true)
+#undef DDPM_LOSS_CASE
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_loss_kernel(
+    const at::Tensor& model_output, const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
+    const at::Tensor& table, c10::string_view parameterization, c10::string_view loss_type, double l_simple_weight,
+    double original_elbo_weight) {
+  check_common(model_output, t, table);
+  check_data("x_start", x_start, model_output);
+  check_data("noise", noise, model_output);
+  const Param param = parse_param(std::string(parameterization));
+  const bool l1 = parse_l1(std::string(loss_type));
+  const int64_t B = model_output.size(0), numel = model_output.numel();
+  const int64_t N = B == 0 ? 0 : numel / B, T = table.size(1);
+  const int64_t chunks = std::max<int64_t>(1, (N + kLossChunk - 1) / kLossChunk);
+  std::vector<double> partial(B * chunks, 0.0);
+  auto opts = model_output.options();
+  at::Tensor loss = at::empty({}, opts), loss_simple = at::empty({}, opts), loss_vlb = at::empty({}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(), "diffusion_loss", [&] {
+    using acc_t = typename Lanes<scalar_t>::acc_t;
+    const acc_t* tab = table.const_data_ptr<acc_t>();
+    const int64_t* tp = t.const_data_ptr<int64_t>();
+    if (N > 0) {
+      with_loss_variant<scalar_t>(param, l1, [&](auto P, auto L1) {
+        loss_partials<scalar_t, decltype(P)::value, decltype(L1)::value>(
+            model_output.const_data_ptr<scalar_t>(), x_start.const_data_ptr<scalar_t>(),
+            noise.const_data_ptr<scalar_t>(), tp, tab, T, B, N, partial.data(), chunks);
+      });
+    }
+    double simple = 0, vlb = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      double s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += partial[b * chunks + c];
+      const double per_sample = N > 0 ? s / static_cast<double>(N) : NAN;
+      simple += per_sample;
+      vlb += static_cast<double>(loss_coefficients<acc_t>(param, tab, T, tp[b]).weight) * per_sample;
+    }
+    simple /= static_cast<double>(B);
+    vlb /= static_cast<double>(B);
+    *loss_simple.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(simple);
+    *loss_vlb.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(vlb);
+    *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(l_simple_weight * simple + original_elbo_weight * vlb);
+  });
+  return {loss, loss_simple, loss_vlb};
+}
+
+// d/d model_output of (loss, loss_simple, loss_vlb) contracted with their incoming gradients:
+//   grad_i = [g_loss (w_simple + w_elbo lvlb_b) + g_simple + g_vlb lvlb_b] / (B N) * dl(d_i),
+//   dl(d) = 2 d (l2) or sign(d) (l1), d = model_output - target.
+template <typename scalar_t, Param kParam, bool kL1>
+void loss_backward_impl(const scalar_t* mo, const scalar_t* xs, const scalar_t* nz, const int64_t* t,
+                        const typename Lanes<scalar_t>::acc_t* table, int64_t T, int64_t numel, int64_t N,
+                        const std::vector<typename Lanes<scalar_t>::acc_t>& scale, scalar_t* grad) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  parallel_blocks(numel, [&](int64_t blk0, int64_t blk1) {
+    for_each_segment(blk0, blk1, numel, N, [&](int64_t b, int64_t i, int64_t stop) {
+      const LossCoef<acc_t> lc = loss_coefficients<acc_t>(kParam, table, T, t[b]);
+      const AVec tx(lc.tgt_x), tn(lc.tgt_n), s(scale[b]), zero(acc_t(0)), one(acc_t(1));
+      AVec mv[L::kVecs], xv[L::kVecs], nv[L::kVecs];
+      for (; i < stop; i += L::size()) {
+        const int64_t n = std::min<int64_t>(L::size(), stop - i);
+        L::load(mo + i, mv, n);
+        if constexpr (kParam != Param::kEps) L::load(xs + i, xv, n);
+        if constexpr (kParam != Param::kX0) L::load(nz + i, nv, n);
+        for (int k = 0; k < L::kVecs; ++k) {
+          AVec target;
+          if constexpr (kParam == Param::kEps) target = nv[k];
+          else if constexpr (kParam == Param::kX0) target = xv[k];
+          else target = at::vec::fmadd(tx, xv[k], tn * nv[k]);
+          const AVec d = mv[k] - target;
+          if constexpr (kL1) {
+            // sign(d), 0 at d == 0 as torch's abs backward.
+            mv[k] = s * (((d > zero) & one) - ((d < zero) & one));
+          } else {
+            mv[k] = s * (d + d);
+          }
+        }
+        L::store(grad + i, mv, n);
+      }
+    });
+  });
+}
+
+at::Tensor diffusion_loss_backward_kernel(const at::Tensor& grad_loss, const at::Tensor& grad_loss_simple,
+                                          const at::Tensor& grad_loss_vlb, const at::Tensor& model_output,
+                                          const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
+                                          const at::Tensor& table, c10::string_view parameterization,
+                                          c10::string_view loss_type, double l_simple_weight,
+                                          double original_elbo_weight) {
+  check_common(model_output, t, table);
+  check_data("x_start", x_start, model_output);
+  check_data("noise", noise, model_output);
+  const Param param = parse_param(std::string(parameterization));
+  const bool l1 = parse_l1(std::string(loss_type));
+  const int64_t B = model_output.size(0), numel = model_output.numel();
+  const int64_t N = B == 0 ? 1 : std::max<int64_t>(1, numel / B), T = table.size(1);
+  at::Tensor grad = at::empty_like(model_output, at::MemoryFormat::Contiguous);
+  if (numel == 0) return grad;
+  const double g_loss = grad_loss.item<double>(), g_simple = grad_loss_simple.item<double>(),
+               g_vlb = grad_loss_vlb.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(), "diffusion_loss_backward", [&] {
+    using acc_t = typename Lanes<scalar_t>::acc_t;
+    const acc_t* tab = table.const_data_ptr<acc_t>();
+    const int64_t* tp = t.const_data_ptr<int64_t>();
+    std::vector<acc_t> scale(B);
+    for (int64_t b = 0; b < B; ++b) {
+      const double w = static_cast<double>(loss_coefficients<acc_t>(param, tab, T, tp[b]).weight);
+      scale[b] = static_cast<acc_t>((g_loss * (l_simple_weight + original_elbo_weight * w) + g_simple + g_vlb * w) /
+                                    (static_cast<double>(B) * static_cast<double>(N)));
+    }
+    with_loss_variant<scalar_t>(param, l1, [&](auto P, auto L1) {
+      loss_backward_impl<scalar_t, decltype(P)::value, decltype(L1)::value>(
+          model_output.const_data_ptr<scalar_t>(), x_start.const_data_ptr<scalar_t>(),
+          noise.const_data_ptr<scalar_t>(), tp, tab, T, numel, N, scale, grad.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace ddpm
+
+TORCH_LIBRARY_IMPL(ddpm_kernels, CPU, m) {
+  using namespace ddpm;
+  using namespace ddpm::cpu;
+  m.impl("q_sample", &q_sample_kernel);
+  m.impl("q_sample_out", &q_sample_out_kernel);
+  m.impl("q_sample_backward", &q_sample_backward_kernel);
+  m.impl("predict_start_from_noise", &pair_op<PairOp::kPredictStartFromNoise>);
+  m.impl("predict_noise_from_start", &pair_op<PairOp::kPredictNoiseFromStart>);
+  m.impl("get_v", &get_v_kernel);
+  m.impl("predict_start_from_z_and_v", &pair_op<PairOp::kPredictStartFromZAndV>);
+  m.impl("predict_eps_from_z_and_v", &pair_op<PairOp::kPredictEpsFromZAndV>);
+  m.impl("q_posterior", &q_posterior_kernel);
+  m.impl("p_mean_variance", &p_mean_variance_kernel);
+  m.impl("p_sample", &p_sample_kernel);
+  m.impl("p_sample_out", &p_sample_out_kernel);
+  m.impl("diffusion_loss", &diffusion_loss_kernel);
+  m.impl("diffusion_loss_backward", &diffusion_loss_backward_kernel);
+}

@@ -1,0 +1,49 @@
+// The schema of every ddpm_kernels operator, declared once. Kernels live in csrc/cpu (one library per CPU
+// instruction set, loaded at runtime) and csrc/cuda; Python adds fake (meta) and autograd registrations in
+// ddpm_kernels/extension.py.
+//
+// `table` is DiffusionSchedule.table(dtype) (float64 for float64 data, float32 otherwise); coefficients are
+// gathered from it by t inside the kernels. Ops named *_out write into `out` (which may alias an input)
+// and return nothing.
+#include <torch/library.h>
+
+#include "module.h"
+
+TORCH_LIBRARY(ddpm_kernels, m) {
+  m.set_python_module("ddpm_kernels.extension");
+  // Training forward: x_t = sqrt(ab_t) x_start + sqrt(1 - ab_t) noise; its backward gives both gradients in
+  // one pass over the incoming gradient.
+  m.def("q_sample(Tensor x_start, Tensor t, Tensor noise, Tensor table) -> Tensor");
+  m.def("q_sample_out(Tensor x_start, Tensor t, Tensor noise, Tensor table, Tensor(a!) out) -> ()");
+  m.def("q_sample_backward(Tensor grad, Tensor t, Tensor table) -> (Tensor, Tensor)");
+  m.def("predict_start_from_noise(Tensor x_t, Tensor t, Tensor noise, Tensor table) -> Tensor");
+  m.def("predict_noise_from_start(Tensor x_t, Tensor t, Tensor x0, Tensor table) -> Tensor");
+  m.def("get_v(Tensor x_start, Tensor noise, Tensor t, Tensor table) -> Tensor");
+  m.def("predict_start_from_z_and_v(Tensor x_t, Tensor t, Tensor v, Tensor table) -> Tensor");
+  m.def("predict_eps_from_z_and_v(Tensor x_t, Tensor t, Tensor v, Tensor table) -> Tensor");
+  // (mean, posterior_variance, posterior_log_variance_clipped); the last two shaped (B, 1, ..., 1) in the
+  // table's dtype.
+  m.def("q_posterior(Tensor x_start, Tensor x_t, Tensor t, Tensor table) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "p_mean_variance(Tensor x_t, Tensor t, Tensor model_output, Tensor table, str parameterization, "
+      "bool clip_denoised) -> (Tensor, Tensor, Tensor)");
+  // One ancestral step. noise=None draws the normal noise inside the kernel from `generator` (or the
+  // device's default generator), advancing its state; hence nondeterministic_seeded.
+  m.def(
+      "p_sample(Tensor x_t, Tensor t, Tensor model_output, Tensor table, str parameterization, "
+      "bool clip_denoised, Tensor? noise, Generator? generator) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "p_sample_out(Tensor x_t, Tensor t, Tensor model_output, Tensor table, str parameterization, "
+      "bool clip_denoised, Tensor? noise, Generator? generator, Tensor(a!) out) -> ()",
+      {at::Tag::nondeterministic_seeded});
+  // (loss, loss_simple, loss_vlb) as 0-d tensors in model_output's dtype; backward w.r.t. model_output.
+  m.def(
+      "diffusion_loss(Tensor model_output, Tensor x_start, Tensor noise, Tensor t, Tensor table, "
+      "str parameterization, str loss_type, float l_simple_weight, float original_elbo_weight) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "diffusion_loss_backward(Tensor grad_loss, Tensor grad_loss_simple, Tensor grad_loss_vlb, "
+      "Tensor model_output, Tensor x_start, Tensor noise, Tensor t, Tensor table, str parameterization, "
+      "str loss_type, float l_simple_weight, float original_elbo_weight) -> Tensor");
+}
