@@ -216,6 +216,31 @@ def test_p_sample_out_in_place(schedule, noise_given):
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
 
 
+def test_q_sample_out_keeps_autograd(schedule):
+    x_start, noise = (x.requires_grad_() for x in make_inputs((2, 3, 4), 2, torch.float32))
+    t = make_t(2)
+    out = dk.q_sample(x_start, t, noise, schedule, backend="triton", out=torch.empty(2, 3, 4, device=DEVICE))
+    out.sum().backward()
+    a, b = R.extract(schedule, ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"), t, 3, torch.float32)
+    torch.testing.assert_close(x_start.grad, a.expand_as(out))
+    torch.testing.assert_close(noise.grad, b.expand_as(out))
+
+
+def test_torch_compile_in_place_step(schedule):
+    """An in-place sampling step (out=x_t) under torch.compile mutates x_t like eager."""
+    x_t, model_output, noise = make_inputs((2, 3, 5), 3, torch.float32)
+    t = make_t(2)
+    expected = dk.p_sample(x_t, t, model_output, schedule, noise=noise, backend="triton")
+
+    def step(x, t, model_output, noise):
+        return dk.p_sample(x, t, model_output, schedule, noise=noise, backend="triton", out=x)
+
+    x = x_t.clone()
+    result = torch.compile(step, fullgraph=True)(x, t, model_output, noise)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    torch.testing.assert_close(result, expected, rtol=0, atol=0)
+
+
 def test_out_non_contiguous(schedule):
     x_start, noise = make_inputs((3, 4, 5), 2, torch.float32)
     t = make_t(3)

@@ -76,30 +76,39 @@ SCRIPT = textwrap.dedent(
                 attrs[(i,)] = [["tt.divisibility", 16]]
         return triton.compiler.ASTSource(kernel, signature, consts, attrs)
 
-    ELEMENTWISE = dict(BLOCK=1024)
+    def rows(**names):
+        """Row constexprs from table names: rows(ROW_A="betas") -> {"ROW_A": TABLE_ROW["betas"]}."""
+        return {k: R[v] for k, v in names.items()}
+
+    E = dict(BLOCK=1024)  # elementwise kernels' block
+    SQRT_AB = rows(ROW_SQRT_AB="sqrt_alphas_cumprod", ROW_SQRT_1M_AB="sqrt_one_minus_alphas_cumprod")
+    RECIP = rows(ROW_SQRT_RECIP_AB="sqrt_recip_alphas_cumprod", ROW_SQRT_RECIPM1_AB="sqrt_recipm1_alphas_cumprod")
+    PAIR = rows(ROW_A="sqrt_alphas_cumprod", ROW_B="sqrt_one_minus_alphas_cumprod")
+    COEF = rows(ROW_COEF1="posterior_mean_coef1", ROW_COEF2="posterior_mean_coef2")
+    VAR = rows(ROW_VAR="posterior_variance", ROW_LOG_VAR="posterior_log_variance_clipped")
+    LOG_VAR = rows(ROW_LOG_VAR="posterior_log_variance_clipped")
     CASES = [
-        ("q_sample", q_sample_kernel, dict(ELEMENTWISE, ROW_SQRT_AB=R["sqrt_alphas_cumprod"], ROW_SQRT_1M_AB=R["sqrt_one_minus_alphas_cumprod"])),
-        ("predict_start_from_noise", predict_start_from_noise_kernel,
-         dict(ELEMENTWISE, ROW_SQRT_RECIP_AB=R["sqrt_recip_alphas_cumprod"], ROW_SQRT_RECIPM1_AB=R["sqrt_recipm1_alphas_cumprod"])),
-        ("linear_combination_backward", utils.linear_combination_backward_kernel,
-         dict(ELEMENTWISE, ROW_A=R["sqrt_alphas_cumprod"], ROW_B=R["sqrt_one_minus_alphas_cumprod"], SIGN_B=-1.0)),
-        ("q_posterior", q_posterior_kernel,
-         dict(ELEMENTWISE, ROW_COEF1=R["posterior_mean_coef1"], ROW_COEF2=R["posterior_mean_coef2"], ROW_VAR=R["posterior_variance"], ROW_LOG_VAR=R["posterior_log_variance_clipped"])),
+        ("q_sample", q_sample_kernel, dict(E, **SQRT_AB)),
+        ("predict_start_from_noise", predict_start_from_noise_kernel, dict(E, **RECIP)),
+        ("linear_combination_backward", utils.linear_combination_backward_kernel, dict(E, SIGN_B=-1.0, **PAIR)),
+        ("q_posterior", q_posterior_kernel, dict(E, **COEF, **VAR)),
         ("p_mean_variance[x0,clip]", p_mean_variance_kernel,
-         dict(ELEMENTWISE, PARAMETERIZATION=1, CLIP_DENOISED=True, ROW_VAR=R["posterior_variance"], ROW_LOG_VAR=R["posterior_log_variance_clipped"])),
-        ("p_mean_variance[eps]", p_mean_variance_kernel,
-         dict(ELEMENTWISE, PARAMETERIZATION=0, CLIP_DENOISED=False, ROW_VAR=R["posterior_variance"], ROW_LOG_VAR=R["posterior_log_variance_clipped"])),
+         dict(E, PARAMETERIZATION=1, CLIP_DENOISED=True, **VAR)),
+        ("p_mean_variance[eps]", p_mean_variance_kernel, dict(E, PARAMETERIZATION=0, CLIP_DENOISED=False, **VAR)),
         ("p_sample[v,clip,philox]", p_sample_kernel,
-         dict(ELEMENTWISE, PARAMETERIZATION=2, CLIP_DENOISED=True, HAS_NOISE=False, ROW_LOG_VAR=R["posterior_log_variance_clipped"])),
+         dict(E, PARAMETERIZATION=2, CLIP_DENOISED=True, HAS_NOISE=False, **LOG_VAR)),
         ("p_sample[eps,noise]", p_sample_kernel,
-         dict(ELEMENTWISE, PARAMETERIZATION=0, CLIP_DENOISED=False, HAS_NOISE=True, ROW_LOG_VAR=R["posterior_log_variance_clipped"])),
-        ("diffusion_loss[v,l2]", diffusion_loss_kernel, dict(ELEMENTWISE, PARAMETERIZATION=2, LOSS_L1=False)),
-        ("diffusion_loss[eps,l1]", diffusion_loss_kernel, dict(ELEMENTWISE, PARAMETERIZATION=0, LOSS_L1=True)),
-        ("diffusion_loss_reduce", diffusion_loss_reduce_kernel, dict(ROW_LVLB=R["lvlb_weights_eps"], BLOCK_B=32, BLOCK_P=128)),
+         dict(E, PARAMETERIZATION=0, CLIP_DENOISED=False, HAS_NOISE=True, **LOG_VAR)),
+        ("diffusion_loss[v,l2]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=2, LOSS_L1=False)),
+        ("diffusion_loss[eps,l1]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=0, LOSS_L1=True)),
+        ("diffusion_loss_reduce", diffusion_loss_reduce_kernel,
+         dict(BLOCK_B=32, BLOCK_P=128, **rows(ROW_LVLB="lvlb_weights_eps"))),
         ("diffusion_loss_backward[v]", diffusion_loss_backward_kernel,
-         dict(ELEMENTWISE, PARAMETERIZATION=2, LOSS_L1=True, GRAD_X_START=True, GRAD_NOISE=True, ROW_LVLB=R["lvlb_weights_v"])),
+         dict(E, PARAMETERIZATION=2, LOSS_L1=True, GRAD_X_START=True, GRAD_NOISE=True,
+              **rows(ROW_LVLB="lvlb_weights_v"))),
         ("diffusion_loss_backward[x0]", diffusion_loss_backward_kernel,
-         dict(ELEMENTWISE, PARAMETERIZATION=1, LOSS_L1=False, GRAD_X_START=True, GRAD_NOISE=False, ROW_LVLB=R["lvlb_weights_x0"])),
+         dict(E, PARAMETERIZATION=1, LOSS_L1=False, GRAD_X_START=True, GRAD_NOISE=False,
+              **rows(ROW_LVLB="lvlb_weights_x0"))),
     ]
 
     results = []

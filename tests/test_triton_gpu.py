@@ -155,7 +155,9 @@ def test_benchmark_shapes_match_reference(schedule, dtype):
     for fused, ref, args in cases:
         out = fused(*args, backend="triton")
         expected = ref(*args)
-        for a, b in zip(out if isinstance(out, tuple) else (out,), expected if isinstance(expected, tuple) else (expected,)):
+        out = out if isinstance(out, tuple) else (out,)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        for a, b in zip(out, expected):
             torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 

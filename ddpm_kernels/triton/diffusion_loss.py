@@ -25,6 +25,7 @@ from .utils import (
     ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD,
     as_rows,
     batch_chunks,
+    device_of,
     gather_coefficient,
     launch_config,
     split_float,
@@ -238,21 +239,22 @@ def diffusion_loss_op(
     block, warps = launch_config(n, batch)
     n_tiles = triton.cdiv(n, block)
     partial = torch.empty((batch, n_tiles), dtype=table.dtype, device=device)
-    for b0, nb in batch_chunks(batch):
-        diffusion_loss_kernel[(n_tiles, nb)](
-            model_output, x_start, noise, t, table, partial, n, table.shape[1], b0, n_tiles,
-            PARAMETERIZATION=parameterization, LOSS_L1=loss_l1, BLOCK=block, num_warps=warps,
-        )
     ls_hi, ls_lo = split_float(l_simple_weight)
     elbo_hi, elbo_lo = split_float(original_elbo_weight)
-    diffusion_loss_reduce_kernel[(1,)](
-        partial, t, table, loss, loss_simple, loss_vlb, batch, n, table.shape[1], n_tiles,
-        ls_hi, ls_lo, elbo_hi, elbo_lo,
-        ROW_LVLB=_LVLB_ROW[parameterization],
-        BLOCK_B=min(REDUCE_BLOCK_B, triton.next_power_of_2(batch)),
-        BLOCK_P=min(REDUCE_BLOCK_P, triton.next_power_of_2(n_tiles)),
-        num_warps=4,
-    )
+    with device_of(model_output):
+        for b0, nb in batch_chunks(batch):
+            diffusion_loss_kernel[(n_tiles, nb)](
+                model_output, x_start, noise, t, table, partial, n, table.shape[1], b0, n_tiles,
+                PARAMETERIZATION=parameterization, LOSS_L1=loss_l1, BLOCK=block, num_warps=warps,
+            )
+        diffusion_loss_reduce_kernel[(1,)](
+            partial, t, table, loss, loss_simple, loss_vlb, batch, n, table.shape[1], n_tiles,
+            ls_hi, ls_lo, elbo_hi, elbo_lo,
+            ROW_LVLB=_LVLB_ROW[parameterization],
+            BLOCK_B=min(REDUCE_BLOCK_B, triton.next_power_of_2(batch)),
+            BLOCK_P=min(REDUCE_BLOCK_P, triton.next_power_of_2(n_tiles)),
+            num_warps=4,
+        )
     return loss, loss_simple, loss_vlb
 
 
@@ -292,17 +294,18 @@ def diffusion_loss_backward_op(
     ls_hi, ls_lo = split_float(l_simple_weight)
     elbo_hi, elbo_lo = split_float(original_elbo_weight)
     block, warps = launch_config(n, batch)
-    for b0, nb in batch_chunks(batch):
-        diffusion_loss_backward_kernel[(triton.cdiv(n, block), nb)](
-            model_output, x_start, noise, t, table,
-            grad_loss.contiguous(), grad_loss_simple.contiguous(), grad_loss_vlb.contiguous(),
-            grad_model_output, grad_x_start if write_x_start else grad_model_output,
-            grad_noise if write_noise else grad_model_output,
-            batch, n, table.shape[1], b0, ls_hi, ls_lo, elbo_hi, elbo_lo,
-            PARAMETERIZATION=parameterization, LOSS_L1=loss_l1,
-            GRAD_X_START=write_x_start, GRAD_NOISE=write_noise,
-            ROW_LVLB=_LVLB_ROW[parameterization], BLOCK=block, num_warps=warps,
-        )
+    with device_of(model_output):
+        for b0, nb in batch_chunks(batch):
+            diffusion_loss_backward_kernel[(triton.cdiv(n, block), nb)](
+                model_output, x_start, noise, t, table,
+                grad_loss.contiguous(), grad_loss_simple.contiguous(), grad_loss_vlb.contiguous(),
+                grad_model_output, grad_x_start if write_x_start else grad_model_output,
+                grad_noise if write_noise else grad_model_output,
+                batch, n, table.shape[1], b0, ls_hi, ls_lo, elbo_hi, elbo_lo,
+                PARAMETERIZATION=parameterization, LOSS_L1=loss_l1,
+                GRAD_X_START=write_x_start, GRAD_NOISE=write_noise,
+                ROW_LVLB=_LVLB_ROW[parameterization], BLOCK=block, num_warps=warps,
+            )
     return grad_model_output, grad_x_start, grad_noise
 
 

@@ -18,6 +18,7 @@ from .utils import (
     ROW,
     as_rows,
     batch_chunks,
+    device_of,
     extract_rows,
     gather_coefficient,
     launch_config,
@@ -82,13 +83,14 @@ def p_mean_variance_op(
     var = torch.empty(_variance_shape(x_t), dtype=table.dtype, device=x_t.device)
     log_var = torch.empty_like(var)
     block, warps = launch_config(n, batch)
-    for b0, nb in batch_chunks(batch):
-        p_mean_variance_kernel[(triton.cdiv(n, block), nb)](
-            x_t, model_output, t, table, mean, var, log_var, n, table.shape[1], b0,
-            PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised,
-            ROW_VAR=ROW["posterior_variance"], ROW_LOG_VAR=ROW["posterior_log_variance_clipped"],
-            BLOCK=block, num_warps=warps,
-        )
+    with device_of(x_t):
+        for b0, nb in batch_chunks(batch):
+            p_mean_variance_kernel[(triton.cdiv(n, block), nb)](
+                x_t, model_output, t, table, mean, var, log_var, n, table.shape[1], b0,
+                PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised,
+                ROW_VAR=ROW["posterior_variance"], ROW_LOG_VAR=ROW["posterior_log_variance_clipped"],
+                BLOCK=block, num_warps=warps,
+            )
     return mean, var, log_var
 
 

@@ -15,7 +15,8 @@ The ``randint`` is a second, one-element launch before the fused kernel (the fus
 launch that touches the image). Avoiding it needs torch's generator to hand its Philox seed/offset to an
 extension kernel the way ``at::cuda::philox::unpack`` does in C++, which Python does not expose.
 
-No autograd: sampling is not differentiated (see ``p_mean_variance``).
+No autograd: sampling is not differentiated (see ``p_mean_variance``). Without ``out`` a backward through the
+result raises; with ``out`` the result simply carries no gradient.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .utils import (
     ROW,
     as_rows,
     batch_chunks,
+    device_of,
     draw_seed,
     gather_coefficient,
     launch_config,
@@ -90,12 +92,13 @@ def _launch(x_t, t, model_output, table, parameterization, clip_denoised, noise,
     noise = noise.contiguous() if has_noise else x_t  # unread placeholder when drawing in-kernel
     seed = t if seed is None else seed  # unread placeholder when noise is given
     block, warps = launch_config(n, batch)
-    for b0, nb in batch_chunks(batch):
-        p_sample_kernel[(triton.cdiv(n, block), nb)](
-            x_t, model_output, noise, seed, t, table, out, n, table.shape[1], b0,
-            PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised, HAS_NOISE=has_noise,
-            ROW_LOG_VAR=ROW["posterior_log_variance_clipped"], BLOCK=block, num_warps=warps,
-        )
+    with device_of(x_t):
+        for b0, nb in batch_chunks(batch):
+            p_sample_kernel[(triton.cdiv(n, block), nb)](
+                x_t, model_output, noise, seed, t, table, out, n, table.shape[1], b0,
+                PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised, HAS_NOISE=has_noise,
+                ROW_LOG_VAR=ROW["posterior_log_variance_clipped"], BLOCK=block, num_warps=warps,
+            )
 
 
 @torch.library.custom_op("ddpm_kernels_triton::p_sample", mutates_args=())

@@ -7,7 +7,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import ROW, as_rows, batch_chunks, gather_coefficient, launch_config, linear_combination_backward
+from .utils import (
+    ROW,
+    as_rows,
+    batch_chunks,
+    device_of,
+    gather_coefficient,
+    launch_config,
+    linear_combination_backward,
+)
 
 __all__ = ["predict_start_from_noise_kernel", "predict_start_from_noise"]
 
@@ -49,13 +57,14 @@ def predict_start_from_noise_op(
     if x_t.numel() == 0:
         return out
     block, warps = launch_config(n, batch)
-    for b0, nb in batch_chunks(batch):
-        predict_start_from_noise_kernel[(triton.cdiv(n, block), nb)](
-            x_t, noise, t, table, out, n, table.shape[1], b0,
-            ROW_SQRT_RECIP_AB=ROW["sqrt_recip_alphas_cumprod"],
-            ROW_SQRT_RECIPM1_AB=ROW["sqrt_recipm1_alphas_cumprod"],
-            BLOCK=block, num_warps=warps,
-        )
+    with device_of(x_t):
+        for b0, nb in batch_chunks(batch):
+            predict_start_from_noise_kernel[(triton.cdiv(n, block), nb)](
+                x_t, noise, t, table, out, n, table.shape[1], b0,
+                ROW_SQRT_RECIP_AB=ROW["sqrt_recip_alphas_cumprod"],
+                ROW_SQRT_RECIPM1_AB=ROW["sqrt_recipm1_alphas_cumprod"],
+                BLOCK=block, num_warps=warps,
+            )
     return out
 
 

@@ -12,6 +12,7 @@ from .utils import (
     ROW,
     as_rows,
     batch_chunks,
+    device_of,
     extract_rows,
     gather_coefficient,
     launch_config,
@@ -74,13 +75,14 @@ def q_posterior_op(
         v, lv = extract_rows(table, ("posterior_variance", "posterior_log_variance_clipped"), t, x_t.ndim)
         return mean, v.clone(), lv.clone()
     block, warps = launch_config(n, batch)
-    for b0, nb in batch_chunks(batch):
-        q_posterior_kernel[(triton.cdiv(n, block), nb)](
-            x_start, x_t, t, table, mean, var, log_var, n, table.shape[1], b0,
-            ROW_COEF1=ROW["posterior_mean_coef1"], ROW_COEF2=ROW["posterior_mean_coef2"],
-            ROW_VAR=ROW["posterior_variance"], ROW_LOG_VAR=ROW["posterior_log_variance_clipped"],
-            BLOCK=block, num_warps=warps,
-        )
+    with device_of(x_t):
+        for b0, nb in batch_chunks(batch):
+            q_posterior_kernel[(triton.cdiv(n, block), nb)](
+                x_start, x_t, t, table, mean, var, log_var, n, table.shape[1], b0,
+                ROW_COEF1=ROW["posterior_mean_coef1"], ROW_COEF2=ROW["posterior_mean_coef2"],
+                ROW_VAR=ROW["posterior_variance"], ROW_LOG_VAR=ROW["posterior_log_variance_clipped"],
+                BLOCK=block, num_warps=warps,
+            )
     return mean, var, log_var
 
 

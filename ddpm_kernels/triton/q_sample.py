@@ -9,7 +9,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import ROW, as_rows, batch_chunks, gather_coefficient, launch_config, linear_combination_backward
+from .utils import (
+    ROW,
+    as_rows,
+    batch_chunks,
+    device_of,
+    gather_coefficient,
+    launch_config,
+    linear_combination_backward,
+)
 
 __all__ = ["q_sample_kernel", "q_sample", "q_sample_backward"]
 
@@ -48,12 +56,13 @@ def _launch(x_start, t, noise, table, out):
     if x_start.numel() == 0:
         return
     block, warps = launch_config(n, batch)
-    for b0, nb in batch_chunks(batch):
-        q_sample_kernel[(triton.cdiv(n, block), nb)](
-            x_start, noise, t, table, out, n, table.shape[1], b0,
-            ROW_SQRT_AB=ROW["sqrt_alphas_cumprod"], ROW_SQRT_1M_AB=ROW["sqrt_one_minus_alphas_cumprod"],
-            BLOCK=block, num_warps=warps,
-        )
+    with device_of(x_start):
+        for b0, nb in batch_chunks(batch):
+            q_sample_kernel[(triton.cdiv(n, block), nb)](
+                x_start, noise, t, table, out, n, table.shape[1], b0,
+                ROW_SQRT_AB=ROW["sqrt_alphas_cumprod"], ROW_SQRT_1M_AB=ROW["sqrt_one_minus_alphas_cumprod"],
+                BLOCK=block, num_warps=warps,
+            )
 
 
 # custom_op (not triton_op + wrap_triton): it runs the same on GPU and under TRITON_INTERPRET=1, where
@@ -125,5 +134,9 @@ def q_sample(x_start, t, noise, schedule, out=None):
     table = schedule.table(x_start.dtype)
     if out is None:
         return q_sample_op(x_start, t, noise, table)
+    if torch.is_grad_enabled() and (x_start.requires_grad or noise.requires_grad):
+        # The in-place op has no autograd; keep the result differentiable as the reference does (out then
+        # carries a copy's grad_fn), at the cost of one extra pass in this rare case.
+        return out.copy_(q_sample_op(x_start, t, noise, table))
     q_sample_out_op(x_start, t, noise, table, out)
     return out

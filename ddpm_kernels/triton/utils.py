@@ -16,6 +16,7 @@ narrower accesses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Tuple
 
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_GRID_Y",
     "launch_config",
     "batch_chunks",
+    "device_of",
     "as_rows",
     "gather_coefficient",
     "philox_normal",
@@ -92,6 +94,12 @@ def launch_config(n_per_sample: int, batch: int) -> Tuple[int, int]:
 def batch_chunks(batch: int):
     """(first sample, samples) of each launch: one launch unless the batch exceeds CUDA's grid-y limit."""
     return [(b0, min(MAX_GRID_Y, batch - b0)) for b0 in range(0, batch, MAX_GRID_Y)]
+
+
+def device_of(x: torch.Tensor):
+    """Make ``x``'s GPU the current device for a launch: Triton launches on the current device (and its
+    current stream), which for a tensor on cuda:1 under a cuda:0 default would be the wrong GPU."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def as_rows(x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
@@ -220,9 +228,10 @@ def linear_combination_backward(grad, t, table, row_a: str, row_b: str, sign_b: 
     if grad.numel() == 0:
         return grad_a, grad_b
     block, warps = launch_config(n, batch)
-    for b0, nb in batch_chunks(batch):
-        linear_combination_backward_kernel[(triton.cdiv(n, block), nb)](
-            grad, t, table, grad_a, grad_b, n, table.shape[1], b0,
-            ROW_A=ROW[row_a], ROW_B=ROW[row_b], SIGN_B=sign_b, BLOCK=block, num_warps=warps,
-        )
+    with device_of(grad):
+        for b0, nb in batch_chunks(batch):
+            linear_combination_backward_kernel[(triton.cdiv(n, block), nb)](
+                grad, t, table, grad_a, grad_b, n, table.shape[1], b0,
+                ROW_A=ROW[row_a], ROW_B=ROW[row_b], SIGN_B=sign_b, BLOCK=block, num_warps=warps,
+            )
     return grad_a, grad_b
