@@ -92,22 +92,16 @@ __global__ void per_sample_kernel(int64_t numel, int64_t N, F f) {
   }
 }
 
-template <typename F>
+// V is 16 / sizeof(scalar_t) (one 128-bit packet) or 1: only those two widths are instantiated per dtype.
+template <typename scalar_t, typename F>
 void launch_per_sample(int V, int64_t numel, int64_t N, const F& f) {
   if (numel == 0) return;
+  constexpr int kPacket = 16 / sizeof(scalar_t);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  switch (V) {
-    case 8:
-      per_sample_kernel<8><<<grid_for(numel / 8), kThreads, 0, stream>>>(numel, N, f);
-      break;
-    case 4:
-      per_sample_kernel<4><<<grid_for(numel / 4), kThreads, 0, stream>>>(numel, N, f);
-      break;
-    case 2:
-      per_sample_kernel<2><<<grid_for(numel / 2), kThreads, 0, stream>>>(numel, N, f);
-      break;
-    default:
-      per_sample_kernel<1><<<grid_for(numel), kThreads, 0, stream>>>(numel, N, f);
+  if (V == kPacket) {
+    per_sample_kernel<kPacket><<<grid_for(numel / kPacket), kThreads, 0, stream>>>(numel, N, f);
+  } else {
+    per_sample_kernel<1><<<grid_for(numel), kThreads, 0, stream>>>(numel, N, f);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -147,7 +141,7 @@ void pair_dispatch(PairOp op, const at::Tensor& x, const at::Tensor& y, const at
     PairFn<scalar_t> f{op, x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                        t.const_data_ptr<int64_t>(), table.const_data_ptr<acc_t>(), table.size(1)};
     const int64_t N = x.numel() / x.size(0);
-    launch_per_sample(vector_width<scalar_t>(N, {f.x, f.y, f.out}), x.numel(), N, f);
+    launch_per_sample<scalar_t>(vector_width<scalar_t>(N, {f.x, f.y, f.out}), x.numel(), N, f);
   });
 }
 
@@ -210,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_backward_kernel(const at::Tensor& gr
                                   gn.mutable_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
                                   table.const_data_ptr<acc_t>(), table.size(1)};
     const int64_t N = grad.numel() / grad.size(0);
-    launch_per_sample(vector_width<scalar_t>(N, {f.g, f.gx, f.gn}), grad.numel(), N, f);
+    launch_per_sample<scalar_t>(vector_width<scalar_t>(N, {f.g, f.gx, f.gn}), grad.numel(), N, f);
   });
   return {gx, gn};
 }
@@ -287,7 +281,7 @@ void run_step(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& mo, 
                        t.const_data_ptr<int64_t>(), table.const_data_ptr<acc_t>(), table.size(1), param, clip};
     const int64_t numel = x_t.numel();
     const int64_t N = numel == 0 ? 1 : numel / x_t.size(0);
-    launch_per_sample(vector_width<scalar_t>(N, {f.x_t, f.mo, f.noise, f.out}), numel, N, f);
+    launch_per_sample<scalar_t>(vector_width<scalar_t>(N, {f.x_t, f.mo, f.noise, f.out}), numel, N, f);
     if (var != nullptr && x_t.size(0) > 0) {
       const int64_t B = x_t.size(0);
       variances_kernel<scalar_t><<<(B + kThreads - 1) / kThreads, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -567,7 +561,7 @@ at::Tensor diffusion_loss_backward_kernel(const at::Tensor& grad_loss, const at:
                                grad.mutable_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
                                table.const_data_ptr<acc_t>(), table.size(1), B, numel / B, param, l1,
                                acc_t(l_simple_weight), acc_t(original_elbo_weight)};
-    launch_per_sample(vector_width<scalar_t>(f.N, {f.out}), numel, f.N, f);
+    launch_per_sample<scalar_t>(vector_width<scalar_t>(f.N, {f.out}), numel, f.N, f);
   });
   return grad;
 }
