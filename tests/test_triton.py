@@ -381,6 +381,53 @@ def test_noise_independent_of_launch_table(schedule, monkeypatch):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _generator_state_noise(schedule, shape, key, offset):
+    """z from the eager-CUDA noise source (a generator's Philox key and offset as kernel arguments), run
+    through the op directly so the interpreter covers it on CPU."""
+    x_t = torch.zeros(shape, device=DEVICE)
+    t = torch.full((shape[0],), 500, device=DEVICE)
+    table = schedule.table(torch.float32)
+    out = torch.ops.ddpm_kernels_triton.p_sample(x_t, t, x_t, table, 1, False, None, None, key, offset)
+    return out.double() / schedule.posterior_log_variance_clipped[500].double().mul(0.5).exp()
+
+
+def test_generator_state_noise(schedule):
+    z = _generator_state_noise(schedule, (2, 4096), 12345, 0)
+    assert abs(z.mean().item()) < 0.03 and abs(z.std().item() - 1) < 0.02
+    torch.testing.assert_close(z, _generator_state_noise(schedule, (2, 4096), 12345, 0), rtol=0, atol=0)
+    # A key past 2**63 arrives as a negative int64 with the same bits, and is a different stream.
+    other = _generator_state_noise(schedule, (2, 4096), -(2**63) + 12345, 0)
+    assert (z - other).abs().mean() > 0.5
+    # Counter layout: sample b uses counters offset/4 + b*ceil(N/4) + [0, ceil(N/4)); with N = 10,
+    # ceil(N/4) = 3, so moving the offset by 4*3 shifts samples by one.
+    a = _generator_state_noise(schedule, (3, 10), 7, 0)
+    b = _generator_state_noise(schedule, (3, 10), 7, 4 * 3)
+    torch.testing.assert_close(a[1:], b[:-1], rtol=0, atol=0)
+    assert tu.philox_counters(3, 10) == 9
+
+
+def test_advance_philox_state():
+    class PhiloxGenerator:  # the three methods torch's CUDA generator has
+        def __init__(self, seed, offset):
+            self.seed, self.offset = seed, offset
+
+        def initial_seed(self):
+            return self.seed
+
+        def get_offset(self):
+            return self.offset
+
+        def set_offset(self, offset):
+            self.offset = offset
+
+    gen = PhiloxGenerator(2**64 - 1, 8)
+    assert tu.advance_philox_state(gen, 5) == (-1, 8)
+    assert gen.offset == 8 + 4 * 5
+    assert tu.advance_philox_state(gen, 1) == (-1, 28)
+    # CPU tensors never use host Philox state (the CPU generator is not Philox): a seed tensor is drawn.
+    assert tu.host_philox_state(None, torch.zeros(1), 4) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_noise_other_dtypes(schedule, dtype):
     gen = torch.Generator(DEVICE).manual_seed(11)
@@ -506,9 +553,10 @@ def _opcheck_cases(schedule, dtype):
         (ops.q_posterior, (x, y, t, table)),
         (ops.q_posterior_backward, (x, t, table)),
         (ops.p_mean_variance, (x, t, y, table, 2, True)),
-        (ops.p_sample, (x, t, y, table, 0, True, z, None)),
-        (ops.p_sample, (x, t, y, table, 1, False, None, seed)),
-        (ops.p_sample_out, (x, t, y, table, 0, True, z, None, torch.empty_like(x))),
+        (ops.p_sample, (x, t, y, table, 0, True, z, None, 0, 0)),
+        (ops.p_sample, (x, t, y, table, 1, False, None, seed, 0, 0)),
+        (ops.p_sample, (x, t, y, table, 2, True, None, None, 2**62 + 3, 4 * 17)),
+        (ops.p_sample_out, (x, t, y, table, 0, True, z, None, 0, 0, torch.empty_like(x))),
         (ops.diffusion_loss, (x, y, z, t, table, 2, False, 1.0, 0.5)),
         (
             ops.diffusion_loss_backward,

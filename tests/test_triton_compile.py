@@ -43,6 +43,7 @@ SCRIPT = textwrap.dedent(
             "grad_loss_vlb_ptr"}
     INDEX = {"t_ptr", "seed_ptr"}
     COMPUTE = {"table_ptr", "var_ptr", "log_var_ptr", "partial_ptr"}
+    INT64 = {"philox_seed", "philox_offset"}
     FLOATS = {"l_simple_weight_hi", "l_simple_weight_lo", "original_elbo_weight_hi", "original_elbo_weight_lo"}
 
     def source(kernel, dtype, constexprs, aligned=False, ones=()):
@@ -69,6 +70,8 @@ SCRIPT = textwrap.dedent(
                 signature[name] = "*" + compute
             elif name in FLOATS:
                 signature[name] = "fp32"
+            elif name in INT64:
+                signature[name] = "i64"
             else:
                 assert not name.endswith("_ptr"), f"{kernel.__name__}: untyped pointer {name}"
                 signature[name] = "i32"
@@ -95,10 +98,12 @@ SCRIPT = textwrap.dedent(
         ("p_mean_variance[x0,clip]", p_mean_variance_kernel,
          dict(E, PARAMETERIZATION=1, CLIP_DENOISED=True, **VAR)),
         ("p_mean_variance[eps]", p_mean_variance_kernel, dict(E, PARAMETERIZATION=0, CLIP_DENOISED=False, **VAR)),
-        ("p_sample[v,clip,philox]", p_sample_kernel,
-         dict(E, PARAMETERIZATION=2, CLIP_DENOISED=True, HAS_NOISE=False, **LOG_VAR)),
+        ("p_sample[v,clip,generator state]", p_sample_kernel,
+         dict(E, PARAMETERIZATION=2, CLIP_DENOISED=True, NOISE_SOURCE=2, **LOG_VAR)),
+        ("p_sample[x0,seed tensor]", p_sample_kernel,
+         dict(E, PARAMETERIZATION=1, CLIP_DENOISED=False, NOISE_SOURCE=1, **LOG_VAR)),
         ("p_sample[eps,noise]", p_sample_kernel,
-         dict(E, PARAMETERIZATION=0, CLIP_DENOISED=False, HAS_NOISE=True, **LOG_VAR)),
+         dict(E, PARAMETERIZATION=0, CLIP_DENOISED=False, NOISE_SOURCE=0, **LOG_VAR)),
         ("diffusion_loss[v,l2]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=2, LOSS_L1=False)),
         ("diffusion_loss[eps,l1]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=0, LOSS_L1=True)),
         ("diffusion_loss_reduce", diffusion_loss_reduce_kernel,

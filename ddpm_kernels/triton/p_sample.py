@@ -2,18 +2,19 @@
 kernel launch, reading ``x_t`` and ``model_output`` once (and ``noise`` when given) and writing ``x_{t-1}``
 once. Reference: ``ddpm_kernels.reference.p_sample_ref``.
 
-Noise. With ``noise=None`` the kernel draws ``z`` itself with Philox (see ``utils.philox_normal``) keyed by a
-64-bit seed that lives in a one-element device tensor drawn with ``torch.randint(generator=...)``:
+Noise. With ``noise=None`` the kernel draws ``z`` itself with Philox (``utils.philox_normal``: four normals
+per Philox call, each value a function of (key, counter) only). Where the key and counter come from:
 
-* reproducible: the same generator state gives the same seed, hence the same ``z``;
-* independent between calls: each call advances the generator and gets a fresh key;
-* CUDA-graph safe: the kernel reads the seed from memory, and the ``randint`` that fills that memory is
-  captured too, so torch's graph-safe Philox bookkeeping gives a fresh seed on every replay. A seed passed as
-  a Python int would be a kernel argument frozen into the graph, replaying the same noise forever.
-
-The ``randint`` is a second, one-element launch before the fused kernel (the fused kernel itself is the one
-launch that touches the image). Avoiding it needs torch's generator to hand its Philox seed/offset to an
-extension kernel the way ``at::cuda::philox::unpack`` does in C++, which Python does not expose.
+* Eager CUDA (the common case): from the generator's own Philox state, read and advanced on the host (no
+  device work, no sync) and passed as kernel arguments, the way torch's RNG kernels take ``(seed, offset)``.
+  The step is exactly one kernel launch; the same generator state gives the same noise; the generator's
+  offset advances past the counters used, so every call (and every later torch draw) gets fresh counters.
+* While a CUDA graph is being captured, or torch.compile is tracing: host ints would be frozen into the
+  graph, replaying the same noise forever. The key is instead a one-element int64 device tensor drawn with
+  ``torch.randint(generator=...)`` and read by the kernel from memory; the captured ``randint`` follows
+  torch's graph-safe Philox bookkeeping, so every replay gets a fresh key. This costs a second, one-element
+  launch, which a graph replays for free.
+* CPU tensors (Triton's interpreter): the key tensor as well, drawn from the CPU generator.
 
 No autograd: sampling is not differentiated (see ``p_mean_variance``). Without ``out`` a backward through the
 result raises; with ``out`` the result simply carries no gradient.
@@ -35,7 +36,9 @@ from .utils import (
     device_of,
     draw_seed,
     gather_coefficient,
+    host_philox_state,
     launch_config,
+    philox_counters,
     philox_normal,
     posterior_mean_from_model_output,
 )
@@ -43,12 +46,19 @@ from .utils import (
 __all__ = ["p_sample_kernel", "p_sample"]
 
 
-@triton.jit
+NOISE_GIVEN, NOISE_FROM_SEED_TENSOR, NOISE_FROM_GENERATOR_STATE = 0, 1, 2
+
+
+# The Philox key and offset are int64 whatever their value: without the annotation and do_not_specialize,
+# Triton would compile a new variant whenever a seed happened to be 1, divisible by 16, or past 2**31.
+@triton.jit(do_not_specialize=["philox_seed", "philox_offset"])
 def p_sample_kernel(
     x_t_ptr,
     model_output_ptr,
     noise_ptr,
     seed_ptr,
+    philox_seed: tl.int64,
+    philox_offset: tl.int64,
     t_ptr,
     table_ptr,
     out_ptr,
@@ -57,7 +67,7 @@ def p_sample_kernel(
     batch_start,
     PARAMETERIZATION: tl.constexpr,
     CLIP_DENOISED: tl.constexpr,
-    HAS_NOISE: tl.constexpr,
+    NOISE_SOURCE: tl.constexpr,
     ROW_LOG_VAR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -72,10 +82,12 @@ def p_sample_kernel(
     x_t = tl.load(x_t_ptr + offs, mask=mask, other=0.0).to(cd)
     model_output = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(cd)
     mean = posterior_mean_from_model_output(x_t, model_output, t, table_ptr, T, PARAMETERIZATION, CLIP_DENOISED)
-    if HAS_NOISE:
+    if NOISE_SOURCE == 0:  # NOISE_GIVEN
         z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(cd)
-    else:
-        z = philox_normal(tl.load(seed_ptr), sample, tile_start, N, BLOCK).to(cd)
+    elif NOISE_SOURCE == 1:  # NOISE_FROM_SEED_TENSOR
+        z = philox_normal(tl.load(seed_ptr), 0, sample, tile_start, N, BLOCK).to(cd)
+    else:  # NOISE_FROM_GENERATOR_STATE: torch's (seed, offset); offset counts 32-bit outputs, 4 per counter
+        z = philox_normal(philox_seed, philox_offset // 4, sample, tile_start, N, BLOCK).to(cd)
     # The seed's nonzero_mask: no noise is added at the last step (t == 0). Out-of-range t keeps the mask at
     # 1 so its NaN log-variance reaches the output.
     nonzero_mask = (t != 0).to(cd)
@@ -83,20 +95,24 @@ def p_sample_kernel(
     tl.store(out_ptr + offs, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, out):
+def _launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed, philox_offset, out):
     x_t, batch, n = as_rows(x_t)
     model_output = model_output.contiguous()
     if x_t.numel() == 0:
         return
-    has_noise = noise is not None
-    noise = noise.contiguous() if has_noise else x_t  # unread placeholder when drawing in-kernel
-    seed = t if seed is None else seed  # unread placeholder when noise is given
+    if noise is not None:
+        source = NOISE_GIVEN
+        noise = noise.contiguous()
+    else:
+        source = NOISE_FROM_GENERATOR_STATE if seed is None else NOISE_FROM_SEED_TENSOR
+        noise = x_t  # unread placeholder
+    seed = t if seed is None else seed  # unread placeholder
     block, warps = launch_config(n, batch)
     with device_of(x_t):
         for b0, nb in batch_chunks(batch):
             p_sample_kernel[(triton.cdiv(n, block), nb)](
-                x_t, model_output, noise, seed, t, table, out, n, table.shape[1], b0,
-                PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised, HAS_NOISE=has_noise,
+                x_t, model_output, noise, seed, philox_seed, philox_offset, t, table, out, n, table.shape[1], b0,
+                PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised, NOISE_SOURCE=source,
                 ROW_LOG_VAR=ROW["posterior_log_variance_clipped"], BLOCK=block, num_warps=warps,
             )
 
@@ -111,14 +127,18 @@ def p_sample_op(
     clip_denoised: bool,
     noise: Optional[torch.Tensor],
     seed: Optional[torch.Tensor],
+    philox_seed: int,
+    philox_offset: int,
 ) -> torch.Tensor:
+    """``noise`` when given; else Philox noise keyed by ``seed[0]`` (a device tensor) when given, else by
+    ``(philox_seed, philox_offset)``, a generator's Philox state (see the module docstring)."""
     out = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
-    _launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, out)
+    _launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed, philox_offset, out)
     return out
 
 
 @p_sample_op.register_fake
-def _(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed):
+def _(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed, philox_offset):
     return torch.empty_like(x_t, memory_format=torch.contiguous_format)
 
 
@@ -132,19 +152,22 @@ def p_sample_out_op(
     clip_denoised: bool,
     noise: Optional[torch.Tensor],
     seed: Optional[torch.Tensor],
+    philox_seed: int,
+    philox_offset: int,
     out: torch.Tensor,
 ) -> None:
+    noise_args = (noise, seed, philox_seed, philox_offset)
     if out.is_contiguous():
         # Each element is read and written by the same thread, so out may be x_t itself (in-place step).
-        _launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, out)
+        _launch(x_t, t, model_output, table, parameterization, clip_denoised, *noise_args, out)
     else:
         tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-        _launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, tmp)
+        _launch(x_t, t, model_output, table, parameterization, clip_denoised, *noise_args, tmp)
         out.copy_(tmp)
 
 
 @p_sample_out_op.register_fake
-def _(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, out):
+def _(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed, philox_offset, out):
     return None
 
 
@@ -161,8 +184,18 @@ def p_sample(
 ):
     """Backend entry with ``reference.p_sample_ref``'s signature; ``noise=None`` draws z in-kernel."""
     table = schedule.table(x_t.dtype)
-    seed = draw_seed(generator, x_t.device) if noise is None else None
-    args = (x_t, t, model_output, table, PARAMETERIZATION_ID[parameterization], clip_denoised, noise, seed)
+    seed, philox_seed, philox_offset = None, 0, 0
+    if noise is None:
+        counters = philox_counters(x_t.shape[0], x_t.numel() // x_t.shape[0] if x_t.shape[0] else 0)
+        state = host_philox_state(generator, x_t, counters)
+        if state is None:
+            seed = draw_seed(generator, x_t.device)
+        else:
+            philox_seed, philox_offset = state
+    args = (
+        x_t, t, model_output, table, PARAMETERIZATION_ID[parameterization], clip_denoised,
+        noise, seed, philox_seed, philox_offset,
+    )
     if out is None:
         return p_sample_op(*args)
     p_sample_out_op(*args, out)

@@ -39,6 +39,9 @@ __all__ = [
     "split_float",
     "extract_rows",
     "draw_seed",
+    "philox_counters",
+    "advance_philox_state",
+    "host_philox_state",
     "posterior_mean_from_model_output",
     "linear_combination_backward_kernel",
     "linear_combination_backward",
@@ -174,22 +177,63 @@ def posterior_mean_from_model_output(
 
 
 @triton.jit
-def philox_normal(seed, sample, tile_start, N, BLOCK: tl.constexpr):
+def philox_normal(seed, counter_base, sample, tile_start, N, BLOCK: tl.constexpr):
     """Standard normals for elements ``tile_start + arange(BLOCK)`` of ``sample`` (``tile_start % 4 == 0``).
 
-    Element ``i`` of sample ``b`` takes lane ``i % 4`` of ``randn4x(seed, counter = b * ceil(N / 4) + i // 4)``:
-    one Philox4x32-10 call yields four normals (two Box-Muller pairs), a quarter of the integer work of one
-    ``tl.randn`` per element, and the value depends only on (seed, b, i), not on BLOCK or the grid, so the
-    launch table can change without changing the samples.
+    Element ``i`` of sample ``b`` takes lane ``i % 4`` of
+    ``randn4x(seed, counter = counter_base + b * ceil(N / 4) + i // 4)``: one Philox4x32-10 call yields four
+    normals (two Box-Muller pairs), a quarter of the integer work of one ``tl.randn`` per element, and the
+    value depends only on (seed, counter_base, b, i), not on BLOCK or the grid, so the launch table can change
+    without changing the samples. A call uses the counters [counter_base, counter_base + B * ceil(N / 4)).
     """
     counters_per_sample = (N + 3) // 4
-    first = sample.to(tl.int64) * counters_per_sample + tile_start // 4
+    first = counter_base + sample.to(tl.int64) * counters_per_sample + tile_start // 4
     counter = first + tl.arange(0, BLOCK // 4)
     n1, n2, n3, n4 = tl.randn4x(seed, counter)
     # join(join(n1, n3), join(n2, n4)) has shape (BLOCK/4, 2, 2); row-major flattening lays it out as
-    # n1, n2, n3, n4 per counter, so each thread's 4 contiguous elements come from one Philox call.
+    # n1, n2, n3, n4 per counter, so each thread's 4 contiguous elements come from one Philox call (the
+    # compiled PTX keeps them in registers: no shared-memory shuffle).
     z = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), [BLOCK])
     return z
+
+
+def philox_counters(batch: int, n_per_sample: int) -> int:
+    """Philox counters one in-kernel noise draw uses (see ``philox_normal``)."""
+    return batch * ((n_per_sample + 3) // 4)
+
+
+def advance_philox_state(generator, counters: int) -> Tuple[int, int]:
+    """(key, offset) of a Philox generator (CUDA's), advanced past ``counters`` Philox calls.
+
+    The kernel uses the key as torch's CUDA RNG does and the counters ``offset / 4 + [0, counters)`` of
+    subsequence 0; torch's offset counts 32-bit outputs (4 per counter), so advancing it by ``4 * counters``
+    keeps every later torch or ddpm_kernels draw on fresh counters, exactly as a torch RNG kernel does. The
+    key is returned as a signed int64 (same bits) because torch.library ints are int64.
+    """
+    key = generator.initial_seed()
+    offset = generator.get_offset()
+    generator.set_offset(offset + 4 * counters)
+    return (key - 2**64 if key >= 2**63 else key), offset
+
+
+def host_philox_state(generator, x: torch.Tensor, counters: int):
+    """``advance_philox_state`` of ``generator`` (or the default generator of ``x``'s GPU) when a host-side
+    key and offset are safe, else None.
+
+    Safe means eager CUDA: the ints become kernel arguments, so the noise kernel is the only launch. Not safe
+    (None; the caller draws a device seed tensor instead) while a CUDA graph is being captured on the current
+    stream, where the ints would be frozen into the graph and every replay would repeat the noise, or while
+    torch.compile traces, where generator state is not traceable; nor for CPU generators, which are not
+    Philox.
+    """
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return None
+    with torch.cuda.device(x.device):
+        if torch.cuda.is_current_stream_capturing():
+            return None
+    if generator is None:
+        generator = torch.cuda.default_generators[x.device.index]
+    return advance_philox_state(generator, counters)
 
 
 @triton.jit
