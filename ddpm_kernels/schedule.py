@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["make_beta_schedule", "DiffusionSchedule", "TABLE_NAMES", "TABLE_ROW", "BETA_SCHEDULES"]
+__all__ = [
+    "make_beta_schedule",
+    "rescale_zero_terminal_snr",
+    "DiffusionSchedule",
+    "TABLE_NAMES",
+    "TABLE_ROW",
+    "BETA_SCHEDULES",
+]
 
 # Row order of the packed table. Kernels index rows by these numbers (TABLE_ROW); never reorder
 # without updating every backend.
@@ -83,6 +90,30 @@ def make_beta_schedule(
     return betas.numpy()
 
 
+def rescale_zero_terminal_snr(betas) -> np.ndarray:
+    """Betas rescaled to zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed", Algorithm 1), in float64; the same algorithm as diffusers' ``rescale_zero_terminal_snr``.
+
+    ``sqrt(alphas_cumprod)`` is shifted so its last value is 0 and scaled so its first value is unchanged; the
+    last beta becomes exactly 1 (``alphas_cumprod[-1] == 0``). Idempotent: a schedule that already ends at zero
+    SNR comes back unchanged.
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.size < 2:
+        raise ValueError(f"betas: zero terminal SNR needs a 1-D schedule of at least 2 steps, got shape {betas.shape}")
+    alphas_bar_sqrt = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = alphas_bar_sqrt[0], alphas_bar_sqrt[-1]
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1.0 - alphas
+
+
+# Entries that are infinite, by the math, in a zero-terminal-SNR schedule (alphas_cumprod[-1] == 0): x0 from
+# eps is undefined at zero SNR. Everything else must stay finite.
+_ZERO_SNR_INFINITE = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
+
+
 def _compute_tables(betas: np.ndarray, v_posterior: float) -> Dict[str, np.ndarray]:
     """Every table of `TABLE_NAMES` in float64, following CompVis ``register_schedule``."""
     alphas = 1.0 - betas
@@ -141,8 +172,12 @@ class DiffusionSchedule(nn.Module):
         cosine_s: float = 8e-3,
         v_posterior: float = 0.0,
         given_betas: Optional[Sequence[float]] = None,
+        *,
+        zero_terminal_snr: bool = False,
     ):
         super().__init__()
+        if not isinstance(zero_terminal_snr, bool):
+            raise TypeError(f"zero_terminal_snr: expected a bool, got {type(zero_terminal_snr).__name__}")
         if given_betas is not None:
             if isinstance(given_betas, torch.Tensor):
                 betas = given_betas.detach().to("cpu", torch.float64).numpy()
@@ -167,7 +202,18 @@ class DiffusionSchedule(nn.Module):
             elif not (isinstance(cosine_s, (int, float)) and cosine_s >= 0):
                 raise ValueError(f"cosine_s: expected a float >= 0, got {cosine_s!r}")
             betas = make_beta_schedule(beta_schedule, int(timesteps), linear_start, linear_end, cosine_s)
-        if not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas >= 1):
+        if zero_terminal_snr:
+            if not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas[:-1] >= 1) or betas[-1] > 1:
+                raise ValueError(
+                    "betas: expected every beta in (0, 1) (the last may be 1) before the zero-terminal-SNR "
+                    f"rescale; got min {float(np.min(betas))!r}, max {float(np.max(betas))!r}"
+                )
+            betas = rescale_zero_terminal_snr(betas)
+            betas[-1] = 1.0  # exactly: alphas_cumprod[-1] == 0 whatever the rounding of the rescale
+            inner = betas[:-1]
+        else:
+            inner = betas
+        if not np.all(np.isfinite(betas)) or np.any(inner <= 0) or np.any(inner >= 1):
             raise ValueError(
                 "betas: expected every beta in (0, 1); got min "
                 f"{float(np.min(betas))!r}, max {float(np.max(betas))!r}"
@@ -181,10 +227,19 @@ class DiffusionSchedule(nn.Module):
         self.linear_end = linear_end
         self.cosine_s = cosine_s
         self.v_posterior = float(v_posterior)
+        self.zero_terminal_snr = zero_terminal_snr
 
         tables = _compute_tables(betas, self.v_posterior)
+        if zero_terminal_snr:
+            # alphas_cumprod[-1] == 0 makes the eps-form lvlb weight infinite (and 0 * inf = NaN in the loss even
+            # with original_elbo_weight == 0): the last weight repeats its neighbour, as CompVis does at t = 0.
+            tables["lvlb_weights_eps"][-1] = tables["lvlb_weights_eps"][-2]
         packed64 = torch.from_numpy(np.stack([tables[name] for name in TABLE_NAMES])).contiguous()
-        finite = torch.isfinite(packed64).all(dim=1) & torch.isfinite(packed64.to(torch.float32)).all(dim=1)
+        checked = packed64.clone()
+        if zero_terminal_snr:
+            for name in _ZERO_SNR_INFINITE:
+                checked[TABLE_ROW[name], -1] = 0.0
+        finite = torch.isfinite(checked).all(dim=1) & torch.isfinite(checked.to(torch.float32)).all(dim=1)
         if not bool(finite.all()):
             bad = [name for name, ok in zip(TABLE_NAMES, finite.tolist()) if not ok]
             raise ValueError(
@@ -235,21 +290,24 @@ class DiffusionSchedule(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"beta_schedule={self.beta_schedule!r}, timesteps={self.num_timesteps}, "
-            f"v_posterior={self.v_posterior}"
+            f"v_posterior={self.v_posterior}" + (", zero_terminal_snr=True" if self.zero_terminal_snr else "")
         )
 
     # ------------------------------------------------------------------ interop
     @classmethod
     def from_diffusers(cls, scheduler_or_config, v_posterior: float = 0.0) -> "DiffusionSchedule":
         """Build the schedule a diffusers scheduler (or its config) uses, from that scheduler's own betas
-        where it has them, so both compute with the same numbers."""
-        betas = getattr(scheduler_or_config, "betas", None)
-        if betas is not None:
-            return cls(given_betas=betas, v_posterior=v_posterior)
+        where it has them, so both compute with the same numbers. A scheduler made with
+        ``rescale_betas_zero_snr=True`` gives a ``zero_terminal_snr`` schedule."""
         config = getattr(scheduler_or_config, "config", scheduler_or_config)
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        zero_snr = bool(get("rescale_betas_zero_snr", False))
+        betas = getattr(scheduler_or_config, "betas", None)
+        if betas is not None:
+            # the scheduler's betas are already rescaled; the rescale is idempotent
+            return cls(given_betas=betas, v_posterior=v_posterior, zero_terminal_snr=zero_snr)
         if get("trained_betas") is not None:
-            return cls(given_betas=get("trained_betas"), v_posterior=v_posterior)
+            return cls(given_betas=get("trained_betas"), v_posterior=v_posterior, zero_terminal_snr=zero_snr)
         names = {"linear": "sqrt_linear", "scaled_linear": "linear", "squaredcos_cap_v2": "cosine"}
         name = get("beta_schedule", "linear")
         if name not in names:
@@ -260,4 +318,5 @@ class DiffusionSchedule(nn.Module):
             linear_start=float(get("beta_start", 1e-4)),
             linear_end=float(get("beta_end", 2e-2)),
             v_posterior=v_posterior,
+            zero_terminal_snr=zero_snr,
         )
