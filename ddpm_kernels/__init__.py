@@ -10,8 +10,11 @@ from . import reference
 from .backends import BackendUnavailableError, available_backends
 from .diffusion import GaussianDiffusion
 from .ops import (
+    ddim_step,
+    ddpm_step,
     device_t_check,
     diffusion_loss,
+    dynamic_threshold,
     get_v,
     p_mean_variance,
     p_sample,
@@ -23,7 +26,7 @@ from .ops import (
     q_sample,
     set_device_t_check,
 )
-from .schedule import DiffusionSchedule, make_beta_schedule
+from .schedule import DiffusionSchedule, make_beta_schedule, rescale_zero_terminal_snr
 
 __version__ = "0.1.0"
 
@@ -32,8 +35,11 @@ __all__ = [
     "DiffusionSchedule",
     "GaussianDiffusion",
     "available_backends",
+    "ddim_step",
+    "ddpm_step",
     "device_t_check",
     "diffusion_loss",
+    "dynamic_threshold",
     "get_v",
     "make_beta_schedule",
     "p_mean_variance",
@@ -45,5 +51,6 @@ __all__ = [
     "q_posterior",
     "q_sample",
     "reference",
+    "rescale_zero_terminal_snr",
     "set_device_t_check",
 ]

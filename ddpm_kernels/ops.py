@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import backends
+from .reference import LEARNED_VARIANCE_TYPES, VARIANCE_TYPES
 from .schedule import DiffusionSchedule
 
 __all__ = [
@@ -30,6 +31,9 @@ __all__ = [
     "p_mean_variance",
     "p_sample",
     "diffusion_loss",
+    "dynamic_threshold",
+    "ddim_step",
+    "ddpm_step",
     "set_device_t_check",
     "device_t_check",
 ]
@@ -322,4 +326,223 @@ def diffusion_loss(
     fn = _dispatch("diffusion_loss", backend, model_output)
     return fn(
         model_output, x_start, noise, t, schedule, parameterization, loss_type, l_simple_weight, original_elbo_weight
+    )
+
+
+
+# ------------------------------------------------------------------------------------------ sampler steps
+def _check_t_prev(t_prev, t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
+    """Like `_check_t` for the step's target timestep, which may also be -1 ("after the last step")."""
+    if not isinstance(t_prev, torch.Tensor):
+        raise TypeError(f"t_prev: expected an int64 tensor of shape ({t.shape[0]},), got {type(t_prev).__name__}")
+    if t_prev.dtype.is_floating_point or t_prev.dtype.is_complex or t_prev.dtype == torch.bool:
+        raise TypeError(f"t_prev: expected an integer tensor (int64), got {t_prev.dtype}")
+    if t_prev.ndim != 1 or t_prev.shape[0] != t.shape[0]:
+        raise ValueError(f"t_prev: expected shape ({t.shape[0]},) (the shape of t), got {tuple(t_prev.shape)}")
+    if t_prev.device != t.device:
+        raise ValueError(f"t_prev: expected a tensor on {t.device} (the device of t), got {t_prev.device}")
+    if (t_prev.device.type == "cpu" or _device_t_check) and not torch.compiler.is_compiling() and t_prev.numel() > 0:
+        T = schedule.num_timesteps
+        lo, hi = int(t_prev.min()), int(t_prev.max())
+        if lo < -1 or hi >= T:
+            raise ValueError(
+                f"t_prev: expected values in [-1, {T}) (-1: after the last step), got min {lo}, max {hi}"
+            )
+    return t_prev if t_prev.dtype == torch.int64 else t_prev.to(torch.int64)
+
+
+def _check_range(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
+    value = _check_weight(name, value)
+    if value < lo or value > hi or (lo_open and value == lo):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise ValueError(f"{name}: expected a number in {interval}, got {value}")
+    return value
+
+
+def _check_thresholding(threshold_ratio, threshold_max):
+    if threshold_ratio is not None:
+        threshold_ratio = _check_range("threshold_ratio", threshold_ratio, 0.0, 1.0)
+    threshold_max = _check_range("threshold_max", threshold_max, 0.0, float("inf"), lo_open=True)
+    return threshold_ratio, threshold_max
+
+
+def _check_learned_output(model_output, x_t: torch.Tensor, variance_type: str) -> torch.Tensor:
+    _check_data("model_output", model_output)
+    if x_t.ndim < 2:
+        raise ValueError(f"x_t: variance_type={variance_type!r} needs a channel dim (ndim >= 2), got shape {tuple(x_t.shape)}")
+    expected = (x_t.shape[0], 2 * x_t.shape[1]) + tuple(x_t.shape[2:])
+    if model_output.dtype != x_t.dtype:
+        raise TypeError(f"model_output: expected dtype {x_t.dtype} (the dtype of x_t), got {model_output.dtype}")
+    if tuple(model_output.shape) != expected:
+        raise ValueError(
+            f"model_output: expected shape {expected} (x_t's channels, then as many variance channels, for "
+            f"variance_type={variance_type!r}), got {tuple(model_output.shape)}"
+        )
+    if model_output.device != x_t.device:
+        raise ValueError(f"model_output: expected a tensor on {x_t.device} (the device of x_t), got {model_output.device}")
+    return model_output
+
+
+def dynamic_threshold(x0, ratio=0.995, max_value=1.0, backend="auto"):
+    """Imagen's dynamic thresholding of a predicted ``x0`` (diffusers' ``_threshold_sample``): per sample,
+    ``s`` = the ``ratio`` quantile of ``|x0|`` over all non-batch elements (linear interpolation, as
+    ``torch.quantile``), clamped to ``[1, max_value]``; returns ``clamp(x0, -s, s) / s``. Computed in float32
+    (float64 for float64 data), returned in ``x0``'s dtype. No host synchronization.
+    """
+    _check_backend(backend)
+    _check_data("x0", x0)
+    ratio = _check_range("ratio", ratio, 0.0, 1.0)
+    max_value = _check_range("max_value", max_value, 0.0, float("inf"), lo_open=True)
+    return _dispatch("dynamic_threshold", backend, x0)(x0, ratio, max_value)
+
+
+def ddim_step(
+    x_t,
+    t,
+    t_prev,
+    model_output,
+    schedule,
+    eta=0.0,
+    parameterization="eps",
+    clip_denoised=False,
+    noise=None,
+    generator=None,
+    backend="auto",
+    *,
+    set_alpha_to_one=True,
+    use_clipped_model_output=False,
+    clip_range=1.0,
+    threshold_ratio=None,
+    threshold_max=1.0,
+    out=None,
+    return_pred_x0=False,
+):
+    """One DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2021, eq. 12), per-sample ``t`` and ``t_prev``:
+
+        x0   from model_output (eps, x0 or v), then clipped to [-clip_range, clip_range] when
+             ``clip_denoised``, or dynamically thresholded when ``threshold_ratio`` is set (see
+             `dynamic_threshold`; it replaces clipping)
+        eps  the model's noise prediction (re-derived from the clipped x0 when ``use_clipped_model_output``)
+        sigma = eta * sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
+        x_{t_prev} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
+
+    ``t_prev`` is an integer tensor of shape (B,) in ``[-1, T)``; ``-1`` means "after the last step", where
+    ``ab_prev`` is 1 when ``set_alpha_to_one`` and ``alphas_cumprod[0]`` otherwise (diffusers'
+    ``final_alpha_cumprod``). ``z`` is ``noise`` when given; with ``noise=None`` and ``eta > 0`` the backend
+    draws it from ``generator``; with ``eta == 0`` no noise is drawn. ``clip_denoised`` defaults to False as in
+    ldm's DDIMSampler (latents are not bounded); diffusers' ``clip_sample`` defaults to True.
+    Returns ``x_{t_prev}`` in ``x_t``'s dtype, or ``(x_{t_prev}, x0)`` with ``return_pred_x0=True``.
+    ``out`` may be ``x_t`` (an in-place step).
+    """
+    _check_backend(backend)
+    _check_data("x_t", x_t)
+    _check_like("model_output", model_output, "x_t", x_t)
+    if noise is not None:
+        _check_like("noise", noise, "x_t", x_t)
+    _check_schedule(schedule, x_t)
+    t = _check_t(t, x_t, "x_t", schedule)
+    t_prev = _check_t_prev(t_prev, t, schedule)
+    eta = _check_range("eta", eta, 0.0, float("inf"))
+    parameterization = _check_parameterization(parameterization)
+    clip_denoised = _check_bool("clip_denoised", clip_denoised)
+    generator = _check_generator(generator, x_t)
+    set_alpha_to_one = _check_bool("set_alpha_to_one", set_alpha_to_one)
+    use_clipped_model_output = _check_bool("use_clipped_model_output", use_clipped_model_output)
+    clip_range = _check_range("clip_range", clip_range, 0.0, float("inf"), lo_open=True)
+    threshold_ratio, threshold_max = _check_thresholding(threshold_ratio, threshold_max)
+    out = _check_out(out, x_t, "x_t")
+    return_pred_x0 = _check_bool("return_pred_x0", return_pred_x0)
+    fn = _dispatch("ddim_step", backend, x_t)
+    return fn(
+        x_t,
+        t,
+        t_prev,
+        model_output,
+        schedule,
+        eta,
+        parameterization,
+        clip_denoised,
+        noise,
+        generator,
+        set_alpha_to_one=set_alpha_to_one,
+        use_clipped_model_output=use_clipped_model_output,
+        clip_range=clip_range,
+        threshold_ratio=threshold_ratio,
+        threshold_max=threshold_max,
+        out=out,
+        return_pred_x0=return_pred_x0,
+    )
+
+
+def ddpm_step(
+    x_t,
+    t,
+    t_prev,
+    model_output,
+    schedule,
+    parameterization="eps",
+    variance_type="fixed_small",
+    clip_denoised=True,
+    noise=None,
+    generator=None,
+    backend="auto",
+    *,
+    clip_range=1.0,
+    threshold_ratio=None,
+    threshold_max=1.0,
+    out=None,
+    return_pred_x0=False,
+):
+    """One ancestral DDPM step ``x_t -> x_{t_prev}`` on a possibly respaced chain (diffusers'
+    ``DDPMScheduler.step``), per-sample ``t`` and ``t_prev`` (``-1``: after the last step, ab_prev = 1):
+
+        ab = alphas_cumprod,  beta = 1 - ab_t / ab_prev,  var = max((1 - ab_prev) / (1 - ab_t) beta, 1e-20)
+        x0   from model_output (eps, x0 or v); clipped / thresholded as in `ddim_step`
+        mean = sqrt(ab_prev) beta / (1 - ab_t) x0 + sqrt(1 - beta) (1 - ab_prev) / (1 - ab_t) x_t
+        x_{t_prev} = mean + [t > 0] std z
+
+    with ``std`` by ``variance_type``: ``fixed_small`` / ``fixed_small_log``: sqrt(var); ``fixed_large`` /
+    ``fixed_large_log``: sqrt(beta); ``learned``: exp(v / 2) and ``learned_range``: exp((f log(beta) +
+    (1 - f) log(var)) / 2) with f = (v + 1) / 2, where ``v`` is the second half of ``model_output``'s channels
+    (dim 1): for learned variances ``model_output`` has shape (B, 2C, ...) for ``x_t`` of shape (B, C, ...),
+    as guided-diffusion's and diffusers' models output it. With ``t_prev = t - 1`` and ``fixed_small`` this is
+    `p_sample` (v_posterior = 0). ``z`` is ``noise`` when given, else drawn from ``generator``.
+    Returns ``x_{t_prev}`` in ``x_t``'s dtype, or ``(x_{t_prev}, x0)`` with ``return_pred_x0=True``.
+    """
+    _check_backend(backend)
+    _check_data("x_t", x_t)
+    variance_type = _check_choice("variance_type", variance_type, VARIANCE_TYPES)
+    if variance_type in LEARNED_VARIANCE_TYPES:
+        _check_learned_output(model_output, x_t, variance_type)
+    else:
+        _check_like("model_output", model_output, "x_t", x_t)
+    if noise is not None:
+        _check_like("noise", noise, "x_t", x_t)
+    _check_schedule(schedule, x_t)
+    t = _check_t(t, x_t, "x_t", schedule)
+    t_prev = _check_t_prev(t_prev, t, schedule)
+    parameterization = _check_parameterization(parameterization)
+    clip_denoised = _check_bool("clip_denoised", clip_denoised)
+    generator = _check_generator(generator, x_t)
+    clip_range = _check_range("clip_range", clip_range, 0.0, float("inf"), lo_open=True)
+    threshold_ratio, threshold_max = _check_thresholding(threshold_ratio, threshold_max)
+    out = _check_out(out, x_t, "x_t")
+    return_pred_x0 = _check_bool("return_pred_x0", return_pred_x0)
+    fn = _dispatch("ddpm_step", backend, x_t)
+    return fn(
+        x_t,
+        t,
+        t_prev,
+        model_output,
+        schedule,
+        parameterization,
+        variance_type,
+        clip_denoised,
+        noise,
+        generator,
+        clip_range=clip_range,
+        threshold_ratio=threshold_ratio,
+        threshold_max=threshold_max,
+        out=out,
+        return_pred_x0=return_pred_x0,
     )

@@ -16,8 +16,10 @@ The formulas are CompVis ``ldm/models/diffusion/ddpm.py`` (DDPM, Ho et al. 2020)
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .schedule import TABLE_ROW, DiffusionSchedule
@@ -35,6 +37,9 @@ __all__ = [
     "p_mean_variance_ref",
     "p_sample_ref",
     "diffusion_loss_ref",
+    "dynamic_threshold_ref",
+    "ddim_step_ref",
+    "ddpm_step_ref",
     "OPS",
 ]
 
@@ -204,6 +209,192 @@ def diffusion_loss_ref(
     return loss.to(dt), loss_simple.to(dt), loss_vlb.to(dt)
 
 
+# ------------------------------------------------------------------------------------------ sampler steps
+# The ops below step between arbitrary timesteps (t -> t_prev, as DDIM and diffusers' spaced DDPM do), so their
+# coefficients are not rows of the table: they are derived per sample from alphas_cumprod[t] and
+# alphas_cumprod[t_prev]. The derivation runs in float64 on (B,) values gathered from the float64 table and is
+# rounded once to the compute dtype, exactly as the tables themselves are built; the elementwise math then
+# runs in the compute dtype. (1 - ab_t / ab_prev cancels in float32 when t_prev = t - 1 near t = 0; a fused
+# kernel computing it in float32 registers should use (ab_prev - ab_t) / ab_prev, which is exact there.)
+
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+
+def _alphas_cumprod64(schedule, t, t_prev, set_alpha_to_one=True):
+    """(ab_t, ab_prev) in float64, shape (B,). ``t_prev == -1`` means "after the last step": ab_prev = 1 when
+    ``set_alpha_to_one`` else alphas_cumprod[0] (diffusers' ``final_alpha_cumprod``). Out of range: NaN."""
+    ab = schedule.coefficients64[TABLE_ROW["alphas_cumprod"]]
+    T = ab.shape[0]
+    nan = torch.full((), float("nan"), dtype=ab.dtype, device=ab.device)
+    ab_t = torch.where((t >= 0) & (t < T), ab.index_select(0, t.clamp(0, T - 1)), nan)
+    final = torch.ones((), dtype=ab.dtype, device=ab.device) if set_alpha_to_one else ab[0]
+    ab_prev = torch.where(t_prev == -1, final, ab.index_select(0, t_prev.clamp(0, T - 1)))
+    ab_prev = torch.where((t_prev >= -1) & (t_prev < T), ab_prev, nan)
+    return ab_t, ab_prev
+
+
+def _per_sample(values, ndim, cd):
+    """float64 (B,) coefficients -> compute dtype, shaped (B, 1, ..., 1)."""
+    return tuple(v.to(cd).reshape((v.shape[0],) + (1,) * (ndim - 1)) for v in values)
+
+
+def _quantile_linear(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(rows, q, dim=1)`` (linear interpolation, NaN rows give NaN) by sort + gather: the same
+    numbers, without torch.quantile's input-size limit and with no host synchronization."""
+    n = rows.shape[1]
+    ordered = rows.sort(dim=1).values
+    # torch.quantile forms the rank as q * (n - 1) in the data's dtype
+    if rows.dtype == torch.float64:
+        rank = float(q) * (n - 1)
+    else:
+        rank = float(np.float32(q) * np.float32(n - 1))
+    lo = int(math.floor(rank))
+    hi = min(int(math.ceil(rank)), n - 1)
+    value = torch.lerp(ordered[:, lo], ordered[:, hi], rank - lo)
+    return torch.where(rows.isnan().any(dim=1), torch.full_like(value, float("nan")), value)
+
+
+def _dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding, diffusers' ``_threshold_sample`` semantics: per sample, s = the ``ratio``
+    quantile of |x0| over every non-batch element, clamped to [1, max_value]; x0 -> clamp(x0, -s, s) / s."""
+    if x0.numel() == 0:
+        return x0
+    flat = x0.reshape(x0.shape[0], -1)
+    s = _quantile_linear(flat.abs(), ratio).clamp(min=1.0, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape)
+
+
+def _clip_or_threshold(x0, clip_denoised, clip_range, threshold_ratio, threshold_max):
+    if threshold_ratio is not None:
+        return _dynamic_threshold(x0, threshold_ratio, threshold_max)
+    if clip_denoised:
+        return x0.clamp(-clip_range, clip_range)
+    return x0
+
+
+def dynamic_threshold_ref(x0, ratio=0.995, max_value=1.0):
+    cd = compute_dtype(x0.dtype)
+    return _store(_dynamic_threshold(x0.to(cd), ratio, max_value), x0)
+
+
+def _draw_noise(x_t, generator, cd):
+    # as p_sample_ref: a standard normal of x's shape in the compute dtype
+    return torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=cd)
+
+
+def ddim_step_ref(
+    x_t,
+    t,
+    t_prev,
+    model_output,
+    schedule,
+    eta=0.0,
+    parameterization="eps",
+    clip_denoised=False,
+    noise=None,
+    generator=None,
+    set_alpha_to_one=True,
+    use_clipped_model_output=False,
+    clip_range=1.0,
+    threshold_ratio=None,
+    threshold_max=1.0,
+    out=None,
+    return_pred_x0=False,
+):
+    """One DDIM step (Song et al. 2021, eq. 12), diffusers ``DDIMScheduler.step`` semantics."""
+    cd = compute_dtype(x_t.dtype)
+    ab_t, ab_p = _alphas_cumprod64(schedule, t, t_prev, set_alpha_to_one)
+    sqrt_ab_t, sqrt_1m_t = ab_t.sqrt(), (1 - ab_t).sqrt()
+    var = (1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)
+    sigma = eta * var.sqrt()
+    # 1 - ab_prev - sigma^2 >= 0 for eta <= 1; clamped so eta > 1 degrades to no direction term, not NaN
+    dir_coef = (1 - ab_p - sigma * sigma).clamp(min=0).sqrt()
+    a_t, s_t, r_a, r_s, a_p, d, sg = _per_sample(
+        (sqrt_ab_t, sqrt_1m_t, 1 / sqrt_ab_t, sqrt_1m_t / sqrt_ab_t, ab_p.sqrt(), dir_coef, sigma), x_t.ndim, cd
+    )
+    x, mo = x_t.to(cd), model_output.to(cd)
+    if parameterization == "eps":
+        x0, eps = r_a * x - r_s * mo, mo
+    elif parameterization == "x0":
+        x0, eps = mo, (x - a_t * mo) / s_t
+    else:  # "v"
+        x0, eps = a_t * x - s_t * mo, a_t * mo + s_t * x
+    x0 = _clip_or_threshold(x0, clip_denoised, clip_range, threshold_ratio, threshold_max)
+    if use_clipped_model_output:
+        eps = (x - a_t * x0) / s_t
+    prev = a_p * x0 + d * eps
+    if eta > 0:
+        if noise is None:
+            noise = _draw_noise(x_t, generator, cd)
+        prev = prev + sg * noise.to(cd)
+    result = _store(prev, x_t, out)
+    return (result, x0.to(x_t.dtype)) if return_pred_x0 else result
+
+
+def ddpm_step_ref(
+    x_t,
+    t,
+    t_prev,
+    model_output,
+    schedule,
+    parameterization="eps",
+    variance_type="fixed_small",
+    clip_denoised=True,
+    noise=None,
+    generator=None,
+    clip_range=1.0,
+    threshold_ratio=None,
+    threshold_max=1.0,
+    out=None,
+    return_pred_x0=False,
+):
+    """One ancestral step t -> t_prev (Ho et al. 2020 eqs. 6-7 on the respaced chain), diffusers
+    ``DDPMScheduler.step`` semantics, with the variance of ``variance_type``."""
+    cd = compute_dtype(x_t.dtype)
+    learned = variance_type in LEARNED_VARIANCE_TYPES
+    if learned:
+        channels = x_t.shape[1]
+        model_output, model_var = model_output[:, :channels], model_output[:, channels:]
+    ab_t, ab_p = _alphas_cumprod64(schedule, t, t_prev, set_alpha_to_one=True)
+    alpha = ab_t / ab_p
+    beta = 1 - alpha
+    coef_x0 = ab_p.sqrt() * beta / (1 - ab_t)
+    coef_xt = alpha.sqrt() * (1 - ab_p) / (1 - ab_t)
+    # diffusers clamps before taking any log; CompVis' posterior_log_variance_clipped is the same clamp
+    var = ((1 - ab_p) / (1 - ab_t) * beta).clamp(min=1e-20)
+    a_t, s_t, r_a, r_s, c0, ct, mask = _per_sample(
+        (ab_t.sqrt(), (1 - ab_t).sqrt(), 1 / ab_t.sqrt(), ((1 - ab_t) / ab_t).sqrt(), coef_x0, coef_xt, (t > 0).to(ab_t.dtype)),
+        x_t.ndim,
+        cd,
+    )
+    x, mo = x_t.to(cd), model_output.to(cd)
+    if parameterization == "eps":
+        x0 = r_a * x - r_s * mo
+    elif parameterization == "x0":
+        x0 = mo
+    else:  # "v"
+        x0 = a_t * x - s_t * mo
+    x0 = _clip_or_threshold(x0, clip_denoised, clip_range, threshold_ratio, threshold_max)
+    mean = c0 * x0 + ct * x
+    if variance_type in ("fixed_small", "fixed_small_log"):
+        (std,) = _per_sample((var.sqrt(),), x_t.ndim, cd)
+    elif variance_type in ("fixed_large", "fixed_large_log"):
+        # fixed_large_log is log(beta) as a log-variance: the same standard deviation, sqrt(beta)
+        (std,) = _per_sample((beta.sqrt(),), x_t.ndim, cd)
+    elif variance_type == "learned":
+        # the model's extra channels are the log-variance itself (improved DDPM / guided-diffusion)
+        std = torch.exp(0.5 * model_var.to(cd))
+    else:  # "learned_range": interpolate between log(var) and log(beta) by (v + 1) / 2
+        min_log, max_log = _per_sample((var.log(), beta.log()), x_t.ndim, cd)
+        frac = (model_var.to(cd) + 1) / 2
+        std = torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
+    if noise is None:
+        noise = _draw_noise(x_t, generator, cd)
+    result = _store(mean + mask * std * noise.to(cd), x_t, out)
+    return (result, x0.to(x_t.dtype)) if return_pred_x0 else result
+
+
 # Backend table: the public dispatch looks ops up here by name (see ddpm_kernels.backends).
 OPS = {
     "q_sample": q_sample_ref,
@@ -216,4 +407,7 @@ OPS = {
     "p_mean_variance": p_mean_variance_ref,
     "p_sample": p_sample_ref,
     "diffusion_loss": diffusion_loss_ref,
+    "dynamic_threshold": dynamic_threshold_ref,
+    "ddim_step": ddim_step_ref,
+    "ddpm_step": ddpm_step_ref,
 }
