@@ -404,6 +404,14 @@ def test_generator_state_noise(schedule):
     b = _generator_state_noise(schedule, (3, 10), 7, 4 * 3)
     torch.testing.assert_close(a[1:], b[:-1], rtol=0, atol=0)
     assert tu.philox_counters(3, 10) == 9
+    # Both key sources run one kernel: a key tensor k with zero arguments equals the argument k.
+    x_t = torch.zeros(2, 50, device=DEVICE)
+    t = torch.full((2,), 500, device=DEVICE)
+    table = schedule.table(torch.float32)
+    key = torch.tensor([2**62 + 99], device=DEVICE)
+    from_tensor = torch.ops.ddpm_kernels_triton.p_sample(x_t, t, x_t, table, 1, False, None, key, 0, 0)
+    from_args = torch.ops.ddpm_kernels_triton.p_sample(x_t, t, x_t, table, 1, False, None, None, 2**62 + 99, 0)
+    torch.testing.assert_close(from_tensor, from_args, rtol=0, atol=0)
 
 
 def test_advance_philox_state():

@@ -16,6 +16,10 @@ per Philox call, each value a function of (key, counter) only). Where the key an
   launch, which a graph replays for free.
 * CPU tensors (Triton's interpreter): the key tensor as well, drawn from the CPU generator.
 
+Both sources run the same compiled kernel (key = key tensor XOR key argument, with a cached zero tensor or a
+zero argument standing in for the unused one), so a kernel warmed up eagerly is the one a later CUDA-graph
+capture launches: nothing is compiled or loaded during capture.
+
 No autograd: sampling is not differentiated (see ``p_mean_variance``). Without ``out`` a backward through the
 result raises; with ``out`` the result simply carries no gradient.
 """
@@ -46,9 +50,6 @@ from .utils import (
 __all__ = ["p_sample_kernel", "p_sample"]
 
 
-NOISE_GIVEN, NOISE_FROM_SEED_TENSOR, NOISE_FROM_GENERATOR_STATE = 0, 1, 2
-
-
 # The Philox key and offset are int64 whatever their value: without the annotation and do_not_specialize,
 # Triton would compile a new variant whenever a seed happened to be 1, divisible by 16, or past 2**31.
 @triton.jit(do_not_specialize=["philox_seed", "philox_offset"])
@@ -67,7 +68,7 @@ def p_sample_kernel(
     batch_start,
     PARAMETERIZATION: tl.constexpr,
     CLIP_DENOISED: tl.constexpr,
-    NOISE_SOURCE: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
     ROW_LOG_VAR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -82,12 +83,13 @@ def p_sample_kernel(
     x_t = tl.load(x_t_ptr + offs, mask=mask, other=0.0).to(cd)
     model_output = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(cd)
     mean = posterior_mean_from_model_output(x_t, model_output, t, table_ptr, T, PARAMETERIZATION, CLIP_DENOISED)
-    if NOISE_SOURCE == 0:  # NOISE_GIVEN
+    if HAS_NOISE:
         z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(cd)
-    elif NOISE_SOURCE == 1:  # NOISE_FROM_SEED_TENSOR
-        z = philox_normal(tl.load(seed_ptr), 0, sample, tile_start, N, BLOCK).to(cd)
-    else:  # NOISE_FROM_GENERATOR_STATE: torch's (seed, offset); offset counts 32-bit outputs, 4 per counter
-        z = philox_normal(philox_seed, philox_offset // 4, sample, tile_start, N, BLOCK).to(cd)
+    else:
+        # One of the two keys is zero (see the module docstring). torch's offset counts 32-bit outputs: 4 per
+        # Philox counter.
+        key = tl.load(seed_ptr) ^ philox_seed
+        z = philox_normal(key, philox_offset // 4, sample, tile_start, N, BLOCK).to(cd)
     # The seed's nonzero_mask: no noise is added at the last step (t == 0). Out-of-range t keeps the mask at
     # 1 so its NaN log-variance reaches the output.
     nonzero_mask = (t != 0).to(cd)
@@ -95,24 +97,36 @@ def p_sample_kernel(
     tl.store(out_ptr + offs, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_ZERO_KEYS = {}
+
+
+def _zero_key(device):
+    """A zero int64 key tensor per device, allocated once (eagerly: a key tensor is drawn instead during
+    capture), so steps keyed by generator state allocate nothing."""
+    key = _ZERO_KEYS.get(device)
+    if key is None:
+        key = _ZERO_KEYS[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return key
+
+
 def _launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed, philox_offset, out):
     x_t, batch, n = as_rows(x_t)
     model_output = model_output.contiguous()
     if x_t.numel() == 0:
         return
-    if noise is not None:
-        source = NOISE_GIVEN
-        noise = noise.contiguous()
+    has_noise = noise is not None
+    if has_noise:
+        noise, seed = noise.contiguous(), t  # t: an unread placeholder for the key tensor
     else:
-        source = NOISE_FROM_GENERATOR_STATE if seed is None else NOISE_FROM_SEED_TENSOR
         noise = x_t  # unread placeholder
-    seed = t if seed is None else seed  # unread placeholder
+        if seed is None:
+            seed = _zero_key(x_t.device)
     block, warps = launch_config(n, batch)
     with device_of(x_t):
         for b0, nb in batch_chunks(batch):
             p_sample_kernel[(triton.cdiv(n, block), nb)](
                 x_t, model_output, noise, seed, philox_seed, philox_offset, t, table, out, n, table.shape[1], b0,
-                PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised, NOISE_SOURCE=source,
+                PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised, HAS_NOISE=has_noise,
                 ROW_LOG_VAR=ROW["posterior_log_variance_clipped"], BLOCK=block, num_warps=warps,
             )
 
