@@ -1,0 +1,10 @@
+"""Drop-in integrations for existing diffusion code.
+
+* `ddpm_kernels.integrations.diffusers`: ``FusedDDPMScheduler`` and ``FusedDDIMScheduler``, subclasses of
+  diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` whose ``step`` and ``add_noise`` run the fused ops.
+* `ddpm_kernels.integrations.compvis`: ``patch(model)`` / ``unpatch(model)`` for CompVis / Stability-AI ldm
+  ``DDPM`` and ``LatentDiffusion`` objects.
+
+Each is imported on demand (``import ddpm_kernels.integrations.diffusers``), so neither diffusers nor ldm is
+needed to use the rest of the package.
+"""

@@ -1,0 +1,456 @@
+"""FusedDDPMScheduler / FusedDDIMScheduler against the stock diffusers schedulers they replace."""
+
+import inspect
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+import ddpm_kernels as dk  # noqa: E402
+from ddpm_kernels import ops  # noqa: E402
+from ddpm_kernels.integrations import diffusers as dkd  # noqa: E402
+from ddpm_kernels.integrations.diffusers import FusedDDIMScheduler, FusedDDPMScheduler  # noqa: E402
+
+PREDICTIONS = ["epsilon", "sample", "v_prediction"]
+SPACINGS = ["leading", "linspace", "trailing"]
+SHAPE = (2, 3, 6, 5)
+
+
+def pair(stock_cls, fused_cls, **config):
+    stock = stock_cls(**config)
+    return stock, fused_cls.from_config(stock.config)
+
+
+def model_output(shape, variance_type, g):
+    mo = torch.randn(shape, generator=g)
+    if variance_type in ("learned", "learned_range"):
+        v = torch.rand(shape, generator=g) * 2 - 1  # learned_range: in [-1, 1]
+        if variance_type == "learned":
+            v = v * 4 - 6  # a log-variance
+        mo = torch.cat([mo, v], dim=1)
+    return mo
+
+
+def assert_matches_stock(got, expected, exact, what):
+    """Equal to the stock scheduler up to the stock's own float32 error (its `1 - ab_t / ab_prev` cancels near
+    t = 0), measured against the same step computed in float64."""
+    stock_err = (expected.double() - exact).abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2 * stock_err + 1e-6, msg=what)
+
+
+def run_steps(stock, fused, step_kwargs=None, variance_type="fixed_small", seed=0, steps=None):
+    """Step both schedulers over their timesteps from the same inputs and generators; compare every output."""
+    step_kwargs = step_kwargs or {}
+    g = torch.Generator().manual_seed(seed)
+    timesteps = list(stock.timesteps)
+    assert torch.equal(stock.timesteps, fused.timesteps)
+    for t in timesteps if steps is None else [timesteps[i] for i in steps]:
+        sample = torch.randn(SHAPE, generator=g) * 1.5
+        mo = model_output(SHAPE, variance_type, g)
+        gs, gf, ge = (torch.Generator().manual_seed(int(t) + 17) for _ in range(3))
+        expected = stock.step(mo, t, sample, generator=gs, **step_kwargs)
+        got = fused.step(mo, t, sample, generator=gf, **step_kwargs)
+        exact = fused.step(mo.double(), t, sample.double(), generator=ge, **step_kwargs)
+        assert torch.equal(gs.get_state(), gf.get_state()), f"t={int(t)}: the generators advanced differently"
+        for name in ("prev_sample", "pred_original_sample"):
+            assert_matches_stock(getattr(got, name), getattr(expected, name), getattr(exact, name), f"t={int(t)} {name}")
+
+
+# ------------------------------------------------------------------------------------------------ DDPM
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large", "learned_range"])
+@pytest.mark.parametrize("clip_sample,thresholding", [(True, False), (False, False), (False, True)],
+                         ids=["clip", "noclip", "threshold"])
+def test_ddpm_step_equals_stock(prediction_type, variance_type, clip_sample, thresholding):
+    stock, fused = pair(diffusers.DDPMScheduler, FusedDDPMScheduler, num_train_timesteps=1000,
+                        beta_schedule="scaled_linear", beta_start=1e-4, beta_end=2e-2,
+                        prediction_type=prediction_type, variance_type=variance_type, clip_sample=clip_sample,
+                        thresholding=thresholding, sample_max_value=2.0, dynamic_thresholding_ratio=0.9)
+    for s in (stock, fused):
+        s.set_timesteps(8)
+    run_steps(stock, fused, variance_type=variance_type)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("steps_offset", [0, 1])
+def test_ddpm_timestep_spacings(spacing, steps_offset):
+    stock, fused = pair(diffusers.DDPMScheduler, FusedDDPMScheduler, num_train_timesteps=200,
+                        beta_schedule="squaredcos_cap_v2", timestep_spacing=spacing, steps_offset=steps_offset,
+                        clip_sample_range=1.5)
+    for s in (stock, fused):
+        s.set_timesteps(7)
+    run_steps(stock, fused)
+
+
+def test_ddpm_full_chain_and_custom_timesteps():
+    stock, fused = pair(diffusers.DDPMScheduler, FusedDDPMScheduler, num_train_timesteps=50)
+    run_steps(stock, fused, steps=[0, 1, 25, 48, 49])  # no set_timesteps: t -> t - 1
+    for s in (stock, fused):
+        s.set_timesteps(timesteps=[45, 30, 29, 7, 0])
+    run_steps(stock, fused)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_large_log", "learned"])
+def test_ddpm_where_stock_is_nan_we_give_the_intended_result(variance_type):
+    """diffusers 0.42.1 takes the square root of a log-variance for these two (NaN); the fused scheduler uses
+    it as a log-variance: fixed_large_log is fixed_large, learned scales the noise by exp(0.5 * v)."""
+    stock, fused = pair(diffusers.DDPMScheduler, FusedDDPMScheduler, variance_type=variance_type)
+    for s in (stock, fused):
+        s.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    sample, mo = torch.randn(SHAPE, generator=g), model_output(SHAPE, variance_type, g)
+    t = stock.timesteps[3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock_out = stock.step(mo, t, sample, generator=torch.Generator().manual_seed(1)).prev_sample
+    got = fused.step(mo, t, sample, generator=torch.Generator().manual_seed(1)).prev_sample
+    assert torch.isfinite(got).all()
+    if diffusers.__version__ == "0.42.1":
+        assert torch.isnan(stock_out).any()  # the stock bug this replaces
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    s = dk.DiffusionSchedule.from_diffusers(fused)
+    tt, tp = torch.full((2,), int(t)), torch.full((2,), int(fused.timesteps[4]))
+    if variance_type == "fixed_large_log":
+        expected = dk.ddpm_step(sample, tt, tp, mo, s, variance_type="fixed_large", noise=z)
+        large = FusedDDPMScheduler.from_config(fused.config, variance_type="fixed_large")
+        large.set_timesteps(10)
+        torch.testing.assert_close(got, large.step(mo, t, sample, generator=torch.Generator().manual_seed(1)).prev_sample,
+                                   rtol=0, atol=0)
+    else:
+        ab = s.coefficients64[1]
+        x0 = ((sample.double() - (1 - ab[tt]).sqrt().reshape(2, 1, 1, 1) * mo[:, :3].double())
+              / ab[tt].sqrt().reshape(2, 1, 1, 1)).clamp(-1, 1)
+        beta = 1 - ab[tt] / ab[tp]
+        mean = (ab[tp].sqrt() * beta / (1 - ab[tt])).reshape(2, 1, 1, 1) * x0 + (
+            (1 - beta).sqrt() * (1 - ab[tp]) / (1 - ab[tt])).reshape(2, 1, 1, 1) * sample.double()
+        expected = mean + torch.exp(0.5 * mo[:, 3:].double()) * z.double()
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_ddpm_learned_variance_needs_variance_channels():
+    fused = FusedDDPMScheduler(variance_type="learned_range")
+    with pytest.raises(ValueError, match="variance channels"):
+        fused.step(torch.randn(SHAPE), 10, torch.randn(SHAPE))
+
+
+# ------------------------------------------------------------------------------------------------ DDIM
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("clip_sample,thresholding", [(True, False), (False, False), (False, True)],
+                         ids=["clip", "noclip", "threshold"])
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_ddim_step_equals_stock(prediction_type, eta, clip_sample, thresholding, set_alpha_to_one):
+    stock, fused = pair(diffusers.DDIMScheduler, FusedDDIMScheduler, beta_schedule="scaled_linear",
+                        beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type, clip_sample=clip_sample,
+                        thresholding=thresholding, sample_max_value=2.0, set_alpha_to_one=set_alpha_to_one)
+    for s in (stock, fused):
+        s.set_timesteps(6)
+    run_steps(stock, fused, {"eta": eta})
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("use_clipped_model_output", [False, True])
+def test_ddim_spacings_and_clipped_model_output(spacing, use_clipped_model_output):
+    stock, fused = pair(diffusers.DDIMScheduler, FusedDDIMScheduler, num_train_timesteps=300,
+                        timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+    for s in (stock, fused):
+        s.set_timesteps(9)
+    run_steps(stock, fused, {"eta": 0.5, "use_clipped_model_output": use_clipped_model_output})
+
+
+def test_ddim_zero_terminal_snr():
+    stock, fused = pair(diffusers.DDIMScheduler, FusedDDIMScheduler, beta_schedule="scaled_linear",
+                        beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True,
+                        prediction_type="v_prediction", timestep_spacing="trailing", set_alpha_to_one=False,
+                        clip_sample=False)
+    for s in (stock, fused):
+        s.set_timesteps(5)
+    assert int(stock.timesteps[0]) == 999
+    run_steps(stock, fused, {"eta": 1.0})
+
+
+def test_ddim_variance_noise_and_errors():
+    stock, fused = pair(diffusers.DDIMScheduler, FusedDDIMScheduler)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        fused.step(torch.randn(SHAPE), 10, torch.randn(SHAPE))
+    for s in (stock, fused):
+        s.set_timesteps(10)
+    g = torch.Generator().manual_seed(3)
+    sample, mo, z = (torch.randn(SHAPE, generator=g) for _ in range(3))
+    expected = stock.step(mo, 501, sample, eta=0.7, variance_noise=z).prev_sample
+    got = fused.step(mo, 501, sample, eta=0.7, variance_noise=z).prev_sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Cannot pass both generator and variance_noise"):
+        fused.step(mo, 501, sample, eta=0.7, variance_noise=z, generator=g)
+
+
+def test_ddim_half_precision_is_more_accurate_than_stock():
+    """The stock scheduler casts alphas_cumprod to the sample dtype before its square roots; the fused step
+    computes the coefficients in float64 and the math in float32 whatever the dtype."""
+    stock, fused = pair(diffusers.DDIMScheduler, FusedDDIMScheduler, beta_schedule="scaled_linear",
+                        beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    for s in (stock, fused):
+        s.set_timesteps(20)
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float16, torch.bfloat16):
+        errs = {"stock": 0.0, "fused": 0.0}
+        for t in stock.timesteps[::4]:
+            sample, mo = (torch.randn(SHAPE, generator=g).to(dtype) for _ in range(2))
+            exact = fused.step(mo.double(), t, sample.double()).prev_sample
+            for name, sch in (("stock", stock), ("fused", fused)):
+                out = sch.step(mo, t, sample).prev_sample
+                assert out.dtype == dtype
+                errs[name] = max(errs[name], (out.double() - exact).abs().max().item())
+        assert errs["fused"] <= errs["stock"], (dtype, errs)
+
+
+# ------------------------------------------------------------------------------------ per-sample timesteps
+def test_per_sample_timesteps_ddpm(monkeypatch):
+    stock, fused = pair(diffusers.DDPMScheduler, FusedDDPMScheduler, variance_type="fixed_small_log")
+    for s in (stock, fused):
+        s.set_timesteps(25)
+    g = torch.Generator().manual_seed(5)
+    ts = stock.timesteps[[0, 7, 24, 13]]
+    sample, mo, z = (torch.randn((4,) + SHAPE[1:], generator=g) for _ in range(3))
+    got = fused.step(mo, ts, sample, generator=torch.Generator().manual_seed(6))
+    z = torch.randn(sample.shape, generator=torch.Generator().manual_seed(6))
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    for i, t in enumerate(ts):
+        monkeypatch.setattr(ddpm_module, "randn_tensor", lambda *a, i=i, **k: z[i:i + 1].clone())
+        expected = stock.step(mo[i:i + 1], t, sample[i:i + 1])
+        torch.testing.assert_close(got.prev_sample[i:i + 1], expected.prev_sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.pred_original_sample[i:i + 1], expected.pred_original_sample, rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_per_sample_timesteps_ddim():
+    stock, fused = pair(diffusers.DDIMScheduler, FusedDDIMScheduler, set_alpha_to_one=False)
+    for s in (stock, fused):
+        s.set_timesteps(10)
+    g = torch.Generator().manual_seed(7)
+    ts = stock.timesteps[[9, 0, 4]]
+    sample, mo, z = (torch.randn((3,) + SHAPE[1:], generator=g) for _ in range(3))
+    got = fused.step(mo, ts, sample, eta=1.0, variance_noise=z)
+    for i, t in enumerate(ts):
+        expected = stock.step(mo[i:i + 1], t, sample[i:i + 1], eta=1.0, variance_noise=z[i:i + 1])
+        torch.testing.assert_close(got.prev_sample[i:i + 1], expected.prev_sample, rtol=1e-5, atol=1e-5)
+
+
+def test_timestep_forms():
+    fused = FusedDDIMScheduler()
+    fused.set_timesteps(10)
+    g = torch.Generator().manual_seed(8)
+    sample, mo = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    ref = fused.step(mo, 501, sample).prev_sample
+    for t in (np.int64(501), torch.tensor(501), torch.tensor([501]), torch.tensor([501, 501]),
+              torch.tensor([501, 501], dtype=torch.int32)):
+        torch.testing.assert_close(fused.step(mo, t, sample).prev_sample, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"timestep: expected an int, a 0-d tensor or a tensor of shape \(2,\)"):
+        fused.step(mo, torch.tensor([501, 501, 501]), sample)
+    with pytest.raises(TypeError, match="timestep: expected an integer tensor"):
+        fused.step(mo, torch.tensor(501.0), sample)
+
+
+# ------------------------------------------------------------------------------------------- add_noise
+@pytest.mark.parametrize("cls,fused_cls", [(diffusers.DDPMScheduler, FusedDDPMScheduler),
+                                           (diffusers.DDIMScheduler, FusedDDIMScheduler)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_add_noise_and_velocity(cls, fused_cls, dtype):
+    stock, fused = pair(cls, fused_cls, beta_schedule="scaled_linear", beta_start=1e-4, beta_end=2e-2)
+    g = torch.Generator().manual_seed(9)
+    x0, noise = (torch.randn(5, 4, 8, 8, generator=g, dtype=dtype) for _ in range(2))
+    for t in (torch.tensor([0, 1, 500, 998, 999]), torch.tensor(300), torch.tensor([300]),
+              torch.tensor([0, 1, 500, 998, 999], dtype=torch.int32)):
+        # the stock scheduler builds alphas_cumprod by a float32 cumprod: ~1e-5 near t = 0
+        torch.testing.assert_close(fused.add_noise(x0, noise, t), stock.add_noise(x0, noise, t), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(fused.get_velocity(x0, noise, t), stock.get_velocity(x0, noise, t), rtol=2e-5,
+                                   atol=2e-5)
+    # shapes the fused op does not take go to the stock implementation
+    torch.testing.assert_close(fused.add_noise(x0, noise[:1], torch.tensor([3] * 5)),
+                               stock.add_noise(x0, noise[:1], torch.tensor([3] * 5)))
+
+
+def test_add_noise_runs_the_fused_op(monkeypatch):
+    fused = FusedDDPMScheduler()
+    calls = []
+    real = ops.q_sample
+    monkeypatch.setattr(ops, "q_sample", lambda *a, **k: calls.append(k) or real(*a, **k))
+    fused.add_noise(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([1, 2]))
+    assert calls and calls[0]["backend"] == "auto"
+
+
+# ------------------------------------------------------------------------------------------- no host sync
+SYNCING = ("item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "tolist", "numpy", "cpu")
+
+
+@pytest.fixture
+def fail_on_sync(monkeypatch):
+    """Make every value-reading Tensor method raise, as a device tensor read would sync. Timesteps are
+    treated as device tensors (never read on the host). The one exception is ops' t range check, which runs
+    on CPU tensors only (where it is free) and is skipped for device tensors."""
+    monkeypatch.setattr(dkd, "_host_timesteps", lambda timestep: None)
+    allowed = {"_check_t", "_check_t_prev"}
+
+    def guard(name, original):
+        def method(self, *args, **kwargs):
+            caller = inspect.currentframe().f_back
+            if caller.f_code.co_name in allowed and caller.f_code.co_filename.endswith("ops.py"):
+                return original(self, *args, **kwargs)
+            raise AssertionError(f"Tensor.{name} called inside step: a host sync on a device")
+
+        return method
+
+    def arm():
+        for name in SYNCING:
+            monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+
+    return arm
+
+
+@pytest.mark.parametrize("in_kernel_noise", [False, True])
+def test_step_has_no_host_sync(fail_on_sync, in_kernel_noise):
+    ddpm = FusedDDPMScheduler(variance_type="learned_range", thresholding=True, dynamic_thresholding_ratio=0.9,
+                              sample_max_value=1.5)
+    ddim = FusedDDIMScheduler(thresholding=True)
+    for s in (ddpm, ddim):
+        s.set_timesteps(5, device="cpu")
+        s.in_kernel_noise = in_kernel_noise
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(SHAPE, generator=g)
+    mo2 = torch.randn((2, 6) + SHAPE[2:], generator=g)
+    mo = torch.randn(SHAPE, generator=g)
+    ddpm_ts, ddim_ts = list(ddpm.timesteps), list(ddim.timesteps)
+    per_sample = torch.stack([ddpm.timesteps[0], ddpm.timesteps[3]])
+    fail_on_sync()
+    for t in ddpm_ts + [per_sample]:
+        x = ddpm.step(mo2, t, x, generator=g).prev_sample
+    for t in ddim_ts:
+        x = ddim.step(mo, t, x, eta=1.0, generator=g).prev_sample
+    x = ddpm.add_noise(x, mo, per_sample)
+
+
+def test_sync_guard_catches_the_stock_scheduler(fail_on_sync):
+    """The guard is not vacuous: the stock DDPM step reads the timestep (t > 0, nonzero())."""
+    stock = diffusers.DDPMScheduler()
+    stock.set_timesteps(5)
+    t = stock.timesteps[1]
+    x = torch.randn(SHAPE)
+    fail_on_sync()
+    with pytest.raises(AssertionError, match="host sync"):
+        stock.step(torch.randn(SHAPE), t, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_has_no_host_sync_on_cuda():
+    for sched, kw in ((FusedDDPMScheduler(variance_type="learned_range", thresholding=True), {}),
+                      (FusedDDIMScheduler(), {"eta": 1.0})):
+        sched.set_timesteps(5, device="cuda")
+        g = torch.Generator("cuda").manual_seed(0)
+        channels = 6 if isinstance(sched, FusedDDPMScheduler) else 3
+        x = torch.randn(SHAPE, device="cuda")
+        mo = torch.randn((2, channels) + SHAPE[2:], device="cuda")
+        sched.step(mo, sched.timesteps[0], x, generator=g, **kw)  # warm-up: lazy allocations, backend loading
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for t in sched.timesteps:
+                x = sched.step(mo, t, x, generator=g, **kw).prev_sample
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+# ------------------------------------------------------------------------------------------- noise, config
+def test_in_kernel_noise_hands_the_generator_to_the_op(monkeypatch):
+    fused = FusedDDPMScheduler()
+    fused.set_timesteps(10)
+    seen = {}
+    real = ops.ddpm_step
+    monkeypatch.setattr(ops, "ddpm_step", lambda *a, **k: seen.update(noise=a[8], generator=a[9]) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    fused.step(torch.randn(SHAPE), fused.timesteps[0], torch.randn(SHAPE), generator=g)
+    assert seen["noise"] is not None and seen["generator"] is None
+    fused.in_kernel_noise = True
+    fused.step(torch.randn(SHAPE), fused.timesteps[0], torch.randn(SHAPE), generator=g)
+    assert seen["noise"] is None and seen["generator"] is g
+
+
+def test_no_noise_drawn_at_t0_for_host_timesteps():
+    stock, fused = pair(diffusers.DDPMScheduler, FusedDDPMScheduler)
+    x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+    gs, gf = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    stock.step(mo, 0, x, generator=gs)
+    fused.step(mo, torch.tensor(0), x, generator=gf)
+    assert torch.equal(gs.get_state(), gf.get_state())
+
+
+def test_config_round_trip(tmp_path):
+    stock = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                                    timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    fused = FusedDDIMScheduler.from_config(stock.config)
+    assert isinstance(fused, diffusers.DDIMScheduler)
+    keys = {k for k in stock.config if not k.startswith("_")}
+    assert {k: fused.config[k] for k in keys} == {k: stock.config[k] for k in keys}
+    fused.save_pretrained(tmp_path)
+    again = FusedDDIMScheduler.from_pretrained(tmp_path)
+    back = diffusers.DDIMScheduler.from_config(again.config)
+    assert {k: back.config[k] for k in keys} == {k: stock.config[k] for k in keys}
+    ddpm = FusedDDPMScheduler.from_config(diffusers.DDPMScheduler(variance_type="learned_range").config)
+    assert ddpm.variance_type == "learned_range" and ddpm.config.variance_type == "learned_range"
+
+
+# ------------------------------------------------------------------------------------------- pipelines
+@pytest.fixture(scope="module")
+def unets():
+    torch.manual_seed(0)
+    make = lambda out_channels: diffusers.UNet2DModel(  # noqa: E731
+        sample_size=8, in_channels=3, out_channels=out_channels, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4).eval()
+    return {3: make(3), 6: make(6)}
+
+
+def _images(pipe, seed, **kw):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        images = pipe(batch_size=2, generator=g, output_type="np", **kw).images
+    return images, g.get_state()
+
+
+@pytest.mark.parametrize("config", [
+    dict(),
+    dict(variance_type="learned_range", prediction_type="v_prediction", timestep_spacing="trailing"),
+    dict(variance_type="fixed_large", thresholding=True, sample_max_value=1.5, clip_sample=False),
+], ids=["default", "learned_range_v", "fixed_large_threshold"])
+def test_ddpm_pipeline_same_images(unets, config):
+    stock = diffusers.DDPMScheduler(num_train_timesteps=100, **config)
+    unet = unets[6 if config.get("variance_type") == "learned_range" else 3]
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=stock)
+    pipe.set_progress_bar_config(disable=True)
+    expected, state = _images(pipe, 0, num_inference_steps=6)
+    pipe.scheduler = FusedDDPMScheduler.from_config(stock.config)
+    got, fused_state = _images(pipe, 0, num_inference_steps=6)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert torch.equal(state, fused_state)  # the same random numbers were drawn
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("config", [
+    dict(),
+    dict(set_alpha_to_one=False, timestep_spacing="trailing", prediction_type="v_prediction", clip_sample=False),
+], ids=["default", "trailing_v"])
+def test_ddim_pipeline_same_images(unets, eta, config):
+    stock = diffusers.DDIMScheduler(num_train_timesteps=100, **config)
+    pipe = diffusers.DDIMPipeline(unet=unets[3], scheduler=stock)
+    pipe.set_progress_bar_config(disable=True)
+    expected, state = _images(pipe, 1, num_inference_steps=5, eta=eta)
+    # DDIMPipeline converts the scheduler it is built with to a stock DDIMScheduler; assign afterwards
+    pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)
+    got, fused_state = _images(pipe, 1, num_inference_steps=5, eta=eta)
+    assert isinstance(pipe.scheduler, FusedDDIMScheduler)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert torch.equal(state, fused_state)
