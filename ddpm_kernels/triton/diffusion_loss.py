@@ -41,10 +41,10 @@ def _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATIO
     elif PARAMETERIZATION == 1:  # x0
         target = tl.load(x_start_ptr + offs, mask=mask, other=0.0).to(cd)
     else:  # v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0
-        sqrt_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ALPHAS_CUMPROD, t, T)
-        sqrt_one_minus_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD, t, T)
         noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(cd)
         x_start = tl.load(x_start_ptr + offs, mask=mask, other=0.0).to(cd)
+        sqrt_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ALPHAS_CUMPROD, t, T)
+        sqrt_one_minus_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD, t, T)
         target = sqrt_alphas_cumprod * noise - sqrt_one_minus_alphas_cumprod * x_start
     return target
 
@@ -69,10 +69,12 @@ def diffusion_loss_kernel(
     offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs_in_sample < N
     offs = sample.to(tl.int64) * N + offs_in_sample
-    t = tl.load(t_ptr + sample)
     cd: tl.constexpr = table_ptr.dtype.element_ty
+    # Data loads before the t -> coefficient chain (see q_sample_kernel).
+    model_output = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(cd)
+    t = tl.load(t_ptr + sample)
     target = _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION, cd)
-    diff = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(cd) - target
+    diff = model_output - target
     if LOSS_L1:
         per_element = tl.abs(diff)
     else:
@@ -169,8 +171,9 @@ def diffusion_loss_backward_kernel(
     offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs_in_sample < N
     offs = sample.to(tl.int64) * N + offs_in_sample
-    t = tl.load(t_ptr + sample)
     cd: tl.constexpr = table_ptr.dtype.element_ty
+    model_output = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(cd)
+    t = tl.load(t_ptr + sample)
     lvlb_weight = gather_coefficient(table_ptr, ROW_LVLB, t, T)
     l_simple_weight = tl.cast(l_simple_weight_hi, cd) + tl.cast(l_simple_weight_lo, cd)
     original_elbo_weight = tl.cast(original_elbo_weight_hi, cd) + tl.cast(original_elbo_weight_lo, cd)
@@ -182,7 +185,7 @@ def diffusion_loss_backward_kernel(
         + tl.load(grad_loss_vlb_ptr).to(cd) * lvlb_weight
     ) / (tl.cast(B, cd) * tl.cast(N, cd))
     target = _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION, cd)
-    diff = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(cd) - target
+    diff = model_output - target
     if LOSS_L1:
         # torch's abs backward: sign(diff), 0 at 0.
         d_per_element = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)).to(cd)

@@ -50,10 +50,12 @@ def p_mean_variance_kernel(
     offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs_in_sample < N
     offs = sample.to(tl.int64) * N + offs_in_sample
+    cd: tl.constexpr = table_ptr.dtype.element_ty
+    # Data loads before the t -> coefficient chain (see q_sample_kernel).
+    x_t = tl.load(x_t_ptr + offs, mask=mask, other=0.0).to(cd)
+    model_output = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(cd)
     t = tl.load(t_ptr + sample)
     posterior_variance = gather_coefficient(table_ptr, ROW_VAR, t, T)
-    x_t = tl.load(x_t_ptr + offs, mask=mask, other=0.0).to(posterior_variance.dtype)
-    model_output = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(posterior_variance.dtype)
     mean = posterior_mean_from_model_output(x_t, model_output, t, table_ptr, T, PARAMETERIZATION, CLIP_DENOISED)
     tl.store(mean_ptr + offs, mean.to(mean_ptr.dtype.element_ty), mask=mask)
     first = tl.program_id(0) == 0

@@ -77,12 +77,11 @@ def p_sample_kernel(
     offs_in_sample = tile_start + tl.arange(0, BLOCK)
     mask = offs_in_sample < N
     offs = sample.to(tl.int64) * N + offs_in_sample
-    t = tl.load(t_ptr + sample)
-    posterior_log_variance = gather_coefficient(table_ptr, ROW_LOG_VAR, t, T)
-    cd = posterior_log_variance.dtype
+    cd: tl.constexpr = table_ptr.dtype.element_ty
+    # Loads and noise first: none depends on t, so their latency (and the Philox integer work) overlaps the
+    # t -> coefficient load chain.
     x_t = tl.load(x_t_ptr + offs, mask=mask, other=0.0).to(cd)
     model_output = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(cd)
-    mean = posterior_mean_from_model_output(x_t, model_output, t, table_ptr, T, PARAMETERIZATION, CLIP_DENOISED)
     if HAS_NOISE:
         z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(cd)
     else:
@@ -90,6 +89,9 @@ def p_sample_kernel(
         # Philox counter.
         key = tl.load(seed_ptr) ^ philox_seed
         z = philox_normal(key, philox_offset // 4, sample, tile_start, N, BLOCK).to(cd)
+    t = tl.load(t_ptr + sample)
+    posterior_log_variance = gather_coefficient(table_ptr, ROW_LOG_VAR, t, T)
+    mean = posterior_mean_from_model_output(x_t, model_output, t, table_ptr, T, PARAMETERIZATION, CLIP_DENOISED)
     # The seed's nonzero_mask: no noise is added at the last step (t == 0). Out-of-range t keeps the mask at
     # 1 so its NaN log-variance reaches the output.
     nonzero_mask = (t != 0).to(cd)

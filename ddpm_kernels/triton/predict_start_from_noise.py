@@ -38,11 +38,13 @@ def predict_start_from_noise_kernel(
     offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs_in_sample < N
     offs = sample.to(tl.int64) * N + offs_in_sample
+    cd: tl.constexpr = table_ptr.dtype.element_ty
+    # Data loads before the t -> coefficient chain (see q_sample_kernel).
+    x_t = tl.load(x_t_ptr + offs, mask=mask, other=0.0).to(cd)
+    noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(cd)
     t = tl.load(t_ptr + sample)
     sqrt_recip_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_RECIP_AB, t, T)
     sqrt_recipm1_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_RECIPM1_AB, t, T)
-    x_t = tl.load(x_t_ptr + offs, mask=mask, other=0.0).to(sqrt_recip_alphas_cumprod.dtype)
-    noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(sqrt_recip_alphas_cumprod.dtype)
     x_start = sqrt_recip_alphas_cumprod * x_t - sqrt_recipm1_alphas_cumprod * noise
     tl.store(out_ptr + offs, x_start.to(out_ptr.dtype.element_ty), mask=mask)
 

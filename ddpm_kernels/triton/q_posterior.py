@@ -44,11 +44,13 @@ def q_posterior_kernel(
     offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs_in_sample < N
     offs = sample.to(tl.int64) * N + offs_in_sample
+    cd: tl.constexpr = table_ptr.dtype.element_ty
+    # Data loads before the t -> coefficient chain (see q_sample_kernel).
+    x_start = tl.load(x_start_ptr + offs, mask=mask, other=0.0).to(cd)
+    x_t = tl.load(x_t_ptr + offs, mask=mask, other=0.0).to(cd)
     t = tl.load(t_ptr + sample)
     posterior_mean_coef1 = gather_coefficient(table_ptr, ROW_COEF1, t, T)
     posterior_mean_coef2 = gather_coefficient(table_ptr, ROW_COEF2, t, T)
-    x_start = tl.load(x_start_ptr + offs, mask=mask, other=0.0).to(posterior_mean_coef1.dtype)
-    x_t = tl.load(x_t_ptr + offs, mask=mask, other=0.0).to(posterior_mean_coef1.dtype)
     mean = posterior_mean_coef1 * x_start + posterior_mean_coef2 * x_t
     tl.store(mean_ptr + offs, mean.to(mean_ptr.dtype.element_ty), mask=mask)
     # The per-sample variance rides along in the same launch: the first program of each sample writes it.

@@ -40,12 +40,14 @@ def q_sample_kernel(
     offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs_in_sample < N
     offs = sample.to(tl.int64) * N + offs_in_sample
+    # Math in the table's dtype: float32 for 16/32-bit data, float64 for float64; one rounding at the store.
+    cd: tl.constexpr = table_ptr.dtype.element_ty
+    # Data loads first: they do not depend on t, so their latency overlaps the t -> coefficient load chain.
+    x_start = tl.load(x_start_ptr + offs, mask=mask, other=0.0).to(cd)
+    noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(cd)
     t = tl.load(t_ptr + sample)
     sqrt_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_AB, t, T)
     sqrt_one_minus_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_1M_AB, t, T)
-    # Math in the table's dtype: float32 for 16/32-bit data, float64 for float64; one rounding at the store.
-    x_start = tl.load(x_start_ptr + offs, mask=mask, other=0.0).to(sqrt_alphas_cumprod.dtype)
-    noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(sqrt_alphas_cumprod.dtype)
     x_t = sqrt_alphas_cumprod * x_start + sqrt_one_minus_alphas_cumprod * noise
     tl.store(out_ptr + offs, x_t.to(out_ptr.dtype.element_ty), mask=mask)
 

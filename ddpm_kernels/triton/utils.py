@@ -256,10 +256,10 @@ def linear_combination_backward_kernel(
     offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs_in_sample < N
     offs = sample.to(tl.int64) * N + offs_in_sample
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(table_ptr.dtype.element_ty)
     t = tl.load(t_ptr + sample)
     c_a = gather_coefficient(table_ptr, ROW_A, t, T)
     c_b = gather_coefficient(table_ptr, ROW_B, t, T)
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(c_a.dtype)
     tl.store(grad_a_ptr + offs, (c_a * g).to(grad_a_ptr.dtype.element_ty), mask=mask)
     tl.store(grad_b_ptr + offs, (SIGN_B * c_b * g).to(grad_b_ptr.dtype.element_ty), mask=mask)
 
