@@ -35,6 +35,9 @@ SCRIPT = textwrap.dedent(
         diffusion_loss_kernel, diffusion_loss_reduce_kernel, diffusion_loss_backward_kernel,
     )
     assert not utils.INTERPRETED
+    import torch
+    from ddpm_kernels.triton import BACKEND
+    assert BACKEND.unavailable_reason(torch.device("cpu"), torch.float32) is not None  # no CPU without interpreter
     R = utils.ROW
 
     DATA = {"x_start_ptr", "noise_ptr", "x_t_ptr", "model_output_ptr", "out_ptr", "mean_ptr", "grad_ptr",

@@ -17,9 +17,9 @@ narrower accesses.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -50,11 +50,6 @@ __all__ = [
     "ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD",
 ]
 
-# Triton decides at decoration time whether a @triton.jit function is compiled or interpreted
-# (TRITON_INTERPRET=1 makes it an InterpretedFunction that runs on CPU tensors). Recorded once so the backend
-# can say truthfully whether CPU tensors can run here.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 ROW = TABLE_ROW
 PARAMETERIZATION_ID = {"eps": 0, "x0": 1, "v": 2}
 
@@ -73,7 +68,8 @@ MAX_GRID_Y = 65535
 # Launch table: (BLOCK, num_warps) candidates, largest first.
 #
 # NOT MEASURED: this table was written on a machine without a GPU, so it is a reasoned starting point, not a
-# tuned result; the benchmark suite sweeps it on hardware and this comment must be replaced by its numbers.
+# tuned result. It must be swept on hardware (triton.testing.do_bench over candidate (BLOCK, num_warps) pairs,
+# e.g. by monkeypatching LAUNCH_TABLE) and this comment replaced by the measured numbers.
 # Reasoning: these ops are bandwidth-bound streams (2-4 tensors in, 1-2 out, ~10 flops/element), for which
 # torch inductor's pointwise heuristics (and Triton's vector-add tutorial) settle on BLOCK=1024 with
 # 4 warps: 8 elements per thread, i.e. two 128-bit accesses per tensor for fp32 and one for fp16/bf16, enough
@@ -118,9 +114,8 @@ def split_float(value: float) -> Tuple[float, float]:
     Triton passes Python floats to kernels as float32; loss weights reach float64 kernels as hi + lo so
     float64 losses keep float64 accuracy.
     """
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    lo = float(torch.tensor(value - hi, dtype=torch.float32))
-    return hi, lo
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))
 
 
 def draw_seed(generator, device) -> torch.Tensor:
@@ -279,3 +274,9 @@ def linear_combination_backward(grad, t, table, row_a: str, row_b: str, sign_b: 
                 ROW_A=ROW[row_a], ROW_B=ROW[row_b], SIGN_B=sign_b, BLOCK=block, num_warps=warps,
             )
     return grad_a, grad_b
+
+
+# Triton decides when a function is decorated whether it is compiled or interpreted (TRITON_INTERPRET=1 at
+# decoration makes an InterpretedFunction, which runs on CPU tensors). Read from a decorated kernel, the ground
+# truth, so the backend says truthfully whether CPU tensors can run here.
+INTERPRETED = type(gather_coefficient).__name__ == "InterpretedFunction"
