@@ -8,6 +8,7 @@
 // CPU_CAPABILITY_* macro setup.py defines for each build.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -38,6 +39,91 @@ constexpr int64_t kBlock = 256;
 // Blocks per parallel task (~32K elements): below that, threading costs more than it saves.
 constexpr int64_t kGrainBlocks = 128;
 
+#if defined(CPU_CAPABILITY_DEFAULT) && (defined(__x86_64__) || defined(_M_X64))
+// The x86-64 baseline build runs plain element loops, which GCC vectorizes for SSE2 (with
+// -fno-trapping-math for the clamp). The generic Vectorized<T> of a baseline build keeps its lanes in
+// memory and measured several times slower. Other architectures' baseline Vectorized is native (NEON).
+#define DDPM_SCALAR_LANES 1
+#endif
+
+// a * b + c: one fused instruction where the ISA has FMA.
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> madd(const Vectorized<T>& a, const Vectorized<T>& b, const Vectorized<T>& c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return at::vec::fmadd(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+C10_ALWAYS_INLINE float madd(float a, float b, float c) { return a * b + c; }
+C10_ALWAYS_INLINE double madd(double a, double b, double c) { return a * b + c; }
+
+// clamp that keeps NaN (as torch.clamp).
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> clampv(const Vectorized<T>& x, const Vectorized<T>& lo, const Vectorized<T>& hi) {
+  return at::vec::clamp(x, lo, hi);
+}
+template <typename T, typename = std::enable_if_t<std::is_floating_point_v<T>>>
+C10_ALWAYS_INLINE T clampv(T x, T lo, T hi) {
+  return std::min(std::max(x, lo), hi);
+}
+
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> absv(const Vectorized<T>& x) {
+  return x.abs();
+}
+template <typename T, typename = std::enable_if_t<std::is_floating_point_v<T>>>
+C10_ALWAYS_INLINE T absv(T x) {
+  return std::abs(x);
+}
+
+// sign(d), 0 at d == 0 as torch's abs backward.
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> signv(const Vectorized<T>& d) {
+  const Vectorized<T> zero(T(0)), one(T(1));
+  return ((d > zero) & one) - ((d < zero) & one);
+}
+template <typename T, typename = std::enable_if_t<std::is_floating_point_v<T>>>
+C10_ALWAYS_INLINE T signv(T d) {
+  return static_cast<T>((d > T(0)) - (d < T(0)));
+}
+
+template <typename T>
+inline double hsum(const Vectorized<T>& v) {
+  alignas(64) T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  double s = 0;
+  for (int64_t j = 0; j < Vectorized<T>::size(); ++j) s += static_cast<double>(lanes[j]);
+  return s;
+}
+template <typename T, typename = std::enable_if_t<std::is_floating_point_v<T>>>
+inline double hsum(T v) {
+  return static_cast<double>(v);
+}
+
+#if defined(DDPM_SCALAR_LANES)
+// One element at a time, in acc_t.
+template <typename scalar_t>
+struct Lanes {
+  using acc_t = at::opmath_type<scalar_t>;
+  using AVec = acc_t;
+  static constexpr int kVecs = 1;
+  static constexpr int64_t size() { return 1; }
+  static C10_ALWAYS_INLINE void load(const scalar_t* p, AVec* v, int64_t) { v[0] = static_cast<acc_t>(*p); }
+  static C10_ALWAYS_INLINE void store(scalar_t* p, const AVec* v, int64_t) { *p = static_cast<scalar_t>(v[0]); }
+  static C10_ALWAYS_INLINE void load_acc(const acc_t* p, AVec* v) { v[0] = *p; }
+};
+#else
+// Partial vectors (tails) stay out of line so the full-vector path inlines into the loops.
+template <typename V, typename T>
+C10_NOINLINE V load_partial(const T* p, int64_t n) {
+  return V::loadu(p, n);
+}
+template <typename V, typename T>
+C10_NOINLINE void store_partial(const V& v, T* p, int64_t n) {
+  v.store(p, static_cast<int>(n));
+}
+
 // A vector-width slice of a tensor loaded as float32 (float64) lanes: one Vectorized<acc_t> for
 // float/double data, two for float16/bfloat16 (converted to float32 on load, rounded once on store).
 template <typename scalar_t, typename Enable = void>
@@ -46,12 +132,14 @@ struct Lanes {
   using AVec = Vectorized<acc_t>;
   static constexpr int kVecs = 1;
   static constexpr int64_t size() { return AVec::size(); }
-  static inline void load(const scalar_t* p, AVec* v, int64_t n) {
-    v[0] = n == size() ? AVec::loadu(p) : AVec::loadu(p, n);
+  static C10_ALWAYS_INLINE void load(const scalar_t* p, AVec* v, int64_t n) {
+    v[0] = C10_LIKELY(n == size()) ? AVec::loadu(p) : load_partial<AVec>(p, n);
   }
-  static inline void store(scalar_t* p, const AVec* v, int64_t n) {
-    if (n == size()) v[0].store(p); else v[0].store(p, static_cast<int>(n));
+  static C10_ALWAYS_INLINE void store(scalar_t* p, const AVec* v, int64_t n) {
+    if (C10_LIKELY(n == size())) v[0].store(p); else store_partial(v[0], p, n);
   }
+  // The same slice read from an acc_t buffer (the in-kernel noise), always full vectors.
+  static C10_ALWAYS_INLINE void load_acc(const acc_t* p, AVec* v) { v[0] = AVec::loadu(p); }
 };
 
 template <typename scalar_t>
@@ -61,22 +149,20 @@ struct Lanes<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   using SVec = Vectorized<scalar_t>;
   static constexpr int kVecs = 2;
   static constexpr int64_t size() { return SVec::size(); }
-  static inline void load(const scalar_t* p, AVec* v, int64_t n) {
-    const SVec s = n == size() ? SVec::loadu(p) : SVec::loadu(p, n);
+  static C10_ALWAYS_INLINE void load(const scalar_t* p, AVec* v, int64_t n) {
+    const SVec s = C10_LIKELY(n == size()) ? SVec::loadu(p) : load_partial<SVec>(p, n);
     std::tie(v[0], v[1]) = at::vec::convert_to_float<scalar_t>(s);
   }
-  static inline void store(scalar_t* p, const AVec* v, int64_t n) {
+  static C10_ALWAYS_INLINE void store(scalar_t* p, const AVec* v, int64_t n) {
     const SVec s = at::vec::convert_from_float<scalar_t>(v[0], v[1]);
-    if (n == size()) s.store(p); else s.store(p, static_cast<int>(n));
+    if (C10_LIKELY(n == size())) s.store(p); else store_partial(s, p, n);
+  }
+  static C10_ALWAYS_INLINE void load_acc(const acc_t* p, AVec* v) {
+    v[0] = AVec::loadu(p);
+    v[1] = AVec::loadu(p + AVec::size());
   }
 };
-
-// The same slice read from an acc_t buffer (the in-kernel noise), always full vectors.
-template <typename scalar_t>
-inline void load_acc(const typename Lanes<scalar_t>::acc_t* p, typename Lanes<scalar_t>::AVec* v) {
-  using L = Lanes<scalar_t>;
-  for (int k = 0; k < L::kVecs; ++k) v[k] = L::AVec::loadu(p + k * L::AVec::size());
-}
+#endif
 
 // Calls f(b, begin, end) for every sample-homogeneous piece of the elements of blocks [blk0, blk1).
 template <typename F>
@@ -121,7 +207,7 @@ void pair_kernel(PairOp op, const at::Tensor& x, const at::Tensor& y, const at::
         const int64_t n = std::min<int64_t>(L::size(), stop - i);
         L::load(xp + i, xv, n);
         L::load(yp + i, yv, n);
-        for (int k = 0; k < L::kVecs; ++k) xv[k] = at::vec::fmadd(ca, xv[k], cb * yv[k]);
+        for (int k = 0; k < L::kVecs; ++k) xv[k] = madd(ca, xv[k], cb * yv[k]);
         L::store(op_ + i, xv, n);
       }
     });
@@ -304,7 +390,7 @@ void step_kernel(const StepArgs<scalar_t>& a) {
           }
           const int64_t off = i - blk * kBlock;
           if (off + L::size() <= kBlock) {
-            load_acc<scalar_t>(noise_buf + off, zv);
+            L::load_acc(noise_buf + off, zv);
           } else {
             // The vector straddles two noise blocks (a sample boundary not aligned to the vector width).
             alignas(64) acc_t tmp[64 + 64];
@@ -314,7 +400,7 @@ void step_kernel(const StepArgs<scalar_t>& a) {
             for (int64_t j = 0; j < kBlock; ++j) noise_buf[j] = static_cast<acc_t>(noise_f[j]);
             noise_blk = blk + 1;
             std::memcpy(tmp + first, noise_buf, sizeof(acc_t) * (L::size() - first));
-            load_acc<scalar_t>(tmp, zv);
+            L::load_acc(tmp, zv);
           }
         }
         for (int k = 0; k < L::kVecs; ++k) {
@@ -322,12 +408,12 @@ void step_kernel(const StepArgs<scalar_t>& a) {
           if constexpr (kParam == Param::kX0) {
             x0 = mv[k];
           } else {
-            x0 = at::vec::fmadd(x0_xt, xv[k], x0_mo * mv[k]);
+            x0 = madd(x0_xt, xv[k], x0_mo * mv[k]);
           }
-          if constexpr (kClip) x0 = at::vec::clamp(x0, lo, hi);
-          AVec r = at::vec::fmadd(coef1, x0, coef2 * xv[k]);
+          if constexpr (kClip) x0 = clampv(x0, lo, hi);
+          AVec r = madd(coef1, x0, coef2 * xv[k]);
           if constexpr (kMode == StepMode::kSampleNoise || kMode == StepMode::kSampleRandom) {
-            r = at::vec::fmadd(sigma, zv[k], r);
+            r = madd(sigma, zv[k], r);
           }
           xv[k] = r;
         }
@@ -474,17 +560,13 @@ void loss_partials(const scalar_t* mo, const scalar_t* xs, const scalar_t* nz, c
           AVec target;
           if constexpr (kParam == Param::kEps) target = nv[k];
           else if constexpr (kParam == Param::kX0) target = xv[k];
-          else target = at::vec::fmadd(tx, xv[k], tn * nv[k]);
+          else target = madd(tx, xv[k], tn * nv[k]);
           const AVec d = mv[k] - target;  // zero in the lanes past a partial load
-          acc[k] = kL1 ? acc[k] + d.abs() : at::vec::fmadd(d, d, acc[k]);
+          acc[k] = kL1 ? acc[k] + absv(d) : madd(d, d, acc[k]);
         }
       }
-      alignas(64) acc_t lanes[AVec::size()];
       double s = 0;
-      for (int k = 0; k < L::kVecs; ++k) {
-        acc[k].store(lanes);
-        for (int64_t j = 0; j < AVec::size(); ++j) s += static_cast<double>(lanes[j]);
-      }
+      for (int k = 0; k < L::kVecs; ++k) s += hsum(acc[k]);
       partial[c] = s;
     }
   });
@@ -559,7 +641,7 @@ void loss_backward_impl(const scalar_t* mo, const scalar_t* xs, const scalar_t* 
   parallel_blocks(numel, [&](int64_t blk0, int64_t blk1) {
     for_each_segment(blk0, blk1, numel, N, [&](int64_t b, int64_t i, int64_t stop) {
       const LossCoef<acc_t> lc = loss_coefficients<acc_t>(kParam, table, T, t[b]);
-      const AVec tx(lc.tgt_x), tn(lc.tgt_n), s(scale[b]), zero(acc_t(0)), one(acc_t(1));
+      const AVec tx(lc.tgt_x), tn(lc.tgt_n), s(scale[b]);
       AVec mv[L::kVecs], xv[L::kVecs], nv[L::kVecs];
       for (; i < stop; i += L::size()) {
         const int64_t n = std::min<int64_t>(L::size(), stop - i);
@@ -570,11 +652,10 @@ void loss_backward_impl(const scalar_t* mo, const scalar_t* xs, const scalar_t* 
           AVec target;
           if constexpr (kParam == Param::kEps) target = nv[k];
           else if constexpr (kParam == Param::kX0) target = xv[k];
-          else target = at::vec::fmadd(tx, xv[k], tn * nv[k]);
+          else target = madd(tx, xv[k], tn * nv[k]);
           const AVec d = mv[k] - target;
           if constexpr (kL1) {
-            // sign(d), 0 at d == 0 as torch's abs backward.
-            mv[k] = s * (((d > zero) & one) - ((d < zero) & one));
+            mv[k] = s * signv(d);
           } else {
             mv[k] = s * (d + d);
           }
