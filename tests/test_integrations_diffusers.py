@@ -36,9 +36,10 @@ def model_output(shape, variance_type, g):
 
 def assert_matches_stock(got, expected, exact, what):
     """Equal to the stock scheduler up to the stock's own float32 error (its `1 - ab_t / ab_prev` cancels near
-    t = 0), measured against the same step computed in float64."""
+    t = 0), measured against the same step computed in float64. The float64 step is ours, so the allowance is
+    capped: a consistent mistake of ours cannot widen it past 1e-4."""
     stock_err = (expected.double() - exact).abs().max().item()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2 * stock_err + 1e-6, msg=what)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=min(2 * stock_err + 1e-6, 1e-4), msg=what)
 
 
 def run_steps(stock, fused, step_kwargs=None, variance_type="fixed_small", seed=0, steps=None):
@@ -90,6 +91,11 @@ def test_ddpm_full_chain_and_custom_timesteps():
     run_steps(stock, fused, steps=[0, 1, 25, 48, 49])  # no set_timesteps: t -> t - 1
     for s in (stock, fused):
         s.set_timesteps(timesteps=[45, 30, 29, 7, 0])
+    run_steps(stock, fused)
+    # timesteps replaced outside set_timesteps (every other one): the previous-step table follows
+    for s in (stock, fused):
+        s.set_timesteps(10)
+        s.timesteps = s.timesteps[1::2]
     run_steps(stock, fused)
 
 

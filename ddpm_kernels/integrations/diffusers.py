@@ -165,7 +165,14 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
     ):
         # computed on the host, so the previous-timestep table is built without reading a device tensor
         super().set_timesteps(num_inference_steps=num_inference_steps, device=None, timesteps=timesteps)
-        host = self.timesteps.tolist()
+        self._build_previous_table(self.timesteps.tolist())
+        if device is not None:
+            self.timesteps = self.timesteps.to(device)
+            self._dk_prev_source = self.timesteps
+            self._previous_table(torch.device(device))
+            self._prepare_device(device)
+
+    def _build_previous_table(self, host: List[int]) -> None:
         T = self.config.num_train_timesteps
         # previous timestep of each listed timestep (the first occurrence wins, as the stock nonzero() search);
         # a timestep not in the list steps to t - 1 (the stock scheduler raises there)
@@ -175,14 +182,14 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
                 table[host[i]] = host[i + 1] if i + 1 < len(host) else -1
         self._dk_prev_host = torch.from_numpy(table)
         self._dk_prev = {}
-        if device is not None:
-            self.timesteps = self.timesteps.to(device)
-            self._previous_table(torch.device(device))
-            self._prepare_device(device)
+        self._dk_prev_source = self.timesteps
 
     def _previous_table(self, device: torch.device) -> Optional[torch.Tensor]:
-        if not (self.custom_timesteps or self.num_inference_steps) or getattr(self, "_dk_prev_host", None) is None:
+        if not (self.custom_timesteps or self.num_inference_steps):
             return None
+        if getattr(self, "_dk_prev_source", None) is not self.timesteps:
+            # timesteps replaced outside set_timesteps: rebuild once (reads them; a sync if on a device)
+            self._build_previous_table([int(v) for v in self.timesteps.tolist()])
         cache = self.__dict__.setdefault("_dk_prev", {})
         table = cache.get(device)
         if table is None:
