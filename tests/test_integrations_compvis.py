@@ -553,6 +553,14 @@ def test_schedule_follows_buffer_changes():
         model.double()
     x64, noise64 = x.double(), noise.double()
     torch.testing.assert_close(fused.q_sample(x64, t, noise64), stock.q_sample(x64, t, noise64), rtol=1e-12, atol=1e-12)
+    # every table the ops read is the model's own, float32 and float64 alike
+    schedule = compvis.schedule_of(fused)
+    for name in dk.schedule.TABLE_NAMES:
+        if hasattr(stock, name):
+            row = dk.schedule.TABLE_ROW[name]
+            assert torch.equal(schedule.coefficients64[row], getattr(stock, name)), name
+            assert torch.equal(schedule.coefficients[row], getattr(stock, name).float()), name
+    assert torch.equal(schedule.lvlb_weights_eps, stock.lvlb_weights.float())
 
 
 def test_inputs_the_ops_do_not_take_fall_back():
