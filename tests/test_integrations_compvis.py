@@ -337,6 +337,139 @@ class LatentDiffusion(DDPM):
         return model_mean + nonzero_mask * (0.5 * model_log_variance).exp() * noise
 
 
+def make_ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timesteps, verbose=True):
+    if ddim_discr_method == "uniform":
+        c = num_ddpm_timesteps // num_ddim_timesteps
+        ddim_timesteps = np.asarray(list(range(0, num_ddpm_timesteps, c)))
+    elif ddim_discr_method == "quad":
+        ddim_timesteps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps)) ** 2).astype(int)
+    else:
+        raise NotImplementedError(ddim_discr_method)
+    steps_out = ddim_timesteps + 1
+    return steps_out
+
+
+def make_ddim_sampling_parameters(alphacums, ddim_timesteps, eta, verbose=True):
+    alphas = alphacums[ddim_timesteps]
+    alphas_prev = np.asarray([alphacums[0]] + alphacums[ddim_timesteps[:-1]].tolist())
+    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    return sigmas, alphas, alphas_prev
+
+
+class DDIMSampler(object):
+    """ldm/models/diffusion/ddim.py (Stability-AI's version), without encode / stochastic_encode / decode."""
+
+    def __init__(self, model, schedule="linear", device=torch.device("cpu"), **kwargs):
+        super().__init__()
+        self.model = model
+        self.ddpm_num_timesteps = model.num_timesteps
+        self.schedule = schedule
+        self.device = device
+
+    def register_buffer(self, name, attr):
+        if type(attr) == torch.Tensor:
+            if attr.device != self.device:
+                attr = attr.to(self.device)
+        setattr(self, name, attr)
+
+    def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0.0, verbose=True):
+        self.ddim_timesteps = make_ddim_timesteps(ddim_discr_method=ddim_discretize, num_ddim_timesteps=ddim_num_steps,
+                                                  num_ddpm_timesteps=self.ddpm_num_timesteps, verbose=verbose)
+        alphas_cumprod = self.model.alphas_cumprod
+        to_torch = lambda x: x.clone().detach().to(torch.float32).to(self.model.betas.device)  # noqa: E731
+        self.register_buffer("betas", to_torch(self.model.betas))
+        self.register_buffer("alphas_cumprod", to_torch(alphas_cumprod))
+        self.register_buffer("alphas_cumprod_prev", to_torch(self.model.alphas_cumprod_prev))
+        ddim_sigmas, ddim_alphas, ddim_alphas_prev = make_ddim_sampling_parameters(
+            alphacums=alphas_cumprod.cpu(), ddim_timesteps=self.ddim_timesteps, eta=ddim_eta, verbose=verbose)
+        self.register_buffer("ddim_sigmas", ddim_sigmas)
+        self.register_buffer("ddim_alphas", ddim_alphas)
+        self.register_buffer("ddim_alphas_prev", ddim_alphas_prev)
+        self.register_buffer("ddim_sqrt_one_minus_alphas", np.sqrt(1.0 - ddim_alphas))
+
+    @torch.no_grad()
+    def sample(self, S, batch_size, shape, conditioning=None, eta=0.0, temperature=1.0, noise_dropout=0.0,
+               score_corrector=None, corrector_kwargs=None, verbose=False, x_T=None, log_every_t=100,
+               unconditional_guidance_scale=1.0, unconditional_conditioning=None, dynamic_threshold=None):
+        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
+        C, H, W = shape
+        size = (batch_size, C, H, W)
+        return self.ddim_sampling(conditioning, size, noise_dropout=noise_dropout, temperature=temperature,
+                                  score_corrector=score_corrector, corrector_kwargs=corrector_kwargs, x_T=x_T,
+                                  log_every_t=log_every_t, unconditional_guidance_scale=unconditional_guidance_scale,
+                                  unconditional_conditioning=unconditional_conditioning,
+                                  dynamic_threshold=dynamic_threshold)
+
+    @torch.no_grad()
+    def ddim_sampling(self, cond, shape, x_T=None, log_every_t=100, temperature=1.0, noise_dropout=0.0,
+                      score_corrector=None, corrector_kwargs=None, unconditional_guidance_scale=1.0,
+                      unconditional_conditioning=None, dynamic_threshold=None):
+        device = self.model.betas.device
+        b = shape[0]
+        img = torch.randn(shape, device=device) if x_T is None else x_T
+        timesteps = self.ddim_timesteps
+        intermediates = {"x_inter": [img], "pred_x0": [img]}
+        time_range = np.flip(timesteps)
+        total_steps = timesteps.shape[0]
+        for i, step in enumerate(time_range):
+            index = total_steps - i - 1
+            ts = torch.full((b,), step, device=device, dtype=torch.long)
+            img, pred_x0 = self.p_sample_ddim(img, cond, ts, index=index, temperature=temperature,
+                                              noise_dropout=noise_dropout, score_corrector=score_corrector,
+                                              corrector_kwargs=corrector_kwargs,
+                                              unconditional_guidance_scale=unconditional_guidance_scale,
+                                              unconditional_conditioning=unconditional_conditioning,
+                                              dynamic_threshold=dynamic_threshold)
+            if index % log_every_t == 0 or index == total_steps - 1:
+                intermediates["x_inter"].append(img)
+                intermediates["pred_x0"].append(pred_x0)
+        return img, intermediates
+
+    @torch.no_grad()
+    def p_sample_ddim(self, x, c, t, index, repeat_noise=False, use_original_steps=False, quantize_denoised=False,
+                      temperature=1.0, noise_dropout=0.0, score_corrector=None, corrector_kwargs=None,
+                      unconditional_guidance_scale=1.0, unconditional_conditioning=None, dynamic_threshold=None):
+        b, *_, device = *x.shape, x.device
+        if unconditional_conditioning is None or unconditional_guidance_scale == 1.0:
+            model_output = self.model.apply_model(x, t, c)
+        else:
+            x_in = torch.cat([x] * 2)
+            t_in = torch.cat([t] * 2)
+            c_in = torch.cat([unconditional_conditioning, c])
+            model_uncond, model_t = self.model.apply_model(x_in, t_in, c_in).chunk(2)
+            model_output = model_uncond + unconditional_guidance_scale * (model_t - model_uncond)
+        if self.model.parameterization == "v":
+            e_t = self.model.predict_eps_from_z_and_v(x, t, model_output)
+        else:
+            e_t = model_output
+        if score_corrector is not None:
+            assert self.model.parameterization == "eps", "not implemented"
+            e_t = score_corrector.modify_score(self.model, e_t, x, t, c, **corrector_kwargs)
+        alphas = self.model.alphas_cumprod if use_original_steps else self.ddim_alphas
+        alphas_prev = self.model.alphas_cumprod_prev if use_original_steps else self.ddim_alphas_prev
+        sqrt_one_minus_alphas = (self.model.sqrt_one_minus_alphas_cumprod if use_original_steps
+                                 else self.ddim_sqrt_one_minus_alphas)
+        sigmas = self.model.ddim_sigmas_for_original_num_steps if use_original_steps else self.ddim_sigmas
+        a_t = torch.full((b, 1, 1, 1), alphas[index], device=device)
+        a_prev = torch.full((b, 1, 1, 1), alphas_prev[index], device=device)
+        sigma_t = torch.full((b, 1, 1, 1), sigmas[index], device=device)
+        sqrt_one_minus_at = torch.full((b, 1, 1, 1), sqrt_one_minus_alphas[index], device=device)
+        if self.model.parameterization != "v":
+            pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
+        else:
+            pred_x0 = self.model.predict_start_from_z_and_v(x, t, model_output)
+        if quantize_denoised:
+            pred_x0 = torch.round(pred_x0 * 4) / 4  # stands in for first_stage_model.quantize
+        if dynamic_threshold is not None:
+            raise NotImplementedError()
+        dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * e_t
+        noise = sigma_t * noise_like(x.shape, device, repeat_noise) * temperature
+        if noise_dropout > 0.0:
+            noise = torch.nn.functional.dropout(noise, p=noise_dropout)
+        x_prev = a_prev.sqrt() * pred_x0 + dir_xt + noise
+        return x_prev, pred_x0
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -583,3 +716,53 @@ def test_patch_rejects_what_is_not_a_ddpm():
     with pytest.raises(ValueError, match="backend"):
         compvis.patch(model, backend="mps")
     assert not compvis.is_patched(model)
+
+
+# ---------------------------------------------------------------------------------------------- DDIMSampler
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("options", [
+    dict(), dict(unconditional_guidance_scale=3.0), dict(temperature=0.8, noise_dropout=0.2),
+], ids=["plain", "guidance", "temperature_dropout"])
+def test_ddim_sampler(parameterization, eta, options):
+    torch.manual_seed(0)
+    model = LatentDiffusion(timesteps=200, parameterization=parameterization, beta_schedule="linear",
+                            linear_start=0.00085, linear_end=0.012)
+    stock, fused = DDIMSampler(model), compvis.patch(DDIMSampler(model))
+    c = cond(2)
+    if "unconditional_guidance_scale" in options:
+        options = dict(options, unconditional_conditioning=torch.zeros(2, 5))
+    run = lambda s: same_seed(lambda: s.sample(10, 2, (3, 8, 8), conditioning=c, eta=eta, log_every_t=3,  # noqa: E731
+                                                 **options))
+    got, expected = run(fused), run(stock)
+    assert_close_tree(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_sampler_score_corrector_fallbacks_and_unpatch(monkeypatch):
+    class Corrector:
+        def modify_score(self, model, e_t, x, t, c, scale=1.0):
+            return e_t + scale * 0.1 * x
+
+    torch.manual_seed(0)
+    model = LatentDiffusion(timesteps=100)
+    stock, fused = DDIMSampler(model), compvis.patch(DDIMSampler(model))
+    kw = dict(score_corrector=Corrector(), corrector_kwargs={"scale": 2.0}, eta=0.5)
+    assert_close_tree(same_seed(lambda: fused.sample(5, 2, (3, 8, 8), conditioning=cond(2), **kw)),
+                      same_seed(lambda: stock.sample(5, 2, (3, 8, 8), conditioning=cond(2), **kw)), rtol=1e-4, atol=1e-4)
+    # the step runs the fused op
+    from ddpm_kernels import ops
+
+    calls = []
+    real = ops.ddim_step
+    monkeypatch.setattr(ops, "ddim_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused.sample(4, 2, (3, 8, 8), conditioning=cond(2))
+    assert len(calls) == 4
+    # quantize_denoised falls back to the original; dynamic_threshold raises there, as in ldm
+    stock.make_schedule(4, ddim_eta=0.0, verbose=False)  # as fused.sample(4, ...) left it
+    x, t = torch.randn(2, 3, 8, 8), torch.full((2,), int(fused.ddim_timesteps[2]))
+    assert_close_tree(same_seed(lambda: fused.p_sample_ddim(x, cond(2), t, 2, quantize_denoised=True)),
+                      same_seed(lambda: stock.p_sample_ddim(x, cond(2), t, 2, quantize_denoised=True)))
+    with pytest.raises(NotImplementedError):
+        fused.p_sample_ddim(x, cond(2), t, 2, dynamic_threshold=0.9)
+    compvis.unpatch(fused)
+    assert "p_sample_ddim" not in fused.__dict__ and not compvis.is_patched(fused)

@@ -15,6 +15,9 @@ and ``p_losses`` (those the model has). They keep ldm's signatures, return value
 number use (``torch.randn_like`` for training noise, ``noise_like`` after the model call for sampling
 noise), so the same seed gives the same numbers.
 
+``patch(sampler)`` does the same for an ldm ``DDIMSampler``: ``p_sample_ddim`` becomes one
+`ddpm_kernels.ddim_step` (ldm's DDIM: ``alphas_cumprod[0]`` after the last step, noise drawn every step).
+
 The schedule the ops read is built from the model's own float32 buffers (loaded row by row), so the
 coefficients are the model's; it follows the model across ``.to(device)`` and is rebuilt if a buffer is
 replaced or changed in place (a checkpoint load). The model's ``state_dict`` is untouched: the schedule is not
@@ -33,6 +36,7 @@ from __future__ import annotations
 import types
 from typing import Callable, Dict, Optional
 
+import numpy as np
 import torch
 
 from .. import ops
@@ -343,6 +347,98 @@ def _p_sample_latent(
     return (out, x0) if return_x0 else out
 
 
+# ---------------------------------------------------------------------------------------------- DDIMSampler
+def _guided_output(self, x, c, t, unconditional_guidance_scale, unconditional_conditioning):
+    """The model output with classifier-free guidance, exactly as ldm's p_sample_ddim forms it."""
+    if unconditional_conditioning is None or unconditional_guidance_scale == 1.0:
+        return self.model.apply_model(x, t, c)
+    x_in, t_in = torch.cat([x] * 2), torch.cat([t] * 2)
+    if isinstance(c, dict):
+        c_in = {}
+        for k in c:
+            if isinstance(c[k], list):
+                c_in[k] = [torch.cat([unconditional_conditioning[k][i], c[k][i]]) for i in range(len(c[k]))]
+            else:
+                c_in[k] = torch.cat([unconditional_conditioning[k], c[k]])
+    elif isinstance(c, list):
+        c_in = [torch.cat([unconditional_conditioning[i], c[i]]) for i in range(len(c))]
+    else:
+        c_in = torch.cat([unconditional_conditioning, c])
+    model_uncond, model_t = self.model.apply_model(x_in, t_in, c_in).chunk(2)
+    return model_uncond + unconditional_guidance_scale * (model_t - model_uncond)
+
+
+def _make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0.0, verbose=True):
+    st = _state(self)
+    out = st.originals["make_schedule"](ddim_num_steps, ddim_discretize=ddim_discretize, ddim_eta=ddim_eta,
+                                        verbose=verbose)
+    # the step needs eta and the timestep sequence; ldm keeps only the sigmas they make
+    st.eta = float(ddim_eta)
+    st.ddim_timesteps = [int(v) for v in np.asarray(self.ddim_timesteps).reshape(-1)]
+    return out
+
+
+@torch.no_grad()
+def _p_sample_ddim(
+    self,
+    x,
+    c,
+    t,
+    index,
+    repeat_noise=False,
+    use_original_steps=False,
+    quantize_denoised=False,
+    temperature=1.0,
+    noise_dropout=0.0,
+    score_corrector=None,
+    corrector_kwargs=None,
+    unconditional_guidance_scale=1.0,
+    unconditional_conditioning=None,
+    **extra,
+):
+    st = _state(self)
+    parameterization = ops.PARAMETERIZATIONS.get(getattr(self.model, "parameterization", "eps"))
+    if (
+        use_original_steps
+        or quantize_denoised
+        or st.eta is None
+        or any(v is not None for v in extra.values())  # e.g. dynamic_threshold (ldm raises)
+        or parameterization not in ("eps", "v")
+        or (score_corrector is not None and parameterization != "eps")
+        or not _fusable(t, x)
+        or not isinstance(index, (int, np.integer))
+        or not 0 <= int(index) < len(st.ddim_timesteps)
+    ):
+        return st.originals["p_sample_ddim"](
+            x, c, t, index, repeat_noise, use_original_steps, quantize_denoised, temperature, noise_dropout,
+            score_corrector, corrector_kwargs, unconditional_guidance_scale, unconditional_conditioning, **extra
+        )
+    model_output = _guided_output(self, x, c, t, unconditional_guidance_scale, unconditional_conditioning)
+    if score_corrector is not None:
+        model_output = score_corrector.modify_score(self.model, model_output, x, t, c, **(corrector_kwargs or {}))
+    model_output = _as(model_output, x)
+    index = int(index)
+    # the previous DDIM timestep; the first one steps to alphas_cumprod[0] (ldm's ddim_alphas_prev[0])
+    t_prev = torch.full_like(t, st.ddim_timesteps[index - 1] if index > 0 else -1)
+    noise = _noise_like(x.shape, x.device, repeat_noise) * temperature  # drawn whatever eta, as ldm does
+    if noise_dropout > 0.0:
+        noise = torch.nn.functional.dropout(noise, p=noise_dropout)
+    return ops.ddim_step(
+        x,
+        t,
+        t_prev,
+        model_output,
+        st.schedule(self.model),
+        st.eta,
+        parameterization,
+        False,
+        noise=noise.to(x.dtype),
+        backend=st.backend,
+        set_alpha_to_one=False,
+        return_pred_x0=True,
+    )
+
+
 _COMMON = {
     "q_sample": _q_sample,
     "predict_start_from_noise": _predict_start_from_noise,
@@ -360,9 +456,43 @@ def is_patched(model) -> bool:
     return _STATE in getattr(model, "__dict__", {})
 
 
+def _is_ddim_sampler(obj) -> bool:
+    return callable(getattr(obj, "p_sample_ddim", None)) and callable(getattr(obj, "make_schedule", None)) and hasattr(
+        obj, "model"
+    )
+
+
+def _patch_ddim_sampler(sampler, backend: str):
+    model = sampler.model
+    missing = [name for name in ("betas", "alphas_cumprod", "parameterization", "apply_model") if not hasattr(model, name)]
+    if missing:
+        raise TypeError(f"sampler.model: expected an ldm LatentDiffusion; {type(model).__name__} lacks {missing}")
+    ops._check_parameterization(model.parameterization)
+    st = _Patch(model, backend)
+    st.schedule(model)
+    st.eta, st.ddim_timesteps = None, None  # known once make_schedule runs (sample() calls it)
+    for name, fn in (("make_schedule", _make_schedule), ("p_sample_ddim", _p_sample_ddim)):
+        if name in sampler.__dict__:
+            st.instance_attrs[name] = sampler.__dict__[name]
+        st.originals[name] = getattr(sampler, name)
+        sampler.__dict__[name] = types.MethodType(fn, sampler)
+    sampler.__dict__[_STATE] = st
+    return sampler
+
+
 def patch(model, backend: str = "auto"):
     """Route ``model``'s per-step diffusion math through ddpm_kernels' ops (on ``backend``). Returns the model.
-    Patching a patched model re-patches it (e.g. with another backend)."""
+    Patching a patched model re-patches it (e.g. with another backend).
+
+    ``model`` may also be an ldm ``DDIMSampler``: its ``p_sample_ddim`` becomes one fused
+    `ddpm_kernels.ddim_step` (after the model call and classifier-free guidance), for samplers whose
+    ``make_schedule`` runs after the patch (``sample()`` runs it). ``use_original_steps``,
+    ``quantize_denoised`` and ``dynamic_threshold`` fall back to the original method."""
+    ops._check_backend(backend)
+    if _is_ddim_sampler(model):
+        if is_patched(model):
+            unpatch(model)
+        return _patch_ddim_sampler(model, backend)
     missing = [name for name in _REQUIRED if not hasattr(model, name)]
     if missing:
         raise TypeError(
@@ -370,7 +500,6 @@ def patch(model, backend: str = "auto"):
             f"p_mean_variance, p_sample); {type(model).__name__} lacks {missing}"
         )
     ops._check_parameterization(model.parameterization)
-    ops._check_backend(backend)
     if is_patched(model):
         unpatch(model)
     st = _Patch(model, backend)
