@@ -51,6 +51,14 @@ __all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler"]
 _PREDICTION = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 
 
+def _device(device) -> torch.device:
+    """A cache key for a device: "cuda" and "cuda:0" (what tensors report) are the same device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _host_timesteps(timestep) -> Optional[List[int]]:
     """The timestep values when reading them costs no device synchronization (a Python int or a CPU tensor),
     else None. Never reads a device tensor."""
@@ -72,6 +80,7 @@ class _FusedSchedulerMixin:
     # ------------------------------------------------------------------ schedule
     def _dk_schedule(self, device: torch.device) -> DiffusionSchedule:
         cache: Dict[torch.device, DiffusionSchedule] = self.__dict__.setdefault("_dk_schedules", {})
+        device = _device(device)
         schedule = cache.get(device)
         if schedule is None:
             base = cache.get(torch.device("cpu"))
@@ -85,7 +94,7 @@ class _FusedSchedulerMixin:
         """Move what ``step`` reads to ``device`` ahead of time (from ``set_timesteps(device=...)``), so the
         first step does no host-to-device copy."""
         if device is not None:
-            self._dk_schedule(torch.device(device))
+            self._dk_schedule(device)
 
     # ------------------------------------------------------------------ timesteps
     @staticmethod
@@ -169,7 +178,7 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
         if device is not None:
             self.timesteps = self.timesteps.to(device)
             self._dk_prev_source = self.timesteps
-            self._previous_table(torch.device(device))
+            self._previous_table(device)
             self._prepare_device(device)
 
     def _build_previous_table(self, host: List[int]) -> None:
@@ -191,6 +200,7 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
             # timesteps replaced outside set_timesteps: rebuild once (reads them; a sync if on a device)
             self._build_previous_table([int(v) for v in self.timesteps.tolist()])
         cache = self.__dict__.setdefault("_dk_prev", {})
+        device = _device(device)
         table = cache.get(device)
         if table is None:
             table = cache[device] = self._dk_prev_host.to(device)
