@@ -417,6 +417,8 @@ def plot(result: dict, path: str) -> bool:
         print("matplotlib not installed: no plot written", file=sys.stderr)
         return False
     rows = [r for r in result["rows"] if r["speedup_vs_eager"] and r["provider"] != "eager"]
+    if not rows:
+        return False
     keys = sorted({(r["op"], "x".join(map(str, r["shape"])), r["dtype"]) for r in rows})
     providers = sorted({r["provider"] for r in rows})
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(keys) * max(1, len(providers)) / 2), 4.5))
