@@ -31,6 +31,8 @@ SCRIPT = textwrap.dedent(
     from ddpm_kernels.triton.q_posterior import q_posterior_kernel
     from ddpm_kernels.triton.p_mean_variance import p_mean_variance_kernel
     from ddpm_kernels.triton.p_sample import p_sample_kernel
+    from ddpm_kernels.triton.ddim_step import ddim_step_kernel
+    from ddpm_kernels.triton.ddpm_step import ddpm_step_kernel
     from ddpm_kernels.triton.diffusion_loss import (
         diffusion_loss_kernel, diffusion_loss_reduce_kernel, diffusion_loss_backward_kernel,
     )
@@ -43,11 +45,13 @@ SCRIPT = textwrap.dedent(
     DATA = {"x_start_ptr", "noise_ptr", "x_t_ptr", "model_output_ptr", "out_ptr", "mean_ptr", "grad_ptr",
             "grad_a_ptr", "grad_b_ptr", "grad_model_output_ptr", "grad_x_start_ptr", "grad_noise_ptr",
             "loss_ptr", "loss_simple_ptr", "loss_vlb_ptr", "grad_loss_ptr", "grad_loss_simple_ptr",
-            "grad_loss_vlb_ptr"}
-    INDEX = {"t_ptr", "seed_ptr"}
+            "grad_loss_vlb_ptr", "x0_ptr"}
+    INDEX = {"t_ptr", "seed_ptr", "t_prev_ptr"}
+    FP64 = {"alphas_cumprod_ptr"}  # the sampler steps derive their coefficients from the float64 table
     COMPUTE = {"table_ptr", "var_ptr", "log_var_ptr", "partial_ptr"}
     INT64 = {"philox_seed", "philox_offset"}
-    FLOATS = {"l_simple_weight_hi", "l_simple_weight_lo", "original_elbo_weight_hi", "original_elbo_weight_lo"}
+    FLOATS = {"l_simple_weight_hi", "l_simple_weight_lo", "original_elbo_weight_hi", "original_elbo_weight_lo",
+              "eta_hi", "eta_lo", "clip_range_hi", "clip_range_lo"}
 
     def source(kernel, dtype, constexprs, aligned=False, ones=()):
         """ASTSource as the runtime would build it: pointers typed by role, ints i32 (specialized to the
@@ -71,6 +75,8 @@ SCRIPT = textwrap.dedent(
                 signature[name] = "*i64"
             elif name in COMPUTE:
                 signature[name] = "*" + compute
+            elif name in FP64:
+                signature[name] = "*fp64"
             elif name in FLOATS:
                 signature[name] = "fp32"
             elif name in INT64:
@@ -105,6 +111,27 @@ SCRIPT = textwrap.dedent(
          dict(E, PARAMETERIZATION=2, CLIP_DENOISED=True, HAS_NOISE=False, **LOG_VAR)),
         ("p_sample[eps,noise]", p_sample_kernel,
          dict(E, PARAMETERIZATION=0, CLIP_DENOISED=False, HAS_NOISE=True, **LOG_VAR)),
+        ("ddim_step[eps,clip,philox,x0]", ddim_step_kernel,
+         dict(E, PARAMETERIZATION=0, CLIP_DENOISED=True, USE_CLIPPED_MODEL_OUTPUT=True, SET_ALPHA_TO_ONE=True,
+              ADD_NOISE=True, HAS_NOISE=False, RETURN_X0=True, COMPUTE_FP64=False)),
+        ("ddim_step[v,eta0]", ddim_step_kernel,
+         dict(E, PARAMETERIZATION=2, CLIP_DENOISED=False, USE_CLIPPED_MODEL_OUTPUT=False, SET_ALPHA_TO_ONE=False,
+              ADD_NOISE=False, HAS_NOISE=False, RETURN_X0=False, COMPUTE_FP64=False)),
+        ("ddim_step[x0,noise]", ddim_step_kernel,
+         dict(E, PARAMETERIZATION=1, CLIP_DENOISED=False, USE_CLIPPED_MODEL_OUTPUT=False, SET_ALPHA_TO_ONE=True,
+              ADD_NOISE=True, HAS_NOISE=True, RETURN_X0=False, COMPUTE_FP64=False)),
+        ("ddpm_step[eps,fixed_small,philox,x0]", ddpm_step_kernel,
+         dict(E, PARAMETERIZATION=0, VARIANCE=0, CLIP_DENOISED=True, HAS_NOISE=False, RETURN_X0=True,
+              COMPUTE_FP64=False)),
+        ("ddpm_step[v,fixed_large,noise]", ddpm_step_kernel,
+         dict(E, PARAMETERIZATION=2, VARIANCE=1, CLIP_DENOISED=False, HAS_NOISE=True, RETURN_X0=False,
+              COMPUTE_FP64=False)),
+        ("ddpm_step[x0,learned]", ddpm_step_kernel,
+         dict(E, PARAMETERIZATION=1, VARIANCE=2, CLIP_DENOISED=True, HAS_NOISE=False, RETURN_X0=False,
+              COMPUTE_FP64=False)),
+        ("ddpm_step[eps,learned_range]", ddpm_step_kernel,
+         dict(E, PARAMETERIZATION=0, VARIANCE=3, CLIP_DENOISED=False, HAS_NOISE=True, RETURN_X0=True,
+              COMPUTE_FP64=False)),
         ("diffusion_loss[v,l2]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=2, LOSS_L1=False)),
         ("diffusion_loss[eps,l1]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=0, LOSS_L1=True)),
         ("diffusion_loss_reduce", diffusion_loss_reduce_kernel,
@@ -119,6 +146,8 @@ SCRIPT = textwrap.dedent(
 
     results = []
     def compile_one(label, kernel, constexprs, dtype, cc, **kw):
+        if "COMPUTE_FP64" in constexprs:
+            constexprs = dict(constexprs, COMPUTE_FP64=dtype == "fp64")
         compiled = triton.compile(source(kernel, dtype, constexprs, **kw), target=GPUTarget("cuda", cc, 32),
                                   options={"num_warps": 4})
         ptx = compiled.asm["ptx"]

@@ -13,7 +13,7 @@ opaque calls, which loses nothing: each already is one fused pass.
 
 Autograd: ``q_sample`` (x_start, noise), ``predict_start_from_noise`` (x_t, noise), ``q_posterior`` (mean
 w.r.t. x_start, x_t) and ``diffusion_loss`` (model_output, and x_start / noise where the target depends on
-them). ``p_mean_variance`` and ``p_sample`` have no backward (sampling only).
+them). ``p_mean_variance``, ``p_sample``, ``ddim_step`` and ``ddpm_step`` have no backward (sampling only).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import torch
 
 from .utils import INTERPRETED
 
+from .ddim_step import ddim_step
+from .ddpm_step import ddpm_step
 from .diffusion_loss import diffusion_loss
 from .p_mean_variance import p_mean_variance
 from .p_sample import p_sample
@@ -45,6 +47,10 @@ class TritonBackend:
         "p_mean_variance": p_mean_variance,
         "p_sample": p_sample,
         "diffusion_loss": diffusion_loss,
+        # sampler steps; dynamic thresholding (threshold_ratio, and the dynamic_threshold op itself) runs the
+        # reference, a per-sample quantile being a reduction these one-pass kernels do not do
+        "ddim_step": ddim_step,
+        "ddpm_step": ddpm_step,
     }
 
     @staticmethod

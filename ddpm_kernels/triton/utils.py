@@ -46,6 +46,9 @@ __all__ = [
     "linear_combination_backward_kernel",
     "linear_combination_backward",
     "ROW",
+    "to_compute",
+    "gather_alphas_cumprod_pair",
+    "step_noise_key",
     "ROW_SQRT_ALPHAS_CUMPROD",
     "ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD",
 ]
@@ -275,6 +278,46 @@ def linear_combination_backward(grad, t, table, row_a: str, row_b: str, sign_b: 
             )
     return grad_a, grad_b
 
+
+
+# ----------------------------------------------------------------------------------- sampler-step helpers
+@triton.jit
+def to_compute(value, COMPUTE_FP64: tl.constexpr):
+    """``value`` in the compute dtype: float64 for float64 data, float32 otherwise."""
+    if COMPUTE_FP64:
+        return tl.cast(value, tl.float64)
+    else:
+        return tl.cast(value, tl.float32)
+
+
+@triton.jit
+def gather_alphas_cumprod_pair(alphas_cumprod_ptr, t, t_prev, T, SET_ALPHA_TO_ONE: tl.constexpr):
+    """(ab_t, ab_prev) from the float64 ``alphas_cumprod`` row, as ``reference._alphas_cumprod64``: ``t_prev
+    == -1`` gives 1 (``SET_ALPHA_TO_ONE``) or ``alphas_cumprod[0]``; ``t`` outside [0, T) or ``t_prev`` outside
+    [-1, T) gives NaN, with no memory access outside the row."""
+    ab_t = tl.load(alphas_cumprod_ptr + tl.where((t >= 0) & (t < T), t, 0), mask=(t >= 0) & (t < T),
+                   other=float("nan"))
+    prev_in_range = (t_prev >= 0) & (t_prev < T)
+    ab_prev = tl.load(alphas_cumprod_ptr + tl.where(prev_in_range, t_prev, 0), mask=prev_in_range,
+                      other=float("nan"))
+    if SET_ALPHA_TO_ONE:
+        final = tl.full((), 1.0, tl.float64)
+    else:
+        final = tl.load(alphas_cumprod_ptr)
+    ab_prev = tl.where(t_prev == -1, final, ab_prev)
+    return ab_t, ab_prev
+
+
+def step_noise_key(generator, x: torch.Tensor):
+    """(seed tensor or None, philox_seed, philox_offset) for one in-kernel noise draw of ``x``'s shape, as
+    ``p_sample`` keys its noise: the generator's Philox state as ints in eager CUDA, else a device key tensor
+    (CUDA-graph capture, torch.compile tracing, CPU tensors)."""
+    batch = x.shape[0]
+    counters = philox_counters(batch, x.numel() // batch if batch else 0)
+    state = host_philox_state(generator, x, counters)
+    if state is None:
+        return draw_seed(generator, x.device), 0, 0
+    return None, state[0], state[1]
 
 # Triton decides when a function is decorated whether it is compiled or interpreted (TRITON_INTERPRET=1 at
 # decoration makes an InterpretedFunction, which runs on CPU tensors). Read from a decorated kernel, the ground

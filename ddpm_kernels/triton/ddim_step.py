@@ -1,0 +1,300 @@
+"""Fused ``ddim_step``: one DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2021, eq. 12) in one kernel launch,
+reading ``x_t`` and ``model_output`` once (and ``noise`` when given and ``eta > 0``), writing ``x_{t_prev}``
+once (and the predicted ``x0`` with ``return_pred_x0``). Reference: ``ddpm_kernels.reference.ddim_step_ref``.
+
+Coefficients. The step's coefficients are not table rows: they are derived per sample from
+``alphas_cumprod[t]`` and ``alphas_cumprod[t_prev]``. Each program gathers both from the schedule's float64
+table and derives its sample's coefficients as float64 scalars (about twenty scalar operations per program,
+nothing per element), rounded once to the compute dtype, exactly as the reference does on the host side. Why
+float64 and not a rearranged float32 form: the float32 table already carries a relative error of ~6e-8 in
+``alphas_cumprod``, and ``1 - ab_t / ab_prev`` near ``t = 0`` is ~1e-4, so any float32 derivation from float32
+values loses ~3 decimal digits there (``ab_prev - ab_t`` is an exact subtraction of already-rounded values);
+the posterior coefficients would then miss the 1e-5 tolerance by two orders of magnitude. The elementwise math
+runs in float32 registers (float64 for float64 data) and rounds once at the store.
+
+Noise. ``eta == 0`` reads and draws no noise (and leaves the generator untouched, as the reference does). With
+``eta > 0`` and ``noise=None`` the kernel draws ``z`` with Philox exactly as ``p_sample`` does (same key and
+counter scheme, see ``p_sample.py``); the values differ from the reference's ``torch.randn`` draw, the
+distribution and the generator bookkeeping do not.
+
+Fallback. ``threshold_ratio`` (dynamic thresholding) needs a per-sample quantile of ``|x0|`` over the whole
+sample, a reduction the one-pass kernel cannot do; such calls run ``reference.ddim_step_ref`` (on the same
+device, without host synchronization). Everything else is fused.
+
+No autograd: sampling is not differentiated.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ..schedule import TABLE_ROW
+from .p_sample import _zero_key
+from .utils import (
+    PARAMETERIZATION_ID,
+    as_rows,
+    batch_chunks,
+    device_of,
+    gather_alphas_cumprod_pair,
+    launch_config,
+    philox_normal,
+    split_float,
+    step_noise_key,
+    to_compute,
+)
+
+__all__ = ["ddim_step_kernel", "ddim_step"]
+
+
+@triton.jit(do_not_specialize=["philox_seed", "philox_offset"])
+def ddim_step_kernel(
+    x_t_ptr,
+    model_output_ptr,
+    noise_ptr,
+    seed_ptr,
+    philox_seed: tl.int64,
+    philox_offset: tl.int64,
+    t_ptr,
+    t_prev_ptr,
+    alphas_cumprod_ptr,
+    out_ptr,
+    x0_ptr,
+    eta_hi,
+    eta_lo,
+    clip_range_hi,
+    clip_range_lo,
+    N,
+    T,
+    batch_start,
+    PARAMETERIZATION: tl.constexpr,
+    CLIP_DENOISED: tl.constexpr,
+    USE_CLIPPED_MODEL_OUTPUT: tl.constexpr,
+    SET_ALPHA_TO_ONE: tl.constexpr,
+    ADD_NOISE: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    RETURN_X0: tl.constexpr,
+    COMPUTE_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    sample = tl.program_id(1) + batch_start
+    tile_start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs_in_sample = tile_start + tl.arange(0, BLOCK)
+    mask = offs_in_sample < N
+    offs = sample.to(tl.int64) * N + offs_in_sample
+    # Data loads and noise first: none depends on t, so their latency overlaps the t -> coefficient chain.
+    x = to_compute(tl.load(x_t_ptr + offs, mask=mask, other=0.0), COMPUTE_FP64)
+    model_output = to_compute(tl.load(model_output_ptr + offs, mask=mask, other=0.0), COMPUTE_FP64)
+    if ADD_NOISE:
+        if HAS_NOISE:
+            z = to_compute(tl.load(noise_ptr + offs, mask=mask, other=0.0), COMPUTE_FP64)
+        else:
+            key = tl.load(seed_ptr) ^ philox_seed
+            z = to_compute(philox_normal(key, philox_offset // 4, sample, tile_start, N, BLOCK), COMPUTE_FP64)
+    t = tl.load(t_ptr + sample)
+    t_prev = tl.load(t_prev_ptr + sample)
+    ab_t, ab_prev = gather_alphas_cumprod_pair(alphas_cumprod_ptr, t, t_prev, T, SET_ALPHA_TO_ONE)
+
+    # Per-sample coefficients, float64 scalars, in the reference's order of operations.
+    sqrt_ab_t = tl.sqrt(ab_t)
+    sqrt_one_minus_ab_t = tl.sqrt(1.0 - ab_t)
+    variance = (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)
+    eta = tl.cast(eta_hi, tl.float64) + tl.cast(eta_lo, tl.float64)
+    sigma = eta * tl.sqrt(variance)
+    # clamped so eta > 1 degrades to no direction term, not NaN; a NaN (out-of-range t) stays NaN
+    dir_sq = 1.0 - ab_prev - sigma * sigma
+    dir_sq = tl.where(dir_sq < 0.0, 0.0, dir_sq)
+    a_t = to_compute(sqrt_ab_t, COMPUTE_FP64)
+    s_t = to_compute(sqrt_one_minus_ab_t, COMPUTE_FP64)
+    a_prev = to_compute(tl.sqrt(ab_prev), COMPUTE_FP64)
+    dir_coef = to_compute(tl.sqrt(dir_sq), COMPUTE_FP64)
+
+    if PARAMETERIZATION == 0:  # eps
+        recip_a_t = to_compute(1.0 / sqrt_ab_t, COMPUTE_FP64)
+        recip_s_t = to_compute(sqrt_one_minus_ab_t / sqrt_ab_t, COMPUTE_FP64)
+        x0 = recip_a_t * x - recip_s_t * model_output
+        eps = model_output
+    elif PARAMETERIZATION == 1:  # x0
+        x0 = model_output
+        eps = (x - a_t * model_output) / s_t
+    else:  # v
+        x0 = a_t * x - s_t * model_output
+        eps = a_t * model_output + s_t * x
+    if CLIP_DENOISED:
+        bound = to_compute(clip_range_hi, COMPUTE_FP64) + to_compute(clip_range_lo, COMPUTE_FP64)
+        # where, not minimum/maximum: a NaN x0 must stay NaN as under torch.clamp
+        x0 = tl.where(x0 < -bound, -bound, tl.where(x0 > bound, bound, x0))
+    if USE_CLIPPED_MODEL_OUTPUT:
+        eps = (x - a_t * x0) / s_t
+    x_prev = a_prev * x0 + dir_coef * eps
+    if ADD_NOISE:
+        x_prev = x_prev + to_compute(sigma, COMPUTE_FP64) * z
+    tl.store(out_ptr + offs, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
+    if RETURN_X0:
+        tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
+            use_clipped_model_output, set_alpha_to_one, clip_range, noise, seed, philox_seed, philox_offset,
+            out, x0):
+    x_t, batch, n = as_rows(x_t)
+    model_output = model_output.contiguous()
+    if x_t.numel() == 0:
+        return
+    add_noise = eta > 0
+    has_noise = noise is not None
+    if has_noise:
+        noise, seed = noise.contiguous(), t  # t: an unread placeholder for the key tensor
+    else:
+        noise = x_t  # unread placeholder
+        if seed is None:
+            seed = _zero_key(x_t.device)
+    return_x0 = x0 is not None
+    if not return_x0:
+        x0 = out  # unread placeholder
+    eta_hi, eta_lo = split_float(eta)
+    clip_hi, clip_lo = split_float(clip_range)
+    block, warps = launch_config(n, batch)
+    with device_of(x_t):
+        for b0, nb in batch_chunks(batch):
+            ddim_step_kernel[(triton.cdiv(n, block), nb)](
+                x_t, model_output, noise, seed, philox_seed, philox_offset, t, t_prev, alphas_cumprod, out, x0,
+                eta_hi, eta_lo, clip_hi, clip_lo, n, alphas_cumprod.shape[0], b0,
+                PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised,
+                USE_CLIPPED_MODEL_OUTPUT=use_clipped_model_output, SET_ALPHA_TO_ONE=set_alpha_to_one,
+                ADD_NOISE=add_noise, HAS_NOISE=has_noise, RETURN_X0=return_x0,
+                COMPUTE_FP64=x_t.dtype == torch.float64, BLOCK=block, num_warps=warps,
+            )
+
+
+def _empty(x_t):
+    return torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
+
+
+@torch.library.custom_op("ddpm_kernels_triton::ddim_step", mutates_args=())
+def ddim_step_op(
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    t_prev: torch.Tensor,
+    model_output: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    eta: float,
+    parameterization: int,
+    clip_denoised: bool,
+    use_clipped_model_output: bool,
+    set_alpha_to_one: bool,
+    clip_range: float,
+    noise: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    philox_seed: int,
+    philox_offset: int,
+    return_pred_x0: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x_{t_prev}, x0)``; ``x0`` is a zero-element tensor unless ``return_pred_x0``. Noise keyed as in
+    ``p_sample_op``; ``alphas_cumprod`` is the schedule's float64 row."""
+    out = _empty(x_t)
+    x0 = _empty(x_t) if return_pred_x0 else x_t.new_empty(0)
+    _launch(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
+            use_clipped_model_output, set_alpha_to_one, clip_range, noise, seed, philox_seed, philox_offset,
+            out, x0 if return_pred_x0 else None)
+    return out, x0
+
+
+@ddim_step_op.register_fake
+def _(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
+      use_clipped_model_output, set_alpha_to_one, clip_range, noise, seed, philox_seed, philox_offset,
+      return_pred_x0):
+    out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
+    x0 = torch.empty_like(x_t, memory_format=torch.contiguous_format) if return_pred_x0 else x_t.new_empty(0)
+    return out, x0
+
+
+@torch.library.custom_op("ddpm_kernels_triton::ddim_step_out", mutates_args=("out",))
+def ddim_step_out_op(
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    t_prev: torch.Tensor,
+    model_output: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    eta: float,
+    parameterization: int,
+    clip_denoised: bool,
+    use_clipped_model_output: bool,
+    set_alpha_to_one: bool,
+    clip_range: float,
+    noise: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    philox_seed: int,
+    philox_offset: int,
+    return_pred_x0: bool,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Writes ``x_{t_prev}`` into ``out`` (which may be ``x_t``: each element is read and written by the same
+    thread); returns ``x0`` (zero elements unless ``return_pred_x0``)."""
+    x0 = _empty(x_t) if return_pred_x0 else x_t.new_empty(0)
+    target = out if out.is_contiguous() else _empty(out)
+    _launch(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
+            use_clipped_model_output, set_alpha_to_one, clip_range, noise, seed, philox_seed, philox_offset,
+            target, x0 if return_pred_x0 else None)
+    if target is not out:
+        out.copy_(target)
+    return x0
+
+
+@ddim_step_out_op.register_fake
+def _(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
+      use_clipped_model_output, set_alpha_to_one, clip_range, noise, seed, philox_seed, philox_offset,
+      return_pred_x0, out):
+    return torch.empty_like(x_t, memory_format=torch.contiguous_format) if return_pred_x0 else x_t.new_empty(0)
+
+
+def ddim_step(
+    x_t,
+    t,
+    t_prev,
+    model_output,
+    schedule,
+    eta=0.0,
+    parameterization="eps",
+    clip_denoised=False,
+    noise=None,
+    generator=None,
+    set_alpha_to_one=True,
+    use_clipped_model_output=False,
+    clip_range=1.0,
+    threshold_ratio=None,
+    threshold_max=1.0,
+    out=None,
+    return_pred_x0=False,
+):
+    """Backend entry with ``reference.ddim_step_ref``'s signature; ``noise=None`` with ``eta > 0`` draws z
+    in-kernel (Philox). ``threshold_ratio`` is not fused: such calls run the reference (module docstring)."""
+    if threshold_ratio is not None:
+        return reference.ddim_step_ref(
+            x_t, t, t_prev, model_output, schedule, eta, parameterization, clip_denoised, noise, generator,
+            set_alpha_to_one=set_alpha_to_one, use_clipped_model_output=use_clipped_model_output,
+            clip_range=clip_range, threshold_ratio=threshold_ratio, threshold_max=threshold_max, out=out,
+            return_pred_x0=return_pred_x0,
+        )
+    alphas_cumprod = schedule.coefficients64[TABLE_ROW["alphas_cumprod"]]
+    eta = float(eta)
+    seed, philox_seed, philox_offset = None, 0, 0
+    if eta <= 0:
+        noise = None  # eta == 0: no noise term, nothing read or drawn
+    elif noise is None:
+        seed, philox_seed, philox_offset = step_noise_key(generator, x_t)
+    args = (
+        x_t, t, t_prev, model_output, alphas_cumprod, eta, PARAMETERIZATION_ID[parameterization], clip_denoised,
+        use_clipped_model_output, set_alpha_to_one, float(clip_range), noise, seed, philox_seed, philox_offset,
+        return_pred_x0,
+    )
+    if out is None:
+        result, x0 = ddim_step_op(*args)
+    else:
+        x0 = ddim_step_out_op(*args, out)
+        result = out
+    return (result, x0) if return_pred_x0 else result

@@ -1,0 +1,294 @@
+"""Fused ``ddpm_step``: one ancestral step ``x_t -> x_{t_prev}`` on a possibly respaced chain (diffusers'
+``DDPMScheduler.step``) in one kernel launch, reading ``x_t`` and ``model_output`` once (with learned
+variances, both halves of ``model_output``: the prediction and the variance channels) and ``noise`` when
+given, writing ``x_{t_prev}`` once (and the predicted ``x0`` with ``return_pred_x0``). Reference:
+``ddpm_kernels.reference.ddpm_step_ref``.
+
+Coefficients are derived per sample from ``alphas_cumprod[t]`` and ``alphas_cumprod[t_prev]`` of the float64
+table as float64 scalars and rounded once to the compute dtype, as in ``ddim_step.py`` (which says why float32
+cannot do it: ``beta = 1 - ab_t / ab_prev`` is ~1e-4 near ``t = 0``). The elementwise math, including the
+``exp`` of a learned variance, runs in float32 registers (float64 for float64 data).
+
+Learned variances. ``model_output`` is ``(B, 2C, ...)`` for ``x_t`` of ``(B, C, ...)``; made contiguous, sample
+``b``'s prediction is the ``N = C * prod(rest)`` elements at ``b * 2N`` and its variance channels the ``N``
+elements after them, so the kernel reads both halves with the sample stride ``2N`` (no split copy).
+
+Noise. ``noise=None`` draws ``z`` in-kernel with Philox exactly as ``p_sample`` does (same key and counters):
+with ``t_prev = t - 1`` and ``fixed_small`` a step equals ``p_sample`` from the same generator state. The values
+differ from the reference's ``torch.randn`` draw; the distribution and the generator bookkeeping do not.
+
+Fallback. ``threshold_ratio`` (dynamic thresholding) needs a per-sample quantile over the whole sample; such
+calls run ``reference.ddpm_step_ref`` on the same device. Everything else is fused.
+
+No autograd: sampling is not differentiated.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ..schedule import TABLE_ROW
+from .p_sample import _zero_key
+from .utils import (
+    PARAMETERIZATION_ID,
+    as_rows,
+    batch_chunks,
+    device_of,
+    gather_alphas_cumprod_pair,
+    launch_config,
+    philox_normal,
+    split_float,
+    step_noise_key,
+    to_compute,
+)
+
+__all__ = ["ddpm_step_kernel", "ddpm_step"]
+
+# fixed_*_log give the same standard deviation as fixed_* (the reference says why); learned reads exp(v / 2);
+# learned_range interpolates log-variances.
+VARIANCE_ID = {
+    "fixed_small": 0, "fixed_small_log": 0, "fixed_large": 1, "fixed_large_log": 1, "learned": 2,
+    "learned_range": 3,
+}
+
+
+@triton.jit(do_not_specialize=["philox_seed", "philox_offset"])
+def ddpm_step_kernel(
+    x_t_ptr,
+    model_output_ptr,
+    noise_ptr,
+    seed_ptr,
+    philox_seed: tl.int64,
+    philox_offset: tl.int64,
+    t_ptr,
+    t_prev_ptr,
+    alphas_cumprod_ptr,
+    out_ptr,
+    x0_ptr,
+    clip_range_hi,
+    clip_range_lo,
+    N,
+    model_output_stride,
+    T,
+    batch_start,
+    PARAMETERIZATION: tl.constexpr,
+    VARIANCE: tl.constexpr,
+    CLIP_DENOISED: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    RETURN_X0: tl.constexpr,
+    COMPUTE_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    sample = tl.program_id(1) + batch_start
+    tile_start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs_in_sample = tile_start + tl.arange(0, BLOCK)
+    mask = offs_in_sample < N
+    offs = sample.to(tl.int64) * N + offs_in_sample
+    # model_output_stride: N, or 2N with learned-variance channels after the prediction
+    model_offs = sample.to(tl.int64) * model_output_stride + offs_in_sample
+    # Data loads and noise first: none depends on t, so their latency overlaps the t -> coefficient chain.
+    x = to_compute(tl.load(x_t_ptr + offs, mask=mask, other=0.0), COMPUTE_FP64)
+    model_output = to_compute(tl.load(model_output_ptr + model_offs, mask=mask, other=0.0), COMPUTE_FP64)
+    if VARIANCE >= 2:
+        model_var = to_compute(tl.load(model_output_ptr + model_offs + N, mask=mask, other=0.0), COMPUTE_FP64)
+    if HAS_NOISE:
+        z = to_compute(tl.load(noise_ptr + offs, mask=mask, other=0.0), COMPUTE_FP64)
+    else:
+        key = tl.load(seed_ptr) ^ philox_seed
+        z = to_compute(philox_normal(key, philox_offset // 4, sample, tile_start, N, BLOCK), COMPUTE_FP64)
+    t = tl.load(t_ptr + sample)
+    t_prev = tl.load(t_prev_ptr + sample)
+    ab_t, ab_prev = gather_alphas_cumprod_pair(alphas_cumprod_ptr, t, t_prev, T, True)
+
+    # Per-sample coefficients, float64 scalars, in the reference's order of operations.
+    alpha = ab_t / ab_prev
+    beta = 1.0 - alpha
+    sqrt_ab_t = tl.sqrt(ab_t)
+    coef_x0 = to_compute(tl.sqrt(ab_prev) * beta / (1.0 - ab_t), COMPUTE_FP64)
+    coef_xt = to_compute(tl.sqrt(alpha) * (1.0 - ab_prev) / (1.0 - ab_t), COMPUTE_FP64)
+    variance = (1.0 - ab_prev) / (1.0 - ab_t) * beta
+    # diffusers clamps before any log; where, not maximum, so a NaN (out-of-range t) stays NaN
+    variance = tl.where(variance < 1e-20, 1e-20, variance)
+
+    if PARAMETERIZATION == 0:  # eps
+        recip_a_t = to_compute(1.0 / sqrt_ab_t, COMPUTE_FP64)
+        recipm1_a_t = to_compute(tl.sqrt((1.0 - ab_t) / ab_t), COMPUTE_FP64)
+        x0 = recip_a_t * x - recipm1_a_t * model_output
+    elif PARAMETERIZATION == 1:  # x0
+        x0 = model_output
+    else:  # v
+        a_t = to_compute(sqrt_ab_t, COMPUTE_FP64)
+        s_t = to_compute(tl.sqrt(1.0 - ab_t), COMPUTE_FP64)
+        x0 = a_t * x - s_t * model_output
+    if CLIP_DENOISED:
+        bound = to_compute(clip_range_hi, COMPUTE_FP64) + to_compute(clip_range_lo, COMPUTE_FP64)
+        x0 = tl.where(x0 < -bound, -bound, tl.where(x0 > bound, bound, x0))
+    mean = coef_x0 * x0 + coef_xt * x
+
+    if VARIANCE == 0:  # fixed_small(_log)
+        std = to_compute(tl.sqrt(variance), COMPUTE_FP64)
+    elif VARIANCE == 1:  # fixed_large(_log)
+        std = to_compute(tl.sqrt(beta), COMPUTE_FP64)
+    elif VARIANCE == 2:  # learned: the extra channels are the log-variance
+        std = tl.exp(0.5 * model_var)
+    else:  # learned_range: interpolate log(var) .. log(beta) by (v + 1) / 2
+        min_log = to_compute(tl.log(variance), COMPUTE_FP64)
+        max_log = to_compute(tl.log(beta), COMPUTE_FP64)
+        frac = (model_var + 1.0) / 2.0
+        std = tl.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
+    # no noise at the last step (t == 0); an out-of-range t keeps the mask at 1 or has a NaN mean already
+    nonzero_mask = to_compute(t > 0, COMPUTE_FP64)
+    x_prev = mean + nonzero_mask * std * z
+    tl.store(out_ptr + offs, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
+    if RETURN_X0:
+        tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range,
+            noise, seed, philox_seed, philox_offset, out, x0):
+    x_t, batch, n = as_rows(x_t)
+    model_output = model_output.contiguous()
+    if x_t.numel() == 0:
+        return
+    has_noise = noise is not None
+    if has_noise:
+        noise, seed = noise.contiguous(), t  # t: an unread placeholder for the key tensor
+    else:
+        noise = x_t  # unread placeholder
+        if seed is None:
+            seed = _zero_key(x_t.device)
+    return_x0 = x0 is not None
+    if not return_x0:
+        x0 = out  # unread placeholder
+    clip_hi, clip_lo = split_float(clip_range)
+    model_output_stride = 2 * n if variance >= 2 else n
+    block, warps = launch_config(n, batch)
+    with device_of(x_t):
+        for b0, nb in batch_chunks(batch):
+            ddpm_step_kernel[(triton.cdiv(n, block), nb)](
+                x_t, model_output, noise, seed, philox_seed, philox_offset, t, t_prev, alphas_cumprod, out, x0,
+                clip_hi, clip_lo, n, model_output_stride, alphas_cumprod.shape[0], b0,
+                PARAMETERIZATION=parameterization, VARIANCE=variance, CLIP_DENOISED=clip_denoised,
+                HAS_NOISE=has_noise, RETURN_X0=return_x0, COMPUTE_FP64=x_t.dtype == torch.float64,
+                BLOCK=block, num_warps=warps,
+            )
+
+
+def _empty(x_t):
+    return torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
+
+
+@torch.library.custom_op("ddpm_kernels_triton::ddpm_step", mutates_args=())
+def ddpm_step_op(
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    t_prev: torch.Tensor,
+    model_output: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    parameterization: int,
+    variance: int,
+    clip_denoised: bool,
+    clip_range: float,
+    noise: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    philox_seed: int,
+    philox_offset: int,
+    return_pred_x0: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x_{t_prev}, x0)``; ``x0`` is a zero-element tensor unless ``return_pred_x0``. Noise keyed as in
+    ``p_sample_op``; ``alphas_cumprod`` is the schedule's float64 row."""
+    out = _empty(x_t)
+    x0 = _empty(x_t) if return_pred_x0 else x_t.new_empty(0)
+    _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range,
+            noise, seed, philox_seed, philox_offset, out, x0 if return_pred_x0 else None)
+    return out, x0
+
+
+@ddpm_step_op.register_fake
+def _(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range, noise,
+      seed, philox_seed, philox_offset, return_pred_x0):
+    out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
+    x0 = torch.empty_like(x_t, memory_format=torch.contiguous_format) if return_pred_x0 else x_t.new_empty(0)
+    return out, x0
+
+
+@torch.library.custom_op("ddpm_kernels_triton::ddpm_step_out", mutates_args=("out",))
+def ddpm_step_out_op(
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    t_prev: torch.Tensor,
+    model_output: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    parameterization: int,
+    variance: int,
+    clip_denoised: bool,
+    clip_range: float,
+    noise: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    philox_seed: int,
+    philox_offset: int,
+    return_pred_x0: bool,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Writes ``x_{t_prev}`` into ``out`` (which may be ``x_t``: each element is read and written by the same
+    thread); returns ``x0`` (zero elements unless ``return_pred_x0``)."""
+    x0 = _empty(x_t) if return_pred_x0 else x_t.new_empty(0)
+    target = out if out.is_contiguous() else _empty(out)
+    _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range,
+            noise, seed, philox_seed, philox_offset, target, x0 if return_pred_x0 else None)
+    if target is not out:
+        out.copy_(target)
+    return x0
+
+
+@ddpm_step_out_op.register_fake
+def _(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range, noise,
+      seed, philox_seed, philox_offset, return_pred_x0, out):
+    return torch.empty_like(x_t, memory_format=torch.contiguous_format) if return_pred_x0 else x_t.new_empty(0)
+
+
+def ddpm_step(
+    x_t,
+    t,
+    t_prev,
+    model_output,
+    schedule,
+    parameterization="eps",
+    variance_type="fixed_small",
+    clip_denoised=True,
+    noise=None,
+    generator=None,
+    clip_range=1.0,
+    threshold_ratio=None,
+    threshold_max=1.0,
+    out=None,
+    return_pred_x0=False,
+):
+    """Backend entry with ``reference.ddpm_step_ref``'s signature; ``noise=None`` draws z in-kernel (Philox).
+    ``threshold_ratio`` is not fused: such calls run the reference (module docstring)."""
+    if threshold_ratio is not None:
+        return reference.ddpm_step_ref(
+            x_t, t, t_prev, model_output, schedule, parameterization, variance_type, clip_denoised, noise,
+            generator, clip_range=clip_range, threshold_ratio=threshold_ratio, threshold_max=threshold_max,
+            out=out, return_pred_x0=return_pred_x0,
+        )
+    alphas_cumprod = schedule.coefficients64[TABLE_ROW["alphas_cumprod"]]
+    seed, philox_seed, philox_offset = None, 0, 0
+    if noise is None:
+        seed, philox_seed, philox_offset = step_noise_key(generator, x_t)
+    args = (
+        x_t, t, t_prev, model_output, alphas_cumprod, PARAMETERIZATION_ID[parameterization],
+        VARIANCE_ID[variance_type], clip_denoised, float(clip_range), noise, seed, philox_seed, philox_offset,
+        return_pred_x0,
+    )
+    if out is None:
+        result, x0 = ddpm_step_op(*args)
+    else:
+        x0 = ddpm_step_out_op(*args, out)
+        result = out
+    return (result, x0) if return_pred_x0 else result
