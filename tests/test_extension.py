@@ -4,6 +4,7 @@ Skipped as a whole when the extension is not built; the fallback (warning, refer
 subprocess that hides the libraries.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -437,9 +438,8 @@ def test_narrower_cpu_builds(capability, library):
     if torch.backends.cpu.get_cpu_capability() == "DEFAULT" and capability != "default":
         pytest.skip("this CPU has no AVX2")
     here = os.path.dirname(os.path.dirname(extension.__file__))
-    try:
-        __import__(f"ddpm_kernels.{library}")
-    except ImportError:
+    # Look, don't import: loading a second CPU library here would re-register (override) this process's kernels.
+    if importlib.util.find_spec(f"ddpm_kernels.{library}") is None:
         pytest.skip(f"{library} not built")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     res = subprocess.run([sys.executable, "-c", _SUBPROCESS_CHECK], env=env, cwd=here, capture_output=True, text=True)
@@ -492,3 +492,14 @@ def test_fallback_warns_once_with_rebuild_hint(mode):
     assert "pip install --no-build-isolation" in res.stdout
     if mode == "stale":
         assert "built for torch" in res.stdout
+
+
+def test_loading_a_second_cpu_library_keeps_the_kernels_in_use():
+    x, mo = _inputs((2, 3, 8, 8), torch.float32, n=2)
+    t = torch.tensor([0, 50])
+    before = dk.p_sample(x, t, mo, SCHEDULE, generator=torch.Generator().manual_seed(1), backend="cpu")
+    for name in ("_C_cpu", "_C_cpu_avx2", "_C_cpu_avx512"):
+        if importlib.util.find_spec(f"ddpm_kernels.{name}") is not None:
+            importlib.import_module(f"ddpm_kernels.{name}")
+    after = dk.p_sample(x, t, mo, SCHEDULE, generator=torch.Generator().manual_seed(1), backend="cpu")
+    torch.testing.assert_close(after, before, rtol=0, atol=0)

@@ -15,9 +15,11 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <cstring>
 #include <mutex>
 #include <type_traits>
@@ -706,9 +708,11 @@ at::Tensor diffusion_loss_backward_kernel(const at::Tensor& grad_loss, const at:
 }  // namespace cpu
 }  // namespace ddpm
 
-TORCH_LIBRARY_IMPL(ddpm_kernels, CPU, m) {
-  using namespace ddpm;
-  using namespace ddpm::cpu;
+namespace ddpm {
+namespace cpu {
+namespace {
+
+void register_cpu_kernels(torch::Library& m) {
   m.impl("q_sample", &q_sample_kernel);
   m.impl("q_sample_out", &q_sample_out_kernel);
   m.impl("q_sample_backward", &q_sample_backward_kernel);
@@ -724,3 +728,22 @@ TORCH_LIBRARY_IMPL(ddpm_kernels, CPU, m) {
   m.impl("diffusion_loss", &diffusion_loss_kernel);
   m.impl("diffusion_loss_backward", &diffusion_loss_backward_kernel);
 }
+
+// TORCH_LIBRARY_IMPL(ddpm_kernels, CPU, m), registered only if no other build of these kernels already serves
+// the CPU key: the per-ISA libraries are alternatives, and loading a second one (by importing it directly)
+// must not silently replace the kernels the process is using.
+struct CpuRegistration {
+  std::unique_ptr<torch::Library> lib;
+  CpuRegistration() {
+    auto op = c10::Dispatcher::singleton().findOp(c10::OperatorName("ddpm_kernels::p_sample", ""));
+    if (op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return;
+    lib = std::make_unique<torch::Library>(torch::Library::IMPL, "ddpm_kernels", c10::DispatchKey::CPU, __FILE__,
+                                           __LINE__);
+    register_cpu_kernels(*lib);
+  }
+};
+const CpuRegistration cpu_registration;
+
+}  // namespace
+}  // namespace cpu
+}  // namespace ddpm
