@@ -84,7 +84,7 @@ SCRIPT = textwrap.dedent(
             else:
                 assert not name.endswith("_ptr"), f"{kernel.__name__}: untyped pointer {name}"
                 signature[name] = "i32"
-            if aligned and (signature[name].startswith("*") or name == "N"):
+            if aligned and (signature[name].startswith("*") or name in ("N", "model_output_stride")):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         return triton.compiler.ASTSource(kernel, signature, consts, attrs)
 

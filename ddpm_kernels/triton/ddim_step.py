@@ -3,14 +3,15 @@ reading ``x_t`` and ``model_output`` once (and ``noise`` when given and ``eta > 
 once (and the predicted ``x0`` with ``return_pred_x0``). Reference: ``ddpm_kernels.reference.ddim_step_ref``.
 
 Coefficients. The step's coefficients are not table rows: they are derived per sample from
-``alphas_cumprod[t]`` and ``alphas_cumprod[t_prev]``. Each program gathers both from the schedule's float64
-table and derives its sample's coefficients as float64 scalars (about twenty scalar operations per program,
-nothing per element), rounded once to the compute dtype, exactly as the reference does on the host side. Why
-float64 and not a rearranged float32 form: the float32 table already carries a relative error of ~6e-8 in
-``alphas_cumprod``, and ``1 - ab_t / ab_prev`` near ``t = 0`` is ~1e-4, so any float32 derivation from float32
-values loses ~3 decimal digits there (``ab_prev - ab_t`` is an exact subtraction of already-rounded values);
-the posterior coefficients would then miss the 1e-5 tolerance by two orders of magnitude. The elementwise math
-runs in float32 registers (float64 for float64 data) and rounds once at the store.
+``alphas_cumprod[t]`` and ``alphas_cumprod[t_prev]``, inside the kernel, once per program (scalars, nothing per
+element). ``utils.gather_step_alphas`` gathers both from the schedule's float64 table and takes the three
+differences that cancel (``1 - ab_t``, ``1 - ab_prev``, ``ab_prev - ab_t``) in float64 before rounding to the
+compute dtype; every coefficient is then a product, quotient or square root of those, so float32 keeps it to a
+few ulps. ``sqrt(1 - ab_prev - sigma^2)`` is rewritten as ``sqrt((1 - ab_prev) ((1 - eta^2) + eta^2 y))`` with
+``y = ab_t (1 - ab_prev) / ((1 - ab_t) ab_prev)``, the same number without its cancellation (in float32 the
+subtraction form is off by ~1e-7 (1 - ab_prev) absolute, a large relative error in the small direction term
+that eta near 1 leaves at the end of a chain). The elementwise math runs in
+float32 registers (float64 for float64 data) and rounds once at the store.
 
 Noise. ``eta == 0`` reads and draws no noise (and leaves the generator untouched, as the reference does). With
 ``eta > 0`` and ``noise=None`` the kernel draws ``z`` with Philox exactly as ``p_sample`` does (same key and
@@ -40,7 +41,7 @@ from .utils import (
     as_rows,
     batch_chunks,
     device_of,
-    gather_alphas_cumprod_pair,
+    gather_step_alphas,
     launch_config,
     philox_normal,
     split_float,
@@ -97,25 +98,33 @@ def ddim_step_kernel(
             z = to_compute(philox_normal(key, philox_offset // 4, sample, tile_start, N, BLOCK), COMPUTE_FP64)
     t = tl.load(t_ptr + sample)
     t_prev = tl.load(t_prev_ptr + sample)
-    ab_t, ab_prev = gather_alphas_cumprod_pair(alphas_cumprod_ptr, t, t_prev, T, SET_ALPHA_TO_ONE)
+    ab_t, ab_prev, one_minus_ab_t, one_minus_ab_prev, ab_diff = gather_step_alphas(
+        alphas_cumprod_ptr, t, t_prev, T, SET_ALPHA_TO_ONE, COMPUTE_FP64
+    )
 
-    # Per-sample coefficients, float64 scalars, in the reference's order of operations.
+    # Per-sample coefficients in the compute dtype: only products, quotients and square roots of the
+    # gathered values (the differences that cancel were taken in float64 by gather_step_alphas).
     sqrt_ab_t = tl.sqrt(ab_t)
-    sqrt_one_minus_ab_t = tl.sqrt(1.0 - ab_t)
-    variance = (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)
-    eta = tl.cast(eta_hi, tl.float64) + tl.cast(eta_lo, tl.float64)
-    sigma = eta * tl.sqrt(variance)
-    # clamped so eta > 1 degrades to no direction term, not NaN; a NaN (out-of-range t) stays NaN
-    dir_sq = 1.0 - ab_prev - sigma * sigma
-    dir_sq = tl.where(dir_sq < 0.0, 0.0, dir_sq)
-    a_t = to_compute(sqrt_ab_t, COMPUTE_FP64)
-    s_t = to_compute(sqrt_one_minus_ab_t, COMPUTE_FP64)
-    a_prev = to_compute(tl.sqrt(ab_prev), COMPUTE_FP64)
-    dir_coef = to_compute(tl.sqrt(dir_sq), COMPUTE_FP64)
+    s_t = tl.sqrt(one_minus_ab_t)
+    a_t = sqrt_ab_t
+    a_prev = tl.sqrt(ab_prev)
+    # eta^2 and 1 - eta^2 in float64 (a few scalar adds and multiplies) so eta near 1 keeps its digits
+    eta64 = tl.cast(eta_hi, tl.float64) + tl.cast(eta_lo, tl.float64)
+    eta_sq = to_compute(eta64 * eta64, COMPUTE_FP64)
+    one_minus_eta_sq = to_compute(1.0 - eta64 * eta64, COMPUTE_FP64)
+    # sigma^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev), and 1 - ab_t / ab_prev = diff / ab_prev
+    variance = one_minus_ab_prev / one_minus_ab_t * (ab_diff / ab_prev)
+    sigma = to_compute(eta64, COMPUTE_FP64) * tl.sqrt(variance)
+    # 1 - ab_prev - sigma^2 = (1 - ab_prev) ((1 - eta^2) + eta^2 y) with y = ab_t (1 - ab_prev) / ((1 - ab_t)
+    # ab_prev): the same number without the cancellation (both terms are >= 0 for eta <= 1). Clamped at 0 so
+    # eta > 1 degrades to no direction term, as the reference; a NaN (out-of-range step) stays NaN.
+    y = ab_t * one_minus_ab_prev / (one_minus_ab_t * ab_prev)
+    dir_sq = one_minus_ab_prev * (one_minus_eta_sq + eta_sq * y)
+    dir_coef = tl.sqrt(tl.where(dir_sq < 0.0, 0.0, dir_sq))
 
     if PARAMETERIZATION == 0:  # eps
-        recip_a_t = to_compute(1.0 / sqrt_ab_t, COMPUTE_FP64)
-        recip_s_t = to_compute(sqrt_one_minus_ab_t / sqrt_ab_t, COMPUTE_FP64)
+        recip_a_t = 1.0 / sqrt_ab_t
+        recip_s_t = s_t / sqrt_ab_t
         x0 = recip_a_t * x - recip_s_t * model_output
         eps = model_output
     elif PARAMETERIZATION == 1:  # x0
@@ -132,7 +141,7 @@ def ddim_step_kernel(
         eps = (x - a_t * x0) / s_t
     x_prev = a_prev * x0 + dir_coef * eps
     if ADD_NOISE:
-        x_prev = x_prev + to_compute(sigma, COMPUTE_FP64) * z
+        x_prev = x_prev + sigma * z
     tl.store(out_ptr + offs, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
     if RETURN_X0:
         tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)

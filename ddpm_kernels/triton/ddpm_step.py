@@ -4,10 +4,11 @@ variances, both halves of ``model_output``: the prediction and the variance chan
 given, writing ``x_{t_prev}`` once (and the predicted ``x0`` with ``return_pred_x0``). Reference:
 ``ddpm_kernels.reference.ddpm_step_ref``.
 
-Coefficients are derived per sample from ``alphas_cumprod[t]`` and ``alphas_cumprod[t_prev]`` of the float64
-table as float64 scalars and rounded once to the compute dtype, as in ``ddim_step.py`` (which says why float32
-cannot do it: ``beta = 1 - ab_t / ab_prev`` is ~1e-4 near ``t = 0``). The elementwise math, including the
-``exp`` of a learned variance, runs in float32 registers (float64 for float64 data).
+Coefficients are derived per sample inside the kernel as in ``ddim_step.py``: the differences that cancel
+(``1 - ab_t``, ``1 - ab_prev`` and ``ab_prev - ab_t``, so ``beta = (ab_prev - ab_t) / ab_prev``, which is ~1e-4
+near ``t = 0``) are taken in float64 from the float64 table (``utils.gather_step_alphas``), everything after
+them is products, quotients, square roots and logarithms in the compute dtype. The elementwise math, including
+the ``exp`` of a learned variance, runs in float32 registers (float64 for float64 data).
 
 Learned variances. ``model_output`` is ``(B, 2C, ...)`` for ``x_t`` of ``(B, C, ...)``; made contiguous, sample
 ``b``'s prediction is the ``N = C * prod(rest)`` elements at ``b * 2N`` and its variance channels the ``N``
@@ -39,7 +40,7 @@ from .utils import (
     as_rows,
     batch_chunks,
     device_of,
-    gather_alphas_cumprod_pair,
+    gather_step_alphas,
     launch_config,
     philox_normal,
     split_float,
@@ -103,42 +104,43 @@ def ddpm_step_kernel(
         z = to_compute(philox_normal(key, philox_offset // 4, sample, tile_start, N, BLOCK), COMPUTE_FP64)
     t = tl.load(t_ptr + sample)
     t_prev = tl.load(t_prev_ptr + sample)
-    ab_t, ab_prev = gather_alphas_cumprod_pair(alphas_cumprod_ptr, t, t_prev, T, True)
+    ab_t, ab_prev, one_minus_ab_t, one_minus_ab_prev, ab_diff = gather_step_alphas(
+        alphas_cumprod_ptr, t, t_prev, T, True, COMPUTE_FP64
+    )
 
-    # Per-sample coefficients, float64 scalars, in the reference's order of operations.
+    # Per-sample coefficients in the compute dtype: only products, quotients and square roots of the
+    # gathered values (the differences that cancel were taken in float64 by gather_step_alphas).
     alpha = ab_t / ab_prev
-    beta = 1.0 - alpha
+    beta = ab_diff / ab_prev  # 1 - ab_t / ab_prev without the cancellation
     sqrt_ab_t = tl.sqrt(ab_t)
-    coef_x0 = to_compute(tl.sqrt(ab_prev) * beta / (1.0 - ab_t), COMPUTE_FP64)
-    coef_xt = to_compute(tl.sqrt(alpha) * (1.0 - ab_prev) / (1.0 - ab_t), COMPUTE_FP64)
-    variance = (1.0 - ab_prev) / (1.0 - ab_t) * beta
-    # diffusers clamps before any log; where, not maximum, so a NaN (out-of-range t) stays NaN
+    coef_x0 = tl.sqrt(ab_prev) * beta / one_minus_ab_t
+    coef_xt = tl.sqrt(alpha) * one_minus_ab_prev / one_minus_ab_t
+    variance = one_minus_ab_prev / one_minus_ab_t * beta
+    # diffusers clamps before any log; where, not maximum, so a NaN (out-of-range step) stays NaN
     variance = tl.where(variance < 1e-20, 1e-20, variance)
 
     if PARAMETERIZATION == 0:  # eps
-        recip_a_t = to_compute(1.0 / sqrt_ab_t, COMPUTE_FP64)
-        recipm1_a_t = to_compute(tl.sqrt((1.0 - ab_t) / ab_t), COMPUTE_FP64)
+        recip_a_t = 1.0 / sqrt_ab_t
+        recipm1_a_t = tl.sqrt(one_minus_ab_t / ab_t)
         x0 = recip_a_t * x - recipm1_a_t * model_output
     elif PARAMETERIZATION == 1:  # x0
         x0 = model_output
     else:  # v
-        a_t = to_compute(sqrt_ab_t, COMPUTE_FP64)
-        s_t = to_compute(tl.sqrt(1.0 - ab_t), COMPUTE_FP64)
-        x0 = a_t * x - s_t * model_output
+        x0 = sqrt_ab_t * x - tl.sqrt(one_minus_ab_t) * model_output
     if CLIP_DENOISED:
         bound = to_compute(clip_range_hi, COMPUTE_FP64) + to_compute(clip_range_lo, COMPUTE_FP64)
         x0 = tl.where(x0 < -bound, -bound, tl.where(x0 > bound, bound, x0))
     mean = coef_x0 * x0 + coef_xt * x
 
     if VARIANCE == 0:  # fixed_small(_log)
-        std = to_compute(tl.sqrt(variance), COMPUTE_FP64)
+        std = tl.sqrt(variance)
     elif VARIANCE == 1:  # fixed_large(_log)
-        std = to_compute(tl.sqrt(beta), COMPUTE_FP64)
+        std = tl.sqrt(beta)
     elif VARIANCE == 2:  # learned: the extra channels are the log-variance
         std = tl.exp(0.5 * model_var)
     else:  # learned_range: interpolate log(var) .. log(beta) by (v + 1) / 2
-        min_log = to_compute(tl.log(variance), COMPUTE_FP64)
-        max_log = to_compute(tl.log(beta), COMPUTE_FP64)
+        min_log = tl.log(variance)
+        max_log = tl.log(beta)
         frac = (model_var + 1.0) / 2.0
         std = tl.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
     # no noise at the last step (t == 0); an out-of-range t keeps the mask at 1 or has a NaN mean already

@@ -47,7 +47,7 @@ __all__ = [
     "linear_combination_backward",
     "ROW",
     "to_compute",
-    "gather_alphas_cumprod_pair",
+    "gather_step_alphas",
     "step_noise_key",
     "ROW_SQRT_ALPHAS_CUMPROD",
     "ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD",
@@ -291,12 +291,24 @@ def to_compute(value, COMPUTE_FP64: tl.constexpr):
 
 
 @triton.jit
-def gather_alphas_cumprod_pair(alphas_cumprod_ptr, t, t_prev, T, SET_ALPHA_TO_ONE: tl.constexpr):
-    """(ab_t, ab_prev) from the float64 ``alphas_cumprod`` row, as ``reference._alphas_cumprod64``: ``t_prev
-    == -1`` gives 1 (``SET_ALPHA_TO_ONE``) or ``alphas_cumprod[0]``; ``t`` outside [0, T) or ``t_prev`` outside
-    [-1, T) gives NaN, with no memory access outside the row."""
-    ab_t = tl.load(alphas_cumprod_ptr + tl.where((t >= 0) & (t < T), t, 0), mask=(t >= 0) & (t < T),
-                   other=float("nan"))
+def gather_step_alphas(alphas_cumprod_ptr, t, t_prev, T, SET_ALPHA_TO_ONE: tl.constexpr,
+                       COMPUTE_FP64: tl.constexpr):
+    """``(ab_t, ab_prev, 1 - ab_t, 1 - ab_prev, ab_prev - ab_t)`` of a step ``t -> t_prev``, in the compute
+    dtype, from the float64 ``alphas_cumprod`` row.
+
+    ``t_prev == -1`` gives ``ab_prev`` = 1 (``SET_ALPHA_TO_ONE``) or ``alphas_cumprod[0]``, as
+    ``reference._alphas_cumprod64``; ``t`` outside [0, T) or ``t_prev`` outside [-1, T) gives NaN, with no
+    memory access outside the row.
+
+    Why float64 and these five: a step's coefficients are products and quotients of them (well conditioned in
+    float32: a few ulps each), except that the three differences cancel. ``ab_prev - ab_t`` is ~1e-4 of
+    ``ab_prev`` near t = 0, and the float32 table's ``alphas_cumprod`` carries a relative rounding error of
+    ~6e-8, so the difference of float32 values is off by ~1e-3 relative there (DDPM's ``sqrt(ab_prev) beta /
+    (1 - ab_t)`` at t = 1 -> 0 comes out 8e-5 off, several times the 1e-5 tolerance). Subtracted in float64
+    from the float64 table and rounded once, each is within half a float32 ulp; the remaining math needs no
+    float64 division, square root or logarithm (which run at 1/64 rate on many GPUs)."""
+    t_in_range = (t >= 0) & (t < T)
+    ab_t = tl.load(alphas_cumprod_ptr + tl.where(t_in_range, t, 0), mask=t_in_range, other=float("nan"))
     prev_in_range = (t_prev >= 0) & (t_prev < T)
     ab_prev = tl.load(alphas_cumprod_ptr + tl.where(prev_in_range, t_prev, 0), mask=prev_in_range,
                       other=float("nan"))
@@ -305,7 +317,13 @@ def gather_alphas_cumprod_pair(alphas_cumprod_ptr, t, t_prev, T, SET_ALPHA_TO_ON
     else:
         final = tl.load(alphas_cumprod_ptr)
     ab_prev = tl.where(t_prev == -1, final, ab_prev)
-    return ab_t, ab_prev
+    return (
+        to_compute(ab_t, COMPUTE_FP64),
+        to_compute(ab_prev, COMPUTE_FP64),
+        to_compute(1.0 - ab_t, COMPUTE_FP64),
+        to_compute(1.0 - ab_prev, COMPUTE_FP64),
+        to_compute(ab_prev - ab_t, COMPUTE_FP64),
+    )
 
 
 def step_noise_key(generator, x: torch.Tensor):
