@@ -188,6 +188,37 @@ def test_learned_variance_non_contiguous_model_output(schedule):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("schedule_kind", ["linear", "cosine", "zero_terminal_snr"])
+def test_steps_across_the_chain_float32(schedule_kind):
+    """Steps across the chain in one batch, for the plain chain (t_prev = t - 1: ``1 - ab_t / ab_prev`` is ~1e-4
+    near t = 0, where a float32 subtraction would cancel) and a respaced one (t_prev = t - 37), eta 0 and 1,
+    against the float32 reference at 1e-5."""
+    if schedule_kind == "zero_terminal_snr":
+        s = dk.DiffusionSchedule(timesteps=T, zero_terminal_snr=True).to(DEVICE)
+        parameterization = "v"  # eps is undefined where ab_t = 0
+    else:
+        s = dk.DiffusionSchedule(schedule_kind, timesteps=T).to(DEVICE)
+        parameterization = "eps"
+    # the first 20 steps (where the cancellation is worst), the last 8, and a spread between
+    t = torch.cat([torch.arange(20), torch.linspace(20, T - 9, 20).long(), torch.arange(T - 8, T)]).to(DEVICE)
+    x_t, model_output, noise = make_inputs((t.shape[0], 3), 3, torch.float32, seed=3)
+    for k in (1, 37):
+        t_prev = (t - k).clamp(min=-1)
+        for eta in (0.0, 1.0):
+            got = dk.ddim_step(x_t, t, t_prev, model_output, s, eta, parameterization, noise=noise,
+                               backend="triton", return_pred_x0=True)
+            ref = R.ddim_step_ref(x_t, t, t_prev, model_output, s, eta, parameterization, noise=noise,
+                                  return_pred_x0=True)
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for variance_type in ("fixed_small", "fixed_large"):
+            got = dk.ddpm_step(x_t, t, t_prev, model_output, s, parameterization, variance_type, False,
+                               noise=noise, backend="triton")
+            ref = R.ddpm_step_ref(x_t, t, t_prev, model_output, s, parameterization, variance_type, False,
+                                  noise=noise)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------- out= / x0
 @pytest.mark.parametrize("op", ["ddim_step", "ddpm_step"])
 def test_out_in_place_and_non_contiguous(schedule, op):
