@@ -16,7 +16,6 @@ compiled extension never breaks ``import ddpm_kernels``.
 from __future__ import annotations
 
 import importlib
-import threading
 import warnings
 from typing import Callable, Dict, Optional, Tuple
 
@@ -67,7 +66,6 @@ AUTO_ORDER = {
 _loaded: Dict[str, object] = {"reference": _ReferenceBackend()}
 _load_errors: Dict[str, str] = {}
 _warned = set()
-_lock = threading.Lock()
 
 
 def _load(name: str):
@@ -77,14 +75,15 @@ def _load(name: str):
         return None
     target, how = _FUSED[name]
     module_name, attr = target.split(":")
-    with _lock:
-        try:
-            backend = getattr(importlib.import_module(module_name), attr)
-        except Exception as exc:  # ImportError, or an extension built for another torch (OSError, ...)
-            _load_errors[name] = f"{type(exc).__name__}: {exc}; {how}"
-            return None
-        _loaded[name] = backend
-        return backend
+    # No lock: Python's import lock serializes the import, and a racing thread at worst stores the same object.
+    # (A `with lock:` here would also stop torch.compile(fullgraph=True) when the first use is traced.)
+    try:
+        backend = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # ImportError, or an extension built for another torch (OSError, ...)
+        _load_errors[name] = f"{type(exc).__name__}: {exc}; {how}"
+        return None
+    _loaded[name] = backend
+    return backend
 
 
 def get_backend(name: str, device: torch.device, dtype: torch.dtype):
@@ -100,8 +99,19 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype):
     return backend
 
 
+_resolved: Dict[tuple, Tuple[str, Callable]] = {}
+
+
 def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, Callable]:
     """(backend name, op function) serving ``op`` for tensors of ``device``/``dtype``."""
+    key = (op, backend, device, dtype)
+    hit = _resolved.get(key)
+    if hit is None:
+        hit = _resolved[key] = _resolve(op, backend, device, dtype)
+    return hit
+
+
+def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Tuple[str, Callable]:
     if backend != "auto":
         impl = get_backend(backend, device, dtype)
         fn = impl.ops.get(op)

@@ -86,9 +86,10 @@ def _check_like(name: str, y, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
 def _check_schedule(schedule, x: torch.Tensor) -> DiffusionSchedule:
     if not isinstance(schedule, DiffusionSchedule):
         raise TypeError(f"schedule: expected a ddpm_kernels.DiffusionSchedule, got {type(schedule).__name__}")
-    if schedule.device != x.device:
+    device = schedule._buffers["coefficients"].device  # skips nn.Module.__getattr__ on the hot path
+    if device != x.device:
         raise ValueError(
-            f"schedule: its tables are on {schedule.device} but the data is on {x.device}; "
+            f"schedule: its tables are on {device} but the data is on {x.device}; "
             f"call schedule.to({str(x.device)!r})"
         )
     return schedule
@@ -107,7 +108,11 @@ def _check_t(t, x: torch.Tensor, x_name: str, schedule: DiffusionSchedule) -> to
         raise ValueError(f"t: expected a tensor on {x.device} (the device of {x_name}), got {t.device}")
     if (t.device.type == "cpu" or _device_t_check) and not torch.compiler.is_compiling() and t.numel() > 0:
         T = schedule.num_timesteps
-        lo, hi = int(t.min()), int(t.max())
+        if t.numel() <= 256:  # a Python min/max of a short list beats two reductions plus two .item()s
+            values = t.tolist()
+            lo, hi = min(values), max(values)
+        else:
+            lo, hi = (int(v) for v in torch.aminmax(t))
         if lo < 0 or hi >= T:
             raise ValueError(f"t: expected values in [0, {T}) (the schedule's timesteps), got min {lo}, max {hi}")
     return t if t.dtype == torch.int64 else t.to(torch.int64)
