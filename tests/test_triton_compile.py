@@ -33,6 +33,7 @@ SCRIPT = textwrap.dedent(
     from ddpm_kernels.triton.p_sample import p_sample_kernel
     from ddpm_kernels.triton.ddim_step import ddim_step_kernel
     from ddpm_kernels.triton.ddpm_step import ddpm_step_kernel
+    from ddpm_kernels.triton.dynamic_threshold import dynamic_threshold_kernel
     from ddpm_kernels.triton.diffusion_loss import (
         diffusion_loss_kernel, diffusion_loss_reduce_kernel, diffusion_loss_backward_kernel,
     )
@@ -48,7 +49,7 @@ SCRIPT = textwrap.dedent(
             "grad_loss_vlb_ptr", "x0_ptr"}
     INDEX = {"t_ptr", "seed_ptr", "t_prev_ptr"}
     FP64 = {"alphas_cumprod_ptr"}  # the sampler steps derive their coefficients from the float64 table
-    COMPUTE = {"table_ptr", "var_ptr", "log_var_ptr", "partial_ptr"}
+    COMPUTE = {"table_ptr", "var_ptr", "log_var_ptr", "partial_ptr", "scale_ptr"}
     INT64 = {"philox_seed", "philox_offset"}
     FLOATS = {"l_simple_weight_hi", "l_simple_weight_lo", "original_elbo_weight_hi", "original_elbo_weight_lo",
               "eta_hi", "eta_lo", "clip_range_hi", "clip_range_lo"}
@@ -113,25 +114,38 @@ SCRIPT = textwrap.dedent(
          dict(E, PARAMETERIZATION=0, CLIP_DENOISED=False, HAS_NOISE=True, **LOG_VAR)),
         ("ddim_step[eps,clip,philox,x0]", ddim_step_kernel,
          dict(E, PARAMETERIZATION=0, CLIP_DENOISED=True, USE_CLIPPED_MODEL_OUTPUT=True, SET_ALPHA_TO_ONE=True,
-              ADD_NOISE=True, HAS_NOISE=False, RETURN_X0=True, COMPUTE_FP64=False)),
+              ADD_NOISE=True, HAS_NOISE=False, RETURN_X0=True, THRESHOLD=False, X0_ONLY=False, COMPUTE_FP64=False)),
         ("ddim_step[v,eta0]", ddim_step_kernel,
          dict(E, PARAMETERIZATION=2, CLIP_DENOISED=False, USE_CLIPPED_MODEL_OUTPUT=False, SET_ALPHA_TO_ONE=False,
-              ADD_NOISE=False, HAS_NOISE=False, RETURN_X0=False, COMPUTE_FP64=False)),
+              ADD_NOISE=False, HAS_NOISE=False, RETURN_X0=False, THRESHOLD=False, X0_ONLY=False, COMPUTE_FP64=False)),
         ("ddim_step[x0,noise]", ddim_step_kernel,
          dict(E, PARAMETERIZATION=1, CLIP_DENOISED=False, USE_CLIPPED_MODEL_OUTPUT=False, SET_ALPHA_TO_ONE=True,
-              ADD_NOISE=True, HAS_NOISE=True, RETURN_X0=False, COMPUTE_FP64=False)),
+              ADD_NOISE=True, HAS_NOISE=True, RETURN_X0=False, THRESHOLD=False, X0_ONLY=False, COMPUTE_FP64=False)),
         ("ddpm_step[eps,fixed_small,philox,x0]", ddpm_step_kernel,
          dict(E, PARAMETERIZATION=0, VARIANCE=0, CLIP_DENOISED=True, HAS_NOISE=False, RETURN_X0=True,
-              COMPUTE_FP64=False)),
+              THRESHOLD=False, X0_ONLY=False, COMPUTE_FP64=False)),
         ("ddpm_step[v,fixed_large,noise]", ddpm_step_kernel,
          dict(E, PARAMETERIZATION=2, VARIANCE=1, CLIP_DENOISED=False, HAS_NOISE=True, RETURN_X0=False,
-              COMPUTE_FP64=False)),
+              THRESHOLD=False, X0_ONLY=False, COMPUTE_FP64=False)),
         ("ddpm_step[x0,learned]", ddpm_step_kernel,
          dict(E, PARAMETERIZATION=1, VARIANCE=2, CLIP_DENOISED=True, HAS_NOISE=False, RETURN_X0=False,
-              COMPUTE_FP64=False)),
+              THRESHOLD=False, X0_ONLY=False, COMPUTE_FP64=False)),
         ("ddpm_step[eps,learned_range]", ddpm_step_kernel,
          dict(E, PARAMETERIZATION=0, VARIANCE=3, CLIP_DENOISED=False, HAS_NOISE=True, RETURN_X0=True,
-              COMPUTE_FP64=False)),
+              THRESHOLD=False, X0_ONLY=False, COMPUTE_FP64=False)),
+        ("ddim_step[v,threshold,x0]", ddim_step_kernel,
+         dict(E, PARAMETERIZATION=2, CLIP_DENOISED=True, USE_CLIPPED_MODEL_OUTPUT=True, SET_ALPHA_TO_ONE=True,
+              ADD_NOISE=True, HAS_NOISE=True, RETURN_X0=True, THRESHOLD=True, X0_ONLY=False, COMPUTE_FP64=False)),
+        ("ddim_step[eps,x0_only]", ddim_step_kernel,
+         dict(E, PARAMETERIZATION=0, CLIP_DENOISED=False, USE_CLIPPED_MODEL_OUTPUT=False, SET_ALPHA_TO_ONE=True,
+              ADD_NOISE=False, HAS_NOISE=False, RETURN_X0=True, THRESHOLD=False, X0_ONLY=True, COMPUTE_FP64=False)),
+        ("ddpm_step[eps,learned_range,threshold]", ddpm_step_kernel,
+         dict(E, PARAMETERIZATION=0, VARIANCE=3, CLIP_DENOISED=True, HAS_NOISE=False, RETURN_X0=False,
+              THRESHOLD=True, X0_ONLY=False, COMPUTE_FP64=False)),
+        ("ddpm_step[v,learned,x0_only]", ddpm_step_kernel,
+         dict(E, PARAMETERIZATION=2, VARIANCE=2, CLIP_DENOISED=False, HAS_NOISE=True, RETURN_X0=True,
+              THRESHOLD=False, X0_ONLY=True, COMPUTE_FP64=False)),
+        ("dynamic_threshold", dynamic_threshold_kernel, dict(E, COMPUTE_FP64=False)),
         ("diffusion_loss[v,l2]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=2, LOSS_L1=False)),
         ("diffusion_loss[eps,l1]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=0, LOSS_L1=True)),
         ("diffusion_loss_reduce", diffusion_loss_reduce_kernel,

@@ -1,4 +1,4 @@
-"""Triton ``ddim_step`` and ``ddpm_step`` against the reference, on CPU through Triton's interpreter (tests/
+"""Triton ``ddim_step``, ``ddpm_step`` and ``dynamic_threshold`` against the reference, on CPU through Triton's interpreter (tests/
 conftest.py sets TRITON_INTERPRET=1 when there is no GPU) or on a GPU when one is present; GPU-only checks
 (CUDA-graph replay, launch counts, eager generator state) are marked ``gpu``.
 
@@ -7,8 +7,8 @@ rtol=atol=1e-5; float64 at 1e-12; float16/bfloat16 against the float64 reference
 reference's own error in that dtype plus one ulp (plus one bfloat16 ulp under the interpreter, which truncates
 float32 -> bfloat16 where a GPU rounds), and within 2e-3 (fp16) / 1.6e-2 (bf16) relative.
 
-Dynamic thresholding (``threshold_ratio``) is not fused: the backend runs the reference for it, which
-``test_thresholding_runs_the_reference`` pins down.
+With ``threshold_ratio`` a step is an x0 pass, a per-sample sort (the reference's quantile) and the step kernel;
+``dynamic_threshold`` is the same sort and one elementwise kernel.
 """
 
 from __future__ import annotations
@@ -283,20 +283,49 @@ def test_batch_chunks_match_single_launch(schedule, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_thresholding_runs_the_reference(schedule):
-    """threshold_ratio is not fused (a per-sample quantile is a reduction): the Triton backend runs the
-    reference for it, so results are the reference's exactly."""
-    x_t, model_output, noise = make_inputs((3, 2, 6), 3, torch.float32, seed=10, scale=2.0)
+THRESHOLD_OPTIONS = {
+    "ratio0.9_max2.5": dict(threshold_ratio=0.9, threshold_max=2.5),
+    "ratio0.995_max1_clipped_output": dict(threshold_ratio=0.995, threshold_max=1.0, use_clipped_model_output=True),
+    "ratio1_max3": dict(threshold_ratio=1.0, threshold_max=3.0),
+}
+
+
+@pytest.mark.parametrize("options", list(THRESHOLD_OPTIONS))
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_thresholded_steps(schedule, dtype, parameterization, options):
+    """threshold_ratio: an x0 pass, a per-sample sort for the scale, then the step kernel applying it."""
+    x_t, model_output, noise = make_inputs((3, 2, 5, 3), 3, dtype, seed=10, scale=2.0)
     t, t_prev = make_steps(3, seed=10)
-    kw = dict(noise=noise, threshold_ratio=0.9, threshold_max=2.5, return_pred_x0=True)
-    got = dk.ddim_step(x_t, t, t_prev, model_output, schedule, 1.0, "v", backend="triton", **kw)
-    ref = R.ddim_step_ref(x_t, t, t_prev, model_output, schedule, 1.0, "v", **kw)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    got = dk.ddpm_step(x_t, t, t_prev, model_output, schedule, "eps", "fixed_large", backend="triton", **kw)
-    ref = R.ddpm_step_ref(x_t, t, t_prev, model_output, schedule, "eps", "fixed_large", **kw)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    o = dict(THRESHOLD_OPTIONS[options])
+    kw = dict(noise=noise, return_pred_x0=True, threshold_ratio=o["threshold_ratio"],
+              threshold_max=o["threshold_max"])
+    clipped = o.get("use_clipped_model_output", False)
+    got = dk.ddim_step(x_t, t, t_prev, model_output, schedule, 1.0, parameterization, True, backend="triton",
+                       use_clipped_model_output=clipped, **kw)
+    assert_matches(got, R.ddim_step_ref, (x_t, t, t_prev, model_output, schedule, 1.0, parameterization, True),
+                   dict(use_clipped_model_output=clipped, **kw), dtype)
+    wide = learned_output((3, 2, 5, 3), dtype, "learned_range", seed=10)
+    got = dk.ddpm_step(x_t, t, t_prev, wide, schedule, parameterization, "learned_range", backend="triton", **kw)
+    assert_matches(got, R.ddpm_step_ref, (x_t, t, t_prev, wide, schedule, parameterization, "learned_range"), kw,
+                   dtype)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 4, 5, 7), (2, 1000)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dynamic_threshold(dtype, shape):
+    (x0,) = make_inputs(shape, 1, dtype, seed=16, scale=2.0)
+    for ratio, max_value in ((0.995, 1.0), (0.9, 2.5), (0.0, 10.0), (1.0, 1.5)):
+        got = dk.dynamic_threshold(x0, ratio, max_value, backend="triton")
+        assert_matches(got, R.dynamic_threshold_ref, (x0, ratio, max_value), {}, dtype)
+
+
+def test_dynamic_threshold_nan_sample():
+    (x0,) = make_inputs((3, 40), 1, torch.float32, seed=17, scale=2.0)
+    x0[1, 7] = float("nan")
+    got = dk.dynamic_threshold(x0, 0.9, 2.0, backend="triton")
+    assert bool(got[1].isnan().all()) and bool(got[[0, 2]].isfinite().all())
+    torch.testing.assert_close(got, R.dynamic_threshold_ref(x0, 0.9, 2.0), equal_nan=True)
 
 
 # -------------------------------------------------------------------------------------------- noise
@@ -366,16 +395,21 @@ def _opcheck_cases(schedule, dtype):
     ab = schedule.coefficients64[1]
     wide = torch.cat([y, z], 1)
     seed = tu.draw_seed(None, x.device)
+    scale = torch.tensor([1.0, 1.7], dtype=R.compute_dtype(dtype), device=DEVICE)
     ops = torch.ops.ddpm_kernels_triton
     return [
-        (ops.ddim_step, (x, t, t_prev, y, ab, 0.0, 0, False, False, True, 1.0, None, None, 0, 0, False)),
-        (ops.ddim_step, (x, t, t_prev, y, ab, 1.0, 2, True, True, False, 1.5, z, None, 0, 0, True)),
-        (ops.ddim_step, (x, t, t_prev, y, ab, 0.5, 1, True, False, True, 1.0, None, seed, 0, 0, True)),
+        (ops.ddim_step, (x, t, t_prev, y, ab, 0.0, 0, False, False, True, 1.0, None, None, 0, 0, False, None)),
+        (ops.ddim_step, (x, t, t_prev, y, ab, 1.0, 2, True, True, False, 1.5, z, None, 0, 0, True, None)),
+        (ops.ddim_step, (x, t, t_prev, y, ab, 0.5, 1, True, False, True, 1.0, None, seed, 0, 0, True, scale)),
         (ops.ddim_step_out, (x, t, t_prev, y, ab, 0.5, 0, True, False, True, 1.0, None, None, 2**62 + 3, 68,
-                             True, torch.empty_like(x))),
-        (ops.ddpm_step, (x, t, t_prev, y, ab, 0, 0, True, 1.0, z, None, 0, 0, True)),
-        (ops.ddpm_step, (x, t, t_prev, wide, ab, 2, 3, False, 1.0, None, seed, 0, 0, False)),
-        (ops.ddpm_step_out, (x, t, t_prev, wide, ab, 1, 2, True, 2.0, z, None, 0, 0, False, torch.empty_like(x))),
+                             True, None, torch.empty_like(x))),
+        (ops.ddim_step_x0, (x, t, t_prev, y, ab, 2)),
+        (ops.ddpm_step, (x, t, t_prev, y, ab, 0, 0, True, 1.0, z, None, 0, 0, True, None)),
+        (ops.ddpm_step, (x, t, t_prev, wide, ab, 2, 3, False, 1.0, None, seed, 0, 0, False, scale)),
+        (ops.ddpm_step_out, (x, t, t_prev, wide, ab, 1, 2, True, 2.0, z, None, 0, 0, False, None,
+                             torch.empty_like(x))),
+        (ops.ddpm_step_x0, (x, t, t_prev, wide, ab, 0, 2)),
+        (ops.dynamic_threshold_apply, (x, scale)),
     ]
 
 
@@ -399,13 +433,16 @@ def test_torch_compile_steps(schedule):
         drawn = dk.ddim_step(x_t, t, t_prev, model_output, schedule, 1.0, backend="triton")
         x = x_t.clone()
         dk.ddpm_step(x, t, t_prev, model_output, schedule, noise=noise, backend="triton", out=x)
-        return a, x0, b, x, drawn
+        thresholded = dk.ddim_step(x_t, t, t_prev, model_output, schedule, 0.0, "eps", backend="triton",
+                                   threshold_ratio=0.9, threshold_max=2.0)
+        scaled = dk.dynamic_threshold(model_output, 0.8, 1.5, backend="triton")
+        return a, x0, b, x, thresholded, scaled, drawn
 
     eager = steps(x_t, t, t_prev, model_output, wide, noise)
     compiled = torch.compile(steps, fullgraph=True)(x_t, t, t_prev, model_output, wide, noise)
-    for a, b in zip(eager[:4], compiled[:4]):
+    for a, b in zip(eager[:6], compiled[:6]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert compiled[4].shape == x_t.shape and bool(compiled[4].isfinite().all())
+    assert compiled[6].shape == x_t.shape and bool(compiled[6].isfinite().all())
 
 
 def test_registered_in_backend():
@@ -413,7 +450,8 @@ def test_registered_in_backend():
     assert tk.BACKEND.ops["ddpm_step"].__module__ == "ddpm_kernels.triton.ddpm_step"
     import inspect
 
-    for name in ("ddim_step", "ddpm_step"):
+    assert tk.BACKEND.ops["dynamic_threshold"].__module__ == "ddpm_kernels.triton.dynamic_threshold"
+    for name in ("ddim_step", "ddpm_step", "dynamic_threshold"):
         assert inspect.signature(tk.BACKEND.ops[name]) == inspect.signature(R.OPS[name])
 
 
@@ -442,9 +480,11 @@ def test_cuda_graph_replay_reads_new_steps(schedule):
     def step():
         a = dk.ddim_step(x_t, t, t_prev, model_output, schedule, 0.7, "eps", True, noise=noise, backend="triton")
         b = dk.ddpm_step(x_t, t, t_prev, wide, schedule, "v", "learned_range", noise=noise, backend="triton")
-        return a, b
+        c = dk.ddim_step(x_t, t, t_prev, model_output, schedule, 0.0, "eps", backend="triton", threshold_ratio=0.9,
+                         threshold_max=3.0)
+        return a, b, c
 
-    graph, (a, b) = _capture(step)
+    graph, (a, b, c) = _capture(step)
     for new_t, new_prev in (([500, 1, 0, 998], [480, 0, -1, 978]), ([3, 700, 250, 0], [-1, 650, 249, -1])):
         t.copy_(torch.tensor(new_t))
         t_prev.copy_(torch.tensor(new_prev))
@@ -456,6 +496,11 @@ def test_cuda_graph_replay_reads_new_steps(schedule):
         )
         torch.testing.assert_close(
             b, R.ddpm_step_ref(x_t, t, t_prev, wide, schedule, "v", "learned_range", noise=noise),
+            rtol=1e-5, atol=1e-5,
+        )
+        torch.testing.assert_close(
+            c, R.ddim_step_ref(x_t, t, t_prev, model_output, schedule, 0.0, "eps", threshold_ratio=0.9,
+                               threshold_max=3.0),
             rtol=1e-5, atol=1e-5,
         )
 

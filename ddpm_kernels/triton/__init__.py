@@ -26,6 +26,7 @@ from .utils import INTERPRETED
 
 from .ddim_step import ddim_step
 from .ddpm_step import ddpm_step
+from .dynamic_threshold import dynamic_threshold
 from .diffusion_loss import diffusion_loss
 from .p_mean_variance import p_mean_variance
 from .p_sample import p_sample
@@ -47,10 +48,10 @@ class TritonBackend:
         "p_mean_variance": p_mean_variance,
         "p_sample": p_sample,
         "diffusion_loss": diffusion_loss,
-        # sampler steps; dynamic thresholding (threshold_ratio, and the dynamic_threshold op itself) runs the
-        # reference, a per-sample quantile being a reduction these one-pass kernels do not do
+        # sampler steps: one launch each; with threshold_ratio, an x0 pass and a per-sample sort come first
         "ddim_step": ddim_step,
         "ddpm_step": ddpm_step,
+        "dynamic_threshold": dynamic_threshold,
     }
 
     @staticmethod

@@ -18,9 +18,11 @@ Noise. ``eta == 0`` reads and draws no noise (and leaves the generator untouched
 counter scheme, see ``p_sample.py``); the values differ from the reference's ``torch.randn`` draw, the
 distribution and the generator bookkeeping do not.
 
-Fallback. ``threshold_ratio`` (dynamic thresholding) needs a per-sample quantile of ``|x0|`` over the whole
-sample, a reduction the one-pass kernel cannot do; such calls run ``reference.ddim_step_ref`` (on the same
-device, without host synchronization). Everything else is fused.
+Thresholding. ``threshold_ratio`` (dynamic thresholding) needs a per-sample quantile of ``|x0|`` over the
+whole sample, which one elementwise pass cannot see. Such a step is three stages: ``ddim_step_x0`` (this kernel
+with ``X0_ONLY``) writes the raw x0 in the compute dtype, ``dynamic_threshold.threshold_scale`` selects each
+sample's scale with a device-side sort (no host synchronization), and the step kernel runs with ``THRESHOLD``,
+recomputing x0 and applying ``clamp(x0, -s, s) / s`` in registers. Zero-element inputs run the reference.
 
 No autograd: sampling is not differentiated.
 """
@@ -35,6 +37,7 @@ import triton.language as tl
 
 from .. import reference
 from ..schedule import TABLE_ROW
+from .dynamic_threshold import threshold_scale
 from .p_sample import _zero_key
 from .utils import (
     PARAMETERIZATION_ID,
@@ -65,6 +68,7 @@ def ddim_step_kernel(
     alphas_cumprod_ptr,
     out_ptr,
     x0_ptr,
+    scale_ptr,
     eta_hi,
     eta_lo,
     clip_range_hi,
@@ -79,6 +83,8 @@ def ddim_step_kernel(
     ADD_NOISE: tl.constexpr,
     HAS_NOISE: tl.constexpr,
     RETURN_X0: tl.constexpr,
+    THRESHOLD: tl.constexpr,
+    X0_ONLY: tl.constexpr,
     COMPUTE_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -133,7 +139,15 @@ def ddim_step_kernel(
     else:  # v
         x0 = a_t * x - s_t * model_output
         eps = a_t * model_output + s_t * x
-    if CLIP_DENOISED:
+    if X0_ONLY:
+        # first pass of a thresholded step: the raw x0 (compute dtype) the per-sample scale is selected from
+        tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+        return
+    if THRESHOLD:
+        # dynamic thresholding replaces clipping; s >= 1 per sample (dynamic_threshold.threshold_scale)
+        s = tl.load(scale_ptr + sample)
+        x0 = tl.where(x0 < -s, -s, tl.where(x0 > s, s, x0)) / s
+    elif CLIP_DENOISED:
         bound = to_compute(clip_range_hi, COMPUTE_FP64) + to_compute(clip_range_lo, COMPUTE_FP64)
         # where, not minimum/maximum: a NaN x0 must stay NaN as under torch.clamp
         x0 = tl.where(x0 < -bound, -bound, tl.where(x0 > bound, bound, x0))
@@ -149,7 +163,7 @@ def ddim_step_kernel(
 
 def _launch(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
             use_clipped_model_output, set_alpha_to_one, clip_range, noise, seed, philox_seed, philox_offset,
-            out, x0):
+            out, x0, scale=None, x0_only=False):
     x_t, batch, n = as_rows(x_t)
     model_output = model_output.contiguous()
     if x_t.numel() == 0:
@@ -165,6 +179,9 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization,
     return_x0 = x0 is not None
     if not return_x0:
         x0 = out  # unread placeholder
+    threshold = scale is not None
+    if not threshold:
+        scale = alphas_cumprod  # unread placeholder
     eta_hi, eta_lo = split_float(eta)
     clip_hi, clip_lo = split_float(clip_range)
     block, warps = launch_config(n, batch)
@@ -172,11 +189,11 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization,
         for b0, nb in batch_chunks(batch):
             ddim_step_kernel[(triton.cdiv(n, block), nb)](
                 x_t, model_output, noise, seed, philox_seed, philox_offset, t, t_prev, alphas_cumprod, out, x0,
-                eta_hi, eta_lo, clip_hi, clip_lo, n, alphas_cumprod.shape[0], b0,
+                scale, eta_hi, eta_lo, clip_hi, clip_lo, n, alphas_cumprod.shape[0], b0,
                 PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised,
                 USE_CLIPPED_MODEL_OUTPUT=use_clipped_model_output, SET_ALPHA_TO_ONE=set_alpha_to_one,
-                ADD_NOISE=add_noise, HAS_NOISE=has_noise, RETURN_X0=return_x0,
-                COMPUTE_FP64=x_t.dtype == torch.float64, BLOCK=block, num_warps=warps,
+                ADD_NOISE=add_noise and not x0_only, HAS_NOISE=has_noise, RETURN_X0=return_x0,
+                THRESHOLD=threshold, X0_ONLY=x0_only, COMPUTE_FP64=x_t.dtype == torch.float64, BLOCK=block, num_warps=warps,
             )
 
 
@@ -202,21 +219,23 @@ def ddim_step_op(
     philox_seed: int,
     philox_offset: int,
     return_pred_x0: bool,
+    scale: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x_{t_prev}, x0)``; ``x0`` is a zero-element tensor unless ``return_pred_x0``. Noise keyed as in
-    ``p_sample_op``; ``alphas_cumprod`` is the schedule's float64 row."""
+    ``p_sample_op``; ``alphas_cumprod`` is the schedule's float64 row; ``scale`` (per-sample, compute dtype),
+    when given, thresholds x0 instead of clipping."""
     out = _empty(x_t)
     x0 = _empty(x_t) if return_pred_x0 else x_t.new_empty(0)
     _launch(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
             use_clipped_model_output, set_alpha_to_one, clip_range, noise, seed, philox_seed, philox_offset,
-            out, x0 if return_pred_x0 else None)
+            out, x0 if return_pred_x0 else None, scale)
     return out, x0
 
 
 @ddim_step_op.register_fake
 def _(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
       use_clipped_model_output, set_alpha_to_one, clip_range, noise, seed, philox_seed, philox_offset,
-      return_pred_x0):
+      return_pred_x0, scale):
     out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
     x0 = torch.empty_like(x_t, memory_format=torch.contiguous_format) if return_pred_x0 else x_t.new_empty(0)
     return out, x0
@@ -240,6 +259,7 @@ def ddim_step_out_op(
     philox_seed: int,
     philox_offset: int,
     return_pred_x0: bool,
+    scale: Optional[torch.Tensor],
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Writes ``x_{t_prev}`` into ``out`` (which may be ``x_t``: each element is read and written by the same
@@ -248,7 +268,7 @@ def ddim_step_out_op(
     target = out if out.is_contiguous() else _empty(out)
     _launch(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
             use_clipped_model_output, set_alpha_to_one, clip_range, noise, seed, philox_seed, philox_offset,
-            target, x0 if return_pred_x0 else None)
+            target, x0 if return_pred_x0 else None, scale)
     if target is not out:
         out.copy_(target)
     return x0
@@ -257,8 +277,30 @@ def ddim_step_out_op(
 @ddim_step_out_op.register_fake
 def _(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
       use_clipped_model_output, set_alpha_to_one, clip_range, noise, seed, philox_seed, philox_offset,
-      return_pred_x0, out):
+      return_pred_x0, scale, out):
     return torch.empty_like(x_t, memory_format=torch.contiguous_format) if return_pred_x0 else x_t.new_empty(0)
+
+
+@torch.library.custom_op("ddpm_kernels_triton::ddim_step_x0", mutates_args=())
+def ddim_step_x0_op(
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    t_prev: torch.Tensor,
+    model_output: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    parameterization: int,
+) -> torch.Tensor:
+    """The step's unclipped x0 prediction in the compute dtype (float32; float64 for float64 data): the first
+    pass of a thresholded step."""
+    x0 = torch.empty(x_t.shape, dtype=reference.compute_dtype(x_t.dtype), device=x_t.device)
+    _launch(x_t, t, t_prev, model_output, alphas_cumprod, 0.0, parameterization, False, False, True, 1.0,
+            None, None, 0, 0, x0, x0, x0_only=True)
+    return x0
+
+
+@ddim_step_x0_op.register_fake
+def _(x_t, t, t_prev, model_output, alphas_cumprod, parameterization):
+    return torch.empty(x_t.shape, dtype=reference.compute_dtype(x_t.dtype), device=x_t.device)
 
 
 def ddim_step(
@@ -281,8 +323,8 @@ def ddim_step(
     return_pred_x0=False,
 ):
     """Backend entry with ``reference.ddim_step_ref``'s signature; ``noise=None`` with ``eta > 0`` draws z
-    in-kernel (Philox). ``threshold_ratio`` is not fused: such calls run the reference (module docstring)."""
-    if threshold_ratio is not None:
+    in-kernel (Philox). ``threshold_ratio`` adds a first pass and a per-sample selection (module docstring)."""
+    if threshold_ratio is not None and x_t.numel() == 0:
         return reference.ddim_step_ref(
             x_t, t, t_prev, model_output, schedule, eta, parameterization, clip_denoised, noise, generator,
             set_alpha_to_one=set_alpha_to_one, use_clipped_model_output=use_clipped_model_output,
@@ -290,6 +332,11 @@ def ddim_step(
             return_pred_x0=return_pred_x0,
         )
     alphas_cumprod = schedule.coefficients64[TABLE_ROW["alphas_cumprod"]]
+    parameterization = PARAMETERIZATION_ID[parameterization]
+    scale = None
+    if threshold_ratio is not None:
+        x0 = ddim_step_x0_op(x_t, t, t_prev, model_output, alphas_cumprod, parameterization)
+        scale = threshold_scale(x0, threshold_ratio, threshold_max)
     eta = float(eta)
     seed, philox_seed, philox_offset = None, 0, 0
     if eta <= 0:
@@ -297,9 +344,9 @@ def ddim_step(
     elif noise is None:
         seed, philox_seed, philox_offset = step_noise_key(generator, x_t)
     args = (
-        x_t, t, t_prev, model_output, alphas_cumprod, eta, PARAMETERIZATION_ID[parameterization], clip_denoised,
+        x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
         use_clipped_model_output, set_alpha_to_one, float(clip_range), noise, seed, philox_seed, philox_offset,
-        return_pred_x0,
+        return_pred_x0, scale,
     )
     if out is None:
         result, x0 = ddim_step_op(*args)

@@ -18,8 +18,9 @@ Noise. ``noise=None`` draws ``z`` in-kernel with Philox exactly as ``p_sample`` 
 with ``t_prev = t - 1`` and ``fixed_small`` a step equals ``p_sample`` from the same generator state. The values
 differ from the reference's ``torch.randn`` draw; the distribution and the generator bookkeeping do not.
 
-Fallback. ``threshold_ratio`` (dynamic thresholding) needs a per-sample quantile over the whole sample; such
-calls run ``reference.ddpm_step_ref`` on the same device. Everything else is fused.
+Thresholding. ``threshold_ratio`` runs as in ``ddim_step.py``: ``ddpm_step_x0`` writes the raw x0, a
+device-side sort selects each sample's scale, and the step kernel applies it in registers. Zero-element inputs
+run the reference.
 
 No autograd: sampling is not differentiated.
 """
@@ -34,6 +35,7 @@ import triton.language as tl
 
 from .. import reference
 from ..schedule import TABLE_ROW
+from .dynamic_threshold import threshold_scale
 from .p_sample import _zero_key
 from .utils import (
     PARAMETERIZATION_ID,
@@ -71,6 +73,7 @@ def ddpm_step_kernel(
     alphas_cumprod_ptr,
     out_ptr,
     x0_ptr,
+    scale_ptr,
     clip_range_hi,
     clip_range_lo,
     N,
@@ -82,6 +85,8 @@ def ddpm_step_kernel(
     CLIP_DENOISED: tl.constexpr,
     HAS_NOISE: tl.constexpr,
     RETURN_X0: tl.constexpr,
+    THRESHOLD: tl.constexpr,
+    X0_ONLY: tl.constexpr,
     COMPUTE_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -127,8 +132,17 @@ def ddpm_step_kernel(
         x0 = model_output
     else:  # v
         x0 = sqrt_ab_t * x - tl.sqrt(one_minus_ab_t) * model_output
-    if CLIP_DENOISED:
+    if X0_ONLY:
+        # first pass of a thresholded step: the raw x0 (compute dtype) the per-sample scale is selected from
+        tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+        return
+    if THRESHOLD:
+        # dynamic thresholding replaces clipping; s >= 1 per sample (dynamic_threshold.threshold_scale)
+        s = tl.load(scale_ptr + sample)
+        x0 = tl.where(x0 < -s, -s, tl.where(x0 > s, s, x0)) / s
+    elif CLIP_DENOISED:
         bound = to_compute(clip_range_hi, COMPUTE_FP64) + to_compute(clip_range_lo, COMPUTE_FP64)
+        # where, not minimum/maximum: a NaN x0 must stay NaN as under torch.clamp
         x0 = tl.where(x0 < -bound, -bound, tl.where(x0 > bound, bound, x0))
     mean = coef_x0 * x0 + coef_xt * x
 
@@ -152,7 +166,7 @@ def ddpm_step_kernel(
 
 
 def _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range,
-            noise, seed, philox_seed, philox_offset, out, x0):
+            noise, seed, philox_seed, philox_offset, out, x0, scale=None, x0_only=False):
     x_t, batch, n = as_rows(x_t)
     model_output = model_output.contiguous()
     if x_t.numel() == 0:
@@ -167,6 +181,9 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, vari
     return_x0 = x0 is not None
     if not return_x0:
         x0 = out  # unread placeholder
+    threshold = scale is not None
+    if not threshold:
+        scale = alphas_cumprod  # unread placeholder
     clip_hi, clip_lo = split_float(clip_range)
     model_output_stride = 2 * n if variance >= 2 else n
     block, warps = launch_config(n, batch)
@@ -174,9 +191,9 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, vari
         for b0, nb in batch_chunks(batch):
             ddpm_step_kernel[(triton.cdiv(n, block), nb)](
                 x_t, model_output, noise, seed, philox_seed, philox_offset, t, t_prev, alphas_cumprod, out, x0,
-                clip_hi, clip_lo, n, model_output_stride, alphas_cumprod.shape[0], b0,
+                scale, clip_hi, clip_lo, n, model_output_stride, alphas_cumprod.shape[0], b0,
                 PARAMETERIZATION=parameterization, VARIANCE=variance, CLIP_DENOISED=clip_denoised,
-                HAS_NOISE=has_noise, RETURN_X0=return_x0, COMPUTE_FP64=x_t.dtype == torch.float64,
+                HAS_NOISE=has_noise, RETURN_X0=return_x0, THRESHOLD=threshold, X0_ONLY=x0_only, COMPUTE_FP64=x_t.dtype == torch.float64,
                 BLOCK=block, num_warps=warps,
             )
 
@@ -201,19 +218,21 @@ def ddpm_step_op(
     philox_seed: int,
     philox_offset: int,
     return_pred_x0: bool,
+    scale: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x_{t_prev}, x0)``; ``x0`` is a zero-element tensor unless ``return_pred_x0``. Noise keyed as in
-    ``p_sample_op``; ``alphas_cumprod`` is the schedule's float64 row."""
+    ``p_sample_op``; ``alphas_cumprod`` is the schedule's float64 row; ``scale`` (per-sample, compute dtype),
+    when given, thresholds x0 instead of clipping."""
     out = _empty(x_t)
     x0 = _empty(x_t) if return_pred_x0 else x_t.new_empty(0)
     _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range,
-            noise, seed, philox_seed, philox_offset, out, x0 if return_pred_x0 else None)
+            noise, seed, philox_seed, philox_offset, out, x0 if return_pred_x0 else None, scale)
     return out, x0
 
 
 @ddpm_step_op.register_fake
 def _(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range, noise,
-      seed, philox_seed, philox_offset, return_pred_x0):
+      seed, philox_seed, philox_offset, return_pred_x0, scale):
     out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
     x0 = torch.empty_like(x_t, memory_format=torch.contiguous_format) if return_pred_x0 else x_t.new_empty(0)
     return out, x0
@@ -235,6 +254,7 @@ def ddpm_step_out_op(
     philox_seed: int,
     philox_offset: int,
     return_pred_x0: bool,
+    scale: Optional[torch.Tensor],
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Writes ``x_{t_prev}`` into ``out`` (which may be ``x_t``: each element is read and written by the same
@@ -242,7 +262,7 @@ def ddpm_step_out_op(
     x0 = _empty(x_t) if return_pred_x0 else x_t.new_empty(0)
     target = out if out.is_contiguous() else _empty(out)
     _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range,
-            noise, seed, philox_seed, philox_offset, target, x0 if return_pred_x0 else None)
+            noise, seed, philox_seed, philox_offset, target, x0 if return_pred_x0 else None, scale)
     if target is not out:
         out.copy_(target)
     return x0
@@ -250,8 +270,32 @@ def ddpm_step_out_op(
 
 @ddpm_step_out_op.register_fake
 def _(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range, noise,
-      seed, philox_seed, philox_offset, return_pred_x0, out):
+      seed, philox_seed, philox_offset, return_pred_x0, scale, out):
     return torch.empty_like(x_t, memory_format=torch.contiguous_format) if return_pred_x0 else x_t.new_empty(0)
+
+
+@torch.library.custom_op("ddpm_kernels_triton::ddpm_step_x0", mutates_args=())
+def ddpm_step_x0_op(
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    t_prev: torch.Tensor,
+    model_output: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    parameterization: int,
+    variance: int,
+) -> torch.Tensor:
+    """The step's unclipped x0 prediction in the compute dtype (float32; float64 for float64 data): the first
+    pass of a thresholded step. ``variance`` only sets how ``model_output`` is laid out (learned channels)."""
+    x0 = torch.empty(x_t.shape, dtype=reference.compute_dtype(x_t.dtype), device=x_t.device)
+    # noise: x_t as an unused stand-in (the X0_ONLY kernel returns before reading it; the compiler drops the load)
+    _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, False, 1.0, x_t, None, 0, 0,
+            x0, x0, x0_only=True)
+    return x0
+
+
+@ddpm_step_x0_op.register_fake
+def _(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance):
+    return torch.empty(x_t.shape, dtype=reference.compute_dtype(x_t.dtype), device=x_t.device)
 
 
 def ddpm_step(
@@ -272,21 +316,25 @@ def ddpm_step(
     return_pred_x0=False,
 ):
     """Backend entry with ``reference.ddpm_step_ref``'s signature; ``noise=None`` draws z in-kernel (Philox).
-    ``threshold_ratio`` is not fused: such calls run the reference (module docstring)."""
-    if threshold_ratio is not None:
+    ``threshold_ratio`` adds a first pass and a per-sample selection (module docstring)."""
+    if threshold_ratio is not None and x_t.numel() == 0:
         return reference.ddpm_step_ref(
             x_t, t, t_prev, model_output, schedule, parameterization, variance_type, clip_denoised, noise,
             generator, clip_range=clip_range, threshold_ratio=threshold_ratio, threshold_max=threshold_max,
             out=out, return_pred_x0=return_pred_x0,
         )
     alphas_cumprod = schedule.coefficients64[TABLE_ROW["alphas_cumprod"]]
+    parameterization, variance = PARAMETERIZATION_ID[parameterization], VARIANCE_ID[variance_type]
+    scale = None
+    if threshold_ratio is not None:
+        x0 = ddpm_step_x0_op(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance)
+        scale = threshold_scale(x0, threshold_ratio, threshold_max)
     seed, philox_seed, philox_offset = None, 0, 0
     if noise is None:
         seed, philox_seed, philox_offset = step_noise_key(generator, x_t)
     args = (
-        x_t, t, t_prev, model_output, alphas_cumprod, PARAMETERIZATION_ID[parameterization],
-        VARIANCE_ID[variance_type], clip_denoised, float(clip_range), noise, seed, philox_seed, philox_offset,
-        return_pred_x0,
+        x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised,
+        float(clip_range), noise, seed, philox_seed, philox_offset, return_pred_x0, scale,
     )
     if out is None:
         result, x0 = ddpm_step_op(*args)

@@ -1,0 +1,71 @@
+"""``dynamic_threshold`` (Imagen's dynamic thresholding, diffusers' ``_threshold_sample``) for the Triton
+backend, and the per-sample scale the fused ``ddim_step`` / ``ddpm_step`` use for ``threshold_ratio``.
+Reference: ``ddpm_kernels.reference.dynamic_threshold_ref``.
+
+Two passes. The scale ``s`` (the ``ratio`` quantile of ``|x0|`` over each sample, clamped to ``[1, max_value]``)
+is an order statistic of the whole sample: it is selected with the reference's own sort-based quantile
+(``reference._quantile_linear``: ``torch.sort`` along each sample, a gather and a lerp; device-side, no host
+synchronization, the same numbers as ``torch.quantile``). Only ``clamp(x0, -s, s) / s`` is a Triton kernel here
+(one read, one write); in the sampler steps it is fused into the step kernel itself, which reads ``s`` per
+sample. A selection kernel (radix select over the float bits) would save the sort; it is not written yet.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .utils import as_rows, batch_chunks, device_of, launch_config, to_compute
+
+__all__ = ["dynamic_threshold_kernel", "dynamic_threshold", "threshold_scale"]
+
+
+def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Per-sample ``s``, shape (B,), in ``x0``'s dtype (the compute dtype: pass float32 or float64 values)."""
+    rows = x0.reshape(x0.shape[0], -1)
+    return reference._quantile_linear(rows.abs(), ratio).clamp(min=1.0, max=max_value)
+
+
+@triton.jit
+def dynamic_threshold_kernel(x0_ptr, scale_ptr, out_ptr, N, batch_start, COMPUTE_FP64: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    sample = tl.program_id(1) + batch_start
+    offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs_in_sample < N
+    offs = sample.to(tl.int64) * N + offs_in_sample
+    x0 = to_compute(tl.load(x0_ptr + offs, mask=mask, other=0.0), COMPUTE_FP64)
+    s = tl.load(scale_ptr + sample)
+    # where, not minimum/maximum: NaN stays NaN as under torch.clamp
+    x0 = tl.where(x0 < -s, -s, tl.where(x0 > s, s, x0)) / s
+    tl.store(out_ptr + offs, x0.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("ddpm_kernels_triton::dynamic_threshold_apply", mutates_args=())
+def dynamic_threshold_apply_op(x0: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``clamp(x0, -s, s) / s`` with ``s = scale[b]`` per sample (``scale`` in the compute dtype)."""
+    out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    x0, batch, n = as_rows(x0)
+    if x0.numel() == 0:
+        return out
+    block, warps = launch_config(n, batch)
+    with device_of(x0):
+        for b0, nb in batch_chunks(batch):
+            dynamic_threshold_kernel[(triton.cdiv(n, block), nb)](
+                x0, scale, out, n, b0, COMPUTE_FP64=x0.dtype == torch.float64, BLOCK=block, num_warps=warps,
+            )
+    return out
+
+
+@dynamic_threshold_apply_op.register_fake
+def _(x0, scale):
+    return torch.empty_like(x0, memory_format=torch.contiguous_format)
+
+
+def dynamic_threshold(x0, ratio=0.995, max_value=1.0):
+    """Backend entry with ``reference.dynamic_threshold_ref``'s signature."""
+    if x0.numel() == 0:
+        return reference.dynamic_threshold_ref(x0, ratio, max_value)
+    scale = threshold_scale(x0.to(reference.compute_dtype(x0.dtype)), ratio, max_value)
+    return dynamic_threshold_apply_op(x0, scale)
