@@ -240,6 +240,20 @@ def test_out_in_place_and_non_contiguous(schedule, op):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+def test_strided_inputs(schedule):
+    """Non-contiguous x_t, model_output, noise and strided t / t_prev views give the reference's result."""
+    x_t, model_output, noise = (a.transpose(1, 2) for a in make_inputs((3, 5, 4), 3, torch.float32, seed=18))
+    steps = torch.tensor([[5, 4, 900], [500, 480, 7], [999, 979, 3]], device=DEVICE)
+    t, t_prev = steps[:, 0], steps[:, 1]
+    assert not t.is_contiguous() and not x_t.is_contiguous()
+    got = dk.ddim_step(x_t, t, t_prev, model_output, schedule, 1.0, "v", True, noise=noise, backend="triton")
+    ref = R.ddim_step_ref(x_t, t, t_prev, model_output, schedule, 1.0, "v", True, noise=noise)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    got = dk.ddpm_step(x_t, t, t_prev, model_output, schedule, "eps", "fixed_large", noise=noise, backend="triton")
+    ref = R.ddpm_step_ref(x_t, t, t_prev, model_output, schedule, "eps", "fixed_large", noise=noise)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_out_of_range_steps_give_nan(schedule):
     """Validation bypassed (backend functions called directly): t outside [0, T) or t_prev outside [-1, T)
     gives NaN for that sample only; nothing is read outside the table."""

@@ -169,6 +169,8 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, vari
             noise, seed, philox_seed, philox_offset, out, x0, scale=None, x0_only=False):
     x_t, batch, n = as_rows(x_t)
     model_output = model_output.contiguous()
+    # the kernel reads t[b] at t_ptr + b: a strided view (t = steps[:, 0]) must be packed first
+    t, t_prev = t.contiguous(), t_prev.contiguous()
     if x_t.numel() == 0:
         return
     has_noise = noise is not None
