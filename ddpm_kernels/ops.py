@@ -115,7 +115,8 @@ def _check_t(t, x: torch.Tensor, x_name: str, schedule: DiffusionSchedule) -> to
             lo, hi = (int(v) for v in torch.aminmax(t))
         if lo < 0 or hi >= T:
             raise ValueError(f"t: expected values in [0, {T}) (the schedule's timesteps), got min {lo}, max {hi}")
-    return t if t.dtype == torch.int64 else t.to(torch.int64)
+    # kernels read t with unit stride: a strided view (t = steps[:, 0]) is packed here, once, for every backend
+    return t.to(torch.int64).contiguous()
 
 
 def _check_choice(name: str, value, choices) -> str:
@@ -353,7 +354,7 @@ def _check_t_prev(t_prev, t: torch.Tensor, schedule: DiffusionSchedule) -> torch
             raise ValueError(
                 f"t_prev: expected values in [-1, {T}) (-1: after the last step), got min {lo}, max {hi}"
             )
-    return t_prev if t_prev.dtype == torch.int64 else t_prev.to(torch.int64)
+    return t_prev.to(torch.int64).contiguous()
 
 
 def _check_range(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:

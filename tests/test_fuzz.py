@@ -178,3 +178,18 @@ def test_in_kernel_noise_is_standard_normal_and_reproducible(backend):
     n = z.numel()
     assert abs(z.mean().item()) < 5 / math.sqrt(n)
     assert abs(z.std().item() - 1) < 5 * math.sqrt(2 / n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_timestep_view(backend):
+    """t as a strided view (a column of a (B, k) table) reads the right timesteps on every backend."""
+    s = SCHEDULES["linear"]
+    steps = torch.tensor([[0, 7], [999, 3], [500, 1]])
+    t = steps[:, 0]
+    assert not t.is_contiguous()
+    g = torch.Generator().manual_seed(0)
+    x, mo, z = (torch.randn(3, 2, 5, generator=g) for _ in range(3))
+    expected = dk.p_sample(x, t.contiguous(), mo, s, noise=z, backend="reference")
+    torch.testing.assert_close(dk.p_sample(x, t, mo, s, noise=z, backend=backend), expected, rtol=1e-5, atol=1e-5)
+    expected = dk.q_sample(x, t.contiguous(), z, s, backend="reference")
+    torch.testing.assert_close(dk.q_sample(x, t, z, s, backend=backend), expected, rtol=1e-5, atol=1e-5)
