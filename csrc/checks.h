@@ -8,6 +8,7 @@
 #include <string>
 
 #include "coefficients.h"
+#include "sampler_coefficients.h"
 
 namespace ddpm {
 
@@ -50,6 +51,53 @@ inline void check_common(const at::Tensor& x, const at::Tensor& t, const at::Ten
               "ddpm_kernels: table must be the contiguous (", int(kNumRows), ", T) schedule table, got ",
               table.sizes());
   TORCH_CHECK(table.device() == x.device(), "ddpm_kernels: table is on ", table.device(), ", expected ", x.device());
+}
+
+inline Variance parse_variance(const std::string& v) {
+  if (v == "fixed_small" || v == "fixed_small_log") return Variance::kFixedSmall;
+  if (v == "fixed_large" || v == "fixed_large_log") return Variance::kFixedLarge;
+  if (v == "learned") return Variance::kLearned;
+  if (v == "learned_range") return Variance::kLearnedRange;
+  TORCH_CHECK_VALUE(false, "ddpm_kernels: variance_type must be one of fixed_small, fixed_small_log, fixed_large, ",
+                    "fixed_large_log, learned, learned_range, got '", v, "'");
+}
+
+inline bool is_learned(Variance v) { return v == Variance::kLearned || v == Variance::kLearnedRange; }
+
+// The sampler steps: x_t as check_common, t and t_prev int64 of shape (B,), the float64 (K, T) table, and
+// model_output like x_t, or (B, 2C, ...) for x_t of (B, C, ...) with a learned variance.
+inline void check_sampler(const at::Tensor& x, const at::Tensor& t, const at::Tensor& t_prev,
+                          const at::Tensor& model_output, const at::Tensor& table64, bool learned) {
+  TORCH_CHECK(x.dim() >= 1, "ddpm_kernels: data must have a batch dimension");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kBFloat16,
+              "ddpm_kernels: unsupported dtype ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), "ddpm_kernels: x_t must be contiguous");
+  for (const at::Tensor* ts : {&t, &t_prev}) {
+    const char* name = ts == &t ? "t" : "t_prev";
+    TORCH_CHECK(ts->scalar_type() == at::kLong && ts->dim() == 1 && ts->size(0) == x.size(0), "ddpm_kernels: ", name,
+                " must be int64 of shape (", x.size(0), ",), got ", ts->scalar_type(), " ", ts->sizes());
+    TORCH_CHECK(ts->device() == x.device() && ts->is_contiguous(), "ddpm_kernels: ", name, " must be contiguous on ",
+                x.device());
+  }
+  TORCH_CHECK(table64.scalar_type() == at::kDouble && table64.dim() == 2 && table64.size(0) >= kNumRows &&
+                  table64.size(1) >= 1 && table64.is_contiguous(),
+              "ddpm_kernels: table64 must be the contiguous float64 (", int(kNumRows), ", T) schedule table, got ",
+              table64.scalar_type(), " ", table64.sizes());
+  TORCH_CHECK(table64.device() == x.device(), "ddpm_kernels: table64 is on ", table64.device(), ", expected ",
+              x.device());
+  if (!learned) {
+    check_data("model_output", model_output, x);
+    return;
+  }
+  TORCH_CHECK(x.dim() >= 2, "ddpm_kernels: a learned variance needs x_t with a channel dimension");
+  auto want = x.sizes().vec();
+  want[1] *= 2;
+  TORCH_CHECK(model_output.sizes() == at::IntArrayRef(want), "ddpm_kernels: model_output has shape ",
+              model_output.sizes(), ", expected ", at::IntArrayRef(want), " (prediction and variance channels)");
+  TORCH_CHECK(model_output.scalar_type() == x.scalar_type() && model_output.device() == x.device() &&
+                  model_output.is_contiguous(),
+              "ddpm_kernels: model_output must be contiguous, of x_t's dtype and device");
 }
 
 // (B, 1, ..., 1) with x's number of dims: the shape of var / log_var.

@@ -231,6 +231,107 @@ def diffusion_loss(
     )
 
 
+# ---------------------------------------------------------------------------------------------- sampler steps
+# ddim_step / ddpm_step: one fused pass with the per-sample coefficients derived in float64 inside the kernels
+# from the float64 table (csrc/sampler_coefficients.h). Dynamic thresholding (threshold_ratio) needs a
+# per-sample quantile over the whole sample, which one elementwise pass cannot see: those calls, like calls
+# that need a gradient, run the reference (ddpm_kernels.reference) on the same device.
+def _step_call(op, out, args, return_pred_x0):
+    if out is not None and out.is_contiguous():
+        x0 = getattr(_ops(), op + "_out")(*args, out)
+        result = out
+    else:
+        result, x0 = getattr(_ops(), op)(*args)
+        result = _store(result, out)
+    return (result, x0) if return_pred_x0 else result
+
+
+def ddim_step(
+    x_t,
+    t,
+    t_prev,
+    model_output,
+    schedule,
+    eta=0.0,
+    parameterization="eps",
+    clip_denoised=False,
+    noise=None,
+    generator=None,
+    set_alpha_to_one=True,
+    use_clipped_model_output=False,
+    clip_range=1.0,
+    threshold_ratio=None,
+    threshold_max=1.0,
+    out=None,
+    return_pred_x0=False,
+):
+    if threshold_ratio is not None or _needs_grad(x_t, model_output, noise):
+        return reference.ddim_step_ref(
+            x_t, t, t_prev, model_output, schedule, eta, parameterization, clip_denoised, noise, generator,
+            set_alpha_to_one=set_alpha_to_one, use_clipped_model_output=use_clipped_model_output,
+            clip_range=clip_range, threshold_ratio=threshold_ratio, threshold_max=threshold_max, out=out,
+            return_pred_x0=return_pred_x0,
+        )
+    eta = float(eta)
+    args = (
+        _c(x_t),
+        t.to(torch.int64).contiguous(),
+        t_prev.to(torch.int64).contiguous(),
+        _c(model_output),
+        schedule.table(torch.float64),
+        eta,
+        parameterization,
+        bool(clip_denoised),
+        float(clip_range),
+        bool(set_alpha_to_one),
+        bool(use_clipped_model_output),
+        _c(noise) if eta > 0 else None,  # eta == 0: no noise term, nothing read or drawn
+        generator,
+        bool(return_pred_x0),
+    )
+    return _step_call("ddim_step", out, args, return_pred_x0)
+
+
+def ddpm_step(
+    x_t,
+    t,
+    t_prev,
+    model_output,
+    schedule,
+    parameterization="eps",
+    variance_type="fixed_small",
+    clip_denoised=True,
+    noise=None,
+    generator=None,
+    clip_range=1.0,
+    threshold_ratio=None,
+    threshold_max=1.0,
+    out=None,
+    return_pred_x0=False,
+):
+    if threshold_ratio is not None or _needs_grad(x_t, model_output, noise):
+        return reference.ddpm_step_ref(
+            x_t, t, t_prev, model_output, schedule, parameterization, variance_type, clip_denoised, noise,
+            generator, clip_range=clip_range, threshold_ratio=threshold_ratio, threshold_max=threshold_max,
+            out=out, return_pred_x0=return_pred_x0,
+        )
+    args = (
+        _c(x_t),
+        t.to(torch.int64).contiguous(),
+        t_prev.to(torch.int64).contiguous(),
+        _c(model_output),
+        schedule.table(torch.float64),
+        parameterization,
+        variance_type,
+        bool(clip_denoised),
+        float(clip_range),
+        _c(noise),
+        generator,
+        bool(return_pred_x0),
+    )
+    return _step_call("ddpm_step", out, args, return_pred_x0)
+
+
 OPS = {
     "q_sample": q_sample,
     "predict_start_from_noise": predict_start_from_noise,
@@ -242,6 +343,11 @@ OPS = {
     "p_mean_variance": p_mean_variance,
     "p_sample": p_sample,
     "diffusion_loss": diffusion_loss,
+    "ddim_step": ddim_step,
+    "ddpm_step": ddpm_step,
+    # Not fused: a per-sample quantile (a sort) is no elementwise kernel; the compiled backends serve it with
+    # the reference so that every sampler op is available on them.
+    "dynamic_threshold": reference.dynamic_threshold_ref,
 }
 
 
@@ -294,6 +400,29 @@ def _register_python_parts() -> None:
     @fake(lib + "diffusion_loss_backward")
     def _(g_loss, g_simple, g_vlb, model_output, *rest):
         return like(model_output)
+
+    def step_outputs(x_t, return_pred_x0):
+        return like(x_t), (like(x_t) if return_pred_x0 else x_t.new_empty(0))
+
+    @fake(lib + "ddim_step")
+    def _(x_t, t, t_prev, model_output, table64, eta, parameterization, clip_denoised, clip_range,
+          set_alpha_to_one, use_clipped_model_output, noise, generator, return_pred_x0):
+        return step_outputs(x_t, return_pred_x0)
+
+    @fake(lib + "ddim_step_out")
+    def _(x_t, t, t_prev, model_output, table64, eta, parameterization, clip_denoised, clip_range,
+          set_alpha_to_one, use_clipped_model_output, noise, generator, return_pred_x0, out):
+        return step_outputs(x_t, return_pred_x0)[1]
+
+    @fake(lib + "ddpm_step")
+    def _(x_t, t, t_prev, model_output, table64, parameterization, variance_type, clip_denoised, clip_range,
+          noise, generator, return_pred_x0):
+        return step_outputs(x_t, return_pred_x0)
+
+    @fake(lib + "ddpm_step_out")
+    def _(x_t, t, t_prev, model_output, table64, parameterization, variance_type, clip_denoised, clip_range,
+          noise, generator, return_pred_x0, out):
+        return step_outputs(x_t, return_pred_x0)[1]
 
     # q_sample: d/dx_start = sqrt(ab) g, d/dnoise = sqrt(1 - ab) g, both from one kernel. Its backward is
     # linear in g, and its own backward is q_sample again, so double backward works too.

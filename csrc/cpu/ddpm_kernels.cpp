@@ -27,6 +27,7 @@
 
 #include "../checks.h"
 #include "../coefficients.h"
+#include "../sampler_coefficients.h"
 #include "../module.h"
 
 namespace ddpm {
@@ -532,6 +533,261 @@ at::Tensor p_sample_kernel(const at::Tensor& x_t, const at::Tensor& t, const at:
   return out;
 }
 
+// ------------------------------------------------------------------------------------------- sampler steps
+// ddim_step / ddpm_step: per-sample coefficients derived in float64 from alphas_cumprod[t], [t_prev]
+// (csrc/sampler_coefficients.h), then one pass over the data in float32 (float64) lanes.
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> expv(const Vectorized<T>& x) {
+  return x.exp();
+}
+template <typename T, typename = std::enable_if_t<std::is_floating_point_v<T>>>
+C10_ALWAYS_INLINE T expv(T x) {
+  return std::exp(x);
+}
+
+// The in-kernel noise of element i: the same Philox blocks as p_sample (normal_block), so a step and a
+// p_sample keyed by the same generator state see the same normals.
+template <typename L>
+struct BlockNoise {
+  using acc_t = typename L::acc_t;
+  alignas(64) float f[kBlock];
+  alignas(64) acc_t buf[kBlock + 64];
+  int64_t blk = -1;
+  uint64_t seed = 0;
+
+  void fill(int64_t b) {
+    normal_block(b, seed, f);
+    for (int64_t j = 0; j < kBlock; ++j) buf[j] = static_cast<acc_t>(f[j]);
+    blk = b;
+  }
+  C10_ALWAYS_INLINE void get(int64_t i, typename L::AVec* zv) {
+    const int64_t b = i / kBlock;
+    if (b != blk) fill(b);
+    const int64_t off = i - b * kBlock;
+    if (off + L::size() <= kBlock) {
+      L::load_acc(buf + off, zv);
+      return;
+    }
+    // The vector straddles two noise blocks (a sample boundary not aligned to the vector width).
+    alignas(64) acc_t tmp[64 + 64];
+    const int64_t first = kBlock - off;
+    std::memcpy(tmp, buf + off, sizeof(acc_t) * first);
+    fill(b + 1);
+    std::memcpy(tmp + first, buf, sizeof(acc_t) * (L::size() - first));
+    L::load_acc(tmp, zv);
+  }
+};
+
+enum class SamplerOp { kDdim, kDdpm };
+enum class NoiseMode { kNone, kGiven, kRandom };
+
+template <typename scalar_t>
+struct SamplerArgs {
+  const scalar_t* x_t;
+  const scalar_t* mo;  // model_output; sample b's prediction at b * mo_stride, its variance channels N later
+  const scalar_t* noise;
+  scalar_t* out;
+  scalar_t* x0;  // nullptr unless return_pred_x0
+  const int64_t* t;
+  const int64_t* t_prev;
+  const double* table64;
+  int64_t T, numel, N, mo_stride;
+  double eta, clip_range;
+  bool set_alpha_to_one, clip, use_clipped;
+  Variance variance;
+  NoiseMode noise_mode;
+  uint64_t seed;
+};
+
+template <typename scalar_t, SamplerOp kOp, Param kParam>
+void sampler_kernel(const SamplerArgs<scalar_t>& a) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  parallel_blocks(a.numel, [&](int64_t blk0, int64_t blk1) {
+    auto noise = std::make_unique<BlockNoise<L>>();
+    noise->seed = a.seed;
+    for_each_segment(blk0, blk1, a.numel, a.N, [&](int64_t b, int64_t i, int64_t stop) {
+      acc_t c[kSamplerSlots];
+      if constexpr (kOp == SamplerOp::kDdim) {
+        ddim_coefficients<acc_t>(a.table64, a.T, a.t[b], a.t_prev[b], a.eta, a.set_alpha_to_one, c);
+      } else {
+        ddpm_coefficients<acc_t>(a.table64, a.T, a.t[b], a.t_prev[b], a.variance, c);
+      }
+      const AVec at(c[kAT]), st(c[kST]), ra(c[kRA]), rs(c[kRS]), c4(c[4]), c5(c[5]), c6(c[6]);
+      const AVec mask(c[kDdpmMask]), min_log(c[kDdpmMinLog]), max_log(c[kDdpmMaxLog]);
+      const AVec lo(static_cast<acc_t>(-a.clip_range)), hi(static_cast<acc_t>(a.clip_range));
+      const AVec one(acc_t(1)), half(acc_t(0.5));
+      const bool learned = is_learned(a.variance) && kOp == SamplerOp::kDdpm;
+      // element i of x_t pairs with mo_b[i] (and the variance channel mo_b[i + N])
+      const scalar_t* mo_b = a.mo + b * (a.mo_stride - a.N);
+      AVec xv[L::kVecs], mv[L::kVecs], vv[L::kVecs], zv[L::kVecs], x0v[L::kVecs];
+      for (; i < stop; i += L::size()) {
+        const int64_t n = std::min<int64_t>(L::size(), stop - i);
+        L::load(a.x_t + i, xv, n);
+        L::load(mo_b + i, mv, n);
+        if (learned) L::load(mo_b + i + a.N, vv, n);
+        if (a.noise_mode == NoiseMode::kGiven) {
+          L::load(a.noise + i, zv, n);
+        } else if (a.noise_mode == NoiseMode::kRandom) {
+          noise->get(i, zv);
+        }
+        for (int k = 0; k < L::kVecs; ++k) {
+          const AVec x = xv[k], mo = mv[k];
+          AVec x0, eps;
+          if constexpr (kParam == Param::kEps) {
+            x0 = ra * x - rs * mo;
+            eps = mo;
+          } else if constexpr (kParam == Param::kX0) {
+            x0 = mo;
+            if constexpr (kOp == SamplerOp::kDdim) eps = (x - at * mo) / st;
+          } else {
+            x0 = at * x - st * mo;
+            if constexpr (kOp == SamplerOp::kDdim) eps = at * mo + st * x;
+          }
+          if (a.clip) x0 = clampv(x0, lo, hi);
+          AVec r;
+          if constexpr (kOp == SamplerOp::kDdim) {
+            if (a.use_clipped) eps = (x - at * x0) / st;
+            r = c4 * x0 + c5 * eps;
+            if (a.noise_mode != NoiseMode::kNone) r = r + c6 * zv[k];
+          } else {
+            r = c4 * x0 + c5 * x;
+            AVec sd;
+            if (a.variance == Variance::kLearned) {
+              sd = mask * expv(half * vv[k]);
+            } else if (a.variance == Variance::kLearnedRange) {
+              const AVec frac = (vv[k] + one) * half;
+              sd = mask * expv(half * (frac * max_log + (one - frac) * min_log));
+            } else {
+              sd = c6;  // [t > 0] std, per sample
+            }
+            r = r + sd * zv[k];
+          }
+          xv[k] = r;
+          x0v[k] = x0;
+        }
+        L::store(a.out + i, xv, n);
+        if (a.x0 != nullptr) L::store(a.x0 + i, x0v, n);
+      }
+    });
+  });
+}
+
+template <typename scalar_t>
+void sampler_dispatch(SamplerOp op, Param param, const SamplerArgs<scalar_t>& a) {
+  if (a.numel == 0) return;
+#define DDPM_SAMPLER_CASE(O, P) \
+  if (op == O && param == P) return sampler_kernel<scalar_t, O, P>(a);
+  DDPM_SAMPLER_CASE(SamplerOp::kDdim, Param::kEps)
+  DDPM_SAMPLER_CASE(SamplerOp::kDdim, Param::kX0)
+  DDPM_SAMPLER_CASE(SamplerOp::kDdim, Param::kV)
+  DDPM_SAMPLER_CASE(SamplerOp::kDdpm, Param::kEps)
+  DDPM_SAMPLER_CASE(SamplerOp::kDdpm, Param::kX0)
+  DDPM_SAMPLER_CASE(SamplerOp::kDdpm, Param::kV)
+#undef DDPM_SAMPLER_CASE
+}
+
+// Both steps: checks, noise source, launch. Returns x0 (zero elements unless return_pred_x0).
+at::Tensor sampler_step(SamplerOp op, const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
+                        const at::Tensor& model_output, const at::Tensor& table64, double eta,
+                        c10::string_view parameterization, Variance variance, bool clip_denoised, double clip_range,
+                        bool set_alpha_to_one, bool use_clipped, const std::optional<at::Tensor>& noise,
+                        std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
+  const bool learned = op == SamplerOp::kDdpm && is_learned(variance);
+  check_sampler(x_t, t, t_prev, model_output, table64, learned);
+  check_data("out", out, x_t);
+  const Param param = parse_param(std::string(parameterization));
+  // ddim_step with eta == 0 has no noise term: nothing is read or drawn (as the reference)
+  const bool add_noise = op == SamplerOp::kDdpm || eta > 0;
+  NoiseMode mode = NoiseMode::kNone;
+  uint64_t seed = 0;
+  if (add_noise && noise.has_value()) {
+    check_data("noise", *noise, x_t);
+    mode = NoiseMode::kGiven;
+  } else if (add_noise) {
+    // p_sample's scheme: one 64-bit draw per call keys the Philox stream.
+    auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    seed = gen->random64();
+    mode = NoiseMode::kRandom;
+  }
+  at::Tensor x0 = return_pred_x0 ? at::empty_like(x_t, at::MemoryFormat::Contiguous) : at::empty({0}, x_t.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "ddpm_kernels_sampler_step", [&] {
+    SamplerArgs<scalar_t> a;
+    a.x_t = x_t.const_data_ptr<scalar_t>();
+    a.mo = model_output.const_data_ptr<scalar_t>();
+    a.noise = mode == NoiseMode::kGiven ? noise->const_data_ptr<scalar_t>() : nullptr;
+    a.out = out.mutable_data_ptr<scalar_t>();
+    a.x0 = return_pred_x0 ? x0.mutable_data_ptr<scalar_t>() : nullptr;
+    a.t = t.const_data_ptr<int64_t>();
+    a.t_prev = t_prev.const_data_ptr<int64_t>();
+    a.table64 = table64.const_data_ptr<double>();
+    a.T = table64.size(1);
+    a.numel = x_t.numel();
+    a.N = a.numel == 0 ? 1 : a.numel / x_t.size(0);
+    a.mo_stride = learned ? 2 * a.N : a.N;
+    a.eta = eta;
+    a.clip_range = clip_range;
+    a.set_alpha_to_one = set_alpha_to_one;
+    a.clip = clip_denoised;
+    a.use_clipped = use_clipped;
+    a.variance = variance;
+    a.noise_mode = mode;
+    a.seed = seed;
+    sampler_dispatch<scalar_t>(op, param, a);
+  });
+  return x0;
+}
+
+at::Tensor ddim_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
+                                const at::Tensor& model_output, const at::Tensor& table64, double eta,
+                                c10::string_view parameterization, bool clip_denoised, double clip_range,
+                                bool set_alpha_to_one, bool use_clipped_model_output,
+                                const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+                                bool return_pred_x0, const at::Tensor& out) {
+  return sampler_step(SamplerOp::kDdim, x_t, t, t_prev, model_output, table64, eta, parameterization,
+                      Variance::kFixedSmall, clip_denoised, clip_range, set_alpha_to_one, use_clipped_model_output,
+                      noise, std::move(generator), return_pred_x0, out);
+}
+
+std::tuple<at::Tensor, at::Tensor> ddim_step_kernel(const at::Tensor& x_t, const at::Tensor& t,
+                                                    const at::Tensor& t_prev, const at::Tensor& model_output,
+                                                    const at::Tensor& table64, double eta,
+                                                    c10::string_view parameterization, bool clip_denoised,
+                                                    double clip_range, bool set_alpha_to_one,
+                                                    bool use_clipped_model_output,
+                                                    const std::optional<at::Tensor>& noise,
+                                                    std::optional<at::Generator> generator, bool return_pred_x0) {
+  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  at::Tensor x0 = ddim_step_out_kernel(x_t, t, t_prev, model_output, table64, eta, parameterization, clip_denoised,
+                                       clip_range, set_alpha_to_one, use_clipped_model_output, noise,
+                                       std::move(generator), return_pred_x0, out);
+  return {out, x0};
+}
+
+at::Tensor ddpm_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
+                                const at::Tensor& model_output, const at::Tensor& table64,
+                                c10::string_view parameterization, c10::string_view variance_type,
+                                bool clip_denoised, double clip_range, const std::optional<at::Tensor>& noise,
+                                std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
+  return sampler_step(SamplerOp::kDdpm, x_t, t, t_prev, model_output, table64, 0.0, parameterization,
+                      parse_variance(std::string(variance_type)), clip_denoised, clip_range, true, false, noise,
+                      std::move(generator), return_pred_x0, out);
+}
+
+std::tuple<at::Tensor, at::Tensor> ddpm_step_kernel(const at::Tensor& x_t, const at::Tensor& t,
+                                                    const at::Tensor& t_prev, const at::Tensor& model_output,
+                                                    const at::Tensor& table64, c10::string_view parameterization,
+                                                    c10::string_view variance_type, bool clip_denoised,
+                                                    double clip_range, const std::optional<at::Tensor>& noise,
+                                                    std::optional<at::Generator> generator, bool return_pred_x0) {
+  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  at::Tensor x0 = ddpm_step_out_kernel(x_t, t, t_prev, model_output, table64, parameterization, variance_type,
+                                       clip_denoised, clip_range, noise, std::move(generator), return_pred_x0, out);
+  return {out, x0};
+}
+
 // ------------------------------------------------------------------------------------------------ loss
 // Elements per reduction chunk: partial sums are kept per (sample, chunk) in float64, so the result does
 // not depend on the thread count, and the float32 lane accumulators sum at most a few hundred terms.
@@ -727,6 +983,10 @@ void register_cpu_kernels(torch::Library& m) {
   m.impl("p_sample_out", &p_sample_out_kernel);
   m.impl("diffusion_loss", &diffusion_loss_kernel);
   m.impl("diffusion_loss_backward", &diffusion_loss_backward_kernel);
+  m.impl("ddim_step", &ddim_step_kernel);
+  m.impl("ddim_step_out", &ddim_step_out_kernel);
+  m.impl("ddpm_step", &ddpm_step_kernel);
+  m.impl("ddpm_step_out", &ddpm_step_out_kernel);
 }
 
 // TORCH_LIBRARY_IMPL(ddpm_kernels, CPU, m), registered only if no other build of these kernels already serves

@@ -24,6 +24,7 @@
 
 #include "../checks.h"
 #include "../coefficients.h"
+#include "../sampler_coefficients.h"
 
 namespace ddpm {
 namespace cuda {
@@ -566,6 +567,251 @@ at::Tensor diffusion_loss_backward_kernel(const at::Tensor& grad_loss, const at:
   return grad;
 }
 
+// ------------------------------------------------------------------------------------------- sampler steps
+// ddim_step / ddpm_step. Two launches on the current stream: a (B,)-thread kernel derives each sample's
+// coefficients in float64 from alphas_cumprod[t], [t_prev] of the float64 table (csrc/sampler_coefficients.h)
+// and rounds them once into a (B, kSamplerSlots) buffer of the compute dtype; the elementwise kernel reads
+// them per packet (L1/L2 resident). Float64 math never runs per element, which matters on GPUs with slow
+// float64, and nothing is read on the host, so the step stays CUDA-graph safe.
+enum class SamplerOp : int { kDdim = 0, kDdpm = 1 };
+
+struct SamplerFlags {
+  SamplerOp op;
+  Param param;
+  Variance variance;
+  bool learned, clip, use_clipped, add_noise;
+};
+
+template <typename acc_t>
+__global__ void sampler_coefficients_kernel(SamplerOp op, const int64_t* t, const int64_t* t_prev,
+                                            const double* table64, int64_t T, int64_t B, double eta,
+                                            bool set_alpha_to_one, Variance variance, acc_t* coef) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  if (op == SamplerOp::kDdim) {
+    ddim_coefficients<acc_t>(table64, T, t[b], t_prev[b], eta, set_alpha_to_one, coef + b * kSamplerSlots);
+  } else {
+    ddpm_coefficients<acc_t>(table64, T, t[b], t_prev[b], variance, coef + b * kSamplerSlots);
+  }
+}
+
+// One element of a step; writes the (clipped) x0 prediction to x0.
+template <typename acc_t>
+__device__ __forceinline__ acc_t sampler_element(const acc_t* c, const SamplerFlags& fl, acc_t clip_range, acc_t x,
+                                                 acc_t mo, acc_t v, acc_t z, acc_t& x0) {
+  if (fl.param == Param::kEps) {
+    x0 = c[kRA] * x - c[kRS] * mo;
+  } else if (fl.param == Param::kX0) {
+    x0 = mo;
+  } else {
+    x0 = c[kAT] * x - c[kST] * mo;
+  }
+  // where-style clamp: a NaN x0 stays NaN, as under torch.clamp
+  if (fl.clip) x0 = x0 < -clip_range ? -clip_range : (x0 > clip_range ? clip_range : x0);
+  if (fl.op == SamplerOp::kDdim) {
+    acc_t eps;
+    if (fl.use_clipped) {
+      eps = (x - c[kAT] * x0) / c[kST];
+    } else if (fl.param == Param::kEps) {
+      eps = mo;
+    } else if (fl.param == Param::kX0) {
+      eps = (x - c[kAT] * mo) / c[kST];
+    } else {
+      eps = c[kAT] * mo + c[kST] * x;
+    }
+    acc_t r = c[kDdimAPrev] * x0 + c[kDdimDir] * eps;
+    if (fl.add_noise) r += c[kDdimSigma] * z;
+    return r;
+  }
+  acc_t sd;
+  if (fl.variance == Variance::kLearned) {
+    sd = c[kDdpmMask] * exp(acc_t(0.5) * v);
+  } else if (fl.variance == Variance::kLearnedRange) {
+    const acc_t frac = (v + acc_t(1)) * acc_t(0.5);
+    sd = c[kDdpmMask] * exp(acc_t(0.5) * (frac * c[kDdpmMaxLog] + (acc_t(1) - frac) * c[kDdpmMinLog]));
+  } else {
+    sd = c[kDdpmStd];
+  }
+  return c[kDdpmCoefX0] * x0 + c[kDdpmCoefXt] * x + sd * z;
+}
+
+template <typename scalar_t>
+struct SamplerFn {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x_t;
+  const scalar_t* mo;  // sample b's prediction at b * (N + mo_extra), its variance channels N later
+  const scalar_t* noise;
+  scalar_t* out;
+  scalar_t* x0;  // nullptr unless return_pred_x0
+  const acc_t* coef;
+  int64_t N, mo_extra;
+  acc_t clip_range;
+  SamplerFlags fl;
+
+  template <int V>
+  __device__ __forceinline__ void apply(int64_t i, int64_t b) const {
+    acc_t c[kSamplerSlots];
+#pragma unroll
+    for (int k = 0; k < kSamplerSlots; ++k) c[k] = coef[b * kSamplerSlots + k];
+    const int64_t m = i + b * mo_extra;
+    scalar_t xv[V], mv[V], vv[V], zv[V], x0v[V];
+    load<V>(x_t + i, xv);
+    load<V>(mo + m, mv);
+    if (fl.learned) load<V>(mo + m + N, vv);
+    if (noise != nullptr) load<V>(noise + i, zv);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      acc_t x0_;
+      const acc_t v = fl.learned ? acc_t(vv[k]) : acc_t(0);
+      const acc_t z = noise != nullptr ? acc_t(zv[k]) : acc_t(0);
+      xv[k] = static_cast<scalar_t>(sampler_element(c, fl, clip_range, acc_t(xv[k]), acc_t(mv[k]), v, z, x0_));
+      x0v[k] = static_cast<scalar_t>(x0_);
+    }
+    store<V>(out + i, xv);
+    if (x0 != nullptr) store<V>(x0 + i, x0v);
+  }
+
+  __device__ __forceinline__ void element(int64_t i, int64_t b, acc_t z) const {
+    acc_t c[kSamplerSlots];
+#pragma unroll
+    for (int k = 0; k < kSamplerSlots; ++k) c[k] = coef[b * kSamplerSlots + k];
+    const int64_t m = i + b * mo_extra;
+    const acc_t v = fl.learned ? acc_t(mo[m + N]) : acc_t(0);
+    acc_t x0_;
+    out[i] = static_cast<scalar_t>(sampler_element(c, fl, clip_range, acc_t(x_t[i]), acc_t(mo[m]), v, z, x0_));
+    if (x0 != nullptr) x0[i] = static_cast<scalar_t>(x0_);
+  }
+};
+
+// In-kernel noise exactly as p_sample_random_kernel: thread tid owns 4-element groups tid, tid + stride, ...,
+// Philox subsequence tid, one curand_normal4 per group.
+template <typename scalar_t>
+__global__ void sampler_random_kernel(SamplerFn<scalar_t> f, int64_t numel, at::PhiloxCudaState philox) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto seeds = at::cuda::philox::unpack(philox);
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  curandStatePhilox4_32_10_t state;
+  curand_init(std::get<0>(seeds), tid, std::get<1>(seeds), &state);
+  const int64_t groups = (numel + 3) / 4;
+  for (int64_t g = tid; g < groups; g += stride) {
+    const float4 z4 = curand_normal4(&state);
+    const float z[4] = {z4.x, z4.y, z4.z, z4.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t i = g * 4 + k;
+      if (i < numel) f.element(i, i / f.N, acc_t(z[k]));
+    }
+  }
+}
+
+// Both steps: checks, coefficients, noise source, launch. Returns x0 (zero elements unless return_pred_x0).
+at::Tensor sampler_step(SamplerOp op, const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
+                        const at::Tensor& model_output, const at::Tensor& table64, double eta,
+                        c10::string_view parameterization, Variance variance, bool clip_denoised, double clip_range,
+                        bool set_alpha_to_one, bool use_clipped, const std::optional<at::Tensor>& noise,
+                        std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
+  const bool learned = op == SamplerOp::kDdpm && is_learned(variance);
+  check_sampler(x_t, t, t_prev, model_output, table64, learned);
+  check_data("out", out, x_t);
+  const Param param = parse_param(std::string(parameterization));
+  at::Tensor x0 = return_pred_x0 ? at::empty_like(x_t, at::MemoryFormat::Contiguous) : at::empty({0}, x_t.options());
+  // ddim_step with eta == 0 has no noise term: nothing is read or drawn (as the reference)
+  const bool add_noise = op == SamplerOp::kDdpm || eta > 0;
+  const bool given = add_noise && noise.has_value();
+  if (given) check_data("noise", *noise, x_t);
+  const int64_t numel = x_t.numel();
+  if (numel == 0) return x0;
+  c10::cuda::CUDAGuard guard(x_t.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t B = x_t.size(0), N = numel / B;
+  const SamplerFlags fl{op, param, variance, learned, clip_denoised, use_clipped, add_noise};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "ddpm_kernels_sampler_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor coef = at::empty({B, int64_t(kSamplerSlots)}, x_t.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    sampler_coefficients_kernel<acc_t><<<(B + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+        op, t.const_data_ptr<int64_t>(), t_prev.const_data_ptr<int64_t>(), table64.const_data_ptr<double>(),
+        table64.size(1), B, eta, set_alpha_to_one, variance, coef.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    SamplerFn<scalar_t> f{x_t.const_data_ptr<scalar_t>(),
+                          model_output.const_data_ptr<scalar_t>(),
+                          given ? noise->const_data_ptr<scalar_t>() : nullptr,
+                          out.mutable_data_ptr<scalar_t>(),
+                          return_pred_x0 ? x0.mutable_data_ptr<scalar_t>() : nullptr,
+                          coef.const_data_ptr<acc_t>(),
+                          N,
+                          learned ? N : 0,
+                          static_cast<acc_t>(clip_range),
+                          fl};
+    if (add_noise && !given) {
+      // p_sample's launch shape and Philox bookkeeping, so the generator advances the same way.
+      const int64_t groups = (numel + 3) / 4;
+      const int64_t blocks = grid_for(groups);
+      const uint64_t calls_per_thread = uint64_t((groups + blocks * kThreads - 1) / (blocks * kThreads));
+      auto* gen =
+          at::get_generator_or_default<at::CUDAGeneratorImpl>(generator, at::cuda::detail::getDefaultCUDAGenerator());
+      at::PhiloxCudaState philox;
+      {
+        std::lock_guard<std::mutex> lock(gen->mutex_);
+        philox = gen->philox_cuda_state(calls_per_thread * 4);
+      }
+      sampler_random_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(f, numel, philox);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      launch_per_sample<scalar_t>(vector_width<scalar_t>(N, {f.x_t, f.mo, f.noise, f.out, f.x0}), numel, N, f);
+    }
+  });
+  return x0;
+}
+
+at::Tensor ddim_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
+                                const at::Tensor& model_output, const at::Tensor& table64, double eta,
+                                c10::string_view parameterization, bool clip_denoised, double clip_range,
+                                bool set_alpha_to_one, bool use_clipped_model_output,
+                                const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+                                bool return_pred_x0, const at::Tensor& out) {
+  return sampler_step(SamplerOp::kDdim, x_t, t, t_prev, model_output, table64, eta, parameterization,
+                      Variance::kFixedSmall, clip_denoised, clip_range, set_alpha_to_one, use_clipped_model_output,
+                      noise, std::move(generator), return_pred_x0, out);
+}
+
+std::tuple<at::Tensor, at::Tensor> ddim_step_kernel(const at::Tensor& x_t, const at::Tensor& t,
+                                                    const at::Tensor& t_prev, const at::Tensor& model_output,
+                                                    const at::Tensor& table64, double eta,
+                                                    c10::string_view parameterization, bool clip_denoised,
+                                                    double clip_range, bool set_alpha_to_one,
+                                                    bool use_clipped_model_output,
+                                                    const std::optional<at::Tensor>& noise,
+                                                    std::optional<at::Generator> generator, bool return_pred_x0) {
+  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  at::Tensor x0 = ddim_step_out_kernel(x_t, t, t_prev, model_output, table64, eta, parameterization, clip_denoised,
+                                       clip_range, set_alpha_to_one, use_clipped_model_output, noise,
+                                       std::move(generator), return_pred_x0, out);
+  return {out, x0};
+}
+
+at::Tensor ddpm_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
+                                const at::Tensor& model_output, const at::Tensor& table64,
+                                c10::string_view parameterization, c10::string_view variance_type,
+                                bool clip_denoised, double clip_range, const std::optional<at::Tensor>& noise,
+                                std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
+  return sampler_step(SamplerOp::kDdpm, x_t, t, t_prev, model_output, table64, 0.0, parameterization,
+                      parse_variance(std::string(variance_type)), clip_denoised, clip_range, true, false, noise,
+                      std::move(generator), return_pred_x0, out);
+}
+
+std::tuple<at::Tensor, at::Tensor> ddpm_step_kernel(const at::Tensor& x_t, const at::Tensor& t,
+                                                    const at::Tensor& t_prev, const at::Tensor& model_output,
+                                                    const at::Tensor& table64, c10::string_view parameterization,
+                                                    c10::string_view variance_type, bool clip_denoised,
+                                                    double clip_range, const std::optional<at::Tensor>& noise,
+                                                    std::optional<at::Generator> generator, bool return_pred_x0) {
+  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  at::Tensor x0 = ddpm_step_out_kernel(x_t, t, t_prev, model_output, table64, parameterization, variance_type,
+                                       clip_denoised, clip_range, noise, std::move(generator), return_pred_x0, out);
+  return {out, x0};
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace ddpm
@@ -587,4 +833,8 @@ TORCH_LIBRARY_IMPL(ddpm_kernels, CUDA, m) {
   m.impl("p_sample_out", &p_sample_out_kernel);
   m.impl("diffusion_loss", &diffusion_loss_kernel);
   m.impl("diffusion_loss_backward", &diffusion_loss_backward_kernel);
+  m.impl("ddim_step", &ddim_step_kernel);
+  m.impl("ddim_step_out", &ddim_step_out_kernel);
+  m.impl("ddpm_step", &ddpm_step_kernel);
+  m.impl("ddpm_step_out", &ddpm_step_out_kernel);
 }
