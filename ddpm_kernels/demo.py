@@ -208,6 +208,12 @@ def train(
 
 
 # ------------------------------------------------------------------------------------------- sampling
+def _sample_shape(diffusion: GaussianDiffusion, n: int) -> Tuple[int, ...]:
+    size = diffusion.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    return (n, diffusion.channels, *size)
+
+
 @torch.no_grad()
 def sample_grid(
     diffusion: GaussianDiffusion, num_samples: int, seed: int = 0, progress: bool = True
@@ -215,8 +221,7 @@ def sample_grid(
     """``p_sample_loop`` from a seeded generator: ``(samples, intermediates, seconds)``."""
     device = diffusion.device
     g = torch.Generator(device=device).manual_seed(seed)
-    size = diffusion.image_size
-    shape = (num_samples, diffusion.channels, size, size)
+    shape = _sample_shape(diffusion, num_samples)
     _sync(device)
     start = time.perf_counter()
     samples, intermediates = diffusion.p_sample_loop(shape, return_intermediates=True, generator=g, progress=progress)
@@ -274,8 +279,7 @@ def compare_backends(
     (same x_T, same explicit noise per step)."""
     device = diffusion.device
     g = torch.Generator(device=device).manual_seed(seed)
-    size = diffusion.image_size
-    x_T = torch.randn((num_samples, diffusion.channels, size, size), generator=g, device=device)
+    x_T = torch.randn(_sample_shape(diffusion, num_samples), generator=g, device=device)
     results: Dict[str, Dict[str, float]] = {}
     ref_final = sample_with_noise(diffusion, x_T, seed + 1, "reference") if fused else None
     for name in fused:
@@ -290,7 +294,10 @@ def compare_backends(
             got = dk_ops.p_sample(*args, noise=noise, backend=name)
             step_err = max(step_err, float((got - ref).abs().max()))
         final = sample_with_noise(diffusion, x_T, seed + 1, name)
-        results[name] = {"step_max_abs_diff": step_err, "trajectory_max_abs_diff": float((final - ref_final).abs().max())}
+        results[name] = {
+            "step_max_abs_diff": step_err,
+            "trajectory_max_abs_diff": float((final - ref_final).abs().max()),
+        }
     return results
 
 
@@ -424,8 +431,7 @@ def time_sampling_step(
     device = diffusion.device
     s = diffusion.schedule
     g = torch.Generator(device=device).manual_seed(seed)
-    size = diffusion.image_size
-    x = torch.randn((batch_size, diffusion.channels, size, size), generator=g, device=device)
+    x = torch.randn(_sample_shape(diffusion, batch_size), generator=g, device=device)
     t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=g, device=device)
     model_out = diffusion.model(x, t)
     xl = torch.randn(tuple(latent_shape), generator=g, device=device)
@@ -467,6 +473,11 @@ def time_sampling_step(
     return rows
 
 
+def _fmt_load(machine: Dict[str, object]) -> str:
+    load = machine.get("load_average") or {}
+    return f"{load.get('start')} at start, {load.get('end')} at the end"
+
+
 def render_timing_markdown(report: Dict[str, object]) -> str:
     """The timing table (markdown) from the demo's JSON report; the table is never written by hand."""
     m = report["machine"]
@@ -475,7 +486,7 @@ def render_timing_markdown(report: Dict[str, object]) -> str:
     latent = "x".join(str(d) for d in cfg["latent_shape"])
     lines = [
         f"Machine: {m['device_name']} ({m['threads']} torch threads), torch {m['torch']}, "
-        f"ddpm_kernels {m['ddpm_kernels']}, {m['date']}. {m['condition']}",
+        f"ddpm_kernels {m['ddpm_kernels']}, {m['date']}, 1-minute load average {_fmt_load(m)}. {m['condition']}",
         "",
         f"Per-step sampling time, T={cfg['timesteps']}, samples {shape}; median of {cfg['timing_rounds']} "
         f"interleaved rounds.",
@@ -490,7 +501,8 @@ def render_timing_markdown(report: Dict[str, object]) -> str:
             f"{ref['p_sample_us'] / r['p_sample_us']:.2f}x / {ref['p_sample_latent_us'] / r['p_sample_latent_us']:.2f}x"
         )
         lines.append(
-            f"| {r['backend']} | {r['p_sample_us']:.1f} | {r['p_sample_latent_us']:.1f} | {r['step_ms']:.2f} | {speed} |"
+            f"| {r['backend']} | {r['p_sample_us']:.1f} | {r['p_sample_latent_us']:.1f} | {r['step_ms']:.2f} "
+            f"| {speed} |"
         )
     for name, why in report["unavailable"].items():
         lines.append(f"| {name} | not available on this machine | — | — | — |")
@@ -504,6 +516,12 @@ def render_timing_markdown(report: Dict[str, object]) -> str:
         f"Sampling the grid ({sampling['num_samples']} samples, {cfg['timesteps']} steps) with backend="
         f"`{sampling['backend']}` (ran on `{sampling['resolved']}`): {sampling['seconds']:.1f} s.",
     ]
+    if "seconds" in report:
+        sec = report["seconds"]
+        lines.append(
+            f"Whole demo: {sec['total']:.0f} s, of which training ({cfg['training_steps']} steps, batch "
+            f"{cfg['batch_size']}) {sec['training']:.0f} s."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -513,10 +531,15 @@ def render_quality_markdown(quality: Dict[str, object]) -> str:
         "Quality figure: an MLP trained on real digits plus a \"not a digit\" class of noise images "
         f"(held-out digit accuracy {quality['classifier_heldout_accuracy']:.3f}) labels each image, pooled to 8x8.",
         "",
-        "| images | n | recognised (p >= 0.9) | mean top-digit probability | not a digit | digit score (1-10) | digits seen |",
+        "| images | n | recognised (p >= 0.9) | mean top-digit probability | not a digit | digit score (1-10) "
+        "| digits seen |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    names = {"generated": "trained model's samples", "untrained_model": "untrained model's samples", "real_heldout": "real held-out digits"}
+    names = {
+        "generated": "trained model's samples",
+        "untrained_model": "untrained model's samples",
+        "real_heldout": "real held-out digits",
+    }
     for key, label in names.items():
         if key in quality:
             q = quality[key]
@@ -569,7 +592,8 @@ def save_progression(intermediates: Sequence[torch.Tensor], steps: Sequence[int]
             ax.set_xticks([])
             ax.set_yticks([])
         axes[0][c].set_title(label, fontsize=7)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (0.75 * rows + 0.35), wspace=0.05, hspace=0.05)
+    top = 1 - 0.3 / (0.75 * rows + 0.35)  # room for the column titles
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.05, hspace=0.05)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -581,18 +605,29 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a tiny DDPM on scikit-learn's handwritten digits and sample it with the fused ops.",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
-    p.add_argument("--backend", default="auto", choices=backends.BACKEND_NAMES, help="backend for sampling (default: auto)")
+    p.add_argument(
+        "--backend", default="auto", choices=backends.BACKEND_NAMES, help="backend for sampling (default: auto)"
+    )
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default: {DEFAULT_STEPS})")
-    p.add_argument("--timesteps", type=int, default=DEFAULT_TIMESTEPS, help=f"diffusion steps T (default: {DEFAULT_TIMESTEPS})")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"training batch (default: {DEFAULT_BATCH_SIZE})")
+    p.add_argument(
+        "--timesteps", type=int, default=DEFAULT_TIMESTEPS, help=f"diffusion steps T (default: {DEFAULT_TIMESTEPS})"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"training batch (default: {DEFAULT_BATCH_SIZE})"
+    )
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="8, 16 or 32 (default: 16)")
     p.add_argument("--base-channels", type=int, default=32, help="UNet width (default: 32)")
-    p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, help="samples to draw and score (default: 100)")
+    p.add_argument(
+        "--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, help="samples to draw and score (default: 100)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the classifier (default: 0)")
     p.add_argument("--out", default="demo_out", help="output directory (default: ./demo_out)")
     p.add_argument("--checkpoint", default=None, help="load this checkpoint and skip training")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's choice, fewer when other processes keep cores busy)",
+    )
     p.add_argument("--timing-repeats", type=int, default=50, help="calls per timing measurement (default: 50)")
     p.add_argument("--condition", default="", help="a note on the machine's condition, written into the timing table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -606,12 +641,12 @@ def _print(msg: str = "") -> None:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     wall_start = time.perf_counter()
+    load_start = _load_average()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         _print("error: --device cuda but torch sees no CUDA device")
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or _auto_threads(device))
     if args.steps < 0 or args.timesteps < 2 or args.num_samples < 1 or args.batch_size < 1:
         _print("error: --steps >= 0, --timesteps >= 2, --num-samples >= 1 and --batch-size >= 1 are required")
         return 2
@@ -627,7 +662,10 @@ def main(argv=None) -> int:
     fused, missing = fused_backends(device)
     if resolved != "reference" and resolved not in fused:  # an explicit --backend outside auto's list
         fused.append(resolved)
-    _print(f"ddpm_kernels {__version__} demo on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    _print(
+        f"ddpm_kernels {__version__} demo on {device} (torch threads: {torch.get_num_threads()}, 1-minute load "
+        f"average {load_start}), torch {torch.__version__}"
+    )
     _print(f"sampling backend: {args.backend} -> {resolved}")
     for name, why in missing.items():
         _print(f"  fused backend {name!r} not available here: {why}")
@@ -645,6 +683,7 @@ def main(argv=None) -> int:
         diffusion.eval()
         losses: List[float] = []
         untrained_state = None
+        train_seconds = 0.0
         steps_done = cfg["steps"]
         _print(f"loaded {args.checkpoint} ({steps_done} training steps); training skipped")
         if cfg["image_size"] != args.image_size:
@@ -741,24 +780,31 @@ def main(argv=None) -> int:
             "python": platform.python_version(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "condition": args.condition,
+            "load_average": {"start": load_start, "end": _load_average()},
         },
         "config": {
             "device": str(device),
             "timesteps": T,
             "training_steps": steps_done,
             "batch_size": args.batch_size,
-            "sample_shape": [args.num_samples, diffusion.channels, diffusion.image_size, diffusion.image_size],
+            "sample_shape": list(_sample_shape(diffusion, args.num_samples)),
             "latent_shape": [8, 4, 64, 64],
             "timing_rounds": 5,
             "timing_repeats": args.timing_repeats,
             "seed": args.seed,
         },
-        "sampling": {"backend": args.backend, "resolved": resolved, "seconds": sample_seconds, "num_samples": args.num_samples},
+        "sampling": {
+            "backend": args.backend,
+            "resolved": resolved,
+            "seconds": sample_seconds,
+            "num_samples": args.num_samples,
+        },
         "timing": timing,
         "unavailable": missing,
         "equality": equality,
         "quality": quality,
         "final_loss": statistics.fmean(losses[-100:]) if losses else None,
+        "seconds": {"training": train_seconds, "total": time.perf_counter() - wall_start},
     }
     table = render_timing_markdown(report)
     with open(os.path.join(args.out, "report.json"), "w") as f:
@@ -768,6 +814,29 @@ def main(argv=None) -> int:
     _print(table)
     _print(f"total {time.perf_counter() - wall_start:.1f} s; outputs in {args.out}/")
     return 0
+
+
+def _auto_threads(device) -> int:
+    """torch's default thread count, less the cores other processes keep busy (1-minute load average).
+
+    PyTorch's CPU ops split work across threads that meet at a barrier after every op; when another process
+    holds one of the cores, every op waits for the descheduled thread. On a 2-core machine with a load of ~4
+    this makes a training step 3x slower with 2 threads than with 1.
+    """
+    threads = torch.get_num_threads()
+    load = _load_average()
+    if torch.device(device).type != "cpu" or load is None:
+        return threads
+    free = (os.cpu_count() or threads) - int(round(load))
+    return max(1, min(threads, free))
+
+
+def _load_average() -> Optional[float]:
+    """The 1-minute load average (other processes competing for the cores), where the OS reports one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _cpu_name() -> str:

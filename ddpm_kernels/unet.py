@@ -128,7 +128,8 @@ class UNet(nn.Module):
                 self.up.append(ResBlock(cur + skip_channels.pop(), ch * mult, emb_dim, dropout))
                 cur = ch * mult
             if level != 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)))
+                upsample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1))
+                self.up.append(upsample)
 
         self.norm_out = _norm(cur)
         self.conv_out = nn.Conv2d(cur, in_channels, 3, padding=1)
