@@ -494,17 +494,17 @@ def test_torch_compile_steps(backend, schedule):
     wide = torch.cat([model_output, -noise.abs()], 1)
     t, t_prev = make_steps(2, backend, seed=15)
 
-    def steps(x_t, t, t_prev, model_output, wide, noise):
+    # the in-place step's buffer comes from outside: the graph holds only the ops (no Inductor-generated kernel)
+    def steps(x_t, t, t_prev, model_output, wide, noise, x):
         a, x0 = dk.ddim_step(x_t, t, t_prev, model_output, schedule, 0.5, "v", True, noise=noise,
                              backend=backend, return_pred_x0=True)
         b = dk.ddpm_step(x_t, t, t_prev, wide, schedule, "eps", "learned", noise=noise, backend=backend)
-        x = x_t.clone()
         dk.ddpm_step(x, t, t_prev, model_output, schedule, noise=noise, backend=backend, out=x)
         return a, x0, b, x
 
-    eager = steps(x_t, t, t_prev, model_output, wide, noise)
+    eager = steps(x_t, t, t_prev, model_output, wide, noise, x_t.clone())
     torch._dynamo.reset()
-    compiled = torch.compile(steps, fullgraph=True)(x_t, t, t_prev, model_output, wide, noise)
+    compiled = torch.compile(steps, fullgraph=True)(x_t, t, t_prev, model_output, wide, noise, x_t.clone())
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
