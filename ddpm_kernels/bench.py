@@ -129,9 +129,11 @@ def count_host_syncs(fn: Callable[[], object], device: torch.device) -> Optional
     return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
 
 
-def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, min_run_time: float) -> float:
-    """Bytes/s of ``dst.copy_(src)`` for ``numel`` elements: the roof an elementwise op of that size can reach."""
-    src = torch.randn(numel, device=device).to(dtype)
+def copy_bandwidth(nbytes: int, device: torch.device, min_run_time: float) -> float:
+    """Bytes/s of ``dst.copy_(src)`` moving ``nbytes`` in all (read + write): the roof for an op that moves as
+    many bytes. Matching the bytes, not the element count, keeps the working set the same size, so a copy that
+    would fit in cache is not compared with an op whose three or four tensors do not."""
+    src = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     med, _, _ = time_fn(lambda: dst.copy_(src), device, min_run_time)
     return 2 * src.numel() * src.element_size() / med
@@ -228,7 +230,7 @@ def _providers(device: torch.device, dtype: torch.dtype, wanted: Optional[Sequen
 def run_case(case: Case, providers: Sequence[str], min_run_time: float, condition: str, progress=None) -> List[Row]:
     rows: List[Row] = []
     device = case.device
-    copy_bw = copy_bandwidth(case.numel, case.dtype, device, min_run_time)
+    copy_bw = copy_bandwidth(case.bytes, device, min_run_time)
     for provider in providers:
         compile_s = None
         note = ""
@@ -465,9 +467,12 @@ def _other_malloc_condition(argv: List[str], out_json: str) -> List[dict]:
     once at process start, so it cannot be toggled in-process)."""
     env = dict(os.environ)
     if "MALLOC_MMAP_THRESHOLD_" in env:
-        del env["MALLOC_MMAP_THRESHOLD_"]
+        env.pop("MALLOC_MMAP_THRESHOLD_")
+        env.pop("MALLOC_TRIM_THRESHOLD_", None)
     else:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 30)
+        # Both: a fixed mmap threshold also freezes the trim threshold at 128 KiB, and trimming the heap top
+        # after every free page-faults the next temporary back in just as munmap would.
+        env["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_TRIM_THRESHOLD_"] = str(1 << 30)
     cmd = [sys.executable, "-m", "ddpm_kernels", "bench", *argv, "--providers", "eager", "--no-malloc-variant",
            "--no-e2e", "--no-progress", "--out", out_json]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -505,7 +510,7 @@ def main(argv=None) -> int:
     dtype_names = args.dtypes or (["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
     condition = ""
     if device.type == "cpu":
-        condition = ("malloc mmap threshold raised" if os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        condition = ("malloc mmap/trim thresholds raised" if os.environ.get("MALLOC_MMAP_THRESHOLD_")
                      else "default malloc")
     schedule = DiffusionSchedule(timesteps=args.timesteps).to(device)
     meta = _meta(device)

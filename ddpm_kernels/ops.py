@@ -171,6 +171,25 @@ def _dispatch(op: str, backend: str, x: torch.Tensor):
     return backends.resolve(op, backend, x.device, x.dtype)[1]
 
 
+def _dispatch_sampling(op: str, backend: str, x: torch.Tensor):
+    """Dispatch for the sampling steps (p_mean_variance, p_sample, ddim_step, ddpm_step).
+
+    They are not on the seed's training path (its p_sample runs under no_grad): fused backends run them on
+    detached inputs, so an input that happens to require grad never changes which kernel serves the call, nor
+    the noise stream it draws. The reference keeps full autograd for anyone differentiating through a step.
+    """
+    name, fn = backends.resolve(op, backend, x.device, x.dtype)
+    if name == "reference" or not torch.is_grad_enabled():
+        return fn
+
+    def call(*args, **kwargs):
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) and k != "out" else v) for k, v in kwargs.items()}
+        return fn(*args, **kwargs)
+
+    return call
+
+
 # --------------------------------------------------------------------------------------------------- ops
 def q_sample(x_start, t, noise, schedule, backend="auto", *, out=None):
     """Diffuse ``x_start`` to step ``t``: ``sqrt(ab_t) x_start + sqrt(1 - ab_t) noise``.
@@ -263,7 +282,7 @@ def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip
     t = _check_t(t, x_t, "x_t", schedule)
     parameterization = _check_parameterization(parameterization)
     clip_denoised = _check_bool("clip_denoised", clip_denoised)
-    fn = _dispatch("p_mean_variance", backend, x_t)
+    fn = _dispatch_sampling("p_mean_variance", backend, x_t)
     return fn(x_t, t, model_output, schedule, parameterization, clip_denoised)
 
 
@@ -296,7 +315,7 @@ def p_sample(
     clip_denoised = _check_bool("clip_denoised", clip_denoised)
     generator = _check_generator(generator, x_t)
     out = _check_out(out, x_t, "x_t")
-    fn = _dispatch("p_sample", backend, x_t)
+    fn = _dispatch_sampling("p_sample", backend, x_t)
     return fn(x_t, t, model_output, schedule, parameterization, clip_denoised, noise, generator, out=out)
 
 
@@ -458,7 +477,7 @@ def ddim_step(
     threshold_ratio, threshold_max = _check_thresholding(threshold_ratio, threshold_max)
     out = _check_out(out, x_t, "x_t")
     return_pred_x0 = _check_bool("return_pred_x0", return_pred_x0)
-    fn = _dispatch("ddim_step", backend, x_t)
+    fn = _dispatch_sampling("ddim_step", backend, x_t)
     return fn(
         x_t,
         t,
@@ -534,7 +553,7 @@ def ddpm_step(
     threshold_ratio, threshold_max = _check_thresholding(threshold_ratio, threshold_max)
     out = _check_out(out, x_t, "x_t")
     return_pred_x0 = _check_bool("return_pred_x0", return_pred_x0)
-    fn = _dispatch("ddpm_step", backend, x_t)
+    fn = _dispatch_sampling("ddpm_step", backend, x_t)
     return fn(
         x_t,
         t,

@@ -200,7 +200,8 @@ def diffusion_loss_ref(
         target = _v(x_start, noise, t, schedule, cd)
     diff = model_output.to(cd) - target
     per_elem = diff.abs() if loss_type == "l1" else diff * diff
-    per_sample = per_elem.reshape(per_elem.shape[0], -1).mean(dim=1)
+    # explicit row length: reshape(B, -1) cannot infer it for an empty batch
+    per_sample = per_elem.reshape(per_elem.shape[0], math.prod(per_elem.shape[1:])).mean(dim=1)
     (w,) = extract(schedule, ("lvlb_weights_" + parameterization,), t, 1, cd)
     loss_simple = per_sample.mean()
     loss_vlb = (w * per_sample).mean()

@@ -298,12 +298,17 @@ def test_q_sample_backward_both_grads_one_op():
     torch.testing.assert_close(n.grad, b.expand_as(n))
 
 
-def test_grad_through_non_differentiable_kernels_uses_reference():
+def test_sampling_steps_run_detached_on_fused_backends():
+    """p_sample is a sampling step (the seed runs it under no_grad): the fused kernel serves it even when an
+    input requires grad, with no autograd history; the reference keeps autograd for differentiating a step."""
     x, mo, nz = _inputs((2, 3, 4), torch.float64)
     mo.requires_grad_()
     t = torch.tensor([3, 700])
     out = dk.p_sample(x, t, mo, SCHEDULE, noise=nz, backend="cpu")
-    out.sum().backward()
+    assert not out.requires_grad
+    ref = dk.p_sample(x, t, mo, SCHEDULE, noise=nz, backend="reference")
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
+    ref.sum().backward()
     assert mo.grad is not None and mo.grad.abs().sum() > 0
 
 

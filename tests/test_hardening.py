@@ -135,12 +135,12 @@ class _LossStep(nn.Module):
         return self.diffusion.p_losses(x0, t, noise=noise)[0]
 
 
-def _ddp_worker(rank, world, port, backend, result_path):
+def _ddp_worker(rank, world, store_path, backend, result_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store: no TCP port to pick and lose to another process between choosing and binding it
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = _ConvModel()
     d = dk.GaussianDiffusion(model, dk.DiffusionSchedule(timesteps=100), backend=backend, image_size=8, channels=3)
@@ -161,15 +161,10 @@ def _ddp_worker(rank, world, port, backend, result_path):
 
 @pytest.mark.parametrize("backend", ["reference"] + _fused_cpu_backends())
 def test_ddp_gradients_equal_single_process(backend, tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     path = str(tmp_path / "result")
-    mp.spawn(_ddp_worker, args=(2, port, backend, path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), backend, path), nprocs=2, join=True)
     results = [torch.load(f"{path}.{r}") for r in range(2)]
 
     torch.manual_seed(0)
@@ -188,3 +183,25 @@ def test_ddp_gradients_equal_single_process(backend, tmp_path):
     again = dk.p_sample(torch.zeros(2, 3, 8, 8), torch.full((2,), 50), torch.zeros(2, 3, 8, 8), d.schedule,
                         generator=torch.Generator().manual_seed(1000), backend=backend)
     torch.testing.assert_close(results[0]["z"], again, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_sampling_step_independent_of_requires_grad(backend):
+    """A model output that requires grad (a loop without no_grad) gets the same kernel and the same noise."""
+    g = torch.Generator().manual_seed(0)
+    x, mo = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)
+    t = torch.tensor([0, 60])
+    a = dk.p_sample(x, t, mo, S, generator=torch.Generator().manual_seed(5), backend=backend)
+    b = dk.p_sample(x, t, mo.clone().requires_grad_(), S, generator=torch.Generator().manual_seed(5), backend=backend)
+    torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_empty_batch(backend):
+    s = S
+    x = torch.randn(0, 3, 4)
+    t = torch.zeros(0, dtype=torch.long)
+    assert dk.q_sample(x, t, x, s, backend=backend).shape == (0, 3, 4)
+    assert dk.p_sample(x, t, x, s, noise=x, backend=backend).shape == (0, 3, 4)
+    loss, simple, vlb = dk.diffusion_loss(x, x, x, t, s, backend=backend)
+    assert torch.isnan(loss) and torch.isnan(simple) and torch.isnan(vlb)
