@@ -146,6 +146,9 @@ def extension_kwargs():
                          extra_compile_args={"cxx": COMMON_CXX})
         )
     cpu_sources = _sources("csrc/cpu/*.cpp")
+    # at::parallel_for is a header template: without -fopenmp it compiles to a serial loop in the extension
+    # even though torch itself is threaded. libgomp resolves to the copy torch has already loaded (same soname).
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
     for isa in _cpu_isas() if cpu_sources else []:
         name, flags = CPU_ISAS[isa]
         ext_modules.append(
@@ -153,7 +156,8 @@ def extension_kwargs():
                 "ddpm_kernels." + name,
                 cpu_sources,
                 include_dirs=include_dirs,
-                extra_compile_args={"cxx": COMMON_CXX + flags},
+                extra_compile_args={"cxx": COMMON_CXX + flags + openmp},
+                extra_link_args=openmp,
             )
         )
     return {"ext_modules": ext_modules, "cmdclass": {"build_ext": BuildExtensionPerTarget}}

@@ -115,8 +115,11 @@ def _check_t(t, x: torch.Tensor, x_name: str, schedule: DiffusionSchedule) -> to
             lo, hi = (int(v) for v in torch.aminmax(t))
         if lo < 0 or hi >= T:
             raise ValueError(f"t: expected values in [0, {T}) (the schedule's timesteps), got min {lo}, max {hi}")
-    # kernels read t with unit stride: a strided view (t = steps[:, 0]) is packed here, once, for every backend
-    return t.to(torch.int64).contiguous()
+    # kernels read int64 t with unit stride: a strided view (t = steps[:, 0]) is packed here, once, for every
+    # backend (both conversions are skipped when not needed: this runs every sampling step)
+    if t.dtype != torch.int64:
+        t = t.to(torch.int64)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _check_choice(name: str, value, choices) -> str:
@@ -171,15 +174,19 @@ def _dispatch(op: str, backend: str, x: torch.Tensor):
     return backends.resolve(op, backend, x.device, x.dtype)[1]
 
 
-def _dispatch_sampling(op: str, backend: str, x: torch.Tensor):
+def _dispatch_sampling(op: str, backend: str, x_t: torch.Tensor, *inputs: Optional[torch.Tensor]):
     """Dispatch for the sampling steps (p_mean_variance, p_sample, ddim_step, ddpm_step).
 
     They are not on the seed's training path (its p_sample runs under no_grad): fused backends run them on
     detached inputs, so an input that happens to require grad never changes which kernel serves the call, nor
     the noise stream it draws. The reference keeps full autograd for anyone differentiating through a step.
     """
-    name, fn = backends.resolve(op, backend, x.device, x.dtype)
-    if name == "reference" or not torch.is_grad_enabled():
+    name, fn = backends.resolve(op, backend, x_t.device, x_t.dtype)
+    if (
+        name == "reference"
+        or not torch.is_grad_enabled()
+        or not (x_t.requires_grad or any(a is not None and a.requires_grad for a in inputs))
+    ):
         return fn
 
     def call(*args, **kwargs):
@@ -282,7 +289,7 @@ def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip
     t = _check_t(t, x_t, "x_t", schedule)
     parameterization = _check_parameterization(parameterization)
     clip_denoised = _check_bool("clip_denoised", clip_denoised)
-    fn = _dispatch_sampling("p_mean_variance", backend, x_t)
+    fn = _dispatch_sampling("p_mean_variance", backend, x_t, model_output)
     return fn(x_t, t, model_output, schedule, parameterization, clip_denoised)
 
 
@@ -315,7 +322,7 @@ def p_sample(
     clip_denoised = _check_bool("clip_denoised", clip_denoised)
     generator = _check_generator(generator, x_t)
     out = _check_out(out, x_t, "x_t")
-    fn = _dispatch_sampling("p_sample", backend, x_t)
+    fn = _dispatch_sampling("p_sample", backend, x_t, model_output, noise)
     return fn(x_t, t, model_output, schedule, parameterization, clip_denoised, noise, generator, out=out)
 
 
@@ -477,7 +484,7 @@ def ddim_step(
     threshold_ratio, threshold_max = _check_thresholding(threshold_ratio, threshold_max)
     out = _check_out(out, x_t, "x_t")
     return_pred_x0 = _check_bool("return_pred_x0", return_pred_x0)
-    fn = _dispatch_sampling("ddim_step", backend, x_t)
+    fn = _dispatch_sampling("ddim_step", backend, x_t, model_output, noise)
     return fn(
         x_t,
         t,
@@ -553,7 +560,7 @@ def ddpm_step(
     threshold_ratio, threshold_max = _check_thresholding(threshold_ratio, threshold_max)
     out = _check_out(out, x_t, "x_t")
     return_pred_x0 = _check_bool("return_pred_x0", return_pred_x0)
-    fn = _dispatch_sampling("ddpm_step", backend, x_t)
+    fn = _dispatch_sampling("ddpm_step", backend, x_t, model_output, noise)
     return fn(
         x_t,
         t,
