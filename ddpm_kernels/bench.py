@@ -486,7 +486,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", nargs="+", type=_parse_shape, default=None,
-                        help="e.g. 16x4x64x64 (default: the four issue shapes on GPU, two on CPU)")
+                        help="e.g. 16x4x64x64 (default: four shapes on GPU, two on CPU)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
                         help="default: fp32 bf16 fp16 on GPU, fp32 bf16 on CPU")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
