@@ -95,17 +95,19 @@ def _check_schedule(schedule, x: torch.Tensor) -> DiffusionSchedule:
     return schedule
 
 
-def _check_t(t, x: torch.Tensor, x_name: str, schedule: DiffusionSchedule) -> torch.Tensor:
+def _check_timesteps(
+    name: str, t, batch: int, device: torch.device, owner: str, shape_note: str, schedule: DiffusionSchedule,
+    lo_allowed: int, range_note: str,
+) -> torch.Tensor:
+    """Metadata of a per-sample timestep tensor, its values where that is free, then int64 with unit stride."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"t: expected an int64 tensor of shape ({x.shape[0]},), got {type(t).__name__}")
+        raise TypeError(f"{name}: expected an int64 tensor of shape ({batch},), got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"t: expected an integer tensor (int64), got {t.dtype}")
-    if t.ndim != 1 or t.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"t: expected shape ({x.shape[0]},) (one timestep per sample of {x_name}), got {tuple(t.shape)}"
-        )
-    if t.device != x.device:
-        raise ValueError(f"t: expected a tensor on {x.device} (the device of {x_name}), got {t.device}")
+        raise TypeError(f"{name}: expected an integer tensor (int64), got {t.dtype}")
+    if t.ndim != 1 or t.shape[0] != batch:
+        raise ValueError(f"{name}: expected shape ({batch},) ({shape_note}), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of {owner}), got {t.device}")
     if (t.device.type == "cpu" or _device_t_check) and not torch.compiler.is_compiling() and t.numel() > 0:
         T = schedule.num_timesteps
         if t.numel() <= 256:  # a Python min/max of a short list beats two reductions plus two .item()s
@@ -113,13 +115,20 @@ def _check_t(t, x: torch.Tensor, x_name: str, schedule: DiffusionSchedule) -> to
             lo, hi = min(values), max(values)
         else:
             lo, hi = (int(v) for v in torch.aminmax(t))
-        if lo < 0 or hi >= T:
-            raise ValueError(f"t: expected values in [0, {T}) (the schedule's timesteps), got min {lo}, max {hi}")
-    # kernels read int64 t with unit stride: a strided view (t = steps[:, 0]) is packed here, once, for every
-    # backend (both conversions are skipped when not needed: this runs every sampling step)
+        if lo < lo_allowed or hi >= T:
+            raise ValueError(f"{name}: expected values in [{lo_allowed}, {T}) ({range_note}), got min {lo}, max {hi}")
+    # kernels read int64 timesteps with unit stride: a strided view (t = steps[:, 0]) is packed here, once, for
+    # every backend (both conversions are skipped when not needed: this runs every sampling step)
     if t.dtype != torch.int64:
         t = t.to(torch.int64)
     return t if t.is_contiguous() else t.contiguous()
+
+
+def _check_t(t, x: torch.Tensor, x_name: str, schedule: DiffusionSchedule) -> torch.Tensor:
+    return _check_timesteps(
+        "t", t, x.shape[0], x.device, x_name, f"one timestep per sample of {x_name}", schedule, 0,
+        "the schedule's timesteps",
+    )
 
 
 def _check_choice(name: str, value, choices) -> str:
@@ -365,22 +374,9 @@ def diffusion_loss(
 # ------------------------------------------------------------------------------------------ sampler steps
 def _check_t_prev(t_prev, t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
     """Like `_check_t` for the step's target timestep, which may also be -1 ("after the last step")."""
-    if not isinstance(t_prev, torch.Tensor):
-        raise TypeError(f"t_prev: expected an int64 tensor of shape ({t.shape[0]},), got {type(t_prev).__name__}")
-    if t_prev.dtype.is_floating_point or t_prev.dtype.is_complex or t_prev.dtype == torch.bool:
-        raise TypeError(f"t_prev: expected an integer tensor (int64), got {t_prev.dtype}")
-    if t_prev.ndim != 1 or t_prev.shape[0] != t.shape[0]:
-        raise ValueError(f"t_prev: expected shape ({t.shape[0]},) (the shape of t), got {tuple(t_prev.shape)}")
-    if t_prev.device != t.device:
-        raise ValueError(f"t_prev: expected a tensor on {t.device} (the device of t), got {t_prev.device}")
-    if (t_prev.device.type == "cpu" or _device_t_check) and not torch.compiler.is_compiling() and t_prev.numel() > 0:
-        T = schedule.num_timesteps
-        lo, hi = int(t_prev.min()), int(t_prev.max())
-        if lo < -1 or hi >= T:
-            raise ValueError(
-                f"t_prev: expected values in [-1, {T}) (-1: after the last step), got min {lo}, max {hi}"
-            )
-    return t_prev.to(torch.int64).contiguous()
+    return _check_timesteps(
+        "t_prev", t_prev, t.shape[0], t.device, "t", "the shape of t", schedule, -1, "-1: after the last step"
+    )
 
 
 def _check_range(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:

@@ -153,6 +153,11 @@ def p_mean_variance_ref(x_t, t, model_output, schedule, parameterization="eps", 
     return mean.to(x_t.dtype), var, log_var
 
 
+def _draw_noise(x_t, generator, cd):
+    # The seed's noise_like: a standard normal of x's shape (float32; float64 for float64 data).
+    return torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=cd)
+
+
 def p_sample_ref(
     x_t,
     t,
@@ -168,8 +173,7 @@ def p_sample_ref(
     x0 = _x0_pred(x_t, t, model_output, schedule, parameterization, clip_denoised, cd)
     mean, _, log_var = _posterior(x0, x_t, t, schedule, cd)
     if noise is None:
-        # The seed's noise_like: a standard normal of x's shape (float32; float64 for float64 data).
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=cd)
+        noise = _draw_noise(x_t, generator, cd)
     nonzero_mask = (t != 0).to(cd).reshape((t.shape[0],) + (1,) * (x_t.ndim - 1))
     return _store(mean + nonzero_mask * torch.exp(0.5 * log_var) * noise.to(cd), x_t, out)
 
@@ -277,11 +281,6 @@ def _clip_or_threshold(x0, clip_denoised, clip_range, threshold_ratio, threshold
 def dynamic_threshold_ref(x0, ratio=0.995, max_value=1.0):
     cd = compute_dtype(x0.dtype)
     return _store(_dynamic_threshold(x0.to(cd), ratio, max_value), x0)
-
-
-def _draw_noise(x_t, generator, cd):
-    # as p_sample_ref: a standard normal of x's shape in the compute dtype
-    return torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=cd)
 
 
 def ddim_step_ref(
