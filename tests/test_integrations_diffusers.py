@@ -299,7 +299,7 @@ def fail_on_sync(monkeypatch):
     treated as device tensors (never read on the host). The one exception is ops' t range check, which runs
     on CPU tensors only (where it is free) and is skipped for device tensors."""
     monkeypatch.setattr(dkd, "_host_timesteps", lambda timestep: None)
-    allowed = {"_check_t", "_check_t_prev"}
+    allowed = {"_check_timesteps"}  # the range check of t and t_prev
 
     def guard(name, original):
         def method(self, *args, **kwargs):
