@@ -172,8 +172,7 @@ def q_posterior(x_start, x_t, t, schedule):
 
 
 def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True):
-    if _needs_grad(x_t, model_output):
-        return reference.p_mean_variance_ref(x_t, t, model_output, schedule, parameterization, clip_denoised)
+    # Sampling steps reach the kernels on detached inputs (ops._dispatch_sampling), so no autograd fallback here.
     return _ops().p_mean_variance(
         _c(x_t), t.contiguous(), _c(model_output), schedule.table(x_t.dtype), parameterization, clip_denoised
     )
@@ -182,10 +181,6 @@ def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip
 def p_sample(
     x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True, noise=None, generator=None, out=None
 ):
-    if _needs_grad(x_t, model_output, noise):
-        return reference.p_sample_ref(
-            x_t, t, model_output, schedule, parameterization, clip_denoised, noise, generator, out=out
-        )
     args = (
         _c(x_t),
         t.contiguous(),
@@ -265,7 +260,7 @@ def ddim_step(
     out=None,
     return_pred_x0=False,
 ):
-    if threshold_ratio is not None or _needs_grad(x_t, model_output, noise):
+    if threshold_ratio is not None:  # a per-sample quantile: not one elementwise pass
         return reference.ddim_step_ref(
             x_t, t, t_prev, model_output, schedule, eta, parameterization, clip_denoised, noise, generator,
             set_alpha_to_one=set_alpha_to_one, use_clipped_model_output=use_clipped_model_output,
@@ -309,7 +304,7 @@ def ddpm_step(
     out=None,
     return_pred_x0=False,
 ):
-    if threshold_ratio is not None or _needs_grad(x_t, model_output, noise):
+    if threshold_ratio is not None:  # a per-sample quantile: not one elementwise pass
         return reference.ddpm_step_ref(
             x_t, t, t_prev, model_output, schedule, parameterization, variance_type, clip_denoised, noise,
             generator, clip_range=clip_range, threshold_ratio=threshold_ratio, threshold_max=threshold_max,
