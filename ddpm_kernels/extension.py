@@ -21,6 +21,7 @@ and ``diffusion_loss`` w.r.t. ``model_output``) are served by the reference, so 
 from __future__ import annotations
 
 import importlib
+import types
 import warnings
 from typing import Optional
 
@@ -107,8 +108,23 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+_OP_NAMES = (
+    "q_sample", "q_sample_out", "q_sample_backward", "predict_start_from_noise", "predict_noise_from_start",
+    "get_v", "predict_start_from_z_and_v", "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance",
+    "p_sample", "p_sample_out", "diffusion_loss", "diffusion_loss_backward", "ddim_step", "ddim_step_out",
+    "ddpm_step", "ddpm_step_out",
+)
+# Each operator's OpOverload (``torch.ops.ddpm_kernels.<name>.default``), looked up once: calling an overload
+# skips the packet's overload resolution, which is a measurable part of a small sampling step.
+_OVERLOADS = (
+    types.SimpleNamespace(**{name: getattr(torch.ops.ddpm_kernels, name).default for name in _OP_NAMES})
+    if _HAS_SCHEMA
+    else None
+)
+
+
 def _ops():
-    return torch.ops.ddpm_kernels
+    return _OVERLOADS
 
 
 def _needs_grad(*tensors) -> bool:
@@ -136,7 +152,7 @@ def _table_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------------- ops
 def q_sample(x_start, t, noise, schedule, out=None):
-    args = (_c(x_start), t.contiguous(), _c(noise), schedule.table(x_start.dtype))
+    args = (_c(x_start), t, _c(noise), schedule.table(x_start.dtype))
     if out is None or _needs_grad(x_start, noise) or not out.is_contiguous():
         return _store(_ops().q_sample(*args), out)
     _ops().q_sample_out(*args, out)
@@ -147,7 +163,7 @@ def _pair(name, ref):
     def op(x, t, y, schedule):
         if _needs_grad(x, y):
             return ref(x, t, y, schedule)
-        return getattr(_ops(), name)(_c(x), t.contiguous(), _c(y), schedule.table(x.dtype))
+        return getattr(_ops(), name)(_c(x), t, _c(y), schedule.table(x.dtype))
 
     op.__name__ = name
     return op
@@ -162,19 +178,19 @@ predict_eps_from_z_and_v = _pair("predict_eps_from_z_and_v", reference.predict_e
 def get_v(x_start, noise, t, schedule):
     if _needs_grad(x_start, noise):
         return reference.get_v_ref(x_start, noise, t, schedule)
-    return _ops().get_v(_c(x_start), _c(noise), t.contiguous(), schedule.table(x_start.dtype))
+    return _ops().get_v(_c(x_start), _c(noise), t, schedule.table(x_start.dtype))
 
 
 def q_posterior(x_start, x_t, t, schedule):
     if _needs_grad(x_start, x_t):
         return reference.q_posterior_ref(x_start, x_t, t, schedule)
-    return _ops().q_posterior(_c(x_start), _c(x_t), t.contiguous(), schedule.table(x_t.dtype))
+    return _ops().q_posterior(_c(x_start), _c(x_t), t, schedule.table(x_t.dtype))
 
 
 def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True):
     # Sampling steps reach the kernels on detached inputs (ops._dispatch_sampling), so no autograd fallback here.
     return _ops().p_mean_variance(
-        _c(x_t), t.contiguous(), _c(model_output), schedule.table(x_t.dtype), parameterization, clip_denoised
+        _c(x_t), t, _c(model_output), schedule.table(x_t.dtype), parameterization, clip_denoised
     )
 
 
@@ -183,7 +199,7 @@ def p_sample(
 ):
     args = (
         _c(x_t),
-        t.contiguous(),
+        t,
         _c(model_output),
         schedule.table(x_t.dtype),
         parameterization,
@@ -217,7 +233,7 @@ def diffusion_loss(
         _c(model_output),
         _c(x_start),
         _c(noise),
-        t.contiguous(),
+        t,
         schedule.table(model_output.dtype),
         parameterization,
         loss_type,
@@ -270,8 +286,8 @@ def ddim_step(
     eta = float(eta)
     args = (
         _c(x_t),
-        t.to(torch.int64).contiguous(),
-        t_prev.to(torch.int64).contiguous(),
+        t,
+        t_prev,
         _c(model_output),
         schedule.table(torch.float64),
         eta,
@@ -312,8 +328,8 @@ def ddpm_step(
         )
     args = (
         _c(x_t),
-        t.to(torch.int64).contiguous(),
-        t_prev.to(torch.int64).contiguous(),
+        t,
+        t_prev,
         _c(model_output),
         schedule.table(torch.float64),
         parameterization,

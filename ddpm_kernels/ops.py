@@ -41,6 +41,11 @@ __all__ = [
 PARAMETERIZATIONS = {"eps": "eps", "x0": "x0", "v": "v", "epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 LOSS_TYPES = ("l1", "l2")
 
+# every integer dtype (signed and unsigned); float, complex and bool timesteps are refused
+_INDEX_DTYPES = frozenset(
+    (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64)
+)
+
 _device_t_check = os.environ.get("DDPM_KERNELS_CHECK_T", "0") not in ("", "0", "false", "False")
 
 
@@ -73,14 +78,15 @@ def _check_data(name: str, x) -> torch.Tensor:
 
 
 def _check_like(name: str, y, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    # ``ref`` is already checked: equal dtype/shape/device is all there is to check (the common case, first)
+    if isinstance(y, torch.Tensor) and y.dtype == ref.dtype and y.device == ref.device and y.shape == ref.shape:
+        return y
     _check_data(name, y)
     if y.dtype != ref.dtype:
         raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {y.dtype}")
     if y.shape != ref.shape:
         raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (the shape of {ref_name}), got {tuple(y.shape)}")
-    if y.device != ref.device:
-        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {y.device}")
-    return y
+    raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {y.device}")
 
 
 def _check_schedule(schedule, x: torch.Tensor) -> DiffusionSchedule:
@@ -102,15 +108,15 @@ def _check_timesteps(
     """Metadata of a per-sample timestep tensor, its values where that is free, then int64 with unit stride."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected an int64 tensor of shape ({batch},), got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+    if t.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name}: expected an integer tensor (int64), got {t.dtype}")
     if t.ndim != 1 or t.shape[0] != batch:
         raise ValueError(f"{name}: expected shape ({batch},) ({shape_note}), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of {owner}), got {t.device}")
-    if (t.device.type == "cpu" or _device_t_check) and not torch.compiler.is_compiling() and t.numel() > 0:
+    if (t.is_cpu or _device_t_check) and batch and not torch.compiler.is_compiling():
         T = schedule.num_timesteps
-        if t.numel() <= 256:  # a Python min/max of a short list beats two reductions plus two .item()s
+        if batch <= 256:  # a Python min/max of a short list beats two reductions plus two .item()s
             values = t.tolist()
             lo, hi = min(values), max(values)
         else:
@@ -191,12 +197,14 @@ def _dispatch_sampling(op: str, backend: str, x_t: torch.Tensor, *inputs: Option
     the noise stream it draws. The reference keeps full autograd for anyone differentiating through a step.
     """
     name, fn = backends.resolve(op, backend, x_t.device, x_t.dtype)
-    if (
-        name == "reference"
-        or not torch.is_grad_enabled()
-        or not (x_t.requires_grad or any(a is not None and a.requires_grad for a in inputs))
-    ):
+    if name == "reference" or not torch.is_grad_enabled():
         return fn
+    if not x_t.requires_grad:
+        for a in inputs:
+            if a is not None and a.requires_grad:
+                break
+        else:
+            return fn
 
     def call(*args, **kwargs):
         args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]

@@ -275,7 +275,8 @@ class DiffusionSchedule(nn.Module):
 
     def table(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The packed ``(len(TABLE_NAMES), T)`` table kernels read: float64 for float64 data, else float32."""
-        return self.coefficients64 if dtype == torch.float64 else self.coefficients
+        # _buffers directly: nn.Module.__getattr__ costs more than the rest of a small step's Python
+        return self._buffers["coefficients64" if dtype == torch.float64 else "coefficients"]
 
     def lvlb_weights(self, parameterization: str = "eps") -> torch.Tensor:
         """The seed's ``lvlb_weights`` for a parameterization ("eps", "x0" or "v")."""
