@@ -45,6 +45,7 @@ OP_HELP = {
 # Full tensors read + written per call, in units of the data tensor's size.
 TENSOR_PASSES = {"q_sample": 3, "p_sample": 4, "p_sample_rng": 3, "loss_fwd_bwd": 5}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 GPU_SHAPES = ((1, 4, 64, 64), (16, 4, 64, 64), (64, 4, 128, 128), (128, 3, 32, 32))
 CPU_SHAPES = ((1, 4, 64, 64), (16, 4, 64, 64))
 
@@ -144,13 +145,14 @@ class Case:
     """Inputs of one op x shape x dtype on a device, and the callables each provider times."""
 
     def __init__(self, op: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
-                 schedule: DiffusionSchedule):
+                 schedule: DiffusionSchedule, memory_format: torch.memory_format = torch.contiguous_format):
         g = torch.Generator(device="cpu").manual_seed(0)
         self.op, self.shape, self.dtype, self.device, self.s = op, tuple(shape), dtype, device, schedule
         T = schedule.num_timesteps
 
         def rand():
-            return torch.randn(self.shape, generator=g).to(device=device, dtype=dtype)
+            x = torch.randn(self.shape, generator=g).to(device=device, dtype=dtype)
+            return x.contiguous(memory_format=memory_format)
 
         self.x, self.mo, self.z = rand(), rand(), rand()
         self.t = torch.randint(0, T, (self.shape[0],), generator=g).to(device)
@@ -492,6 +494,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--providers", nargs="+", default=None,
                         help="subset of: eager compile cpu triton cuda (+out variants follow) diffusers")
+    parser.add_argument("--memory-format", choices=sorted(MEMORY_FORMATS), default="contiguous",
+                        help="layout of every data tensor (channels_last: 4-D shapes only)")
     parser.add_argument("--timesteps", type=int, default=1000)
     parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds of timing per row")
     parser.add_argument("--e2e-steps", type=int, default=20)
@@ -508,10 +512,16 @@ def main(argv=None) -> int:
         parser.error("--device cuda: no CUDA device available")
     shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     dtype_names = args.dtypes or (["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
-    condition = ""
+    memory_format = MEMORY_FORMATS[args.memory_format]
+    if memory_format is torch.channels_last and any(len(s) != 4 for s in shapes):
+        parser.error("--memory-format channels_last: every shape must be 4-D")
+    conditions = []
     if device.type == "cpu":
-        condition = ("malloc mmap/trim thresholds raised" if os.environ.get("MALLOC_MMAP_THRESHOLD_")
-                     else "default malloc")
+        conditions.append("malloc mmap/trim thresholds raised" if os.environ.get("MALLOC_MMAP_THRESHOLD_")
+                          else "default malloc")
+    if args.memory_format != "contiguous":
+        conditions.append(args.memory_format)
+    condition = ", ".join(conditions)
     schedule = DiffusionSchedule(timesteps=args.timesteps).to(device)
     meta = _meta(device)
     slug = "".join(ch if ch.isalnum() else "-" for ch in meta["device_name"]).strip("-").lower()
@@ -524,14 +534,15 @@ def main(argv=None) -> int:
     rows: List[Row] = []
     with tqdm(total=total, desc="bench", disable=args.no_progress, file=sys.stderr) as bar:
         for op, shape, dn in plan:
-            case = Case(op, shape, DTYPES[dn], device, schedule)
+            case = Case(op, shape, DTYPES[dn], device, schedule, memory_format)
             rows += run_case(case, _providers(device, DTYPES[dn], args.providers), args.min_run_time, condition, bar)
     result = dict(meta=meta, rows=[asdict(r) for r in rows], e2e=[])
 
     if device.type == "cpu" and not args.no_malloc_variant and (not args.providers or "eager" in args.providers):
         child = out + ".malloc-variant.json"
         child_argv = ["--device", "cpu", "--ops", *args.ops, "--dtypes", *dtype_names, "--timesteps",
-                      str(args.timesteps), "--min-run-time", str(args.min_run_time),
+                      str(args.timesteps), "--min-run-time", str(args.min_run_time), "--memory-format",
+                      args.memory_format,
                       "--shapes", *["x".join(map(str, s)) for s in shapes]]
         other = _other_malloc_condition(child_argv, child)
         for r in other:
