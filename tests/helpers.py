@@ -1,6 +1,10 @@
-"""Shared test utilities: input builders and the error bounds used against float64 math."""
+"""Shared test utilities: input builders, the error bounds used against float64 math, the DESIGN.md rule that
+checks a fused backend against the reference, and small GPU and Triton helpers."""
+
+import math
 
 import numpy as np
+import pytest
 import torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -60,3 +64,92 @@ def assert_close_to_fp64(actual, expected, scale, dtype, what=""):
             f"{what}: {int(bad.sum())}/{a.size} elements off; worst at flat index {i}: got {a.flat[i]!r}, "
             f"expected {expected.flat[i]!r}, error {err.flat[i]:.3g} > allowed {allowed.flat[i]:.3g}"
         )
+
+
+# ------------------------------------------------------------------ fused backends against the reference
+LOW_PRECISION_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_inputs(shape, n, dtype, seed=0, scale=1.0, device="cpu"):
+    """``n`` tensors of standard normals times ``scale``, drawn in float64 on the CPU from ``seed`` (the same
+    values on every device), then cast."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device, dtype) for _ in range(n)]
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` at |x| (float64)."""
+    a = x.abs().to(dtype)
+    return (torch.nextafter(a, torch.full_like(a, math.inf)) - a).to(torch.float64)
+
+
+def assert_matches(got, ref_fn, args, kwargs, dtype, bf16_truncates=False):
+    """``got`` (one tensor or a tuple) against ``ref_fn(*args, **kwargs)`` by DESIGN.md's rule: float32 against
+    the float32 reference at rtol=atol=1e-5, float64 at 1e-12; float16/bfloat16 against the float64 reference
+    with an error at most twice the reference's own error in that dtype plus one ulp, and within 2e-3 (fp16) /
+    1.6e-2 (bf16) relative. ``bf16_truncates`` allows one more bfloat16 ulp (Triton's interpreter truncates
+    float32 -> bfloat16 where a GPU rounds)."""
+    outs = got if isinstance(got, tuple) else (got,)
+
+    def run(a, kw):
+        r = ref_fn(*a, **kw)
+        return r if isinstance(r, tuple) else (r,)
+
+    if dtype in (torch.float32, torch.float64):
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        for o, r in zip(outs, run(args, kwargs), strict=True):
+            assert o.dtype == r.dtype and o.shape == r.shape
+            torch.testing.assert_close(o, r, rtol=tol, atol=tol, equal_nan=True)
+        return
+    args64 = [a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    kw64 = {k: v.to(torch.float64) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    for o, r64, rlp in zip(outs, run(args64, kw64), run(args, kwargs), strict=True):
+        assert o.dtype == rlp.dtype and o.shape == rlp.shape
+        if o.dtype != dtype:
+            # an output kept in float32 for low-precision inputs (q_posterior's variances: table gathers)
+            torch.testing.assert_close(o, rlp, rtol=0, atol=0, equal_nan=True)
+            continue
+        err = (o.to(torch.float64) - r64).abs()
+        ref_err = (rlp.to(torch.float64) - r64).abs()
+        extra = ulp(r64, dtype) if (dtype == torch.bfloat16 and bf16_truncates) else 0.0
+        allowed = 2 * ref_err + ulp(r64, dtype) + extra
+        assert bool((err <= allowed).all()), f"max excess {(err - allowed).max().item()}"
+        assert bool((err <= LOW_PRECISION_TOL[dtype] * (1 + r64.abs())).all())
+
+
+# ------------------------------------------------------------------------------------ Triton and GPU
+def triton_device():
+    """The device the Triton tests run on: the GPU, or the CPU through Triton's interpreter (tests/conftest.py
+    sets TRITON_INTERPRET=1 when there is no GPU). Skips the calling test module when Triton cannot run."""
+    pytest.importorskip("triton")
+    pytest.importorskip("ddpm_kernels.triton")
+    from ddpm_kernels.triton import utils
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if not utils.INTERPRETED:
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+    return "cpu"
+
+
+def capture_cuda_graph(fn):
+    """Warm up on a side stream (compiles the kernels), then capture ``fn`` into a CUDA graph; returns the graph
+    and what ``fn`` returned while captured (the tensors each replay rewrites)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def cuda_kernel_names(fn):
+    """Names of the CUDA kernels ``fn`` launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
