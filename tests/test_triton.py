@@ -11,27 +11,28 @@ from __future__ import annotations
 
 import importlib
 import math
+from functools import partial
 
 import pytest
 import torch
 
 import ddpm_kernels as dk
+import helpers
 from ddpm_kernels import reference as R
+from helpers import triton_device
 
-triton = pytest.importorskip("triton")
-tk = pytest.importorskip("ddpm_kernels.triton")
+DEVICE = triton_device()
+from ddpm_kernels import triton as tk  # noqa: E402
 from ddpm_kernels.triton import utils as tu  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not tu.INTERPRETED:
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 T = 1000
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # 1 element; odd 4-D; 3-D; 5-D; batch of 1 with a 16-divisible sample (the vectorized path on a GPU).
 SHAPES = [(1,), (3, 3, 5, 7), (2, 5, 7), (2, 2, 3, 1, 5), (1, 4, 8, 8)]
 PARAMETERIZATIONS = ["eps", "x0", "v"]
-LOW_PRECISION_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+make_inputs = partial(helpers.make_inputs, device=DEVICE)
+assert_matches = partial(helpers.assert_matches, bf16_truncates=tu.INTERPRETED)
 
 
 @pytest.fixture(scope="module")
@@ -49,65 +50,16 @@ def make_t(batch, seed=0):
     return t.to(DEVICE)
 
 
-def make_inputs(shape, n, dtype, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype) for _ in range(n)]
-
-
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of ``dtype`` at |x| (float64)."""
-    a = x.abs().to(dtype)
-    return (torch.nextafter(a, torch.full_like(a, math.inf)) - a).to(torch.float64)
-
-
-def assert_matches(out, args, ref_fn, dtype):
-    """Check ``out`` (one tensor or a tuple) against ``ref_fn(*args)`` by DESIGN's tolerance rule."""
-    outs = out if isinstance(out, tuple) else (out,)
-    if dtype in (torch.float32, torch.float64):
-        refs = ref_fn(*args)
-        refs = refs if isinstance(refs, tuple) else (refs,)
-        tol = 1e-5 if dtype == torch.float32 else 1e-12
-        for o, r in zip(outs, refs):
-            assert o.dtype == r.dtype and o.shape == r.shape
-            torch.testing.assert_close(o, r, rtol=tol, atol=tol, equal_nan=True)
-        return
-    args64 = [a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-    refs64 = ref_fn(*args64)
-    refs_lp = ref_fn(*args)
-    refs64 = refs64 if isinstance(refs64, tuple) else (refs64,)
-    refs_lp = refs_lp if isinstance(refs_lp, tuple) else (refs_lp,)
-    for o, r64, rlp in zip(outs, refs64, refs_lp):
-        assert o.dtype == rlp.dtype and o.shape == rlp.shape
-        if o.dtype not in (torch.float16, torch.bfloat16):
-            # var / log_var: float32 table gathers, exact.
-            torch.testing.assert_close(o, rlp, rtol=0, atol=0, equal_nan=True)
-            continue
-        err = (o.to(torch.float64) - r64).abs()
-        ref_err = (rlp.to(torch.float64) - r64).abs()
-        extra = ulp(r64, dtype) if (dtype == torch.bfloat16 and tu.INTERPRETED) else 0.0
-        allowed = 2 * ref_err + ulp(r64, dtype) + extra
-        assert bool((err <= allowed).all()), f"max excess {(err - allowed).max().item()}"
-        tol = LOW_PRECISION_TOL[dtype]
-        assert bool((err <= tol * (1 + r64.abs())).all())
-
-
 # ---------------------------------------------------------------------------------------- equality
+@pytest.mark.parametrize("op", ["q_sample", "predict_start_from_noise"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_q_sample(schedule, dtype, shape):
-    x_start, noise = make_inputs(shape, 2, dtype)
+def test_q_sample_and_predict_start_from_noise(schedule, dtype, shape, op):
+    """x_t from (x_start, noise) and x_start from (x_t, noise): one signature, each op its own table rows."""
+    x, noise = make_inputs(shape, 2, dtype)
     t = make_t(shape[0])
-    out = dk.q_sample(x_start, t, noise, schedule, backend="triton")
-    assert_matches(out, (x_start, t, noise, schedule), R.q_sample_ref, dtype)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_predict_start_from_noise(schedule, dtype, shape):
-    x_t, noise = make_inputs(shape, 2, dtype)
-    t = make_t(shape[0])
-    out = dk.predict_start_from_noise(x_t, t, noise, schedule, backend="triton")
-    assert_matches(out, (x_t, t, noise, schedule), R.predict_start_from_noise_ref, dtype)
+    out = getattr(dk, op)(x, t, noise, schedule, backend="triton")
+    assert_matches(out, R.OPS[op], (x, t, noise, schedule), {}, dtype)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -117,33 +69,22 @@ def test_q_posterior(schedule, dtype, shape):
     t = make_t(shape[0])
     out = dk.q_posterior(x_start, x_t, t, schedule, backend="triton")
     assert out[1].shape == (shape[0],) + (1,) * (len(shape) - 1)
-    assert_matches(out, (x_start, x_t, t, schedule), R.q_posterior_ref, dtype)
+    assert_matches(out, R.q_posterior_ref, (x_start, x_t, t, schedule), {}, dtype)
 
 
+@pytest.mark.parametrize("op", ["p_mean_variance", "p_sample"])
 @pytest.mark.parametrize("clip_denoised", [True, False])
 @pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_p_mean_variance(schedule, dtype, shape, parameterization, clip_denoised):
-    x_t, model_output = make_inputs(shape, 2, dtype)
-    t = make_t(shape[0])
-    out = dk.p_mean_variance(x_t, t, model_output, schedule, parameterization, clip_denoised, backend="triton")
-    args = (x_t, t, model_output, schedule, parameterization, clip_denoised)
-    assert_matches(out, args, R.p_mean_variance_ref, dtype)
-
-
-@pytest.mark.parametrize("clip_denoised", [True, False])
-@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_p_sample_given_noise(schedule, dtype, shape, parameterization, clip_denoised):
+def test_p_mean_variance_and_p_sample(schedule, dtype, shape, parameterization, clip_denoised, op):
+    """The posterior of the predicted x0, and a step from it with given noise."""
     x_t, model_output, noise = make_inputs(shape, 3, dtype)
     t = make_t(shape[0])
-    out = dk.p_sample(
-        x_t, t, model_output, schedule, parameterization, clip_denoised, noise=noise, backend="triton"
-    )
-    args = (x_t, t, model_output, schedule, parameterization, clip_denoised, noise)
-    assert_matches(out, args, R.p_sample_ref, dtype)
+    args = (x_t, t, model_output, schedule, parameterization, clip_denoised)
+    kwargs = dict(noise=noise) if op == "p_sample" else {}
+    out = getattr(dk, op)(*args, backend="triton", **kwargs)
+    assert_matches(out, R.OPS[op], args, kwargs, dtype)
 
 
 @pytest.mark.parametrize("loss_type", ["l2", "l1"])
@@ -159,7 +100,7 @@ def test_diffusion_loss(schedule, dtype, shape, parameterization, loss_type):
     )
     args = (model_output, x_start, noise, t, schedule, parameterization, loss_type, *weights)
     assert all(o.shape == () for o in out)
-    assert_matches(out, args, R.diffusion_loss_ref, dtype)
+    assert_matches(out, R.diffusion_loss_ref, args, {}, dtype)
 
 
 def test_diffusion_loss_reduction_loops(schedule, monkeypatch):
@@ -171,7 +112,7 @@ def test_diffusion_loss_reduction_loops(schedule, monkeypatch):
     t = make_t(9)
     args = (model_output, x_start, noise, t, schedule, "v", "l2", 1.0, 0.5)
     out = tk.BACKEND.ops["diffusion_loss"](*args)
-    assert_matches(out, args, R.diffusion_loss_ref, torch.float32)
+    assert_matches(out, R.diffusion_loss_ref, args, {}, torch.float32)
 
 
 @pytest.mark.parametrize("op", ["q_sample", "predict_start_from_noise", "q_posterior", "p_mean_variance", "p_sample"])
@@ -187,7 +128,7 @@ def test_non_contiguous_inputs(schedule, op):
         "p_mean_variance": (a, t, b, schedule, "v", True),
         "p_sample": (a, t, b, schedule, "eps", True, c),
     }[op]
-    assert_matches(tk.BACKEND.ops[op](*args), args, R.OPS[op], torch.float32)
+    assert_matches(tk.BACKEND.ops[op](*args), R.OPS[op], args, {}, torch.float32)
 
 
 # ------------------------------------------------------------------------------ out=, t, batch chunks

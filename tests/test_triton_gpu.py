@@ -9,6 +9,7 @@ import torch
 
 import ddpm_kernels as dk
 from ddpm_kernels import reference as R
+from helpers import capture_cuda_graph, cuda_kernel_names
 
 pytestmark = pytest.mark.gpu
 
@@ -25,20 +26,6 @@ def randn(*shape, dtype=torch.float32, seed=0):
     return torch.randn(shape, generator=g, device="cuda", dtype=dtype)
 
 
-def _capture(fn):
-    """Warm up on a side stream (compiles the kernels), then capture ``fn`` into a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 def test_cuda_graph_replay_reads_new_t(schedule):
     """Coefficients are gathered in-kernel from the captured t tensor: writing a new t and replaying gives the
     new step's result (a coefficient passed as a kernel argument would replay the captured step)."""
@@ -51,7 +38,7 @@ def test_cuda_graph_replay_reads_new_t(schedule):
         mean = dk.p_mean_variance(x_t, t, model_output, schedule, "v", True, backend="triton")[0]
         return x_prev, x_noisy, mean
 
-    graph, (x_prev, x_noisy, mean) = _capture(step)
+    graph, (x_prev, x_noisy, mean) = capture_cuda_graph(step)
     for new_t in ([500, 1, 0, 998], [3, 700, 250, 0]):
         t.copy_(torch.tensor(new_t))
         graph.replay()
@@ -68,7 +55,7 @@ def test_cuda_graph_in_kernel_noise_fresh_each_replay(schedule):
     zeros = torch.zeros(shape, device="cuda")
     t = torch.full((2,), 500, device="cuda", dtype=torch.int64)
 
-    graph, out = _capture(lambda: dk.p_sample(zeros, t, zeros, schedule, "x0", False, backend="triton"))
+    graph, out = capture_cuda_graph(lambda: dk.p_sample(zeros, t, zeros, schedule, "x0", False, backend="triton"))
     sigma = schedule.posterior_log_variance_clipped[500].mul(0.5).exp()
     draws = []
     for _ in range(3):
@@ -91,7 +78,8 @@ def test_cuda_graph_in_place_sampling_loop(schedule):
     x = x0.clone()
     t = torch.zeros(2, dtype=torch.int64, device="cuda")
     noise = torch.zeros_like(x)
-    graph, _ = _capture(lambda: dk.p_sample(x, t, model_output, schedule, noise=noise, backend="triton", out=x))
+    graph, _ = capture_cuda_graph(
+        lambda: dk.p_sample(x, t, model_output, schedule, noise=noise, backend="triton", out=x))
     x.copy_(x0)
     expected = x0.clone()
     for i, step in enumerate(range(steps - 1, -1, -1)):
@@ -122,13 +110,6 @@ def test_eager_noise_uses_generator_philox_state(schedule):
     torch.testing.assert_close(c, dk.p_sample(zeros, t, zeros, schedule, "x0", False, backend="triton"))
 
 
-def _cuda_kernels(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
 def test_launch_counts_and_no_host_sync(schedule):
     """p_sample is one kernel, with given or in-kernel noise (eager: the generator's Philox state is passed as
     kernel arguments). No op synchronizes with the host (sync debug mode raises on a sync)."""
@@ -138,11 +119,11 @@ def test_launch_counts_and_no_host_sync(schedule):
     dk.p_sample(x_t, t, model_output, schedule, backend="triton")
     dk.q_sample(x_t, t, noise, schedule, backend="triton")
 
-    kernels = _cuda_kernels(lambda: dk.p_sample(x_t, t, model_output, schedule, noise=noise, backend="triton"))
+    kernels = cuda_kernel_names(lambda: dk.p_sample(x_t, t, model_output, schedule, noise=noise, backend="triton"))
     assert len(kernels) == 1 and "p_sample_kernel" in kernels[0], kernels
-    kernels = _cuda_kernels(lambda: dk.p_sample(x_t, t, model_output, schedule, backend="triton"))
+    kernels = cuda_kernel_names(lambda: dk.p_sample(x_t, t, model_output, schedule, backend="triton"))
     assert len(kernels) == 1 and "p_sample_kernel" in kernels[0], kernels
-    kernels = _cuda_kernels(lambda: dk.q_sample(x_t, t, noise, schedule, backend="triton"))
+    kernels = cuda_kernel_names(lambda: dk.q_sample(x_t, t, noise, schedule, backend="triton"))
     assert len(kernels) == 1 and "q_sample_kernel" in kernels[0], kernels
 
     mo = model_output.clone().requires_grad_()
