@@ -31,26 +31,16 @@ def inputs(shape, dtype, n, seed=0):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("schedule", SCHEDULES)
 class TestForwardProcess:
-    def test_q_sample(self, schedule, shape, dtype):
+    @pytest.mark.parametrize("op", ["q_sample", "predict_start_from_noise", "predict_noise_from_start"])
+    def test_two_input_op(self, schedule, shape, dtype, op):
+        """q_sample(x0, eps), predict_start_from_noise(xt, eps), predict_noise_from_start(xt, x0): one
+        signature, ``op(first, t, second, schedule)``."""
         s, tb = schedule_and_tables(schedule)
-        t, (x0, eps) = inputs(shape, dtype, 2)
-        out = dk.q_sample(x0, t, eps, s, backend="reference")
-        assert out.shape == x0.shape
-        assert_close_to_fp64(out, *m.q_sample(tb, np64(x0), np64(t), np64(eps)), dtype, "q_sample")
-
-    def test_predict_start_from_noise(self, schedule, shape, dtype):
-        s, tb = schedule_and_tables(schedule)
-        t, (xt, eps) = inputs(shape, dtype, 2)
-        out = dk.predict_start_from_noise(xt, t, eps, s, backend="reference")
-        expected = m.predict_start_from_noise(tb, np64(xt), np64(t), np64(eps))
-        assert_close_to_fp64(out, *expected, dtype, "predict_start_from_noise")
-
-    def test_predict_noise_from_start(self, schedule, shape, dtype):
-        s, tb = schedule_and_tables(schedule)
-        t, (xt, x0) = inputs(shape, dtype, 2)
-        out = dk.predict_noise_from_start(xt, t, x0, s, backend="reference")
-        expected = m.predict_noise_from_start(tb, np64(xt), np64(t), np64(x0))
-        assert_close_to_fp64(out, *expected, dtype, "predict_noise_from_start")
+        t, (first, second) = inputs(shape, dtype, 2)
+        out = getattr(dk, op)(first, t, second, s, backend="reference")
+        assert out.shape == first.shape
+        expected = getattr(m, op)(tb, np64(first), np64(t), np64(second))
+        assert_close_to_fp64(out, *expected, dtype, op)
 
     def test_v_helpers(self, schedule, shape, dtype):
         s, tb = schedule_and_tables(schedule)
