@@ -15,7 +15,7 @@ import torch
 
 import ddpm_kernels as dk
 from ddpm_kernels import reference as R
-from helpers import DTYPES, assert_matches, make_inputs
+from helpers import DTYPES, assert_matches, capture_cuda_graph, make_inputs
 
 T = 1000
 # 1 element (batch 1); odd 4-D; 3-D with one channel; 16-divisible samples (the 128-bit vector paths on a GPU)
@@ -298,3 +298,35 @@ class SamplerStepCases:
         b = dk.ddpm_step(x_t, t, t_prev, model_output, schedule, generator=gen, backend=backend)
         assert not torch.equal(a[1:], b[1:])  # sample 0 is t = 0: no noise there
         torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+
+    # ------------------------------------------------------------------------------------- GPU only
+    @pytest.mark.gpu
+    def test_cuda_graph_replay_reads_new_steps(self, backend, device, schedule):
+        """t and t_prev are read in-kernel from the captured tensors: new values and a replay give the new
+        step."""
+        if device != "cuda":
+            pytest.skip("CUDA graphs")
+        x_t, model_output, noise = make_inputs((4, 4, 16, 16), 3, torch.float32, seed=20, device=device)
+        wide = torch.cat([model_output, noise.clamp(-1, 1)], 1)
+        t = torch.full((4,), 999, device=device, dtype=torch.int64)
+        t_prev = torch.full((4,), 979, device=device, dtype=torch.int64)
+
+        def step():
+            a = dk.ddim_step(x_t, t, t_prev, model_output, schedule, 0.7, "eps", True, noise=noise, backend=backend)
+            b = dk.ddpm_step(x_t, t, t_prev, wide, schedule, "v", "learned_range", noise=noise, backend=backend)
+            return a, b
+
+        graph, (a, b) = capture_cuda_graph(step)
+        for new_t, new_prev in (([500, 1, 0, 998], [480, 0, -1, 978]), ([3, 700, 250, 0], [-1, 650, 249, -1])):
+            t.copy_(torch.tensor(new_t))
+            t_prev.copy_(torch.tensor(new_prev))
+            graph.replay()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(
+                a, R.ddim_step_ref(x_t, t, t_prev, model_output, schedule, 0.7, "eps", True, noise=noise),
+                rtol=1e-5, atol=1e-5,
+            )
+            torch.testing.assert_close(
+                b, R.ddpm_step_ref(x_t, t, t_prev, wide, schedule, "v", "learned_range", noise=noise),
+                rtol=1e-5, atol=1e-5,
+            )
