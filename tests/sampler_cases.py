@@ -76,6 +76,17 @@ def ddim_noise(backend, device, schedule, shape, generator=None):
     return out.double() / sigma
 
 
+def replay_new_steps(graph, t, t_prev):
+    """Write new steps into the captured ``t`` / ``t_prev`` (the last step and the chain's start among them),
+    replay ``graph`` and yield, for two sets of steps."""
+    for new_t, new_prev in (([500, 1, 0, 998], [480, 0, -1, 978]), ([3, 700, 250, 0], [-1, 650, 249, -1])):
+        t.copy_(torch.tensor(new_t))
+        t_prev.copy_(torch.tensor(new_prev))
+        graph.replay()
+        torch.cuda.synchronize()
+        yield
+
+
 class SamplerStepCases:
     # Triton's interpreter truncates float32 -> bfloat16 where a GPU rounds: one more bfloat16 ulp allowed
     BF16_TRUNCATES = False
@@ -317,11 +328,7 @@ class SamplerStepCases:
             return a, b
 
         graph, (a, b) = capture_cuda_graph(step)
-        for new_t, new_prev in (([500, 1, 0, 998], [480, 0, -1, 978]), ([3, 700, 250, 0], [-1, 650, 249, -1])):
-            t.copy_(torch.tensor(new_t))
-            t_prev.copy_(torch.tensor(new_prev))
-            graph.replay()
-            torch.cuda.synchronize()
+        for _ in replay_new_steps(graph, t, t_prev):
             torch.testing.assert_close(
                 a, R.ddim_step_ref(x_t, t, t_prev, model_output, schedule, 0.7, "eps", True, noise=noise),
                 rtol=1e-5, atol=1e-5,

@@ -26,7 +26,7 @@ import ddpm_kernels as dk
 import helpers
 from ddpm_kernels import reference as R
 from helpers import DTYPES, capture_cuda_graph, cuda_kernel_names, triton_device
-from sampler_cases import PARAMETERIZATIONS, T, SamplerStepCases, learned_output, make_steps
+from sampler_cases import PARAMETERIZATIONS, T, SamplerStepCases, learned_output, make_steps, replay_new_steps
 
 DEVICE = triton_device()
 from ddpm_kernels import triton as tk  # noqa: E402
@@ -203,11 +203,7 @@ def test_cuda_graph_replay_thresholded_step(schedule):
     graph, out = capture_cuda_graph(
         lambda: dk.ddim_step(x_t, t, t_prev, model_output, schedule, 0.0, "eps", backend="triton",
                              threshold_ratio=0.9, threshold_max=3.0))
-    for new_t, new_prev in (([500, 1, 0, 998], [480, 0, -1, 978]), ([3, 700, 250, 0], [-1, 650, 249, -1])):
-        t.copy_(torch.tensor(new_t))
-        t_prev.copy_(torch.tensor(new_prev))
-        graph.replay()
-        torch.cuda.synchronize()
+    for _ in replay_new_steps(graph, t, t_prev):
         torch.testing.assert_close(
             out, R.ddim_step_ref(x_t, t, t_prev, model_output, schedule, 0.0, "eps", threshold_ratio=0.9,
                                  threshold_max=3.0),
