@@ -27,8 +27,9 @@
 
 #include "../checks.h"
 #include "../coefficients.h"
-#include "../sampler_coefficients.h"
+#include "../host_ops.h"
 #include "../module.h"
+#include "../sampler_coefficients.h"
 
 namespace ddpm {
 namespace cpu {
@@ -49,59 +50,70 @@ constexpr int64_t kGrainBlocks = 128;
 #define DDPM_SCALAR_LANES 1
 #endif
 
+// The lane helpers below take a Vectorized<T> or, in the scalar-lanes build, a plain float / double.
+template <typename V>
+constexpr bool kScalarLane = std::is_floating_point_v<V>;
+
 // a * b + c: one fused instruction where the ISA has FMA.
-template <typename T>
-C10_ALWAYS_INLINE Vectorized<T> madd(const Vectorized<T>& a, const Vectorized<T>& b, const Vectorized<T>& c) {
+template <typename V>
+C10_ALWAYS_INLINE V madd(const V& a, const V& b, const V& c) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  return at::vec::fmadd(a, b, c);
-#else
-  return a * b + c;
+  if constexpr (!kScalarLane<V>) return at::vec::fmadd(a, b, c);
 #endif
+  return a * b + c;
 }
-C10_ALWAYS_INLINE float madd(float a, float b, float c) { return a * b + c; }
-C10_ALWAYS_INLINE double madd(double a, double b, double c) { return a * b + c; }
 
 // clamp that keeps NaN (as torch.clamp).
-template <typename T>
-C10_ALWAYS_INLINE Vectorized<T> clampv(const Vectorized<T>& x, const Vectorized<T>& lo, const Vectorized<T>& hi) {
-  return at::vec::clamp(x, lo, hi);
-}
-template <typename T, typename = std::enable_if_t<std::is_floating_point_v<T>>>
-C10_ALWAYS_INLINE T clampv(T x, T lo, T hi) {
-  return std::min(std::max(x, lo), hi);
+template <typename V>
+C10_ALWAYS_INLINE V clampv(const V& x, const V& lo, const V& hi) {
+  if constexpr (kScalarLane<V>) {
+    return std::min(std::max(x, lo), hi);
+  } else {
+    return at::vec::clamp(x, lo, hi);
+  }
 }
 
-template <typename T>
-C10_ALWAYS_INLINE Vectorized<T> absv(const Vectorized<T>& x) {
-  return x.abs();
+template <typename V>
+C10_ALWAYS_INLINE V absv(const V& x) {
+  if constexpr (kScalarLane<V>) {
+    return std::abs(x);
+  } else {
+    return x.abs();
+  }
 }
-template <typename T, typename = std::enable_if_t<std::is_floating_point_v<T>>>
-C10_ALWAYS_INLINE T absv(T x) {
-  return std::abs(x);
+
+template <typename V>
+C10_ALWAYS_INLINE V expv(const V& x) {
+  if constexpr (kScalarLane<V>) {
+    return std::exp(x);
+  } else {
+    return x.exp();
+  }
 }
 
 // sign(d), 0 at d == 0 as torch's abs backward.
-template <typename T>
-C10_ALWAYS_INLINE Vectorized<T> signv(const Vectorized<T>& d) {
-  const Vectorized<T> zero(T(0)), one(T(1));
-  return ((d > zero) & one) - ((d < zero) & one);
-}
-template <typename T, typename = std::enable_if_t<std::is_floating_point_v<T>>>
-C10_ALWAYS_INLINE T signv(T d) {
-  return static_cast<T>((d > T(0)) - (d < T(0)));
+template <typename V>
+C10_ALWAYS_INLINE V signv(const V& d) {
+  if constexpr (kScalarLane<V>) {
+    return static_cast<V>((d > V(0)) - (d < V(0)));
+  } else {
+    using T = typename V::value_type;
+    const V zero(T(0)), one(T(1));
+    return ((d > zero) & one) - ((d < zero) & one);
+  }
 }
 
-template <typename T>
-inline double hsum(const Vectorized<T>& v) {
-  alignas(64) T lanes[Vectorized<T>::size()];
-  v.store(lanes);
-  double s = 0;
-  for (int64_t j = 0; j < Vectorized<T>::size(); ++j) s += static_cast<double>(lanes[j]);
-  return s;
-}
-template <typename T, typename = std::enable_if_t<std::is_floating_point_v<T>>>
-inline double hsum(T v) {
-  return static_cast<double>(v);
+template <typename V>
+inline double hsum(const V& v) {
+  if constexpr (kScalarLane<V>) {
+    return static_cast<double>(v);
+  } else {
+    alignas(64) typename V::value_type lanes[V::size()];
+    v.store(lanes);
+    double s = 0;
+    for (int64_t j = 0; j < V::size(); ++j) s += static_cast<double>(lanes[j]);
+    return s;
+  }
 }
 
 #if defined(DDPM_SCALAR_LANES)
@@ -187,14 +199,14 @@ inline void parallel_blocks(int64_t numel, const F& f) {
 }
 
 // ------------------------------------------------------------------------------------------- two-operand ops
+// The kernels below take data of at least one element: the empty cases are handled in csrc/host_ops.h.
 template <typename scalar_t>
-void pair_kernel(PairOp op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& t, const at::Tensor& table,
-                 const at::Tensor& out) {
+void pair_impl(PairOp op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& t, const at::Tensor& table,
+               const at::Tensor& out) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using AVec = typename L::AVec;
   const int64_t numel = x.numel();
-  if (numel == 0) return;
   const int64_t N = numel / x.size(0), T = table.size(1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
@@ -217,38 +229,6 @@ void pair_kernel(PairOp op, const at::Tensor& x, const at::Tensor& y, const at::
   });
 }
 
-void pair_dispatch(PairOp op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& t, const at::Tensor& table,
-                   const at::Tensor& out) {
-  check_common(x, t, table);
-  check_data("second operand", y, x);
-  check_data("out", out, x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ddpm_kernels_pair", [&] {
-    pair_kernel<scalar_t>(op, x, y, t, table, out);
-  });
-}
-
-template <PairOp kOp>
-at::Tensor pair_op(const at::Tensor& x, const at::Tensor& t, const at::Tensor& y, const at::Tensor& table) {
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  pair_dispatch(kOp, x, y, t, table, out);
-  return out;
-}
-
-at::Tensor q_sample_kernel(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& noise,
-                           const at::Tensor& table) {
-  return pair_op<PairOp::kQSample>(x_start, t, noise, table);
-}
-
-void q_sample_out_kernel(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& noise,
-                         const at::Tensor& table, const at::Tensor& out) {
-  pair_dispatch(PairOp::kQSample, x_start, noise, t, table, out);
-}
-
-at::Tensor get_v_kernel(const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
-                        const at::Tensor& table) {
-  return pair_op<PairOp::kGetV>(x_start, t, noise, table);
-}
-
 // grad_x_start = sqrt(ab) grad, grad_noise = sqrt(1 - ab) grad: one read, two writes.
 template <typename scalar_t>
 void q_sample_backward_impl(const at::Tensor& g, const at::Tensor& t, const at::Tensor& table, const at::Tensor& gx,
@@ -257,7 +237,6 @@ void q_sample_backward_impl(const at::Tensor& g, const at::Tensor& t, const at::
   using acc_t = typename L::acc_t;
   using AVec = typename L::AVec;
   const int64_t numel = g.numel();
-  if (numel == 0) return;
   const int64_t N = numel / g.size(0), T = table.size(1);
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
@@ -279,17 +258,6 @@ void q_sample_backward_impl(const at::Tensor& g, const at::Tensor& t, const at::
       }
     });
   });
-}
-
-std::tuple<at::Tensor, at::Tensor> q_sample_backward_kernel(const at::Tensor& grad, const at::Tensor& t,
-                                                            const at::Tensor& table) {
-  check_common(grad, t, table);
-  at::Tensor gx = at::empty_like(grad, at::MemoryFormat::Contiguous);
-  at::Tensor gn = at::empty_like(grad, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "q_sample_backward", [&] {
-    q_sample_backward_impl<scalar_t>(grad, t, table, gx, gn);
-  });
-  return {gx, gn};
 }
 
 // ----------------------------------------------------------------------------------- posterior / sampling
@@ -345,208 +313,9 @@ inline void normal_block(int64_t blk, uint64_t seed, float* buf) {
   }
 }
 
-enum class StepMode { kPosterior, kMean, kSampleNoise, kSampleRandom };
-
-// Everything the step kernels share. `mo` is model_output (x_start for q_posterior), `noise` the given
-// noise (kSampleNoise), `seed` the per-call key of the in-kernel noise (kSampleRandom).
-template <typename scalar_t>
-struct StepArgs {
-  const scalar_t* x_t;
-  const scalar_t* mo;
-  const scalar_t* noise;
-  scalar_t* out;
-  const int64_t* t;
-  const typename Lanes<scalar_t>::acc_t* table;
-  int64_t T, numel, N;
-  uint64_t seed;
-};
-
-template <typename scalar_t, StepMode kMode, Param kParam, bool kClip>
-void step_kernel(const StepArgs<scalar_t>& a) {
-  using L = Lanes<scalar_t>;
-  using acc_t = typename L::acc_t;
-  using AVec = typename L::AVec;
-  parallel_blocks(a.numel, [&](int64_t blk0, int64_t blk1) {
-    // Room for the last partial vector read past a segment that ends mid-block.
-    alignas(64) float noise_f[kBlock];
-    alignas(64) acc_t noise_buf[kBlock + 64];
-    int64_t noise_blk = -1;
-    for_each_segment(blk0, blk1, a.numel, a.N, [&](int64_t b, int64_t i, int64_t stop) {
-      const Step<acc_t> c = step_coefficients<acc_t>(kParam, a.table, a.T, a.t[b]);
-      const AVec x0_xt(c.x0_xt), x0_mo(c.x0_mo), coef1(c.coef1), coef2(c.coef2), sigma(c.sigma);
-      const AVec lo(acc_t(-1)), hi(acc_t(1));
-      AVec xv[L::kVecs], mv[L::kVecs], zv[L::kVecs];
-      for (; i < stop; i += L::size()) {
-        const int64_t n = std::min<int64_t>(L::size(), stop - i);
-        L::load(a.x_t + i, xv, n);
-        L::load(a.mo + i, mv, n);
-        if constexpr (kMode == StepMode::kSampleNoise) {
-          L::load(a.noise + i, zv, n);
-        } else if constexpr (kMode == StepMode::kSampleRandom) {
-          const int64_t blk = i / kBlock;
-          if (blk != noise_blk) {
-            // A vector never crosses a block boundary: blocks and segments start at multiples of the
-            // vector size except at sample boundaries, where the tail is partial and read from the buffer.
-            normal_block(blk, a.seed, noise_f);
-            for (int64_t j = 0; j < kBlock; ++j) noise_buf[j] = static_cast<acc_t>(noise_f[j]);
-            noise_blk = blk;
-          }
-          const int64_t off = i - blk * kBlock;
-          if (off + L::size() <= kBlock) {
-            L::load_acc(noise_buf + off, zv);
-          } else {
-            // The vector straddles two noise blocks (a sample boundary not aligned to the vector width).
-            alignas(64) acc_t tmp[64 + 64];
-            const int64_t first = kBlock - off;
-            std::memcpy(tmp, noise_buf + off, sizeof(acc_t) * first);
-            normal_block(blk + 1, a.seed, noise_f);
-            for (int64_t j = 0; j < kBlock; ++j) noise_buf[j] = static_cast<acc_t>(noise_f[j]);
-            noise_blk = blk + 1;
-            std::memcpy(tmp + first, noise_buf, sizeof(acc_t) * (L::size() - first));
-            L::load_acc(tmp, zv);
-          }
-        }
-        for (int k = 0; k < L::kVecs; ++k) {
-          AVec x0;
-          if constexpr (kParam == Param::kX0) {
-            x0 = mv[k];
-          } else {
-            x0 = madd(x0_xt, xv[k], x0_mo * mv[k]);
-          }
-          if constexpr (kClip) x0 = clampv(x0, lo, hi);
-          AVec r = madd(coef1, x0, coef2 * xv[k]);
-          if constexpr (kMode == StepMode::kSampleNoise || kMode == StepMode::kSampleRandom) {
-            r = madd(sigma, zv[k], r);
-          }
-          xv[k] = r;
-        }
-        L::store(a.out + i, xv, n);
-      }
-    });
-  });
-}
-
-template <typename scalar_t, StepMode kMode>
-void step_dispatch(const StepArgs<scalar_t>& a, Param param, bool clip) {
-  if (a.numel == 0) return;
-#define DDPM_STEP_CASE(P, C) \
-  if (param == P && clip == C) return step_kernel<scalar_t, kMode, P, C>(a);
-  DDPM_STEP_CASE(Param::kEps, true)
-  DDPM_STEP_CASE(Param::kEps, false)
-  DDPM_STEP_CASE(Param::kX0, true)
-  DDPM_STEP_CASE(Param::kX0, false)
-  DDPM_STEP_CASE(Param::kV, true)
-  DDPM_STEP_CASE(Param::kV, false)
-#undef DDPM_STEP_CASE
-}
-
-// var and log_var, (B, 1, ..., 1) in the table's dtype.
-std::tuple<at::Tensor, at::Tensor> variances(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table) {
-  auto opts = table.options();
-  at::Tensor var = at::empty(per_sample_shape(x), opts), log_var = at::empty(per_sample_shape(x), opts);
-  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "ddpm_kernels_variances", [&] {
-    const scalar_t* tab = table.const_data_ptr<scalar_t>();
-    const int64_t* tp = t.const_data_ptr<int64_t>();
-    const int64_t T = table.size(1);
-    scalar_t* v = var.mutable_data_ptr<scalar_t>();
-    scalar_t* lv = log_var.mutable_data_ptr<scalar_t>();
-    for (int64_t b = 0; b < x.size(0); ++b) {
-      v[b] = gather<scalar_t>(tab, T, kPosteriorVariance, tp[b]);
-      lv[b] = gather<scalar_t>(tab, T, kPosteriorLogVarianceClipped, tp[b]);
-    }
-  });
-  return {var, log_var};
-}
-
-template <StepMode kMode>
-void run_step(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& mo, const at::Tensor& table,
-              const at::Tensor* noise, uint64_t seed, Param param, bool clip, const at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "ddpm_kernels_step", [&] {
-    StepArgs<scalar_t> a;
-    a.x_t = x_t.const_data_ptr<scalar_t>();
-    a.mo = mo.const_data_ptr<scalar_t>();
-    a.noise = noise ? noise->const_data_ptr<scalar_t>() : nullptr;
-    a.out = out.mutable_data_ptr<scalar_t>();
-    a.t = t.const_data_ptr<int64_t>();
-    a.table = table.const_data_ptr<typename Lanes<scalar_t>::acc_t>();
-    a.T = table.size(1);
-    a.numel = x_t.numel();
-    a.N = a.numel == 0 ? 1 : a.numel / x_t.size(0);
-    a.seed = seed;
-    step_dispatch<scalar_t, kMode>(a, param, clip);
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> q_posterior_kernel(const at::Tensor& x_start, const at::Tensor& x_t,
-                                                                  const at::Tensor& t, const at::Tensor& table) {
-  check_common(x_t, t, table);
-  check_data("x_start", x_start, x_t);
-  at::Tensor mean = at::empty_like(x_t, at::MemoryFormat::Contiguous);
-  run_step<StepMode::kPosterior>(x_t, t, x_start, table, nullptr, 0, Param::kX0, false, mean);
-  auto [var, log_var] = variances(x_t, t, table);
-  return {mean, var, log_var};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> p_mean_variance_kernel(const at::Tensor& x_t, const at::Tensor& t,
-                                                                      const at::Tensor& model_output,
-                                                                      const at::Tensor& table,
-                                                                      c10::string_view parameterization,
-                                                                      bool clip_denoised) {
-  check_common(x_t, t, table);
-  check_data("model_output", model_output, x_t);
-  const Param param = parse_param(std::string(parameterization));
-  at::Tensor mean = at::empty_like(x_t, at::MemoryFormat::Contiguous);
-  run_step<StepMode::kMean>(x_t, t, model_output, table, nullptr, 0, param, clip_denoised, mean);
-  auto [var, log_var] = variances(x_t, t, table);
-  return {mean, var, log_var};
-}
-
-void p_sample_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& model_output,
-                         const at::Tensor& table, c10::string_view parameterization, bool clip_denoised,
-                         const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
-                         const at::Tensor& out) {
-  check_common(x_t, t, table);
-  check_data("model_output", model_output, x_t);
-  check_data("out", out, x_t);
-  const Param param = parse_param(std::string(parameterization));
-  if (noise.has_value()) {
-    check_data("noise", *noise, x_t);
-    run_step<StepMode::kSampleNoise>(x_t, t, model_output, table, &*noise, 0, param, clip_denoised, out);
-    return;
-  }
-  // One 64-bit draw per call keys the Philox stream: the same generator state gives the same noise, and
-  // the generator advances like any other CPU sampling call.
-  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
-  uint64_t seed;
-  {
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    seed = gen->random64();
-  }
-  run_step<StepMode::kSampleRandom>(x_t, t, model_output, table, nullptr, seed, param, clip_denoised, out);
-}
-
-at::Tensor p_sample_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& model_output,
-                           const at::Tensor& table, c10::string_view parameterization, bool clip_denoised,
-                           const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator) {
-  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
-  p_sample_out_kernel(x_t, t, model_output, table, parameterization, clip_denoised, noise, std::move(generator), out);
-  return out;
-}
-
-// ------------------------------------------------------------------------------------------- sampler steps
-// ddim_step / ddpm_step: per-sample coefficients derived in float64 from alphas_cumprod[t], [t_prev]
-// (csrc/sampler_coefficients.h), then one pass over the data in float32 (float64) lanes.
-template <typename T>
-C10_ALWAYS_INLINE Vectorized<T> expv(const Vectorized<T>& x) {
-  return x.exp();
-}
-template <typename T, typename = std::enable_if_t<std::is_floating_point_v<T>>>
-C10_ALWAYS_INLINE T expv(T x) {
-  return std::exp(x);
-}
-
-// The in-kernel noise of element i: the same Philox blocks as p_sample (normal_block), so a step and a
-// p_sample keyed by the same generator state see the same normals.
+// The in-kernel noise of element i, normal_block's element i % kBlock of block i / kBlock: p_sample and the
+// sampler steps read it the same way, so calls keyed by the same generator state see the same normals. One per
+// parallel task, keeping the last block it generated.
 template <typename L>
 struct BlockNoise {
   using acc_t = typename L::acc_t;
@@ -578,7 +347,129 @@ struct BlockNoise {
   }
 };
 
-enum class SamplerOp { kDdim, kDdpm };
+enum class StepMode { kMean, kSampleNoise, kSampleRandom };
+
+// Everything the step kernels share. `mo` is model_output (x_start for q_posterior), `noise` the given
+// noise (kSampleNoise), `seed` the per-call key of the in-kernel noise (kSampleRandom).
+template <typename scalar_t>
+struct StepArgs {
+  const scalar_t* x_t;
+  const scalar_t* mo;
+  const scalar_t* noise;
+  scalar_t* out;
+  const int64_t* t;
+  const typename Lanes<scalar_t>::acc_t* table;
+  int64_t T, numel, N;
+  uint64_t seed;
+};
+
+template <typename scalar_t, StepMode kMode, Param kParam, bool kClip>
+void step_kernel(const StepArgs<scalar_t>& a) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using AVec = typename L::AVec;
+  parallel_blocks(a.numel, [&](int64_t blk0, int64_t blk1) {
+    BlockNoise<L> noise;
+    noise.seed = a.seed;
+    for_each_segment(blk0, blk1, a.numel, a.N, [&](int64_t b, int64_t i, int64_t stop) {
+      const Step<acc_t> c = step_coefficients<acc_t>(kParam, a.table, a.T, a.t[b]);
+      const AVec x0_xt(c.x0_xt), x0_mo(c.x0_mo), coef1(c.coef1), coef2(c.coef2), sigma(c.sigma);
+      const AVec lo(acc_t(-1)), hi(acc_t(1));
+      AVec xv[L::kVecs], mv[L::kVecs], zv[L::kVecs];
+      for (; i < stop; i += L::size()) {
+        const int64_t n = std::min<int64_t>(L::size(), stop - i);
+        L::load(a.x_t + i, xv, n);
+        L::load(a.mo + i, mv, n);
+        if constexpr (kMode == StepMode::kSampleNoise) {
+          L::load(a.noise + i, zv, n);
+        } else if constexpr (kMode == StepMode::kSampleRandom) {
+          noise.get(i, zv);
+        }
+        for (int k = 0; k < L::kVecs; ++k) {
+          AVec x0;
+          if constexpr (kParam == Param::kX0) {
+            x0 = mv[k];
+          } else {
+            x0 = madd(x0_xt, xv[k], x0_mo * mv[k]);
+          }
+          if constexpr (kClip) x0 = clampv(x0, lo, hi);
+          AVec r = madd(coef1, x0, coef2 * xv[k]);
+          if constexpr (kMode == StepMode::kSampleNoise || kMode == StepMode::kSampleRandom) {
+            r = madd(sigma, zv[k], r);
+          }
+          xv[k] = r;
+        }
+        L::store(a.out + i, xv, n);
+      }
+    });
+  });
+}
+
+// f(std::integral_constant<Param, P>()) for the runtime parameterization: one instantiation per value.
+template <typename F>
+void with_param(Param param, const F& f) {
+  switch (param) {
+    case Param::kEps: return f(std::integral_constant<Param, Param::kEps>());
+    case Param::kX0: return f(std::integral_constant<Param, Param::kX0>());
+    case Param::kV: return f(std::integral_constant<Param, Param::kV>());
+  }
+}
+
+// f(std::true_type()) or f(std::false_type()).
+template <typename F>
+void with_bool(bool value, const F& f) {
+  if (value) return f(std::true_type());
+  return f(std::false_type());
+}
+
+// var and log_var, (B, 1, ..., 1) in the table's dtype.
+void variances(const at::Tensor& t, const at::Tensor& table, const at::Tensor& var, const at::Tensor& log_var) {
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "ddpm_kernels_variances", [&] {
+    const scalar_t* tab = table.const_data_ptr<scalar_t>();
+    const int64_t* tp = t.const_data_ptr<int64_t>();
+    const int64_t T = table.size(1);
+    scalar_t* v = var.mutable_data_ptr<scalar_t>();
+    scalar_t* lv = log_var.mutable_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < t.size(0); ++b) {
+      v[b] = gather<scalar_t>(tab, T, kPosteriorVariance, tp[b]);
+      lv[b] = gather<scalar_t>(tab, T, kPosteriorLogVarianceClipped, tp[b]);
+    }
+  });
+}
+
+template <StepMode kMode>
+void run_step(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& mo, const at::Tensor& table,
+              const at::Tensor* noise, uint64_t seed, Param param, bool clip, const at::Tensor& out) {
+  if (x_t.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "ddpm_kernels_step", [&] {
+    StepArgs<scalar_t> a;
+    a.x_t = x_t.const_data_ptr<scalar_t>();
+    a.mo = mo.const_data_ptr<scalar_t>();
+    a.noise = noise ? noise->const_data_ptr<scalar_t>() : nullptr;
+    a.out = out.mutable_data_ptr<scalar_t>();
+    a.t = t.const_data_ptr<int64_t>();
+    a.table = table.const_data_ptr<typename Lanes<scalar_t>::acc_t>();
+    a.T = table.size(1);
+    a.numel = x_t.numel();
+    a.N = a.numel / x_t.size(0);
+    a.seed = seed;
+    with_param(param, [&](auto P) {
+      with_bool(clip, [&](auto C) { step_kernel<scalar_t, kMode, decltype(P)::value, decltype(C)::value>(a); });
+    });
+  });
+}
+
+// The key of one call's in-kernel noise: one 64-bit draw, so the same generator state gives the same noise
+// and the generator advances like any other CPU sampling call.
+uint64_t draw_seed(std::optional<at::Generator> generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return gen->random64();
+}
+
+// ------------------------------------------------------------------------------------------- sampler steps
+// ddim_step / ddpm_step: per-sample coefficients derived in float64 from alphas_cumprod[t], [t_prev]
+// (csrc/sampler_coefficients.h), then one pass over the data in float32 (float64) lanes.
 enum class NoiseMode { kNone, kGiven, kRandom };
 
 template <typename scalar_t>
@@ -674,124 +565,29 @@ void sampler_kernel(const SamplerArgs<scalar_t>& a) {
   });
 }
 
-template <typename scalar_t>
-void sampler_dispatch(SamplerOp op, Param param, const SamplerArgs<scalar_t>& a) {
-  if (a.numel == 0) return;
-#define DDPM_SAMPLER_CASE(O, P) \
-  if (op == O && param == P) return sampler_kernel<scalar_t, O, P>(a);
-  DDPM_SAMPLER_CASE(SamplerOp::kDdim, Param::kEps)
-  DDPM_SAMPLER_CASE(SamplerOp::kDdim, Param::kX0)
-  DDPM_SAMPLER_CASE(SamplerOp::kDdim, Param::kV)
-  DDPM_SAMPLER_CASE(SamplerOp::kDdpm, Param::kEps)
-  DDPM_SAMPLER_CASE(SamplerOp::kDdpm, Param::kX0)
-  DDPM_SAMPLER_CASE(SamplerOp::kDdpm, Param::kV)
-#undef DDPM_SAMPLER_CASE
-}
-
-// Both steps: checks, noise source, launch. Returns x0 (zero elements unless return_pred_x0).
-at::Tensor sampler_step(SamplerOp op, const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
-                        const at::Tensor& model_output, const at::Tensor& table64, double eta,
-                        c10::string_view parameterization, Variance variance, bool clip_denoised, double clip_range,
-                        bool set_alpha_to_one, bool use_clipped, const std::optional<at::Tensor>& noise,
-                        std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
-  const bool learned = op == SamplerOp::kDdpm && is_learned(variance);
-  check_sampler(x_t, t, t_prev, model_output, table64, learned);
-  check_data("out", out, x_t);
-  const Param param = parse_param(std::string(parameterization));
-  // ddim_step with eta == 0 has no noise term: nothing is read or drawn (as the reference)
-  const bool add_noise = op == SamplerOp::kDdpm || eta > 0;
-  NoiseMode mode = NoiseMode::kNone;
-  uint64_t seed = 0;
-  if (add_noise && noise.has_value()) {
-    check_data("noise", *noise, x_t);
-    mode = NoiseMode::kGiven;
-  } else if (add_noise) {
-    // p_sample's scheme: one 64-bit draw per call keys the Philox stream.
-    auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    seed = gen->random64();
-    mode = NoiseMode::kRandom;
-  }
-  at::Tensor x0 = return_pred_x0 ? at::empty_like(x_t, at::MemoryFormat::Contiguous) : at::empty({0}, x_t.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "ddpm_kernels_sampler_step", [&] {
-    SamplerArgs<scalar_t> a;
-    a.x_t = x_t.const_data_ptr<scalar_t>();
-    a.mo = model_output.const_data_ptr<scalar_t>();
-    a.noise = mode == NoiseMode::kGiven ? noise->const_data_ptr<scalar_t>() : nullptr;
-    a.out = out.mutable_data_ptr<scalar_t>();
-    a.x0 = return_pred_x0 ? x0.mutable_data_ptr<scalar_t>() : nullptr;
-    a.t = t.const_data_ptr<int64_t>();
-    a.t_prev = t_prev.const_data_ptr<int64_t>();
-    a.table64 = table64.const_data_ptr<double>();
-    a.T = table64.size(1);
-    a.numel = x_t.numel();
-    a.N = a.numel == 0 ? 1 : a.numel / x_t.size(0);
-    a.mo_stride = learned ? 2 * a.N : a.N;
-    a.eta = eta;
-    a.clip_range = clip_range;
-    a.set_alpha_to_one = set_alpha_to_one;
-    a.clip = clip_denoised;
-    a.use_clipped = use_clipped;
-    a.variance = variance;
-    a.noise_mode = mode;
-    a.seed = seed;
-    sampler_dispatch<scalar_t>(op, param, a);
-  });
-  return x0;
-}
-
-at::Tensor ddim_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
-                                const at::Tensor& model_output, const at::Tensor& table64, double eta,
-                                c10::string_view parameterization, bool clip_denoised, double clip_range,
-                                bool set_alpha_to_one, bool use_clipped_model_output,
-                                const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
-                                bool return_pred_x0, const at::Tensor& out) {
-  return sampler_step(SamplerOp::kDdim, x_t, t, t_prev, model_output, table64, eta, parameterization,
-                      Variance::kFixedSmall, clip_denoised, clip_range, set_alpha_to_one, use_clipped_model_output,
-                      noise, std::move(generator), return_pred_x0, out);
-}
-
-std::tuple<at::Tensor, at::Tensor> ddim_step_kernel(const at::Tensor& x_t, const at::Tensor& t,
-                                                    const at::Tensor& t_prev, const at::Tensor& model_output,
-                                                    const at::Tensor& table64, double eta,
-                                                    c10::string_view parameterization, bool clip_denoised,
-                                                    double clip_range, bool set_alpha_to_one,
-                                                    bool use_clipped_model_output,
-                                                    const std::optional<at::Tensor>& noise,
-                                                    std::optional<at::Generator> generator, bool return_pred_x0) {
-  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
-  at::Tensor x0 = ddim_step_out_kernel(x_t, t, t_prev, model_output, table64, eta, parameterization, clip_denoised,
-                                       clip_range, set_alpha_to_one, use_clipped_model_output, noise,
-                                       std::move(generator), return_pred_x0, out);
-  return {out, x0};
-}
-
-at::Tensor ddpm_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
-                                const at::Tensor& model_output, const at::Tensor& table64,
-                                c10::string_view parameterization, c10::string_view variance_type,
-                                bool clip_denoised, double clip_range, const std::optional<at::Tensor>& noise,
-                                std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
-  return sampler_step(SamplerOp::kDdpm, x_t, t, t_prev, model_output, table64, 0.0, parameterization,
-                      parse_variance(std::string(variance_type)), clip_denoised, clip_range, true, false, noise,
-                      std::move(generator), return_pred_x0, out);
-}
-
-std::tuple<at::Tensor, at::Tensor> ddpm_step_kernel(const at::Tensor& x_t, const at::Tensor& t,
-                                                    const at::Tensor& t_prev, const at::Tensor& model_output,
-                                                    const at::Tensor& table64, c10::string_view parameterization,
-                                                    c10::string_view variance_type, bool clip_denoised,
-                                                    double clip_range, const std::optional<at::Tensor>& noise,
-                                                    std::optional<at::Generator> generator, bool return_pred_x0) {
-  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
-  at::Tensor x0 = ddpm_step_out_kernel(x_t, t, t_prev, model_output, table64, parameterization, variance_type,
-                                       clip_denoised, clip_range, noise, std::move(generator), return_pred_x0, out);
-  return {out, x0};
-}
-
 // ------------------------------------------------------------------------------------------------ loss
 // Elements per reduction chunk: partial sums are kept per (sample, chunk) in float64, so the result does
 // not depend on the thread count, and the float32 lane accumulators sum at most a few hundred terms.
 constexpr int64_t kLossChunk = 4096;
+
+// d = model_output - target over elements [i, i + n), the target by parameterization: noise (eps), x_start
+// (x0), or tx x_start + tn noise (v, tx and tn from loss_coefficients). Zero in the lanes past a partial load.
+template <typename L, Param kParam, typename scalar_t>
+C10_ALWAYS_INLINE void loss_diffs(const scalar_t* mo, const scalar_t* xs, const scalar_t* nz, int64_t i, int64_t n,
+                                  const typename L::AVec& tx, const typename L::AVec& tn, typename L::AVec* d) {
+  using AVec = typename L::AVec;
+  AVec mv[L::kVecs], xv[L::kVecs], nv[L::kVecs];
+  L::load(mo + i, mv, n);
+  if constexpr (kParam != Param::kEps) L::load(xs + i, xv, n);
+  if constexpr (kParam != Param::kX0) L::load(nz + i, nv, n);
+  for (int k = 0; k < L::kVecs; ++k) {
+    AVec target;
+    if constexpr (kParam == Param::kEps) target = nv[k];
+    else if constexpr (kParam == Param::kX0) target = xv[k];
+    else target = madd(tx, xv[k], tn * nv[k]);
+    d[k] = mv[k] - target;
+  }
+}
 
 template <typename scalar_t, Param kParam, bool kL1>
 void loss_partials(const scalar_t* mo, const scalar_t* xs, const scalar_t* nz, const int64_t* t,
@@ -807,83 +603,17 @@ void loss_partials(const scalar_t* mo, const scalar_t* xs, const scalar_t* nz, c
       const AVec tx(lc.tgt_x), tn(lc.tgt_n);
       int64_t i = b * N + (c % chunks) * kLossChunk;
       const int64_t stop = std::min(i + kLossChunk, (b + 1) * N);
-      AVec acc[L::kVecs], mv[L::kVecs], xv[L::kVecs], nv[L::kVecs];
+      AVec acc[L::kVecs], d[L::kVecs];
       for (int k = 0; k < L::kVecs; ++k) acc[k] = AVec(acc_t(0));
       for (; i < stop; i += L::size()) {
-        const int64_t n = std::min<int64_t>(L::size(), stop - i);
-        L::load(mo + i, mv, n);
-        if constexpr (kParam != Param::kEps) L::load(xs + i, xv, n);
-        if constexpr (kParam != Param::kX0) L::load(nz + i, nv, n);
-        for (int k = 0; k < L::kVecs; ++k) {
-          AVec target;
-          if constexpr (kParam == Param::kEps) target = nv[k];
-          else if constexpr (kParam == Param::kX0) target = xv[k];
-          else target = madd(tx, xv[k], tn * nv[k]);
-          const AVec d = mv[k] - target;  // zero in the lanes past a partial load
-          acc[k] = kL1 ? acc[k] + absv(d) : madd(d, d, acc[k]);
-        }
+        loss_diffs<L, kParam>(mo, xs, nz, i, std::min<int64_t>(L::size(), stop - i), tx, tn, d);
+        for (int k = 0; k < L::kVecs; ++k) acc[k] = kL1 ? acc[k] + absv(d[k]) : madd(d[k], d[k], acc[k]);
       }
       double s = 0;
       for (int k = 0; k < L::kVecs; ++k) s += hsum(acc[k]);
       partial[c] = s;
     }
   });
-}
-
-template <typename scalar_t, typename F>
-void with_loss_variant(Param param, bool l1, const F& f) {
-#define DDPM_LOSS_CASE(P, L1) \
-  if (param == P && l1 == L1) return f(std::integral_constant<Param, P>(), std::integral_constant<bool, L1>());
-  DDPM_LOSS_CASE(Param::kEps, false)
-  DDPM_LOSS_CASE(Param::kEps, true)
-  DDPM_LOSS_CASE(Param::kX0, false)
-  DDPM_LOSS_CASE(Param::kX0, true)
-  DDPM_LOSS_CASE(Param::kV, false)
-  DDPM_LOSS_CASE(Param::kV, true)
-#undef DDPM_LOSS_CASE
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_loss_kernel(
-    const at::Tensor& model_output, const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
-    const at::Tensor& table, c10::string_view parameterization, c10::string_view loss_type, double l_simple_weight,
-    double original_elbo_weight) {
-  check_common(model_output, t, table);
-  check_data("x_start", x_start, model_output);
-  check_data("noise", noise, model_output);
-  const Param param = parse_param(std::string(parameterization));
-  const bool l1 = parse_l1(std::string(loss_type));
-  const int64_t B = model_output.size(0), numel = model_output.numel();
-  const int64_t N = B == 0 ? 0 : numel / B, T = table.size(1);
-  const int64_t chunks = std::max<int64_t>(1, (N + kLossChunk - 1) / kLossChunk);
-  std::vector<double> partial(B * chunks, 0.0);
-  auto opts = model_output.options();
-  at::Tensor loss = at::empty({}, opts), loss_simple = at::empty({}, opts), loss_vlb = at::empty({}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(), "diffusion_loss", [&] {
-    using acc_t = typename Lanes<scalar_t>::acc_t;
-    const acc_t* tab = table.const_data_ptr<acc_t>();
-    const int64_t* tp = t.const_data_ptr<int64_t>();
-    if (N > 0) {
-      with_loss_variant<scalar_t>(param, l1, [&](auto P, auto L1) {
-        loss_partials<scalar_t, decltype(P)::value, decltype(L1)::value>(
-            model_output.const_data_ptr<scalar_t>(), x_start.const_data_ptr<scalar_t>(),
-            noise.const_data_ptr<scalar_t>(), tp, tab, T, B, N, partial.data(), chunks);
-      });
-    }
-    double simple = 0, vlb = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      double s = 0;
-      for (int64_t c = 0; c < chunks; ++c) s += partial[b * chunks + c];
-      const double per_sample = N > 0 ? s / static_cast<double>(N) : NAN;
-      simple += per_sample;
-      vlb += static_cast<double>(loss_coefficients<acc_t>(param, tab, T, tp[b]).weight) * per_sample;
-    }
-    simple /= static_cast<double>(B);
-    vlb /= static_cast<double>(B);
-    *loss_simple.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(simple);
-    *loss_vlb.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(vlb);
-    *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(l_simple_weight * simple + original_elbo_weight * vlb);
-  });
-  return {loss, loss_simple, loss_vlb};
 }
 
 // d/d model_output of (loss, loss_simple, loss_vlb) contracted with their incoming gradients:
@@ -900,94 +630,168 @@ void loss_backward_impl(const scalar_t* mo, const scalar_t* xs, const scalar_t* 
     for_each_segment(blk0, blk1, numel, N, [&](int64_t b, int64_t i, int64_t stop) {
       const LossCoef<acc_t> lc = loss_coefficients<acc_t>(kParam, table, T, t[b]);
       const AVec tx(lc.tgt_x), tn(lc.tgt_n), s(scale[b]);
-      AVec mv[L::kVecs], xv[L::kVecs], nv[L::kVecs];
+      AVec d[L::kVecs];
       for (; i < stop; i += L::size()) {
         const int64_t n = std::min<int64_t>(L::size(), stop - i);
-        L::load(mo + i, mv, n);
-        if constexpr (kParam != Param::kEps) L::load(xs + i, xv, n);
-        if constexpr (kParam != Param::kX0) L::load(nz + i, nv, n);
+        loss_diffs<L, kParam>(mo, xs, nz, i, n, tx, tn, d);
         for (int k = 0; k < L::kVecs; ++k) {
-          AVec target;
-          if constexpr (kParam == Param::kEps) target = nv[k];
-          else if constexpr (kParam == Param::kX0) target = xv[k];
-          else target = madd(tx, xv[k], tn * nv[k]);
-          const AVec d = mv[k] - target;
           if constexpr (kL1) {
-            mv[k] = s * signv(d);
+            d[k] = s * signv(d[k]);
           } else {
-            mv[k] = s * (d + d);
+            d[k] = s * (d[k] + d[k]);
           }
         }
-        L::store(grad + i, mv, n);
+        L::store(grad + i, d, n);
       }
     });
   });
 }
 
-at::Tensor diffusion_loss_backward_kernel(const at::Tensor& grad_loss, const at::Tensor& grad_loss_simple,
-                                          const at::Tensor& grad_loss_vlb, const at::Tensor& model_output,
-                                          const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
-                                          const at::Tensor& table, c10::string_view parameterization,
-                                          c10::string_view loss_type, double l_simple_weight,
-                                          double original_elbo_weight) {
-  check_common(model_output, t, table);
-  check_data("x_start", x_start, model_output);
-  check_data("noise", noise, model_output);
-  const Param param = parse_param(std::string(parameterization));
-  const bool l1 = parse_l1(std::string(loss_type));
-  const int64_t B = model_output.size(0), numel = model_output.numel();
-  const int64_t N = B == 0 ? 1 : std::max<int64_t>(1, numel / B), T = table.size(1);
-  at::Tensor grad = at::empty_like(model_output, at::MemoryFormat::Contiguous);
-  if (numel == 0) return grad;
-  const double g_loss = grad_loss.item<double>(), g_simple = grad_loss_simple.item<double>(),
-               g_vlb = grad_loss_vlb.item<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(), "diffusion_loss_backward", [&] {
-    using acc_t = typename Lanes<scalar_t>::acc_t;
-    const acc_t* tab = table.const_data_ptr<acc_t>();
-    const int64_t* tp = t.const_data_ptr<int64_t>();
-    std::vector<acc_t> scale(B);
-    for (int64_t b = 0; b < B; ++b) {
-      const double w = static_cast<double>(loss_coefficients<acc_t>(param, tab, T, tp[b]).weight);
-      scale[b] = static_cast<acc_t>((g_loss * (l_simple_weight + original_elbo_weight * w) + g_simple + g_vlb * w) /
-                                    (static_cast<double>(B) * static_cast<double>(N)));
-    }
-    with_loss_variant<scalar_t>(param, l1, [&](auto P, auto L1) {
-      loss_backward_impl<scalar_t, decltype(P)::value, decltype(L1)::value>(
-          model_output.const_data_ptr<scalar_t>(), x_start.const_data_ptr<scalar_t>(),
-          noise.const_data_ptr<scalar_t>(), tp, tab, T, numel, N, scale, grad.mutable_data_ptr<scalar_t>());
+// ---------------------------------------------------------------------------------------- entry points
+// The backend half of csrc/host_ops.h: called after the checks, with the outputs allocated.
+struct Kernels {
+  static void pair(PairOp op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& t,
+                   const at::Tensor& table, const at::Tensor& out) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ddpm_kernels_pair", [&] {
+      pair_impl<scalar_t>(op, x, y, t, table, out);
     });
-  });
-  return grad;
-}
+  }
 
-}  // namespace
-}  // namespace cpu
-}  // namespace ddpm
+  static void q_sample_backward(const at::Tensor& grad, const at::Tensor& t, const at::Tensor& table,
+                                const at::Tensor& gx, const at::Tensor& gn) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "q_sample_backward", [&] {
+      q_sample_backward_impl<scalar_t>(grad, t, table, gx, gn);
+    });
+  }
 
-namespace ddpm {
-namespace cpu {
-namespace {
+  static void mean_variance(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& mo,
+                            const at::Tensor& table, Param param, bool clip, const at::Tensor& mean,
+                            const at::Tensor& var, const at::Tensor& log_var) {
+    run_step<StepMode::kMean>(x_t, t, mo, table, nullptr, 0, param, clip, mean);
+    variances(t, table, var, log_var);
+  }
 
-void register_cpu_kernels(torch::Library& m) {
-  m.impl("q_sample", &q_sample_kernel);
-  m.impl("q_sample_out", &q_sample_out_kernel);
-  m.impl("q_sample_backward", &q_sample_backward_kernel);
-  m.impl("predict_start_from_noise", &pair_op<PairOp::kPredictStartFromNoise>);
-  m.impl("predict_noise_from_start", &pair_op<PairOp::kPredictNoiseFromStart>);
-  m.impl("get_v", &get_v_kernel);
-  m.impl("predict_start_from_z_and_v", &pair_op<PairOp::kPredictStartFromZAndV>);
-  m.impl("predict_eps_from_z_and_v", &pair_op<PairOp::kPredictEpsFromZAndV>);
-  m.impl("q_posterior", &q_posterior_kernel);
-  m.impl("p_mean_variance", &p_mean_variance_kernel);
-  m.impl("p_sample", &p_sample_kernel);
-  m.impl("p_sample_out", &p_sample_out_kernel);
-  m.impl("diffusion_loss", &diffusion_loss_kernel);
-  m.impl("diffusion_loss_backward", &diffusion_loss_backward_kernel);
-  m.impl("ddim_step", &ddim_step_kernel);
-  m.impl("ddim_step_out", &ddim_step_out_kernel);
-  m.impl("ddpm_step", &ddpm_step_kernel);
-  m.impl("ddpm_step_out", &ddpm_step_out_kernel);
-}
+  static void p_sample(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& mo, const at::Tensor& table,
+                       Param param, bool clip, const at::Tensor* noise, std::optional<at::Generator> generator,
+                       const at::Tensor& out) {
+    if (noise != nullptr) {
+      run_step<StepMode::kSampleNoise>(x_t, t, mo, table, noise, 0, param, clip, out);
+    } else {
+      const uint64_t seed = draw_seed(std::move(generator));
+      run_step<StepMode::kSampleRandom>(x_t, t, mo, table, nullptr, seed, param, clip, out);
+    }
+  }
+
+  static void sampler_step(const SamplerStep& s, const at::Tensor& x_t, const at::Tensor& t,
+                           const at::Tensor& t_prev, const at::Tensor& model_output, const at::Tensor& table64,
+                           const at::Tensor* noise, std::optional<at::Generator> generator, const at::Tensor* x0,
+                           const at::Tensor& out) {
+    NoiseMode mode = NoiseMode::kNone;
+    uint64_t seed = 0;
+    if (noise != nullptr) {
+      mode = NoiseMode::kGiven;
+    } else if (s.add_noise) {
+      // p_sample's scheme, so a step and a p_sample from the same generator state draw the same normals.
+      seed = draw_seed(std::move(generator));
+      mode = NoiseMode::kRandom;
+    }
+    if (x_t.numel() == 0) return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "ddpm_kernels_sampler_step", [&] {
+      SamplerArgs<scalar_t> a;
+      a.x_t = x_t.const_data_ptr<scalar_t>();
+      a.mo = model_output.const_data_ptr<scalar_t>();
+      a.noise = noise != nullptr ? noise->const_data_ptr<scalar_t>() : nullptr;
+      a.out = out.mutable_data_ptr<scalar_t>();
+      a.x0 = x0 != nullptr ? x0->mutable_data_ptr<scalar_t>() : nullptr;
+      a.t = t.const_data_ptr<int64_t>();
+      a.t_prev = t_prev.const_data_ptr<int64_t>();
+      a.table64 = table64.const_data_ptr<double>();
+      a.T = table64.size(1);
+      a.numel = x_t.numel();
+      a.N = a.numel / x_t.size(0);
+      a.mo_stride = s.learned ? 2 * a.N : a.N;
+      a.eta = s.eta;
+      a.clip_range = s.clip_range;
+      a.set_alpha_to_one = s.set_alpha_to_one;
+      a.clip = s.clip;
+      a.use_clipped = s.use_clipped;
+      a.variance = s.variance;
+      a.noise_mode = mode;
+      a.seed = seed;
+      with_param(s.param, [&](auto P) {
+        if (s.op == SamplerOp::kDdim) {
+          sampler_kernel<scalar_t, SamplerOp::kDdim, decltype(P)::value>(a);
+        } else {
+          sampler_kernel<scalar_t, SamplerOp::kDdpm, decltype(P)::value>(a);
+        }
+      });
+    });
+  }
+
+  static void diffusion_loss(const at::Tensor& model_output, const at::Tensor& x_start, const at::Tensor& noise,
+                             const at::Tensor& t, const at::Tensor& table, Param param, bool l1,
+                             double l_simple_weight, double original_elbo_weight, const at::Tensor& loss,
+                             const at::Tensor& loss_simple, const at::Tensor& loss_vlb) {
+    const int64_t B = model_output.size(0), N = model_output.numel() / B, T = table.size(1);
+    const int64_t chunks = (N + kLossChunk - 1) / kLossChunk;
+    std::vector<double> partial(B * chunks, 0.0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(), "diffusion_loss", [&] {
+      using acc_t = typename Lanes<scalar_t>::acc_t;
+      const acc_t* tab = table.const_data_ptr<acc_t>();
+      const int64_t* tp = t.const_data_ptr<int64_t>();
+      with_param(param, [&](auto P) {
+        with_bool(l1, [&](auto L1) {
+          loss_partials<scalar_t, decltype(P)::value, decltype(L1)::value>(
+              model_output.const_data_ptr<scalar_t>(), x_start.const_data_ptr<scalar_t>(),
+              noise.const_data_ptr<scalar_t>(), tp, tab, T, B, N, partial.data(), chunks);
+        });
+      });
+      double simple = 0, vlb = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        double s = 0;
+        for (int64_t c = 0; c < chunks; ++c) s += partial[b * chunks + c];
+        const double per_sample = s / static_cast<double>(N);
+        simple += per_sample;
+        vlb += static_cast<double>(loss_coefficients<acc_t>(param, tab, T, tp[b]).weight) * per_sample;
+      }
+      simple /= static_cast<double>(B);
+      vlb /= static_cast<double>(B);
+      *loss_simple.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(simple);
+      *loss_vlb.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(vlb);
+      *loss.mutable_data_ptr<scalar_t>() =
+          static_cast<scalar_t>(l_simple_weight * simple + original_elbo_weight * vlb);
+    });
+  }
+
+  static void diffusion_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad_loss_simple,
+                                      const at::Tensor& grad_loss_vlb, const at::Tensor& model_output,
+                                      const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
+                                      const at::Tensor& table, Param param, bool l1, double l_simple_weight,
+                                      double original_elbo_weight, const at::Tensor& grad) {
+    const int64_t B = model_output.size(0), numel = model_output.numel(), N = numel / B, T = table.size(1);
+    const double g_loss = grad_loss.item<double>(), g_simple = grad_loss_simple.item<double>(),
+                 g_vlb = grad_loss_vlb.item<double>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(), "diffusion_loss_backward",
+                                    [&] {
+      using acc_t = typename Lanes<scalar_t>::acc_t;
+      const acc_t* tab = table.const_data_ptr<acc_t>();
+      const int64_t* tp = t.const_data_ptr<int64_t>();
+      std::vector<acc_t> scale(B);
+      for (int64_t b = 0; b < B; ++b) {
+        const double w = static_cast<double>(loss_coefficients<acc_t>(param, tab, T, tp[b]).weight);
+        scale[b] = static_cast<acc_t>((g_loss * (l_simple_weight + original_elbo_weight * w) + g_simple + g_vlb * w) /
+                                      (static_cast<double>(B) * static_cast<double>(N)));
+      }
+      with_param(param, [&](auto P) {
+        with_bool(l1, [&](auto L1) {
+          loss_backward_impl<scalar_t, decltype(P)::value, decltype(L1)::value>(
+              model_output.const_data_ptr<scalar_t>(), x_start.const_data_ptr<scalar_t>(),
+              noise.const_data_ptr<scalar_t>(), tp, tab, T, numel, N, scale, grad.mutable_data_ptr<scalar_t>());
+        });
+      });
+    });
+  }
+};
 
 // TORCH_LIBRARY_IMPL(ddpm_kernels, CPU, m), registered only if no other build of these kernels already serves
 // the CPU key: the per-ISA libraries are alternatives, and loading a second one (by importing it directly)
@@ -999,7 +803,7 @@ struct CpuRegistration {
     if (op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return;
     lib = std::make_unique<torch::Library>(torch::Library::IMPL, "ddpm_kernels", c10::DispatchKey::CPU, __FILE__,
                                            __LINE__);
-    register_cpu_kernels(*lib);
+    register_kernels<Kernels>(*lib);
   }
 };
 const CpuRegistration cpu_registration;

@@ -24,6 +24,7 @@
 
 #include "../checks.h"
 #include "../coefficients.h"
+#include "../host_ops.h"
 #include "../sampler_coefficients.h"
 
 namespace ddpm {
@@ -107,6 +108,48 @@ void launch_per_sample(int V, int64_t numel, int64_t N, const F& f) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// In-kernel noise: thread `tid` owns 4-element groups tid, tid + stride, ...; its Philox subsequence is tid and
+// each group takes one curand_normal4 (one Philox call, four normals). f.element(i, b, z) writes element i of
+// sample b given its normal z. p_sample and the sampler steps share this, so the same generator state gives
+// them the same normals.
+template <typename F>
+__global__ void philox_normal_kernel(F f, int64_t numel, int64_t N, at::PhiloxCudaState philox) {
+  using acc_t = typename F::acc_t;
+  const auto seeds = at::cuda::philox::unpack(philox);
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  curandStatePhilox4_32_10_t state;
+  curand_init(std::get<0>(seeds), tid, std::get<1>(seeds), &state);
+  const int64_t groups = (numel + 3) / 4;
+  for (int64_t g = tid; g < groups; g += stride) {
+    const float4 z4 = curand_normal4(&state);
+    const float z[4] = {z4.x, z4.y, z4.z, z4.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t i = g * 4 + k;
+      if (i < numel) f.element(i, i / N, acc_t(z[k]));
+    }
+  }
+}
+
+// Runs philox_normal_kernel over numel > 0 elements (N per sample) on the current stream, taking the Philox
+// seed and offset from `generator` (or the device's default generator) and advancing it by what the threads
+// consume: 4 32-bit values per curand_normal4 call, one call per group a thread owns.
+template <typename F>
+void launch_philox_normal(const F& f, int64_t numel, int64_t N, std::optional<at::Generator> generator) {
+  const int64_t groups = (numel + 3) / 4;
+  const int64_t blocks = grid_for(groups);
+  const uint64_t calls_per_thread = uint64_t((groups + blocks * kThreads - 1) / (blocks * kThreads));
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator, at::cuda::detail::getDefaultCUDAGenerator());
+  at::PhiloxCudaState philox;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    philox = gen->philox_cuda_state(calls_per_thread * 4);
+  }
+  philox_normal_kernel<F><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(f, numel, N, philox);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // ------------------------------------------------------------------------------------------ two-operand ops
 template <typename scalar_t>
 struct PairFn {
@@ -129,44 +172,6 @@ struct PairFn {
     store<V>(out + i, xv);
   }
 };
-
-void pair_dispatch(PairOp op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& t, const at::Tensor& table,
-                   const at::Tensor& out) {
-  check_common(x, t, table);
-  check_data("second operand", y, x);
-  check_data("out", out, x);
-  if (x.numel() == 0) return;
-  c10::cuda::CUDAGuard guard(x.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ddpm_kernels_pair_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    PairFn<scalar_t> f{op, x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                       t.const_data_ptr<int64_t>(), table.const_data_ptr<acc_t>(), table.size(1)};
-    const int64_t N = x.numel() / x.size(0);
-    launch_per_sample<scalar_t>(vector_width<scalar_t>(N, {f.x, f.y, f.out}), x.numel(), N, f);
-  });
-}
-
-template <PairOp kOp>
-at::Tensor pair_op(const at::Tensor& x, const at::Tensor& t, const at::Tensor& y, const at::Tensor& table) {
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  pair_dispatch(kOp, x, y, t, table, out);
-  return out;
-}
-
-at::Tensor q_sample_kernel(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& noise,
-                           const at::Tensor& table) {
-  return pair_op<PairOp::kQSample>(x_start, t, noise, table);
-}
-
-void q_sample_out_kernel(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& noise,
-                         const at::Tensor& table, const at::Tensor& out) {
-  pair_dispatch(PairOp::kQSample, x_start, noise, t, table, out);
-}
-
-at::Tensor get_v_kernel(const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
-                        const at::Tensor& table) {
-  return pair_op<PairOp::kGetV>(x_start, t, noise, table);
-}
 
 template <typename scalar_t>
 struct QSampleBackwardFn {
@@ -191,24 +196,6 @@ struct QSampleBackwardFn {
     store<V>(gn + i, n);
   }
 };
-
-std::tuple<at::Tensor, at::Tensor> q_sample_backward_kernel(const at::Tensor& grad, const at::Tensor& t,
-                                                            const at::Tensor& table) {
-  check_common(grad, t, table);
-  at::Tensor gx = at::empty_like(grad, at::MemoryFormat::Contiguous);
-  at::Tensor gn = at::empty_like(grad, at::MemoryFormat::Contiguous);
-  if (grad.numel() == 0) return {gx, gn};
-  c10::cuda::CUDAGuard guard(grad.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "q_sample_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    QSampleBackwardFn<scalar_t> f{grad.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
-                                  gn.mutable_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
-                                  table.const_data_ptr<acc_t>(), table.size(1)};
-    const int64_t N = grad.numel() / grad.size(0);
-    launch_per_sample<scalar_t>(vector_width<scalar_t>(N, {f.g, f.gx, f.gn}), grad.numel(), N, f);
-  });
-  return {gx, gn};
-}
 
 // ----------------------------------------------------------------------------------- posterior / sampling
 template <typename acc_t>
@@ -263,6 +250,11 @@ struct StepFn {
     }
     store<V>(out + i, xv);
   }
+  // One element of p_sample with its in-kernel normal z.
+  __device__ __forceinline__ void element(int64_t i, int64_t b, acc_t z) const {
+    const Step<acc_t> c = step_coefficients<acc_t>(param, table, T, t[b]);
+    out[i] = static_cast<scalar_t>(step_mean(c, param, clip, acc_t(x_t[i]), acc_t(mo[i])) + c.sigma * z);
+  }
 };
 
 template <typename scalar_t>
@@ -272,8 +264,8 @@ __global__ void variances_kernel(at::opmath_type<scalar_t>* var, at::opmath_type
 }
 
 void run_step(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& mo, const at::Tensor& table,
-              const at::Tensor* noise, Param param, bool clip, const at::Tensor& out, at::Tensor* var,
-              at::Tensor* log_var) {
+              const at::Tensor* noise, Param param, bool clip, const at::Tensor& out, const at::Tensor* var,
+              const at::Tensor* log_var) {
   c10::cuda::CUDAGuard guard(x_t.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "ddpm_kernels_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -290,104 +282,6 @@ void run_step(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& mo, 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> q_posterior_kernel(const at::Tensor& x_start, const at::Tensor& x_t,
-                                                                  const at::Tensor& t, const at::Tensor& table) {
-  check_common(x_t, t, table);
-  check_data("x_start", x_start, x_t);
-  at::Tensor mean = at::empty_like(x_t, at::MemoryFormat::Contiguous);
-  at::Tensor var = at::empty(per_sample_shape(x_t), table.options());
-  at::Tensor log_var = at::empty(per_sample_shape(x_t), table.options());
-  run_step(x_t, t, x_start, table, nullptr, Param::kX0, false, mean, &var, &log_var);
-  return {mean, var, log_var};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> p_mean_variance_kernel(const at::Tensor& x_t, const at::Tensor& t,
-                                                                      const at::Tensor& model_output,
-                                                                      const at::Tensor& table,
-                                                                      c10::string_view parameterization,
-                                                                      bool clip_denoised) {
-  check_common(x_t, t, table);
-  check_data("model_output", model_output, x_t);
-  const Param param = parse_param(std::string(parameterization));
-  at::Tensor mean = at::empty_like(x_t, at::MemoryFormat::Contiguous);
-  at::Tensor var = at::empty(per_sample_shape(x_t), table.options());
-  at::Tensor log_var = at::empty(per_sample_shape(x_t), table.options());
-  run_step(x_t, t, model_output, table, nullptr, param, clip_denoised, mean, &var, &log_var);
-  return {mean, var, log_var};
-}
-
-// In-kernel noise: thread `tid` owns 4-element groups tid, tid + stride, ...; its Philox subsequence is tid
-// and each group takes one curand_normal4 (one Philox call, four normals).
-template <typename scalar_t>
-__global__ void p_sample_random_kernel(StepFn<scalar_t> f, int64_t numel, int64_t N, at::PhiloxCudaState philox) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const auto seeds = at::cuda::philox::unpack(philox);
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  curandStatePhilox4_32_10_t state;
-  curand_init(std::get<0>(seeds), tid, std::get<1>(seeds), &state);
-  const int64_t groups = (numel + 3) / 4;
-  for (int64_t g = tid; g < groups; g += stride) {
-    const float4 z4 = curand_normal4(&state);
-    const float z[4] = {z4.x, z4.y, z4.z, z4.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int64_t i = g * 4 + k;
-      if (i < numel) {
-        const int64_t b = i / N;
-        const Step<acc_t> c = step_coefficients<acc_t>(f.param, f.table, f.T, f.t[b]);
-        const acc_t r = step_mean(c, f.param, f.clip, acc_t(f.x_t[i]), acc_t(f.mo[i])) + c.sigma * acc_t(z[k]);
-        f.out[i] = static_cast<scalar_t>(r);
-      }
-    }
-  }
-}
-
-void p_sample_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& model_output,
-                         const at::Tensor& table, c10::string_view parameterization, bool clip_denoised,
-                         const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
-                         const at::Tensor& out) {
-  check_common(x_t, t, table);
-  check_data("model_output", model_output, x_t);
-  check_data("out", out, x_t);
-  const Param param = parse_param(std::string(parameterization));
-  if (noise.has_value()) {
-    check_data("noise", *noise, x_t);
-    run_step(x_t, t, model_output, table, &*noise, param, clip_denoised, out, nullptr, nullptr);
-    return;
-  }
-  const int64_t numel = x_t.numel();
-  if (numel == 0) return;
-  c10::cuda::CUDAGuard guard(x_t.device());
-  const int64_t groups = (numel + 3) / 4;
-  const int64_t blocks = grid_for(groups);
-  // Philox offset consumed per thread: 4 32-bit values per curand_normal4 call, one call per group it owns.
-  const uint64_t calls_per_thread = uint64_t((groups + blocks * kThreads - 1) / (blocks * kThreads));
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator, at::cuda::detail::getDefaultCUDAGenerator());
-  at::PhiloxCudaState philox;
-  {
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    philox = gen->philox_cuda_state(calls_per_thread * 4);
-  }
-  const int64_t N = numel / x_t.size(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "p_sample_random_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    StepFn<scalar_t> f{x_t.const_data_ptr<scalar_t>(), model_output.const_data_ptr<scalar_t>(), nullptr,
-                       out.mutable_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(), table.const_data_ptr<acc_t>(),
-                       table.size(1), param, clip_denoised};
-    p_sample_random_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(f, numel, N, philox);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-at::Tensor p_sample_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& model_output,
-                           const at::Tensor& table, c10::string_view parameterization, bool clip_denoised,
-                           const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator) {
-  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
-  p_sample_out_kernel(x_t, t, model_output, table, parameterization, clip_denoised, noise, std::move(generator), out);
-  return out;
 }
 
 // ------------------------------------------------------------------------------------------------ loss
@@ -417,25 +311,30 @@ __device__ __forceinline__ acc_t loss_diff(const LossCoef<acc_t>& c, Param param
   return acc_t(mo[i]) - target;
 }
 
-// Grid (chunks, B): block (c, b) sums the per-element loss of chunk c of sample b into partial[b, c].
-// Fixed-size chunks and tree sums: the result does not depend on scheduling.
+// The loss is summed in pieces: piece p = b * chunks + c is chunk c (kLossChunk elements, the last one shorter)
+// of sample b, and block k of the grid sums pieces k, k + gridDim.x, ... into partial[p]. The batch is not a
+// grid dimension (gridDim.y stops at 65535, and a batch may be larger). Fixed-size pieces and tree sums: the
+// result does not depend on scheduling or on the grid size.
 template <typename scalar_t>
 __global__ void loss_partials_kernel(const scalar_t* mo, const scalar_t* xs, const scalar_t* nz, const int64_t* t,
-                                     const at::opmath_type<scalar_t>* table, int64_t T, int64_t N, Param param,
-                                     bool l1, at::opmath_type<scalar_t>* partial) {
+                                     const at::opmath_type<scalar_t>* table, int64_t T, int64_t N, int64_t chunks,
+                                     int64_t pieces, Param param, bool l1, at::opmath_type<scalar_t>* partial) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t shared[kThreads / 32];
-  const int64_t b = blockIdx.y, chunk = blockIdx.x;
-  const LossCoef<acc_t> c = loss_coefficients<acc_t>(param, table, T, t[b]);
-  const int64_t begin = b * N + chunk * kLossChunk;
-  const int64_t end = begin + kLossChunk < (b + 1) * N ? begin + kLossChunk : (b + 1) * N;
-  acc_t acc = 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    const acc_t d = loss_diff(c, param, mo, xs, nz, i);
-    acc += l1 ? (d < acc_t(0) ? -d : d) : d * d;
+  // p is the same for every thread of the block, so all of them reach block_sum's barriers together.
+  for (int64_t p = blockIdx.x; p < pieces; p += gridDim.x) {
+    const int64_t b = p / chunks, chunk = p - b * chunks;
+    const LossCoef<acc_t> c = loss_coefficients<acc_t>(param, table, T, t[b]);
+    const int64_t begin = b * N + chunk * kLossChunk;
+    const int64_t end = begin + kLossChunk < (b + 1) * N ? begin + kLossChunk : (b + 1) * N;
+    acc_t acc = 0;
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const acc_t d = loss_diff(c, param, mo, xs, nz, i);
+      acc += l1 ? (d < acc_t(0) ? -d : d) : d * d;
+    }
+    acc = block_sum(acc, shared);
+    if (threadIdx.x == 0) partial[p] = acc;
   }
-  acc = block_sum(acc, shared);
-  if (threadIdx.x == 0) partial[b * gridDim.x + chunk] = acc;
 }
 
 // One block: per-sample means, then (loss, loss_simple, loss_vlb) in model_output's dtype.
@@ -463,43 +362,6 @@ __global__ void loss_finish_kernel(const at::opmath_type<scalar_t>* partial, int
     *loss_simple = static_cast<scalar_t>(simple);
     *loss_vlb = static_cast<scalar_t>(vlb);
   }
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_loss_kernel(
-    const at::Tensor& model_output, const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
-    const at::Tensor& table, c10::string_view parameterization, c10::string_view loss_type, double l_simple_weight,
-    double original_elbo_weight) {
-  check_common(model_output, t, table);
-  check_data("x_start", x_start, model_output);
-  check_data("noise", noise, model_output);
-  const Param param = parse_param(std::string(parameterization));
-  const bool l1 = parse_l1(std::string(loss_type));
-  const int64_t B = model_output.size(0), numel = model_output.numel();
-  TORCH_CHECK(B > 0 && numel > 0, "ddpm_kernels: diffusion_loss needs a non-empty batch");
-  TORCH_CHECK(B <= 65535, "ddpm_kernels: diffusion_loss on CUDA supports batches up to 65535");
-  const int64_t N = numel / B;
-  const int64_t chunks = (N + kLossChunk - 1) / kLossChunk;
-  c10::cuda::CUDAGuard guard(model_output.device());
-  const auto opts = model_output.options();
-  at::Tensor loss = at::empty({}, opts), loss_simple = at::empty({}, opts), loss_vlb = at::empty({}, opts);
-  at::Tensor partial = at::empty({B * chunks}, table.options());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(), "diffusion_loss_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* tab = table.const_data_ptr<acc_t>();
-    const int64_t* tp = t.const_data_ptr<int64_t>();
-    loss_partials_kernel<scalar_t><<<dim3(unsigned(chunks), unsigned(B)), kThreads, 0, stream>>>(
-        model_output.const_data_ptr<scalar_t>(), x_start.const_data_ptr<scalar_t>(), noise.const_data_ptr<scalar_t>(),
-        tp, tab, table.size(1), N, param, l1, partial.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    loss_finish_kernel<scalar_t><<<1, kThreads, 0, stream>>>(partial.const_data_ptr<acc_t>(), chunks, tp, tab,
-                                                             table.size(1), B, N, param, l_simple_weight,
-                                                             original_elbo_weight, loss.mutable_data_ptr<scalar_t>(),
-                                                             loss_simple.mutable_data_ptr<scalar_t>(),
-                                                             loss_vlb.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {loss, loss_simple, loss_vlb};
 }
 
 template <typename scalar_t>
@@ -535,53 +397,12 @@ struct LossBackwardFn {
   }
 };
 
-at::Tensor diffusion_loss_backward_kernel(const at::Tensor& grad_loss, const at::Tensor& grad_loss_simple,
-                                          const at::Tensor& grad_loss_vlb, const at::Tensor& model_output,
-                                          const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
-                                          const at::Tensor& table, c10::string_view parameterization,
-                                          c10::string_view loss_type, double l_simple_weight,
-                                          double original_elbo_weight) {
-  check_common(model_output, t, table);
-  check_data("x_start", x_start, model_output);
-  check_data("noise", noise, model_output);
-  const Param param = parse_param(std::string(parameterization));
-  const bool l1 = parse_l1(std::string(loss_type));
-  at::Tensor grad = at::empty_like(model_output, at::MemoryFormat::Contiguous);
-  const int64_t B = model_output.size(0), numel = model_output.numel();
-  if (numel == 0) return grad;
-  c10::cuda::CUDAGuard guard(model_output.device());
-  for (const at::Tensor* g : {&grad_loss, &grad_loss_simple, &grad_loss_vlb}) {
-    TORCH_CHECK(g->numel() == 1 && g->scalar_type() == model_output.scalar_type() && g->device() == model_output.device(),
-                "ddpm_kernels: the loss gradients must be one-element tensors of model_output's dtype and device");
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(), "diffusion_loss_bwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    LossBackwardFn<scalar_t> f{grad_loss.const_data_ptr<scalar_t>(), grad_loss_simple.const_data_ptr<scalar_t>(),
-                               grad_loss_vlb.const_data_ptr<scalar_t>(), model_output.const_data_ptr<scalar_t>(),
-                               x_start.const_data_ptr<scalar_t>(), noise.const_data_ptr<scalar_t>(),
-                               grad.mutable_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
-                               table.const_data_ptr<acc_t>(), table.size(1), B, numel / B, param, l1,
-                               acc_t(l_simple_weight), acc_t(original_elbo_weight)};
-    launch_per_sample<scalar_t>(vector_width<scalar_t>(f.N, {f.out}), numel, f.N, f);
-  });
-  return grad;
-}
-
 // ------------------------------------------------------------------------------------------- sampler steps
 // ddim_step / ddpm_step. Two launches on the current stream: a (B,)-thread kernel derives each sample's
 // coefficients in float64 from alphas_cumprod[t], [t_prev] of the float64 table (csrc/sampler_coefficients.h)
 // and rounds them once into a (B, kSamplerSlots) buffer of the compute dtype; the elementwise kernel reads
 // them per packet (L1/L2 resident). Float64 math never runs per element, which matters on GPUs with slow
 // float64, and nothing is read on the host, so the step stays CUDA-graph safe.
-enum class SamplerOp : int { kDdim = 0, kDdpm = 1 };
-
-struct SamplerFlags {
-  SamplerOp op;
-  Param param;
-  Variance variance;
-  bool learned, clip, use_clipped, add_noise;
-};
-
 template <typename acc_t>
 __global__ void sampler_coefficients_kernel(SamplerOp op, const int64_t* t, const int64_t* t_prev,
                                             const double* table64, int64_t T, int64_t B, double eta,
@@ -597,7 +418,7 @@ __global__ void sampler_coefficients_kernel(SamplerOp op, const int64_t* t, cons
 
 // One element of a step; writes the (clipped) x0 prediction to x0.
 template <typename acc_t>
-__device__ __forceinline__ acc_t sampler_element(const acc_t* c, const SamplerFlags& fl, acc_t clip_range, acc_t x,
+__device__ __forceinline__ acc_t sampler_element(const acc_t* c, const SamplerStep& fl, acc_t clip_range, acc_t x,
                                                  acc_t mo, acc_t v, acc_t z, acc_t& x0) {
   if (fl.param == Param::kEps) {
     x0 = c[kRA] * x - c[kRS] * mo;
@@ -646,7 +467,7 @@ struct SamplerFn {
   const acc_t* coef;
   int64_t N, mo_extra;
   acc_t clip_range;
-  SamplerFlags fl;
+  SamplerStep fl;
 
   template <int V>
   __device__ __forceinline__ void apply(int64_t i, int64_t b) const {
@@ -683,158 +504,157 @@ struct SamplerFn {
   }
 };
 
-// In-kernel noise exactly as p_sample_random_kernel: thread tid owns 4-element groups tid, tid + stride, ...,
-// Philox subsequence tid, one curand_normal4 per group.
-template <typename scalar_t>
-__global__ void sampler_random_kernel(SamplerFn<scalar_t> f, int64_t numel, at::PhiloxCudaState philox) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const auto seeds = at::cuda::philox::unpack(philox);
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  curandStatePhilox4_32_10_t state;
-  curand_init(std::get<0>(seeds), tid, std::get<1>(seeds), &state);
-  const int64_t groups = (numel + 3) / 4;
-  for (int64_t g = tid; g < groups; g += stride) {
-    const float4 z4 = curand_normal4(&state);
-    const float z[4] = {z4.x, z4.y, z4.z, z4.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int64_t i = g * 4 + k;
-      if (i < numel) f.element(i, i / f.N, acc_t(z[k]));
-    }
+// ---------------------------------------------------------------------------------------- entry points
+// The backend half of csrc/host_ops.h: called after the checks, with the outputs allocated; each launches on
+// the current stream of the data's device.
+struct Kernels {
+  static void pair(PairOp op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& t,
+                   const at::Tensor& table, const at::Tensor& out) {
+    c10::cuda::CUDAGuard guard(x.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ddpm_kernels_pair_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      PairFn<scalar_t> f{op,
+                         x.const_data_ptr<scalar_t>(),
+                         y.const_data_ptr<scalar_t>(),
+                         out.mutable_data_ptr<scalar_t>(),
+                         t.const_data_ptr<int64_t>(),
+                         table.const_data_ptr<acc_t>(),
+                         table.size(1)};
+      const int64_t N = x.numel() / x.size(0);
+      launch_per_sample<scalar_t>(vector_width<scalar_t>(N, {f.x, f.y, f.out}), x.numel(), N, f);
+    });
   }
-}
 
-// Both steps: checks, coefficients, noise source, launch. Returns x0 (zero elements unless return_pred_x0).
-at::Tensor sampler_step(SamplerOp op, const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
-                        const at::Tensor& model_output, const at::Tensor& table64, double eta,
-                        c10::string_view parameterization, Variance variance, bool clip_denoised, double clip_range,
-                        bool set_alpha_to_one, bool use_clipped, const std::optional<at::Tensor>& noise,
-                        std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
-  const bool learned = op == SamplerOp::kDdpm && is_learned(variance);
-  check_sampler(x_t, t, t_prev, model_output, table64, learned);
-  check_data("out", out, x_t);
-  const Param param = parse_param(std::string(parameterization));
-  at::Tensor x0 = return_pred_x0 ? at::empty_like(x_t, at::MemoryFormat::Contiguous) : at::empty({0}, x_t.options());
-  // ddim_step with eta == 0 has no noise term: nothing is read or drawn (as the reference)
-  const bool add_noise = op == SamplerOp::kDdpm || eta > 0;
-  const bool given = add_noise && noise.has_value();
-  if (given) check_data("noise", *noise, x_t);
-  const int64_t numel = x_t.numel();
-  if (numel == 0) return x0;
-  c10::cuda::CUDAGuard guard(x_t.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t B = x_t.size(0), N = numel / B;
-  const SamplerFlags fl{op, param, variance, learned, clip_denoised, use_clipped, add_noise};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "ddpm_kernels_sampler_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor coef = at::empty({B, int64_t(kSamplerSlots)}, x_t.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    sampler_coefficients_kernel<acc_t><<<(B + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        op, t.const_data_ptr<int64_t>(), t_prev.const_data_ptr<int64_t>(), table64.const_data_ptr<double>(),
-        table64.size(1), B, eta, set_alpha_to_one, variance, coef.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    SamplerFn<scalar_t> f{x_t.const_data_ptr<scalar_t>(),
-                          model_output.const_data_ptr<scalar_t>(),
-                          given ? noise->const_data_ptr<scalar_t>() : nullptr,
-                          out.mutable_data_ptr<scalar_t>(),
-                          return_pred_x0 ? x0.mutable_data_ptr<scalar_t>() : nullptr,
-                          coef.const_data_ptr<acc_t>(),
-                          N,
-                          learned ? N : 0,
-                          static_cast<acc_t>(clip_range),
-                          fl};
-    if (add_noise && !given) {
-      // p_sample's launch shape and Philox bookkeeping, so the generator advances the same way.
-      const int64_t groups = (numel + 3) / 4;
-      const int64_t blocks = grid_for(groups);
-      const uint64_t calls_per_thread = uint64_t((groups + blocks * kThreads - 1) / (blocks * kThreads));
-      auto* gen =
-          at::get_generator_or_default<at::CUDAGeneratorImpl>(generator, at::cuda::detail::getDefaultCUDAGenerator());
-      at::PhiloxCudaState philox;
-      {
-        std::lock_guard<std::mutex> lock(gen->mutex_);
-        philox = gen->philox_cuda_state(calls_per_thread * 4);
-      }
-      sampler_random_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(f, numel, philox);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      launch_per_sample<scalar_t>(vector_width<scalar_t>(N, {f.x_t, f.mo, f.noise, f.out, f.x0}), numel, N, f);
+  static void q_sample_backward(const at::Tensor& grad, const at::Tensor& t, const at::Tensor& table,
+                                const at::Tensor& gx, const at::Tensor& gn) {
+    c10::cuda::CUDAGuard guard(grad.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "q_sample_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      QSampleBackwardFn<scalar_t> f{grad.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
+                                    gn.mutable_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
+                                    table.const_data_ptr<acc_t>(), table.size(1)};
+      const int64_t N = grad.numel() / grad.size(0);
+      launch_per_sample<scalar_t>(vector_width<scalar_t>(N, {f.g, f.gx, f.gn}), grad.numel(), N, f);
+    });
+  }
+
+  static void mean_variance(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& mo,
+                            const at::Tensor& table, Param param, bool clip, const at::Tensor& mean,
+                            const at::Tensor& var, const at::Tensor& log_var) {
+    run_step(x_t, t, mo, table, nullptr, param, clip, mean, &var, &log_var);
+  }
+
+  static void p_sample(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& mo, const at::Tensor& table,
+                       Param param, bool clip, const at::Tensor* noise, std::optional<at::Generator> generator,
+                       const at::Tensor& out) {
+    if (noise != nullptr) {
+      run_step(x_t, t, mo, table, noise, param, clip, out, nullptr, nullptr);
+      return;
     }
-  });
-  return x0;
-}
+    const int64_t numel = x_t.numel();
+    if (numel == 0) return;
+    c10::cuda::CUDAGuard guard(x_t.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "p_sample_random_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      StepFn<scalar_t> f{x_t.const_data_ptr<scalar_t>(), mo.const_data_ptr<scalar_t>(), nullptr,
+                         out.mutable_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(), table.const_data_ptr<acc_t>(),
+                         table.size(1), param, clip};
+      launch_philox_normal(f, numel, numel / x_t.size(0), generator);
+    });
+  }
 
-at::Tensor ddim_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
-                                const at::Tensor& model_output, const at::Tensor& table64, double eta,
-                                c10::string_view parameterization, bool clip_denoised, double clip_range,
-                                bool set_alpha_to_one, bool use_clipped_model_output,
-                                const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
-                                bool return_pred_x0, const at::Tensor& out) {
-  return sampler_step(SamplerOp::kDdim, x_t, t, t_prev, model_output, table64, eta, parameterization,
-                      Variance::kFixedSmall, clip_denoised, clip_range, set_alpha_to_one, use_clipped_model_output,
-                      noise, std::move(generator), return_pred_x0, out);
-}
+  static void sampler_step(const SamplerStep& s, const at::Tensor& x_t, const at::Tensor& t,
+                           const at::Tensor& t_prev, const at::Tensor& model_output, const at::Tensor& table64,
+                           const at::Tensor* noise, std::optional<at::Generator> generator, const at::Tensor* x0,
+                           const at::Tensor& out) {
+    const int64_t numel = x_t.numel();
+    if (numel == 0) return;
+    c10::cuda::CUDAGuard guard(x_t.device());
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t B = x_t.size(0), N = numel / B;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "ddpm_kernels_sampler_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      at::Tensor coef =
+          at::empty({B, int64_t(kSamplerSlots)}, x_t.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      sampler_coefficients_kernel<acc_t><<<(B + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+          s.op, t.const_data_ptr<int64_t>(), t_prev.const_data_ptr<int64_t>(), table64.const_data_ptr<double>(),
+          table64.size(1), B, s.eta, s.set_alpha_to_one, s.variance, coef.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      SamplerFn<scalar_t> f{x_t.const_data_ptr<scalar_t>(),
+                            model_output.const_data_ptr<scalar_t>(),
+                            noise != nullptr ? noise->const_data_ptr<scalar_t>() : nullptr,
+                            out.mutable_data_ptr<scalar_t>(),
+                            x0 != nullptr ? x0->mutable_data_ptr<scalar_t>() : nullptr,
+                            coef.const_data_ptr<acc_t>(),
+                            N,
+                            s.learned ? N : 0,
+                            static_cast<acc_t>(s.clip_range),
+                            s};
+      if (s.add_noise && noise == nullptr) {
+        launch_philox_normal(f, numel, N, generator);
+      } else {
+        launch_per_sample<scalar_t>(vector_width<scalar_t>(N, {f.x_t, f.mo, f.noise, f.out, f.x0}), numel, N, f);
+      }
+    });
+  }
 
-std::tuple<at::Tensor, at::Tensor> ddim_step_kernel(const at::Tensor& x_t, const at::Tensor& t,
-                                                    const at::Tensor& t_prev, const at::Tensor& model_output,
-                                                    const at::Tensor& table64, double eta,
-                                                    c10::string_view parameterization, bool clip_denoised,
-                                                    double clip_range, bool set_alpha_to_one,
-                                                    bool use_clipped_model_output,
-                                                    const std::optional<at::Tensor>& noise,
-                                                    std::optional<at::Generator> generator, bool return_pred_x0) {
-  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
-  at::Tensor x0 = ddim_step_out_kernel(x_t, t, t_prev, model_output, table64, eta, parameterization, clip_denoised,
-                                       clip_range, set_alpha_to_one, use_clipped_model_output, noise,
-                                       std::move(generator), return_pred_x0, out);
-  return {out, x0};
-}
+  static void diffusion_loss(const at::Tensor& model_output, const at::Tensor& x_start, const at::Tensor& noise,
+                             const at::Tensor& t, const at::Tensor& table, Param param, bool l1,
+                             double l_simple_weight, double original_elbo_weight, const at::Tensor& loss,
+                             const at::Tensor& loss_simple, const at::Tensor& loss_vlb) {
+    const int64_t B = model_output.size(0), N = model_output.numel() / B;
+    const int64_t chunks = (N + kLossChunk - 1) / kLossChunk, pieces = B * chunks;
+    // Enough blocks to fill the device a few times over; more pieces are taken in grid-stride turns.
+    const int64_t blocks = std::min<int64_t>(pieces, int64_t(sm_count()) * 32);
+    c10::cuda::CUDAGuard guard(model_output.device());
+    at::Tensor partial = at::empty({pieces}, table.options());
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(), "diffusion_loss_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const acc_t* tab = table.const_data_ptr<acc_t>();
+      const int64_t* tp = t.const_data_ptr<int64_t>();
+      loss_partials_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+          model_output.const_data_ptr<scalar_t>(), x_start.const_data_ptr<scalar_t>(),
+          noise.const_data_ptr<scalar_t>(), tp, tab, table.size(1), N, chunks, pieces, param, l1,
+          partial.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      loss_finish_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
+          partial.const_data_ptr<acc_t>(), chunks, tp, tab, table.size(1), B, N, param, l_simple_weight,
+          original_elbo_weight, loss.mutable_data_ptr<scalar_t>(), loss_simple.mutable_data_ptr<scalar_t>(),
+          loss_vlb.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
 
-at::Tensor ddpm_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
-                                const at::Tensor& model_output, const at::Tensor& table64,
-                                c10::string_view parameterization, c10::string_view variance_type,
-                                bool clip_denoised, double clip_range, const std::optional<at::Tensor>& noise,
-                                std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
-  return sampler_step(SamplerOp::kDdpm, x_t, t, t_prev, model_output, table64, 0.0, parameterization,
-                      parse_variance(std::string(variance_type)), clip_denoised, clip_range, true, false, noise,
-                      std::move(generator), return_pred_x0, out);
-}
-
-std::tuple<at::Tensor, at::Tensor> ddpm_step_kernel(const at::Tensor& x_t, const at::Tensor& t,
-                                                    const at::Tensor& t_prev, const at::Tensor& model_output,
-                                                    const at::Tensor& table64, c10::string_view parameterization,
-                                                    c10::string_view variance_type, bool clip_denoised,
-                                                    double clip_range, const std::optional<at::Tensor>& noise,
-                                                    std::optional<at::Generator> generator, bool return_pred_x0) {
-  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
-  at::Tensor x0 = ddpm_step_out_kernel(x_t, t, t_prev, model_output, table64, parameterization, variance_type,
-                                       clip_denoised, clip_range, noise, std::move(generator), return_pred_x0, out);
-  return {out, x0};
-}
+  static void diffusion_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad_loss_simple,
+                                      const at::Tensor& grad_loss_vlb, const at::Tensor& model_output,
+                                      const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
+                                      const at::Tensor& table, Param param, bool l1, double l_simple_weight,
+                                      double original_elbo_weight, const at::Tensor& grad) {
+    // The kernel reads the incoming gradients on the device (no host sync).
+    for (const at::Tensor* g : {&grad_loss, &grad_loss_simple, &grad_loss_vlb}) {
+      TORCH_CHECK(g->numel() == 1 && g->scalar_type() == model_output.scalar_type() &&
+                      g->device() == model_output.device(),
+                  "ddpm_kernels: the loss gradients must be one-element tensors of model_output's dtype and device");
+    }
+    const int64_t B = model_output.size(0), numel = model_output.numel();
+    c10::cuda::CUDAGuard guard(model_output.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(), "diffusion_loss_bwd_cuda",
+                                    [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      LossBackwardFn<scalar_t> f{grad_loss.const_data_ptr<scalar_t>(), grad_loss_simple.const_data_ptr<scalar_t>(),
+                                 grad_loss_vlb.const_data_ptr<scalar_t>(), model_output.const_data_ptr<scalar_t>(),
+                                 x_start.const_data_ptr<scalar_t>(), noise.const_data_ptr<scalar_t>(),
+                                 grad.mutable_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
+                                 table.const_data_ptr<acc_t>(), table.size(1), B, numel / B, param, l1,
+                                 acc_t(l_simple_weight), acc_t(original_elbo_weight)};
+      launch_per_sample<scalar_t>(vector_width<scalar_t>(f.N, {f.out}), numel, f.N, f);
+    });
+  }
+};
 
 }  // namespace
 }  // namespace cuda
 }  // namespace ddpm
 
-TORCH_LIBRARY_IMPL(ddpm_kernels, CUDA, m) {
-  using namespace ddpm;
-  using namespace ddpm::cuda;
-  m.impl("q_sample", &q_sample_kernel);
-  m.impl("q_sample_out", &q_sample_out_kernel);
-  m.impl("q_sample_backward", &q_sample_backward_kernel);
-  m.impl("predict_start_from_noise", &pair_op<PairOp::kPredictStartFromNoise>);
-  m.impl("predict_noise_from_start", &pair_op<PairOp::kPredictNoiseFromStart>);
-  m.impl("get_v", &get_v_kernel);
-  m.impl("predict_start_from_z_and_v", &pair_op<PairOp::kPredictStartFromZAndV>);
-  m.impl("predict_eps_from_z_and_v", &pair_op<PairOp::kPredictEpsFromZAndV>);
-  m.impl("q_posterior", &q_posterior_kernel);
-  m.impl("p_mean_variance", &p_mean_variance_kernel);
-  m.impl("p_sample", &p_sample_kernel);
-  m.impl("p_sample_out", &p_sample_out_kernel);
-  m.impl("diffusion_loss", &diffusion_loss_kernel);
-  m.impl("diffusion_loss_backward", &diffusion_loss_backward_kernel);
-  m.impl("ddim_step", &ddim_step_kernel);
-  m.impl("ddim_step_out", &ddim_step_out_kernel);
-  m.impl("ddpm_step", &ddpm_step_kernel);
-  m.impl("ddpm_step_out", &ddpm_step_out_kernel);
-}
+TORCH_LIBRARY_IMPL(ddpm_kernels, CUDA, m) { ddpm::register_kernels<ddpm::cuda::Kernels>(m); }

@@ -1,0 +1,292 @@
+// The host side of every operator, shared by the CPU and CUDA backends: argument checks, output allocation,
+// the functional forms built on the *_out forms, the empty-input cases, and the registration of all 18
+// operators. A backend supplies only what runs its kernels, as static functions of one struct K, each called
+// after the checks with every output allocated and (unless noted) with data of at least one element:
+//   K::pair(op, x, y, t, table, out)
+//   K::q_sample_backward(grad, t, table, grad_x_start, grad_noise)
+//   K::mean_variance(x_t, t, mo, table, param, clip, mean, var, log_var)   numel may be 0 (var for B > 0)
+//   K::p_sample(x_t, t, mo, table, param, clip, noise, generator, out)     numel may be 0; noise nullptr:
+//                                                                         in-kernel noise from generator
+//   K::sampler_step(step, x_t, t, t_prev, mo, table64, noise, generator, x0, out)   numel may be 0; noise
+//                  nullptr unless given and step.add_noise; x0 nullptr unless return_pred_x0
+//   K::diffusion_loss(mo, x_start, noise, t, table, param, l1, w_simple, w_elbo, loss, loss_simple, loss_vlb)
+//   K::diffusion_loss_backward(g_loss, g_simple, g_vlb, mo, x_start, noise, t, table, param, l1, w_simple,
+//                              w_elbo, grad)
+// Each backend instantiates these templates with its own K in its own translation unit.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
+
+#include "checks.h"
+#include "coefficients.h"
+#include "sampler_coefficients.h"
+
+namespace ddpm {
+
+// ------------------------------------------------------------------------------------------ two-operand ops
+template <typename K>
+void pair_out_kernel(PairOp op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& t,
+                     const at::Tensor& table, const at::Tensor& out) {
+  check_common(x, t, table);
+  check_data("second operand", y, x);
+  check_data("out", out, x);
+  if (x.numel() == 0) return;
+  K::pair(op, x, y, t, table, out);
+}
+
+template <typename K, PairOp kOp>
+at::Tensor pair_kernel(const at::Tensor& x, const at::Tensor& t, const at::Tensor& y, const at::Tensor& table) {
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  pair_out_kernel<K>(kOp, x, y, t, table, out);
+  return out;
+}
+
+template <typename K>
+void q_sample_out_kernel(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& noise,
+                         const at::Tensor& table, const at::Tensor& out) {
+  pair_out_kernel<K>(PairOp::kQSample, x_start, noise, t, table, out);
+}
+
+template <typename K>
+at::Tensor get_v_kernel(const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
+                        const at::Tensor& table) {
+  return pair_kernel<K, PairOp::kGetV>(x_start, t, noise, table);
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor> q_sample_backward_kernel(const at::Tensor& grad, const at::Tensor& t,
+                                                            const at::Tensor& table) {
+  check_common(grad, t, table);
+  at::Tensor gx = at::empty_like(grad, at::MemoryFormat::Contiguous);
+  at::Tensor gn = at::empty_like(grad, at::MemoryFormat::Contiguous);
+  if (grad.numel() > 0) K::q_sample_backward(grad, t, table, gx, gn);
+  return {gx, gn};
+}
+
+// ----------------------------------------------------------------------------------- posterior / sampling
+// (mean, var, log_var); var and log_var (B, 1, ..., 1) in the table's dtype.
+template <typename K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_variance(const at::Tensor& x_t, const at::Tensor& t,
+                                                             const at::Tensor& mo, const at::Tensor& table,
+                                                             Param param, bool clip) {
+  at::Tensor mean = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  at::Tensor var = at::empty(per_sample_shape(x_t), table.options());
+  at::Tensor log_var = at::empty(per_sample_shape(x_t), table.options());
+  K::mean_variance(x_t, t, mo, table, param, clip, mean, var, log_var);
+  return {mean, var, log_var};
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> q_posterior_kernel(const at::Tensor& x_start, const at::Tensor& x_t,
+                                                                  const at::Tensor& t, const at::Tensor& table) {
+  check_common(x_t, t, table);
+  check_data("x_start", x_start, x_t);
+  // The posterior mean is p_mean_variance's with x_start as an x0 prediction, unclipped.
+  return mean_variance<K>(x_t, t, x_start, table, Param::kX0, false);
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> p_mean_variance_kernel(const at::Tensor& x_t, const at::Tensor& t,
+                                                                      const at::Tensor& model_output,
+                                                                      const at::Tensor& table,
+                                                                      c10::string_view parameterization,
+                                                                      bool clip_denoised) {
+  check_common(x_t, t, table);
+  check_data("model_output", model_output, x_t);
+  const Param param = parse_param(std::string(parameterization));
+  return mean_variance<K>(x_t, t, model_output, table, param, clip_denoised);
+}
+
+template <typename K>
+void p_sample_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& model_output,
+                         const at::Tensor& table, c10::string_view parameterization, bool clip_denoised,
+                         const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+                         const at::Tensor& out) {
+  check_common(x_t, t, table);
+  check_data("model_output", model_output, x_t);
+  check_data("out", out, x_t);
+  const Param param = parse_param(std::string(parameterization));
+  if (noise.has_value()) check_data("noise", *noise, x_t);
+  K::p_sample(x_t, t, model_output, table, param, clip_denoised, noise.has_value() ? &*noise : nullptr,
+              std::move(generator), out);
+}
+
+template <typename K>
+at::Tensor p_sample_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& model_output,
+                           const at::Tensor& table, c10::string_view parameterization, bool clip_denoised,
+                           const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator) {
+  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  p_sample_out_kernel<K>(x_t, t, model_output, table, parameterization, clip_denoised, noise, std::move(generator),
+                         out);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------- sampler steps
+enum class SamplerOp : int { kDdim = 0, kDdpm = 1 };
+
+// What a backend needs to know of one ddim_step / ddpm_step call besides its tensors.
+struct SamplerStep {
+  SamplerOp op;
+  Param param;
+  Variance variance;  // ddpm_step; kFixedSmall (unused) for ddim_step
+  bool learned;       // ddpm_step with a learned variance: model_output is (B, 2C, ...)
+  bool add_noise;     // false for ddim_step with eta == 0: no noise is read or drawn
+  bool clip, set_alpha_to_one, use_clipped;
+  double eta, clip_range;
+};
+
+// Both steps: checks, allocation, then the backend. Returns x0 (zero elements unless return_pred_x0).
+template <typename K>
+at::Tensor sampler_step(SamplerOp op, const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
+                        const at::Tensor& model_output, const at::Tensor& table64, double eta,
+                        c10::string_view parameterization, Variance variance, bool clip_denoised, double clip_range,
+                        bool set_alpha_to_one, bool use_clipped, const std::optional<at::Tensor>& noise,
+                        std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
+  const bool learned = op == SamplerOp::kDdpm && is_learned(variance);
+  check_sampler(x_t, t, t_prev, model_output, table64, learned);
+  check_data("out", out, x_t);
+  const Param param = parse_param(std::string(parameterization));
+  // ddim_step with eta == 0 has no noise term: nothing is read or drawn (as the reference)
+  const bool add_noise = op == SamplerOp::kDdpm || eta > 0;
+  const bool given = add_noise && noise.has_value();
+  if (given) check_data("noise", *noise, x_t);
+  at::Tensor x0 = return_pred_x0 ? at::empty_like(x_t, at::MemoryFormat::Contiguous) : at::empty({0}, x_t.options());
+  const SamplerStep step{op,   param,         variance, learned, add_noise, clip_denoised, set_alpha_to_one,
+                         use_clipped, eta, clip_range};
+  K::sampler_step(step, x_t, t, t_prev, model_output, table64, given ? &*noise : nullptr, std::move(generator),
+                  return_pred_x0 ? &x0 : nullptr, out);
+  return x0;
+}
+
+template <typename K>
+at::Tensor ddim_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
+                                const at::Tensor& model_output, const at::Tensor& table64, double eta,
+                                c10::string_view parameterization, bool clip_denoised, double clip_range,
+                                bool set_alpha_to_one, bool use_clipped_model_output,
+                                const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+                                bool return_pred_x0, const at::Tensor& out) {
+  return sampler_step<K>(SamplerOp::kDdim, x_t, t, t_prev, model_output, table64, eta, parameterization,
+                         Variance::kFixedSmall, clip_denoised, clip_range, set_alpha_to_one,
+                         use_clipped_model_output, noise, std::move(generator), return_pred_x0, out);
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor> ddim_step_kernel(const at::Tensor& x_t, const at::Tensor& t,
+                                                    const at::Tensor& t_prev, const at::Tensor& model_output,
+                                                    const at::Tensor& table64, double eta,
+                                                    c10::string_view parameterization, bool clip_denoised,
+                                                    double clip_range, bool set_alpha_to_one,
+                                                    bool use_clipped_model_output,
+                                                    const std::optional<at::Tensor>& noise,
+                                                    std::optional<at::Generator> generator, bool return_pred_x0) {
+  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  at::Tensor x0 = ddim_step_out_kernel<K>(x_t, t, t_prev, model_output, table64, eta, parameterization,
+                                          clip_denoised, clip_range, set_alpha_to_one, use_clipped_model_output,
+                                          noise, std::move(generator), return_pred_x0, out);
+  return {out, x0};
+}
+
+template <typename K>
+at::Tensor ddpm_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
+                                const at::Tensor& model_output, const at::Tensor& table64,
+                                c10::string_view parameterization, c10::string_view variance_type,
+                                bool clip_denoised, double clip_range, const std::optional<at::Tensor>& noise,
+                                std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
+  return sampler_step<K>(SamplerOp::kDdpm, x_t, t, t_prev, model_output, table64, 0.0, parameterization,
+                         parse_variance(std::string(variance_type)), clip_denoised, clip_range, true, false, noise,
+                         std::move(generator), return_pred_x0, out);
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor> ddpm_step_kernel(const at::Tensor& x_t, const at::Tensor& t,
+                                                    const at::Tensor& t_prev, const at::Tensor& model_output,
+                                                    const at::Tensor& table64, c10::string_view parameterization,
+                                                    c10::string_view variance_type, bool clip_denoised,
+                                                    double clip_range, const std::optional<at::Tensor>& noise,
+                                                    std::optional<at::Generator> generator, bool return_pred_x0) {
+  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  at::Tensor x0 = ddpm_step_out_kernel<K>(x_t, t, t_prev, model_output, table64, parameterization, variance_type,
+                                          clip_denoised, clip_range, noise, std::move(generator), return_pred_x0,
+                                          out);
+  return {out, x0};
+}
+
+// ------------------------------------------------------------------------------------------------ loss
+// The checks of both loss ops; returns the parameterization and whether the loss is l1.
+inline std::pair<Param, bool> check_loss(const at::Tensor& model_output, const at::Tensor& x_start,
+                                         const at::Tensor& noise, const at::Tensor& t, const at::Tensor& table,
+                                         c10::string_view parameterization, c10::string_view loss_type) {
+  check_common(model_output, t, table);
+  check_data("x_start", x_start, model_output);
+  check_data("noise", noise, model_output);
+  return {parse_param(std::string(parameterization)), parse_l1(std::string(loss_type))};
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_loss_kernel(
+    const at::Tensor& model_output, const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
+    const at::Tensor& table, c10::string_view parameterization, c10::string_view loss_type, double l_simple_weight,
+    double original_elbo_weight) {
+  const auto [param, l1] = check_loss(model_output, x_start, noise, t, table, parameterization, loss_type);
+  const auto opts = model_output.options();
+  if (model_output.numel() == 0) {
+    // The mean over no elements (an empty batch, or samples of zero elements) is NaN, as torch.mean and
+    // the reference give; NaN weighted by anything stays NaN.
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    return {at::full({}, nan, opts), at::full({}, nan, opts), at::full({}, nan, opts)};
+  }
+  at::Tensor loss = at::empty({}, opts), loss_simple = at::empty({}, opts), loss_vlb = at::empty({}, opts);
+  K::diffusion_loss(model_output, x_start, noise, t, table, param, l1, l_simple_weight, original_elbo_weight, loss,
+                    loss_simple, loss_vlb);
+  return {loss, loss_simple, loss_vlb};
+}
+
+template <typename K>
+at::Tensor diffusion_loss_backward_kernel(const at::Tensor& grad_loss, const at::Tensor& grad_loss_simple,
+                                          const at::Tensor& grad_loss_vlb, const at::Tensor& model_output,
+                                          const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
+                                          const at::Tensor& table, c10::string_view parameterization,
+                                          c10::string_view loss_type, double l_simple_weight,
+                                          double original_elbo_weight) {
+  const auto [param, l1] = check_loss(model_output, x_start, noise, t, table, parameterization, loss_type);
+  at::Tensor grad = at::empty_like(model_output, at::MemoryFormat::Contiguous);
+  if (model_output.numel() == 0) return grad;
+  K::diffusion_loss_backward(grad_loss, grad_loss_simple, grad_loss_vlb, model_output, x_start, noise, t, table,
+                             param, l1, l_simple_weight, original_elbo_weight, grad);
+  return grad;
+}
+
+// ------------------------------------------------------------------------------------------ registration
+template <typename K>
+void register_kernels(torch::Library& m) {
+  m.impl("q_sample", &pair_kernel<K, PairOp::kQSample>);
+  m.impl("q_sample_out", &q_sample_out_kernel<K>);
+  m.impl("q_sample_backward", &q_sample_backward_kernel<K>);
+  m.impl("predict_start_from_noise", &pair_kernel<K, PairOp::kPredictStartFromNoise>);
+  m.impl("predict_noise_from_start", &pair_kernel<K, PairOp::kPredictNoiseFromStart>);
+  m.impl("get_v", &get_v_kernel<K>);
+  m.impl("predict_start_from_z_and_v", &pair_kernel<K, PairOp::kPredictStartFromZAndV>);
+  m.impl("predict_eps_from_z_and_v", &pair_kernel<K, PairOp::kPredictEpsFromZAndV>);
+  m.impl("q_posterior", &q_posterior_kernel<K>);
+  m.impl("p_mean_variance", &p_mean_variance_kernel<K>);
+  m.impl("p_sample", &p_sample_kernel<K>);
+  m.impl("p_sample_out", &p_sample_out_kernel<K>);
+  m.impl("diffusion_loss", &diffusion_loss_kernel<K>);
+  m.impl("diffusion_loss_backward", &diffusion_loss_backward_kernel<K>);
+  m.impl("ddim_step", &ddim_step_kernel<K>);
+  m.impl("ddim_step_out", &ddim_step_out_kernel<K>);
+  m.impl("ddpm_step", &ddpm_step_kernel<K>);
+  m.impl("ddpm_step_out", &ddpm_step_out_kernel<K>);
+}
+
+}  // namespace ddpm
