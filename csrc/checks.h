@@ -25,14 +25,28 @@ inline bool parse_l1(const std::string& loss_type) {
   return loss_type == "l1";
 }
 
-// The data tensors of one call: same shape, dtype and device as `ref`, and contiguous (the Python layer
-// makes them so); t int64 of shape (B,); the table (K, T) contiguous, float64 for float64 data else float32.
+// Layouts. The kernels index storage order, sample b at [b * N, (b + 1) * N): they run on any layout in which
+// every sample is one dense block, as long as all tensors of a call share it. These are the contiguous,
+// channels_last (4-D) and channels_last_3d (5-D) formats; outputs are allocated in the first data tensor's
+// format (empty_like preserves a dense tensor's strides). The Python layer brings every operand to one format.
+inline at::MemoryFormat dense_format(const at::Tensor& x, const char* name) {
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
+  TORCH_CHECK(false, "ddpm_kernels: ", name, " must be contiguous, channels_last or channels_last_3d, got strides ",
+              x.strides());
+}
+
+// The data tensors of one call: same shape, dtype and device as `ref`, and in its memory format; t int64 of
+// shape (B,); the table (K, T) contiguous, float64 for float64 data else float32.
 inline void check_data(const char* name, const at::Tensor& x, const at::Tensor& ref) {
   TORCH_CHECK(x.sizes() == ref.sizes(), "ddpm_kernels: ", name, " has shape ", x.sizes(), ", expected ", ref.sizes());
   TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "ddpm_kernels: ", name, " has dtype ", x.scalar_type(),
               ", expected ", ref.scalar_type());
   TORCH_CHECK(x.device() == ref.device(), "ddpm_kernels: ", name, " is on ", x.device(), ", expected ", ref.device());
-  TORCH_CHECK(x.is_contiguous(), "ddpm_kernels: ", name, " must be contiguous");
+  const at::MemoryFormat format = dense_format(ref, "data");
+  TORCH_CHECK(x.is_contiguous(format), "ddpm_kernels: ", name, " must be in the memory format of the data (",
+              format, "), got strides ", x.strides());
 }
 
 inline void check_common(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table) {
@@ -40,7 +54,7 @@ inline void check_common(const at::Tensor& x, const at::Tensor& t, const at::Ten
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
                   x.scalar_type() == at::kBFloat16,
               "ddpm_kernels: unsupported dtype ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), "ddpm_kernels: data must be contiguous");
+  dense_format(x, "data");
   TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == x.size(0),
               "ddpm_kernels: t must be int64 of shape (", x.size(0), ",), got ", t.scalar_type(), " ", t.sizes());
   TORCH_CHECK(t.device() == x.device() && t.is_contiguous(), "ddpm_kernels: t must be contiguous on ", x.device());
@@ -72,7 +86,12 @@ inline void check_sampler(const at::Tensor& x, const at::Tensor& t, const at::Te
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
                   x.scalar_type() == at::kBFloat16,
               "ddpm_kernels: unsupported dtype ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), "ddpm_kernels: x_t must be contiguous");
+  // a learned variance reads model_output's channel halves by contiguous index
+  if (learned) {
+    TORCH_CHECK(x.is_contiguous(), "ddpm_kernels: x_t must be contiguous with a learned variance");
+  } else {
+    dense_format(x, "x_t");
+  }
   for (const at::Tensor* ts : {&t, &t_prev}) {
     const char* name = ts == &t ? "t" : "t_prev";
     TORCH_CHECK(ts->scalar_type() == at::kLong && ts->dim() == 1 && ts->size(0) == x.size(0), "ddpm_kernels: ", name,

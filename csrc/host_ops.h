@@ -46,7 +46,7 @@ void pair_out_kernel(PairOp op, const at::Tensor& x, const at::Tensor& y, const 
 
 template <typename K, PairOp kOp>
 at::Tensor pair_kernel(const at::Tensor& x, const at::Tensor& t, const at::Tensor& y, const at::Tensor& table) {
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty_like(x);
   pair_out_kernel<K>(kOp, x, y, t, table, out);
   return out;
 }
@@ -67,8 +67,8 @@ template <typename K>
 std::tuple<at::Tensor, at::Tensor> q_sample_backward_kernel(const at::Tensor& grad, const at::Tensor& t,
                                                             const at::Tensor& table) {
   check_common(grad, t, table);
-  at::Tensor gx = at::empty_like(grad, at::MemoryFormat::Contiguous);
-  at::Tensor gn = at::empty_like(grad, at::MemoryFormat::Contiguous);
+  at::Tensor gx = at::empty_like(grad);
+  at::Tensor gn = at::empty_like(grad);
   if (grad.numel() > 0) K::q_sample_backward(grad, t, table, gx, gn);
   return {gx, gn};
 }
@@ -79,7 +79,7 @@ template <typename K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_variance(const at::Tensor& x_t, const at::Tensor& t,
                                                              const at::Tensor& mo, const at::Tensor& table,
                                                              Param param, bool clip) {
-  at::Tensor mean = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  at::Tensor mean = at::empty_like(x_t);
   at::Tensor var = at::empty(per_sample_shape(x_t), table.options());
   at::Tensor log_var = at::empty(per_sample_shape(x_t), table.options());
   K::mean_variance(x_t, t, mo, table, param, clip, mean, var, log_var);
@@ -125,7 +125,7 @@ template <typename K>
 at::Tensor p_sample_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& model_output,
                            const at::Tensor& table, c10::string_view parameterization, bool clip_denoised,
                            const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator) {
-  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty_like(x_t);
   p_sample_out_kernel<K>(x_t, t, model_output, table, parameterization, clip_denoised, noise, std::move(generator),
                          out);
   return out;
@@ -160,7 +160,7 @@ at::Tensor sampler_step(SamplerOp op, const at::Tensor& x_t, const at::Tensor& t
   const bool add_noise = op == SamplerOp::kDdpm || eta > 0;
   const bool given = add_noise && noise.has_value();
   if (given) check_data("noise", *noise, x_t);
-  at::Tensor x0 = return_pred_x0 ? at::empty_like(x_t, at::MemoryFormat::Contiguous) : at::empty({0}, x_t.options());
+  at::Tensor x0 = return_pred_x0 ? at::empty_like(x_t) : at::empty({0}, x_t.options());
   const SamplerStep step{op,   param,         variance, learned, add_noise, clip_denoised, set_alpha_to_one,
                          use_clipped, eta, clip_range};
   K::sampler_step(step, x_t, t, t_prev, model_output, table64, given ? &*noise : nullptr, std::move(generator),
@@ -189,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_kernel(const at::Tensor& x_t, const
                                                     bool use_clipped_model_output,
                                                     const std::optional<at::Tensor>& noise,
                                                     std::optional<at::Generator> generator, bool return_pred_x0) {
-  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty_like(x_t);
   at::Tensor x0 = ddim_step_out_kernel<K>(x_t, t, t_prev, model_output, table64, eta, parameterization,
                                           clip_denoised, clip_range, set_alpha_to_one, use_clipped_model_output,
                                           noise, std::move(generator), return_pred_x0, out);
@@ -214,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_kernel(const at::Tensor& x_t, const
                                                     c10::string_view variance_type, bool clip_denoised,
                                                     double clip_range, const std::optional<at::Tensor>& noise,
                                                     std::optional<at::Generator> generator, bool return_pred_x0) {
-  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty_like(x_t);
   at::Tensor x0 = ddpm_step_out_kernel<K>(x_t, t, t_prev, model_output, table64, parameterization, variance_type,
                                           clip_denoised, clip_range, noise, std::move(generator), return_pred_x0,
                                           out);
@@ -259,7 +259,7 @@ at::Tensor diffusion_loss_backward_kernel(const at::Tensor& grad_loss, const at:
                                           c10::string_view loss_type, double l_simple_weight,
                                           double original_elbo_weight) {
   const auto [param, l1] = check_loss(model_output, x_start, noise, t, table, parameterization, loss_type);
-  at::Tensor grad = at::empty_like(model_output, at::MemoryFormat::Contiguous);
+  at::Tensor grad = at::empty_like(model_output);
   if (model_output.numel() == 0) return grad;
   K::diffusion_loss_backward(grad_loss, grad_loss_simple, grad_loss_vlb, model_output, x_start, noise, t, table,
                              param, l1, l_simple_weight, original_elbo_weight, grad);
