@@ -36,17 +36,21 @@ import triton.language as tl
 from .. import reference
 from ..schedule import TABLE_ROW
 from .dynamic_threshold import threshold_scale
-from .p_sample import _zero_key
 from .utils import (
     PARAMETERIZATION_ID,
-    as_rows,
-    batch_chunks,
-    device_of,
+    bound_pred_x0,
+    custom_op_with_out,
+    empty_contiguous,
     gather_step_alphas,
-    launch_config,
-    philox_normal,
-    split_float,
+    launch_per_sample,
+    load_or_draw_noise,
+    load_tile,
+    pred_x0_output,
+    run_step,
+    sample_tile,
     step_noise_key,
+    step_operands,
+    store_tile,
     to_compute,
 )
 
@@ -90,23 +94,17 @@ def ddpm_step_kernel(
     COMPUTE_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    sample = tl.program_id(1) + batch_start
-    tile_start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs_in_sample = tile_start + tl.arange(0, BLOCK)
-    mask = offs_in_sample < N
-    offs = sample.to(tl.int64) * N + offs_in_sample
+    sample, tile_start, offs_in_sample, mask, offs = sample_tile(N, batch_start, BLOCK)
+    cd: tl.constexpr = tl.float64 if COMPUTE_FP64 else tl.float32
     # model_output_stride: N, or 2N with learned-variance channels after the prediction
     model_offs = sample.to(tl.int64) * model_output_stride + offs_in_sample
     # Data loads and noise first: none depends on t, so their latency overlaps the t -> coefficient chain.
-    x = to_compute(tl.load(x_t_ptr + offs, mask=mask, other=0.0), COMPUTE_FP64)
-    model_output = to_compute(tl.load(model_output_ptr + model_offs, mask=mask, other=0.0), COMPUTE_FP64)
+    x = load_tile(x_t_ptr, offs, mask, cd)
+    model_output = load_tile(model_output_ptr, model_offs, mask, cd)
     if VARIANCE >= 2:
-        model_var = to_compute(tl.load(model_output_ptr + model_offs + N, mask=mask, other=0.0), COMPUTE_FP64)
-    if HAS_NOISE:
-        z = to_compute(tl.load(noise_ptr + offs, mask=mask, other=0.0), COMPUTE_FP64)
-    else:
-        key = tl.load(seed_ptr) ^ philox_seed
-        z = to_compute(philox_normal(key, philox_offset // 4, sample, tile_start, N, BLOCK), COMPUTE_FP64)
+        model_var = load_tile(model_output_ptr, model_offs + N, mask, cd)
+    z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample, tile_start, offs, mask, N, cd,
+                           HAS_NOISE, BLOCK)
     t = tl.load(t_ptr + sample)
     t_prev = tl.load(t_prev_ptr + sample)
     ab_t, ab_prev, one_minus_ab_t, one_minus_ab_prev, ab_diff = gather_step_alphas(
@@ -134,16 +132,9 @@ def ddpm_step_kernel(
         x0 = sqrt_ab_t * x - tl.sqrt(one_minus_ab_t) * model_output
     if X0_ONLY:
         # first pass of a thresholded step: the raw x0 (compute dtype) the per-sample scale is selected from
-        tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+        store_tile(x0_ptr, offs, x0, mask)
         return
-    if THRESHOLD:
-        # dynamic thresholding replaces clipping; s >= 1 per sample (dynamic_threshold.threshold_scale)
-        s = tl.load(scale_ptr + sample)
-        x0 = tl.where(x0 < -s, -s, tl.where(x0 > s, s, x0)) / s
-    elif CLIP_DENOISED:
-        bound = to_compute(clip_range_hi, COMPUTE_FP64) + to_compute(clip_range_lo, COMPUTE_FP64)
-        # where, not minimum/maximum: a NaN x0 must stay NaN as under torch.clamp
-        x0 = tl.where(x0 < -bound, -bound, tl.where(x0 > bound, bound, x0))
+    x0 = bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD, CLIP_DENOISED, COMPUTE_FP64)
     mean = coef_x0 * x0 + coef_xt * x
 
     if VARIANCE == 0:  # fixed_small(_log)
@@ -160,52 +151,30 @@ def ddpm_step_kernel(
     # no noise at the last step (t == 0); an out-of-range t keeps the mask at 1 or has a NaN mean already
     nonzero_mask = to_compute(t > 0, COMPUTE_FP64)
     x_prev = mean + nonzero_mask * std * z
-    tl.store(out_ptr + offs, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
+    store_tile(out_ptr, offs, x_prev, mask)
     if RETURN_X0:
-        tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+        store_tile(x0_ptr, offs, x0, mask)
 
 
 def _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range,
-            noise, seed, philox_seed, philox_offset, out, x0, scale=None, x0_only=False):
-    x_t, batch, n = as_rows(x_t)
-    model_output = model_output.contiguous()
-    # the kernel reads t[b] at t_ptr + b: a strided view (t = steps[:, 0]) must be packed first
-    t, t_prev = t.contiguous(), t_prev.contiguous()
-    if x_t.numel() == 0:
-        return
-    has_noise = noise is not None
-    if has_noise:
-        noise, seed = noise.contiguous(), t  # t: an unread placeholder for the key tensor
-    else:
-        noise = x_t  # unread placeholder
-        if seed is None:
-            seed = _zero_key(x_t.device)
-    return_x0 = x0 is not None
-    if not return_x0:
-        x0 = out  # unread placeholder
-    threshold = scale is not None
-    if not threshold:
-        scale = alphas_cumprod  # unread placeholder
-    clip_hi, clip_lo = split_float(clip_range)
-    model_output_stride = 2 * n if variance >= 2 else n
-    block, warps = launch_config(n, batch)
-    with device_of(x_t):
-        for b0, nb in batch_chunks(batch):
-            ddpm_step_kernel[(triton.cdiv(n, block), nb)](
-                x_t, model_output, noise, seed, philox_seed, philox_offset, t, t_prev, alphas_cumprod, out, x0,
-                scale, clip_hi, clip_lo, n, model_output_stride, alphas_cumprod.shape[0], b0,
-                PARAMETERIZATION=parameterization, VARIANCE=variance, CLIP_DENOISED=clip_denoised,
-                HAS_NOISE=has_noise, RETURN_X0=return_x0, THRESHOLD=threshold, X0_ONLY=x0_only, COMPUTE_FP64=x_t.dtype == torch.float64,
-                BLOCK=block, num_warps=warps,
-            )
+            noise, seed, philox_seed, philox_offset, return_pred_x0, scale, out, x0_only=False):
+    """``ddpm_step_op``'s arguments and ``out``: writes ``x_{t_prev}`` into ``out`` and returns x0 (zero
+    elements unless ``return_pred_x0``). ``x0_only`` (with ``return_pred_x0``) writes only the raw x0, into
+    ``out``."""
+    x0 = out if x0_only else pred_x0_output(x_t, return_pred_x0)
+    operands = step_operands(x_t, t, t_prev, model_output, alphas_cumprod, clip_range, noise, seed, philox_seed,
+                             philox_offset, out, x0 if return_pred_x0 else None, scale)
+    if operands is None:
+        return x0
+    batch, n, operands = operands
+    launch_per_sample(
+        ddpm_step_kernel, x_t, n, batch, **operands, model_output_stride=2 * n if variance >= 2 else n,
+        PARAMETERIZATION=parameterization, VARIANCE=variance, CLIP_DENOISED=clip_denoised, X0_ONLY=x0_only,
+    )
+    return x0
 
 
-def _empty(x_t):
-    return torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
-
-
-@torch.library.custom_op("ddpm_kernels_triton::ddpm_step", mutates_args=())
-def ddpm_step_op(
+def _ddpm_step(
     x_t: torch.Tensor,
     t: torch.Tensor,
     t_prev: torch.Tensor,
@@ -225,55 +194,21 @@ def ddpm_step_op(
     """``(x_{t_prev}, x0)``; ``x0`` is a zero-element tensor unless ``return_pred_x0``. Noise keyed as in
     ``p_sample_op``; ``alphas_cumprod`` is the schedule's float64 row; ``scale`` (per-sample, compute dtype),
     when given, thresholds x0 instead of clipping."""
-    out = _empty(x_t)
-    x0 = _empty(x_t) if return_pred_x0 else x_t.new_empty(0)
-    _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range,
-            noise, seed, philox_seed, philox_offset, out, x0 if return_pred_x0 else None, scale)
+    out = empty_contiguous(x_t)
+    x0 = _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised,
+                 clip_range, noise, seed, philox_seed, philox_offset, return_pred_x0, scale, out)
     return out, x0
 
 
-@ddpm_step_op.register_fake
-def _(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range, noise,
-      seed, philox_seed, philox_offset, return_pred_x0, scale):
-    out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
-    x0 = torch.empty_like(x_t, memory_format=torch.contiguous_format) if return_pred_x0 else x_t.new_empty(0)
-    return out, x0
+def _ddpm_step_fake(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised,
+                    clip_range, noise, seed, philox_seed, philox_offset, return_pred_x0, scale):
+    return empty_contiguous(x_t), pred_x0_output(x_t, return_pred_x0)
 
 
-@torch.library.custom_op("ddpm_kernels_triton::ddpm_step_out", mutates_args=("out",))
-def ddpm_step_out_op(
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    t_prev: torch.Tensor,
-    model_output: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    parameterization: int,
-    variance: int,
-    clip_denoised: bool,
-    clip_range: float,
-    noise: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    philox_seed: int,
-    philox_offset: int,
-    return_pred_x0: bool,
-    scale: Optional[torch.Tensor],
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """Writes ``x_{t_prev}`` into ``out`` (which may be ``x_t``: each element is read and written by the same
-    thread); returns ``x0`` (zero elements unless ``return_pred_x0``)."""
-    x0 = _empty(x_t) if return_pred_x0 else x_t.new_empty(0)
-    target = out if out.is_contiguous() else _empty(out)
-    _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range,
-            noise, seed, philox_seed, philox_offset, target, x0 if return_pred_x0 else None, scale)
-    if target is not out:
-        out.copy_(target)
-    return x0
-
-
-@ddpm_step_out_op.register_fake
-def _(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range, noise,
-      seed, philox_seed, philox_offset, return_pred_x0, scale, out):
-    return torch.empty_like(x_t, memory_format=torch.contiguous_format) if return_pred_x0 else x_t.new_empty(0)
+# ddpm_step_out writes x_{t_prev} into out (which may be x_t) and returns x0.
+ddpm_step_op, ddpm_step_out_op = custom_op_with_out(
+    "ddpm_kernels_triton::ddpm_step", _ddpm_step, _ddpm_step_fake, _launch, out_returns=torch.Tensor
+)
 
 
 @torch.library.custom_op("ddpm_kernels_triton::ddpm_step_x0", mutates_args=())
@@ -291,7 +226,7 @@ def ddpm_step_x0_op(
     x0 = torch.empty(x_t.shape, dtype=reference.compute_dtype(x_t.dtype), device=x_t.device)
     # noise: x_t as an unused stand-in (the X0_ONLY kernel returns before reading it; the compiler drops the load)
     _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, False, 1.0, x_t, None, 0, 0,
-            x0, x0, x0_only=True)
+            True, None, x0, x0_only=True)
     return x0
 
 
@@ -331,16 +266,9 @@ def ddpm_step(
     if threshold_ratio is not None:
         x0 = ddpm_step_x0_op(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance)
         scale = threshold_scale(x0, threshold_ratio, threshold_max)
-    seed, philox_seed, philox_offset = None, 0, 0
-    if noise is None:
-        seed, philox_seed, philox_offset = step_noise_key(generator, x_t)
+    seed, philox_seed, philox_offset = step_noise_key(generator, x_t, noise)
     args = (
         x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised,
         float(clip_range), noise, seed, philox_seed, philox_offset, return_pred_x0, scale,
     )
-    if out is None:
-        result, x0 = ddpm_step_op(*args)
-    else:
-        x0 = ddpm_step_out_op(*args, out)
-        result = out
-    return (result, x0) if return_pred_x0 else result
+    return run_step(ddpm_step_op, ddpm_step_out_op, args, out, return_pred_x0)

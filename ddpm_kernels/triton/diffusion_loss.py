@@ -24,11 +24,14 @@ from .utils import (
     ROW_SQRT_ALPHAS_CUMPROD,
     ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD,
     as_rows,
-    batch_chunks,
     device_of,
     gather_coefficient,
     launch_config,
+    launch_per_sample,
+    load_tile,
+    sample_tile,
     split_float,
+    store_tile,
 )
 
 __all__ = ["diffusion_loss_kernel", "diffusion_loss_reduce_kernel", "diffusion_loss_backward_kernel", "diffusion_loss"]
@@ -37,12 +40,12 @@ __all__ = ["diffusion_loss_kernel", "diffusion_loss_reduce_kernel", "diffusion_l
 @triton.jit
 def _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION: tl.constexpr, cd: tl.constexpr):
     if PARAMETERIZATION == 0:  # eps: the model predicts the noise
-        target = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(cd)
+        target = load_tile(noise_ptr, offs, mask, cd)
     elif PARAMETERIZATION == 1:  # x0
-        target = tl.load(x_start_ptr + offs, mask=mask, other=0.0).to(cd)
+        target = load_tile(x_start_ptr, offs, mask, cd)
     else:  # v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0
-        noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(cd)
-        x_start = tl.load(x_start_ptr + offs, mask=mask, other=0.0).to(cd)
+        noise = load_tile(noise_ptr, offs, mask, cd)
+        x_start = load_tile(x_start_ptr, offs, mask, cd)
         sqrt_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ALPHAS_CUMPROD, t, T)
         sqrt_one_minus_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD, t, T)
         target = sqrt_alphas_cumprod * noise - sqrt_one_minus_alphas_cumprod * x_start
@@ -65,13 +68,10 @@ def diffusion_loss_kernel(
     LOSS_L1: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    sample = tl.program_id(1) + batch_start
-    offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs_in_sample < N
-    offs = sample.to(tl.int64) * N + offs_in_sample
+    sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = table_ptr.dtype.element_ty
     # Data loads before the t -> coefficient chain (see q_sample_kernel).
-    model_output = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(cd)
+    model_output = load_tile(model_output_ptr, offs, mask, cd)
     t = tl.load(t_ptr + sample)
     target = _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION, cd)
     diff = model_output - target
@@ -167,12 +167,9 @@ def diffusion_loss_backward_kernel(
     ROW_LVLB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    sample = tl.program_id(1) + batch_start
-    offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs_in_sample < N
-    offs = sample.to(tl.int64) * N + offs_in_sample
+    sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = table_ptr.dtype.element_ty
-    model_output = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(cd)
+    model_output = load_tile(model_output_ptr, offs, mask, cd)
     t = tl.load(t_ptr + sample)
     lvlb_weight = gather_coefficient(table_ptr, ROW_LVLB, t, T)
     l_simple_weight = tl.cast(l_simple_weight_hi, cd) + tl.cast(l_simple_weight_lo, cd)
@@ -192,23 +189,21 @@ def diffusion_loss_backward_kernel(
     else:
         d_per_element = 2.0 * diff
     grad_model_output = grad_per_sample * d_per_element
-    tl.store(grad_model_output_ptr + offs, grad_model_output.to(grad_model_output_ptr.dtype.element_ty), mask=mask)
+    store_tile(grad_model_output_ptr, offs, grad_model_output, mask)
     grad_target = -grad_model_output
     if PARAMETERIZATION == 0:
         if GRAD_NOISE:
-            tl.store(grad_noise_ptr + offs, grad_target.to(grad_noise_ptr.dtype.element_ty), mask=mask)
+            store_tile(grad_noise_ptr, offs, grad_target, mask)
     elif PARAMETERIZATION == 1:
         if GRAD_X_START:
-            tl.store(grad_x_start_ptr + offs, grad_target.to(grad_x_start_ptr.dtype.element_ty), mask=mask)
+            store_tile(grad_x_start_ptr, offs, grad_target, mask)
     else:
         if GRAD_NOISE:
             sqrt_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ALPHAS_CUMPROD, t, T)
-            grad_noise = sqrt_alphas_cumprod * grad_target
-            tl.store(grad_noise_ptr + offs, grad_noise.to(grad_noise_ptr.dtype.element_ty), mask=mask)
+            store_tile(grad_noise_ptr, offs, sqrt_alphas_cumprod * grad_target, mask)
         if GRAD_X_START:
             sqrt_one_minus_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD, t, T)
-            grad_x_start = -sqrt_one_minus_alphas_cumprod * grad_target
-            tl.store(grad_x_start_ptr + offs, grad_x_start.to(grad_x_start_ptr.dtype.element_ty), mask=mask)
+            store_tile(grad_x_start_ptr, offs, -sqrt_one_minus_alphas_cumprod * grad_target, mask)
 
 
 # The reduction is one program over a (B, n_tiles) array of partial sums, read in (BLOCK_B, BLOCK_P) tiles:
@@ -239,17 +234,16 @@ def diffusion_loss_op(
     if model_output.numel() == 0:
         # Mean over nothing: NaN, as torch's mean gives.
         return tuple(torch.full((), float("nan"), dtype=dtype, device=device) for _ in range(3))
-    block, warps = launch_config(n, batch)
-    n_tiles = triton.cdiv(n, block)
+    config = launch_config(n, batch)
+    n_tiles = triton.cdiv(n, config[0])
     partial = torch.empty((batch, n_tiles), dtype=table.dtype, device=device)
     ls_hi, ls_lo = split_float(l_simple_weight)
     elbo_hi, elbo_lo = split_float(original_elbo_weight)
+    launch_per_sample(
+        diffusion_loss_kernel, model_output, n, batch, model_output, x_start, noise, t, table, partial, n,
+        table.shape[1], n_tiles=n_tiles, PARAMETERIZATION=parameterization, LOSS_L1=loss_l1, config=config,
+    )
     with device_of(model_output):
-        for b0, nb in batch_chunks(batch):
-            diffusion_loss_kernel[(n_tiles, nb)](
-                model_output, x_start, noise, t, table, partial, n, table.shape[1], b0, n_tiles,
-                PARAMETERIZATION=parameterization, LOSS_L1=loss_l1, BLOCK=block, num_warps=warps,
-            )
         diffusion_loss_reduce_kernel[(1,)](
             partial, t, table, loss, loss_simple, loss_vlb, batch, n, table.shape[1], n_tiles,
             ls_hi, ls_lo, elbo_hi, elbo_lo,
@@ -296,19 +290,16 @@ def diffusion_loss_backward_op(
         return grad_model_output, grad_x_start, grad_noise
     ls_hi, ls_lo = split_float(l_simple_weight)
     elbo_hi, elbo_lo = split_float(original_elbo_weight)
-    block, warps = launch_config(n, batch)
-    with device_of(model_output):
-        for b0, nb in batch_chunks(batch):
-            diffusion_loss_backward_kernel[(triton.cdiv(n, block), nb)](
-                model_output, x_start, noise, t, table,
-                grad_loss.contiguous(), grad_loss_simple.contiguous(), grad_loss_vlb.contiguous(),
-                grad_model_output, grad_x_start if write_x_start else grad_model_output,
-                grad_noise if write_noise else grad_model_output,
-                batch, n, table.shape[1], b0, ls_hi, ls_lo, elbo_hi, elbo_lo,
-                PARAMETERIZATION=parameterization, LOSS_L1=loss_l1,
-                GRAD_X_START=write_x_start, GRAD_NOISE=write_noise,
-                ROW_LVLB=_LVLB_ROW[parameterization], BLOCK=block, num_warps=warps,
-            )
+    launch_per_sample(
+        diffusion_loss_backward_kernel, model_output, n, batch,
+        model_output, x_start, noise, t, table,
+        grad_loss.contiguous(), grad_loss_simple.contiguous(), grad_loss_vlb.contiguous(),
+        grad_model_output, grad_x_start if write_x_start else grad_model_output,
+        grad_noise if write_noise else grad_model_output, batch, n, table.shape[1],
+        l_simple_weight_hi=ls_hi, l_simple_weight_lo=ls_lo, original_elbo_weight_hi=elbo_hi,
+        original_elbo_weight_lo=elbo_lo, PARAMETERIZATION=parameterization, LOSS_L1=loss_l1,
+        GRAD_X_START=write_x_start, GRAD_NOISE=write_noise, ROW_LVLB=_LVLB_ROW[parameterization],
+    )
     return grad_model_output, grad_x_start, grad_noise
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .utils import as_rows, batch_chunks, device_of, launch_config, to_compute
+from .utils import apply_threshold, as_rows, launch_per_sample, load_tile, sample_tile, store_tile
 
 __all__ = ["dynamic_threshold_kernel", "dynamic_threshold", "threshold_scale"]
 
@@ -31,15 +31,10 @@ def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float) -> torch.T
 @triton.jit
 def dynamic_threshold_kernel(x0_ptr, scale_ptr, out_ptr, N, batch_start, COMPUTE_FP64: tl.constexpr,
                              BLOCK: tl.constexpr):
-    sample = tl.program_id(1) + batch_start
-    offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs_in_sample < N
-    offs = sample.to(tl.int64) * N + offs_in_sample
-    x0 = to_compute(tl.load(x0_ptr + offs, mask=mask, other=0.0), COMPUTE_FP64)
-    s = tl.load(scale_ptr + sample)
-    # where, not minimum/maximum: NaN stays NaN as under torch.clamp
-    x0 = tl.where(x0 < -s, -s, tl.where(x0 > s, s, x0)) / s
-    tl.store(out_ptr + offs, x0.to(out_ptr.dtype.element_ty), mask=mask)
+    sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
+    cd: tl.constexpr = tl.float64 if COMPUTE_FP64 else tl.float32
+    x0 = load_tile(x0_ptr, offs, mask, cd)
+    store_tile(out_ptr, offs, apply_threshold(x0, tl.load(scale_ptr + sample)), mask)
 
 
 @torch.library.custom_op("ddpm_kernels_triton::dynamic_threshold_apply", mutates_args=())
@@ -49,12 +44,8 @@ def dynamic_threshold_apply_op(x0: torch.Tensor, scale: torch.Tensor) -> torch.T
     x0, batch, n = as_rows(x0)
     if x0.numel() == 0:
         return out
-    block, warps = launch_config(n, batch)
-    with device_of(x0):
-        for b0, nb in batch_chunks(batch):
-            dynamic_threshold_kernel[(triton.cdiv(n, block), nb)](
-                x0, scale, out, n, b0, COMPUTE_FP64=x0.dtype == torch.float64, BLOCK=block, num_warps=warps,
-            )
+    launch_per_sample(dynamic_threshold_kernel, x0, n, batch, x0, scale, out, n,
+                      COMPUTE_FP64=x0.dtype == torch.float64)
     return out
 
 

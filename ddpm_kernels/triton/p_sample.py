@@ -36,15 +36,17 @@ from .utils import (
     PARAMETERIZATION_ID,
     ROW,
     as_rows,
-    batch_chunks,
-    device_of,
-    draw_seed,
+    custom_op_with_out,
+    empty_contiguous,
     gather_coefficient,
-    host_philox_state,
-    launch_config,
-    philox_counters,
-    philox_normal,
+    launch_per_sample,
+    load_or_draw_noise,
+    load_tile,
+    noise_operands,
     posterior_mean_from_model_output,
+    sample_tile,
+    step_noise_key,
+    store_tile,
 )
 
 __all__ = ["p_sample_kernel", "p_sample"]
@@ -72,23 +74,14 @@ def p_sample_kernel(
     ROW_LOG_VAR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    sample = tl.program_id(1) + batch_start
-    tile_start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs_in_sample = tile_start + tl.arange(0, BLOCK)
-    mask = offs_in_sample < N
-    offs = sample.to(tl.int64) * N + offs_in_sample
+    sample, tile_start, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = table_ptr.dtype.element_ty
     # Loads and noise first: none depends on t, so their latency (and the Philox integer work) overlaps the
     # t -> coefficient load chain.
-    x_t = tl.load(x_t_ptr + offs, mask=mask, other=0.0).to(cd)
-    model_output = tl.load(model_output_ptr + offs, mask=mask, other=0.0).to(cd)
-    if HAS_NOISE:
-        z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(cd)
-    else:
-        # One of the two keys is zero (see the module docstring). torch's offset counts 32-bit outputs: 4 per
-        # Philox counter.
-        key = tl.load(seed_ptr) ^ philox_seed
-        z = philox_normal(key, philox_offset // 4, sample, tile_start, N, BLOCK).to(cd)
+    x_t = load_tile(x_t_ptr, offs, mask, cd)
+    model_output = load_tile(model_output_ptr, offs, mask, cd)
+    z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample, tile_start, offs, mask, N, cd,
+                           HAS_NOISE, BLOCK)
     t = tl.load(t_ptr + sample)
     posterior_log_variance = gather_coefficient(table_ptr, ROW_LOG_VAR, t, T)
     mean = posterior_mean_from_model_output(x_t, model_output, t, table_ptr, T, PARAMETERIZATION, CLIP_DENOISED)
@@ -96,19 +89,7 @@ def p_sample_kernel(
     # 1 so its NaN log-variance reaches the output.
     nonzero_mask = (t != 0).to(cd)
     x_prev = mean + nonzero_mask * tl.exp(0.5 * posterior_log_variance) * z
-    tl.store(out_ptr + offs, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-_ZERO_KEYS = {}
-
-
-def _zero_key(device):
-    """A zero int64 key tensor per device, allocated once (eagerly: a key tensor is drawn instead during
-    capture), so steps keyed by generator state allocate nothing."""
-    key = _ZERO_KEYS.get(device)
-    if key is None:
-        key = _ZERO_KEYS[device] = torch.zeros(1, dtype=torch.int64, device=device)
-    return key
+    store_tile(out_ptr, offs, x_prev, mask)
 
 
 def _launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed, philox_offset, out):
@@ -116,25 +97,16 @@ def _launch(x_t, t, model_output, table, parameterization, clip_denoised, noise,
     model_output = model_output.contiguous()
     if x_t.numel() == 0:
         return
-    has_noise = noise is not None
-    if has_noise:
-        noise, seed = noise.contiguous(), t  # t: an unread placeholder for the key tensor
-    else:
-        noise = x_t  # unread placeholder
-        if seed is None:
-            seed = _zero_key(x_t.device)
-    block, warps = launch_config(n, batch)
-    with device_of(x_t):
-        for b0, nb in batch_chunks(batch):
-            p_sample_kernel[(triton.cdiv(n, block), nb)](
-                x_t, model_output, noise, seed, philox_seed, philox_offset, t, table, out, n, table.shape[1], b0,
-                PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised, HAS_NOISE=has_noise,
-                ROW_LOG_VAR=ROW["posterior_log_variance_clipped"], BLOCK=block, num_warps=warps,
-            )
+    noise, seed, has_noise = noise_operands(noise, seed, x_t, t)
+    launch_per_sample(
+        p_sample_kernel, x_t, n, batch,
+        x_t, model_output, noise, seed, philox_seed, philox_offset, t, table, out, n, table.shape[1],
+        PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised, HAS_NOISE=has_noise,
+        ROW_LOG_VAR=ROW["posterior_log_variance_clipped"],
+    )
 
 
-@torch.library.custom_op("ddpm_kernels_triton::p_sample", mutates_args=())
-def p_sample_op(
+def _p_sample(
     x_t: torch.Tensor,
     t: torch.Tensor,
     model_output: torch.Tensor,
@@ -148,43 +120,17 @@ def p_sample_op(
 ) -> torch.Tensor:
     """``noise`` when given; else Philox noise keyed by ``seed[0]`` (a device tensor) when given, else by
     ``(philox_seed, philox_offset)``, a generator's Philox state (see the module docstring)."""
-    out = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
+    out = empty_contiguous(x_t)
     _launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed, philox_offset, out)
     return out
 
 
-@p_sample_op.register_fake
-def _(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed, philox_offset):
-    return torch.empty_like(x_t, memory_format=torch.contiguous_format)
+def _p_sample_fake(x_t, *_):
+    return empty_contiguous(x_t)
 
 
-@torch.library.custom_op("ddpm_kernels_triton::p_sample_out", mutates_args=("out",))
-def p_sample_out_op(
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    model_output: torch.Tensor,
-    table: torch.Tensor,
-    parameterization: int,
-    clip_denoised: bool,
-    noise: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    philox_seed: int,
-    philox_offset: int,
-    out: torch.Tensor,
-) -> None:
-    noise_args = (noise, seed, philox_seed, philox_offset)
-    if out.is_contiguous():
-        # Each element is read and written by the same thread, so out may be x_t itself (in-place step).
-        _launch(x_t, t, model_output, table, parameterization, clip_denoised, *noise_args, out)
-    else:
-        tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-        _launch(x_t, t, model_output, table, parameterization, clip_denoised, *noise_args, tmp)
-        out.copy_(tmp)
-
-
-@p_sample_out_op.register_fake
-def _(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed, philox_offset, out):
-    return None
+# p_sample_out writes into out, which may be x_t itself (an in-place step).
+p_sample_op, p_sample_out_op = custom_op_with_out("ddpm_kernels_triton::p_sample", _p_sample, _p_sample_fake, _launch)
 
 
 def p_sample(
@@ -200,14 +146,7 @@ def p_sample(
 ):
     """Backend entry with ``reference.p_sample_ref``'s signature; ``noise=None`` draws z in-kernel."""
     table = schedule.table(x_t.dtype)
-    seed, philox_seed, philox_offset = None, 0, 0
-    if noise is None:
-        counters = philox_counters(x_t.shape[0], x_t.numel() // x_t.shape[0] if x_t.shape[0] else 0)
-        state = host_philox_state(generator, x_t, counters)
-        if state is None:
-            seed = draw_seed(generator, x_t.device)
-        else:
-            philox_seed, philox_offset = state
+    seed, philox_seed, philox_offset = step_noise_key(generator, x_t, noise)
     args = (
         x_t, t, model_output, table, PARAMETERIZATION_ID[parameterization], clip_denoised,
         noise, seed, philox_seed, philox_offset,

@@ -10,11 +10,15 @@ import triton.language as tl
 from .utils import (
     ROW,
     as_rows,
-    batch_chunks,
-    device_of,
+    empty_contiguous,
     gather_coefficient,
-    launch_config,
+    launch_per_sample,
     linear_combination_backward,
+    linear_combination_backward_fake,
+    load_tile,
+    register_linear_combination_autograd,
+    sample_tile,
+    store_tile,
 )
 
 __all__ = ["predict_start_from_noise_kernel", "predict_start_from_noise"]
@@ -34,19 +38,16 @@ def predict_start_from_noise_kernel(
     ROW_SQRT_RECIPM1_AB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    sample = tl.program_id(1) + batch_start
-    offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs_in_sample < N
-    offs = sample.to(tl.int64) * N + offs_in_sample
+    sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = table_ptr.dtype.element_ty
     # Data loads before the t -> coefficient chain (see q_sample_kernel).
-    x_t = tl.load(x_t_ptr + offs, mask=mask, other=0.0).to(cd)
-    noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(cd)
+    x_t = load_tile(x_t_ptr, offs, mask, cd)
+    noise = load_tile(noise_ptr, offs, mask, cd)
     t = tl.load(t_ptr + sample)
     sqrt_recip_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_RECIP_AB, t, T)
     sqrt_recipm1_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_RECIPM1_AB, t, T)
     x_start = sqrt_recip_alphas_cumprod * x_t - sqrt_recipm1_alphas_cumprod * noise
-    tl.store(out_ptr + offs, x_start.to(out_ptr.dtype.element_ty), mask=mask)
+    store_tile(out_ptr, offs, x_start, mask)
 
 
 @torch.library.custom_op("ddpm_kernels_triton::predict_start_from_noise", mutates_args=())
@@ -58,21 +59,16 @@ def predict_start_from_noise_op(
     out = torch.empty_like(x_t)
     if x_t.numel() == 0:
         return out
-    block, warps = launch_config(n, batch)
-    with device_of(x_t):
-        for b0, nb in batch_chunks(batch):
-            predict_start_from_noise_kernel[(triton.cdiv(n, block), nb)](
-                x_t, noise, t, table, out, n, table.shape[1], b0,
-                ROW_SQRT_RECIP_AB=ROW["sqrt_recip_alphas_cumprod"],
-                ROW_SQRT_RECIPM1_AB=ROW["sqrt_recipm1_alphas_cumprod"],
-                BLOCK=block, num_warps=warps,
-            )
+    launch_per_sample(
+        predict_start_from_noise_kernel, x_t, n, batch, x_t, noise, t, table, out, n, table.shape[1],
+        ROW_SQRT_RECIP_AB=ROW["sqrt_recip_alphas_cumprod"], ROW_SQRT_RECIPM1_AB=ROW["sqrt_recipm1_alphas_cumprod"],
+    )
     return out
 
 
 @predict_start_from_noise_op.register_fake
 def _(x_t, t, noise, table):
-    return torch.empty_like(x_t, memory_format=torch.contiguous_format)
+    return empty_contiguous(x_t)
 
 
 @torch.library.custom_op("ddpm_kernels_triton::predict_start_from_noise_backward", mutates_args=())
@@ -84,24 +80,11 @@ def predict_start_from_noise_backward_op(
     )
 
 
-@predict_start_from_noise_backward_op.register_fake
-def _(grad, t, table):
-    like = torch.empty_like(grad, memory_format=torch.contiguous_format)
-    return like, torch.empty_like(like)
-
-
-def _setup_context(ctx, inputs, output):
-    _, t, _, table = inputs
-    ctx.save_for_backward(t, table)
-
-
-def _backward(ctx, grad):
-    t, table = ctx.saved_tensors
-    grad_x_t, grad_noise = predict_start_from_noise_backward_op(grad, t, table)
-    return grad_x_t, None, grad_noise, None
-
-
-predict_start_from_noise_op.register_autograd(_backward, setup_context=_setup_context)
+predict_start_from_noise_backward_op.register_fake(linear_combination_backward_fake)
+# x_t (0) and noise (2) get gradients; t (1) and table (3) none.
+register_linear_combination_autograd(
+    predict_start_from_noise_op, predict_start_from_noise_backward_op, a=0, b=2, t=1, table=3
+)
 
 
 def predict_start_from_noise(x_t, t, noise, schedule):

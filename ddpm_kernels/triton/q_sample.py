@@ -3,8 +3,6 @@ pass (backward). Reference: ``ddpm_kernels.reference.q_sample_ref``."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -12,11 +10,16 @@ import triton.language as tl
 from .utils import (
     ROW,
     as_rows,
-    batch_chunks,
-    device_of,
+    empty_contiguous,
     gather_coefficient,
-    launch_config,
+    launch_per_sample,
+    custom_op_with_out,
     linear_combination_backward,
+    linear_combination_backward_fake,
+    load_tile,
+    register_linear_combination_autograd,
+    sample_tile,
+    store_tile,
 )
 
 __all__ = ["q_sample_kernel", "q_sample", "q_sample_backward"]
@@ -36,20 +39,17 @@ def q_sample_kernel(
     ROW_SQRT_1M_AB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    sample = tl.program_id(1) + batch_start
-    offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs_in_sample < N
-    offs = sample.to(tl.int64) * N + offs_in_sample
+    sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     # Math in the table's dtype: float32 for 16/32-bit data, float64 for float64; one rounding at the store.
     cd: tl.constexpr = table_ptr.dtype.element_ty
     # Data loads first: they do not depend on t, so their latency overlaps the t -> coefficient load chain.
-    x_start = tl.load(x_start_ptr + offs, mask=mask, other=0.0).to(cd)
-    noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(cd)
+    x_start = load_tile(x_start_ptr, offs, mask, cd)
+    noise = load_tile(noise_ptr, offs, mask, cd)
     t = tl.load(t_ptr + sample)
     sqrt_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_AB, t, T)
     sqrt_one_minus_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_1M_AB, t, T)
     x_t = sqrt_alphas_cumprod * x_start + sqrt_one_minus_alphas_cumprod * noise
-    tl.store(out_ptr + offs, x_t.to(out_ptr.dtype.element_ty), mask=mask)
+    store_tile(out_ptr, offs, x_t, mask)
 
 
 def _launch(x_start, t, noise, table, out):
@@ -57,46 +57,26 @@ def _launch(x_start, t, noise, table, out):
     noise = noise.contiguous()
     if x_start.numel() == 0:
         return
-    block, warps = launch_config(n, batch)
-    with device_of(x_start):
-        for b0, nb in batch_chunks(batch):
-            q_sample_kernel[(triton.cdiv(n, block), nb)](
-                x_start, noise, t, table, out, n, table.shape[1], b0,
-                ROW_SQRT_AB=ROW["sqrt_alphas_cumprod"], ROW_SQRT_1M_AB=ROW["sqrt_one_minus_alphas_cumprod"],
-                BLOCK=block, num_warps=warps,
-            )
+    launch_per_sample(
+        q_sample_kernel, x_start, n, batch, x_start, noise, t, table, out, n, table.shape[1],
+        ROW_SQRT_AB=ROW["sqrt_alphas_cumprod"], ROW_SQRT_1M_AB=ROW["sqrt_one_minus_alphas_cumprod"],
+    )
 
 
-# custom_op (not triton_op + wrap_triton): it runs the same on GPU and under TRITON_INTERPRET=1, where
-# triton_op fails opcheck's fake-tensor test and torch.compile (the interpreter touches data pointers).
-@torch.library.custom_op("ddpm_kernels_triton::q_sample", mutates_args=())
-def q_sample_op(x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(x_start.shape, dtype=x_start.dtype, device=x_start.device)
+def _q_sample(x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    out = empty_contiguous(x_start)
     _launch(x_start, t, noise, table, out)
     return out
 
 
-@q_sample_op.register_fake
-def _(x_start, t, noise, table):
-    return torch.empty_like(x_start, memory_format=torch.contiguous_format)
+def _q_sample_fake(x_start, *_):
+    return empty_contiguous(x_start)
 
 
-@torch.library.custom_op("ddpm_kernels_triton::q_sample_out", mutates_args=("out",))
-def q_sample_out_op(
-    x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, table: torch.Tensor, out: torch.Tensor
-) -> None:
-    if out.is_contiguous():
-        # Each element is read and written by the same thread, so out may alias x_start or noise.
-        _launch(x_start, t, noise, table, out)
-    else:
-        tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-        _launch(x_start, t, noise, table, tmp)
-        out.copy_(tmp)
-
-
-@q_sample_out_op.register_fake
-def _(x_start, t, noise, table, out):
-    return None
+# custom_op (not triton_op + wrap_triton): it runs the same on GPU and under TRITON_INTERPRET=1, where
+# triton_op fails opcheck's fake-tensor test and torch.compile (the interpreter touches data pointers).
+# q_sample_out writes into out, which may alias x_start or noise.
+q_sample_op, q_sample_out_op = custom_op_with_out("ddpm_kernels_triton::q_sample", _q_sample, _q_sample_fake, _launch)
 
 
 @torch.library.custom_op("ddpm_kernels_triton::q_sample_backward", mutates_args=())
@@ -106,24 +86,9 @@ def q_sample_backward_op(
     return linear_combination_backward(grad, t, table, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", 1.0)
 
 
-@q_sample_backward_op.register_fake
-def _(grad, t, table):
-    like = torch.empty_like(grad, memory_format=torch.contiguous_format)
-    return like, torch.empty_like(like)
-
-
-def _setup_context(ctx, inputs, output):
-    _, t, _, table = inputs
-    ctx.save_for_backward(t, table)
-
-
-def _backward(ctx, grad):
-    t, table = ctx.saved_tensors
-    grad_x_start, grad_noise = q_sample_backward_op(grad, t, table)
-    return grad_x_start, None, grad_noise, None
-
-
-q_sample_op.register_autograd(_backward, setup_context=_setup_context)
+q_sample_backward_op.register_fake(linear_combination_backward_fake)
+# x_start (0) and noise (2) get gradients; t (1) and table (3) none.
+register_linear_combination_autograd(q_sample_op, q_sample_backward_op, a=0, b=2, t=1, table=3)
 
 
 def q_sample_backward(grad, t, table):

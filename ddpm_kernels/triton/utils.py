@@ -1,5 +1,8 @@
-"""Pieces every Triton op here shares: the launch table, the flattening of inputs, the in-kernel gather of a
-schedule coefficient, in-kernel Philox noise and the backward of a two-term linear combination.
+"""Pieces every Triton op here shares. In the kernels (``@triton.jit`` helpers, which Triton inlines): a
+program's tile of its sample, loads upcast to the compute dtype and stores rounded once, the gather of a
+schedule coefficient, in-kernel Philox noise, NaN-preserving clipping and thresholding, and the backward of a
+two-term linear combination. On the host: the launch table and the chunked launch, the flattening of inputs,
+the noise key, and the registration of an op with its ``out=`` form and of a linear combination's autograd.
 
 Layout. Every op is elementwise over ``(B, N)`` where ``B`` is the batch and ``N`` the product of the other
 dims (inputs are made contiguous first, so any ndim >= 1 and any strides work). The grid is
@@ -17,6 +20,8 @@ narrower accesses.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import typing
 from typing import Tuple
 
 import numpy as np
@@ -34,6 +39,22 @@ __all__ = [
     "batch_chunks",
     "device_of",
     "as_rows",
+    "launch_per_sample",
+    "empty_contiguous",
+    "posterior_outputs",
+    "launch_into",
+    "custom_op_with_out",
+    "linear_combination_backward_fake",
+    "register_linear_combination_autograd",
+    "zero_key",
+    "noise_operands",
+    "sample_tile",
+    "load_tile",
+    "store_tile",
+    "clamp_symmetric",
+    "apply_threshold",
+    "load_or_draw_noise",
+    "store_posterior_variance",
     "gather_coefficient",
     "philox_normal",
     "split_float",
@@ -48,7 +69,11 @@ __all__ = [
     "ROW",
     "to_compute",
     "gather_step_alphas",
+    "bound_pred_x0",
     "step_noise_key",
+    "run_step",
+    "pred_x0_output",
+    "step_operands",
     "ROW_SQRT_ALPHAS_CUMPROD",
     "ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD",
 ]
@@ -111,6 +136,121 @@ def as_rows(x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
     return x, batch, (x.numel() // batch if batch else 0)
 
 
+def launch_per_sample(kernel, like: torch.Tensor, n: int, batch: int, *args, config=None, **kwargs):
+    """Launch ``kernel`` over ``batch`` samples of ``n`` elements on ``like``'s device: the
+    ``(cdiv(n, BLOCK), samples)`` grid of the module docstring, in chunks of at most ``MAX_GRID_Y`` samples.
+
+    ``args`` and ``kwargs`` are the kernel's arguments but ``batch_start`` (each chunk's first sample, passed
+    by name), ``BLOCK`` and ``num_warps`` (from ``config``, else ``launch_config``)."""
+    block, warps = launch_config(n, batch) if config is None else config
+    with device_of(like):
+        for b0, nb in batch_chunks(batch):
+            kernel[(triton.cdiv(n, block), nb)](*args, **kwargs, batch_start=b0, BLOCK=block, num_warps=warps)
+
+
+def empty_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialized contiguous tensor of ``x``'s shape, dtype and device (also for fake tensors)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def posterior_outputs(x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor, fake: bool = False):
+    """``(mean, var, log_var)`` for a kernel that writes the posterior mean and the per-sample (log-)variance:
+    ``mean`` like ``x_t`` (contiguous), the variances in the table's dtype shaped ``(B, 1, ..., 1)``. With zero
+    elements no program runs to write the variances, so they are gathered here (not for a ``fake`` op, whose
+    outputs only need their metadata)."""
+    if x_t.numel() == 0 and not fake:
+        var, log_var = extract_rows(table, ("posterior_variance", "posterior_log_variance_clipped"), t, x_t.ndim)
+    else:
+        var = torch.empty((x_t.shape[0],) + (1,) * (x_t.ndim - 1), dtype=table.dtype, device=x_t.device)
+        log_var = torch.empty_like(var)
+    return empty_contiguous(x_t), var, log_var
+
+
+def launch_into(out: torch.Tensor, launch):
+    """``launch(target)`` with the kernel writing ``out``: ``out`` itself when contiguous, else a contiguous
+    temporary copied into it. Every element is read and written by the same thread, so ``out`` may alias an
+    input (an in-place step). Returns what ``launch`` returns."""
+    target = out if out.is_contiguous() else empty_contiguous(out)
+    result = launch(target)
+    if target is not out:
+        out.copy_(target)
+    return result
+
+
+def custom_op_with_out(name: str, functional, fake, launch, out_returns=None):
+    """Register the custom op ``name`` from ``functional`` (its annotated signature is the schema) with
+    ``fake``, and its ``out=`` form ``name + "_out"``: the same arguments followed by a mutated
+    ``out: Tensor``, its schema derived from the same signature so the two cannot drift apart.
+
+    The out op runs ``launch(*arguments, out)`` through ``launch_into`` and returns the result, annotated
+    ``out_returns`` (None: nothing); its fake returns ``fake``'s outputs after the first (the one ``out``
+    replaces). Returns ``(op, out_op)``."""
+    op = torch.library.custom_op(name, functional, mutates_args=())
+    op.register_fake(fake)
+
+    signature = inspect.signature(functional)
+    hints = typing.get_type_hints(functional)  # annotations may be strings in the op's module
+    parameters = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values()]
+    parameters.append(inspect.Parameter("out", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=torch.Tensor))
+
+    def run_out(*args):
+        *inputs, out = args
+        return launch_into(out, lambda target: launch(*inputs, target))
+
+    def fake_out(*args):
+        outputs = fake(*args[:-1])
+        rest = outputs[1:] if isinstance(outputs, tuple) else ()
+        return rest[0] if len(rest) == 1 else (rest or None)
+
+    run_out.__signature__ = signature.replace(parameters=parameters, return_annotation=out_returns)
+    out_op = torch.library.custom_op(name + "_out", run_out, mutates_args=("out",))
+    out_op.register_fake(fake_out)
+    return op, out_op
+
+
+def linear_combination_backward_fake(grad, t, table):
+    """Fake of a ``linear_combination_backward`` op: two contiguous tensors shaped like ``grad``."""
+    return empty_contiguous(grad), empty_contiguous(grad)
+
+
+def register_linear_combination_autograd(op, backward_op, a: int, b: int, t: int, table: int):
+    """Autograd of ``op``, whose first output is ``c_a[t] a + sign_b c_b[t] b`` of its arguments at positions
+    ``a`` and ``b`` (``t`` and ``table`` at theirs): both gradients from one ``backward_op(grad, t, table)``
+    pass. Other outputs (table gathers) pass no gradient; other arguments get none."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[t], inputs[table])
+        ctx.num_inputs = len(inputs)
+
+    def backward(ctx, grad, *_):
+        grads = [None] * ctx.num_inputs
+        grads[a], grads[b] = backward_op(grad, *ctx.saved_tensors)
+        return tuple(grads)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_ZERO_KEYS = {}
+
+
+def zero_key(device) -> torch.Tensor:
+    """A zero int64 key tensor per device, allocated once (eagerly: a key tensor is drawn instead during
+    capture), so steps keyed by generator state allocate nothing."""
+    key = _ZERO_KEYS.get(device)
+    if key is None:
+        key = _ZERO_KEYS[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return key
+
+
+def noise_operands(noise, seed, x_t: torch.Tensor, t: torch.Tensor):
+    """``(noise, seed, HAS_NOISE)`` as the noise-taking kernels read them (``load_or_draw_noise``): given noise
+    made contiguous, with ``t`` as an unread stand-in for the key tensor; or ``x_t`` as an unread stand-in for
+    the noise, with the key tensor ``seed`` (a cached zero key when the Philox state comes as ints)."""
+    if noise is not None:
+        return noise.contiguous(), t, True
+    return x_t, (zero_key(x_t.device) if seed is None else seed), False
+
+
 def split_float(value: float) -> Tuple[float, float]:
     """``value`` as two float32s whose float64 sum is ``value`` to ~48 bits.
 
@@ -141,12 +281,59 @@ def extract_rows(table: torch.Tensor, names, t: torch.Tensor, ndim: int):
 
 
 @triton.jit
+def sample_tile(N, batch_start, BLOCK: tl.constexpr):
+    """This program's place in the ``(cdiv(N, BLOCK), samples)`` grid: ``(sample, tile_start, offs_in_sample,
+    mask, offs)``, the sample, the first element of its tile within the sample, the tile's element indices
+    within the sample, which of them exist, and their flat offsets (int64 from the first multiplication on)."""
+    sample = tl.program_id(1) + batch_start
+    tile_start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs_in_sample = tile_start + tl.arange(0, BLOCK)
+    mask = offs_in_sample < N
+    offs = sample.to(tl.int64) * N + offs_in_sample
+    return sample, tile_start, offs_in_sample, mask, offs
+
+
+@triton.jit
+def load_tile(ptr, offs, mask, dtype: tl.constexpr):
+    """The elements at ``offs`` (0 where masked off) in ``dtype``, the compute dtype."""
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(dtype)
+
+
+@triton.jit
+def store_tile(ptr, offs, value, mask):
+    """``value`` stored at ``offs``, rounded once to the pointer's dtype."""
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def clamp_symmetric(x, bound):
+    """``clamp(x, -bound, bound)``; where, not minimum/maximum: a NaN stays NaN as under torch.clamp."""
+    return tl.where(x < -bound, -bound, tl.where(x > bound, bound, x))
+
+
+@triton.jit
+def apply_threshold(x0, s):
+    """Dynamic thresholding with the per-sample scale ``s``: ``clamp(x0, -s, s) / s``."""
+    return clamp_symmetric(x0, s) / s
+
+
+@triton.jit
 def gather_coefficient(table_ptr, row: tl.constexpr, t, T):
     """``table[row, t]`` in the table's dtype; NaN (and no memory access) when ``t`` is outside [0, T)."""
     in_range = (t >= 0) & (t < T)
     # The clamped index keeps the address inside the table even if a backend ignores the mask.
     t_safe = tl.where(in_range, t, 0)
     return tl.load(table_ptr + row * T + t_safe, mask=in_range, other=float("nan"))
+
+
+@triton.jit
+def store_posterior_variance(table_ptr, var_ptr, log_var_ptr, sample, t, T, ROW_VAR: tl.constexpr,
+                             ROW_LOG_VAR: tl.constexpr):
+    """The per-sample variance and log-variance rows at ``t``, written by the first program of each sample:
+    they ride along in the launch that writes the mean."""
+    first = tl.program_id(0) == 0
+    tl.store(var_ptr + sample, gather_coefficient(table_ptr, ROW_VAR, t, T), mask=first)
+    tl.store(log_var_ptr + sample, gather_coefficient(table_ptr, ROW_LOG_VAR, t, T), mask=first)
 
 
 @triton.jit
@@ -167,8 +354,7 @@ def posterior_mean_from_model_output(
         sqrt_one_minus_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD, t, T)
         x_start = sqrt_alphas_cumprod * x_t - sqrt_one_minus_alphas_cumprod * model_output
     if CLIP_DENOISED:
-        # min/max, not a NaN-dropping clamp: torch.clamp propagates NaN and so must this.
-        x_start = tl.where(x_start < -1.0, -1.0, tl.where(x_start > 1.0, 1.0, x_start))
+        x_start = clamp_symmetric(x_start, 1.0)
     posterior_mean_coef1 = gather_coefficient(table_ptr, ROW_POSTERIOR_MEAN_COEF1, t, T)
     posterior_mean_coef2 = gather_coefficient(table_ptr, ROW_POSTERIOR_MEAN_COEF2, t, T)
     return posterior_mean_coef1 * x_start + posterior_mean_coef2 * x_t
@@ -192,6 +378,20 @@ def philox_normal(seed, counter_base, sample, tile_start, N, BLOCK: tl.constexpr
     # n1, n2, n3, n4 per counter, so each thread's 4 contiguous elements come from one Philox call (the
     # compiled PTX keeps them in registers: no shared-memory shuffle).
     z = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), [BLOCK])
+    return z
+
+
+@triton.jit
+def load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample, tile_start, offs, mask, N,
+                       dtype: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+    """The tile's standard normals in ``dtype``: read from ``noise`` with ``HAS_NOISE``, else drawn with
+    Philox (``philox_normal``) keyed by ``seed[0] ^ philox_seed``, one of which is zero (see p_sample.py)."""
+    if HAS_NOISE:
+        z = load_tile(noise_ptr, offs, mask, dtype)
+    else:
+        key = tl.load(seed_ptr) ^ philox_seed
+        # torch's offset counts 32-bit outputs: 4 per Philox counter.
+        z = philox_normal(key, philox_offset // 4, sample, tile_start, N, BLOCK).to(dtype)
     return z
 
 
@@ -250,16 +450,13 @@ def linear_combination_backward_kernel(
     BLOCK: tl.constexpr,
 ):
     """Both input gradients of ``out = c_a[t] a + SIGN_B c_b[t] b`` in one pass over ``grad``."""
-    sample = tl.program_id(1) + batch_start
-    offs_in_sample = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs_in_sample < N
-    offs = sample.to(tl.int64) * N + offs_in_sample
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(table_ptr.dtype.element_ty)
+    sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
+    g = load_tile(grad_ptr, offs, mask, table_ptr.dtype.element_ty)
     t = tl.load(t_ptr + sample)
     c_a = gather_coefficient(table_ptr, ROW_A, t, T)
     c_b = gather_coefficient(table_ptr, ROW_B, t, T)
-    tl.store(grad_a_ptr + offs, (c_a * g).to(grad_a_ptr.dtype.element_ty), mask=mask)
-    tl.store(grad_b_ptr + offs, (SIGN_B * c_b * g).to(grad_b_ptr.dtype.element_ty), mask=mask)
+    store_tile(grad_a_ptr, offs, c_a * g, mask)
+    store_tile(grad_b_ptr, offs, SIGN_B * c_b * g, mask)
 
 
 def linear_combination_backward(grad, t, table, row_a: str, row_b: str, sign_b: float):
@@ -269,13 +466,10 @@ def linear_combination_backward(grad, t, table, row_a: str, row_b: str, sign_b: 
     grad_b = torch.empty_like(grad)
     if grad.numel() == 0:
         return grad_a, grad_b
-    block, warps = launch_config(n, batch)
-    with device_of(grad):
-        for b0, nb in batch_chunks(batch):
-            linear_combination_backward_kernel[(triton.cdiv(n, block), nb)](
-                grad, t, table, grad_a, grad_b, n, table.shape[1], b0,
-                ROW_A=ROW[row_a], ROW_B=ROW[row_b], SIGN_B=sign_b, BLOCK=block, num_warps=warps,
-            )
+    launch_per_sample(
+        linear_combination_backward_kernel, grad, n, batch, grad, t, table, grad_a, grad_b, n, table.shape[1],
+        ROW_A=ROW[row_a], ROW_B=ROW[row_b], SIGN_B=sign_b,
+    )
     return grad_a, grad_b
 
 
@@ -326,16 +520,71 @@ def gather_step_alphas(alphas_cumprod_ptr, t, t_prev, T, SET_ALPHA_TO_ONE: tl.co
     )
 
 
-def step_noise_key(generator, x: torch.Tensor):
-    """(seed tensor or None, philox_seed, philox_offset) for one in-kernel noise draw of ``x``'s shape, as
-    ``p_sample`` keys its noise: the generator's Philox state as ints in eager CUDA, else a device key tensor
-    (CUDA-graph capture, torch.compile tracing, CPU tensors)."""
+@triton.jit
+def bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD: tl.constexpr,
+                  CLIP_DENOISED: tl.constexpr, COMPUTE_FP64: tl.constexpr):
+    """A sampler step's x0 prediction, thresholded with the sample's scale (``THRESHOLD``: dynamic
+    thresholding replaces clipping; ``s >= 1``, see ``dynamic_threshold.threshold_scale``) or clipped to
+    ``[-clip_range, clip_range]`` (``CLIP_DENOISED``; ``clip_range`` as hi + lo float32s)."""
+    if THRESHOLD:
+        x0 = apply_threshold(x0, tl.load(scale_ptr + sample))
+    elif CLIP_DENOISED:
+        bound = to_compute(clip_range_hi, COMPUTE_FP64) + to_compute(clip_range_lo, COMPUTE_FP64)
+        x0 = clamp_symmetric(x0, bound)
+    return x0
+
+
+def step_noise_key(generator, x: torch.Tensor, noise=None):
+    """(seed tensor or None, philox_seed, philox_offset) for one in-kernel noise draw of ``x``'s shape (see
+    p_sample.py): the generator's Philox state as ints in eager CUDA, else a device key tensor (CUDA-graph
+    capture, torch.compile tracing, CPU tensors). ``(None, 0, 0)``, drawing nothing, when ``noise`` is given."""
+    if noise is not None:
+        return None, 0, 0
     batch = x.shape[0]
     counters = philox_counters(batch, x.numel() // batch if batch else 0)
     state = host_philox_state(generator, x, counters)
     if state is None:
         return draw_seed(generator, x.device), 0, 0
     return None, state[0], state[1]
+
+
+def run_step(op, out_op, args, out, return_pred_x0: bool):
+    """A sampler step through ``op`` (``args`` -> ``(x_prev, x0)``), or through ``out_op`` (``args``, ``out`` ->
+    ``x0``) when ``out`` is given: ``(x_prev, x0)`` with ``return_pred_x0``, else ``x_prev``."""
+    if out is None:
+        x_prev, x0 = op(*args)
+    else:
+        x0 = out_op(*args, out)
+        x_prev = out
+    return (x_prev, x0) if return_pred_x0 else x_prev
+
+
+def pred_x0_output(x_t: torch.Tensor, return_pred_x0: bool) -> torch.Tensor:
+    """A sampler step's x0 output: shaped like ``x_t`` with ``return_pred_x0``, else zero elements."""
+    return empty_contiguous(x_t) if return_pred_x0 else x_t.new_empty(0)
+
+
+def step_operands(x_t, t, t_prev, model_output, alphas_cumprod, clip_range, noise, seed, philox_seed, philox_offset,
+                  out, x0, scale):
+    """``(batch, n, arguments)``: the arguments ``ddim_step_kernel`` and ``ddpm_step_kernel`` share, by name;
+    None when there is nothing to launch (zero elements). ``x0`` (None: not written) and ``scale`` (None: no
+    thresholding) get unread stand-ins when absent, as the noise does (``noise_operands``)."""
+    x_t, batch, n = as_rows(x_t)
+    if x_t.numel() == 0:
+        return None
+    # the kernel reads t[b] at t_ptr + b: a strided view (t = steps[:, 0]) must be packed first
+    t, t_prev = t.contiguous(), t_prev.contiguous()
+    noise, seed, has_noise = noise_operands(noise, seed, x_t, t)
+    clip_range_hi, clip_range_lo = split_float(clip_range)
+    return batch, n, dict(
+        x_t_ptr=x_t, model_output_ptr=model_output.contiguous(), noise_ptr=noise, seed_ptr=seed,
+        philox_seed=philox_seed, philox_offset=philox_offset, t_ptr=t, t_prev_ptr=t_prev,
+        alphas_cumprod_ptr=alphas_cumprod, out_ptr=out, x0_ptr=out if x0 is None else x0,
+        scale_ptr=alphas_cumprod if scale is None else scale, clip_range_hi=clip_range_hi,
+        clip_range_lo=clip_range_lo, N=n, T=alphas_cumprod.shape[0], HAS_NOISE=has_noise,
+        RETURN_X0=x0 is not None, THRESHOLD=scale is not None, COMPUTE_FP64=x_t.dtype == torch.float64,
+    )
+
 
 # Triton decides when a function is decorated whether it is compiled or interpreted (TRITON_INTERPRET=1 at
 # decoration makes an InterpretedFunction, which runs on CPU tensors). Read from a decorated kernel, the ground
