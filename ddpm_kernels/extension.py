@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from . import reference
+from ._layout import CONTIGUOUS, dense_format, in_format, is_in_format
 
 __all__ = [
     "CPU_BACKEND",
@@ -131,30 +132,9 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
-_CONTIGUOUS = torch.contiguous_format
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    """The memory format a call runs in: ``x``'s own when every sample of ``x`` is one dense block of storage
-    in it (contiguous, channels_last, channels_last_3d), else contiguous. The kernels index storage order, so
-    they run on any such layout unchanged; every operand of a call is brought to this one format."""
-    if x.is_contiguous():
-        return _CONTIGUOUS
-    fmt = _CHANNELS_LAST.get(x.ndim)
-    return fmt if fmt is not None and x.is_contiguous(memory_format=fmt) else _CONTIGUOUS
-
-
-def _c(x: Optional[torch.Tensor], fmt: torch.memory_format = _CONTIGUOUS) -> Optional[torch.Tensor]:
-    """``x`` in memory format ``fmt``: itself when it already is, else one copy."""
-    if x is None:
-        return None
-    return x.contiguous() if fmt is _CONTIGUOUS else x.contiguous(memory_format=fmt)
-
-
 def _fits(out: Optional[torch.Tensor], fmt: torch.memory_format) -> bool:
     """Whether a kernel can write into ``out`` directly (else it writes a new tensor that is copied in)."""
-    return out is not None and (out.is_contiguous() if fmt is _CONTIGUOUS else out.is_contiguous(memory_format=fmt))
+    return out is not None and is_in_format(out, fmt)
 
 
 def _store(result: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
@@ -174,8 +154,8 @@ def _table_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------------- ops
 def q_sample(x_start, t, noise, schedule, out=None):
-    fmt = _layout(x_start)
-    args = (_c(x_start, fmt), t, _c(noise, fmt), schedule.table(x_start.dtype))
+    fmt = dense_format(x_start)
+    args = (in_format(x_start, fmt), t, in_format(noise, fmt), schedule.table(x_start.dtype))
     if not _fits(out, fmt) or _needs_grad(x_start, noise):
         return _store(_ops().q_sample(*args), out)
     _ops().q_sample_out(*args, out)
@@ -186,8 +166,8 @@ def _pair(name, ref):
     def op(x, t, y, schedule):
         if _needs_grad(x, y):
             return ref(x, t, y, schedule)
-        fmt = _layout(x)
-        return getattr(_ops(), name)(_c(x, fmt), t, _c(y, fmt), schedule.table(x.dtype))
+        fmt = dense_format(x)
+        return getattr(_ops(), name)(in_format(x, fmt), t, in_format(y, fmt), schedule.table(x.dtype))
 
     op.__name__ = name
     return op
@@ -202,37 +182,38 @@ predict_eps_from_z_and_v = _pair("predict_eps_from_z_and_v", reference.predict_e
 def get_v(x_start, noise, t, schedule):
     if _needs_grad(x_start, noise):
         return reference.get_v_ref(x_start, noise, t, schedule)
-    fmt = _layout(x_start)
-    return _ops().get_v(_c(x_start, fmt), _c(noise, fmt), t, schedule.table(x_start.dtype))
+    fmt = dense_format(x_start)
+    return _ops().get_v(in_format(x_start, fmt), in_format(noise, fmt), t, schedule.table(x_start.dtype))
 
 
 def q_posterior(x_start, x_t, t, schedule):
     if _needs_grad(x_start, x_t):
         return reference.q_posterior_ref(x_start, x_t, t, schedule)
-    fmt = _layout(x_t)
-    return _ops().q_posterior(_c(x_start, fmt), _c(x_t, fmt), t, schedule.table(x_t.dtype))
+    fmt = dense_format(x_t)
+    return _ops().q_posterior(in_format(x_start, fmt), in_format(x_t, fmt), t, schedule.table(x_t.dtype))
 
 
 def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True):
     # Sampling steps reach the kernels on detached inputs (ops._dispatch_sampling), so no autograd fallback here.
-    fmt = _layout(x_t)
+    fmt = dense_format(x_t)
     return _ops().p_mean_variance(
-        _c(x_t, fmt), t, _c(model_output, fmt), schedule.table(x_t.dtype), parameterization, clip_denoised
+        in_format(x_t, fmt), t, in_format(model_output, fmt), schedule.table(x_t.dtype), parameterization,
+        clip_denoised,
     )
 
 
 def p_sample(
     x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True, noise=None, generator=None, out=None
 ):
-    fmt = _layout(x_t)
+    fmt = dense_format(x_t)
     args = (
-        _c(x_t, fmt),
+        in_format(x_t, fmt),
         t,
-        _c(model_output, fmt),
+        in_format(model_output, fmt),
         schedule.table(x_t.dtype),
         parameterization,
         clip_denoised,
-        _c(noise, fmt),
+        in_format(noise, fmt),
         generator,
     )
     if not _fits(out, fmt):
@@ -257,11 +238,11 @@ def diffusion_loss(
             model_output, x_start, noise, t, schedule, parameterization, loss_type, l_simple_weight,
             original_elbo_weight,
         )
-    fmt = _layout(model_output)
+    fmt = dense_format(model_output)
     return _ops().diffusion_loss(
-        _c(model_output, fmt),
-        _c(x_start, fmt),
-        _c(noise, fmt),
+        in_format(model_output, fmt),
+        in_format(x_start, fmt),
+        in_format(noise, fmt),
         t,
         schedule.table(model_output.dtype),
         parameterization,
@@ -313,12 +294,12 @@ def ddim_step(
             return_pred_x0=return_pred_x0,
         )
     eta = float(eta)
-    fmt = _layout(x_t)
+    fmt = dense_format(x_t)
     args = (
-        _c(x_t, fmt),
+        in_format(x_t, fmt),
         t,
         t_prev,
-        _c(model_output, fmt),
+        in_format(model_output, fmt),
         schedule.table(torch.float64),
         eta,
         parameterization,
@@ -326,7 +307,7 @@ def ddim_step(
         float(clip_range),
         bool(set_alpha_to_one),
         bool(use_clipped_model_output),
-        _c(noise, fmt) if eta > 0 else None,  # eta == 0: no noise term, nothing read or drawn
+        in_format(noise, fmt) if eta > 0 else None,  # eta == 0: no noise term, nothing read or drawn
         generator,
         bool(return_pred_x0),
     )
@@ -357,18 +338,18 @@ def ddpm_step(
             out=out, return_pred_x0=return_pred_x0,
         )
     # learned variances read model_output's two channel halves by index: contiguous data only
-    fmt = _CONTIGUOUS if variance_type in reference.LEARNED_VARIANCE_TYPES else _layout(x_t)
+    fmt = CONTIGUOUS if variance_type in reference.LEARNED_VARIANCE_TYPES else dense_format(x_t)
     args = (
-        _c(x_t, fmt),
+        in_format(x_t, fmt),
         t,
         t_prev,
-        _c(model_output, fmt),
+        in_format(model_output, fmt),
         schedule.table(torch.float64),
         parameterization,
         variance_type,
         bool(clip_denoised),
         float(clip_range),
-        _c(noise, fmt),
+        in_format(noise, fmt),
         generator,
         bool(return_pred_x0),
     )
@@ -475,7 +456,7 @@ def _register_python_parts() -> None:
 
     def q_sample_backward(ctx, grad):
         t, table = ctx.saved_tensors
-        grad_x, grad_noise = _ops().q_sample_backward(_c(grad, _layout(grad)), t, table)
+        grad_x, grad_noise = _ops().q_sample_backward(in_format(grad, dense_format(grad)), t, table)
         return grad_x, None, grad_noise, None
 
     torch.library.register_autograd(lib + "q_sample", q_sample_backward, setup_context=q_sample_setup)
@@ -488,8 +469,8 @@ def _register_python_parts() -> None:
         t, table = ctx.saved_tensors
         gx = torch.zeros_like(grad_grad_noise) if grad_grad_x is None else grad_grad_x
         gn = torch.zeros_like(gx) if grad_grad_noise is None else grad_grad_noise
-        fmt = _layout(gx)
-        return _ops().q_sample(_c(gx, fmt), t, _c(gn, fmt), table), None, None
+        fmt = dense_format(gx)
+        return _ops().q_sample(in_format(gx, fmt), t, in_format(gn, fmt), table), None, None
 
     torch.library.register_autograd(
         lib + "q_sample_backward", q_sample_double_backward, setup_context=q_sample_backward_setup

@@ -42,7 +42,7 @@ from .utils import (
     PARAMETERIZATION_ID,
     bound_pred_x0,
     custom_op_with_out,
-    empty_contiguous,
+    empty_dense,
     gather_step_alphas,
     launch_per_sample,
     load_or_draw_noise,
@@ -197,7 +197,7 @@ def _ddim_step(
     """``(x_{t_prev}, x0)``; ``x0`` is a zero-element tensor unless ``return_pred_x0``. Noise keyed as in
     ``p_sample_op``; ``alphas_cumprod`` is the schedule's float64 row; ``scale`` (per-sample, compute dtype),
     when given, thresholds x0 instead of clipping."""
-    out = empty_contiguous(x_t)
+    out = empty_dense(x_t)
     x0 = _launch(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
                  use_clipped_model_output, set_alpha_to_one, clip_range, noise, seed, philox_seed, philox_offset,
                  return_pred_x0, scale, out)
@@ -207,7 +207,7 @@ def _ddim_step(
 def _ddim_step_fake(x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
                     use_clipped_model_output, set_alpha_to_one, clip_range, noise, seed, philox_seed, philox_offset,
                     return_pred_x0, scale):
-    return empty_contiguous(x_t), pred_x0_output(x_t, return_pred_x0)
+    return empty_dense(x_t), pred_x0_output(x_t, return_pred_x0)
 
 
 # ddim_step_out writes x_{t_prev} into out (which may be x_t) and returns x0.
@@ -227,7 +227,7 @@ def ddim_step_x0_op(
 ) -> torch.Tensor:
     """The step's unclipped x0 prediction in the compute dtype (float32; float64 for float64 data): the first
     pass of a thresholded step."""
-    x0 = torch.empty(x_t.shape, dtype=reference.compute_dtype(x_t.dtype), device=x_t.device)
+    x0 = empty_dense(x_t, reference.compute_dtype(x_t.dtype))
     _launch(x_t, t, t_prev, model_output, alphas_cumprod, 0.0, parameterization, False, False, True, 1.0,
             None, None, 0, 0, True, None, x0, x0_only=True)
     return x0
@@ -235,7 +235,7 @@ def ddim_step_x0_op(
 
 @ddim_step_x0_op.register_fake
 def _(x_t, t, t_prev, model_output, alphas_cumprod, parameterization):
-    return torch.empty(x_t.shape, dtype=reference.compute_dtype(x_t.dtype), device=x_t.device)
+    return empty_dense(x_t, reference.compute_dtype(x_t.dtype))
 
 
 def ddim_step(

@@ -34,13 +34,14 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .._layout import CONTIGUOUS, dense_format
 from ..schedule import TABLE_ROW
 from .dynamic_threshold import threshold_scale
 from .utils import (
     PARAMETERIZATION_ID,
     bound_pred_x0,
     custom_op_with_out,
-    empty_contiguous,
+    empty_dense,
     gather_step_alphas,
     launch_per_sample,
     load_or_draw_noise,
@@ -156,11 +157,22 @@ def ddpm_step_kernel(
         store_tile(x0_ptr, offs, x0, mask)
 
 
+def _data(x_t: torch.Tensor, variance: int) -> torch.Tensor:
+    """``x_t`` as the kernel reads it: learned variances index ``model_output``'s channel halves as contiguous
+    data, so ``x_t`` (and with it every operand and output) is contiguous then; otherwise any dense format."""
+    return x_t.contiguous() if variance >= 2 else x_t
+
+
+def _data_format(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, *_):
+    return CONTIGUOUS if variance >= 2 else dense_format(x_t)
+
+
 def _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised, clip_range,
             noise, seed, philox_seed, philox_offset, return_pred_x0, scale, out, x0_only=False):
     """``ddpm_step_op``'s arguments and ``out``: writes ``x_{t_prev}`` into ``out`` and returns x0 (zero
     elements unless ``return_pred_x0``). ``x0_only`` (with ``return_pred_x0``) writes only the raw x0, into
     ``out``."""
+    x_t = _data(x_t, variance)
     x0 = out if x0_only else pred_x0_output(x_t, return_pred_x0)
     operands = step_operands(x_t, t, t_prev, model_output, alphas_cumprod, clip_range, noise, seed, philox_seed,
                              philox_offset, out, x0 if return_pred_x0 else None, scale)
@@ -194,7 +206,7 @@ def _ddpm_step(
     """``(x_{t_prev}, x0)``; ``x0`` is a zero-element tensor unless ``return_pred_x0``. Noise keyed as in
     ``p_sample_op``; ``alphas_cumprod`` is the schedule's float64 row; ``scale`` (per-sample, compute dtype),
     when given, thresholds x0 instead of clipping."""
-    out = empty_contiguous(x_t)
+    out = empty_dense(_data(x_t, variance))
     x0 = _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised,
                  clip_range, noise, seed, philox_seed, philox_offset, return_pred_x0, scale, out)
     return out, x0
@@ -202,12 +214,14 @@ def _ddpm_step(
 
 def _ddpm_step_fake(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised,
                     clip_range, noise, seed, philox_seed, philox_offset, return_pred_x0, scale):
-    return empty_contiguous(x_t), pred_x0_output(x_t, return_pred_x0)
+    x_t = _data(x_t, variance)
+    return empty_dense(x_t), pred_x0_output(x_t, return_pred_x0)
 
 
 # ddpm_step_out writes x_{t_prev} into out (which may be x_t) and returns x0.
 ddpm_step_op, ddpm_step_out_op = custom_op_with_out(
-    "ddpm_kernels_triton::ddpm_step", _ddpm_step, _ddpm_step_fake, _launch, out_returns=torch.Tensor
+    "ddpm_kernels_triton::ddpm_step", _ddpm_step, _ddpm_step_fake, _launch, out_returns=torch.Tensor,
+    data_format=_data_format,
 )
 
 
@@ -223,7 +237,7 @@ def ddpm_step_x0_op(
 ) -> torch.Tensor:
     """The step's unclipped x0 prediction in the compute dtype (float32; float64 for float64 data): the first
     pass of a thresholded step. ``variance`` only sets how ``model_output`` is laid out (learned channels)."""
-    x0 = torch.empty(x_t.shape, dtype=reference.compute_dtype(x_t.dtype), device=x_t.device)
+    x0 = empty_dense(_data(x_t, variance), reference.compute_dtype(x_t.dtype))
     # noise: x_t as an unused stand-in (the X0_ONLY kernel returns before reading it; the compiler drops the load)
     _launch(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, False, 1.0, x_t, None, 0, 0,
             True, None, x0, x0_only=True)
@@ -232,7 +246,7 @@ def ddpm_step_x0_op(
 
 @ddpm_step_x0_op.register_fake
 def _(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance):
-    return torch.empty(x_t.shape, dtype=reference.compute_dtype(x_t.dtype), device=x_t.device)
+    return empty_dense(_data(x_t, variance), reference.compute_dtype(x_t.dtype))
 
 
 def ddpm_step(

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    empty_dense,
+    like_dense,
     PARAMETERIZATION_ID,
     ROW,
     ROW_SQRT_ALPHAS_CUMPROD,
@@ -228,7 +230,7 @@ def diffusion_loss_op(
     original_elbo_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     model_output, batch, n = as_rows(model_output)
-    x_start, noise = x_start.contiguous(), noise.contiguous()
+    x_start, noise = like_dense(model_output, x_start), like_dense(model_output, noise)
     dtype, device = model_output.dtype, model_output.device
     loss, loss_simple, loss_vlb = (torch.empty((), dtype=dtype, device=device) for _ in range(3))
     if model_output.numel() == 0:
@@ -280,12 +282,12 @@ def diffusion_loss_backward_op(
     """(grad_model_output, grad_x_start, grad_noise); a gradient not needed, or not depending on the loss for
     this parameterization, comes back as an empty tensor."""
     model_output, batch, n = as_rows(model_output)
-    x_start, noise = x_start.contiguous(), noise.contiguous()
-    grad_model_output = torch.empty_like(model_output)
+    x_start, noise = like_dense(model_output, x_start), like_dense(model_output, noise)
+    grad_model_output = empty_dense(model_output)
     write_x_start = grad_x_start_needed and parameterization != 0
     write_noise = grad_noise_needed and parameterization != 1
-    grad_x_start = torch.empty_like(model_output) if write_x_start else model_output.new_empty(0)
-    grad_noise = torch.empty_like(model_output) if write_noise else model_output.new_empty(0)
+    grad_x_start = empty_dense(model_output) if write_x_start else model_output.new_empty(0)
+    grad_noise = empty_dense(model_output) if write_noise else model_output.new_empty(0)
     if model_output.numel() == 0:
         return grad_model_output, grad_x_start, grad_noise
     ls_hi, ls_lo = split_float(l_simple_weight)
@@ -306,7 +308,7 @@ def diffusion_loss_backward_op(
 @diffusion_loss_backward_op.register_fake
 def _(grad_loss, grad_loss_simple, grad_loss_vlb, model_output, x_start, noise, t, table, parameterization,
       loss_l1, l_simple_weight, original_elbo_weight, grad_x_start_needed, grad_noise_needed):
-    like = torch.empty_like(model_output, memory_format=torch.contiguous_format)
+    like = empty_dense(model_output)
     write_x_start = grad_x_start_needed and parameterization != 0
     write_noise = grad_noise_needed and parameterization != 1
     return (

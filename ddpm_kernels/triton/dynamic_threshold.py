@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .utils import apply_threshold, as_rows, launch_per_sample, load_tile, sample_tile, store_tile
+from .utils import apply_threshold, as_rows, empty_dense, launch_per_sample, load_tile, sample_tile, store_tile
 
 __all__ = ["dynamic_threshold_kernel", "dynamic_threshold", "threshold_scale"]
 
@@ -40,7 +40,7 @@ def dynamic_threshold_kernel(x0_ptr, scale_ptr, out_ptr, N, batch_start, COMPUTE
 @torch.library.custom_op("ddpm_kernels_triton::dynamic_threshold_apply", mutates_args=())
 def dynamic_threshold_apply_op(x0: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``clamp(x0, -s, s) / s`` with ``s = scale[b]`` per sample (``scale`` in the compute dtype)."""
-    out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    out = empty_dense(x0)
     x0, batch, n = as_rows(x0)
     if x0.numel() == 0:
         return out
@@ -51,7 +51,7 @@ def dynamic_threshold_apply_op(x0: torch.Tensor, scale: torch.Tensor) -> torch.T
 
 @dynamic_threshold_apply_op.register_fake
 def _(x0, scale):
-    return torch.empty_like(x0, memory_format=torch.contiguous_format)
+    return empty_dense(x0)
 
 
 def dynamic_threshold(x0, ratio=0.995, max_value=1.0):

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    like_dense,
     PARAMETERIZATION_ID,
     ROW,
     as_rows,
@@ -68,7 +69,7 @@ def p_mean_variance_op(
     clip_denoised: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x_t, batch, n = as_rows(x_t)
-    model_output = model_output.contiguous()
+    model_output = like_dense(x_t, model_output)
     mean, var, log_var = posterior_outputs(x_t, t, table)
     if x_t.numel() == 0:
         return mean, var, log_var

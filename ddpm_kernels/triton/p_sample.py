@@ -33,11 +33,12 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    like_dense,
     PARAMETERIZATION_ID,
     ROW,
     as_rows,
     custom_op_with_out,
-    empty_contiguous,
+    empty_dense,
     gather_coefficient,
     launch_per_sample,
     load_or_draw_noise,
@@ -94,7 +95,7 @@ def p_sample_kernel(
 
 def _launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed, philox_offset, out):
     x_t, batch, n = as_rows(x_t)
-    model_output = model_output.contiguous()
+    model_output = like_dense(x_t, model_output)
     if x_t.numel() == 0:
         return
     noise, seed, has_noise = noise_operands(noise, seed, x_t, t)
@@ -120,13 +121,13 @@ def _p_sample(
 ) -> torch.Tensor:
     """``noise`` when given; else Philox noise keyed by ``seed[0]`` (a device tensor) when given, else by
     ``(philox_seed, philox_offset)``, a generator's Philox state (see the module docstring)."""
-    out = empty_contiguous(x_t)
+    out = empty_dense(x_t)
     _launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed, philox_offset, out)
     return out
 
 
 def _p_sample_fake(x_t, *_):
-    return empty_contiguous(x_t)
+    return empty_dense(x_t)
 
 
 # p_sample_out writes into out, which may be x_t itself (an in-place step).

@@ -8,9 +8,10 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    like_dense,
     ROW,
     as_rows,
-    empty_contiguous,
+    empty_dense,
     gather_coefficient,
     launch_per_sample,
     linear_combination_backward,
@@ -55,8 +56,8 @@ def predict_start_from_noise_op(
     x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, table: torch.Tensor
 ) -> torch.Tensor:
     x_t, batch, n = as_rows(x_t)
-    noise = noise.contiguous()
-    out = torch.empty_like(x_t)
+    noise = like_dense(x_t, noise)
+    out = empty_dense(x_t)
     if x_t.numel() == 0:
         return out
     launch_per_sample(
@@ -68,7 +69,7 @@ def predict_start_from_noise_op(
 
 @predict_start_from_noise_op.register_fake
 def _(x_t, t, noise, table):
-    return empty_contiguous(x_t)
+    return empty_dense(x_t)
 
 
 @torch.library.custom_op("ddpm_kernels_triton::predict_start_from_noise_backward", mutates_args=())

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    like_dense,
     ROW,
     as_rows,
     gather_coefficient,
@@ -62,7 +63,7 @@ def q_posterior_op(
     x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x_t, batch, n = as_rows(x_t)
-    x_start = x_start.contiguous()
+    x_start = like_dense(x_t, x_start)
     mean, var, log_var = posterior_outputs(x_t, t, table)
     if x_t.numel() == 0:
         return mean, var, log_var

@@ -8,9 +8,10 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    like_dense,
     ROW,
     as_rows,
-    empty_contiguous,
+    empty_dense,
     gather_coefficient,
     launch_per_sample,
     custom_op_with_out,
@@ -54,7 +55,7 @@ def q_sample_kernel(
 
 def _launch(x_start, t, noise, table, out):
     x_start, batch, n = as_rows(x_start)
-    noise = noise.contiguous()
+    noise = like_dense(x_start, noise)
     if x_start.numel() == 0:
         return
     launch_per_sample(
@@ -64,13 +65,13 @@ def _launch(x_start, t, noise, table, out):
 
 
 def _q_sample(x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    out = empty_contiguous(x_start)
+    out = empty_dense(x_start)
     _launch(x_start, t, noise, table, out)
     return out
 
 
 def _q_sample_fake(x_start, *_):
-    return empty_contiguous(x_start)
+    return empty_dense(x_start)
 
 
 # custom_op (not triton_op + wrap_triton): it runs the same on GPU and under TRITON_INTERPRET=1, where

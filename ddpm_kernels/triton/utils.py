@@ -5,7 +5,8 @@ two-term linear combination. On the host: the launch table and the chunked launc
 the noise key, and the registration of an op with its ``out=`` form and of a linear combination's autograd.
 
 Layout. Every op is elementwise over ``(B, N)`` where ``B`` is the batch and ``N`` the product of the other
-dims (inputs are made contiguous first, so any ndim >= 1 and any strides work). The grid is
+dims, in storage order: contiguous and channels_last(_3d) data runs as it is (each sample is one dense block;
+``ddpm_kernels._layout``), other strides are made contiguous first, so any ndim >= 1 works. The grid is
 ``(cdiv(N, BLOCK), B)``: a program owns ``BLOCK`` consecutive elements of one sample, so it gathers its
 sample's coefficients once, as scalars, instead of once per element (and never divides an element index by
 ``N``). Offsets are int64 from the first multiplication on, so tensors past 2**31 elements are addressed
@@ -22,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import typing
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from .._layout import dense_format, empty_in_format, in_format, is_in_format
 from ..schedule import TABLE_ROW
 
 __all__ = [
@@ -40,7 +42,8 @@ __all__ = [
     "device_of",
     "as_rows",
     "launch_per_sample",
-    "empty_contiguous",
+    "empty_dense",
+    "like_dense",
     "posterior_outputs",
     "launch_into",
     "custom_op_with_out",
@@ -130,8 +133,9 @@ def device_of(x: torch.Tensor):
 
 
 def as_rows(x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
-    """``x`` contiguous, with its batch size and per-sample element count."""
-    x = x.contiguous()
+    """``x`` in its dense format (``ddpm_kernels._layout``: itself when contiguous or channels_last, else a
+    contiguous copy), with its batch size and per-sample element count."""
+    x = in_format(x, dense_format(x))
     batch = x.shape[0]
     return x, batch, (x.numel() // batch if batch else 0)
 
@@ -148,14 +152,20 @@ def launch_per_sample(kernel, like: torch.Tensor, n: int, batch: int, *args, con
             kernel[(triton.cdiv(n, block), nb)](*args, **kwargs, batch_start=b0, BLOCK=block, num_warps=warps)
 
 
-def empty_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialized contiguous tensor of ``x``'s shape, dtype and device (also for fake tensors)."""
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def empty_dense(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An uninitialized tensor of ``x``'s shape and device in ``x``'s dense format, which kernels launched on
+    ``as_rows(x)`` write in storage order (also for fake tensors; ``dtype``: default ``x``'s)."""
+    return empty_in_format(x, dense_format(x), dtype)
+
+
+def like_dense(x: torch.Tensor, y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Operand ``y`` of a call whose data tensor is ``x``, in ``x``'s dense format."""
+    return in_format(y, dense_format(x))
 
 
 def posterior_outputs(x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor, fake: bool = False):
     """``(mean, var, log_var)`` for a kernel that writes the posterior mean and the per-sample (log-)variance:
-    ``mean`` like ``x_t`` (contiguous), the variances in the table's dtype shaped ``(B, 1, ..., 1)``. With zero
+    ``mean`` like ``x_t`` (its dense format), the variances in the table's dtype shaped ``(B, 1, ..., 1)``. With zero
     elements no program runs to write the variances, so they are gathered here (not for a ``fake`` op, whose
     outputs only need their metadata)."""
     if x_t.numel() == 0 and not fake:
@@ -163,28 +173,29 @@ def posterior_outputs(x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor, f
     else:
         var = torch.empty((x_t.shape[0],) + (1,) * (x_t.ndim - 1), dtype=table.dtype, device=x_t.device)
         log_var = torch.empty_like(var)
-    return empty_contiguous(x_t), var, log_var
+    return empty_dense(x_t), var, log_var
 
 
-def launch_into(out: torch.Tensor, launch):
-    """``launch(target)`` with the kernel writing ``out``: ``out`` itself when contiguous, else a contiguous
-    temporary copied into it. Every element is read and written by the same thread, so ``out`` may alias an
-    input (an in-place step). Returns what ``launch`` returns."""
-    target = out if out.is_contiguous() else empty_contiguous(out)
+def launch_into(out: torch.Tensor, fmt: torch.memory_format, launch):
+    """``launch(target)`` with the kernel writing ``out`` in memory format ``fmt`` (its data's): ``out`` itself
+    when in that format, else a temporary copied into it. Every element is read and written by the same
+    thread, so ``out`` may alias an input (an in-place step). Returns what ``launch`` returns."""
+    target = out if is_in_format(out, fmt) else empty_in_format(out, fmt)
     result = launch(target)
     if target is not out:
         out.copy_(target)
     return result
 
 
-def custom_op_with_out(name: str, functional, fake, launch, out_returns=None):
+def custom_op_with_out(name: str, functional, fake, launch, out_returns=None, data_format=None):
     """Register the custom op ``name`` from ``functional`` (its annotated signature is the schema) with
     ``fake``, and its ``out=`` form ``name + "_out"``: the same arguments followed by a mutated
     ``out: Tensor``, its schema derived from the same signature so the two cannot drift apart.
 
     The out op runs ``launch(*arguments, out)`` through ``launch_into`` and returns the result, annotated
-    ``out_returns`` (None: nothing); its fake returns ``fake``'s outputs after the first (the one ``out``
-    replaces). Returns ``(op, out_op)``."""
+    ``out_returns`` (None: nothing); the kernel writes in the format ``data_format(*arguments)`` gives (default:
+    the first argument's dense format, as ``launch`` runs it). Its fake returns ``fake``'s outputs after the
+    first (the one ``out`` replaces). Returns ``(op, out_op)``."""
     op = torch.library.custom_op(name, functional, mutates_args=())
     op.register_fake(fake)
 
@@ -195,7 +206,8 @@ def custom_op_with_out(name: str, functional, fake, launch, out_returns=None):
 
     def run_out(*args):
         *inputs, out = args
-        return launch_into(out, lambda target: launch(*inputs, target))
+        fmt = dense_format(inputs[0]) if data_format is None else data_format(*inputs)
+        return launch_into(out, fmt, lambda target: launch(*inputs, target))
 
     def fake_out(*args):
         outputs = fake(*args[:-1])
@@ -209,8 +221,8 @@ def custom_op_with_out(name: str, functional, fake, launch, out_returns=None):
 
 
 def linear_combination_backward_fake(grad, t, table):
-    """Fake of a ``linear_combination_backward`` op: two contiguous tensors shaped like ``grad``."""
-    return empty_contiguous(grad), empty_contiguous(grad)
+    """Fake of a ``linear_combination_backward`` op: two tensors like ``grad``, in its dense format."""
+    return empty_dense(grad), empty_dense(grad)
 
 
 def register_linear_combination_autograd(op, backward_op, a: int, b: int, t: int, table: int):
@@ -244,10 +256,10 @@ def zero_key(device) -> torch.Tensor:
 
 def noise_operands(noise, seed, x_t: torch.Tensor, t: torch.Tensor):
     """``(noise, seed, HAS_NOISE)`` as the noise-taking kernels read them (``load_or_draw_noise``): given noise
-    made contiguous, with ``t`` as an unread stand-in for the key tensor; or ``x_t`` as an unread stand-in for
+    in ``x_t``'s dense format, with ``t`` as an unread stand-in for the key tensor; or ``x_t`` as an unread stand-in for
     the noise, with the key tensor ``seed`` (a cached zero key when the Philox state comes as ints)."""
     if noise is not None:
-        return noise.contiguous(), t, True
+        return like_dense(x_t, noise), t, True
     return x_t, (zero_key(x_t.device) if seed is None else seed), False
 
 
@@ -561,7 +573,7 @@ def run_step(op, out_op, args, out, return_pred_x0: bool):
 
 def pred_x0_output(x_t: torch.Tensor, return_pred_x0: bool) -> torch.Tensor:
     """A sampler step's x0 output: shaped like ``x_t`` with ``return_pred_x0``, else zero elements."""
-    return empty_contiguous(x_t) if return_pred_x0 else x_t.new_empty(0)
+    return empty_dense(x_t) if return_pred_x0 else x_t.new_empty(0)
 
 
 def step_operands(x_t, t, t_prev, model_output, alphas_cumprod, clip_range, noise, seed, philox_seed, philox_offset,
@@ -577,7 +589,7 @@ def step_operands(x_t, t, t_prev, model_output, alphas_cumprod, clip_range, nois
     noise, seed, has_noise = noise_operands(noise, seed, x_t, t)
     clip_range_hi, clip_range_lo = split_float(clip_range)
     return batch, n, dict(
-        x_t_ptr=x_t, model_output_ptr=model_output.contiguous(), noise_ptr=noise, seed_ptr=seed,
+        x_t_ptr=x_t, model_output_ptr=like_dense(x_t, model_output), noise_ptr=noise, seed_ptr=seed,
         philox_seed=philox_seed, philox_offset=philox_offset, t_ptr=t, t_prev_ptr=t_prev,
         alphas_cumprod_ptr=alphas_cumprod, out_ptr=out, x0_ptr=out if x0 is None else x0,
         scale_ptr=alphas_cumprod if scale is None else scale, clip_range_hi=clip_range_hi,
