@@ -120,7 +120,7 @@ def extension_kwargs():
 
     include_dirs = [os.path.join(ROOT, "csrc")]
     ext_modules = []
-    ops_sources = _sources("csrc/ops.cpp")
+    ops_sources = _sources("csrc/ops.cpp") + _sources("csrc/fast_checks.cpp")
     if _want_cuda():
         cu_sources = _sources("csrc/cuda/*.cu")
         # pip-installed CUDA torch ships some CUDA headers (e.g. cusparse/cublas used by ATen/cuda headers)

@@ -25,12 +25,17 @@
 #else
 #define DDPM_MODULE_WITH_CUDA 0
 #endif
+// The module's Python functions: a library with some defines DDPM_MODULE_METHODS (a PyMethodDef table).
+#ifndef DDPM_MODULE_METHODS
+#define DDPM_MODULE_METHODS nullptr
+#endif
 #define DDPM_CAT2(a, b) a##b
 #define DDPM_CAT(a, b) DDPM_CAT2(a, b)
 
 extern "C" PyMODINIT_FUNC DDPM_CAT(PyInit_, DDPM_MODULE_NAME)(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, DDPM_STR(DDPM_MODULE_NAME), "ddpm_kernels compiled operators", -1, nullptr};
+      PyModuleDef_HEAD_INIT, DDPM_STR(DDPM_MODULE_NAME), "ddpm_kernels compiled operators", -1,
+      DDPM_MODULE_METHODS};
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
   if (PyModule_AddStringConstant(m, "TORCH_VERSION", TORCH_VERSION) < 0 ||

@@ -5,8 +5,12 @@
 // `table` is DiffusionSchedule.table(dtype) (float64 for float64 data, float32 otherwise); coefficients are
 // gathered from it by t inside the kernels. Ops named *_out write into `out` (which may alias an input)
 // and return nothing.
+#include <Python.h>
 #include <torch/library.h>
 
+// inputs_ok, the Python layer's fast argument check (csrc/fast_checks.cpp), is a function of this module.
+extern PyMethodDef kDdpmModuleMethods[];
+#define DDPM_MODULE_METHODS kDdpmModuleMethods
 #include "module.h"
 
 TORCH_LIBRARY(ddpm_kernels, m) {

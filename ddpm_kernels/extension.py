@@ -100,6 +100,9 @@ if load_error is not None:
     )
 
 _HAS_SCHEMA = _schema_lib is not None
+inputs_ok = getattr(_schema_lib, "inputs_ok", None)
+"""``ddpm_kernels._C.inputs_ok`` (csrc/fast_checks.cpp), the argument check ``ddpm_kernels.ops`` uses for the common
+case, or None without the compiled library."""
 _HAS_CUDA_KERNELS = bool(
     _HAS_SCHEMA
     and getattr(_schema_lib, "WITH_CUDA", 0)

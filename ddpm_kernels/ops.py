@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -130,6 +131,22 @@ def _check_timesteps(
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _fast(x, others, out, schedule, t, t_prev=None) -> bool:
+    """Whether a call's tensor arguments are the plain valid case: ``x`` and the data tensors ``others`` (None
+    skipped) and ``out`` of one dtype/shape/device, ``t`` (and ``t_prev``) int64 of shape (B,) with unit stride
+    and, where the checks below read them, values in range. Established in one C call
+    (``ddpm_kernels._C.inputs_ok``, csrc/fast_checks.cpp) once the compiled library is loaded, instead of a
+    dozen tensor attribute reads in Python; False sends the caller through the full checks, which raise the
+    detailed error or convert the arguments, so every message and conversion stays here."""
+    if torch.compiler.is_compiling() or not isinstance(schedule, DiffusionSchedule):
+        return False
+    extension = sys.modules.get("ddpm_kernels.extension")
+    inputs_ok = None if extension is None else extension.inputs_ok
+    return inputs_ok is not None and inputs_ok(
+        x, others, out, schedule._buffers["coefficients"], schedule.num_timesteps, t, t_prev, _device_t_check
+    )
+
+
 def _check_t(t, x: torch.Tensor, x_name: str, schedule: DiffusionSchedule) -> torch.Tensor:
     return _check_timesteps(
         "t", t, x.shape[0], x.device, x_name, f"one timestep per sample of {x_name}", schedule, 0,
@@ -222,63 +239,69 @@ def q_sample(x_start, t, noise, schedule, backend="auto", *, out=None):
     Differentiable w.r.t. ``x_start`` and ``noise``.
     """
     _check_backend(backend)
-    _check_data("x_start", x_start)
     if noise is None:
-        noise = torch.randn_like(x_start)
-    _check_like("noise", noise, "x_start", x_start)
-    _check_schedule(schedule, x_start)
-    t = _check_t(t, x_start, "x_start", schedule)
-    out = _check_out(out, x_start, "x_start")
+        noise = torch.randn_like(_check_data("x_start", x_start))
+    if not _fast(x_start, (noise,), out, schedule, t):
+        _check_data("x_start", x_start)
+        _check_like("noise", noise, "x_start", x_start)
+        _check_schedule(schedule, x_start)
+        t = _check_t(t, x_start, "x_start", schedule)
+        out = _check_out(out, x_start, "x_start")
     return _dispatch("q_sample", backend, x_start)(x_start, t, noise, schedule, out=out)
 
 
 def predict_start_from_noise(x_t, t, noise, schedule, backend="auto"):
     """``x_0 = sqrt(1/ab_t) x_t - sqrt(1/ab_t - 1) noise``."""
     _check_backend(backend)
-    _check_data("x_t", x_t)
-    _check_like("noise", noise, "x_t", x_t)
-    _check_schedule(schedule, x_t)
-    t = _check_t(t, x_t, "x_t", schedule)
+    if not _fast(x_t, (noise,), None, schedule, t):
+        _check_data("x_t", x_t)
+        _check_like("noise", noise, "x_t", x_t)
+        _check_schedule(schedule, x_t)
+        t = _check_t(t, x_t, "x_t", schedule)
     return _dispatch("predict_start_from_noise", backend, x_t)(x_t, t, noise, schedule)
 
 
 def predict_noise_from_start(x_t, t, x0, schedule, backend="auto"):
     """The inverse of `predict_start_from_noise`: ``(sqrt(1/ab_t) x_t - x0) / sqrt(1/ab_t - 1)``."""
     _check_backend(backend)
-    _check_data("x_t", x_t)
-    _check_like("x0", x0, "x_t", x_t)
-    _check_schedule(schedule, x_t)
-    t = _check_t(t, x_t, "x_t", schedule)
+    if not _fast(x_t, (x0,), None, schedule, t):
+        _check_data("x_t", x_t)
+        _check_like("x0", x0, "x_t", x_t)
+        _check_schedule(schedule, x_t)
+        t = _check_t(t, x_t, "x_t", schedule)
     return _dispatch("predict_noise_from_start", backend, x_t)(x_t, t, x0, schedule)
 
 
 def get_v(x_start, noise, t, schedule, backend="auto"):
     """The v-prediction target ``sqrt(ab_t) noise - sqrt(1 - ab_t) x_start`` (the seed's ``get_v``)."""
     _check_backend(backend)
-    _check_data("x_start", x_start)
-    _check_like("noise", noise, "x_start", x_start)
-    _check_schedule(schedule, x_start)
-    t = _check_t(t, x_start, "x_start", schedule)
+    if not _fast(x_start, (noise,), None, schedule, t):
+        _check_data("x_start", x_start)
+        _check_like("noise", noise, "x_start", x_start)
+        _check_schedule(schedule, x_start)
+        t = _check_t(t, x_start, "x_start", schedule)
     return _dispatch("get_v", backend, x_start)(x_start, noise, t, schedule)
 
 
 def predict_start_from_z_and_v(x_t, t, v, schedule, backend="auto"):
     """``x_0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v``."""
     _check_backend(backend)
-    _check_data("x_t", x_t)
-    _check_like("v", v, "x_t", x_t)
-    _check_schedule(schedule, x_t)
-    t = _check_t(t, x_t, "x_t", schedule)
+    if not _fast(x_t, (v,), None, schedule, t):
+        _check_data("x_t", x_t)
+        _check_like("v", v, "x_t", x_t)
+        _check_schedule(schedule, x_t)
+        t = _check_t(t, x_t, "x_t", schedule)
     return _dispatch("predict_start_from_z_and_v", backend, x_t)(x_t, t, v, schedule)
 
 
 def predict_eps_from_z_and_v(x_t, t, v, schedule, backend="auto"):
     """``eps = sqrt(ab_t) v + sqrt(1 - ab_t) x_t``."""
     _check_backend(backend)
-    _check_data("x_t", x_t)
-    _check_like("v", v, "x_t", x_t)
-    _check_schedule(schedule, x_t)
-    t = _check_t(t, x_t, "x_t", schedule)
+    if not _fast(x_t, (v,), None, schedule, t):
+        _check_data("x_t", x_t)
+        _check_like("v", v, "x_t", x_t)
+        _check_schedule(schedule, x_t)
+        t = _check_t(t, x_t, "x_t", schedule)
     return _dispatch("predict_eps_from_z_and_v", backend, x_t)(x_t, t, v, schedule)
 
 
@@ -289,10 +312,11 @@ def q_posterior(x_start, x_t, t, schedule, backend="auto") -> Tuple[torch.Tensor
     and shaped ``(B, 1, ..., 1)`` as in CompVis.
     """
     _check_backend(backend)
-    _check_data("x_t", x_t)
-    _check_like("x_start", x_start, "x_t", x_t)
-    _check_schedule(schedule, x_t)
-    t = _check_t(t, x_t, "x_t", schedule)
+    if not _fast(x_t, (x_start,), None, schedule, t):
+        _check_data("x_t", x_t)
+        _check_like("x_start", x_start, "x_t", x_t)
+        _check_schedule(schedule, x_t)
+        t = _check_t(t, x_t, "x_t", schedule)
     return _dispatch("q_posterior", backend, x_t)(x_start, x_t, t, schedule)
 
 
@@ -300,10 +324,11 @@ def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip
     """Mean and variance of ``p(x_{t-1} | x_t)`` from a model output (eps, x0 or v), x0 clipped to [-1, 1]
     when ``clip_denoised``. Returns ``(mean, var, log_var)`` as `q_posterior`."""
     _check_backend(backend)
-    _check_data("x_t", x_t)
-    _check_like("model_output", model_output, "x_t", x_t)
-    _check_schedule(schedule, x_t)
-    t = _check_t(t, x_t, "x_t", schedule)
+    if not _fast(x_t, (model_output,), None, schedule, t):
+        _check_data("x_t", x_t)
+        _check_like("model_output", model_output, "x_t", x_t)
+        _check_schedule(schedule, x_t)
+        t = _check_t(t, x_t, "x_t", schedule)
     parameterization = _check_parameterization(parameterization)
     clip_denoised = _check_bool("clip_denoised", clip_denoised)
     fn = _dispatch_sampling("p_mean_variance", backend, x_t, model_output)
@@ -329,16 +354,17 @@ def p_sample(
     default generator), advancing that generator's state. ``out`` may be ``x_t`` (an in-place step).
     """
     _check_backend(backend)
-    _check_data("x_t", x_t)
-    _check_like("model_output", model_output, "x_t", x_t)
-    if noise is not None:
-        _check_like("noise", noise, "x_t", x_t)
-    _check_schedule(schedule, x_t)
-    t = _check_t(t, x_t, "x_t", schedule)
+    if not _fast(x_t, (model_output, noise), out, schedule, t):
+        _check_data("x_t", x_t)
+        _check_like("model_output", model_output, "x_t", x_t)
+        if noise is not None:
+            _check_like("noise", noise, "x_t", x_t)
+        _check_schedule(schedule, x_t)
+        t = _check_t(t, x_t, "x_t", schedule)
+        out = _check_out(out, x_t, "x_t")
     parameterization = _check_parameterization(parameterization)
     clip_denoised = _check_bool("clip_denoised", clip_denoised)
     generator = _check_generator(generator, x_t)
-    out = _check_out(out, x_t, "x_t")
     fn = _dispatch_sampling("p_sample", backend, x_t, model_output, noise)
     return fn(x_t, t, model_output, schedule, parameterization, clip_denoised, noise, generator, out=out)
 
@@ -363,11 +389,12 @@ def diffusion_loss(
     loss_simple + original_elbo_weight * loss_vlb``. Differentiable w.r.t. ``model_output``.
     """
     _check_backend(backend)
-    _check_data("model_output", model_output)
-    _check_like("x_start", x_start, "model_output", model_output)
-    _check_like("noise", noise, "model_output", model_output)
-    _check_schedule(schedule, model_output)
-    t = _check_t(t, model_output, "model_output", schedule)
+    if not _fast(model_output, (x_start, noise), None, schedule, t):
+        _check_data("model_output", model_output)
+        _check_like("x_start", x_start, "model_output", model_output)
+        _check_like("noise", noise, "model_output", model_output)
+        _check_schedule(schedule, model_output)
+        t = _check_t(t, model_output, "model_output", schedule)
     parameterization = _check_parameterization(parameterization)
     loss_type = _check_choice("loss_type", loss_type, LOSS_TYPES)
     l_simple_weight = _check_weight("l_simple_weight", l_simple_weight)
@@ -471,13 +498,15 @@ def ddim_step(
     ``out`` may be ``x_t`` (an in-place step).
     """
     _check_backend(backend)
-    _check_data("x_t", x_t)
-    _check_like("model_output", model_output, "x_t", x_t)
-    if noise is not None:
-        _check_like("noise", noise, "x_t", x_t)
-    _check_schedule(schedule, x_t)
-    t = _check_t(t, x_t, "x_t", schedule)
-    t_prev = _check_t_prev(t_prev, t, schedule)
+    if not _fast(x_t, (model_output, noise), out, schedule, t, t_prev):
+        _check_data("x_t", x_t)
+        _check_like("model_output", model_output, "x_t", x_t)
+        if noise is not None:
+            _check_like("noise", noise, "x_t", x_t)
+        _check_schedule(schedule, x_t)
+        t = _check_t(t, x_t, "x_t", schedule)
+        t_prev = _check_t_prev(t_prev, t, schedule)
+        out = _check_out(out, x_t, "x_t")
     eta = _check_range("eta", eta, 0.0, float("inf"))
     parameterization = _check_parameterization(parameterization)
     clip_denoised = _check_bool("clip_denoised", clip_denoised)
@@ -486,7 +515,6 @@ def ddim_step(
     use_clipped_model_output = _check_bool("use_clipped_model_output", use_clipped_model_output)
     clip_range = _check_range("clip_range", clip_range, 0.0, float("inf"), lo_open=True)
     threshold_ratio, threshold_max = _check_thresholding(threshold_ratio, threshold_max)
-    out = _check_out(out, x_t, "x_t")
     return_pred_x0 = _check_bool("return_pred_x0", return_pred_x0)
     fn = _dispatch_sampling("ddim_step", backend, x_t, model_output, noise)
     return fn(
@@ -546,23 +574,26 @@ def ddpm_step(
     Returns ``x_{t_prev}`` in ``x_t``'s dtype, or ``(x_{t_prev}, x0)`` with ``return_pred_x0=True``.
     """
     _check_backend(backend)
-    _check_data("x_t", x_t)
     variance_type = _check_choice("variance_type", variance_type, VARIANCE_TYPES)
-    if variance_type in LEARNED_VARIANCE_TYPES:
+    learned = variance_type in LEARNED_VARIANCE_TYPES
+    # a learned variance doubles model_output's channels: it is checked on its own, below
+    if not _fast(x_t, (noise,) if learned else (model_output, noise), out, schedule, t, t_prev):
+        _check_data("x_t", x_t)
+        if not learned:
+            _check_like("model_output", model_output, "x_t", x_t)
+        if noise is not None:
+            _check_like("noise", noise, "x_t", x_t)
+        _check_schedule(schedule, x_t)
+        t = _check_t(t, x_t, "x_t", schedule)
+        t_prev = _check_t_prev(t_prev, t, schedule)
+        out = _check_out(out, x_t, "x_t")
+    if learned:
         _check_learned_output(model_output, x_t, variance_type)
-    else:
-        _check_like("model_output", model_output, "x_t", x_t)
-    if noise is not None:
-        _check_like("noise", noise, "x_t", x_t)
-    _check_schedule(schedule, x_t)
-    t = _check_t(t, x_t, "x_t", schedule)
-    t_prev = _check_t_prev(t_prev, t, schedule)
     parameterization = _check_parameterization(parameterization)
     clip_denoised = _check_bool("clip_denoised", clip_denoised)
     generator = _check_generator(generator, x_t)
     clip_range = _check_range("clip_range", clip_range, 0.0, float("inf"), lo_open=True)
     threshold_ratio, threshold_max = _check_thresholding(threshold_ratio, threshold_max)
-    out = _check_out(out, x_t, "x_t")
     return_pred_x0 = _check_bool("return_pred_x0", return_pred_x0)
     fn = _dispatch_sampling("ddpm_step", backend, x_t, model_output, noise)
     return fn(

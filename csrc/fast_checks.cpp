@@ -1,0 +1,88 @@
+// `ddpm_kernels._C.inputs_ok`: the Python layer's check of a call's tensor arguments, for the common case, in
+// one C call. ddpm_kernels/ops.py validates every call before any kernel runs; done in Python that is a dozen
+// tensor attribute reads per call (dtype, shape, device of each operand, t's dtype, shape, device, stride and
+// values), which costs more than the kernel of a small sampling step. This answers one question: are these
+// arguments the plain valid case? It raises nothing and converts nothing: on False the Python layer runs its
+// full checks, which raise the detailed error or convert the arguments (e.g. an int32 or strided t), so every
+// message lives in one place (ops.py) and this is a pure accelerator of the same predicate.
+//
+// inputs_ok(x, others, out, table, T, t, t_prev, check_device_values) -> bool, True when
+//   * x, every tensor of `others` (a tuple; None entries skipped), `out` (or None), `t`, `t_prev` (or None)
+//     and `table` are plain torch.Tensors (a subclass may override metadata: it takes the Python path);
+//   * x is floating point with ndim >= 1, and every other data tensor has its dtype, shape and device;
+//   * `out` does not require grad while grad mode is on;
+//   * t (and t_prev) is int64, 1-D, contiguous, of length B = x.shape[0], on x's device, and `table` is on
+//     x's device;
+//   * t's values lie in [0, T) and t_prev's in [-1, T) where ops.py checks them: always for CPU tensors;
+//     for device tensors `check_device_values` asks for a check that needs a host sync, left to Python.
+#include <ATen/core/Tensor.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+
+namespace {
+
+bool is_tensor(PyObject* obj) { return THPVariable_CheckExact(obj); }
+
+bool like(PyObject* obj, const at::Tensor& x) {
+  if (!is_tensor(obj)) return false;
+  const at::Tensor& y = THPVariable_Unpack(obj);
+  return y.scalar_type() == x.scalar_type() && y.device() == x.device() && y.sizes().equals(x.sizes());
+}
+
+bool timesteps_ok(PyObject* obj, const at::Tensor& x, int64_t lo, int64_t T, bool check_device_values) {
+  if (!is_tensor(obj)) return false;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (t.scalar_type() != at::kLong || t.dim() != 1 || t.size(0) != x.size(0) || t.device() != x.device() ||
+      !t.is_contiguous()) {
+    return false;
+  }
+  if (!t.is_cpu()) return !check_device_values;
+  const int64_t* v = t.const_data_ptr<int64_t>();
+  for (int64_t i = 0, n = t.size(0); i < n; ++i) {
+    if (v[i] < lo || v[i] >= T) return false;
+  }
+  return true;
+}
+
+bool inputs_ok(PyObject* const* args) {
+  PyObject *x_obj = args[0], *others = args[1], *out = args[2], *table = args[3], *t = args[5], *t_prev = args[6];
+  if (!is_tensor(x_obj) || !PyTuple_Check(others) || !is_tensor(table)) return false;
+  const at::Tensor& x = THPVariable_Unpack(x_obj);
+  if (!x.is_floating_point() || x.dim() < 1) return false;
+  for (Py_ssize_t i = 0, n = PyTuple_GET_SIZE(others); i < n; ++i) {
+    PyObject* y = PyTuple_GET_ITEM(others, i);
+    if (y != Py_None && !like(y, x)) return false;
+  }
+  if (out != Py_None) {
+    if (!like(out, x)) return false;
+    if (THPVariable_Unpack(out).requires_grad() && c10::GradMode::is_enabled()) return false;
+  }
+  if (THPVariable_Unpack(table).device() != x.device()) return false;
+  const int64_t T = PyLong_AsLongLong(args[4]);
+  if (T == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  const bool check_device_values = args[7] == Py_True;
+  return timesteps_ok(t, x, 0, T, check_device_values) &&
+         (t_prev == Py_None || timesteps_ok(t_prev, x, -1, T, check_device_values));
+}
+
+PyObject* py_inputs_ok(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 8) {
+    PyErr_SetString(PyExc_TypeError,
+                    "inputs_ok(x, others, out, table, T, t, t_prev, check_device_values) takes 8 arguments");
+    return nullptr;
+  }
+  return PyBool_FromLong(inputs_ok(args));
+}
+
+}  // namespace
+
+PyMethodDef kDdpmModuleMethods[] = {
+    {"inputs_ok", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_inputs_ok)), METH_FASTCALL,
+     "Whether a call's tensor arguments are the common valid case (see csrc/fast_checks.cpp)."},
+    {nullptr, nullptr, 0, nullptr},
+};

@@ -1,0 +1,139 @@
+"""The compiled argument check (``ddpm_kernels._C.inputs_ok``, csrc/fast_checks.cpp) that lets a valid call skip
+the Python checks in ``ddpm_kernels.ops``. It may only say True where the full checks accept the arguments
+as they are (no error, no conversion), and says False only where they convert or reject them, or for tensor
+subclasses: every case here is judged by both."""
+
+import pytest
+import torch
+
+import ddpm_kernels as dk
+from ddpm_kernels import ops
+
+extension = pytest.importorskip("ddpm_kernels.extension")
+pytestmark = pytest.mark.skipif(extension.inputs_ok is None, reason="needs the compiled library")
+
+S = dk.DiffusionSchedule("linear", timesteps=50)
+T = S.num_timesteps
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def _python_accepts(x, others, out, t, t_prev):
+    """Whether the full Python checks accept the arguments unchanged."""
+    try:
+        ops._check_data("x", x)
+        for y in others:
+            if y is not None:
+                ops._check_like("y", y, "x", x)
+        ops._check_schedule(S, x)
+        t2 = ops._check_t(t, x, "x", S)
+        t_prev2 = None if t_prev is None else ops._check_t_prev(t_prev, t2, S)
+        out2 = ops._check_out(out, x, "x")
+    except (TypeError, ValueError):
+        return False
+    return t2 is t and t_prev2 is t_prev and out2 is out
+
+
+def _fast(x, others, out, t, t_prev=None, device_check=False):
+    return extension.inputs_ok(x, others, out, S.table(), T, t, t_prev, device_check)
+
+
+def _cases():
+    x = torch.randn(3, 2, 5)
+    y, z, out = torch.randn_like(x), torch.randn_like(x), torch.empty_like(x)
+    t = torch.tensor([0, 17, T - 1])
+    t_prev = torch.tensor([-1, 16, T - 2])
+    strided_t = torch.tensor([[0, 9], [17, 9], [T - 1, 9]])[:, 0]
+    grad_out = torch.empty_like(x).requires_grad_()
+    return {
+        "valid": (x, (y, z), out, t, t_prev),
+        "valid, no out, noise None": (x, (y, None), None, t, None),
+        "valid channels_last": ((c := torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)),
+                                (torch.randn_like(c),), None, t[:2], None),
+        "parameter operand": (x, (torch.nn.Parameter(y),), out, t, None),
+        "zero batch": (torch.randn(0, 4), (torch.randn(0, 4),), None, t[:0], None),
+        "other dtype": (x, (y.double(),), None, t, None),
+        "other shape": (x, (y[:, :, :4],), None, t, None),
+        "other device": (x, (y.to("meta"),), None, t, None),
+        "out dtype": (x, (y,), out.half(), t, None),
+        "out requires grad": (x, (y,), grad_out, t, None),
+        "integer data": (x.long(), (y.long(),), None, t, None),
+        "0-d data": (torch.tensor(1.0), (), None, torch.tensor([1]), None),
+        "subclass data": (x.as_subclass(_Subclass), (y,), None, t, None),
+        "subclass operand": (x, (y.as_subclass(_Subclass),), None, t, None),
+        "int32 t": (x, (y,), None, t.int(), None),
+        "strided t": (x, (y,), None, strided_t, None),
+        "2-d t": (x, (y,), None, t[:, None], None),
+        "short t": (x, (y,), None, t[:2], None),
+        "t = T": (x, (y,), None, torch.tensor([0, 1, T]), None),
+        "t = -1": (x, (y,), None, torch.tensor([0, -1, 2]), None),
+        "t_prev = -2": (x, (y,), None, t, torch.tensor([0, -2, 1])),
+        "t_prev = T": (x, (y,), None, t, torch.tensor([0, T, 1])),
+        "float t": (x, (y,), None, t.float(), None),
+        "t not a tensor": (x, (y,), None, [0, 1, 2], None),
+        "operand not a tensor": (x, (y.tolist(),), None, t, None),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fast_check_agrees_with_the_python_checks(name):
+    x, others, out, t, t_prev = CASES[name]
+    accepted = _python_accepts(x, others, out, t, t_prev)
+    assert accepted == name.startswith(("valid", "parameter", "zero", "subclass")), name
+    # a tensor subclass may override metadata: always the Python path, which accepts it
+    assert _fast(x, others, out, t, t_prev) == (accepted and not name.startswith("subclass")), name
+
+
+def test_out_requiring_grad_is_fine_without_grad_mode():
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    out = torch.empty_like(x).requires_grad_()
+    with torch.no_grad():
+        assert _fast(x, (y,), out, torch.tensor([1, 2]))
+    assert not _fast(x, (y,), out, torch.tensor([1, 2]))
+
+
+def test_device_timesteps_are_left_to_python_when_their_values_are_checked():
+    """Values of a device t cannot be read without a host sync: with the device check on, the fast check
+    declines (meta tensors stand in for a GPU here)."""
+    x, t = torch.empty(2, 3, device="meta"), torch.empty(2, dtype=torch.long, device="meta")
+    table = S.table().to("meta")
+    assert extension.inputs_ok(x, (), None, table, T, t, None, False)
+    assert not extension.inputs_ok(x, (), None, table, T, t, None, True)
+    assert not extension.inputs_ok(x, (), None, S.table(), T, t, None, False)  # table on another device
+
+
+def test_valid_calls_skip_the_python_tensor_checks(monkeypatch):
+    """With the compiled library loaded, a plain valid call never reaches the Python tensor checks; an invalid
+    one still gets their message."""
+    x, m, z = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    t = torch.tensor([3, 40])
+    expected = dk.p_sample(x, t, m, S, noise=z, backend="reference")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Python tensor checks ran")
+
+    monkeypatch.setattr(ops, "_check_timesteps", fail)
+    monkeypatch.setattr(ops, "_check_like", fail)
+    for backend in dk.available_backends("cpu"):
+        torch.testing.assert_close(dk.p_sample(x, t, m, S, noise=z, backend=backend), expected)
+        dk.ddim_step(x, t, t - 3, m, S, eta=0.5, noise=z, backend=backend)
+        dk.q_sample(x, t, z, S, backend=backend)
+        dk.diffusion_loss(m, x, z, t, S, backend=backend)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"t: expected values in \[0, 50\)"):
+        dk.p_sample(x, torch.tensor([3, 50]), m, S, noise=z, backend="cpu")
+    with pytest.raises(TypeError, match="noise: expected dtype torch.float32"):
+        dk.p_sample(x, t, m, S, noise=z.double(), backend="cpu")
+
+
+def test_compiled_calls_take_the_python_checks():
+    """Inside torch.compile the C call would break the graph: the Python checks run (and are traced)."""
+    x, m, z = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    t = torch.tensor([3, 40])
+    f = torch.compile(lambda x, t, m, z: dk.p_sample(x, t, m, S, noise=z, backend="cpu"), fullgraph=True)
+    torch.testing.assert_close(f(x, t, m, z), dk.p_sample(x, t, m, S, noise=z, backend="cpu"))
