@@ -305,20 +305,23 @@ def end_to_end(device: torch.device, shape: Sequence[int], steps: int, min_run_t
     x = torch.randn(tuple(shape), device=device)
     t = torch.full((b,), steps - 1, device=device, dtype=torch.long)
 
-    def median_time(fn, min_reps=3):
-        times = []
+    def paired_median_times(fn_a, fn_b, min_reps=5):
+        """Median seconds of two callables timed alternately, so both see the same machine state."""
+        times_a, times_b = [], []
         start = time.perf_counter()
-        while len(times) < min_reps or time.perf_counter() - start < min_run_time:
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        while len(times_a) < min_reps or time.perf_counter() - start < 2 * min_run_time:
+            for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+        return float(np.median(times_a)), float(np.median(times_b))
 
     @torch.no_grad()
-    def model_loop():
-        for _ in range(steps):
+    def model_loop():  # the sampling loop's model calls, timesteps included, and nothing else
+        for i in reversed(range(steps)):
+            t.fill_(i)
             model(x, t)
 
     results = []
@@ -327,9 +330,8 @@ def end_to_end(device: torch.device, shape: Sequence[int], steps: int, min_run_t
     for backend in names:
         d = GaussianDiffusion(model, s, backend=backend, image_size=(h, w), channels=c).to(device)
         d.p_sample_loop(tuple(shape), progress=False)  # warm-up
-        # the model-only loop is timed right after each sampling loop so both see the same machine state
-        loop_s = median_time(lambda: d.p_sample_loop(tuple(shape), progress=False))
-        model_s = median_time(model_loop)
+        # the sampling loop and the model-only loop alternate: the scheduler's share is their difference
+        loop_s, model_s = paired_median_times(lambda: d.p_sample_loop(tuple(shape), progress=False), model_loop)
         results.append(
             dict(backend=backend, shape=list(shape), steps=steps, model_params=params,
                  step_ms=loop_s / steps * 1e3, model_ms=model_s / steps * 1e3,
