@@ -32,21 +32,21 @@ def _t(batch):
     return torch.linspace(0, 99, batch).long()
 
 
-def _calls(x, y, z, t):
+def _calls(x, y, z, t, schedule=S):
     """(name, call(backend)) for every op of the public API, all data operands in x's layout."""
     return [
-        ("q_sample", lambda b: dk.q_sample(x, t, y, S, backend=b)),
-        ("predict_start_from_noise", lambda b: dk.predict_start_from_noise(x, t, y, S, backend=b)),
-        ("predict_noise_from_start", lambda b: dk.predict_noise_from_start(x, t, y, S, backend=b)),
-        ("get_v", lambda b: dk.get_v(x, y, t, S, backend=b)),
-        ("predict_start_from_z_and_v", lambda b: dk.predict_start_from_z_and_v(x, t, y, S, backend=b)),
-        ("predict_eps_from_z_and_v", lambda b: dk.predict_eps_from_z_and_v(x, t, y, S, backend=b)),
-        ("q_posterior", lambda b: dk.q_posterior(y, x, t, S, backend=b)),
-        ("p_mean_variance", lambda b: dk.p_mean_variance(x, t, y, S, "v", True, backend=b)),
-        ("p_sample", lambda b: dk.p_sample(x, t, y, S, "eps", True, noise=z, backend=b)),
-        ("ddim_step", lambda b: dk.ddim_step(x, t, (t - 7).clamp(min=-1), y, S, eta=0.5, noise=z, backend=b)),
-        ("ddpm_step", lambda b: dk.ddpm_step(x, t, t - 1, y, S, "x0", "fixed_large", noise=z, backend=b)),
-        ("diffusion_loss", lambda b: dk.diffusion_loss(y, x, z, t, S, "v", "l1", 1.0, 0.5, backend=b)),
+        ("q_sample", lambda b: dk.q_sample(x, t, y, schedule, backend=b)),
+        ("predict_start_from_noise", lambda b: dk.predict_start_from_noise(x, t, y, schedule, backend=b)),
+        ("predict_noise_from_start", lambda b: dk.predict_noise_from_start(x, t, y, schedule, backend=b)),
+        ("get_v", lambda b: dk.get_v(x, y, t, schedule, backend=b)),
+        ("predict_start_from_z_and_v", lambda b: dk.predict_start_from_z_and_v(x, t, y, schedule, backend=b)),
+        ("predict_eps_from_z_and_v", lambda b: dk.predict_eps_from_z_and_v(x, t, y, schedule, backend=b)),
+        ("q_posterior", lambda b: dk.q_posterior(y, x, t, schedule, backend=b)),
+        ("p_mean_variance", lambda b: dk.p_mean_variance(x, t, y, schedule, "v", True, backend=b)),
+        ("p_sample", lambda b: dk.p_sample(x, t, y, schedule, "eps", True, noise=z, backend=b)),
+        ("ddim_step", lambda b: dk.ddim_step(x, t, (t - 7).clamp(min=-1), y, schedule, eta=0.5, noise=z, backend=b)),
+        ("ddpm_step", lambda b: dk.ddpm_step(x, t, t - 1, y, schedule, "x0", "fixed_large", noise=z, backend=b)),
+        ("diffusion_loss", lambda b: dk.diffusion_loss(y, x, z, t, schedule, "v", "l1", 1.0, 0.5, backend=b)),
     ]
 
 
@@ -207,3 +207,27 @@ def _opcheck_cases(backend):
 def test_opcheck_channels_last(backend):
     for op, args in _opcheck_cases(backend):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", FORMATS)
+def test_dense_layouts_on_cuda(layout):
+    """The CUDA kernels and Triton on GPU tensors: same values as the reference, layout kept, no copy kernel."""
+    schedule = dk.DiffusionSchedule("linear", timesteps=100).cuda()
+    fmt, shape = FORMATS[layout]
+    x, y, z = (a.cuda() for a in _inputs(shape, fmt, 3))
+    t = _t(shape[0]).cuda()
+    for backend in [b for b in dk.available_backends("cuda") if b != "reference"]:
+        ops = backends.get_backend(backend, torch.device("cuda"), torch.float32).ops
+        calls = [(n, c) for n, c in _calls(x, y, z, t, schedule) if n in ops]
+        for name, call in calls:
+            expected, actual = call("reference"), call(backend)
+            torch.testing.assert_close(_first(actual), _first(expected), rtol=2e-5, atol=2e-5,
+                                       msg=lambda m: f"{backend} {name}: {m}")
+            result = _first(actual)
+            if result.ndim == len(shape):
+                assert result.is_contiguous(memory_format=fmt), f"{backend} {name}: lost the {layout} layout"
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            dk.p_sample(x, t, y, schedule, noise=z, backend=backend)
+            torch.cuda.synchronize()
+        assert not [e.key for e in prof.key_averages() if e.key in COPY_OPS], f"{backend} copied {layout} data"
