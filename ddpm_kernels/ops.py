@@ -147,6 +147,28 @@ def _fast(x, others, out, schedule, t, t_prev=None) -> bool:
     )
 
 
+_NO_T_PREV = object()  # p_sample's step has no t_prev argument (None is a bad t_prev of ddim_step/ddpm_step)
+
+
+def _check_step_tensors(x_t, model_output, noise, out, schedule, t, t_prev=_NO_T_PREV, learned=False):
+    """The tensor arguments of a sampling step, ``(t, t_prev, out)`` as the kernels take them. A ``learned``
+    variance doubles ``model_output``'s channels: the caller checks it then."""
+    has_t_prev = t_prev is not _NO_T_PREV
+    others = (noise,) if learned else (model_output, noise)
+    if (has_t_prev and t_prev is None) or not _fast(x_t, others, out, schedule, t, t_prev if has_t_prev else None):
+        _check_data("x_t", x_t)
+        if not learned:
+            _check_like("model_output", model_output, "x_t", x_t)
+        if noise is not None:
+            _check_like("noise", noise, "x_t", x_t)
+        _check_schedule(schedule, x_t)
+        t = _check_t(t, x_t, "x_t", schedule)
+        if has_t_prev:
+            t_prev = _check_t_prev(t_prev, t, schedule)
+        out = _check_out(out, x_t, "x_t")
+    return t, t_prev, out
+
+
 def _check_t(t, x: torch.Tensor, x_name: str, schedule: DiffusionSchedule) -> torch.Tensor:
     return _check_timesteps(
         "t", t, x.shape[0], x.device, x_name, f"one timestep per sample of {x_name}", schedule, 0,
@@ -354,14 +376,7 @@ def p_sample(
     default generator), advancing that generator's state. ``out`` may be ``x_t`` (an in-place step).
     """
     _check_backend(backend)
-    if not _fast(x_t, (model_output, noise), out, schedule, t):
-        _check_data("x_t", x_t)
-        _check_like("model_output", model_output, "x_t", x_t)
-        if noise is not None:
-            _check_like("noise", noise, "x_t", x_t)
-        _check_schedule(schedule, x_t)
-        t = _check_t(t, x_t, "x_t", schedule)
-        out = _check_out(out, x_t, "x_t")
+    t, _, out = _check_step_tensors(x_t, model_output, noise, out, schedule, t)
     parameterization = _check_parameterization(parameterization)
     clip_denoised = _check_bool("clip_denoised", clip_denoised)
     generator = _check_generator(generator, x_t)
@@ -498,15 +513,7 @@ def ddim_step(
     ``out`` may be ``x_t`` (an in-place step).
     """
     _check_backend(backend)
-    if not _fast(x_t, (model_output, noise), out, schedule, t, t_prev):
-        _check_data("x_t", x_t)
-        _check_like("model_output", model_output, "x_t", x_t)
-        if noise is not None:
-            _check_like("noise", noise, "x_t", x_t)
-        _check_schedule(schedule, x_t)
-        t = _check_t(t, x_t, "x_t", schedule)
-        t_prev = _check_t_prev(t_prev, t, schedule)
-        out = _check_out(out, x_t, "x_t")
+    t, t_prev, out = _check_step_tensors(x_t, model_output, noise, out, schedule, t, t_prev)
     eta = _check_range("eta", eta, 0.0, float("inf"))
     parameterization = _check_parameterization(parameterization)
     clip_denoised = _check_bool("clip_denoised", clip_denoised)
@@ -576,17 +583,7 @@ def ddpm_step(
     _check_backend(backend)
     variance_type = _check_choice("variance_type", variance_type, VARIANCE_TYPES)
     learned = variance_type in LEARNED_VARIANCE_TYPES
-    # a learned variance doubles model_output's channels: it is checked on its own, below
-    if not _fast(x_t, (noise,) if learned else (model_output, noise), out, schedule, t, t_prev):
-        _check_data("x_t", x_t)
-        if not learned:
-            _check_like("model_output", model_output, "x_t", x_t)
-        if noise is not None:
-            _check_like("noise", noise, "x_t", x_t)
-        _check_schedule(schedule, x_t)
-        t = _check_t(t, x_t, "x_t", schedule)
-        t_prev = _check_t_prev(t_prev, t, schedule)
-        out = _check_out(out, x_t, "x_t")
+    t, t_prev, out = _check_step_tensors(x_t, model_output, noise, out, schedule, t, t_prev, learned)
     if learned:
         _check_learned_output(model_output, x_t, variance_type)
     parameterization = _check_parameterization(parameterization)

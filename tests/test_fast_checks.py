@@ -137,3 +137,13 @@ def test_compiled_calls_take_the_python_checks():
     t = torch.tensor([3, 40])
     f = torch.compile(lambda x, t, m, z: dk.p_sample(x, t, m, S, noise=z, backend="cpu"), fullgraph=True)
     torch.testing.assert_close(f(x, t, m, z), dk.p_sample(x, t, m, S, noise=z, backend="cpu"))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_missing_t_prev_is_still_refused(backend):
+    """None is "no t_prev" to the compiled check; for the steps that take one it must still be an error."""
+    x = torch.randn(2, 3)
+    t = torch.tensor([1, 2])
+    for step in (dk.ddim_step, dk.ddpm_step):
+        with pytest.raises(TypeError, match="t_prev: expected an int64 tensor"):
+            step(x, t, None, x, S, backend=backend)
