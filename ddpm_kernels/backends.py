@@ -57,7 +57,8 @@ _FUSED = {
     ),
 }
 
-# Fused backends tried by backend="auto", fastest first, per device type (see README, "Backends").
+# Fused backends tried by backend="auto", in order, per device type (see README, "Backends": the CUDA order is
+# set by host overhead, not yet by a GPU timing).
 AUTO_ORDER = {
     "cuda": ("cuda", "triton"),
     "cpu": ("cpu",),
