@@ -7,8 +7,10 @@
 // message lives in one place (ops.py) and this is a pure accelerator of the same predicate.
 //
 // inputs_ok(x, others, out, table, T, t, t_prev, check_device_values) -> bool, True when
-//   * x, every tensor of `others` (a tuple; None entries skipped), `out` (or None), `t`, `t_prev` (or None)
-//     and `table` are plain torch.Tensors (a subclass may override metadata: it takes the Python path);
+//   * x, every entry of `others` (a tuple of the call's data tensors; a None there is a missing argument),
+//     `out` (or None), `t`, `t_prev` (or None) and `table` are plain strided torch.Tensors with storage (a
+//     subclass may override metadata, a nested, sparse or functorch-wrapped tensor has no plain storage: they
+//     take the Python path);
 //   * x is floating point with ndim >= 1, and every other data tensor has its dtype, shape and device;
 //   * `out` does not require grad while grad mode is on;
 //   * t (and t_prev) is int64, 1-D, contiguous, of length B = x.shape[0], on x's device, and `table` is on
@@ -23,7 +25,11 @@
 
 namespace {
 
-bool is_tensor(PyObject* obj) { return THPVariable_CheckExact(obj); }
+bool is_tensor(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) return false;
+  const at::Tensor& x = THPVariable_Unpack(obj);
+  return x.defined() && x.layout() == at::kStrided && !x.is_nested() && x.has_storage();
+}
 
 bool like(PyObject* obj, const at::Tensor& x) {
   if (!is_tensor(obj)) return false;
@@ -52,8 +58,7 @@ bool inputs_ok(PyObject* const* args) {
   const at::Tensor& x = THPVariable_Unpack(x_obj);
   if (!x.is_floating_point() || x.dim() < 1) return false;
   for (Py_ssize_t i = 0, n = PyTuple_GET_SIZE(others); i < n; ++i) {
-    PyObject* y = PyTuple_GET_ITEM(others, i);
-    if (y != Py_None && !like(y, x)) return false;
+    if (!like(PyTuple_GET_ITEM(others, i), x)) return false;
   }
   if (out != Py_None) {
     if (!like(out, x)) return false;
@@ -76,7 +81,15 @@ PyObject* py_inputs_ok(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nar
                     "inputs_ok(x, others, out, table, T, t, t_prev, check_device_values) takes 8 arguments");
     return nullptr;
   }
-  return PyBool_FromLong(inputs_ok(args));
+  // A metadata query that throws (a tensor kind not foreseen above) is one more case for the Python checks:
+  // an exception must not cross into the interpreter from this plain C function.
+  bool ok = false;
+  try {
+    ok = inputs_ok(args);
+  } catch (...) {
+    ok = false;
+  }
+  return PyBool_FromLong(ok);
 }
 
 }  // namespace

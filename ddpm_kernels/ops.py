@@ -132,9 +132,10 @@ def _check_timesteps(
 
 
 def _fast(x, others, out, schedule, t, t_prev=None) -> bool:
-    """Whether a call's tensor arguments are the plain valid case: ``x`` and the data tensors ``others`` (None
-    skipped) and ``out`` of one dtype/shape/device, ``t`` (and ``t_prev``) int64 of shape (B,) with unit stride
-    and, where the checks below read them, values in range. Established in one C call
+    """Whether a call's tensor arguments are the plain valid case: ``x``, the data tensors ``others`` (every one
+    required: a None among them is a missing argument) and ``out`` of one dtype/shape/device, ``t`` (and
+    ``t_prev``) int64 of shape (B,) with unit stride and, where the checks below read them, values in range.
+    Established in one C call
     (``ddpm_kernels._C.inputs_ok``, csrc/fast_checks.cpp) once the compiled library is loaded, instead of a
     dozen tensor attribute reads in Python; False sends the caller through the full checks, which raise the
     detailed error or convert the arguments, so every message and conversion stays here."""
@@ -154,7 +155,9 @@ def _check_step_tensors(x_t, model_output, noise, out, schedule, t, t_prev=_NO_T
     """The tensor arguments of a sampling step, ``(t, t_prev, out)`` as the kernels take them. A ``learned``
     variance doubles ``model_output``'s channels: the caller checks it then."""
     has_t_prev = t_prev is not _NO_T_PREV
-    others = (noise,) if learned else (model_output, noise)
+    others = () if learned else (model_output,)
+    if noise is not None:
+        others += (noise,)
     if (has_t_prev and t_prev is None) or not _fast(x_t, others, out, schedule, t, t_prev if has_t_prev else None):
         _check_data("x_t", x_t)
         if not learned:

@@ -25,8 +25,7 @@ def _python_accepts(x, others, out, t, t_prev):
     try:
         ops._check_data("x", x)
         for y in others:
-            if y is not None:
-                ops._check_like("y", y, "x", x)
+            ops._check_like("y", y, "x", x)
         ops._check_schedule(S, x)
         t2 = ops._check_t(t, x, "x", S)
         t_prev2 = None if t_prev is None else ops._check_t_prev(t_prev, t2, S)
@@ -49,7 +48,8 @@ def _cases():
     grad_out = torch.empty_like(x).requires_grad_()
     return {
         "valid": (x, (y, z), out, t, t_prev),
-        "valid, no out, noise None": (x, (y, None), None, t, None),
+        "valid, no out": (x, (y,), None, t, None),
+        "missing operand": (x, (y, None), None, t, None),
         "valid channels_last": ((c := torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)),
                                 (torch.randn_like(c),), None, t[:2], None),
         "parameter operand": (x, (torch.nn.Parameter(y),), out, t, None),
@@ -147,3 +147,30 @@ def test_missing_t_prev_is_still_refused(backend):
     for step in (dk.ddim_step, dk.ddpm_step):
         with pytest.raises(TypeError, match="t_prev: expected an int64 tensor"):
             step(x, t, None, x, S, backend=backend)
+
+
+def test_missing_operands_get_the_python_message():
+    x, t = torch.randn(2, 3), torch.tensor([1, 2])
+    for backend in dk.available_backends("cpu"):
+        with pytest.raises(TypeError, match="model_output: expected a torch.Tensor, got NoneType"):
+            dk.p_sample(x, t, None, S, backend=backend)
+        with pytest.raises(TypeError, match="x_start: expected a torch.Tensor, got NoneType"):
+            dk.q_posterior(None, x, t, S, backend=backend)
+        with pytest.raises(TypeError, match="noise: expected a torch.Tensor, got NoneType"):
+            dk.predict_start_from_noise(x, t, None, S, backend=backend)
+
+
+def test_tensors_without_plain_storage_take_the_python_path():
+    """functorch-wrapped and nested tensors have no plain storage to read: the fast check declines (and never
+    lets a C++ exception escape); the ops behave as with the Python checks alone."""
+    x, n = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    t = torch.tensor([1, 2])
+    grad = torch.func.grad(lambda xx: dk.q_sample(xx, t, n, S, backend="reference").sum())(x)
+    torch.testing.assert_close(grad, S.sqrt_alphas_cumprod[t].view(2, 1, 1).expand(2, 3, 4))
+    with pytest.raises(RuntimeError, match="storage"):  # the Python value check cannot read a vmapped CPU t
+        torch.vmap(lambda tt: dk.q_sample(x, tt, n, S, backend="cpu"))(torch.tensor([[1, 2], [3, 4]]))
+    nested = torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(3, 5)])
+    assert not extension.inputs_ok(nested, (nested,), None, S.table(), T, t, None, False)
+    with pytest.raises(Exception) as info:  # a Python error, whatever layer reports it; never an abort
+        dk.q_sample(nested, t, nested, S, backend="cpu")
+    assert not isinstance(info.value, AssertionError)
