@@ -604,9 +604,9 @@ struct Kernels {
                              const at::Tensor& loss_simple, const at::Tensor& loss_vlb) {
     const int64_t B = model_output.size(0), N = model_output.numel() / B;
     const int64_t chunks = (N + kLossChunk - 1) / kLossChunk, pieces = B * chunks;
+    c10::cuda::CUDAGuard guard(model_output.device());  // first: sm_count() reads the current device
     // Enough blocks to fill the device a few times over; more pieces are taken in grid-stride turns.
     const int64_t blocks = std::min<int64_t>(pieces, int64_t(sm_count()) * 32);
-    c10::cuda::CUDAGuard guard(model_output.device());
     at::Tensor partial = at::empty({pieces}, table.options());
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(), "diffusion_loss_cuda", [&] {
