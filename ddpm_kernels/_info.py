@@ -10,6 +10,19 @@ import torch
 from . import __version__, backends
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), else what ``platform`` knows."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddpm_kernels info")
     parser.parse_args(argv)

@@ -33,6 +33,7 @@ import torch
 
 from . import __version__, backends
 from . import ops as dk
+from ._info import cpu_name
 from .schedule import DiffusionSchedule
 
 OPS = ("q_sample", "p_sample", "p_sample_rng", "loss_fwd_bwd")
@@ -356,15 +357,7 @@ def _meta(device: torch.device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
+        name = cpu_name()
     return dict(
         device=device.type,
         device_name=name,

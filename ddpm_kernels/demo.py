@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, backends
 from . import ops as dk_ops
+from ._info import cpu_name
 from .diffusion import GaussianDiffusion
 from .schedule import DiffusionSchedule
 from .unet import UNet
@@ -840,16 +841,7 @@ def _load_average() -> Optional[float]:
 
 
 def _cpu_name() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":
