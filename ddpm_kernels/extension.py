@@ -151,10 +151,6 @@ def _per_sample(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=dtype)
 
 
-def _table_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------------------------------------------- ops
 def q_sample(x_start, t, noise, schedule, out=None):
     fmt = dense_format(x_start)

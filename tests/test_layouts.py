@@ -50,9 +50,9 @@ def _calls(x, y, z, t, schedule=S):
     ]
 
 
-def _served(backend, calls):
+def _served(backend, calls, device="cpu"):
     """The calls whose op ``backend`` implements (the Triton backend has no kernels for the inverse helpers)."""
-    ops = backends.get_backend(backend, torch.device("cpu"), torch.float32).ops
+    ops = backends.get_backend(backend, torch.device(device), torch.float32).ops
     return [(name, call) for name, call in calls if name in ops]
 
 
@@ -218,9 +218,7 @@ def test_dense_layouts_on_cuda(layout):
     x, y, z = (a.cuda() for a in _inputs(shape, fmt, 3))
     t = _t(shape[0]).cuda()
     for backend in [b for b in dk.available_backends("cuda") if b != "reference"]:
-        ops = backends.get_backend(backend, torch.device("cuda"), torch.float32).ops
-        calls = [(n, c) for n, c in _calls(x, y, z, t, schedule) if n in ops]
-        for name, call in calls:
+        for name, call in _served(backend, _calls(x, y, z, t, schedule), "cuda"):
             expected, actual = call("reference"), call(backend)
             torch.testing.assert_close(_first(actual), _first(expected), rtol=2e-5, atol=2e-5,
                                        msg=lambda m: f"{backend} {name}: {m}")
