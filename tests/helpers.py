@@ -153,3 +153,17 @@ def cuda_kernel_names(fn):
         fn()
         torch.cuda.synchronize()
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+# The reference form of the sampler steps with the public signature: the reference backend's sampler-step
+# function takes StepOptions, the public ops build them.
+def ddim_step_ref(*args, **kwargs):
+    import ddpm_kernels as dk
+
+    return dk.ddim_step(*args, backend="reference", **kwargs)
+
+
+def ddpm_step_ref(*args, **kwargs):
+    import ddpm_kernels as dk
+
+    return dk.ddpm_step(*args, backend="reference", **kwargs)
