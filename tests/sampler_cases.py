@@ -5,7 +5,7 @@ tests/test_extension_sampler_ops.py (the C++/CUDA kernels) and tests/test_triton
 ``backend=``), ``device``, ``schedule`` (a linear schedule of ``T`` steps on ``device``) and ``backend_ops`` (the
 backend's op table, for calls that bypass validation). Each module keeps the checks only its backend has.
 
-Tolerances follow DESIGN.md (helpers.assert_matches).
+Tolerances follow docs/design.md, "Tolerances" (helpers.assert_matches).
 """
 
 from __future__ import annotations

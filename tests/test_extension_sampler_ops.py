@@ -2,7 +2,7 @@
 against the reference: on the CPU kernels always, on the CUDA kernels when a GPU is present (those cases are
 marked ``gpu``).
 
-Tolerances follow DESIGN.md: float32 against the float32 reference at rtol=atol=1e-5; float64 at 1e-12;
+Tolerances follow docs/design.md, "Tolerances": float32 against the float32 reference at rtol=atol=1e-5; float64 at 1e-12;
 float16/bfloat16 against the float64 reference with an error at most twice the reference's own error in that
 dtype plus one ulp, and within 2e-3 (fp16) / 1.6e-2 (bf16) relative.
 
