@@ -43,6 +43,13 @@ class StepOptions:
     threshold_max: float = 1.0
     return_pred_x0: bool = False
 
+    def __post_init__(self):
+        # hashed on every dispatch-cache lookup: once here, not field by field per call
+        object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     @property
     def learned(self) -> bool:
         """The model output carries the variance in a second half of its channels (B, 2C, ...)."""

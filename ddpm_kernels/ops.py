@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 _BACKENDS = frozenset(BACKEND_NAMES)
+_selected = backends._selected
 _NO_T_PREV = object()  # ops without a t_prev argument (None is a bad t_prev of ddim_step/ddpm_step)
 _OPTIONS = {}
 _OPTIONS_LIMIT = 4096  # options are usually a handful of constants; a sweep over floats must not grow forever
@@ -115,14 +116,16 @@ def _tensors(spec: OpSpec, x, others: tuple, schedule, t, t_prev=_NO_T_PREV, out
 
 
 def _dispatch(spec: OpSpec, backend: str, x: torch.Tensor, opts, tensors: tuple):
-    """The function serving this call (``ddpm_kernels.backends.select``), told which tensors require grad."""
+    """The function serving this call (``ddpm_kernels.backends.resolve``), told which tensors require grad."""
     grad = None
     if torch.is_grad_enabled():
         names = spec.tensors
         needing = [names[i] for i, a in enumerate(tensors) if a is not None and a.requires_grad]
         if needing:
             grad = frozenset(needing)
-    return backends.select(spec.name, backend, x.device, x.dtype, opts if spec.family == "step" else None, grad)
+    key = (spec.name, backend, x.device, x.dtype, opts if spec.family == "step" else None, grad)
+    hit = _selected.get(key)  # resolve()'s cache, read here first: this runs on every call
+    return (hit or backends.resolve(*key))[1]
 
 
 def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tuple = (), generator=None, **tensors):
