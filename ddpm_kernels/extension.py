@@ -140,28 +140,12 @@ def p_sample(
     return out
 
 
-def diffusion_loss(
-    model_output,
-    x_start,
-    noise,
-    t,
-    schedule,
-    parameterization="eps",
-    loss_type="l2",
-    l_simple_weight=1.0,
-    original_elbo_weight=0.0,
-):
+def diffusion_loss(model_output, x_start, noise, t, schedule, *options):
+    # options: parameterization, loss_type, l_simple_weight, original_elbo_weight (validated, as the schema)
     fmt = dense_format(model_output)
     return _ops().diffusion_loss(
-        in_format(model_output, fmt),
-        in_format(x_start, fmt),
-        in_format(noise, fmt),
-        t,
-        schedule.table(model_output.dtype),
-        parameterization,
-        loss_type,
-        float(l_simple_weight),
-        float(original_elbo_weight),
+        in_format(model_output, fmt), in_format(x_start, fmt), in_format(noise, fmt), t,
+        schedule.table(model_output.dtype), *options,
     )
 
 
