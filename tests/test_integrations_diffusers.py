@@ -42,6 +42,28 @@ def assert_matches_stock(got, expected, exact, what):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=min(2 * stock_err + 1e-6, 1e-4), msg=what)
 
 
+def assert_same_as_stock(call, stock, fused, warns=True):
+    """``call(scheduler)`` gives the stock scheduler's result (NaN where it has NaN) or raises its error (same
+    type and message); the fused scheduler warns that the stock code path took the call."""
+    def outcome(s):
+        try:
+            return call(s), None
+        except Exception as e:  # noqa: BLE001  (whatever the stock step raises)
+            return None, e
+
+    expected, stock_error = outcome(stock)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, fused_error = outcome(fused)
+    if warns:
+        assert any("stock" in str(w.message) and issubclass(w.category, RuntimeWarning) for w in caught), caught
+    if stock_error is not None:
+        assert type(fused_error) is type(stock_error) and str(fused_error) == str(stock_error), (fused_error, stock_error)
+    else:
+        assert fused_error is None, fused_error
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
 def run_steps(stock, fused, step_kwargs=None, variance_type="fixed_small", seed=0, steps=None):
     """Step both schedulers over their timesteps from the same inputs and generators; compare every output."""
     step_kwargs = step_kwargs or {}
@@ -136,10 +158,20 @@ def test_ddpm_where_stock_is_nan_we_give_the_intended_result(variance_type):
     torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-5)
 
 
-def test_ddpm_learned_variance_needs_variance_channels():
-    fused = FusedDDPMScheduler(variance_type="learned_range")
-    with pytest.raises(ValueError, match="variance channels"):
-        fused.step(torch.randn(SHAPE), 10, torch.randn(SHAPE))
+def test_ddpm_learned_variance_without_its_channels_behaves_as_stock():
+    """A learned variance type with a model output of the sample's channels: the stock step uses no variance
+    at t == 0 and fails at t > 0; the fused scheduler hands the call to it (one warning) and so does the same."""
+    stock, fused = pair(diffusers.DDPMScheduler, FusedDDPMScheduler, variance_type="learned_range")
+    x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+    with pytest.warns(RuntimeWarning, match="stock DDPMScheduler code path"):
+        got = fused.step(mo, 0, x, generator=torch.Generator().manual_seed(0))
+    expected = stock.step(mo, 0, x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got.prev_sample, expected.prev_sample)
+    with pytest.raises(TypeError) as stock_error:
+        stock.step(mo, 10, x)
+    with pytest.raises(TypeError) as fused_error:
+        fused.step(mo, 10, x)
+    assert str(fused_error.value) == str(stock_error.value)
 
 
 # ------------------------------------------------------------------------------------------------ DDIM
@@ -213,6 +245,232 @@ def test_ddim_half_precision_is_more_accurate_than_stock():
         assert errs["fused"] <= errs["stock"], (dtype, errs)
 
 
+# ------------------------------------------------------------------- every configuration the stock accepts
+def test_one_step_schedule():
+    """num_train_timesteps=1: the training-only lvlb weights are infinite (no neighbour to copy the t = 0 weight
+    from), which does not keep the schedule from sampling: fused, equal to stock, no warning."""
+    for cls, fused_cls in ((diffusers.DDPMScheduler, FusedDDPMScheduler), (diffusers.DDIMScheduler, FusedDDIMScheduler)):
+        stock, fused = pair(cls, fused_cls, num_train_timesteps=1)
+        for s in (stock, fused):
+            s.set_timesteps(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run_steps(stock, fused)
+            x, z = torch.randn(SHAPE), torch.randn(SHAPE)
+            # the stock sqrt(1 - ab_0) cancels in float32 (~1e-5 absolute), as in test_add_noise_and_velocity
+            torch.testing.assert_close(fused.add_noise(x, z, torch.tensor([0])), stock.add_noise(x, z, torch.tensor([0])),
+                                       rtol=2e-5, atol=2e-5)
+        assert fused._dk_schedule(torch.device("cpu")).sampling_only
+
+
+def test_variance_type_other_is_fixed_small_as_in_stock():
+    """The stock _get_variance computes a variance type it does not name as fixed_small; so does the fused step
+    (fused, one warning), with the same noise draws."""
+    stock, fused = pair(diffusers.DDPMScheduler, FusedDDPMScheduler, variance_type="other")
+    for s in (stock, fused):
+        s.set_timesteps(10)
+    with pytest.warns(RuntimeWarning, match="'other'.*fixed_small") as caught:
+        run_steps(stock, fused)
+    assert len([w for w in caught if "variance_type" in str(w.message)]) == 1
+    calls = []
+    real = ops.ddpm_step
+    try:
+        ops.ddpm_step = lambda *a, **k: calls.append(a[6]) or real(*a, **k)
+        fused.step(torch.randn(SHAPE), fused.timesteps[0], torch.randn(SHAPE))
+    finally:
+        ops.ddpm_step = real
+    assert calls == ["fixed_small"]
+
+
+@pytest.mark.parametrize("cls,fused_cls", [(diffusers.DDPMScheduler, FusedDDPMScheduler),
+                                           (diffusers.DDIMScheduler, FusedDDIMScheduler)], ids=["ddpm", "ddim"])
+@pytest.mark.parametrize("config", [
+    dict(beta_start=0.1, beta_end=2.0),                # betas past 1: alphas_cumprod changes sign
+    dict(trained_betas=[0.0] + [0.01] * 9, num_train_timesteps=10),   # a zero beta: 1 - ab_0 == 0
+    dict(prediction_type="score"),                     # the stock step raises its own ValueError
+    dict(clip_sample_range=0.0),
+    dict(clip_sample_range=-1.0),
+    dict(thresholding=True, sample_max_value=-1.0),
+    dict(thresholding=True, dynamic_thresholding_ratio=1.5),
+], ids=["betas_past_1", "zero_beta", "prediction_score", "clip_range_0", "clip_range_neg",
+        "threshold_max_neg", "threshold_ratio_1.5"])
+def test_configs_the_fused_ops_do_not_take_run_stock(cls, fused_cls, config):
+    """Configurations the fused ops reject construct, warn once and give the stock result or the stock error,
+    in step and add_noise, at every timestep."""
+    stock = cls(**config)
+    with pytest.warns(RuntimeWarning, match="stock .* code path"):
+        fused = fused_cls.from_config(stock.config)
+        fused.add_noise(torch.randn(SHAPE), torch.randn(SHAPE), torch.tensor([0, 1]))
+    for s in (stock, fused):
+        s.set_timesteps(5)
+    g = torch.Generator().manual_seed(0)
+    x, mo, z = (torch.randn(SHAPE, generator=g) for _ in range(3))
+    T = stock.config.num_train_timesteps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per scheduler and cause: none from here on
+        for t in list(stock.timesteps):
+            step = lambda s: s.step(mo, t, x, generator=torch.Generator().manual_seed(1)).prev_sample  # noqa: E731
+            assert_same_as_stock(step, stock, fused, warns=False)
+        for t in (torch.tensor([0, T - 1]), torch.tensor([T // 2, 3])):
+            assert_same_as_stock(lambda s: s.add_noise(x, z, t), stock, fused, warns=False)
+
+
+def test_alphas_cumprod_underflowing_float32():
+    """betas 0.01 -> 0.2 over 1000 steps: alphas_cumprod leaves float32's range (0 from t = 959 in the stock
+    float32 cumprod). With x0 clipped (the default) the fused step equals the stock step everywhere; unclipped, x0
+    from eps is ~1e24 there and the stock step overflows to inf, where the fused step gives the float64 result."""
+    for cls, fused_cls in ((diffusers.DDPMScheduler, FusedDDPMScheduler), (diffusers.DDIMScheduler, FusedDDIMScheduler)):
+        stock, fused = pair(cls, fused_cls, beta_start=0.01, beta_end=0.2)
+        for s in (stock, fused):
+            s.set_timesteps(5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run_steps(stock, fused)
+    stock, fused = pair(diffusers.DDIMScheduler, FusedDDIMScheduler, beta_start=0.01, beta_end=0.2, clip_sample=False)
+    for s in (stock, fused):
+        s.set_timesteps(5)
+    g = torch.Generator().manual_seed(0)
+    x, mo = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    expected = stock.step(mo, 999, x).prev_sample
+    got = fused.step(mo, 999, x).prev_sample
+    exact = fused.step(mo.double(), 999, x.double()).prev_sample
+    assert torch.isinf(expected).all() and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=0)
+
+
+def test_timesteps_outside_the_schedule_run_stock():
+    """An int timestep outside [0, T): the stock step indexes with it (a negative one wraps around, T raises
+    IndexError); the fused scheduler hands it over."""
+    for cls, fused_cls in ((diffusers.DDPMScheduler, FusedDDPMScheduler), (diffusers.DDIMScheduler, FusedDDIMScheduler)):
+        stock, fused = pair(cls, fused_cls)
+        for s in (stock, fused):
+            s.set_timesteps(10)
+        x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+        for t in (1000, -1, -5, torch.tensor(1000)):
+            assert_same_as_stock(lambda s: s.step(mo, t, x, generator=torch.Generator().manual_seed(0)).prev_sample,
+                                 stock, fused, warns=False)
+
+
+def test_ddim_eta_and_variance_noise_the_fused_op_does_not_take_run_stock():
+    stock, fused = pair(diffusers.DDIMScheduler, FusedDDIMScheduler)
+    for s in (stock, fused):
+        s.set_timesteps(10)
+    g = torch.Generator().manual_seed(2)
+    x, mo, z = (torch.randn(SHAPE, generator=g) for _ in range(3))
+    t = stock.timesteps[3]
+    for eta in (-0.5, float("nan"), float("inf")):
+        assert_same_as_stock(lambda s: s.step(mo, t, x, eta=eta, variance_noise=z).prev_sample, stock, fused, warns=False)
+    # noise that broadcasts: one (1, C, H, W) draw for the whole batch
+    assert_same_as_stock(lambda s: s.step(mo, t, x, eta=0.5, variance_noise=z[:1]).prev_sample, stock, fused)
+    # both a generator and variance_noise: the stock error
+    assert_same_as_stock(lambda s: s.step(mo, t, x, eta=0.5, variance_noise=z, generator=g), stock, fused, warns=False)
+    # eta == 0 ignores variance_noise whatever its shape, as the stock step does: fused
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = FusedDDIMScheduler.from_config(stock.config)
+        got.set_timesteps(10)
+        torch.testing.assert_close(got.step(mo, t, x, eta=0.0, variance_noise=z[:1]).prev_sample,
+                                   stock.step(mo, t, x, eta=0.0).prev_sample, rtol=1e-5, atol=1e-5)
+
+
+def test_model_output_the_fused_op_does_not_take_runs_stock():
+    """A model output that broadcasts against the sample (or sits on another device / is not floating) is the
+    stock step's business."""
+    for cls, fused_cls in ((diffusers.DDPMScheduler, FusedDDPMScheduler), (diffusers.DDIMScheduler, FusedDDIMScheduler)):
+        stock, fused = pair(cls, fused_cls)
+        for s in (stock, fused):
+            s.set_timesteps(10)
+        x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+        t = stock.timesteps[2]
+        assert_same_as_stock(lambda s: s.step(mo[:1], t, x, generator=torch.Generator().manual_seed(0)).prev_sample,
+                             stock, fused)
+        assert_same_as_stock(lambda s: s.step(mo[..., :1], t, x, generator=torch.Generator().manual_seed(0)).prev_sample,
+                             stock, fused, warns=False)
+
+
+@pytest.mark.parametrize("sample_dtype,model_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32),
+                                                      (torch.bfloat16, torch.float16)])
+def test_mixed_dtypes_follow_the_stock_promotion(sample_dtype, model_dtype):
+    """The stock step's arithmetic promotes sample and model output to a common dtype; so does the fused step,
+    and it draws the noise in the model output's dtype as the stock step does."""
+    for cls, fused_cls, kw in ((diffusers.DDPMScheduler, FusedDDPMScheduler, {}),
+                               (diffusers.DDIMScheduler, FusedDDIMScheduler, {"eta": 1.0})):
+        stock, fused = pair(cls, fused_cls, clip_sample=False)
+        for s in (stock, fused):
+            s.set_timesteps(10)
+        g = torch.Generator().manual_seed(3)
+        x, mo = torch.randn(SHAPE, generator=g).to(sample_dtype), torch.randn(SHAPE, generator=g).to(model_dtype)
+        gs, gf = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+        t = stock.timesteps[4]
+        expected = stock.step(mo, t, x, generator=gs, **kw).prev_sample
+        got = fused.step(mo, t, x, generator=gf, **kw).prev_sample
+        assert got.dtype == expected.dtype == torch.promote_types(sample_dtype, model_dtype)
+        assert torch.equal(gs.get_state(), gf.get_state())
+        # the stock step rounds terms to the narrower dtype on the way (its noise term is computed in the model
+        # output's dtype): a few units of that dtype's epsilon
+        tol = 4 * torch.finfo(model_dtype if model_dtype.itemsize < sample_dtype.itemsize else sample_dtype).eps
+        if sample_dtype.itemsize == model_dtype.itemsize:
+            tol = 4 * max(torch.finfo(sample_dtype).eps, torch.finfo(model_dtype).eps)
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+def test_timestep_views_are_read_without_touching_the_tensor():
+    """A timestep taken from scheduler.timesteps is recognized by its place in that tensor's storage (what makes
+    a device timestep's value known without a sync): same result as the int, also after the timesteps were
+    replaced or changed in place, and a view of anything else is not mistaken for one."""
+    fused = FusedDDPMScheduler()
+    fused.set_timesteps(10)
+    g = torch.Generator().manual_seed(5)
+    x, mo = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    ref = lambda t: fused.step(mo, t, x, generator=torch.Generator().manual_seed(0)).prev_sample  # noqa: E731
+    for i, t in enumerate(fused.timesteps):
+        torch.testing.assert_close(ref(t), ref(int(fused.timesteps.tolist()[i])), rtol=0, atol=0)
+    other = torch.arange(1000).flip(0)  # other[i] == 999 - i: its views must be read for their own value
+    torch.testing.assert_close(ref(other[499]), ref(500), rtol=0, atol=0)
+    fused.timesteps = fused.timesteps[1::2]
+    assert [int(v) for v in fused.timesteps] == [800, 600, 400, 200, 0]
+    for t in fused.timesteps:
+        torch.testing.assert_close(ref(t), ref(int(t.tolist())), rtol=0, atol=0)
+    fused.timesteps[0] = 700  # in place: the host copy of the values follows
+    torch.testing.assert_close(ref(fused.timesteps[0]), ref(700), rtol=0, atol=0)
+
+
+def test_ddpm_draws_nothing_at_t0_for_device_timesteps_from_the_schedule(monkeypatch):
+    """With timesteps read as if on a device (no host reads), a timestep from scheduler.timesteps still tells
+    t == 0 apart: no draw there, the generator ends where the stock one does."""
+    monkeypatch.setattr(dkd, "_host_timesteps", lambda timestep: None)
+    stock, fused = pair(diffusers.DDPMScheduler, FusedDDPMScheduler)
+    for s in (stock, fused):
+        s.set_timesteps(4)
+    x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+    gs, gf = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for t in stock.timesteps:
+        stock.step(mo, t, x, generator=gs)
+    for t in fused.timesteps:
+        fused.step(mo, t, x, generator=gf)
+    assert torch.equal(gs.get_state(), gf.get_state())
+    # a copy is not a view of the schedule: drawn and masked, as documented
+    fused.step(mo, fused.timesteps.clone()[-1], x, generator=gf)
+    assert not torch.equal(gs.get_state(), gf.get_state())
+
+
+def test_step_tensors_are_built_once_per_timestep_and_batch(monkeypatch):
+    fused = FusedDDIMScheduler()
+    fused.set_timesteps(5)
+    x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+    fused.step(mo, fused.timesteps[0], x)
+    fills = []
+    real = torch.full
+    monkeypatch.setattr(torch, "full", lambda *a, **k: fills.append(a) or real(*a, **k))
+    for _ in range(2):
+        for t in fused.timesteps:
+            fused.step(mo, t, x)
+    assert len(fills) == 2 * (len(fused.timesteps) - 1)  # t and t_prev for each timestep not seen before
+    fused.set_timesteps(5)  # a new schedule drops them
+    fused.step(mo, fused.timesteps[0], x)
+    assert len(fills) == 2 * len(fused.timesteps)
+
+
 # ------------------------------------------------------------------------------------ per-sample timesteps
 def test_per_sample_timesteps_ddpm(monkeypatch):
     stock, fused = pair(diffusers.DDPMScheduler, FusedDDPMScheduler, variance_type="fixed_small_log")
@@ -251,14 +509,25 @@ def test_timestep_forms():
     fused.set_timesteps(10)
     g = torch.Generator().manual_seed(8)
     sample, mo = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
-    ref = fused.step(mo, 501, sample).prev_sample
-    for t in (np.int64(501), torch.tensor(501), torch.tensor([501]), torch.tensor([501, 501]),
-              torch.tensor([501, 501], dtype=torch.int32)):
+    ref = fused.step(mo, 500, sample).prev_sample
+    assert int(fused.timesteps[4]) == 500
+    for t in (np.int64(500), torch.tensor(500), torch.tensor([500]), torch.tensor([500, 500]),
+              torch.tensor([500, 500], dtype=torch.int32), fused.timesteps[4], fused.timesteps[4:5],
+              fused.timesteps.clone()[4]):
         torch.testing.assert_close(fused.step(mo, t, sample).prev_sample, ref, rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"timestep: expected an int, a 0-d tensor or a tensor of shape \(2,\)"):
-        fused.step(mo, torch.tensor([501, 501, 501]), sample)
-    with pytest.raises(TypeError, match="timestep: expected an integer tensor"):
-        fused.step(mo, torch.tensor(501.0), sample)
+
+
+@pytest.mark.parametrize("timestep", [torch.tensor([501, 501, 501]), torch.tensor(501.0), 501.0, torch.tensor([[501]]),
+                                      torch.tensor([[[[[501]]]]])],
+                         ids=["three_for_two", "float_tensor", "float", "2d", "5d"])
+def test_timestep_forms_the_stock_step_takes_or_rejects(timestep):
+    """Timesteps that are neither an integer nor one per sample go to the stock step: its result or its error."""
+    stock, fused = pair(diffusers.DDIMScheduler, FusedDDIMScheduler)
+    for s in (stock, fused):
+        s.set_timesteps(10)
+    g = torch.Generator().manual_seed(8)
+    sample, mo = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    assert_same_as_stock(lambda s: s.step(mo, timestep, sample).prev_sample, stock, fused)
 
 
 # ------------------------------------------------------------------------------------------- add_noise
@@ -299,12 +568,12 @@ def fail_on_sync(monkeypatch):
     treated as device tensors (never read on the host). The one exception is ops' t range check, which runs
     on CPU tensors only (where it is free) and is skipped for device tensors."""
     monkeypatch.setattr(dkd, "_host_timesteps", lambda timestep: None)
-    allowed = {"_check_timesteps"}  # the range check of t and t_prev
+    allowed = {"_check_timesteps"}  # ddpm_kernels' range check of t and t_prev
 
     def guard(name, original):
         def method(self, *args, **kwargs):
             caller = inspect.currentframe().f_back
-            if caller.f_code.co_name in allowed and caller.f_code.co_filename.endswith("ops.py"):
+            if caller.f_code.co_name in allowed and "ddpm_kernels" in caller.f_code.co_filename:
                 return original(self, *args, **kwargs)
             raise AssertionError(f"Tensor.{name} called inside step: a host sync on a device")
 
@@ -331,11 +600,14 @@ def test_step_has_no_host_sync(fail_on_sync, in_kernel_noise):
     mo = torch.randn(SHAPE, generator=g)
     ddpm_ts, ddim_ts = list(ddpm.timesteps), list(ddim.timesteps)
     per_sample = torch.stack([ddpm.timesteps[0], ddpm.timesteps[3]])
+    # views of scheduler.timesteps (what loops pass) and copies (looked up on the device)
+    copies = [t.clone() for t in ddpm_ts], [t.clone() for t in ddim_ts]
     fail_on_sync()
-    for t in ddpm_ts + [per_sample]:
-        x = ddpm.step(mo2, t, x, generator=g).prev_sample
-    for t in ddim_ts:
-        x = ddim.step(mo, t, x, eta=1.0, generator=g).prev_sample
+    for _ in range(2):  # the second pass takes the cached timestep tensors
+        for t in ddpm_ts + copies[0] + [per_sample]:
+            x = ddpm.step(mo2, t, x, generator=g).prev_sample
+        for t in ddim_ts + copies[1]:
+            x = ddim.step(mo, t, x, eta=1.0, generator=g).prev_sample
     x = ddpm.add_noise(x, mo, per_sample)
 
 
@@ -370,6 +642,31 @@ def test_step_has_no_host_sync_on_cuda():
             torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("generator_device", ["cuda", "cpu"])
+def test_cuda_timesteps_same_images_and_generator_state_as_stock(generator_device):
+    """Timesteps on the GPU (set_timesteps(device="cuda"), as SD pipelines do) are recognized as views of the
+    schedule: the DDPM step skips the draw at t == 0 like the stock one, so images and generator state match;
+    a CPU generator draws on the CPU and moves the noise, as diffusers' randn_tensor does."""
+    for cls, fused_cls, kw in ((diffusers.DDPMScheduler, FusedDDPMScheduler, {}),
+                               (diffusers.DDIMScheduler, FusedDDIMScheduler, {"eta": 1.0})):
+        stock, fused = pair(cls, fused_cls, clip_sample=False)
+        for s in (stock, fused):
+            s.set_timesteps(6, device="cuda")
+        x0 = torch.randn(SHAPE, device="cuda")
+        mo = torch.randn(SHAPE, device="cuda")
+        results = []
+        for s in (stock, fused):
+            g = torch.Generator(generator_device).manual_seed(0)
+            x = x0
+            for t in s.timesteps:
+                x = s.step(mo, t, x, generator=g, **kw).prev_sample
+            results.append((x, g.get_state()))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
+        assert torch.equal(results[0][1], results[1][1])
+
+
 # ------------------------------------------------------------------------------------------- noise, config
 def test_in_kernel_noise_hands_the_generator_to_the_op(monkeypatch):
     fused = FusedDDPMScheduler()
@@ -392,6 +689,65 @@ def test_no_noise_drawn_at_t0_for_host_timesteps():
     stock.step(mo, 0, x, generator=gs)
     fused.step(mo, torch.tensor(0), x, generator=gf)
     assert torch.equal(gs.get_state(), gf.get_state())
+
+
+@pytest.mark.parametrize("generator", ["none", "one", "list_of_one", "per_sample"])
+def test_noise_draw_equals_randn_tensor(generator):
+    """The step's draw is diffusers' randn_tensor: same numbers, same generator (or global RNG) state after."""
+    def make():
+        if generator == "none":
+            torch.manual_seed(7)
+            return None
+        gs = [torch.Generator().manual_seed(7 + i) for i in range(SHAPE[0])]
+        return {"one": gs[0], "list_of_one": gs[:1], "per_sample": gs}[generator]
+
+    def state(g):
+        if g is None:
+            return [torch.get_rng_state()]
+        return [x.get_state() for x in (g if isinstance(g, list) else [g])]
+
+    for dtype in (torch.float32, torch.float16):
+        g1 = make()
+        expected = diffusers.utils.torch_utils.randn_tensor(SHAPE, generator=g1, device=torch.device("cpu"), dtype=dtype)
+        s1 = state(g1)
+        g2 = make()
+        got = dkd._randn(torch.Size(SHAPE), g2, torch.device("cpu"), dtype)
+        assert torch.equal(got, expected) and got.dtype == dtype
+        assert all(torch.equal(a, b) for a, b in zip(state(g2), s1))
+
+
+def test_step_output_is_the_stock_output():
+    """The step's output is built without the dataclass constructor; it is the same object the constructor
+    builds, for both return forms."""
+    for cls, fused_cls, out_cls in ((diffusers.DDPMScheduler, FusedDDPMScheduler, dkd.DDPMSchedulerOutput),
+                                    (diffusers.DDIMScheduler, FusedDDIMScheduler, dkd.DDIMSchedulerOutput)):
+        fused = fused_cls()
+        fused.set_timesteps(10)
+        x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+        out = fused.step(mo, fused.timesteps[2], x, generator=torch.Generator().manual_seed(0))
+        ref = out_cls(prev_sample=out.prev_sample, pred_original_sample=out.pred_original_sample)
+        assert type(out) is out_cls
+        assert list(out.keys()) == list(ref.keys()) == ["prev_sample", "pred_original_sample"]
+        assert vars(out).keys() == vars(ref).keys()
+        assert out[0] is out["prev_sample"] is out.prev_sample and out[1] is out.pred_original_sample
+        assert out.to_tuple() == (out.prev_sample, out.pred_original_sample)
+        tup = fused.step(mo, fused.timesteps[2], x, generator=torch.Generator().manual_seed(0), return_dict=False)
+        assert isinstance(tup, tuple) and len(tup) == 2
+        torch.testing.assert_close(tup[0], out.prev_sample, rtol=0, atol=0)
+        out.prev_sample = x  # the dataclass' attribute assignment writes through to the item, as on a stock one
+        assert out["prev_sample"] is x
+
+
+def test_step_tensor_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(dkd, "_STEP_CACHE_LIMIT", 4)
+    fused = FusedDDIMScheduler()
+    fused.set_timesteps(10)
+    x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+    for t in list(fused.timesteps) + list(range(0, 1000, 37)):
+        expected = fused.step(mo, int(t), x).prev_sample
+        torch.testing.assert_close(fused.step(mo, t, x).prev_sample, expected, rtol=0, atol=0)
+        steps = fused.__dict__["_dk_steps_"]
+        assert len(steps.tensors) + len(steps.views) <= 5
 
 
 def test_config_round_trip(tmp_path):

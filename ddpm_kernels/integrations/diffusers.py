@@ -12,13 +12,16 @@ with the same config, so ``from_config``, ``save_pretrained`` and pipelines take
 
 * ``timestep`` may be a per-sample tensor of shape (B,) as well as an int or a 0-d tensor.
 * ``step`` never synchronizes with the device: no ``.item()``, ``nonzero()`` or Python branch on a device
-  tensor's value. The DDPM scheduler's previous timestep comes from a device lookup table built by
-  ``set_timesteps`` instead of the stock ``nonzero()`` search.
-* Noise is drawn exactly as the stock scheduler draws it (``randn_tensor`` with the same shape, dtype, device
-  and generator), so the same generator gives the same images. The stock DDPM step draws no noise at
-  ``t == 0``; that is known without a sync when the timestep is a Python int or a CPU tensor (what pipelines
-  pass), and then the fused scheduler skips the draw too. For a timestep tensor on the GPU it draws and masks
-  in the kernel: the images are the same, the generator ends one draw further on.
+  tensor's value. A timestep taken from ``scheduler.timesteps`` (what pipelines pass, on any device) is
+  recognized as a view of that tensor, so its value is known on the host without reading the device; the
+  ``(B,)`` timestep tensors the op takes are built once per timestep and batch size and kept until the next
+  ``set_timesteps``. Any other device timestep is looked up on the device (the DDPM scheduler's previous
+  timestep comes from a device table built by ``set_timesteps``, not from the stock ``nonzero()`` search).
+* Noise is drawn exactly as the stock scheduler draws it (same shape, dtype, device and generator), so the same
+  generator gives the same images. The stock DDPM step draws no noise at ``t == 0``; neither does this one when
+  the timestep's value is known on the host (an int, a CPU tensor, a view of ``scheduler.timesteps``). For
+  another device tensor it draws and masks in the kernel: the images are the same, the generator ends one draw
+  further on.
 * ``in_kernel_noise = True`` (an attribute, off by default) lets the backend generate the noise itself
   (Philox in the fused kernels): fastest, but a different noise stream than the stock scheduler.
 * Coefficients are float64-derived and applied in float32 whatever the sample dtype; the stock schedulers
@@ -27,14 +30,25 @@ with the same config, so ``from_config``, ``save_pretrained`` and pipelines take
   ``variance_type="fixed_large_log"`` (stock takes the square root of ``log(beta)``) the noise scale is
   ``sqrt(beta)``, as ``fixed_large``; for ``variance_type="learned"`` (stock takes the square root of the
   predicted log-variance) it is ``exp(0.5 * predicted log-variance)``, as in improved DDPM / guided-diffusion.
-* With ``variance_type`` learned / learned_range the model output must carry the variance channels
-  (2C channels); the stock scheduler silently drops to a crash later when it does not, this one raises
-  ``ValueError``.
+
+Everything else the stock classes accept is accepted, with the stock result or the stock error. What the fused
+ops do not cover takes the stock code path, with one warning per scheduler and cause: a schedule whose tables
+are not finite in float32 or whose betas leave (0, 1) (e.g. ``beta_end=2``), an unknown ``prediction_type``, a
+non-positive ``clip_sample_range`` or ``sample_max_value``, a ``dynamic_thresholding_ratio`` outside [0, 1], a
+negative or non-finite ``eta``, a timestep outside ``[0, num_train_timesteps)``, a non-integer timestep, a model
+output or ``variance_noise`` of another shape or device than the sample (a learned variance without its
+channels included). A ``variance_type`` the stock scheduler does not name (e.g. ``"other"``) is computed as
+``"fixed_small"``, which is what the stock ``_get_variance`` does with it, with one warning.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+import dataclasses
+import math
+import sys
+import warnings
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -49,6 +63,13 @@ from ..schedule import DiffusionSchedule
 __all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler"]
 
 _PREDICTION = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+# the variance types the stock DDPMScheduler._get_variance names; it computes any other value as fixed_small
+_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+_LEARNED = ("learned", "learned_range")
+# devices on which diffusers' randn_tensor is exactly torch.randn(shape, generator, device, dtype)
+_PLAIN_RANDN_DEVICES = ("cpu", "cuda")
+# bound on the per-(timestep, batch, device) tensors kept between set_timesteps calls
+_STEP_CACHE_LIMIT = 4096
 
 
 def _device(device) -> torch.device:
@@ -69,61 +90,363 @@ def _host_timesteps(timestep) -> Optional[List[int]]:
     return None
 
 
+def _randn(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """diffusers' ``randn_tensor(shape, generator, device, dtype)``: the same numbers and generator state. Its
+    common case (no generator, or one generator on the tensor's device) is one ``torch.randn`` call, taken here
+    directly to skip the helper's per-call Python."""
+    if device.type in _PLAIN_RANDN_DEVICES and (generator is None or type(generator) is torch.Generator):
+        try:
+            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        except RuntimeError:
+            pass  # a generator of another device (refused before drawing): the helper draws where it lives
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside this module (the user's
+    ``step`` call), however deep inside the module it is raised."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _output_maker(cls):
+    """A function building ``cls(prev_sample=a, pred_original_sample=b)``, the stock step's output.
+
+    diffusers' ``BaseOutput`` is an OrderedDict dataclass whose ``__init__`` / ``__post_init__`` (field
+    introspection, overridden ``__setattr__`` / ``__setitem__``) cost more per step than the rest of the
+    scheduler's Python. The same object is built here by setting its two items and its two attributes
+    directly; a check when this module loads compares it with the constructor's (type, items, attributes) and
+    keeps the constructor if anything differs (another diffusers version's output class)."""
+    od_new, od_setitem = OrderedDict.__new__, OrderedDict.__setitem__
+
+    def direct(prev_sample, pred_original_sample):
+        out = od_new(cls)
+        od_setitem(out, "prev_sample", prev_sample)
+        od_setitem(out, "pred_original_sample", pred_original_sample)
+        attributes = out.__dict__
+        attributes["prev_sample"] = prev_sample
+        attributes["pred_original_sample"] = pred_original_sample
+        return out
+
+    def constructor(prev_sample, pred_original_sample):
+        return cls(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    try:
+        a, b = torch.zeros(1), torch.ones(1)
+        expected, got = constructor(a, b), direct(a, b)
+        same = (
+            [f.name for f in dataclasses.fields(cls)] == ["prev_sample", "pred_original_sample"]
+            and type(got) is type(expected)
+            and list(got.keys()) == list(expected.keys())
+            and all(got[k] is expected[k] for k in expected.keys())
+            and got.__dict__.keys() == expected.__dict__.keys()
+            and all(got.__dict__[k] is expected.__dict__[k] for k in expected.__dict__)
+            and got.to_tuple()[0] is a
+        )
+    except Exception:  # noqa: BLE001  (any difference: keep the constructor)
+        same = False
+    return direct if same else constructor
+
+
+class _Plan:
+    """What a step needs that depends only on the scheduler's config (frozen once constructed): the fused
+    ops' options, or why the config takes the stock code path; the schedule tables per device."""
+
+    __slots__ = ("stock", "key", "parameterization", "clip", "clip_range", "threshold_ratio", "threshold_max",
+                 "variance_type", "learned", "set_alpha_to_one", "schedules")
+
+
+class _Steps:
+    """What a step needs that depends on the timesteps set by ``set_timesteps``: their values on the host, the
+    previous timestep of each value, and the ``(t, t_prev)`` tensors built so far per (value, batch, device)."""
+
+    __slots__ = ("timesteps", "version", "key", "host", "prev", "tensors", "views", "prev_tables")
+
+
 class _FusedSchedulerMixin:
-    """Shared machinery: the ddpm_kernels schedule per device, timestep tensors, add_noise / get_velocity."""
+    """Shared machinery: the plan, the schedule per device, timestep tensors, add_noise / get_velocity, the
+    stock fallback."""
 
     #: backend for the fused ops ("auto", "reference", "triton", "cuda", "cpu")
     fused_backend: str = "auto"
     #: let the backend generate the step noise in-kernel instead of drawing it as the stock scheduler does
     in_kernel_noise: bool = False
 
-    # ------------------------------------------------------------------ schedule
+    _make_output = None  # builds the stock step's output dataclass from (prev_sample, pred_original_sample)
+    _stock_name = ""  # the stock class, for messages
+
+    # ------------------------------------------------------------------ stock fallback
+    def _dk_warn(self, cause: str, message: str) -> None:
+        """One warning per scheduler and cause: a sampling loop would otherwise repeat it every step."""
+        warned = self.__dict__.setdefault("_dk_warned", set())
+        if cause not in warned:
+            warned.add(cause)
+            warnings.warn(f"{type(self).__name__}: {message}", RuntimeWarning, stacklevel=_caller_stacklevel())
+
+    def _dk_stock(self, cause: str, message: str) -> None:
+        self._dk_warn(cause, f"{message}; this takes the stock {self._stock_name} code path")
+
+    # ------------------------------------------------------------------ plan
+    def _dk_plan_key(self):
+        """Scheduler state outside the frozen config that the plan depends on."""
+        return None
+
+    def _dk_plan(self) -> _Plan:
+        plan = self.__dict__.get("_dk_plan_")
+        if plan is None or plan.key != self._dk_plan_key():
+            plan = self.__dict__["_dk_plan_"] = self._dk_build_plan()
+        return plan
+
+    def _dk_build_plan(self) -> _Plan:
+        config = self.config
+        plan = _Plan()
+        plan.key = self._dk_plan_key()
+        plan.stock = None
+        plan.schedules = {}
+        plan.variance_type = "fixed_small"
+        plan.learned = False
+        plan.set_alpha_to_one = bool(config.get("set_alpha_to_one", True))
+        prediction_type = config.prediction_type
+        plan.parameterization = _PREDICTION.get(prediction_type) if isinstance(prediction_type, str) else None
+        if plan.parameterization is None:
+            plan.stock = ("prediction_type", f"prediction_type={prediction_type!r} is not one of {sorted(_PREDICTION)}")
+        # options the fused ops would reject are ones the stock step computes something (or fails) with
+        plan.threshold_ratio, plan.threshold_max = None, 1.0
+        plan.clip, plan.clip_range = False, 1.0
+        if config.thresholding:
+            ratio, max_value = config.dynamic_thresholding_ratio, config.sample_max_value
+            if not (_is_real(ratio) and 0.0 <= ratio <= 1.0):
+                plan.stock = ("thresholding", f"dynamic_thresholding_ratio={ratio!r} is not in [0, 1]")
+            elif not (_is_real(max_value) and max_value > 0):
+                plan.stock = ("thresholding", f"sample_max_value={max_value!r} is not positive")
+            else:
+                plan.threshold_ratio, plan.threshold_max = float(ratio), float(max_value)
+        elif config.clip_sample:
+            clip_range = config.clip_sample_range
+            if not (_is_real(clip_range) and clip_range > 0):
+                plan.stock = ("clip_sample_range", f"clip_sample_range={clip_range!r} is not positive")
+            else:
+                plan.clip, plan.clip_range = True, float(clip_range)
+        self._dk_plan_variance(plan)
+        if plan.stock is None:
+            try:
+                # from the scheduler's own float32 betas, so both compute with the same numbers; sampling_only:
+                # the training-only lvlb weights need not be finite (a one-step schedule)
+                plan.schedules[torch.device("cpu")] = DiffusionSchedule.from_diffusers(self, sampling_only=True)
+            except (ValueError, TypeError) as e:
+                plan.stock = ("schedule", f"the fused ops cannot take this schedule ({e})")
+        if plan.stock is not None:
+            self._dk_stock(*plan.stock)
+        return plan
+
+    def _dk_plan_variance(self, plan: _Plan) -> None:
+        pass
+
     def _dk_schedule(self, device: torch.device) -> DiffusionSchedule:
-        cache: Dict[torch.device, DiffusionSchedule] = self.__dict__.setdefault("_dk_schedules", {})
-        device = _device(device)
-        schedule = cache.get(device)
+        schedules = self._dk_plan().schedules
+        schedule = schedules.get(device)
         if schedule is None:
-            base = cache.get(torch.device("cpu"))
-            if base is None:
-                # from the scheduler's own float32 betas, so both compute with the same numbers
-                base = cache[torch.device("cpu")] = DiffusionSchedule.from_diffusers(self)
-            schedule = cache[device] = base if device.type == "cpu" else DiffusionSchedule.from_diffusers(self).to(device)
+            device = _device(device)
+            schedule = schedules.get(device)
+            if schedule is None:
+                schedule = schedules[device] = schedules[torch.device("cpu")].to(device)
         return schedule
 
     def _prepare_device(self, device) -> None:
         """Move what ``step`` reads to ``device`` ahead of time (from ``set_timesteps(device=...)``), so the
         first step does no host-to-device copy."""
-        if device is not None:
-            self._dk_schedule(device)
+        if device is not None and self._dk_plan().stock is None:
+            self._dk_schedule(_device(device))
 
     # ------------------------------------------------------------------ timesteps
+    def _dk_steps_key(self):
+        """Scheduler state besides ``timesteps`` that the previous timesteps depend on."""
+        return self.num_inference_steps
+
+    def _dk_steps(self) -> _Steps:
+        """The `_Steps` of the current timesteps, rebuilt when they were set or replaced since."""
+        steps = self.__dict__.get("_dk_steps_")
+        timesteps = self.timesteps
+        if (
+            steps is None
+            or steps.timesteps is not timesteps
+            or steps.version != timesteps._version
+            or steps.key != self._dk_steps_key()
+        ):
+            # timesteps replaced outside set_timesteps are read once (a sync if they are on a device)
+            steps = self._dk_new_steps([int(v) for v in timesteps.tolist()])
+        return steps
+
+    def _dk_new_steps(self, host: List[int]) -> _Steps:
+        steps = _Steps()
+        steps.timesteps = self.timesteps
+        steps.version = self.timesteps._version
+        steps.key = self._dk_steps_key()
+        steps.host = host
+        steps.prev = self._dk_previous_values(host)
+        steps.tensors = {}
+        steps.views = {}
+        steps.prev_tables = {}
+        self.__dict__["_dk_steps_"] = steps
+        return steps
+
+    def _dk_previous_values(self, host: List[int]):
+        raise NotImplementedError
+
+    def _dk_previous_value(self, steps: _Steps, value: int) -> int:
+        raise NotImplementedError
+
+    def _dk_previous_tensor(self, steps: _Steps, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dk_value(self, timestep, steps: _Steps):
+        """``(value, view)``: the one timestep value of a call when known on the host without a device read (an
+        int, a view of ``self.timesteps`` -- what iterating it yields, on any device: its offset into the storage
+        gives its index -- or a one-element CPU tensor), None when it is not known, False when the stock step is
+        to take the call (not an integer timestep, or not one per sample); ``view``: it is such a view."""
+        if isinstance(timestep, torch.Tensor):
+            if (
+                timestep.ndim > 1
+                or timestep.is_floating_point()
+                or timestep.dtype == torch.bool
+                or timestep.is_complex()
+            ):
+                return False, False  # the stock step broadcasts (or rejects) these its own way
+            if timestep.numel() != 1:
+                return None, False
+            base = timestep._base
+            if base is not None:
+                timesteps = steps.timesteps
+                if (base is timesteps or base is timesteps._base) and timestep.dtype == timesteps.dtype:
+                    stride = timesteps.stride(0)
+                    if stride > 0:
+                        index, rest = divmod(timestep.storage_offset() - timesteps.storage_offset(), stride)
+                        if not rest and 0 <= index < len(steps.host):
+                            return steps.host[index], True
+            host = _host_timesteps(timestep)
+            return (None if host is None else host[0]), False
+        if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
+            return int(timestep), False
+        return False, False
+
+    def _dk_timesteps(self, timestep, batch: int, device: torch.device):
+        """``(t, t_prev, value)`` for the op: ``t`` and ``t_prev`` int64 of shape (B,) on the sample's device,
+        ``value`` the one timestep value when known on the host (else None); None for the stock step."""
+        steps = self.__dict__.get("_dk_steps_")
+        timesteps = self.timesteps
+        if (
+            steps is None
+            or steps.timesteps is not timesteps
+            or steps.version != timesteps._version
+            or steps.key != self._dk_steps_key()
+        ):
+            steps = self._dk_steps()
+        # the two forms of a sampling loop, one dict lookup each: a view of self.timesteps (its address is
+        # pinned while steps holds the tensor, and shape and dtype tell it from the whole tensor or another
+        # dtype's view of it), and a Python int
+        if type(timestep) is torch.Tensor:
+            found = steps.views.get((timestep.data_ptr(), timestep.shape, timestep.dtype, batch, device))
+        elif type(timestep) is int:
+            found = steps.tensors.get((timestep, batch, device))
+        else:
+            found = None
+        return found if found is not None else self._dk_timesteps_first(timestep, batch, device, steps)
+
+    def _dk_timesteps_first(self, timestep, batch: int, device: torch.device, steps: _Steps):
+        """`_dk_timesteps` for a timestep not seen before in this form."""
+        value, view = self._dk_value(timestep, steps)
+        if value is False:
+            self._dk_stock("timestep", f"timestep {timestep!r} is neither an integer nor one per sample")
+            return None
+        if value is not None:
+            if not 0 <= value < self.config.num_train_timesteps:
+                self._dk_stock("timestep", f"timestep {value} is outside [0, {self.config.num_train_timesteps})")
+                return None
+            if len(steps.tensors) + len(steps.views) >= _STEP_CACHE_LIMIT:
+                steps.tensors.clear()
+                steps.views.clear()
+            key = (value, batch, device)
+            found = steps.tensors.get(key)
+            if found is None:
+                found = steps.tensors[key] = (
+                    torch.full((batch,), value, dtype=torch.long, device=device),
+                    torch.full((batch,), self._dk_previous_value(steps, value), dtype=torch.long, device=device),
+                    value,
+                )
+            if view:
+                steps.views[(timestep.data_ptr(), timestep.shape, timestep.dtype, batch, device)] = found
+            return found
+        # a device tensor, or one timestep per sample: looked up on the device, nothing read
+        if timestep.numel() != 1 and timestep.shape[0] != batch:
+            self._dk_stock("timestep", f"timestep of shape {tuple(timestep.shape)} is not one per sample of {batch}")
+            return None
+        t = timestep.reshape(-1).to(device=device, dtype=torch.long)
+        if t.shape[0] != batch:
+            t = t.expand(batch).contiguous()
+        return t, self._dk_previous_tensor(steps, t), None
+
+    def _dk_fused(self, model_output, timestep, sample):
+        """What the fused op needs for this call, ``(plan, schedule, t, t_prev, value)`` (see `_dk_timesteps`),
+        or None when the stock step takes it."""
+        plan = self.__dict__.get("_dk_plan_")
+        if plan is None or plan.key != self._dk_plan_key():
+            plan = self._dk_plan()
+        if plan.stock is not None or not self._dk_inputs(model_output, sample, plan):
+            return None
+        device = sample.device
+        found = self._dk_timesteps(timestep, sample.shape[0], device)
+        if found is None:
+            return None
+        schedule = plan.schedules.get(device)
+        if schedule is None:
+            schedule = self._dk_schedule(device)
+        return plan, schedule, found[0], found[1], found[2]
+
+    def _dk_inputs(self, model_output, sample, plan: _Plan) -> bool:
+        """Whether the fused op takes these tensors as the stock step would (else the stock step does)."""
+        expected = None
+        if isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor) and sample.ndim >= 1:
+            expected = sample.shape
+            if plan.learned:
+                expected = (torch.Size((expected[0], 2 * expected[1]) + tuple(expected[2:]))
+                            if sample.ndim >= 2 else None)
+            if (
+                model_output.shape == expected
+                and model_output.device == sample.device
+                and sample.is_floating_point()
+                and model_output.is_floating_point()
+            ):
+                return True
+
+        def shape(x):
+            return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+        self._dk_stock(
+            "inputs",
+            f"a model output {shape(model_output)} for a sample {shape(sample)} is not what the fused step takes "
+            f"(floating tensors, the model output of shape {None if expected is None else tuple(expected)} on the "
+            "sample's device)",
+        )
+        return False
+
     @staticmethod
-    def _timestep_tensor(timestep, sample: torch.Tensor) -> torch.Tensor:
-        """``timestep`` as an int64 tensor of shape (B,) on the sample's device, without reading a device
-        tensor: an int (or a CPU scalar, whose value is free to read) becomes a device fill; a (B,) tensor is
-        used as it is."""
-        batch, device = sample.shape[0], sample.device
-        if isinstance(timestep, (int, np.integer)):
-            return torch.full((batch,), int(timestep), dtype=torch.long, device=device)
-        if not isinstance(timestep, torch.Tensor):
-            raise TypeError(f"timestep: expected an int or an integer tensor, got {type(timestep).__name__}")
-        if timestep.dtype.is_floating_point or timestep.dtype == torch.bool:
-            raise TypeError(f"timestep: expected an integer tensor, got {timestep.dtype}")
-        if timestep.numel() == 1:
-            if timestep.device != device and timestep.device.type == "cpu":
-                return torch.full((batch,), int(timestep), dtype=torch.long, device=device)
-            return timestep.reshape(1).to(device=device, dtype=torch.long).expand(batch)
-        if timestep.ndim != 1 or timestep.shape[0] != batch:
-            raise ValueError(
-                f"timestep: expected an int, a 0-d tensor or a tensor of shape ({batch},) (one per sample), "
-                f"got shape {tuple(timestep.shape)}"
-            )
-        return timestep.to(device=device, dtype=torch.long)
+    def _dk_common_dtype(model_output: torch.Tensor, sample: torch.Tensor):
+        """Sample and model output in one dtype, the one the stock step's arithmetic promotes them to."""
+        if model_output.dtype == sample.dtype:
+            return model_output, sample
+        dtype = torch.promote_types(model_output.dtype, sample.dtype)
+        return model_output.to(dtype), sample.to(dtype)
 
     # ------------------------------------------------------------------ forward process
     def _timesteps_like(self, timesteps, samples: torch.Tensor) -> Optional[torch.Tensor]:
         t = torch.as_tensor(timesteps)
-        if t.dtype.is_floating_point or t.dtype == torch.bool:
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             return None
         t = t.to(samples.device).reshape(-1)
         if samples.ndim == 0:
@@ -132,16 +455,23 @@ class _FusedSchedulerMixin:
             t = t.expand(samples.shape[0])
         return t if t.shape[0] == samples.shape[0] else None
 
+    def _dk_forward_ok(self, x, noise, t) -> bool:
+        return (
+            t is not None
+            and isinstance(x, torch.Tensor)
+            and isinstance(noise, torch.Tensor)
+            and x.is_floating_point()
+            and noise.shape == x.shape
+            and noise.dtype == x.dtype
+            and self._dk_plan().stock is None
+        )
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """``sqrt(ab_t) x + sqrt(1 - ab_t) noise`` as one fused `ddpm_kernels.q_sample`. Inputs outside what
-        the op takes (broadcast shapes, mixed dtypes) go to the stock implementation."""
+        the op takes (broadcast shapes, mixed dtypes, a schedule the fused ops do not take) go to the stock
+        implementation."""
         t = self._timesteps_like(timesteps, original_samples)
-        if (
-            t is None
-            or not original_samples.is_floating_point()
-            or noise.shape != original_samples.shape
-            or noise.dtype != original_samples.dtype
-        ):
+        if not self._dk_forward_ok(original_samples, noise, t):
             return super().add_noise(original_samples, noise, timesteps)
         schedule = self._dk_schedule(original_samples.device)
         return ops.q_sample(original_samples, t, noise, schedule, backend=self.fused_backend)
@@ -149,7 +479,7 @@ class _FusedSchedulerMixin:
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """``sqrt(ab_t) noise - sqrt(1 - ab_t) sample`` as one fused `ddpm_kernels.get_v`."""
         t = self._timesteps_like(timesteps, sample)
-        if t is None or not sample.is_floating_point() or noise.shape != sample.shape or noise.dtype != sample.dtype:
+        if not self._dk_forward_ok(sample, noise, t):
             return super().get_velocity(sample, noise, timesteps)
         return ops.get_v(sample, noise, t, self._dk_schedule(sample.device), backend=self.fused_backend)
 
@@ -166,6 +496,9 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
     """diffusers' ``DDPMScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.ddpm_step`; see the module docstring for what differs."""
 
+    _make_output = staticmethod(_output_maker(DDPMSchedulerOutput))
+    _stock_name = "DDPMScheduler"
+
     def set_timesteps(
         self,
         num_inference_steps: Optional[int] = None,
@@ -174,42 +507,51 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
     ):
         # computed on the host, so the previous-timestep table is built without reading a device tensor
         super().set_timesteps(num_inference_steps=num_inference_steps, device=None, timesteps=timesteps)
-        self._build_previous_table(self.timesteps.tolist())
+        host = self.timesteps.tolist()
         if device is not None:
             self.timesteps = self.timesteps.to(device)
-            self._dk_prev_source = self.timesteps
-            self._previous_table(device)
-            self._prepare_device(device)
+        self._dk_new_steps(host)
+        self._prepare_device(device)
 
-    def _build_previous_table(self, host: List[int]) -> None:
+    def _dk_plan_key(self):
+        return self.variance_type
+
+    def _dk_plan_variance(self, plan: _Plan) -> None:
+        variance_type = self.variance_type
+        if variance_type not in _VARIANCE_TYPES:
+            self._dk_warn(
+                "variance_type",
+                f"variance_type={variance_type!r} is not one of {list(_VARIANCE_TYPES)}; computed as "
+                "'fixed_small', as the stock scheduler does",
+            )
+            variance_type = "fixed_small"
+        plan.variance_type = variance_type
+        plan.learned = variance_type in _LEARNED
+
+    def _dk_steps_key(self):
+        return (self.num_inference_steps, self.custom_timesteps)
+
+    def _dk_previous_values(self, host: List[int]):
+        if not (self.custom_timesteps or self.num_inference_steps):
+            return None  # t -> t - 1
         T = self.config.num_train_timesteps
         # previous timestep of each listed timestep (the first occurrence wins, as the stock nonzero() search);
         # a timestep not in the list steps to t - 1 (the stock scheduler raises there)
-        table = np.arange(-1, T - 1, dtype=np.int64)
+        table = list(range(-1, T - 1))
         for i in reversed(range(len(host))):
             if 0 <= host[i] < T:
                 table[host[i]] = host[i + 1] if i + 1 < len(host) else -1
-        self._dk_prev_host = torch.from_numpy(table)
-        self._dk_prev = {}
-        self._dk_prev_source = self.timesteps
-
-    def _previous_table(self, device: torch.device) -> Optional[torch.Tensor]:
-        if not (self.custom_timesteps or self.num_inference_steps):
-            return None
-        if getattr(self, "_dk_prev_source", None) is not self.timesteps:
-            # timesteps replaced outside set_timesteps: rebuild once (reads them; a sync if on a device)
-            self._build_previous_table([int(v) for v in self.timesteps.tolist()])
-        cache = self.__dict__.setdefault("_dk_prev", {})
-        device = _device(device)
-        table = cache.get(device)
-        if table is None:
-            table = cache[device] = self._dk_prev_host.to(device)
         return table
 
-    def _previous_timestep_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        table = self._previous_table(t.device)
-        if table is None:
+    def _dk_previous_value(self, steps: _Steps, value: int) -> int:
+        return value - 1 if steps.prev is None else steps.prev[value]
+
+    def _dk_previous_tensor(self, steps: _Steps, t: torch.Tensor) -> torch.Tensor:
+        if steps.prev is None:
             return t - 1
+        table = steps.prev_tables.get(t.device)
+        if table is None:
+            table = steps.prev_tables[t.device] = torch.tensor(steps.prev, dtype=torch.long, device=t.device)
         # clamped gather: an out-of-range t is reported by the op's own check (or gives NaN), never a bad read
         return table.index_select(0, t.clamp(0, table.shape[0] - 1))
 
@@ -222,51 +564,50 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
         return_dict: bool = True,
     ):
         """As ``DDPMScheduler.step``, fused and sync-free; ``timestep`` may be per sample, shape (B,)."""
-        t = self._timestep_tensor(timestep, sample)
-        t_prev = self._previous_timestep_tensor(t)
-        variance_type = self.variance_type
-        if variance_type in ("learned", "learned_range") and model_output.shape[1] != 2 * sample.shape[1]:
-            raise ValueError(
-                f"model_output: variance_type={variance_type!r} needs the model's variance channels "
-                f"({2 * sample.shape[1]} channels for a sample of {sample.shape[1]}), got shape "
-                f"{tuple(model_output.shape)}"
-            )
+        fused = self._dk_fused(model_output, timestep, sample)
+        if fused is None:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        plan, schedule, t, t_prev, value = fused
         model_dtype = model_output.dtype
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
-        schedule = self._dk_schedule(sample.device)
+        if model_dtype != sample.dtype:
+            model_output, sample = self._dk_common_dtype(model_output, sample)
         generator_for_op = None
         if self.in_kernel_noise and (generator is None or self._noise_generator(generator) is not None):
             noise, generator_for_op = None, self._noise_generator(generator)
         else:
-            host = _host_timesteps(timestep)
-            if host is not None and all(v <= 0 for v in host):
+            if value is not None:
+                draw = value > 0
+            else:
+                host = _host_timesteps(timestep)
+                draw = host is None or any(v > 0 for v in host)
+            if not draw:
                 # the stock step draws nothing at t == 0; neither do we (the noise is masked out anyway)
                 noise = torch.zeros_like(sample)
             else:
                 # the stock draw: the model output's (variance-split) shape, dtype and device
-                noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=model_dtype)
-                noise = noise.to(sample.dtype)
+                noise = _randn(sample.shape, generator, sample.device, model_dtype)
+                if noise.dtype != sample.dtype:
+                    noise = noise.to(sample.dtype)
         prev_sample, pred_original_sample = ops.ddpm_step(
             sample,
             t,
             t_prev,
             model_output,
             schedule,
-            _PREDICTION[self.config.prediction_type],
-            variance_type,
-            bool(self.config.clip_sample),
+            plan.parameterization,
+            plan.variance_type,
+            plan.clip,
             noise,
             generator_for_op,
-            backend=self.fused_backend,
-            clip_range=float(self.config.clip_sample_range),
-            threshold_ratio=float(self.config.dynamic_thresholding_ratio) if self.config.thresholding else None,
-            threshold_max=float(self.config.sample_max_value),
+            self.fused_backend,
+            clip_range=plan.clip_range,
+            threshold_ratio=plan.threshold_ratio,
+            threshold_max=plan.threshold_max,
             return_pred_x0=True,
         )
         if not return_dict:
             return (prev_sample, pred_original_sample)
-        return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return self._make_output(prev_sample, pred_original_sample)
 
 
 class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
@@ -277,9 +618,27 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
     ``pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)`` after building the pipeline.
     """
 
+    _make_output = staticmethod(_output_maker(DDIMSchedulerOutput))
+    _stock_name = "DDIMScheduler"
+
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None):
-        super().set_timesteps(num_inference_steps, device=device)
+        # computed on the host, so their values are known without reading a device tensor
+        super().set_timesteps(num_inference_steps, device=None)
+        host = self.timesteps.tolist()
+        if device is not None:
+            self.timesteps = self.timesteps.to(device)
+        self._dk_new_steps(host)
         self._prepare_device(device)
+
+    def _dk_previous_values(self, host: List[int]):
+        return None
+
+    def _dk_previous_value(self, steps: _Steps, value: int) -> int:
+        # the stock step's previous timestep, whatever the spacing; every negative one means "final alpha"
+        return max(value - self.config.num_train_timesteps // self.num_inference_steps, -1)
+
+    def _dk_previous_tensor(self, steps: _Steps, t: torch.Tensor) -> torch.Tensor:
+        return (t - self.config.num_train_timesteps // self.num_inference_steps).clamp(min=-1)
 
     def step(
         self,
@@ -293,51 +652,76 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
         return_dict: bool = True,
     ):
         """As ``DDIMScheduler.step``, fused and sync-free; ``timestep`` may be per sample, shape (B,)."""
-        if self.num_inference_steps is None:
-            raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+        fused = fused_eta = None
+        if self.num_inference_steps is not None:
+            fused_eta = eta if type(eta) is float and 0.0 <= eta < math.inf and variance_noise is None else (
+                self._dk_eta(eta, variance_noise, generator, sample))
+            if fused_eta is not None:
+                fused = self._dk_fused(model_output, timestep, sample)
+        if fused is None:
+            # the stock step, also for its own errors (no set_timesteps, generator with variance_noise)
+            return super().step(
+                model_output, timestep, sample, eta=eta, use_clipped_model_output=use_clipped_model_output,
+                generator=generator, variance_noise=variance_noise, return_dict=return_dict,
             )
-        eta = float(eta)
-        t = self._timestep_tensor(timestep, sample)
-        # the stock step's previous timestep, whatever the spacing; every negative one means "final alpha"
-        t_prev = (t - self.config.num_train_timesteps // self.num_inference_steps).clamp(min=-1)
+        plan, schedule, t, t_prev, _ = fused
+        eta = fused_eta
         model_dtype = model_output.dtype
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
+        if model_dtype != sample.dtype:
+            model_output, sample = self._dk_common_dtype(model_output, sample)
         noise, generator_for_op = None, None
         if eta > 0:
-            if variance_noise is not None and generator is not None:
-                raise ValueError(
-                    "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
-                    " `variance_noise` stays `None`."
-                )
             if variance_noise is not None:
                 noise = variance_noise.to(device=sample.device, dtype=sample.dtype)
             elif self.in_kernel_noise and (generator is None or self._noise_generator(generator) is not None):
                 generator_for_op = self._noise_generator(generator)
             else:
-                noise = randn_tensor(
-                    model_output.shape, generator=generator, device=model_output.device, dtype=model_dtype
-                ).to(sample.dtype)
+                noise = _randn(model_output.shape, generator, model_output.device, model_dtype)
+                if noise.dtype != sample.dtype:
+                    noise = noise.to(sample.dtype)
         prev_sample, pred_original_sample = ops.ddim_step(
             sample,
             t,
             t_prev,
             model_output,
-            self._dk_schedule(sample.device),
+            schedule,
             eta,
-            _PREDICTION[self.config.prediction_type],
-            bool(self.config.clip_sample),
+            plan.parameterization,
+            plan.clip,
             noise,
             generator_for_op,
-            backend=self.fused_backend,
-            set_alpha_to_one=bool(self.config.set_alpha_to_one),
+            self.fused_backend,
+            set_alpha_to_one=plan.set_alpha_to_one,
             use_clipped_model_output=bool(use_clipped_model_output),
-            clip_range=float(self.config.clip_sample_range),
-            threshold_ratio=float(self.config.dynamic_thresholding_ratio) if self.config.thresholding else None,
-            threshold_max=float(self.config.sample_max_value),
+            clip_range=plan.clip_range,
+            threshold_ratio=plan.threshold_ratio,
+            threshold_max=plan.threshold_max,
             return_pred_x0=True,
         )
         if not return_dict:
             return (prev_sample, pred_original_sample)
-        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return self._make_output(prev_sample, pred_original_sample)
+
+    def _dk_eta(self, eta, variance_noise, generator, sample) -> Optional[float]:
+        """``eta`` as a float when the fused step takes the call, else None (the stock step does)."""
+        if type(eta) is not float:
+            cpu_scalar = isinstance(eta, torch.Tensor) and eta.numel() == 1 and eta.device.type == "cpu"
+            if not (_is_real(eta) or cpu_scalar):
+                self._dk_stock("eta", f"eta={eta!r} is not a real number")
+                return None
+            eta = float(eta)
+        if not 0.0 <= eta < math.inf:
+            self._dk_stock("eta", f"eta={eta!r} is not a finite number >= 0")
+            return None
+        if eta > 0 and variance_noise is not None:
+            if generator is not None:
+                return None  # the stock step raises its error for both
+            if not (
+                isinstance(variance_noise, torch.Tensor)
+                and isinstance(sample, torch.Tensor)
+                and variance_noise.shape == sample.shape
+                and variance_noise.device == sample.device
+            ):
+                self._dk_stock("variance_noise", "variance_noise is not a tensor of the sample's shape and device")
+                return None
+        return eta
