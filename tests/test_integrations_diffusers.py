@@ -349,6 +349,8 @@ def test_timesteps_outside_the_schedule_run_stock():
         for t in (1000, -1, -5, torch.tensor(1000)):
             assert_same_as_stock(lambda s: s.step(mo, t, x, generator=torch.Generator().manual_seed(0)).prev_sample,
                                  stock, fused, warns=False)
+        for t in (torch.tensor([1000, 3]), torch.tensor([-1, 3])):
+            assert_same_as_stock(lambda s: s.add_noise(x, mo, t), stock, fused, warns=False)
 
 
 def test_ddim_eta_and_variance_noise_the_fused_op_does_not_take_run_stock():

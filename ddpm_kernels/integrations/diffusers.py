@@ -164,9 +164,11 @@ class _Plan:
 
 class _Steps:
     """What a step needs that depends on the timesteps set by ``set_timesteps``: their values on the host, the
-    previous timestep of each value, and the ``(t, t_prev)`` tensors built so far per (value, batch, device)."""
+    previous timestep of each value, the ``(t, t_prev, value)`` triples built so far per (value, batch, device)
+    in ``tensors`` and, for timesteps that are views of ``timesteps``, per (address, shape, dtype, batch,
+    device) in ``views``; the previous-timestep table per device."""
 
-    __slots__ = ("timesteps", "version", "key", "host", "prev", "tensors", "views", "prev_tables")
+    __slots__ = ("timesteps", "root", "version", "key", "host", "prev", "tensors", "views", "prev_tables")
 
 
 class _FusedSchedulerMixin:
@@ -286,6 +288,8 @@ class _FusedSchedulerMixin:
     def _dk_new_steps(self, host: List[int]) -> _Steps:
         steps = _Steps()
         steps.timesteps = self.timesteps
+        # what the _base of every view of timesteps is (views of a view point at the viewed tensor's base)
+        steps.root = self.timesteps if self.timesteps._base is None else self.timesteps._base
         steps.version = self.timesteps._version
         steps.key = self._dk_steps_key()
         steps.host = host
@@ -320,10 +324,9 @@ class _FusedSchedulerMixin:
                 return False, False  # the stock step broadcasts (or rejects) these its own way
             if timestep.numel() != 1:
                 return None, False
-            base = timestep._base
-            if base is not None:
+            if timestep._base is steps.root:
                 timesteps = steps.timesteps
-                if (base is timesteps or base is timesteps._base) and timestep.dtype == timesteps.dtype:
+                if timestep.dtype == timesteps.dtype:
                     stride = timesteps.stride(0)
                     if stride > 0:
                         index, rest = divmod(timestep.storage_offset() - timesteps.storage_offset(), stride)
@@ -347,11 +350,15 @@ class _FusedSchedulerMixin:
             or steps.key != self._dk_steps_key()
         ):
             steps = self._dk_steps()
-        # the two forms of a sampling loop, one dict lookup each: a view of self.timesteps (its address is
-        # pinned while steps holds the tensor, and shape and dtype tell it from the whole tensor or another
-        # dtype's view of it), and a Python int
+        # the two forms of a sampling loop, one dict lookup each: a view of self.timesteps (a view of the same
+        # storage, which steps keeps alive: its address tells the element, shape and dtype tell it from the whole
+        # tensor or another dtype's view of it) and a Python int
         if type(timestep) is torch.Tensor:
-            found = steps.views.get((timestep.data_ptr(), timestep.shape, timestep.dtype, batch, device))
+            found = (
+                steps.views.get((timestep.data_ptr(), timestep.shape, timestep.dtype, batch, device))
+                if timestep._base is steps.root
+                else None
+            )
         elif type(timestep) is int:
             found = steps.tensors.get((timestep, batch, device))
         else:
@@ -445,9 +452,14 @@ class _FusedSchedulerMixin:
 
     # ------------------------------------------------------------------ forward process
     def _timesteps_like(self, timesteps, samples: torch.Tensor) -> Optional[torch.Tensor]:
+        """``timesteps`` as the fused op takes them for ``samples`` (shape (B,), on their device), or None for
+        the stock code."""
         t = torch.as_tensor(timesteps)
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             return None
+        host = _host_timesteps(t)
+        if host and (min(host) < 0 or max(host) >= self.config.num_train_timesteps):
+            return None  # the stock code indexes with the values (a negative one wraps around, T raises)
         t = t.to(samples.device).reshape(-1)
         if samples.ndim == 0:
             return None
@@ -456,15 +468,19 @@ class _FusedSchedulerMixin:
         return t if t.shape[0] == samples.shape[0] else None
 
     def _dk_forward_ok(self, x, noise, t) -> bool:
-        return (
+        """Whether the fused op takes add_noise / get_velocity's arguments as the stock code would."""
+        if not (
             t is not None
             and isinstance(x, torch.Tensor)
             and isinstance(noise, torch.Tensor)
             and x.is_floating_point()
             and noise.shape == x.shape
             and noise.dtype == x.dtype
+            and noise.device == x.device
             and self._dk_plan().stock is None
-        )
+        ):
+            return False
+        return True
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """``sqrt(ab_t) x + sqrt(1 - ab_t) noise`` as one fused `ddpm_kernels.q_sample`. Inputs outside what
