@@ -526,7 +526,11 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
         host = self.timesteps.tolist()
         if device is not None:
             self.timesteps = self.timesteps.to(device)
-        self._dk_new_steps(host)
+        steps = self._dk_new_steps(host)
+        if device is not None and steps.prev is not None:
+            # the previous-timestep table for timesteps looked up on the device, copied here rather than in a step
+            device = _device(device)
+            steps.prev_tables[device] = torch.tensor(steps.prev, dtype=torch.long).to(device)
         self._prepare_device(device)
 
     def _dk_plan_key(self):
