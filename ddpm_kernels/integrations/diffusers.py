@@ -86,7 +86,7 @@ def _host_timesteps(timestep) -> Optional[List[int]]:
     if isinstance(timestep, (int, np.integer)):
         return [int(timestep)]
     if isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu":
-        return [int(v) for v in timestep.reshape(-1).tolist()]
+        return [timestep.item()] if timestep.numel() == 1 else timestep.reshape(-1).tolist()
     return None
 
 
