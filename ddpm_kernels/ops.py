@@ -248,6 +248,11 @@ def diffusion_loss(
     x_start or v); ``loss_vlb`` weights each sample by ``lvlb_weights[t]``; ``loss = l_simple_weight *
     loss_simple + original_elbo_weight * loss_vlb``. Differentiable w.r.t. ``model_output``.
     """
+    if getattr(schedule, "sampling_only", False):
+        raise ValueError(
+            "schedule: built with sampling_only=True, whose training-only tables (lvlb weights) may be non-finite; "
+            "build the schedule for training without it"
+        )
     options = (parameterization, loss_type, l_simple_weight, original_elbo_weight)
     fn, opts, t, _, _ = _prologue(SPECS["diffusion_loss"], backend, model_output, (x_start, noise), schedule, t, options)
     return fn(model_output, x_start, noise, t, schedule, *opts)

@@ -115,3 +115,11 @@ def test_dispatch_is_the_only_fallback(monkeypatch):
         assert name == "reference"
         name, _ = backends.resolve("q_sample", "auto", torch.device("cpu"), torch.float32, None, grad)
         assert name == "cpu"
+
+
+def test_loss_refuses_a_sampling_only_schedule():
+    s = dk.DiffusionSchedule("linear", 1, sampling_only=True)
+    x, t = torch.randn(2, 3), torch.zeros(2, dtype=torch.int64)
+    dk.p_sample(x, t, x, s, noise=x)  # sampling is what the schedule is for
+    with pytest.raises(ValueError, match="sampling_only=True"):
+        dk.diffusion_loss(x, x, x, t, s)
