@@ -1,0 +1,147 @@
+"""Every CUDA and Triton kernel of ddpm_kernels once, at small shapes, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck  python benchmarks/gpu/sanitize.py
+    compute-sanitizer --tool racecheck python benchmarks/gpu/sanitize.py --only reductions
+
+Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1: then every tensor is its own cudaMalloc, so memcheck sees a read
+or write past a tensor's end; through torch's caching allocator it would land in a neighbouring block of the
+same pool and go unreported. Shapes cover the vector path (16-divisible, 16-byte aligned), the scalar tails
+(odd sizes), a misaligned view, and a loss of several pieces per sample. Only the public API is used.
+Prints one line per call; exits 1 if a call raised (the sanitizer's own report counts the memory errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+import torch
+
+T = 1000
+
+
+def calls(backend, dtype, shape, s, unaligned=False, device="cuda"):
+    """(pointwise, reductions): name -> call of every op, noise given and drawn in-kernel, on one backend,
+    dtype and shape."""
+    import ddpm_kernels as dk
+
+    def randn(*sh):
+        if unaligned:  # a view 1 element into its storage: not 16-byte aligned
+            n = 1
+            for d in sh:
+                n *= d
+            return torch.randn(n + 1, device=device, dtype=dtype)[1:].view(sh)
+        return torch.randn(sh, device=device, dtype=dtype)
+
+    B = shape[0]
+    x, mo, z = randn(*shape), randn(*shape), randn(*shape)
+    wide = torch.cat([mo, z.clamp(-1, 1)], 1)
+    t = torch.randint(0, T, (B,), device=device)
+    t[0] = 0
+    t[-1] = T - 1
+    t_prev = (t - 20).clamp(min=-1)
+    buf = x.clone()
+    b = backend
+
+    def loss_backward(param, loss_type):
+        m = mo.detach().clone().requires_grad_(True)
+        loss = dk.diffusion_loss(m, x, z, t, s, param, loss_type, 0.7, 0.3, backend=b)[0]
+        return torch.autograd.grad(loss, m)
+
+    def q_sample_backward():
+        a, n = x.detach().clone().requires_grad_(True), z.detach().clone().requires_grad_(True)
+        return torch.autograd.grad(dk.q_sample(a, t, n, s, backend=b).sum(), (a, n))
+
+    pointwise = {
+        "q_sample": lambda: dk.q_sample(x, t, z, s, backend=b),
+        "q_sample out=": lambda: dk.q_sample(x, t, z, s, backend=b, out=buf),
+        "q_sample backward": q_sample_backward,
+        "predict_start_from_noise": lambda: dk.predict_start_from_noise(x, t, z, s, backend=b),
+        "predict_noise_from_start": lambda: dk.predict_noise_from_start(x, t, z, s, backend=b),
+        "get_v": lambda: dk.get_v(x, z, t, s, backend=b),
+        "predict_start_from_z_and_v": lambda: dk.predict_start_from_z_and_v(x, t, z, s, backend=b),
+        "predict_eps_from_z_and_v": lambda: dk.predict_eps_from_z_and_v(x, t, z, s, backend=b),
+        "q_posterior": lambda: dk.q_posterior(x, z, t, s, backend=b),
+        "p_mean_variance eps": lambda: dk.p_mean_variance(x, t, mo, s, "eps", True, backend=b),
+        "p_mean_variance v": lambda: dk.p_mean_variance(x, t, mo, s, "v", False, backend=b),
+        "p_sample noise": lambda: dk.p_sample(x, t, mo, s, "x0", True, z, backend=b),
+        "p_sample in-kernel noise": lambda: dk.p_sample(x, t, mo, s, backend=b),
+        "p_sample in place": lambda: dk.p_sample(buf, t, mo, s, backend=b, out=buf),
+        "ddpm_step fixed_small": lambda: dk.ddpm_step(x, t, t_prev, mo, s, backend=b),
+        "ddpm_step learned_range": lambda: dk.ddpm_step(x, t, t_prev, wide, s, "v", "learned_range", noise=z,
+                                                        backend=b),
+        "ddpm_step out= pred_x0": lambda: dk.ddpm_step(x, t, t_prev, mo, s, backend=b, out=buf, return_pred_x0=True),
+        "ddim_step eta=0": lambda: dk.ddim_step(x, t, t_prev, mo, s, 0.0, backend=b),
+        "ddim_step eta=1": lambda: dk.ddim_step(x, t, t_prev, mo, s, 1.0, "eps", True, backend=b),
+    }
+    reductions = {
+        "diffusion_loss eps l2": lambda: dk.diffusion_loss(mo, x, z, t, s, "eps", "l2", backend=b),
+        "diffusion_loss v l1": lambda: dk.diffusion_loss(mo, x, z, t, s, "v", "l1", 0.7, 0.3, backend=b),
+        "diffusion_loss backward eps l2": lambda: loss_backward("eps", "l2"),
+        "diffusion_loss backward x0 l1": lambda: loss_backward("x0", "l1"),
+        "dynamic_threshold": lambda: dk.dynamic_threshold(x * 3, 0.9, 2.0, backend=b),
+        "ddim_step threshold": lambda: dk.ddim_step(x, t, t_prev, mo, s, 0.5, "x0", threshold_ratio=0.9, backend=b),
+        "ddpm_step threshold": lambda: dk.ddpm_step(x, t, t_prev, mo, s, threshold_ratio=0.9, backend=b),
+    }
+    return pointwise, reductions
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("all", "reductions"), default="all",
+                        help="reductions: the loss and the threshold (shared-memory reductions, for racecheck)")
+    parser.add_argument("--backends", nargs="+", default=["cuda", "triton"])
+    parser.add_argument("--device", default="cuda",
+                        help="cpu: run the same calls on the CPU (with --backends cpu), to check this script "
+                             "on a machine without a GPU")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("sanitize: no CUDA device: skipped")
+        return 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    import warnings
+
+    import ddpm_kernels as dk
+
+    warnings.simplefilter("ignore", RuntimeWarning)  # options a backend hands to the reference
+    s = dk.DiffusionSchedule("linear", timesteps=T).to(device)
+    torch.manual_seed(0)
+    n_calls, raised = 0, []
+    # (dtype, shape, unaligned), most telling first so that a run cut short by its time box keeps them: odd sizes
+    # (scalar tails), misaligned views (no vector path), aligned (vector path), a loss of several pieces per
+    # sample; float16 and float64 once each for their own instantiations. Backends alternate case by case.
+    odd, aligned, pieces = (3, 3, 17, 19), (4, 4, 16, 16), (5, 3, 40, 41)
+    f32, bf16 = torch.float32, torch.bfloat16
+    cases = [(f32, odd, False), (bf16, odd, False), (f32, aligned, True), (bf16, aligned, True),
+             (f32, aligned, False), (bf16, aligned, False), (f32, pieces, False), (torch.float16, odd, False),
+             (torch.float64, odd, False)]
+    for dtype, shape, unaligned in cases:
+        for backend in args.backends:
+            tag = f"{backend} {str(dtype).split('.')[-1]} {'x'.join(map(str, shape))}{' unaligned' if unaligned else ''}"
+            if backend not in dk.available_backends(device, dtype):
+                print(f"n/a     {tag}: backend not available here")
+                continue
+            pointwise, reductions = calls(backend, dtype, shape, s, unaligned, device)
+            todo = dict(reductions) if args.only == "reductions" else {**pointwise, **reductions}
+            for name, fn in todo.items():
+                n_calls += 1
+                try:
+                    fn()
+                    sync()  # a fault is reported at the call that made it
+                    print(f"ok      {tag} {name}", flush=True)
+                except dk.BackendUnavailableError:
+                    print(f"n/a     {tag} {name}", flush=True)
+                except Exception as exc:  # keep going: one report per faulty kernel
+                    raised.append(f"{tag} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                    print(f"RAISED  {tag} {name}", flush=True)
+                    traceback.print_exc(limit=3)
+    print(f"sanitize: {n_calls} calls, {len(raised)} raised")
+    for line in raised:
+        print("  " + line)
+    return 1 if raised else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
