@@ -26,8 +26,7 @@ SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
 
     from ddpm_kernels.triton import utils
-    from ddpm_kernels.triton.q_sample import q_sample_kernel
-    from ddpm_kernels.triton.predict_start_from_noise import predict_start_from_noise_kernel
+    from ddpm_kernels.triton.pair import PAIR_OPS, POSTERIOR_MEAN, pair_kernel
     from ddpm_kernels.triton.q_posterior import q_posterior_kernel
     from ddpm_kernels.triton.p_mean_variance import p_mean_variance_kernel
     from ddpm_kernels.triton.p_sample import p_sample_kernel
@@ -43,8 +42,9 @@ SCRIPT = textwrap.dedent(
     assert BACKEND.unavailable_reason(torch.device("cpu"), torch.float32) is not None  # no CPU without interpreter
     R = utils.ROW
 
-    DATA = {"x_start_ptr", "noise_ptr", "x_t_ptr", "model_output_ptr", "out_ptr", "mean_ptr", "grad_ptr",
-            "grad_a_ptr", "grad_b_ptr", "grad_model_output_ptr", "grad_x_start_ptr", "grad_noise_ptr",
+    DATA = {"x_start_ptr", "noise_ptr", "x_t_ptr", "model_output_ptr", "out_ptr", "mean_ptr", "a_ptr", "b_ptr",
+            "out_b_ptr", "grad_ptr", "grad_a_ptr", "grad_b_ptr", "grad_model_output_ptr", "grad_x_start_ptr",
+            "grad_noise_ptr",
             "loss_ptr", "loss_simple_ptr", "loss_vlb_ptr", "grad_loss_ptr", "grad_loss_simple_ptr",
             "grad_loss_vlb_ptr", "x0_ptr"}
     INDEX = {"t_ptr", "seed_ptr", "t_prev_ptr"}
@@ -94,9 +94,7 @@ SCRIPT = textwrap.dedent(
         return {k: R[v] for k, v in names.items()}
 
     E = dict(BLOCK=1024)  # elementwise kernels' block
-    SQRT_AB = rows(ROW_SQRT_AB="sqrt_alphas_cumprod", ROW_SQRT_1M_AB="sqrt_one_minus_alphas_cumprod")
-    RECIP = rows(ROW_SQRT_RECIP_AB="sqrt_recip_alphas_cumprod", ROW_SQRT_RECIPM1_AB="sqrt_recipm1_alphas_cumprod")
-    PAIR = rows(ROW_A="sqrt_alphas_cumprod", ROW_B="sqrt_one_minus_alphas_cumprod")
+    PAIR = {name: i for i, name in enumerate(PAIR_OPS)}
     # the sampler steps' defaults (eps, fixed_small, final alpha 1, no option on); each case names
     # only what it changes
     DDIM = dict(E, PARAMETERIZATION=0, CLIP_DENOISED=False, USE_CLIPPED_MODEL_OUTPUT=False, SET_ALPHA_TO_ONE=True,
@@ -108,9 +106,13 @@ SCRIPT = textwrap.dedent(
     VAR = rows(ROW_VAR="posterior_variance", ROW_LOG_VAR="posterior_log_variance_clipped")
     LOG_VAR = rows(ROW_LOG_VAR="posterior_log_variance_clipped")
     CASES = [
-        ("q_sample", q_sample_kernel, dict(E, **SQRT_AB)),
-        ("predict_start_from_noise", predict_start_from_noise_kernel, dict(E, **RECIP)),
-        ("linear_combination_backward", utils.linear_combination_backward_kernel, dict(E, SIGN_B=-1.0, **PAIR)),
+        *((f"pair[{name}]", pair_kernel, dict(E, OP=op, BACKWARD=False)) for name, op in PAIR.items()),
+        ("pair[q_sample,backward]", pair_kernel, dict(E, OP=PAIR["q_sample"], BACKWARD=True)),
+        ("pair[predict_noise_from_start,backward]", pair_kernel,
+         dict(E, OP=PAIR["predict_noise_from_start"], BACKWARD=True)),
+        ("pair[posterior_mean,backward]", pair_kernel, dict(E, OP=POSTERIOR_MEAN, BACKWARD=True)),
+        ("linear_combination_backward", utils.linear_combination_backward_kernel,
+         dict(E, SIGN_B=-1.0, **rows(ROW_A="sqrt_alphas_cumprod", ROW_B="sqrt_one_minus_alphas_cumprod"))),
         ("q_posterior", q_posterior_kernel, dict(E, **COEF, **VAR)),
         ("p_mean_variance[x0,clip]", p_mean_variance_kernel,
          dict(E, PARAMETERIZATION=1, CLIP_DENOISED=True, **VAR)),

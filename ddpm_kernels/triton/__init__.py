@@ -1,4 +1,4 @@
-"""Triton backend: each per-timestep op as one fused kernel (one file per op), registered as
+"""Triton backend: each per-timestep op as one fused kernel, registered as
 ``torch.library`` custom ops under ``ddpm_kernels_triton::`` so they work under ``torch.compile`` and
 ``torch.library.opcheck``.
 
@@ -11,7 +11,10 @@ interpreter it fails ``opcheck``'s fake-tensor test and ``torch.compile`` (the i
 of fake tensors), so the one registration that works on both CPU and GPU is used. Inductor treats the ops as
 opaque calls, which loses nothing: each already is one fused pass.
 
-Autograd: ``q_sample`` (x_start, noise), ``predict_start_from_noise`` (x_t, noise), ``q_posterior`` (mean
+The pair ops (``out = A_t a + B_t b``: q_sample, predict_start_from_noise, predict_noise_from_start, get_v,
+predict_start_from_z_and_v, predict_eps_from_z_and_v) are one kernel, ``pair.pair_kernel``.
+
+Autograd: every pair op (both tensor inputs), ``q_posterior`` (mean
 w.r.t. x_start, x_t) and ``diffusion_loss`` (model_output, and x_start / noise where the target depends on
 them). ``p_mean_variance``, ``p_sample``, ``ddim_step`` and ``ddpm_step`` have no backward (sampling only).
 """
@@ -30,9 +33,8 @@ from .dynamic_threshold import dynamic_threshold
 from .diffusion_loss import diffusion_loss
 from .p_mean_variance import p_mean_variance
 from .p_sample import p_sample
-from .predict_start_from_noise import predict_start_from_noise
+from .pair import ENTRIES as PAIR_ENTRIES
 from .q_posterior import q_posterior
-from .q_sample import q_sample
 
 __all__ = ["BACKEND", "TritonBackend"]
 
@@ -42,8 +44,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class TritonBackend:
     name = "triton"
     ops = {
-        "q_sample": q_sample,
-        "predict_start_from_noise": predict_start_from_noise,
+        **PAIR_ENTRIES,
         "q_posterior": q_posterior,
         "p_mean_variance": p_mean_variance,
         "p_sample": p_sample,

@@ -72,7 +72,7 @@ def diffusion_loss_kernel(
 ):
     sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = table_ptr.dtype.element_ty
-    # Data loads before the t -> coefficient chain (see q_sample_kernel).
+    # Data loads before the t -> coefficient chain (see pair_kernel).
     model_output = load_tile(model_output_ptr, offs, mask, cd)
     t = tl.load(t_ptr + sample)
     target = _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION, cd)

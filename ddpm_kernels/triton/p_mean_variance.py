@@ -50,7 +50,7 @@ def p_mean_variance_kernel(
 ):
     sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = table_ptr.dtype.element_ty
-    # Data loads before the t -> coefficient chain (see q_sample_kernel).
+    # Data loads before the t -> coefficient chain (see pair_kernel).
     x_t = load_tile(x_t_ptr, offs, mask, cd)
     model_output = load_tile(model_output_ptr, offs, mask, cd)
     t = tl.load(t_ptr + sample)

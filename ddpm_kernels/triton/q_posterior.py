@@ -47,7 +47,7 @@ def q_posterior_kernel(
 ):
     sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = table_ptr.dtype.element_ty
-    # Data loads before the t -> coefficient chain (see q_sample_kernel).
+    # Data loads before the t -> coefficient chain (see pair_kernel).
     x_start = load_tile(x_start_ptr, offs, mask, cd)
     x_t = load_tile(x_t_ptr, offs, mask, cd)
     t = tl.load(t_ptr + sample)

@@ -1,7 +1,7 @@
 """Pieces every Triton op here shares. In the kernels (``@triton.jit`` helpers, which Triton inlines): a
 program's tile of its sample, loads upcast to the compute dtype and stores rounded once, the gather of a
-schedule coefficient, in-kernel Philox noise, NaN-preserving clipping and thresholding, and the backward of a
-two-term linear combination. On the host: the launch table and the chunked launch, the flattening of inputs,
+schedule coefficient, correctly rounded division and square root, in-kernel Philox noise, NaN-preserving
+clipping and thresholding, and the backward of a two-term linear combination. On the host: the launch table and the chunked launch, the flattening of inputs,
 the noise key, and the registration of an op with its ``out=`` form and of a linear combination's autograd.
 
 Layout. Every op is elementwise over ``(B, N)`` where ``B`` is the batch and ``N`` the product of the other
@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import typing
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,6 +46,8 @@ __all__ = [
     "like_dense",
     "posterior_outputs",
     "launch_into",
+    "compute_dtype",
+    "with_signature",
     "custom_op_with_out",
     "linear_combination_backward_fake",
     "register_linear_combination_autograd",
@@ -55,6 +57,8 @@ __all__ = [
     "load_tile",
     "store_tile",
     "clamp_symmetric",
+    "div_rn",
+    "sqrt_rn",
     "apply_threshold",
     "load_or_draw_noise",
     "store_posterior_variance",
@@ -92,6 +96,11 @@ ROW_SQRT_RECIP_ALPHAS_CUMPROD = tl.constexpr(TABLE_ROW["sqrt_recip_alphas_cumpro
 ROW_SQRT_RECIPM1_ALPHAS_CUMPROD = tl.constexpr(TABLE_ROW["sqrt_recipm1_alphas_cumprod"])
 ROW_POSTERIOR_MEAN_COEF1 = tl.constexpr(TABLE_ROW["posterior_mean_coef1"])
 ROW_POSTERIOR_MEAN_COEF2 = tl.constexpr(TABLE_ROW["posterior_mean_coef2"])
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels compute in: float64 for float64 data, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 # CUDA caps gridDim.y at 65535; batches larger than that are launched in chunks along the batch.
 MAX_GRID_Y = 65535
@@ -185,6 +194,18 @@ def launch_into(out: torch.Tensor, fmt: torch.memory_format, launch):
     if target is not out:
         out.copy_(target)
     return result
+
+
+def with_signature(fn, parameters: Sequence[Tuple[str, object]], returns):
+    """``fn`` (taking ``*args``) given the signature ``(name: type, ...) -> returns``, so that
+    ``torch.library.custom_op`` reads it as the op's schema: one function serves ops whose arguments differ only
+    in name and order."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    fn.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, kind, annotation=a) for n, a in parameters], return_annotation=returns
+    )
+    fn.__annotations__ = {**dict(parameters), "return": returns}
+    return fn
 
 
 def custom_op_with_out(name: str, functional, fake, launch, out_returns=None, data_format=None):
@@ -327,6 +348,26 @@ def clamp_symmetric(x, bound):
 def apply_threshold(x0, s):
     """Dynamic thresholding with the per-sample scale ``s``: ``clamp(x0, -s, s) / s``."""
     return clamp_symmetric(x0, s) / s
+
+
+@triton.jit
+def div_rn(x, y):
+    """``x / y`` correctly rounded. Triton compiles a float32 ``/`` to an approximate division on NVIDIA GPUs
+    (``div.full.f32``, up to 2 ulp) while its interpreter divides exactly; ``div_rn`` makes the GPU give the
+    interpreter's (and the float32 reference's) numbers. float64 division is always correctly rounded."""
+    if y.dtype == tl.float64:
+        return x / y
+    else:
+        return tl.math.div_rn(x, y)
+
+
+@triton.jit
+def sqrt_rn(x):
+    """``sqrt(x)`` correctly rounded (``tl.sqrt`` on float32 is ``sqrt.approx`` on NVIDIA GPUs; see div_rn)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.math.sqrt_rn(x)
 
 
 @triton.jit
