@@ -120,9 +120,9 @@ def test_launch_counts_and_no_host_sync(schedule):
     dk.q_sample(x_t, t, noise, schedule, backend="triton")
 
     kernels = cuda_kernel_names(lambda: dk.p_sample(x_t, t, model_output, schedule, noise=noise, backend="triton"))
-    assert len(kernels) == 1 and "p_sample_kernel" in kernels[0], kernels
+    assert len(kernels) == 1 and "posterior_kernel" in kernels[0], kernels
     kernels = cuda_kernel_names(lambda: dk.p_sample(x_t, t, model_output, schedule, backend="triton"))
-    assert len(kernels) == 1 and "p_sample_kernel" in kernels[0], kernels
+    assert len(kernels) == 1 and "posterior_kernel" in kernels[0], kernels
     kernels = cuda_kernel_names(lambda: dk.q_sample(x_t, t, noise, schedule, backend="triton"))
     assert len(kernels) == 1 and "pair_kernel" in kernels[0], kernels
 

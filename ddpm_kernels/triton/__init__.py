@@ -12,7 +12,8 @@ of fake tensors), so the one registration that works on both CPU and GPU is used
 opaque calls, which loses nothing: each already is one fused pass.
 
 The pair ops (``out = A_t a + B_t b``: q_sample, predict_start_from_noise, predict_noise_from_start, get_v,
-predict_start_from_z_and_v, predict_eps_from_z_and_v) are one kernel, ``pair.pair_kernel``.
+predict_start_from_z_and_v, predict_eps_from_z_and_v) are one kernel, ``pair.pair_kernel``; q_posterior,
+p_mean_variance and p_sample are another, ``posterior.posterior_kernel``.
 
 Autograd: every pair op (both tensor inputs), ``q_posterior`` (mean
 w.r.t. x_start, x_t) and ``diffusion_loss`` (model_output, and x_start / noise where the target depends on
@@ -31,10 +32,8 @@ from .ddim_step import ddim_step
 from .ddpm_step import ddpm_step
 from .dynamic_threshold import dynamic_threshold
 from .diffusion_loss import diffusion_loss
-from .p_mean_variance import p_mean_variance
-from .p_sample import p_sample
 from .pair import ENTRIES as PAIR_ENTRIES
-from .q_posterior import q_posterior
+from .posterior import p_mean_variance, p_sample, q_posterior
 
 __all__ = ["BACKEND", "TritonBackend"]
 

@@ -15,7 +15,7 @@ float32 registers (float64 for float64 data) and rounds once at the store.
 
 Noise. ``eta == 0`` reads and draws no noise (and leaves the generator untouched, as the reference does). With
 ``eta > 0`` and ``noise=None`` the kernel draws ``z`` with Philox exactly as ``p_sample`` does (same key and
-counter scheme, see ``p_sample.py``); the values differ from the reference's ``torch.randn`` draw, the
+counter scheme, ``utils``, "Noise"); the values differ from the reference's ``torch.randn`` draw, the
 distribution and the generator bookkeeping do not.
 
 Thresholding. ``threshold_ratio`` (dynamic thresholding) needs a per-sample quantile of ``|x0|`` over the
@@ -51,7 +51,7 @@ from .utils import (
     run_step,
     sample_tile,
     split_float,
-    step_noise_key,
+    noise_key,
     step_operands,
     store_tile,
     to_compute,
@@ -277,7 +277,7 @@ def ddim_step(
     if eta <= 0:
         noise = None  # eta == 0: no noise term, nothing read or drawn
     else:
-        seed, philox_seed, philox_offset = step_noise_key(generator, x_t, noise)
+        seed, philox_seed, philox_offset = noise_key(generator, x_t, noise)
     args = (
         x_t, t, t_prev, model_output, alphas_cumprod, eta, parameterization, clip_denoised,
         use_clipped_model_output, set_alpha_to_one, float(clip_range), noise, seed, philox_seed, philox_offset,

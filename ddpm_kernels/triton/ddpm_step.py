@@ -49,7 +49,7 @@ from .utils import (
     pred_x0_output,
     run_step,
     sample_tile,
-    step_noise_key,
+    noise_key,
     step_operands,
     store_tile,
     to_compute,
@@ -280,7 +280,7 @@ def ddpm_step(
     if threshold_ratio is not None:
         x0 = ddpm_step_x0_op(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance)
         scale = threshold_scale(x0, threshold_ratio, threshold_max)
-    seed, philox_seed, philox_offset = step_noise_key(generator, x_t, noise)
+    seed, philox_seed, philox_offset = noise_key(generator, x_t, noise)
     args = (
         x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, clip_denoised,
         float(clip_range), noise, seed, philox_seed, philox_offset, return_pred_x0, scale,
