@@ -124,7 +124,7 @@ def test_diffusion_loss(schedule, dtype, shape, parameterization, loss_type):
 
 def test_diffusion_loss_reduction_loops(schedule, monkeypatch):
     """The reduction kernel loops over batch chunks and partial-sum tiles (forced with small tiles)."""
-    loss_module = importlib.import_module("ddpm_kernels.triton.diffusion_loss")
+    loss_module = importlib.import_module("ddpm_kernels.triton.loss")
     monkeypatch.setattr(loss_module, "REDUCE_BLOCK_B", 4)
     monkeypatch.setattr(loss_module, "REDUCE_BLOCK_P", 2)
     model_output, x_start, noise = make_inputs((9, 2, 300), 3, torch.float32)

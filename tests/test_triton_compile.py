@@ -30,8 +30,8 @@ SCRIPT = textwrap.dedent(
     from ddpm_kernels.triton.posterior import posterior_kernel
     from ddpm_kernels.triton.ddim_step import ddim_step_kernel
     from ddpm_kernels.triton.ddpm_step import ddpm_step_kernel
-    from ddpm_kernels.triton.dynamic_threshold import dynamic_threshold_kernel
-    from ddpm_kernels.triton.diffusion_loss import (
+    from ddpm_kernels.triton.threshold import dynamic_threshold_kernel
+    from ddpm_kernels.triton.loss import (
         diffusion_loss_kernel, diffusion_loss_reduce_kernel, diffusion_loss_backward_kernel,
     )
     assert not utils.INTERPRETED

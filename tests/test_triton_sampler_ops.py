@@ -187,7 +187,7 @@ def test_torch_compile_steps(schedule):
 def test_registered_in_backend():
     assert tk.BACKEND.ops["ddim_step"].__module__ == "ddpm_kernels.triton.ddim_step"
     assert tk.BACKEND.ops["ddpm_step"].__module__ == "ddpm_kernels.triton.ddpm_step"
-    assert tk.BACKEND.ops["dynamic_threshold"].__module__ == "ddpm_kernels.triton.dynamic_threshold"
+    assert tk.BACKEND.ops["dynamic_threshold"].__module__ == "ddpm_kernels.triton.threshold"
     for name in ("ddim_step", "ddpm_step", "dynamic_threshold"):
         assert inspect.signature(tk.BACKEND.ops[name]) == inspect.signature(R.OPS[name])
 

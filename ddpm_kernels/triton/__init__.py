@@ -30,8 +30,8 @@ from .utils import INTERPRETED
 
 from .ddim_step import ddim_step
 from .ddpm_step import ddpm_step
-from .dynamic_threshold import dynamic_threshold
-from .diffusion_loss import diffusion_loss
+from .loss import diffusion_loss
+from .threshold import dynamic_threshold
 from .pair import ENTRIES as PAIR_ENTRIES
 from .posterior import p_mean_variance, p_sample, q_posterior
 

@@ -20,7 +20,7 @@ distribution and the generator bookkeeping do not.
 
 Thresholding. ``threshold_ratio`` (dynamic thresholding) needs a per-sample quantile of ``|x0|`` over the
 whole sample, which one elementwise pass cannot see. Such a step is three stages: ``ddim_step_x0`` (this kernel
-with ``X0_ONLY``) writes the raw x0 in the compute dtype, ``dynamic_threshold.threshold_scale`` selects each
+with ``X0_ONLY``) writes the raw x0 in the compute dtype, ``threshold.threshold_scale`` selects each
 sample's scale with a device-side sort (no host synchronization), and the step kernel runs with ``THRESHOLD``,
 recomputing x0 and applying ``clamp(x0, -s, s) / s`` in registers. Zero-element inputs run the reference.
 
@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .. import reference
 from ..schedule import TABLE_ROW
-from .dynamic_threshold import threshold_scale
+from .threshold import threshold_scale
 from .utils import (
     PARAMETERIZATION_ID,
     bound_pred_x0,

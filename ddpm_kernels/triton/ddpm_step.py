@@ -36,7 +36,7 @@ import triton.language as tl
 from .. import reference
 from .._layout import CONTIGUOUS, dense_format
 from ..schedule import TABLE_ROW
-from .dynamic_threshold import threshold_scale
+from .threshold import threshold_scale
 from .utils import (
     PARAMETERIZATION_ID,
     bound_pred_x0,

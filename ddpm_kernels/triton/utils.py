@@ -375,7 +375,7 @@ def sqrt_rn(x):
 @triton.jit
 def apply_threshold(x0, s):
     """Dynamic thresholding with the per-sample scale ``s``: ``clamp(x0, -s, s) / s``."""
-    return clamp_symmetric(x0, s) / s
+    return div_rn(clamp_symmetric(x0, s), s)
 
 
 @triton.jit
@@ -511,7 +511,7 @@ def gather_step_alphas(alphas_cumprod_ptr, t, t_prev, T, SET_ALPHA_TO_ONE: tl.co
 def bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD: tl.constexpr,
                   CLIP_DENOISED: tl.constexpr, COMPUTE_FP64: tl.constexpr):
     """A sampler step's x0 prediction, thresholded with the sample's scale (``THRESHOLD``: dynamic
-    thresholding replaces clipping; ``s >= 1``, see ``dynamic_threshold.threshold_scale``) or clipped to
+    thresholding replaces clipping; ``s >= 1``, see ``threshold.threshold_scale``) or clipped to
     ``[-clip_range, clip_range]`` (``CLIP_DENOISED``; ``clip_range`` as hi + lo float32s)."""
     if THRESHOLD:
         x0 = apply_threshold(x0, tl.load(scale_ptr + sample))
