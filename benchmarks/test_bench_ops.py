@@ -1,17 +1,7 @@
-"""Per-op benchmarks: every provider (eager reference, torch.compile, fused backends, diffusers) on one case."""
+"""Per-case benchmarks: every case of the op table (``ddpm_kernels.bench.CASES``: each op at its defaults, its
+in-kernel-noise form, a loss with its gradient) x every provider that applies (eager reference, torch.compile,
+fused backends and their ``out=`` forms, diffusers)."""
 
 
-def test_q_sample(run, provider):
-    run("q_sample", provider)
-
-
-def test_p_sample_given_noise(run, provider):
-    run("p_sample", provider)
-
-
-def test_p_sample_in_kernel_noise(run, provider):
-    run("p_sample_rng", provider)
-
-
-def test_diffusion_loss_fwd_bwd(run, provider):
-    run("loss_fwd_bwd", provider)
+def test_case(run, case, provider):
+    run(case, provider)

@@ -10,7 +10,10 @@ See docs/design.md, "The op table".
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import functools
+from typing import Callable, Dict, Optional, Tuple
+
+from . import _checks as _c
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
@@ -40,6 +43,13 @@ class StepOptions:
     threshold_max: float = 1.0
     return_pred_x0: bool = False
 
+    def __post_init__(self):
+        # hashed on every dispatch-cache lookup: once here, not field by field per call
+        object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     @property
     def learned(self) -> bool:
         """The model output carries the variance in a second half of its channels (B, 2C, ...)."""
@@ -54,3 +64,180 @@ class StepOptions:
     def thresholded(self) -> bool:
         """x0 is dynamically thresholded (a per-sample quantile first) instead of clipped."""
         return self.threshold_ratio is not None
+
+
+# ------------------------------------------------------------------------------------------------ the table
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A scalar option: its name, default and validator (``check(value) -> canonical value``, raising the
+    documented error; see ``ddpm_kernels._checks``)."""
+
+    name: str
+    default: object
+    check: Callable[[object], object]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """One public op.
+
+    Tensor roles: ``data`` is the primary tensor (its dtype, shape and device are the call's, and its memory
+    format is the one the fused backends run in); ``like`` are required tensors with ``data``'s dtype, shape
+    and device; ``optional`` likewise but may be None (given noise); ``timesteps`` are the per-sample index
+    tensors (``t`` in [0, T), ``t_prev`` in [-1, T)). ``options`` are the scalar options in signature order.
+    ``outputs`` are the kinds of the results: ``like`` (data's dtype, shape, format), ``per_sample`` ((B, 1, ...)
+    in the table's dtype), ``scalar`` (0-d, data's dtype), ``pred_x0`` (``like`` when ``return_pred_x0``, else
+    zero elements). ``draws_noise``: takes ``generator`` and draws in-kernel noise when ``noise`` is None.
+    ``has_out``: takes ``out=``. ``differentiable``: the inputs the training path differentiates (an op with
+    none is a sampling op: fused backends run it on detached inputs, see docs/design.md, "Dispatch").
+    ``schema``: the compiled operator's schema (``ddpm_kernels::<name>``), pinned by tests/test_op_table.py.
+    """
+
+    name: str
+    family: str
+    data: str
+    like: Tuple[str, ...] = ()
+    optional: Tuple[str, ...] = ()
+    timesteps: Tuple[str, ...] = ("t",)
+    options: Tuple[Option, ...] = ()
+    outputs: Tuple[str, ...] = ("like",)
+    draws_noise: bool = False
+    has_out: bool = False
+    differentiable: Tuple[str, ...] = ()
+    schema: Optional[str] = None
+
+    @property
+    def sampling(self) -> bool:
+        return not self.differentiable
+
+    @property
+    def option_names(self) -> Tuple[str, ...]:
+        return tuple(o.name for o in self.options)
+
+    @property
+    def tensors(self) -> Tuple[str, ...]:
+        """Every tensor argument's name: data, like, optional, then timesteps."""
+        return (self.data,) + self.like + self.optional + self.timesteps
+
+
+def _flag(name, default):
+    return Option(name, default, functools.partial(_c._check_bool, name))
+
+
+def _real_in(name, default, lo, hi, lo_open=False):
+    return Option(name, default, functools.partial(_c._check_range, name, lo=lo, hi=hi, lo_open=lo_open))
+
+
+def _optional_real_in(name, default, lo, hi):
+    def check(value):
+        return None if value is None else _c._check_range(name, value, lo, hi)
+
+    return Option(name, default, check)
+
+
+_INF = float("inf")
+PARAMETERIZATION = Option("parameterization", "eps", _c._check_parameterization)
+CLIP_DENOISED = _flag("clip_denoised", True)
+# the scalar options every sampler step of the family shares, after its own
+_STEP_TAIL = (
+    _real_in("clip_range", 1.0, 0.0, _INF, lo_open=True),
+    _optional_real_in("threshold_ratio", None, 0.0, 1.0),
+    _real_in("threshold_max", 1.0, 0.0, _INF, lo_open=True),
+    _flag("return_pred_x0", False),
+)
+
+_POSTERIOR_OUTPUTS = ("like", "per_sample", "per_sample")
+_TABLE = (
+    OpSpec(
+        "q_sample", "pair", "x_start", like=("noise",), has_out=True, differentiable=("x_start", "noise"),
+        schema="q_sample(Tensor x_start, Tensor t, Tensor noise, Tensor table) -> Tensor",
+    ),
+    OpSpec(
+        "predict_start_from_noise", "pair", "x_t", like=("noise",), differentiable=("x_t", "noise"),
+        schema="predict_start_from_noise(Tensor x_t, Tensor t, Tensor noise, Tensor table) -> Tensor",
+    ),
+    OpSpec(
+        "predict_noise_from_start", "pair", "x_t", like=("x0",), differentiable=("x_t", "x0"),
+        schema="predict_noise_from_start(Tensor x_t, Tensor t, Tensor x0, Tensor table) -> Tensor",
+    ),
+    OpSpec(
+        "get_v", "pair", "x_start", like=("noise",), differentiable=("x_start", "noise"),
+        schema="get_v(Tensor x_start, Tensor noise, Tensor t, Tensor table) -> Tensor",
+    ),
+    OpSpec(
+        "predict_start_from_z_and_v", "pair", "x_t", like=("v",), differentiable=("x_t", "v"),
+        schema="predict_start_from_z_and_v(Tensor x_t, Tensor t, Tensor v, Tensor table) -> Tensor",
+    ),
+    OpSpec(
+        "predict_eps_from_z_and_v", "pair", "x_t", like=("v",), differentiable=("x_t", "v"),
+        schema="predict_eps_from_z_and_v(Tensor x_t, Tensor t, Tensor v, Tensor table) -> Tensor",
+    ),
+    OpSpec(
+        "q_posterior", "posterior", "x_t", like=("x_start",), outputs=_POSTERIOR_OUTPUTS,
+        differentiable=("x_start", "x_t"),
+        schema="q_posterior(Tensor x_start, Tensor x_t, Tensor t, Tensor table) -> (Tensor, Tensor, Tensor)",
+    ),
+    OpSpec(
+        "p_mean_variance", "posterior", "x_t", like=("model_output",), options=(PARAMETERIZATION, CLIP_DENOISED),
+        outputs=_POSTERIOR_OUTPUTS,
+        schema="p_mean_variance(Tensor x_t, Tensor t, Tensor model_output, Tensor table, str parameterization, "
+        "bool clip_denoised) -> (Tensor, Tensor, Tensor)",
+    ),
+    OpSpec(
+        "p_sample", "posterior", "x_t", like=("model_output",), optional=("noise",),
+        options=(PARAMETERIZATION, CLIP_DENOISED), draws_noise=True, has_out=True,
+        schema="p_sample(Tensor x_t, Tensor t, Tensor model_output, Tensor table, str parameterization, "
+        "bool clip_denoised, Tensor? noise, Generator? generator) -> Tensor",
+    ),
+    OpSpec(
+        "diffusion_loss", "loss", "model_output", like=("x_start", "noise"),
+        options=(
+            PARAMETERIZATION,
+            Option("loss_type", "l2", functools.partial(_c._check_choice, "loss_type", choices=_c.LOSS_TYPES)),
+            Option("l_simple_weight", 1.0, functools.partial(_c._check_weight, "l_simple_weight")),
+            Option("original_elbo_weight", 0.0, functools.partial(_c._check_weight, "original_elbo_weight")),
+        ),
+        outputs=("scalar", "scalar", "scalar"), differentiable=("model_output", "x_start", "noise"),
+        schema="diffusion_loss(Tensor model_output, Tensor x_start, Tensor noise, Tensor t, Tensor table, "
+        "str parameterization, str loss_type, float l_simple_weight, float original_elbo_weight) "
+        "-> (Tensor, Tensor, Tensor)",
+    ),
+    OpSpec(
+        "dynamic_threshold", "threshold", "x0", timesteps=(),
+        options=(_real_in("ratio", 0.995, 0.0, 1.0), _real_in("max_value", 1.0, 0.0, _INF, lo_open=True)),
+        differentiable=("x0",),
+    ),
+    OpSpec(
+        "ddim_step", "step", "x_t", like=("model_output",), optional=("noise",), timesteps=("t", "t_prev"),
+        options=(
+            _real_in("eta", 0.0, 0.0, _INF), PARAMETERIZATION, _flag("clip_denoised", False),
+            _flag("set_alpha_to_one", True), _flag("use_clipped_model_output", False),
+        ) + _STEP_TAIL,
+        outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
+        schema="ddim_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, float eta, "
+        "str parameterization, bool clip_denoised, float clip_range, bool set_alpha_to_one, "
+        "bool use_clipped_model_output, Tensor? noise, Generator? generator, bool return_pred_x0) "
+        "-> (Tensor, Tensor)",
+    ),
+    OpSpec(
+        "ddpm_step", "step", "x_t", like=("model_output",), optional=("noise",), timesteps=("t", "t_prev"),
+        options=(
+            PARAMETERIZATION,
+            Option("variance_type", "fixed_small",
+                   functools.partial(_c._check_choice, "variance_type", choices=VARIANCE_TYPES)),
+            CLIP_DENOISED,
+        ) + _STEP_TAIL,
+        outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
+        schema="ddpm_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, "
+        "str parameterization, str variance_type, bool clip_denoised, float clip_range, Tensor? noise, "
+        "Generator? generator, bool return_pred_x0) -> (Tensor, Tensor)",
+    ),
+)
+
+OPS: Dict[str, OpSpec] = {spec.name: spec for spec in _TABLE}
+"""Every public op by name, in the order the README lists them."""
+
+
+def step_options(spec: OpSpec, values: Tuple) -> StepOptions:
+    """The validated `StepOptions` of a sampler step from its option values in table order."""
+    return StepOptions(spec.name[: -len("_step")], **dict(zip(spec.option_names, values)))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ops
+from . import _checks, ops
 from .schedule import DiffusionSchedule
 
 __all__ = ["GaussianDiffusion"]
@@ -46,17 +46,17 @@ class GaussianDiffusion(nn.Module):
             raise TypeError(f"schedule: expected a ddpm_kernels.DiffusionSchedule, got {type(schedule).__name__}")
         self.model = model
         self.schedule = schedule
-        self.parameterization = ops._check_parameterization(parameterization)
-        self.loss_type = ops._check_choice("loss_type", loss_type, ops.LOSS_TYPES)
-        self.clip_denoised = ops._check_bool("clip_denoised", clip_denoised)
+        self.parameterization = _checks._check_parameterization(parameterization)
+        self.loss_type = _checks._check_choice("loss_type", loss_type, _checks.LOSS_TYPES)
+        self.clip_denoised = _checks._check_bool("clip_denoised", clip_denoised)
         if isinstance(log_every_t, bool) or not isinstance(log_every_t, int) or log_every_t < 1:
             raise ValueError(f"log_every_t: expected a positive int, got {log_every_t!r}")
         self.log_every_t = log_every_t
-        self.l_simple_weight = ops._check_weight("l_simple_weight", l_simple_weight)
-        self.original_elbo_weight = ops._check_weight("original_elbo_weight", original_elbo_weight)
+        self.l_simple_weight = _checks._check_weight("l_simple_weight", l_simple_weight)
+        self.original_elbo_weight = _checks._check_weight("original_elbo_weight", original_elbo_weight)
         self.image_size = image_size
         self.channels = channels
-        self.backend = ops._check_choice("backend", backend, ops.backends.BACKEND_NAMES)
+        self.backend = _checks._check_backend(backend)
 
     # ------------------------------------------------------------------ schedule views
     @property

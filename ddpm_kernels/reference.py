@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ._spec import LEARNED_VARIANCE_TYPES, VARIANCE_TYPES  # noqa: F401  (re-exported)
 from .schedule import TABLE_ROW, DiffusionSchedule
 
 __all__ = [
@@ -38,8 +39,7 @@ __all__ = [
     "p_sample_ref",
     "diffusion_loss_ref",
     "dynamic_threshold_ref",
-    "ddim_step_ref",
-    "ddpm_step_ref",
+    "sampler_step_ref",
     "OPS",
 ]
 
@@ -222,8 +222,6 @@ def diffusion_loss_ref(
 # runs in the compute dtype. (1 - ab_t / ab_prev cancels in float32 when t_prev = t - 1 near t = 0; a fused
 # kernel computing it in float32 registers should use (ab_prev - ab_t) / ab_prev, which is exact there.)
 
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
-LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
 def _alphas_cumprod64(schedule, t, t_prev, set_alpha_to_one=True):
@@ -270,11 +268,11 @@ def _dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torc
     return (torch.clamp(flat, -s, s) / s).reshape(x0.shape)
 
 
-def _clip_or_threshold(x0, clip_denoised, clip_range, threshold_ratio, threshold_max):
-    if threshold_ratio is not None:
-        return _dynamic_threshold(x0, threshold_ratio, threshold_max)
-    if clip_denoised:
-        return x0.clamp(-clip_range, clip_range)
+def _clip_or_threshold(x0, opts):
+    if opts.threshold_ratio is not None:
+        return _dynamic_threshold(x0, opts.threshold_ratio, opts.threshold_max)
+    if opts.clip_denoised:
+        return x0.clamp(-opts.clip_range, opts.clip_range)
     return x0
 
 
@@ -283,77 +281,40 @@ def dynamic_threshold_ref(x0, ratio=0.995, max_value=1.0):
     return _store(_dynamic_threshold(x0.to(cd), ratio, max_value), x0)
 
 
-def ddim_step_ref(
-    x_t,
-    t,
-    t_prev,
-    model_output,
-    schedule,
-    eta=0.0,
-    parameterization="eps",
-    clip_denoised=False,
-    noise=None,
-    generator=None,
-    set_alpha_to_one=True,
-    use_clipped_model_output=False,
-    clip_range=1.0,
-    threshold_ratio=None,
-    threshold_max=1.0,
-    out=None,
-    return_pred_x0=False,
-):
-    """One DDIM step (Song et al. 2021, eq. 12), diffusers ``DDIMScheduler.step`` semantics."""
-    cd = compute_dtype(x_t.dtype)
-    ab_t, ab_p = _alphas_cumprod64(schedule, t, t_prev, set_alpha_to_one)
+def _ddim(x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd):
+    """One DDIM step (Song et al. 2021, eq. 12), diffusers ``DDIMScheduler.step`` semantics: (x_prev, x0)."""
+    ab_t, ab_p = _alphas_cumprod64(schedule, t, t_prev, opts.set_alpha_to_one)
     sqrt_ab_t, sqrt_1m_t = ab_t.sqrt(), (1 - ab_t).sqrt()
     var = (1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)
-    sigma = eta * var.sqrt()
+    sigma = opts.eta * var.sqrt()
     # 1 - ab_prev - sigma^2 >= 0 for eta <= 1; clamped so eta > 1 degrades to no direction term, not NaN
     dir_coef = (1 - ab_p - sigma * sigma).clamp(min=0).sqrt()
     a_t, s_t, r_a, r_s, a_p, d, sg = _per_sample(
         (sqrt_ab_t, sqrt_1m_t, 1 / sqrt_ab_t, sqrt_1m_t / sqrt_ab_t, ab_p.sqrt(), dir_coef, sigma), x_t.ndim, cd
     )
     x, mo = x_t.to(cd), model_output.to(cd)
-    if parameterization == "eps":
+    if opts.parameterization == "eps":
         x0, eps = r_a * x - r_s * mo, mo
-    elif parameterization == "x0":
+    elif opts.parameterization == "x0":
         x0, eps = mo, (x - a_t * mo) / s_t
     else:  # "v"
         x0, eps = a_t * x - s_t * mo, a_t * mo + s_t * x
-    x0 = _clip_or_threshold(x0, clip_denoised, clip_range, threshold_ratio, threshold_max)
-    if use_clipped_model_output:
+    x0 = _clip_or_threshold(x0, opts)
+    if opts.use_clipped_model_output:
         eps = (x - a_t * x0) / s_t
     prev = a_p * x0 + d * eps
-    if eta > 0:
+    if opts.eta > 0:
         if noise is None:
             noise = _draw_noise(x_t, generator, cd)
         prev = prev + sg * noise.to(cd)
-    result = _store(prev, x_t, out)
-    return (result, x0.to(x_t.dtype)) if return_pred_x0 else result
+    return prev, x0
 
 
-def ddpm_step_ref(
-    x_t,
-    t,
-    t_prev,
-    model_output,
-    schedule,
-    parameterization="eps",
-    variance_type="fixed_small",
-    clip_denoised=True,
-    noise=None,
-    generator=None,
-    clip_range=1.0,
-    threshold_ratio=None,
-    threshold_max=1.0,
-    out=None,
-    return_pred_x0=False,
-):
+def _ddpm(x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd):
     """One ancestral step t -> t_prev (Ho et al. 2020 eqs. 6-7 on the respaced chain), diffusers
-    ``DDPMScheduler.step`` semantics, with the variance of ``variance_type``."""
-    cd = compute_dtype(x_t.dtype)
-    learned = variance_type in LEARNED_VARIANCE_TYPES
-    if learned:
+    ``DDPMScheduler.step`` semantics, with the variance of ``variance_type``: (x_prev, x0)."""
+    variance_type = opts.variance_type
+    if opts.learned:
         channels = x_t.shape[1]
         model_output, model_var = model_output[:, :channels], model_output[:, channels:]
     ab_t, ab_p = _alphas_cumprod64(schedule, t, t_prev, set_alpha_to_one=True)
@@ -369,13 +330,13 @@ def ddpm_step_ref(
         cd,
     )
     x, mo = x_t.to(cd), model_output.to(cd)
-    if parameterization == "eps":
+    if opts.parameterization == "eps":
         x0 = r_a * x - r_s * mo
-    elif parameterization == "x0":
+    elif opts.parameterization == "x0":
         x0 = mo
     else:  # "v"
         x0 = a_t * x - s_t * mo
-    x0 = _clip_or_threshold(x0, clip_denoised, clip_range, threshold_ratio, threshold_max)
+    x0 = _clip_or_threshold(x0, opts)
     mean = c0 * x0 + ct * x
     if variance_type in ("fixed_small", "fixed_small_log"):
         (std,) = _per_sample((var.sqrt(),), x_t.ndim, cd)
@@ -391,8 +352,21 @@ def ddpm_step_ref(
         std = torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
     if noise is None:
         noise = _draw_noise(x_t, generator, cd)
-    result = _store(mean + mask * std * noise.to(cd), x_t, out)
-    return (result, x0.to(x_t.dtype)) if return_pred_x0 else result
+    return mean + mask * std * noise.to(cd), x0
+
+
+# The sampler-step family: one per-sample coefficient/combination function per sampler (StepOptions.sampler).
+_SAMPLERS = {"ddim": _ddim, "ddpm": _ddpm}
+
+
+def sampler_step_ref(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None):
+    """One step ``x_t -> x_{t_prev}`` of the sampler ``opts.sampler`` (a ``ddpm_kernels._spec.StepOptions``):
+    ``x_{t_prev}`` in ``x_t``'s dtype, or ``(x_{t_prev}, x0)`` with ``opts.return_pred_x0``. The public
+    ``ddim_step`` / ``ddpm_step`` document each sampler's math."""
+    cd = compute_dtype(x_t.dtype)
+    prev, x0 = _SAMPLERS[opts.sampler](x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd)
+    result = _store(prev, x_t, out)
+    return (result, x0.to(x_t.dtype)) if opts.return_pred_x0 else result
 
 
 # Backend table: the public dispatch looks ops up here by name (see ddpm_kernels.backends).
@@ -408,6 +382,6 @@ OPS = {
     "p_sample": p_sample_ref,
     "diffusion_loss": diffusion_loss_ref,
     "dynamic_threshold": dynamic_threshold_ref,
-    "ddim_step": ddim_step_ref,
-    "ddpm_step": ddpm_step_ref,
+    "ddim_step": sampler_step_ref,
+    "ddpm_step": sampler_step_ref,
 }

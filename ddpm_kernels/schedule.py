@@ -112,6 +112,10 @@ def rescale_zero_terminal_snr(betas) -> np.ndarray:
 # Entries that are infinite, by the math, in a zero-terminal-SNR schedule (alphas_cumprod[-1] == 0): x0 from
 # eps is undefined at zero SNR. Everything else must stay finite.
 _ZERO_SNR_INFINITE = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
+# Rows only the training loss reads. A schedule built with sampling_only=True may have them non-finite: a
+# one-step schedule (T = 1) has posterior_variance[0] == 0 and no neighbour to copy the eps-form weight from,
+# yet sampling with it is well defined (diffusers accepts num_train_timesteps=1).
+_TRAINING_ONLY = ("lvlb_weights_eps", "lvlb_weights_x0", "lvlb_weights_v")
 
 
 def _compute_tables(betas: np.ndarray, v_posterior: float) -> Dict[str, np.ndarray]:
@@ -161,6 +165,10 @@ class DiffusionSchedule(nn.Module):
     ``lvlb_weights_x0`` and ``lvlb_weights_v``. ``.to(device)`` moves them; casting the module to another
     floating dtype (``.half()``, ``.to(torch.bfloat16)``) leaves them in float32 on purpose: the kernels
     compute in float32 whatever the data dtype.
+
+    Every table must be finite in float32, else ``ValueError``. ``sampling_only=True`` exempts the training-only
+    lvlb weights, for schedules that sampling can use but the seed's loss cannot (a one-step schedule, as
+    diffusers allows); such a schedule has ``sampling_only = True`` and its lvlb weights are not meant for a loss.
     """
 
     def __init__(
@@ -174,10 +182,13 @@ class DiffusionSchedule(nn.Module):
         given_betas: Optional[Sequence[float]] = None,
         *,
         zero_terminal_snr: bool = False,
+        sampling_only: bool = False,
     ):
         super().__init__()
         if not isinstance(zero_terminal_snr, bool):
             raise TypeError(f"zero_terminal_snr: expected a bool, got {type(zero_terminal_snr).__name__}")
+        if not isinstance(sampling_only, bool):
+            raise TypeError(f"sampling_only: expected a bool, got {type(sampling_only).__name__}")
         if given_betas is not None:
             if isinstance(given_betas, torch.Tensor):
                 betas = given_betas.detach().to("cpu", torch.float64).numpy()
@@ -228,6 +239,7 @@ class DiffusionSchedule(nn.Module):
         self.cosine_s = cosine_s
         self.v_posterior = float(v_posterior)
         self.zero_terminal_snr = zero_terminal_snr
+        self.sampling_only = sampling_only
 
         tables = _compute_tables(betas, self.v_posterior)
         if zero_terminal_snr:
@@ -239,6 +251,9 @@ class DiffusionSchedule(nn.Module):
         if zero_terminal_snr:
             for name in _ZERO_SNR_INFINITE:
                 checked[TABLE_ROW[name], -1] = 0.0
+        if sampling_only:
+            for name in _TRAINING_ONLY:
+                checked[TABLE_ROW[name]] = 0.0
         finite = torch.isfinite(checked).all(dim=1) & torch.isfinite(checked.to(torch.float32)).all(dim=1)
         if not bool(finite.all()):
             bad = [name for name, ok in zip(TABLE_NAMES, finite.tolist()) if not ok]
@@ -292,23 +307,29 @@ class DiffusionSchedule(nn.Module):
         return (
             f"beta_schedule={self.beta_schedule!r}, timesteps={self.num_timesteps}, "
             f"v_posterior={self.v_posterior}" + (", zero_terminal_snr=True" if self.zero_terminal_snr else "")
+            + (", sampling_only=True" if self.sampling_only else "")
         )
 
     # ------------------------------------------------------------------ interop
     @classmethod
-    def from_diffusers(cls, scheduler_or_config, v_posterior: float = 0.0) -> "DiffusionSchedule":
+    def from_diffusers(
+        cls, scheduler_or_config, v_posterior: float = 0.0, *, sampling_only: bool = False
+    ) -> "DiffusionSchedule":
         """Build the schedule a diffusers scheduler (or its config) uses, from that scheduler's own betas
         where it has them, so both compute with the same numbers. A scheduler made with
-        ``rescale_betas_zero_snr=True`` gives a ``zero_terminal_snr`` schedule."""
+        ``rescale_betas_zero_snr=True`` gives a ``zero_terminal_snr`` schedule. ``sampling_only`` as in the
+        constructor."""
         config = getattr(scheduler_or_config, "config", scheduler_or_config)
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         zero_snr = bool(get("rescale_betas_zero_snr", False))
         betas = getattr(scheduler_or_config, "betas", None)
         if betas is not None:
             # the scheduler's betas are already rescaled; the rescale is idempotent
-            return cls(given_betas=betas, v_posterior=v_posterior, zero_terminal_snr=zero_snr)
+            return cls(given_betas=betas, v_posterior=v_posterior, zero_terminal_snr=zero_snr,
+                       sampling_only=sampling_only)
         if get("trained_betas") is not None:
-            return cls(given_betas=get("trained_betas"), v_posterior=v_posterior, zero_terminal_snr=zero_snr)
+            return cls(given_betas=get("trained_betas"), v_posterior=v_posterior, zero_terminal_snr=zero_snr,
+                       sampling_only=sampling_only)
         names = {"linear": "sqrt_linear", "scaled_linear": "linear", "squaredcos_cap_v2": "cosine"}
         name = get("beta_schedule", "linear")
         if name not in names:
@@ -320,4 +341,5 @@ class DiffusionSchedule(nn.Module):
             linear_end=float(get("beta_end", 2e-2)),
             v_posterior=v_posterior,
             zero_terminal_snr=zero_snr,
+            sampling_only=sampling_only,
         )

@@ -1,4 +1,4 @@
-"""Shared test utilities: input builders, the error bounds used against float64 math, the DESIGN.md rule that
+"""Shared test utilities: input builders, the error bounds used against float64 math, the rule of docs/design.md, "Tolerances", that
 checks a fused backend against the reference, and small GPU and Triton helpers."""
 
 import math
@@ -84,7 +84,7 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def assert_matches(got, ref_fn, args, kwargs, dtype, bf16_truncates=False):
-    """``got`` (one tensor or a tuple) against ``ref_fn(*args, **kwargs)`` by DESIGN.md's rule: float32 against
+    """``got`` (one tensor or a tuple) against ``ref_fn(*args, **kwargs)`` by the rule of docs/design.md, "Tolerances": float32 against
     the float32 reference at rtol=atol=1e-5, float64 at 1e-12; float16/bfloat16 against the float64 reference
     with an error at most twice the reference's own error in that dtype plus one ulp, and within 2e-3 (fp16) /
     1.6e-2 (bf16) relative. ``bf16_truncates`` allows one more bfloat16 ulp (Triton's interpreter truncates
@@ -153,3 +153,17 @@ def cuda_kernel_names(fn):
         fn()
         torch.cuda.synchronize()
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+# The reference form of the sampler steps with the public signature: the reference backend's sampler-step
+# function takes StepOptions, the public ops build them.
+def ddim_step_ref(*args, **kwargs):
+    import ddpm_kernels as dk
+
+    return dk.ddim_step(*args, backend="reference", **kwargs)
+
+
+def ddpm_step_ref(*args, **kwargs):
+    import ddpm_kernels as dk
+
+    return dk.ddpm_step(*args, backend="reference", **kwargs)

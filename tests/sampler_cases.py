@@ -5,7 +5,7 @@ tests/test_extension_sampler_ops.py (the C++/CUDA kernels) and tests/test_triton
 ``backend=``), ``device``, ``schedule`` (a linear schedule of ``T`` steps on ``device``) and ``backend_ops`` (the
 backend's op table, for calls that bypass validation). Each module keeps the checks only its backend has.
 
-Tolerances follow DESIGN.md (helpers.assert_matches).
+Tolerances follow docs/design.md, "Tolerances" (helpers.assert_matches).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import ddpm_kernels as dk
+from ddpm_kernels._spec import StepOptions
 from ddpm_kernels import reference as R
-from helpers import DTYPES, assert_matches, capture_cuda_graph, make_inputs
+from helpers import DTYPES, assert_matches, capture_cuda_graph, ddim_step_ref, ddpm_step_ref, make_inputs
 
 T = 1000
 # 1 element (batch 1); odd 4-D; 3-D with one channel; 16-divisible samples (the 128-bit vector paths on a GPU)
@@ -106,7 +107,7 @@ class SamplerStepCases:
         t, t_prev = make_steps(shape[0], device, seed=1)
         got = dk.ddim_step(x_t, t, t_prev, model_output, schedule, eta, parameterization, clip, noise=noise,
                            backend=backend, return_pred_x0=True, **o)
-        self.check(got, R.ddim_step_ref, (x_t, t, t_prev, model_output, schedule, eta, parameterization, clip),
+        self.check(got, ddim_step_ref, (x_t, t, t_prev, model_output, schedule, eta, parameterization, clip),
                    dict(noise=noise, return_pred_x0=True, **o), dtype)
 
     # ------------------------------------------------------------------------------------------ DDPM
@@ -123,7 +124,7 @@ class SamplerStepCases:
         got = dk.ddpm_step(x_t, t, t_prev, model_output, schedule, parameterization, variance_type, clip,
                            noise=noise, backend=backend, return_pred_x0=True)
         self.check(
-            got, R.ddpm_step_ref, (x_t, t, t_prev, model_output, schedule, parameterization, variance_type, clip),
+            got, ddpm_step_ref, (x_t, t, t_prev, model_output, schedule, parameterization, variance_type, clip),
             dict(noise=noise, return_pred_x0=True), dtype,
         )
 
@@ -134,7 +135,7 @@ class SamplerStepCases:
         t, t_prev = make_steps(4, device, seed=4)
         got = dk.ddpm_step(x_t, t, t_prev, model_output, cosine, "v", "fixed_large", True, noise=noise,
                            backend=backend, clip_range=2.0)
-        self.check(got, R.ddpm_step_ref, (x_t, t, t_prev, model_output, cosine, "v", "fixed_large", True),
+        self.check(got, ddpm_step_ref, (x_t, t, t_prev, model_output, cosine, "v", "fixed_large", True),
                    dict(noise=noise, clip_range=2.0), dtype)
 
     def test_ddpm_step_on_the_full_chain_is_p_sample(self, backend, device, schedule):
@@ -157,7 +158,7 @@ class SamplerStepCases:
         t, t_prev = make_steps(3, device, seed=6)
         got = dk.ddpm_step(x_t, t, t_prev, model_output, schedule, "eps", "learned_range", noise=noise,
                            backend=backend)
-        expected = R.ddpm_step_ref(x_t, t, t_prev, model_output, schedule, "eps", "learned_range", noise=noise)
+        expected = ddpm_step_ref(x_t, t, t_prev, model_output, schedule, "eps", "learned_range", noise=noise)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
     @pytest.mark.parametrize("schedule_kind", ["linear", "cosine", "zero_terminal_snr"])
@@ -179,7 +180,7 @@ class SamplerStepCases:
             for eta in (0.0, 1.0):
                 got = dk.ddim_step(x_t, t, t_prev, model_output, s, eta, parameterization, noise=noise,
                                    backend=backend, return_pred_x0=True)
-                ref = R.ddim_step_ref(x_t, t, t_prev, model_output, s, eta, parameterization, noise=noise,
+                ref = ddim_step_ref(x_t, t, t_prev, model_output, s, eta, parameterization, noise=noise,
                                       return_pred_x0=True)
                 for a, b in zip(got, ref):
                     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -189,7 +190,7 @@ class SamplerStepCases:
                     mo = torch.cat([model_output, noise.clamp(-1, 1)], 1)
                 got = dk.ddpm_step(x_t, t, t_prev, mo, s, parameterization, variance_type, False, noise=noise,
                                    backend=backend)
-                ref = R.ddpm_step_ref(x_t, t, t_prev, mo, s, parameterization, variance_type, False, noise=noise)
+                ref = ddpm_step_ref(x_t, t, t_prev, mo, s, parameterization, variance_type, False, noise=noise)
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
     # ------------------------------------------------------------------------------------ out= / x0
@@ -229,11 +230,11 @@ class SamplerStepCases:
         t, t_prev = steps[:, 0], steps[:, 1]
         assert not t.is_contiguous() and not x_t.is_contiguous()
         got = dk.ddim_step(x_t, t, t_prev, model_output, schedule, 1.0, "v", True, noise=noise, backend=backend)
-        ref = R.ddim_step_ref(x_t, t, t_prev, model_output, schedule, 1.0, "v", True, noise=noise)
+        ref = ddim_step_ref(x_t, t, t_prev, model_output, schedule, 1.0, "v", True, noise=noise)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         got = dk.ddpm_step(x_t, t, t_prev, model_output, schedule, "eps", "fixed_large", noise=noise,
                            backend=backend)
-        ref = R.ddpm_step_ref(x_t, t, t_prev, model_output, schedule, "eps", "fixed_large", noise=noise)
+        ref = ddpm_step_ref(x_t, t, t_prev, model_output, schedule, "eps", "fixed_large", noise=noise)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
     def test_out_of_range_steps_give_nan(self, device, schedule, backend_ops):
@@ -244,12 +245,16 @@ class SamplerStepCases:
         t_prev = torch.tensor([-1, 2, 5, 1, -2], device=device)
         bad = torch.tensor([True, False, True, True, True], device=device)
         ops = backend_ops
-        prev, x0 = ops["ddim_step"](x, t, t_prev, y, schedule, 1.0, "eps", True, z, return_pred_x0=True)
+        prev, x0 = ops["ddim_step"](
+            x, t, t_prev, y, schedule, StepOptions("ddim", "eps", eta=1.0, clip_denoised=True, return_pred_x0=True), z
+        )
         results = [
             prev,
-            ops["ddim_step"](x, t, t_prev, y, schedule, 0.0, "v", False),
-            ops["ddpm_step"](x, t, t_prev, y, schedule, "x0", "fixed_small", True, z),
-            ops["ddpm_step"](x, t, t_prev, torch.cat([y, z], 1), schedule, "eps", "learned_range", False, None),
+            ops["ddim_step"](x, t, t_prev, y, schedule, StepOptions("ddim", "v")),
+            ops["ddpm_step"](x, t, t_prev, y, schedule, StepOptions("ddpm", "x0", clip_denoised=True), z),
+            ops["ddpm_step"](
+                x, t, t_prev, torch.cat([y, z], 1), schedule, StepOptions("ddpm", "eps", "learned_range"), None
+            ),
         ]
         for r in results:
             flat = r.reshape(5, -1)
@@ -330,10 +335,10 @@ class SamplerStepCases:
         graph, (a, b) = capture_cuda_graph(step)
         for _ in replay_new_steps(graph, t, t_prev):
             torch.testing.assert_close(
-                a, R.ddim_step_ref(x_t, t, t_prev, model_output, schedule, 0.7, "eps", True, noise=noise),
+                a, ddim_step_ref(x_t, t, t_prev, model_output, schedule, 0.7, "eps", True, noise=noise),
                 rtol=1e-5, atol=1e-5,
             )
             torch.testing.assert_close(
-                b, R.ddpm_step_ref(x_t, t, t_prev, wide, schedule, "v", "learned_range", noise=noise),
+                b, ddpm_step_ref(x_t, t, t_prev, wide, schedule, "v", "learned_range", noise=noise),
                 rtol=1e-5, atol=1e-5,
             )

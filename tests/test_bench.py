@@ -1,13 +1,54 @@
-"""The benchmark suite and the bench CLI run (smoke mode: tiny shapes, short timing)."""
+"""The benchmark suite and the bench CLI run (smoke mode: tiny shapes, short timing). Structure only: no timing
+here is a performance claim."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+
+from ddpm_kernels._spec import OPS, OpSpec
+from ddpm_kernels.bench import CASES, Case, providers
+from ddpm_kernels.bench.cases import _cases
+from ddpm_kernels.schedule import DiffusionSchedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_op_in_the_table_is_benchmarked():
+    assert {case.spec.name for case in CASES.values()} == set(OPS)
+    assert {"ddim_step", "ddpm_step", "ddpm_step_rng", "p_sample_rng", "diffusion_loss_fwd_bwd"} <= set(CASES)
+
+
+def test_cases_follow_the_declared_roles():
+    plain = OpSpec("pair_op", "pair", "x", like=("y",))
+    noisy = OpSpec("noisy_op", "posterior", "x", like=("y",), optional=("noise",), draws_noise=True)
+    loss = OpSpec("loss_op", "loss", "x", like=("y",), outputs=("scalar",))
+    assert [c.name for c in _cases(plain)] == ["pair_op"]
+    assert [(c.name, c.in_kernel_noise) for c in _cases(noisy)] == [("noisy_op", False), ("noisy_op_rng", True)]
+    assert [(c.name, c.backward) for c in _cases(loss)] == [("loss_op_fwd_bwd", True)]
+
+
+@pytest.mark.parametrize("case, passes", [
+    ("q_sample", 3),  # x_start, noise in; x_t out
+    ("p_sample", 4),  # x_t, model_output, noise in; x_{t-1} out
+    ("p_sample_rng", 3),  # noise drawn in the kernel
+    ("ddim_step", 3),  # eta = 0 by default: the given noise is not read
+    ("ddpm_step", 4),
+    ("q_posterior", 3),  # the per-sample variances are not counted
+    ("dynamic_threshold", 2),
+    ("diffusion_loss_fwd_bwd", 7),  # three in forward, the same three again in backward, one gradient out
+])
+def test_bytes_come_from_the_table(case, passes):
+    c = Case(case, (2, 3, 5, 7), torch.float32, torch.device("cpu"), DiffusionSchedule(timesteps=10))
+    assert c.bytes == passes * c.numel * 4
+    if "t_prev" in c.tensors:
+        assert torch.equal(c.tensors["t_prev"], (c.tensors["t"] - 1).clamp(min=-1))
+    if "noise" in c.spec.optional:
+        assert (c.tensors["noise"] is None) == case.endswith("_rng")
 
 
 def test_pytest_benchmark_suite_runs(tmp_path):
@@ -18,7 +59,10 @@ def test_pytest_benchmark_suite_runs(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout
+    # every case x every provider that applies to it, torch.compile left out in smoke mode
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = sum(p != "compile" for case in CASES for p in providers(case, device, torch.float32))
+    assert f"{expected} passed" in proc.stdout, proc.stdout[-3000:]
 
 
 def test_bench_cli_writes_json_markdown_and_plot(tmp_path):
@@ -26,13 +70,14 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path):
     out = tmp_path / "result"
     proc = subprocess.run(
         [sys.executable, "-m", "ddpm_kernels", "bench", "--shapes", "2x4x8x8", "--dtypes", "fp32", "--ops",
-         "q_sample", "p_sample", "--min-run-time", "0.01", "--e2e-steps", "2", "--e2e-shape", "1x1x8x8",
+         "q_sample", "ddim_step", "--min-run-time", "0.01", "--e2e-steps", "2", "--e2e-shape", "1x1x8x8",
          "--no-progress", "--out", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert {"device", "device_name", "torch", "date", "git_commit"} <= set(result["meta"])
+    assert {r["op"] for r in result["rows"]} == {"q_sample", "ddim_step"}
     providers = {r["provider"] for r in result["rows"]}
     assert {"eager", "compile"} <= providers
     for r in result["rows"]:
@@ -41,5 +86,36 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path):
     assert len({r["condition"] for r in result["rows"] if r["provider"] == "eager"}) == 2
     assert result["e2e"] and result["e2e"][0]["step_ms"] > 0
     md = (tmp_path / "result.md").read_text()
-    assert "| q_sample | 2x4x8x8 |" in md
+    assert "| q_sample | 2x4x8x8 |" in md and "| ddim_step | 2x4x8x8 |" in md
     assert (tmp_path / "result.png").stat().st_size > 1000
+
+
+def test_host_overhead_table(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpm_kernels", "bench", "--host-overhead", "--host-iters", "2", "--host-rounds", "2",
+         "--out", str(tmp_path / "host")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = json.loads((tmp_path / "host.json").read_text())["host_overhead"]
+    assert table["shape"] == [1, 4, 8, 8] and table["dtype"] == "float32" and table["threads"] == 1
+    assert (table["iters"], table["rounds"]) == (2, 2)
+    rows = {r["name"]: r for r in table["rows"]}
+    expected = {"torch.add", "torch.ops.ddpm_kernels.p_sample.default"} | {f"dk.{op}" for op in OPS}
+    try:
+        import diffusers  # noqa: F401
+
+        expected |= {f"{p}{s}Scheduler.step" for p in ("", "Fused") for s in ("DDIM", "DDPM")}
+    except ImportError:
+        pass
+    assert set(rows) == expected
+    for r in rows.values():
+        assert {"runs_on", "median_us", "min_of_medians_us", "vs_floor", "baseline", "speedup_vs_baseline",
+                "note"} <= set(r)
+        if r["runs_on"] != "-":  # "-": not runnable here, and the note says why
+            assert math.isfinite(r["median_us"]) and 0 < r["min_of_medians_us"]
+    assert rows["torch.add"]["vs_floor"] == 1.0
+    assert rows["torch.ops.ddpm_kernels.p_sample.default"]["baseline"] == "dk.p_sample"
+    md = (tmp_path / "host.md").read_text()
+    assert "| call | runs on |" in md and "| dk.ddpm_step |" in md
+    assert not (tmp_path / "host.png").exists()  # no sweep rows: nothing to plot

@@ -43,7 +43,7 @@ def _inputs(shape, dtype, n=3, seed=0):
 
 
 def _check_close(fused, ref_dtype, ref64, dtype):
-    """DESIGN.md tolerances: fp32/fp64 close to the same-dtype reference; halves judged against fp64."""
+    """docs/design.md tolerances: fp32/fp64 close to the same-dtype reference; halves judged against fp64."""
     assert fused.dtype == ref_dtype.dtype and fused.shape == ref_dtype.shape
     if dtype == torch.float32:
         torch.testing.assert_close(fused, ref_dtype, rtol=1e-5, atol=1e-5, equal_nan=True)

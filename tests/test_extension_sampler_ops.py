@@ -2,7 +2,7 @@
 against the reference: on the CPU kernels always, on the CUDA kernels when a GPU is present (those cases are
 marked ``gpu``).
 
-Tolerances follow DESIGN.md: float32 against the float32 reference at rtol=atol=1e-5; float64 at 1e-12;
+Tolerances follow docs/design.md, "Tolerances": float32 against the float32 reference at rtol=atol=1e-5; float64 at 1e-12;
 float16/bfloat16 against the float64 reference with an error at most twice the reference's own error in that
 dtype plus one ulp, and within 2e-3 (fp16) / 1.6e-2 (bf16) relative.
 
@@ -22,7 +22,7 @@ import torch
 
 import ddpm_kernels as dk
 from ddpm_kernels import reference as R
-from helpers import make_inputs
+from helpers import ddim_step_ref, ddpm_step_ref, make_inputs
 from sampler_cases import T, SamplerStepCases, learned_output, make_steps
 
 extension = pytest.importorskip("ddpm_kernels.extension")
@@ -77,12 +77,12 @@ def test_large_sample_many_threads(backend, schedule):
     t, t_prev = make_steps(3, backend, seed=21)
     got = dk.ddim_step(x_t, t, t_prev, model_output, schedule, 0.6, "v", True, noise=noise, backend=backend,
                        return_pred_x0=True)
-    ref = R.ddim_step_ref(x_t, t, t_prev, model_output, schedule, 0.6, "v", True, noise=noise, return_pred_x0=True)
+    ref = ddim_step_ref(x_t, t, t_prev, model_output, schedule, 0.6, "v", True, noise=noise, return_pred_x0=True)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     wide = torch.cat([model_output, -noise.abs()], 1)
     got = dk.ddpm_step(x_t, t, t_prev, wide, schedule, "eps", "learned", noise=noise, backend=backend)
-    ref = R.ddpm_step_ref(x_t, t, t_prev, wide, schedule, "eps", "learned", noise=noise)
+    ref = ddpm_step_ref(x_t, t, t_prev, wide, schedule, "eps", "learned", noise=noise)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -106,20 +106,22 @@ def test_thresholded_steps_run_the_reference(backend, schedule, dtype, options):
     clipped = o.get("use_clipped_model_output", False)
     got = dk.ddim_step(x_t, t, t_prev, model_output, schedule, 1.0, "v", True, backend=backend,
                        use_clipped_model_output=clipped, **kw)
-    ref = R.ddim_step_ref(x_t, t, t_prev, model_output, schedule, 1.0, "v", True, use_clipped_model_output=clipped,
+    ref = ddim_step_ref(x_t, t, t_prev, model_output, schedule, 1.0, "v", True, use_clipped_model_output=clipped,
                           **kw)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     wide = learned_output((3, 2, 5, 3), dtype, backend, "learned_range", seed=10)
     got = dk.ddpm_step(x_t, t, t_prev, wide, schedule, "eps", "learned_range", backend=backend, **kw)
-    ref = R.ddpm_step_ref(x_t, t, t_prev, wide, schedule, "eps", "learned_range", **kw)
+    ref = ddpm_step_ref(x_t, t, t_prev, wide, schedule, "eps", "learned_range", **kw)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def test_dynamic_threshold_runs_the_reference(backend):
     (x0,) = make_inputs((3, 4, 5, 7), 1, torch.float32, seed=16, scale=2.0, device=backend)
-    assert extension.CPU_BACKEND.ops["dynamic_threshold"] is R.dynamic_threshold_ref
+    from ddpm_kernels import backends
+
+    assert backends.resolve("dynamic_threshold", backend, x0.device, x0.dtype)[1] is R.dynamic_threshold_ref
     got = dk.dynamic_threshold(x0, 0.9, 2.5, backend=backend)
     torch.testing.assert_close(got, R.dynamic_threshold_ref(x0, 0.9, 2.5), rtol=0, atol=0)
 
@@ -208,8 +210,9 @@ def test_torch_compile_steps(backend, schedule):
 
 def test_registered_in_backends():
     for b in (extension.CPU_BACKEND, extension.CUDA_BACKEND):
-        for name in ("ddim_step", "ddpm_step", "dynamic_threshold"):
+        for name in ("ddim_step", "ddpm_step"):
             assert inspect.signature(b.ops[name]) == inspect.signature(R.OPS[name])
+        assert b.declines("dynamic_threshold", None) is not None
     for name in ("ddim_step", "ddim_step_out", "ddpm_step", "ddpm_step_out"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ddpm_kernels::{name}", "CPU")
 

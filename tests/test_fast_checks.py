@@ -9,8 +9,8 @@ import torch
 import ddpm_kernels as dk
 from ddpm_kernels import ops
 
-extension = pytest.importorskip("ddpm_kernels.extension")
-pytestmark = pytest.mark.skipif(extension.inputs_ok is None, reason="needs the compiled library")
+from ddpm_kernels import _checks, _native
+pytestmark = pytest.mark.skipif(_native.inputs_ok is None, reason="needs the compiled library")
 
 S = dk.DiffusionSchedule("linear", timesteps=50)
 T = S.num_timesteps
@@ -36,7 +36,7 @@ def _python_accepts(x, others, out, t, t_prev):
 
 
 def _fast(x, others, out, t, t_prev=None, device_check=False):
-    return extension.inputs_ok(x, others, out, S.table(), T, t, t_prev, device_check)
+    return _native.inputs_ok(x, others, out, S.table(), T, t, t_prev, device_check)
 
 
 def _cases():
@@ -102,9 +102,9 @@ def test_device_timesteps_are_left_to_python_when_their_values_are_checked():
     declines (meta tensors stand in for a GPU here)."""
     x, t = torch.empty(2, 3, device="meta"), torch.empty(2, dtype=torch.long, device="meta")
     table = S.table().to("meta")
-    assert extension.inputs_ok(x, (), None, table, T, t, None, False)
-    assert not extension.inputs_ok(x, (), None, table, T, t, None, True)
-    assert not extension.inputs_ok(x, (), None, S.table(), T, t, None, False)  # table on another device
+    assert _native.inputs_ok(x, (), None, table, T, t, None, False)
+    assert not _native.inputs_ok(x, (), None, table, T, t, None, True)
+    assert not _native.inputs_ok(x, (), None, S.table(), T, t, None, False)  # table on another device
 
 
 def test_valid_calls_skip_the_python_tensor_checks(monkeypatch):
@@ -117,7 +117,7 @@ def test_valid_calls_skip_the_python_tensor_checks(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the Python tensor checks ran")
 
-    monkeypatch.setattr(ops, "_check_timesteps", fail)
+    monkeypatch.setattr(_checks, "_check_timesteps", fail)
     monkeypatch.setattr(ops, "_check_like", fail)
     for backend in dk.available_backends("cpu"):
         torch.testing.assert_close(dk.p_sample(x, t, m, S, noise=z, backend=backend), expected)
@@ -170,7 +170,7 @@ def test_tensors_without_plain_storage_take_the_python_path():
     with pytest.raises(RuntimeError, match="storage"):  # the Python value check cannot read a vmapped CPU t
         torch.vmap(lambda tt: dk.q_sample(x, tt, n, S, backend="cpu"))(torch.tensor([[1, 2], [3, 4]]))
     nested = torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(3, 5)])
-    assert not extension.inputs_ok(nested, (nested,), None, S.table(), T, t, None, False)
+    assert not _native.inputs_ok(nested, (nested,), None, S.table(), T, t, None, False)
     with pytest.raises(Exception) as info:  # a Python error, whatever layer reports it; never an abort
         dk.q_sample(nested, t, nested, S, backend="cpu")
     assert not isinstance(info.value, AssertionError)

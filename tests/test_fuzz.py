@@ -5,7 +5,7 @@ range, fp32/fp16/bf16/fp64, contiguous / channels_last / transposed / sliced (st
 parameterization, clip on/off, given noise. Bounded by default; `--hypothesis-profile=nightly` runs the long
 profile (see README).
 
-The bound is the DESIGN rule: the fused result's max error against the float64 reference is at most twice the
+The bound is the rule of docs/design.md, "Tolerances": the fused result's max error against the float64 reference is at most twice the
 reference's own error in that dtype plus one ulp of the output's magnitude.
 """
 
@@ -82,7 +82,7 @@ def tensor(shape, dtype, layout, g, scale=1.0):
 
 
 def check(fused, exact, in_dtype, what):
-    """DESIGN's bound; `exact` is the reference on float64 copies, `ref` its run in the input's dtype."""
+    """The bound of docs/design.md, "Tolerances"; `exact` is the reference on float64 copies, `ref` its run in the input's dtype."""
     fused_out, ref_out = fused
     for f, r in zip(fused_out if isinstance(fused_out, tuple) else (fused_out,),
                     ref_out if isinstance(ref_out, tuple) else (ref_out,)):
@@ -100,7 +100,7 @@ def check(fused, exact, in_dtype, what):
         else:
             ulp = torch.finfo(f.dtype).eps * e64[finite].abs().max().item()
             if f.dtype == torch.float32:
-                # fp32 results of a float32 computation vs float32 reference: rtol=atol=1e-5 (DESIGN)
+                # fp32 results of a float32 computation vs float32 reference: rtol=atol=1e-5 (docs/design.md)
                 ulp = max(ulp, 1e-5 * max(1.0, e64[finite].abs().max().item()))
         assert err_fused <= 2 * err_ref + ulp, f"{what}: fused error {err_fused:.3g} > 2*{err_ref:.3g} + {ulp:.3g}"
 

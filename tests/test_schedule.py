@@ -145,3 +145,36 @@ def test_state_dict_uses_compvis_names_and_loads_through():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         dk.DiffusionSchedule(**kwargs)
+
+
+def test_sampling_only_exempts_the_training_tables():
+    """A one-step schedule: posterior_variance[0] == 0 makes the eps-form lvlb weight infinite with no neighbour
+    to copy from. The strict constructor refuses it (CompVis fails on it too); sampling_only=True builds it,
+    every table sampling reads finite."""
+    with pytest.raises(ValueError, match="lvlb_weights_eps"):
+        dk.DiffusionSchedule("linear", timesteps=1)
+    s = dk.DiffusionSchedule("linear", timesteps=1, sampling_only=True)
+    assert s.sampling_only and "sampling_only=True" in repr(s)
+    assert not dk.DiffusionSchedule("linear", timesteps=2).sampling_only
+    training = {"lvlb_weights_eps", "lvlb_weights_x0", "lvlb_weights_v"}
+    for name in TABLE_NAMES:
+        row = getattr(s, name)
+        assert torch.isfinite(row).all() or name in training, name
+    assert torch.isinf(s.lvlb_weights("eps")).all()
+    # the step works: x0 from eps at t = 0, then t_prev = -1
+    x, eps = torch.randn(2, 3), torch.randn(2, 3)
+    t = torch.zeros(2, dtype=torch.long)
+    out = dk.ddpm_step(x, t, t - 1, eps, s, clip_denoised=False, noise=torch.zeros(2, 3))
+    ab = s.coefficients64[TABLE_NAMES.index("alphas_cumprod"), 0]
+    torch.testing.assert_close(out.double(), (x.double() - (1 - ab).sqrt() * eps.double()) / ab.sqrt(), rtol=1e-6, atol=1e-6)
+    s2 = dk.DiffusionSchedule.from_diffusers({"num_train_timesteps": 1, "beta_schedule": "linear"}, sampling_only=True)
+    assert s2.sampling_only and s2.num_timesteps == 1
+
+
+@pytest.mark.parametrize("kwargs", [dict(given_betas=[0.1, 1.5]), dict(given_betas=[0.0, 0.1]),
+                                    dict(beta_schedule="sqrt", linear_start=0.5, linear_end=0.9)])
+def test_sampling_only_keeps_every_other_check(kwargs):
+    with pytest.raises(ValueError, match="betas"):
+        dk.DiffusionSchedule(**kwargs, sampling_only=True)
+    with pytest.raises(TypeError, match="sampling_only"):
+        dk.DiffusionSchedule(sampling_only=1)

@@ -25,7 +25,7 @@ import torch
 import ddpm_kernels as dk
 import helpers
 from ddpm_kernels import reference as R
-from helpers import DTYPES, capture_cuda_graph, cuda_kernel_names, triton_device
+from helpers import DTYPES, capture_cuda_graph, cuda_kernel_names, ddim_step_ref, ddpm_step_ref, triton_device
 from sampler_cases import PARAMETERIZATIONS, T, SamplerStepCases, learned_output, make_steps, replay_new_steps
 
 DEVICE = triton_device()
@@ -102,11 +102,11 @@ def test_thresholded_steps(schedule, dtype, parameterization, options):
     clipped = o.get("use_clipped_model_output", False)
     got = dk.ddim_step(x_t, t, t_prev, model_output, schedule, 1.0, parameterization, True, backend="triton",
                        use_clipped_model_output=clipped, **kw)
-    assert_matches(got, R.ddim_step_ref, (x_t, t, t_prev, model_output, schedule, 1.0, parameterization, True),
+    assert_matches(got, ddim_step_ref, (x_t, t, t_prev, model_output, schedule, 1.0, parameterization, True),
                    dict(use_clipped_model_output=clipped, **kw), dtype)
     wide = learned_output((3, 2, 5, 3), dtype, DEVICE, "learned_range", seed=10)
     got = dk.ddpm_step(x_t, t, t_prev, wide, schedule, parameterization, "learned_range", backend="triton", **kw)
-    assert_matches(got, R.ddpm_step_ref, (x_t, t, t_prev, wide, schedule, parameterization, "learned_range"), kw,
+    assert_matches(got, ddpm_step_ref, (x_t, t, t_prev, wide, schedule, parameterization, "learned_range"), kw,
                    dtype)
 
 
@@ -205,7 +205,7 @@ def test_cuda_graph_replay_thresholded_step(schedule):
                              threshold_ratio=0.9, threshold_max=3.0))
     for _ in replay_new_steps(graph, t, t_prev):
         torch.testing.assert_close(
-            out, R.ddim_step_ref(x_t, t, t_prev, model_output, schedule, 0.0, "eps", threshold_ratio=0.9,
+            out, ddim_step_ref(x_t, t, t_prev, model_output, schedule, 0.0, "eps", threshold_ratio=0.9,
                                  threshold_max=3.0),
             rtol=1e-5, atol=1e-5,
         )

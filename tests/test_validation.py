@@ -139,8 +139,8 @@ def test_device_t_value_check_switch(monkeypatch):
     assert ops.set_device_t_check(True) is False
     assert ops.set_device_t_check(False) is True
     with dk.device_t_check(True):
-        assert ops._device_t_check
-    assert not ops._device_t_check
+        assert ops.device_t_check_enabled()
+    assert not ops.device_t_check_enabled()
 
 
 def test_unavailable_backend_says_how_to_get_it(monkeypatch):

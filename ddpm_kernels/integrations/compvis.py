@@ -39,7 +39,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from .. import ops
+from .. import _checks, ops
 from ..schedule import TABLE_NAMES, TABLE_ROW, DiffusionSchedule
 
 __all__ = ["patch", "unpatch", "is_patched", "schedule_of"]
@@ -467,7 +467,7 @@ def _patch_ddim_sampler(sampler, backend: str):
     missing = [name for name in ("betas", "alphas_cumprod", "parameterization", "apply_model") if not hasattr(model, name)]
     if missing:
         raise TypeError(f"sampler.model: expected an ldm LatentDiffusion; {type(model).__name__} lacks {missing}")
-    ops._check_parameterization(model.parameterization)
+    _checks._check_parameterization(model.parameterization)
     st = _Patch(model, backend)
     st.schedule(model)
     st.eta, st.ddim_timesteps = None, None  # known once make_schedule runs (sample() calls it)
@@ -488,7 +488,7 @@ def patch(model, backend: str = "auto"):
     `ddpm_kernels.ddim_step` (after the model call and classifier-free guidance), for samplers whose
     ``make_schedule`` runs after the patch (``sample()`` runs it). ``use_original_steps``,
     ``quantize_denoised`` and ``dynamic_threshold`` fall back to the original method."""
-    ops._check_backend(backend)
+    _checks._check_backend(backend)
     if _is_ddim_sampler(model):
         if is_patched(model):
             unpatch(model)
@@ -499,7 +499,7 @@ def patch(model, backend: str = "auto"):
             f"model: expected a CompVis/ldm DDPM or LatentDiffusion (schedule buffers, parameterization, q_sample, "
             f"p_mean_variance, p_sample); {type(model).__name__} lacks {missing}"
         )
-    ops._check_parameterization(model.parameterization)
+    _checks._check_parameterization(model.parameterization)
     if is_patched(model):
         unpatch(model)
     st = _Patch(model, backend)

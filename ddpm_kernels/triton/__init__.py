@@ -40,8 +40,36 @@ __all__ = ["BACKEND", "TritonBackend"]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _step(fn):
+    """The sampler-step family's backend signature over the per-sampler entry points."""
+
+    def step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None):
+        if opts.sampler == "ddim":
+            scalars = dict(eta=opts.eta, set_alpha_to_one=opts.set_alpha_to_one,
+                           use_clipped_model_output=opts.use_clipped_model_output)
+        else:
+            scalars = dict(variance_type=opts.variance_type)
+        return fn(x_t, t, t_prev, model_output, schedule, parameterization=opts.parameterization,
+                  clip_denoised=opts.clip_denoised, noise=noise, generator=generator, clip_range=opts.clip_range,
+                  threshold_ratio=opts.threshold_ratio, threshold_max=opts.threshold_max, out=out,
+                  return_pred_x0=opts.return_pred_x0, **scalars)
+
+    return step
+
+
 class TritonBackend:
     name = "triton"
+    differentiable = {
+        "q_sample": frozenset(("x_start", "noise")),
+        "predict_start_from_noise": frozenset(("x_t", "noise")),
+        "q_posterior": frozenset(("x_start", "x_t")),
+        "diffusion_loss": frozenset(("model_output", "x_start", "noise")),
+    }
+
+    @staticmethod
+    def declines(op, opts):
+        return None
+
     ops = {
         **PAIR_ENTRIES,
         "q_posterior": q_posterior,
@@ -49,8 +77,8 @@ class TritonBackend:
         "p_sample": p_sample,
         "diffusion_loss": diffusion_loss,
         # sampler steps: one launch each; with threshold_ratio, an x0 pass and a per-sample sort come first
-        "ddim_step": ddim_step,
-        "ddpm_step": ddpm_step,
+        "ddim_step": _step(ddim_step),
+        "ddpm_step": _step(ddpm_step),
         "dynamic_threshold": dynamic_threshold,
     }
 

@@ -1,0 +1,230 @@
+"""Benchmark cases, derived from the op table (``ddpm_kernels._spec.OPS``).
+
+Every op gets a case at its option defaults with given noise; an op that draws noise at those defaults gets a
+second case, ``<op>_rng``, that leaves ``noise`` None so the backend draws it; a loss (an op whose outputs are
+all scalars) is timed forward plus the gradient w.r.t. its data tensor, ``<op>_fwd_bwd``, because training
+never runs one without the other. Inputs come from the declared tensor roles, so an op added to the table is
+benchmarked without a line here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .. import ops as dk
+from .._spec import OPS, OpSpec, step_options
+from ..schedule import DiffusionSchedule
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseSpec:
+    """One benchmarked call of an op: ``name`` is the row's ``op`` column."""
+
+    name: str
+    spec: OpSpec
+    in_kernel_noise: bool = False
+    backward: bool = False
+
+    @property
+    def options(self) -> Dict[str, object]:
+        return {o.name: o.default for o in self.spec.options}
+
+    @property
+    def step_options(self):
+        """The validated `StepOptions` of a sampler step at its defaults (what dispatch keys on), else None."""
+        if self.spec.family != "step":
+            return None
+        return step_options(self.spec, tuple(o.check(o.default) for o in self.spec.options))
+
+    @property
+    def noise_read(self) -> bool:
+        """Whether a given ``noise`` is read: DDIM at ``eta == 0`` (its default) adds none."""
+        opts = self.step_options
+        return not self.in_kernel_noise and (opts is None or opts.adds_noise)
+
+
+def _cases(spec: OpSpec) -> List[CaseSpec]:
+    if all(kind == "scalar" for kind in spec.outputs):
+        return [CaseSpec(spec.name + "_fwd_bwd", spec, backward=True)]
+    base = CaseSpec(spec.name, spec)
+    opts = base.step_options
+    if spec.draws_noise and (opts is None or opts.adds_noise):
+        return [base, CaseSpec(spec.name + "_rng", spec, in_kernel_noise=True)]
+    return [base]
+
+
+CASES: Dict[str, CaseSpec] = {case.name: case for spec in OPS.values() for case in _cases(spec)}
+"""Every case by name, in the op table's order."""
+
+
+def select_cases(names: Optional[Sequence[str]]) -> List[str]:
+    """Case names for ``--ops``: a case's name selects it, an op's name every case of that op."""
+    if not names:
+        return list(CASES)
+    chosen = []
+    for name in names:
+        matches = [name] if name in CASES else [c.name for c in CASES.values() if c.spec.name == name]
+        chosen += [m for m in matches if m not in chosen]
+    return chosen
+
+
+def op_choices() -> List[str]:
+    return sorted(set(CASES) | set(OPS))
+
+
+def _first(result):
+    """The loss of a loss op's ``(loss, ...)``."""
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+# ----------------------------------------------------------------------------------------- diffusers
+# diffusers has no per-op API: these are the scheduler calls that do a case's work, by case name. A case without
+# one gets no diffusers row. diffusers looks its tables up with one host-side timestep per call.
+def _ddim_given_noise(scheduler, tensors, step):
+    # DDIM at eta = 1 with t_prev = t - 1 is the ancestral step, and the stock call that takes given noise
+    return scheduler.step(tensors["model_output"], step, tensors["x_t"], eta=1.0,
+                          variance_noise=tensors["noise"]).prev_sample
+
+
+def _stock_step(scheduler, tensors, step):
+    return scheduler.step(tensors["model_output"], step, tensors["x_t"]).prev_sample
+
+
+_DIFFUSERS = {  # case -> (provider label, stock scheduler, call)
+    "q_sample": ("diffusers", "ddpm", lambda s, ts, step: s.add_noise(ts["x_start"], ts["noise"], ts["t"])),
+    "p_sample": ("diffusers_ddim", "ddim", _ddim_given_noise),
+    "p_sample_rng": ("diffusers", "ddpm", _stock_step),
+    "ddim_step": ("diffusers", "ddim", _stock_step),
+    "ddpm_step_rng": ("diffusers", "ddpm", _stock_step),
+}
+
+
+def diffusers_installed() -> bool:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def has_diffusers_counterpart(case: str) -> bool:
+    return case in _DIFFUSERS and diffusers_installed()
+
+
+def stock_scheduler(kind: str, schedule: DiffusionSchedule, device: torch.device):
+    """diffusers' ``DDIMScheduler`` / ``DDPMScheduler`` on ``schedule``'s betas, with every timestep kept (so a
+    DDIM step from t goes to t - 1) and its tables on ``device``."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    T = schedule.num_timesteps
+    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+    scheduler = cls(num_train_timesteps=T, trained_betas=schedule.betas.detach().cpu().tolist())
+    scheduler.set_timesteps(T)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    return scheduler
+
+
+# --------------------------------------------------------------------------------------------- inputs
+class Case:
+    """Inputs of one case x shape x dtype on a device, the bytes it must move, and the callables each provider
+    times."""
+
+    def __init__(self, case, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+                 schedule: DiffusionSchedule, memory_format: torch.memory_format = torch.contiguous_format):
+        self.case = CASES[case] if isinstance(case, str) else case
+        spec = self.case.spec
+        self.op, self.spec = self.case.name, spec
+        self.shape, self.dtype, self.device, self.s = tuple(shape), dtype, device, schedule
+        g = torch.Generator(device="cpu").manual_seed(0)
+
+        def rand(shape):
+            x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+            return x.contiguous(memory_format=memory_format)
+
+        opts = self.case.step_options
+        self.tensors: Dict[str, Optional[torch.Tensor]] = {spec.data: rand(self.shape)}
+        for i, name in enumerate(spec.like):
+            # a learned variance rides in a second half of model_output's channels (the first like tensor)
+            doubled = i == 0 and opts is not None and opts.learned
+            self.tensors[name] = rand(self.shape[:1] + (2 * self.shape[1],) + self.shape[2:] if doubled else self.shape)
+        for name in spec.optional:
+            self.tensors[name] = None if self.case.in_kernel_noise else rand(self.shape)
+        t = torch.randint(0, schedule.num_timesteps, (self.shape[0],), generator=g)
+        steps = {"t": t, "t_prev": (t - 1).clamp(min=-1)}
+        self.tensors.update({name: steps[name].to(device) for name in spec.timesteps})
+        self.out = torch.empty_like(self.tensors[spec.data]) if spec.has_out else None
+        self.fn = getattr(dk, spec.name)
+        # ops without timesteps (dynamic_threshold) take no schedule
+        self.static = dict(self.case.options, **({"schedule": schedule} if spec.timesteps else {}))
+        self.numel = self.tensors[spec.data].numel()
+        self.bytes = self._bytes(opts)
+
+    def _bytes(self, opts) -> int:
+        """Bytes the op must move: data, like and read optional tensors in; ``like`` outputs (and a returned
+        ``pred_x0``) out. Forward and backward: the backward kernels save nothing, so they read the forward's
+        tensors again, and write one gradient."""
+        spec, ts = self.spec, self.tensors
+        read = sum(ts[n].numel() for n in (spec.data,) + spec.like)
+        if self.case.noise_read:
+            read += sum(ts[n].numel() for n in spec.optional)
+        returns_x0 = opts is not None and opts.return_pred_x0
+        written = self.numel * sum(k == "like" or (k == "pred_x0" and returns_x0) for k in spec.outputs)
+        if self.case.backward:
+            read, written = 2 * read, written + self.numel
+        return (read + written) * self.tensors[spec.data].element_size()
+
+    @property
+    def grad_inputs(self) -> Optional[frozenset]:
+        return frozenset((self.spec.data,)) if self.case.backward else None
+
+    def _bind(self, fn: Callable, **kwargs) -> Callable[[], object]:
+        """``fn`` on this case's tensors: a forward call, or forward + gradient of a loss w.r.t. its data."""
+        names = [n for n, v in self.tensors.items() if v is not None]
+        given = [self.tensors[n] for n in names]
+        absent = {n: None for n, v in self.tensors.items() if v is None}
+        call = functools.partial(fn, **absent, **kwargs)
+        if not self.case.backward:
+            return lambda: call(*given)
+        i = names.index(self.spec.data)
+        leaf = given[i].detach().requires_grad_(True)
+        given[i] = leaf
+        return lambda: torch.autograd.grad(_first(call(*given)), leaf)
+
+    def _public(self, backend: str, out=None) -> Callable:
+        names = [n for n, v in self.tensors.items() if v is not None]
+        extra = {"out": out} if out is not None else {}
+
+        def call(*given, **absent):
+            return self.fn(**dict(zip(names, given)), **absent, **self.static, backend=backend, **extra)
+
+        return call
+
+    def call(self, backend: str, out: bool = False) -> Callable[[], object]:
+        """The public op on ``backend`` (``out=``: into a preallocated tensor)."""
+        return self._bind(self._public(backend, self.out if out else None))
+
+    def compiled(self) -> Callable[[], object]:
+        """``torch.compile`` of the reference call; shapes are fixed, so no dynamic-shape guards."""
+        forward = self._public("reference")
+        loss = (lambda *a, **k: _first(forward(*a, **k))) if self.case.backward else forward
+        # Every case compiles the same wrapper code, and dynamo keeps its compiled entries per code object: past
+        # the recompile limit (8) it silently runs eager. A case is compiled just before it is timed, so the
+        # earlier cases' entries are no longer needed.
+        torch._dynamo.reset()
+        return self._bind(torch.compile(loss, dynamic=False))
+
+    def diffusers_calls(self) -> Dict[str, Callable[[], object]]:
+        if not has_diffusers_counterpart(self.op):
+            return {}
+        label, kind, step_call = _DIFFUSERS[self.op]
+        scheduler = stock_scheduler(kind, self.s, self.device)
+        step, tensors = self.s.num_timesteps // 2, self.tensors
+        return {label: lambda: step_call(scheduler, tensors, step)}
+
