@@ -28,8 +28,7 @@ SCRIPT = textwrap.dedent(
     from ddpm_kernels.triton import utils
     from ddpm_kernels.triton.pair import PAIR_OPS, POSTERIOR_MEAN, pair_kernel
     from ddpm_kernels.triton.posterior import posterior_kernel
-    from ddpm_kernels.triton.ddim_step import ddim_step_kernel
-    from ddpm_kernels.triton.ddpm_step import ddpm_step_kernel
+    from ddpm_kernels.triton.sampler_step import SAMPLERS, sampler_step_kernel
     from ddpm_kernels.triton.threshold import dynamic_threshold_kernel
     from ddpm_kernels.triton.loss import (
         diffusion_loss_kernel, diffusion_loss_reduce_kernel, diffusion_loss_backward_kernel,
@@ -97,13 +96,12 @@ SCRIPT = textwrap.dedent(
     POSTERIOR = dict(E, PARAMETERIZATION=1, CLIP_DENOISED=False, ADD_NOISE=False, HAS_NOISE=False,
                      WRITE_VARIANCE=True)
     P_SAMPLE = dict(POSTERIOR, ADD_NOISE=True, WRITE_VARIANCE=False)
-    # the sampler steps' defaults (eps, fixed_small, final alpha 1, no option on); each case names
-    # only what it changes
-    DDIM = dict(E, PARAMETERIZATION=0, CLIP_DENOISED=False, USE_CLIPPED_MODEL_OUTPUT=False, SET_ALPHA_TO_ONE=True,
-                ADD_NOISE=False, HAS_NOISE=False, RETURN_X0=False, THRESHOLD=False, X0_ONLY=False,
-                COMPUTE_FP64=False)
-    DDPM = dict(E, PARAMETERIZATION=0, VARIANCE=0, CLIP_DENOISED=False, HAS_NOISE=False, RETURN_X0=False,
-                THRESHOLD=False, X0_ONLY=False, COMPUTE_FP64=False)
+    # the sampler steps' defaults (eps, fixed_small, final alpha 1, no option on)
+    STEP = dict(E, PARAMETERIZATION=0, VARIANCE=0, CLIP_DENOISED=False, USE_CLIPPED_MODEL_OUTPUT=False,
+                SET_ALPHA_TO_ONE=True, ADD_NOISE=False, HAS_NOISE=False, RETURN_X0=False, THRESHOLD=False,
+                X0_ONLY=False, COMPUTE_FP64=False)
+    DDIM = dict(STEP, **dict(zip(("SAMPLER", "EPS_TERM", "X_TERM"), SAMPLERS["ddim"])))
+    DDPM = dict(STEP, ADD_NOISE=True, **dict(zip(("SAMPLER", "EPS_TERM", "X_TERM"), SAMPLERS["ddpm"])))
     CASES = [
         *((f"pair[{name}]", pair_kernel, dict(E, OP=op, BACKWARD=False)) for name, op in PAIR.items()),
         ("pair[q_sample,backward]", pair_kernel, dict(E, OP=PAIR["q_sample"], BACKWARD=True)),
@@ -116,23 +114,26 @@ SCRIPT = textwrap.dedent(
         ("posterior[p_sample,v,clip,philox]", posterior_kernel,
          dict(P_SAMPLE, PARAMETERIZATION=2, CLIP_DENOISED=True)),
         ("posterior[p_sample,eps,noise]", posterior_kernel, dict(P_SAMPLE, PARAMETERIZATION=0, HAS_NOISE=True)),
-        ("ddim_step[eps,clip,philox,x0]", ddim_step_kernel,
+        ("ddim_step[eps,clip,philox,x0]", sampler_step_kernel,
          dict(DDIM, CLIP_DENOISED=True, USE_CLIPPED_MODEL_OUTPUT=True, ADD_NOISE=True, RETURN_X0=True)),
-        ("ddim_step[v,eta0]", ddim_step_kernel, dict(DDIM, PARAMETERIZATION=2, SET_ALPHA_TO_ONE=False)),
-        ("ddim_step[x0,noise]", ddim_step_kernel, dict(DDIM, PARAMETERIZATION=1, ADD_NOISE=True, HAS_NOISE=True)),
-        ("ddpm_step[eps,fixed_small,philox,x0]", ddpm_step_kernel, dict(DDPM, CLIP_DENOISED=True, RETURN_X0=True)),
-        ("ddpm_step[v,fixed_large,noise]", ddpm_step_kernel,
+        ("ddim_step[v,eta0]", sampler_step_kernel, dict(DDIM, PARAMETERIZATION=2, SET_ALPHA_TO_ONE=False)),
+        ("ddim_step[x0,noise]", sampler_step_kernel,
+         dict(DDIM, PARAMETERIZATION=1, ADD_NOISE=True, HAS_NOISE=True)),
+        ("ddpm_step[eps,fixed_small,philox,x0]", sampler_step_kernel, dict(DDPM, CLIP_DENOISED=True, RETURN_X0=True)),
+        ("ddpm_step[v,fixed_large,noise]", sampler_step_kernel,
          dict(DDPM, PARAMETERIZATION=2, VARIANCE=1, HAS_NOISE=True)),
-        ("ddpm_step[x0,learned]", ddpm_step_kernel, dict(DDPM, PARAMETERIZATION=1, VARIANCE=2, CLIP_DENOISED=True)),
-        ("ddpm_step[eps,learned_range]", ddpm_step_kernel, dict(DDPM, VARIANCE=3, HAS_NOISE=True, RETURN_X0=True)),
-        ("ddim_step[v,threshold,x0]", ddim_step_kernel,
+        ("ddpm_step[x0,learned]", sampler_step_kernel,
+         dict(DDPM, PARAMETERIZATION=1, VARIANCE=2, CLIP_DENOISED=True)),
+        ("ddpm_step[eps,learned_range]", sampler_step_kernel,
+         dict(DDPM, VARIANCE=3, HAS_NOISE=True, RETURN_X0=True)),
+        ("ddim_step[v,threshold,x0]", sampler_step_kernel,
          dict(DDIM, PARAMETERIZATION=2, CLIP_DENOISED=True, USE_CLIPPED_MODEL_OUTPUT=True, ADD_NOISE=True,
               HAS_NOISE=True, RETURN_X0=True, THRESHOLD=True)),
-        ("ddim_step[eps,x0_only]", ddim_step_kernel, dict(DDIM, RETURN_X0=True, X0_ONLY=True)),
-        ("ddpm_step[eps,learned_range,threshold]", ddpm_step_kernel,
+        ("ddim_step[eps,x0_only]", sampler_step_kernel, dict(DDIM, RETURN_X0=True, X0_ONLY=True)),
+        ("ddpm_step[eps,learned_range,threshold]", sampler_step_kernel,
          dict(DDPM, VARIANCE=3, CLIP_DENOISED=True, THRESHOLD=True)),
-        ("ddpm_step[v,learned,x0_only]", ddpm_step_kernel,
-         dict(DDPM, PARAMETERIZATION=2, VARIANCE=2, HAS_NOISE=True, RETURN_X0=True, X0_ONLY=True)),
+        ("ddpm_step[v,learned,x0_only]", sampler_step_kernel,
+         dict(DDPM, PARAMETERIZATION=2, VARIANCE=2, ADD_NOISE=False, RETURN_X0=True, X0_ONLY=True)),
         ("dynamic_threshold", dynamic_threshold_kernel, dict(E, COMPUTE_FP64=False)),
         ("diffusion_loss[v,l2]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=2, LOSS_L1=False)),
         ("diffusion_loss[eps,l1]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=0, LOSS_L1=True)),

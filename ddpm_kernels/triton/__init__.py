@@ -13,7 +13,8 @@ opaque calls, which loses nothing: each already is one fused pass.
 
 The pair ops (``out = A_t a + B_t b``: q_sample, predict_start_from_noise, predict_noise_from_start, get_v,
 predict_start_from_z_and_v, predict_eps_from_z_and_v) are one kernel, ``pair.pair_kernel``; q_posterior,
-p_mean_variance and p_sample are another, ``posterior.posterior_kernel``.
+p_mean_variance and p_sample are another, ``posterior.posterior_kernel``; ddim_step and ddpm_step a third,
+``sampler_step.sampler_step_kernel``, with a coefficient function per sampler.
 
 Autograd: every pair op (both tensor inputs), ``q_posterior`` (mean
 w.r.t. x_start, x_t) and ``diffusion_loss`` (model_output, and x_start / noise where the target depends on
@@ -28,33 +29,15 @@ import torch
 
 from .utils import INTERPRETED
 
-from .ddim_step import ddim_step
-from .ddpm_step import ddpm_step
 from .loss import diffusion_loss
 from .threshold import dynamic_threshold
 from .pair import ENTRIES as PAIR_ENTRIES
 from .posterior import p_mean_variance, p_sample, q_posterior
+from .sampler_step import sampler_step
 
 __all__ = ["BACKEND", "TritonBackend"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _step(fn):
-    """The sampler-step family's backend signature over the per-sampler entry points."""
-
-    def step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None):
-        if opts.sampler == "ddim":
-            scalars = dict(eta=opts.eta, set_alpha_to_one=opts.set_alpha_to_one,
-                           use_clipped_model_output=opts.use_clipped_model_output)
-        else:
-            scalars = dict(variance_type=opts.variance_type)
-        return fn(x_t, t, t_prev, model_output, schedule, parameterization=opts.parameterization,
-                  clip_denoised=opts.clip_denoised, noise=noise, generator=generator, clip_range=opts.clip_range,
-                  threshold_ratio=opts.threshold_ratio, threshold_max=opts.threshold_max, out=out,
-                  return_pred_x0=opts.return_pred_x0, **scalars)
-
-    return step
 
 
 class TritonBackend:
@@ -76,9 +59,9 @@ class TritonBackend:
         "p_mean_variance": p_mean_variance,
         "p_sample": p_sample,
         "diffusion_loss": diffusion_loss,
-        # sampler steps: one launch each; with threshold_ratio, an x0 pass and a per-sample sort come first
-        "ddim_step": _step(ddim_step),
-        "ddpm_step": _step(ddpm_step),
+        # one step kernel; with threshold_ratio, an x0 pass and a per-sample sort come first
+        "ddim_step": sampler_step,
+        "ddpm_step": sampler_step,
         "dynamic_threshold": dynamic_threshold,
     }
 

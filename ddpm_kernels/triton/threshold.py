@@ -20,9 +20,10 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    apply_threshold,
     as_rows,
+    clamp_symmetric,
     compute_dtype,
+    div_rn,
     empty_dense,
     launch_per_sample,
     load_tile,
@@ -30,7 +31,7 @@ from .utils import (
     store_tile,
 )
 
-__all__ = ["dynamic_threshold_kernel", "dynamic_threshold", "threshold_scale"]
+__all__ = ["dynamic_threshold_kernel", "dynamic_threshold", "threshold_scale", "apply_threshold"]
 
 
 def _quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
@@ -51,6 +52,12 @@ def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float) -> torch.T
     at least one element per sample)."""
     rows = x0.reshape(x0.shape[0], -1)
     return _quantile(rows.abs(), ratio).clamp(min=1.0, max=max_value)
+
+
+@triton.jit
+def apply_threshold(x0, s):
+    """Dynamic thresholding with the per-sample scale ``s``: ``clamp(x0, -s, s) / s``."""
+    return div_rn(clamp_symmetric(x0, s), s)
 
 
 @triton.jit

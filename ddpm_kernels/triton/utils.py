@@ -1,7 +1,7 @@
 """Pieces every Triton kernel family here shares. In the kernels (``@triton.jit`` helpers, which Triton
 inlines): a program's tile of its sample, loads upcast to the compute dtype and stores rounded once, the gather
-of a schedule coefficient, correctly rounded division and square root, NaN-preserving clipping and
-thresholding, and in-kernel Philox noise. On the host: the launch table and the chunked launch, the flattening of inputs, the noise key,
+of a schedule coefficient, correctly rounded division and square root, NaN-preserving clipping, and in-kernel
+Philox noise. On the host: the launch table and the chunked launch, the flattening of inputs, the noise key,
 and the registration of an op with its ``out=`` form and of a linear combination's autograd.
 
 Layout. Every op is elementwise over ``(B, N)`` where ``B`` is the batch and ``N`` the product of the other
@@ -84,16 +84,9 @@ __all__ = [
     "clamp_symmetric",
     "div_rn",
     "sqrt_rn",
-    "apply_threshold",
     "gather_coefficient",
     "philox_normal",
     "load_or_draw_noise",
-    "to_compute",
-    "gather_step_alphas",
-    "bound_pred_x0",
-    "run_step",
-    "pred_x0_output",
-    "step_operands",
 ]
 
 ROW = TABLE_ROW
@@ -373,12 +366,6 @@ def sqrt_rn(x):
 
 
 @triton.jit
-def apply_threshold(x0, s):
-    """Dynamic thresholding with the per-sample scale ``s``: ``clamp(x0, -s, s) / s``."""
-    return div_rn(clamp_symmetric(x0, s), s)
-
-
-@triton.jit
 def gather_coefficient(table_ptr, row: tl.constexpr, t, T):
     """``table[row, t]`` in the table's dtype; NaN (and no memory access) when ``t`` is outside [0, T)."""
     in_range = (t >= 0) & (t < T)
@@ -459,104 +446,6 @@ def host_philox_state(generator, x: torch.Tensor, counters: int):
     if generator is None:
         generator = torch.cuda.default_generators[x.device.index]
     return advance_philox_state(generator, counters)
-
-
-# ----------------------------------------------------------------------------------- sampler-step helpers
-@triton.jit
-def to_compute(value, COMPUTE_FP64: tl.constexpr):
-    """``value`` in the compute dtype: float64 for float64 data, float32 otherwise."""
-    if COMPUTE_FP64:
-        return tl.cast(value, tl.float64)
-    else:
-        return tl.cast(value, tl.float32)
-
-
-@triton.jit
-def gather_step_alphas(alphas_cumprod_ptr, t, t_prev, T, SET_ALPHA_TO_ONE: tl.constexpr,
-                       COMPUTE_FP64: tl.constexpr):
-    """``(ab_t, ab_prev, 1 - ab_t, 1 - ab_prev, ab_prev - ab_t)`` of a step ``t -> t_prev``, in the compute
-    dtype, from the float64 ``alphas_cumprod`` row.
-
-    ``t_prev == -1`` gives ``ab_prev`` = 1 (``SET_ALPHA_TO_ONE``) or ``alphas_cumprod[0]``, as
-    ``reference._alphas_cumprod64``; ``t`` outside [0, T) or ``t_prev`` outside [-1, T) gives NaN, with no
-    memory access outside the row.
-
-    Why float64 and these five: a step's coefficients are products and quotients of them (well conditioned in
-    float32: a few ulps each), except that the three differences cancel. ``ab_prev - ab_t`` is ~1e-4 of
-    ``ab_prev`` near t = 0, and the float32 table's ``alphas_cumprod`` carries a relative rounding error of
-    ~6e-8, so the difference of float32 values is off by ~1e-3 relative there (DDPM's ``sqrt(ab_prev) beta /
-    (1 - ab_t)`` at t = 1 -> 0 comes out 8e-5 off, several times the 1e-5 tolerance). Subtracted in float64
-    from the float64 table and rounded once, each is within half a float32 ulp; the remaining math needs no
-    float64 division, square root or logarithm (which run at 1/64 rate on many GPUs)."""
-    t_in_range = (t >= 0) & (t < T)
-    ab_t = tl.load(alphas_cumprod_ptr + tl.where(t_in_range, t, 0), mask=t_in_range, other=float("nan"))
-    prev_in_range = (t_prev >= 0) & (t_prev < T)
-    ab_prev = tl.load(alphas_cumprod_ptr + tl.where(prev_in_range, t_prev, 0), mask=prev_in_range,
-                      other=float("nan"))
-    if SET_ALPHA_TO_ONE:
-        final = tl.full((), 1.0, tl.float64)
-    else:
-        final = tl.load(alphas_cumprod_ptr)
-    ab_prev = tl.where(t_prev == -1, final, ab_prev)
-    return (
-        to_compute(ab_t, COMPUTE_FP64),
-        to_compute(ab_prev, COMPUTE_FP64),
-        to_compute(1.0 - ab_t, COMPUTE_FP64),
-        to_compute(1.0 - ab_prev, COMPUTE_FP64),
-        to_compute(ab_prev - ab_t, COMPUTE_FP64),
-    )
-
-
-@triton.jit
-def bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD: tl.constexpr,
-                  CLIP_DENOISED: tl.constexpr, COMPUTE_FP64: tl.constexpr):
-    """A sampler step's x0 prediction, thresholded with the sample's scale (``THRESHOLD``: dynamic
-    thresholding replaces clipping; ``s >= 1``, see ``threshold.threshold_scale``) or clipped to
-    ``[-clip_range, clip_range]`` (``CLIP_DENOISED``; ``clip_range`` as hi + lo float32s)."""
-    if THRESHOLD:
-        x0 = apply_threshold(x0, tl.load(scale_ptr + sample))
-    elif CLIP_DENOISED:
-        bound = to_compute(clip_range_hi, COMPUTE_FP64) + to_compute(clip_range_lo, COMPUTE_FP64)
-        x0 = clamp_symmetric(x0, bound)
-    return x0
-
-
-def run_step(op, out_op, args, out, return_pred_x0: bool):
-    """A sampler step through ``op`` (``args`` -> ``(x_prev, x0)``), or through ``out_op`` (``args``, ``out`` ->
-    ``x0``) when ``out`` is given: ``(x_prev, x0)`` with ``return_pred_x0``, else ``x_prev``."""
-    if out is None:
-        x_prev, x0 = op(*args)
-    else:
-        x0 = out_op(*args, out)
-        x_prev = out
-    return (x_prev, x0) if return_pred_x0 else x_prev
-
-
-def pred_x0_output(x_t: torch.Tensor, return_pred_x0: bool) -> torch.Tensor:
-    """A sampler step's x0 output: shaped like ``x_t`` with ``return_pred_x0``, else zero elements."""
-    return empty_dense(x_t) if return_pred_x0 else x_t.new_empty(0)
-
-
-def step_operands(x_t, t, t_prev, model_output, alphas_cumprod, clip_range, noise, seed, philox_seed, philox_offset,
-                  out, x0, scale):
-    """``(batch, n, arguments)``: the arguments ``ddim_step_kernel`` and ``ddpm_step_kernel`` share, by name;
-    None when there is nothing to launch (zero elements). ``x0`` (None: not written) and ``scale`` (None: no
-    thresholding) get unread stand-ins when absent, as the noise does (``noise_operands``)."""
-    x_t, batch, n = as_rows(x_t)
-    if x_t.numel() == 0:
-        return None
-    # the kernel reads t[b] at t_ptr + b: a strided view (t = steps[:, 0]) must be packed first
-    t, t_prev = t.contiguous(), t_prev.contiguous()
-    noise, seed, has_noise = noise_operands(noise, seed, x_t, t)
-    clip_range_hi, clip_range_lo = split_float(clip_range)
-    return batch, n, dict(
-        x_t_ptr=x_t, model_output_ptr=like_dense(x_t, model_output), noise_ptr=noise, seed_ptr=seed,
-        philox_seed=philox_seed, philox_offset=philox_offset, t_ptr=t, t_prev_ptr=t_prev,
-        alphas_cumprod_ptr=alphas_cumprod, out_ptr=out, x0_ptr=out if x0 is None else x0,
-        scale_ptr=alphas_cumprod if scale is None else scale, clip_range_hi=clip_range_hi,
-        clip_range_lo=clip_range_lo, N=n, T=alphas_cumprod.shape[0], HAS_NOISE=has_noise,
-        RETURN_X0=x0 is not None, THRESHOLD=scale is not None, COMPUTE_FP64=x_t.dtype == torch.float64,
-    )
 
 
 # Triton decides when a function is decorated whether it is compiled or interpreted (TRITON_INTERPRET=1 at
