@@ -1,6 +1,13 @@
-"""Triton backend: each per-timestep op as one fused kernel, registered as
+"""Triton backend: one kernel per family of ops, specialised by constexpr flags, registered as
 ``torch.library`` custom ops under ``ddpm_kernels_triton::`` so they work under ``torch.compile`` and
 ``torch.library.opcheck``.
+
+Families (one module each): ``pair`` (``out = A_t a + B_t b``: q_sample, predict_start_from_noise,
+predict_noise_from_start, get_v, predict_start_from_z_and_v, predict_eps_from_z_and_v, and every pair's
+backward), ``posterior`` (q_posterior, p_mean_variance, p_sample), ``sampler_step`` (ddim_step, ddpm_step:
+one kernel, a coefficient function per sampler), ``loss`` (diffusion_loss and its backward) and ``threshold``
+(dynamic_threshold). ``utils`` holds what they share: tiles, loads and stores, the coefficient gather, Philox
+noise, the launch table, registration.
 
 Ops run on CUDA tensors (compiled) and, when ``TRITON_INTERPRET=1`` was set before triton was first imported,
 on CPU tensors through Triton's interpreter (how the tests run without a GPU).
@@ -11,29 +18,23 @@ interpreter it fails ``opcheck``'s fake-tensor test and ``torch.compile`` (the i
 of fake tensors), so the one registration that works on both CPU and GPU is used. Inductor treats the ops as
 opaque calls, which loses nothing: each already is one fused pass.
 
-The pair ops (``out = A_t a + B_t b``: q_sample, predict_start_from_noise, predict_noise_from_start, get_v,
-predict_start_from_z_and_v, predict_eps_from_z_and_v) are one kernel, ``pair.pair_kernel``; q_posterior,
-p_mean_variance and p_sample are another, ``posterior.posterior_kernel``; ddim_step and ddpm_step a third,
-``sampler_step.sampler_step_kernel``, with a coefficient function per sampler.
-
-Autograd: every pair op (both tensor inputs), ``q_posterior`` (mean
-w.r.t. x_start, x_t) and ``diffusion_loss`` (model_output, and x_start / noise where the target depends on
-them). ``p_mean_variance``, ``p_sample``, ``ddim_step`` and ``ddpm_step`` have no backward (sampling only).
+The backend never runs the reference itself: what it does not serve it says (``declines``,
+``unavailable_reason``), and the dispatcher (``ddpm_kernels.backends``) picks the reference.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, FrozenSet, Optional
 
 import torch
 
-from .utils import INTERPRETED
-
 from .loss import diffusion_loss
-from .threshold import dynamic_threshold
 from .pair import ENTRIES as PAIR_ENTRIES
+from .pair import PAIR_OPS
 from .posterior import p_mean_variance, p_sample, q_posterior
-from .sampler_step import sampler_step
+from .sampler_step import SAMPLERS, VARIANCE_ID, sampler_step
+from .threshold import dynamic_threshold
+from .utils import INTERPRETED
 
 __all__ = ["BACKEND", "TritonBackend"]
 
@@ -41,18 +42,19 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class TritonBackend:
+    """The backend object ``ddpm_kernels.backends`` dispatches to.
+
+    * ``ops``: op name -> function with the reference's signature, except the sampler steps, which take
+      ``(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None)`` with ``opts`` a
+      ``ddpm_kernels._spec.StepOptions``.
+    * ``differentiable``: op name -> the tensor arguments its kernels give gradients for; ops not listed are
+      sampling only (the dispatcher detaches their inputs).
+    * ``declines(op, opts)``: None when the backend serves ``op`` with these options (``opts``: the step's
+      ``StepOptions``, None for other ops), else why not: a sampler without a coefficient function here.
+    * ``unavailable_reason(device, dtype)``: None when it runs tensors of that device and dtype, else why not.
+    """
+
     name = "triton"
-    differentiable = {
-        "q_sample": frozenset(("x_start", "noise")),
-        "predict_start_from_noise": frozenset(("x_t", "noise")),
-        "q_posterior": frozenset(("x_start", "x_t")),
-        "diffusion_loss": frozenset(("model_output", "x_start", "noise")),
-    }
-
-    @staticmethod
-    def declines(op, opts):
-        return None
-
     ops = {
         **PAIR_ENTRIES,
         "q_posterior": q_posterior,
@@ -64,6 +66,24 @@ class TritonBackend:
         "ddpm_step": sampler_step,
         "dynamic_threshold": dynamic_threshold,
     }
+    differentiable: Dict[str, FrozenSet[str]] = {
+        **{name: frozenset(args) - {"t"} for name, args in PAIR_OPS.items()},
+        # the mean; the variances are table gathers
+        "q_posterior": frozenset({"x_start", "x_t"}),
+        # x_start and noise where the target depends on them (x0 / v, eps / v); None otherwise, as the reference
+        "diffusion_loss": frozenset({"model_output", "x_start", "noise"}),
+    }
+
+    @staticmethod
+    def declines(op: str, opts=None) -> Optional[str]:
+        # an op without a kernel is not declined but missing (`ops`): the dispatcher tells the two apart
+        if opts is None:
+            return None
+        if opts.sampler not in SAMPLERS:
+            return f"the Triton sampler step has no coefficient function for sampler={opts.sampler!r}"
+        if opts.sampler == "ddpm" and opts.variance_type not in VARIANCE_ID:
+            return f"the Triton DDPM step has no variance_type={opts.variance_type!r}"
+        return None
 
     @staticmethod
     def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
