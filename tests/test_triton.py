@@ -19,6 +19,7 @@ import torch
 import ddpm_kernels as dk
 import helpers
 from ddpm_kernels import reference as R
+from ddpm_kernels._spec import StepOptions
 from helpers import triton_device
 
 DEVICE = triton_device()
@@ -60,6 +61,25 @@ def test_q_sample_and_predict_start_from_noise(schedule, dtype, shape, op):
     t = make_t(shape[0])
     out = getattr(dk, op)(x, t, noise, schedule, backend="triton")
     assert_matches(out, R.OPS[op], (x, t, noise, schedule), {}, dtype)
+
+
+def pair_args(op, a, b, t, schedule):
+    """A pair op's arguments in its own order (get_v takes t last)."""
+    return (a, b, t, schedule) if op == "get_v" else (a, t, b, schedule)
+
+
+MORE_PAIR_OPS = ["predict_noise_from_start", "get_v", "predict_start_from_z_and_v", "predict_eps_from_z_and_v"]
+
+
+@pytest.mark.parametrize("op", MORE_PAIR_OPS)
+@pytest.mark.parametrize("shape", [(1,), (3, 3, 5, 7)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_more_pair_ops(schedule, dtype, shape, op):
+    """The inverse helpers and the v conversions run on the same pair kernel, each with its rows and order."""
+    a, b = make_inputs(shape, 2, dtype)
+    args = pair_args(op, a, b, make_t(shape[0]), schedule)
+    out = getattr(dk, op)(*args, backend="triton")
+    assert_matches(out, R.OPS[op], args, {}, dtype)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -105,7 +125,7 @@ def test_diffusion_loss(schedule, dtype, shape, parameterization, loss_type):
 
 def test_diffusion_loss_reduction_loops(schedule, monkeypatch):
     """The reduction kernel loops over batch chunks and partial-sum tiles (forced with small tiles)."""
-    loss_module = importlib.import_module("ddpm_kernels.triton.diffusion_loss")
+    loss_module = importlib.import_module("ddpm_kernels.triton.loss")
     monkeypatch.setattr(loss_module, "REDUCE_BLOCK_B", 4)
     monkeypatch.setattr(loss_module, "REDUCE_BLOCK_P", 2)
     model_output, x_start, noise = make_inputs((9, 2, 300), 3, torch.float32)
@@ -115,7 +135,9 @@ def test_diffusion_loss_reduction_loops(schedule, monkeypatch):
     assert_matches(out, R.diffusion_loss_ref, args, {}, torch.float32)
 
 
-@pytest.mark.parametrize("op", ["q_sample", "predict_start_from_noise", "q_posterior", "p_mean_variance", "p_sample"])
+@pytest.mark.parametrize(
+    "op", ["q_sample", "predict_start_from_noise", "get_v", "q_posterior", "p_mean_variance", "p_sample"]
+)
 def test_non_contiguous_inputs(schedule, op):
     base = make_inputs((3, 6, 5), 3, torch.float32)
     a, b, c = (x.transpose(1, 2) for x in base)  # (3, 5, 6), not contiguous
@@ -124,6 +146,7 @@ def test_non_contiguous_inputs(schedule, op):
     args = {
         "q_sample": (a, t, b, schedule),
         "predict_start_from_noise": (a, t, b, schedule),
+        "get_v": (a, b, t, schedule),
         "q_posterior": (a, b, t, schedule),
         "p_mean_variance": (a, t, b, schedule, "v", True),
         "p_sample": (a, t, b, schedule, "eps", True, c),
@@ -203,6 +226,7 @@ def test_out_of_range_t_gives_nan(schedule):
     results = [
         tk.BACKEND.ops["q_sample"](x, t, y, schedule),
         tk.BACKEND.ops["predict_start_from_noise"](x, t, y, schedule),
+        *(tk.BACKEND.ops[op](*pair_args(op, x, y, t, schedule)) for op in MORE_PAIR_OPS),
         *tk.BACKEND.ops["q_posterior"](x, y, t, schedule),
         *tk.BACKEND.ops["p_mean_variance"](x, t, y, schedule, "eps", True),
         tk.BACKEND.ops["p_sample"](x, t, y, schedule, "v", True, z),
@@ -410,6 +434,14 @@ def test_gradcheck_predict_start_from_noise(schedule):
     assert torch.autograd.gradcheck(fn, (x_t, noise))
 
 
+@pytest.mark.parametrize("op", MORE_PAIR_OPS)
+def test_gradcheck_more_pair_ops(schedule, op):
+    a, b = _fp64_inputs((2, 5), 2)
+    t = make_t(2)
+    fn = lambda a, b: getattr(dk, op)(*pair_args(op, a, b, t, schedule), backend="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (a, b))
+
+
 def test_gradcheck_q_posterior_mean(schedule):
     x_start, x_t = _fp64_inputs((2, 2, 3), 2)
     t = make_t(2)
@@ -466,8 +498,7 @@ def test_q_sample_backward_one_pass(schedule):
     grad = make_inputs((3, 4, 5), 1, torch.float32)[0]
     t = make_t(3)
     table = schedule.table(torch.float32)
-    q_sample_module = importlib.import_module("ddpm_kernels.triton.q_sample")
-    g_x, g_n = q_sample_module.q_sample_backward(grad, t, table)
+    g_x, g_n = torch.ops.ddpm_kernels_triton.q_sample_backward(grad, t, table)
     a, b = R.extract(schedule, ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"), t, 3, torch.float32)
     torch.testing.assert_close(g_x, a * grad)
     torch.testing.assert_close(g_n, b * grad)
@@ -499,6 +530,14 @@ def _opcheck_cases(schedule, dtype):
         (ops.q_sample_backward, (x, t, table)),
         (ops.predict_start_from_noise, (x, t, y, table)),
         (ops.predict_start_from_noise_backward, (x, t, table)),
+        (ops.predict_noise_from_start, (x, t, y, table)),
+        (ops.predict_noise_from_start_backward, (x, t, table)),
+        (ops.get_v, (x, y, t, table)),
+        (ops.get_v_backward, (x, t, table)),
+        (ops.predict_start_from_z_and_v, (x, t, y, table)),
+        (ops.predict_start_from_z_and_v_backward, (x, t, table)),
+        (ops.predict_eps_from_z_and_v, (x, t, y, table)),
+        (ops.predict_eps_from_z_and_v_backward, (x, t, table)),
         (ops.q_posterior, (x, y, t, table)),
         (ops.q_posterior_backward, (x, t, table)),
         (ops.p_mean_variance, (x, t, y, table, 2, True)),
@@ -528,6 +567,10 @@ def test_opcheck_autograd_registration(schedule):
     for op, args in [
         (ops.q_sample, (x, t, y, table)),
         (ops.predict_start_from_noise, (x, t, y, table)),
+        (ops.predict_noise_from_start, (x, t, y, table)),
+        (ops.get_v, (x, y, t, table)),
+        (ops.predict_start_from_z_and_v, (x, t, y, table)),
+        (ops.predict_eps_from_z_and_v, (x, t, y, table)),
         (ops.q_posterior, (x, y, t, table)),
         (ops.diffusion_loss, (x, y, z, t, table, 0, False, 1.0, 0.0)),
     ]:
@@ -573,14 +616,26 @@ def test_torch_compile_sampling_and_training_step(schedule):
 # ---------------------------------------------------------------------------------------- dispatch
 def test_backend_availability():
     assert tk.BACKEND.name == "triton"
-    assert set(tk.BACKEND.ops) <= set(R.OPS)
+    assert set(tk.BACKEND.ops) == set(R.OPS)  # every op has a Triton kernel
+    assert set(tk.BACKEND.differentiable) <= set(tk.BACKEND.ops)
+    assert tk.BACKEND.differentiable["q_sample"] == {"x_start", "noise"}
+    assert tk.BACKEND.differentiable["get_v"] == {"x_start", "noise"}
+    assert "p_sample" not in tk.BACKEND.differentiable and "ddim_step" not in tk.BACKEND.differentiable
+    assert tk.BACKEND.declines("q_sample", None) is None
+    assert tk.BACKEND.declines("ddim_step", StepOptions("ddim", eta=0.5)) is None
+    assert tk.BACKEND.declines("ddim_step", StepOptions("euler")) is not None
     assert tk.BACKEND.unavailable_reason(torch.device(DEVICE), torch.float32) is None
     assert tk.BACKEND.unavailable_reason(torch.device(DEVICE), torch.int32) is not None
     assert tk.BACKEND.unavailable_reason(torch.device("meta"), torch.float32) is not None
     assert "triton" in dk.backends.available_backends(DEVICE)
 
 
-def test_unfused_op_raises_for_explicit_backend(schedule):
+def test_unfused_op_raises_for_explicit_backend(schedule, monkeypatch):
+    """An op the backend has no kernel for (every op has one now: one is taken away here) raises for an explicit
+    backend="triton" instead of running something else."""
+    monkeypatch.delitem(tk.BACKEND.ops, "get_v")
+    for key in list(dk.backends._selected):  # the dispatch cache (the public ops hold the same dict)
+        monkeypatch.delitem(dk.backends._selected, key)
     x, y = make_inputs((2, 3), 2, torch.float32)
     with pytest.raises(dk.backends.BackendUnavailableError):
         dk.get_v(x, y, make_t(2), schedule, backend="triton")

@@ -26,15 +26,11 @@ SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
 
     from ddpm_kernels.triton import utils
-    from ddpm_kernels.triton.q_sample import q_sample_kernel
-    from ddpm_kernels.triton.predict_start_from_noise import predict_start_from_noise_kernel
-    from ddpm_kernels.triton.q_posterior import q_posterior_kernel
-    from ddpm_kernels.triton.p_mean_variance import p_mean_variance_kernel
-    from ddpm_kernels.triton.p_sample import p_sample_kernel
-    from ddpm_kernels.triton.ddim_step import ddim_step_kernel
-    from ddpm_kernels.triton.ddpm_step import ddpm_step_kernel
-    from ddpm_kernels.triton.dynamic_threshold import dynamic_threshold_kernel
-    from ddpm_kernels.triton.diffusion_loss import (
+    from ddpm_kernels.triton.pair import PAIR_OPS, POSTERIOR_MEAN, pair_kernel
+    from ddpm_kernels.triton.posterior import posterior_kernel
+    from ddpm_kernels.triton.sampler_step import SAMPLERS, sampler_step_kernel
+    from ddpm_kernels.triton.threshold import dynamic_threshold_kernel
+    from ddpm_kernels.triton.loss import (
         diffusion_loss_kernel, diffusion_loss_reduce_kernel, diffusion_loss_backward_kernel,
     )
     assert not utils.INTERPRETED
@@ -43,8 +39,8 @@ SCRIPT = textwrap.dedent(
     assert BACKEND.unavailable_reason(torch.device("cpu"), torch.float32) is not None  # no CPU without interpreter
     R = utils.ROW
 
-    DATA = {"x_start_ptr", "noise_ptr", "x_t_ptr", "model_output_ptr", "out_ptr", "mean_ptr", "grad_ptr",
-            "grad_a_ptr", "grad_b_ptr", "grad_model_output_ptr", "grad_x_start_ptr", "grad_noise_ptr",
+    DATA = {"x_start_ptr", "noise_ptr", "x_t_ptr", "model_output_ptr", "out_ptr", "a_ptr", "b_ptr", "out_b_ptr",
+            "grad_model_output_ptr", "grad_x_start_ptr", "grad_noise_ptr",
             "loss_ptr", "loss_simple_ptr", "loss_vlb_ptr", "grad_loss_ptr", "grad_loss_simple_ptr",
             "grad_loss_vlb_ptr", "x0_ptr"}
     INDEX = {"t_ptr", "seed_ptr", "t_prev_ptr"}
@@ -94,48 +90,50 @@ SCRIPT = textwrap.dedent(
         return {k: R[v] for k, v in names.items()}
 
     E = dict(BLOCK=1024)  # elementwise kernels' block
-    SQRT_AB = rows(ROW_SQRT_AB="sqrt_alphas_cumprod", ROW_SQRT_1M_AB="sqrt_one_minus_alphas_cumprod")
-    RECIP = rows(ROW_SQRT_RECIP_AB="sqrt_recip_alphas_cumprod", ROW_SQRT_RECIPM1_AB="sqrt_recipm1_alphas_cumprod")
-    PAIR = rows(ROW_A="sqrt_alphas_cumprod", ROW_B="sqrt_one_minus_alphas_cumprod")
-    # the sampler steps' defaults (eps, fixed_small, final alpha 1, no option on); each case names
+    PAIR = {name: i for i, name in enumerate(PAIR_OPS)}
+    # the posterior family's defaults (q_posterior: a given x0, unclipped, variances written); each case names
     # only what it changes
-    DDIM = dict(E, PARAMETERIZATION=0, CLIP_DENOISED=False, USE_CLIPPED_MODEL_OUTPUT=False, SET_ALPHA_TO_ONE=True,
-                ADD_NOISE=False, HAS_NOISE=False, RETURN_X0=False, THRESHOLD=False, X0_ONLY=False,
-                COMPUTE_FP64=False)
-    DDPM = dict(E, PARAMETERIZATION=0, VARIANCE=0, CLIP_DENOISED=False, HAS_NOISE=False, RETURN_X0=False,
-                THRESHOLD=False, X0_ONLY=False, COMPUTE_FP64=False)
-    COEF = rows(ROW_COEF1="posterior_mean_coef1", ROW_COEF2="posterior_mean_coef2")
-    VAR = rows(ROW_VAR="posterior_variance", ROW_LOG_VAR="posterior_log_variance_clipped")
-    LOG_VAR = rows(ROW_LOG_VAR="posterior_log_variance_clipped")
+    POSTERIOR = dict(E, PARAMETERIZATION=1, CLIP_DENOISED=False, ADD_NOISE=False, HAS_NOISE=False,
+                     WRITE_VARIANCE=True)
+    P_SAMPLE = dict(POSTERIOR, ADD_NOISE=True, WRITE_VARIANCE=False)
+    # the sampler steps' defaults (eps, fixed_small, final alpha 1, no option on)
+    STEP = dict(E, PARAMETERIZATION=0, VARIANCE=0, CLIP_DENOISED=False, USE_CLIPPED_MODEL_OUTPUT=False,
+                SET_ALPHA_TO_ONE=True, ADD_NOISE=False, HAS_NOISE=False, RETURN_X0=False, THRESHOLD=False,
+                X0_ONLY=False, COMPUTE_FP64=False)
+    DDIM = dict(STEP, **dict(zip(("SAMPLER", "EPS_TERM", "X_TERM"), SAMPLERS["ddim"])))
+    DDPM = dict(STEP, ADD_NOISE=True, **dict(zip(("SAMPLER", "EPS_TERM", "X_TERM"), SAMPLERS["ddpm"])))
     CASES = [
-        ("q_sample", q_sample_kernel, dict(E, **SQRT_AB)),
-        ("predict_start_from_noise", predict_start_from_noise_kernel, dict(E, **RECIP)),
-        ("linear_combination_backward", utils.linear_combination_backward_kernel, dict(E, SIGN_B=-1.0, **PAIR)),
-        ("q_posterior", q_posterior_kernel, dict(E, **COEF, **VAR)),
-        ("p_mean_variance[x0,clip]", p_mean_variance_kernel,
-         dict(E, PARAMETERIZATION=1, CLIP_DENOISED=True, **VAR)),
-        ("p_mean_variance[eps]", p_mean_variance_kernel, dict(E, PARAMETERIZATION=0, CLIP_DENOISED=False, **VAR)),
-        ("p_sample[v,clip,philox]", p_sample_kernel,
-         dict(E, PARAMETERIZATION=2, CLIP_DENOISED=True, HAS_NOISE=False, **LOG_VAR)),
-        ("p_sample[eps,noise]", p_sample_kernel,
-         dict(E, PARAMETERIZATION=0, CLIP_DENOISED=False, HAS_NOISE=True, **LOG_VAR)),
-        ("ddim_step[eps,clip,philox,x0]", ddim_step_kernel,
+        *((f"pair[{name}]", pair_kernel, dict(E, OP=op, BACKWARD=False)) for name, op in PAIR.items()),
+        ("pair[q_sample,backward]", pair_kernel, dict(E, OP=PAIR["q_sample"], BACKWARD=True)),
+        ("pair[predict_noise_from_start,backward]", pair_kernel,
+         dict(E, OP=PAIR["predict_noise_from_start"], BACKWARD=True)),
+        ("pair[posterior_mean,backward]", pair_kernel, dict(E, OP=POSTERIOR_MEAN, BACKWARD=True)),
+        ("posterior[q_posterior]", posterior_kernel, POSTERIOR),
+        ("posterior[p_mean_variance,x0,clip]", posterior_kernel, dict(POSTERIOR, CLIP_DENOISED=True)),
+        ("posterior[p_mean_variance,eps]", posterior_kernel, dict(POSTERIOR, PARAMETERIZATION=0)),
+        ("posterior[p_sample,v,clip,philox]", posterior_kernel,
+         dict(P_SAMPLE, PARAMETERIZATION=2, CLIP_DENOISED=True)),
+        ("posterior[p_sample,eps,noise]", posterior_kernel, dict(P_SAMPLE, PARAMETERIZATION=0, HAS_NOISE=True)),
+        ("ddim_step[eps,clip,philox,x0]", sampler_step_kernel,
          dict(DDIM, CLIP_DENOISED=True, USE_CLIPPED_MODEL_OUTPUT=True, ADD_NOISE=True, RETURN_X0=True)),
-        ("ddim_step[v,eta0]", ddim_step_kernel, dict(DDIM, PARAMETERIZATION=2, SET_ALPHA_TO_ONE=False)),
-        ("ddim_step[x0,noise]", ddim_step_kernel, dict(DDIM, PARAMETERIZATION=1, ADD_NOISE=True, HAS_NOISE=True)),
-        ("ddpm_step[eps,fixed_small,philox,x0]", ddpm_step_kernel, dict(DDPM, CLIP_DENOISED=True, RETURN_X0=True)),
-        ("ddpm_step[v,fixed_large,noise]", ddpm_step_kernel,
+        ("ddim_step[v,eta0]", sampler_step_kernel, dict(DDIM, PARAMETERIZATION=2, SET_ALPHA_TO_ONE=False)),
+        ("ddim_step[x0,noise]", sampler_step_kernel,
+         dict(DDIM, PARAMETERIZATION=1, ADD_NOISE=True, HAS_NOISE=True)),
+        ("ddpm_step[eps,fixed_small,philox,x0]", sampler_step_kernel, dict(DDPM, CLIP_DENOISED=True, RETURN_X0=True)),
+        ("ddpm_step[v,fixed_large,noise]", sampler_step_kernel,
          dict(DDPM, PARAMETERIZATION=2, VARIANCE=1, HAS_NOISE=True)),
-        ("ddpm_step[x0,learned]", ddpm_step_kernel, dict(DDPM, PARAMETERIZATION=1, VARIANCE=2, CLIP_DENOISED=True)),
-        ("ddpm_step[eps,learned_range]", ddpm_step_kernel, dict(DDPM, VARIANCE=3, HAS_NOISE=True, RETURN_X0=True)),
-        ("ddim_step[v,threshold,x0]", ddim_step_kernel,
+        ("ddpm_step[x0,learned]", sampler_step_kernel,
+         dict(DDPM, PARAMETERIZATION=1, VARIANCE=2, CLIP_DENOISED=True)),
+        ("ddpm_step[eps,learned_range]", sampler_step_kernel,
+         dict(DDPM, VARIANCE=3, HAS_NOISE=True, RETURN_X0=True)),
+        ("ddim_step[v,threshold,x0]", sampler_step_kernel,
          dict(DDIM, PARAMETERIZATION=2, CLIP_DENOISED=True, USE_CLIPPED_MODEL_OUTPUT=True, ADD_NOISE=True,
               HAS_NOISE=True, RETURN_X0=True, THRESHOLD=True)),
-        ("ddim_step[eps,x0_only]", ddim_step_kernel, dict(DDIM, RETURN_X0=True, X0_ONLY=True)),
-        ("ddpm_step[eps,learned_range,threshold]", ddpm_step_kernel,
+        ("ddim_step[eps,x0_only]", sampler_step_kernel, dict(DDIM, RETURN_X0=True, X0_ONLY=True)),
+        ("ddpm_step[eps,learned_range,threshold]", sampler_step_kernel,
          dict(DDPM, VARIANCE=3, CLIP_DENOISED=True, THRESHOLD=True)),
-        ("ddpm_step[v,learned,x0_only]", ddpm_step_kernel,
-         dict(DDPM, PARAMETERIZATION=2, VARIANCE=2, HAS_NOISE=True, RETURN_X0=True, X0_ONLY=True)),
+        ("ddpm_step[v,learned,x0_only]", sampler_step_kernel,
+         dict(DDPM, PARAMETERIZATION=2, VARIANCE=2, ADD_NOISE=False, RETURN_X0=True, X0_ONLY=True)),
         ("dynamic_threshold", dynamic_threshold_kernel, dict(E, COMPUTE_FP64=False)),
         ("diffusion_loss[v,l2]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=2, LOSS_L1=False)),
         ("diffusion_loss[eps,l1]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=0, LOSS_L1=True)),

@@ -120,11 +120,11 @@ def test_launch_counts_and_no_host_sync(schedule):
     dk.q_sample(x_t, t, noise, schedule, backend="triton")
 
     kernels = cuda_kernel_names(lambda: dk.p_sample(x_t, t, model_output, schedule, noise=noise, backend="triton"))
-    assert len(kernels) == 1 and "p_sample_kernel" in kernels[0], kernels
+    assert len(kernels) == 1 and "posterior_kernel" in kernels[0], kernels
     kernels = cuda_kernel_names(lambda: dk.p_sample(x_t, t, model_output, schedule, backend="triton"))
-    assert len(kernels) == 1 and "p_sample_kernel" in kernels[0], kernels
+    assert len(kernels) == 1 and "posterior_kernel" in kernels[0], kernels
     kernels = cuda_kernel_names(lambda: dk.q_sample(x_t, t, noise, schedule, backend="triton"))
-    assert len(kernels) == 1 and "q_sample_kernel" in kernels[0], kernels
+    assert len(kernels) == 1 and "pair_kernel" in kernels[0], kernels
 
     mo = model_output.clone().requires_grad_()
     previous = torch.cuda.get_sync_debug_mode()

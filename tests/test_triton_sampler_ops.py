@@ -25,12 +25,14 @@ import torch
 import ddpm_kernels as dk
 import helpers
 from ddpm_kernels import reference as R
+from ddpm_kernels._spec import StepOptions
 from helpers import DTYPES, capture_cuda_graph, cuda_kernel_names, ddim_step_ref, ddpm_step_ref, triton_device
 from sampler_cases import PARAMETERIZATIONS, T, SamplerStepCases, learned_output, make_steps, replay_new_steps
 
 DEVICE = triton_device()
 from ddpm_kernels import triton as tk  # noqa: E402
 from ddpm_kernels.triton import utils as tu  # noqa: E402
+from ddpm_kernels.triton.sampler_step import SAMPLERS  # noqa: E402
 
 make_inputs = partial(helpers.make_inputs, device=DEVICE)
 assert_matches = partial(helpers.assert_matches, bf16_truncates=tu.INTERPRETED)
@@ -68,10 +70,12 @@ def test_batch_chunks_match_single_launch(schedule, monkeypatch):
 
     def run():
         return [
-            tk.BACKEND.ops["ddim_step"](x, t, t_prev, y, schedule, 0.5, "v", True, None,
+            tk.BACKEND.ops["ddim_step"](x, t, t_prev, y, schedule,
+                                        StepOptions("ddim", "v", eta=0.5, clip_denoised=True), None,
                                         torch.Generator(DEVICE).manual_seed(3)),
-            tk.BACKEND.ops["ddpm_step"](x, t, t_prev, torch.cat([y, z], 1), schedule, "eps", "learned", True,
-                                        None, torch.Generator(DEVICE).manual_seed(4)),
+            tk.BACKEND.ops["ddpm_step"](x, t, t_prev, torch.cat([y, z], 1), schedule,
+                                        StepOptions("ddpm", "eps", "learned", clip_denoised=True), None,
+                                        torch.Generator(DEVICE).manual_seed(4)),
         ]
 
     single = run()
@@ -136,18 +140,27 @@ def _opcheck_cases(schedule, dtype):
     seed = tu.draw_seed(None, x.device)
     scale = torch.tensor([1.0, 1.7], dtype=R.compute_dtype(dtype), device=DEVICE)
     ops = torch.ops.ddpm_kernels_triton
+    ddim, ddpm = SAMPLERS["ddim"][0], SAMPLERS["ddpm"][0]
+    # (x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta, clip_denoised,
+    #  clip_range, set_alpha_to_one, use_clipped_model_output, add_noise, noise, seed, philox_seed,
+    #  philox_offset, return_pred_x0, scale)
     return [
-        (ops.ddim_step, (x, t, t_prev, y, ab, 0.0, 0, False, False, True, 1.0, None, None, 0, 0, False, None)),
-        (ops.ddim_step, (x, t, t_prev, y, ab, 1.0, 2, True, True, False, 1.5, z, None, 0, 0, True, None)),
-        (ops.ddim_step, (x, t, t_prev, y, ab, 0.5, 1, True, False, True, 1.0, None, seed, 0, 0, True, scale)),
-        (ops.ddim_step_out, (x, t, t_prev, y, ab, 0.5, 0, True, False, True, 1.0, None, None, 2**62 + 3, 68,
-                             True, None, torch.empty_like(x))),
-        (ops.ddim_step_x0, (x, t, t_prev, y, ab, 2)),
-        (ops.ddpm_step, (x, t, t_prev, y, ab, 0, 0, True, 1.0, z, None, 0, 0, True, None)),
-        (ops.ddpm_step, (x, t, t_prev, wide, ab, 2, 3, False, 1.0, None, seed, 0, 0, False, scale)),
-        (ops.ddpm_step_out, (x, t, t_prev, wide, ab, 1, 2, True, 2.0, z, None, 0, 0, False, None,
-                             torch.empty_like(x))),
-        (ops.ddpm_step_x0, (x, t, t_prev, wide, ab, 0, 2)),
+        (ops.sampler_step, (x, t, t_prev, y, ab, ddim, 0, 0, 0.0, False, 1.0, True, False, False, None, None, 0, 0,
+                            False, None)),
+        (ops.sampler_step, (x, t, t_prev, y, ab, ddim, 2, 0, 1.0, True, 1.5, False, True, True, z, None, 0, 0,
+                            True, None)),
+        (ops.sampler_step, (x, t, t_prev, y, ab, ddim, 1, 0, 0.5, True, 1.0, True, False, True, None, seed, 0, 0,
+                            True, scale)),
+        (ops.sampler_step_out, (x, t, t_prev, y, ab, ddim, 0, 0, 0.5, True, 1.0, True, False, True, None, None,
+                                2**62 + 3, 68, True, None, torch.empty_like(x))),
+        (ops.sampler_step_x0, (x, t, t_prev, y, ab, 2, 0)),
+        (ops.sampler_step, (x, t, t_prev, y, ab, ddpm, 0, 0, 0.0, True, 1.0, True, False, True, z, None, 0, 0,
+                            True, None)),
+        (ops.sampler_step, (x, t, t_prev, wide, ab, ddpm, 2, 3, 0.0, False, 1.0, True, False, True, None, seed, 0,
+                            0, False, scale)),
+        (ops.sampler_step_out, (x, t, t_prev, wide, ab, ddpm, 1, 2, 0.0, True, 2.0, True, False, True, z, None, 0,
+                                0, False, None, torch.empty_like(x))),
+        (ops.sampler_step_x0, (x, t, t_prev, wide, ab, 0, 2)),
         (ops.dynamic_threshold_apply, (x, scale)),
     ]
 
@@ -185,9 +198,10 @@ def test_torch_compile_steps(schedule):
 
 
 def test_registered_in_backend():
-    assert tk.BACKEND.ops["ddim_step"].__module__ == "ddpm_kernels.triton.ddim_step"
-    assert tk.BACKEND.ops["ddpm_step"].__module__ == "ddpm_kernels.triton.ddpm_step"
-    assert tk.BACKEND.ops["dynamic_threshold"].__module__ == "ddpm_kernels.triton.dynamic_threshold"
+    """Both sampler steps are the one sampler-step entry, with the reference's signature (StepOptions)."""
+    assert tk.BACKEND.ops["ddim_step"].__module__ == "ddpm_kernels.triton.sampler_step"
+    assert tk.BACKEND.ops["ddpm_step"].__module__ == "ddpm_kernels.triton.sampler_step"
+    assert tk.BACKEND.ops["dynamic_threshold"].__module__ == "ddpm_kernels.triton.threshold"
     for name in ("ddim_step", "ddpm_step", "dynamic_threshold"):
         assert inspect.signature(tk.BACKEND.ops[name]) == inspect.signature(R.OPS[name])
 

@@ -1,6 +1,13 @@
-"""Triton backend: each per-timestep op as one fused kernel (one file per op), registered as
+"""Triton backend: one kernel per family of ops, specialised by constexpr flags, registered as
 ``torch.library`` custom ops under ``ddpm_kernels_triton::`` so they work under ``torch.compile`` and
 ``torch.library.opcheck``.
+
+Families (one module each): ``pair`` (``out = A_t a + B_t b``: q_sample, predict_start_from_noise,
+predict_noise_from_start, get_v, predict_start_from_z_and_v, predict_eps_from_z_and_v, and every pair's
+backward), ``posterior`` (q_posterior, p_mean_variance, p_sample), ``sampler_step`` (ddim_step, ddpm_step:
+one kernel, a coefficient function per sampler), ``loss`` (diffusion_loss and its backward) and ``threshold``
+(dynamic_threshold). ``utils`` holds what they share: tiles, loads and stores, the coefficient gather, Philox
+noise, the launch table, registration.
 
 Ops run on CUDA tensors (compiled) and, when ``TRITON_INTERPRET=1`` was set before triton was first imported,
 on CPU tensors through Triton's interpreter (how the tests run without a GPU).
@@ -11,76 +18,72 @@ interpreter it fails ``opcheck``'s fake-tensor test and ``torch.compile`` (the i
 of fake tensors), so the one registration that works on both CPU and GPU is used. Inductor treats the ops as
 opaque calls, which loses nothing: each already is one fused pass.
 
-Autograd: ``q_sample`` (x_start, noise), ``predict_start_from_noise`` (x_t, noise), ``q_posterior`` (mean
-w.r.t. x_start, x_t) and ``diffusion_loss`` (model_output, and x_start / noise where the target depends on
-them). ``p_mean_variance``, ``p_sample``, ``ddim_step`` and ``ddpm_step`` have no backward (sampling only).
+The backend never runs the reference itself: what it does not serve it says (``declines``,
+``unavailable_reason``), and the dispatcher (``ddpm_kernels.backends``) picks the reference.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, FrozenSet, Optional
 
 import torch
 
+from .loss import diffusion_loss
+from .pair import ENTRIES as PAIR_ENTRIES
+from .pair import PAIR_OPS
+from .posterior import p_mean_variance, p_sample, q_posterior
+from .sampler_step import SAMPLERS, VARIANCE_ID, sampler_step
+from .threshold import dynamic_threshold
 from .utils import INTERPRETED
-
-from .ddim_step import ddim_step
-from .ddpm_step import ddpm_step
-from .dynamic_threshold import dynamic_threshold
-from .diffusion_loss import diffusion_loss
-from .p_mean_variance import p_mean_variance
-from .p_sample import p_sample
-from .predict_start_from_noise import predict_start_from_noise
-from .q_posterior import q_posterior
-from .q_sample import q_sample
 
 __all__ = ["BACKEND", "TritonBackend"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _step(fn):
-    """The sampler-step family's backend signature over the per-sampler entry points."""
-
-    def step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None):
-        if opts.sampler == "ddim":
-            scalars = dict(eta=opts.eta, set_alpha_to_one=opts.set_alpha_to_one,
-                           use_clipped_model_output=opts.use_clipped_model_output)
-        else:
-            scalars = dict(variance_type=opts.variance_type)
-        return fn(x_t, t, t_prev, model_output, schedule, parameterization=opts.parameterization,
-                  clip_denoised=opts.clip_denoised, noise=noise, generator=generator, clip_range=opts.clip_range,
-                  threshold_ratio=opts.threshold_ratio, threshold_max=opts.threshold_max, out=out,
-                  return_pred_x0=opts.return_pred_x0, **scalars)
-
-    return step
-
-
 class TritonBackend:
+    """The backend object ``ddpm_kernels.backends`` dispatches to.
+
+    * ``ops``: op name -> function with the reference's signature, except the sampler steps, which take
+      ``(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None)`` with ``opts`` a
+      ``ddpm_kernels._spec.StepOptions``.
+    * ``differentiable``: op name -> the tensor arguments its kernels give gradients for; ops not listed are
+      sampling only (the dispatcher detaches their inputs).
+    * ``declines(op, opts)``: None when the backend serves ``op`` with these options (``opts``: the step's
+      ``StepOptions``, None for other ops), else why not: a sampler without a coefficient function here.
+    * ``unavailable_reason(device, dtype)``: None when it runs tensors of that device and dtype, else why not.
+    """
+
     name = "triton"
-    differentiable = {
-        "q_sample": frozenset(("x_start", "noise")),
-        "predict_start_from_noise": frozenset(("x_t", "noise")),
-        "q_posterior": frozenset(("x_start", "x_t")),
-        "diffusion_loss": frozenset(("model_output", "x_start", "noise")),
-    }
-
-    @staticmethod
-    def declines(op, opts):
-        return None
-
     ops = {
-        "q_sample": q_sample,
-        "predict_start_from_noise": predict_start_from_noise,
+        **PAIR_ENTRIES,
         "q_posterior": q_posterior,
         "p_mean_variance": p_mean_variance,
         "p_sample": p_sample,
         "diffusion_loss": diffusion_loss,
-        # sampler steps: one launch each; with threshold_ratio, an x0 pass and a per-sample sort come first
-        "ddim_step": _step(ddim_step),
-        "ddpm_step": _step(ddpm_step),
+        # one step kernel; with threshold_ratio, an x0 pass and a per-sample sort come first
+        "ddim_step": sampler_step,
+        "ddpm_step": sampler_step,
         "dynamic_threshold": dynamic_threshold,
     }
+    differentiable: Dict[str, FrozenSet[str]] = {
+        **{name: frozenset(args) - {"t"} for name, args in PAIR_OPS.items()},
+        # the mean; the variances are table gathers
+        "q_posterior": frozenset({"x_start", "x_t"}),
+        # x_start and noise where the target depends on them (x0 / v, eps / v); None otherwise, as the reference
+        "diffusion_loss": frozenset({"model_output", "x_start", "noise"}),
+    }
+
+    @staticmethod
+    def declines(op: str, opts=None) -> Optional[str]:
+        # an op without a kernel is not declined but missing (`ops`): the dispatcher tells the two apart
+        if opts is None:
+            return None
+        if opts.sampler not in SAMPLERS:
+            return f"the Triton sampler step has no coefficient function for sampler={opts.sampler!r}"
+        if opts.sampler == "ddpm" and opts.variance_type not in VARIANCE_ID:
+            return f"the Triton DDPM step has no variance_type={opts.variance_type!r}"
+        return None
 
     @staticmethod
     def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:

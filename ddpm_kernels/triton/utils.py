@@ -1,8 +1,8 @@
-"""Pieces every Triton op here shares. In the kernels (``@triton.jit`` helpers, which Triton inlines): a
-program's tile of its sample, loads upcast to the compute dtype and stores rounded once, the gather of a
-schedule coefficient, in-kernel Philox noise, NaN-preserving clipping and thresholding, and the backward of a
-two-term linear combination. On the host: the launch table and the chunked launch, the flattening of inputs,
-the noise key, and the registration of an op with its ``out=`` form and of a linear combination's autograd.
+"""Pieces every Triton kernel family here shares. In the kernels (``@triton.jit`` helpers, which Triton
+inlines): a program's tile of its sample, loads upcast to the compute dtype and stores rounded once, the gather
+of a schedule coefficient, correctly rounded division and square root, NaN-preserving clipping, and in-kernel
+Philox noise. On the host: the launch table and the chunked launch, the flattening of inputs, the noise key,
+and the registration of an op with its ``out=`` form and of a linear combination's autograd.
 
 Layout. Every op is elementwise over ``(B, N)`` where ``B`` is the batch and ``N`` the product of the other
 dims, in storage order: contiguous and channels_last(_3d) data runs as it is (each sample is one dense block;
@@ -16,6 +16,25 @@ Vectorization. Triton specializes integer arguments divisible by 16 and pointers
 ``N`` is divisible by 16 the compiler knows each program's tile starts 16-byte aligned and emits 128-bit
 loads/stores (``BLOCK / (32 * num_warps)`` contiguous elements per thread). Odd ``N`` still runs, with
 narrower accesses.
+
+Noise. With ``noise=None`` a kernel draws ``z`` itself with Philox (``philox_normal``: four normals per
+Philox call, each value a function of (key, counter) only). Where the key and counter come from
+(``noise_key``):
+
+* Eager CUDA (the common case): from the generator's own Philox state, read and advanced on the host (no
+  device work, no sync) and passed as kernel arguments, the way torch's RNG kernels take ``(seed, offset)``.
+  The step is exactly one kernel launch; the same generator state gives the same noise; the generator's
+  offset advances past the counters used, so every call (and every later torch draw) gets fresh counters.
+* While a CUDA graph is being captured, or torch.compile is tracing: host ints would be frozen into the
+  graph, replaying the same noise forever. The key is instead a one-element int64 device tensor drawn with
+  ``torch.randint(generator=...)`` and read by the kernel from memory; the captured ``randint`` follows
+  torch's graph-safe Philox bookkeeping, so every replay gets a fresh key. This costs a second, one-element
+  launch, which a graph replays for free.
+* CPU tensors (Triton's interpreter): the key tensor as well, drawn from the CPU generator.
+
+Both sources run the same compiled kernel (key = key tensor XOR key argument, with a cached zero tensor or a
+zero argument standing in for the unused one), so a kernel warmed up eagerly is the one a later CUDA-graph
+capture launches: nothing is compiled or loaded during capture.
 """
 
 from __future__ import annotations
@@ -23,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import typing
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +55,9 @@ from ..schedule import TABLE_ROW
 __all__ = [
     "INTERPRETED",
     "PARAMETERIZATION_ID",
+    "ROW",
     "MAX_GRID_Y",
+    "compute_dtype",
     "launch_config",
     "batch_chunks",
     "device_of",
@@ -44,41 +65,28 @@ __all__ = [
     "launch_per_sample",
     "empty_dense",
     "like_dense",
-    "posterior_outputs",
     "launch_into",
+    "with_signature",
     "custom_op_with_out",
-    "linear_combination_backward_fake",
     "register_linear_combination_autograd",
     "zero_key",
     "noise_operands",
-    "sample_tile",
-    "load_tile",
-    "store_tile",
-    "clamp_symmetric",
-    "apply_threshold",
-    "load_or_draw_noise",
-    "store_posterior_variance",
-    "gather_coefficient",
-    "philox_normal",
+    "noise_key",
     "split_float",
     "extract_rows",
     "draw_seed",
     "philox_counters",
     "advance_philox_state",
     "host_philox_state",
-    "posterior_mean_from_model_output",
-    "linear_combination_backward_kernel",
-    "linear_combination_backward",
-    "ROW",
-    "to_compute",
-    "gather_step_alphas",
-    "bound_pred_x0",
-    "step_noise_key",
-    "run_step",
-    "pred_x0_output",
-    "step_operands",
-    "ROW_SQRT_ALPHAS_CUMPROD",
-    "ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD",
+    "sample_tile",
+    "load_tile",
+    "store_tile",
+    "clamp_symmetric",
+    "div_rn",
+    "sqrt_rn",
+    "gather_coefficient",
+    "philox_normal",
+    "load_or_draw_noise",
 ]
 
 ROW = TABLE_ROW
@@ -92,6 +100,12 @@ ROW_SQRT_RECIP_ALPHAS_CUMPROD = tl.constexpr(TABLE_ROW["sqrt_recip_alphas_cumpro
 ROW_SQRT_RECIPM1_ALPHAS_CUMPROD = tl.constexpr(TABLE_ROW["sqrt_recipm1_alphas_cumprod"])
 ROW_POSTERIOR_MEAN_COEF1 = tl.constexpr(TABLE_ROW["posterior_mean_coef1"])
 ROW_POSTERIOR_MEAN_COEF2 = tl.constexpr(TABLE_ROW["posterior_mean_coef2"])
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels compute in: float64 for float64 data, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 # CUDA caps gridDim.y at 65535; batches larger than that are launched in chunks along the batch.
 MAX_GRID_Y = 65535
@@ -163,19 +177,6 @@ def like_dense(x: torch.Tensor, y: Optional[torch.Tensor]) -> Optional[torch.Ten
     return in_format(y, dense_format(x))
 
 
-def posterior_outputs(x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor, fake: bool = False):
-    """``(mean, var, log_var)`` for a kernel that writes the posterior mean and the per-sample (log-)variance:
-    ``mean`` like ``x_t`` (its dense format), the variances in the table's dtype shaped ``(B, 1, ..., 1)``. With zero
-    elements no program runs to write the variances, so they are gathered here (not for a ``fake`` op, whose
-    outputs only need their metadata)."""
-    if x_t.numel() == 0 and not fake:
-        var, log_var = extract_rows(table, ("posterior_variance", "posterior_log_variance_clipped"), t, x_t.ndim)
-    else:
-        var = torch.empty((x_t.shape[0],) + (1,) * (x_t.ndim - 1), dtype=table.dtype, device=x_t.device)
-        log_var = torch.empty_like(var)
-    return empty_dense(x_t), var, log_var
-
-
 def launch_into(out: torch.Tensor, fmt: torch.memory_format, launch):
     """``launch(target)`` with the kernel writing ``out`` in memory format ``fmt`` (its data's): ``out`` itself
     when in that format, else a temporary copied into it. Every element is read and written by the same
@@ -185,6 +186,18 @@ def launch_into(out: torch.Tensor, fmt: torch.memory_format, launch):
     if target is not out:
         out.copy_(target)
     return result
+
+
+def with_signature(fn, parameters: Sequence[Tuple[str, object]], returns):
+    """``fn`` (taking ``*args``) given the signature ``(name: type, ...) -> returns``, so that
+    ``torch.library.custom_op`` reads it as the op's schema: one function serves ops whose arguments differ only
+    in name and order."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    fn.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, kind, annotation=a) for n, a in parameters], return_annotation=returns
+    )
+    fn.__annotations__ = {**dict(parameters), "return": returns}
+    return fn
 
 
 def custom_op_with_out(name: str, functional, fake, launch, out_returns=None, data_format=None):
@@ -220,15 +233,10 @@ def custom_op_with_out(name: str, functional, fake, launch, out_returns=None, da
     return op, out_op
 
 
-def linear_combination_backward_fake(grad, t, table):
-    """Fake of a ``linear_combination_backward`` op: two tensors like ``grad``, in its dense format."""
-    return empty_dense(grad), empty_dense(grad)
-
-
 def register_linear_combination_autograd(op, backward_op, a: int, b: int, t: int, table: int):
-    """Autograd of ``op``, whose first output is ``c_a[t] a + sign_b c_b[t] b`` of its arguments at positions
-    ``a`` and ``b`` (``t`` and ``table`` at theirs): both gradients from one ``backward_op(grad, t, table)``
-    pass. Other outputs (table gathers) pass no gradient; other arguments get none."""
+    """Autograd of ``op``, whose first output is a linear combination ``A_t a + B_t b`` of its arguments at
+    positions ``a`` and ``b`` (``t`` and ``table`` at theirs): both gradients from one ``backward_op(grad, t,
+    table)`` pass. Other outputs (table gathers) pass no gradient; other arguments get none."""
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[t], inputs[table])
@@ -263,11 +271,25 @@ def noise_operands(noise, seed, x_t: torch.Tensor, t: torch.Tensor):
     return x_t, (zero_key(x_t.device) if seed is None else seed), False
 
 
+def noise_key(generator, x: torch.Tensor, noise=None):
+    """(seed tensor or None, philox_seed, philox_offset) for one in-kernel noise draw of ``x``'s shape (module
+    docstring): the generator's Philox state as ints in eager CUDA, else a device key tensor (CUDA-graph
+    capture, torch.compile tracing, CPU tensors). ``(None, 0, 0)``, drawing nothing, when ``noise`` is given."""
+    if noise is not None:
+        return None, 0, 0
+    batch = x.shape[0]
+    counters = philox_counters(batch, x.numel() // batch if batch else 0)
+    state = host_philox_state(generator, x, counters)
+    if state is None:
+        return draw_seed(generator, x.device), 0, 0
+    return None, state[0], state[1]
+
+
 def split_float(value: float) -> Tuple[float, float]:
     """``value`` as two float32s whose float64 sum is ``value`` to ~48 bits.
 
-    Triton passes Python floats to kernels as float32; loss weights reach float64 kernels as hi + lo so
-    float64 losses keep float64 accuracy.
+    Triton passes Python floats to kernels as float32; loss weights, eta and the clip range reach the kernels
+    as hi + lo so float64 results keep float64 accuracy.
     """
     hi = float(np.float32(value))
     return hi, float(np.float32(value - hi))
@@ -324,9 +346,23 @@ def clamp_symmetric(x, bound):
 
 
 @triton.jit
-def apply_threshold(x0, s):
-    """Dynamic thresholding with the per-sample scale ``s``: ``clamp(x0, -s, s) / s``."""
-    return clamp_symmetric(x0, s) / s
+def div_rn(x, y):
+    """``x / y`` correctly rounded. Triton compiles a float32 ``/`` to an approximate division on NVIDIA GPUs
+    (``div.full.f32``, up to 2 ulp) while its interpreter divides exactly; ``div_rn`` makes the GPU give the
+    interpreter's (and the float32 reference's) numbers. float64 division is always correctly rounded."""
+    if y.dtype == tl.float64:
+        return x / y
+    else:
+        return tl.math.div_rn(x, y)
+
+
+@triton.jit
+def sqrt_rn(x):
+    """``sqrt(x)`` correctly rounded (``tl.sqrt`` on float32 is ``sqrt.approx`` on NVIDIA GPUs; see div_rn)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.math.sqrt_rn(x)
 
 
 @triton.jit
@@ -336,40 +372,6 @@ def gather_coefficient(table_ptr, row: tl.constexpr, t, T):
     # The clamped index keeps the address inside the table even if a backend ignores the mask.
     t_safe = tl.where(in_range, t, 0)
     return tl.load(table_ptr + row * T + t_safe, mask=in_range, other=float("nan"))
-
-
-@triton.jit
-def store_posterior_variance(table_ptr, var_ptr, log_var_ptr, sample, t, T, ROW_VAR: tl.constexpr,
-                             ROW_LOG_VAR: tl.constexpr):
-    """The per-sample variance and log-variance rows at ``t``, written by the first program of each sample:
-    they ride along in the launch that writes the mean."""
-    first = tl.program_id(0) == 0
-    tl.store(var_ptr + sample, gather_coefficient(table_ptr, ROW_VAR, t, T), mask=first)
-    tl.store(log_var_ptr + sample, gather_coefficient(table_ptr, ROW_LOG_VAR, t, T), mask=first)
-
-
-@triton.jit
-def posterior_mean_from_model_output(
-    x_t, model_output, t, table_ptr, T, PARAMETERIZATION: tl.constexpr, CLIP_DENOISED: tl.constexpr
-):
-    """Mean of ``p(x_{t-1} | x_t)``: the model's x_0 prediction (eps, x0 or v; clipped to [-1, 1] when
-    ``CLIP_DENOISED``) put through the posterior ``coef1_t x_0 + coef2_t x_t``. ``x_t`` and ``model_output``
-    are already in the compute dtype."""
-    if PARAMETERIZATION == 0:  # eps
-        sqrt_recip_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_RECIP_ALPHAS_CUMPROD, t, T)
-        sqrt_recipm1_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_RECIPM1_ALPHAS_CUMPROD, t, T)
-        x_start = sqrt_recip_alphas_cumprod * x_t - sqrt_recipm1_alphas_cumprod * model_output
-    elif PARAMETERIZATION == 1:  # x0
-        x_start = model_output
-    else:  # v
-        sqrt_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ALPHAS_CUMPROD, t, T)
-        sqrt_one_minus_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD, t, T)
-        x_start = sqrt_alphas_cumprod * x_t - sqrt_one_minus_alphas_cumprod * model_output
-    if CLIP_DENOISED:
-        x_start = clamp_symmetric(x_start, 1.0)
-    posterior_mean_coef1 = gather_coefficient(table_ptr, ROW_POSTERIOR_MEAN_COEF1, t, T)
-    posterior_mean_coef2 = gather_coefficient(table_ptr, ROW_POSTERIOR_MEAN_COEF2, t, T)
-    return posterior_mean_coef1 * x_start + posterior_mean_coef2 * x_t
 
 
 @triton.jit
@@ -397,7 +399,7 @@ def philox_normal(seed, counter_base, sample, tile_start, N, BLOCK: tl.constexpr
 def load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample, tile_start, offs, mask, N,
                        dtype: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
     """The tile's standard normals in ``dtype``: read from ``noise`` with ``HAS_NOISE``, else drawn with
-    Philox (``philox_normal``) keyed by ``seed[0] ^ philox_seed``, one of which is zero (see p_sample.py)."""
+    Philox (``philox_normal``) keyed by ``seed[0] ^ philox_seed``, one of which is zero (module docstring)."""
     if HAS_NOISE:
         z = load_tile(noise_ptr, offs, mask, dtype)
     else:
@@ -444,158 +446,6 @@ def host_philox_state(generator, x: torch.Tensor, counters: int):
     if generator is None:
         generator = torch.cuda.default_generators[x.device.index]
     return advance_philox_state(generator, counters)
-
-
-@triton.jit
-def linear_combination_backward_kernel(
-    grad_ptr,
-    t_ptr,
-    table_ptr,
-    grad_a_ptr,
-    grad_b_ptr,
-    N,
-    T,
-    batch_start,
-    ROW_A: tl.constexpr,
-    ROW_B: tl.constexpr,
-    SIGN_B: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Both input gradients of ``out = c_a[t] a + SIGN_B c_b[t] b`` in one pass over ``grad``."""
-    sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
-    g = load_tile(grad_ptr, offs, mask, table_ptr.dtype.element_ty)
-    t = tl.load(t_ptr + sample)
-    c_a = gather_coefficient(table_ptr, ROW_A, t, T)
-    c_b = gather_coefficient(table_ptr, ROW_B, t, T)
-    store_tile(grad_a_ptr, offs, c_a * g, mask)
-    store_tile(grad_b_ptr, offs, SIGN_B * c_b * g, mask)
-
-
-def linear_combination_backward(grad, t, table, row_a: str, row_b: str, sign_b: float):
-    """(grad_a, grad_b) of ``c_a[t] a + sign_b c_b[t] b``, shaped and typed like ``grad``."""
-    grad, batch, n = as_rows(grad)
-    grad_a = torch.empty_like(grad)
-    grad_b = torch.empty_like(grad)
-    if grad.numel() == 0:
-        return grad_a, grad_b
-    launch_per_sample(
-        linear_combination_backward_kernel, grad, n, batch, grad, t, table, grad_a, grad_b, n, table.shape[1],
-        ROW_A=ROW[row_a], ROW_B=ROW[row_b], SIGN_B=sign_b,
-    )
-    return grad_a, grad_b
-
-
-
-# ----------------------------------------------------------------------------------- sampler-step helpers
-@triton.jit
-def to_compute(value, COMPUTE_FP64: tl.constexpr):
-    """``value`` in the compute dtype: float64 for float64 data, float32 otherwise."""
-    if COMPUTE_FP64:
-        return tl.cast(value, tl.float64)
-    else:
-        return tl.cast(value, tl.float32)
-
-
-@triton.jit
-def gather_step_alphas(alphas_cumprod_ptr, t, t_prev, T, SET_ALPHA_TO_ONE: tl.constexpr,
-                       COMPUTE_FP64: tl.constexpr):
-    """``(ab_t, ab_prev, 1 - ab_t, 1 - ab_prev, ab_prev - ab_t)`` of a step ``t -> t_prev``, in the compute
-    dtype, from the float64 ``alphas_cumprod`` row.
-
-    ``t_prev == -1`` gives ``ab_prev`` = 1 (``SET_ALPHA_TO_ONE``) or ``alphas_cumprod[0]``, as
-    ``reference._alphas_cumprod64``; ``t`` outside [0, T) or ``t_prev`` outside [-1, T) gives NaN, with no
-    memory access outside the row.
-
-    Why float64 and these five: a step's coefficients are products and quotients of them (well conditioned in
-    float32: a few ulps each), except that the three differences cancel. ``ab_prev - ab_t`` is ~1e-4 of
-    ``ab_prev`` near t = 0, and the float32 table's ``alphas_cumprod`` carries a relative rounding error of
-    ~6e-8, so the difference of float32 values is off by ~1e-3 relative there (DDPM's ``sqrt(ab_prev) beta /
-    (1 - ab_t)`` at t = 1 -> 0 comes out 8e-5 off, several times the 1e-5 tolerance). Subtracted in float64
-    from the float64 table and rounded once, each is within half a float32 ulp; the remaining math needs no
-    float64 division, square root or logarithm (which run at 1/64 rate on many GPUs)."""
-    t_in_range = (t >= 0) & (t < T)
-    ab_t = tl.load(alphas_cumprod_ptr + tl.where(t_in_range, t, 0), mask=t_in_range, other=float("nan"))
-    prev_in_range = (t_prev >= 0) & (t_prev < T)
-    ab_prev = tl.load(alphas_cumprod_ptr + tl.where(prev_in_range, t_prev, 0), mask=prev_in_range,
-                      other=float("nan"))
-    if SET_ALPHA_TO_ONE:
-        final = tl.full((), 1.0, tl.float64)
-    else:
-        final = tl.load(alphas_cumprod_ptr)
-    ab_prev = tl.where(t_prev == -1, final, ab_prev)
-    return (
-        to_compute(ab_t, COMPUTE_FP64),
-        to_compute(ab_prev, COMPUTE_FP64),
-        to_compute(1.0 - ab_t, COMPUTE_FP64),
-        to_compute(1.0 - ab_prev, COMPUTE_FP64),
-        to_compute(ab_prev - ab_t, COMPUTE_FP64),
-    )
-
-
-@triton.jit
-def bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD: tl.constexpr,
-                  CLIP_DENOISED: tl.constexpr, COMPUTE_FP64: tl.constexpr):
-    """A sampler step's x0 prediction, thresholded with the sample's scale (``THRESHOLD``: dynamic
-    thresholding replaces clipping; ``s >= 1``, see ``dynamic_threshold.threshold_scale``) or clipped to
-    ``[-clip_range, clip_range]`` (``CLIP_DENOISED``; ``clip_range`` as hi + lo float32s)."""
-    if THRESHOLD:
-        x0 = apply_threshold(x0, tl.load(scale_ptr + sample))
-    elif CLIP_DENOISED:
-        bound = to_compute(clip_range_hi, COMPUTE_FP64) + to_compute(clip_range_lo, COMPUTE_FP64)
-        x0 = clamp_symmetric(x0, bound)
-    return x0
-
-
-def step_noise_key(generator, x: torch.Tensor, noise=None):
-    """(seed tensor or None, philox_seed, philox_offset) for one in-kernel noise draw of ``x``'s shape (see
-    p_sample.py): the generator's Philox state as ints in eager CUDA, else a device key tensor (CUDA-graph
-    capture, torch.compile tracing, CPU tensors). ``(None, 0, 0)``, drawing nothing, when ``noise`` is given."""
-    if noise is not None:
-        return None, 0, 0
-    batch = x.shape[0]
-    counters = philox_counters(batch, x.numel() // batch if batch else 0)
-    state = host_philox_state(generator, x, counters)
-    if state is None:
-        return draw_seed(generator, x.device), 0, 0
-    return None, state[0], state[1]
-
-
-def run_step(op, out_op, args, out, return_pred_x0: bool):
-    """A sampler step through ``op`` (``args`` -> ``(x_prev, x0)``), or through ``out_op`` (``args``, ``out`` ->
-    ``x0``) when ``out`` is given: ``(x_prev, x0)`` with ``return_pred_x0``, else ``x_prev``."""
-    if out is None:
-        x_prev, x0 = op(*args)
-    else:
-        x0 = out_op(*args, out)
-        x_prev = out
-    return (x_prev, x0) if return_pred_x0 else x_prev
-
-
-def pred_x0_output(x_t: torch.Tensor, return_pred_x0: bool) -> torch.Tensor:
-    """A sampler step's x0 output: shaped like ``x_t`` with ``return_pred_x0``, else zero elements."""
-    return empty_dense(x_t) if return_pred_x0 else x_t.new_empty(0)
-
-
-def step_operands(x_t, t, t_prev, model_output, alphas_cumprod, clip_range, noise, seed, philox_seed, philox_offset,
-                  out, x0, scale):
-    """``(batch, n, arguments)``: the arguments ``ddim_step_kernel`` and ``ddpm_step_kernel`` share, by name;
-    None when there is nothing to launch (zero elements). ``x0`` (None: not written) and ``scale`` (None: no
-    thresholding) get unread stand-ins when absent, as the noise does (``noise_operands``)."""
-    x_t, batch, n = as_rows(x_t)
-    if x_t.numel() == 0:
-        return None
-    # the kernel reads t[b] at t_ptr + b: a strided view (t = steps[:, 0]) must be packed first
-    t, t_prev = t.contiguous(), t_prev.contiguous()
-    noise, seed, has_noise = noise_operands(noise, seed, x_t, t)
-    clip_range_hi, clip_range_lo = split_float(clip_range)
-    return batch, n, dict(
-        x_t_ptr=x_t, model_output_ptr=like_dense(x_t, model_output), noise_ptr=noise, seed_ptr=seed,
-        philox_seed=philox_seed, philox_offset=philox_offset, t_ptr=t, t_prev_ptr=t_prev,
-        alphas_cumprod_ptr=alphas_cumprod, out_ptr=out, x0_ptr=out if x0 is None else x0,
-        scale_ptr=alphas_cumprod if scale is None else scale, clip_range_hi=clip_range_hi,
-        clip_range_lo=clip_range_lo, N=n, T=alphas_cumprod.shape[0], HAS_NOISE=has_noise,
-        RETURN_X0=x0 is not None, THRESHOLD=scale is not None, COMPUTE_FP64=x_t.dtype == torch.float64,
-    )
 
 
 # Triton decides when a function is decorated whether it is compiled or interpreted (TRITON_INTERPRET=1 at

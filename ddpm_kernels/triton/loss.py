@@ -1,4 +1,4 @@
-"""Fused ``diffusion_loss``: the seed's ``p_losses`` after the model call, ``(loss, loss_simple, loss_vlb)``,
+"""The loss family: ``diffusion_loss``, the seed's ``p_losses`` after the model call, ``(loss, loss_simple, loss_vlb)``,
 and its backward. Reference: ``ddpm_kernels.reference.diffusion_loss_ref``.
 
 Forward is two launches: ``diffusion_loss_kernel`` streams ``model_output`` and the target inputs once and
@@ -18,13 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .pair import GET_V, pair_coefficients
 from .utils import (
+    div_rn,
     empty_dense,
     like_dense,
     PARAMETERIZATION_ID,
     ROW,
-    ROW_SQRT_ALPHAS_CUMPROD,
-    ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD,
     as_rows,
     device_of,
     gather_coefficient,
@@ -45,12 +45,11 @@ def _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATIO
         target = load_tile(noise_ptr, offs, mask, cd)
     elif PARAMETERIZATION == 1:  # x0
         target = load_tile(x_start_ptr, offs, mask, cd)
-    else:  # v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0
+    else:  # v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0, the pair op get_v
         noise = load_tile(noise_ptr, offs, mask, cd)
         x_start = load_tile(x_start_ptr, offs, mask, cd)
-        sqrt_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ALPHAS_CUMPROD, t, T)
-        sqrt_one_minus_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD, t, T)
-        target = sqrt_alphas_cumprod * noise - sqrt_one_minus_alphas_cumprod * x_start
+        coef_x_start, coef_noise = pair_coefficients(table_ptr, t, T, GET_V)
+        target = coef_noise * noise + coef_x_start * x_start
     return target
 
 
@@ -72,7 +71,7 @@ def diffusion_loss_kernel(
 ):
     sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = table_ptr.dtype.element_ty
-    # Data loads before the t -> coefficient chain (see q_sample_kernel).
+    # Data loads before the t -> coefficient chain (see pair_kernel).
     model_output = load_tile(model_output_ptr, offs, mask, cd)
     t = tl.load(t_ptr + sample)
     target = _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION, cd)
@@ -122,7 +121,7 @@ def diffusion_loss_reduce_kernel(
             vals = tl.load(ptrs, mask=in_batch[:, None] & (tiles < n_tiles)[None, :], other=0.0)
             sample_sum += tl.sum(vals, axis=1)
             p0 += BLOCK_P
-        per_sample = sample_sum / tl.cast(N, cd)
+        per_sample = div_rn(sample_sum, tl.cast(N, cd))
         t = tl.load(t_ptr + samples, mask=in_batch, other=0)
         t_in_range = (t >= 0) & (t < T)
         lvlb_weight = tl.load(
@@ -131,8 +130,8 @@ def diffusion_loss_reduce_kernel(
         simple_acc += tl.where(in_batch, per_sample, 0.0)
         vlb_acc += tl.where(in_batch, lvlb_weight * per_sample, 0.0)
         b0 += BLOCK_B
-    loss_simple = tl.sum(simple_acc, axis=0) / tl.cast(B, cd)
-    loss_vlb = tl.sum(vlb_acc, axis=0) / tl.cast(B, cd)
+    loss_simple = div_rn(tl.sum(simple_acc, axis=0), tl.cast(B, cd))
+    loss_vlb = div_rn(tl.sum(vlb_acc, axis=0), tl.cast(B, cd))
     l_simple_weight = tl.cast(l_simple_weight_hi, cd) + tl.cast(l_simple_weight_lo, cd)
     original_elbo_weight = tl.cast(original_elbo_weight_hi, cd) + tl.cast(original_elbo_weight_lo, cd)
     loss = l_simple_weight * loss_simple + original_elbo_weight * loss_vlb
@@ -178,11 +177,12 @@ def diffusion_loss_backward_kernel(
     original_elbo_weight = tl.cast(original_elbo_weight_hi, cd) + tl.cast(original_elbo_weight_lo, cd)
     # d(loss, loss_simple, loss_vlb) / d(per_sample[b]), contracted with the incoming gradients (read from
     # device memory: no host sync), and the two means' 1 / (B N).
-    grad_per_sample = (
+    grad_per_sample = div_rn(
         tl.load(grad_loss_ptr).to(cd) * (l_simple_weight + original_elbo_weight * lvlb_weight)
         + tl.load(grad_loss_simple_ptr).to(cd)
-        + tl.load(grad_loss_vlb_ptr).to(cd) * lvlb_weight
-    ) / (tl.cast(B, cd) * tl.cast(N, cd))
+        + tl.load(grad_loss_vlb_ptr).to(cd) * lvlb_weight,
+        tl.cast(B, cd) * tl.cast(N, cd),
+    )
     target = _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION, cd)
     diff = model_output - target
     if LOSS_L1:
@@ -200,12 +200,12 @@ def diffusion_loss_backward_kernel(
         if GRAD_X_START:
             store_tile(grad_x_start_ptr, offs, grad_target, mask)
     else:
+        # the target is get_v's pair: its coefficients are the target's derivatives
+        coef_x_start, coef_noise = pair_coefficients(table_ptr, t, T, GET_V)
         if GRAD_NOISE:
-            sqrt_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ALPHAS_CUMPROD, t, T)
-            store_tile(grad_noise_ptr, offs, sqrt_alphas_cumprod * grad_target, mask)
+            store_tile(grad_noise_ptr, offs, coef_noise * grad_target, mask)
         if GRAD_X_START:
-            sqrt_one_minus_alphas_cumprod = gather_coefficient(table_ptr, ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD, t, T)
-            store_tile(grad_x_start_ptr, offs, -sqrt_one_minus_alphas_cumprod * grad_target, mask)
+            store_tile(grad_x_start_ptr, offs, coef_x_start * grad_target, mask)
 
 
 # The reduction is one program over a (B, n_tiles) array of partial sums, read in (BLOCK_B, BLOCK_P) tiles:
