@@ -120,9 +120,7 @@ def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip
     )
 
 
-def p_sample(
-    x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True, noise=None, generator=None, out=None
-):
+def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, noise=None, generator=None, out=None):
     fmt = dense_format(x_t)
     args = (
         in_format(x_t, fmt),

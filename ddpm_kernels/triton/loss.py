@@ -350,18 +350,9 @@ def _backward(ctx, grad_loss, grad_loss_simple, grad_loss_vlb):
 diffusion_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def diffusion_loss(
-    model_output,
-    x_start,
-    noise,
-    t,
-    schedule,
-    parameterization="eps",
-    loss_type="l2",
-    l_simple_weight=1.0,
-    original_elbo_weight=0.0,
-):
-    """Backend entry with ``reference.diffusion_loss_ref``'s signature."""
+def diffusion_loss(model_output, x_start, noise, t, schedule, *options):
+    """Backend entry: the reference's arguments, the options validated as the op table lists them."""
+    parameterization, loss_type, l_simple_weight, original_elbo_weight = options
     return diffusion_loss_op(
         model_output, x_start, noise, t, schedule.table(model_output.dtype), PARAMETERIZATION_ID[parameterization],
         loss_type == "l1", float(l_simple_weight), float(original_elbo_weight),

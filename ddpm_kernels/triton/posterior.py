@@ -259,18 +259,8 @@ p_sample_op, p_sample_out_op = custom_op_with_out(
 )
 
 
-def p_sample(
-    x_t,
-    t,
-    model_output,
-    schedule,
-    parameterization="eps",
-    clip_denoised=True,
-    noise=None,
-    generator=None,
-    out=None,
-):
-    """Backend entry with ``reference.p_sample_ref``'s signature; ``noise=None`` draws z in-kernel."""
+def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, noise=None, generator=None, out=None):
+    """Backend entry (the reference's arguments, validated); ``noise=None`` draws z in-kernel."""
     table = schedule.table(x_t.dtype)
     seed, philox_seed, philox_offset = noise_key(generator, x_t, noise)
     args = (
