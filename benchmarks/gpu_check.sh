@@ -289,11 +289,13 @@ timeout -k 10 "$B" "$PY" benchmarks/gpu/bench_gpu.py --out-json "$OUT/bench.json
 rc=$?
 end "$([ $HAVE_GPU = 1 ] && echo "exit $rc" || echo skipped)" "$([ $HAVE_GPU = 1 ] || echo 'no GPU: call table checked on the CPU')"
 
-# The package's own benchmark (p_sample with given noise, out= variants, a UNet sampling loop), one shape.
+# The package's own benchmark for what bench_gpu.py leaves out (given noise, out= variants, the posterior, the
+# threshold, a UNet sampling loop), at one shape, in what time is left.
 B=$(allow 45 20); begin cli-bench "$B"
 if [ $HAVE_GPU = 1 ] && [ "${GPU_CHECK_CLI_BENCH:-1}" = 1 ] && [ "$B" -ge 30 ]; then
   timeout -k 5 "$B" "$PY" -m ddpm_kernels bench --device cuda --shapes 16x4x64x64 --dtypes fp32 \
-    --providers eager cuda triton --min-run-time 0.05 --e2e-steps 20 --no-progress --out "$WORK/bench-cli" \
+    --ops p_sample p_mean_variance q_posterior dynamic_threshold --providers eager cuda triton \
+    --min-run-time 0.05 --e2e-steps 20 --no-progress --out "$WORK/bench-cli" \
     > "$WORK/bench-cli.log" 2>&1
   rc=$?
   grep -E "^wrote|Error|error" "$WORK/bench-cli.log" | tail -5
