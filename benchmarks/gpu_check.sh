@@ -229,7 +229,9 @@ if [ $HAVE_GPU = 1 ]; then
   # thread method: a test stuck inside a CUDA call is ended too (its worker is replaced)
   py_ok "import pytest_timeout" && EXTRA+=(--timeout "${GPU_CHECK_TEST_TIMEOUT:-180}" --timeout-method thread)
   [ ${#EXTRA[@]} -gt 0 ] && echo "tests: ${EXTRA[*]}" || echo "tests: no xdist, no pytest-timeout: one process, the time box of this step only"
-  BA=$(( B - 35 ))
+  # Each pytest-xdist worker would start one inductor compile process per core: 8 x nproc is too many.
+  export TORCHINDUCTOR_COMPILE_THREADS=2
+  BA=$(( B > 70 ? B - 35 : B * 2 / 3 ))
   # SIGINT first: pytest then stops, reports and writes its JUnit file; KILL 20 s later if it does not.
   timeout -s INT -k 20 "$BA" "${PYTEST[@]}" "${EXTRA[@]}" --durations=15 -m "gpu or not gpu" \
     --junitxml="$OUT/tests.xml" -o junit_suite_name=gpu_files "${A_FILES[@]}"
@@ -242,6 +244,7 @@ if [ $HAVE_GPU = 1 ]; then
   else
     echo "tests: run B skipped: time budget"
   fi
+  unset TORCHINDUCTOR_COMPILE_THREADS
   end ran
 else
   echo "tests: no CUDA device: the GPU tests are collected and their GPU-marked part runs, which skips"
