@@ -62,6 +62,9 @@ py_ok() { "$PY" -c "$1" >/dev/null 2>&1; }
 
 HAVE_GPU=0
 py_ok "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && HAVE_GPU=1
+# compute-sanitizer ships with the CUDA toolkit, which need not be on PATH
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
+      /usr/local/cuda*/compute-sanitizer/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
 NPROC=$(nproc 2>/dev/null || echo 4)
 echo "gpu_check: budget ${BUDGET} s (each step: at most its budget, keeping a reserve for the steps after it):"
 echo "  env 45 | deps 30 | build 240 (prebuilt: ~10) | tests 200 | sanitize 90 | bench 150 | cli-bench 45 (what is left) | summary 20"
@@ -80,7 +83,7 @@ B=$(allow 45 300); begin env "$B"
     echo "nvidia-smi: not found"
   fi
   if command -v nvcc >/dev/null; then nvcc --version | tail -2; else echo "nvcc: not on PATH (CUDA_HOME=${CUDA_HOME:-unset})"; fi
-  echo "compute-sanitizer: $(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo 'not found')"
+  echo "compute-sanitizer: ${SAN:-not found}"
   echo "env: $(env | grep -E '^(CUDA|TORCH|TRITON|NVIDIA|PYTORCH)[A-Z_]*=' | sort | tr '\n' ' ')"
   timeout "$B" "$PY" - "$WORK" <<'PY'
 import json, platform, sys
@@ -261,7 +264,6 @@ fi
 # memcheck over every kernel once; racecheck over the shared-memory reductions (the loss, the threshold).
 # Without torch's caching allocator every tensor is its own allocation, so an access past one is caught.
 B=$(allow 90 75); begin sanitize "$B"
-SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -1)
 if [ $HAVE_GPU = 1 ] && [ -n "$SAN" ]; then
   for tool in memcheck racecheck; do
     if [ $tool = memcheck ]; then TB=$(( B * 3 / 5 )); ARGS=(); else TB=$(allow $(( B * 2 / 5 )) 75); ARGS=(--only reductions); fi
