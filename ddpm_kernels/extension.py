@@ -28,9 +28,11 @@ __all__ = ["CPU_BACKEND", "CUDA_BACKEND", "ExtensionUnavailableWarning", "cpu_ca
 
 _schema_lib, _cpu_lib = _native.schema_lib, _native.cpu_lib
 if load_error is not None:
+    # without _C nothing compiled runs; with _C but no CPU library (a GPU-only build) only the CPU kernels are missing
+    _missing = "backend='cpu'/'cuda' cannot run" if _schema_lib is None else "backend='cpu' cannot run"
     warnings.warn(
-        f"ddpm_kernels: the compiled kernels are not available ({load_error}); backend='cpu'/'cuda' cannot run "
-        f"and backend='auto' uses the pure-PyTorch reference. To get them, {REBUILD_HINT}.",
+        f"ddpm_kernels: the compiled kernels are not available ({load_error}); {_missing} and backend='auto' "
+        f"uses another backend or the pure-PyTorch reference. To get them, {REBUILD_HINT}.",
         ExtensionUnavailableWarning,
         stacklevel=2,
     )
