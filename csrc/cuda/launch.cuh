@@ -258,12 +258,18 @@ void launch_family_philox(const F& f, int64_t numel, int64_t N, std::optional<at
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Runs f over numel elements, N per sample, `ptrs` its data pointers; the noise of a step is the given tensor,
-// else in-kernel noise when `draw`, else none. Per-sample outputs for samples [0, B_out) (noiseless calls).
+// Runs f over numel elements, N per sample, `ptrs` its data pointers, without noise; per-sample outputs for
+// samples [0, B_out).
+template <typename scalar_t, typename F>
+void run_family(const F& f, int64_t numel, int64_t N, std::initializer_list<const void*> ptrs, int64_t B_out = 0) {
+  launch_family<scalar_t>(f, NoNoise(), numel, N, B_out, ptrs, nullptr);
+}
+
+// The same for a family with a noise term: the given tensor, else in-kernel noise when `draw`, else none.
+// Per-sample outputs come with the noiseless launches only.
 template <typename scalar_t, typename F>
 void run_family(const F& f, int64_t numel, int64_t N, std::initializer_list<const void*> ptrs,
-                const at::Tensor* noise = nullptr, bool draw = false,
-                std::optional<at::Generator> generator = std::nullopt, int64_t B_out = 0) {
+                const at::Tensor* noise, bool draw, std::optional<at::Generator> generator, int64_t B_out = 0) {
   if (noise != nullptr) {
     const scalar_t* z = noise->const_data_ptr<scalar_t>();
     launch_family<scalar_t>(f, GivenNoise<scalar_t>{z}, numel, N, B_out, ptrs, z);
@@ -271,7 +277,7 @@ void run_family(const F& f, int64_t numel, int64_t N, std::initializer_list<cons
     TORCH_INTERNAL_ASSERT(B_out == 0, "per-sample outputs are written by the noiseless launches");
     launch_family_philox<scalar_t>(f, numel, N, std::move(generator), ptrs);
   } else {
-    launch_family<scalar_t>(f, NoNoise(), numel, N, B_out, ptrs, nullptr);
+    run_family<scalar_t>(f, numel, N, ptrs, B_out);
   }
 }
 
