@@ -1,8 +1,8 @@
 """Build script: the pure-Python package always; the compiled operators from ``csrc/`` when torch is present.
 
 Libraries built (all optional at runtime; ddpm_kernels/extension.py loads them):
-  ddpm_kernels._C                 operator schemas (csrc/ops.cpp) + the CUDA kernels (csrc/cuda/*.cu) when
-                                  CUDA is built
+  ddpm_kernels._C                 operator schemas (csrc/ops.cpp) + the CUDA kernels (csrc/cuda/*.cu, *.cpp)
+                                  when CUDA is built
   ddpm_kernels._C_cpu             CPU kernels (csrc/cpu/*.cpp) for the baseline instruction set
   ddpm_kernels._C_cpu_avx2        the same sources built for AVX2+FMA   (x86-64 only)
   ddpm_kernels._C_cpu_avx512      the same sources built for AVX-512    (x86-64 only)
@@ -122,7 +122,7 @@ def extension_kwargs():
     ext_modules = []
     ops_sources = _sources("csrc/ops.cpp") + _sources("csrc/fast_checks.cpp")
     if _want_cuda():
-        cu_sources = _sources("csrc/cuda/*.cu")
+        cu_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
         # pip-installed CUDA torch ships some CUDA headers (e.g. cusparse/cublas used by ATen/cuda headers)
         # in site-packages/nvidia/cu13/include rather than in the toolkit.
         extra_inc = []

@@ -1,18 +1,8 @@
 // The host side of every operator, shared by the CPU and CUDA backends: argument checks, output allocation,
 // the functional forms built on the *_out forms, the empty-input cases, and the registration of all 18
-// operators. A backend supplies only what runs its kernels, as static functions of one struct K, each called
-// after the checks with every output allocated and (unless noted) with data of at least one element:
-//   K::pair(op, x, y, t, table, out)
-//   K::q_sample_backward(grad, t, table, grad_x_start, grad_noise)
-//   K::mean_variance(x_t, t, mo, table, param, clip, mean, var, log_var)   numel may be 0 (var for B > 0)
-//   K::p_sample(x_t, t, mo, table, param, clip, noise, generator, out)     numel may be 0; noise nullptr:
-//                                                                         in-kernel noise from generator
-//   K::sampler_step(step, x_t, t, t_prev, mo, table64, noise, generator, x0, out)   numel may be 0; noise
-//                  nullptr unless given and step.add_noise; x0 nullptr unless return_pred_x0
-//   K::diffusion_loss(mo, x_start, noise, t, table, param, l1, w_simple, w_elbo, loss, loss_simple, loss_vlb)
-//   K::diffusion_loss_backward(g_loss, g_simple, g_vlb, mo, x_start, noise, t, table, param, l1, w_simple,
-//                              w_elbo, grad)
-// Each backend instantiates these templates with its own K in its own translation unit.
+// operators. A backend supplies only what runs its kernels: the static functions of its Kernels struct
+// (csrc/backend.h). Each backend instantiates these templates with its own Kernels in its own translation
+// unit (cpu/registration.cpp, cuda/registration.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -28,7 +18,9 @@
 #include <utility>
 
 #include "checks.h"
-#include "coefficients.h"
+#include "loss.h"
+#include "pair_ops.h"
+#include "posterior.h"
 #include "sampler_coefficients.h"
 
 namespace ddpm {
@@ -41,7 +33,7 @@ void pair_out_kernel(PairOp op, const at::Tensor& x, const at::Tensor& y, const 
   check_data("second operand", y, x);
   check_data("out", out, x);
   if (x.numel() == 0) return;
-  K::pair(op, x, y, t, table, out);
+  K::pair(PairCall{op, x, &y, t, table, out, nullptr});
 }
 
 template <typename K, PairOp kOp>
@@ -69,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_backward_kernel(const at::Tensor& gr
   check_common(grad, t, table);
   at::Tensor gx = at::empty_like(grad);
   at::Tensor gn = at::empty_like(grad);
-  if (grad.numel() > 0) K::q_sample_backward(grad, t, table, gx, gn);
+  if (grad.numel() > 0) K::pair(PairCall{PairOp::kQSample, grad, nullptr, t, table, gx, &gn});
   return {gx, gn};
 }
 
@@ -82,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_variance(const at::Tensor& x
   at::Tensor mean = at::empty_like(x_t);
   at::Tensor var = at::empty(per_sample_shape(x_t), table.options());
   at::Tensor log_var = at::empty(per_sample_shape(x_t), table.options());
-  K::mean_variance(x_t, t, mo, table, param, clip, mean, var, log_var);
+  K::posterior(PosteriorCall{x_t, t, mo, table, param, clip, mean, &var, &log_var, false, nullptr, std::nullopt});
   return {mean, var, log_var};
 }
 
@@ -117,8 +109,8 @@ void p_sample_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::T
   check_data("out", out, x_t);
   const Param param = parse_param(std::string(parameterization));
   if (noise.has_value()) check_data("noise", *noise, x_t);
-  K::p_sample(x_t, t, model_output, table, param, clip_denoised, noise.has_value() ? &*noise : nullptr,
-              std::move(generator), out);
+  K::posterior(PosteriorCall{x_t, t, model_output, table, param, clip_denoised, out, nullptr, nullptr, true,
+                            noise.has_value() ? &*noise : nullptr, std::move(generator)});
 }
 
 template <typename K>
@@ -132,39 +124,23 @@ at::Tensor p_sample_kernel(const at::Tensor& x_t, const at::Tensor& t, const at:
 }
 
 // ------------------------------------------------------------------------------------------- sampler steps
-enum class SamplerOp : int { kDdim = 0, kDdpm = 1 };
-
-// What a backend needs to know of one ddim_step / ddpm_step call besides its tensors.
-struct SamplerStep {
-  SamplerOp op;
-  Param param;
-  Variance variance;  // ddpm_step; kFixedSmall (unused) for ddim_step
-  bool learned;       // ddpm_step with a learned variance: model_output is (B, 2C, ...)
-  bool add_noise;     // false for ddim_step with eta == 0: no noise is read or drawn
-  bool clip, set_alpha_to_one, use_clipped;
-  double eta, clip_range;
-};
-
-// Both steps: checks, allocation, then the backend. Returns x0 (zero elements unless return_pred_x0).
+// Every step: checks, allocation, then the backend. `step` holds the sampler's own options; the
+// parameterization, learned flag and noise are filled in here. Returns x0 (zero elements unless
+// return_pred_x0).
 template <typename K>
-at::Tensor sampler_step(SamplerOp op, const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
-                        const at::Tensor& model_output, const at::Tensor& table64, double eta,
-                        c10::string_view parameterization, Variance variance, bool clip_denoised, double clip_range,
-                        bool set_alpha_to_one, bool use_clipped, const std::optional<at::Tensor>& noise,
+at::Tensor sampler_step(SamplerStep step, c10::string_view parameterization, const at::Tensor& x_t,
+                        const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& model_output,
+                        const at::Tensor& table64, const std::optional<at::Tensor>& noise,
                         std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
-  const bool learned = op == SamplerOp::kDdpm && is_learned(variance);
-  check_sampler(x_t, t, t_prev, model_output, table64, learned);
+  step.learned = is_learned(step.variance);
+  check_sampler(x_t, t, t_prev, model_output, table64, step.learned);
   check_data("out", out, x_t);
-  const Param param = parse_param(std::string(parameterization));
-  // ddim_step with eta == 0 has no noise term: nothing is read or drawn (as the reference)
-  const bool add_noise = op == SamplerOp::kDdpm || eta > 0;
-  const bool given = add_noise && noise.has_value();
+  step.param = parse_param(std::string(parameterization));
+  const bool given = step.add_noise && noise.has_value();
   if (given) check_data("noise", *noise, x_t);
   at::Tensor x0 = return_pred_x0 ? at::empty_like(x_t) : at::empty({0}, x_t.options());
-  const SamplerStep step{op,   param,         variance, learned, add_noise, clip_denoised, set_alpha_to_one,
-                         use_clipped, eta, clip_range};
-  K::sampler_step(step, x_t, t, t_prev, model_output, table64, given ? &*noise : nullptr, std::move(generator),
-                  return_pred_x0 ? &x0 : nullptr, out);
+  K::sampler_step(SamplerCall{step, x_t, t, t_prev, model_output, table64, given ? &*noise : nullptr,
+                              std::move(generator), return_pred_x0 ? &x0 : nullptr, out});
   return x0;
 }
 
@@ -175,9 +151,11 @@ at::Tensor ddim_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, cons
                                 bool set_alpha_to_one, bool use_clipped_model_output,
                                 const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
                                 bool return_pred_x0, const at::Tensor& out) {
-  return sampler_step<K>(SamplerOp::kDdim, x_t, t, t_prev, model_output, table64, eta, parameterization,
-                         Variance::kFixedSmall, clip_denoised, clip_range, set_alpha_to_one,
-                         use_clipped_model_output, noise, std::move(generator), return_pred_x0, out);
+  // eta == 0 has no noise term: nothing is read or drawn (as the reference)
+  const SamplerStep step{Sampler::kDdim, Param::kEps, Variance::kFixedSmall, false, eta > 0, clip_denoised,
+                         set_alpha_to_one, use_clipped_model_output, eta, clip_range};
+  return sampler_step<K>(step, parameterization, x_t, t, t_prev, model_output, table64, noise, std::move(generator),
+                         return_pred_x0, out);
 }
 
 template <typename K>
@@ -202,9 +180,10 @@ at::Tensor ddpm_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, cons
                                 c10::string_view parameterization, c10::string_view variance_type,
                                 bool clip_denoised, double clip_range, const std::optional<at::Tensor>& noise,
                                 std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
-  return sampler_step<K>(SamplerOp::kDdpm, x_t, t, t_prev, model_output, table64, 0.0, parameterization,
-                         parse_variance(std::string(variance_type)), clip_denoised, clip_range, true, false, noise,
-                         std::move(generator), return_pred_x0, out);
+  const SamplerStep step{Sampler::kDdpm, Param::kEps, parse_variance(std::string(variance_type)), false, true,
+                         clip_denoised, true, false, 0.0, clip_range};
+  return sampler_step<K>(step, parameterization, x_t, t, t_prev, model_output, table64, noise, std::move(generator),
+                         return_pred_x0, out);
 }
 
 template <typename K>
@@ -222,14 +201,22 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_kernel(const at::Tensor& x_t, const
 }
 
 // ------------------------------------------------------------------------------------------------ loss
-// The checks of both loss ops; returns the parameterization and whether the loss is l1.
-inline std::pair<Param, bool> check_loss(const at::Tensor& model_output, const at::Tensor& x_start,
-                                         const at::Tensor& noise, const at::Tensor& t, const at::Tensor& table,
-                                         c10::string_view parameterization, c10::string_view loss_type) {
+// The checks of both loss ops, and the call they describe.
+inline LossCall loss_call(const at::Tensor& model_output, const at::Tensor& x_start, const at::Tensor& noise,
+                          const at::Tensor& t, const at::Tensor& table, c10::string_view parameterization,
+                          c10::string_view loss_type, double l_simple_weight, double original_elbo_weight) {
   check_common(model_output, t, table);
   check_data("x_start", x_start, model_output);
   check_data("noise", noise, model_output);
-  return {parse_param(std::string(parameterization)), parse_l1(std::string(loss_type))};
+  return {model_output,
+          x_start,
+          noise,
+          t,
+          table,
+          parse_param(std::string(parameterization)),
+          parse_l1(std::string(loss_type)),
+          l_simple_weight,
+          original_elbo_weight};
 }
 
 template <typename K>
@@ -237,7 +224,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_loss_kernel(
     const at::Tensor& model_output, const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
     const at::Tensor& table, c10::string_view parameterization, c10::string_view loss_type, double l_simple_weight,
     double original_elbo_weight) {
-  const auto [param, l1] = check_loss(model_output, x_start, noise, t, table, parameterization, loss_type);
+  const LossCall call = loss_call(model_output, x_start, noise, t, table, parameterization, loss_type,
+                                  l_simple_weight, original_elbo_weight);
   const auto opts = model_output.options();
   if (model_output.numel() == 0) {
     // The mean over no elements (an empty batch, or samples of zero elements) is NaN, as torch.mean and
@@ -246,8 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_loss_kernel(
     return {at::full({}, nan, opts), at::full({}, nan, opts), at::full({}, nan, opts)};
   }
   at::Tensor loss = at::empty({}, opts), loss_simple = at::empty({}, opts), loss_vlb = at::empty({}, opts);
-  K::diffusion_loss(model_output, x_start, noise, t, table, param, l1, l_simple_weight, original_elbo_weight, loss,
-                    loss_simple, loss_vlb);
+  K::diffusion_loss(call, loss, loss_simple, loss_vlb);
   return {loss, loss_simple, loss_vlb};
 }
 
@@ -258,11 +245,16 @@ at::Tensor diffusion_loss_backward_kernel(const at::Tensor& grad_loss, const at:
                                           const at::Tensor& table, c10::string_view parameterization,
                                           c10::string_view loss_type, double l_simple_weight,
                                           double original_elbo_weight) {
-  const auto [param, l1] = check_loss(model_output, x_start, noise, t, table, parameterization, loss_type);
+  const LossCall call = loss_call(model_output, x_start, noise, t, table, parameterization, loss_type,
+                                  l_simple_weight, original_elbo_weight);
   at::Tensor grad = at::empty_like(model_output);
   if (model_output.numel() == 0) return grad;
-  K::diffusion_loss_backward(grad_loss, grad_loss_simple, grad_loss_vlb, model_output, x_start, noise, t, table,
-                             param, l1, l_simple_weight, original_elbo_weight, grad);
+  // The kernels read the incoming gradients where the data lives (no host sync), in model_output's dtype.
+  const auto operand = [&](const at::Tensor& g) {
+    TORCH_CHECK(g.numel() == 1, "ddpm_kernels: the loss gradients must be one-element tensors, got ", g.sizes());
+    return g.to(model_output.device(), model_output.scalar_type());
+  };
+  K::diffusion_loss_backward(call, operand(grad_loss), operand(grad_loss_simple), operand(grad_loss_vlb), grad);
   return grad;
 }
 

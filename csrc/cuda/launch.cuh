@@ -1,0 +1,284 @@
+// The CUDA backend's loop: one kernel template runs every elementwise family's functor (csrc/family.h).
+//
+// Coefficients are gathered on the device from the schedule table by t (never passed as scalars, so a
+// captured CUDA graph reads current values), math in float32 (float64 for float64 data), 128-bit loads and
+// stores when every pointer is aligned and a packet never spans two samples, int64 indexing, launched on the
+// current stream. In-kernel noise is Philox4x32-10 (curand) with seed and offset from the torch CUDA
+// generator via PhiloxCudaState, the CUDA-graph-safe way torch's own random kernels use.
+//
+// The grid walks the data in tiles: per turn a block covers one contiguous tile of kThreads * U slices of W
+// elements. The samples a tile touches get their coefficients computed once per tile, one thread per sample,
+// into shared memory (a sampler step's float64 derivation included: it never runs per element), and the
+// slices find their sample by stepping the tile's start (sample, offset) by the grid's span, so no thread
+// divides by the sample size per element. One launch per op, no allocation.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Generator.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <curand_kernel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <mutex>
+#include <optional>
+#include <type_traits>
+
+#include "../family.h"
+
+namespace ddpm::cuda {
+
+constexpr int kThreads = 256;
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Packet {
+  T val[V];
+};
+
+// The IO policy of csrc/family.h: a slice is W elements of one sample; W > 1 is one packet load / store,
+// which needs the pointer aligned to W elements.
+template <typename scalar_t, int W>
+struct PacketIO {
+  using V = at::opmath_type<scalar_t>;
+  static constexpr int kLanes = W;
+  static DDPM_LANE void load(const scalar_t* p, V* v, int64_t) {
+    const Packet<scalar_t, W> q = *reinterpret_cast<const Packet<scalar_t, W>*>(p);
+    DDPM_UNROLL
+    for (int k = 0; k < W; ++k) v[k] = static_cast<V>(q.val[k]);
+  }
+  static DDPM_LANE void store(scalar_t* p, const V* v, int64_t) {
+    Packet<scalar_t, W> q;
+    DDPM_UNROLL
+    for (int k = 0; k < W; ++k) q.val[k] = static_cast<scalar_t>(v[k]);
+    *reinterpret_cast<Packet<scalar_t, W>*>(p) = q;
+  }
+};
+
+inline int sm_count() {
+  static int cached[256] = {0};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= 256) device = 0;
+  if (cached[device] == 0) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cached[device] = sms;
+  }
+  return cached[device];
+}
+
+// Blocks of kThreads for `work` items: enough to fill the device a few times over, the rest in grid-stride
+// turns.
+inline int64_t grid_for(int64_t work) {
+  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(sm_count()) * 8));
+}
+
+// Whether slices of W elements can be packets: N a multiple of W (no packet spans two samples) and every
+// pointer (nullptr: an absent operand) aligned to a packet.
+template <typename scalar_t>
+bool packets_fit(int W, int64_t N, std::initializer_list<const void*> ptrs) {
+  if (N % W != 0) return false;
+  for (const void* p : ptrs)
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % (sizeof(scalar_t) * W) != 0) return false;
+  return true;
+}
+
+// The in-kernel noise marker, and the normals one thread holds for its slice.
+struct PhiloxNoise {};
+
+template <typename acc_t, int W>
+struct RegisterNoise {
+  acc_t z[W];
+  static constexpr DDPM_HD bool present() { return true; }
+  template <typename IO>
+  DDPM_LANE void get(int64_t, int64_t, typename IO::V* out) const {
+    static_assert(IO::kLanes == W, "one normal per lane");
+    DDPM_UNROLL
+    for (int k = 0; k < W; ++k) out[k] = z[k];
+  }
+};
+
+// The walk of the data, fixed per launch: the grid advances by `span` elements per turn, which is `samples`
+// whole samples and `rem` more elements.
+struct Walk {
+  int64_t numel, N, span, samples, rem;
+};
+
+inline Walk make_walk(int64_t numel, int64_t N, int64_t span) {
+  return numel == 0 ? Walk{0, 1, span, 0, 0} : Walk{numel, N, span, span / N, span % N};
+}
+
+// o / N for 0 <= o < N + tile, tile the elements of one block's turn (<= 2^14): o >= 2N only when N < tile,
+// where 32-bit division is exact.
+__device__ __forceinline__ int64_t sample_offset(int64_t o, int64_t N) {
+  if (o < N) return 0;
+  if (o - N < N) return 1;
+  return static_cast<uint32_t>(o) / static_cast<uint32_t>(N);
+}
+
+// Runs functor f over the data, U slices of W elements per thread per turn; Z is the noise source (NoNoise,
+// GivenNoise, or PhiloxNoise: then W == 4, U == 1, and thread tid's k-th slice is 4-element group
+// tid + k * (grid threads), whose normals are the k-th curand_normal4 of Philox subsequence tid).
+// kPackets: slices are packets inside one sample; else each element of a slice is handled on its own.
+// Threads first write the per-sample outputs of samples [0, B_out).
+template <typename scalar_t, typename F, typename Z, int W, int U, bool kPackets>
+__global__ void __launch_bounds__(kThreads)
+    family_kernel(F f, Z z, Walk w, int64_t B_out, at::PhiloxCudaState philox) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Coef = typename F::Coef;
+  constexpr bool kPhilox = std::is_same_v<Z, PhiloxNoise>;
+  static_assert(!kPhilox || (W == 4 && U == 1), "one curand_normal4 per 4-element group");
+  constexpr int64_t kTile = int64_t(kThreads) * U * W;
+  __shared__ Coef cache[kThreads];
+
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t b = tid; b < B_out; b += int64_t(gridDim.x) * blockDim.x) f.per_sample(b);
+  if (w.numel == 0) return;
+  curandStatePhilox4_32_10_t state;
+  if constexpr (kPhilox) {
+    const auto seeds = at::cuda::philox::unpack(philox);
+    curand_init(std::get<0>(seeds), tid, std::get<1>(seeds), &state);
+  }
+
+  int64_t lo = int64_t(blockIdx.x) * kTile;  // the tile's first element: b_lo * N + r_lo
+  int64_t b_lo = lo / w.N, r_lo = lo - b_lo * w.N;
+  // `lo` is the same in every thread of the block, so all of them reach the barriers together.
+  for (; lo < w.numel; lo += w.span) {
+    const int64_t len = w.numel - lo < kTile ? w.numel - lo : kTile;
+    // Samples b_lo .. b_lo + nb - 1 overlap the tile. Tiny samples (nb > kThreads): each thread derives its own.
+    const int64_t nb = sample_offset(r_lo + len - 1, w.N) + 1;
+    const bool cached = nb <= kThreads;
+    if (cached) {
+      if (threadIdx.x < nb) cache[threadIdx.x] = f.coef(b_lo + threadIdx.x);
+      __syncthreads();
+    }
+    Coef c;
+    int64_t c_sample = -1;
+    const auto coef = [&](int64_t o) -> int64_t {  // the sample of tile offset o, its coefficients in c
+      const int64_t db = sample_offset(r_lo + o, w.N);
+      if (db != c_sample) {
+        c = cached ? cache[db] : f.coef(b_lo + db);
+        c_sample = db;
+      }
+      return b_lo + db;
+    };
+    DDPM_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const int64_t o = (int64_t(u) * kThreads + threadIdx.x) * W;
+      if (o >= len) break;
+      acc_t normals[W];
+      if constexpr (kPhilox) {
+        const float4 z4 = curand_normal4(&state);
+        normals[0] = z4.x;
+        normals[1] = z4.y;
+        normals[2] = z4.z;
+        normals[3] = z4.w;
+      }
+      if constexpr (kPackets) {
+        const int64_t b = coef(o);
+        if constexpr (kPhilox) {
+          RegisterNoise<acc_t, W> zr{{normals[0], normals[1], normals[2], normals[3]}};
+          f.template apply<PacketIO<scalar_t, W>>(b, lo + o, W, c, zr);
+        } else {
+          f.template apply<PacketIO<scalar_t, W>>(b, lo + o, W, c, z);
+        }
+      } else {
+        DDPM_UNROLL
+        for (int k = 0; k < W; ++k) {
+          if (o + k >= len) break;
+          const int64_t b = coef(o + k);
+          if constexpr (kPhilox) {
+            RegisterNoise<acc_t, 1> zr{{normals[k]}};
+            f.template apply<PacketIO<scalar_t, 1>>(b, lo + o + k, 1, c, zr);
+          } else {
+            f.template apply<PacketIO<scalar_t, 1>>(b, lo + o + k, 1, c, z);
+          }
+        }
+      }
+    }
+    if (cached) __syncthreads();
+    b_lo += w.samples;
+    r_lo += w.rem;
+    if (r_lo >= w.N) {
+      r_lo -= w.N;
+      ++b_lo;
+    }
+  }
+}
+
+// Runs f over numel elements (N per sample, numel > 0 or B_out > 0) with noise source z (NoNoise or
+// GivenNoise), packets of 128 bits when the pointers allow; per-sample outputs for samples [0, B_out).
+template <typename scalar_t, typename F, typename Z>
+void launch_family(const F& f, Z z, int64_t numel, int64_t N, int64_t B_out, std::initializer_list<const void*> ptrs,
+                   const void* noise) {
+  if (numel == 0 && B_out == 0) return;
+  constexpr int kPacket = 16 / sizeof(scalar_t), kU = 4;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto launch = [&](auto kernel, int W) {
+    const int64_t blocks = grid_for(std::max<int64_t>(numel / (W * kU), B_out));
+    kernel<<<blocks, kThreads, 0, stream>>>(f, z, make_walk(numel, N, blocks * kThreads * kU * W), B_out,
+                                            at::PhiloxCudaState());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (numel > 0 && packets_fit<scalar_t>(kPacket, N, ptrs) && packets_fit<scalar_t>(kPacket, N, {noise})) {
+    launch(family_kernel<scalar_t, F, Z, kPacket, kU, true>, kPacket);
+  } else {
+    launch(family_kernel<scalar_t, F, Z, 1, kU, true>, 1);
+  }
+}
+
+// Runs f over numel > 0 elements with in-kernel noise, taking the Philox seed and offset from `generator`
+// (or the device's default generator) and advancing it by what the threads consume: 4 32-bit values per
+// curand_normal4 call, one call per group a thread owns. Groups of 4 are packets when `ptrs` allow.
+template <typename scalar_t, typename F>
+void launch_family_philox(const F& f, int64_t numel, int64_t N, std::optional<at::Generator> generator,
+                          std::initializer_list<const void*> ptrs) {
+  if (numel == 0) return;
+  const int64_t groups = (numel + 3) / 4;
+  const int64_t blocks = grid_for(groups);
+  const uint64_t calls_per_thread = uint64_t((groups + blocks * kThreads - 1) / (blocks * kThreads));
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator, at::cuda::detail::getDefaultCUDAGenerator());
+  at::PhiloxCudaState philox;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    philox = gen->philox_cuda_state(calls_per_thread * 4);
+  }
+  const Walk w = make_walk(numel, N, blocks * kThreads * 4);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (packets_fit<scalar_t>(4, N, ptrs)) {
+    family_kernel<scalar_t, F, PhiloxNoise, 4, 1, true><<<blocks, kThreads, 0, stream>>>(f, {}, w, 0, philox);
+  } else {
+    family_kernel<scalar_t, F, PhiloxNoise, 4, 1, false><<<blocks, kThreads, 0, stream>>>(f, {}, w, 0, philox);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Runs f over numel elements, N per sample, `ptrs` its data pointers, without noise; per-sample outputs for
+// samples [0, B_out).
+template <typename scalar_t, typename F>
+void run_family(const F& f, int64_t numel, int64_t N, std::initializer_list<const void*> ptrs, int64_t B_out = 0) {
+  launch_family<scalar_t>(f, NoNoise(), numel, N, B_out, ptrs, nullptr);
+}
+
+// The same for a family with a noise term: the given tensor, else in-kernel noise when `draw`, else none.
+// Per-sample outputs come with the noiseless launches only.
+template <typename scalar_t, typename F>
+void run_family(const F& f, int64_t numel, int64_t N, std::initializer_list<const void*> ptrs,
+                const at::Tensor* noise, bool draw, std::optional<at::Generator> generator, int64_t B_out = 0) {
+  if (noise != nullptr) {
+    const scalar_t* z = noise->const_data_ptr<scalar_t>();
+    launch_family<scalar_t>(f, GivenNoise<scalar_t>{z}, numel, N, B_out, ptrs, z);
+  } else if (draw) {
+    TORCH_INTERNAL_ASSERT(B_out == 0, "per-sample outputs are written by the noiseless launches");
+    launch_family_philox<scalar_t>(f, numel, N, std::move(generator), ptrs);
+  } else {
+    run_family<scalar_t>(f, numel, N, ptrs, B_out);
+  }
+}
+
+}  // namespace ddpm::cuda
