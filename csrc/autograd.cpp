@@ -45,8 +45,9 @@ at::MemoryFormat dense_format_of(const at::Tensor& x) {
 }
 
 // The operators, looked up once (on first use: the schemas are registered by another translation unit's
-// static initializer). Called through the dispatcher, so the backend kernel of the tensors' device runs, and
-// below this file's kernels, autograd records a call made inside a backward that builds a graph.
+// static initializer). Called through the dispatcher: a call from a backward reaches this file's kernels, so a
+// backward that builds a graph records it; a call under AutoDispatchBelowADInplaceOrView reaches the kernel of
+// the tensors' device.
 const auto& q_sample_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("ddpm_kernels::q_sample", "")
