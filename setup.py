@@ -1,8 +1,8 @@
 """Build script: the pure-Python package always; the compiled operators from ``csrc/`` when torch is present.
 
 Libraries built (all optional at runtime; ddpm_kernels/extension.py loads them):
-  ddpm_kernels._C                 operator schemas (csrc/ops.cpp) + the CUDA kernels (csrc/cuda/*.cu, *.cpp)
-                                  when CUDA is built
+  ddpm_kernels._C                 operator schemas (csrc/ops.cpp), the autograd formulas (csrc/autograd.cpp) +
+                                  the CUDA kernels (csrc/cuda/*.cu, *.cpp) when CUDA is built
   ddpm_kernels._C_cpu             CPU kernels (csrc/cpu/*.cpp) for the baseline instruction set
   ddpm_kernels._C_cpu_avx2        the same sources built for AVX2+FMA   (x86-64 only)
   ddpm_kernels._C_cpu_avx512      the same sources built for AVX-512    (x86-64 only)
@@ -120,7 +120,8 @@ def extension_kwargs():
 
     include_dirs = [os.path.join(ROOT, "csrc")]
     ext_modules = []
-    ops_sources = _sources("csrc/ops.cpp") + _sources("csrc/fast_checks.cpp")
+    # the autograd formulas sit with the schemas: one Autograd-key registration serves the CPU and CUDA kernels
+    ops_sources = _sources("csrc/ops.cpp") + _sources("csrc/fast_checks.cpp") + _sources("csrc/autograd.cpp")
     if _want_cuda():
         cu_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
         # pip-installed CUDA torch ships some CUDA headers (e.g. cusparse/cublas used by ATen/cuda headers)

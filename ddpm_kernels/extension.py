@@ -2,8 +2,9 @@
 
 The libraries are loaded by ``ddpm_kernels._native``; this module is the backends over them, and the Python
 parts of the schema registered once: fake (meta) kernels generated from the op table (``ddpm_kernels._spec``)
-and the autograd formulas of ``q_sample`` and ``diffusion_loss``. (``csrc/ops.cpp`` names this module as the
-operators' Python module, so torch imports it when a fake kernel is first needed.)
+and vmap rules. The autograd formulas of ``q_sample`` and ``diffusion_loss`` are C++ (``csrc/autograd.cpp``, at
+the Autograd key). (``csrc/ops.cpp`` names this module as the operators' Python module, so torch imports it
+when a fake kernel is first needed.)
 
 Each backend's ``ops`` maps an op name to a function with the reference signature (``ddpm_kernels.reference``);
 ``differentiable`` and ``declines`` tell ``ddpm_kernels.backends`` which calls they serve: gradients w.r.t.
@@ -194,7 +195,7 @@ OPS = {
     "ddim_step": sampler_step,
     "ddpm_step": sampler_step,
 }
-# Gradients the compiled kernels give (registered below); other inputs that need one take the reference.
+# Gradients the compiled kernels give (csrc/autograd.cpp); other inputs that need one take the reference.
 DIFFERENTIABLE = {
     "q_sample": frozenset(("x_start", "noise")),
     "diffusion_loss": frozenset(("model_output",)),
@@ -207,7 +208,7 @@ def declines(op: str, opts) -> Optional[str]:
     return None
 
 
-# ----------------------------------------------------------------------------------- fake and autograd
+# -------------------------------------------------------------------------------------------- fake and vmap
 def _fake_output(kind: str, x: torch.Tensor, table: torch.Tensor, return_pred_x0: bool):
     if kind == "like":  # as the kernels allocate: a dense input's strides are preserved
         return torch.empty_like(x)
@@ -250,50 +251,72 @@ def _register_python_parts() -> None:
     def _(g_loss, g_simple, g_vlb, model_output, *rest):
         return torch.empty_like(model_output)
 
-    # q_sample: d/dx_start = sqrt(ab) g, d/dnoise = sqrt(1 - ab) g, both from one kernel. Its backward is
-    # linear in g, and its own backward is q_sample again, so double backward works too.
-    def q_sample_setup(ctx, inputs, output):
-        _, t, _, table = inputs
-        ctx.save_for_backward(t, table)
+    _register_vmap(lib)
 
-    def q_sample_backward(ctx, grad):
-        t, table = ctx.saved_tensors
-        grad_x, grad_noise = _ops().q_sample_backward(in_format(grad, dense_format(grad)), t, table)
-        return grad_x, None, grad_noise, None
 
-    torch.library.register_autograd(lib + "q_sample", q_sample_backward, setup_context=q_sample_setup)
+# vmap rules. Without them functorch runs an operator once per vmapped slice through its generic fallback (and
+# warns); the q_sample family is elementwise per sample, so the vmapped dim folds into the batch dim and one
+# kernel call serves every slice. The autograd formulas are C++ (csrc/autograd.cpp), at the Autograd key.
+def _batched(x: torch.Tensor, dim: Optional[int], size: int) -> torch.Tensor:
+    """``x`` with its vmapped dim ``dim`` moved first, or broadcast to ``size`` slices when it has none."""
+    return x.expand(size, *x.shape) if dim is None else x.movedim(dim, 0)
 
-    def q_sample_backward_setup(ctx, inputs, output):
-        _, t, table = inputs
-        ctx.save_for_backward(t, table)
 
-    def q_sample_double_backward(ctx, grad_grad_x, grad_grad_noise):
-        t, table = ctx.saved_tensors
-        gx = torch.zeros_like(grad_grad_noise) if grad_grad_x is None else grad_grad_x
-        gn = torch.zeros_like(gx) if grad_grad_noise is None else grad_grad_noise
-        fmt = dense_format(gx)
-        return _ops().q_sample(in_format(gx, fmt), t, in_format(gn, fmt), table), None, None
+def _fold_vmap(op, data: tuple):
+    """The vmap rule of a per-sample elementwise op with data tensors (B, ...) at positions ``data``, ``t`` at
+    position 1, the table last, and results shaped like the data: (V, B, ...) data with t of (B,) or (V, B)
+    run as one call on (V * B, ...) data and t repeated (or flattened)."""
 
-    torch.library.register_autograd(
-        lib + "q_sample_backward", q_sample_double_backward, setup_context=q_sample_backward_setup
-    )
+    def rule(info, in_dims, *args):
+        table_dim = in_dims[-1]
+        if table_dim is not None:  # a schedule per slice: no single table to gather from
+            return _loop_vmap(op)(info, in_dims, *args)
+        size = info.batch_size
+        args = list(args)
+        folded = []
+        for i in data:
+            x = _batched(args[i], in_dims[i], size)
+            folded.append(x.reshape((-1,) + tuple(x.shape[2:])).contiguous())
+            batch = x.shape[1]
+        t, t_dim = args[1], in_dims[1]
+        args[1] = t.repeat(size) if t_dim is None else t.movedim(t_dim, 0).reshape(-1).contiguous()
+        for i, x in zip(data, folded):
+            args[i] = x
+        out = op(*args)
+        unfold = lambda r: r.reshape((size, batch) + tuple(r.shape[1:]))  # noqa: E731
+        if isinstance(out, tuple):
+            return tuple(unfold(r) for r in out), (0,) * len(out)
+        return unfold(out), 0
 
-    # diffusion_loss: gradient w.r.t. model_output in one pass (x_start and noise are data).
-    def loss_setup(ctx, inputs, output):
-        model_output, x_start, noise, t, table, parameterization, loss_type, w_simple, w_elbo = inputs
-        ctx.save_for_backward(model_output, x_start, noise, t, table)
-        ctx.config = (parameterization, loss_type, w_simple, w_elbo)
+    return rule
 
-    def loss_backward(ctx, g_loss, g_simple, g_vlb):
-        model_output, x_start, noise, t, table = ctx.saved_tensors
-        grads = [
-            model_output.new_zeros(()) if g is None else g.to(model_output.dtype).reshape(()).contiguous()
-            for g in (g_loss, g_simple, g_vlb)
-        ]
-        grad = _ops().diffusion_loss_backward(*grads, model_output, x_start, noise, t, table, *ctx.config)
-        return (grad,) + (None,) * 8
 
-    torch.library.register_autograd(lib + "diffusion_loss", loss_backward, setup_context=loss_setup)
+def _loop_vmap(op):
+    """The vmap rule of an op whose results are not per-sample (the loss is a mean over the batch): one call per
+    vmapped slice, stacked. Each slice is made dense, as the kernels need."""
+
+    def rule(info, in_dims, *args):
+        results = []
+        for v in range(info.batch_size):
+            sliced = [
+                a if d is None else a.select(d, v).contiguous() for a, d in zip(args, in_dims)
+            ]
+            results.append(op(*sliced))
+        if isinstance(results[0], tuple):
+            return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
+        return torch.stack(results), 0
+
+    return rule
+
+
+def _register_vmap(lib: str) -> None:
+    ops = torch.ops.ddpm_kernels
+    torch.library.register_vmap(lib + "q_sample", _fold_vmap(ops.q_sample.default, (0, 2)))
+    torch.library.register_vmap(lib + "q_sample_backward", _fold_vmap(ops.q_sample_backward.default, (0,)))
+    # Each slice's loss is the mean over its own batch: folding the slices into one batch would average across
+    # them, so the loss ops take one call per slice.
+    torch.library.register_vmap(lib + "diffusion_loss", _loop_vmap(ops.diffusion_loss.default))
+    torch.library.register_vmap(lib + "diffusion_loss_backward", _loop_vmap(ops.diffusion_loss_backward.default))
 
 
 if _HAS_SCHEMA:

@@ -1,0 +1,240 @@
+// The autograd formulas of the differentiable operators, in C++ at the Autograd dispatch key, so one
+// registration serves the CPU and CUDA kernels (it calls them through the dispatcher). They live here rather
+// than in Python (torch.library.register_autograd) for two reasons: the autograd.Function that
+// register_autograd generates defines no setup_context, so torch.func transforms (grad, vjp) refuse it; and
+// its Python wrapper costs more per call than the loss kernels themselves on typical training shapes.
+//
+// Each kernel records a plain autograd Node, as torch's own generated kernels do (VariableType), and not a
+// torch::autograd::Function: torch.func transforms refuse C++ Functions too, but treat a Node like any
+// built-in op's.
+//
+//   q_sample            d/dx_start = sqrt(ab_t) g, d/dnoise = sqrt(1 - ab_t) g: q_sample_backward, one pass
+//   q_sample_backward   linear in g with q_sample's coefficients, so its backward is q_sample again (double
+//                       backward, and any higher order, works)
+//   diffusion_loss      d/dmodel_output from diffusion_loss_backward, one pass. x_start and noise get no
+//                       gradient from the kernels: the Python layer sends a call that needs those gradients to
+//                       the reference, and a direct call of the operator that needs them is an error, not a
+//                       silent zero.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/library.h>
+
+#include <initializer_list>
+#include <string>
+#include <tuple>
+
+namespace ddpm {
+namespace {
+
+using torch::autograd::variable_list;
+
+// The kernels index each sample as one dense block in the call's memory format (csrc/checks.h). Incoming
+// gradients need not be (sum() gives an expanded one): bring them to a dense format, as the Python layer does
+// for the forward's operands.
+at::MemoryFormat dense_format_of(const at::Tensor& x) {
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
+  return at::MemoryFormat::Contiguous;
+}
+
+// The operators, looked up once (on first use: the schemas are registered by another translation unit's
+// static initializer). Called through the dispatcher: a call from a backward reaches this file's kernels, so a
+// backward that builds a graph records it; a call under AutoDispatchBelowADInplaceOrView reaches the kernel of
+// the tensors' device.
+const auto& q_sample_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ddpm_kernels::q_sample", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&)>();
+  return op;
+}
+
+const auto& q_sample_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ddpm_kernels::q_sample_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const at::Tensor&)>();
+  return op;
+}
+
+const auto& diffusion_loss_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ddpm_kernels::diffusion_loss", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              c10::string_view, c10::string_view, double, double)>();
+  return op;
+}
+
+const auto& diffusion_loss_backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ddpm_kernels::diffusion_loss_backward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            c10::string_view, c10::string_view, double, double)>();
+  return op;
+}
+
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
+
+// Forward-mode AD has no formula here: refuse dual tensors rather than drop their tangents.
+void check_no_forward_grad(const char* op, std::initializer_list<const at::Tensor*> inputs) {
+  for (const at::Tensor* x : inputs) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(*x), "ddpm_kernels::", op,
+                                ": forward-mode AD (jvp) is not implemented");
+  }
+}
+
+struct QSampleBackwardBackwardNode : public torch::autograd::TraceableFunction {
+  variable_list apply(variable_list&& grads) override {
+    if (!task_should_compute_output(0)) return {at::Tensor()};
+    at::Tensor gx = grads[0], gn = grads[1];
+    if (!gx.defined() && !gn.defined()) return {at::Tensor()};
+    if (!gx.defined()) gx = at::zeros_like(gn);
+    if (!gn.defined()) gn = at::zeros_like(gx);
+    const at::MemoryFormat fmt = dense_format_of(gx);  // both operands in one format
+    return {q_sample_op().call(gx.contiguous(fmt), t.unpack(), gn.contiguous(fmt), table.unpack())};
+  }
+  std::string name() const override { return "QSampleBackwardBackward0"; }
+  void release_variables() override {
+    t.reset_data();
+    table.reset_data();
+  }
+  SavedVariable t, table;
+};
+
+struct QSampleBackwardNode : public torch::autograd::TraceableFunction {
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+    // Through the dispatcher with autograd on: a backward that builds a graph records
+    // QSampleBackwardBackward0, so double backward works.
+    auto [grad_x_start, grad_noise] = q_sample_backward_op().call(grads[0], t.unpack(), table.unpack());
+    return {task_should_compute_output(0) ? grad_x_start : at::Tensor(),
+            task_should_compute_output(1) ? grad_noise : at::Tensor()};
+  }
+  std::string name() const override { return "QSampleBackward0"; }
+  void release_variables() override {
+    t.reset_data();
+    table.reset_data();
+  }
+  SavedVariable t, table;
+};
+
+struct DiffusionLossBackwardNode : public torch::autograd::TraceableFunction {
+  variable_list apply(variable_list&& grads) override {
+    TORCH_CHECK(!task_should_compute_output(1) && !task_should_compute_output(2),
+                "ddpm_kernels::diffusion_loss gives the gradient w.r.t. model_output only; for x_start or noise "
+                "call ddpm_kernels.diffusion_loss, which computes those with the reference");
+    if (!task_should_compute_output(0)) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor mo = model_output.unpack();
+    // The kernel reads the three 0-d gradients as scalars of model_output's dtype; an unused output's is zero.
+    for (auto& g : grads) {
+      g = g.defined() ? g.to(mo.scalar_type()).reshape({}).contiguous() : at::zeros({}, mo.options());
+    }
+    at::Tensor grad = diffusion_loss_backward_op().call(grads[0], grads[1], grads[2], mo, x_start.unpack(),
+                                                        noise.unpack(), t.unpack(), table.unpack(),
+                                                        parameterization, loss_type, l_simple_weight,
+                                                        original_elbo_weight);
+    return {grad, at::Tensor(), at::Tensor()};
+  }
+  std::string name() const override { return "DiffusionLossBackward0"; }
+  void release_variables() override {
+    model_output.reset_data();
+    x_start.reset_data();
+    noise.reset_data();
+    t.reset_data();
+    table.reset_data();
+  }
+  SavedVariable model_output, x_start, noise, t, table;
+  std::string parameterization, loss_type;
+  double l_simple_weight = 1.0, original_elbo_weight = 0.0;
+};
+
+at::Tensor q_sample_autograd(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& noise,
+                             const at::Tensor& table) {
+  check_no_forward_grad("q_sample", {&x_start, &noise});
+  c10::intrusive_ptr<QSampleBackwardNode> grad_fn;
+  if (torch::autograd::compute_requires_grad(x_start, noise)) {
+    grad_fn = c10::make_intrusive<QSampleBackwardNode>();
+    grad_fn->set_next_edges(torch::autograd::collect_next_edges(x_start, noise));
+    grad_fn->t = SavedVariable(t, false);
+    grad_fn->table = SavedVariable(table, false);
+  }
+  at::Tensor out;
+  {
+    // Skip this file's kernels: below them is the plain kernel of the tensors' device.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = q_sample_op().call(x_start, t, noise, table);
+  }
+  if (grad_fn) torch::autograd::set_history(out, grad_fn);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_backward_autograd(const at::Tensor& grad, const at::Tensor& t,
+                                                              const at::Tensor& table) {
+  check_no_forward_grad("q_sample_backward", {&grad});
+  c10::intrusive_ptr<QSampleBackwardBackwardNode> grad_fn;
+  if (torch::autograd::compute_requires_grad(grad)) {
+    grad_fn = c10::make_intrusive<QSampleBackwardBackwardNode>();
+    grad_fn->set_next_edges(torch::autograd::collect_next_edges(grad));
+    grad_fn->t = SavedVariable(t, false);
+    grad_fn->table = SavedVariable(table, false);
+  }
+  at::Tensor grad_x_start, grad_noise;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // An incoming gradient need not be dense (sum() gives an expanded one); the kernel needs it dense.
+    std::tie(grad_x_start, grad_noise) = q_sample_backward_op().call(grad.contiguous(dense_format_of(grad)), t, table);
+  }
+  if (grad_fn) torch::autograd::set_history({grad_x_start, grad_noise}, grad_fn);
+  return {grad_x_start, grad_noise};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_loss_autograd(
+    const at::Tensor& model_output, const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
+    const at::Tensor& table, c10::string_view parameterization, c10::string_view loss_type, double l_simple_weight,
+    double original_elbo_weight) {
+  check_no_forward_grad("diffusion_loss", {&model_output, &x_start, &noise});
+  c10::intrusive_ptr<DiffusionLossBackwardNode> grad_fn;
+  if (torch::autograd::compute_requires_grad(model_output, x_start, noise)) {
+    grad_fn = c10::make_intrusive<DiffusionLossBackwardNode>();
+    grad_fn->set_next_edges(torch::autograd::collect_next_edges(model_output, x_start, noise));
+    grad_fn->model_output = SavedVariable(model_output, false);
+    grad_fn->x_start = SavedVariable(x_start, false);
+    grad_fn->noise = SavedVariable(noise, false);
+    grad_fn->t = SavedVariable(t, false);
+    grad_fn->table = SavedVariable(table, false);
+    grad_fn->parameterization = std::string(parameterization);
+    grad_fn->loss_type = std::string(loss_type);
+    grad_fn->l_simple_weight = l_simple_weight;
+    grad_fn->original_elbo_weight = original_elbo_weight;
+  }
+  at::Tensor loss, loss_simple, loss_vlb;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(loss, loss_simple, loss_vlb) = diffusion_loss_op().call(
+        model_output, x_start, noise, t, table, parameterization, loss_type, l_simple_weight, original_elbo_weight);
+  }
+  if (grad_fn) torch::autograd::set_history({loss, loss_simple, loss_vlb}, grad_fn);
+  return {loss, loss_simple, loss_vlb};
+}
+
+}  // namespace
+}  // namespace ddpm
+
+// Autograd (not AutogradCPU/AutogradCUDA): one kernel for every device whose backend kernel the dispatcher finds.
+TORCH_LIBRARY_IMPL(ddpm_kernels, Autograd, m) {
+  m.impl("q_sample", &ddpm::q_sample_autograd);
+  m.impl("q_sample_backward", &ddpm::q_sample_backward_autograd);
+  m.impl("diffusion_loss", &ddpm::diffusion_loss_autograd);
+}
