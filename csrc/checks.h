@@ -49,15 +49,26 @@ inline void check_data(const char* name, const at::Tensor& x, const at::Tensor& 
               format, "), got strides ", x.strides());
 }
 
-inline void check_common(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table) {
+// The first data tensor: a batch dimension and a kernel dtype.
+inline void check_batch(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 1, "ddpm_kernels: data must have a batch dimension");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
                   x.scalar_type() == at::kBFloat16,
               "ddpm_kernels: unsupported dtype ", x.scalar_type());
+}
+
+// A per-sample timestep tensor (t, t_prev): int64 of shape (B,), contiguous on the data's device.
+inline void check_timesteps(const char* name, const at::Tensor& ts, const at::Tensor& x) {
+  TORCH_CHECK(ts.scalar_type() == at::kLong && ts.dim() == 1 && ts.size(0) == x.size(0), "ddpm_kernels: ", name,
+              " must be int64 of shape (", x.size(0), ",), got ", ts.scalar_type(), " ", ts.sizes());
+  TORCH_CHECK(ts.device() == x.device() && ts.is_contiguous(), "ddpm_kernels: ", name, " must be contiguous on ",
+              x.device());
+}
+
+inline void check_common(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table) {
+  check_batch(x);
   dense_format(x, "data");
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == x.size(0),
-              "ddpm_kernels: t must be int64 of shape (", x.size(0), ",), got ", t.scalar_type(), " ", t.sizes());
-  TORCH_CHECK(t.device() == x.device() && t.is_contiguous(), "ddpm_kernels: t must be contiguous on ", x.device());
+  check_timesteps("t", t, x);
   const auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(table.scalar_type() == want, "ddpm_kernels: table must be ", want, " for ", x.scalar_type(),
               " data, got ", table.scalar_type());
@@ -82,23 +93,15 @@ inline bool is_learned(Variance v) { return v == Variance::kLearned || v == Vari
 // model_output like x_t, or (B, 2C, ...) for x_t of (B, C, ...) with a learned variance.
 inline void check_sampler(const at::Tensor& x, const at::Tensor& t, const at::Tensor& t_prev,
                           const at::Tensor& model_output, const at::Tensor& table64, bool learned) {
-  TORCH_CHECK(x.dim() >= 1, "ddpm_kernels: data must have a batch dimension");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
-                  x.scalar_type() == at::kBFloat16,
-              "ddpm_kernels: unsupported dtype ", x.scalar_type());
+  check_batch(x);
   // a learned variance reads model_output's channel halves by contiguous index
   if (learned) {
     TORCH_CHECK(x.is_contiguous(), "ddpm_kernels: x_t must be contiguous with a learned variance");
   } else {
     dense_format(x, "x_t");
   }
-  for (const at::Tensor* ts : {&t, &t_prev}) {
-    const char* name = ts == &t ? "t" : "t_prev";
-    TORCH_CHECK(ts->scalar_type() == at::kLong && ts->dim() == 1 && ts->size(0) == x.size(0), "ddpm_kernels: ", name,
-                " must be int64 of shape (", x.size(0), ",), got ", ts->scalar_type(), " ", ts->sizes());
-    TORCH_CHECK(ts->device() == x.device() && ts->is_contiguous(), "ddpm_kernels: ", name, " must be contiguous on ",
-                x.device());
-  }
+  check_timesteps("t", t, x);
+  check_timesteps("t_prev", t_prev, x);
   TORCH_CHECK(table64.scalar_type() == at::kDouble && table64.dim() == 2 && table64.size(0) >= kNumRows &&
                   table64.size(1) >= 1 && table64.is_contiguous(),
               "ddpm_kernels: table64 must be the contiguous float64 (", int(kNumRows), ", T) schedule table, got ",

@@ -159,23 +159,30 @@ inline void parallel_blocks(int64_t numel, const F& f) {
   at::parallel_for(0, nblocks, kGrainBlocks, f);
 }
 
-// Runs a family's functor over numel > 0 elements, N per sample: the coefficients once per segment, then
-// one slice at a time. make_noise() gives each parallel task its noise source.
-template <typename scalar_t, typename F, typename MakeNoise>
-void run_family(const F& f, int64_t numel, int64_t N, const MakeNoise& make_noise) {
-  using L = Lanes<scalar_t>;
-  parallel_blocks(numel, [&](int64_t blk0, int64_t blk1) {
-    auto z = make_noise();
-    for_each_segment(blk0, blk1, numel, N, [&](int64_t b, int64_t i, int64_t stop) {
-      const typename F::Coef c = f.coef(b);
-      for (; i < stop; i += L::size()) f.template apply<L>(b, i, std::min<int64_t>(L::size(), stop - i), c, z);
-    });
-  });
+// Calls f with the noise source itself: `noise` is NoNoise, or anything with visit() (csrc/cpu/noise.h).
+template <typename Z, typename F>
+void visit_noise(const Z& noise, const F& f) {
+  if constexpr (std::is_same_v<Z, NoNoise>) {
+    NoNoise none;
+    f(none);
+  } else {
+    noise.visit(f);
+  }
 }
 
-template <typename scalar_t, typename F>
-void run_family(const F& f, int64_t numel, int64_t N) {
-  run_family<scalar_t>(f, numel, N, [] { return NoNoise(); });
+// Runs a family's functor over numel > 0 elements, N per sample: the coefficients once per segment, then
+// one slice at a time. Each parallel task gets its own noise source from `noise`.
+template <typename scalar_t, typename F, typename Z = NoNoise>
+void run_family(const F& f, int64_t numel, int64_t N, const Z& noise = Z()) {
+  using L = Lanes<scalar_t>;
+  parallel_blocks(numel, [&](int64_t blk0, int64_t blk1) {
+    visit_noise(noise, [&](auto& z) {
+      for_each_segment(blk0, blk1, numel, N, [&](int64_t b, int64_t i, int64_t stop) {
+        const typename F::Coef c = f.coef(b);
+        for (; i < stop; i += L::size()) f.template apply<L>(b, i, std::min<int64_t>(L::size(), stop - i), c, z);
+      });
+    });
+  });
 }
 
 // f(std::integral_constant<Param, P>()) for the runtime parameterization: one instantiation per value.

@@ -38,7 +38,9 @@ struct BlockNoise {
     for (int64_t j = 0; j < kBlock; ++j) buf[j] = static_cast<acc_t>(f[j]);
     blk = b;
   }
-  C10_ALWAYS_INLINE void get(int64_t i, typename L::V* zv) {
+  static constexpr bool present() { return true; }
+  template <typename IO>
+  C10_ALWAYS_INLINE void get(int64_t i, int64_t, typename L::V* zv) {
     const int64_t b = i / kBlock;
     if (b != blk) fill(b);
     const int64_t off = i - b * kBlock;
@@ -56,8 +58,9 @@ struct BlockNoise {
   }
 };
 
-// The z of a step on the CPU (see the noise sources of csrc/family.h): none, the given tensor, or in-kernel.
-// A runtime choice: one instantiation of each loop serves all three.
+// The z of a step on the CPU: none, the given tensor, or in-kernel (BlockNoise). Chosen per call;
+// visit(f) calls f with the source as its own type, so each loop is compiled for one source (a runtime
+// choice inside the loop kept the baseline build's loops from vectorizing).
 template <typename scalar_t>
 struct CpuNoise {
   enum class Mode { kNone, kGiven, kRandom };
@@ -73,18 +76,21 @@ struct CpuNoise {
     return {Mode::kNone, nullptr, 0};
   }
 
-  using L = Lanes<scalar_t>;
   Spec s;
-  BlockNoise<L> block;
-  explicit CpuNoise(const Spec& spec) : s(spec) { block.seed = spec.seed; }
+  explicit CpuNoise(const Spec& spec) : s(spec) {}
 
-  bool present() const { return s.mode != Mode::kNone; }
-  template <typename IO>
-  C10_ALWAYS_INLINE void get(int64_t i, int64_t n, typename IO::V* z) {
+  template <typename F>
+  void visit(const F& f) const {
     if (s.mode == Mode::kGiven) {
-      IO::load(s.given + i, z, n);
+      GivenNoise<scalar_t> given{s.given};
+      f(given);
+    } else if (s.mode == Mode::kRandom) {
+      BlockNoise<Lanes<scalar_t>> block;
+      block.seed = s.seed;
+      f(block);
     } else {
-      block.get(i, z);
+      NoNoise none;
+      f(none);
     }
   }
 };

@@ -13,7 +13,7 @@ void Kernels::posterior(const PosteriorCall& call) {
     with_param_and_bool(call.param, call.clip, [&](auto P, auto C) {
       const auto f = PosteriorKernel<scalar_t, decltype(P), decltype(C)>::make(call, P, C);
       for (int64_t b = 0; b < B; ++b) f.per_sample(b);
-      if (numel > 0) run_family<scalar_t>(f, numel, numel / B, [&] { return Noise(spec); });
+      if (numel > 0) run_family<scalar_t>(f, numel, numel / B, Noise(spec));
     });
   });
 }

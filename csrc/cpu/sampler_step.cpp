@@ -15,7 +15,7 @@ void Kernels::sampler_step(const SamplerCall& call) {
     with_sampler(call.step.sampler, [&](auto S) {
       with_param(call.step.param, [&](auto P) {
         run_family<scalar_t>(SamplerKernel<scalar_t, decltype(S), decltype(P)>::make(call, S, P), numel,
-                             numel / call.x_t.size(0), [&] { return Noise(spec); });
+                             numel / call.x_t.size(0), Noise(spec));
       });
     });
   });
