@@ -1,5 +1,6 @@
-"""Shared test utilities: input builders, the error bounds used against float64 math, the rule of docs/design.md, "Tolerances", that
-checks a fused backend against the reference, and small GPU and Triton helpers."""
+"""Shared test utilities: the shapes and dtypes every table sweeps, input builders, the error bounds used against
+float64 math, the rule of docs/design.md, "Tolerances", that checks a fused backend against the reference, and
+small GPU and Triton helpers."""
 
 import math
 
@@ -8,8 +9,15 @@ import pytest
 import torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# 1 element, odd sizes, 1-D to 5-D data; batch 1 and batch > 1
-SHAPES = [(1,), (1, 1, 1, 1), (3, 3, 17, 19), (4, 2, 5), (2, 3, 2, 3, 5), (5, 7)]
+# 1 element; 1-D to 5-D data with odd sizes (3x3x17x19) and unit dims; batch 1 to 5 and 16; samples of a
+# multiple of 16 elements (the 128-bit vector paths of the GPU kernels)
+SHAPES = [
+    (1,), (1, 1), (1, 1, 1, 1), (5, 7), (4, 2, 5), (2, 5, 7), (3, 3, 5, 7), (3, 3, 17, 19), (1, 4, 8, 8), (16, 3, 8, 8),
+    (4, 4, 16, 16), (2, 3, 2, 3, 5), (2, 2, 3, 1, 5), (2, 3, 2, 3, 8),
+]
+# Triton's interpreter runs every program of a launch in numpy, one after the other (about 0.1 s for a p_sample of
+# a few hundred elements): on CPU tensors the Triton backend takes these, one of each kind above.
+TRITON_SHAPES = [(1,), (3, 3, 5, 7), (2, 5, 7), (2, 2, 3, 1, 5), (1, 4, 8, 8)]
 T_SMALL = 1000
 
 
@@ -21,6 +29,19 @@ def timesteps(batch, T, generator=None, include=(0, None)):
     t = torch.randint(0, T, (batch,), generator=generator)
     t[0], t[-1] = lo, hi
     return t
+
+
+def timestep_cases(batch, T, device="cpu", seed=0):
+    """The per-sample ``t`` tensors a case runs with: t = 0 and t = T-1 in every case (both, one call each, for
+    batch 1), t = 1 (the first step whose posterior variance is not clipped) from batch 3 on, seeded values
+    between."""
+    if batch == 1:
+        return [torch.tensor([0], device=device), torch.tensor([T - 1], device=device)]
+    t = torch.randint(0, T, (batch,), generator=torch.Generator().manual_seed(seed))
+    t[0], t[-1] = 0, T - 1
+    if batch > 2:
+        t[1] = 1
+    return [t.to(device)]
 
 
 def make(shape, dtype, generator, scale=1.0):
@@ -84,11 +105,12 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def assert_matches(got, ref_fn, args, kwargs, dtype, bf16_truncates=False):
-    """``got`` (one tensor or a tuple) against ``ref_fn(*args, **kwargs)`` by the rule of docs/design.md, "Tolerances": float32 against
-    the float32 reference at rtol=atol=1e-5, float64 at 1e-12; float16/bfloat16 against the float64 reference
-    with an error at most twice the reference's own error in that dtype plus one ulp, and within 2e-3 (fp16) /
-    1.6e-2 (bf16) relative. ``bf16_truncates`` allows one more bfloat16 ulp (Triton's interpreter truncates
-    float32 -> bfloat16 where a GPU rounds)."""
+    """``got`` (one tensor or a tuple) against ``ref_fn(*args, **kwargs)`` by the rule of docs/design.md,
+    "Tolerances": float32 against the float32 reference at rtol=atol=1e-5, float64 at 1e-12; float16/bfloat16
+    against the float64 reference (floating-point tensor arguments cast) with an error at most twice the
+    reference's own error in that dtype plus one ulp, and within 2e-3 (fp16) / 1.6e-2 (bf16) relative.
+    ``bf16_truncates`` allows one more bfloat16 ulp (Triton's interpreter truncates float32 -> bfloat16 where a
+    GPU rounds)."""
     outs = got if isinstance(got, tuple) else (got,)
 
     def run(a, kw):
@@ -102,7 +124,8 @@ def assert_matches(got, ref_fn, args, kwargs, dtype, bf16_truncates=False):
             torch.testing.assert_close(o, r, rtol=tol, atol=tol, equal_nan=True)
         return
     args64 = [a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-    kw64 = {k: v.to(torch.float64) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    kw64 = {k: v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in kwargs.items()}
     for o, r64, rlp in zip(outs, run(args64, kw64), run(args, kwargs), strict=True):
         assert o.dtype == rlp.dtype and o.shape == rlp.shape
         if o.dtype != dtype:
