@@ -335,7 +335,13 @@ def test_alphas_cumprod_underflowing_float32():
     got = fused.step(mo, 999, x).prev_sample
     exact = fused.step(mo.double(), 999, x.double()).prev_sample
     assert torch.isinf(expected).all() and torch.isfinite(got).all()
-    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=0)
+    # the fp32 step here sums terms far larger than the result: judged against the fp32 reference (the
+    # documented rule, docs/design.md "Tolerances"), and no further from the float64 result than that reference
+    schedule = dk.DiffusionSchedule.from_diffusers(fused, sampling_only=True)
+    t, t_prev = torch.full((SHAPE[0],), 999), torch.full((SHAPE[0],), 799)  # DDIM's step: 999 - 1000 // 5
+    ref = dk.ddim_step(x, t, t_prev, mo, schedule, 0.0, "eps", False, backend="reference")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert (got.double() - exact).abs().max() <= (ref.double() - exact).abs().max()
 
 
 def test_timesteps_outside_the_schedule_run_stock():

@@ -95,7 +95,7 @@ class _Patch:
         T = schedule.num_timesteps
         rows = {n: b.detach().to("cpu") for n, b in buffers.items() if n in TABLE_NAMES and b.shape == (T,)}
         lvlb = buffers.get("lvlb_weights")
-        parameterization = ops.PARAMETERIZATIONS.get(getattr(model, "parameterization", "eps"), "eps")
+        parameterization = _checks.PARAMETERIZATIONS.get(getattr(model, "parameterization", "eps"), "eps")
         if lvlb is not None and lvlb.shape == (T,):
             rows["lvlb_weights_" + parameterization] = lvlb.detach().to("cpu")
         # every coefficient becomes the model's own value: float32 rows rounded from it, float64 rows exact
@@ -194,7 +194,7 @@ def _predict_eps_from_z_and_v(self, x_t, t, v):
 
 def _x0(self, st, x, t, model_out, clip_denoised):
     """The (clipped) x0 prediction ldm returns with return_x0=True."""
-    schedule, parameterization = st.schedule(self), ops.PARAMETERIZATIONS[self.parameterization]
+    schedule, parameterization = st.schedule(self), _checks.PARAMETERIZATIONS[self.parameterization]
     if parameterization == "eps":
         x0 = ops.predict_start_from_noise(x, t, model_out, schedule, backend=st.backend)
     elif parameterization == "v":
@@ -246,7 +246,7 @@ def _loss(self, st, x_start, noise, t, model_out):
 def _p_losses_ddpm(self, x_start, t, noise=None):
     st = _state(self)
     noise = torch.randn_like(x_start) if noise is None else noise
-    if getattr(self, "loss_type", "l2") not in ops.LOSS_TYPES or not _fusable(t, x_start, noise):
+    if getattr(self, "loss_type", "l2") not in _checks.LOSS_TYPES or not _fusable(t, x_start, noise):
         return st.originals["p_losses"](x_start, t, noise)
     x_noisy = ops.q_sample(x_start, t, noise, st.schedule(self), backend=st.backend)
     return _loss(self, st, x_start, noise, t, self.model(x_noisy, t))
@@ -256,7 +256,7 @@ def _p_losses_latent(self, x_start, cond, t, noise=None):
     st = _state(self)
     noise = torch.randn_like(x_start) if noise is None else noise
     if (
-        getattr(self, "loss_type", "l2") not in ops.LOSS_TYPES
+        getattr(self, "loss_type", "l2") not in _checks.LOSS_TYPES
         or not _fusable(t, x_start, noise)
         or not st.logvar_is_zero(self)
     ):
@@ -397,7 +397,7 @@ def _p_sample_ddim(
     **extra,
 ):
     st = _state(self)
-    parameterization = ops.PARAMETERIZATIONS.get(getattr(self.model, "parameterization", "eps"))
+    parameterization = _checks.PARAMETERIZATIONS.get(getattr(self.model, "parameterization", "eps"))
     if (
         use_original_steps
         or quantize_denoised
