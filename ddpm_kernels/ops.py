@@ -319,7 +319,7 @@ def ddim_step(
         SPECS["ddim_step"], backend, x_t, (model_output, noise), schedule, t, options, generator, t_prev=t_prev,
         out=out,
     )
-    return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out)
+    return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out)
 
 
 def ddpm_step(
@@ -364,4 +364,4 @@ def ddpm_step(
         SPECS["ddpm_step"], backend, x_t, (model_output, noise), schedule, t, options, generator, t_prev=t_prev,
         out=out,
     )
-    return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out)
+    return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out)

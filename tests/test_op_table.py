@@ -123,3 +123,16 @@ def test_loss_refuses_a_sampling_only_schedule():
     dk.p_sample(x, t, x, s, noise=x)  # sampling is what the schedule is for
     with pytest.raises(ValueError, match="sampling_only=True"):
         dk.diffusion_loss(x, x, x, t, s)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in dk.available_backends("cpu")])
+def test_steps_return_out_itself_when_an_input_requires_grad(backend):
+    """Sampling ops run on detached inputs on fused backends; ``out`` is written, not detached: the step returns
+    the very tensor passed."""
+    s = dk.DiffusionSchedule("linear", 50)
+    x, t = torch.randn(2, 3, 4), torch.tensor([5, 9])
+    model_output = torch.randn(2, 3, 4, requires_grad=True)
+    out = torch.empty_like(x)
+    assert dk.ddim_step(x, t, t - 1, model_output, s, 0.0, out=out, backend=backend) is out
+    assert dk.ddpm_step(x, t, t - 1, model_output, s, noise=x, out=out, backend=backend) is out
+    assert dk.p_sample(x, t, model_output, s, noise=x, out=out, backend=backend) is out
