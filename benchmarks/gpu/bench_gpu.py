@@ -71,17 +71,10 @@ def count_kernels(fn: Callable[[], object]):
 
 
 def count_host_syncs(fn: Callable[[], object]) -> int:
-    """Synchronizing CUDA calls in one call (torch's sync debug mode, set to warn)."""
-    fn()
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+    """Synchronizing CUDA calls in one call: the package benchmark's counter (torch's sync debug mode)."""
+    from ddpm_kernels.bench.timing import count_host_syncs as counted
+
+    return counted(fn, torch.device("cuda"))
 
 
 _copy_bw: Dict[int, float] = {}
