@@ -9,6 +9,7 @@
 from . import reference
 from .backends import BackendUnavailableError, available_backends
 from .diffusion import GaussianDiffusion
+from .flow import flow_interpolate, flow_loss, flow_step
 from .ops import (
     ddim_step,
     ddpm_step,
@@ -40,6 +41,9 @@ __all__ = [
     "device_t_check",
     "diffusion_loss",
     "dynamic_threshold",
+    "flow_interpolate",
+    "flow_loss",
+    "flow_step",
     "get_v",
     "make_beta_schedule",
     "p_mean_variance",

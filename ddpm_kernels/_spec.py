@@ -18,6 +18,7 @@ from . import _checks as _c
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 SAMPLERS = ("ddim", "ddpm")
+FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,45 @@ class StepOptions:
         return self.threshold_ratio is not None
 
 
+@dataclasses.dataclass(frozen=True)
+class FlowStepOptions:
+    """The scalar options of one flow-matching Euler step (``flow_step``), validated and canonical.
+
+    ``stochastic``: re-noise to ``sigma_next`` (``x0 = x - sigma v; x' = (1 - sigma_next) x0 + sigma_next z``)
+    instead of the deterministic Euler step. ``guided``: the model output is combined with an unconditional one
+    (``u + w (c - u)``) inside the step; ``guidance_rescale``: Lin et al. 2023's std-rescale of the guided output
+    (0 disables it; needs ``guided``).
+    """
+
+    stochastic: bool = False
+    guided: bool = False
+    guidance_rescale: float = 0.0
+
+    @property
+    def rescaled(self) -> bool:
+        return self.guided and self.guidance_rescale > 0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SigmaOperand:
+    """A flow-matching sigma given per sample or per token / frame, in the forms each backend reads.
+
+    ``full``: the sigma in the compute dtype with the data's number of dims (trailing 1s added to a (B,) or
+    shorter tensor), broadcastable to the data: what the reference computes with. ``flat``, ``period``,
+    ``repeat``: the same values as a contiguous ``(B * period,)`` tensor such that the element at offset ``i``
+    of sample ``b``'s dense block (in the memory format the call runs in, ``ddpm_kernels._layout``) reads
+    ``flat[b * period + (i // repeat) % period]``: ``period = 1`` for a per-sample sigma, ``period = L`` and
+    ``repeat = C`` for a (B, L, 1) sigma of (B, L, C) tokens, ``period = F`` and ``repeat = H * W`` for a
+    (B, 1, F, 1, 1) sigma of (B, C, F, H, W) video; a sigma whose varying dims are not one block is expanded
+    (``period`` = the sample's size, ``repeat = 1``). See docs/design.md, "Flow matching".
+    """
+
+    full: object
+    flat: object
+    period: int
+    repeat: int
+
+
 # ------------------------------------------------------------------------------------------------ the table
 @dataclasses.dataclass(frozen=True)
 class Option:
@@ -91,6 +131,8 @@ class OpSpec:
     ``has_out``: takes ``out=``. ``differentiable``: the inputs the training path differentiates (an op with
     none is a sampling op: fused backends run it on detached inputs, see docs/design.md, "Dispatch").
     ``schema``: the compiled operator's schema (``ddpm_kernels::<name>``), pinned by tests/test_op_table.py.
+    ``sigmas``: the flow-matching family's sigma operands (float tensors of shape (B,) or broadcastable to the
+    data per token / frame, see `SigmaOperand`), which take the place of ``t`` and the schedule.
     """
 
     name: str
@@ -105,6 +147,7 @@ class OpSpec:
     has_out: bool = False
     differentiable: Tuple[str, ...] = ()
     schema: Optional[str] = None
+    sigmas: Tuple[str, ...] = ()
 
     @property
     def sampling(self) -> bool:
@@ -116,8 +159,8 @@ class OpSpec:
 
     @property
     def tensors(self) -> Tuple[str, ...]:
-        """Every tensor argument's name: data, like, optional, then timesteps."""
-        return (self.data,) + self.like + self.optional + self.timesteps
+        """Every tensor argument's name: data, like, optional, then timesteps and sigmas."""
+        return (self.data,) + self.like + self.optional + self.timesteps + self.sigmas
 
 
 def _flag(name, default):
@@ -234,7 +277,32 @@ _TABLE = (
     ),
 )
 
-OPS: Dict[str, OpSpec] = {spec.name: spec for spec in _TABLE}
+# The flow-matching family (rectified flow: x_sigma = (1 - sigma) x0 + sigma eps, v = eps - x0). Its ops take
+# sigmas (per sample or per token) instead of t and a DiffusionSchedule; flow_step gathers sigma and sigma_next
+# from the scheduler's sigma table by a per-sample step index, or reads them per token.
+_FLOW_TABLE = (
+    OpSpec(
+        "flow_interpolate", "flow", "x0", like=("noise",), timesteps=(), sigmas=("sigma",), has_out=True,
+        differentiable=("x0", "noise"),
+    ),
+    OpSpec(
+        "flow_step", "flow", "sample", like=("model_output",), optional=("noise",), timesteps=(),
+        sigmas=("sigma", "sigma_next"), options=(_flag("stochastic", False),
+                                                 _real_in("guidance_rescale", 0.0, 0.0, 1.0)),
+        draws_noise=True, has_out=True,
+    ),
+    OpSpec(
+        "flow_loss", "flow", "model_output", like=("x0", "noise"), timesteps=(), sigmas=("sigma",),
+        options=(
+            Option("weighting", "none",
+                   functools.partial(_c._check_choice, "weighting", choices=FLOW_WEIGHTINGS)),
+            Option("loss_type", "l2", functools.partial(_c._check_choice, "loss_type", choices=_c.LOSS_TYPES)),
+        ),
+        outputs=("scalar",), differentiable=("model_output", "x0", "noise"),
+    ),
+)
+
+OPS: Dict[str, OpSpec] = {spec.name: spec for spec in _TABLE + _FLOW_TABLE}
 """Every public op by name, in the order the README lists them."""
 
 

@@ -203,7 +203,7 @@ DIFFERENTIABLE = {
 
 
 def declines(op: str, opts) -> Optional[str]:
-    if op == "dynamic_threshold" or (opts is not None and opts.thresholded):
+    if op == "dynamic_threshold" or getattr(opts, "thresholded", False):
         return "dynamic thresholding needs a per-sample quantile (a sort), which no compiled kernel computes"
     return None
 

@@ -55,7 +55,8 @@ _BACKENDS = frozenset(BACKEND_NAMES)
 _selected = backends._selected
 _NO_T_PREV = object()  # ops without a t_prev argument (None is a bad t_prev of ddim_step/ddpm_step)
 _OPTIONS = {}
-_OPTIONS_LIMIT = 4096  # options are usually a handful of constants; a sweep over floats must not grow forever
+_OPTIONS_LIMIT = 4096
+_KEYED_FAMILIES = ("step", "flow")  # families whose options backends may decline (dispatch keys on them)  # options are usually a handful of constants; a sweep over floats must not grow forever
 
 
 # ----------------------------------------------------------------------------------------------- prologue
@@ -123,7 +124,7 @@ def _dispatch(spec: OpSpec, backend: str, x: torch.Tensor, opts, tensors: tuple)
         needing = [names[i] for i, a in enumerate(tensors) if a is not None and a.requires_grad]
         if needing:
             grad = frozenset(needing)
-    key = (spec.name, backend, x.device, x.dtype, opts if spec.family == "step" else None, grad)
+    key = (spec.name, backend, x.device, x.dtype, opts if spec.family in _KEYED_FAMILIES else None, grad)
     hit = _selected.get(key)  # resolve()'s cache, read here first: this runs on every call
     return (hit or backends.resolve(*key))[1]
 

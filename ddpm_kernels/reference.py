@@ -40,6 +40,11 @@ __all__ = [
     "diffusion_loss_ref",
     "dynamic_threshold_ref",
     "sampler_step_ref",
+    "flow_interpolate_ref",
+    "flow_step_ref",
+    "flow_loss_ref",
+    "guided_output",
+    "flow_loss_weight",
     "OPS",
 ]
 
@@ -369,6 +374,95 @@ def sampler_step_ref(x_t, t, t_prev, model_output, schedule, opts, noise=None, g
     return (result, x0.to(x_t.dtype)) if opts.return_pred_x0 else result
 
 
+# ------------------------------------------------------------------------------------------ flow matching
+# Rectified flow (SD3 / Flux / Wan): x_sigma = (1 - sigma) x0 + sigma eps, the model predicts v = eps - x0.
+# Sigmas are ``ddpm_kernels._spec.SigmaOperand``s: ``full`` is the compute-dtype sigma broadcastable to the data.
+def flow_interpolate_ref(x0, noise, sigma, out=None):
+    """The forward process: ``(1 - sigma) x0 + sigma noise``."""
+    cd = compute_dtype(x0.dtype)
+    s = sigma.full.to(cd)
+    return _store((1 - s) * x0.to(cd) + s * noise.to(cd), x0, out)
+
+
+def guided_output(cond, uncond, scale, rescale, cd):
+    """Classifier-free guidance ``u + w (c - u)`` with a per-sample ``w`` (``scale``, shape (B,)), then, when
+    ``rescale > 0``, Lin et al. 2023's std-rescale as diffusers' ``rescale_noise_cfg``: ``g <- rescale · g ·
+    std(c) / std(g) + (1 - rescale) · g`` with per-sample (unbiased) standard deviations over the non-batch
+    dims."""
+    c = cond.to(cd)
+    w = scale.to(cd).reshape((c.shape[0],) + (1,) * (c.ndim - 1))
+    g = uncond.to(cd) + w * (c - uncond.to(cd))
+    if rescale > 0:
+        dims = list(range(1, c.ndim))
+        ratio = c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)
+        g = rescale * (g * ratio) + (1 - rescale) * g
+    return g
+
+
+def _gather_sigmas(sigmas, step_index, ndim, cd):
+    """``(sigmas[i], sigmas[i + 1])`` shaped (B, 1, ..., 1); an index outside [0, len - 1) gives NaN."""
+    n = sigmas.shape[0]
+    ok = (step_index >= 0) & (step_index < n - 1)
+    i = step_index.clamp(0, max(n - 2, 0))
+    pair = torch.stack((sigmas.index_select(0, i), sigmas.index_select(0, i + 1))).to(cd)
+    pair = torch.where(ok, pair, torch.full_like(pair, float("nan")))
+    shape = (step_index.shape[0],) + (1,) * (ndim - 1)
+    return pair[0].reshape(shape), pair[1].reshape(shape)
+
+
+def flow_step_ref(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_next, opts,
+                  noise=None, generator=None, out=None):
+    """One flow-matching Euler step (``opts`` a ``ddpm_kernels._spec.FlowStepOptions``): with ``v`` the model
+    output (guided: `guided_output` of ``model_output`` as the conditional and ``uncond``),
+
+        deterministic   x' = x + (sigma_next - sigma) v
+        stochastic      x0 = x - sigma v;   x' = (1 - sigma_next) x0 + sigma_next z
+
+    ``sigma``/``sigma_next`` are gathered from the table ``sigmas`` by ``step_index`` (per sample), or given
+    (``SigmaOperand``s, per sample or per token) when ``sigmas`` is None. ``z`` is ``noise``, else drawn from
+    ``generator`` (only when stochastic)."""
+    cd = compute_dtype(sample.dtype)
+    if opts.guided:
+        v = guided_output(model_output, uncond, guidance, opts.guidance_rescale, cd)
+    else:
+        v = model_output.to(cd)
+    if sigmas is not None:
+        s, s_next = _gather_sigmas(sigmas, step_index, sample.ndim, cd)
+    else:
+        s, s_next = sigma.full.to(cd), sigma_next.full.to(cd)
+    x = sample.to(cd)
+    if opts.stochastic:
+        if noise is None:
+            noise = _draw_noise(sample, generator, cd)
+        prev = (1 - s_next) * (x - s * v) + s_next * noise.to(cd)
+    else:
+        prev = x + (s_next - s) * v
+    return _store(prev, sample, out)
+
+
+def flow_loss_weight(sigma, weighting):
+    """SD3's per-sample loss weighting (diffusers' ``compute_loss_weighting_for_sd3``): ``none`` 1,
+    ``sigma_sqrt`` sigma^-2, ``cosmap`` 2 / (pi (1 - 2 sigma + 2 sigma^2))."""
+    if weighting == "sigma_sqrt":
+        return sigma ** -2.0
+    if weighting == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma * sigma))
+    return torch.ones_like(sigma)
+
+
+def flow_loss_ref(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):
+    """The rectified-flow training loss: the target ``noise - x0``, each element's l2 (or l1) error weighted by
+    `flow_loss_weight` of its sigma, the mean over each sample's non-batch elements, then over the batch (SD3 /
+    Flux training scripts). A 0-d tensor in float32 (float64 for float64 data), as those scripts' ``.float()``
+    loss."""
+    cd = compute_dtype(model_output.dtype)
+    diff = model_output.to(cd) - (noise.to(cd) - x0.to(cd))
+    per_elem = diff.abs() if loss_type == "l1" else diff * diff
+    per_elem = flow_loss_weight(sigma.full.to(cd), weighting) * per_elem
+    batch = per_elem.shape[0]
+    return per_elem.reshape(batch, math.prod(per_elem.shape[1:])).mean(dim=1).mean()
+
+
 # Backend table: the public dispatch looks ops up here by name (see ddpm_kernels.backends).
 OPS = {
     "q_sample": q_sample_ref,
@@ -384,4 +478,7 @@ OPS = {
     "dynamic_threshold": dynamic_threshold_ref,
     "ddim_step": sampler_step_ref,
     "ddpm_step": sampler_step_ref,
+    "flow_interpolate": flow_interpolate_ref,
+    "flow_step": flow_step_ref,
+    "flow_loss": flow_loss_ref,
 }

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .. import ops as dk
+from .. import flow, ops as dk
 from .._spec import OPS, OpSpec, step_options
 from ..schedule import DiffusionSchedule
 
@@ -31,10 +31,11 @@ class CaseSpec:
     spec: OpSpec
     in_kernel_noise: bool = False
     backward: bool = False
+    overrides: tuple = ()  # (name, value) pairs replacing option defaults
 
     @property
     def options(self) -> Dict[str, object]:
-        return {o.name: o.default for o in self.spec.options}
+        return {**{o.name: o.default for o in self.spec.options}, **dict(self.overrides)}
 
     @property
     def step_options(self):
@@ -47,13 +48,18 @@ class CaseSpec:
     def noise_read(self) -> bool:
         """Whether a given ``noise`` is read: DDIM at ``eta == 0`` (its default) adds none."""
         opts = self.step_options
-        return not self.in_kernel_noise and (opts is None or opts.adds_noise)
+        adds_noise = opts.adds_noise if opts is not None else self.options.get("stochastic", True)
+        return not self.in_kernel_noise and adds_noise
 
 
 def _cases(spec: OpSpec) -> List[CaseSpec]:
     if all(kind == "scalar" for kind in spec.outputs):
         return [CaseSpec(spec.name + "_fwd_bwd", spec, backward=True)]
     base = CaseSpec(spec.name, spec)
+    if spec.name == "flow_step":  # deterministic by default: its noise cases are the stochastic step's
+        stochastic = (("stochastic", True),)
+        return [base, CaseSpec(spec.name + "_stochastic", spec, overrides=stochastic),
+                CaseSpec(spec.name + "_stochastic_rng", spec, in_kernel_noise=True, overrides=stochastic)]
     opts = base.step_options
     if spec.draws_noise and (opts is None or opts.adds_noise):
         return [base, CaseSpec(spec.name + "_rng", spec, in_kernel_noise=True)]
@@ -159,8 +165,13 @@ class Case:
         t = torch.randint(0, schedule.num_timesteps, (self.shape[0],), generator=g)
         steps = {"t": t, "t_prev": (t - 1).clamp(min=-1)}
         self.tensors.update({name: steps[name].to(device) for name in spec.timesteps})
+        if spec.name == "flow_step":  # the table form: a 50-step sigma table, a step index per sample
+            self.tensors["sigmas"] = torch.linspace(1.0, 0.0, 51).to(device)
+            self.tensors["step_index"] = torch.randint(0, 50, (self.shape[0],), generator=g).to(device)
+        elif spec.sigmas:
+            self.tensors["sigma"] = (0.02 + 0.96 * torch.rand(self.shape[0], generator=g)).to(device)
         self.out = torch.empty_like(self.tensors[spec.data]) if spec.has_out else None
-        self.fn = getattr(dk, spec.name)
+        self.fn = getattr(flow if spec.family == "flow" else dk, spec.name)
         # ops without timesteps (dynamic_threshold) take no schedule
         self.static = dict(self.case.options, **({"schedule": schedule} if spec.timesteps else {}))
         self.numel = self.tensors[spec.data].numel()

@@ -45,7 +45,8 @@ def providers(case: str, device: torch.device, dtype: torch.dtype, wanted: Optio
     """Provider names for one case: eager, compile, each fused backend, its ``+out`` form where the op takes
     ``out=``, and diffusers where it has a counterpart; ``wanted`` filters (a backend name keeps its +out)."""
     spec = CASES[case]
-    fused = fused_backends(device, dtype)
+    fused = [b for b in fused_backends(device, dtype)
+             if spec.spec.name in backends.get_backend(b, device, dtype).ops]
     names = ["eager", "compile"] + fused
     if spec.spec.has_out and not spec.backward:
         names += [f + "+out" for f in fused]

@@ -1,0 +1,276 @@
+"""Public flow-matching ops (rectified flow, as SD3 / Flux / Wan / LTX use it): the forward process, the Euler
+step of diffusers' ``FlowMatchEulerDiscreteScheduler`` with fused classifier-free guidance, and the training
+loss.
+
+Convention: ``x_sigma = (1 - sigma) x0 + sigma eps``; the model predicts ``v = eps - x0``. Sigmas are float
+tensors given per sample, shape (B,), or per token / frame, a tensor with the data's leading batch dim that
+broadcasts to the data once trailing 1s are added ((B, L, 1) for (B, L, C) tokens, (B, 1, F, 1, 1) for
+(B, C, F, H, W) video). The step gathers its per-sample sigmas on the device from the scheduler's sigma table
+by a step-index tensor, so nothing is baked into a captured CUDA graph. Arguments are checked as every op's
+are (docs/design.md, "Validation"); see docs/design.md, "Flow matching".
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import _layout
+from ._checks import _check_backend, _check_data, _check_generator, _check_like, _check_out
+from ._spec import OPS as SPECS, FlowStepOptions, SigmaOperand
+from .ops import _BACKENDS, _dispatch, _options
+from .reference import compute_dtype
+
+__all__ = ["flow_interpolate", "flow_step", "flow_loss", "sigma_operand"]
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_CHANNELS_LAST_ORDER = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def sigma_operand(name: str, sigma, data: torch.Tensor) -> SigmaOperand:
+    """Check a per-sample or per-token sigma against ``data`` and give it in the forms the backends read
+    (``ddpm_kernels._spec.SigmaOperand``)."""
+    if not isinstance(sigma, torch.Tensor):
+        raise TypeError(f"{name}: expected a float tensor of shape ({data.shape[0]},) or broadcastable to "
+                        f"{tuple(data.shape)}, got {type(sigma).__name__}")
+    if not sigma.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {sigma.dtype}")
+    if sigma.device != data.device:
+        raise ValueError(f"{name}: expected a tensor on {data.device} (the device of the data), got {sigma.device}")
+    shape = tuple(sigma.shape)
+    if not 1 <= len(shape) <= data.ndim or shape[0] != data.shape[0]:
+        raise ValueError(
+            f"{name}: expected shape ({data.shape[0]},) (one sigma per sample) or a shape with the batch dim "
+            f"{data.shape[0]} first that broadcasts to {tuple(data.shape)} (per token / frame), got {shape}"
+        )
+    shape = shape + (1,) * (data.ndim - len(shape))
+    for j in range(1, data.ndim):
+        if shape[j] not in (1, data.shape[j]):
+            raise ValueError(
+                f"{name}: shape {tuple(sigma.shape)} does not broadcast to the data's {tuple(data.shape)} "
+                f"(dim {j}: {shape[j]} vs {data.shape[j]})"
+            )
+    cd = compute_dtype(data.dtype)
+    full = sigma.reshape(shape) if len(shape) != sigma.ndim else sigma
+    if full.dtype != cd:
+        full = full.to(cd)
+    batch = data.shape[0]
+    varying = [j for j in range(1, data.ndim) if shape[j] != 1]
+    if not varying:
+        flat = full.reshape(batch)
+        return SigmaOperand(full, flat if flat.is_contiguous() else flat.contiguous(), 1, 1)
+    first, last = varying[0], varying[-1]
+    fmt = _layout.dense_format(data)
+    if fmt is _layout.CONTIGUOUS and all(shape[j] == data.shape[j] for j in range(first, last + 1)):
+        period = math.prod(data.shape[first:last + 1])
+        repeat = math.prod(data.shape[last + 1:])
+        return SigmaOperand(full, full.detach().reshape(batch * period).contiguous(), period, repeat)
+    # varying dims that are not one block, or a layout other than contiguous: one sigma per element, in the
+    # memory order the call runs in
+    dense = _layout.empty_in_format(data, fmt, dtype=cd).copy_(full.detach().expand(data.shape))
+    if fmt is not _layout.CONTIGUOUS:
+        dense = dense.permute(_CHANNELS_LAST_ORDER[data.ndim])
+    per_sample = data.numel() // batch if batch else 0
+    return SigmaOperand(full, dense.reshape(-1), max(per_sample, 1), 1)
+
+
+def _check_table(sigmas, data: torch.Tensor) -> torch.Tensor:
+    if not isinstance(sigmas, torch.Tensor):
+        raise TypeError(f"sigmas: expected the scheduler's 1-D float sigma table, got {type(sigmas).__name__}")
+    if not sigmas.is_floating_point():
+        raise TypeError(f"sigmas: expected a floating-point tensor, got {sigmas.dtype}")
+    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+        raise ValueError(f"sigmas: expected a 1-D table of at least 2 sigmas (the last is the final one), "
+                         f"got shape {tuple(sigmas.shape)}")
+    if sigmas.device != data.device:
+        raise ValueError(f"sigmas: expected a tensor on {data.device} (the device of sample), got {sigmas.device}")
+    cd = compute_dtype(data.dtype)
+    sigmas = sigmas if sigmas.dtype == cd else sigmas.to(cd)
+    return sigmas if sigmas.is_contiguous() else sigmas.contiguous()
+
+
+def _check_step_index(step_index, data: torch.Tensor, steps: int) -> torch.Tensor:
+    batch = data.shape[0]
+    if not isinstance(step_index, torch.Tensor):
+        raise TypeError(f"step_index: expected an int64 tensor of shape ({batch},), got {type(step_index).__name__}")
+    if step_index.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"step_index: expected an integer tensor (int64), got {step_index.dtype}")
+    if step_index.ndim != 1 or step_index.shape[0] != batch:
+        raise ValueError(f"step_index: expected shape ({batch},) (one step per sample of sample), "
+                         f"got {tuple(step_index.shape)}")
+    if step_index.device != data.device:
+        raise ValueError(f"step_index: expected a tensor on {data.device} (the device of sample), "
+                         f"got {step_index.device}")
+    if step_index.is_cpu and batch and not torch.compiler.is_compiling():
+        values = step_index.tolist()
+        lo, hi = min(values), max(values)
+        if lo < 0 or hi >= steps:
+            raise ValueError(f"step_index: expected values in [0, {steps}) (a step of the sigma table, which "
+                             f"ends with the final sigma), got min {lo}, max {hi}")
+    if step_index.dtype != torch.int64:
+        step_index = step_index.to(torch.int64)
+    return step_index if step_index.is_contiguous() else step_index.contiguous()
+
+
+def _check_guidance(guidance_scale, data: torch.Tensor) -> torch.Tensor:
+    batch, cd = data.shape[0], compute_dtype(data.dtype)
+    if isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool):
+        value = float(guidance_scale)
+        if not math.isfinite(value):
+            raise ValueError(f"guidance_scale: expected a finite number, got {value}")
+        return torch.full((batch,), value, dtype=cd, device=data.device)
+    if not isinstance(guidance_scale, torch.Tensor):
+        raise TypeError(f"guidance_scale: expected a number or a float tensor of shape ({batch},), "
+                        f"got {type(guidance_scale).__name__}")
+    if not guidance_scale.is_floating_point():
+        raise TypeError(f"guidance_scale: expected a floating-point tensor, got {guidance_scale.dtype}")
+    if guidance_scale.device != data.device:
+        raise ValueError(f"guidance_scale: expected a tensor on {data.device} (the device of sample), "
+                         f"got {guidance_scale.device}")
+    if guidance_scale.ndim == 0:
+        guidance_scale = guidance_scale.expand(batch)
+    if tuple(guidance_scale.shape) != (batch,):
+        raise ValueError(f"guidance_scale: expected shape ({batch},) (one scale per sample) or a 0-d tensor, "
+                         f"got {tuple(guidance_scale.shape)}")
+    return guidance_scale.to(cd).contiguous()
+
+
+def _prologue(spec, backend, data, like, optional=()):
+    if backend not in _BACKENDS:
+        _check_backend(backend)
+    _check_data(spec.data, data)
+    for name, y in zip(spec.like, like):
+        _check_like(name, y, spec.data, data)
+    for name, y in zip(spec.optional, optional):
+        if y is not None:
+            _check_like(name, y, spec.data, data)
+
+
+# --------------------------------------------------------------------------------------------------- ops
+def flow_interpolate(x0, noise, sigma, backend="auto", *, out=None):
+    """The flow-matching forward process ``(1 - sigma) x0 + sigma noise`` (diffusers' ``scale_noise``, the
+    noisy input of SD3 / Flux training), in ``x0``'s dtype, computed in float32 (float64 for float64 data).
+
+    ``sigma``: shape (B,), or per token / frame (see the module docstring). ``out`` may be ``x0`` itself.
+    Differentiable w.r.t. ``x0`` and ``noise`` (and ``sigma``, through the reference).
+    """
+    spec = SPECS["flow_interpolate"]
+    _prologue(spec, backend, x0, (noise,))
+    s = sigma_operand("sigma", sigma, x0)
+    out = _check_out(out, x0, "x0")
+    fn = _dispatch(spec, backend, x0, (), (x0, noise, s.full))
+    return fn(x0, noise, s, out=out)
+
+
+def flow_step(
+    sample,
+    model_output,
+    sigmas=None,
+    step_index=None,
+    noise=None,
+    generator=None,
+    backend="auto",
+    *,
+    sigma=None,
+    sigma_next=None,
+    stochastic=False,
+    guidance_scale=None,
+    uncond=None,
+    guidance_rescale=0.0,
+    out=None,
+):
+    """One flow-matching Euler step (diffusers' ``FlowMatchEulerDiscreteScheduler.step``), with ``v`` the
+    model's velocity prediction:
+
+        deterministic               x' = x + (sigma_next - sigma) v
+        stochastic (stochastic=True) x0 = x - sigma v;   x' = (1 - sigma_next) x0 + sigma_next z
+
+    The sigmas come either from the scheduler's table, ``sigma = sigmas[step_index]`` and ``sigma_next =
+    sigmas[step_index + 1]`` per sample (``step_index``: int64 (B,), gathered inside the kernel), or are given as
+    ``sigma=`` and ``sigma_next=`` tensors of shape (B,) or per token / frame (then ``sigmas`` and
+    ``step_index`` are None).
+
+    Guidance: with ``guidance_scale`` (a number, or a float tensor (B,) per sample), ``v = u + w (c - u)`` is
+    formed inside the step from the conditional output ``c`` and the unconditional ``u``: ``model_output`` is
+    either the (2B, ...) output of a batched ``[uncond; cond]`` forward (as diffusers pipelines ``chunk(2)`` it)
+    or ``c`` with ``uncond=`` given. ``guidance_rescale`` in [0, 1] applies diffusers' ``rescale_noise_cfg``
+    (per-sample standard deviations: a reduction pass before the step).
+
+    ``z`` is ``noise`` when given, else drawn from ``generator`` (only with ``stochastic``). Returns ``x'`` in
+    ``sample``'s dtype; ``out`` may be ``sample`` (an in-place step). Computed in float32 (float64 for float64).
+    """
+    spec = SPECS["flow_step"]
+    if backend not in _BACKENDS:
+        _check_backend(backend)
+    _check_data("sample", sample)
+    guided = guidance_scale is not None
+    if guided:
+        _check_data("model_output", model_output)
+        if uncond is None:
+            batch = sample.shape[0]
+            expected = (2 * batch,) + tuple(sample.shape[1:])
+            if tuple(model_output.shape) != expected:
+                raise ValueError(
+                    f"model_output: with guidance_scale and no uncond, expected the batched [uncond; cond] output "
+                    f"of shape {expected}, got {tuple(model_output.shape)}"
+                )
+            uncond, model_output = model_output[:batch], model_output[batch:]
+            _check_like("model_output", model_output, "sample", sample)
+        else:
+            _check_like("model_output", model_output, "sample", sample)
+            _check_like("uncond", uncond, "sample", sample)
+        guidance = _check_guidance(guidance_scale, sample)
+    else:
+        if uncond is not None:
+            raise ValueError("uncond: given without guidance_scale (pass guidance_scale to guide)")
+        _check_like("model_output", model_output, "sample", sample)
+        guidance = None
+    if noise is not None:
+        _check_like("noise", noise, "sample", sample)
+    opts = _options(spec, (stochastic, guidance_rescale))
+    if opts[1] > 0 and not guided:
+        raise ValueError("guidance_rescale: needs guidance_scale (it rescales the guided output)")
+    opts = FlowStepOptions(opts[0], guided, opts[1])
+    if sigmas is not None or step_index is not None:
+        if sigma is not None or sigma_next is not None:
+            raise ValueError("sigma, sigma_next: give either the table (sigmas, step_index) or sigma and sigma_next")
+        if sigmas is None or step_index is None:
+            missing = "sigmas" if sigmas is None else "step_index"
+            raise ValueError(f"{missing}: expected a tensor (the table form takes both sigmas and step_index)")
+        sigmas = _check_table(sigmas, sample)
+        step_index = _check_step_index(step_index, sample, sigmas.shape[0] - 1)
+        s = s_next = None
+        sigma_tensors = (sigmas, sigmas)
+    else:
+        if sigma is None or sigma_next is None:
+            missing = "sigma" if sigma is None else "sigma_next"
+            raise ValueError(f"{missing}: expected a tensor (or the table form: sigmas and step_index)")
+        s, s_next = sigma_operand("sigma", sigma, sample), sigma_operand("sigma_next", sigma_next, sample)
+        sigma_tensors = (s.full, s_next.full)
+    out = _check_out(out, sample, "sample")
+    if generator is not None:
+        _check_generator(generator, sample)
+    fn = _dispatch(spec, backend, sample, opts, (sample, model_output, noise) + sigma_tensors)
+    return fn(sample, model_output, uncond, guidance, sigmas, step_index, s, s_next, opts, noise, generator,
+              out=out)
+
+
+def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2", backend="auto"):
+    """The rectified-flow training loss after the model call (SD3 / Flux training scripts): the target
+    ``noise - x0``, each element's l2 (``loss_type="l1"``: absolute) error weighted by its sigma's
+    ``weighting`` (``"none"``: 1, ``"sigma_sqrt"``: sigma^-2, ``"cosmap"``: 2 / (pi (1 - 2 sigma + 2
+    sigma^2)), diffusers' ``compute_loss_weighting_for_sd3``), averaged over each sample, then over the batch.
+
+    ``sigma``: the (B,) sigmas the noisy input was made with (`flow_interpolate`), or per token / frame.
+    Returns a 0-d float32 tensor (float64 for float64 data), differentiable w.r.t. ``model_output`` (and, through
+    the reference, ``x0``, ``noise`` and ``sigma``).
+    """
+    spec = SPECS["flow_loss"]
+    _prologue(spec, backend, model_output, (x0, noise))
+    opts = _options(spec, (weighting, loss_type))
+    s = sigma_operand("sigma", sigma, model_output)
+    fn = _dispatch(spec, backend, model_output, opts, (model_output, x0, noise, s.full))
+    return fn(model_output, x0, noise, s, *opts)
