@@ -202,7 +202,7 @@ def test_argument_checks():
         (lambda: dk.flow_interpolate(x, v, torch.rand(3)), ValueError, "sigma: expected shape (2,)"),
         (lambda: dk.flow_interpolate(x, v, torch.rand(2, 4)), ValueError, "does not broadcast"),
         (lambda: dk.flow_interpolate(x, v, torch.ones(2, dtype=torch.long)), TypeError, "sigma: expected a floating"),
-        (lambda: dk.flow_interpolate(x, v.half(), torch.rand(2)), TypeError, "noise: expected dtype"),
+        (lambda: dk.flow_interpolate(x, v.int(), torch.rand(2)), TypeError, "noise: expected a floating-point"),
         (lambda: dk.flow_interpolate(x, v, 0.5), TypeError, "sigma: expected a float tensor"),
         (lambda: dk.flow_step(x, v, table, index.float()), TypeError, "step_index: expected an integer"),
         (lambda: dk.flow_step(x, v, table, torch.tensor([0, STEPS])), ValueError, "step_index: expected values"),
