@@ -10,6 +10,7 @@ value (a sampling loop repeats them every step). See docs/design.md, "Validation
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Tuple
 
@@ -21,6 +22,7 @@ from ._checks import (  # noqa: F401  (the checks are part of this module's surf
     _check_backend,
     _check_data,
     _check_generator,
+    _check_guidance,
     _check_learned_output,
     _check_like,
     _check_out,
@@ -56,6 +58,7 @@ _BACKENDS = frozenset(BACKEND_NAMES)
 _selected = backends._selected
 _NO_T_PREV = object()  # ops without a t_prev argument (None is a bad t_prev of ddim_step/ddpm_step)
 _OPTIONS = {}
+_GUIDED = {}
 _OPTIONS_LIMIT = 4096
 _KEYED_FAMILIES = ("step", "flow")  # families whose options backends may decline (dispatch keys on them)  # options are usually a handful of constants; a sweep over floats must not grow forever
 
@@ -147,7 +150,19 @@ def promote(x, others: tuple):
     return cast[0], cast[1:]
 
 
-def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tuple = (), generator=None, **tensors):
+def _with_guidance(opts):
+    """``opts`` of a guided step (cached: a sampling loop repeats them every step)."""
+    try:
+        return _GUIDED[opts]
+    except KeyError:
+        if len(_GUIDED) >= _OPTIONS_LIMIT:
+            _GUIDED.clear()
+        guided = _GUIDED[opts] = dataclasses.replace(opts, guided=True)
+        return guided
+
+
+def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tuple = (), generator=None,
+              guided=False, **tensors):
     """The one prologue: the backend name, the options, the tensors (mixed float dtypes promoted), the
     generator, then dispatch. Returns the serving function, the validated options, ``(t, t_prev, out)`` as the
     kernels take them, and the data and other tensors (promoted)."""
@@ -155,6 +170,8 @@ def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tup
         _check_backend(backend)
     x, others = promote(x, others)
     opts = _options(spec, options) if options else ()
+    if guided:
+        opts = _with_guidance(opts)
     learned = opts.variance_type if spec.family == "step" and opts.learned else None
     t, t_prev, out = _tensors(spec, x, others, schedule, t, learned=learned, **tensors)
     if generator is not None:
@@ -318,6 +335,9 @@ def ddim_step(
     threshold_max=1.0,
     out=None,
     return_pred_x0=False,
+    guidance_scale=None,
+    uncond=None,
+    guidance_rescale=0.0,
 ):
     """One DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2021, eq. 12), per-sample ``t`` and ``t_prev``:
 
@@ -334,17 +354,14 @@ def ddim_step(
     draws it from ``generator``; with ``eta == 0`` no noise is drawn. ``clip_denoised`` defaults to False as in
     ldm's DDIMSampler (latents are not bounded); diffusers' ``clip_sample`` defaults to True.
     Returns ``x_{t_prev}`` in ``x_t``'s dtype, or ``(x_{t_prev}, x0)`` with ``return_pred_x0=True``.
-    ``out`` may be ``x_t`` (an in-place step).
+    ``out`` may be ``x_t`` (an in-place step). ``guidance_scale`` guides the step (see `_step`).
     """
     options = (
         eta, parameterization, clip_denoised, set_alpha_to_one, use_clipped_model_output, clip_range,
-        threshold_ratio, threshold_max, return_pred_x0,
+        threshold_ratio, threshold_max, return_pred_x0, guidance_rescale,
     )
-    fn, opts, t, t_prev, out, x_t, (model_output, noise) = _prologue(
-        SPECS["ddim_step"], backend, x_t, (model_output, noise), schedule, t, options, generator, t_prev=t_prev,
-        out=out,
-    )
-    return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out)
+    return _step("ddim_step", backend, x_t, t, t_prev, model_output, schedule, options, noise, generator, out,
+                 guidance_scale, uncond, guidance_rescale)
 
 
 def ddpm_step(
@@ -365,6 +382,9 @@ def ddpm_step(
     threshold_max=1.0,
     out=None,
     return_pred_x0=False,
+    guidance_scale=None,
+    uncond=None,
+    guidance_rescale=0.0,
 ):
     """One ancestral DDPM step ``x_t -> x_{t_prev}`` on a possibly respaced chain (diffusers'
     ``DDPMScheduler.step``), per-sample ``t`` and ``t_prev`` (``-1``: after the last step, ab_prev = 1):
@@ -381,12 +401,35 @@ def ddpm_step(
     as guided-diffusion's and diffusers' models output it. With ``t_prev = t - 1`` and ``fixed_small`` this is
     `p_sample` (v_posterior = 0). ``z`` is ``noise`` when given, else drawn from ``generator``.
     Returns ``x_{t_prev}`` in ``x_t``'s dtype, or ``(x_{t_prev}, x0)`` with ``return_pred_x0=True``.
+    ``guidance_scale`` guides the step (see `_step`; a learned variance comes from the conditional output).
     """
     options = (
-        parameterization, variance_type, clip_denoised, clip_range, threshold_ratio, threshold_max, return_pred_x0
+        parameterization, variance_type, clip_denoised, clip_range, threshold_ratio, threshold_max, return_pred_x0,
+        guidance_rescale,
     )
+    return _step("ddpm_step", backend, x_t, t, t_prev, model_output, schedule, options, noise, generator, out,
+                 guidance_scale, uncond, guidance_rescale)
+
+
+def _step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise, generator, out, guidance_scale,
+          uncond, guidance_rescale):
+    """The sampler steps' common call. Guidance (``guidance_scale`` not None), as in `flow_step`: the model output
+    is ``u + w (c - u)`` of the conditional output ``c`` and the unconditional ``u`` — ``model_output`` is either
+    the (2B, ...) output of a batched ``[uncond; cond]`` forward or ``c`` with ``uncond=`` — with ``w`` a number or
+    a float tensor (B,) per sample, formed in the step; ``guidance_rescale`` in [0, 1] is diffusers'
+    ``rescale_noise_cfg`` (per-sample standard deviations)."""
+    guidance = None
+    if guidance_scale is not None or uncond is not None:
+        model_output, uncond, guidance = _check_guidance(
+            model_output, uncond, guidance_scale, guidance_rescale, x_t, "x_t"
+        )
     fn, opts, t, t_prev, out, x_t, (model_output, noise) = _prologue(
-        SPECS["ddpm_step"], backend, x_t, (model_output, noise), schedule, t, options, generator, t_prev=t_prev,
-        out=out,
+        SPECS[name], backend, x_t, (model_output, noise), schedule, t, options, generator, guided=guidance is not None,
+        t_prev=t_prev, out=out,
     )
-    return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out)
+    if guidance is None:
+        return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out)
+    if uncond.dtype != model_output.dtype:
+        uncond = uncond.to(model_output.dtype)
+    return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out, uncond=uncond,
+              guidance=guidance)

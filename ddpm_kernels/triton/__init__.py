@@ -81,6 +81,8 @@ class TritonBackend:
             return None
         if opts.sampler not in SAMPLERS:
             return f"the Triton sampler step has no coefficient function for sampler={opts.sampler!r}"
+        if opts.guided:
+            return "the Triton DDIM/DDPM step kernel takes no guidance yet (flow_step does)"
         if opts.sampler == "ddpm" and opts.variance_type not in VARIANCE_ID:
             return f"the Triton DDPM step has no variance_type={opts.variance_type!r}"
         return None
