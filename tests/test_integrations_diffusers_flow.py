@@ -726,25 +726,33 @@ def test_sync_guard_catches_the_stock_scheduler(fail_on_sync):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_no_host_sync_on_cuda_and_same_images_as_stock():
     results = []
+    x0 = torch.randn(SHAPE, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    mo = torch.randn(SHAPE, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     for cls in CLASSES:
         s = cls(stochastic_sampling=True, shift=3.0)
         s.set_timesteps(6, device="cuda")
+        fresh = cls(shift=3.0)  # scale_noise before any step: the indices are searched for
+        fresh.set_timesteps(6, device="cuda")
         g = torch.Generator("cuda").manual_seed(0)
-        x = torch.randn(SHAPE, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-        mo = torch.randn(SHAPE, device="cuda")
-        x = s.scale_noise(x, s.timesteps[:1].expand(SHAPE[0]), mo)
+        x = s.scale_noise(x0, s.timesteps[:1].expand(SHAPE[0]), mo)
         x = s.step(mo, s.timesteps[0], x, generator=g).prev_sample
         torch.cuda.synchronize()
         if cls is FusedFlowMatchEulerDiscreteScheduler:
             torch.cuda.set_sync_debug_mode("error")
         try:
-            for t in s.timesteps[1:]:
+            noised = fresh.scale_noise(x0, fresh.timesteps[1:3], mo)
+            per_token = s.timesteps[1:3].reshape(1, 2, 1).expand(2, 2, 3).reshape(2, 6)
+            tokens = s.step(mo[:, 0], s.timesteps[1], x[:, 0], generator=g, per_token_timesteps=per_token).prev_sample
+            for t in s.timesteps[2:]:
                 x = s.step(mo, t, x, generator=g).prev_sample
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        results.append((x, g.get_state()))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
-    assert torch.equal(results[0][1], results[1][1])
+        results.append((x, g.get_state(), noised, tokens))
+    for got, expected in zip(results[1], results[0]):
+        if got.dtype == torch.uint8:  # generator states
+            assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- config, pipelines
