@@ -50,8 +50,8 @@ import triton
 import triton.language as tl
 
 from .._layout import dense_format, in_format
+from . import utils
 from .utils import (
-    MIN_PROGRAMS,
     as_rows,
     batch_chunks,
     custom_op_with_out,
@@ -511,7 +511,7 @@ def _stats_splits(n: int, batch: int, block: int):
     """``(n_splits, tiles_per_split)`` of the rescale statistics: about MIN_PROGRAMS programs in all, at most
     MAX_SPLITS per sample, and no empty split."""
     n_tiles = triton.cdiv(n, block)
-    splits = max(1, min(n_tiles, MAX_SPLITS, triton.cdiv(MIN_PROGRAMS, max(batch, 1))))
+    splits = max(1, min(n_tiles, MAX_SPLITS, triton.cdiv(utils.MIN_PROGRAMS, max(batch, 1))))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
 
