@@ -257,6 +257,23 @@ def test_step_in_place(option):
     torch.testing.assert_close(other, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_step_non_contiguous_and_grad_inputs():
+    """Strided data, model output and sigmas are read correctly; the step is sampling only: inputs that require
+    grad run detached and ``out`` comes back itself."""
+    x, c, u = (t[:, ::2] for t in make_inputs((3, 8, 5), 3, torch.float32, seed=24))
+    sigma = torch.rand(3, 2, device=DEVICE)[:, 0]
+    sigma_next = (sigma * 0.5).requires_grad_()
+    kw = dict(sigma=sigma, sigma_next=sigma_next, guidance_scale=2.0, uncond=u, guidance_rescale=0.3)
+    expected = dk.flow_step(x, c, backend="reference", **kw).detach()
+    c = c.clone().requires_grad_()
+    got = dk.flow_step(x, c, backend="triton", **kw)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    out = torch.empty(x.shape, device=DEVICE)
+    assert dk.flow_step(x, c, backend="triton", out=out, **kw) is out
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_step_rescale_large_mean():
     """The rescale statistics stay accurate when a sample's mean is large against its spread (sums of x and x^2
     in float32 would lose every digit of the variance here): float32 against the float64 reference."""
