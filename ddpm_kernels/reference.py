@@ -364,11 +364,21 @@ def _ddpm(x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd):
 _SAMPLERS = {"ddim": _ddim, "ddpm": _ddpm}
 
 
-def sampler_step_ref(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None):
+def sampler_step_ref(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None,
+                     uncond=None, guidance=None):
     """One step ``x_t -> x_{t_prev}`` of the sampler ``opts.sampler`` (a ``ddpm_kernels._spec.StepOptions``):
     ``x_{t_prev}`` in ``x_t``'s dtype, or ``(x_{t_prev}, x0)`` with ``opts.return_pred_x0``. The public
-    ``ddim_step`` / ``ddpm_step`` document each sampler's math."""
+    ``ddim_step`` / ``ddpm_step`` document each sampler's math. ``opts.guided``: ``model_output`` is the
+    conditional output, combined with ``uncond`` by the per-sample scales ``guidance`` (`guided_output`); a
+    learned variance's channels come from the conditional output, as diffusers pipelines split them."""
     cd = compute_dtype(x_t.dtype)
+    if opts.guided:
+        if opts.learned:
+            c = x_t.shape[1]
+            mixed = guided_output(model_output[:, :c], uncond[:, :c], guidance, opts.guidance_rescale, cd)
+            model_output = torch.cat([mixed, model_output[:, c:].to(cd)], dim=1)
+        else:
+            model_output = guided_output(model_output, uncond, guidance, opts.guidance_rescale, cd)
     prev, x0 = _SAMPLERS[opts.sampler](x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd)
     result = _store(prev, x_t, out)
     return (result, x0.to(x_t.dtype)) if opts.return_pred_x0 else result

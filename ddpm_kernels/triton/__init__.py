@@ -29,7 +29,6 @@ from typing import Dict, FrozenSet, Optional
 
 import torch
 
-from .._spec import StepOptions
 from .flow import flow_interpolate, flow_loss, flow_step
 from .loss import diffusion_loss
 from .pair import ENTRIES as PAIR_ENTRIES
@@ -88,10 +87,12 @@ class TritonBackend:
     @staticmethod
     def declines(op: str, opts=None) -> Optional[str]:
         # an op without a kernel is not declined but missing (`ops`): the dispatcher tells the two apart
-        if not isinstance(opts, StepOptions):  # no options, or the flow family's: every value is served
+        if opts is None or not hasattr(opts, "sampler"):  # the step family's options are the ones it checks
             return None
         if opts.sampler not in SAMPLERS:
             return f"the Triton sampler step has no coefficient function for sampler={opts.sampler!r}"
+        if opts.guided:
+            return "the Triton DDIM/DDPM step kernel takes no guidance yet (flow_step does)"
         if opts.sampler == "ddpm" and opts.variance_type not in VARIANCE_ID:
             return f"the Triton DDPM step has no variance_type={opts.variance_type!r}"
         return None
