@@ -20,7 +20,7 @@ import torch
 from . import _layout
 from ._checks import _check_backend, _check_data, _check_generator, _check_like, _check_out
 from ._spec import OPS as SPECS, FlowStepOptions, SigmaOperand
-from .ops import _BACKENDS, _dispatch, _options
+from .ops import _BACKENDS, _dispatch, _options, promote
 from .reference import compute_dtype
 
 __all__ = ["flow_interpolate", "flow_step", "flow_loss", "sigma_operand"]
@@ -158,6 +158,7 @@ def flow_interpolate(x0, noise, sigma, backend="auto", *, out=None):
     Differentiable w.r.t. ``x0`` and ``noise`` (and ``sigma``, through the reference).
     """
     spec = SPECS["flow_interpolate"]
+    x0, (noise,) = promote(x0, (noise,))
     _prologue(spec, backend, x0, (noise,))
     s = sigma_operand("sigma", sigma, x0)
     out = _check_out(out, x0, "x0")
@@ -203,6 +204,7 @@ def flow_step(
     ``sample``'s dtype; ``out`` may be ``sample`` (an in-place step). Computed in float32 (float64 for float64).
     """
     spec = SPECS["flow_step"]
+    sample, (model_output, uncond, noise) = promote(sample, (model_output, uncond, noise))
     if backend not in _BACKENDS:
         _check_backend(backend)
     _check_data("sample", sample)
@@ -269,6 +271,7 @@ def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2", 
     the reference, ``x0``, ``noise`` and ``sigma``).
     """
     spec = SPECS["flow_loss"]
+    model_output, (x0, noise) = promote(model_output, (x0, noise))
     _prologue(spec, backend, model_output, (x0, noise))
     opts = _options(spec, (weighting, loss_type))
     s = sigma_operand("sigma", sigma, model_output)

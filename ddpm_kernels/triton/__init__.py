@@ -77,7 +77,7 @@ class TritonBackend:
     @staticmethod
     def declines(op: str, opts=None) -> Optional[str]:
         # an op without a kernel is not declined but missing (`ops`): the dispatcher tells the two apart
-        if opts is None:
+        if opts is None or not hasattr(opts, "sampler"):  # the step family's options are the ones it checks
             return None
         if opts.sampler not in SAMPLERS:
             return f"the Triton sampler step has no coefficient function for sampler={opts.sampler!r}"
