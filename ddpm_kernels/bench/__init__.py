@@ -19,8 +19,8 @@ Providers
               ``.step``, and for ``flow_step_guided`` the pipelines' eager CFG, then the stock step)
 
 Shapes: ``--shapes 16x4x64x64 2x4096x64`` (any number of dims: ``2x4096x64`` is a transformer's (batch,
-tokens, channels)) or presets ``gpu``, ``cpu``, ``flow`` (16-channel latents of SD3 / Flux at 1x, 16x 64x64 and
-4x 128x128, and 2x4096x64 tokens), ``flow-cpu``.
+tokens, channels)) or presets ``gpu``, ``cpu``, ``flow`` (SD3 / Flux 16-channel latents 1x16x64x64,
+16x16x64x64 and 4x16x128x128, and 2x4096x64 tokens), ``flow-cpu`` (the first and the last).
 
 ``--host-overhead`` measures instead the host time per call at 1x4x8x8 fp32 on one CPU thread: ``torch.add``,
 every public op on the CPU backend, the compiled ``p_sample`` operator called directly, and diffusers' stock
