@@ -209,3 +209,47 @@ def _check_learned_output(model_output, x_t: torch.Tensor, variance_type: str) -
     return model_output
 
 
+
+
+def _check_guidance(model_output, uncond, guidance_scale, guidance_rescale, x: torch.Tensor, x_name: str):
+    """Classifier-free guidance arguments of a step: ``(cond, uncond, scale)`` with ``scale`` a (B,) tensor in
+    the compute dtype, or ``(model_output, None, None)`` unguided. A (2B, ...) ``model_output`` without
+    ``uncond`` is the batched ``[uncond; cond]`` output and is split into two views (no copy). The shapes of
+    ``cond`` against ``x`` are checked by the caller, ``uncond``'s against ``cond`` here."""
+    if guidance_scale is None:
+        if uncond is not None:
+            raise ValueError("uncond: given without guidance_scale (pass guidance_scale to guide)")
+        if guidance_rescale:
+            raise ValueError("guidance_rescale: needs guidance_scale (it rescales the guided output)")
+        return model_output, None, None
+    _check_data("model_output", model_output)
+    batch = x.shape[0]
+    if uncond is None:
+        if model_output.shape[0] != 2 * batch:
+            raise ValueError(
+                f"model_output: with guidance_scale and no uncond, expected the batched [uncond; cond] output "
+                f"with {2 * batch} rows (twice {x_name}'s batch), got shape {tuple(model_output.shape)}"
+            )
+        uncond, model_output = model_output[:batch], model_output[batch:]
+    else:
+        _check_like("uncond", uncond, "model_output", model_output)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool):
+        value = float(guidance_scale)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"guidance_scale: expected a finite number, got {value}")
+        return model_output, uncond, torch.full((batch,), value, dtype=compute, device=x.device)
+    if not isinstance(guidance_scale, torch.Tensor):
+        raise TypeError(f"guidance_scale: expected a number or a float tensor of shape ({batch},), "
+                        f"got {type(guidance_scale).__name__}")
+    if not guidance_scale.is_floating_point():
+        raise TypeError(f"guidance_scale: expected a floating-point tensor, got {guidance_scale.dtype}")
+    if guidance_scale.device != x.device:
+        raise ValueError(f"guidance_scale: expected a tensor on {x.device} (the device of {x_name}), "
+                         f"got {guidance_scale.device}")
+    if guidance_scale.ndim == 0:
+        guidance_scale = guidance_scale.expand(batch)
+    if tuple(guidance_scale.shape) != (batch,):
+        raise ValueError(f"guidance_scale: expected shape ({batch},) (one scale per sample) or a 0-d tensor, "
+                         f"got {tuple(guidance_scale.shape)}")
+    return model_output, uncond, guidance_scale.to(compute).contiguous()

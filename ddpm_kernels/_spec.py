@@ -43,6 +43,8 @@ class StepOptions:
     threshold_ratio: Optional[float] = None
     threshold_max: float = 1.0
     return_pred_x0: bool = False
+    guidance_rescale: float = 0.0
+    guided: bool = False
 
     def __post_init__(self):
         # hashed on every dispatch-cache lookup: once here, not field by field per call
@@ -60,6 +62,10 @@ class StepOptions:
     def adds_noise(self) -> bool:
         """The step has a noise term (DDIM only with ``eta > 0``)."""
         return self.sampler == "ddpm" or self.eta > 0
+
+    @property
+    def rescaled(self) -> bool:
+        return self.guided and self.guidance_rescale > 0
 
     @property
     def thresholded(self) -> bool:
@@ -187,6 +193,7 @@ _STEP_TAIL = (
     _optional_real_in("threshold_ratio", None, 0.0, 1.0),
     _real_in("threshold_max", 1.0, 0.0, _INF, lo_open=True),
     _flag("return_pred_x0", False),
+    _real_in("guidance_rescale", 0.0, 0.0, 1.0),
 )
 
 _POSTERIOR_OUTPUTS = ("like", "per_sample", "per_sample")

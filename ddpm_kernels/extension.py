@@ -161,7 +161,10 @@ def _step_scalars(opts):
     return (opts.parameterization, opts.variance_type, opts.clip_denoised, opts.clip_range)
 
 
-def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None):
+def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None, uncond=None,
+                 guidance=None):
+    if opts.guided:  # declined (see `declines`): dispatch never sends a guided step here
+        raise NotImplementedError("the compiled sampler-step kernels take no guidance")
     # learned variances read model_output's two channel halves by index: contiguous data only
     fmt = CONTIGUOUS if opts.learned else dense_format(x_t)
     op = opts.sampler + "_step"
@@ -205,6 +208,8 @@ DIFFERENTIABLE = {
 def declines(op: str, opts) -> Optional[str]:
     if op == "dynamic_threshold" or getattr(opts, "thresholded", False):
         return "dynamic thresholding needs a per-sample quantile (a sort), which no compiled kernel computes"
+    if op in ("ddim_step", "ddpm_step") and opts is not None and opts.guided:
+        return "the compiled DDIM/DDPM step kernels take no guidance yet (flow_step does)"
     return None
 
 

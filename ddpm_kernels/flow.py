@@ -18,9 +18,9 @@ import numbers
 import torch
 
 from . import _layout
-from ._checks import _check_backend, _check_data, _check_generator, _check_like, _check_out
+from ._checks import _check_backend, _check_data, _check_generator, _check_guidance, _check_like, _check_out
 from ._spec import OPS as SPECS, FlowStepOptions, SigmaOperand
-from .ops import _BACKENDS, _dispatch, _options
+from .ops import _BACKENDS, _dispatch, _options, promote
 from .reference import compute_dtype
 
 __all__ = ["flow_interpolate", "flow_step", "flow_loss", "sigma_operand"]
@@ -115,29 +115,6 @@ def _check_step_index(step_index, data: torch.Tensor, steps: int) -> torch.Tenso
     return step_index if step_index.is_contiguous() else step_index.contiguous()
 
 
-def _check_guidance(guidance_scale, data: torch.Tensor) -> torch.Tensor:
-    batch, cd = data.shape[0], compute_dtype(data.dtype)
-    if isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool):
-        value = float(guidance_scale)
-        if not math.isfinite(value):
-            raise ValueError(f"guidance_scale: expected a finite number, got {value}")
-        return torch.full((batch,), value, dtype=cd, device=data.device)
-    if not isinstance(guidance_scale, torch.Tensor):
-        raise TypeError(f"guidance_scale: expected a number or a float tensor of shape ({batch},), "
-                        f"got {type(guidance_scale).__name__}")
-    if not guidance_scale.is_floating_point():
-        raise TypeError(f"guidance_scale: expected a floating-point tensor, got {guidance_scale.dtype}")
-    if guidance_scale.device != data.device:
-        raise ValueError(f"guidance_scale: expected a tensor on {data.device} (the device of sample), "
-                         f"got {guidance_scale.device}")
-    if guidance_scale.ndim == 0:
-        guidance_scale = guidance_scale.expand(batch)
-    if tuple(guidance_scale.shape) != (batch,):
-        raise ValueError(f"guidance_scale: expected shape ({batch},) (one scale per sample) or a 0-d tensor, "
-                         f"got {tuple(guidance_scale.shape)}")
-    return guidance_scale.to(cd).contiguous()
-
-
 def _prologue(spec, backend, data, like, optional=()):
     if backend not in _BACKENDS:
         _check_backend(backend)
@@ -158,6 +135,7 @@ def flow_interpolate(x0, noise, sigma, backend="auto", *, out=None):
     Differentiable w.r.t. ``x0`` and ``noise`` (and ``sigma``, through the reference).
     """
     spec = SPECS["flow_interpolate"]
+    x0, (noise,) = promote(x0, (noise,))
     _prologue(spec, backend, x0, (noise,))
     s = sigma_operand("sigma", sigma, x0)
     out = _check_out(out, x0, "x0")
@@ -203,37 +181,18 @@ def flow_step(
     ``sample``'s dtype; ``out`` may be ``sample`` (an in-place step). Computed in float32 (float64 for float64).
     """
     spec = SPECS["flow_step"]
+    sample, (model_output, uncond, noise) = promote(sample, (model_output, uncond, noise))
     if backend not in _BACKENDS:
         _check_backend(backend)
     _check_data("sample", sample)
-    guided = guidance_scale is not None
-    if guided:
-        _check_data("model_output", model_output)
-        if uncond is None:
-            batch = sample.shape[0]
-            expected = (2 * batch,) + tuple(sample.shape[1:])
-            if tuple(model_output.shape) != expected:
-                raise ValueError(
-                    f"model_output: with guidance_scale and no uncond, expected the batched [uncond; cond] output "
-                    f"of shape {expected}, got {tuple(model_output.shape)}"
-                )
-            uncond, model_output = model_output[:batch], model_output[batch:]
-            _check_like("model_output", model_output, "sample", sample)
-        else:
-            _check_like("model_output", model_output, "sample", sample)
-            _check_like("uncond", uncond, "sample", sample)
-        guidance = _check_guidance(guidance_scale, sample)
-    else:
-        if uncond is not None:
-            raise ValueError("uncond: given without guidance_scale (pass guidance_scale to guide)")
-        _check_like("model_output", model_output, "sample", sample)
-        guidance = None
+    model_output, uncond, guidance = _check_guidance(
+        model_output, uncond, guidance_scale, guidance_rescale, sample, "sample"
+    )
+    _check_like("model_output", model_output, "sample", sample)
     if noise is not None:
         _check_like("noise", noise, "sample", sample)
-    opts = _options(spec, (stochastic, guidance_rescale))
-    if opts[1] > 0 and not guided:
-        raise ValueError("guidance_rescale: needs guidance_scale (it rescales the guided output)")
-    opts = FlowStepOptions(opts[0], guided, opts[1])
+    stochastic, guidance_rescale = _options(spec, (stochastic, guidance_rescale))
+    opts = FlowStepOptions(stochastic, guidance is not None, guidance_rescale)
     if sigmas is not None or step_index is not None:
         if sigma is not None or sigma_next is not None:
             raise ValueError("sigma, sigma_next: give either the table (sigmas, step_index) or sigma and sigma_next")
@@ -269,6 +228,7 @@ def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2", 
     the reference, ``x0``, ``noise`` and ``sigma``).
     """
     spec = SPECS["flow_loss"]
+    model_output, (x0, noise) = promote(model_output, (x0, noise))
     _prologue(spec, backend, model_output, (x0, noise))
     opts = _options(spec, (weighting, loss_type))
     s = sigma_operand("sigma", sigma, model_output)

@@ -10,6 +10,8 @@ value (a sampling loop repeats them every step). See docs/design.md, "Validation
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Tuple
 
 import torch
@@ -20,6 +22,7 @@ from ._checks import (  # noqa: F401  (the checks are part of this module's surf
     _check_backend,
     _check_data,
     _check_generator,
+    _check_guidance,
     _check_learned_output,
     _check_like,
     _check_out,
@@ -55,6 +58,7 @@ _BACKENDS = frozenset(BACKEND_NAMES)
 _selected = backends._selected
 _NO_T_PREV = object()  # ops without a t_prev argument (None is a bad t_prev of ddim_step/ddpm_step)
 _OPTIONS = {}
+_GUIDED = {}
 _OPTIONS_LIMIT = 4096
 _KEYED_FAMILIES = ("step", "flow")  # families whose options backends may decline (dispatch keys on them)  # options are usually a handful of constants; a sweep over floats must not grow forever
 
@@ -129,18 +133,51 @@ def _dispatch(spec: OpSpec, backend: str, x: torch.Tensor, opts, tensors: tuple)
     return (hit or backends.resolve(*key))[1]
 
 
-def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tuple = (), generator=None, **tensors):
-    """The one prologue: the backend name, the options, the tensors, the generator, then dispatch. Returns the
-    serving function, the validated options and ``(t, t_prev, out)`` as the kernels take them."""
+def promote(x, others: tuple):
+    """Mixed float dtypes (a bf16/fp16 model output with fp32 data under autocast): every float operand in
+    torch's promotion of their dtypes, so results and outputs have the promoted dtype (docs/design.md, "Mixed
+    precision"). The casts are autograd-tracked: gradients come back in each input's own dtype. Non-tensors and
+    non-float tensors are left for the checks to refuse. Returns ``(x, others)``, the same objects when the
+    dtypes already agree (the common case: a few comparisons)."""
+    dtype = getattr(x, "dtype", None)
+    if all(y is None or getattr(y, "dtype", dtype) == dtype for y in others):
+        return x, others
+    operands = (x,) + tuple(others)
+    if not all(y is None or (isinstance(y, torch.Tensor) and y.is_floating_point()) for y in operands):
+        return x, others
+    target = functools.reduce(torch.promote_types, (y.dtype for y in operands if y is not None))
+    cast = tuple(y if y is None or y.dtype == target else y.to(target) for y in operands)
+    return cast[0], cast[1:]
+
+
+def _with_guidance(opts):
+    """``opts`` of a guided step (cached: a sampling loop repeats them every step)."""
+    try:
+        return _GUIDED[opts]
+    except KeyError:
+        if len(_GUIDED) >= _OPTIONS_LIMIT:
+            _GUIDED.clear()
+        guided = _GUIDED[opts] = dataclasses.replace(opts, guided=True)
+        return guided
+
+
+def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tuple = (), generator=None,
+              guided=False, **tensors):
+    """The one prologue: the backend name, the options, the tensors (mixed float dtypes promoted), the
+    generator, then dispatch. Returns the serving function, the validated options, ``(t, t_prev, out)`` as the
+    kernels take them, and the data and other tensors (promoted)."""
     if backend not in _BACKENDS:
         _check_backend(backend)
+    x, others = promote(x, others)
     opts = _options(spec, options) if options else ()
+    if guided:
+        opts = _with_guidance(opts)
     learned = opts.variance_type if spec.family == "step" and opts.learned else None
     t, t_prev, out = _tensors(spec, x, others, schedule, t, learned=learned, **tensors)
     if generator is not None:
         _check_generator(generator, x)
     fn = _dispatch(spec, backend, x, opts, (x,) + others + (t,))
-    return fn, opts, t, t_prev, out
+    return fn, opts, t, t_prev, out, x, others
 
 
 # --------------------------------------------------------------------------------------------------- ops
@@ -152,37 +189,39 @@ def q_sample(x_start, t, noise, schedule, backend="auto", *, out=None):
     """
     if noise is None:
         noise = torch.randn_like(_check_data("x_start", x_start))
-    fn, _, t, _, out = _prologue(SPECS["q_sample"], backend, x_start, (noise,), schedule, t, out=out)
+    fn, _, t, _, out, x_start, (noise,) = _prologue(
+        SPECS["q_sample"], backend, x_start, (noise,), schedule, t, out=out
+    )
     return fn(x_start, t, noise, schedule, out=out)
 
 
 def predict_start_from_noise(x_t, t, noise, schedule, backend="auto"):
     """``x_0 = sqrt(1/ab_t) x_t - sqrt(1/ab_t - 1) noise``."""
-    fn, _, t, _, _ = _prologue(SPECS["predict_start_from_noise"], backend, x_t, (noise,), schedule, t)
+    fn, _, t, _, _, x_t, (noise,) = _prologue(SPECS["predict_start_from_noise"], backend, x_t, (noise,), schedule, t)
     return fn(x_t, t, noise, schedule)
 
 
 def predict_noise_from_start(x_t, t, x0, schedule, backend="auto"):
     """The inverse of `predict_start_from_noise`: ``(sqrt(1/ab_t) x_t - x0) / sqrt(1/ab_t - 1)``."""
-    fn, _, t, _, _ = _prologue(SPECS["predict_noise_from_start"], backend, x_t, (x0,), schedule, t)
+    fn, _, t, _, _, x_t, (x0,) = _prologue(SPECS["predict_noise_from_start"], backend, x_t, (x0,), schedule, t)
     return fn(x_t, t, x0, schedule)
 
 
 def get_v(x_start, noise, t, schedule, backend="auto"):
     """The v-prediction target ``sqrt(ab_t) noise - sqrt(1 - ab_t) x_start`` (the seed's ``get_v``)."""
-    fn, _, t, _, _ = _prologue(SPECS["get_v"], backend, x_start, (noise,), schedule, t)
+    fn, _, t, _, _, x_start, (noise,) = _prologue(SPECS["get_v"], backend, x_start, (noise,), schedule, t)
     return fn(x_start, noise, t, schedule)
 
 
 def predict_start_from_z_and_v(x_t, t, v, schedule, backend="auto"):
     """``x_0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v``."""
-    fn, _, t, _, _ = _prologue(SPECS["predict_start_from_z_and_v"], backend, x_t, (v,), schedule, t)
+    fn, _, t, _, _, x_t, (v,) = _prologue(SPECS["predict_start_from_z_and_v"], backend, x_t, (v,), schedule, t)
     return fn(x_t, t, v, schedule)
 
 
 def predict_eps_from_z_and_v(x_t, t, v, schedule, backend="auto"):
     """``eps = sqrt(ab_t) v + sqrt(1 - ab_t) x_t``."""
-    fn, _, t, _, _ = _prologue(SPECS["predict_eps_from_z_and_v"], backend, x_t, (v,), schedule, t)
+    fn, _, t, _, _, x_t, (v,) = _prologue(SPECS["predict_eps_from_z_and_v"], backend, x_t, (v,), schedule, t)
     return fn(x_t, t, v, schedule)
 
 
@@ -192,14 +231,14 @@ def q_posterior(x_start, x_t, t, schedule, backend="auto") -> Tuple[torch.Tensor
     The mean has ``x_t``'s dtype and shape; variance and log-variance are float32 (float64 for float64 data)
     and shaped ``(B, 1, ..., 1)`` as in CompVis.
     """
-    fn, _, t, _, _ = _prologue(SPECS["q_posterior"], backend, x_t, (x_start,), schedule, t)
+    fn, _, t, _, _, x_t, (x_start,) = _prologue(SPECS["q_posterior"], backend, x_t, (x_start,), schedule, t)
     return fn(x_start, x_t, t, schedule)
 
 
 def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True, backend="auto"):
     """Mean and variance of ``p(x_{t-1} | x_t)`` from a model output (eps, x0 or v), x0 clipped to [-1, 1]
     when ``clip_denoised``. Returns ``(mean, var, log_var)`` as `q_posterior`."""
-    fn, opts, t, _, _ = _prologue(
+    fn, opts, t, _, _, x_t, (model_output,) = _prologue(
         SPECS["p_mean_variance"], backend, x_t, (model_output,), schedule, t, (parameterization, clip_denoised)
     )
     return fn(x_t, t, model_output, schedule, *opts)
@@ -223,7 +262,7 @@ def p_sample(
     ``noise`` is ``z`` when given; with ``noise=None`` the backend draws it from ``generator`` (or torch's
     default generator), advancing that generator's state. ``out`` may be ``x_t`` (an in-place step).
     """
-    fn, opts, t, _, out = _prologue(
+    fn, opts, t, _, out, x_t, (model_output, noise) = _prologue(
         SPECS["p_sample"], backend, x_t, (model_output, noise), schedule, t, (parameterization, clip_denoised),
         generator, out=out,
     )
@@ -255,7 +294,9 @@ def diffusion_loss(
             "build the schedule for training without it"
         )
     options = (parameterization, loss_type, l_simple_weight, original_elbo_weight)
-    fn, opts, t, _, _ = _prologue(SPECS["diffusion_loss"], backend, model_output, (x_start, noise), schedule, t, options)
+    fn, opts, t, _, _, model_output, (x_start, noise) = _prologue(
+        SPECS["diffusion_loss"], backend, model_output, (x_start, noise), schedule, t, options
+    )
     return fn(model_output, x_start, noise, t, schedule, *opts)
 
 
@@ -294,6 +335,9 @@ def ddim_step(
     threshold_max=1.0,
     out=None,
     return_pred_x0=False,
+    guidance_scale=None,
+    uncond=None,
+    guidance_rescale=0.0,
 ):
     """One DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2021, eq. 12), per-sample ``t`` and ``t_prev``:
 
@@ -310,17 +354,14 @@ def ddim_step(
     draws it from ``generator``; with ``eta == 0`` no noise is drawn. ``clip_denoised`` defaults to False as in
     ldm's DDIMSampler (latents are not bounded); diffusers' ``clip_sample`` defaults to True.
     Returns ``x_{t_prev}`` in ``x_t``'s dtype, or ``(x_{t_prev}, x0)`` with ``return_pred_x0=True``.
-    ``out`` may be ``x_t`` (an in-place step).
+    ``out`` may be ``x_t`` (an in-place step). ``guidance_scale`` guides the step (see `_step`).
     """
     options = (
         eta, parameterization, clip_denoised, set_alpha_to_one, use_clipped_model_output, clip_range,
-        threshold_ratio, threshold_max, return_pred_x0,
+        threshold_ratio, threshold_max, return_pred_x0, guidance_rescale,
     )
-    fn, opts, t, t_prev, out = _prologue(
-        SPECS["ddim_step"], backend, x_t, (model_output, noise), schedule, t, options, generator, t_prev=t_prev,
-        out=out,
-    )
-    return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out)
+    return _step("ddim_step", backend, x_t, t, t_prev, model_output, schedule, options, noise, generator, out,
+                 guidance_scale, uncond, guidance_rescale)
 
 
 def ddpm_step(
@@ -341,6 +382,9 @@ def ddpm_step(
     threshold_max=1.0,
     out=None,
     return_pred_x0=False,
+    guidance_scale=None,
+    uncond=None,
+    guidance_rescale=0.0,
 ):
     """One ancestral DDPM step ``x_t -> x_{t_prev}`` on a possibly respaced chain (diffusers'
     ``DDPMScheduler.step``), per-sample ``t`` and ``t_prev`` (``-1``: after the last step, ab_prev = 1):
@@ -357,12 +401,35 @@ def ddpm_step(
     as guided-diffusion's and diffusers' models output it. With ``t_prev = t - 1`` and ``fixed_small`` this is
     `p_sample` (v_posterior = 0). ``z`` is ``noise`` when given, else drawn from ``generator``.
     Returns ``x_{t_prev}`` in ``x_t``'s dtype, or ``(x_{t_prev}, x0)`` with ``return_pred_x0=True``.
+    ``guidance_scale`` guides the step (see `_step`; a learned variance comes from the conditional output).
     """
     options = (
-        parameterization, variance_type, clip_denoised, clip_range, threshold_ratio, threshold_max, return_pred_x0
+        parameterization, variance_type, clip_denoised, clip_range, threshold_ratio, threshold_max, return_pred_x0,
+        guidance_rescale,
     )
-    fn, opts, t, t_prev, out = _prologue(
-        SPECS["ddpm_step"], backend, x_t, (model_output, noise), schedule, t, options, generator, t_prev=t_prev,
-        out=out,
+    return _step("ddpm_step", backend, x_t, t, t_prev, model_output, schedule, options, noise, generator, out,
+                 guidance_scale, uncond, guidance_rescale)
+
+
+def _step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise, generator, out, guidance_scale,
+          uncond, guidance_rescale):
+    """The sampler steps' common call. Guidance (``guidance_scale`` not None), as in `flow_step`: the model output
+    is ``u + w (c - u)`` of the conditional output ``c`` and the unconditional ``u`` — ``model_output`` is either
+    the (2B, ...) output of a batched ``[uncond; cond]`` forward or ``c`` with ``uncond=`` — with ``w`` a number or
+    a float tensor (B,) per sample, formed in the step; ``guidance_rescale`` in [0, 1] is diffusers'
+    ``rescale_noise_cfg`` (per-sample standard deviations)."""
+    guidance = None
+    if guidance_scale is not None or uncond is not None:
+        model_output, uncond, guidance = _check_guidance(
+            model_output, uncond, guidance_scale, guidance_rescale, x_t, "x_t"
+        )
+    fn, opts, t, t_prev, out, x_t, (model_output, noise) = _prologue(
+        SPECS[name], backend, x_t, (model_output, noise), schedule, t, options, generator, guided=guidance is not None,
+        t_prev=t_prev, out=out,
     )
-    return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out)
+    if guidance is None:
+        return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out)
+    if uncond.dtype != model_output.dtype:
+        uncond = uncond.to(model_output.dtype)
+    return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out, uncond=uncond,
+              guidance=guidance)

@@ -127,8 +127,8 @@ def test_valid_calls_skip_the_python_tensor_checks(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"t: expected values in \[0, 50\)"):
         dk.p_sample(x, torch.tensor([3, 50]), m, S, noise=z, backend="cpu")
-    with pytest.raises(TypeError, match="noise: expected dtype torch.float32"):
-        dk.p_sample(x, t, m, S, noise=z.double(), backend="cpu")
+    with pytest.raises(TypeError, match="noise: expected a floating-point tensor"):
+        dk.p_sample(x, t, m, S, noise=z.int(), backend="cpu")
 
 
 def test_compiled_calls_take_the_python_checks():

@@ -11,7 +11,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import ddpm_kernels as dk  # noqa: E402
 from ddpm_kernels import ops  # noqa: E402
-from ddpm_kernels.integrations import diffusers as dkd  # noqa: E402
+from ddpm_kernels.integrations.diffusers import ddpm as dkd  # noqa: E402  (the module whose globals tests patch)
 from ddpm_kernels.integrations.diffusers import FusedDDIMScheduler, FusedDDPMScheduler  # noqa: E402
 
 PREDICTIONS = ["epsilon", "sample", "v_prediction"]

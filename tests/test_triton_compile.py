@@ -33,6 +33,10 @@ SCRIPT = textwrap.dedent(
     from ddpm_kernels.triton.loss import (
         diffusion_loss_kernel, diffusion_loss_reduce_kernel, diffusion_loss_backward_kernel,
     )
+    from ddpm_kernels.triton.flow import (
+        flow_interpolate_kernel, flow_guidance_stats_kernel, flow_step_kernel, flow_loss_kernel,
+        flow_loss_reduce_kernel, flow_loss_backward_kernel,
+    )
     assert not utils.INTERPRETED
     import torch
     from ddpm_kernels.triton import BACKEND
@@ -42,13 +46,15 @@ SCRIPT = textwrap.dedent(
     DATA = {"x_start_ptr", "noise_ptr", "x_t_ptr", "model_output_ptr", "out_ptr", "a_ptr", "b_ptr", "out_b_ptr",
             "grad_model_output_ptr", "grad_x_start_ptr", "grad_noise_ptr",
             "loss_ptr", "loss_simple_ptr", "loss_vlb_ptr", "grad_loss_ptr", "grad_loss_simple_ptr",
-            "grad_loss_vlb_ptr", "x0_ptr"}
-    INDEX = {"t_ptr", "seed_ptr", "t_prev_ptr"}
+            "grad_loss_vlb_ptr", "x0_ptr", "sample_ptr", "uncond_ptr", "grad_x0_ptr"}
+    INDEX = {"t_ptr", "seed_ptr", "t_prev_ptr", "step_index_ptr"}
     FP64 = {"alphas_cumprod_ptr"}  # the sampler steps derive their coefficients from the float64 table
-    COMPUTE = {"table_ptr", "var_ptr", "log_var_ptr", "partial_ptr", "scale_ptr"}
+    COMPUTE = {"table_ptr", "var_ptr", "log_var_ptr", "partial_ptr", "scale_ptr", "sigma_ptr", "sigma_next_ptr",
+               "guidance_ptr", "stats_ptr"}
     INT64 = {"philox_seed", "philox_offset"}
     FLOATS = {"l_simple_weight_hi", "l_simple_weight_lo", "original_elbo_weight_hi", "original_elbo_weight_lo",
-              "eta_hi", "eta_lo", "clip_range_hi", "clip_range_lo"}
+              "eta_hi", "eta_lo", "clip_range_hi", "clip_range_lo", "rescale_hi", "rescale_lo", "two_over_pi_hi",
+              "two_over_pi_lo"}
 
     def source(kernel, dtype, constexprs, aligned=False, ones=()):
         """ASTSource as the runtime would build it: pointers typed by role, ints i32 (specialized to the
@@ -102,6 +108,10 @@ SCRIPT = textwrap.dedent(
                 X0_ONLY=False, COMPUTE_FP64=False)
     DDIM = dict(STEP, **dict(zip(("SAMPLER", "EPS_TERM", "X_TERM"), SAMPLERS["ddim"])))
     DDPM = dict(STEP, ADD_NOISE=True, **dict(zip(("SAMPLER", "EPS_TERM", "X_TERM"), SAMPLERS["ddpm"])))
+    # the flow step's defaults (sigmas per sample, unguided, deterministic)
+    FLOW_STEP = dict(E, TABLE=False, SIGMA_PER_TOKEN=False, SIGMA_NEXT_PER_TOKEN=False, GUIDED=False, RESCALE=False,
+                     STOCHASTIC=False, HAS_NOISE=False, BLOCK_SPLIT=64)
+    FLOW_LOSS = dict(E, WEIGHTING=0, SIGMA_PER_TOKEN=False, LOSS_L1=False)
     CASES = [
         *((f"pair[{name}]", pair_kernel, dict(E, OP=op, BACKWARD=False)) for name, op in PAIR.items()),
         ("pair[q_sample,backward]", pair_kernel, dict(E, OP=PAIR["q_sample"], BACKWARD=True)),
@@ -145,6 +155,22 @@ SCRIPT = textwrap.dedent(
         ("diffusion_loss_backward[x0]", diffusion_loss_backward_kernel,
          dict(E, PARAMETERIZATION=1, LOSS_L1=False, GRAD_X_START=True, GRAD_NOISE=False,
               **rows(ROW_LVLB="lvlb_weights_x0"))),
+        ("flow_interpolate", flow_interpolate_kernel, dict(E, SIGMA_PER_TOKEN=False, BACKWARD=False)),
+        ("flow_interpolate[per_token,backward]", flow_interpolate_kernel,
+         dict(E, SIGMA_PER_TOKEN=True, BACKWARD=True)),
+        ("flow_guidance_stats", flow_guidance_stats_kernel, E),
+        ("flow_step[table]", flow_step_kernel, dict(FLOW_STEP, TABLE=True)),
+        ("flow_step[per_token,guided,rescale,philox]", flow_step_kernel,
+         dict(FLOW_STEP, SIGMA_PER_TOKEN=True, GUIDED=True, RESCALE=True, STOCHASTIC=True)),
+        ("flow_step[table,guided,noise]", flow_step_kernel,
+         dict(FLOW_STEP, TABLE=True, GUIDED=True, STOCHASTIC=True, HAS_NOISE=True)),
+        ("flow_loss[cosmap,per_token]", flow_loss_kernel, dict(FLOW_LOSS, WEIGHTING=2, SIGMA_PER_TOKEN=True)),
+        ("flow_loss[sigma_sqrt,l1]", flow_loss_kernel, dict(FLOW_LOSS, WEIGHTING=1, LOSS_L1=True)),
+        ("flow_loss_reduce", flow_loss_reduce_kernel, dict(BLOCK_B=32, BLOCK_P=128)),
+        ("flow_loss_backward[cosmap,l1]", flow_loss_backward_kernel,
+         dict(FLOW_LOSS, WEIGHTING=2, LOSS_L1=True, GRAD_X0=True, GRAD_NOISE=True)),
+        ("flow_loss_backward[per_token]", flow_loss_backward_kernel,
+         dict(FLOW_LOSS, WEIGHTING=1, SIGMA_PER_TOKEN=True, GRAD_X0=False, GRAD_NOISE=False)),
     ]
 
     results = []
@@ -186,7 +212,8 @@ def test_every_kernel_compiles_for_sm90_and_sm80():
         assert r["ptx"] > 0 and r["cubin"] > 0, r
     # 128-bit vectorized access for aligned float32 tensors with a 16-divisible sample size.
     for r in results:
-        if r.get("aligned") and r["label"] not in ("diffusion_loss_reduce",):
+        if r.get("aligned") and r["label"] not in ("diffusion_loss_reduce", "flow_loss_reduce"):
             assert r["ld_v4"] > 0, r
-            if not r["label"].startswith("diffusion_loss["):  # the forward loss writes one partial per tile
+            # the forward losses write one partial per tile, the rescale statistics four per split
+            if not r["label"].startswith(("diffusion_loss[", "flow_loss[", "flow_guidance_stats")):
                 assert r["st_v4"] > 0, r

@@ -1,7 +1,8 @@
 """Drop-in integrations for existing diffusion code.
 
-* `ddpm_kernels.integrations.diffusers`: ``FusedDDPMScheduler`` and ``FusedDDIMScheduler``, subclasses of
-  diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` whose ``step`` and ``add_noise`` run the fused ops.
+* `ddpm_kernels.integrations.diffusers`: ``FusedDDPMScheduler``, ``FusedDDIMScheduler`` and
+  ``FusedFlowMatchEulerDiscreteScheduler``, subclasses of diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` /
+  ``FlowMatchEulerDiscreteScheduler`` whose ``step`` and ``add_noise`` / ``scale_noise`` run the fused ops.
 * `ddpm_kernels.integrations.compvis`: ``patch(model)`` / ``unpatch(model)`` for CompVis / Stability-AI ldm
   ``DDPM`` and ``LatentDiffusion`` objects.
 

@@ -5,8 +5,9 @@
 Families (one module each): ``pair`` (``out = A_t a + B_t b``: q_sample, predict_start_from_noise,
 predict_noise_from_start, get_v, predict_start_from_z_and_v, predict_eps_from_z_and_v, and every pair's
 backward), ``posterior`` (q_posterior, p_mean_variance, p_sample), ``sampler_step`` (ddim_step, ddpm_step:
-one kernel, a coefficient function per sampler), ``loss`` (diffusion_loss and its backward) and ``threshold``
-(dynamic_threshold). ``utils`` holds what they share: tiles, loads and stores, the coefficient gather, Philox
+one kernel, a coefficient function per sampler), ``loss`` (diffusion_loss and its backward), ``threshold``
+(dynamic_threshold) and ``flow`` (flow matching: flow_interpolate, flow_step with fused guidance, flow_loss, and
+their backwards). ``utils`` holds what they share: tiles, loads and stores, the coefficient gather, Philox
 noise, the launch table, registration.
 
 Ops run on CUDA tensors (compiled) and, when ``TRITON_INTERPRET=1`` was set before triton was first imported,
@@ -28,6 +29,7 @@ from typing import Dict, FrozenSet, Optional
 
 import torch
 
+from .flow import flow_interpolate, flow_loss, flow_step
 from .loss import diffusion_loss
 from .pair import ENTRIES as PAIR_ENTRIES
 from .pair import PAIR_OPS
@@ -50,7 +52,8 @@ class TritonBackend:
     * ``differentiable``: op name -> the tensor arguments its kernels give gradients for; ops not listed are
       sampling only (the dispatcher detaches their inputs).
     * ``declines(op, opts)``: None when the backend serves ``op`` with these options (``opts``: the step's
-      ``StepOptions``, None for other ops), else why not: a sampler without a coefficient function here.
+      ``StepOptions``; other ops' options are all served), else why not: a sampler without a coefficient
+      function here.
     * ``unavailable_reason(device, dtype)``: None when it runs tensors of that device and dtype, else why not.
     """
 
@@ -65,6 +68,10 @@ class TritonBackend:
         "ddim_step": sampler_step,
         "ddpm_step": sampler_step,
         "dynamic_threshold": dynamic_threshold,
+        # one step kernel; with guidance_rescale, a per-sample statistics pass comes first
+        "flow_interpolate": flow_interpolate,
+        "flow_step": flow_step,
+        "flow_loss": flow_loss,
     }
     differentiable: Dict[str, FrozenSet[str]] = {
         **{name: frozenset(args) - {"t"} for name, args in PAIR_OPS.items()},
@@ -72,15 +79,20 @@ class TritonBackend:
         "q_posterior": frozenset({"x_start", "x_t"}),
         # x_start and noise where the target depends on them (x0 / v, eps / v); None otherwise, as the reference
         "diffusion_loss": frozenset({"model_output", "x_start", "noise"}),
+        # sigma gradients are left to the reference
+        "flow_interpolate": frozenset({"x0", "noise"}),
+        "flow_loss": frozenset({"model_output", "x0", "noise"}),
     }
 
     @staticmethod
     def declines(op: str, opts=None) -> Optional[str]:
         # an op without a kernel is not declined but missing (`ops`): the dispatcher tells the two apart
-        if opts is None:
+        if opts is None or not hasattr(opts, "sampler"):  # the step family's options are the ones it checks
             return None
         if opts.sampler not in SAMPLERS:
             return f"the Triton sampler step has no coefficient function for sampler={opts.sampler!r}"
+        if opts.guided:
+            return "the Triton DDIM/DDPM step kernel takes no guidance yet (flow_step does)"
         if opts.sampler == "ddpm" and opts.variance_type not in VARIANCE_ID:
             return f"the Triton DDPM step has no variance_type={opts.variance_type!r}"
         return None

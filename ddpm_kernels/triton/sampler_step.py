@@ -455,7 +455,10 @@ def _step_options(opts: StepOptions):
     return sampler, parameterization, VARIANCE_ID[opts.variance_type], 0.0, True, False
 
 
-def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None):
+def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None, uncond=None,
+                 guidance=None):
+    if opts.guided:  # declined by the backend: dispatch never sends a guided step here
+        raise NotImplementedError("the Triton sampler-step kernel takes no guidance")
     """Backend entry of ``ddim_step`` and ``ddpm_step``: one step of sampler ``opts.sampler``. Returns
     ``x_{t_prev}``, or ``(x_{t_prev}, x0)`` with ``opts.return_pred_x0``. ``noise=None`` draws z in-kernel
     (Philox) when the step has noise; ``threshold_ratio`` adds a first pass and a per-sample selection

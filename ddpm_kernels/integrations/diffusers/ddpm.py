@@ -1,4 +1,4 @@
-"""diffusers schedulers whose per-step math runs through ddpm_kernels' fused ops.
+"""The DDPM / DDIM drop-ins: ``FusedDDPMScheduler`` and ``FusedDDIMScheduler``.
 
 ``FusedDDPMScheduler`` and ``FusedDDIMScheduler`` subclass diffusers' ``DDPMScheduler`` and ``DDIMScheduler``
 with the same config, so ``from_config``, ``save_pretrained`` and pipelines take them unchanged::
@@ -43,22 +43,18 @@ channels included). A ``variance_type`` the stock scheduler does not name (e.g. 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import sys
-import warnings
-from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
-from diffusers.utils.torch_utils import randn_tensor
 
-from .. import ops
-from ..schedule import DiffusionSchedule
+from ... import ops
+from ...schedule import DiffusionSchedule
+from ._common import _device, _FusedBase, _is_real, _output_maker, _randn
 
 __all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler"]
 
@@ -66,18 +62,8 @@ _PREDICTION = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 # the variance types the stock DDPMScheduler._get_variance names; it computes any other value as fixed_small
 _VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 _LEARNED = ("learned", "learned_range")
-# devices on which diffusers' randn_tensor is exactly torch.randn(shape, generator, device, dtype)
-_PLAIN_RANDN_DEVICES = ("cpu", "cuda")
 # bound on the per-(timestep, batch, device) tensors kept between set_timesteps calls
 _STEP_CACHE_LIMIT = 4096
-
-
-def _device(device) -> torch.device:
-    """A cache key for a device: "cuda" and "cuda:0" (what tensors report) are the same device."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _host_timesteps(timestep) -> Optional[List[int]]:
@@ -88,70 +74,6 @@ def _host_timesteps(timestep) -> Optional[List[int]]:
     if isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu":
         return [timestep.item()] if timestep.numel() == 1 else timestep.reshape(-1).tolist()
     return None
-
-
-def _randn(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """diffusers' ``randn_tensor(shape, generator, device, dtype)``: the same numbers and generator state. Its
-    common case (no generator, or one generator on the tensor's device) is one ``torch.randn`` call, taken here
-    directly to skip the helper's per-call Python."""
-    if device.type in _PLAIN_RANDN_DEVICES and (generator is None or type(generator) is torch.Generator):
-        try:
-            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        except RuntimeError:
-            pass  # a generator of another device (refused before drawing): the helper draws where it lives
-    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning point at the first caller outside this module (the user's
-    ``step`` call), however deep inside the module it is raised."""
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def _output_maker(cls):
-    """A function building ``cls(prev_sample=a, pred_original_sample=b)``, the stock step's output.
-
-    diffusers' ``BaseOutput`` is an OrderedDict dataclass whose ``__init__`` / ``__post_init__`` (field
-    introspection, overridden ``__setattr__`` / ``__setitem__``) cost more per step than the rest of the
-    scheduler's Python. The same object is built here by setting its two items and its two attributes
-    directly; a check when this module loads compares it with the constructor's (type, items, attributes) and
-    keeps the constructor if anything differs (another diffusers version's output class)."""
-    od_new, od_setitem = OrderedDict.__new__, OrderedDict.__setitem__
-
-    def direct(prev_sample, pred_original_sample):
-        out = od_new(cls)
-        od_setitem(out, "prev_sample", prev_sample)
-        od_setitem(out, "pred_original_sample", pred_original_sample)
-        attributes = out.__dict__
-        attributes["prev_sample"] = prev_sample
-        attributes["pred_original_sample"] = pred_original_sample
-        return out
-
-    def constructor(prev_sample, pred_original_sample):
-        return cls(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
-
-    try:
-        a, b = torch.zeros(1), torch.ones(1)
-        expected, got = constructor(a, b), direct(a, b)
-        same = (
-            [f.name for f in dataclasses.fields(cls)] == ["prev_sample", "pred_original_sample"]
-            and type(got) is type(expected)
-            and list(got.keys()) == list(expected.keys())
-            and all(got[k] is expected[k] for k in expected.keys())
-            and got.__dict__.keys() == expected.__dict__.keys()
-            and all(got.__dict__[k] is expected.__dict__[k] for k in expected.__dict__)
-            and got.to_tuple()[0] is a
-        )
-    except Exception:  # noqa: BLE001  (any difference: keep the constructor)
-        same = False
-    return direct if same else constructor
 
 
 class _Plan:
@@ -171,28 +93,11 @@ class _Steps:
     __slots__ = ("timesteps", "root", "version", "key", "host", "prev", "tensors", "views", "prev_tables")
 
 
-class _FusedSchedulerMixin:
-    """Shared machinery: the plan, the schedule per device, timestep tensors, add_noise / get_velocity, the
-    stock fallback."""
-
-    #: backend for the fused ops ("auto", "reference", "triton", "cuda", "cpu")
-    fused_backend: str = "auto"
-    #: let the backend generate the step noise in-kernel instead of drawing it as the stock scheduler does
-    in_kernel_noise: bool = False
+class _FusedSchedulerMixin(_FusedBase):
+    """The DDPM / DDIM machinery: the plan, the schedule per device, timestep tensors, add_noise /
+    get_velocity."""
 
     _make_output = None  # builds the stock step's output dataclass from (prev_sample, pred_original_sample)
-    _stock_name = ""  # the stock class, for messages
-
-    # ------------------------------------------------------------------ stock fallback
-    def _dk_warn(self, cause: str, message: str) -> None:
-        """One warning per scheduler and cause: a sampling loop would otherwise repeat it every step."""
-        warned = self.__dict__.setdefault("_dk_warned", set())
-        if cause not in warned:
-            warned.add(cause)
-            warnings.warn(f"{type(self).__name__}: {message}", RuntimeWarning, stacklevel=_caller_stacklevel())
-
-    def _dk_stock(self, cause: str, message: str) -> None:
-        self._dk_warn(cause, f"{message}; this takes the stock {self._stock_name} code path")
 
     # ------------------------------------------------------------------ plan
     def _dk_plan_key(self):
@@ -499,14 +404,6 @@ class _FusedSchedulerMixin:
             return super().get_velocity(sample, noise, timesteps)
         return ops.get_v(sample, noise, t, self._dk_schedule(sample.device), backend=self.fused_backend)
 
-    def _noise_generator(self, generator):
-        """The generator handed to the op for in-kernel noise (one torch.Generator or None)."""
-        if isinstance(generator, list):
-            if len(generator) != 1:
-                return None
-            generator = generator[0]
-        return generator
-
 
 class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
     """diffusers' ``DDPMScheduler`` (same config, same results) with ``step`` as one fused
@@ -591,9 +488,9 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
         model_dtype = model_output.dtype
         if model_dtype != sample.dtype:
             model_output, sample = self._dk_common_dtype(model_output, sample)
-        generator_for_op = None
-        if self.in_kernel_noise and (generator is None or self._noise_generator(generator) is not None):
-            noise, generator_for_op = None, self._noise_generator(generator)
+        in_kernel, generator_for_op = self._dk_kernel_generator(generator)
+        if in_kernel:
+            noise = None
         else:
             if value is not None:
                 draw = value > 0
@@ -693,12 +590,12 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
         if eta > 0:
             if variance_noise is not None:
                 noise = variance_noise.to(device=sample.device, dtype=sample.dtype)
-            elif self.in_kernel_noise and (generator is None or self._noise_generator(generator) is not None):
-                generator_for_op = self._noise_generator(generator)
             else:
-                noise = _randn(model_output.shape, generator, model_output.device, model_dtype)
-                if noise.dtype != sample.dtype:
-                    noise = noise.to(sample.dtype)
+                in_kernel, generator_for_op = self._dk_kernel_generator(generator)
+                if not in_kernel:
+                    noise = _randn(model_output.shape, generator, model_output.device, model_dtype)
+                    if noise.dtype != sample.dtype:
+                        noise = noise.to(sample.dtype)
         prev_sample, pred_original_sample = ops.ddim_step(
             sample,
             t,

@@ -1,0 +1,23 @@
+"""diffusers schedulers whose per-step math runs through ddpm_kernels' fused ops.
+
+Each ``Fused<Name>`` subclasses diffusers' ``<Name>`` with the same config, so ``from_config``,
+``save_pretrained`` and pipelines take it unchanged::
+
+    from ddpm_kernels.integrations.diffusers import FusedFlowMatchEulerDiscreteScheduler
+    pipe.scheduler = FusedFlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+* `FusedDDPMScheduler`, `FusedDDIMScheduler` (``ddpm_kernels.integrations.diffusers.ddpm``): ``step`` is one
+  `ddpm_kernels.ddpm_step` / `ddpm_kernels.ddim_step`, ``add_noise`` one `ddpm_kernels.q_sample`.
+* `FusedFlowMatchEulerDiscreteScheduler` (``ddpm_kernels.integrations.diffusers.flow``): ``step`` is one
+  `ddpm_kernels.flow_step`, ``scale_noise`` one `ddpm_kernels.flow_interpolate`.
+
+Common to all: ``step`` does not synchronize with the device; noise is drawn from the generator exactly as the
+stock scheduler draws it (same images, same generator state) unless ``in_kernel_noise = True``; the attribute
+``fused_backend`` picks the ops' backend (``"auto"``); whatever the fused ops do not take runs the stock code
+path with one warning per scheduler and cause. Each module's docstring says what differs from stock.
+"""
+
+from .ddpm import FusedDDIMScheduler, FusedDDPMScheduler
+from .flow import FusedFlowMatchEulerDiscreteScheduler
+
+__all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler", "FusedFlowMatchEulerDiscreteScheduler"]

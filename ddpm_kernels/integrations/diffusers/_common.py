@@ -1,0 +1,126 @@
+"""What the fused diffusers schedulers share: the stock noise draw, the stock step's output built directly, and
+the base class with the backend choice, the in-kernel noise switch and the one-warning-per-cause fallback to the
+stock code path."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+# devices on which diffusers' randn_tensor is exactly torch.randn(shape, generator, device, dtype)
+_PLAIN_RANDN_DEVICES = ("cpu", "cuda")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _device(device) -> torch.device:
+    """A cache key for a device: "cuda" and "cuda:0" (what tensors report) are the same device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _randn(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """diffusers' ``randn_tensor(shape, generator, device, dtype)``: the same numbers and generator state. Its
+    common case (no generator, or one generator on the tensor's device) is one ``torch.randn`` call, taken here
+    directly to skip the helper's per-call Python."""
+    if device.type in _PLAIN_RANDN_DEVICES and (generator is None or type(generator) is torch.Generator):
+        try:
+            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        except RuntimeError:
+            pass  # a generator of another device (refused before drawing): the helper draws where it lives
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside this package (the user's
+    ``step`` call), however deep inside the package it is raised."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _output_maker(cls):
+    """A function building ``cls(**fields)`` from the field values in order, the stock step's output.
+
+    diffusers' ``BaseOutput`` is an OrderedDict dataclass whose ``__init__`` / ``__post_init__`` (field
+    introspection, overridden ``__setattr__`` / ``__setitem__``) cost more per step than the rest of the
+    scheduler's Python. The same object is built here by setting its items and attributes directly; a check
+    when this module loads compares it with the constructor's (type, items, attributes) and keeps the
+    constructor if anything differs (another diffusers version's output class)."""
+    od_new, od_setitem = OrderedDict.__new__, OrderedDict.__setitem__
+    try:
+        names = tuple(f.name for f in dataclasses.fields(cls))
+    except TypeError:
+        names = ()
+
+    def direct(*values):
+        out = od_new(cls)
+        attributes = out.__dict__
+        for name, value in zip(names, values):
+            od_setitem(out, name, value)
+            attributes[name] = value
+        return out
+
+    def constructor(*values):
+        return cls(**dict(zip(names, values)))
+
+    try:
+        values = tuple(torch.full((1,), float(i)) for i in range(len(names)))
+        expected, got = constructor(*values), direct(*values)
+        same = (
+            bool(names)
+            and type(got) is type(expected)
+            and list(got.keys()) == list(expected.keys()) == list(names)
+            and all(got[k] is expected[k] for k in expected.keys())
+            and got.__dict__.keys() == expected.__dict__.keys()
+            and all(got.__dict__[k] is expected.__dict__[k] for k in expected.__dict__)
+            and got.to_tuple()[0] is values[0]
+        )
+    except Exception:  # noqa: BLE001  (any difference: keep the constructor)
+        same = False
+    return direct if same else constructor
+
+
+class _FusedBase:
+    """The fused schedulers' common switches and their fallback to the stock code path."""
+
+    #: backend for the fused ops ("auto", "reference", "triton", "cuda", "cpu")
+    fused_backend: str = "auto"
+    #: let the backend generate the step noise in-kernel instead of drawing it as the stock scheduler does
+    in_kernel_noise: bool = False
+
+    _stock_name = ""  # the stock class, for messages
+
+    def _dk_warn(self, cause: str, message: str) -> None:
+        """One warning per scheduler and cause: a sampling loop would otherwise repeat it every step."""
+        warned = self.__dict__.setdefault("_dk_warned", set())
+        if cause not in warned:
+            warned.add(cause)
+            warnings.warn(f"{type(self).__name__}: {message}", RuntimeWarning, stacklevel=_caller_stacklevel())
+
+    def _dk_stock(self, cause: str, message: str) -> None:
+        self._dk_warn(cause, f"{message}; this takes the stock {self._stock_name} code path")
+
+    def _dk_kernel_generator(self, generator):
+        """``(True, generator for the op)`` when the step noise is to be generated in the kernel (``in_kernel_noise``
+        and no generator or a single one), else ``(False, None)``: the noise is drawn as the stock step draws it."""
+        if not self.in_kernel_noise:
+            return False, None
+        if isinstance(generator, list):
+            if len(generator) != 1 or generator[0] is None:
+                return False, None
+            generator = generator[0]
+        return True, generator

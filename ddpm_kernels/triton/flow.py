@@ -1,0 +1,729 @@
+"""The flow-matching family (rectified flow: ``x_sigma = (1 - sigma) x0 + sigma eps``, the model predicts
+``v = eps - x0``): ``flow_interpolate`` and its backward, the Euler step ``flow_step`` with fused
+classifier-free guidance, and ``flow_loss`` with its backward. References: ``ddpm_kernels.reference``'s
+``flow_interpolate_ref``, ``flow_step_ref`` (``guided_output``) and ``flow_loss_ref``.
+
+Sigmas. A sigma reaches a kernel as a ``SigmaOperand``'s flat form (``ddpm_kernels._spec``): the element at
+offset ``i`` of sample ``b``'s dense block reads ``flat[b * period + (i // repeat) % period]``, in the compute
+dtype. ``period == 1`` (one sigma per sample, the common case) is a constexpr branch that loads one scalar per
+program; per-token sigmas (``SIGMA_PER_TOKEN``) cost one integer division and one cached load per element.
+The step's table form gathers ``sigmas[i]`` and ``sigmas[i + 1]`` by ``step_index[b]`` inside the kernel;
+an index outside ``[0, len(sigmas) - 1)`` gives NaN for that sample and reads nothing.
+
+Kernels, one launch each unless said:
+
+    flow_interpolate_kernel      out = (1 - s) x0 + s noise;  BACKWARD: (1 - s) g and s g in one pass
+    flow_step_kernel             v = c, or u + w[b] (c - u) (GUIDED), times factor[b] (RESCALE);
+                                 x' = x + (s_next - s) v, or (1 - s_next) (x - s v) + s_next z (STOCHASTIC)
+    flow_guidance_stats_kernel   RESCALE's first pass: per-sample count, mean and sum of squared deviations of
+                                 c and of g = u + w (c - u), in at most MAX_SPLITS partials per sample
+    flow_loss_kernel             one partial sum of weight(s) * err^2 (or |err|) per (sample, tile)
+    flow_loss_reduce_kernel      one program: each sample's mean, then the batch mean (fixed order, no atomics)
+    flow_loss_backward_kernel    grad * weight(s) * d loss / d err / (B N) for model_output (and +/- for x0 and
+                                 noise when they need it), one pass
+
+Guidance rescale (Lin et al. 2023, diffusers' ``rescale_noise_cfg``) needs the per-sample standard deviations
+of ``c`` and ``g`` over the whole sample, which one elementwise pass cannot see. The stats pass writes, per
+(sample, split) of at most ``MAX_SPLITS`` contiguous chunks, the mean and the sum of squared deviations (M2) of
+``c`` and ``g``: each tile's exact two-pass mean and M2 merged into the chunk's with Chan et al.'s pairwise
+update, which, unlike sums of x and x^2, loses nothing when a sample's mean is large against its spread. The
+step kernel merges its sample's partials the same way (a vector of at most ``MAX_SPLITS``), forms
+``factor = phi std(c) / std(g) + (1 - phi)`` with torch.std's unbiased estimator (the ``N - 1`` of both
+cancels but is kept so the numbers follow torch's), and multiplies ``g`` by it. Two launches, no host sync.
+
+In-kernel noise (stochastic step, ``noise=None``) is keyed as ``utils`` describes, with the same counter layout
+as ``p_sample``: one stream per (key, sample, element), independent of the launch configuration.
+
+Autograd: ``flow_interpolate`` w.r.t. ``x0`` and ``noise``; ``flow_loss`` w.r.t. ``model_output``, ``x0`` and
+``noise`` (the target ``noise - x0`` is linear, so their gradients are the model output's, negated for noise).
+Sigma gradients are left to the reference (the dispatcher sends such calls there). ``flow_step`` is sampling
+only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._layout import dense_format, in_format
+from . import utils
+from .utils import (
+    as_rows,
+    batch_chunks,
+    custom_op_with_out,
+    device_of,
+    div_rn,
+    empty_dense,
+    launch_config,
+    launch_per_sample,
+    like_dense,
+    load_or_draw_noise,
+    load_tile,
+    noise_key,
+    noise_operands,
+    sample_tile,
+    split_float,
+    sqrt_rn,
+    store_tile,
+    zero_key,
+)
+
+__all__ = [
+    "WEIGHTING_ID",
+    "MAX_SPLITS",
+    "flow_interpolate_kernel",
+    "flow_guidance_stats_kernel",
+    "flow_step_kernel",
+    "flow_loss_kernel",
+    "flow_loss_reduce_kernel",
+    "flow_loss_backward_kernel",
+    "flow_interpolate",
+    "flow_step",
+    "flow_loss",
+]
+
+WEIGHTING_ID = {"none": 0, "sigma_sqrt": 1, "cosmap": 2}
+# Partials per sample of the rescale statistics: enough programs to fill a GPU for small batches, and few enough
+# that each step program merges its sample's partials as one vector.
+MAX_SPLITS = 64
+# cosmap's 2 / pi as two float32s (``split_float``) so float64 data keeps float64 accuracy
+_TWO_OVER_PI = split_float(2.0 / math.pi)
+
+
+# ---------------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, PER_TOKEN: tl.constexpr):
+    """The tile's sigma (module docstring, "Sigmas"): one scalar per sample, or one value per element."""
+    if PER_TOKEN:
+        index = sample.to(tl.int64) * period + (offs_in_sample // repeat) % period
+        s = tl.load(sigma_ptr + index, mask=mask, other=0.0)
+    else:
+        s = tl.load(sigma_ptr + sample)
+    return s
+
+
+@triton.jit
+def gather_sigma_pair(sigmas_ptr, step_index_ptr, sample, n_sigmas):
+    """``(sigmas[i], sigmas[i + 1])`` with ``i = step_index[sample]``; NaN (and no memory access) for ``i``
+    outside ``[0, n_sigmas - 1)``."""
+    i = tl.load(step_index_ptr + sample)
+    in_range = (i >= 0) & (i < n_sigmas - 1)
+    # the clamped index keeps the address inside the table even if a backend ignores the mask
+    i_safe = tl.where(in_range, i, 0)
+    s = tl.load(sigmas_ptr + i_safe, mask=in_range, other=float("nan"))
+    s_next = tl.load(sigmas_ptr + i_safe + 1, mask=in_range, other=float("nan"))
+    return s, s_next
+
+
+@triton.jit
+def flow_weight(s, two_over_pi_hi, two_over_pi_lo, WEIGHTING: tl.constexpr):
+    """SD3's loss weighting of sigma ``s``: ``sigma_sqrt`` s^-2, ``cosmap`` 2 / (pi (1 - 2 s + 2 s^2))
+    (``WEIGHTING`` 0, ``none``, is not called)."""
+    if WEIGHTING == 1:
+        w = div_rn(1.0, s * s)
+    else:
+        two_over_pi = tl.cast(two_over_pi_hi, s.dtype) + tl.cast(two_over_pi_lo, s.dtype)
+        w = div_rn(two_over_pi, 1.0 - 2.0 * s + 2.0 * s * s)
+    return w
+
+
+@triton.jit
+def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan et al.'s pairwise merge of two (count, mean, M2) summaries (``count_a + count_b > 0``)."""
+    count = count_a + count_b
+    frac_b = div_rn(count_b, count)
+    delta = mean_b - mean_a
+    return count, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * count_a * frac_b
+
+
+@triton.jit
+def rescale_factor(stats_ptr, sample, n_splits, chunk, N, rescale_hi, rescale_lo, cd: tl.constexpr,
+                   BLOCK_SPLIT: tl.constexpr):
+    """``phi std(c) / std(g) + (1 - phi)`` of one sample from its stats partials (module docstring)."""
+    j = tl.arange(0, BLOCK_SPLIT)
+    valid = j < n_splits
+    base = stats_ptr + (sample.to(tl.int64) * n_splits + j) * 4
+    mean_c = tl.load(base, mask=valid, other=0.0)
+    m2_c = tl.load(base + 1, mask=valid, other=0.0)
+    mean_g = tl.load(base + 2, mask=valid, other=0.0)
+    m2_g = tl.load(base + 3, mask=valid, other=0.0)
+    first = j.to(tl.int64) * chunk
+    count = tl.where(valid, tl.minimum(N - first, chunk), 0).to(cd)
+    total = tl.sum(count, axis=0)
+    # the merge of many summaries at once: the overall mean, then the within-chunk M2 plus the between-chunk one
+    mean_c_all = div_rn(tl.sum(count * mean_c, axis=0), total)
+    mean_g_all = div_rn(tl.sum(count * mean_g, axis=0), total)
+    dev_c = tl.where(valid, mean_c - mean_c_all, 0.0)
+    dev_g = tl.where(valid, mean_g - mean_g_all, 0.0)
+    m2_c_all = tl.sum(m2_c, axis=0) + tl.sum(count * dev_c * dev_c, axis=0)
+    m2_g_all = tl.sum(m2_g, axis=0) + tl.sum(count * dev_g * dev_g, axis=0)
+    dof = total - 1.0
+    std_c = sqrt_rn(div_rn(m2_c_all, dof))
+    std_g = sqrt_rn(div_rn(m2_g_all, dof))
+    phi = tl.cast(rescale_hi, cd) + tl.cast(rescale_lo, cd)
+    return phi * div_rn(std_c, std_g) + (1.0 - phi)
+
+
+# -------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def flow_interpolate_kernel(
+    x0_ptr,
+    noise_ptr,
+    sigma_ptr,
+    out_ptr,
+    out_b_ptr,
+    N,
+    period,
+    repeat,
+    batch_start,
+    SIGMA_PER_TOKEN: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Forward: ``out = (1 - s) x0 + s noise``. ``BACKWARD``: ``x0`` is the incoming gradient ``g``, ``out =
+    (1 - s) g`` and ``out_b = s g`` (``noise`` is not read)."""
+    sample, _, offs_in_sample, mask, offs = sample_tile(N, batch_start, BLOCK)
+    # math in the sigma's dtype (the compute dtype: float32, float64 for float64 data); one rounding at the store
+    cd: tl.constexpr = sigma_ptr.dtype.element_ty
+    x = load_tile(x0_ptr, offs, mask, cd)
+    if not BACKWARD:
+        y = load_tile(noise_ptr, offs, mask, cd)
+    s = sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, SIGMA_PER_TOKEN)
+    if BACKWARD:
+        store_tile(out_ptr, offs, (1.0 - s) * x, mask)
+        store_tile(out_b_ptr, offs, s * x, mask)
+    else:
+        store_tile(out_ptr, offs, (1.0 - s) * x + s * y, mask)
+
+
+@triton.jit
+def flow_guidance_stats_kernel(
+    model_output_ptr,
+    uncond_ptr,
+    guidance_ptr,
+    stats_ptr,
+    N,
+    n_splits,
+    tiles_per_split,
+    batch_start,
+    BLOCK: tl.constexpr,
+):
+    """Program ``(split, sample)``: (mean, M2) of ``c`` and of ``g = u + w (c - u)`` over the split's tiles
+    ``[split * tiles_per_split, ...)`` of the sample, stored at ``stats[sample, split, 0:4]``."""
+    split = tl.program_id(0)
+    sample = tl.program_id(1) + batch_start
+    cd: tl.constexpr = guidance_ptr.dtype.element_ty
+    w = tl.load(guidance_ptr + sample)
+    count = tl.zeros((), cd)
+    mean_c = tl.zeros((), cd)
+    m2_c = tl.zeros((), cd)
+    mean_g = tl.zeros((), cd)
+    m2_g = tl.zeros((), cd)
+    tile = split * tiles_per_split
+    end = tl.minimum(tile + tiles_per_split, tl.cdiv(N, BLOCK))
+    # while, not range(): Triton's interpreter cannot take a runtime bound in range() with numpy 2
+    while tile < end:
+        offs_in_sample = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs_in_sample < N
+        offs = sample.to(tl.int64) * N + offs_in_sample
+        c = load_tile(model_output_ptr, offs, mask, cd)
+        u = load_tile(uncond_ptr, offs, mask, cd)
+        g = tl.where(mask, u + w * (c - u), 0.0)
+        m = tl.sum(mask.to(cd), axis=0)
+        # the tile's own mean and M2 in two passes over registers, exact to rounding
+        tile_mean_c = div_rn(tl.sum(c, axis=0), m)
+        tile_mean_g = div_rn(tl.sum(g, axis=0), m)
+        dev_c = tl.where(mask, c - tile_mean_c, 0.0)
+        dev_g = tl.where(mask, g - tile_mean_g, 0.0)
+        _, mean_c, m2_c = chan_merge(count, mean_c, m2_c, m, tile_mean_c, tl.sum(dev_c * dev_c, axis=0))
+        count, mean_g, m2_g = chan_merge(count, mean_g, m2_g, m, tile_mean_g, tl.sum(dev_g * dev_g, axis=0))
+        tile += 1
+    base = stats_ptr + (sample.to(tl.int64) * n_splits + split) * 4
+    tl.store(base, mean_c)
+    tl.store(base + 1, m2_c)
+    tl.store(base + 2, mean_g)
+    tl.store(base + 3, m2_g)
+
+
+# The Philox key and offset are int64 whatever their value (see posterior_kernel).
+@triton.jit(do_not_specialize=["philox_seed", "philox_offset"])
+def flow_step_kernel(
+    sample_ptr,
+    model_output_ptr,
+    uncond_ptr,
+    guidance_ptr,
+    stats_ptr,
+    noise_ptr,
+    seed_ptr,
+    philox_seed: tl.int64,
+    philox_offset: tl.int64,
+    sigma_ptr,
+    sigma_next_ptr,
+    step_index_ptr,
+    n_sigmas,
+    period,
+    repeat,
+    period_next,
+    repeat_next,
+    rescale_hi,
+    rescale_lo,
+    n_splits,
+    chunk,
+    out_ptr,
+    N,
+    batch_start,
+    TABLE: tl.constexpr,
+    SIGMA_PER_TOKEN: tl.constexpr,
+    SIGMA_NEXT_PER_TOKEN: tl.constexpr,
+    GUIDED: tl.constexpr,
+    RESCALE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
+):
+    sample, tile_start, offs_in_sample, mask, offs = sample_tile(N, batch_start, BLOCK)
+    cd: tl.constexpr = sigma_ptr.dtype.element_ty
+    # data loads and noise first: none depends on the sigma gather, so their latency overlaps it
+    x = load_tile(sample_ptr, offs, mask, cd)
+    v = load_tile(model_output_ptr, offs, mask, cd)
+    if GUIDED:
+        u = load_tile(uncond_ptr, offs, mask, cd)
+    if STOCHASTIC:
+        z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample, tile_start, offs, mask, N,
+                               cd, HAS_NOISE, BLOCK)
+    if TABLE:
+        s, s_next = gather_sigma_pair(sigma_ptr, step_index_ptr, sample, n_sigmas)
+    else:
+        s = sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, SIGMA_PER_TOKEN)
+        s_next = sigma_at(sigma_next_ptr, sample, offs_in_sample, mask, period_next, repeat_next,
+                          SIGMA_NEXT_PER_TOKEN)
+    if GUIDED:
+        w = tl.load(guidance_ptr + sample)
+        v = u + w * (v - u)
+        if RESCALE:
+            v = v * rescale_factor(stats_ptr, sample, n_splits, chunk, N, rescale_hi, rescale_lo, cd, BLOCK_SPLIT)
+    if STOCHASTIC:
+        result = (1.0 - s_next) * (x - s * v) + s_next * z
+    else:
+        result = x + (s_next - s) * v
+    store_tile(out_ptr, offs, result, mask)
+
+
+@triton.jit
+def flow_loss_kernel(
+    model_output_ptr,
+    x0_ptr,
+    noise_ptr,
+    sigma_ptr,
+    partial_ptr,
+    period,
+    repeat,
+    two_over_pi_hi,
+    two_over_pi_lo,
+    N,
+    n_tiles,
+    batch_start,
+    WEIGHTING: tl.constexpr,
+    SIGMA_PER_TOKEN: tl.constexpr,
+    LOSS_L1: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    sample, _, offs_in_sample, mask, offs = sample_tile(N, batch_start, BLOCK)
+    cd: tl.constexpr = sigma_ptr.dtype.element_ty
+    model_output = load_tile(model_output_ptr, offs, mask, cd)
+    noise = load_tile(noise_ptr, offs, mask, cd)
+    x0 = load_tile(x0_ptr, offs, mask, cd)
+    err = model_output - (noise - x0)
+    if LOSS_L1:
+        per_element = tl.abs(err)
+    else:
+        per_element = err * err
+    if WEIGHTING != 0:
+        s = sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, SIGMA_PER_TOKEN)
+        per_element = flow_weight(s, two_over_pi_hi, two_over_pi_lo, WEIGHTING) * per_element
+    per_element = tl.where(mask, per_element, 0.0)
+    tl.store(partial_ptr + sample.to(tl.int64) * n_tiles + tl.program_id(0), tl.sum(per_element, axis=0))
+
+
+@triton.jit
+def flow_loss_reduce_kernel(
+    partial_ptr,
+    loss_ptr,
+    B,
+    N,
+    n_tiles,
+    BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    cd: tl.constexpr = partial_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_B,), dtype=cd)
+    b0 = 0
+    while b0 < B:
+        samples = b0 + tl.arange(0, BLOCK_B)
+        in_batch = samples < B
+        sample_sum = tl.zeros((BLOCK_B,), dtype=cd)
+        p0 = 0
+        while p0 < n_tiles:
+            tiles = p0 + tl.arange(0, BLOCK_P)
+            ptrs = partial_ptr + samples.to(tl.int64)[:, None] * n_tiles + tiles[None, :]
+            sample_sum += tl.sum(tl.load(ptrs, mask=in_batch[:, None] & (tiles < n_tiles)[None, :], other=0.0),
+                                 axis=1)
+            p0 += BLOCK_P
+        acc += tl.where(in_batch, div_rn(sample_sum, tl.cast(N, cd)), 0.0)
+        b0 += BLOCK_B
+    tl.store(loss_ptr, div_rn(tl.sum(acc, axis=0), tl.cast(B, cd)).to(loss_ptr.dtype.element_ty))
+
+
+@triton.jit
+def flow_loss_backward_kernel(
+    model_output_ptr,
+    x0_ptr,
+    noise_ptr,
+    sigma_ptr,
+    grad_loss_ptr,
+    grad_model_output_ptr,
+    grad_x0_ptr,
+    grad_noise_ptr,
+    period,
+    repeat,
+    two_over_pi_hi,
+    two_over_pi_lo,
+    B,
+    N,
+    batch_start,
+    WEIGHTING: tl.constexpr,
+    SIGMA_PER_TOKEN: tl.constexpr,
+    LOSS_L1: tl.constexpr,
+    GRAD_X0: tl.constexpr,
+    GRAD_NOISE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    sample, _, offs_in_sample, mask, offs = sample_tile(N, batch_start, BLOCK)
+    cd: tl.constexpr = sigma_ptr.dtype.element_ty
+    model_output = load_tile(model_output_ptr, offs, mask, cd)
+    noise = load_tile(noise_ptr, offs, mask, cd)
+    x0 = load_tile(x0_ptr, offs, mask, cd)
+    # the two means' 1 / (B N), with the incoming gradient read from device memory (no host sync)
+    grad_scale = div_rn(tl.load(grad_loss_ptr).to(cd), tl.cast(B, cd) * tl.cast(N, cd))
+    err = model_output - (noise - x0)
+    if LOSS_L1:
+        # torch's abs backward: sign(err), 0 at 0
+        d_err = tl.where(err > 0, 1.0, tl.where(err < 0, -1.0, 0.0)).to(cd)
+    else:
+        d_err = 2.0 * err
+    if WEIGHTING != 0:
+        s = sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, SIGMA_PER_TOKEN)
+        grad_scale = grad_scale * flow_weight(s, two_over_pi_hi, two_over_pi_lo, WEIGHTING)
+    grad = grad_scale * d_err
+    store_tile(grad_model_output_ptr, offs, grad, mask)
+    # err = model_output - noise + x0
+    if GRAD_X0:
+        store_tile(grad_x0_ptr, offs, grad, mask)
+    if GRAD_NOISE:
+        store_tile(grad_noise_ptr, offs, -grad, mask)
+
+
+# ------------------------------------------------------------------------------------------ flow_interpolate
+def _interpolate_launch(x0, noise, sigma, period, repeat, out, out_b=None):
+    """Forward (``out_b`` None) into ``out``, or backward of the gradient ``x0`` into ``out`` and ``out_b``."""
+    x0, batch, n = as_rows(x0)
+    if x0.numel() == 0:
+        return
+    backward = out_b is not None
+    launch_per_sample(
+        flow_interpolate_kernel, x0, n, batch, x0, x0 if backward else like_dense(x0, noise), sigma, out,
+        out_b if backward else out, n, period, repeat, SIGMA_PER_TOKEN=period > 1, BACKWARD=backward,
+    )
+
+
+def _flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, period: int,
+                      repeat: int) -> torch.Tensor:
+    """``(1 - s) x0 + s noise`` with ``sigma`` a ``SigmaOperand``'s flat form of ``x0``'s layout."""
+    out = empty_dense(x0)
+    _interpolate_launch(x0, noise, sigma, period, repeat, out)
+    return out
+
+
+def _flow_interpolate_fake(x0, noise, sigma, period, repeat):
+    return empty_dense(x0)
+
+
+# flow_interpolate_out writes into out, which may alias x0 or noise.
+flow_interpolate_op, flow_interpolate_out_op = custom_op_with_out(
+    "ddpm_kernels_triton::flow_interpolate", _flow_interpolate, _flow_interpolate_fake,
+    lambda x0, noise, sigma, period, repeat, out: _interpolate_launch(x0, noise, sigma, period, repeat, out),
+)
+
+
+@torch.library.custom_op("ddpm_kernels_triton::flow_interpolate_backward", mutates_args=())
+def flow_interpolate_backward_op(
+    grad: torch.Tensor, sigma: torch.Tensor, period: int, repeat: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((1 - s) grad, s grad)`` in one pass, in ``grad``'s dense format (which must be the forward's)."""
+    grad_x0, grad_noise = empty_dense(grad), empty_dense(grad)
+    _interpolate_launch(grad, None, sigma, period, repeat, grad_x0, grad_noise)
+    return grad_x0, grad_noise
+
+
+@flow_interpolate_backward_op.register_fake
+def _(grad, sigma, period, repeat):
+    return empty_dense(grad), empty_dense(grad)
+
+
+def _interpolate_setup_context(ctx, inputs, output):
+    x0, _, sigma, period, repeat = inputs
+    ctx.save_for_backward(sigma)
+    ctx.period, ctx.repeat = period, repeat
+    # a per-element sigma is laid out in the forward's storage order: the gradient must be read in it
+    ctx.memory_format = dense_format(x0)
+
+
+def _interpolate_backward(ctx, grad):
+    (sigma,) = ctx.saved_tensors
+    grad_x0, grad_noise = flow_interpolate_backward_op(in_format(grad, ctx.memory_format), sigma, ctx.period,
+                                                       ctx.repeat)
+    return (grad_x0 if ctx.needs_input_grad[0] else None, grad_noise if ctx.needs_input_grad[1] else None,
+            None, None, None)
+
+
+flow_interpolate_op.register_autograd(_interpolate_backward, setup_context=_interpolate_setup_context)
+
+
+def flow_interpolate(x0, noise, sigma, out=None):
+    """Backend entry with ``reference.flow_interpolate_ref``'s signature (``sigma`` a ``SigmaOperand``)."""
+    args = (x0, noise, sigma.flat.detach(), sigma.period, sigma.repeat)
+    if out is None:
+        return flow_interpolate_op(*args)
+    if torch.is_grad_enabled() and (x0.requires_grad or noise.requires_grad):
+        # the in-place op has no autograd; keep the result differentiable as the reference does
+        return out.copy_(flow_interpolate_op(*args))
+    flow_interpolate_out_op(*args, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ flow_step
+def _stats_splits(n: int, batch: int, block: int):
+    """``(n_splits, tiles_per_split)`` of the rescale statistics: about MIN_PROGRAMS programs in all, at most
+    MAX_SPLITS per sample, and no empty split."""
+    n_tiles = triton.cdiv(n, block)
+    splits = max(1, min(n_tiles, MAX_SPLITS, triton.cdiv(utils.MIN_PROGRAMS, max(batch, 1))))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
+
+
+def _step_launch(sample, model_output, uncond, guidance, sigma, sigma_next, step_index, period, repeat, period_next,
+                 repeat_next, stochastic, guidance_rescale, noise, seed, philox_seed, philox_offset, out):
+    x, batch, n = as_rows(sample)
+    if x.numel() == 0:
+        return
+    guided = guidance is not None
+    rescale = guided and guidance_rescale > 0
+    cond = like_dense(x, model_output)
+    uncond = like_dense(x, uncond) if guided else cond
+    block, warps = launch_config(n, batch)
+    stats, n_splits, chunk = sigma, 1, n  # stand-ins, not read without RESCALE
+    if rescale:
+        n_splits, tiles_per_split = _stats_splits(n, batch, block)
+        chunk = tiles_per_split * block
+        stats = torch.empty((batch, n_splits, 4), dtype=sigma.dtype, device=x.device)
+        with device_of(x):
+            for b0, nb in batch_chunks(batch):
+                flow_guidance_stats_kernel[(n_splits, nb)](
+                    cond, uncond, guidance, stats, n, n_splits, tiles_per_split, batch_start=b0, BLOCK=block,
+                    num_warps=warps,
+                )
+    key_standin = zero_key(x.device)
+    noise, seed, has_noise = noise_operands(noise if stochastic else None, seed, x, key_standin)
+    table = step_index is not None
+    rescale_hi, rescale_lo = split_float(guidance_rescale)
+    launch_per_sample(
+        flow_step_kernel, x, n, batch,
+        sample_ptr=x, model_output_ptr=cond, uncond_ptr=uncond, guidance_ptr=guidance if guided else sigma,
+        stats_ptr=stats, noise_ptr=noise, seed_ptr=seed, philox_seed=philox_seed, philox_offset=philox_offset,
+        sigma_ptr=sigma, sigma_next_ptr=sigma_next, step_index_ptr=step_index if table else key_standin,
+        n_sigmas=sigma.shape[0], period=period, repeat=repeat, period_next=period_next, repeat_next=repeat_next,
+        rescale_hi=rescale_hi, rescale_lo=rescale_lo, n_splits=n_splits, chunk=chunk, out_ptr=out, N=n,
+        TABLE=table, SIGMA_PER_TOKEN=not table and period > 1, SIGMA_NEXT_PER_TOKEN=not table and period_next > 1,
+        GUIDED=guided, RESCALE=rescale, STOCHASTIC=stochastic, HAS_NOISE=has_noise,
+        BLOCK_SPLIT=max(2, triton.next_power_of_2(n_splits)), config=(block, warps),
+    )
+
+
+def _flow_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    uncond: Optional[torch.Tensor],
+    guidance: Optional[torch.Tensor],
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    step_index: Optional[torch.Tensor],
+    period: int,
+    repeat: int,
+    period_next: int,
+    repeat_next: int,
+    stochastic: bool,
+    guidance_rescale: float,
+    noise: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor],
+    philox_seed: int,
+    philox_offset: int,
+) -> torch.Tensor:
+    """One Euler step. ``step_index`` given: ``sigma`` is the sigma table (``sigma_next`` too, unread) and each
+    sample gathers its pair; else ``sigma`` / ``sigma_next`` are ``SigmaOperand`` flat forms with their
+    ``period`` and ``repeat``. ``guidance`` (B,) given: ``model_output`` is the conditional output and
+    ``uncond`` the unconditional one. Noise keyed as in ``p_sample`` (``utils``, "Noise")."""
+    out = empty_dense(sample)
+    _step_launch(sample, model_output, uncond, guidance, sigma, sigma_next, step_index, period, repeat, period_next,
+                 repeat_next, stochastic, guidance_rescale, noise, seed, philox_seed, philox_offset, out)
+    return out
+
+
+def _flow_step_fake(sample, *_):
+    return empty_dense(sample)
+
+
+# flow_step_out writes into out, which may be sample itself (an in-place step).
+flow_step_op, flow_step_out_op = custom_op_with_out(
+    "ddpm_kernels_triton::flow_step", _flow_step, _flow_step_fake, _step_launch
+)
+
+
+def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_next, opts, noise=None,
+              generator=None, out=None):
+    """Backend entry with ``reference.flow_step_ref``'s signature (``opts`` a ``FlowStepOptions``)."""
+    if sigmas is not None:
+        sigma_args = (sigmas, sigmas, step_index, 1, 1, 1, 1)
+    else:
+        sigma_args = (sigma.flat.detach(), sigma_next.flat.detach(), None, sigma.period, sigma.repeat,
+                      sigma_next.period, sigma_next.repeat)
+    if opts.stochastic:
+        seed, philox_seed, philox_offset = noise_key(generator, sample, noise)
+    else:
+        noise, seed, philox_seed, philox_offset = None, None, 0, 0  # nothing read or drawn
+    guided = opts.guided
+    args = (
+        sample, model_output, uncond if guided else None, guidance if guided else None, *sigma_args,
+        opts.stochastic, float(opts.guidance_rescale) if guided else 0.0, noise, seed, philox_seed, philox_offset,
+    )
+    if out is None:
+        return flow_step_op(*args)
+    flow_step_out_op(*args, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ flow_loss
+REDUCE_BLOCK_B = 32
+REDUCE_BLOCK_P = 128
+
+
+@torch.library.custom_op("ddpm_kernels_triton::flow_loss", mutates_args=())
+def flow_loss_op(
+    model_output: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigma: torch.Tensor,
+    period: int,
+    repeat: int,
+    weighting: int,
+    loss_l1: bool,
+) -> torch.Tensor:
+    """The 0-d loss in the sigma's dtype (the compute dtype)."""
+    model_output, batch, n = as_rows(model_output)
+    x0, noise = like_dense(model_output, x0), like_dense(model_output, noise)
+    device = model_output.device
+    if model_output.numel() == 0:
+        # a mean over nothing: NaN, as torch's mean gives
+        return torch.full((), float("nan"), dtype=sigma.dtype, device=device)
+    loss = torch.empty((), dtype=sigma.dtype, device=device)
+    config = launch_config(n, batch)
+    n_tiles = triton.cdiv(n, config[0])
+    partial = torch.empty((batch, n_tiles), dtype=sigma.dtype, device=device)
+    launch_per_sample(
+        flow_loss_kernel, model_output, n, batch, model_output, x0, noise, sigma, partial, period, repeat,
+        *_TWO_OVER_PI, n, n_tiles, WEIGHTING=weighting, SIGMA_PER_TOKEN=period > 1, LOSS_L1=loss_l1, config=config,
+    )
+    with device_of(model_output):
+        flow_loss_reduce_kernel[(1,)](
+            partial, loss, batch, n, n_tiles, BLOCK_B=min(REDUCE_BLOCK_B, triton.next_power_of_2(batch)),
+            BLOCK_P=min(REDUCE_BLOCK_P, triton.next_power_of_2(n_tiles)), num_warps=4,
+        )
+    return loss
+
+
+@flow_loss_op.register_fake
+def _(model_output, x0, noise, sigma, period, repeat, weighting, loss_l1):
+    return sigma.new_empty(())
+
+
+@torch.library.custom_op("ddpm_kernels_triton::flow_loss_backward", mutates_args=())
+def flow_loss_backward_op(
+    grad_loss: torch.Tensor,
+    model_output: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigma: torch.Tensor,
+    period: int,
+    repeat: int,
+    weighting: int,
+    loss_l1: bool,
+    grad_x0_needed: bool,
+    grad_noise_needed: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_model_output, grad_x0, grad_noise), in ``model_output``'s dense format; a gradient not needed
+    comes back as an empty tensor."""
+    model_output, batch, n = as_rows(model_output)
+    x0, noise = like_dense(model_output, x0), like_dense(model_output, noise)
+    grad_model_output = empty_dense(model_output)
+    grad_x0 = empty_dense(model_output) if grad_x0_needed else model_output.new_empty(0)
+    grad_noise = empty_dense(model_output) if grad_noise_needed else model_output.new_empty(0)
+    if model_output.numel() == 0:
+        return grad_model_output, grad_x0, grad_noise
+    launch_per_sample(
+        flow_loss_backward_kernel, model_output, n, batch, model_output, x0, noise, sigma, grad_loss.contiguous(),
+        grad_model_output, grad_x0 if grad_x0_needed else grad_model_output,
+        grad_noise if grad_noise_needed else grad_model_output, period, repeat, *_TWO_OVER_PI, batch, n,
+        WEIGHTING=weighting, SIGMA_PER_TOKEN=period > 1, LOSS_L1=loss_l1, GRAD_X0=grad_x0_needed,
+        GRAD_NOISE=grad_noise_needed,
+    )
+    return grad_model_output, grad_x0, grad_noise
+
+
+@flow_loss_backward_op.register_fake
+def _(grad_loss, model_output, x0, noise, sigma, period, repeat, weighting, loss_l1, grad_x0_needed,
+      grad_noise_needed):
+    like = empty_dense(model_output)
+    return (
+        like,
+        torch.empty_like(like) if grad_x0_needed else model_output.new_empty(0),
+        torch.empty_like(like) if grad_noise_needed else model_output.new_empty(0),
+    )
+
+
+def _loss_setup_context(ctx, inputs, output):
+    model_output, x0, noise, sigma, period, repeat, weighting, loss_l1 = inputs
+    ctx.save_for_backward(model_output, x0, noise, sigma)
+    ctx.config = (period, repeat, weighting, loss_l1)
+
+
+def _loss_backward(ctx, grad_loss):
+    model_output, x0, noise, sigma = ctx.saved_tensors
+    need_x0, need_noise = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    grad_model_output, grad_x0, grad_noise = flow_loss_backward_op(
+        grad_loss, model_output, x0, noise, sigma, *ctx.config, need_x0, need_noise
+    )
+    return (grad_model_output if ctx.needs_input_grad[0] else None, grad_x0 if need_x0 else None,
+            grad_noise if need_noise else None, None, None, None, None, None)
+
+
+flow_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+
+
+def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):
+    """Backend entry with ``reference.flow_loss_ref``'s signature (``sigma`` a ``SigmaOperand``)."""
+    return flow_loss_op(model_output, x0, noise, sigma.flat.detach(), sigma.period, sigma.repeat,
+                        WEIGHTING_ID[weighting], loss_type == "l1")
