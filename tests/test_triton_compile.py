@@ -30,11 +30,12 @@ SCRIPT = textwrap.dedent(
     from ddpm_kernels.triton.posterior import posterior_kernel
     from ddpm_kernels.triton.sampler_step import SAMPLERS, sampler_step_kernel
     from ddpm_kernels.triton.threshold import dynamic_threshold_kernel
+    from ddpm_kernels.triton.guidance import guidance_stats_kernel
     from ddpm_kernels.triton.loss import (
         diffusion_loss_kernel, diffusion_loss_reduce_kernel, diffusion_loss_backward_kernel,
     )
     from ddpm_kernels.triton.flow import (
-        flow_interpolate_kernel, flow_guidance_stats_kernel, flow_step_kernel, flow_loss_kernel,
+        flow_interpolate_kernel, flow_step_kernel, flow_loss_kernel,
         flow_loss_reduce_kernel, flow_loss_backward_kernel,
     )
     assert not utils.INTERPRETED
@@ -158,7 +159,7 @@ SCRIPT = textwrap.dedent(
         ("flow_interpolate", flow_interpolate_kernel, dict(E, SIGMA_PER_TOKEN=False, BACKWARD=False)),
         ("flow_interpolate[per_token,backward]", flow_interpolate_kernel,
          dict(E, SIGMA_PER_TOKEN=True, BACKWARD=True)),
-        ("flow_guidance_stats", flow_guidance_stats_kernel, E),
+        ("guidance_stats", guidance_stats_kernel, E),
         ("flow_step[table]", flow_step_kernel, dict(FLOW_STEP, TABLE=True)),
         ("flow_step[per_token,guided,rescale,philox]", flow_step_kernel,
          dict(FLOW_STEP, SIGMA_PER_TOKEN=True, GUIDED=True, RESCALE=True, STOCHASTIC=True)),
@@ -215,5 +216,5 @@ def test_every_kernel_compiles_for_sm90_and_sm80():
         if r.get("aligned") and r["label"] not in ("diffusion_loss_reduce", "flow_loss_reduce"):
             assert r["ld_v4"] > 0, r
             # the forward losses write one partial per tile, the rescale statistics four per split
-            if not r["label"].startswith(("diffusion_loss[", "flow_loss[", "flow_guidance_stats")):
+            if not r["label"].startswith(("diffusion_loss[", "flow_loss[", "guidance_stats")):
                 assert r["st_v4"] > 0, r
