@@ -88,7 +88,7 @@ SCRIPT = textwrap.dedent(
             else:
                 assert not name.endswith("_ptr"), f"{kernel.__name__}: untyped pointer {name}"
                 signature[name] = "i32"
-            if aligned and (signature[name].startswith("*") or name in ("N", "model_output_stride")):
+            if aligned and (signature[name].startswith("*") or name in ("N", "model_output_stride", "stride")):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         return triton.compiler.ASTSource(kernel, signature, consts, attrs)
 
@@ -106,7 +106,7 @@ SCRIPT = textwrap.dedent(
     # the sampler steps' defaults (eps, fixed_small, final alpha 1, no option on)
     STEP = dict(E, PARAMETERIZATION=0, VARIANCE=0, CLIP_DENOISED=False, USE_CLIPPED_MODEL_OUTPUT=False,
                 SET_ALPHA_TO_ONE=True, ADD_NOISE=False, HAS_NOISE=False, RETURN_X0=False, THRESHOLD=False,
-                X0_ONLY=False, COMPUTE_FP64=False)
+                X0_ONLY=False, GUIDED=False, RESCALE=False, COMPUTE_FP64=False, BLOCK_SPLIT=2)
     DDIM = dict(STEP, **dict(zip(("SAMPLER", "EPS_TERM", "X_TERM"), SAMPLERS["ddim"])))
     DDPM = dict(STEP, ADD_NOISE=True, **dict(zip(("SAMPLER", "EPS_TERM", "X_TERM"), SAMPLERS["ddpm"])))
     # the flow step's defaults (sigmas per sample, unguided, deterministic)
@@ -145,6 +145,15 @@ SCRIPT = textwrap.dedent(
          dict(DDPM, VARIANCE=3, CLIP_DENOISED=True, THRESHOLD=True)),
         ("ddpm_step[v,learned,x0_only]", sampler_step_kernel,
          dict(DDPM, PARAMETERIZATION=2, VARIANCE=2, ADD_NOISE=False, RETURN_X0=True, X0_ONLY=True)),
+        ("ddim_step[v,guided,philox]", sampler_step_kernel,
+         dict(DDIM, PARAMETERIZATION=2, ADD_NOISE=True, GUIDED=True)),
+        ("ddim_step[x0,guided,rescale,threshold,x0]", sampler_step_kernel,
+         dict(DDIM, PARAMETERIZATION=1, GUIDED=True, RESCALE=True, BLOCK_SPLIT=64, THRESHOLD=True, RETURN_X0=True)),
+        ("ddpm_step[eps,learned_range,guided,rescale,noise]", sampler_step_kernel,
+         dict(DDPM, VARIANCE=3, HAS_NOISE=True, GUIDED=True, RESCALE=True, BLOCK_SPLIT=64)),
+        ("ddpm_step[v,learned,guided,rescale,x0_only]", sampler_step_kernel,
+         dict(DDPM, PARAMETERIZATION=2, VARIANCE=2, ADD_NOISE=False, RETURN_X0=True, X0_ONLY=True, GUIDED=True,
+              RESCALE=True, BLOCK_SPLIT=4)),
         ("dynamic_threshold", dynamic_threshold_kernel, dict(E, COMPUTE_FP64=False)),
         ("diffusion_loss[v,l2]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=2, LOSS_L1=False)),
         ("diffusion_loss[eps,l1]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=0, LOSS_L1=True)),
