@@ -55,7 +55,8 @@ ops = [
     "q_sample", "q_sample_out", "q_sample_backward", "predict_start_from_noise", "predict_noise_from_start",
     "get_v", "predict_start_from_z_and_v", "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance",
     "p_sample", "p_sample_out", "diffusion_loss", "diffusion_loss_backward", "ddim_step", "ddim_step_out",
-    "ddpm_step", "ddpm_step_out",
+    "ddpm_step", "ddpm_step_out", "flow_interpolate", "flow_interpolate_out", "flow_interpolate_backward",
+    "flow_step", "flow_step_out", "flow_loss", "flow_loss_backward",
 ]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ddpm_kernels::{op}", "CUDA")]
 if missing:

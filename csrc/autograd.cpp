@@ -15,8 +15,15 @@
 //                       gradient from the kernels: the Python layer sends a call that needs those gradients to
 //                       the reference, and a direct call of the operator that needs them is an error, not a
 //                       silent zero.
+//   flow_interpolate    d/dx0 = (1 - sigma) g, d/dnoise = sigma g: flow_interpolate_backward, one pass; its own
+//                       backward is flow_interpolate again. sigma gets no gradient from the kernels (the
+//                       Python layer sends a call that needs it to the reference; a direct call that needs it
+//                       is an error).
+//   flow_loss           d/dmodel_output from flow_loss_backward, one pass; x0, noise and sigma as
+//                       diffusion_loss's x_start and noise.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -81,6 +88,40 @@ const auto& diffusion_loss_backward_op() {
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             c10::string_view, c10::string_view, double, double)>();
+  return op;
+}
+
+const auto& flow_interpolate_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ddpm_kernels::flow_interpolate", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                               int64_t)>();
+  return op;
+}
+
+const auto& flow_interpolate_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ddpm_kernels::flow_interpolate_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       int64_t, int64_t)>();
+  return op;
+}
+
+const auto& flow_loss_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ddpm_kernels::flow_loss", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                            int64_t, c10::string_view, c10::string_view)>();
+  return op;
+}
+
+const auto& flow_loss_backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ddpm_kernels::flow_loss_backward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, int64_t, int64_t, c10::string_view, c10::string_view)>();
   return op;
 }
 
@@ -160,6 +201,70 @@ struct DiffusionLossBackwardNode : public torch::autograd::TraceableFunction {
   double l_simple_weight = 1.0, original_elbo_weight = 0.0;
 };
 
+// The sigma operand of a flow op, kept by its backward.
+struct SavedSigma {
+  SavedVariable sigma;
+  int64_t period = 1, repeat = 1;
+  void save(const at::Tensor& s, int64_t p, int64_t r) {
+    sigma = SavedVariable(s, false);
+    period = p;
+    repeat = r;
+  }
+};
+
+struct FlowInterpolateBackwardBackwardNode : public torch::autograd::TraceableFunction {
+  variable_list apply(variable_list&& grads) override {
+    if (!task_should_compute_output(0)) return {at::Tensor()};
+    at::Tensor gx = grads[0], gn = grads[1];
+    if (!gx.defined() && !gn.defined()) return {at::Tensor()};
+    if (!gx.defined()) gx = at::zeros_like(gn);
+    if (!gn.defined()) gn = at::zeros_like(gx);
+    const at::MemoryFormat fmt = dense_format_of(gx);
+    return {flow_interpolate_op().call(gx.contiguous(fmt), gn.contiguous(fmt), s.sigma.unpack(), s.period,
+                                       s.repeat)};
+  }
+  std::string name() const override { return "FlowInterpolateBackwardBackward0"; }
+  void release_variables() override { s.sigma.reset_data(); }
+  SavedSigma s;
+};
+
+struct FlowInterpolateBackwardNode : public torch::autograd::TraceableFunction {
+  variable_list apply(variable_list&& grads) override {
+    TORCH_CHECK(!task_should_compute_output(2),
+                "ddpm_kernels::flow_interpolate gives the gradients w.r.t. x0 and noise only; for sigma call "
+                "ddpm_kernels.flow_interpolate, which computes it with the reference");
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    auto [grad_x0, grad_noise] = flow_interpolate_backward_op().call(grads[0], s.sigma.unpack(), s.period, s.repeat);
+    return {task_should_compute_output(0) ? grad_x0 : at::Tensor(),
+            task_should_compute_output(1) ? grad_noise : at::Tensor(), at::Tensor()};
+  }
+  std::string name() const override { return "FlowInterpolateBackward0"; }
+  void release_variables() override { s.sigma.reset_data(); }
+  SavedSigma s;
+};
+
+struct FlowLossBackwardNode : public torch::autograd::TraceableFunction {
+  variable_list apply(variable_list&& grads) override {
+    TORCH_CHECK(!task_should_compute_output(1) && !task_should_compute_output(2) && !task_should_compute_output(3),
+                "ddpm_kernels::flow_loss gives the gradient w.r.t. model_output only; for x0, noise or sigma call "
+                "ddpm_kernels.flow_loss, which computes those with the reference");
+    if (!task_should_compute_output(0) || !grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    at::Tensor grad = flow_loss_backward_op().call(grads[0], model_output.unpack(), x0.unpack(), noise.unpack(),
+                                                   s.sigma.unpack(), s.period, s.repeat, weighting, loss_type);
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+  std::string name() const override { return "FlowLossBackward0"; }
+  void release_variables() override {
+    model_output.reset_data();
+    x0.reset_data();
+    noise.reset_data();
+    s.sigma.reset_data();
+  }
+  SavedVariable model_output, x0, noise;
+  SavedSigma s;
+  std::string weighting, loss_type;
+};
+
 at::Tensor q_sample_autograd(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& noise,
                              const at::Tensor& table) {
   check_no_forward_grad("q_sample", {&x_start, &noise});
@@ -229,6 +334,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_loss_autograd(
   return {loss, loss_simple, loss_vlb};
 }
 
+at::Tensor flow_interpolate_autograd(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& sigma,
+                                     int64_t sigma_period, int64_t sigma_repeat) {
+  check_no_forward_grad("flow_interpolate", {&x0, &noise, &sigma});
+  c10::intrusive_ptr<FlowInterpolateBackwardNode> grad_fn;
+  if (torch::autograd::compute_requires_grad(x0, noise, sigma)) {
+    grad_fn = c10::make_intrusive<FlowInterpolateBackwardNode>();
+    grad_fn->set_next_edges(torch::autograd::collect_next_edges(x0, noise, sigma));
+    grad_fn->s.save(sigma, sigma_period, sigma_repeat);
+  }
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = flow_interpolate_op().call(x0, noise, sigma, sigma_period, sigma_repeat);
+  }
+  if (grad_fn) torch::autograd::set_history(out, grad_fn);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_autograd(const at::Tensor& grad, const at::Tensor& sigma,
+                                                                      int64_t sigma_period, int64_t sigma_repeat) {
+  check_no_forward_grad("flow_interpolate_backward", {&grad});
+  TORCH_CHECK(!(at::GradMode::is_enabled() && sigma.requires_grad()),
+              "ddpm_kernels::flow_interpolate_backward gives no gradient w.r.t. sigma");
+  c10::intrusive_ptr<FlowInterpolateBackwardBackwardNode> grad_fn;
+  if (torch::autograd::compute_requires_grad(grad)) {
+    grad_fn = c10::make_intrusive<FlowInterpolateBackwardBackwardNode>();
+    grad_fn->set_next_edges(torch::autograd::collect_next_edges(grad));
+    grad_fn->s.save(sigma, sigma_period, sigma_repeat);
+  }
+  at::Tensor grad_x0, grad_noise;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(grad_x0, grad_noise) =
+        flow_interpolate_backward_op().call(grad.contiguous(dense_format_of(grad)), sigma, sigma_period, sigma_repeat);
+  }
+  if (grad_fn) torch::autograd::set_history({grad_x0, grad_noise}, grad_fn);
+  return {grad_x0, grad_noise};
+}
+
+at::Tensor flow_loss_autograd(const at::Tensor& model_output, const at::Tensor& x0, const at::Tensor& noise,
+                              const at::Tensor& sigma, int64_t sigma_period, int64_t sigma_repeat,
+                              c10::string_view weighting, c10::string_view loss_type) {
+  check_no_forward_grad("flow_loss", {&model_output, &x0, &noise, &sigma});
+  c10::intrusive_ptr<FlowLossBackwardNode> grad_fn;
+  if (torch::autograd::compute_requires_grad(model_output, x0, noise, sigma)) {
+    grad_fn = c10::make_intrusive<FlowLossBackwardNode>();
+    grad_fn->set_next_edges(torch::autograd::collect_next_edges(model_output, x0, noise, sigma));
+    grad_fn->model_output = SavedVariable(model_output, false);
+    grad_fn->x0 = SavedVariable(x0, false);
+    grad_fn->noise = SavedVariable(noise, false);
+    grad_fn->s.save(sigma, sigma_period, sigma_repeat);
+    grad_fn->weighting = std::string(weighting);
+    grad_fn->loss_type = std::string(loss_type);
+  }
+  at::Tensor loss;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    loss = flow_loss_op().call(model_output, x0, noise, sigma, sigma_period, sigma_repeat, weighting, loss_type);
+  }
+  if (grad_fn) torch::autograd::set_history(loss, grad_fn);
+  return loss;
+}
+
 }  // namespace
 }  // namespace ddpm
 
@@ -237,4 +405,7 @@ TORCH_LIBRARY_IMPL(ddpm_kernels, Autograd, m) {
   m.impl("q_sample", &ddpm::q_sample_autograd);
   m.impl("q_sample_backward", &ddpm::q_sample_backward_autograd);
   m.impl("diffusion_loss", &ddpm::diffusion_loss_autograd);
+  m.impl("flow_interpolate", &ddpm::flow_interpolate_autograd);
+  m.impl("flow_interpolate_backward", &ddpm::flow_interpolate_backward_autograd);
+  m.impl("flow_loss", &ddpm::flow_loss_autograd);
 }

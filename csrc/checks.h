@@ -8,6 +8,7 @@
 #include <string>
 
 #include "coefficients.h"
+#include "flow.h"
 #include "sampler_coefficients.h"
 
 namespace ddpm {
@@ -120,6 +121,41 @@ inline void check_sampler(const at::Tensor& x, const at::Tensor& t, const at::Te
   TORCH_CHECK(model_output.scalar_type() == x.scalar_type() && model_output.device() == x.device() &&
                   model_output.is_contiguous(),
               "ddpm_kernels: model_output must be contiguous, of x_t's dtype and device");
+}
+
+// ------------------------------------------------------------------------------------------ flow matching
+// The dtype the kernels compute in, which flow-matching sigmas and guidance scales come in.
+inline at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline FlowWeighting parse_weighting(const std::string& w) {
+  if (w == "none") return FlowWeighting::kNone;
+  if (w == "sigma_sqrt") return FlowWeighting::kSigmaSqrt;
+  if (w == "cosmap") return FlowWeighting::kCosmap;
+  TORCH_CHECK_VALUE(false, "ddpm_kernels: weighting must be 'none', 'sigma_sqrt' or 'cosmap', got '", w, "'");
+}
+
+// A sigma operand (ddpm_kernels._spec.SigmaOperand): the contiguous (B * period,) tensor in the compute dtype,
+// read at flat[b * period + (off / repeat) % period] for element offset off of sample b: never outside it.
+inline void check_sigma(const char* name, const at::Tensor& sigma, int64_t period, int64_t repeat,
+                        const at::Tensor& x) {
+  TORCH_CHECK(period >= 1 && repeat >= 1, "ddpm_kernels: ", name, " period and repeat must be >= 1, got ", period,
+              ", ", repeat);
+  TORCH_CHECK(sigma.scalar_type() == compute_type(x), "ddpm_kernels: ", name, " must be ", compute_type(x), " for ",
+              x.scalar_type(), " data, got ", sigma.scalar_type());
+  TORCH_CHECK(sigma.device() == x.device(), "ddpm_kernels: ", name, " is on ", sigma.device(), ", expected ",
+              x.device());
+  TORCH_CHECK(sigma.is_contiguous() && sigma.numel() == x.size(0) * period, "ddpm_kernels: ", name,
+              " must be a contiguous tensor of B * period = ", x.size(0) * period, " elements, got ", sigma.sizes());
+}
+
+// A per-sample float vector of the compute dtype (guidance scales), contiguous (B,).
+inline void check_per_sample(const char* name, const at::Tensor& v, const at::Tensor& x) {
+  TORCH_CHECK(v.scalar_type() == compute_type(x) && v.dim() == 1 && v.size(0) == x.size(0) && v.is_contiguous() &&
+                  v.device() == x.device(),
+              "ddpm_kernels: ", name, " must be a contiguous ", compute_type(x), " tensor of shape (", x.size(0),
+              ",) on ", x.device(), ", got ", v.scalar_type(), " ", v.sizes(), " on ", v.device());
 }
 
 // (B, 1, ..., 1) with x's number of dims: the shape of var / log_var.

@@ -64,7 +64,9 @@ struct LaneOps;
 template <typename V>
 struct LaneOps<V, std::enable_if_t<std::is_floating_point_v<V>>> {
   using scalar = V;
+  static constexpr int kWidth = 1;  // elements per lane value
   static DDPM_LANE V splat(V s) { return s; }
+  static DDPM_LANE V loadu(const V* p) { return *p; }
   static DDPM_LANE V madd(V a, V b, V c) { return a * b + c; }
   // NaN stays NaN, as under torch.clamp (fmin/fmax would drop it): two selects, which vectorize (a nested
   // select became a branch per element).

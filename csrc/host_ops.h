@@ -1,6 +1,6 @@
 // The host side of every operator, shared by the CPU and CUDA backends: argument checks, output allocation,
-// the functional forms built on the *_out forms, the empty-input cases, and the registration of all 18
-// operators. A backend supplies only what runs its kernels: the static functions of its Kernels struct
+// the functional forms built on the *_out forms, the empty-input cases, and the registration of every
+// operator. A backend supplies only what runs its kernels: the static functions of its Kernels struct
 // (csrc/backend.h). Each backend instantiates these templates with its own Kernels in its own translation
 // unit (cpu/registration.cpp, cuda/registration.cpp).
 #pragma once
@@ -18,6 +18,7 @@
 #include <utility>
 
 #include "checks.h"
+#include "flow.h"
 #include "loss.h"
 #include "pair_ops.h"
 #include "posterior.h"
@@ -258,6 +259,148 @@ at::Tensor diffusion_loss_backward_kernel(const at::Tensor& grad_loss, const at:
   return grad;
 }
 
+// ------------------------------------------------------------------------------------------ flow matching
+template <typename K>
+void flow_interpolate_out_kernel(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& sigma,
+                                 int64_t sigma_period, int64_t sigma_repeat, const at::Tensor& out) {
+  check_batch(x0);
+  dense_format(x0, "x0");
+  check_data("noise", noise, x0);
+  check_data("out", out, x0);
+  check_sigma("sigma", sigma, sigma_period, sigma_repeat, x0);
+  if (x0.numel() == 0) return;
+  K::flow_interpolate(FlowInterpolateCall{x0, &noise, sigma, sigma_period, sigma_repeat, out, nullptr});
+}
+
+template <typename K>
+at::Tensor flow_interpolate_kernel(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& sigma,
+                                   int64_t sigma_period, int64_t sigma_repeat) {
+  at::Tensor out = at::empty_like(x0);
+  flow_interpolate_out_kernel<K>(x0, noise, sigma, sigma_period, sigma_repeat, out);
+  return out;
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_kernel(const at::Tensor& grad, const at::Tensor& sigma,
+                                                                    int64_t sigma_period, int64_t sigma_repeat) {
+  check_batch(grad);
+  dense_format(grad, "grad");
+  check_sigma("sigma", sigma, sigma_period, sigma_repeat, grad);
+  at::Tensor gx = at::empty_like(grad);
+  at::Tensor gn = at::empty_like(grad);
+  if (grad.numel() > 0) {
+    K::flow_interpolate(FlowInterpolateCall{grad, nullptr, sigma, sigma_period, sigma_repeat, gx, &gn});
+  }
+  return {gx, gn};
+}
+
+template <typename K>
+void flow_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_output,
+                          const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
+                          const std::optional<at::Tensor>& sigmas, const std::optional<at::Tensor>& step_index,
+                          const std::optional<at::Tensor>& sigma, int64_t sigma_period, int64_t sigma_repeat,
+                          const std::optional<at::Tensor>& sigma_next, int64_t sigma_next_period,
+                          int64_t sigma_next_repeat, bool stochastic, double guidance_rescale,
+                          const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+                          const at::Tensor& out) {
+  check_batch(sample);
+  dense_format(sample, "sample");
+  check_data("model_output", model_output, sample);
+  check_data("out", out, sample);
+  TORCH_CHECK(uncond.has_value() == guidance.has_value(),
+              "ddpm_kernels: flow_step takes uncond and guidance together (a guided step) or neither");
+  if (uncond.has_value()) {
+    check_data("uncond", *uncond, sample);
+    check_per_sample("guidance", *guidance, sample);
+  }
+  TORCH_CHECK(guidance_rescale >= 0 && guidance_rescale <= 1, "ddpm_kernels: guidance_rescale must be in [0, 1], got ",
+              guidance_rescale);
+  TORCH_CHECK(guidance_rescale == 0 || uncond.has_value(),
+              "ddpm_kernels: guidance_rescale needs a guided step (uncond and guidance)");
+  const bool table = sigmas.has_value() || step_index.has_value();
+  if (table) {
+    TORCH_CHECK(sigmas.has_value() && step_index.has_value() && !sigma.has_value() && !sigma_next.has_value(),
+                "ddpm_kernels: flow_step takes either the table (sigmas, step_index) or sigma and sigma_next");
+    TORCH_CHECK(sigmas->scalar_type() == compute_type(sample) && sigmas->dim() == 1 && sigmas->numel() >= 1 &&
+                    sigmas->is_contiguous() && sigmas->device() == sample.device(),
+                "ddpm_kernels: sigmas must be a contiguous 1-D ", compute_type(sample), " table on ", sample.device(),
+                ", got ", sigmas->scalar_type(), " ", sigmas->sizes());
+    check_timesteps("step_index", *step_index, sample);
+  } else {
+    TORCH_CHECK(sigma.has_value() && sigma_next.has_value(),
+                "ddpm_kernels: flow_step takes either the table (sigmas, step_index) or sigma and sigma_next");
+    check_sigma("sigma", *sigma, sigma_period, sigma_repeat, sample);
+    check_sigma("sigma_next", *sigma_next, sigma_next_period, sigma_next_repeat, sample);
+  }
+  const bool given = stochastic && noise.has_value();
+  if (given) check_data("noise", *noise, sample);
+  K::flow_step(FlowStepCall{sample, model_output, uncond.has_value() ? &*uncond : nullptr,
+                            guidance.has_value() ? &*guidance : nullptr, table ? &*sigmas : nullptr,
+                            table ? &*step_index : nullptr, table ? nullptr : &*sigma, sigma_period, sigma_repeat,
+                            table ? nullptr : &*sigma_next, sigma_next_period, sigma_next_repeat, stochastic,
+                            guidance_rescale, given ? &*noise : nullptr, std::move(generator), out});
+}
+
+template <typename K>
+at::Tensor flow_step_kernel(const at::Tensor& sample, const at::Tensor& model_output,
+                            const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
+                            const std::optional<at::Tensor>& sigmas, const std::optional<at::Tensor>& step_index,
+                            const std::optional<at::Tensor>& sigma, int64_t sigma_period, int64_t sigma_repeat,
+                            const std::optional<at::Tensor>& sigma_next, int64_t sigma_next_period,
+                            int64_t sigma_next_repeat, bool stochastic, double guidance_rescale,
+                            const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator) {
+  at::Tensor out = at::empty_like(sample);
+  flow_step_out_kernel<K>(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_period,
+                          sigma_repeat, sigma_next, sigma_next_period, sigma_next_repeat, stochastic,
+                          guidance_rescale, noise, std::move(generator), out);
+  return out;
+}
+
+inline FlowLossCall flow_loss_call(const at::Tensor& model_output, const at::Tensor& x0, const at::Tensor& noise,
+                                   const at::Tensor& sigma, int64_t sigma_period, int64_t sigma_repeat,
+                                   c10::string_view weighting, c10::string_view loss_type) {
+  check_batch(model_output);
+  dense_format(model_output, "model_output");
+  check_data("x0", x0, model_output);
+  check_data("noise", noise, model_output);
+  check_sigma("sigma", sigma, sigma_period, sigma_repeat, model_output);
+  return {model_output, x0, noise, sigma, sigma_period, sigma_repeat, parse_weighting(std::string(weighting)),
+          parse_l1(std::string(loss_type))};
+}
+
+// A 0-d tensor of the compute dtype: the loss in float32 for float16/bfloat16/float32 data (SD3 / Flux scripts'
+// float loss), float64 for float64.
+template <typename K>
+at::Tensor flow_loss_kernel(const at::Tensor& model_output, const at::Tensor& x0, const at::Tensor& noise,
+                            const at::Tensor& sigma, int64_t sigma_period, int64_t sigma_repeat,
+                            c10::string_view weighting, c10::string_view loss_type) {
+  const FlowLossCall call =
+      flow_loss_call(model_output, x0, noise, sigma, sigma_period, sigma_repeat, weighting, loss_type);
+  const auto opts = model_output.options().dtype(compute_type(model_output));
+  // the mean over no elements is NaN, as torch.mean and the reference give
+  if (model_output.numel() == 0) return at::full({}, std::numeric_limits<double>::quiet_NaN(), opts);
+  at::Tensor loss = at::empty({}, opts);
+  K::flow_loss(call, loss);
+  return loss;
+}
+
+template <typename K>
+at::Tensor flow_loss_backward_kernel(const at::Tensor& grad_loss, const at::Tensor& model_output,
+                                     const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& sigma,
+                                     int64_t sigma_period, int64_t sigma_repeat, c10::string_view weighting,
+                                     c10::string_view loss_type) {
+  const FlowLossCall call =
+      flow_loss_call(model_output, x0, noise, sigma, sigma_period, sigma_repeat, weighting, loss_type);
+  at::Tensor grad = at::empty_like(model_output);
+  if (model_output.numel() == 0) return grad;
+  TORCH_CHECK(grad_loss.numel() == 1, "ddpm_kernels: the loss gradient must be a one-element tensor, got ",
+              grad_loss.sizes());
+  // read where the data lives (no host sync), in the compute dtype
+  const at::Tensor g = grad_loss.to(model_output.device(), compute_type(model_output)).reshape({}).contiguous();
+  K::flow_loss_backward(call, g, grad);
+  return grad;
+}
+
 // ------------------------------------------------------------------------------------------ registration
 template <typename K>
 void register_kernels(torch::Library& m) {
@@ -279,6 +422,13 @@ void register_kernels(torch::Library& m) {
   m.impl("ddim_step_out", &ddim_step_out_kernel<K>);
   m.impl("ddpm_step", &ddpm_step_kernel<K>);
   m.impl("ddpm_step_out", &ddpm_step_out_kernel<K>);
+  m.impl("flow_interpolate", &flow_interpolate_kernel<K>);
+  m.impl("flow_interpolate_out", &flow_interpolate_out_kernel<K>);
+  m.impl("flow_interpolate_backward", &flow_interpolate_backward_kernel<K>);
+  m.impl("flow_step", &flow_step_kernel<K>);
+  m.impl("flow_step_out", &flow_step_out_kernel<K>);
+  m.impl("flow_loss", &flow_loss_kernel<K>);
+  m.impl("flow_loss_backward", &flow_loss_backward_kernel<K>);
 }
 
 }  // namespace ddpm

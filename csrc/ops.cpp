@@ -79,4 +79,36 @@ TORCH_LIBRARY(ddpm_kernels, m) {
       "diffusion_loss_backward(Tensor grad_loss, Tensor grad_loss_simple, Tensor grad_loss_vlb, "
       "Tensor model_output, Tensor x_start, Tensor noise, Tensor t, Tensor table, str parameterization, "
       "str loss_type, float l_simple_weight, float original_elbo_weight) -> Tensor");
+  // The flow-matching family (csrc/flow.h). A sigma operand is (sigma, sigma_period, sigma_repeat): the
+  // contiguous (B * period,) tensor in the compute dtype (float64 for float64 data, else float32) that element
+  // offset i of sample b reads at [b * period + (i / repeat) % period] (ddpm_kernels._spec.SigmaOperand).
+  m.def("flow_interpolate(Tensor x0, Tensor noise, Tensor sigma, int sigma_period, int sigma_repeat) -> Tensor");
+  m.def(
+      "flow_interpolate_out(Tensor x0, Tensor noise, Tensor sigma, int sigma_period, int sigma_repeat, "
+      "Tensor(a!) out) -> ()");
+  m.def(
+      "flow_interpolate_backward(Tensor grad, Tensor sigma, int sigma_period, int sigma_repeat) "
+      "-> (Tensor, Tensor)");
+  // One Euler step. Sigmas: the table `sigmas` gathered by `step_index` (int64 (B,)), or the operands sigma
+  // and sigma_next. Guided when uncond and guidance (the per-sample scales, compute dtype) are given;
+  // stochastic steps draw their noise inside the kernel from `generator` when noise is None.
+  m.def(
+      "flow_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor? sigmas, "
+      "Tensor? step_index, Tensor? sigma, int sigma_period, int sigma_repeat, Tensor? sigma_next, "
+      "int sigma_next_period, int sigma_next_repeat, bool stochastic, float guidance_rescale, Tensor? noise, "
+      "Generator? generator) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "flow_step_out(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor? sigmas, "
+      "Tensor? step_index, Tensor? sigma, int sigma_period, int sigma_repeat, Tensor? sigma_next, "
+      "int sigma_next_period, int sigma_next_repeat, bool stochastic, float guidance_rescale, Tensor? noise, "
+      "Generator? generator, Tensor(a!) out) -> ()",
+      {at::Tag::nondeterministic_seeded});
+  // The loss as a 0-d tensor of the compute dtype; backward w.r.t. model_output.
+  m.def(
+      "flow_loss(Tensor model_output, Tensor x0, Tensor noise, Tensor sigma, int sigma_period, int sigma_repeat, "
+      "str weighting, str loss_type) -> Tensor");
+  m.def(
+      "flow_loss_backward(Tensor grad_loss, Tensor model_output, Tensor x0, Tensor noise, Tensor sigma, "
+      "int sigma_period, int sigma_repeat, str weighting, str loss_type) -> Tensor");
 }

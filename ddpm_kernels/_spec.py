@@ -291,12 +291,17 @@ _FLOW_TABLE = (
     OpSpec(
         "flow_interpolate", "flow", "x0", like=("noise",), timesteps=(), sigmas=("sigma",), has_out=True,
         differentiable=("x0", "noise"),
+        schema="flow_interpolate(Tensor x0, Tensor noise, Tensor sigma, int sigma_period, int sigma_repeat) -> Tensor",
     ),
     OpSpec(
         "flow_step", "flow", "sample", like=("model_output",), optional=("noise",), timesteps=(),
         sigmas=("sigma", "sigma_next"), options=(_flag("stochastic", False),
                                                  _real_in("guidance_rescale", 0.0, 0.0, 1.0)),
         draws_noise=True, has_out=True,
+        schema="flow_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor? sigmas, "
+        "Tensor? step_index, Tensor? sigma, int sigma_period, int sigma_repeat, Tensor? sigma_next, "
+        "int sigma_next_period, int sigma_next_repeat, bool stochastic, float guidance_rescale, Tensor? noise, "
+        "Generator? generator) -> Tensor",
     ),
     OpSpec(
         "flow_loss", "flow", "model_output", like=("x0", "noise"), timesteps=(), sigmas=("sigma",),
@@ -306,6 +311,8 @@ _FLOW_TABLE = (
             Option("loss_type", "l2", functools.partial(_c._check_choice, "loss_type", choices=_c.LOSS_TYPES)),
         ),
         outputs=("scalar",), differentiable=("model_output", "x0", "noise"),
+        schema="flow_loss(Tensor model_output, Tensor x0, Tensor noise, Tensor sigma, int sigma_period, "
+        "int sigma_repeat, str weighting, str loss_type) -> Tensor",
     ),
 )
 

@@ -48,7 +48,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # the op table's compiled ops, their ``_out`` forms and the two backward kernels.
 _KERNELS = tuple(name for name, spec in SPECS.items() if spec.schema) + tuple(
     name + "_out" for name, spec in SPECS.items() if spec.schema and spec.has_out
-) + ("q_sample_backward", "diffusion_loss_backward")
+) + ("q_sample_backward", "diffusion_loss_backward", "flow_interpolate_backward", "flow_loss_backward")
 _OVERLOADS = (
     types.SimpleNamespace(**{name: getattr(torch.ops.ddpm_kernels, name).default for name in _KERNELS})
     if _HAS_SCHEMA
@@ -184,6 +184,59 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
     return (result, x0) if opts.return_pred_x0 else result
 
 
+# ---------------------------------------------------------------------------------------------- flow matching
+# The flow-matching family (csrc/flow.h). A SigmaOperand travels as (flat, period, repeat), built by the public
+# layer against the data in the memory format the call runs in.
+def _sigma(s):
+    flat = s.flat
+    # sampling ops run on detached inputs (ddpm_kernels.backends); a sigma operand is not a tensor argument
+    return (flat.detach() if flat.requires_grad else flat), s.period, s.repeat
+
+
+_NO_SIGMA = (None, 1, 1)
+
+
+def flow_interpolate(x0, noise, sigma, out=None):
+    fmt = dense_format(x0)
+    args = (in_format(x0, fmt), in_format(noise, fmt), sigma.flat, sigma.period, sigma.repeat)
+    # as q_sample: a call that builds a graph runs the functional kernel
+    if not _fits(out, fmt) or (torch.is_grad_enabled() and (x0.requires_grad or noise.requires_grad)):
+        return _store(_ops().flow_interpolate(*args), out)
+    _ops().flow_interpolate_out(*args, out)
+    return out
+
+
+def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_next, opts, noise=None,
+              generator=None, out=None):
+    fmt = dense_format(sample)
+    args = (
+        in_format(sample, fmt),
+        in_format(model_output, fmt),
+        in_format(uncond, fmt) if opts.guided else None,
+        guidance if opts.guided else None,
+        sigmas,
+        step_index,
+        *(_NO_SIGMA if sigma is None else _sigma(sigma)),
+        *(_NO_SIGMA if sigma_next is None else _sigma(sigma_next)),
+        opts.stochastic,
+        opts.guidance_rescale,
+        in_format(noise, fmt) if opts.stochastic else None,  # deterministic: nothing read or drawn
+        generator,
+    )
+    if _fits(out, fmt):
+        _ops().flow_step_out(*args, out)
+        return out
+    return _store(_ops().flow_step(*args), out)
+
+
+def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):
+    fmt = dense_format(model_output)
+    return _ops().flow_loss(
+        in_format(model_output, fmt), in_format(x0, fmt), in_format(noise, fmt), sigma.flat, sigma.period,
+        sigma.repeat, weighting, loss_type,
+    )
+
+
 OPS = {
     "q_sample": q_sample,
     "predict_start_from_noise": predict_start_from_noise,
@@ -197,11 +250,16 @@ OPS = {
     "diffusion_loss": diffusion_loss,
     "ddim_step": sampler_step,
     "ddpm_step": sampler_step,
+    "flow_interpolate": flow_interpolate,
+    "flow_step": flow_step,
+    "flow_loss": flow_loss,
 }
 # Gradients the compiled kernels give (csrc/autograd.cpp); other inputs that need one take the reference.
 DIFFERENTIABLE = {
     "q_sample": frozenset(("x_start", "noise")),
     "diffusion_loss": frozenset(("model_output",)),
+    "flow_interpolate": frozenset(("x0", "noise")),
+    "flow_loss": frozenset(("model_output",)),
 }
 
 
@@ -214,27 +272,32 @@ def declines(op: str, opts) -> Optional[str]:
 
 
 # -------------------------------------------------------------------------------------------- fake and vmap
-def _fake_output(kind: str, x: torch.Tensor, table: torch.Tensor, return_pred_x0: bool):
+def _fake_output(kind: str, x: torch.Tensor, table: torch.Tensor, return_pred_x0: bool, scalar_dtype):
     if kind == "like":  # as the kernels allocate: a dense input's strides are preserved
         return torch.empty_like(x)
     if kind == "per_sample":
         return _per_sample(x, table.dtype)
     if kind == "scalar":
-        return x.new_empty(())
+        return x.new_empty((), dtype=scalar_dtype or x.dtype)
     return torch.empty_like(x) if return_pred_x0 else x.new_empty(0)  # "pred_x0"
 
 
 def _make_fake(spec, out_form: bool):
     """The fake kernel of ``spec``'s operator (its ``_out`` form with ``out_form``), from the op table: the
-    outputs' kinds, the data argument and, for the step family, ``return_pred_x0``."""
+    outputs' kinds, the data argument and, for the step family, ``return_pred_x0``. The flow-matching family
+    has no schedule table: its scalars (the loss) come in the compute dtype of its first sigma operand."""
     names = [a.name for a in getattr(torch.ops.ddpm_kernels, spec.name).default._schema.arguments]
-    data, table = names.index(spec.data), names.index("table64" if "table64" in names else "table")
+    data = names.index(spec.data)
+    table = next((names.index(n) for n in ("table64", "table") + spec.sigmas if n in names), None)
     flag = names.index("return_pred_x0") if "return_pred_x0" in names else None
     kinds = spec.outputs[1:] if out_form else spec.outputs
+    flow = bool(spec.sigmas)
 
     def fake(*args):
         pred = flag is not None and bool(args[flag])
-        results = tuple(_fake_output(kind, args[data], args[table], pred) for kind in kinds)
+        ref = None if table is None else args[table]
+        scalar_dtype = ref.dtype if flow and ref is not None else None
+        results = tuple(_fake_output(kind, args[data], ref, pred, scalar_dtype) for kind in kinds)
         return results[0] if len(results) == 1 else (results or None)
 
     return fake
@@ -254,6 +317,14 @@ def _register_python_parts() -> None:
 
     @torch.library.register_fake(lib + "diffusion_loss_backward")
     def _(g_loss, g_simple, g_vlb, model_output, *rest):
+        return torch.empty_like(model_output)
+
+    @torch.library.register_fake(lib + "flow_interpolate_backward")
+    def _(grad, sigma, period, repeat):
+        return torch.empty_like(grad), torch.empty_like(grad)
+
+    @torch.library.register_fake(lib + "flow_loss_backward")
+    def _(g_loss, model_output, *rest):
         return torch.empty_like(model_output)
 
     _register_vmap(lib)

@@ -108,8 +108,7 @@ def _tensors(spec: OpSpec, x, others: tuple, schedule, t, t_prev=_NO_T_PREV, out
             if y is not None or i < len(spec.like):
                 if not (learned and i == 0):
                     _check_like(names[i], y, spec.data, x)
-        if schedule is not None or spec.timesteps:
-            _check_schedule(schedule, x)
+        _check_schedule(schedule, x)
         if spec.timesteps:
             t = _check_t(t, x, spec.data, schedule)
         if has_t_prev:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import ddpm_kernels as dk
+from helpers import DTYPES
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -29,7 +30,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 T = 1000
 SCHEDULES = {name: dk.DiffusionSchedule(name, timesteps=T) for name in ("linear", "cosine")}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # The Triton interpreter runs kernels element by element in numpy: keep its tensors small.
 MAX_NUMEL = {"triton": 3000}
 

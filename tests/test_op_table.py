@@ -60,8 +60,10 @@ def test_generated_fakes_shape_every_output(name):
         args = {tensor: x for tensor in spec.like + spec.optional + (spec.data,)}
         args.update(t=mode.from_tensor(torch.zeros(2, dtype=torch.int64)), t_prev=mode.from_tensor(torch.zeros(2, dtype=torch.int64)))
         args.update(table=mode.from_tensor(s.table()), table64=mode.from_tensor(s.table(torch.float64)))
+        # the flow-matching family: per-sample sigma operands (period 1)
+        args.update({n: mode.from_tensor(torch.full((2,), 0.5)) for n in spec.sigmas})
         schema = getattr(torch.ops.ddpm_kernels, name).default._schema
-        defaults = {"str": "eps", "bool": True, "float": 0.5}
+        defaults = {"str": "eps", "bool": True, "float": 0.5, "int": 1}
         call = []
         for a in schema.arguments:
             if a.name in args:
@@ -70,6 +72,8 @@ def test_generated_fakes_shape_every_output(name):
                 call.append("fixed_small")
             elif a.name == "loss_type":
                 call.append("l2")
+            elif a.name == "weighting":
+                call.append("none")
             elif str(a.type).endswith("?") or str(a.type).startswith("Optional"):
                 call.append(None)
             else:

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "../flow.h"
 #include "../loss.h"
 #include "../pair_ops.h"
 #include "../posterior.h"

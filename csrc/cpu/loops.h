@@ -33,7 +33,9 @@ template <typename T>
 struct LaneOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   using scalar = T;
+  static constexpr int kWidth = V::size();
   static C10_ALWAYS_INLINE V splat(T s) { return V(s); }
+  static C10_ALWAYS_INLINE V loadu(const T* p) { return V::loadu(p); }
   static C10_ALWAYS_INLINE V madd(const V& a, const V& b, const V& c) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     return at::vec::fmadd(a, b, c);

@@ -78,6 +78,21 @@ inline int64_t grid_for(int64_t work) {
   return std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(sm_count()) * 8));
 }
 
+// The sum of v over the block (blockDim.x a multiple of 32, at most kThreads), valid in thread 0; `shared`
+// holds kThreads / 32 values. Every thread of the block must call it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shared) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : acc_t(0);
+  if (warp == 0)
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  __syncthreads();
+  return v;  // valid in thread 0
+}
+
 // Whether slices of W elements can be packets: N a multiple of W (no packet spans two samples) and every
 // pointer (nullptr: an absent operand) aligned to a packet.
 template <typename scalar_t>

@@ -15,19 +15,6 @@ namespace {
 constexpr int kLossItems = 16;  // elements per thread per chunk: a chunk is kThreads * kLossItems elements
 constexpr int64_t kLossChunk = int64_t(kThreads) * kLossItems;
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shared) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : acc_t(0);
-  if (warp == 0)
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  __syncthreads();
-  return v;  // valid in thread 0
-}
-
 // The loss is summed in pieces: piece p = b * chunks + c is chunk c (kLossChunk elements, the last one shorter)
 // of sample b, and block k of the grid sums pieces k, k + gridDim.x, ... into partial[p], W elements per load
 // (W > 1: packets, N a multiple of W). The batch is not a grid dimension (gridDim.y stops at 65535, and a

@@ -1,0 +1,146 @@
+// CPU kernels of the flow-matching family (csrc/flow.h): the interpolant and the step are one pass of the
+// family loop; the step's guidance rescale adds one reduction pass first; the loss is a chunked reduction
+// (deterministic: fixed chunks, float64 partials) and its backward one pass.
+#include <vector>
+
+#include "kernels.h"
+#include "loops.h"
+#include "noise.h"
+
+#include "../flow.h"
+
+namespace ddpm::cpu::CPU_CAPABILITY {
+namespace {
+
+// Elements per reduction piece (a parallel work item), and per float64 flush of the lane accumulators inside
+// it: the float32 lanes sum at most a few dozen terms each, so their rounding stays far below the float32
+// result's; partial sums per (sample, piece) make the result independent of the thread count.
+constexpr int64_t kFlowChunk = 4096;
+constexpr int64_t kFlowFlush = 256;
+
+// The rescale reduction: kRescaleSums float64 sums per piece into `sums` (B * chunks pieces).
+template <typename scalar_t, typename F>
+void rescale_sums(const F& f, int64_t B, int64_t N, int64_t chunks, double* sums) {
+  using L = Lanes<scalar_t>;
+  using V = typename L::V;
+  at::parallel_for(0, B * chunks, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / chunks;
+      const auto sh = f.shift(b);
+      int64_t i = b * N + (p % chunks) * kFlowChunk;
+      const int64_t stop = std::min(i + kFlowChunk, (b + 1) * N);
+      double total[kRescaleSums] = {0, 0, 0, 0};
+      while (i < stop) {
+        const int64_t flush = std::min(i + kFlowFlush, stop);
+        V acc[kRescaleSums][L::kLanes];
+        for (int q = 0; q < kRescaleSums; ++q)
+          for (int k = 0; k < L::kLanes; ++k) acc[q][k] = splat<V>(0);
+        for (; i < flush; i += L::size()) {
+          f.template rescale_sums_of<L>(i, std::min<int64_t>(L::size(), flush - i), sh, acc);
+        }
+        for (int q = 0; q < kRescaleSums; ++q)
+          for (int k = 0; k < L::kLanes; ++k) total[q] += hsum(acc[q][k]);
+      }
+      for (int q = 0; q < kRescaleSums; ++q) sums[p * kRescaleSums + q] = total[q];
+    }
+  });
+}
+
+}  // namespace
+
+void Kernels::flow_interpolate(const FlowInterpolateCall& call) {
+  const int64_t numel = call.x.numel();
+  DDPM_DISPATCH_FLOATING(call.x.scalar_type(), "ddpm_kernels_flow_interpolate", [&] {
+    with_bool(call.period > 1, [&](auto T) {
+      run_family<scalar_t>(FlowInterpolateKernel<scalar_t, decltype(T)>::make(call, T), numel,
+                           numel / call.x.size(0));
+    });
+  });
+}
+
+void Kernels::flow_step(const FlowStepCall& call) {
+  const int64_t numel = call.sample.numel();
+  DDPM_DISPATCH_FLOATING(call.sample.scalar_type(), "ddpm_kernels_flow_step", [&] {
+    using Noise = CpuNoise<scalar_t>;
+    // p_sample's scheme: the key is drawn for every stochastic call without given noise, even an empty one
+    const typename Noise::Spec spec = Noise::spec(call.noise, call.stochastic, call.generator);
+    if (numel == 0) return;
+    const int64_t B = call.sample.size(0), N = numel / B;
+    const int64_t chunks = (N + kFlowChunk - 1) / kFlowChunk;
+    std::vector<double> sums;
+    with_bool(call.guided(), [&](auto G) {
+      with_bool(call.per_token(), [&](auto T) {
+        const double* rescale = nullptr;
+        if (call.rescaled()) {
+          sums.resize(B * chunks * kRescaleSums);
+          const auto f = FlowStepKernel<scalar_t, std::false_type, decltype(G), decltype(T)>::make(
+              call, std::false_type(), G, T);
+          rescale_sums<scalar_t>(f, B, N, chunks, sums.data());
+          rescale = sums.data();
+        }
+        if (call.stochastic) {
+          const auto f = FlowStepKernel<scalar_t, std::true_type, decltype(G), decltype(T)>::make(
+              call, std::true_type(), G, T, rescale, chunks);
+          run_family<scalar_t>(f, numel, N, Noise(spec));
+        } else {
+          const auto f = FlowStepKernel<scalar_t, std::false_type, decltype(G), decltype(T)>::make(
+              call, std::false_type(), G, T, rescale, chunks);
+          run_family<scalar_t>(f, numel, N);
+        }
+      });
+    });
+  });
+}
+
+void Kernels::flow_loss(const FlowLossCall& call, const at::Tensor& loss) {
+  const int64_t B = call.model_output.size(0), N = call.model_output.numel() / B;
+  const int64_t chunks = (N + kFlowChunk - 1) / kFlowChunk;
+  std::vector<double> partial(B * chunks, 0.0);
+  DDPM_DISPATCH_FLOATING(call.model_output.scalar_type(), "ddpm_kernels_flow_loss", [&] {
+    using L = Lanes<scalar_t>;
+    using V = typename L::V;
+    using acc_t = at::opmath_type<scalar_t>;
+    with_bool(call.l1, [&](auto L1) {
+      with_bool(call.period > 1, [&](auto T) {
+        const auto f = FlowLossKernel<scalar_t, decltype(L1), decltype(T)>::make(call, L1, T);
+        at::parallel_for(0, B * chunks, std::max<int64_t>(1, 32768 / kFlowChunk), [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t b = c / chunks;
+            int64_t i = b * N + (c % chunks) * kFlowChunk;
+            const int64_t stop = std::min(i + kFlowChunk, (b + 1) * N);
+            double s = 0;
+            while (i < stop) {
+              const int64_t flush = std::min(i + kFlowFlush * 4, stop);
+              V acc[L::kLanes];
+              for (int k = 0; k < L::kLanes; ++k) acc[k] = splat<V>(0);
+              for (; i < flush; i += L::size()) {
+                f.template accumulate<L>(b, i, std::min<int64_t>(L::size(), flush - i), acc);
+              }
+              for (int k = 0; k < L::kLanes; ++k) s += hsum(acc[k]);
+            }
+            partial[c] = s;
+          }
+        });
+        std::vector<double> sample_sums(B, 0.0);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t c = 0; c < chunks; ++c) sample_sums[b] += partial[b * chunks + c];
+        *loss.mutable_data_ptr<acc_t>() = static_cast<acc_t>(flow_loss_total(f, sample_sums.data(), B, N));
+      });
+    });
+  });
+}
+
+void Kernels::flow_loss_backward(const FlowLossCall& call, const at::Tensor& grad_loss, const at::Tensor& grad) {
+  const int64_t numel = call.model_output.numel();
+  DDPM_DISPATCH_FLOATING(call.model_output.scalar_type(), "ddpm_kernels_flow_loss_backward", [&] {
+    with_bool(call.l1, [&](auto L1) {
+      with_bool(call.period > 1, [&](auto T) {
+        run_family<scalar_t>(
+            FlowLossKernel<scalar_t, decltype(L1), decltype(T)>::make_backward(call, L1, T, grad_loss, grad), numel,
+            numel / call.model_output.size(0));
+      });
+    });
+  });
+}
+
+}  // namespace ddpm::cpu::CPU_CAPABILITY

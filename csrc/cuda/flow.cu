@@ -1,0 +1,169 @@
+// CUDA kernels of the flow-matching family (csrc/flow.h): the interpolant, the step and the loss backward are
+// the family kernel (launch.cuh); the guidance rescale is one reduction launch before the step, the loss a
+// two-launch reduction. Flags are runtime values (uniform branches): one instantiation per dtype.
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "kernels.h"
+#include "launch.cuh"
+
+#include "../flow.h"
+
+namespace ddpm::cuda {
+namespace {
+
+constexpr int kFlowItems = 16;  // elements per thread per piece: a piece is kThreads * kFlowItems elements
+constexpr int64_t kFlowChunk = int64_t(kThreads) * kFlowItems;
+
+// One element per slice, in float64 lanes: the rescale sums accumulate in float64 on the device.
+template <typename scalar_t>
+struct DoubleIO {
+  using V = double;
+  static constexpr int kLanes = 1;
+  static DDPM_LANE void load(const scalar_t* p, V* v, int64_t) {
+    v[0] = static_cast<double>(static_cast<at::opmath_type<scalar_t>>(*p));
+  }
+};
+
+// The rescale reduction: piece p = b * chunks + c (kFlowChunk elements of sample b) into
+// sums[p * kRescaleSums + q]; blocks take pieces in grid-stride turns. Fixed pieces and tree sums: the result
+// does not depend on scheduling or on the grid size.
+template <typename scalar_t, typename F>
+__global__ void __launch_bounds__(kThreads)
+    rescale_sums_kernel(F f, int64_t N, int64_t chunks, int64_t pieces, double* sums) {
+  __shared__ double shared[kThreads / 32];
+  for (int64_t p = blockIdx.x; p < pieces; p += gridDim.x) {
+    const int64_t b = p / chunks, chunk = p - b * chunks;
+    const auto sh = f.shift(b);
+    const int64_t begin = b * N + chunk * kFlowChunk;
+    const int64_t end = begin + kFlowChunk < (b + 1) * N ? begin + kFlowChunk : (b + 1) * N;
+    double acc[kRescaleSums][1] = {{0}, {0}, {0}, {0}};
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      f.template rescale_sums_of<DoubleIO<scalar_t>>(i, 1, sh, acc);
+    }
+    DDPM_UNROLL
+    for (int q = 0; q < kRescaleSums; ++q) {
+      const double s = block_sum(acc[q][0], shared);
+      if (threadIdx.x == 0) sums[p * kRescaleSums + q] = s;
+    }
+  }
+}
+
+// The loss's sums of l(d) per piece, as the rescale sums; W elements per load (W > 1: packets).
+template <typename scalar_t, int W, typename F>
+__global__ void __launch_bounds__(kThreads)
+    flow_loss_partials_kernel(F f, int64_t N, int64_t chunks, int64_t pieces, double* partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ double shared[kThreads / 32];
+  for (int64_t p = blockIdx.x; p < pieces; p += gridDim.x) {
+    const int64_t b = p / chunks, chunk = p - b * chunks;
+    const int64_t begin = b * N + chunk * kFlowChunk;
+    const int64_t end = begin + kFlowChunk < (b + 1) * N ? begin + kFlowChunk : (b + 1) * N;
+    acc_t acc[W];
+    DDPM_UNROLL
+    for (int k = 0; k < W; ++k) acc[k] = acc_t(0);
+    for (int64_t i = begin + int64_t(threadIdx.x) * W; i < end; i += int64_t(blockDim.x) * W) {
+      f.template accumulate<PacketIO<scalar_t, W>>(b, i, W, acc);
+    }
+    double s = 0;
+    DDPM_UNROLL
+    for (int k = 0; k < W; ++k) s += static_cast<double>(acc[k]);
+    s = block_sum(s, shared);
+    if (threadIdx.x == 0) partial[p] = s;
+  }
+}
+
+// One block: the per-sample means, weighted, then their mean, in the compute dtype.
+template <typename scalar_t, typename F>
+__global__ void __launch_bounds__(kThreads)
+    flow_loss_finish_kernel(F f, const double* partial, int64_t chunks, int64_t B, int64_t N,
+                            at::opmath_type<scalar_t>* loss) {
+  __shared__ double shared[kThreads / 32];
+  double total = 0;
+  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
+    double s = 0;
+    for (int64_t c = 0; c < chunks; ++c) s += partial[b * chunks + c];
+    total += static_cast<double>(f.sample_weight(b)) * (s / static_cast<double>(N));
+  }
+  total = block_sum(total, shared);
+  if (threadIdx.x == 0) *loss = static_cast<at::opmath_type<scalar_t>>(total / static_cast<double>(B));
+}
+
+}  // namespace
+
+void Kernels::flow_interpolate(const FlowInterpolateCall& call) {
+  c10::cuda::CUDAGuard guard(call.x.device());
+  const int64_t numel = call.x.numel();
+  DDPM_DISPATCH_FLOATING(call.x.scalar_type(), "ddpm_kernels_flow_interpolate_cuda", [&] {
+    run_family<scalar_t>(FlowInterpolateKernel<scalar_t, bool>::make(call, call.period > 1), numel,
+                         numel / call.x.size(0),
+                         {call.x.const_data_ptr(), call.y != nullptr ? call.y->const_data_ptr() : nullptr,
+                          call.out.const_data_ptr(), call.out2 != nullptr ? call.out2->const_data_ptr() : nullptr});
+  });
+}
+
+void Kernels::flow_step(const FlowStepCall& call) {
+  const int64_t numel = call.sample.numel();
+  if (numel == 0) return;
+  c10::cuda::CUDAGuard guard(call.sample.device());  // first: sm_count() reads the current device
+  const int64_t B = call.sample.size(0), N = numel / B;
+  const int64_t chunks = (N + kFlowChunk - 1) / kFlowChunk, pieces = B * chunks;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  DDPM_DISPATCH_FLOATING(call.sample.scalar_type(), "ddpm_kernels_flow_step_cuda", [&] {
+    using F = FlowStepKernel<scalar_t, bool, bool, bool>;
+    at::Tensor sums;
+    const double* rescale = nullptr;
+    if (call.rescaled()) {
+      sums = at::empty({pieces * kRescaleSums}, call.sample.options().dtype(at::kDouble));
+      const int64_t blocks = std::min<int64_t>(pieces, int64_t(sm_count()) * 32);
+      rescale_sums_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(F::make(call, false, true, call.per_token()),
+                                                                     N, chunks, pieces,
+                                                                     sums.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      rescale = sums.const_data_ptr<double>();
+    }
+    run_family<scalar_t>(F::make(call, call.stochastic, call.guided(), call.per_token(), rescale, chunks), numel, N,
+                         {call.sample.const_data_ptr(), call.model_output.const_data_ptr(),
+                          call.uncond != nullptr ? call.uncond->const_data_ptr() : nullptr,
+                          call.out.const_data_ptr()},
+                         call.noise, call.stochastic, call.generator);
+  });
+}
+
+void Kernels::flow_loss(const FlowLossCall& call, const at::Tensor& loss) {
+  const at::Tensor& mo = call.model_output;
+  const int64_t B = mo.size(0), N = mo.numel() / B;
+  const int64_t chunks = (N + kFlowChunk - 1) / kFlowChunk, pieces = B * chunks;
+  c10::cuda::CUDAGuard guard(mo.device());
+  const int64_t blocks = std::min<int64_t>(pieces, int64_t(sm_count()) * 32);
+  at::Tensor partial = at::empty({pieces}, mo.options().dtype(at::kDouble));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  DDPM_DISPATCH_FLOATING(mo.scalar_type(), "ddpm_kernels_flow_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kPacket = 16 / sizeof(scalar_t);
+    const auto f = FlowLossKernel<scalar_t, bool, bool>::make(call, call.l1, call.period > 1);
+    double* sums = partial.mutable_data_ptr<double>();
+    if (packets_fit<scalar_t>(kPacket, N, {mo.const_data_ptr(), call.x0.const_data_ptr(), call.noise.const_data_ptr()})) {
+      flow_loss_partials_kernel<scalar_t, kPacket><<<blocks, kThreads, 0, stream>>>(f, N, chunks, pieces, sums);
+    } else {
+      flow_loss_partials_kernel<scalar_t, 1><<<blocks, kThreads, 0, stream>>>(f, N, chunks, pieces, sums);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    flow_loss_finish_kernel<scalar_t><<<1, kThreads, 0, stream>>>(f, sums, chunks, B, N,
+                                                                  loss.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void Kernels::flow_loss_backward(const FlowLossCall& call, const at::Tensor& grad_loss, const at::Tensor& grad) {
+  const at::Tensor& mo = call.model_output;
+  c10::cuda::CUDAGuard guard(mo.device());
+  DDPM_DISPATCH_FLOATING(mo.scalar_type(), "ddpm_kernels_flow_loss_backward_cuda", [&] {
+    run_family<scalar_t>(
+        FlowLossKernel<scalar_t, bool, bool>::make_backward(call, call.l1, call.period > 1, grad_loss, grad),
+        mo.numel(), mo.numel() / mo.size(0),
+        {mo.const_data_ptr(), call.x0.const_data_ptr(), call.noise.const_data_ptr(), grad.const_data_ptr()});
+  });
+}
+
+}  // namespace ddpm::cuda

@@ -1,0 +1,507 @@
+// The flow-matching family (rectified flow: x_sigma = (1 - sigma) x0 + sigma eps, the model predicts
+// v = eps - x0), written once for the CPU and CUDA backends (csrc/family.h):
+//
+//   flow_interpolate     out = (1 - s) x0 + s noise;  backward (g_x0, g_noise) = ((1 - s) g, s g)
+//   flow_step            v = c, or guided v = (u + w_b (c - u)) factor_b;
+//                        deterministic x' = x + (s_next - s) v,
+//                        stochastic    x' = (1 - s_next) (x - s v) + s_next z
+//   flow_loss            mean_b mean_i weight(s_i) l(d_i),  d = mo - (noise - x0),  l = d^2 or |d|;
+//                        backward g weight(s_i) dl(d_i) / (B N),  dl = 2 d or sign(d)
+//
+// A sigma is read per sample or per token (ddpm_kernels._spec.SigmaOperand): element offset `off` of sample
+// b's dense block reads flat[b * period + (off / repeat) % period]; period = 1 is one sigma per sample, which
+// the kernels gather once per sample (Coef), else they read it per element through a TokenCursor. The
+// step's sigmas may instead come from the scheduler's table by a per-sample step index: s = sigmas[i],
+// s_next = sigmas[i + 1], NaN for an index outside [0, len - 1) (never a read outside the table).
+//
+// guidance_rescale (Lin et al. 2023, diffusers' rescale_noise_cfg): factor_b = phi std(c_b) / std(g_b) + 1 - phi
+// with g = u + w (c - u) and unbiased per-sample standard deviations. A reduction pass first sums, per piece
+// of a sample, the shifted values c - K_c, (c - K_c)^2, g - K_g, (g - K_g)^2 (K: the sample's first element,
+// so the sums do not cancel catastrophically when the mean is large against the spread), combined in float64;
+// the step's per-sample coefficients turn them into factor_b. No host sync: the factor is derived where the
+// per-sample coefficients are.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+#include "family.h"
+
+namespace ddpm {
+
+enum class FlowWeighting : int { kNone = 0, kSigmaSqrt = 1, kCosmap = 2 };
+
+// SD3's loss weighting of one sigma (diffusers' compute_loss_weighting_for_sd3).
+template <typename acc_t>
+DDPM_HD acc_t flow_loss_weight(FlowWeighting weighting, acc_t s) {
+  if (weighting == FlowWeighting::kSigmaSqrt) return acc_t(1) / (s * s);
+  if (weighting == FlowWeighting::kCosmap) {
+    return acc_t(2) / (acc_t(3.14159265358979323846) * (acc_t(1) - acc_t(2) * s + acc_t(2) * s * s));
+  }
+  return acc_t(1);
+}
+
+// A sigma operand as the kernels read it.
+template <typename acc_t>
+struct FlowSigma {
+  const acc_t* flat;
+  int64_t period, repeat;
+  DDPM_HD bool per_token() const { return period > 1; }
+};
+
+// The walk of one sigma operand along consecutive elements of a sample: index() is (off / repeat) % period
+// for the current offset, advanced without a division per element.
+struct TokenCursor {
+  int64_t p, r, period, repeat;
+  DDPM_HD TokenCursor(int64_t off, int64_t period_, int64_t repeat_)
+      : p((off / repeat_) % period_), r(off % repeat_), period(period_), repeat(repeat_) {}
+  DDPM_HD void next() {
+    if (++r == repeat) {
+      r = 0;
+      if (++p == period) p = 0;
+    }
+  }
+};
+
+// The lanes of one slice (n elements from offset `off` of sample b) of a per-token sigma, each value passed
+// through `tf`; lanes past n hold `pad`. A slice inside one run of `repeat` equal values is one broadcast.
+template <typename IO, typename acc_t, typename TF>
+DDPM_LANE void sigma_lanes(const FlowSigma<acc_t>& s, int64_t b, int64_t off, int64_t n, typename IO::V* out,
+                           lane_scalar_t<typename IO::V> pad, const TF& tf) {
+  using V = typename IO::V;
+  using T = lane_scalar_t<V>;
+  constexpr int W = LaneOps<V>::kWidth;
+  constexpr int64_t kFull = int64_t(IO::kLanes) * W;
+  const acc_t* row = s.flat + b * s.period;
+  TokenCursor cur(off, s.period, s.repeat);
+  if (n == kFull && cur.r + kFull <= s.repeat) {
+    const V v = splat<V>(static_cast<T>(tf(row[cur.p])));
+    DDPM_UNROLL
+    for (int k = 0; k < IO::kLanes; ++k) out[k] = v;
+    return;
+  }
+  DDPM_UNROLL
+  for (int k = 0; k < IO::kLanes; ++k) {
+    alignas(sizeof(T) * W) T buf[W];
+    for (int j = 0; j < W; ++j) {
+      const int64_t e = int64_t(k) * W + j;
+      if (e < n) {
+        buf[j] = static_cast<T>(tf(row[cur.p]));
+        cur.next();
+      } else {
+        buf[j] = pad;
+      }
+    }
+    out[k] = LaneOps<V>::loadu(buf);
+  }
+}
+
+struct Identity {
+  template <typename T>
+  DDPM_HD T operator()(T x) const {
+    return x;
+  }
+};
+
+template <typename acc_t>
+struct WeightOf {
+  FlowWeighting weighting;
+  DDPM_HD acc_t operator()(acc_t s) const { return flow_loss_weight(weighting, s); }
+};
+
+// ------------------------------------------------------------------------------------------ interpolate
+// out = (1 - s) x + s y, or with y == nullptr the transpose (out, out2) = ((1 - s) x, s x) for the incoming
+// gradient x.
+struct FlowInterpolateCall {
+  const at::Tensor& x;
+  const at::Tensor* y;
+  const at::Tensor& sigma;
+  int64_t period, repeat;
+  const at::Tensor& out;
+  const at::Tensor* out2;
+};
+
+// TokenT: bool, or std::integral_constant<bool, ...> (csrc/family.h): the sigma is read per token.
+template <typename scalar_t, typename TokenT>
+struct FlowInterpolateKernel : NoPerSampleOutputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  struct Coef {
+    acc_t a, s;  // 1 - sigma, sigma (per-sample sigma)
+  };
+  const scalar_t* x;
+  const scalar_t* y;
+  scalar_t* out;
+  scalar_t* out2;
+  FlowSigma<acc_t> sigma;
+  int64_t N;
+  TokenT per_token;
+
+  static FlowInterpolateKernel make(const FlowInterpolateCall& call, TokenT per_token) {
+    return {{},
+            call.x.const_data_ptr<scalar_t>(),
+            call.y != nullptr ? call.y->const_data_ptr<scalar_t>() : nullptr,
+            call.out.mutable_data_ptr<scalar_t>(),
+            call.out2 != nullptr ? call.out2->mutable_data_ptr<scalar_t>() : nullptr,
+            {call.sigma.const_data_ptr<acc_t>(), call.period, call.repeat},
+            call.x.numel() / call.x.size(0),
+            per_token};
+  }
+
+  DDPM_HD Coef coef(int64_t b) const {
+    if (per_token) return {acc_t(0), acc_t(0)};
+    const acc_t s = sigma.flat[b];
+    return {acc_t(1) - s, s};
+  }
+
+  template <typename IO, typename Z>
+  DDPM_LANE void apply(int64_t b, int64_t i, int64_t n, const Coef& c, Z&) const {
+    using V = typename IO::V;
+    V av[IO::kLanes], sv[IO::kLanes], xv[IO::kLanes], r[IO::kLanes];
+    if (per_token) {
+      sigma_lanes<IO>(sigma, b, i - b * N, n, sv, lane_scalar_t<V>(0), Identity());
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) av[k] = splat<V>(acc_t(1)) - sv[k];
+    } else {
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) {
+        av[k] = splat<V>(c.a);
+        sv[k] = splat<V>(c.s);
+      }
+    }
+    IO::load(x + i, xv, n);
+    if (y == nullptr) {
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) r[k] = sv[k] * xv[k];
+      IO::store(out2 + i, r, n);
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) r[k] = av[k] * xv[k];
+    } else {
+      IO::load(y + i, r, n);
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) r[k] = madd(av[k], xv[k], sv[k] * r[k]);
+    }
+    IO::store(out + i, r, n);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------- step
+// One call of flow_step, as csrc/host_ops.h hands it to a backend. Sigmas: the table form (sigmas and
+// step_index non-null) or two operands (sigma, sigma_next). uncond and guidance are non-null when guided;
+// noise is non-null when given and stochastic (in-kernel noise from `generator` when stochastic and none).
+struct FlowStepCall {
+  const at::Tensor &sample, &model_output;
+  const at::Tensor* uncond;
+  const at::Tensor* guidance;
+  const at::Tensor* sigmas;
+  const at::Tensor* step_index;
+  const at::Tensor* sigma;
+  int64_t sigma_period, sigma_repeat;
+  const at::Tensor* sigma_next;
+  int64_t sigma_next_period, sigma_next_repeat;
+  bool stochastic;
+  double guidance_rescale;
+  const at::Tensor* noise;
+  std::optional<at::Generator> generator;
+  const at::Tensor& out;
+
+  bool guided() const { return uncond != nullptr; }
+  bool rescaled() const { return guided() && guidance_rescale > 0; }
+  bool per_token() const {
+    return sigmas == nullptr && (sigma_period > 1 || sigma_next_period > 1);
+  }
+};
+
+// The four sums of the rescale reduction per piece of a sample, and the shifts they are taken around.
+constexpr int kRescaleSums = 4;  // sum c', sum c'^2, sum g', sum g'^2
+
+template <typename acc_t>
+struct RescaleShift {
+  acc_t c, g, w;  // K_c, K_g, and the sample's guidance scale
+};
+
+// factor_b from the sums of sample b's `chunks` pieces (float64 throughout).
+DDPM_HD double rescale_factor(const double* sums, int64_t chunks, int64_t N, double phi) {
+  double s[kRescaleSums] = {0, 0, 0, 0};
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int q = 0; q < kRescaleSums; ++q) s[q] += sums[c * kRescaleSums + q];
+  const double n = static_cast<double>(N);
+  double var_c = (s[1] - s[0] * s[0] / n) / (n - 1), var_g = (s[3] - s[2] * s[2] / n) / (n - 1);
+  var_c = var_c < 0 ? 0 : var_c;  // rounding below 0 (NaN stays NaN: N = 1 gives NaN, as torch.std)
+  var_g = var_g < 0 ? 0 : var_g;
+#if defined(__CUDA_ARCH__)
+  const double ratio = ::sqrt(var_c) / ::sqrt(var_g);
+#else
+  const double ratio = std::sqrt(var_c) / std::sqrt(var_g);
+#endif
+  return phi * ratio + (1 - phi);
+}
+
+// StochT / GuidedT / TokenT: bool, or std::integral_constant<bool, ...> (csrc/family.h).
+template <typename scalar_t, typename StochT, typename GuidedT, typename TokenT>
+struct FlowStepKernel : NoPerSampleOutputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  struct Coef {
+    acc_t s, s_next, w, factor;
+  };
+  const scalar_t* x;
+  const scalar_t* mo;
+  const scalar_t* uncond;
+  scalar_t* out;
+  const acc_t* guidance;
+  const acc_t* sigmas;  // the table form, else nullptr
+  const int64_t* step_index;
+  int64_t steps;  // len(sigmas)
+  FlowSigma<acc_t> sigma, sigma_next;
+  const double* rescale_sums;  // nullptr unless rescaled: kRescaleSums per piece, `chunks` pieces per sample
+  int64_t chunks;
+  double phi;
+  int64_t N;
+  StochT stochastic;
+  GuidedT guided;
+  TokenT per_token;
+
+  static FlowStepKernel make(const FlowStepCall& call, StochT stochastic, GuidedT guided, TokenT per_token,
+                             const double* rescale_sums = nullptr, int64_t chunks = 0) {
+    const bool table = call.sigmas != nullptr;
+    return {{},
+            call.sample.const_data_ptr<scalar_t>(),
+            call.model_output.const_data_ptr<scalar_t>(),
+            call.guided() ? call.uncond->const_data_ptr<scalar_t>() : nullptr,
+            call.out.mutable_data_ptr<scalar_t>(),
+            call.guided() ? call.guidance->const_data_ptr<acc_t>() : nullptr,
+            table ? call.sigmas->const_data_ptr<acc_t>() : nullptr,
+            table ? call.step_index->const_data_ptr<int64_t>() : nullptr,
+            table ? call.sigmas->numel() : 0,
+            {table ? nullptr : call.sigma->const_data_ptr<acc_t>(), call.sigma_period, call.sigma_repeat},
+            {table ? nullptr : call.sigma_next->const_data_ptr<acc_t>(), call.sigma_next_period,
+             call.sigma_next_repeat},
+            rescale_sums,
+            chunks,
+            call.guidance_rescale,
+            call.sample.numel() / call.sample.size(0),
+            stochastic,
+            guided,
+            per_token};
+  }
+
+  DDPM_HD Coef coef(int64_t b) const {
+    Coef c;
+    if (sigmas != nullptr) {
+      const int64_t i = step_index[b];
+      const bool ok = i >= 0 && i < steps - 1;
+      c.s = ok ? sigmas[i] : acc_t(NAN);
+      c.s_next = ok ? sigmas[i + 1] : acc_t(NAN);
+    } else {
+      // per-token operands are read per element; these stay unused
+      c.s = sigma.per_token() ? acc_t(0) : sigma.flat[b];
+      c.s_next = sigma_next.per_token() ? acc_t(0) : sigma_next.flat[b];
+    }
+    c.w = guided ? guidance[b] : acc_t(0);
+    c.factor = rescale_sums != nullptr
+                   ? static_cast<acc_t>(rescale_factor(rescale_sums + b * chunks * kRescaleSums, chunks, N, phi))
+                   : acc_t(1);
+    return c;
+  }
+
+  // The rescale reduction's shifts for sample b (its first element).
+  DDPM_HD RescaleShift<acc_t> shift(int64_t b) const {
+    const acc_t w = guidance[b];
+    const acc_t c0 = static_cast<acc_t>(mo[b * N]), u0 = static_cast<acc_t>(uncond[b * N]);
+    return {c0, u0 + w * (c0 - u0), w};
+  }
+
+  // acc[q][k] += the q-th shifted sum over one slice (elements [i, i + n) of one sample), in IO::V lanes,
+  // which may be wider than acc_t (float64 on CUDA). Lanes past a short slice add nothing.
+  template <typename IO>
+  DDPM_LANE void rescale_sums_of(int64_t i, int64_t n, const RescaleShift<acc_t>& sh,
+                                 typename IO::V (*acc)[IO::kLanes]) const {
+    using V = typename IO::V;
+    using T = lane_scalar_t<V>;
+    constexpr int W = LaneOps<V>::kWidth;
+    V cv[IO::kLanes], uv[IO::kLanes];
+    IO::load(mo + i, cv, n);
+    IO::load(uncond + i, uv, n);
+    DDPM_UNROLL
+    for (int k = 0; k < IO::kLanes; ++k) {
+      const V g = madd(splat<V>(T(sh.w)), cv[k] - uv[k], uv[k]);
+      V dc = cv[k] - splat<V>(T(sh.c)), dg = g - splat<V>(T(sh.g));
+      if (n < int64_t(IO::kLanes) * W) {  // a short slice: zero the lanes past n
+        alignas(sizeof(T) * W) T mask[W];
+        for (int j = 0; j < W; ++j) mask[j] = int64_t(k) * W + j < n ? T(1) : T(0);
+        const V m = LaneOps<V>::loadu(mask);
+        dc = dc * m;
+        dg = dg * m;
+      }
+      acc[0][k] = acc[0][k] + dc;
+      acc[1][k] = madd(dc, dc, acc[1][k]);
+      acc[2][k] = acc[2][k] + dg;
+      acc[3][k] = madd(dg, dg, acc[3][k]);
+    }
+  }
+
+  template <typename IO, typename Z>
+  DDPM_LANE void apply(int64_t b, int64_t i, int64_t n, const Coef& c, Z& z) const {
+    using V = typename IO::V;
+    V xv[IO::kLanes], vv[IO::kLanes], sv[IO::kLanes], snv[IO::kLanes], zv[IO::kLanes];
+    IO::load(x + i, xv, n);
+    IO::load(mo + i, vv, n);
+    if (guided) {
+      V uv[IO::kLanes];
+      IO::load(uncond + i, uv, n);
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) vv[k] = madd(splat<V>(c.w), vv[k] - uv[k], uv[k]) * splat<V>(c.factor);
+    }
+    if (per_token && sigma.per_token()) {
+      sigma_lanes<IO>(sigma, b, i - b * N, n, sv, lane_scalar_t<V>(0), Identity());
+    } else {
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) sv[k] = splat<V>(c.s);
+    }
+    if (per_token && sigma_next.per_token()) {
+      sigma_lanes<IO>(sigma_next, b, i - b * N, n, snv, lane_scalar_t<V>(0), Identity());
+    } else {
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) snv[k] = splat<V>(c.s_next);
+    }
+    if (stochastic) {
+      z.template get<IO>(i, n, zv);
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) {
+        const V x0 = xv[k] - sv[k] * vv[k];
+        xv[k] = madd(splat<V>(acc_t(1)) - snv[k], x0, snv[k] * zv[k]);
+      }
+    } else {
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) xv[k] = madd(snv[k] - sv[k], vv[k], xv[k]);
+    }
+    IO::store(out + i, xv, n);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------- loss
+struct FlowLossCall {
+  const at::Tensor &model_output, &x0, &noise, &sigma;
+  int64_t period, repeat;
+  FlowWeighting weighting;
+  bool l1;
+};
+
+// Forward sums and the backward pass. L1T / TokenT: bool, or std::integral_constant<bool, ...>.
+template <typename scalar_t, typename L1T, typename TokenT>
+struct FlowLossKernel : NoPerSampleOutputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  struct Coef {
+    acc_t scale;  // backward: g weight_b / (B N) (per-sample sigma), g / (B N) (per token)
+  };
+  const scalar_t* mo;
+  const scalar_t* x0;
+  const scalar_t* nz;
+  FlowSigma<acc_t> sigma;
+  FlowWeighting weighting;
+  int64_t N;
+  L1T l1;
+  TokenT per_token;
+  const acc_t* g_loss;  // backward: the incoming 0-d gradient, read in the kernel (no host sync)
+  scalar_t* grad;
+  double count;  // B N
+
+  static FlowLossKernel make(const FlowLossCall& call, L1T l1, TokenT per_token) {
+    return {{},
+            call.model_output.const_data_ptr<scalar_t>(),
+            call.x0.const_data_ptr<scalar_t>(),
+            call.noise.const_data_ptr<scalar_t>(),
+            {call.sigma.const_data_ptr<acc_t>(), call.period, call.repeat},
+            call.weighting,
+            call.model_output.numel() / call.model_output.size(0),
+            l1,
+            per_token,
+            nullptr,
+            nullptr,
+            static_cast<double>(call.model_output.numel())};
+  }
+
+  static FlowLossKernel make_backward(const FlowLossCall& call, L1T l1, TokenT per_token, const at::Tensor& g,
+                                      const at::Tensor& grad) {
+    FlowLossKernel f = make(call, l1, per_token);
+    f.g_loss = g.const_data_ptr<acc_t>();
+    f.grad = grad.mutable_data_ptr<scalar_t>();
+    return f;
+  }
+
+  // Sample b's weight (1 when the weight is taken per element).
+  DDPM_HD acc_t sample_weight(int64_t b) const {
+    return per_token ? acc_t(1) : flow_loss_weight(weighting, sigma.flat[b]);
+  }
+
+  DDPM_HD Coef coef(int64_t b) const {
+    return {static_cast<acc_t>(static_cast<double>(*g_loss) * static_cast<double>(sample_weight(b)) / count)};
+  }
+
+  template <typename IO>
+  DDPM_LANE void weights(int64_t b, int64_t i, int64_t n, typename IO::V* wv) const {
+    sigma_lanes<IO>(sigma, b, i - b * N, n, wv, lane_scalar_t<typename IO::V>(0), WeightOf<acc_t>{weighting});
+  }
+
+  // d = mo - (noise - x0) over one slice; lanes past a short slice load as 0 and give d = 0.
+  template <typename IO>
+  DDPM_LANE void diffs(int64_t i, int64_t n, typename IO::V* d) const {
+    using V = typename IO::V;
+    V xv[IO::kLanes], nv[IO::kLanes];
+    IO::load(mo + i, d, n);
+    IO::load(x0 + i, xv, n);
+    IO::load(nz + i, nv, n);
+    DDPM_UNROLL
+    for (int k = 0; k < IO::kLanes; ++k) d[k] = d[k] - (nv[k] - xv[k]);
+  }
+
+  // acc += l(d) (per token: weight l(d)) over one slice of sample b.
+  template <typename IO>
+  DDPM_LANE void accumulate(int64_t b, int64_t i, int64_t n, typename IO::V* acc) const {
+    using V = typename IO::V;
+    V d[IO::kLanes];
+    diffs<IO>(i, n, d);
+    DDPM_UNROLL
+    for (int k = 0; k < IO::kLanes; ++k) d[k] = l1 ? lane_abs(d[k]) : d[k] * d[k];
+    if (per_token) {
+      V wv[IO::kLanes];
+      weights<IO>(b, i, n, wv);
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) acc[k] = madd(wv[k], d[k], acc[k]);
+    } else {
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) acc[k] = acc[k] + d[k];
+    }
+  }
+
+  template <typename IO, typename Z>
+  DDPM_LANE void apply(int64_t b, int64_t i, int64_t n, const Coef& c, Z&) const {
+    using V = typename IO::V;
+    V d[IO::kLanes];
+    diffs<IO>(i, n, d);
+    DDPM_UNROLL
+    for (int k = 0; k < IO::kLanes; ++k) d[k] = splat<V>(c.scale) * (l1 ? lane_sign(d[k]) : d[k] + d[k]);
+    if (per_token) {
+      V wv[IO::kLanes];
+      weights<IO>(b, i, n, wv);
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) d[k] = d[k] * wv[k];
+    }
+    IO::store(grad + i, d, n);
+  }
+};
+
+// The loss from the per-sample sums of l(d) (per-token: of weight l(d)): mean_b weight_b sum_b / N.
+template <typename F>
+DDPM_HD double flow_loss_total(const F& f, const double* sample_sums, int64_t B, int64_t N) {
+  double total = 0;
+  for (int64_t b = 0; b < B; ++b)
+    total += static_cast<double>(f.sample_weight(b)) * (sample_sums[b] / static_cast<double>(N));
+  return total / static_cast<double>(B);
+}
+
+}  // namespace ddpm
