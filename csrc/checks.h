@@ -51,6 +51,12 @@ inline void check_data(const char* name, const at::Tensor& x, const at::Tensor& 
 }
 
 // The first data tensor: a batch dimension and a kernel dtype.
+// The global index of the batch's first sample in the noise stream: one 32-bit counter word.
+inline void check_sample_offset(int64_t sample_offset) {
+  TORCH_CHECK(sample_offset >= 0 && sample_offset < (int64_t(1) << 32),
+              "ddpm_kernels: sample_offset must be in [0, 2**32), got ", sample_offset);
+}
+
 inline void check_batch(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 1, "ddpm_kernels: data must have a batch dimension");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||

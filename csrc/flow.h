@@ -208,6 +208,7 @@ struct FlowStepCall {
   const at::Tensor* noise;
   std::optional<at::Generator> generator;
   const at::Tensor& out;
+  int64_t sample_offset = 0;  // global index of the first sample in the noise stream
 
   bool guided() const { return uncond != nullptr; }
   bool rescaled() const { return guided() && guidance_rescale > 0; }

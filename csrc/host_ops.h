@@ -104,23 +104,25 @@ template <typename K>
 void p_sample_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& model_output,
                          const at::Tensor& table, c10::string_view parameterization, bool clip_denoised,
                          const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
-                         const at::Tensor& out) {
+                         int64_t sample_offset, const at::Tensor& out) {
   check_common(x_t, t, table);
+  check_sample_offset(sample_offset);
   check_data("model_output", model_output, x_t);
   check_data("out", out, x_t);
   const Param param = parse_param(std::string(parameterization));
   if (noise.has_value()) check_data("noise", *noise, x_t);
   K::posterior(PosteriorCall{x_t, t, model_output, table, param, clip_denoised, out, nullptr, nullptr, true,
-                            noise.has_value() ? &*noise : nullptr, std::move(generator)});
+                            noise.has_value() ? &*noise : nullptr, std::move(generator), sample_offset});
 }
 
 template <typename K>
 at::Tensor p_sample_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& model_output,
                            const at::Tensor& table, c10::string_view parameterization, bool clip_denoised,
-                           const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator) {
+                           const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+                           int64_t sample_offset) {
   at::Tensor out = at::empty_like(x_t);
   p_sample_out_kernel<K>(x_t, t, model_output, table, parameterization, clip_denoised, noise, std::move(generator),
-                         out);
+                         sample_offset, out);
   return out;
 }
 
@@ -132,7 +134,9 @@ template <typename K>
 at::Tensor sampler_step(SamplerStep step, c10::string_view parameterization, const at::Tensor& x_t,
                         const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& model_output,
                         const at::Tensor& table64, const std::optional<at::Tensor>& noise,
-                        std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
+                        std::optional<at::Generator> generator, int64_t sample_offset, bool return_pred_x0,
+                        const at::Tensor& out) {
+  check_sample_offset(sample_offset);
   step.learned = is_learned(step.variance);
   check_sampler(x_t, t, t_prev, model_output, table64, step.learned);
   check_data("out", out, x_t);
@@ -141,7 +145,7 @@ at::Tensor sampler_step(SamplerStep step, c10::string_view parameterization, con
   if (given) check_data("noise", *noise, x_t);
   at::Tensor x0 = return_pred_x0 ? at::empty_like(x_t) : at::empty({0}, x_t.options());
   K::sampler_step(SamplerCall{step, x_t, t, t_prev, model_output, table64, given ? &*noise : nullptr,
-                              std::move(generator), return_pred_x0 ? &x0 : nullptr, out});
+                              std::move(generator), return_pred_x0 ? &x0 : nullptr, out, sample_offset});
   return x0;
 }
 
@@ -151,12 +155,12 @@ at::Tensor ddim_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, cons
                                 c10::string_view parameterization, bool clip_denoised, double clip_range,
                                 bool set_alpha_to_one, bool use_clipped_model_output,
                                 const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
-                                bool return_pred_x0, const at::Tensor& out) {
+                                int64_t sample_offset, bool return_pred_x0, const at::Tensor& out) {
   // eta == 0 has no noise term: nothing is read or drawn (as the reference)
   const SamplerStep step{Sampler::kDdim, Param::kEps, Variance::kFixedSmall, false, eta > 0, clip_denoised,
                          set_alpha_to_one, use_clipped_model_output, eta, clip_range};
   return sampler_step<K>(step, parameterization, x_t, t, t_prev, model_output, table64, noise, std::move(generator),
-                         return_pred_x0, out);
+                         sample_offset, return_pred_x0, out);
 }
 
 template <typename K>
@@ -167,11 +171,12 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_kernel(const at::Tensor& x_t, const
                                                     double clip_range, bool set_alpha_to_one,
                                                     bool use_clipped_model_output,
                                                     const std::optional<at::Tensor>& noise,
-                                                    std::optional<at::Generator> generator, bool return_pred_x0) {
+                                                    std::optional<at::Generator> generator,
+                                                    int64_t sample_offset, bool return_pred_x0) {
   at::Tensor out = at::empty_like(x_t);
   at::Tensor x0 = ddim_step_out_kernel<K>(x_t, t, t_prev, model_output, table64, eta, parameterization,
                                           clip_denoised, clip_range, set_alpha_to_one, use_clipped_model_output,
-                                          noise, std::move(generator), return_pred_x0, out);
+                                          noise, std::move(generator), sample_offset, return_pred_x0, out);
   return {out, x0};
 }
 
@@ -180,11 +185,12 @@ at::Tensor ddpm_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, cons
                                 const at::Tensor& model_output, const at::Tensor& table64,
                                 c10::string_view parameterization, c10::string_view variance_type,
                                 bool clip_denoised, double clip_range, const std::optional<at::Tensor>& noise,
-                                std::optional<at::Generator> generator, bool return_pred_x0, const at::Tensor& out) {
+                                std::optional<at::Generator> generator, int64_t sample_offset, bool return_pred_x0,
+                                const at::Tensor& out) {
   const SamplerStep step{Sampler::kDdpm, Param::kEps, parse_variance(std::string(variance_type)), false, true,
                          clip_denoised, true, false, 0.0, clip_range};
   return sampler_step<K>(step, parameterization, x_t, t, t_prev, model_output, table64, noise, std::move(generator),
-                         return_pred_x0, out);
+                         sample_offset, return_pred_x0, out);
 }
 
 template <typename K>
@@ -193,11 +199,12 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_kernel(const at::Tensor& x_t, const
                                                     const at::Tensor& table64, c10::string_view parameterization,
                                                     c10::string_view variance_type, bool clip_denoised,
                                                     double clip_range, const std::optional<at::Tensor>& noise,
-                                                    std::optional<at::Generator> generator, bool return_pred_x0) {
+                                                    std::optional<at::Generator> generator,
+                                                    int64_t sample_offset, bool return_pred_x0) {
   at::Tensor out = at::empty_like(x_t);
   at::Tensor x0 = ddpm_step_out_kernel<K>(x_t, t, t_prev, model_output, table64, parameterization, variance_type,
-                                          clip_denoised, clip_range, noise, std::move(generator), return_pred_x0,
-                                          out);
+                                          clip_denoised, clip_range, noise, std::move(generator), sample_offset,
+                                          return_pred_x0, out);
   return {out, x0};
 }
 
@@ -302,8 +309,9 @@ void flow_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_outp
                           const std::optional<at::Tensor>& sigma_next, int64_t sigma_next_period,
                           int64_t sigma_next_repeat, bool stochastic, double guidance_rescale,
                           const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
-                          const at::Tensor& out) {
+                          int64_t sample_offset, const at::Tensor& out) {
   check_batch(sample);
+  check_sample_offset(sample_offset);
   dense_format(sample, "sample");
   check_data("model_output", model_output, sample);
   check_data("out", out, sample);
@@ -338,7 +346,8 @@ void flow_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_outp
                             guidance.has_value() ? &*guidance : nullptr, table ? &*sigmas : nullptr,
                             table ? &*step_index : nullptr, table ? nullptr : &*sigma, sigma_period, sigma_repeat,
                             table ? nullptr : &*sigma_next, sigma_next_period, sigma_next_repeat, stochastic,
-                            guidance_rescale, given ? &*noise : nullptr, std::move(generator), out});
+                            guidance_rescale, given ? &*noise : nullptr, std::move(generator), out,
+                            sample_offset});
 }
 
 template <typename K>
@@ -348,11 +357,12 @@ at::Tensor flow_step_kernel(const at::Tensor& sample, const at::Tensor& model_ou
                             const std::optional<at::Tensor>& sigma, int64_t sigma_period, int64_t sigma_repeat,
                             const std::optional<at::Tensor>& sigma_next, int64_t sigma_next_period,
                             int64_t sigma_next_repeat, bool stochastic, double guidance_rescale,
-                            const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator) {
+                            const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+                            int64_t sample_offset) {
   at::Tensor out = at::empty_like(sample);
   flow_step_out_kernel<K>(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_period,
                           sigma_repeat, sigma_next, sigma_next_period, sigma_next_repeat, stochastic,
-                          guidance_rescale, noise, std::move(generator), out);
+                          guidance_rescale, noise, std::move(generator), sample_offset, out);
   return out;
 }
 

@@ -35,11 +35,11 @@ TORCH_LIBRARY(ddpm_kernels, m) {
   // device's default generator), advancing its state; hence nondeterministic_seeded.
   m.def(
       "p_sample(Tensor x_t, Tensor t, Tensor model_output, Tensor table, str parameterization, "
-      "bool clip_denoised, Tensor? noise, Generator? generator) -> Tensor",
+      "bool clip_denoised, Tensor? noise, Generator? generator, int sample_offset) -> Tensor",
       {at::Tag::nondeterministic_seeded});
   m.def(
       "p_sample_out(Tensor x_t, Tensor t, Tensor model_output, Tensor table, str parameterization, "
-      "bool clip_denoised, Tensor? noise, Generator? generator, Tensor(a!) out) -> ()",
+      "bool clip_denoised, Tensor? noise, Generator? generator, int sample_offset, Tensor(a!) out) -> ()",
       {at::Tag::nondeterministic_seeded});
   // Sampler steps t -> t_prev (per sample; t_prev = -1 is "after the last step"). `table64` is always the
   // float64 table (DiffusionSchedule.table(torch.float64)): the step coefficients are derived per sample
@@ -49,13 +49,13 @@ TORCH_LIBRARY(ddpm_kernels, m) {
   m.def(
       "ddim_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, float eta, "
       "str parameterization, bool clip_denoised, float clip_range, bool set_alpha_to_one, "
-      "bool use_clipped_model_output, Tensor? noise, Generator? generator, bool return_pred_x0) "
+      "bool use_clipped_model_output, Tensor? noise, Generator? generator, int sample_offset, bool return_pred_x0) "
       "-> (Tensor, Tensor)",
       {at::Tag::nondeterministic_seeded});
   m.def(
       "ddim_step_out(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, float eta, "
       "str parameterization, bool clip_denoised, float clip_range, bool set_alpha_to_one, "
-      "bool use_clipped_model_output, Tensor? noise, Generator? generator, bool return_pred_x0, "
+      "bool use_clipped_model_output, Tensor? noise, Generator? generator, int sample_offset, bool return_pred_x0, "
       "Tensor(a!) out) -> Tensor",
       {at::Tag::nondeterministic_seeded});
   // variance_type: fixed_small, fixed_small_log, fixed_large, fixed_large_log, learned, learned_range; the
@@ -63,12 +63,12 @@ TORCH_LIBRARY(ddpm_kernels, m) {
   m.def(
       "ddpm_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, "
       "str parameterization, str variance_type, bool clip_denoised, float clip_range, Tensor? noise, "
-      "Generator? generator, bool return_pred_x0) -> (Tensor, Tensor)",
+      "Generator? generator, int sample_offset, bool return_pred_x0) -> (Tensor, Tensor)",
       {at::Tag::nondeterministic_seeded});
   m.def(
       "ddpm_step_out(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, "
       "str parameterization, str variance_type, bool clip_denoised, float clip_range, Tensor? noise, "
-      "Generator? generator, bool return_pred_x0, Tensor(a!) out) -> Tensor",
+      "Generator? generator, int sample_offset, bool return_pred_x0, Tensor(a!) out) -> Tensor",
       {at::Tag::nondeterministic_seeded});
   // (loss, loss_simple, loss_vlb) as 0-d tensors in model_output's dtype; backward w.r.t. model_output.
   m.def(
@@ -96,13 +96,13 @@ TORCH_LIBRARY(ddpm_kernels, m) {
       "flow_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor? sigmas, "
       "Tensor? step_index, Tensor? sigma, int sigma_period, int sigma_repeat, Tensor? sigma_next, "
       "int sigma_next_period, int sigma_next_repeat, bool stochastic, float guidance_rescale, Tensor? noise, "
-      "Generator? generator) -> Tensor",
+      "Generator? generator, int sample_offset) -> Tensor",
       {at::Tag::nondeterministic_seeded});
   m.def(
       "flow_step_out(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor? sigmas, "
       "Tensor? step_index, Tensor? sigma, int sigma_period, int sigma_repeat, Tensor? sigma_next, "
       "int sigma_next_period, int sigma_next_repeat, bool stochastic, float guidance_rescale, Tensor? noise, "
-      "Generator? generator, Tensor(a!) out) -> ()",
+      "Generator? generator, int sample_offset, Tensor(a!) out) -> ()",
       {at::Tag::nondeterministic_seeded});
   // The loss as a 0-d tensor of the compute dtype; backward w.r.t. model_output.
   m.def(

@@ -62,6 +62,7 @@ struct PosteriorCall {
   bool sample;
   const at::Tensor* noise;
   std::optional<at::Generator> generator;
+  int64_t sample_offset = 0;  // global index of the first sample in the noise stream
 };
 
 // ParamT / ClipT: Param / bool, or std::integral_constant of them (see family.h).

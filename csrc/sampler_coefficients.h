@@ -174,6 +174,7 @@ struct SamplerCall {
   std::optional<at::Generator> generator;
   const at::Tensor* x0;
   const at::Tensor& out;
+  int64_t sample_offset = 0;  // global index of the first sample in the noise stream
 };
 
 // SamplerT / ParamT: Sampler / Param, or std::integral_constant of them (see csrc/family.h). `mo` is

@@ -133,7 +133,9 @@ class OpSpec:
     tensors (``t`` in [0, T), ``t_prev`` in [-1, T)). ``options`` are the scalar options in signature order.
     ``outputs`` are the kinds of the results: ``like`` (data's dtype, shape, format), ``per_sample`` ((B, 1, ...)
     in the table's dtype), ``scalar`` (0-d, data's dtype), ``pred_x0`` (``like`` when ``return_pred_x0``, else
-    zero elements). ``draws_noise``: takes ``generator`` and draws in-kernel noise when ``noise`` is None.
+    zero elements). ``draws_noise``: takes ``generator`` and draws in-kernel noise when ``noise`` is None, and
+    the keyword ``sample_offset`` (the global index of the batch's first sample in the noise stream; the
+    compiled schema's ``int sample_offset`` follows ``Generator? generator``).
     ``has_out``: takes ``out=``. ``differentiable``: the inputs the training path differentiates (an op with
     none is a sampling op: fused backends run it on detached inputs, see docs/design.md, "Dispatch").
     ``schema``: the compiled operator's schema (``ddpm_kernels::<name>``), pinned by tests/test_op_table.py.
@@ -237,7 +239,7 @@ _TABLE = (
         "p_sample", "posterior", "x_t", like=("model_output",), optional=("noise",),
         options=(PARAMETERIZATION, CLIP_DENOISED), draws_noise=True, has_out=True,
         schema="p_sample(Tensor x_t, Tensor t, Tensor model_output, Tensor table, str parameterization, "
-        "bool clip_denoised, Tensor? noise, Generator? generator) -> Tensor",
+        "bool clip_denoised, Tensor? noise, Generator? generator, int sample_offset) -> Tensor",
     ),
     OpSpec(
         "diffusion_loss", "loss", "model_output", like=("x_start", "noise"),
@@ -266,7 +268,7 @@ _TABLE = (
         outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
         schema="ddim_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, float eta, "
         "str parameterization, bool clip_denoised, float clip_range, bool set_alpha_to_one, "
-        "bool use_clipped_model_output, Tensor? noise, Generator? generator, bool return_pred_x0) "
+        "bool use_clipped_model_output, Tensor? noise, Generator? generator, int sample_offset, bool return_pred_x0) "
         "-> (Tensor, Tensor)",
     ),
     OpSpec(
@@ -280,7 +282,7 @@ _TABLE = (
         outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
         schema="ddpm_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, "
         "str parameterization, str variance_type, bool clip_denoised, float clip_range, Tensor? noise, "
-        "Generator? generator, bool return_pred_x0) -> (Tensor, Tensor)",
+        "Generator? generator, int sample_offset, bool return_pred_x0) -> (Tensor, Tensor)",
     ),
 )
 
@@ -301,7 +303,7 @@ _FLOW_TABLE = (
         schema="flow_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor? sigmas, "
         "Tensor? step_index, Tensor? sigma, int sigma_period, int sigma_repeat, Tensor? sigma_next, "
         "int sigma_next_period, int sigma_next_repeat, bool stochastic, float guidance_rescale, Tensor? noise, "
-        "Generator? generator) -> Tensor",
+        "Generator? generator, int sample_offset) -> Tensor",
     ),
     OpSpec(
         "flow_loss", "flow", "model_output", like=("x0", "noise"), timesteps=(), sigmas=("sigma",),

@@ -123,7 +123,8 @@ def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip
     )
 
 
-def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, noise=None, generator=None, out=None):
+def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, noise=None, generator=None, out=None,
+             sample_offset=0):
     fmt = dense_format(x_t)
     args = (
         in_format(x_t, fmt),
@@ -134,6 +135,7 @@ def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, no
         clip_denoised,
         in_format(noise, fmt),
         generator,
+        sample_offset,
     )
     if not _fits(out, fmt):
         return _store(_ops().p_sample(*args), out)
@@ -162,7 +164,7 @@ def _step_scalars(opts):
 
 
 def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None, uncond=None,
-                 guidance=None):
+                 guidance=None, sample_offset=0):
     if opts.guided:  # declined (see `declines`): dispatch never sends a guided step here
         raise NotImplementedError("the compiled sampler-step kernels take no guidance")
     # learned variances read model_output's two channel halves by index: contiguous data only
@@ -173,6 +175,7 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
         *_step_scalars(opts),
         in_format(noise, fmt) if opts.adds_noise else None,  # no noise term: nothing read or drawn
         generator,
+        sample_offset,
         opts.return_pred_x0,
     )
     if _fits(out, fmt):
@@ -207,7 +210,7 @@ def flow_interpolate(x0, noise, sigma, out=None):
 
 
 def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_next, opts, noise=None,
-              generator=None, out=None):
+              generator=None, out=None, sample_offset=0):
     fmt = dense_format(sample)
     args = (
         in_format(sample, fmt),
@@ -222,6 +225,7 @@ def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma,
         opts.guidance_rescale,
         in_format(noise, fmt) if opts.stochastic else None,  # deterministic: nothing read or drawn
         generator,
+        sample_offset,
     )
     if _fits(out, fmt):
         _ops().flow_step_out(*args, out)

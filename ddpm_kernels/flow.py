@@ -20,7 +20,8 @@ import torch
 from . import _layout
 from ._checks import _check_backend, _check_data, _check_generator, _check_guidance, _check_like, _check_out
 from ._spec import OPS as SPECS, FlowStepOptions, SigmaOperand
-from .ops import _BACKENDS, _dispatch, _options, promote
+from ._stream import check_sample_offset
+from .ops import _BACKENDS, _dispatch, _options, promote, restore_format, row_major
 from .reference import compute_dtype
 
 __all__ = ["flow_interpolate", "flow_step", "flow_loss", "sigma_operand"]
@@ -180,6 +181,7 @@ def flow_step(
     uncond=None,
     guidance_rescale=0.0,
     out=None,
+    sample_offset=0,
 ):
     """One flow-matching Euler step (diffusers' ``FlowMatchEulerDiscreteScheduler.step``), with ``v`` the
     model's velocity prediction:
@@ -198,7 +200,9 @@ def flow_step(
     or ``c`` with ``uncond=`` given. ``guidance_rescale`` in [0, 1] applies diffusers' ``rescale_noise_cfg``
     (per-sample standard deviations: a reduction pass before the step).
 
-    ``z`` is ``noise`` when given, else drawn from ``generator`` (only with ``stochastic``). Returns ``x'`` in
+    ``z`` is ``noise`` when given, else drawn from ``generator`` (only with ``stochastic``): rows
+    ``sample_offset ..`` of the noise stream (the global index of the batch's first sample; see
+    `ddpm_kernels.p_sample`). Returns ``x'`` in
     ``sample``'s dtype; ``out`` may be ``sample`` (an in-place step). Computed in float32 (float64 for float64).
     """
     spec = SPECS["flow_step"]
@@ -215,6 +219,10 @@ def flow_step(
     if noise is not None:
         _check_like("noise", noise, "sample", sample)
     opts = _step_options(spec, stochastic, guidance_rescale, guidance is not None)
+    if sample_offset:
+        sample_offset = check_sample_offset(sample_offset)
+    # before the sigma operands, which are built against the memory format the call runs in
+    fmt, sample, (model_output, uncond) = row_major(opts.stochastic and noise is None, sample, model_output, uncond)
     if sigmas is not None or step_index is not None:
         if sigma is not None or sigma_next is not None:
             raise ValueError("sigma, sigma_next: give either the table (sigmas, step_index) or sigma and sigma_next")
@@ -235,8 +243,9 @@ def flow_step(
     if generator is not None:
         _check_generator(generator, sample)
     fn = _dispatch(spec, backend, sample, opts, (sample, model_output, noise) + sigma_tensors)
-    return fn(sample, model_output, uncond, guidance, sigmas, step_index, s, s_next, opts, noise, generator,
-              out=out)
+    result = fn(sample, model_output, uncond, guidance, sigmas, step_index, s, s_next, opts, noise, generator,
+                out=out, sample_offset=sample_offset)
+    return restore_format(result, fmt, out)
 
 
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2", backend="auto"):

@@ -33,7 +33,9 @@ from ._checks import (  # noqa: F401  (the checks are part of this module's surf
     device_t_check_enabled,
     set_device_t_check,
 )
+from ._layout import dense_format, in_format
 from ._spec import OPS as SPECS, OpSpec, step_options
+from ._stream import check_sample_offset
 from .schedule import DiffusionSchedule
 
 __all__ = [
@@ -179,6 +181,25 @@ def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tup
     return fn, opts, t, t_prev, out, x, others
 
 
+def row_major(draws: bool, x, *others):
+    """In-kernel noise is indexed by each element's position in its sample's row-major order (docs/design.md,
+    "Noise streams"), while the fused kernels walk data in storage order. A drawing call on data that is not
+    contiguous (channels_last) therefore runs on contiguous copies: returns ``(fmt, x, others)`` with ``fmt``
+    the format to give the results back in (None: nothing was changed)."""
+    if not draws or x.is_contiguous():
+        return None, x, others
+    return dense_format(x), x.contiguous(), tuple(None if y is None else y.contiguous() for y in others)
+
+
+def restore_format(result, fmt, out):
+    """``result`` back in the memory format ``fmt`` (see `row_major`); ``out`` is written in its own."""
+    if fmt is None:
+        return result
+    if isinstance(result, tuple):
+        return tuple(r if r is out else in_format(r, fmt) for r in result)
+    return result if result is out else in_format(result, fmt)
+
+
 # --------------------------------------------------------------------------------------------------- ops
 def q_sample(x_start, t, noise, schedule, backend="auto", *, out=None):
     """Diffuse ``x_start`` to step ``t``: ``sqrt(ab_t) x_start + sqrt(1 - ab_t) noise``.
@@ -255,17 +276,24 @@ def p_sample(
     backend="auto",
     *,
     out=None,
+    sample_offset=0,
 ):
     """One ancestral sampling step: ``x_{t-1} = mean + [t > 0] exp(0.5 log_var) z``.
 
     ``noise`` is ``z`` when given; with ``noise=None`` the backend draws it from ``generator`` (or torch's
-    default generator), advancing that generator's state. ``out`` may be ``x_t`` (an in-place step).
+    default generator), advancing that generator's state: rows ``sample_offset ..`` of the noise stream
+    (``sample_offset``, the global index of the batch's first sample, makes a sharded batch draw what one
+    device would; docs/design.md, "Noise streams"). ``out`` may be ``x_t`` (an in-place step).
     """
+    if sample_offset:
+        sample_offset = check_sample_offset(sample_offset)
     fn, opts, t, _, out, x_t, (model_output, noise) = _prologue(
         SPECS["p_sample"], backend, x_t, (model_output, noise), schedule, t, (parameterization, clip_denoised),
         generator, out=out,
     )
-    return fn(x_t, t, model_output, schedule, *opts, noise, generator, out=out)
+    fmt, x_t, (model_output,) = row_major(noise is None, x_t, model_output)
+    result = fn(x_t, t, model_output, schedule, *opts, noise, generator, out=out, sample_offset=sample_offset)
+    return restore_format(result, fmt, out)
 
 
 def diffusion_loss(
@@ -337,6 +365,7 @@ def ddim_step(
     guidance_scale=None,
     uncond=None,
     guidance_rescale=0.0,
+    sample_offset=0,
 ):
     """One DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2021, eq. 12), per-sample ``t`` and ``t_prev``:
 
@@ -354,13 +383,14 @@ def ddim_step(
     ldm's DDIMSampler (latents are not bounded); diffusers' ``clip_sample`` defaults to True.
     Returns ``x_{t_prev}`` in ``x_t``'s dtype, or ``(x_{t_prev}, x0)`` with ``return_pred_x0=True``.
     ``out`` may be ``x_t`` (an in-place step). ``guidance_scale`` guides the step (see `_step`).
+    ``sample_offset``: the global index of the batch's first sample in the noise stream (see `p_sample`).
     """
     options = (
         eta, parameterization, clip_denoised, set_alpha_to_one, use_clipped_model_output, clip_range,
         threshold_ratio, threshold_max, return_pred_x0, guidance_rescale,
     )
     return _step("ddim_step", backend, x_t, t, t_prev, model_output, schedule, options, noise, generator, out,
-                 guidance_scale, uncond, guidance_rescale)
+                 guidance_scale, uncond, guidance_rescale, sample_offset)
 
 
 def ddpm_step(
@@ -384,6 +414,7 @@ def ddpm_step(
     guidance_scale=None,
     uncond=None,
     guidance_rescale=0.0,
+    sample_offset=0,
 ):
     """One ancestral DDPM step ``x_t -> x_{t_prev}`` on a possibly respaced chain (diffusers'
     ``DDPMScheduler.step``), per-sample ``t`` and ``t_prev`` (``-1``: after the last step, ab_prev = 1):
@@ -401,22 +432,25 @@ def ddpm_step(
     `p_sample` (v_posterior = 0). ``z`` is ``noise`` when given, else drawn from ``generator``.
     Returns ``x_{t_prev}`` in ``x_t``'s dtype, or ``(x_{t_prev}, x0)`` with ``return_pred_x0=True``.
     ``guidance_scale`` guides the step (see `_step`; a learned variance comes from the conditional output).
+    ``sample_offset``: the global index of the batch's first sample in the noise stream (see `p_sample`).
     """
     options = (
         parameterization, variance_type, clip_denoised, clip_range, threshold_ratio, threshold_max, return_pred_x0,
         guidance_rescale,
     )
     return _step("ddpm_step", backend, x_t, t, t_prev, model_output, schedule, options, noise, generator, out,
-                 guidance_scale, uncond, guidance_rescale)
+                 guidance_scale, uncond, guidance_rescale, sample_offset)
 
 
 def _step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise, generator, out, guidance_scale,
-          uncond, guidance_rescale):
+          uncond, guidance_rescale, sample_offset=0):
     """The sampler steps' common call. Guidance (``guidance_scale`` not None), as in `flow_step`: the model output
     is ``u + w (c - u)`` of the conditional output ``c`` and the unconditional ``u`` — ``model_output`` is either
     the (2B, ...) output of a batched ``[uncond; cond]`` forward or ``c`` with ``uncond=`` — with ``w`` a number or
     a float tensor (B,) per sample, formed in the step; ``guidance_rescale`` in [0, 1] is diffusers'
-    ``rescale_noise_cfg`` (per-sample standard deviations)."""
+    ``rescale_noise_cfg`` (per-sample standard deviations). ``sample_offset``: as in `p_sample`."""
+    if sample_offset:
+        sample_offset = check_sample_offset(sample_offset)
     guidance = None
     if guidance_scale is not None or uncond is not None:
         model_output, uncond, guidance = _check_guidance(
@@ -426,9 +460,13 @@ def _step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise,
         SPECS[name], backend, x_t, (model_output, noise), schedule, t, options, generator, guided=guidance is not None,
         t_prev=t_prev, out=out,
     )
+    fmt, x_t, (model_output, uncond) = row_major(opts.adds_noise and noise is None, x_t, model_output, uncond)
     if guidance is None:
-        return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out)
+        result = fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out,
+                    sample_offset=sample_offset)
+        return restore_format(result, fmt, out)
     if uncond.dtype != model_output.dtype:
         uncond = uncond.to(model_output.dtype)
-    return fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out, uncond=uncond,
-              guidance=guidance)
+    result = fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out, uncond=uncond,
+                guidance=guidance, sample_offset=sample_offset)
+    return restore_format(result, fmt, out)

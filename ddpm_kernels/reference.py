@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ._spec import LEARNED_VARIANCE_TYPES, VARIANCE_TYPES  # noqa: F401  (re-exported)
+from ._stream import stream_state
 from .schedule import TABLE_ROW, DiffusionSchedule
 
 __all__ = [
@@ -178,8 +179,9 @@ def _mulhilo32(a: int, b: torch.Tensor):
     return mid >> 16, ((mid & 0xFFFF) << 16) | (lo_part & 0xFFFF)
 
 
-def philox4x32_10(c0, c1, c2, c3, key: int):
-    """Philox4x32-10 of the counters (uint32 values in int64 tensors) under the 64-bit ``key``."""
+def philox4x32_10(c0, c1, c2, c3, key):
+    """Philox4x32-10 of the counters (uint32 values in int64 tensors) under the 64-bit ``key`` (an int, or a
+    one-element int64 tensor holding its bits)."""
     k0, k1 = key & _U32, (key >> 32) & _U32
     for _ in range(10):
         hi0, lo0 = _mulhilo32(_PHILOX_M[0], c0)
@@ -189,9 +191,10 @@ def philox4x32_10(c0, c1, c2, c3, key: int):
     return c0, c1, c2, c3
 
 
-def philox_normal(key: int, offset: int, first_sample: int, batch: int, per_sample: int, device="cpu"):
+def philox_normal(key, offset: int, first_sample: int, batch: int, per_sample: int, device="cpu"):
     """The noise stream's standard normals for samples ``first_sample .. first_sample + batch - 1`` of one draw,
-    shape (batch, per_sample), float32: the specification every backend's in-kernel noise follows."""
+    shape (batch, per_sample), float32: the specification every backend's in-kernel noise follows. ``key``: an
+    int or a one-element int64 tensor (a key that stays on the device, as under CUDA-graph capture)."""
     groups = (per_sample + 3) // 4
     q = torch.arange(groups, dtype=torch.int64, device=device).expand(batch, groups)
     sample = (first_sample + torch.arange(batch, dtype=torch.int64, device=device))[:, None].expand(batch, groups)
@@ -208,9 +211,15 @@ def philox_normal(key: int, offset: int, first_sample: int, batch: int, per_samp
     return torch.stack(normals, dim=-1).reshape(batch, groups * 4)[:, :per_sample]
 
 
-def _draw_noise(x_t, generator, cd):
-    # The seed's noise_like: a standard normal of x's shape (float32; float64 for float64 data).
-    return torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=cd)
+def _draw_noise(x_t, generator, cd, sample_offset=0):
+    """The in-kernel noise of a call on ``x_t``: the stream's normals of samples ``sample_offset ..`` (element
+    index = position in the sample's row-major order, whatever x_t's memory format), with (key, offset) taken
+    from ``generator`` as every backend takes it (``ddpm_kernels._stream``); float32, cast to ``cd``."""
+    key, offset = stream_state(generator, x_t.device)
+    batch = x_t.shape[0]
+    per_sample = x_t.numel() // batch if batch else 0
+    z = philox_normal(key, offset, sample_offset, batch, per_sample, device=x_t.device)
+    return z.reshape(x_t.shape).to(cd)
 
 
 def p_sample_ref(
@@ -223,12 +232,13 @@ def p_sample_ref(
     noise=None,
     generator=None,
     out=None,
+    sample_offset=0,
 ):
     cd = compute_dtype(x_t.dtype)
     x0 = _x0_pred(x_t, t, model_output, schedule, parameterization, clip_denoised, cd)
     mean, _, log_var = _posterior(x0, x_t, t, schedule, cd)
     if noise is None:
-        noise = _draw_noise(x_t, generator, cd)
+        noise = _draw_noise(x_t, generator, cd, sample_offset)
     nonzero_mask = (t != 0).to(cd).reshape((t.shape[0],) + (1,) * (x_t.ndim - 1))
     return _store(mean + nonzero_mask * torch.exp(0.5 * log_var) * noise.to(cd), x_t, out)
 
@@ -336,7 +346,7 @@ def dynamic_threshold_ref(x0, ratio=0.995, max_value=1.0):
     return _store(_dynamic_threshold(x0.to(cd), ratio, max_value), x0)
 
 
-def _ddim(x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd):
+def _ddim(x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd, sample_offset=0):
     """One DDIM step (Song et al. 2021, eq. 12), diffusers ``DDIMScheduler.step`` semantics: (x_prev, x0)."""
     ab_t, ab_p = _alphas_cumprod64(schedule, t, t_prev, opts.set_alpha_to_one)
     sqrt_ab_t, sqrt_1m_t = ab_t.sqrt(), (1 - ab_t).sqrt()
@@ -360,12 +370,12 @@ def _ddim(x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd):
     prev = a_p * x0 + d * eps
     if opts.eta > 0:
         if noise is None:
-            noise = _draw_noise(x_t, generator, cd)
+            noise = _draw_noise(x_t, generator, cd, sample_offset)
         prev = prev + sg * noise.to(cd)
     return prev, x0
 
 
-def _ddpm(x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd):
+def _ddpm(x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd, sample_offset=0):
     """One ancestral step t -> t_prev (Ho et al. 2020 eqs. 6-7 on the respaced chain), diffusers
     ``DDPMScheduler.step`` semantics, with the variance of ``variance_type``: (x_prev, x0)."""
     variance_type = opts.variance_type
@@ -406,7 +416,7 @@ def _ddpm(x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd):
         frac = (model_var.to(cd) + 1) / 2
         std = torch.exp(0.5 * (frac * max_log + (1 - frac) * min_log))
     if noise is None:
-        noise = _draw_noise(x_t, generator, cd)
+        noise = _draw_noise(x_t, generator, cd, sample_offset)
     return mean + mask * std * noise.to(cd), x0
 
 
@@ -415,7 +425,7 @@ _SAMPLERS = {"ddim": _ddim, "ddpm": _ddpm}
 
 
 def sampler_step_ref(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None,
-                     uncond=None, guidance=None):
+                     uncond=None, guidance=None, sample_offset=0):
     """One step ``x_t -> x_{t_prev}`` of the sampler ``opts.sampler`` (a ``ddpm_kernels._spec.StepOptions``):
     ``x_{t_prev}`` in ``x_t``'s dtype, or ``(x_{t_prev}, x0)`` with ``opts.return_pred_x0``. The public
     ``ddim_step`` / ``ddpm_step`` document each sampler's math. ``opts.guided``: ``model_output`` is the
@@ -429,7 +439,8 @@ def sampler_step_ref(x_t, t, t_prev, model_output, schedule, opts, noise=None, g
             model_output = torch.cat([mixed, model_output[:, c:].to(cd)], dim=1)
         else:
             model_output = guided_output(model_output, uncond, guidance, opts.guidance_rescale, cd)
-    prev, x0 = _SAMPLERS[opts.sampler](x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd)
+    prev, x0 = _SAMPLERS[opts.sampler](x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd,
+                                       sample_offset)
     result = _store(prev, x_t, out)
     return (result, x0.to(x_t.dtype)) if opts.return_pred_x0 else result
 
@@ -471,7 +482,7 @@ def _gather_sigmas(sigmas, step_index, ndim, cd):
 
 
 def flow_step_ref(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_next, opts,
-                  noise=None, generator=None, out=None):
+                  noise=None, generator=None, out=None, sample_offset=0):
     """One flow-matching Euler step (``opts`` a ``ddpm_kernels._spec.FlowStepOptions``): with ``v`` the model
     output (guided: `guided_output` of ``model_output`` as the conditional and ``uncond``),
 
@@ -480,7 +491,7 @@ def flow_step_ref(sample, model_output, uncond, guidance, sigmas, step_index, si
 
     ``sigma``/``sigma_next`` are gathered from the table ``sigmas`` by ``step_index`` (per sample), or given
     (``SigmaOperand``s, per sample or per token) when ``sigmas`` is None. ``z`` is ``noise``, else drawn from
-    ``generator`` (only when stochastic)."""
+    ``generator`` (only when stochastic), samples ``sample_offset ..`` of the noise stream."""
     cd = compute_dtype(sample.dtype)
     if opts.guided:
         v = guided_output(model_output, uncond, guidance, opts.guidance_rescale, cd)
@@ -493,7 +504,7 @@ def flow_step_ref(sample, model_output, uncond, guidance, sigmas, step_index, si
     x = sample.to(cd)
     if opts.stochastic:
         if noise is None:
-            noise = _draw_noise(sample, generator, cd)
+            noise = _draw_noise(sample, generator, cd, sample_offset)
         prev = (1 - s_next) * (x - s * v) + s_next * noise.to(cd)
     else:
         prev = x + (s_next - s) * v

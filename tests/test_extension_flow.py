@@ -167,7 +167,7 @@ def test_loss_and_gradient_match_reference(device, dtype, weighting, loss_type, 
 # --------------------------------------------------------------------------------- step edge cases
 def _raw_step(sample, model_output, sigmas, step_index, stochastic=False, noise=None, generator=None):
     return torch.ops.ddpm_kernels.flow_step(sample, model_output, None, None, sigmas, step_index, None, 1, 1,
-                                            None, 1, 1, stochastic, 0.0, noise, generator)
+                                            None, 1, 1, stochastic, 0.0, noise, generator, 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -321,10 +321,10 @@ def _operator_cases(device, dtype=torch.float32):
         (ops.flow_interpolate.default, (x0, noise, s_tok, 3, 5)),
         (ops.flow_interpolate_out.default, (x0, noise, s_tok, 3, 5, torch.empty_like(x0))),
         (ops.flow_interpolate_backward.default, (mo, s_tok, 3, 5)),
-        (ops.flow_step.default, (x0, mo, noise, w, sigmas, idx, None, 1, 1, None, 1, 1, False, 0.5, None, None)),
-        (ops.flow_step.default, (x0, mo, None, None, None, None, s_tok, 3, 5, s, 1, 1, True, 0.0, noise, None)),
+        (ops.flow_step.default, (x0, mo, noise, w, sigmas, idx, None, 1, 1, None, 1, 1, False, 0.5, None, None, 0)),
+        (ops.flow_step.default, (x0, mo, None, None, None, None, s_tok, 3, 5, s, 1, 1, True, 0.0, noise, None, 0)),
         (ops.flow_step_out.default,
-         (x0, mo, noise, w, None, None, s, 1, 1, s_tok, 3, 5, True, 0.2, noise, None, torch.empty_like(x0))),
+         (x0, mo, noise, w, None, None, s, 1, 1, s_tok, 3, 5, True, 0.2, noise, None, 3, torch.empty_like(x0))),
         (ops.flow_loss.default, (mo, x0, noise, s, 1, 1, "cosmap", "l2")),
         (ops.flow_loss.default, (mo, x0, noise, s_tok, 3, 5, "sigma_sqrt", "l1")),
         (ops.flow_loss_backward.default, (torch.tensor(1.5, dtype=cd, device=device), mo, x0, noise, s_tok, 3, 5,

@@ -182,12 +182,12 @@ def _opcheck_cases(backend):
             (ops.q_sample_backward, (x, t, tab)),
             (ops.q_posterior, (x, y, t, tab)),
             (ops.p_mean_variance, (x, t, y, tab, "v", True)),
-            (ops.p_sample, (x, t, y, tab, "eps", True, z, None)),
-            (ops.p_sample_out, (x, t, y, tab, "x0", False, z, None, torch.empty_like(x))),
+            (ops.p_sample, (x, t, y, tab, "eps", True, z, None, 0)),
+            (ops.p_sample_out, (x, t, y, tab, "x0", False, z, None, 0, torch.empty_like(x))),
             (ops.diffusion_loss, (x.double().requires_grad_(), y.double(), z.double(), t, tab64, "v", "l1", 1.0, 0.5)),
             (ops.diffusion_loss_backward, (one, one, one, x, y, z, t, tab, "eps", "l2", 1.0, 0.5)),
-            (ops.ddim_step, (x, t, t - 3, y, tab64, 1.0, "v", True, 1.5, False, True, z, None, True)),
-            (ops.ddpm_step_out, (x, t, t - 1, y, tab64, "x0", "fixed_large", True, 2.0, z, None, True,
+            (ops.ddim_step, (x, t, t - 3, y, tab64, 1.0, "v", True, 1.5, False, True, z, None, 0, True)),
+            (ops.ddpm_step_out, (x, t, t - 1, y, tab64, "x0", "fixed_large", True, 2.0, z, None, 0, True,
                                  torch.empty_like(x))),
         ]
     ops = torch.ops.ddpm_kernels_triton
@@ -197,8 +197,8 @@ def _opcheck_cases(backend):
         (ops.q_sample_backward, (x, t, tab)),
         (ops.q_posterior, (x, y, t, tab)),
         (ops.p_mean_variance, (x, t, y, tab, 2, True)),
-        (ops.p_sample, (x, t, y, tab, 0, True, z, None, 0, 0)),
-        (ops.p_sample_out, (x, t, y, tab, 1, False, z, None, 0, 0, torch.empty_like(x))),
+        (ops.p_sample, (x, t, y, tab, 0, True, z, None, 0, 0, 0)),
+        (ops.p_sample_out, (x, t, y, tab, 1, False, z, None, 0, 0, 0, torch.empty_like(x))),
         (ops.diffusion_loss_backward, (one, one, one, x, y, z, t, tab, 2, True, 1.0, 0.5, True, True)),
     ]
 

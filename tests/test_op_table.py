@@ -24,6 +24,12 @@ def test_every_op_is_public_and_has_a_reference():
             assert params[option.name].default == option.default, (name, option.name)
         assert ("out" in params) == spec.has_out, name
         assert ("generator" in params) == spec.draws_noise, name
+        if spec.draws_noise:
+            assert params["sample_offset"].kind == inspect.Parameter.KEYWORD_ONLY, name
+            assert params["sample_offset"].default == 0, name
+            assert "Generator? generator, int sample_offset" in spec.schema, name
+        else:
+            assert "sample_offset" not in params, name
 
 
 def _returns(kinds):

@@ -22,6 +22,7 @@ import ddpm_kernels as dk
 import helpers
 from ddpm_kernels import reference as R
 from ddpm_kernels._spec import StepOptions
+from ddpm_kernels._stream import CUDA_OFFSET_STEP, take_philox_state
 from helpers import DTYPES, timestep_cases, triton_device
 
 DEVICE = triton_device()
@@ -163,13 +164,13 @@ def test_noise_independent_of_launch_table(schedule, monkeypatch):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def _generator_state_noise(schedule, shape, key, offset):
+def _generator_state_noise(schedule, shape, key, offset, sample_offset=0):
     """z from the eager-CUDA noise source (a generator's Philox key and offset as kernel arguments), run
     through the op directly so the interpreter covers it on CPU."""
     x_t = torch.zeros(shape, device=DEVICE)
     t = torch.full((shape[0],), 500, device=DEVICE)
     table = schedule.table(torch.float32)
-    out = torch.ops.ddpm_kernels_triton.p_sample(x_t, t, x_t, table, 1, False, None, None, key, offset)
+    out = torch.ops.ddpm_kernels_triton.p_sample(x_t, t, x_t, table, 1, False, None, None, key, offset, sample_offset)
     return out.double() / schedule.posterior_log_variance_clipped[500].double().mul(0.5).exp()
 
 
@@ -180,23 +181,23 @@ def test_generator_state_noise(schedule):
     # A key past 2**63 arrives as a negative int64 with the same bits, and is a different stream.
     other = _generator_state_noise(schedule, (2, 4096), -(2**63) + 12345, 0)
     assert (z - other).abs().mean() > 0.5
-    # Counter layout: sample b uses counters offset/4 + b*ceil(N/4) + [0, ceil(N/4)); with N = 10,
-    # ceil(N/4) = 3, so moving the offset by 4*3 shifts samples by one.
+    # Counter layout: sample b + sample_offset is its own counter word, so a batch started one sample later
+    # draws the same rows shifted by one; the offset is another word (a different stream).
     a = _generator_state_noise(schedule, (3, 10), 7, 0)
-    b = _generator_state_noise(schedule, (3, 10), 7, 4 * 3)
+    b = _generator_state_noise(schedule, (3, 10), 7, 0, sample_offset=1)
     torch.testing.assert_close(a[1:], b[:-1], rtol=0, atol=0)
-    assert tu.philox_counters(3, 10) == 9
+    assert (a - _generator_state_noise(schedule, (3, 10), 7, 4)).abs().mean() > 0.5
     # Both key sources run one kernel: a key tensor k with zero arguments equals the argument k.
     x_t = torch.zeros(2, 50, device=DEVICE)
     t = torch.full((2,), 500, device=DEVICE)
     table = schedule.table(torch.float32)
     key = torch.tensor([2**62 + 99], device=DEVICE)
-    from_tensor = torch.ops.ddpm_kernels_triton.p_sample(x_t, t, x_t, table, 1, False, None, key, 0, 0)
-    from_args = torch.ops.ddpm_kernels_triton.p_sample(x_t, t, x_t, table, 1, False, None, None, 2**62 + 99, 0)
+    from_tensor = torch.ops.ddpm_kernels_triton.p_sample(x_t, t, x_t, table, 1, False, None, key, 0, 0, 0)
+    from_args = torch.ops.ddpm_kernels_triton.p_sample(x_t, t, x_t, table, 1, False, None, None, 2**62 + 99, 0, 0)
     torch.testing.assert_close(from_tensor, from_args, rtol=0, atol=0)
 
 
-def test_advance_philox_state():
+def test_take_philox_state():
     class PhiloxGenerator:  # the three methods torch's CUDA generator has
         def __init__(self, seed, offset):
             self.seed, self.offset = seed, offset
@@ -210,12 +211,16 @@ def test_advance_philox_state():
         def set_offset(self, offset):
             self.offset = offset
 
+    # One draw advances the offset by a fixed 4, whatever its size (docs/design.md, "Noise streams").
     gen = PhiloxGenerator(2**64 - 1, 8)
-    assert tu.advance_philox_state(gen, 5) == (-1, 8)
-    assert gen.offset == 8 + 4 * 5
-    assert tu.advance_philox_state(gen, 1) == (-1, 28)
-    # CPU tensors never use host Philox state (the CPU generator is not Philox): a seed tensor is drawn.
-    assert tu.host_philox_state(None, torch.zeros(1), 4) is None
+    assert take_philox_state(gen) == (-1, 8)
+    assert gen.offset == 8 + CUDA_OFFSET_STEP == 12
+    assert take_philox_state(gen) == (-1, 12)
+    # CPU tensors take a key tensor drawn from the CPU generator (one 64-bit draw), offset 0.
+    g = torch.Generator().manual_seed(3)
+    key, key_arg, offset = tu.noise_key(g, torch.zeros(1))
+    assert key_arg == 0 and offset == 0
+    assert int(key) == int(torch.empty(1, dtype=torch.int64).random_(generator=torch.Generator().manual_seed(3)))
 
 
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32], ids=str)
@@ -230,7 +235,7 @@ def test_opcheck_generator_state_key(schedule):
     called directly so that the interpreter covers it on CPU."""
     for dtype in (torch.float32, torch.float64):
         x, y = make_inputs((2, 3, 5), 2, dtype)
-        args = (x, make_t(2), y, schedule.table(dtype), 2, True, None, None, 2**62 + 3, 4 * 17)
+        args = (x, make_t(2), y, schedule.table(dtype), 2, True, None, None, 2**62 + 3, 4 * 17, 5)
         torch.library.opcheck(torch.ops.ddpm_kernels_triton.p_sample, args)
 
 

@@ -236,7 +236,7 @@ def test_step_bad_index_is_nan():
     sigmas = _table(6)
     index = torch.tensor([-1, 0, 5, 4, 2**40], device=DEVICE)
     for stochastic in (False, True):
-        got = ops.flow_step(x, c, None, None, sigmas, sigmas, index, 1, 1, 1, 1, stochastic, 0.0, z, None, 0, 0)
+        got = ops.flow_step(x, c, None, None, sigmas, sigmas, index, 1, 1, 1, 1, stochastic, 0.0, z, None, 0, 0, 0)
         expected = R.flow_step_ref(x, c, None, None, sigmas, index, None, None, FlowStepOptions(stochastic),
                                    noise=z)
         bad = torch.tensor([True, False, True, False, True], device=DEVICE)
@@ -474,11 +474,11 @@ def _opcheck_cases(dtype):
         (ops.flow_interpolate, (x, z, per_token, 3, 5)),
         (ops.flow_interpolate_out, (x, z, per_token, 3, 5, torch.empty_like(x))),
         (ops.flow_interpolate_backward, (c, per_token, 3, 5)),
-        (ops.flow_step, (x, c, None, None, sigmas, sigmas, index, 1, 1, 1, 1, False, 0.0, None, None, 0, 0)),
-        (ops.flow_step, (x, c, u, w, s, per_token, None, 1, 1, 3, 5, True, 0.7, z, None, 0, 0)),
-        (ops.flow_step, (x, c, u, w, sigmas, sigmas, index, 1, 1, 1, 1, True, 0.0, None, key, 0, 0)),
-        (ops.flow_step, (x, c, None, None, s, s, None, 1, 1, 1, 1, True, 0.0, None, None, 2**62 + 3, 4 * 17)),
-        (ops.flow_step_out, (x, c, u, w, sigmas, sigmas, index, 1, 1, 1, 1, False, 0.5, None, None, 0, 0,
+        (ops.flow_step, (x, c, None, None, sigmas, sigmas, index, 1, 1, 1, 1, False, 0.0, None, None, 0, 0, 0)),
+        (ops.flow_step, (x, c, u, w, s, per_token, None, 1, 1, 3, 5, True, 0.7, z, None, 0, 0, 0)),
+        (ops.flow_step, (x, c, u, w, sigmas, sigmas, index, 1, 1, 1, 1, True, 0.0, None, key, 0, 0, 0)),
+        (ops.flow_step, (x, c, None, None, s, s, None, 1, 1, 1, 1, True, 0.0, None, None, 2**62 + 3, 4 * 17, 9)),
+        (ops.flow_step_out, (x, c, u, w, sigmas, sigmas, index, 1, 1, 1, 1, False, 0.5, None, None, 0, 0, 0,
                              torch.empty_like(x))),
         (ops.flow_loss, (c, x, z, s, 1, 1, 2, False)),
         (ops.flow_loss, (c, x, z, per_token, 3, 5, 1, True)),

@@ -63,7 +63,7 @@ void Kernels::flow_step(const FlowStepCall& call) {
   DDPM_DISPATCH_FLOATING(call.sample.scalar_type(), "ddpm_kernels_flow_step", [&] {
     using Noise = CpuNoise<scalar_t>;
     // p_sample's scheme: the key is drawn for every stochastic call without given noise, even an empty one
-    const typename Noise::Spec spec = Noise::spec(call.noise, call.stochastic, call.generator);
+    const typename Noise::Spec spec = Noise::spec(call.noise, call.stochastic, call.generator, call.sample, call.sample_offset);
     if (numel == 0) return;
     const int64_t B = call.sample.size(0), N = numel / B;
     const int64_t chunks = (N + kFlowChunk - 1) / kFlowChunk;

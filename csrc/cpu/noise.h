@@ -1,58 +1,72 @@
-// In-kernel noise of the CPU kernels: Philox4x32-10 keyed by one 64-bit draw from the generator per call,
-// counter = global 4-element group, Box-Muller on each pair of 24-bit uniforms. Noise for element i depends
-// only on i and the key, so results do not depend on the thread count, and p_sample and the sampler steps
-// see the same normals from the same generator state.
+// In-kernel noise of the CPU kernels: the noise stream of csrc/philox.h (the specification is
+// ddpm_kernels.reference.philox_normal), keyed by one 64-bit draw from the CPU generator per call (offset 0).
+// Noise for element e of sample b depends only on (key, b + sample_offset, e), so results do not depend on the
+// thread count, on where the data's blocks fall, or on the other samples of the batch; p_sample, the sampler
+// steps and the stochastic flow step see the same normals from the same generator state.
 #pragma once
 
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <optional>
 
+#include "../philox.h"
 #include "loops.h"
 
 namespace ddpm::cpu::CPU_CAPABILITY {
 
-// The key of one call's in-kernel noise: one 64-bit draw, so the same generator state gives the same noise
-// and the generator advances like any other CPU sampling call.
+// The key of one call's in-kernel noise: one random_() of a one-element int64 tensor (a 64-bit draw reduced
+// mod 2^63), the same ATen call the reference makes (ddpm_kernels._stream.draw_cpu_key), so every CPU backend
+// consumes the generator identically and draws the same key from the same state.
 uint64_t draw_seed(std::optional<at::Generator> generator);
 
-// Standard normals of block `blk` into buf[0, kBlock). Element blk*kBlock + k*kCounters + j takes output k
-// of counter blk*kCounters + j, so every lane store is contiguous.
-void normal_block(int64_t blk, uint64_t seed, float* buf);
+// Standard normals of elements [e0, e0 + kBlock) of call-local sample b (e0 % kBlock == 0) into buf, in
+// element order: the groups e0 / 4 + j are generated as planes (one lane per group, so the Philox rounds and
+// Box-Muller run at the build's vector width), then interleaved.
+void normal_block(const StreamState& st, int64_t b, int64_t e0, float* buf);
 
-// normal_block's element i % kBlock of block i / kBlock, for the lanes of L. One per parallel task, keeping
-// the last block it generated.
+// The normals of element i (flat index; N per sample) for the lanes of L. One per parallel task, keeping the
+// last block it generated. Slices never span two samples (the loops run over sample-homogeneous segments).
 template <typename L>
 struct BlockNoise {
   using acc_t = typename L::acc_t;
   alignas(64) float f[kBlock];
   alignas(64) acc_t buf[kBlock + 64];
-  int64_t blk = -1;
-  uint64_t seed = 0;
+  StreamState st{};
+  int64_t N = 1;
+  int64_t b = -1, s_begin = 0, s_end = 0;  // the current sample and its flat range
+  int64_t blk = -1;                         // the block of sample b held in buf
 
-  void fill(int64_t b) {
-    normal_block(b, seed, f);
+  void fill(int64_t k) {
+    normal_block(st, b, k * kBlock, f);
     for (int64_t j = 0; j < kBlock; ++j) buf[j] = static_cast<acc_t>(f[j]);
-    blk = b;
+    blk = k;
   }
   static constexpr bool present() { return true; }
   template <typename IO>
   C10_ALWAYS_INLINE void get(int64_t i, int64_t, typename L::V* zv) {
-    const int64_t b = i / kBlock;
-    if (b != blk) fill(b);
-    const int64_t off = i - b * kBlock;
+    if (i < s_begin || i >= s_end) {
+      b = i / N;
+      s_begin = b * N;
+      s_end = s_begin + N;
+      blk = -1;
+    }
+    const int64_t e = i - s_begin;
+    const int64_t k = e / kBlock;
+    if (k != blk) fill(k);
+    const int64_t off = e - k * kBlock;
     if (off + L::size() <= kBlock) {
       L::load_acc(buf + off, zv);
       return;
     }
-    // The vector straddles two noise blocks (a sample boundary not aligned to the vector width).
+    // The vector straddles two blocks of the sample (a segment that does not start at a block boundary).
     alignas(64) acc_t tmp[64 + 64];
     const int64_t first = kBlock - off;
     std::memcpy(tmp, buf + off, sizeof(acc_t) * first);
-    fill(b + 1);
+    fill(k + 1);
     std::memcpy(tmp + first, buf, sizeof(acc_t) * (L::size() - first));
     L::load_acc(tmp, zv);
   }
@@ -67,13 +81,18 @@ struct CpuNoise {
   struct Spec {
     Mode mode;
     const scalar_t* given;
-    uint64_t seed;
+    StreamState st;
+    int64_t N;
   };
-  // Given noise, else in-kernel noise (drawing the key from the generator) when `draw`, else none.
-  static Spec spec(const at::Tensor* noise, bool draw, std::optional<at::Generator> generator) {
-    if (noise != nullptr) return {Mode::kGiven, noise->const_data_ptr<scalar_t>(), 0};
-    if (draw) return {Mode::kRandom, nullptr, draw_seed(std::move(generator))};
-    return {Mode::kNone, nullptr, 0};
+  // Given noise, else in-kernel noise (drawing the key from the generator) when `draw`, else none. `x` is the
+  // call's data (N elements per sample); `sample_offset` the global index of its first sample.
+  static Spec spec(const at::Tensor* noise, bool draw, std::optional<at::Generator> generator, const at::Tensor& x,
+                   int64_t sample_offset) {
+    const int64_t B = x.dim() > 0 ? x.size(0) : 1;
+    const int64_t N = B > 0 ? std::max<int64_t>(1, x.numel() / B) : 1;
+    if (noise != nullptr) return {Mode::kGiven, noise->const_data_ptr<scalar_t>(), {}, N};
+    if (draw) return {Mode::kRandom, nullptr, {draw_seed(std::move(generator)), 0, sample_offset}, N};
+    return {Mode::kNone, nullptr, {}, N};
   }
 
   Spec s;
@@ -86,7 +105,8 @@ struct CpuNoise {
       f(given);
     } else if (s.mode == Mode::kRandom) {
       BlockNoise<Lanes<scalar_t>> block;
-      block.seed = s.seed;
+      block.st = s.st;
+      block.N = s.N;
       f(block);
     } else {
       NoNoise none;

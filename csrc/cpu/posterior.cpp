@@ -9,7 +9,7 @@ void Kernels::posterior(const PosteriorCall& call) {
   const int64_t B = call.x_t.size(0), numel = call.x_t.numel();
   DDPM_DISPATCH_FLOATING(call.x_t.scalar_type(), "ddpm_kernels_posterior", [&] {
     using Noise = CpuNoise<scalar_t>;
-    const typename Noise::Spec spec = Noise::spec(call.noise, call.sample, call.generator);
+    const typename Noise::Spec spec = Noise::spec(call.noise, call.sample, call.generator, call.x_t, call.sample_offset);
     with_param_and_bool(call.param, call.clip, [&](auto P, auto C) {
       const auto f = PosteriorKernel<scalar_t, decltype(P), decltype(C)>::make(call, P, C);
       for (int64_t b = 0; b < B; ++b) f.per_sample(b);

@@ -10,7 +10,7 @@ void Kernels::sampler_step(const SamplerCall& call) {
   DDPM_DISPATCH_FLOATING(call.x_t.scalar_type(), "ddpm_kernels_sampler_step", [&] {
     using Noise = CpuNoise<scalar_t>;
     // p_sample's scheme, so a step and a p_sample from the same generator state draw the same normals.
-    const typename Noise::Spec spec = Noise::spec(call.noise, call.step.add_noise, call.generator);
+    const typename Noise::Spec spec = Noise::spec(call.noise, call.step.add_noise, call.generator, call.x_t, call.sample_offset);
     if (numel == 0) return;
     with_sampler(call.step.sampler, [&](auto S) {
       with_param(call.step.param, [&](auto P) {

@@ -104,8 +104,12 @@ void Kernels::flow_interpolate(const FlowInterpolateCall& call) {
 
 void Kernels::flow_step(const FlowStepCall& call) {
   const int64_t numel = call.sample.numel();
-  if (numel == 0) return;
   c10::cuda::CUDAGuard guard(call.sample.device());  // first: sm_count() reads the current device
+  if (numel == 0) {
+    // a drawing call consumes the generator whatever the batch size, as on every backend
+    if (call.stochastic && call.noise == nullptr) take_stream_state(call.generator);
+    return;
+  }
   const int64_t B = call.sample.size(0), N = numel / B;
   const int64_t chunks = (N + kFlowChunk - 1) / kFlowChunk, pieces = B * chunks;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -126,7 +130,7 @@ void Kernels::flow_step(const FlowStepCall& call) {
                          {call.sample.const_data_ptr(), call.model_output.const_data_ptr(),
                           call.uncond != nullptr ? call.uncond->const_data_ptr() : nullptr,
                           call.out.const_data_ptr()},
-                         call.noise, call.stochastic, call.generator);
+                         call.noise, call.stochastic, call.generator, call.sample_offset);
   });
 }
 

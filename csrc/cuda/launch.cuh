@@ -3,8 +3,9 @@
 // Coefficients are gathered on the device from the schedule table by t (never passed as scalars, so a
 // captured CUDA graph reads current values), math in float32 (float64 for float64 data), 128-bit loads and
 // stores when every pointer is aligned and a packet never spans two samples, int64 indexing, launched on the
-// current stream. In-kernel noise is Philox4x32-10 (curand) with seed and offset from the torch CUDA
-// generator via PhiloxCudaState, the CUDA-graph-safe way torch's own random kernels use.
+// current stream. In-kernel noise is the noise stream of csrc/philox.h (the CPU kernels compile the same code),
+// keyed by the torch CUDA generator's seed at its Philox offset, taken through PhiloxCudaState (the
+// CUDA-graph-safe way torch's own random kernels use) and advanced by a fixed 4 per call.
 //
 // The grid walks the data in tiles: per turn a block covers one contiguous tile of kThreads * U slices of W
 // elements. The samples a tile touches get their coefficients computed once per tile, one thread per sample,
@@ -19,7 +20,6 @@
 #include <ATen/cuda/PhiloxUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
-#include <curand_kernel.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "../family.h"
+#include "../philox.h"
 
 namespace ddpm::cuda {
 
@@ -137,27 +138,29 @@ __device__ __forceinline__ int64_t sample_offset(int64_t o, int64_t N) {
 }
 
 // Runs functor f over the data, U slices of W elements per thread per turn; Z is the noise source (NoNoise,
-// GivenNoise, or PhiloxNoise: then W == 4, U == 1, and thread tid's k-th slice is 4-element group
-// tid + k * (grid threads), whose normals are the k-th curand_normal4 of Philox subsequence tid).
+// GivenNoise, or PhiloxNoise: then W == 4, U == 1, and a thread's slice is 4 consecutive elements, whose
+// normals are one stream counter (csrc/philox.h) when they lie in one 4-element group of one sample, i.e.
+// when N % 4 == 0; else each element takes its own group's output).
 // kPackets: slices are packets inside one sample; else each element of a slice is handled on its own.
 // Threads first write the per-sample outputs of samples [0, B_out).
 template <typename scalar_t, typename F, typename Z, int W, int U, bool kPackets>
 __global__ void __launch_bounds__(kThreads)
-    family_kernel(F f, Z z, Walk w, int64_t B_out, at::PhiloxCudaState philox) {
+    family_kernel(F f, Z z, Walk w, int64_t B_out, at::PhiloxCudaState philox, int64_t first_sample) {
   using acc_t = at::opmath_type<scalar_t>;
   using Coef = typename F::Coef;
   constexpr bool kPhilox = std::is_same_v<Z, PhiloxNoise>;
-  static_assert(!kPhilox || (W == 4 && U == 1), "one curand_normal4 per 4-element group");
+  static_assert(!kPhilox || (W == 4 && U == 1), "one stream counter per 4-element slice");
   constexpr int64_t kTile = int64_t(kThreads) * U * W;
   __shared__ Coef cache[kThreads];
 
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int64_t b = tid; b < B_out; b += int64_t(gridDim.x) * blockDim.x) f.per_sample(b);
   if (w.numel == 0) return;
-  curandStatePhilox4_32_10_t state;
+  StreamState st{0, 0, first_sample};  // first_sample: the call's sample_offset
   if constexpr (kPhilox) {
     const auto seeds = at::cuda::philox::unpack(philox);
-    curand_init(std::get<0>(seeds), tid, std::get<1>(seeds), &state);
+    st.key = std::get<0>(seeds);
+    st.offset = std::get<1>(seeds);
   }
 
   int64_t lo = int64_t(blockIdx.x) * kTile;  // the tile's first element: b_lo * N + r_lo
@@ -186,29 +189,32 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < U; ++u) {
       const int64_t o = (int64_t(u) * kThreads + threadIdx.x) * W;
       if (o >= len) break;
-      acc_t normals[W];
-      if constexpr (kPhilox) {
-        const float4 z4 = curand_normal4(&state);
-        normals[0] = z4.x;
-        normals[1] = z4.y;
-        normals[2] = z4.z;
-        normals[3] = z4.w;
-      }
       if constexpr (kPackets) {
         const int64_t b = coef(o);
         if constexpr (kPhilox) {
-          RegisterNoise<acc_t, W> zr{{normals[0], normals[1], normals[2], normals[3]}};
+          // packets: N % 4 == 0, so the slice is group (lo + o - b N) / 4 of sample b
+          float z4[4];
+          stream_normal4(st, b, (lo + o - b * w.N) / 4, z4);
+          RegisterNoise<acc_t, W> zr{{z4[0], z4[1], z4[2], z4[3]}};
           f.template apply<PacketIO<scalar_t, W>>(b, lo + o, W, c, zr);
         } else {
           f.template apply<PacketIO<scalar_t, W>>(b, lo + o, W, c, z);
         }
       } else {
+        float z4[4];
+        int64_t zb = -1, zq = -1;  // the sample and group z4 holds
         DDPM_UNROLL
         for (int k = 0; k < W; ++k) {
           if (o + k >= len) break;
           const int64_t b = coef(o + k);
           if constexpr (kPhilox) {
-            RegisterNoise<acc_t, 1> zr{{normals[k]}};
+            const int64_t e = lo + o + k - b * w.N;
+            if (b != zb || e / 4 != zq) {
+              zb = b;
+              zq = e / 4;
+              stream_normal4(st, b, zq, z4);
+            }
+            RegisterNoise<acc_t, 1> zr{{static_cast<acc_t>(z4[e % 4])}};
             f.template apply<PacketIO<scalar_t, 1>>(b, lo + o + k, 1, c, zr);
           } else {
             f.template apply<PacketIO<scalar_t, 1>>(b, lo + o + k, 1, c, z);
@@ -237,7 +243,7 @@ void launch_family(const F& f, Z z, int64_t numel, int64_t N, int64_t B_out, std
   const auto launch = [&](auto kernel, int W) {
     const int64_t blocks = grid_for(std::max<int64_t>(numel / (W * kU), B_out));
     kernel<<<blocks, kThreads, 0, stream>>>(f, z, make_walk(numel, N, blocks * kThreads * kU * W), B_out,
-                                            at::PhiloxCudaState());
+                                            at::PhiloxCudaState(), int64_t(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (numel > 0 && packets_fit<scalar_t>(kPacket, N, ptrs) && packets_fit<scalar_t>(kPacket, N, {noise})) {
@@ -247,28 +253,33 @@ void launch_family(const F& f, Z z, int64_t numel, int64_t N, int64_t B_out, std
   }
 }
 
-// Runs f over numel > 0 elements with in-kernel noise, taking the Philox seed and offset from `generator`
-// (or the device's default generator) and advancing it by what the threads consume: 4 32-bit values per
-// curand_normal4 call, one call per group a thread owns. Groups of 4 are packets when `ptrs` allow.
+// The Philox offset advance of one in-kernel noise draw, whatever the batch size (ddpm_kernels/_stream.py's
+// CUDA_OFFSET_STEP): the stream's counters hold the element group and the sample themselves, so one offset per
+// call keeps every call's counters apart; torch reserves offsets in multiples of 4.
+constexpr uint64_t kOffsetStep = 4;
+
+// Runs f over numel elements with in-kernel noise, keyed by `generator`'s (or the device's default
+// generator's) seed at its Philox offset, which advances by kOffsetStep — also for an empty tensor, as the
+// other backends consume the generator on every drawing call. Groups of 4 are packets when `ptrs` allow.
+inline at::PhiloxCudaState take_stream_state(std::optional<at::Generator> generator) {
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator, at::cuda::detail::getDefaultCUDAGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return gen->philox_cuda_state(kOffsetStep);
+}
+
 template <typename scalar_t, typename F>
 void launch_family_philox(const F& f, int64_t numel, int64_t N, std::optional<at::Generator> generator,
-                          std::initializer_list<const void*> ptrs) {
+                          int64_t sample_offset, std::initializer_list<const void*> ptrs) {
+  const at::PhiloxCudaState philox = take_stream_state(std::move(generator));
   if (numel == 0) return;
   const int64_t groups = (numel + 3) / 4;
   const int64_t blocks = grid_for(groups);
-  const uint64_t calls_per_thread = uint64_t((groups + blocks * kThreads - 1) / (blocks * kThreads));
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator, at::cuda::detail::getDefaultCUDAGenerator());
-  at::PhiloxCudaState philox;
-  {
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    philox = gen->philox_cuda_state(calls_per_thread * 4);
-  }
   const Walk w = make_walk(numel, N, blocks * kThreads * 4);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (packets_fit<scalar_t>(4, N, ptrs)) {
-    family_kernel<scalar_t, F, PhiloxNoise, 4, 1, true><<<blocks, kThreads, 0, stream>>>(f, {}, w, 0, philox);
+    family_kernel<scalar_t, F, PhiloxNoise, 4, 1, true><<<blocks, kThreads, 0, stream>>>(f, {}, w, 0, philox, sample_offset);
   } else {
-    family_kernel<scalar_t, F, PhiloxNoise, 4, 1, false><<<blocks, kThreads, 0, stream>>>(f, {}, w, 0, philox);
+    family_kernel<scalar_t, F, PhiloxNoise, 4, 1, false><<<blocks, kThreads, 0, stream>>>(f, {}, w, 0, philox, sample_offset);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -284,13 +295,14 @@ void run_family(const F& f, int64_t numel, int64_t N, std::initializer_list<cons
 // Per-sample outputs come with the noiseless launches only.
 template <typename scalar_t, typename F>
 void run_family(const F& f, int64_t numel, int64_t N, std::initializer_list<const void*> ptrs,
-                const at::Tensor* noise, bool draw, std::optional<at::Generator> generator, int64_t B_out = 0) {
+                const at::Tensor* noise, bool draw, std::optional<at::Generator> generator, int64_t sample_offset,
+                int64_t B_out = 0) {
   if (noise != nullptr) {
     const scalar_t* z = noise->const_data_ptr<scalar_t>();
     launch_family<scalar_t>(f, GivenNoise<scalar_t>{z}, numel, N, B_out, ptrs, z);
   } else if (draw) {
     TORCH_INTERNAL_ASSERT(B_out == 0, "per-sample outputs are written by the noiseless launches");
-    launch_family_philox<scalar_t>(f, numel, N, std::move(generator), ptrs);
+    launch_family_philox<scalar_t>(f, numel, N, std::move(generator), sample_offset, ptrs);
   } else {
     run_family<scalar_t>(f, numel, N, ptrs, B_out);
   }

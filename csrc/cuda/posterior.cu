@@ -13,7 +13,7 @@ void Kernels::posterior(const PosteriorCall& call) {
   DDPM_DISPATCH_FLOATING(call.x_t.scalar_type(), "ddpm_kernels_posterior_cuda", [&] {
     run_family<scalar_t>(PosteriorKernel<scalar_t, Param, bool>::make(call, call.param, call.clip), numel, N,
                          {call.x_t.const_data_ptr(), call.model_output.const_data_ptr(), call.out.const_data_ptr()},
-                         call.noise, call.sample, call.generator, call.var != nullptr ? B : 0);
+                         call.noise, call.sample, call.generator, call.sample_offset, call.var != nullptr ? B : 0);
   });
 }
 

@@ -54,7 +54,7 @@ def _raw_operator(schedule: DiffusionSchedule) -> Candidate:
     case = Case("p_sample", SHAPE, DTYPE, torch.device("cpu"), schedule)
     ts = case.tensors
     op = torch.ops.ddpm_kernels.p_sample.default
-    args = (ts["x_t"], ts["t"], ts["model_output"], schedule.table(DTYPE), "eps", True, ts["noise"], None)
+    args = (ts["x_t"], ts["t"], ts["model_output"], schedule.table(DTYPE), "eps", True, ts["noise"], None, 0)
     return name, "cpu", lambda: op(*args), "arguments prepared once", "dk.p_sample"
 
 

@@ -154,7 +154,7 @@ def flow_interpolate_kernel(
 
 
 # The Philox key and offset are int64 whatever their value (see posterior_kernel).
-@triton.jit(do_not_specialize=["philox_seed", "philox_offset"])
+@triton.jit(do_not_specialize=["philox_seed", "philox_offset", "sample_offset"])
 def flow_step_kernel(
     sample_ptr,
     model_output_ptr,
@@ -165,6 +165,7 @@ def flow_step_kernel(
     seed_ptr,
     philox_seed: tl.int64,
     philox_offset: tl.int64,
+    sample_offset: tl.int64,
     sigma_ptr,
     sigma_next_ptr,
     step_index_ptr,
@@ -198,8 +199,8 @@ def flow_step_kernel(
     if GUIDED:
         u = load_tile(uncond_ptr, offs, mask, cd)
     if STOCHASTIC:
-        z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample, tile_start, offs, mask, N,
-                               cd, HAS_NOISE, BLOCK)
+        z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample_offset, sample, tile_start,
+                               offs, mask, N, cd, HAS_NOISE, BLOCK)
     if TABLE:
         s, s_next = gather_sigma_pair(sigma_ptr, step_index_ptr, sample, n_sigmas)
     else:
@@ -412,7 +413,8 @@ def flow_interpolate(x0, noise, sigma, out=None):
 
 # ------------------------------------------------------------------------------------------------ flow_step
 def _step_launch(sample, model_output, uncond, guidance, sigma, sigma_next, step_index, period, repeat, period_next,
-                 repeat_next, stochastic, guidance_rescale, noise, seed, philox_seed, philox_offset, out):
+                 repeat_next, stochastic, guidance_rescale, noise, seed, philox_seed, philox_offset, sample_offset,
+                 out):
     x, batch, n = as_rows(sample)
     if x.numel() == 0:
         return
@@ -432,6 +434,7 @@ def _step_launch(sample, model_output, uncond, guidance, sigma, sigma_next, step
         flow_step_kernel, x, n, batch,
         sample_ptr=x, model_output_ptr=cond, uncond_ptr=uncond, guidance_ptr=guidance if guided else sigma,
         stats_ptr=stats, noise_ptr=noise, seed_ptr=seed, philox_seed=philox_seed, philox_offset=philox_offset,
+        sample_offset=sample_offset,
         sigma_ptr=sigma, sigma_next_ptr=sigma_next, step_index_ptr=step_index if table else key_standin,
         n_sigmas=sigma.shape[0], period=period, repeat=repeat, period_next=period_next, repeat_next=repeat_next,
         rescale_hi=rescale_hi, rescale_lo=rescale_lo, n_splits=n_splits, chunk=chunk, out_ptr=out, N=n,
@@ -459,6 +462,7 @@ def _flow_step(
     seed: Optional[torch.Tensor],
     philox_seed: int,
     philox_offset: int,
+    sample_offset: int,
 ) -> torch.Tensor:
     """One Euler step. ``step_index`` given: ``sigma`` is the sigma table (``sigma_next`` too, unread) and each
     sample gathers its pair; else ``sigma`` / ``sigma_next`` are ``SigmaOperand`` flat forms with their
@@ -466,7 +470,7 @@ def _flow_step(
     ``uncond`` the unconditional one. Noise keyed as in ``p_sample`` (``utils``, "Noise")."""
     out = empty_dense(sample)
     _step_launch(sample, model_output, uncond, guidance, sigma, sigma_next, step_index, period, repeat, period_next,
-                 repeat_next, stochastic, guidance_rescale, noise, seed, philox_seed, philox_offset, out)
+                 repeat_next, stochastic, guidance_rescale, noise, seed, philox_seed, philox_offset, sample_offset, out)
     return out
 
 
@@ -481,7 +485,7 @@ flow_step_op, flow_step_out_op = custom_op_with_out(
 
 
 def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_next, opts, noise=None,
-              generator=None, out=None):
+              generator=None, out=None, sample_offset=0):
     """Backend entry with ``reference.flow_step_ref``'s signature (``opts`` a ``FlowStepOptions``)."""
     if sigmas is not None:
         sigma_args = (sigmas, sigmas, step_index, 1, 1, 1, 1)
@@ -496,6 +500,7 @@ def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma,
     args = (
         sample, model_output, uncond if guided else None, guidance if guided else None, *sigma_args,
         opts.stochastic, float(opts.guidance_rescale) if guided else 0.0, noise, seed, philox_seed, philox_offset,
+        sample_offset,
     )
     if out is None:
         return flow_step_op(*args)

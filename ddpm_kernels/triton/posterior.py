@@ -79,7 +79,7 @@ def x0_from_model_output(x_t, model_output, t, table_ptr, T, PARAMETERIZATION: t
 
 # The Philox key and offset are int64 whatever their value: without the annotation and do_not_specialize,
 # Triton would compile a new variant whenever a seed happened to be 1, divisible by 16, or past 2**31.
-@triton.jit(do_not_specialize=["philox_seed", "philox_offset"])
+@triton.jit(do_not_specialize=["philox_seed", "philox_offset", "sample_offset"])
 def posterior_kernel(
     x_t_ptr,
     model_output_ptr,
@@ -87,6 +87,7 @@ def posterior_kernel(
     seed_ptr,
     philox_seed: tl.int64,
     philox_offset: tl.int64,
+    sample_offset: tl.int64,
     t_ptr,
     table_ptr,
     out_ptr,
@@ -110,8 +111,8 @@ def posterior_kernel(
     x_t = load_tile(x_t_ptr, offs, mask, cd)
     model_output = load_tile(model_output_ptr, offs, mask, cd)
     if ADD_NOISE:
-        z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample, tile_start, offs, mask, N,
-                               cd, HAS_NOISE, BLOCK)
+        z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample_offset, sample, tile_start,
+                               offs, mask, N, cd, HAS_NOISE, BLOCK)
     t = tl.load(t_ptr + sample)
     x_start = x0_from_model_output(x_t, model_output, t, table_ptr, T, PARAMETERIZATION)
     if CLIP_DENOISED:
@@ -134,7 +135,7 @@ def posterior_kernel(
 
 
 def _launch(x_t, t, model_output, table, parameterization, clip_denoised, out, var=None, log_var=None,
-            noise=None, seed=None, philox_seed=0, philox_offset=0, add_noise=False):
+            noise=None, seed=None, philox_seed=0, philox_offset=0, sample_offset=0, add_noise=False):
     """One ``posterior_kernel`` launch writing ``out`` (and ``var`` / ``log_var`` when given)."""
     x_t, batch, n = as_rows(x_t)
     if x_t.numel() == 0:
@@ -143,7 +144,7 @@ def _launch(x_t, t, model_output, table, parameterization, clip_denoised, out, v
     write_variance = var is not None
     launch_per_sample(
         posterior_kernel, x_t, n, batch,
-        x_t, like_dense(x_t, model_output), noise, seed, philox_seed, philox_offset, t, table, out,
+        x_t, like_dense(x_t, model_output), noise, seed, philox_seed, philox_offset, sample_offset, t, table, out,
         var if write_variance else out, log_var if write_variance else out, n, table.shape[1],
         PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised, ADD_NOISE=add_noise, HAS_NOISE=has_noise,
         WRITE_VARIANCE=write_variance,
@@ -224,9 +225,9 @@ def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip
 
 # ---------------------------------------------------------------------------------------- p_sample
 def _p_sample_launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed,
-                     philox_offset, out):
+                     philox_offset, sample_offset, out):
     _launch(x_t, t, model_output, table, parameterization, clip_denoised, out, noise=noise, seed=seed,
-            philox_seed=philox_seed, philox_offset=philox_offset, add_noise=True)
+            philox_seed=philox_seed, philox_offset=philox_offset, sample_offset=sample_offset, add_noise=True)
 
 
 def _p_sample(
@@ -240,12 +241,13 @@ def _p_sample(
     seed: Optional[torch.Tensor],
     philox_seed: int,
     philox_offset: int,
+    sample_offset: int,
 ) -> torch.Tensor:
     """``noise`` when given; else Philox noise keyed by ``seed[0]`` (a device tensor) when given, else by
     ``(philox_seed, philox_offset)``, a generator's Philox state (``utils``, "Noise")."""
     out = empty_dense(x_t)
     _p_sample_launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed,
-                     philox_offset, out)
+                     philox_offset, sample_offset, out)
     return out
 
 
@@ -259,13 +261,14 @@ p_sample_op, p_sample_out_op = custom_op_with_out(
 )
 
 
-def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, noise=None, generator=None, out=None):
+def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, noise=None, generator=None, out=None,
+             sample_offset=0):
     """Backend entry (the reference's arguments, validated); ``noise=None`` draws z in-kernel."""
     table = schedule.table(x_t.dtype)
     seed, philox_seed, philox_offset = noise_key(generator, x_t, noise)
     args = (
         x_t, t, model_output, table, PARAMETERIZATION_ID[parameterization], clip_denoised,
-        noise, seed, philox_seed, philox_offset,
+        noise, seed, philox_seed, philox_offset, sample_offset,
     )
     if out is None:
         return p_sample_op(*args)

@@ -256,7 +256,7 @@ def bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD
     return x0
 
 
-@triton.jit(do_not_specialize=["philox_seed", "philox_offset"])
+@triton.jit(do_not_specialize=["philox_seed", "philox_offset", "sample_offset"])
 def sampler_step_kernel(
     x_t_ptr,
     model_output_ptr,
@@ -267,6 +267,7 @@ def sampler_step_kernel(
     seed_ptr,
     philox_seed: tl.int64,
     philox_offset: tl.int64,
+    sample_offset: tl.int64,
     t_ptr,
     t_prev_ptr,
     alphas_cumprod_ptr,
@@ -319,8 +320,8 @@ def sampler_step_kernel(
     else:
         model_var = model_output  # not read by fixed variances
     if ADD_NOISE:
-        z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample, tile_start, offs, mask, N,
-                               cd, HAS_NOISE, BLOCK)
+        z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample_offset, sample, tile_start,
+                               offs, mask, N, cd, HAS_NOISE, BLOCK)
     if GUIDED:
         w = tl.load(guidance_ptr + sample)
         model_output = uncond + w * (model_output - uncond)
@@ -373,7 +374,8 @@ def _pred_x0_output(x_t: torch.Tensor, return_pred_x0: bool) -> torch.Tensor:
 
 def _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta, clip_denoised,
             clip_range, set_alpha_to_one, use_clipped_model_output, add_noise, noise, seed, philox_seed,
-            philox_offset, return_pred_x0, scale, uncond, guidance, stats, guidance_rescale, out, x0_only=False):
+            philox_offset, sample_offset, return_pred_x0, scale, uncond, guidance, stats, guidance_rescale, out,
+            x0_only=False):
     """``sampler_step_op``'s arguments and ``out``: writes ``x_{t_prev}`` into ``out`` and returns x0 (zero
     elements unless ``return_pred_x0``). ``x0_only`` (with ``return_pred_x0``) writes only the raw x0, into
     ``out``."""
@@ -402,7 +404,8 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterizat
         x_t_ptr=x_t, model_output_ptr=model_output,
         uncond_ptr=like_dense(x_t, uncond) if guided else model_output,
         guidance_ptr=guidance if guided else alphas_cumprod, stats_ptr=alphas_cumprod if stats is None else stats,
-        noise_ptr=noise, seed_ptr=seed, philox_seed=philox_seed, philox_offset=philox_offset, t_ptr=t,
+        noise_ptr=noise, seed_ptr=seed, philox_seed=philox_seed, philox_offset=philox_offset,
+        sample_offset=sample_offset, t_ptr=t,
         t_prev_ptr=t_prev, alphas_cumprod_ptr=alphas_cumprod, out_ptr=out, x0_ptr=x0 if return_pred_x0 else out,
         scale_ptr=alphas_cumprod if scale is None else scale, eta_hi=eta_hi, eta_lo=eta_lo,
         clip_range_hi=clip_range_hi, clip_range_lo=clip_range_lo, rescale_hi=rescale_hi, rescale_lo=rescale_lo,
@@ -436,6 +439,7 @@ def _sampler_step(
     seed: Optional[torch.Tensor],
     philox_seed: int,
     philox_offset: int,
+    sample_offset: int,
     return_pred_x0: bool,
     scale: Optional[torch.Tensor],
     uncond: Optional[torch.Tensor],
@@ -451,13 +455,14 @@ def _sampler_step(
     out = empty_dense(_data(x_t, variance))
     x0 = _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta,
                  clip_denoised, clip_range, set_alpha_to_one, use_clipped_model_output, add_noise, noise, seed,
-                 philox_seed, philox_offset, return_pred_x0, scale, uncond, guidance, stats, guidance_rescale, out)
+                 philox_seed, philox_offset, sample_offset, return_pred_x0, scale, uncond, guidance, stats,
+                 guidance_rescale, out)
     return out, x0
 
 
 def _sampler_step_fake(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta,
                        clip_denoised, clip_range, set_alpha_to_one, use_clipped_model_output, add_noise, noise, seed,
-                       philox_seed, philox_offset, return_pred_x0, scale, uncond, guidance, stats,
+                       philox_seed, philox_offset, sample_offset, return_pred_x0, scale, uncond, guidance, stats,
                        guidance_rescale):
     x_t = _data(x_t, variance)
     return empty_dense(x_t), _pred_x0_output(x_t, return_pred_x0)
@@ -489,7 +494,7 @@ def sampler_step_x0_op(
     sets how ``model_output`` is laid out (learned channels); guidance as in the step."""
     x0 = empty_dense(_data(x_t, variance), compute_dtype(x_t.dtype))
     _launch(x_t, t, t_prev, model_output, alphas_cumprod, SAMPLERS["ddim"][0], parameterization, variance, 0.0,
-            False, 1.0, True, False, False, None, None, 0, 0, True, None, uncond, guidance, stats, guidance_rescale,
+            False, 1.0, True, False, False, None, None, 0, 0, 0, True, None, uncond, guidance, stats, guidance_rescale,
             x0, x0_only=True)
     return x0
 
@@ -542,7 +547,7 @@ def _step_options(opts: StepOptions):
 
 
 def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None, uncond=None,
-                 guidance=None):
+                 guidance=None, sample_offset=0):
     """Backend entry of ``ddim_step`` and ``ddpm_step``: one step of sampler ``opts.sampler``. Returns
     ``x_{t_prev}``, or ``(x_{t_prev}, x0)`` with ``opts.return_pred_x0``. ``noise=None`` draws z in-kernel
     (Philox) when the step has noise; ``threshold_ratio`` adds a first pass and a per-sample selection
@@ -572,7 +577,7 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
     args = (
         x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta, opts.clip_denoised,
         float(opts.clip_range), set_alpha_to_one, use_clipped_model_output, opts.adds_noise, noise, seed,
-        philox_seed, philox_offset, opts.return_pred_x0, scale, *guide,
+        philox_seed, philox_offset, sample_offset, opts.return_pred_x0, scale, *guide,
     )
     if out is None:
         x_prev, x0 = sampler_step_op(*args)

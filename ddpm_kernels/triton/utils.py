@@ -17,20 +17,21 @@ Vectorization. Triton specializes integer arguments divisible by 16 and pointers
 loads/stores (``BLOCK / (32 * num_warps)`` contiguous elements per thread). Odd ``N`` still runs, with
 narrower accesses.
 
-Noise. With ``noise=None`` a kernel draws ``z`` itself with Philox (``philox_normal``: four normals per
-Philox call, each value a function of (key, counter) only). Where the key and counter come from
-(``noise_key``):
+Noise. With ``noise=None`` a kernel draws ``z`` itself: the noise stream (``philox_normal``; the specification
+is ``ddpm_kernels.reference.philox_normal``), element ``e`` of global sample ``s`` from the Philox4x32-10
+counter ``(e // 4, s, offset_lo, offset_hi)``. The key and offset come from the generator as on every backend
+(``ddpm_kernels._stream``; ``noise_key``):
 
-* Eager CUDA (the common case): from the generator's own Philox state, read and advanced on the host (no
-  device work, no sync) and passed as kernel arguments, the way torch's RNG kernels take ``(seed, offset)``.
-  The step is exactly one kernel launch; the same generator state gives the same noise; the generator's
-  offset advances past the counters used, so every call (and every later torch draw) gets fresh counters.
+* Eager CUDA (the common case): the generator's seed and Philox offset, read and advanced (by 4) on the host
+  (no device work, no sync) and passed as kernel arguments, the way torch's RNG kernels take ``(seed,
+  offset)``. The step is exactly one kernel launch.
 * While a CUDA graph is being captured, or torch.compile is tracing: host ints would be frozen into the
   graph, replaying the same noise forever. The key is instead a one-element int64 device tensor drawn with
-  ``torch.randint(generator=...)`` and read by the kernel from memory; the captured ``randint`` follows
-  torch's graph-safe Philox bookkeeping, so every replay gets a fresh key. This costs a second, one-element
-  launch, which a graph replays for free.
-* CPU tensors (Triton's interpreter): the key tensor as well, drawn from the CPU generator.
+  ``random_(generator=...)`` and read by the kernel from memory (offset 0); the captured draw follows torch's
+  graph-safe Philox bookkeeping, so every replay gets a fresh key. This costs a second, one-element launch,
+  which a graph replays for free.
+* CPU tensors (Triton's interpreter): the key tensor as well, one 64-bit draw from the CPU generator, as the
+  reference and the C++ CPU kernels draw it.
 
 Both sources run the same compiled kernel (key = key tensor XOR key argument, with a cached zero tensor or a
 zero argument standing in for the unused one), so a kernel warmed up eagerly is the one a later CUDA-graph
@@ -48,8 +49,10 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .._layout import dense_format, empty_in_format, in_format, is_in_format
+from .._stream import stream_state
 from ..schedule import TABLE_ROW
 
 __all__ = [
@@ -75,9 +78,6 @@ __all__ = [
     "split_float",
     "extract_rows",
     "draw_seed",
-    "philox_counters",
-    "advance_philox_state",
-    "host_philox_state",
     "sample_tile",
     "load_tile",
     "store_tile",
@@ -272,17 +272,16 @@ def noise_operands(noise, seed, x_t: torch.Tensor, t: torch.Tensor):
 
 
 def noise_key(generator, x: torch.Tensor, noise=None):
-    """(seed tensor or None, philox_seed, philox_offset) for one in-kernel noise draw of ``x``'s shape (module
-    docstring): the generator's Philox state as ints in eager CUDA, else a device key tensor (CUDA-graph
-    capture, torch.compile tracing, CPU tensors). ``(None, 0, 0)``, drawing nothing, when ``noise`` is given."""
+    """(key tensor or None, key, offset) for one in-kernel noise draw on ``x``'s device (module docstring): the
+    CUDA generator's seed and offset as ints in eager CUDA, else a one-element key tensor (CUDA-graph capture,
+    torch.compile tracing, CPU tensors) and offset 0. ``(None, 0, 0)``, drawing nothing, when ``noise`` is
+    given."""
     if noise is not None:
         return None, 0, 0
-    batch = x.shape[0]
-    counters = philox_counters(batch, x.numel() // batch if batch else 0)
-    state = host_philox_state(generator, x, counters)
-    if state is None:
-        return draw_seed(generator, x.device), 0, 0
-    return None, state[0], state[1]
+    key, offset = stream_state(generator, x.device, as_tensor=not x.is_cuda)
+    if isinstance(key, torch.Tensor):
+        return key, 0, offset
+    return None, key, offset
 
 
 def split_float(value: float) -> Tuple[float, float]:
@@ -297,9 +296,9 @@ def split_float(value: float) -> Tuple[float, float]:
 
 def draw_seed(generator, device) -> torch.Tensor:
     """A one-element int64 device tensor holding a fresh 63-bit Philox key, drawn from ``generator`` (torch's
-    default generator for ``device`` when None). Read by kernels from memory, never passed as an int, so a
-    captured CUDA graph re-draws it on every replay."""
-    return torch.randint(0, 2**63 - 1, (1,), generator=generator, device=device, dtype=torch.int64)
+    default generator for ``device`` when None) with ``random_``. Read by kernels from memory, never passed as
+    an int, so a captured CUDA graph re-draws it on every replay."""
+    return torch.empty(1, dtype=torch.int64, device=device).random_(generator=generator)
 
 
 def extract_rows(table: torch.Tensor, names, t: torch.Tensor, ndim: int):
@@ -375,77 +374,84 @@ def gather_coefficient(table_ptr, row: tl.constexpr, t, T):
 
 
 @triton.jit
-def philox_normal(seed, counter_base, sample, tile_start, N, BLOCK: tl.constexpr):
-    """Standard normals for elements ``tile_start + arange(BLOCK)`` of ``sample`` (``tile_start % 4 == 0``).
+def _probe():
+    pass
 
-    Element ``i`` of sample ``b`` takes lane ``i % 4`` of
-    ``randn4x(seed, counter = counter_base + b * ceil(N / 4) + i // 4)``: one Philox4x32-10 call yields four
-    normals (two Box-Muller pairs), a quarter of the integer work of one ``tl.randn`` per element, and the
-    value depends only on (seed, counter_base, b, i), not on BLOCK or the grid, so the launch table can change
-    without changing the samples. A call uses the counters [counter_base, counter_base + B * ceil(N / 4)).
-    """
-    counters_per_sample = (N + 3) // 4
-    first = counter_base + sample.to(tl.int64) * counters_per_sample + tile_start // 4
-    counter = first + tl.arange(0, BLOCK // 4)
-    n1, n2, n3, n4 = tl.randn4x(seed, counter)
-    # join(join(n1, n3), join(n2, n4)) has shape (BLOCK/4, 2, 2); row-major flattening lays it out as
-    # n1, n2, n3, n4 per counter, so each thread's 4 contiguous elements come from one Philox call (the
-    # compiled PTX keeps them in registers: no shared-memory shuffle).
-    z = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), [BLOCK])
-    return z
+
+# Triton's interpreter has no libdevice; compiled kernels call CUDA's accurate logf/cosf/sinf (within 2 ulps)
+# by name, so the stream's transcendentals never become approximate instructions.
+_LIBDEVICE = tl.constexpr(type(_probe).__name__ != "InterpretedFunction")
 
 
 @triton.jit
-def load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample, tile_start, offs, mask, N,
-                       dtype: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    """The tile's standard normals in ``dtype``: read from ``noise`` with ``HAS_NOISE``, else drawn with
-    Philox (``philox_normal``) keyed by ``seed[0] ^ philox_seed``, one of which is zero (module docstring)."""
+def _log(x):
+    if _LIBDEVICE:
+        return libdevice.log(x)
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def _cos(x):
+    if _LIBDEVICE:
+        return libdevice.cos(x)
+    else:
+        return tl.cos(x)
+
+
+@triton.jit
+def _sin(x):
+    if _LIBDEVICE:
+        return libdevice.sin(x)
+    else:
+        return tl.sin(x)
+
+
+@triton.jit
+def _uniform(x):
+    """``((x >> 8) + 0.5) * 2**-24`` of uint32 ``x``: exact, in (0, 1)."""
+    return ((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+
+
+@triton.jit
+def philox_normal(key, offset, sample, tile_start, BLOCK: tl.constexpr):
+    """The noise stream's normals of elements ``tile_start + arange(BLOCK)`` of global sample ``sample``
+    (``tile_start % 4 == 0``): element ``e`` is output ``e % 4`` of Philox4x32-10 at the counter ``(e // 4,
+    sample, offset_lo, offset_hi)`` under the 64-bit ``key``, the outputs made uniforms and the pairs normals by
+    Box-Muller (``ddpm_kernels.reference.philox_normal``). Nothing depends on BLOCK or the grid."""
+    q = tile_start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    zero = tl.zeros([BLOCK // 4], dtype=tl.int64)
+    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((zero + sample) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = ((zero + offset) & 0xFFFFFFFF).to(tl.uint32)
+    c3 = (((zero + offset) >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(key, c0, c1, c2, c3)
+    radius_a = sqrt_rn(-2.0 * _log(_uniform(r0)))
+    theta_a = 6.283185307179586 * _uniform(r1)
+    radius_b = sqrt_rn(-2.0 * _log(_uniform(r2)))
+    theta_b = 6.283185307179586 * _uniform(r3)
+    n1 = radius_a * _cos(theta_a)
+    n2 = radius_a * _sin(theta_a)
+    n3 = radius_b * _cos(theta_b)
+    n4 = radius_b * _sin(theta_b)
+    # join(join(n1, n3), join(n2, n4)) has shape (BLOCK/4, 2, 2); row-major flattening lays it out as
+    # n1, n2, n3, n4 per counter, so each thread's 4 contiguous elements come from one Philox call (the
+    # compiled PTX keeps them in registers: no shared-memory shuffle).
+    return tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), [BLOCK])
+
+
+@triton.jit
+def load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample_offset, sample, tile_start, offs,
+                       mask, N, dtype: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+    """The tile's standard normals in ``dtype``: read from ``noise`` with ``HAS_NOISE``, else the noise stream
+    (``philox_normal``) of global sample ``sample + sample_offset`` keyed by ``seed[0] ^ philox_seed``, one of
+    which is zero (module docstring), at offset ``philox_offset``."""
     if HAS_NOISE:
         z = load_tile(noise_ptr, offs, mask, dtype)
     else:
         key = tl.load(seed_ptr) ^ philox_seed
-        # torch's offset counts 32-bit outputs: 4 per Philox counter.
-        z = philox_normal(key, philox_offset // 4, sample, tile_start, N, BLOCK).to(dtype)
+        z = philox_normal(key, philox_offset, sample.to(tl.int64) + sample_offset, tile_start, BLOCK).to(dtype)
     return z
-
-
-def philox_counters(batch: int, n_per_sample: int) -> int:
-    """Philox counters one in-kernel noise draw uses (see ``philox_normal``)."""
-    return batch * ((n_per_sample + 3) // 4)
-
-
-def advance_philox_state(generator, counters: int) -> Tuple[int, int]:
-    """(key, offset) of a Philox generator (CUDA's), advanced past ``counters`` Philox calls.
-
-    The kernel uses the key as torch's CUDA RNG does and the counters ``offset / 4 + [0, counters)`` of
-    subsequence 0; torch's offset counts 32-bit outputs (4 per counter), so advancing it by ``4 * counters``
-    keeps every later torch or ddpm_kernels draw on fresh counters, exactly as a torch RNG kernel does. The
-    key is returned as a signed int64 (same bits) because torch.library ints are int64.
-    """
-    key = generator.initial_seed()
-    offset = generator.get_offset()
-    generator.set_offset(offset + 4 * counters)
-    return (key - 2**64 if key >= 2**63 else key), offset
-
-
-def host_philox_state(generator, x: torch.Tensor, counters: int):
-    """``advance_philox_state`` of ``generator`` (or the default generator of ``x``'s GPU) when a host-side
-    key and offset are safe, else None.
-
-    Safe means eager CUDA: the ints become kernel arguments, so the noise kernel is the only launch. Not safe
-    (None; the caller draws a device seed tensor instead) while a CUDA graph is being captured on the current
-    stream, where the ints would be frozen into the graph and every replay would repeat the noise, or while
-    torch.compile traces, where generator state is not traceable; nor for CPU generators, which are not
-    Philox.
-    """
-    if not x.is_cuda or torch.compiler.is_compiling():
-        return None
-    with torch.cuda.device(x.device):
-        if torch.cuda.is_current_stream_capturing():
-            return None
-    if generator is None:
-        generator = torch.cuda.default_generators[x.device.index]
-    return advance_philox_state(generator, counters)
 
 
 # Triton decides when a function is decorated whether it is compiled or interpreted (TRITON_INTERPRET=1 at
