@@ -11,7 +11,7 @@
 from . import reference
 from .backends import BackendUnavailableError, available_backends
 from .diffusion import GaussianDiffusion
-from .flow import flow_interpolate, flow_loss, flow_step
+from .flow import flow_interpolate, flow_loss, flow_step, randn_stream
 from .flow_matching import FlowMatching, flow_sigmas
 from .ops import (
     ddim_step,
@@ -59,6 +59,7 @@ __all__ = [
     "predict_start_from_z_and_v",
     "q_posterior",
     "q_sample",
+    "randn_stream",
     "reference",
     "rescale_zero_terminal_snr",
     "set_device_t_check",

@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _checks, ops
+from .flow import randn_stream
 from .schedule import DiffusionSchedule
 
 __all__ = ["GaussianDiffusion"]
@@ -117,13 +118,16 @@ class GaussianDiffusion(nn.Module):
         return ops.p_mean_variance(x, t, model_out, self.schedule, self.parameterization, clip, backend=self.backend)
 
     @torch.no_grad()
-    def p_sample(self, x, t, clip_denoised: Optional[bool] = None, noise=None, generator=None, out=None):
+    def p_sample(self, x, t, clip_denoised: Optional[bool] = None, noise=None, generator=None, out=None,
+                 sample_offset: int = 0):
         """One step ``x_t -> x_{t-1}``: the model call, then one fused `ddpm_kernels.p_sample`. With
-        ``noise=None`` the noise is drawn exactly as ``ddpm_kernels.p_sample(noise=None)`` draws it."""
+        ``noise=None`` the noise is drawn exactly as ``ddpm_kernels.p_sample(noise=None)`` draws it (rows
+        ``sample_offset ..`` of the noise stream)."""
         clip = self.clip_denoised if clip_denoised is None else clip_denoised
         model_out = self.model(x, t)
         return ops.p_sample(
-            x, t, model_out, self.schedule, self.parameterization, clip, noise, generator, backend=self.backend, out=out
+            x, t, model_out, self.schedule, self.parameterization, clip, noise, generator, backend=self.backend, out=out,
+            sample_offset=sample_offset,
         )
 
     @torch.no_grad()
@@ -134,8 +138,14 @@ class GaussianDiffusion(nn.Module):
         generator: Optional[torch.Generator] = None,
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
+        sample_offset: int = 0,
     ):
         """Ancestral sampling from pure noise over all ``num_timesteps`` steps.
+
+        The starting noise and every step's noise come from the noise stream (`ddpm_kernels.randn_stream`),
+        rows ``sample_offset ..``: ``sample_offset`` is the global index of this batch's first sample, so a batch
+        sharded over ranks (each passing ``rank * per_rank_batch`` and the same generator seed) reproduces the
+        images one device makes for the whole batch.
 
         With ``return_intermediates``, also returns the initial noise, the first step's output and every
         ``log_every_t``-th step's output, as the seed does. Each step writes into the same buffer (``out=``),
@@ -143,7 +153,7 @@ class GaussianDiffusion(nn.Module):
         """
         device = self.device
         b = shape[0]
-        img = torch.randn(tuple(shape), device=device, dtype=dtype, generator=generator)
+        img = randn_stream(shape, generator, sample_offset, device=device, dtype=dtype, backend=self.backend)
         intermediates: List[torch.Tensor] = [img.clone()] if return_intermediates else []
         t = torch.empty((b,), device=device, dtype=torch.long)
         steps = tqdm(
@@ -151,7 +161,7 @@ class GaussianDiffusion(nn.Module):
         )
         for i in steps:
             t.fill_(i)
-            self.p_sample(img, t, generator=generator, out=img)
+            self.p_sample(img, t, generator=generator, out=img, sample_offset=sample_offset)
             if return_intermediates and (i % self.log_every_t == 0 or i == self.num_timesteps - 1):
                 intermediates.append(img.clone())
         if return_intermediates:
@@ -159,7 +169,9 @@ class GaussianDiffusion(nn.Module):
         return img
 
     @torch.no_grad()
-    def sample(self, batch_size: int = 16, return_intermediates: bool = False, generator=None, progress=True):
+    def sample(self, batch_size: int = 16, return_intermediates: bool = False, generator=None, progress=True,
+               sample_offset: int = 0):
+        """`p_sample_loop` at ``(batch_size, channels, *image_size)``; ``sample_offset`` as there."""
         size = self.image_size
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         return self.p_sample_loop(
@@ -167,4 +179,5 @@ class GaussianDiffusion(nn.Module):
             return_intermediates=return_intermediates,
             generator=generator,
             progress=progress,
+            sample_offset=sample_offset,
         )

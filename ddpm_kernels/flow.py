@@ -248,6 +248,30 @@ def flow_step(
     return restore_format(result, fmt, out)
 
 
+def randn_stream(shape, generator=None, sample_offset=0, device=None, dtype=torch.float32, backend="auto"):
+    """Standard normals of the noise stream (docs/design.md, "Noise streams") shaped ``shape``: exactly the
+    ``z`` a noise-drawing op (`ddpm_kernels.p_sample`, the sampler steps, a stochastic `flow_step`) draws in-kernel
+    on a tensor of that shape from the same generator state, and the generator advances as by one such call.
+    Row ``b`` is global sample ``sample_offset + b``, so ranks that each draw their own rows with
+    ``sample_offset = rank * per_rank_batch`` together hold what one device draws for the whole batch.
+
+    ``device``: default ``generator``'s device, else the CPU. Drawn by ``backend``'s kernels (the stochastic flow
+    step at sigma = 0 -> sigma_next = 1, whose output is ``0 * x0 + 1 * z``): float32 normals, rounded once to
+    ``dtype`` (float64 holds them exactly)."""
+    shape = tuple(int(n) for n in shape)
+    if not shape or shape[0] < 0:
+        raise ValueError(f"shape: expected a batch dimension first, got {shape}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a float dtype, got {dtype}")
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    x = torch.zeros(shape, device=device, dtype=dtype)
+    cd = compute_dtype(dtype)
+    return flow_step(x, x, noise=None, generator=generator, backend=backend, sigma=torch.zeros(shape[0], device=device,
+                     dtype=cd), sigma_next=torch.ones(shape[0], device=device, dtype=cd), stochastic=True,
+                     sample_offset=sample_offset)
+
+
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2", backend="auto"):
     """The rectified-flow training loss after the model call (SD3 / Flux training scripts): the target
     ``noise - x0``, each element's l2 (``loss_type="l1"``: absolute) error weighted by its sigma's

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import _checks
 from ._spec import FLOW_WEIGHTINGS
-from .flow import flow_interpolate, flow_loss, flow_step
+from .flow import flow_interpolate, flow_loss, flow_step, randn_stream
 
 __all__ = ["FlowMatching", "TIMESTEP_SAMPLINGS", "flow_sigmas", "shift_sigmas", "timestep_density"]
 
@@ -210,6 +210,7 @@ class FlowMatching(nn.Module):
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
         x_init: Optional[torch.Tensor] = None,
+        sample_offset: int = 0,
     ):
         """Euler sampling from pure noise (sigma = 1) to sigma = 0.
 
@@ -219,7 +220,10 @@ class FlowMatching(nn.Module):
         ``uncond`` the unconditional condition (e.g. the null class), the model called once per step on the
         ``[uncond; cond]`` batch; ``guidance_rescale`` as diffusers' ``rescale_noise_cfg``. ``stochastic``:
         diffusers' ``stochastic_sampling`` (re-noise to the next sigma with noise from ``generator``).
-        ``x_init``: the starting noise (default ``randn(shape)`` from ``generator``; it is not modified).
+        ``x_init``: the starting noise (default `ddpm_kernels.randn_stream` of ``shape`` from ``generator``; it is
+        not modified). ``sample_offset``: the global index of this batch's first sample in the noise stream (the
+        starting noise and the stochastic steps' noise), so a batch sharded over ranks (each passing ``rank *
+        per_rank_batch`` and the same generator seed) reproduces one device's samples.
 
         Every step writes into one buffer (``out=``), and the step index, the model's timesteps and the guided
         model input live in buffers made once, so the loop allocates nothing per step beyond the model's own
@@ -236,7 +240,7 @@ class FlowMatching(nn.Module):
             raise ValueError(f"{missing}: classifier-free guidance (guidance_scale) needs both the condition cond "
                              f"and the unconditional condition uncond")
         if x_init is None:
-            img = torch.randn(tuple(shape), device=device, dtype=dtype, generator=generator)
+            img = randn_stream(shape, generator, sample_offset, device=device, dtype=dtype, backend=self.backend)
         else:
             if tuple(x_init.shape) != tuple(shape):
                 raise ValueError(f"x_init: expected shape {tuple(shape)}, got {tuple(x_init.shape)}")
@@ -261,7 +265,7 @@ class FlowMatching(nn.Module):
                 model_in[b:].copy_(img)
             model_out = self._call_model(model_in, t, model_cond)
             flow_step(img, model_out, sigmas, step_index, None, generator, self.backend, stochastic=stochastic,
-                      out=img, **step_kw)
+                      out=img, sample_offset=sample_offset, **step_kw)
             if return_intermediates and ((i + 1) % self.log_every_t == 0 or i == n - 1):
                 intermediates.append(img.clone())
         if return_intermediates:

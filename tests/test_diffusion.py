@@ -74,17 +74,19 @@ def test_p_sample_loop_and_intermediates(parameterization):
     # initial noise, the first step (t = T-1), then every t with t % log_every_t == 0 (18, 12, 6, 0)
     assert len(inter) == 1 + 1 + 4
     torch.testing.assert_close(inter[-1], img, rtol=0, atol=0)
-    torch.testing.assert_close(inter[0], torch.randn((2, 2, 8, 8), generator=torch.Generator().manual_seed(0)),
-                               rtol=0, atol=0)
+    # the starting noise is the noise stream's (docs/design.md, "Noise streams")
+    start = dk.randn_stream((2, 2, 8, 8), torch.Generator().manual_seed(0), backend=d.backend)
+    torch.testing.assert_close(inter[0], start, rtol=0, atol=0)
 
 
 def test_p_sample_loop_equals_manual_loop():
-    """The loop is the seed's: x_T ~ N(0, I), then p_sample for t = T-1 ... 0 with one generator."""
+    """The loop is the seed's: x_T ~ N(0, I) (the noise stream's, `randn_stream`), then p_sample for
+    t = T-1 ... 0 with one generator."""
     d = make(T=10)
     g = torch.Generator().manual_seed(3)
     got = d.p_sample_loop((2, 2, 8, 8), generator=g, progress=False)
     g = torch.Generator().manual_seed(3)
-    x = torch.randn((2, 2, 8, 8), generator=g)
+    x = dk.randn_stream((2, 2, 8, 8), g)
     for i in reversed(range(10)):
         t = torch.full((2,), i, dtype=torch.long)
         with torch.no_grad():

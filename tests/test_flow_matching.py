@@ -163,7 +163,8 @@ def test_sample_loop_equals_hand_written_euler(shift):
     assert len(model.calls) == n
     assert ptrs == {out.data_ptr()}  # every step reads and writes the one buffer
 
-    x = torch.randn((B, 2, 5, 6), generator=torch.Generator().manual_seed(0))
+    # the starting noise is the noise stream's (docs/design.md, "Noise streams")
+    x = dk.randn_stream((B, 2, 5, 6), torch.Generator().manual_seed(0), backend=fm.backend)
     assert torch.equal(intermediates[0], x)
     base = torch.linspace(1, 0, n + 1, dtype=torch.float64)
     sigmas = (shift * base / (1 + (shift - 1) * base)).float()
@@ -205,7 +206,7 @@ def test_guidance_matches_manual_cfg_then_step(per_sample):
                     generator=torch.Generator().manual_seed(2), progress=False)
     assert all(c[1].shape == (2 * B,) and torch.equal(c[2], torch.cat([uncond, cond])) for c in model.calls)
 
-    x = torch.randn((B, 2, 4, 5), generator=torch.Generator().manual_seed(2))
+    x = dk.randn_stream((B, 2, 4, 5), torch.Generator().manual_seed(2))
     sigmas = fm.sigma_table(n)
     scale = (w if per_sample else torch.full((B,), w)).reshape(B, 1, 1, 1)
     with torch.no_grad():

@@ -223,3 +223,23 @@ def test_cuda_noise_is_the_stream_and_advances_by_four(backend):
     assert n > 4_000_000
     assert abs(z.mean().item()) < 5 / math.sqrt(n)
     assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_randn_stream_is_what_the_ops_draw(backend):
+    """`randn_stream` gives the stream's rows sample_offset.. and consumes the generator as one drawing call."""
+    shape = (4, 3, 5, 6)
+    g = torch.Generator().manual_seed(31)
+    z = dk.randn_stream(shape, g, sample_offset=2, backend=backend)
+    assert z.shape == shape and z.dtype == torch.float32
+    assert torch.equal(z, _flow_noise(shape, torch.Generator().manual_seed(31), backend, sample_offset=2))
+    torch.testing.assert_close(z, _expected(shape, 31, sample_offset=2), rtol=NOISE_RTOL, atol=0)
+    ref = torch.Generator().manual_seed(31)
+    draw_cpu_key(ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+    assert dk.randn_stream(shape, torch.Generator().manual_seed(31), dtype=torch.float64, backend=backend).dtype == \
+        torch.float64
+    with pytest.raises(TypeError, match="dtype"):
+        dk.randn_stream(shape, dtype=torch.int64)
+    with pytest.raises(ValueError, match="sample_offset"):
+        dk.randn_stream(shape, sample_offset=-2, backend=backend)

@@ -118,15 +118,18 @@ def test_p_sample_no_noise_at_t0():
     assert not torch.allclose(a[1], b[1])
 
 
-def test_p_sample_generator_noise_matches_randn():
-    """noise=None draws torch.randn of x's shape from the generator: the same as passing that noise."""
+def test_p_sample_generator_noise_is_the_stream():
+    """noise=None draws the noise stream of x's shape from the generator (docs/design.md, "Noise streams"): the
+    same as passing `randn_stream` of the same generator state as noise."""
     s = dk.DiffusionSchedule(timesteps=50)
     x = torch.randn(3, 2, 5, 5)
     mo = torch.randn(3, 2, 5, 5)
     t = torch.tensor([0, 20, 49])
     g = torch.Generator().manual_seed(123)
     drawn = dk.p_sample(x, t, mo, s, generator=g, backend="reference")
-    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(123))
+    z = dk.randn_stream(x.shape, torch.Generator().manual_seed(123), backend="reference")
+    key = int(torch.empty(1, dtype=torch.int64).random_(generator=torch.Generator().manual_seed(123)))
+    assert torch.equal(z, dk.reference.philox_normal(key, 0, 0, 3, 50).reshape(x.shape))
     given = dk.p_sample(x, t, mo, s, noise=z, backend="reference")
     torch.testing.assert_close(drawn, given, rtol=0, atol=0)
     # the generator advanced: the next call draws fresh noise

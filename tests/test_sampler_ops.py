@@ -106,12 +106,12 @@ def test_ddim_eta0_is_deterministic_and_draws_nothing():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_ddim_generator_noise_matches_randn():
+def test_ddim_generator_noise_is_the_stream():
     s, _ = schedule_and_abar()
     x, mo = torch.randn(3, 2, 5), torch.randn(3, 2, 5)
     t, tp = torch.tensor([0, 500, 999]), torch.tensor([-1, 480, 979])
     drawn = dk.ddim_step(x, t, tp, mo, s, 1.0, generator=torch.Generator().manual_seed(7), backend="reference")
-    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    z = dk.randn_stream(x.shape, torch.Generator().manual_seed(7), backend="reference")
     given = dk.ddim_step(x, t, tp, mo, s, 1.0, noise=z, backend="reference")
     torch.testing.assert_close(drawn, given, rtol=0, atol=0)
 
