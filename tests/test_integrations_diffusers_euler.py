@@ -19,7 +19,7 @@ from ddpm_kernels.integrations.diffusers import (  # noqa: E402
     FusedEulerAncestralDiscreteScheduler,
     FusedEulerDiscreteScheduler,
 )
-from ddpm_kernels.integrations.diffusers import euler as dke  # noqa: E402  (the module whose globals tests patch)
+from ddpm_kernels.integrations.diffusers import _common  # noqa: E402  (whose on_host tests replace)
 
 try:
     import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
@@ -392,7 +392,7 @@ def fail_on_sync(monkeypatch):
     """Make every value-reading Tensor method raise, as a device tensor read would sync, and treat CPU tensors
     as device tensors. The one exception is ddpm_kernels' step-index range check, which runs on CPU tensors
     only (where it is free) and is skipped for device tensors."""
-    monkeypatch.setattr(dke, "_on_host", lambda tensor: False)
+    monkeypatch.setattr(_common, "on_host", lambda tensor: False)
     allowed = {"_check_step_index"}
 
     def guard(name, original):

@@ -50,8 +50,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 from ... import euler as euler_ops
-from ._common import _device, _FusedBase, _is_real, _output_maker, _randn
-from .flow import _host_copy, _on_host
+from ._common import _device, _FusedBase, _host_copy, _is_real, _output_maker, _randn, _StepIndex
 
 __all__ = ["FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler"]
 
@@ -80,7 +79,7 @@ def _float32(value: float) -> float:
         return float(np.float32(value))
 
 
-class _FusedEulerMixin(_FusedBase):
+class _FusedEulerMixin(_StepIndex, _FusedBase):
     """What both Euler drop-ins share: the tables, the sync-free step index, ``scale_model_input``."""
 
     # ------------------------------------------------------------------ tables
@@ -136,54 +135,6 @@ class _FusedEulerMixin(_FusedBase):
         return sigmas
 
     # ------------------------------------------------------------------ step index
-    def _dk_view_index(self, timestep, tables: _Tables) -> Optional[int]:
-        """The position in ``timesteps`` of a 0-d view of it (what iterating it yields), read from the view's
-        storage offset, never from the device; None for any other timestep."""
-        if not (isinstance(timestep, torch.Tensor) and timestep.ndim == 0 and tables.root is not None
-                and timestep._base is tables.root):
-            return None
-        ts = tables.timesteps
-        stride = ts.stride(0)
-        if timestep.dtype != ts.dtype or stride <= 0:
-            return None
-        index, rest = divmod(timestep.storage_offset() - ts.storage_offset(), stride)
-        return index if not rest and 0 <= index < tables.host_array.shape[0] else None
-
-    def _init_step_index(self, timestep) -> None:
-        """The stock first step index, found in the host copy of the timesteps when the timestep's value is
-        known on the host (a view of ``timesteps``, a Python number, a CPU tensor); else the stock lookup (one
-        device read)."""
-        if self.begin_index is None:
-            tables = self._dk_tables()
-            if tables.stock is None:
-                index = self._dk_view_index(timestep, tables)
-                if index is not None:
-                    # index_for_timestep's rule on the host array: the second match when the value occurs twice
-                    matches = np.flatnonzero(tables.host_array == tables.host_array[index])
-                    if matches.size:  # (a NaN timestep matches nothing: the stock lookup raises its error)
-                        self._step_index = int(matches[1] if matches.size > 1 else matches[0])
-                        return
-                if _is_real(timestep) or (isinstance(timestep, torch.Tensor) and _on_host(timestep)):
-                    self._step_index = self.index_for_timestep(timestep, tables.host_timesteps)
-                    return
-        super()._init_step_index(timestep)
-
-    def _dk_index_tensor(self, index: int, batch: int, device: torch.device) -> torch.Tensor:
-        """The (B,) int64 step index on ``device``, kept between steps and advanced there (`_dk_advance`)."""
-        cached = self.__dict__.get("_dk_index_")
-        if cached is not None and cached[1] == index and cached[2] == batch and cached[3] == device:
-            return cached[0]
-        tensor = torch.full((batch,), index, dtype=torch.long, device=device)
-        self.__dict__["_dk_index_"] = [tensor, index, batch, device]
-        return tensor
-
-    def _dk_advance(self) -> None:
-        self._step_index += 1
-        cached = self.__dict__.get("_dk_index_")
-        if cached is not None and cached[1] + 1 == self._step_index:
-            cached[0].add_(1)
-            cached[1] += 1
-
     @staticmethod
     def _dk_valid_index(index, size: int) -> bool:
         return (type(index) is int or isinstance(index, np.integer)) and 0 <= index < size
