@@ -207,7 +207,6 @@ struct FlowStepCall {
   const at::Tensor& out;
 
   bool guided() const { return uncond != nullptr; }
-  bool rescaled() const { return guided() && guidance_rescale > 0; }
   bool per_token() const {
     return sigmas == nullptr && (sigma_period > 1 || sigma_next_period > 1);
   }
