@@ -4,12 +4,15 @@
     s = dk.DiffusionSchedule("linear", timesteps=1000)
     x_t = dk.q_sample(x_start, t, noise, s)
     x_prev = dk.p_sample(x_t, t, model_output, s)
+
+    fm = dk.FlowMatching(model, image_size=16, channels=1)       # rectified flow: fm.training_loss, fm.sample
 """
 
 from . import reference
 from .backends import BackendUnavailableError, available_backends
 from .diffusion import GaussianDiffusion
 from .flow import flow_interpolate, flow_loss, flow_step
+from .flow_matching import FlowMatching, flow_sigmas
 from .ops import (
     ddim_step,
     ddpm_step,
@@ -34,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "DiffusionSchedule",
+    "FlowMatching",
     "GaussianDiffusion",
     "available_backends",
     "ddim_step",
@@ -43,6 +47,7 @@ __all__ = [
     "dynamic_threshold",
     "flow_interpolate",
     "flow_loss",
+    "flow_sigmas",
     "flow_step",
     "get_v",
     "make_beta_schedule",

@@ -115,6 +115,27 @@ def _check_step_index(step_index, data: torch.Tensor, steps: int) -> torch.Tenso
     return step_index if step_index.is_contiguous() else step_index.contiguous()
 
 
+_STEP_OPTIONS = {}
+
+
+def _step_options(spec, stochastic, guidance_rescale, guided) -> FlowStepOptions:
+    """The validated `FlowStepOptions` of a step, cached per distinct values and types (a sampling loop repeats
+    them every step)."""
+    key = (stochastic, guidance_rescale, guided, type(stochastic), type(guidance_rescale))
+    try:
+        return _STEP_OPTIONS[key]
+    except (KeyError, TypeError):
+        pass
+    stochastic, guidance_rescale = _options(spec, (stochastic, guidance_rescale))
+    opts = FlowStepOptions(stochastic, guided, guidance_rescale)
+    if len(_STEP_OPTIONS) < 1024:
+        try:
+            _STEP_OPTIONS[key] = opts
+        except TypeError:  # an unhashable value that validates (an exotic real): not cached
+            pass
+    return opts
+
+
 def _prologue(spec, backend, data, like, optional=()):
     if backend not in _BACKENDS:
         _check_backend(backend)
@@ -185,14 +206,15 @@ def flow_step(
     if backend not in _BACKENDS:
         _check_backend(backend)
     _check_data("sample", sample)
-    model_output, uncond, guidance = _check_guidance(
-        model_output, uncond, guidance_scale, guidance_rescale, sample, "sample"
-    )
+    guidance = None
+    if guidance_scale is not None or uncond is not None or guidance_rescale:
+        model_output, uncond, guidance = _check_guidance(
+            model_output, uncond, guidance_scale, guidance_rescale, sample, "sample"
+        )
     _check_like("model_output", model_output, "sample", sample)
     if noise is not None:
         _check_like("noise", noise, "sample", sample)
-    stochastic, guidance_rescale = _options(spec, (stochastic, guidance_rescale))
-    opts = FlowStepOptions(stochastic, guidance is not None, guidance_rescale)
+    opts = _step_options(spec, stochastic, guidance_rescale, guidance is not None)
     if sigmas is not None or step_index is not None:
         if sigma is not None or sigma_next is not None:
             raise ValueError("sigma, sigma_next: give either the table (sigmas, step_index) or sigma and sigma_next")

@@ -105,7 +105,7 @@ def test_host_overhead_table(tmp_path):
     try:
         import diffusers  # noqa: F401
 
-        expected |= {f"{p}{s}Scheduler.step" for p in ("", "Fused") for s in ("DDIM", "DDPM")}
+        expected |= {f"{p}{s}Scheduler.step" for p in ("", "Fused") for s in ("DDIM", "DDPM", "FlowMatchEulerDiscrete")}
     except ImportError:
         pass
     assert set(rows) == expected
@@ -119,3 +119,58 @@ def test_host_overhead_table(tmp_path):
     md = (tmp_path / "host.md").read_text()
     assert "| call | runs on |" in md and "| dk.ddpm_step |" in md
     assert not (tmp_path / "host.png").exists()  # no sweep rows: nothing to plot
+
+
+FLOW_CASES = ["flow_interpolate", "flow_step", "flow_step_guided"]
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 8, 8), (2, 64, 16)])
+@pytest.mark.parametrize("case", FLOW_CASES)
+def test_flow_diffusers_counterparts_do_the_cases_work(case, shape):
+    """The diffusers rows time the same computation as the case: the stock call's result equals the op's on the
+    same tensors (a step at one index for every sample, as the stock step takes one)."""
+    pytest.importorskip("diffusers")
+    c = Case(case, shape, torch.float32, torch.device("cpu"), DiffusionSchedule(timesteps=10))
+    assert providers(case, c.device, c.dtype)[-1] == "diffusers"
+    if "step_index" in c.tensors:
+        c.tensors["step_index"].fill_(int(c.tensors["step_index"][0]))
+    if c.case.guided:
+        assert c.tensors["model_output"].shape == (2 * shape[0],) + shape[1:]
+        assert c.bytes == 4 * c.numel * 4  # sample and the doubled output in, the step out
+    (stock,) = c.diffusers_calls().values()
+    ours = c.call("reference")()
+    torch.testing.assert_close(stock(), ours, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_cli_accepts_flow_shapes_and_presets():
+    from ddpm_kernels.bench.cli import FLOW_GPU_SHAPES, _parser, default_shapes
+
+    args = _parser().parse_args(["--shapes", "flow", "2x4096x64", "--ops", "flow_step"])
+    assert [s for group in args.shapes for s in group] == list(FLOW_GPU_SHAPES) + [(2, 4096, 64)]
+    assert FLOW_GPU_SHAPES == ((1, 16, 64, 64), (16, 16, 64, 64), (4, 16, 128, 128), (2, 4096, 64))
+    assert default_shapes(torch.device("cuda"), ["flow_step", "flow_interpolate"]) == FLOW_GPU_SHAPES
+    assert default_shapes(torch.device("cuda"), ["flow_step", "q_sample"])[0] == (1, 4, 64, 64)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--shapes", "16by4"])
+
+
+def test_bench_cli_runs_a_token_layout(tmp_path):
+    out = tmp_path / "tokens"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpm_kernels", "bench", "--shapes", "2x64x16", "--dtypes", "fp32", "--ops",
+         "flow_step_guided", "flow_interpolate", "--providers", "eager", "diffusers", "--min-run-time", "0.01",
+         "--no-e2e", "--no-malloc-variant", "--no-progress", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "tokens.json").read_text())["rows"]
+    assert {(r["op"], tuple(r["shape"])) for r in rows} == {("flow_step_guided", (2, 64, 16)),
+                                                             ("flow_interpolate", (2, 64, 16))}
+    try:
+        import diffusers  # noqa: F401
+
+        assert {r["provider"] for r in rows} == {"eager", "diffusers"}
+    except ImportError:
+        assert {r["provider"] for r in rows} == {"eager"}
+    for r in rows:
+        assert r["median_us"] > 0 and r["bytes"] > 0

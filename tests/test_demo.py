@@ -95,6 +95,61 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert report2["config"]["timesteps"] == 10 and report2["config"]["training_steps"] == 12
 
 
+def test_reduced_flow_demo_end_to_end(tmp_path):
+    out = tmp_path / "flow"
+    argv = ["--objective", "flow", "--steps", "12", "--timesteps", "6", "--num-samples", "12", "--batch-size", "16",
+            "--base-channels", "16", "--timing-repeats", "3", "--seed", "0", "--no-progress", "--out", str(out)]
+    assert demo.main(argv) == 0
+    for name in ("checkpoint.pt", "samples.png", "progression.png", "samples_untrained.png", "report.json",
+                 "timing.md", "quality.md"):
+        assert (out / name).is_file(), name
+    for name in ("samples.png", "progression.png", "samples_untrained.png"):
+        assert _is_png(out / name)
+
+    report = json.loads((out / "report.json").read_text())
+    cfg = report["config"]
+    assert (cfg["objective"], cfg["step_op"], cfg["timesteps"], cfg["training_steps"]) == ("flow", "flow_step", 6, 12)
+    assert report["final_loss"] is not None and report["final_loss"] > 0
+    # The step op's backends: those with a fused flow_step are timed and compared, the others say why not.
+    fused_here, unavailable, lacking = demo.backends_for("cpu", "flow_step")
+    assert [r["backend"] for r in report["timing"]] == ["reference"] + fused_here
+    for row in report["timing"]:
+        assert row["flow_step_us"] > 0 and row["flow_step_latent_us"] > 0 and row["step_ms"] > 0
+    assert report["unavailable"] == unavailable and report["no_fused_op"] == lacking
+    table = (out / "timing.md").read_text()
+    assert "| backend | flow_step op, 12x1x16x16 (µs) |" in table and "6 Euler steps" in table
+    for name in lacking:
+        assert f"| {name} | no fused flow_step in this build (the reference ran) |" in table
+    assert set(report["equality"]) == set(fused_here)
+    for name, e in report["equality"].items():
+        assert e["step_max_abs_diff"] <= 1e-5, name
+        assert e["trajectory_max_abs_diff"] <= 1e-4, name
+    assert report["quality"]["generated"]["n"] == 12
+
+    # The checkpoint remembers the objective: it loads back as a flow model without --objective.
+    out2 = tmp_path / "flow_resampled"
+    argv2 = ["--checkpoint", str(out / "checkpoint.pt"), "--num-samples", "4", "--timing-repeats", "3",
+             "--no-progress", "--out", str(out2)]
+    assert demo.main(argv2) == 0
+    report2 = json.loads((out2 / "report.json").read_text())
+    assert report2["config"]["objective"] == "flow" and report2["config"]["timesteps"] == 6
+
+
+def test_flow_training_lowers_the_loss_and_samples_from_the_seed():
+    """The demo's flow model trains through `demo.train` (the loss falls on the digits) and `sample_grid`
+    gives the Euler loop's result, reproducibly from the seed."""
+    images, _ = demo.load_digits(8)
+    torch.manual_seed(0)
+    fm = demo.build_flow_matching(8, num_steps=4, unet_config=dict(in_channels=1, base_channels=8, channel_mult=(1, 2)))
+    losses = demo.train(fm, images, steps=60, batch_size=32, lr=3e-3, seed=0, progress=False)
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    a, inter, _ = demo.sample_grid(fm, 5, seed=3, progress=False)
+    b, _, _ = demo.sample_grid(fm, 5, seed=3, progress=False)
+    assert torch.equal(a, b) and len(inter) == len(fm.logged_steps())
+    x_init = torch.randn((5, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, demo.sample_with_noise(fm, x_init, seed=0, backend="reference"))
+
+
 def test_cli_dispatches_to_demo(tmp_path):
     from ddpm_kernels.__main__ import main
 

@@ -30,11 +30,12 @@ SCRIPT = textwrap.dedent(
     from ddpm_kernels.triton.posterior import posterior_kernel
     from ddpm_kernels.triton.sampler_step import SAMPLERS, sampler_step_kernel
     from ddpm_kernels.triton.threshold import dynamic_threshold_kernel
+    from ddpm_kernels.triton.guidance import guidance_stats_kernel
     from ddpm_kernels.triton.loss import (
         diffusion_loss_kernel, diffusion_loss_reduce_kernel, diffusion_loss_backward_kernel,
     )
     from ddpm_kernels.triton.flow import (
-        flow_interpolate_kernel, flow_guidance_stats_kernel, flow_step_kernel, flow_loss_kernel,
+        flow_interpolate_kernel, flow_step_kernel, flow_loss_kernel,
         flow_loss_reduce_kernel, flow_loss_backward_kernel,
     )
     assert not utils.INTERPRETED
@@ -87,7 +88,7 @@ SCRIPT = textwrap.dedent(
             else:
                 assert not name.endswith("_ptr"), f"{kernel.__name__}: untyped pointer {name}"
                 signature[name] = "i32"
-            if aligned and (signature[name].startswith("*") or name in ("N", "model_output_stride")):
+            if aligned and (signature[name].startswith("*") or name in ("N", "model_output_stride", "stride")):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         return triton.compiler.ASTSource(kernel, signature, consts, attrs)
 
@@ -105,7 +106,7 @@ SCRIPT = textwrap.dedent(
     # the sampler steps' defaults (eps, fixed_small, final alpha 1, no option on)
     STEP = dict(E, PARAMETERIZATION=0, VARIANCE=0, CLIP_DENOISED=False, USE_CLIPPED_MODEL_OUTPUT=False,
                 SET_ALPHA_TO_ONE=True, ADD_NOISE=False, HAS_NOISE=False, RETURN_X0=False, THRESHOLD=False,
-                X0_ONLY=False, COMPUTE_FP64=False)
+                X0_ONLY=False, GUIDED=False, RESCALE=False, COMPUTE_FP64=False, BLOCK_SPLIT=2)
     DDIM = dict(STEP, **dict(zip(("SAMPLER", "EPS_TERM", "X_TERM"), SAMPLERS["ddim"])))
     DDPM = dict(STEP, ADD_NOISE=True, **dict(zip(("SAMPLER", "EPS_TERM", "X_TERM"), SAMPLERS["ddpm"])))
     # the flow step's defaults (sigmas per sample, unguided, deterministic)
@@ -144,6 +145,15 @@ SCRIPT = textwrap.dedent(
          dict(DDPM, VARIANCE=3, CLIP_DENOISED=True, THRESHOLD=True)),
         ("ddpm_step[v,learned,x0_only]", sampler_step_kernel,
          dict(DDPM, PARAMETERIZATION=2, VARIANCE=2, ADD_NOISE=False, RETURN_X0=True, X0_ONLY=True)),
+        ("ddim_step[v,guided,philox]", sampler_step_kernel,
+         dict(DDIM, PARAMETERIZATION=2, ADD_NOISE=True, GUIDED=True)),
+        ("ddim_step[x0,guided,rescale,threshold,x0]", sampler_step_kernel,
+         dict(DDIM, PARAMETERIZATION=1, GUIDED=True, RESCALE=True, BLOCK_SPLIT=64, THRESHOLD=True, RETURN_X0=True)),
+        ("ddpm_step[eps,learned_range,guided,rescale,noise]", sampler_step_kernel,
+         dict(DDPM, VARIANCE=3, HAS_NOISE=True, GUIDED=True, RESCALE=True, BLOCK_SPLIT=64)),
+        ("ddpm_step[v,learned,guided,rescale,x0_only]", sampler_step_kernel,
+         dict(DDPM, PARAMETERIZATION=2, VARIANCE=2, ADD_NOISE=False, RETURN_X0=True, X0_ONLY=True, GUIDED=True,
+              RESCALE=True, BLOCK_SPLIT=4)),
         ("dynamic_threshold", dynamic_threshold_kernel, dict(E, COMPUTE_FP64=False)),
         ("diffusion_loss[v,l2]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=2, LOSS_L1=False)),
         ("diffusion_loss[eps,l1]", diffusion_loss_kernel, dict(E, PARAMETERIZATION=0, LOSS_L1=True)),
@@ -158,7 +168,7 @@ SCRIPT = textwrap.dedent(
         ("flow_interpolate", flow_interpolate_kernel, dict(E, SIGMA_PER_TOKEN=False, BACKWARD=False)),
         ("flow_interpolate[per_token,backward]", flow_interpolate_kernel,
          dict(E, SIGMA_PER_TOKEN=True, BACKWARD=True)),
-        ("flow_guidance_stats", flow_guidance_stats_kernel, E),
+        ("guidance_stats", guidance_stats_kernel, E),
         ("flow_step[table]", flow_step_kernel, dict(FLOW_STEP, TABLE=True)),
         ("flow_step[per_token,guided,rescale,philox]", flow_step_kernel,
          dict(FLOW_STEP, SIGMA_PER_TOKEN=True, GUIDED=True, RESCALE=True, STOCHASTIC=True)),
@@ -215,5 +225,5 @@ def test_every_kernel_compiles_for_sm90_and_sm80():
         if r.get("aligned") and r["label"] not in ("diffusion_loss_reduce", "flow_loss_reduce"):
             assert r["ld_v4"] > 0, r
             # the forward losses write one partial per tile, the rescale statistics four per split
-            if not r["label"].startswith(("diffusion_loss[", "flow_loss[", "flow_guidance_stats")):
+            if not r["label"].startswith(("diffusion_loss[", "flow_loss[", "guidance_stats")):
                 assert r["st_v4"] > 0, r

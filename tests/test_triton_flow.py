@@ -30,6 +30,7 @@ from helpers import DTYPES, triton_device
 DEVICE = triton_device()
 from ddpm_kernels import triton as tk  # noqa: E402
 from ddpm_kernels.triton import flow as tf  # noqa: E402
+from ddpm_kernels.triton import guidance as tg  # noqa: E402
 from ddpm_kernels.triton import utils as tu  # noqa: E402
 
 make_inputs = partial(helpers.make_inputs, device=DEVICE)
@@ -292,9 +293,9 @@ def test_step_rescale_launch_configs(monkeypatch, table, splits):
     """Rescale statistics over several tiles per split and several splits per sample (merged by the step
     kernel), and over one tile: the same result as the reference."""
     monkeypatch.setattr(tu, "LAUNCH_TABLE", table)
-    monkeypatch.setattr(tf, "MAX_SPLITS", splits)
+    monkeypatch.setattr(tg, "MAX_SPLITS", splits)
     x, c, u, z = make_inputs((3, 5, 41), 4, torch.float32, seed=13)
-    n_splits, tiles_per_split = tf._stats_splits(205, 3, tu.launch_config(205, 3)[0])
+    n_splits, tiles_per_split = tg.stats_splits(205, 3, tu.launch_config(205, 3)[0])
     assert n_splits <= splits and (n_splits - 1) * tiles_per_split < math.ceil(205 / tu.launch_config(205, 3)[0])
     kw = dict(guidance_scale=torch.tensor([1.5, 4.0, 9.0], device=DEVICE), uncond=u, guidance_rescale=0.6,
               stochastic=True, noise=z)

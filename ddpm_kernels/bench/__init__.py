@@ -15,7 +15,12 @@ Providers
   <backend>   each fused backend available for the device and dtype (cpu / triton / cuda)
   <backend>+out   the same with a preallocated ``out=`` (the ops that take one)
   diffusers   the stock scheduler call doing a case's work, when installed (``add_noise``, ``DDPMScheduler.step``,
-              ``DDIMScheduler.step``)
+              ``DDIMScheduler.step``; for flow matching ``FlowMatchEulerDiscreteScheduler.scale_noise`` and
+              ``.step``, and for ``flow_step_guided`` the pipelines' eager CFG, then the stock step)
+
+Shapes: ``--shapes 16x4x64x64 2x4096x64`` (any number of dims: ``2x4096x64`` is a transformer's (batch,
+tokens, channels)) or presets ``gpu``, ``cpu``, ``flow`` (SD3 / Flux 16-channel latents 1x16x64x64,
+16x16x64x64 and 4x16x128x128, and 2x4096x64 tokens), ``flow-cpu`` (the first and the last).
 
 ``--host-overhead`` measures instead the host time per call at 1x4x8x8 fp32 on one CPU thread: ``torch.add``,
 every public op on the CPU backend, the compiled ``p_sample`` operator called directly, and diffusers' stock
@@ -23,7 +28,7 @@ schedulers' ``step`` against the fused ones.
 """
 
 from .cases import CASES, DTYPES, MEMORY_FORMATS, Case, CaseSpec, select_cases  # noqa: F401
-from .cli import CPU_SHAPES, GPU_SHAPES, main, parse_shape  # noqa: F401
+from .cli import CPU_SHAPES, FLOW_CPU_SHAPES, FLOW_GPU_SHAPES, GPU_SHAPES, main, parse_shape  # noqa: F401
 from .report import markdown, plot, write_outputs  # noqa: F401
 from .sweep import Row, end_to_end, providers, run_case  # noqa: F401
 from .timing import copy_bandwidth, count_host_syncs, count_launches, time_fn  # noqa: F401

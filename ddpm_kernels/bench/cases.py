@@ -3,7 +3,9 @@
 Every op gets a case at its option defaults with given noise; an op that draws noise at those defaults gets a
 second case, ``<op>_rng``, that leaves ``noise`` None so the backend draws it; a loss (an op whose outputs are
 all scalars) is timed forward plus the gradient w.r.t. its data tensor, ``<op>_fwd_bwd``, because training
-never runs one without the other. Inputs come from the declared tensor roles, so an op added to the table is
+never runs one without the other. ``flow_step`` also gets its stochastic cases and ``flow_step_guided``:
+classifier-free guidance inside the step, on the (2B, ...) output of a batched ``[uncond; cond]`` forward with
+one guidance scale per sample. Inputs come from the declared tensor roles, so an op added to the table is
 benchmarked without a line here.
 """
 
@@ -32,6 +34,7 @@ class CaseSpec:
     in_kernel_noise: bool = False
     backward: bool = False
     overrides: tuple = ()  # (name, value) pairs replacing option defaults
+    guided: bool = False  # flow_step with guidance: a (2B, ...) [uncond; cond] model output, a scale per sample
 
     @property
     def options(self) -> Dict[str, object]:
@@ -59,7 +62,8 @@ def _cases(spec: OpSpec) -> List[CaseSpec]:
     if spec.name == "flow_step":  # deterministic by default: its noise cases are the stochastic step's
         stochastic = (("stochastic", True),)
         return [base, CaseSpec(spec.name + "_stochastic", spec, overrides=stochastic),
-                CaseSpec(spec.name + "_stochastic_rng", spec, in_kernel_noise=True, overrides=stochastic)]
+                CaseSpec(spec.name + "_stochastic_rng", spec, in_kernel_noise=True, overrides=stochastic),
+                CaseSpec(spec.name + "_guided", spec, guided=True)]
     opts = base.step_options
     if spec.draws_noise and (opts is None or opts.adds_noise):
         return [base, CaseSpec(spec.name + "_rng", spec, in_kernel_noise=True)]
@@ -103,12 +107,44 @@ def _stock_step(scheduler, tensors, step):
     return scheduler.step(tensors["model_output"], step, tensors["x_t"]).prev_sample
 
 
+def _flow_stock_step(scheduler, model_output, sample, step):
+    # The stock step advances its own step index after each call; the case times one step at a fixed index, as
+    # every step of a pipeline's loop after the first runs (the first also looks its index up on the host).
+    scheduler._step_index = step
+    return scheduler.step(model_output, scheduler.timesteps[step], sample).prev_sample
+
+
+def _flow_step_stock(scheduler, tensors, step):
+    return _flow_stock_step(scheduler, tensors["model_output"], tensors["sample"], step)
+
+
+def _cfg_then_flow_step(scheduler, tensors, step):
+    # what diffusers' pipelines do: chunk the batched output, guide in eager PyTorch, then the stock step
+    uncond, cond = tensors["model_output"].chunk(2)
+    w = tensors["guidance_scale"].reshape((-1,) + (1,) * (cond.ndim - 1))
+    return _flow_stock_step(scheduler, uncond + w * (cond - uncond), tensors["sample"], step)
+
+
+def _scale_noise(scheduler, tensors, step):
+    # per-sample timesteps: the stock call looks each one's index up on the host
+    return scheduler.scale_noise(tensors["x0"], scheduler.timesteps, tensors["noise"])
+
+
 _DIFFUSERS = {  # case -> (provider label, stock scheduler, call)
     "q_sample": ("diffusers", "ddpm", lambda s, ts, step: s.add_noise(ts["x_start"], ts["noise"], ts["t"])),
     "p_sample": ("diffusers_ddim", "ddim", _ddim_given_noise),
     "p_sample_rng": ("diffusers", "ddpm", _stock_step),
     "ddim_step": ("diffusers", "ddim", _stock_step),
     "ddpm_step_rng": ("diffusers", "ddpm", _stock_step),
+    # flow matching: FlowMatchEulerDiscreteScheduler on the case's own sigmas (see `stock_flow_scheduler`)
+    "flow_interpolate": ("diffusers", "flow_per_sample", _scale_noise),
+    "flow_step": ("diffusers", "flow", _flow_step_stock),
+    "flow_step_stochastic_rng": ("diffusers", "flow_stochastic", _flow_step_stock),
+    "flow_step_guided": ("diffusers", "flow", _cfg_then_flow_step),
+}
+_DIFFUSERS_NOTES = {
+    "flow_interpolate": "host index lookup per sample",
+    "flow_step_guided": "eager CFG, then the stock step; scalar timestep",
 }
 
 
@@ -137,6 +173,19 @@ def stock_scheduler(kind: str, schedule: DiffusionSchedule, device: torch.device
     return scheduler
 
 
+def stock_flow_scheduler(kind: str, tensors: Dict[str, Optional[torch.Tensor]], device: torch.device):
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` (shift 1, so sigmas are used as given) on a case's sigmas:
+    the step's table without its final 0 (the scheduler appends it), or, for ``scale_noise``
+    (``flow_per_sample``), one inference step per sample at that sample's sigma, so that ``scheduler.timesteps``
+    are the per-sample timesteps of the same values. ``flow_stochastic``: ``stochastic_sampling=True``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, stochastic_sampling=kind == "flow_stochastic")
+    sigmas = tensors["sigma"] if kind == "flow_per_sample" else tensors["sigmas"][:-1]
+    scheduler.set_timesteps(sigmas=sigmas.detach().cpu().tolist(), device=device)
+    return scheduler
+
+
 # --------------------------------------------------------------------------------------------- inputs
 class Case:
     """Inputs of one case x shape x dtype on a device, the bytes it must move, and the callables each provider
@@ -157,9 +206,13 @@ class Case:
         opts = self.case.step_options
         self.tensors: Dict[str, Optional[torch.Tensor]] = {spec.data: rand(self.shape)}
         for i, name in enumerate(spec.like):
-            # a learned variance rides in a second half of model_output's channels (the first like tensor)
+            # a learned variance rides in a second half of model_output's channels (the first like tensor); a
+            # guided step's model output is the batched [uncond; cond] output, twice the batch
             doubled = i == 0 and opts is not None and opts.learned
-            self.tensors[name] = rand(self.shape[:1] + (2 * self.shape[1],) + self.shape[2:] if doubled else self.shape)
+            shape = self.shape[:1] + (2 * self.shape[1],) + self.shape[2:] if doubled else self.shape
+            if i == 0 and self.case.guided:
+                shape = (2 * self.shape[0],) + self.shape[1:]
+            self.tensors[name] = rand(shape)
         for name in spec.optional:
             self.tensors[name] = None if self.case.in_kernel_noise else rand(self.shape)
         t = torch.randint(0, schedule.num_timesteps, (self.shape[0],), generator=g)
@@ -174,6 +227,8 @@ class Case:
         self.fn = getattr(flow if spec.family == "flow" else dk, spec.name)
         # ops without timesteps (dynamic_threshold) take no schedule
         self.static = dict(self.case.options, **({"schedule": schedule} if spec.timesteps else {}))
+        if self.case.guided:  # one scale per sample, in [1, 8) as pipelines use
+            self.static["guidance_scale"] = (1 + 7 * torch.rand(self.shape[0], generator=g)).to(device)
         self.numel = self.tensors[spec.data].numel()
         self.bytes = self._bytes(opts)
 
@@ -182,7 +237,7 @@ class Case:
         ``pred_x0``) out. Forward and backward: the backward kernels save nothing, so they read the forward's
         tensors again, and write one gradient."""
         spec, ts = self.spec, self.tensors
-        read = sum(ts[n].numel() for n in (spec.data,) + spec.like)
+        read = sum(ts[n].numel() for n in (spec.data,) + spec.like)  # a guided output counts twice
         if self.case.noise_read:
             read += sum(ts[n].numel() for n in spec.optional)
         returns_x0 = opts is not None and opts.return_pred_x0
@@ -231,11 +286,22 @@ class Case:
         torch._dynamo.reset()
         return self._bind(torch.compile(loss, dynamic=False))
 
+    @property
+    def diffusers_note(self) -> str:
+        return _DIFFUSERS_NOTES.get(self.op, "scalar timestep")
+
     def diffusers_calls(self) -> Dict[str, Callable[[], object]]:
         if not has_diffusers_counterpart(self.op):
             return {}
         label, kind, step_call = _DIFFUSERS[self.op]
-        scheduler = stock_scheduler(kind, self.s, self.device)
-        step, tensors = self.s.num_timesteps // 2, self.tensors
+        tensors = dict(self.tensors)
+        if kind.startswith("flow"):
+            scheduler = stock_flow_scheduler(kind, tensors, self.device)
+            step = int(tensors["step_index"][0]) if "step_index" in tensors else 0
+            if self.case.guided:
+                tensors["guidance_scale"] = self.static["guidance_scale"]
+        else:
+            scheduler = stock_scheduler(kind, self.s, self.device)
+            step = self.s.num_timesteps // 2
         return {label: lambda: step_call(scheduler, tensors, step)}
 

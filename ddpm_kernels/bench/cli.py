@@ -19,10 +19,38 @@ from .sweep import Row, end_to_end, providers, run_case
 
 GPU_SHAPES = ((1, 4, 64, 64), (16, 4, 64, 64), (64, 4, 128, 128), (128, 3, 32, 32))
 CPU_SHAPES = ((1, 4, 64, 64), (16, 4, 64, 64))
+# Flow-matching models' latents: 16 channels (SD3, Flux) at 512 and 1024 px, and a transformer's token layout
+# (batch, tokens, channels): 4096 tokens of 64 channels (a 1024 px Flux latent, 2x2-patchified).
+FLOW_GPU_SHAPES = ((1, 16, 64, 64), (16, 16, 64, 64), (4, 16, 128, 128), (2, 4096, 64))
+FLOW_CPU_SHAPES = ((1, 16, 64, 64), (2, 4096, 64))
+SHAPE_PRESETS = {"gpu": GPU_SHAPES, "cpu": CPU_SHAPES, "flow": FLOW_GPU_SHAPES, "flow-cpu": FLOW_CPU_SHAPES}
 
 
 def parse_shape(text: str):
-    return tuple(int(v) for v in text.lower().split("x"))
+    """``16x4x64x64`` -> (16, 4, 64, 64); any number of dims (``2x4096x64``: tokens)."""
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a shape such as 16x4x64x64 or 2x4096x64, or a preset ({', '.join(SHAPE_PRESETS)}), "
+            f"got {text!r}") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 2 positive dims (batch first), got {text!r}")
+    return shape
+
+
+def parse_shapes(text: str):
+    """One ``--shapes`` token: a preset's shapes, or one shape."""
+    preset = SHAPE_PRESETS.get(text.lower())
+    return preset if preset is not None else (parse_shape(text),)
+
+
+def default_shapes(device: torch.device, case_names) -> tuple:
+    """The device's shapes; a flow model's latents and tokens when every case is a flow-matching op."""
+    flow_only = case_names and all(CASES[name].spec.family == "flow" for name in case_names)
+    if device.type == "cuda":
+        return FLOW_GPU_SHAPES if flow_only else GPU_SHAPES
+    return FLOW_CPU_SHAPES if flow_only else CPU_SHAPES
 
 
 def _other_malloc_condition(argv: List[str], out_json: str) -> List[dict]:
@@ -63,8 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ddpm_kernels bench", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
-                        help="e.g. 16x4x64x64 (default: four shapes on GPU, two on CPU)")
+    parser.add_argument("--shapes", nargs="+", type=parse_shapes, default=None,
+                        help="shapes such as 16x4x64x64 or 2x4096x64 (tokens), or presets: "
+                        + ", ".join(f"{k} ({' '.join('x'.join(map(str, s)) for s in v)})"
+                                    for k, v in SHAPE_PRESETS.items())
+                        + " (default: gpu on GPU, cpu on CPU; flow / flow-cpu when every case is a flow op)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
                         help="default: fp32 bf16 fp16 on GPU, fp32 bf16 on CPU")
     parser.add_argument("--ops", nargs="+", choices=op_choices(), default=None, metavar="OP",
@@ -119,9 +150,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
-    shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     dtype_names = args.dtypes or (["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
     case_names = select_cases(args.ops)
+    shapes = [s for group in args.shapes for s in group] if args.shapes else default_shapes(device, case_names)
+    shapes = list(dict.fromkeys(shapes))
     memory_format = MEMORY_FORMATS[args.memory_format]
     if memory_format is torch.channels_last and any(len(s) != 4 for s in shapes):
         parser.error("--memory-format channels_last: every shape must be 4-D")

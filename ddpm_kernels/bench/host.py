@@ -85,10 +85,46 @@ def _diffusers_steps() -> List[Candidate]:
     return out
 
 
+def _flow_steps() -> List[Candidate]:
+    """Stock and fused ``FlowMatchEulerDiscreteScheduler.step`` walking a 1000-step schedule in order (as a
+    pipeline does), rewound to its start when it runs out."""
+    if not diffusers_installed():
+        return []
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    try:
+        from ..integrations.diffusers import FusedFlowMatchEulerDiscreteScheduler
+    except Exception as exc:
+        return [("FusedFlowMatchEulerDiscreteScheduler.step", "-", None,
+                 f"integration not importable: {type(exc).__name__}", None)]
+    g = torch.Generator().manual_seed(0)
+    sample, model_output = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    steps = 1000
+    out = []
+    stock_name = "FlowMatchEulerDiscreteScheduler.step"
+    for cls, runs_on, baseline in ((FlowMatchEulerDiscreteScheduler, "diffusers", None),
+                                   (FusedFlowMatchEulerDiscreteScheduler, "auto", stock_name)):
+        scheduler = cls(shift=3.0)
+        scheduler.set_timesteps(steps)
+        # elements of scheduler.timesteps, as pipelines pass them
+        state = {"i": 0, "timesteps": list(scheduler.timesteps)}
+
+        def step(scheduler=scheduler, state=state):
+            if state["i"] == steps:  # rewind: one call in a thousand
+                scheduler.set_timesteps(steps)
+                state.update(i=0, timesteps=list(scheduler.timesteps))
+            result = scheduler.step(model_output, state["timesteps"][state["i"]], sample).prev_sample
+            state["i"] += 1
+            return result
+
+        out.append((f"{cls.__name__}.step", runs_on, step, "", baseline))
+    return out
+
+
 def candidates(schedule: DiffusionSchedule) -> List[Candidate]:
     a, b = torch.randn(SHAPE), torch.randn(SHAPE)
     floor: Candidate = ("torch.add", "aten", lambda: torch.add(a, b), "the floor: one ATen op", None)
-    return [floor] + _public_ops(schedule) + [_raw_operator(schedule)] + _diffusers_steps()
+    return [floor] + _public_ops(schedule) + [_raw_operator(schedule)] + _diffusers_steps() + _flow_steps()
 
 
 def host_overhead(iters: int = 1000, rounds: int = 15, timesteps: int = 1000) -> dict:

@@ -85,7 +85,7 @@ def provider_calls(case: Case, provider: str):
             return {}, f"compile failed: {type(exc).__name__}", None
         return {"compile": fn}, "", time.perf_counter() - start
     if provider == "diffusers":
-        return case.diffusers_calls(), "scalar timestep", None
+        return case.diffusers_calls(), case.diffusers_note, None
     name, _, out = provider.partition("+")
     fns = {provider: case.call(name, out=bool(out))}
     served = served_by(case, name)

@@ -13,14 +13,14 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .. import __version__, backends
-from ..diffusion import GaussianDiffusion
 from .data import load_digits
-from .defaults import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_STEPS, DEFAULT_TIMESTEPS
-from .model import build_diffusion, sample_shape
+from .defaults import DEFAULT_BATCH_SIZE, DEFAULT_FLOW_STEPS, DEFAULT_IMAGE_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+from .defaults import DEFAULT_TIMESTEPS
+from .model import OBJECTIVES, Generative, build_model, is_flow, objective_of, sample_shape, sampling_steps, step_op
 from .quality import DigitClassifier, digit_quality
 from .report import machine_info, render_quality_markdown, render_timing_markdown, save_progression
 from .report import save_sample_grid, write_text
-from .sampling import compare_backends, fused_backends, resolved_backend, sample_grid
+from .sampling import backends_for, compare_backends, resolved_backend, sample_grid
 from .timing import LATENT_SHAPE, TIMING_ROUNDS, auto_threads, load_average, time_sampling_step
 from .training import EMA, train
 
@@ -28,7 +28,13 @@ from .training import EMA, train
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ddpm_kernels demo",
-        description="Train a tiny DDPM on scikit-learn's handwritten digits and sample it with the fused ops.",
+        description="Train a tiny DDPM (or, with --objective flow, a rectified flow) on scikit-learn's handwritten "
+        "digits and sample it with the fused ops.",
+    )
+    p.add_argument(
+        "--objective", default="ddpm", choices=OBJECTIVES,
+        help="ddpm: GaussianDiffusion, ancestral sampling; flow: FlowMatching (rectified flow, SD3's logit-normal "
+        "sigmas), Euler sampling (default: ddpm)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument(
@@ -36,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default: {DEFAULT_STEPS})")
     p.add_argument(
-        "--timesteps", type=int, default=DEFAULT_TIMESTEPS, help=f"diffusion steps T (default: {DEFAULT_TIMESTEPS})"
+        "--timesteps", type=int, default=None,
+        help=f"sampling steps: DDPM's diffusion steps T (default: {DEFAULT_TIMESTEPS}), or flow's Euler steps "
+        f"(default: {DEFAULT_FLOW_STEPS})",
     )
     p.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"training batch (default: {DEFAULT_BATCH_SIZE})"
@@ -75,6 +83,7 @@ class _Run:
     resolved: str  # the backend that ``--backend`` runs on here
     fused: List[str]  # fused backends to compare with the reference and time
     missing: Dict[str, str]  # fused backends that cannot run here, and why
+    lacking: Dict[str, str] = field(default_factory=dict)  # fused backends that run here but lack the step op
 
     @property
     def progress(self) -> bool:
@@ -88,7 +97,7 @@ class _Run:
 class _Model:
     """The model to sample, and how it came to be: trained here or loaded from a checkpoint."""
 
-    diffusion: GaussianDiffusion
+    diffusion: Generative  # a GaussianDiffusion, or a FlowMatching
     image_size: int
     steps_done: int
     losses: List[float] = field(default_factory=list)
@@ -109,20 +118,25 @@ def _start(args: argparse.Namespace) -> Optional[_Run]:
         _print("error: --device cuda but torch sees no CUDA device")
         return None
     torch.set_num_threads(args.threads or auto_threads(device))
+    if args.checkpoint:  # the checkpoint says what was trained
+        args.objective = _checkpoint_config(args.checkpoint).get("objective", "ddpm")
+    if args.timesteps is None:
+        args.timesteps = DEFAULT_FLOW_STEPS if args.objective == "flow" else DEFAULT_TIMESTEPS
     if args.steps < 0 or args.timesteps < 2 or args.num_samples < 1 or args.batch_size < 1:
         _print("error: --steps >= 0, --timesteps >= 2, --num-samples >= 1 and --batch-size >= 1 are required")
         return None
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
+    op = "flow_step" if args.objective == "flow" else "p_sample"
     try:
-        resolved = resolved_backend(args.backend, device)
+        resolved = resolved_backend(args.backend, device, op=op)
     except backends.BackendUnavailableError as exc:
         _print(f"error: {exc}")
         return None
-    fused, missing = fused_backends(device)
+    fused, missing, lacking = backends_for(device, op)
     if resolved != "reference" and resolved not in fused:  # an explicit --backend outside auto's list
         fused.append(resolved)
-    return _Run(args, device, wall_start, load_start, resolved, fused, missing)
+    return _Run(args, device, wall_start, load_start, resolved, fused, missing, lacking)
 
 
 def _announce(run: _Run) -> None:
@@ -133,14 +147,21 @@ def _announce(run: _Run) -> None:
     _print(f"sampling backend: {run.args.backend} -> {run.resolved}")
     for name, why in run.missing.items():
         _print(f"  fused backend {name!r} not available here: {why}")
+    for name, why in run.lacking.items():
+        _print(f"  fused backend {name!r}: {why}")
+
+
+def _checkpoint_config(path: str) -> Dict[str, object]:
+    return torch.load(path, map_location="cpu", weights_only=True)["config"]
 
 
 def _load_checkpoint(run: _Run) -> _Model:
     args = run.args
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     cfg = ckpt["config"]
-    diffusion = build_diffusion(
-        cfg["image_size"], cfg["timesteps"], args.backend, device=run.device, unet_config=cfg["unet"]
+    diffusion = build_model(
+        cfg.get("objective", "ddpm"), cfg["image_size"], cfg["timesteps"], args.backend, device=run.device,
+        unet_config=cfg["unet"],
     )
     diffusion.model.load_state_dict(ckpt["model"])
     diffusion.eval()
@@ -148,10 +169,11 @@ def _load_checkpoint(run: _Run) -> _Model:
     return _Model(diffusion, image_size=cfg["image_size"], steps_done=cfg["steps"])
 
 
-def _save_checkpoint(run: _Run, diffusion: GaussianDiffusion) -> None:
+def _save_checkpoint(run: _Run, diffusion: Generative) -> None:
     args = run.args
     ckpt_path = run.path("checkpoint.pt")
     config = {
+        "objective": objective_of(diffusion),
         "image_size": args.image_size,
         "timesteps": args.timesteps,
         "unet": diffusion.model.config,
@@ -164,10 +186,14 @@ def _save_checkpoint(run: _Run, diffusion: GaussianDiffusion) -> None:
 
 def _train_new(run: _Run, images: torch.Tensor) -> _Model:
     args = run.args
-    diffusion = build_diffusion(args.image_size, args.timesteps, args.backend, args.base_channels, device=run.device)
+    diffusion = build_model(
+        args.objective, args.image_size, args.timesteps, args.backend, args.base_channels, device=run.device
+    )
     n_params = sum(p.numel() for p in diffusion.model.parameters())
+    what = (f"rectified flow, {args.timesteps} Euler sampling steps" if is_flow(diffusion)
+            else f"DDPM, T={args.timesteps}")
     _print(
-        f"model: UNet, {n_params / 1e6:.2f} M parameters; T={args.timesteps}; "
+        f"model: UNet, {n_params / 1e6:.2f} M parameters; {what}; "
         f"training {args.steps} steps x batch {args.batch_size}"
     )
     untrained_state = {k: v.clone() for k, v in diffusion.state_dict().items()}
@@ -185,13 +211,22 @@ def _train_new(run: _Run, images: torch.Tensor) -> _Model:
     return _Model(diffusion, args.image_size, args.steps, losses, train_seconds, untrained_state)
 
 
-def _sample(run: _Run, diffusion: GaussianDiffusion) -> Tuple[torch.Tensor, float]:
+def _logged_labels(diffusion: Generative) -> List[str]:
+    """Column titles of the progression strip: the starting noise, then each logged step."""
+    if is_flow(diffusion):
+        sigmas = diffusion.sigma_table().tolist()
+        return ["noise"] + [f"s={sigmas[i]:.2f}" for i in diffusion.logged_steps()[1:]]
+    T = diffusion.num_timesteps
+    return ["x_T"] + [f"t={i}" for i in reversed(range(T)) if i % diffusion.log_every_t == 0 or i == T - 1]
+
+
+def _sample(run: _Run, diffusion: Generative) -> Tuple[torch.Tensor, float]:
     """Sample the grid on ``--backend`` and save it with the denoising progression; (samples, seconds)."""
     args = run.args
     diffusion.backend = args.backend
     samples, intermediates, sample_seconds = sample_grid(diffusion, args.num_samples, args.seed, run.progress)
-    T = diffusion.num_timesteps
-    logged = ["x_T"] + [f"t={i}" for i in reversed(range(T)) if i % diffusion.log_every_t == 0 or i == T - 1]
+    T = sampling_steps(diffusion)
+    logged = _logged_labels(diffusion)
     grid_path = run.path("samples.png")
     strip_path = run.path("progression.png")
     save_sample_grid(samples, grid_path)
@@ -208,8 +243,8 @@ def _quality_figure(run: _Run, model: _Model, samples: torch.Tensor, images, lab
     args = run.args
     diffusion = model.diffusion
     classifier = DigitClassifier(images, labels, seed=args.seed)
-    untrained_diffusion = build_diffusion(
-        diffusion.image_size, diffusion.num_timesteps, args.backend, device=run.device,
+    untrained_diffusion = build_model(
+        objective_of(diffusion), diffusion.image_size, sampling_steps(diffusion), args.backend, device=run.device,
         unet_config=diffusion.model.config,
     )
     if model.untrained_state is not None:
@@ -229,15 +264,16 @@ def _quality_figure(run: _Run, model: _Model, samples: torch.Tensor, images, lab
     return quality
 
 
-def _compare(run: _Run, diffusion: GaussianDiffusion) -> Dict[str, Dict[str, float]]:
+def _compare(run: _Run, diffusion: Generative) -> Dict[str, Dict[str, float]]:
     equality = compare_backends(diffusion, run.fused, seed=run.args.seed)
     for name, e in equality.items():
         _print(
             f"fused {name} vs reference, same noise: max |diff| one step {e['step_max_abs_diff']:.2e}, "
-            f"whole {diffusion.num_timesteps}-step trajectory {e['trajectory_max_abs_diff']:.2e}"
+            f"whole {sampling_steps(diffusion)}-step trajectory {e['trajectory_max_abs_diff']:.2e}"
         )
     if not equality:
-        _print(f"fused vs reference equality: no fused backend runs on {run.device.type} here, nothing to compare")
+        _print(f"fused vs reference equality: no fused backend runs {step_op(diffusion)} on {run.device.type} here, "
+               f"nothing to compare")
     return equality
 
 
@@ -247,7 +283,9 @@ def _report(run: _Run, model: _Model, sample_seconds: float, timing, equality, q
         "machine": machine_info(run.device, args.condition, run.load_start),
         "config": {
             "device": str(run.device),
-            "timesteps": model.diffusion.num_timesteps,
+            "objective": objective_of(model.diffusion),
+            "step_op": step_op(model.diffusion),
+            "timesteps": sampling_steps(model.diffusion),
             "training_steps": model.steps_done,
             "batch_size": args.batch_size,
             "sample_shape": list(sample_shape(model.diffusion, args.num_samples)),
@@ -264,6 +302,7 @@ def _report(run: _Run, model: _Model, sample_seconds: float, timing, equality, q
         },
         "timing": timing,
         "unavailable": run.missing,
+        "no_fused_op": run.lacking,
         "equality": equality,
         "quality": quality,
         "final_loss": _final_loss(model.losses),

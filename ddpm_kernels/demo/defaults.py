@@ -4,6 +4,8 @@
 # threads); see benchmarks/results/demo/ for a measured run.
 DEFAULT_STEPS = 1200
 DEFAULT_TIMESTEPS = 200
+# Euler steps of the rectified-flow sampler (``--objective flow``): straight paths need far fewer steps than DDPM.
+DEFAULT_FLOW_STEPS = 50
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_IMAGE_SIZE = 16
 DEFAULT_NUM_SAMPLES = 100

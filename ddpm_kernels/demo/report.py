@@ -105,23 +105,36 @@ def _fmt_load(machine: Dict[str, object]) -> str:
     return f"{load.get('start')} at start, {load.get('end')} at the end"
 
 
+def _step_op(report: Dict[str, object]) -> str:
+    """The op a sampling step runs (reports written before flow matching have no ``step_op``: DDPM's)."""
+    return report["config"].get("step_op", "p_sample")
+
+
+def _steps_label(cfg: Dict[str, object]) -> str:
+    if cfg.get("objective") == "flow":
+        return f"rectified flow, {cfg['timesteps']} Euler steps"
+    return f"T={cfg['timesteps']}"
+
+
 def _timing_rows(report: Dict[str, object]) -> List[str]:
     """The timing table's rows: measured backends, then the fused backends that cannot run here and why."""
     lines = []
+    op = _step_op(report)
+    us, latent_us = f"{op}_us", f"{op}_latent_us"
     ref = next((r for r in report["timing"] if r["backend"] == "reference"), None)
     for r in report["timing"]:
         speed = "1.00x" if r["backend"] == "reference" or ref is None else (
-            f"{ref['p_sample_us'] / r['p_sample_us']:.2f}x / {ref['p_sample_latent_us'] / r['p_sample_latent_us']:.2f}x"
+            f"{ref[us] / r[us]:.2f}x / {ref[latent_us] / r[latent_us]:.2f}x"
         )
-        lines.append(
-            f"| {r['backend']} | {r['p_sample_us']:.1f} | {r['p_sample_latent_us']:.1f} | {r['step_ms']:.2f} "
-            f"| {speed} |"
-        )
+        lines.append(f"| {r['backend']} | {r[us]:.1f} | {r[latent_us]:.1f} | {r['step_ms']:.2f} | {speed} |")
+    lacking = report.get("no_fused_op", {})
     for name in report["unavailable"]:
         lines.append(f"| {name} | not available on this machine | — | — | — |")
-    if report["unavailable"]:
+    for name in lacking:
+        lines.append(f"| {name} | no fused {op} in this build (the reference ran) | — | — | — |")
+    if report["unavailable"] or lacking:
         lines.append("")
-        for name, why in report["unavailable"].items():
+        for name, why in {**report["unavailable"], **lacking}.items():
             lines.append(f"- `{name}`: {why}")
     return lines
 
@@ -130,16 +143,17 @@ def render_timing_markdown(report: Dict[str, object]) -> str:
     """The timing table (markdown) from the demo's JSON report; the table is never written by hand."""
     m = report["machine"]
     cfg = report["config"]
+    op = _step_op(report)
     shape = "x".join(str(d) for d in cfg["sample_shape"])
     latent = "x".join(str(d) for d in cfg["latent_shape"])
     lines = [
         f"Machine: {m['device_name']} ({m['threads']} torch threads), torch {m['torch']}, "
         f"ddpm_kernels {m['ddpm_kernels']}, {m['date']}, 1-minute load average {_fmt_load(m)}. {m['condition']}",
         "",
-        f"Per-step sampling time, T={cfg['timesteps']}, samples {shape}; median of {cfg['timing_rounds']} "
+        f"Per-step sampling time, {_steps_label(cfg)}, samples {shape}; median of {cfg['timing_rounds']} "
         f"interleaved rounds.",
         "",
-        f"| backend | p_sample op, {shape} (µs) | p_sample op, {latent} (µs) | step: UNet + p_sample (ms) "
+        f"| backend | {op} op, {shape} (µs) | {op} op, {latent} (µs) | step: UNet + {op} (ms) "
         f"| op speed-up vs reference |",
         "|---|---:|---:|---:|---:|",
         *_timing_rows(report),

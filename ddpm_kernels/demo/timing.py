@@ -9,9 +9,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
+from .. import flow
 from .. import ops as dk_ops
 from ..diffusion import GaussianDiffusion
-from .model import sample_shape
+from ..flow_matching import FlowMatching
+from .model import Generative, is_flow, sample_shape, step_op
 
 # The latent-diffusion-sized shape at which the op's memory traffic, not its launch, dominates.
 LATENT_SHAPE = (8, 4, 64, 64)
@@ -70,9 +72,38 @@ def _step_calls(
     return {"op": op, "op_latent": op_latent, "step": step}
 
 
+def _flow_step_calls(
+    fm: FlowMatching, batch_size: int, latent_shape: Sequence[int], seed: int
+) -> Dict[str, Callable[[str], Callable[[], object]]]:
+    """As `_step_calls`, for the Euler step of a `FlowMatching` (``flow_step`` on its sigma table)."""
+    device = fm.device
+    sigmas = fm.sigma_table()
+    n = sigmas.shape[0] - 1
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(sample_shape(fm, batch_size), generator=g, device=device)
+    i = torch.randint(0, n, (batch_size,), generator=g, device=device)
+    t = fm.model_timesteps(sigmas[i])
+    model_out = fm.model(x, t)
+    xl = torch.randn(tuple(latent_shape), generator=g, device=device)
+    il = torch.randint(0, n, (xl.shape[0],), generator=g, device=device)
+    outl = torch.randn(xl.shape, generator=g, device=device)
+    buf, bufl = torch.empty_like(x), torch.empty_like(xl)
+
+    def op(name):
+        return lambda: flow.flow_step(x, model_out, sigmas, i, backend=name, out=buf)
+
+    def op_latent(name):
+        return lambda: flow.flow_step(xl, outl, sigmas, il, backend=name, out=bufl)
+
+    def step(name):
+        return lambda: flow.flow_step(x, fm.model(x, t), sigmas, i, backend=name, out=buf)
+
+    return {"op": op, "op_latent": op_latent, "step": step}
+
+
 @torch.no_grad()
 def time_sampling_step(
-    diffusion: GaussianDiffusion,
+    diffusion: Generative,
     batch_size: int,
     backend_names: Sequence[str],
     repeats: int = 50,
@@ -81,12 +112,15 @@ def time_sampling_step(
 ) -> List[Dict[str, object]]:
     """Per-step sampling time on each backend, same inputs, interleaved so load changes hit all alike.
 
-    For each backend: the ``p_sample`` op alone at the demo's shape and at a latent-diffusion-sized shape
-    (``latent_shape``, where the op's memory traffic matters), and a whole step (UNet call + ``p_sample``),
-    as ``p_sample_loop`` runs it (``noise=None``: noise drawn by the backend from a generator).
+    For each backend: the step op alone (``p_sample``; ``flow_step`` for flow matching) at the demo's shape and
+    at a latent-diffusion-sized shape (``latent_shape``, where the op's memory traffic matters), and a whole step
+    (UNet call + the op), as the sampling loop runs it (DDPM: ``noise=None``, noise drawn by the backend from a
+    generator). The row's keys name the op: ``p_sample_us``, ``p_sample_latent_us`` (``flow_step_us``, ...).
     """
     device = diffusion.device
-    calls = _step_calls(diffusion, batch_size, latent_shape, seed)
+    make_calls = _flow_step_calls if is_flow(diffusion) else _step_calls
+    calls = make_calls(diffusion, batch_size, latent_shape, seed)
+    name_op = step_op(diffusion)
     # The slower the call, the fewer repeats its median needs.
     call_repeats = {"op": repeats, "op_latent": max(5, repeats // 5), "step": max(3, repeats // 10)}
     results = {name: {kind: [] for kind in calls} for name in backend_names}
@@ -100,8 +134,8 @@ def time_sampling_step(
         rows.append(
             {
                 "backend": name,
-                "p_sample_us": r["op"] * 1e6,
-                "p_sample_latent_us": r["op_latent"] * 1e6,
+                f"{name_op}_us": r["op"] * 1e6,
+                f"{name_op}_latent_us": r["op_latent"] * 1e6,
                 "step_ms": r["step"] * 1e3,
             }
         )

@@ -1,4 +1,5 @@
-"""Training the demo's model: the seed's ``p_losses`` under AdamW, with an EMA of the weights."""
+"""Training the demo's model: the seed's ``p_losses`` (or the rectified-flow loss) under AdamW, with an EMA of
+the weights."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..diffusion import GaussianDiffusion
 from .defaults import DEFAULT_BATCH_SIZE
+from .model import Generative, is_flow
 
 
 class EMA:
@@ -48,8 +49,21 @@ def _warmup_cosine(steps: int) -> Callable[[int], float]:
     return lr_at
 
 
+def _batch_loss(diffusion: Generative, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One batch's loss, its randomness drawn from ``g`` (CPU) and moved to the data's device: a timestep and
+    noise per sample for DDPM, a sigma (SD3's draw, `FlowMatching.sample_sigmas`) and noise for flow matching."""
+    device = x.device
+    if is_flow(diffusion):
+        sigma = diffusion.sample_sigmas(x.shape[0], generator=g)
+        noise = torch.randn(x.shape, generator=g).to(device)
+        return diffusion.training_loss(x, noise=noise, sigma=sigma)[0]
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=g).to(device)
+    noise = torch.randn(x.shape, generator=g).to(device)
+    return diffusion.p_losses(x, t, noise=noise)[0]
+
+
 def train(
-    diffusion: GaussianDiffusion,
+    diffusion: Generative,
     images: torch.Tensor,
     steps: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -58,7 +72,8 @@ def train(
     progress: bool = True,
     ema: Optional[EMA] = None,
 ) -> List[float]:
-    """Train ``diffusion.model`` with the seed's ``p_losses`` for ``steps`` steps; returns the losses.
+    """Train ``diffusion.model`` for ``steps`` steps, with the seed's ``p_losses`` for a `GaussianDiffusion` or
+    `FlowMatching.training_loss` for a rectified flow; returns the losses.
 
     AdamW with a short linear warm-up and a cosine decay to zero (a short run ends at its best weights).
     ``ema``, when given, is updated after every step.
@@ -75,10 +90,7 @@ def train(
     bar = tqdm(range(steps), desc="Training", disable=not progress, dynamic_ncols=True)
     for step in bar:
         idx = torch.randint(0, data.shape[0], (batch_size,), generator=g).to(device)
-        x = data[idx]
-        t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=g).to(device)
-        noise = torch.randn(x.shape, generator=g).to(device)
-        loss, _ = diffusion.p_losses(x, t, noise=noise)
+        loss = _batch_loss(diffusion, data[idx], g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

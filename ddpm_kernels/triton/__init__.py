@@ -5,10 +5,10 @@
 Families (one module each): ``pair`` (``out = A_t a + B_t b``: q_sample, predict_start_from_noise,
 predict_noise_from_start, get_v, predict_start_from_z_and_v, predict_eps_from_z_and_v, and every pair's
 backward), ``posterior`` (q_posterior, p_mean_variance, p_sample), ``sampler_step`` (ddim_step, ddpm_step:
-one kernel, a coefficient function per sampler), ``loss`` (diffusion_loss and its backward), ``threshold``
-(dynamic_threshold) and ``flow`` (flow matching: flow_interpolate, flow_step with fused guidance, flow_loss, and
-their backwards). ``utils`` holds what they share: tiles, loads and stores, the coefficient gather, Philox
-noise, the launch table, registration.
+one kernel, a coefficient function per sampler, guidance fused), ``loss`` (diffusion_loss and its backward),
+``threshold`` (dynamic_threshold) and ``flow`` (flow matching: flow_interpolate, flow_step with fused guidance,
+flow_loss, and their backwards). ``guidance`` holds the guided steps' rescale statistics pass; ``utils`` what
+they all share: tiles, loads and stores, the coefficient gather, Philox noise, the launch table, registration.
 
 Ops run on CUDA tensors (compiled) and, when ``TRITON_INTERPRET=1`` was set before triton was first imported,
 on CPU tensors through Triton's interpreter (how the tests run without a GPU).
@@ -47,8 +47,9 @@ class TritonBackend:
     """The backend object ``ddpm_kernels.backends`` dispatches to.
 
     * ``ops``: op name -> function with the reference's signature, except the sampler steps, which take
-      ``(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None)`` with ``opts`` a
-      ``ddpm_kernels._spec.StepOptions``.
+      ``(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None, uncond=None,
+      guidance=None)`` with ``opts`` a ``ddpm_kernels._spec.StepOptions`` (guided: ``uncond`` and the per-sample
+      ``guidance`` given).
     * ``differentiable``: op name -> the tensor arguments its kernels give gradients for; ops not listed are
       sampling only (the dispatcher detaches their inputs).
     * ``declines(op, opts)``: None when the backend serves ``op`` with these options (``opts``: the step's
@@ -64,7 +65,8 @@ class TritonBackend:
         "p_mean_variance": p_mean_variance,
         "p_sample": p_sample,
         "diffusion_loss": diffusion_loss,
-        # one step kernel; with threshold_ratio, an x0 pass and a per-sample sort come first
+        # one step kernel (guidance fused); with guidance_rescale, a per-sample statistics pass comes first, with
+        # threshold_ratio an x0 pass and a per-sample sort
         "ddim_step": sampler_step,
         "ddpm_step": sampler_step,
         "dynamic_threshold": dynamic_threshold,
@@ -91,8 +93,6 @@ class TritonBackend:
             return None
         if opts.sampler not in SAMPLERS:
             return f"the Triton sampler step has no coefficient function for sampler={opts.sampler!r}"
-        if opts.guided:
-            return "the Triton DDIM/DDPM step kernel takes no guidance yet (flow_step does)"
         if opts.sampler == "ddpm" and opts.variance_type not in VARIANCE_ID:
             return f"the Triton DDPM step has no variance_type={opts.variance_type!r}"
         return None

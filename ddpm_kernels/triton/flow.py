@@ -15,21 +15,18 @@ Kernels, one launch each unless said:
     flow_interpolate_kernel      out = (1 - s) x0 + s noise;  BACKWARD: (1 - s) g and s g in one pass
     flow_step_kernel             v = c, or u + w[b] (c - u) (GUIDED), times factor[b] (RESCALE);
                                  x' = x + (s_next - s) v, or (1 - s_next) (x - s v) + s_next z (STOCHASTIC)
-    flow_guidance_stats_kernel   RESCALE's first pass: per-sample count, mean and sum of squared deviations of
-                                 c and of g = u + w (c - u), in at most MAX_SPLITS partials per sample
+    guidance_stats_kernel        RESCALE's first pass (``guidance.py``, shared with the DDIM/DDPM step): per-sample
+                                 mean and sum of squared deviations of c and of g = u + w (c - u), in partials
     flow_loss_kernel             one partial sum of weight(s) * err^2 (or |err|) per (sample, tile)
     flow_loss_reduce_kernel      one program: each sample's mean, then the batch mean (fixed order, no atomics)
     flow_loss_backward_kernel    grad * weight(s) * d loss / d err / (B N) for model_output (and +/- for x0 and
                                  noise when they need it), one pass
 
 Guidance rescale (Lin et al. 2023, diffusers' ``rescale_noise_cfg``) needs the per-sample standard deviations
-of ``c`` and ``g`` over the whole sample, which one elementwise pass cannot see. The stats pass writes, per
-(sample, split) of at most ``MAX_SPLITS`` contiguous chunks, the mean and the sum of squared deviations (M2) of
-``c`` and ``g``: each tile's exact two-pass mean and M2 merged into the chunk's with Chan et al.'s pairwise
-update, which, unlike sums of x and x^2, loses nothing when a sample's mean is large against its spread. The
-step kernel merges its sample's partials the same way (a vector of at most ``MAX_SPLITS``), forms
-``factor = phi std(c) / std(g) + (1 - phi)`` with torch.std's unbiased estimator (the ``N - 1`` of both
-cancels but is kept so the numbers follow torch's), and multiplies ``g`` by it. Two launches, no host sync.
+of ``c`` and ``g`` over the whole sample: ``guidance.py``'s statistics pass writes per-sample partials (mean and
+sum of squared deviations, merged exactly), and the step kernel merges its sample's partials into
+``factor = phi std(c) / std(g) + (1 - phi)`` (``guidance.rescale_factor``) and multiplies ``g`` by it. Two
+launches, no host sync.
 
 In-kernel noise (stochastic step, ``noise=None``) is keyed as ``utils`` describes, with the same counter layout
 as ``p_sample``: one stream per (key, sample, element), independent of the launch configuration.
@@ -50,10 +47,10 @@ import triton
 import triton.language as tl
 
 from .._layout import dense_format, in_format
-from . import utils
+from .guidance import block_split, guidance_stats, rescale_factor, stats_layout
 from .utils import (
+    sample_partial_sums,
     as_rows,
-    batch_chunks,
     custom_op_with_out,
     device_of,
     div_rn,
@@ -67,16 +64,13 @@ from .utils import (
     noise_operands,
     sample_tile,
     split_float,
-    sqrt_rn,
     store_tile,
     zero_key,
 )
 
 __all__ = [
     "WEIGHTING_ID",
-    "MAX_SPLITS",
     "flow_interpolate_kernel",
-    "flow_guidance_stats_kernel",
     "flow_step_kernel",
     "flow_loss_kernel",
     "flow_loss_reduce_kernel",
@@ -87,9 +81,6 @@ __all__ = [
 ]
 
 WEIGHTING_ID = {"none": 0, "sigma_sqrt": 1, "cosmap": 2}
-# Partials per sample of the rescale statistics: enough programs to fill a GPU for small batches, and few enough
-# that each step program merges its sample's partials as one vector.
-MAX_SPLITS = 64
 # cosmap's 2 / pi as two float32s (``split_float``) so float64 data keeps float64 accuracy
 _TWO_OVER_PI = split_float(2.0 / math.pi)
 
@@ -131,43 +122,6 @@ def flow_weight(s, two_over_pi_hi, two_over_pi_lo, WEIGHTING: tl.constexpr):
     return w
 
 
-@triton.jit
-def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
-    """Chan et al.'s pairwise merge of two (count, mean, M2) summaries (``count_a + count_b > 0``)."""
-    count = count_a + count_b
-    frac_b = div_rn(count_b, count)
-    delta = mean_b - mean_a
-    return count, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * count_a * frac_b
-
-
-@triton.jit
-def rescale_factor(stats_ptr, sample, n_splits, chunk, N, rescale_hi, rescale_lo, cd: tl.constexpr,
-                   BLOCK_SPLIT: tl.constexpr):
-    """``phi std(c) / std(g) + (1 - phi)`` of one sample from its stats partials (module docstring)."""
-    j = tl.arange(0, BLOCK_SPLIT)
-    valid = j < n_splits
-    base = stats_ptr + (sample.to(tl.int64) * n_splits + j) * 4
-    mean_c = tl.load(base, mask=valid, other=0.0)
-    m2_c = tl.load(base + 1, mask=valid, other=0.0)
-    mean_g = tl.load(base + 2, mask=valid, other=0.0)
-    m2_g = tl.load(base + 3, mask=valid, other=0.0)
-    first = j.to(tl.int64) * chunk
-    count = tl.where(valid, tl.minimum(N - first, chunk), 0).to(cd)
-    total = tl.sum(count, axis=0)
-    # the merge of many summaries at once: the overall mean, then the within-chunk M2 plus the between-chunk one
-    mean_c_all = div_rn(tl.sum(count * mean_c, axis=0), total)
-    mean_g_all = div_rn(tl.sum(count * mean_g, axis=0), total)
-    dev_c = tl.where(valid, mean_c - mean_c_all, 0.0)
-    dev_g = tl.where(valid, mean_g - mean_g_all, 0.0)
-    m2_c_all = tl.sum(m2_c, axis=0) + tl.sum(count * dev_c * dev_c, axis=0)
-    m2_g_all = tl.sum(m2_g, axis=0) + tl.sum(count * dev_g * dev_g, axis=0)
-    dof = total - 1.0
-    std_c = sqrt_rn(div_rn(m2_c_all, dof))
-    std_g = sqrt_rn(div_rn(m2_g_all, dof))
-    phi = tl.cast(rescale_hi, cd) + tl.cast(rescale_lo, cd)
-    return phi * div_rn(std_c, std_g) + (1.0 - phi)
-
-
 # -------------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def flow_interpolate_kernel(
@@ -198,55 +152,6 @@ def flow_interpolate_kernel(
         store_tile(out_b_ptr, offs, s * x, mask)
     else:
         store_tile(out_ptr, offs, (1.0 - s) * x + s * y, mask)
-
-
-@triton.jit
-def flow_guidance_stats_kernel(
-    model_output_ptr,
-    uncond_ptr,
-    guidance_ptr,
-    stats_ptr,
-    N,
-    n_splits,
-    tiles_per_split,
-    batch_start,
-    BLOCK: tl.constexpr,
-):
-    """Program ``(split, sample)``: (mean, M2) of ``c`` and of ``g = u + w (c - u)`` over the split's tiles
-    ``[split * tiles_per_split, ...)`` of the sample, stored at ``stats[sample, split, 0:4]``."""
-    split = tl.program_id(0)
-    sample = tl.program_id(1) + batch_start
-    cd: tl.constexpr = guidance_ptr.dtype.element_ty
-    w = tl.load(guidance_ptr + sample)
-    count = tl.zeros((), cd)
-    mean_c = tl.zeros((), cd)
-    m2_c = tl.zeros((), cd)
-    mean_g = tl.zeros((), cd)
-    m2_g = tl.zeros((), cd)
-    tile = split * tiles_per_split
-    end = tl.minimum(tile + tiles_per_split, tl.cdiv(N, BLOCK))
-    # while, not range(): Triton's interpreter cannot take a runtime bound in range() with numpy 2
-    while tile < end:
-        offs_in_sample = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs_in_sample < N
-        offs = sample.to(tl.int64) * N + offs_in_sample
-        c = load_tile(model_output_ptr, offs, mask, cd)
-        u = load_tile(uncond_ptr, offs, mask, cd)
-        g = tl.where(mask, u + w * (c - u), 0.0)
-        m = tl.sum(mask.to(cd), axis=0)
-        # the tile's own mean and M2 in two passes over registers, exact to rounding
-        tile_mean_c = div_rn(tl.sum(c, axis=0), m)
-        tile_mean_g = div_rn(tl.sum(g, axis=0), m)
-        dev_c = tl.where(mask, c - tile_mean_c, 0.0)
-        dev_g = tl.where(mask, g - tile_mean_g, 0.0)
-        _, mean_c, m2_c = chan_merge(count, mean_c, m2_c, m, tile_mean_c, tl.sum(dev_c * dev_c, axis=0))
-        count, mean_g, m2_g = chan_merge(count, mean_g, m2_g, m, tile_mean_g, tl.sum(dev_g * dev_g, axis=0))
-        tile += 1
-    base = stats_ptr + (sample.to(tl.int64) * n_splits + split) * 4
-    tl.store(base, mean_c)
-    tl.store(base + 1, m2_c)
-    tl.store(base + 2, mean_g)
-    tl.store(base + 3, m2_g)
 
 
 # The Philox key and offset are int64 whatever their value (see posterior_kernel).
@@ -366,14 +271,7 @@ def flow_loss_reduce_kernel(
     while b0 < B:
         samples = b0 + tl.arange(0, BLOCK_B)
         in_batch = samples < B
-        sample_sum = tl.zeros((BLOCK_B,), dtype=cd)
-        p0 = 0
-        while p0 < n_tiles:
-            tiles = p0 + tl.arange(0, BLOCK_P)
-            ptrs = partial_ptr + samples.to(tl.int64)[:, None] * n_tiles + tiles[None, :]
-            sample_sum += tl.sum(tl.load(ptrs, mask=in_batch[:, None] & (tiles < n_tiles)[None, :], other=0.0),
-                                 axis=1)
-            p0 += BLOCK_P
+        sample_sum = sample_partial_sums(partial_ptr, samples, in_batch, n_tiles, cd, BLOCK_B, BLOCK_P)
         acc += tl.where(in_batch, div_rn(sample_sum, tl.cast(N, cd)), 0.0)
         b0 += BLOCK_B
     tl.store(loss_ptr, div_rn(tl.sum(acc, axis=0), tl.cast(B, cd)).to(loss_ptr.dtype.element_ty))
@@ -507,15 +405,6 @@ def flow_interpolate(x0, noise, sigma, out=None):
 
 
 # ------------------------------------------------------------------------------------------------ flow_step
-def _stats_splits(n: int, batch: int, block: int):
-    """``(n_splits, tiles_per_split)`` of the rescale statistics: about MIN_PROGRAMS programs in all, at most
-    MAX_SPLITS per sample, and no empty split."""
-    n_tiles = triton.cdiv(n, block)
-    splits = max(1, min(n_tiles, MAX_SPLITS, triton.cdiv(utils.MIN_PROGRAMS, max(batch, 1))))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
-
-
 def _step_launch(sample, model_output, uncond, guidance, sigma, sigma_next, step_index, period, repeat, period_next,
                  repeat_next, stochastic, guidance_rescale, noise, seed, philox_seed, philox_offset, out):
     x, batch, n = as_rows(sample)
@@ -525,18 +414,10 @@ def _step_launch(sample, model_output, uncond, guidance, sigma, sigma_next, step
     rescale = guided and guidance_rescale > 0
     cond = like_dense(x, model_output)
     uncond = like_dense(x, uncond) if guided else cond
-    block, warps = launch_config(n, batch)
     stats, n_splits, chunk = sigma, 1, n  # stand-ins, not read without RESCALE
     if rescale:
-        n_splits, tiles_per_split = _stats_splits(n, batch, block)
-        chunk = tiles_per_split * block
-        stats = torch.empty((batch, n_splits, 4), dtype=sigma.dtype, device=x.device)
-        with device_of(x):
-            for b0, nb in batch_chunks(batch):
-                flow_guidance_stats_kernel[(n_splits, nb)](
-                    cond, uncond, guidance, stats, n, n_splits, tiles_per_split, batch_start=b0, BLOCK=block,
-                    num_warps=warps,
-                )
+        stats = guidance_stats(cond, uncond, guidance, n, n, batch)
+        n_splits, chunk, _ = stats_layout(n, batch)
     key_standin = zero_key(x.device)
     noise, seed, has_noise = noise_operands(noise if stochastic else None, seed, x, key_standin)
     table = step_index is not None
@@ -550,7 +431,7 @@ def _step_launch(sample, model_output, uncond, guidance, sigma, sigma_next, step
         rescale_hi=rescale_hi, rescale_lo=rescale_lo, n_splits=n_splits, chunk=chunk, out_ptr=out, N=n,
         TABLE=table, SIGMA_PER_TOKEN=not table and period > 1, SIGMA_NEXT_PER_TOKEN=not table and period_next > 1,
         GUIDED=guided, RESCALE=rescale, STOCHASTIC=stochastic, HAS_NOISE=has_noise,
-        BLOCK_SPLIT=max(2, triton.next_power_of_2(n_splits)), config=(block, warps),
+        BLOCK_SPLIT=block_split(n_splits),
     )
 
 

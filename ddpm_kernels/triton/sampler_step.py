@@ -7,6 +7,8 @@
              bounded x0 with use_clipped_model_output
     x_prev = c_x0 x0 + c_eps eps + c_x x_t + c_noise z
 
+(the model output guided first when the step is: see "Guidance" below)
+
 with per-sample coefficients that the sampler's coefficient function derives inside the kernel from
 ``alphas_cumprod[t]`` and ``alphas_cumprod[t_prev]`` (``SAMPLER`` selects the function at compile time):
 ``ddim_coefficients`` (Song et al. 2021, eq. 12; diffusers' ``DDIMScheduler.step``) and
@@ -52,6 +54,14 @@ kernel with ``X0_ONLY``) writes the raw x0 in the compute dtype, ``threshold.thr
 sample's scale with a device-side sort (no host synchronization), and the step kernel runs with ``THRESHOLD``,
 recomputing x0 and applying ``clamp(x0, -s, s) / s`` in registers.
 
+Guidance. A guided step (``StepOptions.guided``) reads the conditional output (``model_output``), the
+unconditional one (``uncond``, same layout) and the per-sample scale ``guidance[b]`` and forms
+``g = u + w (c - u)`` in registers before the x0/eps conversion; with learned variances only the prediction
+channels are guided and the variance channels are read from the conditional output. ``guidance_rescale > 0``
+runs ``guidance.py``'s statistics pass first (``sampler_step_guidance_stats``) and the step multiplies ``g`` by
+its sample's factor ``phi std(c) / std(g) + (1 - phi)``: two launches, one without rescale, no host sync. A
+thresholded guided step computes the statistics once and passes them to the x0 pass and to the step.
+
 No autograd: sampling is not differentiated.
 """
 
@@ -65,6 +75,7 @@ import triton.language as tl
 
 from .._layout import CONTIGUOUS, dense_format
 from .._spec import StepOptions
+from .guidance import block_split, guidance_stats, rescale_factor, stats_layout
 from .threshold import apply_threshold, threshold_scale
 from .utils import (
     PARAMETERIZATION_ID,
@@ -249,6 +260,9 @@ def bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD
 def sampler_step_kernel(
     x_t_ptr,
     model_output_ptr,
+    uncond_ptr,
+    guidance_ptr,
+    stats_ptr,
     noise_ptr,
     seed_ptr,
     philox_seed: tl.int64,
@@ -263,6 +277,10 @@ def sampler_step_kernel(
     eta_lo,
     clip_range_hi,
     clip_range_lo,
+    rescale_hi,
+    rescale_lo,
+    n_splits,
+    chunk,
     N,
     T,
     model_output_stride,
@@ -280,8 +298,11 @@ def sampler_step_kernel(
     RETURN_X0: tl.constexpr,
     THRESHOLD: tl.constexpr,
     X0_ONLY: tl.constexpr,
+    GUIDED: tl.constexpr,
+    RESCALE: tl.constexpr,
     COMPUTE_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
 ):
     sample, tile_start, offs_in_sample, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = tl.float64 if COMPUTE_FP64 else tl.float32
@@ -290,6 +311,9 @@ def sampler_step_kernel(
     # Data loads and noise first: none depends on t, so their latency overlaps the t -> coefficient chain.
     x = load_tile(x_t_ptr, offs, mask, cd)
     model_output = load_tile(model_output_ptr, model_offs, mask, cd)
+    if GUIDED:
+        # the unconditional prediction (its variance channels, if any, are not read)
+        uncond = load_tile(uncond_ptr, model_offs, mask, cd)
     if VARIANCE >= 2:
         model_var = load_tile(model_output_ptr, model_offs + N, mask, cd)
     else:
@@ -297,6 +321,12 @@ def sampler_step_kernel(
     if ADD_NOISE:
         z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample, tile_start, offs, mask, N,
                                cd, HAS_NOISE, BLOCK)
+    if GUIDED:
+        w = tl.load(guidance_ptr + sample)
+        model_output = uncond + w * (model_output - uncond)
+        if RESCALE:
+            model_output = model_output * rescale_factor(stats_ptr, sample, n_splits, chunk, N, rescale_hi,
+                                                         rescale_lo, cd, BLOCK_SPLIT)
     t = tl.load(t_ptr + sample)
     t_prev = tl.load(t_prev_ptr + sample)
     ab_t, ab_prev, one_minus_ab_t, one_minus_ab_prev, ab_diff = gather_step_alphas(
@@ -343,7 +373,7 @@ def _pred_x0_output(x_t: torch.Tensor, return_pred_x0: bool) -> torch.Tensor:
 
 def _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta, clip_denoised,
             clip_range, set_alpha_to_one, use_clipped_model_output, add_noise, noise, seed, philox_seed,
-            philox_offset, return_pred_x0, scale, out, x0_only=False):
+            philox_offset, return_pred_x0, scale, uncond, guidance, stats, guidance_rescale, out, x0_only=False):
     """``sampler_step_op``'s arguments and ``out``: writes ``x_{t_prev}`` into ``out`` and returns x0 (zero
     elements unless ``return_pred_x0``). ``x0_only`` (with ``return_pred_x0``) writes only the raw x0, into
     ``out``."""
@@ -358,18 +388,31 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterizat
     eps_term, x_term = _TERMS[sampler]
     eta_hi, eta_lo = split_float(eta)
     clip_range_hi, clip_range_lo = split_float(clip_range)
+    rescale_hi, rescale_lo = split_float(guidance_rescale)
+    model_output = like_dense(x_t, model_output)
+    guided = guidance is not None
+    n_splits, chunk = 1, n  # read only with stats (RESCALE)
+    if stats is not None:
+        n_splits, chunk, _ = stats_layout(n, batch)
+        if not guided or tuple(stats.shape) != (batch, n_splits, 4):
+            raise ValueError(f"stats: expected the guidance statistics of shape ({batch}, {n_splits}, 4) of a "
+                             f"guided step, got {tuple(stats.shape)}")
     launch_per_sample(
         sampler_step_kernel, x_t, n, batch,
-        x_t_ptr=x_t, model_output_ptr=like_dense(x_t, model_output), noise_ptr=noise, seed_ptr=seed,
-        philox_seed=philox_seed, philox_offset=philox_offset, t_ptr=t, t_prev_ptr=t_prev,
-        alphas_cumprod_ptr=alphas_cumprod, out_ptr=out, x0_ptr=x0 if return_pred_x0 else out,
+        x_t_ptr=x_t, model_output_ptr=model_output,
+        uncond_ptr=like_dense(x_t, uncond) if guided else model_output,
+        guidance_ptr=guidance if guided else alphas_cumprod, stats_ptr=alphas_cumprod if stats is None else stats,
+        noise_ptr=noise, seed_ptr=seed, philox_seed=philox_seed, philox_offset=philox_offset, t_ptr=t,
+        t_prev_ptr=t_prev, alphas_cumprod_ptr=alphas_cumprod, out_ptr=out, x0_ptr=x0 if return_pred_x0 else out,
         scale_ptr=alphas_cumprod if scale is None else scale, eta_hi=eta_hi, eta_lo=eta_lo,
-        clip_range_hi=clip_range_hi, clip_range_lo=clip_range_lo, N=n, T=alphas_cumprod.shape[0],
+        clip_range_hi=clip_range_hi, clip_range_lo=clip_range_lo, rescale_hi=rescale_hi, rescale_lo=rescale_lo,
+        n_splits=n_splits, chunk=chunk, N=n, T=alphas_cumprod.shape[0],
         model_output_stride=2 * n if variance >= 2 else n, SAMPLER=sampler, EPS_TERM=eps_term, X_TERM=x_term,
         PARAMETERIZATION=parameterization, VARIANCE=variance, CLIP_DENOISED=clip_denoised,
         USE_CLIPPED_MODEL_OUTPUT=use_clipped_model_output, SET_ALPHA_TO_ONE=set_alpha_to_one,
         ADD_NOISE=add_noise and not x0_only, HAS_NOISE=has_noise, RETURN_X0=return_pred_x0,
-        THRESHOLD=scale is not None, X0_ONLY=x0_only, COMPUTE_FP64=x_t.dtype == torch.float64,
+        THRESHOLD=scale is not None, X0_ONLY=x0_only, GUIDED=guided, RESCALE=stats is not None,
+        COMPUTE_FP64=x_t.dtype == torch.float64, BLOCK_SPLIT=block_split(n_splits),
     )
     return x0
 
@@ -395,20 +438,27 @@ def _sampler_step(
     philox_offset: int,
     return_pred_x0: bool,
     scale: Optional[torch.Tensor],
+    uncond: Optional[torch.Tensor],
+    guidance: Optional[torch.Tensor],
+    stats: Optional[torch.Tensor],
+    guidance_rescale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x_{t_prev}, x0)``; ``x0`` is a zero-element tensor unless ``return_pred_x0``. Noise keyed as in
     ``p_sample``; ``alphas_cumprod`` is the schedule's float64 row; ``scale`` (per-sample, compute dtype),
-    when given, thresholds x0 instead of clipping."""
+    when given, thresholds x0 instead of clipping. ``guidance`` (B,) given: ``model_output`` is the conditional
+    output and ``uncond`` the unconditional one, combined as ``u + w (c - u)``; ``stats`` (from
+    ``sampler_step_guidance_stats``) given: rescaled by ``guidance_rescale``."""
     out = empty_dense(_data(x_t, variance))
     x0 = _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta,
                  clip_denoised, clip_range, set_alpha_to_one, use_clipped_model_output, add_noise, noise, seed,
-                 philox_seed, philox_offset, return_pred_x0, scale, out)
+                 philox_seed, philox_offset, return_pred_x0, scale, uncond, guidance, stats, guidance_rescale, out)
     return out, x0
 
 
 def _sampler_step_fake(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta,
                        clip_denoised, clip_range, set_alpha_to_one, use_clipped_model_output, add_noise, noise, seed,
-                       philox_seed, philox_offset, return_pred_x0, scale):
+                       philox_seed, philox_offset, return_pred_x0, scale, uncond, guidance, stats,
+                       guidance_rescale):
     x_t = _data(x_t, variance)
     return empty_dense(x_t), _pred_x0_output(x_t, return_pred_x0)
 
@@ -429,19 +479,55 @@ def sampler_step_x0_op(
     alphas_cumprod: torch.Tensor,
     parameterization: int,
     variance: int,
+    uncond: Optional[torch.Tensor],
+    guidance: Optional[torch.Tensor],
+    stats: Optional[torch.Tensor],
+    guidance_rescale: float,
 ) -> torch.Tensor:
     """A step's unclipped x0 prediction in the compute dtype (float32; float64 for float64 data): the first
     pass of a thresholded step. It depends on ``t`` alone (``t_prev`` is read, not used); ``variance`` only
-    sets how ``model_output`` is laid out (learned channels)."""
+    sets how ``model_output`` is laid out (learned channels); guidance as in the step."""
     x0 = empty_dense(_data(x_t, variance), compute_dtype(x_t.dtype))
     _launch(x_t, t, t_prev, model_output, alphas_cumprod, SAMPLERS["ddim"][0], parameterization, variance, 0.0,
-            False, 1.0, True, False, False, None, None, 0, 0, True, None, x0, x0_only=True)
+            False, 1.0, True, False, False, None, None, 0, 0, True, None, uncond, guidance, stats, guidance_rescale,
+            x0, x0_only=True)
     return x0
 
 
 @sampler_step_x0_op.register_fake
-def _(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance):
+def _(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, uncond, guidance, stats,
+      guidance_rescale):
     return empty_dense(_data(x_t, variance), compute_dtype(x_t.dtype))
+
+
+def _stats_rows(x_t: torch.Tensor) -> Tuple[int, int]:
+    """``(batch, N)`` of the guided elements: ``x_t``'s samples (the prediction channels of the model output)."""
+    batch = x_t.shape[0]
+    return batch, (x_t.numel() // batch if batch else 0)
+
+
+@torch.library.custom_op("ddpm_kernels_triton::sampler_step_guidance_stats", mutates_args=())
+def guidance_stats_op(
+    x_t: torch.Tensor,
+    model_output: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance: torch.Tensor,
+    variance: int,
+) -> torch.Tensor:
+    """The first pass of a rescaled guided step (``guidance.py``): per-sample partial statistics of the
+    conditional output and the guided one, ``(B, n_splits, 4)`` in ``guidance``'s dtype (the compute dtype),
+    over the prediction channels (with learned variances, the first half of ``model_output``'s). ``x_t`` sets
+    the layout the step reads them in; it must have elements."""
+    x_t, batch, n = as_rows(_data(x_t, variance))
+    return guidance_stats(like_dense(x_t, model_output), like_dense(x_t, uncond), guidance, n,
+                          2 * n if variance >= 2 else n, batch)
+
+
+@guidance_stats_op.register_fake
+def _(x_t, model_output, uncond, guidance, variance):
+    batch, n = _stats_rows(x_t)
+    n_splits, _, _ = stats_layout(n, batch)
+    return guidance.new_empty((batch, n_splits, 4))
 
 
 def _step_options(opts: StepOptions):
@@ -457,17 +543,26 @@ def _step_options(opts: StepOptions):
 
 def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None, uncond=None,
                  guidance=None):
-    if opts.guided:  # declined by the backend: dispatch never sends a guided step here
-        raise NotImplementedError("the Triton sampler-step kernel takes no guidance")
     """Backend entry of ``ddim_step`` and ``ddpm_step``: one step of sampler ``opts.sampler``. Returns
     ``x_{t_prev}``, or ``(x_{t_prev}, x0)`` with ``opts.return_pred_x0``. ``noise=None`` draws z in-kernel
     (Philox) when the step has noise; ``threshold_ratio`` adds a first pass and a per-sample selection
-    (module docstring)."""
+    (module docstring). ``opts.guided``: ``model_output`` is the conditional output, ``uncond`` the
+    unconditional one and ``guidance`` the per-sample scale (B,), combined in the kernels; ``guidance_rescale``
+    adds the statistics pass first."""
     sampler, parameterization, variance, eta, set_alpha_to_one, use_clipped_model_output = _step_options(opts)
     alphas_cumprod = schedule.coefficients64[ROW["alphas_cumprod"]]
+    stats, rescale = None, 0.0
+    if opts.guided:
+        guidance = guidance.to(compute_dtype(x_t.dtype)).contiguous()
+        if opts.rescaled and x_t.numel() > 0:
+            rescale = float(opts.guidance_rescale)
+            stats = guidance_stats_op(x_t, model_output, uncond, guidance, variance)
+    else:
+        uncond = guidance = None
+    guide = (uncond, guidance, stats, rescale)
     scale = None
     if opts.thresholded and x_t.numel() > 0:
-        x0 = sampler_step_x0_op(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance)
+        x0 = sampler_step_x0_op(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, *guide)
         scale = threshold_scale(x0, opts.threshold_ratio, opts.threshold_max)
     seed, philox_seed, philox_offset = None, 0, 0
     if not opts.adds_noise:
@@ -477,7 +572,7 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
     args = (
         x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta, opts.clip_denoised,
         float(opts.clip_range), set_alpha_to_one, use_clipped_model_output, opts.adds_noise, noise, seed,
-        philox_seed, philox_offset, opts.return_pred_x0, scale,
+        philox_seed, philox_offset, opts.return_pred_x0, scale, *guide,
     )
     if out is None:
         x_prev, x0 = sampler_step_op(*args)
@@ -485,4 +580,3 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
         x0 = sampler_step_out_op(*args, out)
         x_prev = out
     return (x_prev, x0) if opts.return_pred_x0 else x_prev
-
