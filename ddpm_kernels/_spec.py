@@ -297,10 +297,10 @@ _TABLE = (
             _flag("set_alpha_to_one", True), _flag("use_clipped_model_output", False),
         ) + _STEP_TAIL,
         outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
-        schema="ddim_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, float eta, "
-        "str parameterization, bool clip_denoised, float clip_range, bool set_alpha_to_one, "
-        "bool use_clipped_model_output, Tensor? noise, Generator? generator, bool return_pred_x0) "
-        "-> (Tensor, Tensor)",
+        schema="ddim_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor? uncond, "
+        "Tensor? guidance, Tensor table64, float eta, str parameterization, bool clip_denoised, float clip_range, "
+        "bool set_alpha_to_one, bool use_clipped_model_output, float guidance_rescale, Tensor? noise, "
+        "Generator? generator, bool return_pred_x0) -> (Tensor, Tensor)",
     ),
     OpSpec(
         "ddpm_step", "step", "x_t", like=("model_output",), optional=("noise",), timesteps=("t", "t_prev"),
@@ -311,9 +311,10 @@ _TABLE = (
             CLIP_DENOISED,
         ) + _STEP_TAIL,
         outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
-        schema="ddpm_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, "
-        "str parameterization, str variance_type, bool clip_denoised, float clip_range, Tensor? noise, "
-        "Generator? generator, bool return_pred_x0) -> (Tensor, Tensor)",
+        schema="ddpm_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor? uncond, "
+        "Tensor? guidance, Tensor table64, str parameterization, str variance_type, bool clip_denoised, "
+        "float clip_range, float guidance_rescale, Tensor? noise, Generator? generator, bool return_pred_x0) "
+        "-> (Tensor, Tensor)",
     ),
 )
 
