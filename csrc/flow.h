@@ -14,12 +14,8 @@
 // step's sigmas may instead come from the scheduler's table by a per-sample step index: s = sigmas[i],
 // s_next = sigmas[i + 1], NaN for an index outside [0, len - 1) (never a read outside the table).
 //
-// guidance_rescale (Lin et al. 2023, diffusers' rescale_noise_cfg): factor_b = phi std(c_b) / std(g_b) + 1 - phi
-// with g = u + w (c - u) and unbiased per-sample standard deviations. A reduction pass first sums, per piece
-// of a sample, the shifted values c - K_c, (c - K_c)^2, g - K_g, (g - K_g)^2 (K: the sample's first element,
-// so the sums do not cancel catastrophically when the mean is large against the spread), combined in float64;
-// the step's per-sample coefficients turn them into factor_b. No host sync: the factor is derived where the
-// per-sample coefficients are.
+// Guidance and its rescale (factor_b = phi std(c_b) / std(g_b) + 1 - phi, a reduction pass before the step) are
+// csrc/guidance.h's, shared with the sampler steps.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -31,6 +27,7 @@
 #include <optional>
 
 #include "family.h"
+#include "guidance.h"
 
 namespace ddpm {
 
@@ -211,80 +208,45 @@ struct FlowStepCall {
   int64_t sample_offset = 0;  // global index of the first sample in the noise stream
 
   bool guided() const { return uncond != nullptr; }
-  bool rescaled() const { return guided() && guidance_rescale > 0; }
   bool per_token() const {
     return sigmas == nullptr && (sigma_period > 1 || sigma_next_period > 1);
   }
 };
-
-// The four sums of the rescale reduction per piece of a sample, and the shifts they are taken around.
-constexpr int kRescaleSums = 4;  // sum c', sum c'^2, sum g', sum g'^2
-
-template <typename acc_t>
-struct RescaleShift {
-  acc_t c, g, w;  // K_c, K_g, and the sample's guidance scale
-};
-
-// factor_b from the sums of sample b's `chunks` pieces (float64 throughout).
-DDPM_HD double rescale_factor(const double* sums, int64_t chunks, int64_t N, double phi) {
-  double s[kRescaleSums] = {0, 0, 0, 0};
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int q = 0; q < kRescaleSums; ++q) s[q] += sums[c * kRescaleSums + q];
-  const double n = static_cast<double>(N);
-  double var_c = (s[1] - s[0] * s[0] / n) / (n - 1), var_g = (s[3] - s[2] * s[2] / n) / (n - 1);
-  var_c = var_c < 0 ? 0 : var_c;  // rounding below 0 (NaN stays NaN: N = 1 gives NaN, as torch.std)
-  var_g = var_g < 0 ? 0 : var_g;
-#if defined(__CUDA_ARCH__)
-  const double ratio = ::sqrt(var_c) / ::sqrt(var_g);
-#else
-  const double ratio = std::sqrt(var_c) / std::sqrt(var_g);
-#endif
-  return phi * ratio + (1 - phi);
-}
 
 // StochT / GuidedT / TokenT: bool, or std::integral_constant<bool, ...> (csrc/family.h).
 template <typename scalar_t, typename StochT, typename GuidedT, typename TokenT>
 struct FlowStepKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;
   struct Coef {
-    acc_t s, s_next, w, factor;
+    acc_t s, s_next;
+    GuidanceCoef<acc_t> guide;
   };
   const scalar_t* x;
-  const scalar_t* mo;
-  const scalar_t* uncond;
   scalar_t* out;
-  const acc_t* guidance;
-  const acc_t* sigmas;  // the table form, else nullptr
+  Guidance<scalar_t> guide;  // the model output (csrc/guidance.h); its rescale sums set by the backend's pass
+  const acc_t* sigmas;       // the table form, else nullptr
   const int64_t* step_index;
   int64_t steps;  // len(sigmas)
   FlowSigma<acc_t> sigma, sigma_next;
-  const double* rescale_sums;  // nullptr unless rescaled: kRescaleSums per piece, `chunks` pieces per sample
-  int64_t chunks;
-  double phi;
   int64_t N;
   StochT stochastic;
   GuidedT guided;
   TokenT per_token;
 
-  static FlowStepKernel make(const FlowStepCall& call, StochT stochastic, GuidedT guided, TokenT per_token,
-                             const double* rescale_sums = nullptr, int64_t chunks = 0) {
+  static FlowStepKernel make(const FlowStepCall& call, StochT stochastic, GuidedT guided, TokenT per_token) {
     const bool table = call.sigmas != nullptr;
+    const int64_t N = call.sample.numel() / call.sample.size(0);
     return {{},
             call.sample.const_data_ptr<scalar_t>(),
-            call.model_output.const_data_ptr<scalar_t>(),
-            call.guided() ? call.uncond->const_data_ptr<scalar_t>() : nullptr,
             call.out.mutable_data_ptr<scalar_t>(),
-            call.guided() ? call.guidance->const_data_ptr<acc_t>() : nullptr,
+            Guidance<scalar_t>::make(call.model_output, call.uncond, call.guidance, N, 0, call.guidance_rescale),
             table ? call.sigmas->const_data_ptr<acc_t>() : nullptr,
             table ? call.step_index->const_data_ptr<int64_t>() : nullptr,
             table ? call.sigmas->numel() : 0,
             {table ? nullptr : call.sigma->const_data_ptr<acc_t>(), call.sigma_period, call.sigma_repeat},
             {table ? nullptr : call.sigma_next->const_data_ptr<acc_t>(), call.sigma_next_period,
              call.sigma_next_repeat},
-            rescale_sums,
-            chunks,
-            call.guidance_rescale,
-            call.sample.numel() / call.sample.size(0),
+            N,
             stochastic,
             guided,
             per_token};
@@ -302,47 +264,8 @@ struct FlowStepKernel : NoPerSampleOutputs {
       c.s = sigma.per_token() ? acc_t(0) : sigma.flat[b];
       c.s_next = sigma_next.per_token() ? acc_t(0) : sigma_next.flat[b];
     }
-    c.w = guided ? guidance[b] : acc_t(0);
-    c.factor = rescale_sums != nullptr
-                   ? static_cast<acc_t>(rescale_factor(rescale_sums + b * chunks * kRescaleSums, chunks, N, phi))
-                   : acc_t(1);
+    c.guide = guided ? guide.coef(b) : GuidanceCoef<acc_t>{acc_t(0), acc_t(1)};
     return c;
-  }
-
-  // The rescale reduction's shifts for sample b (its first element).
-  DDPM_HD RescaleShift<acc_t> shift(int64_t b) const {
-    const acc_t w = guidance[b];
-    const acc_t c0 = static_cast<acc_t>(mo[b * N]), u0 = static_cast<acc_t>(uncond[b * N]);
-    return {c0, u0 + w * (c0 - u0), w};
-  }
-
-  // acc[q][k] += the q-th shifted sum over one slice (elements [i, i + n) of one sample), in IO::V lanes,
-  // which may be wider than acc_t (float64 on CUDA). Lanes past a short slice add nothing.
-  template <typename IO>
-  DDPM_LANE void rescale_sums_of(int64_t i, int64_t n, const RescaleShift<acc_t>& sh,
-                                 typename IO::V (*acc)[IO::kLanes]) const {
-    using V = typename IO::V;
-    using T = lane_scalar_t<V>;
-    constexpr int W = LaneOps<V>::kWidth;
-    V cv[IO::kLanes], uv[IO::kLanes];
-    IO::load(mo + i, cv, n);
-    IO::load(uncond + i, uv, n);
-    DDPM_UNROLL
-    for (int k = 0; k < IO::kLanes; ++k) {
-      const V g = madd(splat<V>(T(sh.w)), cv[k] - uv[k], uv[k]);
-      V dc = cv[k] - splat<V>(T(sh.c)), dg = g - splat<V>(T(sh.g));
-      if (n < int64_t(IO::kLanes) * W) {  // a short slice: zero the lanes past n
-        alignas(sizeof(T) * W) T mask[W];
-        for (int j = 0; j < W; ++j) mask[j] = int64_t(k) * W + j < n ? T(1) : T(0);
-        const V m = LaneOps<V>::loadu(mask);
-        dc = dc * m;
-        dg = dg * m;
-      }
-      acc[0][k] = acc[0][k] + dc;
-      acc[1][k] = madd(dc, dc, acc[1][k]);
-      acc[2][k] = acc[2][k] + dg;
-      acc[3][k] = madd(dg, dg, acc[3][k]);
-    }
   }
 
   template <typename IO, typename Z>
@@ -350,13 +273,8 @@ struct FlowStepKernel : NoPerSampleOutputs {
     using V = typename IO::V;
     V xv[IO::kLanes], vv[IO::kLanes], sv[IO::kLanes], snv[IO::kLanes], zv[IO::kLanes];
     IO::load(x + i, xv, n);
-    IO::load(mo + i, vv, n);
-    if (guided) {
-      V uv[IO::kLanes];
-      IO::load(uncond + i, uv, n);
-      DDPM_UNROLL
-      for (int k = 0; k < IO::kLanes; ++k) vv[k] = madd(splat<V>(c.w), vv[k] - uv[k], uv[k]) * splat<V>(c.factor);
-    }
+    IO::load(guide.cond + i, vv, n);
+    if (guided) guide.template mix<IO>(b, i, n, c.guide, vv);
     if (per_token && sigma.per_token()) {
       sigma_lanes<IO>(sigma, b, i - b * N, n, sv, lane_scalar_t<V>(0), Identity());
     } else {

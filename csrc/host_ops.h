@@ -128,83 +128,96 @@ at::Tensor p_sample_kernel(const at::Tensor& x_t, const at::Tensor& t, const at:
 
 // ------------------------------------------------------------------------------------------- sampler steps
 // Every step: checks, allocation, then the backend. `step` holds the sampler's own options; the
-// parameterization, learned flag and noise are filled in here. Returns x0 (zero elements unless
-// return_pred_x0).
+// parameterization, learned flag and noise are filled in here. Guided when uncond and guidance are given.
+// Returns x0 (zero elements unless return_pred_x0).
 template <typename K>
 at::Tensor sampler_step(SamplerStep step, c10::string_view parameterization, const at::Tensor& x_t,
                         const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& model_output,
-                        const at::Tensor& table64, const std::optional<at::Tensor>& noise,
+                        const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
+                        const at::Tensor& table64, double guidance_rescale, const std::optional<at::Tensor>& noise,
                         std::optional<at::Generator> generator, int64_t sample_offset, bool return_pred_x0,
                         const at::Tensor& out) {
   check_sample_offset(sample_offset);
   step.learned = is_learned(step.variance);
   check_sampler(x_t, t, t_prev, model_output, table64, step.learned);
   check_data("out", out, x_t);
+  TORCH_CHECK(uncond.has_value() == guidance.has_value(),
+              "ddpm_kernels: a sampler step takes uncond and guidance together (a guided step) or neither");
+  if (uncond.has_value()) {
+    // uncond in model_output's shape and layout (a learned variance's channels included, unread)
+    check_data("uncond", *uncond, model_output);
+    check_per_sample("guidance", *guidance, x_t);
+  }
+  TORCH_CHECK(guidance_rescale >= 0 && guidance_rescale <= 1, "ddpm_kernels: guidance_rescale must be in [0, 1], got ",
+              guidance_rescale);
+  TORCH_CHECK(guidance_rescale == 0 || uncond.has_value(),
+              "ddpm_kernels: guidance_rescale needs a guided step (uncond and guidance)");
   step.param = parse_param(std::string(parameterization));
   const bool given = step.add_noise && noise.has_value();
   if (given) check_data("noise", *noise, x_t);
   at::Tensor x0 = return_pred_x0 ? at::empty_like(x_t) : at::empty({0}, x_t.options());
-  K::sampler_step(SamplerCall{step, x_t, t, t_prev, model_output, table64, given ? &*noise : nullptr,
-                              std::move(generator), return_pred_x0 ? &x0 : nullptr, out, sample_offset});
+  K::sampler_step(SamplerCall{step, x_t, t, t_prev, model_output, uncond.has_value() ? &*uncond : nullptr,
+                              guidance.has_value() ? &*guidance : nullptr, guidance_rescale, table64,
+                              given ? &*noise : nullptr, std::move(generator), return_pred_x0 ? &x0 : nullptr, out,
+                              sample_offset});
   return x0;
 }
 
 template <typename K>
 at::Tensor ddim_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
-                                const at::Tensor& model_output, const at::Tensor& table64, double eta,
+                                const at::Tensor& model_output, const std::optional<at::Tensor>& uncond,
+                                const std::optional<at::Tensor>& guidance, const at::Tensor& table64, double eta,
                                 c10::string_view parameterization, bool clip_denoised, double clip_range,
-                                bool set_alpha_to_one, bool use_clipped_model_output,
+                                bool set_alpha_to_one, bool use_clipped_model_output, double guidance_rescale,
                                 const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
                                 int64_t sample_offset, bool return_pred_x0, const at::Tensor& out) {
   // eta == 0 has no noise term: nothing is read or drawn (as the reference)
   const SamplerStep step{Sampler::kDdim, Param::kEps, Variance::kFixedSmall, false, eta > 0, clip_denoised,
                          set_alpha_to_one, use_clipped_model_output, eta, clip_range};
-  return sampler_step<K>(step, parameterization, x_t, t, t_prev, model_output, table64, noise, std::move(generator),
-                         sample_offset, return_pred_x0, out);
+  return sampler_step<K>(step, parameterization, x_t, t, t_prev, model_output, uncond, guidance, table64,
+                         guidance_rescale, noise, std::move(generator), sample_offset, return_pred_x0, out);
 }
 
 template <typename K>
-std::tuple<at::Tensor, at::Tensor> ddim_step_kernel(const at::Tensor& x_t, const at::Tensor& t,
-                                                    const at::Tensor& t_prev, const at::Tensor& model_output,
-                                                    const at::Tensor& table64, double eta,
-                                                    c10::string_view parameterization, bool clip_denoised,
-                                                    double clip_range, bool set_alpha_to_one,
-                                                    bool use_clipped_model_output,
-                                                    const std::optional<at::Tensor>& noise,
-                                                    std::optional<at::Generator> generator,
-                                                    int64_t sample_offset, bool return_pred_x0) {
+std::tuple<at::Tensor, at::Tensor> ddim_step_kernel(
+    const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& model_output,
+    const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance, const at::Tensor& table64,
+    double eta, c10::string_view parameterization, bool clip_denoised, double clip_range, bool set_alpha_to_one,
+    bool use_clipped_model_output, double guidance_rescale, const std::optional<at::Tensor>& noise,
+    std::optional<at::Generator> generator, int64_t sample_offset, bool return_pred_x0) {
   at::Tensor out = at::empty_like(x_t);
-  at::Tensor x0 = ddim_step_out_kernel<K>(x_t, t, t_prev, model_output, table64, eta, parameterization,
-                                          clip_denoised, clip_range, set_alpha_to_one, use_clipped_model_output,
-                                          noise, std::move(generator), sample_offset, return_pred_x0, out);
+  at::Tensor x0 = ddim_step_out_kernel<K>(x_t, t, t_prev, model_output, uncond, guidance, table64, eta,
+                                          parameterization, clip_denoised, clip_range, set_alpha_to_one,
+                                          use_clipped_model_output, guidance_rescale, noise, std::move(generator),
+                                          sample_offset, return_pred_x0, out);
   return {out, x0};
 }
 
 template <typename K>
 at::Tensor ddpm_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
-                                const at::Tensor& model_output, const at::Tensor& table64,
+                                const at::Tensor& model_output, const std::optional<at::Tensor>& uncond,
+                                const std::optional<at::Tensor>& guidance, const at::Tensor& table64,
                                 c10::string_view parameterization, c10::string_view variance_type,
-                                bool clip_denoised, double clip_range, const std::optional<at::Tensor>& noise,
-                                std::optional<at::Generator> generator, int64_t sample_offset, bool return_pred_x0,
-                                const at::Tensor& out) {
+                                bool clip_denoised, double clip_range, double guidance_rescale,
+                                const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+                                int64_t sample_offset, bool return_pred_x0, const at::Tensor& out) {
   const SamplerStep step{Sampler::kDdpm, Param::kEps, parse_variance(std::string(variance_type)), false, true,
                          clip_denoised, true, false, 0.0, clip_range};
-  return sampler_step<K>(step, parameterization, x_t, t, t_prev, model_output, table64, noise, std::move(generator),
-                         sample_offset, return_pred_x0, out);
+  return sampler_step<K>(step, parameterization, x_t, t, t_prev, model_output, uncond, guidance, table64,
+                         guidance_rescale, noise, std::move(generator), sample_offset, return_pred_x0, out);
 }
 
 template <typename K>
-std::tuple<at::Tensor, at::Tensor> ddpm_step_kernel(const at::Tensor& x_t, const at::Tensor& t,
-                                                    const at::Tensor& t_prev, const at::Tensor& model_output,
-                                                    const at::Tensor& table64, c10::string_view parameterization,
-                                                    c10::string_view variance_type, bool clip_denoised,
-                                                    double clip_range, const std::optional<at::Tensor>& noise,
-                                                    std::optional<at::Generator> generator,
-                                                    int64_t sample_offset, bool return_pred_x0) {
+std::tuple<at::Tensor, at::Tensor> ddpm_step_kernel(
+    const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& model_output,
+    const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance, const at::Tensor& table64,
+    c10::string_view parameterization, c10::string_view variance_type, bool clip_denoised, double clip_range,
+    double guidance_rescale, const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+    int64_t sample_offset, bool return_pred_x0) {
   at::Tensor out = at::empty_like(x_t);
-  at::Tensor x0 = ddpm_step_out_kernel<K>(x_t, t, t_prev, model_output, table64, parameterization, variance_type,
-                                          clip_denoised, clip_range, noise, std::move(generator), sample_offset,
-                                          return_pred_x0, out);
+  at::Tensor x0 = ddpm_step_out_kernel<K>(x_t, t, t_prev, model_output, uncond, guidance, table64, parameterization,
+                                          variance_type, clip_denoised, clip_range, guidance_rescale, noise,
+                                          std::move(generator), sample_offset, return_pred_x0, out);
   return {out, x0};
 }
 

@@ -46,29 +46,34 @@ TORCH_LIBRARY(ddpm_kernels, m) {
   // from alphas_cumprod in float64 (csrc/sampler_coefficients.h). They return (x_{t_prev}, x0); x0 is a
   // zero-element tensor unless return_pred_x0. The *_out forms write x_{t_prev} into `out` (which may be
   // x_t) and return x0. Dynamic thresholding is not part of the kernels (see ddpm_kernels/extension.py).
+  // Guided when uncond (model_output's shape and layout) and guidance (the per-sample scales, compute dtype)
+  // are given: the model output is u + w (c - u), std-rescaled when guidance_rescale > 0 (csrc/guidance.h).
   m.def(
-      "ddim_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, float eta, "
-      "str parameterization, bool clip_denoised, float clip_range, bool set_alpha_to_one, "
-      "bool use_clipped_model_output, Tensor? noise, Generator? generator, int sample_offset, bool return_pred_x0) "
-      "-> (Tensor, Tensor)",
-      {at::Tag::nondeterministic_seeded});
-  m.def(
-      "ddim_step_out(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, float eta, "
-      "str parameterization, bool clip_denoised, float clip_range, bool set_alpha_to_one, "
-      "bool use_clipped_model_output, Tensor? noise, Generator? generator, int sample_offset, bool return_pred_x0, "
-      "Tensor(a!) out) -> Tensor",
-      {at::Tag::nondeterministic_seeded});
-  // variance_type: fixed_small, fixed_small_log, fixed_large, fixed_large_log, learned, learned_range; the
-  // learned ones read the variance channels from the second half of model_output's dim 1, (B, 2C, ...).
-  m.def(
-      "ddpm_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, "
-      "str parameterization, str variance_type, bool clip_denoised, float clip_range, Tensor? noise, "
+      "ddim_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor? uncond, Tensor? guidance, "
+      "Tensor table64, float eta, str parameterization, bool clip_denoised, float clip_range, "
+      "bool set_alpha_to_one, bool use_clipped_model_output, float guidance_rescale, Tensor? noise, "
       "Generator? generator, int sample_offset, bool return_pred_x0) -> (Tensor, Tensor)",
       {at::Tag::nondeterministic_seeded});
   m.def(
-      "ddpm_step_out(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, "
-      "str parameterization, str variance_type, bool clip_denoised, float clip_range, Tensor? noise, "
+      "ddim_step_out(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor? uncond, Tensor? guidance, "
+      "Tensor table64, float eta, str parameterization, bool clip_denoised, float clip_range, "
+      "bool set_alpha_to_one, bool use_clipped_model_output, float guidance_rescale, Tensor? noise, "
       "Generator? generator, int sample_offset, bool return_pred_x0, Tensor(a!) out) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  // variance_type: fixed_small, fixed_small_log, fixed_large, fixed_large_log, learned, learned_range; the
+  // learned ones read the variance channels from the second half of model_output's dim 1, (B, 2C, ...), and
+  // guidance mixes only the first half.
+  m.def(
+      "ddpm_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor? uncond, Tensor? guidance, "
+      "Tensor table64, str parameterization, str variance_type, bool clip_denoised, float clip_range, "
+      "float guidance_rescale, Tensor? noise, Generator? generator, int sample_offset, bool return_pred_x0) "
+      "-> (Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "ddpm_step_out(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor? uncond, Tensor? guidance, "
+      "Tensor table64, str parameterization, str variance_type, bool clip_denoised, float clip_range, "
+      "float guidance_rescale, Tensor? noise, Generator? generator, int sample_offset, bool return_pred_x0, "
+      "Tensor(a!) out) -> Tensor",
       {at::Tag::nondeterministic_seeded});
   // (loss, loss_simple, loss_vlb) as 0-d tensors in model_output's dtype; backward w.r.t. model_output.
   m.def(

@@ -5,7 +5,9 @@
 // of the sample x, the model output converted to an x0 prediction (clamped to +-clip_range when asked) and to
 // an eps prediction, and the noise z (given, or drawn in the kernel), with per-sample coefficients. sd is a
 // per-sample coefficient too, unless the model predicts its variance (ddpm_step's learned variance types,
-// which read the variance channels of model_output).
+// which read the variance channels of model_output). A guided step mixes the model output with an
+// unconditional one in registers before the conversion (csrc/guidance.h; a rescaled one after the backend's
+// reduction pass).
 //
 // A step goes t -> t_prev between arbitrary timesteps, so its coefficients are not rows of the schedule
 // table: they are derived per sample from alphas_cumprod[t] and alphas_cumprod[t_prev]. The derivation runs
@@ -40,6 +42,7 @@
 #include <type_traits>
 
 #include "coefficients.h"
+#include "guidance.h"
 
 namespace ddpm {
 
@@ -166,24 +169,35 @@ void with_sampler(Sampler sampler, const F& f) {
 
 // One call of the family, as csrc/host_ops.h hands it to a backend: noise is nullptr unless given and
 // step.add_noise (in-kernel noise from `generator` when step.add_noise and no noise is given); x0 nullptr
-// unless the x0 prediction is returned.
+// unless the x0 prediction is returned. Guided (uncond and guidance non-null): the model output is
+// u + w (c - u) of model_output (c) and uncond (u, in model_output's shape and layout) by the per-sample scales
+// `guidance`, rescaled when guidance_rescale > 0 (csrc/guidance.h); a learned variance's channels come from
+// model_output.
 struct SamplerCall {
   SamplerStep step;
-  const at::Tensor &x_t, &t, &t_prev, &model_output, &table64;
+  const at::Tensor &x_t, &t, &t_prev, &model_output;
+  const at::Tensor* uncond;
+  const at::Tensor* guidance;
+  double guidance_rescale;
+  const at::Tensor& table64;
   const at::Tensor* noise;
   std::optional<at::Generator> generator;
   const at::Tensor* x0;
   const at::Tensor& out;
   int64_t sample_offset = 0;  // global index of the first sample in the noise stream
+
+  bool guided() const { return uncond != nullptr; }
 };
 
-// SamplerT / ParamT: Sampler / Param, or std::integral_constant of them (see csrc/family.h). `mo` is
-// model_output: sample b's prediction at b * (N + mo_extra), its variance channels N later (mo_extra = N with
-// a learned variance, else 0).
-template <typename scalar_t, typename SamplerT, typename ParamT>
+// SamplerT / ParamT: Sampler / Param, GuidedT: bool, or std::integral_constant of them (see csrc/family.h).
+// `mo` is model_output: sample b's prediction at b * (N + mo_extra), its variance channels N later (mo_extra = N
+// with a learned variance, else 0); guided, the prediction is mixed with uncond's (same layout) first.
+template <typename scalar_t, typename SamplerT, typename ParamT, typename GuidedT>
 struct SamplerKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;
-  using Coef = SamplerCoef<acc_t>;
+  struct Coef : SamplerCoef<acc_t> {
+    GuidanceCoef<acc_t> guide;
+  };
   const scalar_t* x_t;
   const scalar_t* mo;
   scalar_t* out;
@@ -193,11 +207,14 @@ struct SamplerKernel : NoPerSampleOutputs {
   int64_t N, mo_extra;
   acc_t clip_range;
   SamplerStep step;
+  Guidance<scalar_t> guide;  // its rescale sums set by the backend's pass (csrc/guidance.h)
   SamplerT sampler;
   ParamT param;
+  GuidedT guided;
 
-  static SamplerKernel make(const SamplerCall& call, SamplerT sampler, ParamT param) {
+  static SamplerKernel make(const SamplerCall& call, SamplerT sampler, ParamT param, GuidedT guided) {
     const int64_t N = call.x_t.numel() == 0 ? 0 : call.x_t.numel() / call.x_t.size(0);
+    const int64_t extra = call.step.learned ? N : 0;
     return {{},
             call.x_t.const_data_ptr<scalar_t>(),
             call.model_output.const_data_ptr<scalar_t>(),
@@ -206,15 +223,21 @@ struct SamplerKernel : NoPerSampleOutputs {
             Timesteps<double>::of(call.t, call.table64),
             call.t_prev.const_data_ptr<int64_t>(),
             N,
-            call.step.learned ? N : 0,
+            extra,
             static_cast<acc_t>(call.step.clip_range),
             call.step,
+            Guidance<scalar_t>::make(call.model_output, call.uncond, call.guidance, N, extra, call.guidance_rescale),
             sampler,
-            param};
+            param,
+            guided};
   }
 
   DDPM_HD Coef coef(int64_t b) const {
-    return sampler_coefficients<acc_t>(sampler, param, step, ts.table, ts.T, ts.t[b], t_prev[b]);
+    Coef c;
+    static_cast<SamplerCoef<acc_t>&>(c) =
+        sampler_coefficients<acc_t>(sampler, param, step, ts.table, ts.T, ts.t[b], t_prev[b]);
+    c.guide = guided ? guide.coef(b) : GuidanceCoef<acc_t>{acc_t(0), acc_t(1)};
+    return c;
   }
 
   // One element: x the sample, mo the model output, v its variance channel (learned variances), z the noise
@@ -258,6 +281,7 @@ struct SamplerKernel : NoPerSampleOutputs {
     V xv[IO::kLanes], mv[IO::kLanes], vv[IO::kLanes], zv[IO::kLanes], x0v[IO::kLanes];
     IO::load(x_t + i, xv, n);
     IO::load(mo_b + i, mv, n);
+    if (guided) guide.template mix<IO>(b, i, n, c.guide, mv);
     if (step.learned) IO::load(mo_b + i + N, vv, n);
     if (z.present()) z.template get<IO>(i, n, zv);
     DDPM_UNROLL

@@ -11,6 +11,7 @@
 from . import reference
 from .backends import BackendUnavailableError, available_backends
 from .diffusion import GaussianDiffusion
+from .euler import euler_ancestral_step, euler_step
 from .flow import flow_interpolate, flow_loss, flow_step, randn_stream
 from .flow_matching import FlowMatching, flow_sigmas
 from .ops import (
@@ -45,6 +46,8 @@ __all__ = [
     "device_t_check",
     "diffusion_loss",
     "dynamic_threshold",
+    "euler_ancestral_step",
+    "euler_step",
     "flow_interpolate",
     "flow_loss",
     "flow_sigmas",

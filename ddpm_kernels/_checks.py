@@ -147,6 +147,17 @@ def _check_weight(name: str, value) -> float:
     return value
 
 
+def _check_real_or_inf(value, name: str = None) -> float:
+    """A real number, +-inf allowed (a bound such as ``s_tmax``), not NaN."""
+    name = name or "value"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if value != value:
+        raise ValueError(f"{name}: expected a number, got nan")
+    return value
+
+
 def _check_out(out, x: torch.Tensor, x_name: str) -> Optional[torch.Tensor]:
     if out is None:
         return None

@@ -92,6 +92,35 @@ class FlowStepOptions:
         return self.guided and self.guidance_rescale > 0
 
 
+@dataclasses.dataclass(frozen=True)
+class EulerStepOptions:
+    """The scalar options of one Euler-family step on a sigma table (``euler_step``, ``euler_ancestral_step``;
+    diffusers' ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler``), validated and canonical.
+
+    ``sampler``: ``"euler"`` or ``"euler_ancestral"``; ``parameterization``: canonical (``"eps"``, ``"x0"``,
+    ``"v"``); ``s_churn`` .. ``s_noise``: Karras et al.'s stochastic churn of the Euler step (``s_churn = 0``: none);
+    ``guided`` / ``guidance_rescale`` as in `StepOptions`.
+    """
+
+    sampler: str
+    parameterization: str = "eps"
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
+    return_pred_x0: bool = False
+    guidance_rescale: float = 0.0
+    guided: bool = False
+
+    @property
+    def adds_noise(self) -> bool:
+        return self.sampler == "euler_ancestral" or self.s_churn > 0
+
+    @property
+    def rescaled(self) -> bool:
+        return self.guided and self.guidance_rescale > 0
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class SigmaOperand:
     """A flow-matching sigma given per sample or per token / frame, in the forms each backend reads.
@@ -188,6 +217,10 @@ def _optional_real_in(name, default, lo, hi):
 
 _INF = float("inf")
 PARAMETERIZATION = Option("parameterization", "eps", _c._check_parameterization)
+PREDICTION_TYPE = Option(
+    "prediction_type", "epsilon",
+    lambda value: _c.PARAMETERIZATIONS[_c._check_choice("prediction_type", value, _c.PARAMETERIZATIONS)],
+)
 CLIP_DENOISED = _flag("clip_denoised", True)
 # the scalar options every sampler step of the family shares, after its own
 _STEP_TAIL = (
@@ -266,10 +299,10 @@ _TABLE = (
             _flag("set_alpha_to_one", True), _flag("use_clipped_model_output", False),
         ) + _STEP_TAIL,
         outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
-        schema="ddim_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, float eta, "
-        "str parameterization, bool clip_denoised, float clip_range, bool set_alpha_to_one, "
-        "bool use_clipped_model_output, Tensor? noise, Generator? generator, int sample_offset, bool return_pred_x0) "
-        "-> (Tensor, Tensor)",
+        schema="ddim_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor? uncond, "
+        "Tensor? guidance, Tensor table64, float eta, str parameterization, bool clip_denoised, float clip_range, "
+        "bool set_alpha_to_one, bool use_clipped_model_output, float guidance_rescale, Tensor? noise, "
+        "Generator? generator, int sample_offset, bool return_pred_x0) -> (Tensor, Tensor)",
     ),
     OpSpec(
         "ddpm_step", "step", "x_t", like=("model_output",), optional=("noise",), timesteps=("t", "t_prev"),
@@ -280,9 +313,10 @@ _TABLE = (
             CLIP_DENOISED,
         ) + _STEP_TAIL,
         outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
-        schema="ddpm_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor table64, "
-        "str parameterization, str variance_type, bool clip_denoised, float clip_range, Tensor? noise, "
-        "Generator? generator, int sample_offset, bool return_pred_x0) -> (Tensor, Tensor)",
+        schema="ddpm_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor? uncond, "
+        "Tensor? guidance, Tensor table64, str parameterization, str variance_type, bool clip_denoised, "
+        "float clip_range, float guidance_rescale, Tensor? noise, Generator? generator, int sample_offset, "
+        "bool return_pred_x0) -> (Tensor, Tensor)",
     ),
 )
 
@@ -318,7 +352,30 @@ _FLOW_TABLE = (
     ),
 )
 
-OPS: Dict[str, OpSpec] = {spec.name: spec for spec in _TABLE + _FLOW_TABLE}
+# Euler-family steps on a sigma table (Karras et al. 2022's sigma space, as diffusers' Euler schedulers keep it:
+# x = x0 + sigma eps): per-sample sigmas gathered from the table by a step index, as flow_step does.
+_EULER_TAIL = (_flag("return_pred_x0", False), _real_in("guidance_rescale", 0.0, 0.0, 1.0))
+_EULER_TABLE = (
+    OpSpec(
+        "euler_step", "sigma", "sample", like=("model_output",), optional=("noise",), timesteps=(),
+        sigmas=("sigmas",),
+        options=(
+            PREDICTION_TYPE,
+            _real_in("s_churn", 0.0, 0.0, _INF),
+            Option("s_tmin", 0.0, functools.partial(_c._check_real_or_inf, name="s_tmin")),
+            Option("s_tmax", _INF, functools.partial(_c._check_real_or_inf, name="s_tmax")),
+            Option("s_noise", 1.0, functools.partial(_c._check_weight, "s_noise")),
+        ) + _EULER_TAIL,
+        outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
+    ),
+    OpSpec(
+        "euler_ancestral_step", "sigma", "sample", like=("model_output",), optional=("noise",), timesteps=(),
+        sigmas=("sigmas",), options=(PREDICTION_TYPE,) + _EULER_TAIL,
+        outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
+    ),
+)
+
+OPS: Dict[str, OpSpec] = {spec.name: spec for spec in _TABLE + _FLOW_TABLE + _EULER_TABLE}
 """Every public op by name, in the order the README lists them."""
 
 

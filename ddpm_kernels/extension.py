@@ -165,14 +165,25 @@ def _step_scalars(opts):
 
 def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None, uncond=None,
                  guidance=None, sample_offset=0):
-    if opts.guided:  # declined (see `declines`): dispatch never sends a guided step here
-        raise NotImplementedError("the compiled sampler-step kernels take no guidance")
     # learned variances read model_output's two channel halves by index: contiguous data only
     fmt = CONTIGUOUS if opts.learned else dense_format(x_t)
     op = opts.sampler + "_step"
+    if opts.guided:
+        # guidance is mixed in the kernel (csrc/guidance.h): uncond in model_output's layout, the scales in the
+        # compute dtype (a mixed-precision call may have promoted the data past the scales' dtype)
+        uncond = in_format(uncond.detach() if uncond.requires_grad else uncond, fmt)
+        compute = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+        if guidance.dtype != compute:
+            guidance = guidance.to(compute)
+        if guidance.requires_grad:
+            guidance = guidance.detach()
+    else:
+        uncond = guidance = None
     args = (
-        in_format(x_t, fmt), t, t_prev, in_format(model_output, fmt), schedule.table(torch.float64),
+        in_format(x_t, fmt), t, t_prev, in_format(model_output, fmt), uncond, guidance,
+        schedule.table(torch.float64),
         *_step_scalars(opts),
+        opts.guidance_rescale if opts.guided else 0.0,
         in_format(noise, fmt) if opts.adds_noise else None,  # no noise term: nothing read or drawn
         generator,
         sample_offset,
@@ -270,8 +281,6 @@ DIFFERENTIABLE = {
 def declines(op: str, opts) -> Optional[str]:
     if op == "dynamic_threshold" or getattr(opts, "thresholded", False):
         return "dynamic thresholding needs a per-sample quantile (a sort), which no compiled kernel computes"
-    if op in ("ddim_step", "ddpm_step") and opts is not None and opts.guided:
-        return "the compiled DDIM/DDPM step kernels take no guidance yet (flow_step does)"
     return None
 
 

@@ -62,7 +62,7 @@ _NO_T_PREV = object()  # ops without a t_prev argument (None is a bad t_prev of 
 _OPTIONS = {}
 _GUIDED = {}
 _OPTIONS_LIMIT = 4096
-_KEYED_FAMILIES = ("step", "flow")  # families whose options backends may decline (dispatch keys on them)  # options are usually a handful of constants; a sweep over floats must not grow forever
+_KEYED_FAMILIES = ("step", "flow", "sigma")  # families whose options backends may decline (dispatch keys on them)  # options are usually a handful of constants; a sweep over floats must not grow forever
 
 
 # ----------------------------------------------------------------------------------------------- prologue
@@ -201,6 +201,13 @@ def restore_format(result, fmt, out):
 
 
 # --------------------------------------------------------------------------------------------------- ops
+def _pair(name, backend, x, y, t, schedule):
+    """A pair op (``a(t) x + b(t) y``): the prologue, then the backend function in the reference's argument
+    order (``get_v`` takes ``t`` after both tensors, the others between them)."""
+    fn, _, t, _, _, x, (y,) = _prologue(SPECS[name], backend, x, (y,), schedule, t)
+    return fn(x, y, t, schedule) if name == "get_v" else fn(x, t, y, schedule)
+
+
 def q_sample(x_start, t, noise, schedule, backend="auto", *, out=None):
     """Diffuse ``x_start`` to step ``t``: ``sqrt(ab_t) x_start + sqrt(1 - ab_t) noise``.
 
@@ -217,32 +224,27 @@ def q_sample(x_start, t, noise, schedule, backend="auto", *, out=None):
 
 def predict_start_from_noise(x_t, t, noise, schedule, backend="auto"):
     """``x_0 = sqrt(1/ab_t) x_t - sqrt(1/ab_t - 1) noise``."""
-    fn, _, t, _, _, x_t, (noise,) = _prologue(SPECS["predict_start_from_noise"], backend, x_t, (noise,), schedule, t)
-    return fn(x_t, t, noise, schedule)
+    return _pair("predict_start_from_noise", backend, x_t, noise, t, schedule)
 
 
 def predict_noise_from_start(x_t, t, x0, schedule, backend="auto"):
     """The inverse of `predict_start_from_noise`: ``(sqrt(1/ab_t) x_t - x0) / sqrt(1/ab_t - 1)``."""
-    fn, _, t, _, _, x_t, (x0,) = _prologue(SPECS["predict_noise_from_start"], backend, x_t, (x0,), schedule, t)
-    return fn(x_t, t, x0, schedule)
+    return _pair("predict_noise_from_start", backend, x_t, x0, t, schedule)
 
 
 def get_v(x_start, noise, t, schedule, backend="auto"):
     """The v-prediction target ``sqrt(ab_t) noise - sqrt(1 - ab_t) x_start`` (the seed's ``get_v``)."""
-    fn, _, t, _, _, x_start, (noise,) = _prologue(SPECS["get_v"], backend, x_start, (noise,), schedule, t)
-    return fn(x_start, noise, t, schedule)
+    return _pair("get_v", backend, x_start, noise, t, schedule)
 
 
 def predict_start_from_z_and_v(x_t, t, v, schedule, backend="auto"):
     """``x_0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v``."""
-    fn, _, t, _, _, x_t, (v,) = _prologue(SPECS["predict_start_from_z_and_v"], backend, x_t, (v,), schedule, t)
-    return fn(x_t, t, v, schedule)
+    return _pair("predict_start_from_z_and_v", backend, x_t, v, t, schedule)
 
 
 def predict_eps_from_z_and_v(x_t, t, v, schedule, backend="auto"):
     """``eps = sqrt(ab_t) v + sqrt(1 - ab_t) x_t``."""
-    fn, _, t, _, _, x_t, (v,) = _prologue(SPECS["predict_eps_from_z_and_v"], backend, x_t, (v,), schedule, t)
-    return fn(x_t, t, v, schedule)
+    return _pair("predict_eps_from_z_and_v", backend, x_t, v, t, schedule)
 
 
 def q_posterior(x_start, x_t, t, schedule, backend="auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

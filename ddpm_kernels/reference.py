@@ -44,6 +44,7 @@ __all__ = [
     "flow_interpolate_ref",
     "flow_step_ref",
     "flow_loss_ref",
+    "euler_step_ref",
     "guided_output",
     "flow_loss_weight",
     "OPS",
@@ -215,7 +216,8 @@ def _draw_noise(x_t, generator, cd, sample_offset=0):
     """The in-kernel noise of a call on ``x_t``: the stream's normals of samples ``sample_offset ..`` (element
     index = position in the sample's row-major order, whatever x_t's memory format), with (key, offset) taken
     from ``generator`` as every backend takes it (``ddpm_kernels._stream``); float32, cast to ``cd``."""
-    key, offset = stream_state(generator, x_t.device)
+    # a CPU key stays a tensor: reading it into a Python int would be a host read inside a sampling step
+    key, offset = stream_state(generator, x_t.device, as_tensor=not x_t.is_cuda)
     batch = x_t.shape[0]
     per_sample = x_t.numel() // batch if batch else 0
     z = philox_normal(key, offset, sample_offset, batch, per_sample, device=x_t.device)
@@ -511,6 +513,50 @@ def flow_step_ref(sample, model_output, uncond, guidance, sigmas, step_index, si
     return _store(prev, sample, out)
 
 
+# ------------------------------------------------------------------------------------ Euler on a sigma table
+# diffusers' EulerDiscreteScheduler / EulerAncestralDiscreteScheduler: the sample lives in Karras et al.'s sigma
+# space (x = x0 + sigma eps); sigma = sigmas[i], sigma' = sigmas[i + 1] per sample.
+def _euler_x0(x, v, sigma, sigma_hat, parameterization):
+    """The x0 prediction and the ODE derivative (x - x0) / sigma_hat (for eps exactly the model output)."""
+    if parameterization == "eps":
+        return x - sigma_hat * v, v
+    if parameterization == "x0":
+        x0 = v
+    else:  # "v": diffusers' c_out / c_skip at sigma (not sigma_hat)
+        x0 = v * (-sigma / torch.sqrt(sigma * sigma + 1)) + x / (sigma * sigma + 1)
+    return x0, (x - x0) / sigma_hat
+
+
+def euler_step_ref(sample, model_output, uncond, guidance, sigmas, step_index, opts, noise=None, generator=None,
+                   out=None, sample_offset=0):
+    """One step of the Euler family (``opts`` a ``ddpm_kernels._spec.EulerStepOptions``); the public
+    ``euler_step`` / ``euler_ancestral_step`` document the math. ``x'`` in ``sample``'s dtype, or ``(x', x0)``
+    with ``opts.return_pred_x0``."""
+    cd = compute_dtype(sample.dtype)
+    v = guided_output(model_output, uncond, guidance, opts.guidance_rescale, cd) if opts.guided else \
+        model_output.to(cd)
+    s, s_next = _gather_sigmas(sigmas, step_index, sample.ndim, cd)
+    x = sample.to(cd)
+    if opts.adds_noise and noise is None:
+        noise = _draw_noise(sample, generator, cd, sample_offset)
+    if opts.sampler == "euler":
+        steps = sigmas.shape[0] - 1
+        churn = min(opts.s_churn / steps, 2 ** 0.5 - 1)
+        gamma = ((opts.s_tmin <= s) & (s <= opts.s_tmax)).to(cd) * churn
+        s_hat = s * (gamma + 1)
+        if opts.s_churn > 0:
+            x = x + noise.to(cd) * opts.s_noise * torch.sqrt(s_hat * s_hat - s * s)
+        x0, derivative = _euler_x0(x, v, s, s_hat, opts.parameterization)
+        prev = x + derivative * (s_next - s_hat)
+    else:  # "euler_ancestral"
+        s_up = torch.sqrt(s_next * s_next * (s * s - s_next * s_next) / (s * s))
+        s_down = torch.sqrt(s_next * s_next - s_up * s_up)
+        x0, derivative = _euler_x0(x, v, s, s, opts.parameterization)
+        prev = x + derivative * (s_down - s) + noise.to(cd) * s_up
+    result = _store(prev, sample, out)
+    return (result, x0.to(sample.dtype)) if opts.return_pred_x0 else result
+
+
 def flow_loss_weight(sigma, weighting):
     """SD3's per-sample loss weighting (diffusers' ``compute_loss_weighting_for_sd3``): ``none`` 1,
     ``sigma_sqrt`` sigma^-2, ``cosmap`` 2 / (pi (1 - 2 sigma + 2 sigma^2))."""
@@ -552,4 +598,6 @@ OPS = {
     "flow_interpolate": flow_interpolate_ref,
     "flow_step": flow_step_ref,
     "flow_loss": flow_loss_ref,
+    "euler_step": euler_step_ref,
+    "euler_ancestral_step": euler_step_ref,
 }

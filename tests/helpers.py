@@ -2,6 +2,7 @@
 float64 math, the rule of docs/design.md, "Tolerances", that checks a fused backend against the reference, and
 small GPU and Triton helpers."""
 
+import itertools
 import math
 
 import numpy as np
@@ -190,3 +191,23 @@ def ddpm_step_ref(*args, **kwargs):
     import ddpm_kernels as dk
 
     return dk.ddpm_step(*args, backend="reference", **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ parametrizing
+def backend_params(*axes, where=lambda *values: True):
+    """pytest params over the product of ``axes`` (the first is the backend), the CUDA ones marked ``gpu``."""
+    params = []
+    for values in itertools.product(*axes):
+        if where(*values):
+            marks = [pytest.mark.gpu] if values[0] == "cuda" else []
+            params.append(pytest.param(*values, marks=marks, id="-".join(param_label(v) for v in values)))
+    return params
+
+
+def param_label(value):
+    """A readable test id part: dtypes without ``torch.``, shapes as ``AxBxC``."""
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, tuple):
+        return "x".join(param_label(v) for v in value)
+    return str(value)

@@ -35,7 +35,7 @@ import ddpm_kernels as dk
 from ddpm_kernels import backends
 from ddpm_kernels import reference as R
 from ddpm_kernels._spec import OPS, step_options
-from helpers import DTYPES, SHAPES, TRITON_SHAPES, assert_matches, make_inputs, timestep_cases
+from helpers import DTYPES, SHAPES, TRITON_SHAPES, assert_matches, backend_params, make_inputs, timestep_cases
 
 T = 1000
 GPU = torch.cuda.is_available()
@@ -102,30 +102,12 @@ def _cases(spec):
         yield Case(spec.name, tuple(options.items()))
 
 
-# the flow-matching family (sigmas instead of t and a schedule) has its own suite: tests/test_flow.py
-CASES = [case for spec in OPS.values() if spec.family != "flow" for case in _cases(spec)]
+# the families on sigmas instead of t and a schedule have their own suites: tests/test_flow.py, tests/test_euler.py
+CASES = [case for spec in OPS.values() if spec.family not in ("flow", "sigma") for case in _cases(spec)]
 TABLE_CASES = [c for c in CASES if c.spec.family not in ELSEWHERE]
 # options take no part in an operator's registration (schema, fake, autograd): one combination per op, the one
 # with the most terms (v: both coefficients)
 OPCHECK_CASES = {c.op: c for c in TABLE_CASES}
-
-
-def _params(*axes, where=lambda *values: True):
-    """pytest params over the product of ``axes`` (the first is the backend), the CUDA ones marked ``gpu``."""
-    params = []
-    for values in itertools.product(*axes):
-        if where(*values):
-            marks = [pytest.mark.gpu] if values[0] == "cuda" else []
-            params.append(pytest.param(*values, marks=marks, id="-".join(_label(v) for v in values)))
-    return params
-
-
-def _label(value):
-    if isinstance(value, torch.dtype):
-        return str(value).replace("torch.", "")
-    if isinstance(value, tuple):
-        return "x".join(map(str, value))
-    return str(value)
 
 
 # ------------------------------------------------------------------------------------------ building calls
@@ -228,7 +210,7 @@ def _layouts(case, shape):
 VALUE_PARAMS = [
     param
     for backend in BACKENDS
-    for param in _params(
+    for param in backend_params(
         [backend], CASES, DTYPES, BACKEND_SHAPES[backend], FORMATS,
         where=lambda b, case, dtype, shape, layout: layout in _layouts(case, shape),
     )
@@ -248,7 +230,7 @@ def test_matches_reference(backend, case, dtype, shape, layout):
                 assert out.is_contiguous(memory_format=FORMATS[layout]), f"{kind} output lost the {layout} layout"
 
 
-@pytest.mark.parametrize("backend,case", _params(BACKENDS, TABLE_CASES))
+@pytest.mark.parametrize("backend,case", backend_params(BACKENDS, TABLE_CASES))
 def test_non_contiguous_inputs(backend, case):
     """Strided (transposed) views of every tensor argument give the reference's result."""
     _serving(backend, case, torch.float32)
@@ -260,7 +242,7 @@ def test_non_contiguous_inputs(backend, case):
 
 
 # ------------------------------------------------------------------------------------------- out= / in place
-@pytest.mark.parametrize("backend,case", _params(BACKENDS, [c for c in TABLE_CASES if c.spec.has_out]))
+@pytest.mark.parametrize("backend,case", backend_params(BACKENDS, [c for c in TABLE_CASES if c.spec.has_out]))
 def test_out_and_in_place(backend, case):
     """out= is written and returned; a strided out too; in place (out= the data tensor) equals the out-of-place
     result, with given noise and with in-kernel noise from the same generator state; a differentiable op's out=
@@ -295,7 +277,7 @@ def test_out_and_in_place(backend, case):
 
 
 # ------------------------------------------------------------------------------------------- timesteps
-@pytest.mark.parametrize("backend,case", _params(BACKENDS, [c for c in TABLE_CASES if c.spec.timesteps]))
+@pytest.mark.parametrize("backend,case", backend_params(BACKENDS, [c for c in TABLE_CASES if c.spec.timesteps]))
 def test_out_of_range_t_gives_nan(backend, case):
     """The backend function called directly (no validation): a sample whose t is outside [0, T) comes out NaN,
     the others are untouched, as in the reference; nothing is read outside the table."""
@@ -315,7 +297,7 @@ def test_out_of_range_t_gives_nan(backend, case):
                 assert bool(rows[bad].isnan().all()) and bool(rows[~bad].isfinite().all()), kind
 
 
-@pytest.mark.parametrize("backend,case,dtype", _params(BACKENDS, [c for c in TABLE_CASES if c.spec.draws_noise],
+@pytest.mark.parametrize("backend,case,dtype", backend_params(BACKENDS, [c for c in TABLE_CASES if c.spec.draws_noise],
                                                        DTYPES))
 def test_no_noise_at_t0(backend, case, dtype):
     """At t = 0 the in-kernel noise is not added: the result is the reference's noise-free one."""
@@ -345,7 +327,7 @@ def _grads(case, kwargs, backend, wrt, weights):
     return torch.autograd.grad(sum(differentiated), list(leaves.values()), allow_unused=True)
 
 
-@pytest.mark.parametrize("backend,case,dtype", _params(
+@pytest.mark.parametrize("backend,case,dtype", backend_params(
     BACKENDS, [c for c in CASES if c.spec.differentiable], list(GRAD_TOL)))
 def test_gradients_match_reference(backend, case, dtype):
     """Every input the backend differentiates gets the reference's gradient (or none, where the reference has
@@ -366,7 +348,7 @@ def test_gradients_match_reference(backend, case, dtype):
                 torch.testing.assert_close(g, r, **GRAD_TOL[dtype], msg=lambda m: f"d/d{name}: {m}")
 
 
-@pytest.mark.parametrize("backend,case", _params(BACKENDS, [c for c in CASES if c.spec.differentiable]))
+@pytest.mark.parametrize("backend,case", backend_params(BACKENDS, [c for c in CASES if c.spec.differentiable]))
 def test_gradcheck(backend, case):
     """float64 gradcheck of every output w.r.t. every input the backend differentiates."""
     wrt = _differentiated(backend, case, torch.float64)
@@ -380,7 +362,7 @@ def test_gradcheck(backend, case):
         assert torch.autograd.gradcheck(fn, [kwargs[name].clone().requires_grad_() for name in wrt])
 
 
-@pytest.mark.parametrize("backend,case", _params(BACKENDS, [c for c in CASES if c.spec.sampling]))
+@pytest.mark.parametrize("backend,case", backend_params(BACKENDS, [c for c in CASES if c.spec.sampling]))
 def test_sampling_ops_run_detached(backend, case):
     """A sampling op is served by the fused kernels even when an input requires grad, with no autograd history
     (backward raises), and the reference's values; the reference keeps autograd for differentiating a step."""
@@ -433,7 +415,7 @@ def _draws_from_generator(func, args, kwargs):
     return "generator" in names and bound.get("noise") is None
 
 
-@pytest.mark.parametrize("backend,op,dtype", _params(BACKENDS, list(OPCHECK_CASES), DTYPES))
+@pytest.mark.parametrize("backend,op,dtype", backend_params(BACKENDS, list(OPCHECK_CASES), DTYPES))
 def test_opcheck(backend, op, dtype):
     """``torch.library.opcheck`` of every operator the backend runs for ``op``: the functional call (with
     differentiated inputs and its backward where the backend differentiates it), its out= form and in-kernel
@@ -499,7 +481,7 @@ def _recording(compiler, graphs):
     return backend
 
 
-@pytest.mark.parametrize("backend,compiler", _params(BACKENDS, ["aot_eager", "inductor"]))
+@pytest.mark.parametrize("backend,compiler", backend_params(BACKENDS, ["aot_eager", "inductor"]))
 def test_torch_compile(backend, compiler):
     """Every op under torch.compile(fullgraph=True) (no graph break), the backend's operators in the traced
     graph: eager's values, in-kernel noise drawn, out= in place on an input as in eager. A training step through

@@ -155,13 +155,16 @@ def _opcheck_cases(backend, schedule, dtype):
     wide = torch.cat([y, z], 1)
     ops = torch.ops.ddpm_kernels
     return [
-        (ops.ddim_step, (x, t, t_prev, y, tab, 0.0, "eps", False, 1.0, True, False, None, None, 0, False)),
-        (ops.ddim_step, (x, t, t_prev, y, tab, 1.0, "v", True, 1.5, False, True, z, None, 3, True)),
-        (ops.ddim_step_out, (x, t, t_prev, y, tab, 0.5, "x0", True, 1.0, True, False, z, None, 0, True,
-                             torch.empty_like(x))),
-        (ops.ddpm_step, (x, t, t_prev, y, tab, "eps", "fixed_small", True, 1.0, z, None, 0, True)),
-        (ops.ddpm_step, (x, t, t_prev, wide, tab, "v", "learned_range", False, 1.0, z, None, 2, False)),
-        (ops.ddpm_step_out, (x, t, t_prev, wide, tab, "x0", "learned", True, 2.0, z, None, 0, False,
+        (ops.ddim_step, (x, t, t_prev, y, None, None, tab, 0.0, "eps", False, 1.0, True, False, 0.0, None, None, 0,
+                         False)),
+        (ops.ddim_step, (x, t, t_prev, y, None, None, tab, 1.0, "v", True, 1.5, False, True, 0.0, z, None, 3,
+                         True)),
+        (ops.ddim_step_out, (x, t, t_prev, y, None, None, tab, 0.5, "x0", True, 1.0, True, False, 0.0, z, None, 0,
+                             True, torch.empty_like(x))),
+        (ops.ddpm_step, (x, t, t_prev, y, None, None, tab, "eps", "fixed_small", True, 1.0, 0.0, z, None, 0, True)),
+        (ops.ddpm_step, (x, t, t_prev, wide, None, None, tab, "v", "learned_range", False, 1.0, 0.0, z, None, 2,
+                         False)),
+        (ops.ddpm_step_out, (x, t, t_prev, wide, None, None, tab, "x0", "learned", True, 2.0, 0.0, z, None, 0, False,
                              torch.empty_like(x))),
     ]
 
@@ -178,10 +181,10 @@ def test_opcheck_in_kernel_noise(backend, schedule):
     t, t_prev = make_steps(2, backend, seed=15)
     tab = schedule.table(torch.float64)
     for op, args in (
-        (torch.ops.ddpm_kernels.ddim_step, (x, t, t_prev, y, tab, 1.0, "eps", True, 1.0, True, False, None, None, 5,
-                                            True)),
-        (torch.ops.ddpm_kernels.ddpm_step, (x, t, t_prev, y, tab, "eps", "fixed_large", True, 1.0, None, None, 7,
-                                            False)),
+        (torch.ops.ddpm_kernels.ddim_step, (x, t, t_prev, y, None, None, tab, 1.0, "eps", True, 1.0, True, False,
+                                            0.0, None, None, 5, True)),
+        (torch.ops.ddpm_kernels.ddpm_step, (x, t, t_prev, y, None, None, tab, "eps", "fixed_large", True, 1.0, 0.0,
+                                            None, None, 7, False)),
     ):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 

@@ -23,7 +23,7 @@ import torch
 import ddpm_kernels as dk
 from ddpm_kernels import backends
 from ddpm_kernels import reference as R
-from helpers import DTYPES, assert_matches, make_inputs
+from helpers import DTYPES, assert_matches, backend_params, make_inputs
 
 GPU = torch.cuda.is_available()
 BACKENDS = ("cpu", "cuda", "triton")
@@ -46,22 +46,6 @@ STEPS = 10  # a sigma table of STEPS + 1 entries
 
 def _layouts(backend):
     return SMALL_LAYOUTS if INTERPRETED.get(backend) else SIGMA_LAYOUTS
-
-
-def _params(*axes):
-    params = []
-    for values in itertools.product(*axes):
-        marks = [pytest.mark.gpu] if values[0] == "cuda" else []
-        params.append(pytest.param(*values, marks=marks, id="-".join(_label(v) for v in values)))
-    return params
-
-
-def _label(value):
-    if isinstance(value, torch.dtype):
-        return str(value).replace("torch.", "")
-    if isinstance(value, tuple):
-        return "x".join(_label(v) for v in value)
-    return str(value)
 
 
 def _sigmas(shape, device, seed=1, lo=0.02, hi=0.98):
@@ -240,7 +224,7 @@ def _check(got, fn, kwargs, dtype, backend):
                    bf16_truncates=INTERPRETED.get(backend, False))
 
 
-@pytest.mark.parametrize("backend,dtype", _params(BACKENDS, DTYPES))
+@pytest.mark.parametrize("backend,dtype", backend_params(BACKENDS, DTYPES))
 def test_interpolate_matches_reference(backend, dtype):
     _backend(backend, "flow_interpolate", dtype)
     device = DEVICE[backend]
@@ -271,7 +255,7 @@ def _step_kwargs(shape, sigma_shape, dtype, device, form, guidance, stochastic, 
 GUIDANCE = ("none", "batched", "two", "rescaled")
 
 
-@pytest.mark.parametrize("backend,dtype,guidance", _params(BACKENDS, DTYPES, GUIDANCE))
+@pytest.mark.parametrize("backend,dtype,guidance", backend_params(BACKENDS, DTYPES, GUIDANCE))
 def test_step_matches_reference(backend, dtype, guidance):
     """Both sigma forms, deterministic and stochastic with given noise, every layout; out= and in place."""
     _backend(backend, "flow_step", dtype)
@@ -287,7 +271,7 @@ def test_step_matches_reference(backend, dtype, guidance):
     assert _served(backend, "flow_step", dtype, opts) == backend
 
 
-@pytest.mark.parametrize("backend", _params(BACKENDS))
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_step_out_in_place_and_channels_last(backend):
     _backend(backend, "flow_step", torch.float32)
     device = DEVICE[backend]
@@ -315,7 +299,7 @@ def test_step_out_in_place_and_channels_last(backend):
                                    dk.flow_step(**given, backend="reference"), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", _params(BACKENDS))
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_step_bad_step_index_gives_nan(backend):
     """The backend function called directly (no validation): a sample whose step index is outside the table
     comes out NaN, the others are the reference's; nothing is read outside the table."""
@@ -332,7 +316,7 @@ def test_step_bad_step_index_gives_nan(backend):
         torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", _params(BACKENDS))
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_step_in_kernel_noise(backend):
     """noise=None draws standard normals in the kernel: reproducible from the same generator state, different
     for the next draw, and a stochastic step onto sigma_next = 0 is the deterministic x0 (no noise term)."""
@@ -358,7 +342,7 @@ def test_step_in_kernel_noise(backend):
     torch.testing.assert_close(a[1], step(noise=torch.zeros_like(x))[1], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend,dtype", _params(BACKENDS, DTYPES))
+@pytest.mark.parametrize("backend,dtype", backend_params(BACKENDS, DTYPES))
 def test_loss_matches_reference(backend, dtype):
     """The loss against the reference on the same inputs: both accumulate float32 (float64) sums of the same
     terms in different orders, a few ulps each."""
@@ -382,7 +366,7 @@ def _grads(fn, kwargs, wrt, weight=None):
     return torch.autograd.grad(total, list(leaves.values()))
 
 
-@pytest.mark.parametrize("backend,dtype", _params(BACKENDS, (torch.float32, torch.float16)))
+@pytest.mark.parametrize("backend,dtype", backend_params(BACKENDS, (torch.float32, torch.float16)))
 def test_gradients_match_reference(backend, dtype):
     device = DEVICE[backend]
     tol = dict(rtol=1.3e-6, atol=1e-8) if dtype == torch.float32 else dict(rtol=2e-3, atol=1e-5)
@@ -406,7 +390,7 @@ def test_gradients_match_reference(backend, dtype):
                 torch.testing.assert_close(g, e, **tol, msg=lambda m: f"{op} d/d{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", _params(BACKENDS))
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_gradcheck(backend):
     device = DEVICE[backend]
     for op, wrt in (("flow_interpolate", ("x0", "noise")), ("flow_loss", ("model_output",))):
@@ -426,7 +410,7 @@ def test_gradcheck(backend):
         assert torch.autograd.gradcheck(fn, [base[n].clone().requires_grad_() for n in wrt])
 
 
-@pytest.mark.parametrize("backend", _params(BACKENDS))
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_torch_compile_fullgraph(backend):
     """The three ops under torch.compile(fullgraph=True): eager's values, the in-place step in place."""
     impl = _backend(backend, "flow_step", torch.float32)
@@ -453,7 +437,7 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(xc, eager[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", _params(BACKENDS))
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_sampling_step_runs_detached(backend):
     """The step is a sampling op: inputs that require grad do not change the kernel; no autograd history."""
     _backend(backend, "flow_step", torch.float64)

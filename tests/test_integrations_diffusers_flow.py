@@ -20,7 +20,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 import ddpm_kernels  # noqa: E402
 from ddpm_kernels import flow as flow_ops  # noqa: E402
 from ddpm_kernels.integrations.diffusers import FusedFlowMatchEulerDiscreteScheduler  # noqa: E402
-from ddpm_kernels.integrations.diffusers import flow as dkf  # noqa: E402  (the module whose globals tests patch)
+from ddpm_kernels.integrations.diffusers import _common  # noqa: E402  (whose on_host tests replace)
 
 try:
     import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
@@ -469,7 +469,7 @@ def test_scale_noise_device_timestep_not_in_schedule_gives_nan(monkeypatch):
     with pytest.raises(IndexError) as fused_error:
         fused.scale_noise(x, t, noise)
     assert str(stock_error.value) == str(fused_error.value)
-    monkeypatch.setattr(dkf, "_on_host", lambda tensor: False)
+    monkeypatch.setattr(_common, "on_host", lambda tensor: False)
     got = fused.scale_noise(x, t, noise)
     assert torch.isnan(got[1]).all()
     expected = stock.scale_noise(x[:1], t[:1], noise[:1])
@@ -652,7 +652,7 @@ def fail_on_sync(monkeypatch):
     """Make every value-reading Tensor method raise, as a device tensor read would sync, and treat CPU tensors
     as device tensors. The one exception is ddpm_kernels' step-index range check, which runs on CPU tensors
     only (where it is free) and is skipped for device tensors."""
-    monkeypatch.setattr(dkf, "_on_host", lambda tensor: False)
+    monkeypatch.setattr(_common, "on_host", lambda tensor: False)
     allowed = {"_check_step_index"}
 
     def guard(name, original):

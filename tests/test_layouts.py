@@ -186,9 +186,10 @@ def _opcheck_cases(backend):
             (ops.p_sample_out, (x, t, y, tab, "x0", False, z, None, 0, torch.empty_like(x))),
             (ops.diffusion_loss, (x.double().requires_grad_(), y.double(), z.double(), t, tab64, "v", "l1", 1.0, 0.5)),
             (ops.diffusion_loss_backward, (one, one, one, x, y, z, t, tab, "eps", "l2", 1.0, 0.5)),
-            (ops.ddim_step, (x, t, t - 3, y, tab64, 1.0, "v", True, 1.5, False, True, z, None, 0, True)),
-            (ops.ddpm_step_out, (x, t, t - 1, y, tab64, "x0", "fixed_large", True, 2.0, z, None, 0, True,
-                                 torch.empty_like(x))),
+            (ops.ddim_step, (x, t, t - 3, y, None, None, tab64, 1.0, "v", True, 1.5, False, True, 0.0, z, None, 0,
+                             True)),
+            (ops.ddpm_step_out, (x, t, t - 1, y, None, None, tab64, "x0", "fixed_large", True, 2.0, 0.0, z, None, 0,
+                                 True, torch.empty_like(x))),
         ]
     ops = torch.ops.ddpm_kernels_triton
     return [

@@ -312,12 +312,12 @@ def test_opcheck(schedule, dtype):
     cases = [
         (ops.sampler_step_guidance_stats, (x, c, u, w, 0)),
         (ops.sampler_step_guidance_stats, (x, wide_c, wide_u, w, 3)),
-        (ops.sampler_step, (x, t, t_prev, c, ab, ddim, 0, 0, 0.5, True, 1.0, True, False, True, z, None, 0, 0, True,
+        (ops.sampler_step, (x, t, t_prev, c, ab, ddim, 0, 0, 0.5, True, 1.0, True, False, True, z, None, 0, 0, 0, True,
                             None, u, w, None, 0.0)),
-        (ops.sampler_step, (x, t, t_prev, c, ab, ddim, 2, 0, 1.0, False, 1.0, True, True, True, None, seed, 0, 0,
+        (ops.sampler_step, (x, t, t_prev, c, ab, ddim, 2, 0, 1.0, False, 1.0, True, True, True, None, seed, 0, 0, 0,
                             False, scale, u, w, stats, 0.7)),
         (ops.sampler_step_out, (x, t, t_prev, wide_c, ab, ddpm, 1, 3, 0.0, True, 1.0, True, False, True, z, None, 0,
-                                0, True, None, wide_u, w, wide_stats, 0.4, torch.empty_like(x))),
+                                0, 0, True, None, wide_u, w, wide_stats, 0.4, torch.empty_like(x))),
         (ops.sampler_step_x0, (x, t, t_prev, c, ab, 0, 0, u, w, stats, 0.7)),
         (ops.sampler_step_x0, (x, t, t_prev, wide_c, ab, 2, 2, wide_u, w, None, 0.0)),
     ]

@@ -146,24 +146,24 @@ def _opcheck_cases(schedule, dtype):
     ddim, ddpm = SAMPLERS["ddim"][0], SAMPLERS["ddpm"][0]
     # (x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta, clip_denoised,
     #  clip_range, set_alpha_to_one, use_clipped_model_output, add_noise, noise, seed, philox_seed,
-    #  philox_offset, return_pred_x0, scale, uncond, guidance, stats, guidance_rescale); guided cases are in
+    #  philox_offset, sample_offset, return_pred_x0, scale, uncond, guidance, stats, guidance_rescale); guided cases are in
     # tests/test_triton_guidance.py
     return [
-        (ops.sampler_step, (x, t, t_prev, y, ab, ddim, 0, 0, 0.0, False, 1.0, True, False, False, None, None, 0, 0,
+        (ops.sampler_step, (x, t, t_prev, y, ab, ddim, 0, 0, 0.0, False, 1.0, True, False, False, None, None, 0, 0, 0,
                             False, None) + UNGUIDED),
-        (ops.sampler_step, (x, t, t_prev, y, ab, ddim, 2, 0, 1.0, True, 1.5, False, True, True, z, None, 0, 0,
+        (ops.sampler_step, (x, t, t_prev, y, ab, ddim, 2, 0, 1.0, True, 1.5, False, True, True, z, None, 0, 0, 0,
                             True, None) + UNGUIDED),
-        (ops.sampler_step, (x, t, t_prev, y, ab, ddim, 1, 0, 0.5, True, 1.0, True, False, True, None, seed, 0, 0,
+        (ops.sampler_step, (x, t, t_prev, y, ab, ddim, 1, 0, 0.5, True, 1.0, True, False, True, None, seed, 0, 0, 0,
                             True, scale) + UNGUIDED),
         (ops.sampler_step_out, (x, t, t_prev, y, ab, ddim, 0, 0, 0.5, True, 1.0, True, False, True, None, None,
-                                2**62 + 3, 68, True, None) + UNGUIDED + (torch.empty_like(x),)),
+                                2**62 + 3, 68, 0, True, None) + UNGUIDED + (torch.empty_like(x),)),
         (ops.sampler_step_x0, (x, t, t_prev, y, ab, 2, 0) + UNGUIDED),
-        (ops.sampler_step, (x, t, t_prev, y, ab, ddpm, 0, 0, 0.0, True, 1.0, True, False, True, z, None, 0, 0,
+        (ops.sampler_step, (x, t, t_prev, y, ab, ddpm, 0, 0, 0.0, True, 1.0, True, False, True, z, None, 0, 0, 0,
                             True, None) + UNGUIDED),
         (ops.sampler_step, (x, t, t_prev, wide, ab, ddpm, 2, 3, 0.0, False, 1.0, True, False, True, None, seed, 0,
-                            0, False, scale) + UNGUIDED),
+                            0, 0, False, scale) + UNGUIDED),
         (ops.sampler_step_out, (x, t, t_prev, wide, ab, ddpm, 1, 2, 0.0, True, 2.0, True, False, True, z, None, 0,
-                                0, False, None) + UNGUIDED + (torch.empty_like(x),)),
+                                0, 0, False, None) + UNGUIDED + (torch.empty_like(x),)),
         (ops.sampler_step_x0, (x, t, t_prev, wide, ab, 0, 2) + UNGUIDED),
         (ops.dynamic_threshold_apply, (x, scale)),
     ]

@@ -38,10 +38,17 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 T = 1000
-OPS = ("q_sample", "p_sample", "ddpm_step", "ddim_step", "loss_fwd_bwd")
-# Full tensors each op must read plus write, in units of the data tensor's size.
-PASSES = {"q_sample": 3, "p_sample": 3, "ddpm_step": 3, "ddim_step": 3, "loss_fwd_bwd": 5}
+OPS = ("q_sample", "p_sample", "ddpm_step", "ddim_step", "loss_fwd_bwd", "flow_step", "flow_step_guided",
+       "flow_interpolate", "flow_loss_fwd_bwd")
+FLOW_OPS = tuple(op for op in OPS if op.startswith("flow"))
+# Full tensors each op must read plus write, in units of the data tensor's size (the guided step reads the
+# unconditional and the conditional outputs).
+PASSES = {"q_sample": 3, "p_sample": 3, "ddpm_step": 3, "ddim_step": 3, "loss_fwd_bwd": 5, "flow_step": 3,
+          "flow_step_guided": 4, "flow_interpolate": 3, "flow_loss_fwd_bwd": 7}
 SHAPES = ((1, 4, 64, 64), (16, 4, 64, 64), (64, 4, 128, 128))
+# Flow-matching latents (16 channels: SD3, Flux) and a transformer's token layout, for the flow ops
+FLOW_SHAPES = ((4, 16, 128, 128), (2, 4096, 64))
+FLOW_STEPS = 28
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOOP_STEPS = 50
 
@@ -104,6 +111,10 @@ class Case:
         self.t_prev = (self.t - 20).clamp(min=-1)
         self.numel = self.x.numel()
         self.bytes = PASSES[op] * self.numel * self.x.element_size()
+        self.sigmas = torch.linspace(1.0, 0.0, FLOW_STEPS + 1, device=device)
+        self.index = torch.full((B,), FLOW_STEPS // 2, dtype=torch.long, device=device)
+        self.sigma = torch.rand(B, generator=g, device=device) * 0.9 + 0.05
+        self.both = torch.cat([self.z, self.mo])
 
     def call(self, backend: str) -> Callable[[], object]:
         import ddpm_kernels as dk
@@ -117,6 +128,8 @@ class Case:
             return lambda: dk.ddpm_step(x, t, tp, mo, s, backend=backend)
         if op == "ddim_step":
             return lambda: dk.ddim_step(x, t, tp, mo, s, 1.0, backend=backend)
+        if op in FLOW_OPS:
+            return self._flow_call(op, backend)
         mo_grad = mo.detach().clone().requires_grad_(True)
 
         def loss_fwd_bwd():
@@ -124,12 +137,29 @@ class Case:
 
         return loss_fwd_bwd
 
+    def _flow_call(self, op: str, backend: str) -> Callable[[], object]:
+        import ddpm_kernels as dk
+
+        x, mo, z, sigmas, index, sigma, both = self.x, self.mo, self.z, self.sigmas, self.index, self.sigma, self.both
+        if op == "flow_step":
+            return lambda: dk.flow_step(x, mo, sigmas, index, backend=backend)
+        if op == "flow_step_guided":
+            return lambda: dk.flow_step(x, both, sigmas, index, guidance_scale=4.5, backend=backend)
+        if op == "flow_interpolate":
+            return lambda: dk.flow_interpolate(x, z, sigma, backend=backend)
+        mo_grad = mo.detach().clone().requires_grad_(True)
+        return lambda: torch.autograd.grad(dk.flow_loss(mo_grad, x, z, sigma, backend=backend), mo_grad)
+
     def compiled_call(self, compiled: Dict) -> Callable[[], object]:
         """torch.compile of the reference; one compiled function per (op, dtype) serves every shape."""
         import ddpm_kernels as dk
 
         s, op = self.s, self.op
         key = (op, self.dtype)
+        if op in FLOW_OPS:
+            if key not in compiled:
+                compiled[key] = torch.compile(self._flow_call(op, "reference"), dynamic=True)
+            return compiled[key]
         if key not in compiled:
             if op == "q_sample":
                 f = lambda x, t, tp, mo, z: dk.q_sample(x, t, z, s, backend="reference")  # noqa: E731
@@ -152,9 +182,23 @@ class Case:
     def diffusers_call(self) -> Optional[Callable[[], object]]:
         """The stock diffusers counterpart (scalar timestep, its tables on the host as it keeps them)."""
         try:
-            from diffusers import DDIMScheduler, DDPMScheduler
+            from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
         except ImportError:
             return None
+        if self.op in ("flow_step", "flow_step_guided"):
+            sched = FlowMatchEulerDiscreteScheduler()
+            sched.set_timesteps(FLOW_STEPS, device=self.device)
+            timestep, x, mo, both = sched.timesteps[FLOW_STEPS // 2], self.x, self.mo, self.both
+
+            def stock_step():
+                sched._step_index = FLOW_STEPS // 2  # the same step every call
+                v = mo
+                if self.op == "flow_step_guided":  # a pipeline's CFG, then the stock step
+                    u, c = both.chunk(2)
+                    v = u + 4.5 * (c - u)
+                return sched.step(v, timestep, x).prev_sample
+
+            return stock_step
         betas = self.s.betas.detach().cpu().tolist()
         x, mo, z = self.x, self.mo, self.z
         if self.op == "q_sample":
@@ -361,6 +405,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--shapes", nargs="+", default=["x".join(map(str, s)) for s in SHAPES])
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--flow-shapes", nargs="+", default=["x".join(map(str, s)) for s in FLOW_SHAPES],
+                        help="the flow ops' shapes")
     parser.add_argument("--peak-copy-gbps", type=float, default=None, help="large-copy bandwidth measured before")
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args(argv)
@@ -405,7 +451,9 @@ def main(argv=None) -> int:
               f"{row.get('note', '')}  [{left():.0f} s left]", flush=True)
 
     # 1. eager and the fused backends on every case
-    cases = [Case(op, shape, dt, s) for dt in dtypes for shape in shapes for op in args.ops]
+    flow_shapes = [tuple(int(v) for v in s.split("x")) for s in args.flow_shapes]
+    cases = [Case(op, shape, dt, s) for dt in dtypes for op in args.ops
+             for shape in (flow_shapes if op in FLOW_OPS else shapes)]
     for case in cases:
         if left() < 5:
             result["notes"].append("time budget spent: later rows not run")

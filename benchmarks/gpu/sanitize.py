@@ -75,7 +75,30 @@ def calls(backend, dtype, shape, s, unaligned=False, device="cuda"):
         "ddim_step eta=0": lambda: dk.ddim_step(x, t, t_prev, mo, s, 0.0, backend=b),
         "ddim_step eta=1": lambda: dk.ddim_step(x, t, t_prev, mo, s, 1.0, "eps", True, backend=b),
     }
+    # the flow family: table and per-token sigmas, guidance (one kernel) and its rescale (a reduction first)
+    sigmas = torch.linspace(1.0, 0.0, 29, device=device)
+    index = torch.randint(0, 28, (B,), device=device)
+    sigma = torch.rand(B, device=device) * 0.9 + 0.05
+    per_token = (torch.rand(shape[:2], device=device) * 0.9 + 0.05).reshape(shape[:2] + (1,) * (len(shape) - 2))
+    both = torch.cat([z, mo])
+    pointwise.update({
+        "flow_interpolate": lambda: dk.flow_interpolate(x, z, sigma, backend=b),
+        "flow_interpolate per token out=": lambda: dk.flow_interpolate(x, z, per_token, backend=b, out=buf),
+        "flow_interpolate backward": lambda: _flow_interpolate_backward(dk, x, z, sigma, b),
+        "flow_step": lambda: dk.flow_step(x, mo, sigmas, index, backend=b),
+        "flow_step in place": lambda: dk.flow_step(buf, mo, sigmas, index, backend=b, out=buf),
+        "flow_step per token stochastic": lambda: dk.flow_step(x, mo, sigma=per_token, sigma_next=per_token * 0.8,
+                                                               stochastic=True, backend=b),
+        "flow_step guided": lambda: dk.flow_step(x, both, sigmas, index, guidance_scale=4.0, backend=b),
+        "ddim_step guided": lambda: dk.ddim_step(x, t, t_prev, both, s, 0.5, guidance_scale=3.0, backend=b),
+    })
     reductions = {
+        "flow_step guided rescale": lambda: dk.flow_step(x, both, sigmas, index, guidance_scale=4.0,
+                                                         guidance_rescale=0.7, backend=b),
+        "ddpm_step guided rescale": lambda: dk.ddpm_step(x, t, t_prev, both, s, guidance_scale=3.0,
+                                                         guidance_rescale=0.7, backend=b),
+        "flow_loss cosmap l2": lambda: dk.flow_loss(mo, x, z, sigma, "cosmap", backend=b),
+        "flow_loss backward per token l1": lambda: _flow_loss_backward(dk, mo, x, z, per_token, b),
         "diffusion_loss eps l2": lambda: dk.diffusion_loss(mo, x, z, t, s, "eps", "l2", backend=b),
         "diffusion_loss v l1": lambda: dk.diffusion_loss(mo, x, z, t, s, "v", "l1", 0.7, 0.3, backend=b),
         "diffusion_loss backward eps l2": lambda: loss_backward("eps", "l2"),
@@ -85,6 +108,16 @@ def calls(backend, dtype, shape, s, unaligned=False, device="cuda"):
         "ddpm_step threshold": lambda: dk.ddpm_step(x, t, t_prev, mo, s, threshold_ratio=0.9, backend=b),
     }
     return pointwise, reductions
+
+
+def _flow_interpolate_backward(dk, x, z, sigma, backend):
+    a, n = x.detach().clone().requires_grad_(True), z.detach().clone().requires_grad_(True)
+    return torch.autograd.grad(dk.flow_interpolate(a, n, sigma, backend=backend).sum(), (a, n))
+
+
+def _flow_loss_backward(dk, mo, x, z, sigma, backend):
+    m = mo.detach().clone().requires_grad_(True)
+    return torch.autograd.grad(dk.flow_loss(m, x, z, sigma, "sigma_sqrt", "l1", backend=backend), m)
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,9 @@
 // CPU kernels of the flow-matching family (csrc/flow.h): the interpolant and the step are one pass of the
-// family loop; the step's guidance rescale adds one reduction pass first; the loss is a chunked reduction
-// (deterministic: fixed chunks, float64 partials) and its backward one pass.
+// family loop; the step's guidance rescale adds one reduction pass first (cpu/guidance.h); the loss is a
+// chunked reduction (deterministic: fixed chunks, float64 partials) and its backward one pass.
 #include <vector>
 
+#include "guidance.h"
 #include "kernels.h"
 #include "loops.h"
 #include "noise.h"
@@ -12,39 +13,11 @@
 namespace ddpm::cpu::CPU_CAPABILITY {
 namespace {
 
-// Elements per reduction piece (a parallel work item), and per float64 flush of the lane accumulators inside
-// it: the float32 lanes sum at most a few dozen terms each, so their rounding stays far below the float32
-// result's; partial sums per (sample, piece) make the result independent of the thread count.
+// Elements per reduction piece of the loss (a parallel work item), and per float64 flush of the lane
+// accumulators inside it (as the guidance rescale's, cpu/guidance.h): partial sums per (sample, piece) make the
+// result independent of the thread count.
 constexpr int64_t kFlowChunk = 4096;
 constexpr int64_t kFlowFlush = 256;
-
-// The rescale reduction: kRescaleSums float64 sums per piece into `sums` (B * chunks pieces).
-template <typename scalar_t, typename F>
-void rescale_sums(const F& f, int64_t B, int64_t N, int64_t chunks, double* sums) {
-  using L = Lanes<scalar_t>;
-  using V = typename L::V;
-  at::parallel_for(0, B * chunks, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = p / chunks;
-      const auto sh = f.shift(b);
-      int64_t i = b * N + (p % chunks) * kFlowChunk;
-      const int64_t stop = std::min(i + kFlowChunk, (b + 1) * N);
-      double total[kRescaleSums] = {0, 0, 0, 0};
-      while (i < stop) {
-        const int64_t flush = std::min(i + kFlowFlush, stop);
-        V acc[kRescaleSums][L::kLanes];
-        for (int q = 0; q < kRescaleSums; ++q)
-          for (int k = 0; k < L::kLanes; ++k) acc[q][k] = splat<V>(0);
-        for (; i < flush; i += L::size()) {
-          f.template rescale_sums_of<L>(i, std::min<int64_t>(L::size(), flush - i), sh, acc);
-        }
-        for (int q = 0; q < kRescaleSums; ++q)
-          for (int k = 0; k < L::kLanes; ++k) total[q] += hsum(acc[q][k]);
-      }
-      for (int q = 0; q < kRescaleSums; ++q) sums[p * kRescaleSums + q] = total[q];
-    }
-  });
-}
 
 }  // namespace
 
@@ -66,25 +39,18 @@ void Kernels::flow_step(const FlowStepCall& call) {
     const typename Noise::Spec spec = Noise::spec(call.noise, call.stochastic, call.generator, call.sample, call.sample_offset);
     if (numel == 0) return;
     const int64_t B = call.sample.size(0), N = numel / B;
-    const int64_t chunks = (N + kFlowChunk - 1) / kFlowChunk;
     std::vector<double> sums;
     with_bool(call.guided(), [&](auto G) {
       with_bool(call.per_token(), [&](auto T) {
-        const double* rescale = nullptr;
-        if (call.rescaled()) {
-          sums.resize(B * chunks * kRescaleSums);
-          const auto f = FlowStepKernel<scalar_t, std::false_type, decltype(G), decltype(T)>::make(
-              call, std::false_type(), G, T);
-          rescale_sums<scalar_t>(f, B, N, chunks, sums.data());
-          rescale = sums.data();
-        }
         if (call.stochastic) {
-          const auto f = FlowStepKernel<scalar_t, std::true_type, decltype(G), decltype(T)>::make(
-              call, std::true_type(), G, T, rescale, chunks);
+          auto f = FlowStepKernel<scalar_t, std::true_type, decltype(G), decltype(T)>::make(call, std::true_type(),
+                                                                                              G, T);
+          prepare_rescale(f.guide, B, sums);
           run_family<scalar_t>(f, numel, N, Noise(spec));
         } else {
-          const auto f = FlowStepKernel<scalar_t, std::false_type, decltype(G), decltype(T)>::make(
-              call, std::false_type(), G, T, rescale, chunks);
+          auto f = FlowStepKernel<scalar_t, std::false_type, decltype(G), decltype(T)>::make(call, std::false_type(),
+                                                                                               G, T);
+          prepare_rescale(f.guide, B, sums);
           run_family<scalar_t>(f, numel, N);
         }
       });

@@ -1,4 +1,8 @@
-// CPU kernel of the sampler-step family (csrc/sampler_coefficients.h): every sampler, one loop.
+// CPU kernel of the sampler-step family (csrc/sampler_coefficients.h): every sampler, one loop; a rescaled guided
+// step runs the guidance reduction first (cpu/guidance.h).
+#include <vector>
+
+#include "guidance.h"
 #include "kernels.h"
 #include "loops.h"
 #include "noise.h"
@@ -12,10 +16,15 @@ void Kernels::sampler_step(const SamplerCall& call) {
     // p_sample's scheme, so a step and a p_sample from the same generator state draw the same normals.
     const typename Noise::Spec spec = Noise::spec(call.noise, call.step.add_noise, call.generator, call.x_t, call.sample_offset);
     if (numel == 0) return;
+    const int64_t B = call.x_t.size(0);
+    std::vector<double> sums;
     with_sampler(call.step.sampler, [&](auto S) {
       with_param(call.step.param, [&](auto P) {
-        run_family<scalar_t>(SamplerKernel<scalar_t, decltype(S), decltype(P)>::make(call, S, P), numel,
-                             numel / call.x_t.size(0), Noise(spec));
+        with_bool(call.guided(), [&](auto G) {
+          auto f = SamplerKernel<scalar_t, decltype(S), decltype(P), decltype(G)>::make(call, S, P, G);
+          prepare_rescale(f.guide, B, sums);
+          run_family<scalar_t>(f, numel, numel / B, Noise(spec));
+        });
       });
     });
   });

@@ -1,9 +1,10 @@
 // CUDA kernels of the flow-matching family (csrc/flow.h): the interpolant, the step and the loss backward are
-// the family kernel (launch.cuh); the guidance rescale is one reduction launch before the step, the loss a
-// two-launch reduction. Flags are runtime values (uniform branches): one instantiation per dtype.
+// the family kernel (launch.cuh); the guidance rescale is one reduction launch before the step
+// (cuda/guidance.cuh), the loss a two-launch reduction. Flags are runtime values (uniform branches): one instantiation per dtype.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "guidance.cuh"
 #include "kernels.h"
 #include "launch.cuh"
 
@@ -15,41 +16,8 @@ namespace {
 constexpr int kFlowItems = 16;  // elements per thread per piece: a piece is kThreads * kFlowItems elements
 constexpr int64_t kFlowChunk = int64_t(kThreads) * kFlowItems;
 
-// One element per slice, in float64 lanes: the rescale sums accumulate in float64 on the device.
-template <typename scalar_t>
-struct DoubleIO {
-  using V = double;
-  static constexpr int kLanes = 1;
-  static DDPM_LANE void load(const scalar_t* p, V* v, int64_t) {
-    v[0] = static_cast<double>(static_cast<at::opmath_type<scalar_t>>(*p));
-  }
-};
-
-// The rescale reduction: piece p = b * chunks + c (kFlowChunk elements of sample b) into
-// sums[p * kRescaleSums + q]; blocks take pieces in grid-stride turns. Fixed pieces and tree sums: the result
-// does not depend on scheduling or on the grid size.
-template <typename scalar_t, typename F>
-__global__ void __launch_bounds__(kThreads)
-    rescale_sums_kernel(F f, int64_t N, int64_t chunks, int64_t pieces, double* sums) {
-  __shared__ double shared[kThreads / 32];
-  for (int64_t p = blockIdx.x; p < pieces; p += gridDim.x) {
-    const int64_t b = p / chunks, chunk = p - b * chunks;
-    const auto sh = f.shift(b);
-    const int64_t begin = b * N + chunk * kFlowChunk;
-    const int64_t end = begin + kFlowChunk < (b + 1) * N ? begin + kFlowChunk : (b + 1) * N;
-    double acc[kRescaleSums][1] = {{0}, {0}, {0}, {0}};
-    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      f.template rescale_sums_of<DoubleIO<scalar_t>>(i, 1, sh, acc);
-    }
-    DDPM_UNROLL
-    for (int q = 0; q < kRescaleSums; ++q) {
-      const double s = block_sum(acc[q][0], shared);
-      if (threadIdx.x == 0) sums[p * kRescaleSums + q] = s;
-    }
-  }
-}
-
-// The loss's sums of l(d) per piece, as the rescale sums; W elements per load (W > 1: packets).
+// The loss's sums of l(d) per piece, as the rescale sums (cuda/guidance.cuh); W elements per load (W > 1:
+// packets).
 template <typename scalar_t, int W, typename F>
 __global__ void __launch_bounds__(kThreads)
     flow_loss_partials_kernel(F f, int64_t N, int64_t chunks, int64_t pieces, double* partial) {
@@ -111,22 +79,10 @@ void Kernels::flow_step(const FlowStepCall& call) {
     return;
   }
   const int64_t B = call.sample.size(0), N = numel / B;
-  const int64_t chunks = (N + kFlowChunk - 1) / kFlowChunk, pieces = B * chunks;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   DDPM_DISPATCH_FLOATING(call.sample.scalar_type(), "ddpm_kernels_flow_step_cuda", [&] {
-    using F = FlowStepKernel<scalar_t, bool, bool, bool>;
-    at::Tensor sums;
-    const double* rescale = nullptr;
-    if (call.rescaled()) {
-      sums = at::empty({pieces * kRescaleSums}, call.sample.options().dtype(at::kDouble));
-      const int64_t blocks = std::min<int64_t>(pieces, int64_t(sm_count()) * 32);
-      rescale_sums_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(F::make(call, false, true, call.per_token()),
-                                                                     N, chunks, pieces,
-                                                                     sums.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      rescale = sums.const_data_ptr<double>();
-    }
-    run_family<scalar_t>(F::make(call, call.stochastic, call.guided(), call.per_token(), rescale, chunks), numel, N,
+    auto f = FlowStepKernel<scalar_t, bool, bool, bool>::make(call, call.stochastic, call.guided(), call.per_token());
+    const at::Tensor sums = prepare_rescale(f.guide, B, call.sample.options());
+    run_family<scalar_t>(f, numel, N,
                          {call.sample.const_data_ptr(), call.model_output.const_data_ptr(),
                           call.uncond != nullptr ? call.uncond->const_data_ptr() : nullptr,
                           call.out.const_data_ptr()},

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .. import flow, ops as dk
+from .. import euler, flow, ops as dk
 from .._spec import OPS, OpSpec, step_options
 from ..schedule import DiffusionSchedule
 
@@ -51,7 +51,13 @@ class CaseSpec:
     def noise_read(self) -> bool:
         """Whether a given ``noise`` is read: DDIM at ``eta == 0`` (its default) adds none."""
         opts = self.step_options
-        adds_noise = opts.adds_noise if opts is not None else self.options.get("stochastic", True)
+        options = self.options
+        if opts is not None:
+            adds_noise = opts.adds_noise
+        elif "s_churn" in options:  # the Euler step draws only with churn
+            adds_noise = options["s_churn"] > 0
+        else:
+            adds_noise = options.get("stochastic", True)
         return not self.in_kernel_noise and adds_noise
 
 
@@ -64,6 +70,8 @@ def _cases(spec: OpSpec) -> List[CaseSpec]:
         return [base, CaseSpec(spec.name + "_stochastic", spec, overrides=stochastic),
                 CaseSpec(spec.name + "_stochastic_rng", spec, in_kernel_noise=True, overrides=stochastic),
                 CaseSpec(spec.name + "_guided", spec, guided=True)]
+    if spec.name == "euler_step":  # no noise at its defaults (no churn)
+        return [base]
     opts = base.step_options
     if spec.draws_noise and (opts is None or opts.adds_noise):
         return [base, CaseSpec(spec.name + "_rng", spec, in_kernel_noise=True)]
@@ -221,10 +229,13 @@ class Case:
         if spec.name == "flow_step":  # the table form: a 50-step sigma table, a step index per sample
             self.tensors["sigmas"] = torch.linspace(1.0, 0.0, 51).to(device)
             self.tensors["step_index"] = torch.randint(0, 50, (self.shape[0],), generator=g).to(device)
+        elif spec.family == "sigma":  # a Karras-like table from 14.6 down to 0.03, then 0
+            self.tensors["sigmas"] = torch.cat([torch.logspace(1.164, -1.5, 50), torch.zeros(1)]).to(device)
+            self.tensors["step_index"] = torch.randint(0, 50, (self.shape[0],), generator=g).to(device)
         elif spec.sigmas:
             self.tensors["sigma"] = (0.02 + 0.96 * torch.rand(self.shape[0], generator=g)).to(device)
         self.out = torch.empty_like(self.tensors[spec.data]) if spec.has_out else None
-        self.fn = getattr(flow if spec.family == "flow" else dk, spec.name)
+        self.fn = getattr(euler if spec.family == "sigma" else flow if spec.family == "flow" else dk, spec.name)
         # ops without timesteps (dynamic_threshold) take no schedule
         self.static = dict(self.case.options, **({"schedule": schedule} if spec.timesteps else {}))
         if self.case.guided:  # one scale per sample, in [1, 8) as pipelines use

@@ -49,6 +49,7 @@ import triton.language as tl
 from .._layout import dense_format, in_format
 from .guidance import block_split, guidance_stats, rescale_factor, stats_layout
 from .utils import (
+    sample_partial_sums,
     as_rows,
     custom_op_with_out,
     device_of,
@@ -271,14 +272,7 @@ def flow_loss_reduce_kernel(
     while b0 < B:
         samples = b0 + tl.arange(0, BLOCK_B)
         in_batch = samples < B
-        sample_sum = tl.zeros((BLOCK_B,), dtype=cd)
-        p0 = 0
-        while p0 < n_tiles:
-            tiles = p0 + tl.arange(0, BLOCK_P)
-            ptrs = partial_ptr + samples.to(tl.int64)[:, None] * n_tiles + tiles[None, :]
-            sample_sum += tl.sum(tl.load(ptrs, mask=in_batch[:, None] & (tiles < n_tiles)[None, :], other=0.0),
-                                 axis=1)
-            p0 += BLOCK_P
+        sample_sum = sample_partial_sums(partial_ptr, samples, in_batch, n_tiles, cd, BLOCK_B, BLOCK_P)
         acc += tl.where(in_batch, div_rn(sample_sum, tl.cast(N, cd)), 0.0)
         b0 += BLOCK_B
     tl.store(loss_ptr, div_rn(tl.sum(acc, axis=0), tl.cast(B, cd)).to(loss_ptr.dtype.element_ty))

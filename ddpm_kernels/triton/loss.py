@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .pair import GET_V, pair_coefficients
 from .utils import (
+    sample_partial_sums,
     div_rn,
     empty_dense,
     like_dense,
@@ -107,20 +108,11 @@ def diffusion_loss_reduce_kernel(
     cd: tl.constexpr = table_ptr.dtype.element_ty
     simple_acc = tl.zeros((BLOCK_B,), dtype=cd)
     vlb_acc = tl.zeros((BLOCK_B,), dtype=cd)
-    # while, not range(): Triton's interpreter (how CI runs kernels) cannot take a runtime bound in range() with
-    # numpy 2, while compiled Triton handles both the same way.
     b0 = 0
-    while b0 < B:
+    while b0 < B:  # while, not range(): see sample_partial_sums
         samples = b0 + tl.arange(0, BLOCK_B)
         in_batch = samples < B
-        sample_sum = tl.zeros((BLOCK_B,), dtype=cd)
-        p0 = 0
-        while p0 < n_tiles:
-            tiles = p0 + tl.arange(0, BLOCK_P)
-            ptrs = partial_ptr + samples.to(tl.int64)[:, None] * n_tiles + tiles[None, :]
-            vals = tl.load(ptrs, mask=in_batch[:, None] & (tiles < n_tiles)[None, :], other=0.0)
-            sample_sum += tl.sum(vals, axis=1)
-            p0 += BLOCK_P
+        sample_sum = sample_partial_sums(partial_ptr, samples, in_batch, n_tiles, cd, BLOCK_B, BLOCK_P)
         per_sample = div_rn(sample_sum, tl.cast(N, cd))
         t = tl.load(t_ptr + samples, mask=in_batch, other=0)
         t_in_range = (t >= 0) & (t < T)

@@ -78,6 +78,7 @@ __all__ = [
     "split_float",
     "extract_rows",
     "draw_seed",
+    "sample_partial_sums",
     "sample_tile",
     "load_tile",
     "store_tile",
@@ -311,6 +312,23 @@ def extract_rows(table: torch.Tensor, names, t: torch.Tensor, ndim: int):
     cols = torch.where((t >= 0) & (t < T), cols, torch.full_like(cols, float("nan")))
     shape = (t.shape[0],) + (1,) * (ndim - 1)
     return tuple(cols[ROW[name]].reshape(shape).clone() for name in names)
+
+
+@triton.jit
+def sample_partial_sums(partial_ptr, samples, in_batch, n_tiles, cd: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_P: tl.constexpr):
+    """Per sample of ``samples`` (BLOCK_B of them, ``in_batch`` the real ones), the sum of its ``n_tiles`` partial
+    sums in ``partial_ptr`` (row-major (B, n_tiles)), in a fixed order: the reductions of the losses are
+    deterministic. A ``while`` loop, not ``range()``: Triton's interpreter (how CI runs kernels) cannot take a
+    runtime bound in ``range()`` with numpy 2, while compiled Triton handles both the same way."""
+    sample_sum = tl.zeros((BLOCK_B,), dtype=cd)
+    p0 = 0
+    while p0 < n_tiles:
+        tiles = p0 + tl.arange(0, BLOCK_P)
+        ptrs = partial_ptr + samples.to(tl.int64)[:, None] * n_tiles + tiles[None, :]
+        sample_sum += tl.sum(tl.load(ptrs, mask=in_batch[:, None] & (tiles < n_tiles)[None, :], other=0.0), axis=1)
+        p0 += BLOCK_P
+    return sample_sum
 
 
 @triton.jit

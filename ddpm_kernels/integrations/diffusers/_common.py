@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 from collections import OrderedDict
+from typing import Optional
 
 import numpy as np
 import torch
@@ -124,3 +125,70 @@ class _FusedBase:
                 return False, None
             generator = generator[0]
         return True, generator
+
+
+def on_host(tensor: torch.Tensor) -> bool:
+    """Whether reading ``tensor``'s values costs no device synchronization (tests replace it to prove that no
+    step reads the device)."""
+    return tensor.device.type == "cpu"
+
+
+def _host_copy(x):
+    if not isinstance(x, torch.Tensor):
+        return None
+    return x if on_host(x) else x.detach().cpu()  # a table replaced on a device is read once
+
+
+class _StepIndex:
+    """The step index of a table-driven drop-in, kept without reading the device: a Python int exactly as the
+    stock scheduler keeps it, mirrored by an int64 (B,) tensor on the sample's device that the fused op reads and
+    that is advanced there after each step. The first index comes from the host copy of the timesteps
+    (``self._dk_tables()``: ``timesteps``, ``root``, ``host_array``, ``host_timesteps``, ``stock``)."""
+
+    def _dk_view_index(self, timestep, tables) -> Optional[int]:
+        """The position in ``timesteps`` of a 0-d view of it (what iterating it yields), read from the view's
+        storage offset, never from the device; None for any other timestep."""
+        if not (isinstance(timestep, torch.Tensor) and timestep.ndim == 0 and tables.root is not None
+                and timestep._base is tables.root):
+            return None
+        ts = tables.timesteps
+        stride = ts.stride(0)
+        if timestep.dtype != ts.dtype or stride <= 0:
+            return None
+        index, rest = divmod(timestep.storage_offset() - ts.storage_offset(), stride)
+        return index if not rest and 0 <= index < tables.host_array.shape[0] else None
+
+    def _init_step_index(self, timestep) -> None:
+        """The stock first step index, found in the host copy of the timesteps when the timestep's value is
+        known on the host (a view of ``timesteps``, a Python number, a CPU tensor); else the stock lookup (one
+        device read)."""
+        if self.begin_index is None:
+            tables = self._dk_tables()
+            if tables.stock is None:
+                index = self._dk_view_index(timestep, tables)
+                if index is not None:
+                    # index_for_timestep's rule on the host array: the second match when the value occurs twice
+                    matches = np.flatnonzero(tables.host_array == tables.host_array[index])
+                    if matches.size:  # (a NaN timestep matches nothing: the stock lookup raises its error)
+                        self._step_index = int(matches[1] if matches.size > 1 else matches[0])
+                        return
+                if _is_real(timestep) or (isinstance(timestep, torch.Tensor) and on_host(timestep)):
+                    self._step_index = self.index_for_timestep(timestep, tables.host_timesteps)
+                    return
+        super()._init_step_index(timestep)
+
+    def _dk_index_tensor(self, index: int, batch: int, device: torch.device) -> torch.Tensor:
+        """The (B,) int64 step index on ``device``, kept between steps and advanced there (`_dk_advance`)."""
+        cached = self.__dict__.get("_dk_index_")
+        if cached is not None and cached[1] == index and cached[2] == batch and cached[3] == device:
+            return cached[0]
+        tensor = torch.full((batch,), index, dtype=torch.long, device=device)
+        self.__dict__["_dk_index_"] = [tensor, index, batch, device]
+        return tensor
+
+    def _dk_advance(self) -> None:
+        self._step_index += 1
+        cached = self.__dict__.get("_dk_index_")
+        if cached is not None and cached[1] + 1 == self._step_index:
+            cached[0].add_(1)
+            cached[1] += 1

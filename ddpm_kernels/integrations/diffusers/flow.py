@@ -55,7 +55,8 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 
 from ... import flow as flow_ops
 from ...reference import guided_output
-from ._common import _device, _FusedBase, _is_real, _output_maker, _randn
+from . import _common
+from ._common import _device, _FusedBase, _host_copy, _output_maker, _randn, _StepIndex
 
 __all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
 
@@ -64,11 +65,6 @@ _DIRECT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PER_TOKEN_MARGIN = 1e-6
 # the dtype each timestep dtype is compared in against a float32 schedule (a 0-d tensor's promotion rule)
 _COMPARE_DTYPES = {}
-
-
-def _on_host(tensor: torch.Tensor) -> bool:
-    """Whether reading ``tensor``'s values costs no device synchronization."""
-    return tensor.device.type == "cpu"
 
 
 class _Tables:
@@ -81,13 +77,7 @@ class _Tables:
                  "host_sigmas", "stock", "finite", "devices")
 
 
-def _host_copy(x):
-    if not isinstance(x, torch.Tensor):
-        return None
-    return x if _on_host(x) else x.detach().cpu()  # a table replaced on a device is read once
-
-
-class FusedFlowMatchEulerDiscreteScheduler(_FusedBase, FlowMatchEulerDiscreteScheduler):
+class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEulerDiscreteScheduler):
     """diffusers' ``FlowMatchEulerDiscreteScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.flow_step` and ``scale_noise`` as one `ddpm_kernels.flow_interpolate`; see the module
     docstring for what differs."""
@@ -158,55 +148,6 @@ class FusedFlowMatchEulerDiscreteScheduler(_FusedBase, FlowMatchEulerDiscreteSch
             ascending = torch.sort(tables.host_sigmas).values.to(device)
             entry = tables.devices[device] = (sigmas.contiguous(), timesteps, ascending)
         return entry
-
-    # ------------------------------------------------------------------ step index
-    def _dk_view_index(self, timestep, tables: _Tables) -> Optional[int]:
-        """The position in ``timesteps`` of a 0-d view of it (what iterating it yields), read from the view's
-        storage offset, never from the device; None for any other timestep."""
-        if not (isinstance(timestep, torch.Tensor) and timestep.ndim == 0 and tables.root is not None
-                and timestep._base is tables.root):
-            return None
-        ts = tables.timesteps
-        stride = ts.stride(0)
-        if timestep.dtype != ts.dtype or stride <= 0:
-            return None
-        index, rest = divmod(timestep.storage_offset() - ts.storage_offset(), stride)
-        return index if not rest and 0 <= index < tables.host_array.shape[0] else None
-
-    def _init_step_index(self, timestep) -> None:
-        """The stock first step index, found in the host copy of the timesteps when the timestep's value is
-        known on the host (a view of ``timesteps``, a Python number, a CPU tensor); else the stock lookup (one
-        device read)."""
-        if self.begin_index is None:
-            tables = self._dk_tables()
-            if tables.stock is None:
-                index = self._dk_view_index(timestep, tables)
-                if index is not None:
-                    # index_for_timestep's rule on the host array: the second match when the value occurs twice
-                    matches = np.flatnonzero(tables.host_array == tables.host_array[index])
-                    if matches.size:  # (a NaN timestep matches nothing: the stock lookup raises its error)
-                        self._step_index = int(matches[1] if matches.size > 1 else matches[0])
-                        return
-                if _is_real(timestep) or (isinstance(timestep, torch.Tensor) and _on_host(timestep)):
-                    self._step_index = self.index_for_timestep(timestep, tables.host_timesteps)
-                    return
-        super()._init_step_index(timestep)
-
-    def _dk_index_tensor(self, index: int, batch: int, device: torch.device) -> torch.Tensor:
-        """The (B,) int64 step index on ``device``, kept between steps and advanced there (`_dk_advance`)."""
-        cached = self.__dict__.get("_dk_index_")
-        if cached is not None and cached[1] == index and cached[2] == batch and cached[3] == device:
-            return cached[0]
-        tensor = torch.full((batch,), index, dtype=torch.long, device=device)
-        self.__dict__["_dk_index_"] = [tensor, index, batch, device]
-        return tensor
-
-    def _dk_advance(self) -> None:
-        self._step_index += 1
-        cached = self.__dict__.get("_dk_index_")
-        if cached is not None and cached[1] + 1 == self._step_index:
-            cached[0].add_(1)
-            cached[1] += 1
 
     # ------------------------------------------------------------------ step
     def step(
@@ -428,7 +369,7 @@ class FusedFlowMatchEulerDiscreteScheduler(_FusedBase, FlowMatchEulerDiscreteSch
         device = sample.device
         sigmas, timesteps, _ = self._dk_device_tables(tables, device)
         if self.begin_index is None:
-            sigma = self._dk_sigmas_of(timestep.to(device), sigmas, timesteps, _on_host(sample))
+            sigma = self._dk_sigmas_of(timestep.to(device), sigmas, timesteps, _common.on_host(sample))
             if sigma is None:
                 return None
         else:

@@ -1,0 +1,141 @@
+"""Euler-family sampler steps on a sigma table (diffusers' ``EulerDiscreteScheduler`` and
+``EulerAncestralDiscreteScheduler``, SDXL's and ComfyUI's defaults): the sample lives in Karras et al.'s
+sigma space, ``x = x0 + sigma eps`` (the model sees ``x / sqrt(sigma^2 + 1)``), and each sample's ``sigma =
+sigmas[i]`` and ``sigma' = sigmas[i + 1]`` are gathered on the device from the scheduler's table by a per-sample
+step index, as `ddpm_kernels.flow_step` does. Guidance is the step family's option (docs/design.md, "Flow
+matching" and "Euler steps")."""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import _check_backend, _check_data, _check_generator, _check_guidance, _check_like, _check_out
+from ._spec import OPS as SPECS, EulerStepOptions
+from ._stream import check_sample_offset
+from .flow import _check_step_index, _check_table
+from .ops import _BACKENDS, _dispatch, _options, promote, restore_format, row_major
+
+__all__ = ["euler_step", "euler_ancestral_step"]
+
+_STEP_OPTIONS = {}
+
+
+def _step_options(spec, values: tuple, guided: bool) -> EulerStepOptions:
+    key = (spec.name, guided, values, tuple(map(type, values)))
+    try:
+        return _STEP_OPTIONS[key]
+    except (KeyError, TypeError):
+        pass
+    checked = dict(zip(spec.option_names, _options(spec, values)))
+    checked["parameterization"] = checked.pop("prediction_type")
+    opts = EulerStepOptions(spec.name[: -len("_step")], guided=guided, **checked)
+    if len(_STEP_OPTIONS) < 1024:
+        try:
+            _STEP_OPTIONS[key] = opts
+        except TypeError:
+            pass
+    return opts
+
+
+def _step(name, sample, model_output, sigmas, step_index, noise, generator, backend, values, out, guidance_scale,
+          uncond, guidance_rescale, sample_offset):
+    spec = SPECS[name]
+    if sample_offset:
+        sample_offset = check_sample_offset(sample_offset)
+    sample, (model_output, uncond, noise) = promote(sample, (model_output, uncond, noise))
+    if backend not in _BACKENDS:
+        _check_backend(backend)
+    _check_data("sample", sample)
+    guidance = None
+    if guidance_scale is not None or uncond is not None or guidance_rescale:
+        model_output, uncond, guidance = _check_guidance(
+            model_output, uncond, guidance_scale, guidance_rescale, sample, "sample"
+        )
+    _check_like("model_output", model_output, "sample", sample)
+    if noise is not None:
+        _check_like("noise", noise, "sample", sample)
+    opts = _step_options(spec, values, guidance is not None)
+    sigmas = _check_table(sigmas, sample)
+    step_index = _check_step_index(step_index, sample, sigmas.shape[0] - 1)
+    out = _check_out(out, sample, "sample")
+    if generator is not None:
+        _check_generator(generator, sample)
+    fmt, sample, (model_output, uncond) = row_major(opts.adds_noise and noise is None, sample, model_output, uncond)
+    fn = _dispatch(spec, backend, sample, opts, (sample, model_output, noise, sigmas))
+    result = fn(sample, model_output, uncond, guidance, sigmas, step_index, opts, noise, generator, out=out,
+                sample_offset=sample_offset)
+    return restore_format(result, fmt, out)
+
+
+def euler_step(
+    sample,
+    model_output,
+    sigmas,
+    step_index,
+    prediction_type="epsilon",
+    noise=None,
+    generator=None,
+    backend="auto",
+    *,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+    return_pred_x0=False,
+    guidance_scale=None,
+    uncond=None,
+    guidance_rescale=0.0,
+    out=None,
+    sample_offset=0,
+):
+    """One Euler step of ``EulerDiscreteScheduler.step``, per sample ``sigma = sigmas[step_index]`` and
+    ``sigma' = sigmas[step_index + 1]``:
+
+        gamma  = min(s_churn / (len(sigmas) - 1), sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0
+        sigma_hat = sigma (gamma + 1);   x <- x + s_noise z sqrt(sigma_hat^2 - sigma^2)   (only with s_churn > 0)
+        x0     = x - sigma_hat v  (epsilon),  v (sample),  v (-sigma / sqrt(sigma^2 + 1)) + x / (sigma^2 + 1)
+                 (v_prediction)
+        x'     = x + (x - x0) / sigma_hat (sigma' - sigma_hat)
+
+    with ``v`` the model output (guided as in `flow_step` when ``guidance_scale`` is given). ``z`` is ``noise``
+    when given, else drawn from ``generator`` when ``s_churn > 0`` (for every sample; samples whose sigma is
+    outside [s_tmin, s_tmax] get no churn). Returns ``x'`` in ``sample``'s dtype, or ``(x', x0)`` with
+    ``return_pred_x0=True``; ``out`` may be ``sample``. Computed in float32 (float64 for float64 data).
+    ``sample_offset``: the global index of the batch's first sample in the noise stream (see
+    `ddpm_kernels.p_sample`).
+    """
+    values = (prediction_type, s_churn, s_tmin, s_tmax, s_noise, return_pred_x0, guidance_rescale)
+    return _step("euler_step", sample, model_output, sigmas, step_index, noise, generator, backend, values, out,
+                 guidance_scale, uncond, guidance_rescale, sample_offset)
+
+
+def euler_ancestral_step(
+    sample,
+    model_output,
+    sigmas,
+    step_index,
+    prediction_type="epsilon",
+    noise=None,
+    generator=None,
+    backend="auto",
+    *,
+    return_pred_x0=False,
+    guidance_scale=None,
+    uncond=None,
+    guidance_rescale=0.0,
+    out=None,
+    sample_offset=0,
+):
+    """One ancestral Euler step of ``EulerAncestralDiscreteScheduler.step``:
+
+        sigma_up   = sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2),   sigma_down = sqrt(sigma'^2 - sigma_up^2)
+        x0         as in `euler_step` with sigma_hat = sigma
+        x'         = x + (x - x0) / sigma (sigma_down - sigma) + sigma_up z
+
+    ``z`` is ``noise`` when given, else drawn from ``generator``. ``prediction_type="sample"`` (an x0
+    prediction), which diffusers' class refuses, is the formula above with x0 = the model output. Returns as
+    `euler_step`; ``sample_offset`` as there.
+    """
+    values = (prediction_type, return_pred_x0, guidance_rescale)
+    return _step("euler_ancestral_step", sample, model_output, sigmas, step_index, noise, generator, backend,
+                 values, out, guidance_scale, uncond, guidance_rescale, sample_offset)
