@@ -58,8 +58,8 @@ namespace ddpm::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
-// Unit of parallel work and of the in-kernel noise stream: noise for element i depends only on i and the
-// generator's seed, so results do not depend on the thread count.
+// Unit of parallel work, and the size of the in-kernel noise's per-sample blocks (csrc/cpu/noise.h): noise
+// depends only on the key, the sample and the element within it, so results do not depend on the thread count.
 constexpr int64_t kBlock = 256;
 // Blocks per parallel task (~32K elements): below that, threading costs more than it saves.
 constexpr int64_t kGrainBlocks = 128;
