@@ -267,9 +267,10 @@ def randn_stream(shape, generator=None, sample_offset=0, device=None, dtype=torc
         device = generator.device if generator is not None else torch.device("cpu")
     x = torch.zeros(shape, device=device, dtype=dtype)
     cd = compute_dtype(dtype)
+    # in place: the one allocation is the result (every element is read, then written, by the same thread)
     return flow_step(x, x, noise=None, generator=generator, backend=backend, sigma=torch.zeros(shape[0], device=device,
                      dtype=cd), sigma_next=torch.ones(shape[0], device=device, dtype=cd), stochastic=True,
-                     sample_offset=sample_offset)
+                     sample_offset=sample_offset, out=x)
 
 
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2", backend="auto"):
