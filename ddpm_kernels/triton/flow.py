@@ -524,8 +524,9 @@ def _launch_step(sample, model_output, uncond, guidance, sigma, sigma_next, step
                  philox_offset, out, x0=None):
     """One launch of ``flow_step_kernel`` (after the rescale statistics pass when guided with rescale): writes the
     step into ``out`` and, when ``x0`` is given, the x0 prediction into it. ``options``: ``_NO_OPTIONS`` or the
-    Euler step's (``_euler_options``); noise is read or drawn when ``noise`` or ``seed`` is given, or a Philox
-    state (``philox_seed``) is: the caller passes all three as None / 0 for a step without noise."""
+    Euler step's (``_euler_options``). Only a step with a noise term (flow_stochastic, euler_ancestral, euler with
+    churn) reads ``noise``, or draws with ``seed`` / ``philox_seed`` / ``philox_offset`` (``noise_key``) when it
+    is None."""
     x, batch, n = as_rows(sample)
     if x.numel() == 0:
         return
