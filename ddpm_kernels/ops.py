@@ -180,6 +180,13 @@ def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tup
 
 
 # --------------------------------------------------------------------------------------------------- ops
+def _pair(name, backend, x, y, t, schedule):
+    """A pair op (``a(t) x + b(t) y``): the prologue, then the backend function in the reference's argument
+    order (``get_v`` takes ``t`` after both tensors, the others between them)."""
+    fn, _, t, _, _, x, (y,) = _prologue(SPECS[name], backend, x, (y,), schedule, t)
+    return fn(x, y, t, schedule) if name == "get_v" else fn(x, t, y, schedule)
+
+
 def q_sample(x_start, t, noise, schedule, backend="auto", *, out=None):
     """Diffuse ``x_start`` to step ``t``: ``sqrt(ab_t) x_start + sqrt(1 - ab_t) noise``.
 
@@ -196,32 +203,27 @@ def q_sample(x_start, t, noise, schedule, backend="auto", *, out=None):
 
 def predict_start_from_noise(x_t, t, noise, schedule, backend="auto"):
     """``x_0 = sqrt(1/ab_t) x_t - sqrt(1/ab_t - 1) noise``."""
-    fn, _, t, _, _, x_t, (noise,) = _prologue(SPECS["predict_start_from_noise"], backend, x_t, (noise,), schedule, t)
-    return fn(x_t, t, noise, schedule)
+    return _pair("predict_start_from_noise", backend, x_t, noise, t, schedule)
 
 
 def predict_noise_from_start(x_t, t, x0, schedule, backend="auto"):
     """The inverse of `predict_start_from_noise`: ``(sqrt(1/ab_t) x_t - x0) / sqrt(1/ab_t - 1)``."""
-    fn, _, t, _, _, x_t, (x0,) = _prologue(SPECS["predict_noise_from_start"], backend, x_t, (x0,), schedule, t)
-    return fn(x_t, t, x0, schedule)
+    return _pair("predict_noise_from_start", backend, x_t, x0, t, schedule)
 
 
 def get_v(x_start, noise, t, schedule, backend="auto"):
     """The v-prediction target ``sqrt(ab_t) noise - sqrt(1 - ab_t) x_start`` (the seed's ``get_v``)."""
-    fn, _, t, _, _, x_start, (noise,) = _prologue(SPECS["get_v"], backend, x_start, (noise,), schedule, t)
-    return fn(x_start, noise, t, schedule)
+    return _pair("get_v", backend, x_start, noise, t, schedule)
 
 
 def predict_start_from_z_and_v(x_t, t, v, schedule, backend="auto"):
     """``x_0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v``."""
-    fn, _, t, _, _, x_t, (v,) = _prologue(SPECS["predict_start_from_z_and_v"], backend, x_t, (v,), schedule, t)
-    return fn(x_t, t, v, schedule)
+    return _pair("predict_start_from_z_and_v", backend, x_t, v, t, schedule)
 
 
 def predict_eps_from_z_and_v(x_t, t, v, schedule, backend="auto"):
     """``eps = sqrt(ab_t) v + sqrt(1 - ab_t) x_t``."""
-    fn, _, t, _, _, x_t, (v,) = _prologue(SPECS["predict_eps_from_z_and_v"], backend, x_t, (v,), schedule, t)
-    return fn(x_t, t, v, schedule)
+    return _pair("predict_eps_from_z_and_v", backend, x_t, v, t, schedule)
 
 
 def q_posterior(x_start, x_t, t, schedule, backend="auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

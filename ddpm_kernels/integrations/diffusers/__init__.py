@@ -10,6 +10,9 @@ Each ``Fused<Name>`` subclasses diffusers' ``<Name>`` with the same config, so `
   `ddpm_kernels.ddpm_step` / `ddpm_kernels.ddim_step`, ``add_noise`` one `ddpm_kernels.q_sample`.
 * `FusedFlowMatchEulerDiscreteScheduler` (``ddpm_kernels.integrations.diffusers.flow``): ``step`` is one
   `ddpm_kernels.flow_step`, ``scale_noise`` one `ddpm_kernels.flow_interpolate`.
+* `FusedEulerDiscreteScheduler`, `FusedEulerAncestralDiscreteScheduler` (``ddpm_kernels.integrations.diffusers.euler``):
+  ``step`` is one `ddpm_kernels.euler_step` / `ddpm_kernels.euler_ancestral_step`; ``scale_model_input`` reads no
+  device value.
 
 Common to all: ``step`` does not synchronize with the device; noise is drawn from the generator exactly as the
 stock scheduler draws it (same images, same generator state) unless ``in_kernel_noise = True``; the attribute
@@ -18,6 +21,13 @@ path with one warning per scheduler and cause. Each module's docstring says what
 """
 
 from .ddpm import FusedDDIMScheduler, FusedDDPMScheduler
+from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
 from .flow import FusedFlowMatchEulerDiscreteScheduler
 
-__all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler", "FusedFlowMatchEulerDiscreteScheduler"]
+__all__ = [
+    "FusedDDPMScheduler",
+    "FusedDDIMScheduler",
+    "FusedFlowMatchEulerDiscreteScheduler",
+    "FusedEulerDiscreteScheduler",
+    "FusedEulerAncestralDiscreteScheduler",
+]

@@ -1,0 +1,362 @@
+"""The Euler drop-ins: ``FusedEulerDiscreteScheduler`` and ``FusedEulerAncestralDiscreteScheduler`` (SDXL's and
+ComfyUI's default samplers).
+
+They subclass diffusers' ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler`` with the same config;
+``set_timesteps`` (every ``timestep_spacing``, Karras / exponential / beta sigmas, ``final_sigmas_type``,
+``timestep_type``, ``rescale_betas_zero_snr``, custom sigmas or timesteps), ``add_noise``, ``get_velocity`` and
+``index_for_timestep`` are the stock code, so the sigma table and the timesteps are the stock ones, bit for bit.
+``step`` is one `ddpm_kernels.euler_step` / `ddpm_kernels.euler_ancestral_step` on ``backend="auto"`` (the
+attribute ``fused_backend`` chooses another). What changes against the stock classes:
+
+* ``step`` and ``scale_model_input`` do not synchronize with the device. The step index is a Python int kept
+  exactly as the stock scheduler keeps it (``step_index``, ``begin_index``, ``set_begin_index``), plus an int64
+  (B,) tensor on the sample's device, advanced on the device after each step, from which the op gathers
+  ``sigmas[i]`` and ``sigmas[i + 1]`` out of a device copy of the table (the stock table stays on the CPU). The
+  first step index is found as `FusedFlowMatchEulerDiscreteScheduler` finds it: from the host copy of the
+  timesteps when the timestep is a view of ``scheduler.timesteps`` (what iterating it yields), a Python number
+  or a CPU tensor; another device timestep is looked up by the stock ``index_for_timestep`` once.
+* ``scale_model_input`` divides by the stock ``(sigma**2 + 1) ** 0.5``, computed once per schedule on the host
+  with the stock float32 arithmetic, so its result is the stock one bit for bit.
+* Karras's churn (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``): whether a step churns is the stock host
+  decision (``s_tmin <= sigma <= s_tmax`` in float32, ``gamma > 0``), made from the host copy of the table; a
+  churning step draws its noise exactly as the stock step does (``randn_tensor`` of the model output's shape
+  and dtype, from the same generator), so the same generator gives the same images and ends in the same state.
+  The ancestral step draws its noise as the stock one does, every step. ``in_kernel_noise = True`` (an attribute,
+  off by default) lets the backend generate the noise instead (a different noise stream).
+* The step computes in float32 (float64 for a float64 model output) and rounds once: ``prev_sample`` in the model
+  output's dtype and ``pred_original_sample`` in float32 promoted with it, as stock returns them
+  (``prediction_type="sample"``: the model output itself, as stock). For a bf16 / fp16 model output the stock
+  step rounds ``sigma * model_output`` (and the noise terms) to the model dtype first; the fused step is closer
+  to the float64 computation.
+
+Every stock argument is accepted. What the fused op does not take runs the stock code, with one warning per
+scheduler and cause: a model output of another shape or device than the sample, a sigma table that is not a 1-D
+float32 tensor, a step index outside the table (the stock error follows), a prediction type the stock step
+refuses (its error follows), churn arguments that are not real numbers, a negative or NaN ``s_churn``, a
+non-finite ``s_noise``. Integer timesteps get the stock error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers.schedulers import scheduling_euler_ancestral_discrete as _stock_ancestral
+from diffusers.schedulers import scheduling_euler_discrete as _stock_euler
+from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+
+from ... import euler as euler_ops
+from ._common import _device, _FusedBase, _is_real, _output_maker, _randn
+from .flow import _host_copy, _on_host
+
+__all__ = ["FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler"]
+
+# the stock prediction types and their name in the fused op
+_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample", "original_sample": "sample"}
+_SQRT2_MINUS_1 = 2**0.5 - 1
+_SCALE_WARNING = (
+    "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
+    "See `StableDiffusionPipeline` for a usage example."
+)
+
+
+class _Tables:
+    """The schedule as the fused calls read it: the ``timesteps`` and ``sigmas`` tensors it was built from (and
+    their versions), host copies (the timesteps also as a numpy array, the sigmas as float32 numbers), the stock
+    ``scale_model_input`` divisors, why the fused step cannot take the table (None when it can), and the table
+    per device."""
+
+    __slots__ = ("timesteps", "t_version", "sigmas", "s_version", "root", "host_timesteps", "host_array",
+                 "host_sigmas", "sigma_values", "divisors", "stock", "devices")
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to float32, as torch rounds a Python number compared with a float32 tensor."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
+class _FusedEulerMixin(_FusedBase):
+    """What both Euler drop-ins share: the tables, the sync-free step index, ``scale_model_input``."""
+
+    # ------------------------------------------------------------------ tables
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        # the host copies now (set_timesteps may read the device), so that steps never do
+        tables = self._dk_tables()
+        if tables.stock is None and isinstance(self.timesteps, torch.Tensor):
+            self._dk_device_sigmas(tables, _device(self.timesteps.device))
+
+    def _dk_tables(self) -> _Tables:
+        tables = self.__dict__.get("_dk_tables_")
+        ts, sg = self.timesteps, self.sigmas
+        if (
+            tables is None
+            or tables.timesteps is not ts
+            or tables.sigmas is not sg
+            or tables.t_version != getattr(ts, "_version", None)
+            or tables.s_version != getattr(sg, "_version", None)
+        ):
+            tables = self._dk_new_tables()
+        return tables
+
+    def _dk_new_tables(self) -> _Tables:
+        tables = _Tables()
+        ts, sg = self.timesteps, self.sigmas
+        tables.timesteps, tables.sigmas = ts, sg
+        tables.t_version, tables.s_version = getattr(ts, "_version", None), getattr(sg, "_version", None)
+        tables.host_timesteps, tables.host_sigmas = _host_copy(ts), _host_copy(sg)
+        tables.devices = {}
+        tables.stock, tables.root, tables.host_array, tables.sigma_values, tables.divisors = None, None, None, None, None
+        if not (isinstance(sg, torch.Tensor) and sg.dtype == torch.float32 and sg.ndim == 1 and sg.shape[0] >= 2):
+            what = (f"{sg.dtype} tensor of shape {tuple(sg.shape)}" if isinstance(sg, torch.Tensor)
+                    else type(sg).__name__)
+            tables.stock = f"the sigma table is a {what}, not a 1-D float32 tensor of at least 2 sigmas"
+        elif not (isinstance(ts, torch.Tensor) and ts.ndim == 1 and ts.dtype.is_floating_point):
+            tables.stock = "the timesteps are not a 1-D float tensor"
+        else:
+            tables.root = ts if ts._base is None else ts._base
+            tables.host_array = tables.host_timesteps.numpy()
+            tables.sigma_values = tables.host_sigmas.tolist()  # float32 values, exactly
+            # the stock scale_model_input divisor (sigma**2 + 1) ** 0.5, the same float32 operations per sigma
+            tables.divisors = ((tables.host_sigmas**2 + 1) ** 0.5).unbind()
+        self.__dict__["_dk_tables_"] = tables
+        return tables
+
+    def _dk_device_sigmas(self, tables: _Tables, device: torch.device) -> torch.Tensor:
+        """The sigma table on ``device``, copied there once per schedule."""
+        sigmas = tables.devices.get(device)
+        if sigmas is None:
+            source = self.sigmas if self.sigmas.device == device else tables.host_sigmas.to(device)
+            sigmas = tables.devices[device] = source.contiguous()
+        return sigmas
+
+    # ------------------------------------------------------------------ step index
+    def _dk_view_index(self, timestep, tables: _Tables) -> Optional[int]:
+        """The position in ``timesteps`` of a 0-d view of it (what iterating it yields), read from the view's
+        storage offset, never from the device; None for any other timestep."""
+        if not (isinstance(timestep, torch.Tensor) and timestep.ndim == 0 and tables.root is not None
+                and timestep._base is tables.root):
+            return None
+        ts = tables.timesteps
+        stride = ts.stride(0)
+        if timestep.dtype != ts.dtype or stride <= 0:
+            return None
+        index, rest = divmod(timestep.storage_offset() - ts.storage_offset(), stride)
+        return index if not rest and 0 <= index < tables.host_array.shape[0] else None
+
+    def _init_step_index(self, timestep) -> None:
+        """The stock first step index, found in the host copy of the timesteps when the timestep's value is
+        known on the host (a view of ``timesteps``, a Python number, a CPU tensor); else the stock lookup (one
+        device read)."""
+        if self.begin_index is None:
+            tables = self._dk_tables()
+            if tables.stock is None:
+                index = self._dk_view_index(timestep, tables)
+                if index is not None:
+                    # index_for_timestep's rule on the host array: the second match when the value occurs twice
+                    matches = np.flatnonzero(tables.host_array == tables.host_array[index])
+                    if matches.size:  # (a NaN timestep matches nothing: the stock lookup raises its error)
+                        self._step_index = int(matches[1] if matches.size > 1 else matches[0])
+                        return
+                if _is_real(timestep) or (isinstance(timestep, torch.Tensor) and _on_host(timestep)):
+                    self._step_index = self.index_for_timestep(timestep, tables.host_timesteps)
+                    return
+        super()._init_step_index(timestep)
+
+    def _dk_index_tensor(self, index: int, batch: int, device: torch.device) -> torch.Tensor:
+        """The (B,) int64 step index on ``device``, kept between steps and advanced there (`_dk_advance`)."""
+        cached = self.__dict__.get("_dk_index_")
+        if cached is not None and cached[1] == index and cached[2] == batch and cached[3] == device:
+            return cached[0]
+        tensor = torch.full((batch,), index, dtype=torch.long, device=device)
+        self.__dict__["_dk_index_"] = [tensor, index, batch, device]
+        return tensor
+
+    def _dk_advance(self) -> None:
+        self._step_index += 1
+        cached = self.__dict__.get("_dk_index_")
+        if cached is not None and cached[1] + 1 == self._step_index:
+            cached[0].add_(1)
+            cached[1] += 1
+
+    @staticmethod
+    def _dk_valid_index(index, size: int) -> bool:
+        return (type(index) is int or isinstance(index, np.integer)) and 0 <= index < size
+
+    # ------------------------------------------------------------------ scale_model_input
+    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """As the stock ``scale_model_input`` (the same numbers), without reading the device."""
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        tables = self._dk_tables()
+        index = self.step_index
+        if tables.stock is None and isinstance(sample, torch.Tensor) and self._dk_valid_index(
+                index, len(tables.divisors)):
+            sample = sample / tables.divisors[int(index)]
+            self.is_scale_input_called = True
+            return sample
+        return super().scale_model_input(sample, timestep)
+
+    # ------------------------------------------------------------------ step
+    def _dk_prepare(self, model_output, timestep, sample):
+        """``(tables, index, prediction)`` for the fused step, or None when the stock step is to take the call
+        (nothing changed then but a first step's index, which the stock step would set the same)."""
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            return None  # the stock step's error
+        if not (
+            isinstance(model_output, torch.Tensor)
+            and isinstance(sample, torch.Tensor)
+            and model_output.shape == sample.shape
+            and model_output.device == sample.device
+            and model_output.is_floating_point()
+            and sample.is_floating_point()
+            and sample.ndim >= 1
+        ):
+            def shape(x):
+                return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+            self._dk_stock("inputs", f"a model output {shape(model_output)} for a sample {shape(sample)} is not "
+                           "what the fused step takes (floating tensors of one shape on one device)")
+            return None
+        prediction = _PREDICTIONS.get(self.config.prediction_type)
+        if prediction is None or prediction not in self._dk_predictions:
+            self._dk_stock("prediction_type", f"prediction_type {self.config.prediction_type!r} is not one the "
+                           "stock step computes")
+            return None
+        tables = self._dk_tables()
+        if tables.stock is not None:
+            self._dk_stock("table", tables.stock)
+            return None
+        if not self.is_scale_input_called:
+            self._dk_logger.warning(_SCALE_WARNING)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        index = self._step_index
+        size = len(tables.sigma_values)
+        if not self._dk_valid_index(index, size - 1):
+            self._dk_stock("step_index", f"step index {index!r} is not a step of the {size}-sigma table")
+            return None
+        return tables, int(index), prediction
+
+    def _dk_noise(self, model_output, generator):
+        """``(noise, generator for the op)``: the stock draw (``randn_tensor`` of the model output's shape and
+        dtype on its device), or the generator handed to the op with ``in_kernel_noise``."""
+        in_kernel, generator_for_op = self._dk_kernel_generator(generator)
+        if in_kernel:
+            return None, generator_for_op
+        return _randn(model_output.shape, generator, model_output.device, model_output.dtype), None
+
+    def _dk_call(self, op, model_output, sample, tables, index, prediction, noise, generator, **options):
+        """The fused op on the stock step's operands: the sample upcast to float32 as stock upcasts it, the model
+        output in its dtype; returns ``(prev_sample, pred_original_sample)`` in the stock dtypes."""
+        device = sample.device
+        x = sample if sample.dtype == torch.float32 else sample.to(torch.float32)
+        want_x0 = prediction != "sample"
+        result = op(
+            x, model_output, self._dk_device_sigmas(tables, device),
+            self._dk_index_tensor(index, sample.shape[0], device), prediction, noise, generator, self.fused_backend,
+            return_pred_x0=want_x0, **options,
+        )
+        prev_sample, x0 = result if want_x0 else (result, model_output)
+        if prev_sample.dtype != model_output.dtype:
+            prev_sample = prev_sample.to(model_output.dtype)
+        self._dk_advance()
+        return prev_sample, x0
+
+
+class FusedEulerDiscreteScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
+    """diffusers' ``EulerDiscreteScheduler`` (same config, same results) with ``step`` as one fused
+    `ddpm_kernels.euler_step`; see the module docstring for what differs."""
+
+    _make_output = staticmethod(_output_maker(EulerDiscreteSchedulerOutput))
+    _stock_name = "EulerDiscreteScheduler"
+    _dk_logger = _stock_euler.logger
+    _dk_predictions = ("epsilon", "v_prediction", "sample")
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = True,
+    ):
+        """As ``EulerDiscreteScheduler.step``, fused and sync-free."""
+        result = self._dk_step(model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator)
+        if result is None:
+            return super().step(model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                                s_noise=s_noise, generator=generator, return_dict=return_dict)
+        if not return_dict:
+            return result
+        return self._make_output(*result)
+
+    def _dk_step(self, model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator):
+        if not all(_is_real(v) for v in (s_churn, s_tmin, s_tmax, s_noise)):
+            self._dk_stock("churn", "s_churn, s_tmin, s_tmax and s_noise are not all real numbers")
+            return None
+        if not s_churn >= 0 or not math.isfinite(s_noise):
+            self._dk_stock("churn", f"s_churn={s_churn!r}, s_noise={s_noise!r}: the fused step takes s_churn >= 0 "
+                           "and a finite s_noise")
+            return None
+        prepared = self._dk_prepare(model_output, timestep, sample)
+        if prepared is None:
+            return None
+        tables, index, prediction = prepared
+        # the stock decision, on the host: sigma is a float32 tensor there, so the bounds compare in float32
+        sigma = tables.sigma_values[index]
+        churns = (
+            s_churn > 0
+            and _float32(s_tmin) <= sigma <= _float32(s_tmax)
+            and min(s_churn / (len(tables.sigma_values) - 1), _SQRT2_MINUS_1) > 0
+        )
+        noise, generator_for_op = None, None
+        if churns:
+            noise, generator_for_op = self._dk_noise(model_output, generator)
+            # the step churns: every sample, whatever the op would decide from the bounds in its own precision
+            # (an s_churn above the step count gives the same capped gamma as an infinite one, which the op refuses)
+            churn = min(float(s_churn), float(len(tables.sigma_values) - 1))
+            options = dict(s_churn=churn, s_tmin=-math.inf, s_tmax=math.inf, s_noise=float(s_noise))
+        else:
+            options = dict(s_churn=0.0)
+        return self._dk_call(euler_ops.euler_step, model_output, sample, tables, index, prediction, noise,
+                             generator_for_op, **options)
+
+
+class FusedEulerAncestralDiscreteScheduler(_FusedEulerMixin, EulerAncestralDiscreteScheduler):
+    """diffusers' ``EulerAncestralDiscreteScheduler`` (same config, same results) with ``step`` as one fused
+    `ddpm_kernels.euler_ancestral_step`; see the module docstring for what differs."""
+
+    _make_output = staticmethod(_output_maker(EulerAncestralDiscreteSchedulerOutput))
+    _stock_name = "EulerAncestralDiscreteScheduler"
+    _dk_logger = _stock_ancestral.logger
+    # the stock ancestral step refuses "sample" (NotImplementedError): that call takes the stock path
+    _dk_predictions = ("epsilon", "v_prediction")
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = True,
+    ):
+        """As ``EulerAncestralDiscreteScheduler.step``, fused and sync-free."""
+        prepared = self._dk_prepare(model_output, timestep, sample)
+        if prepared is None:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        tables, index, prediction = prepared
+        noise, generator_for_op = self._dk_noise(model_output, generator)
+        result = self._dk_call(euler_ops.euler_ancestral_step, model_output, sample, tables, index, prediction,
+                               noise, generator_for_op)
+        if not return_dict:
+            return result
+        return self._make_output(*result)
