@@ -211,3 +211,32 @@ def param_label(value):
     if isinstance(value, tuple):
         return "x".join(param_label(v) for v in value)
     return str(value)
+
+
+# ------------------------------------------------------------------------------------------ host syncs
+# Tensor methods that read values on the host: on a device tensor, each is a synchronization
+SYNCING = ("item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "tolist", "numpy", "cpu")
+
+
+def sync_guard(monkeypatch, allowed=()):
+    """``arm()``: from then on every value-reading Tensor method raises, as reading a device tensor would sync,
+    except when called from a ddpm_kernels function named in ``allowed`` (a range check done only where it is
+    free, on CPU tensors). Tests of sync-free steps run CPU tensors with their host-detection patched off."""
+    import inspect
+
+    allowed = set(allowed)
+
+    def guard(name, original):
+        def method(self, *args, **kwargs):
+            caller = inspect.currentframe().f_back
+            if caller.f_code.co_name in allowed and "ddpm_kernels" in caller.f_code.co_filename:
+                return original(self, *args, **kwargs)
+            raise AssertionError(f"Tensor.{name} called: a host sync on a device")
+
+        return method
+
+    def arm():
+        for name in SYNCING:
+            monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+
+    return arm

@@ -1,6 +1,5 @@
 """FusedDDPMScheduler / FusedDDIMScheduler against the stock diffusers schedulers they replace."""
 
-import inspect
 import warnings
 
 import numpy as np
@@ -13,6 +12,7 @@ import ddpm_kernels as dk  # noqa: E402
 from ddpm_kernels import ops  # noqa: E402
 from ddpm_kernels.integrations.diffusers import ddpm as dkd  # noqa: E402  (the module whose globals tests patch)
 from ddpm_kernels.integrations.diffusers import FusedDDIMScheduler, FusedDDPMScheduler  # noqa: E402
+from helpers import sync_guard  # noqa: E402
 
 PREDICTIONS = ["epsilon", "sample", "v_prediction"]
 SPACINGS = ["leading", "linspace", "trailing"]
@@ -567,31 +567,13 @@ def test_add_noise_runs_the_fused_op(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- no host sync
-SYNCING = ("item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "tolist", "numpy", "cpu")
-
-
 @pytest.fixture
 def fail_on_sync(monkeypatch):
     """Make every value-reading Tensor method raise, as a device tensor read would sync. Timesteps are
     treated as device tensors (never read on the host). The one exception is ops' t range check, which runs
     on CPU tensors only (where it is free) and is skipped for device tensors."""
     monkeypatch.setattr(dkd, "_host_timesteps", lambda timestep: None)
-    allowed = {"_check_timesteps"}  # ddpm_kernels' range check of t and t_prev
-
-    def guard(name, original):
-        def method(self, *args, **kwargs):
-            caller = inspect.currentframe().f_back
-            if caller.f_code.co_name in allowed and "ddpm_kernels" in caller.f_code.co_filename:
-                return original(self, *args, **kwargs)
-            raise AssertionError(f"Tensor.{name} called inside step: a host sync on a device")
-
-        return method
-
-    def arm():
-        for name in SYNCING:
-            monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
-
-    return arm
+    return sync_guard(monkeypatch, {"_check_timesteps"})
 
 
 @pytest.mark.parametrize("in_kernel_noise", [False, True])

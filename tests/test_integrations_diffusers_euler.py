@@ -3,7 +3,6 @@ replace: full sampling loops over the config matrix (same images, same pred_orig
 generator state), the call forms, the stock code path for what the fused ops do not take, no host sync, and
 half precision at least as close to float64 as stock."""
 
-import inspect
 import math
 import warnings
 
@@ -20,6 +19,7 @@ from ddpm_kernels.integrations.diffusers import (  # noqa: E402
     FusedEulerDiscreteScheduler,
 )
 from ddpm_kernels.integrations.diffusers import _common  # noqa: E402  (whose on_host tests replace)
+from helpers import sync_guard  # noqa: E402
 
 try:
     import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
@@ -384,31 +384,13 @@ def test_timesteps_replaced_after_set_timesteps():
 
 
 # ------------------------------------------------------------------------------------------- no host sync
-SYNCING = ("item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "tolist", "numpy", "cpu")
-
-
 @pytest.fixture
 def fail_on_sync(monkeypatch):
     """Make every value-reading Tensor method raise, as a device tensor read would sync, and treat CPU tensors
     as device tensors. The one exception is ddpm_kernels' step-index range check, which runs on CPU tensors
     only (where it is free) and is skipped for device tensors."""
     monkeypatch.setattr(_common, "on_host", lambda tensor: False)
-    allowed = {"_check_step_index"}
-
-    def guard(name, original):
-        def method(self, *args, **kwargs):
-            caller = inspect.currentframe().f_back
-            if caller.f_code.co_name in allowed and "ddpm_kernels" in caller.f_code.co_filename:
-                return original(self, *args, **kwargs)
-            raise AssertionError(f"Tensor.{name} called: a host sync on a device")
-
-        return method
-
-    def arm():
-        for name in SYNCING:
-            monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
-
-    return arm
+    return sync_guard(monkeypatch, {"_check_step_index"})
 
 
 def test_step_and_scale_model_input_have_no_host_sync(fail_on_sync):

@@ -6,7 +6,6 @@ class), run against both the stock and the fused class. The rest compares the tw
 call forms, and checks what the fused class adds: no host sync, the stock noise stream, better half precision.
 """
 
-import inspect
 import tempfile
 import warnings
 
@@ -21,6 +20,7 @@ import ddpm_kernels  # noqa: E402
 from ddpm_kernels import flow as flow_ops  # noqa: E402
 from ddpm_kernels.integrations.diffusers import FusedFlowMatchEulerDiscreteScheduler  # noqa: E402
 from ddpm_kernels.integrations.diffusers import _common  # noqa: E402  (whose on_host tests replace)
+from helpers import sync_guard  # noqa: E402
 
 try:
     import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
@@ -644,31 +644,13 @@ def test_timesteps_replaced_after_set_timesteps():
 
 
 # ------------------------------------------------------------------------------------------- no host sync
-SYNCING = ("item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "tolist", "numpy", "cpu")
-
-
 @pytest.fixture
 def fail_on_sync(monkeypatch):
     """Make every value-reading Tensor method raise, as a device tensor read would sync, and treat CPU tensors
     as device tensors. The one exception is ddpm_kernels' step-index range check, which runs on CPU tensors
     only (where it is free) and is skipped for device tensors."""
     monkeypatch.setattr(_common, "on_host", lambda tensor: False)
-    allowed = {"_check_step_index"}
-
-    def guard(name, original):
-        def method(self, *args, **kwargs):
-            caller = inspect.currentframe().f_back
-            if caller.f_code.co_name in allowed and "ddpm_kernels" in caller.f_code.co_filename:
-                return original(self, *args, **kwargs)
-            raise AssertionError(f"Tensor.{name} called: a host sync on a device")
-
-        return method
-
-    def arm():
-        for name in SYNCING:
-            monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
-
-    return arm
+    return sync_guard(monkeypatch, {"_check_step_index"})
 
 
 @pytest.mark.parametrize("in_kernel_noise", [False, True])

@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent(
         diffusion_loss_kernel, diffusion_loss_reduce_kernel, diffusion_loss_backward_kernel,
     )
     from ddpm_kernels.triton.flow import (
-        flow_interpolate_kernel, flow_step_kernel, flow_loss_kernel,
+        SAMPLER_ID, flow_interpolate_kernel, flow_step_kernel, flow_loss_kernel,
         flow_loss_reduce_kernel, flow_loss_backward_kernel,
     )
     assert not utils.INTERPRETED
@@ -52,10 +52,11 @@ SCRIPT = textwrap.dedent(
     FP64 = {"alphas_cumprod_ptr"}  # the sampler steps derive their coefficients from the float64 table
     COMPUTE = {"table_ptr", "var_ptr", "log_var_ptr", "partial_ptr", "scale_ptr", "sigma_ptr", "sigma_next_ptr",
                "guidance_ptr", "stats_ptr"}
-    INT64 = {"philox_seed", "philox_offset"}
+    INT64 = {"philox_seed", "philox_offset", "sample_offset"}
     FLOATS = {"l_simple_weight_hi", "l_simple_weight_lo", "original_elbo_weight_hi", "original_elbo_weight_lo",
               "eta_hi", "eta_lo", "clip_range_hi", "clip_range_lo", "rescale_hi", "rescale_lo", "two_over_pi_hi",
-              "two_over_pi_lo"}
+              "two_over_pi_lo", *(f"{name}_{part}" for name in ("churn", "s_tmin", "s_tmax", "s_noise")
+                                  for part in ("hi", "mid", "lo"))}
 
     def source(kernel, dtype, constexprs, aligned=False, ones=()):
         """ASTSource as the runtime would build it: pointers typed by role, ints i32 (specialized to the
@@ -109,9 +110,13 @@ SCRIPT = textwrap.dedent(
                 X0_ONLY=False, GUIDED=False, RESCALE=False, COMPUTE_FP64=False, BLOCK_SPLIT=2)
     DDIM = dict(STEP, **dict(zip(("SAMPLER", "EPS_TERM", "X_TERM"), SAMPLERS["ddim"])))
     DDPM = dict(STEP, ADD_NOISE=True, **dict(zip(("SAMPLER", "EPS_TERM", "X_TERM"), SAMPLERS["ddpm"])))
-    # the flow step's defaults (sigmas per sample, unguided, deterministic)
-    FLOW_STEP = dict(E, TABLE=False, SIGMA_PER_TOKEN=False, SIGMA_NEXT_PER_TOKEN=False, GUIDED=False, RESCALE=False,
-                     STOCHASTIC=False, HAS_NOISE=False, BLOCK_SPLIT=64)
+    # the flow step's defaults (sigmas per sample, unguided, deterministic); the Euler steps on a sigma table
+    FLOW_STEP = dict(E, SAMPLER=SAMPLER_ID["flow"], PARAMETERIZATION=0, TABLE=False, SIGMA_PER_TOKEN=False,
+                     SIGMA_NEXT_PER_TOKEN=False, GUIDED=False, RESCALE=False, ADD_NOISE=False, HAS_NOISE=False,
+                     RETURN_X0=False, BLOCK_SPLIT=64)
+    FLOW_STOCHASTIC = dict(FLOW_STEP, SAMPLER=SAMPLER_ID["flow_stochastic"], ADD_NOISE=True)
+    EULER = dict(FLOW_STEP, SAMPLER=SAMPLER_ID["euler"], TABLE=True)
+    EULER_ANCESTRAL = dict(FLOW_STEP, SAMPLER=SAMPLER_ID["euler_ancestral"], TABLE=True, ADD_NOISE=True)
     FLOW_LOSS = dict(E, WEIGHTING=0, SIGMA_PER_TOKEN=False, LOSS_L1=False)
     CASES = [
         *((f"pair[{name}]", pair_kernel, dict(E, OP=op, BACKWARD=False)) for name, op in PAIR.items()),
@@ -171,9 +176,15 @@ SCRIPT = textwrap.dedent(
         ("guidance_stats", guidance_stats_kernel, E),
         ("flow_step[table]", flow_step_kernel, dict(FLOW_STEP, TABLE=True)),
         ("flow_step[per_token,guided,rescale,philox]", flow_step_kernel,
-         dict(FLOW_STEP, SIGMA_PER_TOKEN=True, GUIDED=True, RESCALE=True, STOCHASTIC=True)),
+         dict(FLOW_STOCHASTIC, SIGMA_PER_TOKEN=True, GUIDED=True, RESCALE=True)),
         ("flow_step[table,guided,noise]", flow_step_kernel,
-         dict(FLOW_STEP, TABLE=True, GUIDED=True, STOCHASTIC=True, HAS_NOISE=True)),
+         dict(FLOW_STOCHASTIC, TABLE=True, GUIDED=True, HAS_NOISE=True)),
+        ("euler_step[eps]", flow_step_kernel, EULER),
+        ("euler_step[v,churn,philox,guided,rescale,x0]", flow_step_kernel,
+         dict(EULER, PARAMETERIZATION=2, ADD_NOISE=True, GUIDED=True, RESCALE=True, RETURN_X0=True)),
+        ("euler_ancestral_step[x0,noise,x0]", flow_step_kernel,
+         dict(EULER_ANCESTRAL, PARAMETERIZATION=1, HAS_NOISE=True, RETURN_X0=True)),
+        ("euler_ancestral_step[eps,philox,guided]", flow_step_kernel, dict(EULER_ANCESTRAL, GUIDED=True)),
         ("flow_loss[cosmap,per_token]", flow_loss_kernel, dict(FLOW_LOSS, WEIGHTING=2, SIGMA_PER_TOKEN=True)),
         ("flow_loss[sigma_sqrt,l1]", flow_loss_kernel, dict(FLOW_LOSS, WEIGHTING=1, LOSS_L1=True)),
         ("flow_loss_reduce", flow_loss_reduce_kernel, dict(BLOCK_B=32, BLOCK_P=128)),

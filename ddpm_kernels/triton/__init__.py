@@ -7,7 +7,8 @@ predict_noise_from_start, get_v, predict_start_from_z_and_v, predict_eps_from_z_
 backward), ``posterior`` (q_posterior, p_mean_variance, p_sample), ``sampler_step`` (ddim_step, ddpm_step:
 one kernel, a coefficient function per sampler, guidance fused), ``loss`` (diffusion_loss and its backward),
 ``threshold`` (dynamic_threshold) and ``flow`` (flow matching: flow_interpolate, flow_step with fused guidance,
-flow_loss, and their backwards). ``guidance`` holds the guided steps' rescale statistics pass; ``utils`` what
+flow_loss, and their backwards; its step kernel also serves euler_step and euler_ancestral_step, the Euler steps
+on a Karras sigma table, with their own coefficient function). ``guidance`` holds the guided steps' rescale statistics pass; ``utils`` what
 they all share: tiles, loads and stores, the coefficient gather, Philox noise, the launch table, registration.
 
 Ops run on CUDA tensors (compiled) and, when ``TRITON_INTERPRET=1`` was set before triton was first imported,
@@ -29,7 +30,8 @@ from typing import Dict, FrozenSet, Optional
 
 import torch
 
-from .flow import flow_interpolate, flow_loss, flow_step
+from .._spec import EulerStepOptions
+from .flow import euler_step, flow_interpolate, flow_loss, flow_step
 from .loss import diffusion_loss
 from .pair import ENTRIES as PAIR_ENTRIES
 from .pair import PAIR_OPS
@@ -74,6 +76,10 @@ class TritonBackend:
         "flow_interpolate": flow_interpolate,
         "flow_step": flow_step,
         "flow_loss": flow_loss,
+        # the flow step's kernel with the Euler samplers' coefficients; with guidance_rescale, a per-sample
+        # statistics pass comes first
+        "euler_step": euler_step,
+        "euler_ancestral_step": euler_step,
     }
     differentiable: Dict[str, FrozenSet[str]] = {
         **{name: frozenset(args) - {"t"} for name, args in PAIR_OPS.items()},
@@ -89,7 +95,8 @@ class TritonBackend:
     @staticmethod
     def declines(op: str, opts=None) -> Optional[str]:
         # an op without a kernel is not declined but missing (`ops`): the dispatcher tells the two apart
-        if opts is None or not hasattr(opts, "sampler"):  # the step family's options are the ones it checks
+        # the DDIM/DDPM step family's options are the ones it checks; the Euler steps serve all of theirs
+        if opts is None or not hasattr(opts, "sampler") or isinstance(opts, EulerStepOptions):
             return None
         if opts.sampler not in SAMPLERS:
             return f"the Triton sampler step has no coefficient function for sampler={opts.sampler!r}"

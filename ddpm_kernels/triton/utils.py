@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import typing
 from typing import Optional, Sequence, Tuple
 
@@ -76,6 +77,7 @@ __all__ = [
     "noise_operands",
     "noise_key",
     "split_float",
+    "split_float3",
     "extract_rows",
     "draw_seed",
     "sample_partial_sums",
@@ -86,6 +88,7 @@ __all__ = [
     "div_rn",
     "sqrt_rn",
     "gather_coefficient",
+    "exact_scalar",
     "philox_normal",
     "load_or_draw_noise",
 ]
@@ -295,6 +298,22 @@ def split_float(value: float) -> Tuple[float, float]:
     return hi, float(np.float32(value - hi))
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def split_float3(value: float) -> Tuple[float, float, float]:
+    """``value`` as three float32s whose float64 sum is exactly ``value`` (``exact_scalar`` reads them), for
+    options that must compare exactly: a bound such as ``s_tmax`` set to one of a float64 table's sigmas
+    includes that sigma. ``hi`` alone is ``value`` rounded to float32, as torch rounds a Python scalar against
+    float32 tensors. Infinite or beyond float32's range: ``(+-inf, 0, 0)``; below about 1e-30 the low parts
+    may underflow."""
+    if not abs(value) <= _FLOAT32_MAX:
+        return math.copysign(math.inf, value), 0.0, 0.0
+    hi = float(np.float32(value))
+    mid = float(np.float32(value - hi))
+    return hi, mid, float(np.float32(value - hi - mid))
+
+
 def draw_seed(generator, device) -> torch.Tensor:
     """A one-element int64 device tensor holding a fresh 63-bit Philox key, drawn from ``generator`` (torch's
     default generator for ``device`` when None) with ``random_``. Read by kernels from memory, never passed as
@@ -389,6 +408,17 @@ def gather_coefficient(table_ptr, row: tl.constexpr, t, T):
     # The clamped index keeps the address inside the table even if a backend ignores the mask.
     t_safe = tl.where(in_range, t, 0)
     return tl.load(table_ptr + row * T + t_safe, mask=in_range, other=float("nan"))
+
+
+@triton.jit
+def exact_scalar(hi, mid, lo, dtype: tl.constexpr):
+    """A host float given as ``split_float3``'s three float32s, in ``dtype`` (the compute dtype): exact in
+    float64, ``hi`` (the float32 rounding of the value) in float32."""
+    if dtype == tl.float64:
+        value = tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        value = tl.cast(hi, tl.float32)
+    return value
 
 
 @triton.jit
