@@ -3,12 +3,12 @@
 Shared by the reference and the Triton backend (the compiled backends do the same in C++: ``csrc/cpu/noise.cpp``,
 ``csrc/cuda/launch.cuh``), so the generator is consumed identically on every backend of a device type:
 
-* a CPU generator: key = one ``random_()`` of a one-element int64 tensor (one 64-bit draw, reduced mod 2**63,
-  the same ATen call the C++ kernels make), offset 0;
+* a CPU generator: key = ``randint(0, 2**63 - 1, (1,))`` (one 64-bit draw reduced mod 2**63 - 1; the same
+  ATen call the C++ kernels make, and one torch.compile traces), offset 0;
 * a CUDA generator: key = its seed, offset = its Philox offset, which advances by ``CUDA_OFFSET_STEP`` per call
   whatever the batch size (the counters of one draw never depend on the offset's advance: the sample and the
   element index are their own counter words). While a CUDA graph is captured or torch.compile traces, host
-  ints would be frozen into the graph; the key is then a one-element device tensor drawn with ``random_()``
+  ints would be frozen into the graph; the key is then a one-element device tensor drawn with ``randint``
   (itself graph safe; it advances the offset by the same 4) and the offset 0.
 
 Imports nothing of the package.
@@ -23,13 +23,15 @@ import torch
 # Philox offset advance of one CUDA draw: torch counts its offset in 32-bit outputs and rounds every
 # reservation up to a multiple of 4 (one Philox counter).
 CUDA_OFFSET_STEP = 4
+# A key drawn as a tensor is randint(0, KEY_HIGH): a range past 2**32 takes one 64-bit draw.
+KEY_HIGH = 2**63 - 1
 
 Key = Union[int, torch.Tensor]
 
 
 def draw_cpu_key(generator=None) -> torch.Tensor:
-    """One 64-bit draw of a CPU generator as a one-element int64 tensor in [0, 2**63)."""
-    return torch.empty(1, dtype=torch.int64).random_(generator=generator)
+    """One 64-bit draw of a CPU generator as a one-element int64 tensor in [0, 2**63 - 1)."""
+    return torch.randint(0, KEY_HIGH, (1,), generator=generator, dtype=torch.int64)
 
 
 def _capturing(device: torch.device) -> bool:
@@ -50,7 +52,7 @@ def stream_state(generator, device: torch.device, as_tensor: bool = False) -> Tu
     if device.type != "cuda":
         raise ValueError(f"in-kernel noise: no noise stream for device type {device.type!r}")
     if _capturing(device):
-        key = torch.empty(1, dtype=torch.int64, device=device).random_(generator=generator)
+        key = torch.randint(0, KEY_HIGH, (1,), generator=generator, device=device, dtype=torch.int64)
         return key, 0
     if generator is None:
         generator = torch.cuda.default_generators[device.index if device.index is not None else

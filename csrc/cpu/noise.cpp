@@ -1,6 +1,8 @@
 #include "noise.h"
 
-#include <ATen/ops/empty.h>
+#include <ATen/ops/randint.h>
+
+#include <limits>
 
 namespace ddpm::cpu::CPU_CAPABILITY {
 namespace {
@@ -44,8 +46,8 @@ void normal_block(const StreamState& st, int64_t b, int64_t e0, float* buf) {
 }
 
 uint64_t draw_seed(std::optional<at::Generator> generator) {
-  at::Tensor key = at::empty({1}, at::TensorOptions().dtype(at::kLong));
-  key.random_(std::move(generator));
+  const at::Tensor key = at::randint(0, std::numeric_limits<int64_t>::max(), {1}, std::move(generator),
+                                     at::TensorOptions().dtype(at::kLong));
   return static_cast<uint64_t>(*key.const_data_ptr<int64_t>());
 }
 

@@ -27,7 +27,7 @@ counter ``(e // 4, s, offset_lo, offset_hi)``. The key and offset come from the 
   offset)``. The step is exactly one kernel launch.
 * While a CUDA graph is being captured, or torch.compile is tracing: host ints would be frozen into the
   graph, replaying the same noise forever. The key is instead a one-element int64 device tensor drawn with
-  ``random_(generator=...)`` and read by the kernel from memory (offset 0); the captured draw follows torch's
+  ``randint(generator=...)`` and read by the kernel from memory (offset 0); the captured draw follows torch's
   graph-safe Philox bookkeeping, so every replay gets a fresh key. This costs a second, one-element launch,
   which a graph replays for free.
 * CPU tensors (Triton's interpreter): the key tensor as well, one 64-bit draw from the CPU generator, as the
@@ -316,9 +316,9 @@ def split_float3(value: float) -> Tuple[float, float, float]:
 
 def draw_seed(generator, device) -> torch.Tensor:
     """A one-element int64 device tensor holding a fresh 63-bit Philox key, drawn from ``generator`` (torch's
-    default generator for ``device`` when None) with ``random_``. Read by kernels from memory, never passed as
+    default generator for ``device`` when None) with ``randint``. Read by kernels from memory, never passed as
     an int, so a captured CUDA graph re-draws it on every replay."""
-    return torch.empty(1, dtype=torch.int64, device=device).random_(generator=generator)
+    return torch.randint(0, 2**63 - 1, (1,), generator=generator, device=device, dtype=torch.int64)
 
 
 def extract_rows(table: torch.Tensor, names, t: torch.Tensor, ndim: int):
