@@ -31,6 +31,7 @@ from .ops import (
     q_sample,
     set_device_t_check,
 )
+from .solvers import solver_step
 from .schedule import DiffusionSchedule, make_beta_schedule, rescale_zero_terminal_snr
 
 __version__ = "0.1.0"
@@ -66,4 +67,5 @@ __all__ = [
     "reference",
     "rescale_zero_terminal_snr",
     "set_device_t_check",
+    "solver_step",
 ]

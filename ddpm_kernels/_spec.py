@@ -121,6 +121,85 @@ class EulerStepOptions:
         return self.guided and self.guidance_rescale > 0
 
 
+@dataclasses.dataclass(frozen=True)
+class SolverStepOptions:
+    """The scalar options of one step of the multistep-solver family (``solver_step``: DPM-Solver(++), UniPC,
+    LCM, ... as rows of a coefficient table), validated and canonical.
+
+    ``stochastic``: the step has a noise term (given noise, or drawn in-kernel from the noise stream);
+    ``clip_range``: the x0 prediction is clamped to ``[-clip_range, clip_range]`` (None: not clipped);
+    ``threshold_ratio`` / ``threshold_max``: Imagen's dynamic thresholding of the x0 prediction instead (None:
+    off); ``guided`` / ``guidance_rescale`` as in `StepOptions`. See docs/design.md, "Multistep solvers".
+    """
+
+    stochastic: bool = False
+    clip_range: Optional[float] = None
+    threshold_ratio: Optional[float] = None
+    threshold_max: float = 1.0
+    guidance_rescale: float = 0.0
+    guided: bool = False
+
+    @property
+    def adds_noise(self) -> bool:
+        return self.stochastic
+
+    @property
+    def rescaled(self) -> bool:
+        return self.guided and self.guidance_rescale > 0
+
+    @property
+    def thresholded(self) -> bool:
+        return self.threshold_ratio is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverColumns:
+    """The columns of a multistep solver's coefficient table (one row per step, ``width`` columns) for a history
+    ring of ``slots`` tensors. Per sample, with ``x`` the sample, ``y`` the (guided) model output, ``l`` the
+    last-sample buffer, ``h_j`` the history entry written ``j`` steps ago and ``z`` the noise:
+
+        x0  = x0_sample x + x0_output y                     then clipped / thresholded (the step's options)
+        m   = m_sample x + m_x0 x0 + m_output y             the solver's form of the output (x0 or eps)
+        x_c = c_sample x + c_last l + c_m m + sum_j c_hist[j] h_j
+        x'  = p_xc x_c + p_m m + sum_j p_hist[j] h_j + p_noise z
+
+    ``m`` goes into the ring's slot ``step_index % slots`` and ``x_c`` into the last-sample buffer; ``x'`` is
+    the step's result. A coefficient that is exactly 0 contributes exactly 0, whatever its tensor holds (an
+    unwritten ring slot may hold anything). ``c_hist`` / ``p_hist`` start at ``j = 1``."""
+
+    slots: int
+
+    x0_sample = 0
+    x0_output = 1
+    m_sample = 2
+    m_x0 = 3
+    m_output = 4
+    c_sample = 5
+    c_last = 6
+    c_m = 7
+    c_hist = 8
+
+    @property
+    def p_xc(self) -> int:
+        return 8 + self.slots
+
+    @property
+    def p_m(self) -> int:
+        return 9 + self.slots
+
+    @property
+    def p_hist(self) -> int:
+        return 10 + self.slots
+
+    @property
+    def p_noise(self) -> int:
+        return 10 + 2 * self.slots
+
+    @property
+    def width(self) -> int:
+        return 11 + 2 * self.slots
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class SigmaOperand:
     """A flow-matching sigma given per sample or per token / frame, in the forms each backend reads.
@@ -168,6 +247,8 @@ class OpSpec:
     ``has_out``: takes ``out=``. ``differentiable``: the inputs the training path differentiates (an op with
     none is a sampling op: fused backends run it on detached inputs, see docs/design.md, "Dispatch").
     ``schema``: the compiled operator's schema (``ddpm_kernels::<name>``), pinned by tests/test_op_table.py.
+    ``state``: tensors the op reads and then overwrites in place (the multistep family's history ring and
+    last-sample buffer), not differentiable.
     ``sigmas``: the flow-matching family's sigma operands (float tensors of shape (B,) or broadcastable to the
     data per token / frame, see `SigmaOperand`), which take the place of ``t`` and the schedule.
     """
@@ -185,6 +266,7 @@ class OpSpec:
     differentiable: Tuple[str, ...] = ()
     schema: Optional[str] = None
     sigmas: Tuple[str, ...] = ()
+    state: Tuple[str, ...] = ()
 
     @property
     def sampling(self) -> bool:
@@ -196,8 +278,8 @@ class OpSpec:
 
     @property
     def tensors(self) -> Tuple[str, ...]:
-        """Every tensor argument's name: data, like, optional, then timesteps and sigmas."""
-        return (self.data,) + self.like + self.optional + self.timesteps + self.sigmas
+        """Every tensor argument's name: data, like, optional, then timesteps, sigmas and state."""
+        return (self.data,) + self.like + self.optional + self.timesteps + self.sigmas + self.state
 
 
 def _flag(name, default):
@@ -208,9 +290,9 @@ def _real_in(name, default, lo, hi, lo_open=False):
     return Option(name, default, functools.partial(_c._check_range, name, lo=lo, hi=hi, lo_open=lo_open))
 
 
-def _optional_real_in(name, default, lo, hi):
+def _optional_real_in(name, default, lo, hi, lo_open=False):
     def check(value):
-        return None if value is None else _c._check_range(name, value, lo, hi)
+        return None if value is None else _c._check_range(name, value, lo, hi, lo_open=lo_open)
 
     return Option(name, default, check)
 
@@ -375,7 +457,25 @@ _EULER_TABLE = (
     ),
 )
 
-OPS: Dict[str, OpSpec] = {spec.name: spec for spec in _TABLE + _FLOW_TABLE + _EULER_TABLE}
+# The multistep-solver family: each step an affine combination of the sample, the converted model output, a
+# history ring of earlier outputs, a last-sample buffer and noise, with per-sample coefficients gathered from a
+# table (one row per step, built once per schedule) by a step index. See `SolverColumns`.
+_SOLVER_TABLE = (
+    OpSpec(
+        "solver_step", "solver", "sample", like=("model_output",), optional=("noise",), timesteps=(),
+        state=("history", "last_sample"),
+        options=(
+            _flag("stochastic", False),
+            _optional_real_in("clip_range", None, 0.0, _INF, lo_open=True),
+            _optional_real_in("threshold_ratio", None, 0.0, 1.0),
+            _real_in("threshold_max", 1.0, 0.0, _INF, lo_open=True),
+            _real_in("guidance_rescale", 0.0, 0.0, 1.0),
+        ),
+        draws_noise=True, has_out=True,
+    ),
+)
+
+OPS: Dict[str, OpSpec] = {spec.name: spec for spec in _TABLE + _FLOW_TABLE + _EULER_TABLE + _SOLVER_TABLE}
 """Every public op by name, in the order the README lists them."""
 
 

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ._spec import LEARNED_VARIANCE_TYPES, VARIANCE_TYPES  # noqa: F401  (re-exported)
+from ._spec import LEARNED_VARIANCE_TYPES, VARIANCE_TYPES, SolverColumns  # noqa: F401  (re-exported)
 from ._stream import stream_state
 from .schedule import TABLE_ROW, DiffusionSchedule
 
@@ -45,6 +45,7 @@ __all__ = [
     "flow_step_ref",
     "flow_loss_ref",
     "euler_step_ref",
+    "solver_step_ref",
     "guided_output",
     "flow_loss_weight",
     "OPS",
@@ -557,6 +558,70 @@ def euler_step_ref(sample, model_output, uncond, guidance, sigmas, step_index, o
     return (result, x0.to(sample.dtype)) if opts.return_pred_x0 else result
 
 
+# --------------------------------------------------------------------------------------- multistep solvers
+# DPM-Solver(++), UniPC, LCM, ...: per sample an affine combination whose coefficients are one row of a table
+# built per schedule (``ddpm_kernels._spec.SolverColumns`` names the columns), gathered by the step index.
+def _term(c, tensor):
+    """``c * tensor``, exactly 0 where ``c`` is 0 whatever ``tensor`` holds (NaN, inf, an unwritten slot)."""
+    return torch.where(c != 0, c * tensor, torch.zeros((), dtype=c.dtype, device=c.device))
+
+
+def solver_step_ref(sample, model_output, uncond, guidance, coefficients, step_index, history, last_sample, opts,
+                    noise=None, generator=None, out=None, sample_offset=0):
+    """One multistep-solver step (``opts`` a ``ddpm_kernels._spec.SolverStepOptions``): row
+    ``coefficients[step_index[b]]`` of sample ``b`` (NaN for an index outside the table) combines the sample,
+    the model output (guided: `guided_output` with ``uncond``), the history ring ``history`` ((H, *sample.shape):
+    entry ``j`` steps back is slot ``(step_index - j) % H``), the last-sample buffer and the noise as
+    ``SolverColumns`` documents, in that order of operations. Writes the converted output into slot
+    ``step_index % H`` of ``history`` and ``x_c`` into ``last_sample`` (both after every read), and returns
+    ``x'`` in ``sample``'s dtype (into ``out`` when given). ``z`` is ``noise``, else drawn from ``generator``
+    (only with ``opts.stochastic``), samples ``sample_offset ..`` of the noise stream."""
+    cd = compute_dtype(sample.dtype)
+    batch, ndim = sample.shape[0], sample.ndim
+    slots = 0 if history is None else history.shape[0]
+    col = SolverColumns(slots)
+    n = coefficients.shape[0]
+    ok = (step_index >= 0) & (step_index < n)
+    rows = coefficients.index_select(0, step_index.clamp(0, max(n - 1, 0))).to(cd)
+    rows = torch.where(ok[:, None], rows, torch.full_like(rows, float("nan")))
+    rows = rows.reshape((batch, col.width) + (1,) * (ndim - 1))
+
+    def c(k):
+        return rows[:, k]
+
+    y = guided_output(model_output, uncond, guidance, opts.guidance_rescale, cd) if opts.guided else \
+        model_output.to(cd)
+    x = sample.to(cd)
+    x0 = _term(c(col.x0_sample), x) + _term(c(col.x0_output), y)
+    if opts.threshold_ratio is not None:
+        x0 = _dynamic_threshold(x0, opts.threshold_ratio, opts.threshold_max)
+    elif opts.clip_range is not None:
+        x0 = x0.clamp(-opts.clip_range, opts.clip_range)
+    m = _term(c(col.m_sample), x) + _term(c(col.m_x0), x0) + _term(c(col.m_output), y)
+    past = []
+    if slots:
+        rows_b = torch.arange(batch, device=sample.device)
+        for j in range(1, slots + 1):
+            past.append(history[torch.remainder(step_index - j, slots), rows_b].to(cd))
+    x_c = _term(c(col.c_sample), x)
+    if last_sample is not None:
+        x_c = x_c + _term(c(col.c_last), last_sample.to(cd))
+    x_c = x_c + _term(c(col.c_m), m)
+    for j, h in enumerate(past):
+        x_c = x_c + _term(c(col.c_hist + j), h)
+    prev = _term(c(col.p_xc), x_c) + _term(c(col.p_m), m)
+    for j, h in enumerate(past):
+        prev = prev + _term(c(col.p_hist + j), h)
+    if opts.stochastic:
+        z = _draw_noise(sample, generator, cd, sample_offset) if noise is None else noise.to(cd)
+        prev = prev + _term(c(col.p_noise), z)
+    if slots:
+        history[torch.remainder(step_index, slots), torch.arange(batch, device=sample.device)] = m.to(history.dtype)
+    if last_sample is not None:
+        last_sample.copy_(x_c)
+    return _store(prev, sample, out)
+
+
 def flow_loss_weight(sigma, weighting):
     """SD3's per-sample loss weighting (diffusers' ``compute_loss_weighting_for_sd3``): ``none`` 1,
     ``sigma_sqrt`` sigma^-2, ``cosmap`` 2 / (pi (1 - 2 sigma + 2 sigma^2))."""
@@ -600,4 +665,5 @@ OPS = {
     "flow_loss": flow_loss_ref,
     "euler_step": euler_step_ref,
     "euler_ancestral_step": euler_step_ref,
+    "solver_step": solver_step_ref,
 }

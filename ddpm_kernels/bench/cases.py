@@ -17,8 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .. import euler, flow, ops as dk
-from .._spec import OPS, OpSpec, step_options
+from .. import euler, flow, ops as dk, solvers
+from .._spec import OPS, OpSpec, SolverColumns, step_options
 from ..schedule import DiffusionSchedule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -72,6 +72,9 @@ def _cases(spec: OpSpec) -> List[CaseSpec]:
                 CaseSpec(spec.name + "_guided", spec, guided=True)]
     if spec.name == "euler_step":  # no noise at its defaults (no churn)
         return [base]
+    if spec.family == "solver":  # deterministic by default (no noise given, none drawn); then the SDE form
+        stochastic = (("stochastic", True),)
+        return [CaseSpec(spec.name, spec, in_kernel_noise=True), CaseSpec(spec.name + "_sde", spec, overrides=stochastic)]
     opts = base.step_options
     if spec.draws_noise and (opts is None or opts.adds_noise):
         return [base, CaseSpec(spec.name + "_rng", spec, in_kernel_noise=True)]
@@ -234,14 +237,32 @@ class Case:
             self.tensors["step_index"] = torch.randint(0, 50, (self.shape[0],), generator=g).to(device)
         elif spec.sigmas:
             self.tensors["sigma"] = (0.02 + 0.96 * torch.rand(self.shape[0], generator=g)).to(device)
+        elif spec.family == "solver":
+            self._solver_state(g, rand)
         self.out = torch.empty_like(self.tensors[spec.data]) if spec.has_out else None
-        self.fn = getattr(euler if spec.family == "sigma" else flow if spec.family == "flow" else dk, spec.name)
+        module = {"sigma": euler, "flow": flow, "solver": solvers}.get(spec.family, dk)
+        self.fn = getattr(module, spec.name)
         # ops without timesteps (dynamic_threshold) take no schedule
         self.static = dict(self.case.options, **({"schedule": schedule} if spec.timesteps else {}))
         if self.case.guided:  # one scale per sample, in [1, 8) as pipelines use
             self.static["guidance_scale"] = (1 + 7 * torch.rand(self.shape[0], generator=g)).to(device)
         self.numel = self.tensors[spec.data].numel()
         self.bytes = self._bytes(opts)
+
+    def _solver_state(self, g, rand):
+        """A second-order multistep step (DPM-Solver++ 2M's shape): x0 from an epsilon output, one earlier output
+        read from a ring of two, the new one written into it; 50 rows of coefficients, a row per sample."""
+        col = SolverColumns(2)
+        table = torch.zeros((50, col.width), dtype=torch.float64)
+        sigma = torch.logspace(0.0, -1.5, 50, dtype=torch.float64)
+        alpha = (1 - sigma ** 2).sqrt()
+        table[:, col.x0_sample], table[:, col.x0_output] = 1 / alpha, -sigma / alpha
+        table[:, col.m_x0] = table[:, col.c_sample] = 1.0
+        table[:, col.p_xc], table[:, col.p_m] = 0.9 + 0.05 * torch.rand(50, generator=g, dtype=torch.float64), 0.2
+        table[:, col.p_hist], table[:, col.p_noise] = -0.1, 0.3
+        self.tensors["coefficients"] = table.to(self.device)
+        self.tensors["step_index"] = torch.randint(1, 50, (self.shape[0],), generator=g).to(self.device)
+        self.tensors["history"] = torch.stack([rand(self.shape), rand(self.shape)])
 
     def _bytes(self, opts) -> int:
         """Bytes the op must move: data, like and read optional tensors in; ``like`` outputs (and a returned
@@ -253,6 +274,8 @@ class Case:
             read += sum(ts[n].numel() for n in spec.optional)
         returns_x0 = opts is not None and opts.return_pred_x0
         written = self.numel * sum(k == "like" or (k == "pred_x0" and returns_x0) for k in spec.outputs)
+        if spec.family == "solver":  # the earlier output read from the ring and the new one written into it
+            read, written = read + self.numel, written + self.numel
         if self.case.backward:
             read, written = 2 * read, written + self.numel
         return (read + written) * self.tensors[spec.data].element_size()

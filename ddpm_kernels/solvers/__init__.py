@@ -1,0 +1,170 @@
+"""Multistep solvers as one fused step: DPM-Solver(++) (Lu et al. 2022), UniPC (Zhao et al. 2023), LCM (Luo et al.
+2023), ...
+
+Every step of these solvers is, per element, an affine combination of the sample, the model output converted
+to the solver's form (an x0 or an epsilon prediction, optionally clipped or thresholded), up to a few earlier
+converted outputs, the previous (corrected) sample and fresh noise. The coefficients depend only on the schedule
+and the step, so a solver builds them once per schedule as a table (one row per step, columns named by
+``SolverColumns``) and `solver_step` gathers each sample's row on the device by its step index. The earlier
+outputs live in a ring of preallocated tensors (``history``, shape (H, *sample.shape)) that the step reads and
+then overwrites in the same pass, so a multistep loop allocates nothing per step. See docs/design.md,
+"Multistep solvers".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import _check_backend, _check_data, _check_generator, _check_guidance, _check_like, _check_out
+from .._spec import OPS as SPECS, SolverColumns, SolverStepOptions
+from .._stream import check_sample_offset
+from ..ops import _BACKENDS, _dispatch, _options, promote
+
+__all__ = ["SolverColumns", "solver_step", "new_history"]
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_STEP_OPTIONS = {}
+
+
+def _step_options(values: tuple, guided: bool) -> SolverStepOptions:
+    key = (values, tuple(map(type, values)), guided)
+    try:
+        return _STEP_OPTIONS[key]
+    except (KeyError, TypeError):
+        pass
+    spec = SPECS["solver_step"]
+    opts = SolverStepOptions(**dict(zip(spec.option_names, _options(spec, values))), guided=guided)
+    if len(_STEP_OPTIONS) < 1024:
+        try:
+            _STEP_OPTIONS[key] = opts
+        except TypeError:
+            pass
+    return opts
+
+
+def _check_history(history, sample: torch.Tensor) -> int:
+    if history is None:
+        return 0
+    if not isinstance(history, torch.Tensor):
+        raise TypeError(f"history: expected a tensor of shape (H, *sample.shape), got {type(history).__name__}")
+    if history.dtype != sample.dtype or history.device != sample.device:
+        raise ValueError(f"history: expected {sample.dtype} on {sample.device} (sample's dtype and device), got "
+                         f"{history.dtype} on {history.device}")
+    if history.ndim != sample.ndim + 1 or history.shape[1:] != sample.shape or history.shape[0] < 1:
+        raise ValueError(f"history: expected shape (H, {', '.join(map(str, sample.shape))}) with H >= 1 slots, got "
+                         f"{tuple(history.shape)}")
+    return history.shape[0]
+
+
+def _check_coefficients(coefficients, sample: torch.Tensor, slots: int) -> torch.Tensor:
+    width = SolverColumns(slots).width
+    if not isinstance(coefficients, torch.Tensor) or not coefficients.is_floating_point():
+        raise TypeError(f"coefficients: expected a float tensor (a solver's coefficient table), got "
+                        f"{getattr(coefficients, 'dtype', type(coefficients).__name__)}")
+    if coefficients.ndim != 2 or coefficients.shape[1] != width or coefficients.shape[0] < 1:
+        raise ValueError(f"coefficients: expected shape (steps, {width}) (11 + 2 columns per history slot, "
+                         f"{slots} slot{'s' if slots != 1 else ''}), got {tuple(coefficients.shape)}")
+    if coefficients.device != sample.device:
+        raise ValueError(f"coefficients: expected a tensor on {sample.device} (the device of sample), got "
+                         f"{coefficients.device}")
+    return coefficients if coefficients.is_contiguous() else coefficients.contiguous()
+
+
+def _check_step_index(step_index, sample: torch.Tensor, steps: int) -> torch.Tensor:
+    batch = sample.shape[0]
+    if not isinstance(step_index, torch.Tensor) or step_index.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"step_index: expected an integer tensor of shape ({batch},), got "
+                        f"{getattr(step_index, 'dtype', type(step_index).__name__)}")
+    if step_index.ndim != 1 or step_index.shape[0] != batch:
+        raise ValueError(f"step_index: expected shape ({batch},) (one step per sample), got {tuple(step_index.shape)}")
+    if step_index.device != sample.device:
+        raise ValueError(f"step_index: expected a tensor on {sample.device} (the device of sample), got "
+                         f"{step_index.device}")
+    if step_index.is_cpu and batch and not torch.compiler.is_compiling():
+        lo, hi = int(step_index.min()), int(step_index.max())
+        if lo < 0 or hi >= steps:
+            raise ValueError(f"step_index: expected values in [0, {steps}) (a row of the coefficient table), got "
+                             f"min {lo}, max {hi}")
+    if step_index.dtype != torch.int64:
+        step_index = step_index.to(torch.int64)
+    return step_index if step_index.is_contiguous() else step_index.contiguous()
+
+
+def new_history(sample: torch.Tensor, slots: int) -> torch.Tensor:
+    """A zeroed history ring of ``slots`` entries for `solver_step` on tensors like ``sample`` (same dtype,
+    device and memory format)."""
+    if sample.ndim == 4 and not sample.is_contiguous() and sample.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = sample.shape
+        return torch.zeros((slots, n, h, w, c), dtype=sample.dtype, device=sample.device).permute(0, 1, 4, 2, 3)
+    return torch.zeros((slots,) + tuple(sample.shape), dtype=sample.dtype, device=sample.device)
+
+
+def solver_step(
+    sample,
+    model_output,
+    coefficients,
+    step_index,
+    history=None,
+    last_sample=None,
+    noise=None,
+    generator=None,
+    backend="auto",
+    *,
+    stochastic=False,
+    clip_range=None,
+    threshold_ratio=None,
+    threshold_max=1.0,
+    guidance_scale=None,
+    uncond=None,
+    guidance_rescale=0.0,
+    out=None,
+    sample_offset=0,
+):
+    """One step of a multistep solver given as a coefficient table. Per sample ``b`` with ``r =
+    coefficients[step_index[b]]`` (columns named by `SolverColumns`, an index outside the table gives NaN):
+
+        x0  = r.x0_sample x + r.x0_output y      clamped to +-clip_range, or dynamically thresholded
+        m   = r.m_sample x + r.m_x0 x0 + r.m_output y
+        x_c = r.c_sample x + r.c_last l + r.c_m m + sum_j r.c_hist[j] h_j
+        x'  = r.p_xc x_c + r.p_m m + sum_j r.p_hist[j] h_j + r.p_noise z
+
+    ``x`` the sample, ``y`` the model output (guided as in `ddpm_kernels.flow_step` when ``guidance_scale`` is
+    given), ``h_j = history[(step_index - j) % H]`` the converted output of ``j`` steps back, ``l`` the
+    ``last_sample`` buffer, ``z`` the noise (``noise``, or drawn from ``generator`` with ``stochastic=True``; a
+    step with neither has no noise term). A zero coefficient contributes exactly zero, whatever the tensor holds.
+
+    Then, after every read, ``m`` is written into ``history[step_index % H]`` and ``x_c`` into ``last_sample``
+    (each when given): the state a solver carries to its next step. Returns ``x'`` in ``sample``'s dtype (into
+    ``out`` when given; ``out`` may be ``sample``). Computed in float32 (float64 for float64 data).
+    ``sample_offset``: the global index of the batch's first sample in the noise stream (see
+    `ddpm_kernels.p_sample`).
+    """
+    spec = SPECS["solver_step"]
+    if sample_offset:
+        sample_offset = check_sample_offset(sample_offset)
+    sample, (model_output, uncond, noise) = promote(sample, (model_output, uncond, noise))
+    if backend not in _BACKENDS:
+        _check_backend(backend)
+    _check_data("sample", sample)
+    guidance = None
+    if guidance_scale is not None or uncond is not None or guidance_rescale:
+        model_output, uncond, guidance = _check_guidance(
+            model_output, uncond, guidance_scale, guidance_rescale, sample, "sample"
+        )
+    _check_like("model_output", model_output, "sample", sample)
+    if noise is not None:
+        _check_like("noise", noise, "sample", sample)
+        stochastic = True
+    if last_sample is not None:
+        _check_like("last_sample", last_sample, "sample", sample)
+    slots = _check_history(history, sample)
+    coefficients = _check_coefficients(coefficients, sample, slots)
+    step_index = _check_step_index(step_index, sample, coefficients.shape[0])
+    opts = _step_options((stochastic, clip_range, threshold_ratio, threshold_max, guidance_rescale),
+                         guidance is not None)
+    out = _check_out(out, sample, "sample")
+    if generator is not None:
+        _check_generator(generator, sample)
+    fn = _dispatch(spec, backend, sample, opts, (sample, model_output, noise, history, last_sample))
+    return fn(sample, model_output, uncond, guidance, coefficients, step_index, history, last_sample, opts, noise,
+              generator, out=out, sample_offset=sample_offset)
