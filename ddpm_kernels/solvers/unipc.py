@@ -72,6 +72,9 @@ def _update(point_t, point_s, lambdas, order, predict_x0, solver_type, corrector
         base = alpha_t if predict_x0 else -alpha_t * sigma_s / alpha_s
         return x_coef, base, [0.0] * (order - 1), 0.0
     h = lambda_t - lambda_s
+    if h == 0.0:
+        # a repeated sigma (duplicate timesteps): no time passes, the update is the identity (every h -> 0 limit)
+        return x_coef, 0.0, [0.0] * (order - 1), 0.0
     hh = -h if predict_x0 else h
     h_phi_1 = np.expm1(hh)
     base = -scale * h_phi_1
