@@ -54,6 +54,30 @@ def unipc_orders(steps: int, solver_order: int, lower_order_final: bool, begin_i
     return orders
 
 
+def _final_update(point_t, point_s, lambdas, order, predict_x0):
+    """`_update`'s h -> inf limit (``sigma_t = 0``, ``lambda_t = inf``), where it exists; see docs/design.md,
+    "UniPC". First order: the data form gives ``x_t = alpha_t m0`` (``e^-h = 0``); the noise form's
+    ``sigma_t (e^h - 1) -> E = alpha_t sigma_s / alpha_s`` (as ``sigma_t e^h = E``), DDIM's step to sigma 0.
+    The noise form's solved orders (3 and up) keep their history terms: ``sigma_t B_h rho_k / r_k ->
+    E / delta_k sum_i (W^-1)_ki i!`` with ``delta_k = lambda_k - lambda_s`` and ``W_ij = delta_j^(i-1)``
+    (the Vandermonde matrix of the nodes before the ``1/h`` scaling), whatever B(h). The data form's higher
+    orders, and the noise form's order 2 with its fixed rho = 1/2 and ``bh2``, grow without bound with h (a
+    polynomial in lambda extrapolated to lambda = inf): no limit, and the step is the first-order one, which
+    is also the noise form's order-2 ``bh1`` limit (its term vanishes)."""
+    alpha_t, sigma_t, _ = point_t
+    alpha_s, sigma_s, lambda_s = point_s
+    if predict_x0:
+        return sigma_t / sigma_s, alpha_t, [0.0] * (order - 1), 0.0
+    extrapolated = alpha_t * sigma_s / alpha_s
+    past = [0.0] * (order - 1)
+    if order >= 3:
+        deltas = np.array([lam - lambda_s for lam in lambdas])
+        W = np.stack([deltas**i for i in range(order - 1)])
+        factorials = np.cumprod(np.arange(1.0, order))  # 1!, 2!, ..., (order - 1)!
+        past = list(-extrapolated * np.linalg.solve(W, factorials) / deltas)
+    return alpha_t / alpha_s, -extrapolated - sum(past), past, 0.0
+
+
 def _update(point_t, point_s, lambdas, order, predict_x0, solver_type, corrector):
     """One UniP / UniC update from ``point_s`` to ``point_t`` (each ``(alpha, sigma_t, lambda)``) with earlier
     nodes at log-SNRs ``lambdas`` (1 back, 2 back, ...; ``order - 1`` of them) as coefficients:
@@ -66,11 +90,7 @@ def _update(point_t, point_s, lambdas, order, predict_x0, solver_type, corrector
     else:
         scale, x_coef = sigma_t, alpha_t / alpha_s
     if sigma_t == 0.0 and not corrector:
-        # lambda_t = inf: the first-order update's h -> inf limit. Data form: x_t = alpha_t m0 (e^-h = 0);
-        # noise form: sigma_t (e^h - 1) -> alpha_t sigma_s / alpha_s (as sigma_t e^h = alpha_t sigma_s / alpha_s),
-        # the DDIM step to sigma 0. Higher orders have no finite limit (docs/design.md, "UniPC").
-        base = alpha_t if predict_x0 else -alpha_t * sigma_s / alpha_s
-        return x_coef, base, [0.0] * (order - 1), 0.0
+        return _final_update(point_t, point_s, lambdas, order, predict_x0)
     h = lambda_t - lambda_s
     if h == 0.0:
         # a repeated sigma (duplicate timesteps): no time passes, the update is the identity (every h -> 0 limit)
@@ -160,8 +180,6 @@ def unipc_coefficients(
                 row[col.c_hist + 1 + k] = coef
         else:
             row[col.c_sample] = 1.0
-        if sigmas[i + 1] == 0.0:
-            order = 1  # no finite higher-order limit at lambda = inf (docs/design.md, "UniPC")
         lambdas = [points[i - k][2] for k in range(1, order)]
         x_coef, m0, past, _ = _update(points[i + 1], points[i], lambdas, order, predict_x0, solver_type,
                                       corrector=False)
