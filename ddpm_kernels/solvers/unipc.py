@@ -79,6 +79,23 @@ def _final_update(point_t, point_s, lambdas, order, predict_x0):
 
 
 def _update(point_t, point_s, lambdas, order, predict_x0, solver_type, corrector):
+    """`_update_distinct` on the earlier nodes whose log-SNR differs from ``point_s``'s and from each other's (a
+    repeated sigma repeats a node: its divided difference is 0 / 0), the order lowered by the nodes left out;
+    their coefficients are 0."""
+    keep, seen = [], {point_s[2]}
+    for k, lam in enumerate(lambdas):
+        if lam not in seen:
+            keep.append(k)
+            seen.add(lam)
+    x_coef, m0, past, m_t = _update_distinct(point_t, point_s, [lambdas[k] for k in keep], 1 + len(keep),
+                                             predict_x0, solver_type, corrector)
+    scattered = [0.0] * len(lambdas)
+    for k, coef in zip(keep, past):
+        scattered[k] = coef
+    return x_coef, m0, scattered, m_t
+
+
+def _update_distinct(point_t, point_s, lambdas, order, predict_x0, solver_type, corrector):
     """One UniP / UniC update from ``point_s`` to ``point_t`` (each ``(alpha, sigma_t, lambda)``) with earlier
     nodes at log-SNRs ``lambdas`` (1 back, 2 back, ...; ``order - 1`` of them) as coefficients:
     ``(x, m0, [m_k for each earlier node], m_t)`` of ``x_t = x_coef x + m0_coef m0 + sum_k m_k h_k + mt_coef m_t``
