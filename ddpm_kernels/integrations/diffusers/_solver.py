@@ -5,13 +5,24 @@ index. See docs/design.md, "Multistep solvers"."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
 import torch
 
 from ...solvers import new_history, solver_step
-from ._common import _device, _FusedBase, _host_copy, _StepIndex
+from ._common import _device, _FusedBase, _host_copy, _is_real, _StepIndex
+
+
+def threshold_unsupported(config) -> Optional[str]:
+    """Why the fused step cannot threshold as the stock config asks (None when it can): the op takes a ratio
+    in [0, 1] and a positive finite maximum (below 1 it is the bound, as torch's clamp makes it in stock)."""
+    ratio, max_value = config.dynamic_thresholding_ratio, config.sample_max_value
+    if _is_real(ratio) and 0 <= ratio <= 1 and _is_real(max_value) and 0 < max_value < math.inf:
+        return None
+    return (f"dynamic_thresholding_ratio={ratio!r}, sample_max_value={max_value!r}: the fused thresholding takes a "
+            "ratio in [0, 1] and a positive finite sample_max_value")
 
 
 class _Schedule:
@@ -155,9 +166,10 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
         x = sample if sample.dtype == dtype else sample.to(dtype)
         device = _device(x.device)
-        history, own_last = self._dk_buffers(x, self._dk_slots)
-        if last is None:
-            last = own_last
+        history = None
+        if last is None or self._dk_slots:
+            history, own_last = self._dk_buffers(x, self._dk_slots)
+            last = own_last if last is None else last
         prev = solver_step(
             x, model_output, self._dk_table(schedule, begin, device),
             self._dk_index_tensor(index, x.shape[0], x.device), history, last, noise, generator,

@@ -34,7 +34,6 @@ device than the sample, a step index outside the schedule (the stock error follo
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -44,8 +43,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ...solvers._columns import PREDICTION_TYPES
 from ...solvers.unipc import SOLVER_TYPES, unipc_coefficients
-from ._common import _is_real, _output_maker
-from ._solver import _Schedule, _SolverDropIn
+from ._common import _output_maker
+from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
 
 __all__ = ["FusedUniPCMultistepScheduler"]
 
@@ -82,13 +81,8 @@ class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler):
             hash(disabled)
         except TypeError:
             return f"disable_corrector {self.disable_corrector!r} is not a list of step indices"
-        if c.thresholding and self.predict_x0 and not (
-            _is_real(c.dynamic_thresholding_ratio) and 0 <= c.dynamic_thresholding_ratio <= 1
-            and _is_real(c.sample_max_value) and c.sample_max_value >= 1 and math.isfinite(c.sample_max_value)
-        ):
-            return (f"dynamic_thresholding_ratio={c.dynamic_thresholding_ratio!r}, sample_max_value="
-                    f"{c.sample_max_value!r}: the fused thresholding takes a ratio in [0, 1] and a finite "
-                    "sample_max_value >= 1")
+        if c.thresholding and self.predict_x0:
+            return threshold_unsupported(c)
         return None
 
     def _dk_steps(self, schedule: _Schedule) -> int:
