@@ -15,23 +15,14 @@ from diffusers import LCMScheduler  # noqa: E402
 
 from ddpm_kernels.integrations.diffusers import FusedLCMScheduler  # noqa: E402
 from ddpm_kernels.integrations.diffusers import _common  # noqa: E402
-from helpers import sync_guard  # noqa: E402
+from helpers import assert_close_to_stock, scheduler_model, scheduler_pair, sync_guard  # noqa: E402
 from test_lcm import lcm64  # noqa: E402  (the float64 step)
 
 SHAPE = (2, 4, 6, 5)
 
 
 def pair(config=None, steps=4, **set_kwargs):
-    stock = LCMScheduler(**(config or {}))
-    fused = FusedLCMScheduler.from_config(stock.config)
-    for s in (stock, fused):
-        s.set_timesteps(steps, **set_kwargs)
-    return stock, fused
-
-
-def model(x, t):
-    t = torch.as_tensor(t, dtype=torch.float32)
-    return (x.float() * (0.3 + t / 4000) - 0.2 * torch.cos(x.float() + t / 100)).to(x.dtype)
+    return scheduler_pair(LCMScheduler, FusedLCMScheduler, config or {}, steps, **set_kwargs)
 
 
 def run_loop(scheduler, dtype=torch.float32, seed=0):
@@ -39,16 +30,10 @@ def run_loop(scheduler, dtype=torch.float32, seed=0):
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     outputs = []
     for t in scheduler.timesteps:
-        out = scheduler.step(model(x, t), t, x, generator=g)
+        out = scheduler.step(scheduler_model(x, t), t, x, generator=g)
         outputs.append((out.prev_sample, out.denoised))
         x = out.prev_sample
     return outputs, g.get_state()
-
-
-def assert_close_fp32(got, expected, what=""):
-    assert got.dtype == expected.dtype and got.shape == expected.shape, what
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=4e-6 * scale, msg=what)
 
 
 def assert_same_loop(stock, fused, **kw):
@@ -59,8 +44,8 @@ def assert_same_loop(stock, fused, **kw):
     expected, expected_state = run_loop(stock, **kw)
     assert torch.equal(got_state, expected_state)  # the same draws: same generator state
     for i, ((prev, denoised), (e_prev, e_denoised)) in enumerate(zip(got, expected)):
-        assert_close_fp32(prev, e_prev, f"prev_sample at step {i}")
-        assert_close_fp32(denoised, e_denoised, f"denoised at step {i}")
+        assert_close_to_stock(prev, e_prev, f"prev_sample at step {i}")
+        assert_close_to_stock(denoised, e_denoised, f"denoised at step {i}")
     # each step's denoised is its own tensor, as stock returns it
     assert len({d.data_ptr() for _, d in got}) == len(got)
 
@@ -153,9 +138,9 @@ def test_step_has_no_host_sync(fail_on_sync):
     fail_on_sync()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        x = fused.step(model(x, 500.0), view, x, generator=g).prev_sample
+        x = fused.step(scheduler_model(x, 500.0), view, x, generator=g).prev_sample
         for t in later:
-            x = fused.step(model(x, 500.0), t, x, generator=g).prev_sample
+            x = fused.step(scheduler_model(x, 500.0), t, x, generator=g).prev_sample
     assert not [w for w in caught if "stock" in str(w.message)]
 
 

@@ -16,7 +16,7 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler  # no
 
 from ddpm_kernels.integrations.diffusers import FusedUniPCMultistepScheduler  # noqa: E402
 from ddpm_kernels.integrations.diffusers import _common, _solver  # noqa: E402
-from helpers import sync_guard  # noqa: E402
+from helpers import assert_close_to_stock, scheduler_model, scheduler_pair, sync_guard  # noqa: E402
 
 try:
     import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
@@ -30,17 +30,8 @@ SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
 def pair(config=None, steps=10, **set_kwargs):
-    stock = UniPCMultistepScheduler(**dict(SD, **(config or {})))
-    fused = FusedUniPCMultistepScheduler.from_config(stock.config)
-    for s in (stock, fused):
-        s.set_timesteps(steps, **set_kwargs)
-    return stock, fused
-
-
-def model(x, t):
-    """A model output that depends on the sample and the timestep."""
-    t = torch.as_tensor(t, dtype=torch.float32)
-    return (x.float() * (0.3 + t / 4000) - 0.2 * torch.cos(x.float() + t / 100)).to(x.dtype)
+    config = dict(SD, **(config or {}))
+    return scheduler_pair(UniPCMultistepScheduler, FusedUniPCMultistepScheduler, config, steps, **set_kwargs)
 
 
 def run_loop(scheduler, dtype=torch.float32, begin=0, x=None, record=False):
@@ -51,18 +42,10 @@ def run_loop(scheduler, dtype=torch.float32, begin=0, x=None, record=False):
         scheduler.set_begin_index(begin)
     states = []
     for t in scheduler.timesteps[begin:]:
-        x = scheduler.step(model(x, t), t, x).prev_sample
+        x = scheduler.step(scheduler_model(x, t), t, x).prev_sample
         if record:
             states.append((scheduler.step_index, scheduler.this_order, scheduler.lower_order_nums))
     return x, states
-
-
-def assert_close_fp32(got, expected, what=""):
-    """Equal up to float32 rounding of the terms (relative to the loop's scale); stock's float32 rhos at order
-    3 and up lose a few more digits (tests/test_unipc.py shows the fused loop is the closer one to float64)."""
-    assert got.dtype == expected.dtype and got.shape == expected.shape, what
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=4e-6 * scale, msg=what)
 
 
 def fused_loop(fused, **kw):
@@ -106,7 +89,7 @@ def test_loop_equals_stock(name, steps, begin):
     assert torch.equal(fused.timesteps, stock.timesteps) and torch.equal(fused.sigmas, stock.sigmas)
     got, got_states = fused_loop(fused, begin=begin, record=True)
     expected, expected_states = run_loop(stock, begin=begin, record=True)
-    assert_close_fp32(got, expected, name)
+    assert_close_to_stock(got, expected, name)
     assert got_states == expected_states  # step index, this_order, lower_order_nums as stock keeps them
 
 
@@ -137,8 +120,8 @@ def test_stock_nan_cases_are_finite_and_the_limit(config):
     for i, t in enumerate(exact.timesteps):
         if i == 9 and exact.predict_x0:
             exact.register_to_config(lower_order_final=True)  # no limit: the first-order last step
-        expected = exact.step(model(expected, t), t, expected).prev_sample
-    assert_close_fp32(got.double(), expected)
+        expected = exact.step(scheduler_model(expected, t), t, expected).prev_sample
+    assert_close_to_stock(got.double(), expected)
 
 
 def test_half_precision_is_at_least_as_close_to_fp64_as_stock():
@@ -189,10 +172,10 @@ def test_step_has_no_host_sync(fail_on_sync):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for s, view, ts in zip(schedulers, views, steps):
-            y = s.step(model(x, 500.0), view, x).prev_sample  # the first index: a view, found in the host copy
+            y = s.step(scheduler_model(x, 500.0), view, x).prev_sample  # a view: found in the host copy
             for t in ts[1:]:  # later steps read nothing, whatever the timestep
-                y = s.step(model(y, 500.0), t, y).prev_sample
-        begin.step(model(x, 500.0), steps[0][3], x)  # begin_index: not read
+                y = s.step(scheduler_model(y, 500.0), t, y).prev_sample
+        begin.step(scheduler_model(x, 500.0), steps[0][3], x)  # begin_index: not read
     assert not [w for w in caught if "stock" in str(w.message)]
 
 
@@ -218,7 +201,7 @@ def test_no_per_step_allocation_of_state(monkeypatch):
     x = torch.randn(SHAPE)
     seen = set()
     for t in fused.timesteps:
-        x = fused.step(model(x, t), t, x).prev_sample
+        x = fused.step(scheduler_model(x, t), t, x).prev_sample
         seen.add((id(fused._dk_buffers_[1]), id(fused._dk_buffers_[2]), id(fused._dk_index_[0])))
     assert len(builds) == 1 and len(rings) == 1 and len(seen) == 1
 
@@ -231,13 +214,13 @@ def test_no_host_sync_on_cuda_and_same_samples_as_stock():
         s = cls(**SD, solver_order=3)
         s.set_timesteps(12, device="cuda")
         x = torch.randn(SHAPE, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-        x = s.step(model(x, 1.0), s.timesteps[0], x).prev_sample
+        x = s.step(scheduler_model(x, 1.0), s.timesteps[0], x).prev_sample
         torch.cuda.synchronize()
         if cls is FusedUniPCMultistepScheduler:
             torch.cuda.set_sync_debug_mode("error")
         try:
             for t in s.timesteps[1:]:
-                x = s.step(model(x, 1.0), t, x).prev_sample
+                x = s.step(scheduler_model(x, 1.0), t, x).prev_sample
         finally:
             torch.cuda.set_sync_debug_mode(0)
         results.append(x)

@@ -38,8 +38,8 @@ def lcm_coefficients(
 ) -> np.ndarray:
     """The float64 `solver_step` table of LCM sampling over ``timesteps`` (integer training timesteps, one row
     each; the history ring has 0 slots). ``num_inference_steps``: the row without noise is row
-    ``num_inference_steps - 1`` (default: the last); a step has the next row's timestep, the last its own. Options as diffusers' ``LCMScheduler`` config; ``prediction_type`` epsilon, sample or
-    v_prediction."""
+    ``num_inference_steps - 1`` (default: the last); a step has the next row's timestep, the last its own.
+    Options as diffusers' ``LCMScheduler`` config; ``prediction_type`` epsilon, sample or v_prediction."""
     alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
     timesteps = np.asarray(timesteps)
     if alphas_cumprod.ndim != 1 or alphas_cumprod.shape[0] < 1:

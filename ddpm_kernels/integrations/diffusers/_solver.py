@@ -115,29 +115,10 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         return cached[1], cached[2]
 
     # ------------------------------------------------------------------ step
-    def _dk_inputs_ok(self, model_output, sample) -> bool:
-        if (
-            isinstance(model_output, torch.Tensor)
-            and isinstance(sample, torch.Tensor)
-            and model_output.shape == sample.shape
-            and model_output.device == sample.device
-            and model_output.is_floating_point()
-            and sample.is_floating_point()
-            and sample.ndim >= 2
-        ):
-            return True
-
-        def shape(x):
-            return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-
-        self._dk_stock("inputs", f"a model output {shape(model_output)} for a sample {shape(sample)} is not what the "
-                       "fused step takes (floating tensors of one shape on one device, with a batch dimension)")
-        return False
-
     def _dk_prepare(self, model_output, timestep, sample):
         """``(schedule, index, begin)`` for the fused step, or None when the stock step is to take the call
         (nothing changed then but a first step's index, which the stock step would set the same)."""
-        if self.num_inference_steps is None or not self._dk_inputs_ok(model_output, sample):
+        if self.num_inference_steps is None or not self._dk_inputs_ok(model_output, sample, min_ndim=2):
             return None
         reason = self._dk_unsupported()
         if reason is not None:

@@ -70,8 +70,10 @@ class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler):
         c = self.config
         if self.solver_p is not None:
             return "solver_p (another scheduler's predictor) is not a coefficient table"
-        if c.prediction_type not in PREDICTION_TYPES or (c.prediction_type == "flow_prediction" and not self.predict_x0):
-            return f"prediction_type {c.prediction_type!r} with predict_x0={self.predict_x0!r} is not one the stock step computes"
+        flow_as_epsilon = c.prediction_type == "flow_prediction" and not self.predict_x0
+        if c.prediction_type not in PREDICTION_TYPES or flow_as_epsilon:
+            return (f"prediction_type {c.prediction_type!r} with predict_x0={self.predict_x0!r} is not one the stock "
+                    "step computes")
         if c.solver_type not in SOLVER_TYPES:
             return f"solver_type {c.solver_type!r} is not one the stock step computes"
         if not (type(c.solver_order) is int and c.solver_order >= 1):
