@@ -144,6 +144,29 @@ def test_step_has_no_host_sync(fail_on_sync):
     assert not [w for w in caught if "stock" in str(w.message)]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_sync_on_cuda_and_same_samples_as_stock():
+    results = []
+    for cls in (LCMScheduler, FusedLCMScheduler):
+        s = cls()
+        s.set_timesteps(6, device="cuda")
+        g = torch.Generator("cuda").manual_seed(0)
+        x = torch.randn(SHAPE, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        x = s.step(scheduler_model(x, 1.0), s.timesteps[0], x, generator=g).prev_sample
+        torch.cuda.synchronize()
+        if cls is FusedLCMScheduler:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for t in s.timesteps[1:]:
+                x = s.step(scheduler_model(x, 1.0), t, x, generator=g).prev_sample
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        results.append((x, g.get_state()))
+    assert torch.equal(results[1][1], results[0][1])
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-4)
+
+
 def test_unsupported_options_take_the_stock_path_with_one_warning():
     stock, fused = pair(dict(clip_sample=True, clip_sample_range=0.0))
     with warnings.catch_warnings(record=True) as caught:
