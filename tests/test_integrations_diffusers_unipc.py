@@ -5,6 +5,7 @@ for what the fused step does not take."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -139,6 +140,43 @@ def test_half_precision_is_at_least_as_close_to_fp64_as_stock():
         errors.append(((got.double() - x64).abs().max().item(), (ref.double() - x64).abs().max().item()))
     for fused_err, stock_err in errors:
         assert fused_err <= stock_err, errors
+
+
+@pytest.mark.parametrize("sample_dtype, model_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32),
+                                                       (torch.float32, torch.bfloat16)])
+def test_mixed_dtypes_give_the_stock_dtype_closer_to_fp64(sample_dtype, model_dtype):
+    """A model output in another dtype than the sample: the stock result dtype (the sample's), and closer to the
+    float64 loop (the same roundings of the sample and the output before each model call) than stock, which
+    rounds sigma * output to the output's dtype."""
+    stock, fused = pair(dict(solver_order=3), 6)
+    exact = UniPCMultistepScheduler(**dict(SD, solver_order=3))
+    exact.set_timesteps(6)
+    exact.sigmas = exact.sigmas.double()
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    results = []
+    for s in (fused, exact, stock):
+        x = start.to(sample_dtype) if s is not exact else start.to(sample_dtype).double()
+        try:
+            for t in s.timesteps:
+                mo = scheduler_model(x.to(sample_dtype), t).to(model_dtype)
+                x = s.step(mo if s is not exact else mo.double(), t, x).prev_sample
+        except RuntimeError:  # stock's order-3 einsum of float16 rhos with float32 differences
+            assert s is stock and sample_dtype == torch.float16
+            x = torch.full_like(x, math.inf)
+        results.append(x)
+    assert results[0].dtype == results[2].dtype == sample_dtype
+    fused_err, stock_err = ((results[i].double() - results[1]).abs().max().item() for i in (0, 2))
+    assert math.isfinite(fused_err) and fused_err <= stock_err, (fused_err, stock_err)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last])
+def test_channels_last_stays_channels_last(memory_format):
+    stock, fused = pair(dict(solver_order=3))
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(memory_format=memory_format)
+    got, _ = fused_loop(fused, x=x)
+    assert got.is_contiguous(memory_format=memory_format)
+    assert fused._dk_buffers_[1][0].is_contiguous(memory_format=memory_format)  # the ring's slots too
+    assert_close_to_stock(got, run_loop(stock, x=x)[0])
 
 
 def test_a_second_loop_reuses_the_buffers_and_equals_the_first():

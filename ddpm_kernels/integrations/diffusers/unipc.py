@@ -20,7 +20,9 @@ another). What changes against the stock class:
   ``lower_order_nums`` and ``this_order`` are, as stock keeps them.
 * The coefficients (the rhos' linear solves included) are float64, not float32, and the step computes in
   float32 (float64 for float64 data) and rounds once to the sample's dtype: the results agree with stock
-  within float32 rounding, and for bf16 / fp16 samples they are closer to the float64 computation.
+  within float32 rounding, and for bf16 / fp16 samples or model outputs they are closer to the float64
+  computation (stock rounds ``sigma * model_output`` to the output's dtype, and at order 3 fails on a float16
+  sample with a float32 output: its float16 rhos meet float32 differences in one einsum).
 * Where the stock step has no finite result the fused step gives the limit (docs/design.md, "UniPC"): with a
   zero final sigma, ``bh1`` and ``predict_x0=False`` give NaN at the last step in stock and
   ``lower_order_final=False`` gives an infinite sample (order 2) or a singular ``linalg.solve`` (order 3); the
