@@ -32,7 +32,7 @@ class _Schedule:
     per device."""
 
     __slots__ = ("timesteps", "sources", "versions", "root", "host_timesteps", "host_array", "host_sources", "stock",
-                 "tables", "devices")
+                 "tables", "devices", "steps")
 
 
 def _versions(tensors) -> tuple:
@@ -71,6 +71,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         schedule.timesteps, schedule.sources, schedule.versions = ts, sources, _versions((ts,) + sources)
         schedule.tables, schedule.devices = {}, {}
         schedule.stock, schedule.root, schedule.host_array, schedule.host_sources = None, None, None, None
+        schedule.steps = 0
         schedule.host_timesteps = _host_copy(ts)
         bad = [name for name, s in zip(self._dk_source_names, sources)
                if not (isinstance(s, torch.Tensor) and s.ndim == 1 and s.is_floating_point() and s.shape[0] >= 1)]
@@ -82,6 +83,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
             schedule.root = ts if ts._base is None else ts._base
             schedule.host_array = schedule.host_timesteps.numpy()
             schedule.host_sources = tuple(_host_copy(s).double().numpy() for s in sources)
+            schedule.steps = self._dk_steps(schedule)
         self.__dict__["_dk_schedule_"] = schedule
         return schedule
 
@@ -131,7 +133,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         if self.step_index is None:
             self._init_step_index(timestep)
         index = self._step_index
-        steps = self._dk_steps(schedule)
+        steps = schedule.steps
         if not ((type(index) is int or isinstance(index, np.integer)) and 0 <= index < steps):
             self._dk_stock("step_index", f"step index {index!r} is not a step of the {steps}-step schedule")
             return None

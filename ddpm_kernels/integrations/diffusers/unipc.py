@@ -95,7 +95,7 @@ class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler):
     def _dk_build(self, schedule: _Schedule, begin: int) -> np.ndarray:
         c = self.config
         return unipc_coefficients(
-            schedule.host_sources[0][: self._dk_steps(schedule) + 1], solver_order=c.solver_order,
+            schedule.host_sources[0][: schedule.steps + 1], solver_order=c.solver_order,
             solver_type=c.solver_type, predict_x0=bool(self.predict_x0), prediction_type=c.prediction_type,
             lower_order_final=bool(c.lower_order_final), disable_corrector=self.disable_corrector or (),
             flow_sigmas=bool(c.use_flow_sigmas), begin_index=begin,
@@ -116,7 +116,7 @@ class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler):
         if prev.dtype != sample.dtype:
             prev = prev.to(sample.dtype)
         # the stock host state of the warm-up (the table's orders are the same)
-        order = min(c.solver_order, self._dk_steps(schedule) - index) if c.lower_order_final else c.solver_order
+        order = min(c.solver_order, schedule.steps - index) if c.lower_order_final else c.solver_order
         self.this_order = min(order, self.lower_order_nums + 1)
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1
