@@ -13,6 +13,10 @@ Each ``Fused<Name>`` subclasses diffusers' ``<Name>`` with the same config, so `
 * `FusedEulerDiscreteScheduler`, `FusedEulerAncestralDiscreteScheduler` (``ddpm_kernels.integrations.diffusers.euler``):
   ``step`` is one `ddpm_kernels.euler_step` / `ddpm_kernels.euler_ancestral_step`; ``scale_model_input`` reads no
   device value.
+* `FusedUniPCMultistepScheduler` (``ddpm_kernels.integrations.diffusers.unipc``): ``step`` is one
+  `ddpm_kernels.solvers.solver_step` on UniPC's coefficient table, with the history ring on the device.
+* `FusedLCMScheduler` (``ddpm_kernels.integrations.diffusers.lcm``): ``step`` is one
+  `ddpm_kernels.solvers.solver_step` on LCM's coefficient table, ``denoised`` its last-sample output.
 
 Common to all: ``step`` does not synchronize with the device; noise is drawn from the generator exactly as the
 stock scheduler draws it (same images, same generator state) unless ``in_kernel_noise = True``; the attribute
@@ -23,6 +27,8 @@ path with one warning per scheduler and cause. Each module's docstring says what
 from .ddpm import FusedDDIMScheduler, FusedDDPMScheduler
 from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
 from .flow import FusedFlowMatchEulerDiscreteScheduler
+from .lcm import FusedLCMScheduler
+from .unipc import FusedUniPCMultistepScheduler
 
 __all__ = [
     "FusedDDPMScheduler",
@@ -30,4 +36,6 @@ __all__ = [
     "FusedFlowMatchEulerDiscreteScheduler",
     "FusedEulerDiscreteScheduler",
     "FusedEulerAncestralDiscreteScheduler",
+    "FusedUniPCMultistepScheduler",
+    "FusedLCMScheduler",
 ]
