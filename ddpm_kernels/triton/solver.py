@@ -257,7 +257,7 @@ def solver_step_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ host side
-_CHANNELS_LAST_PERM = {4: (0, 1, 4, 2, 3), 5: (0, 1, 5, 2, 3, 4)}
+_CHANNELS_LAST_PERM = {5: (0, 1, 4, 2, 3), 6: (0, 1, 5, 2, 3, 4)}  # by the ring's ndim
 
 
 def _ring_in_format(history: torch.Tensor, fmt, slot_numel: int) -> bool:
@@ -285,9 +285,9 @@ def _launch(sample, model_output, uncond, guidance, stats, coefficients, step_in
     if x.numel() == 0:
         return
     fmt = dense_format(x)
-    slots = 0 if history is None or x0_only else history.shape[0]
+    slots = (coefficients.shape[1] - 11) // 2  # the table's layout (SolverColumns), also for the x0 pass
     ring = history
-    if slots and not _ring_in_format(history, fmt, batch * n):
+    if history is not None and not x0_only and not _ring_in_format(history, fmt, batch * n):
         ring = _empty_ring(history, fmt)
         ring.copy_(history)
     has_last = last_sample is not None and not x0_only
@@ -311,7 +311,7 @@ def _launch(sample, model_output, uncond, guidance, stats, coefficients, step_in
         guidance_ptr=guidance if guided else coefficients, stats_ptr=coefficients if stats is None else stats,
         noise_ptr=noise, seed_ptr=seed, philox_seed=philox_seed, philox_offset=philox_offset,
         sample_offset=sample_offset, coefficients_ptr=coefficients, step_index_ptr=step_index,
-        n_rows=coefficients.shape[0], history_ptr=ring if slots else x, slot_stride=batch * n,
+        n_rows=coefficients.shape[0], history_ptr=x if ring is None or x0_only else ring, slot_stride=batch * n,
         last_ptr=last if has_last else x, scale_ptr=coefficients if scale is None else scale,
         clip_hi=clip_hi, clip_lo=clip_lo, rescale_hi=rescale_hi, rescale_lo=rescale_lo, n_splits=n_splits,
         chunk=chunk, channels=x.shape[1] if x.ndim > 1 else 1, out_ptr=out, N=n,
