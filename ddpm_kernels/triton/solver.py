@@ -54,6 +54,8 @@ from .utils import (
     _uniform,
     as_rows,
     clamp_symmetric,
+    custom_op_with_out,
+    empty_dense,
     compute_dtype,
     launch_per_sample,
     like_dense,
@@ -344,8 +346,7 @@ def _run(sample, model_output, uncond, guidance, coefficients, step_index, histo
             clip_range, guidance_rescale, stochastic, noise, seed, philox_seed, philox_offset, sample_offset, out)
 
 
-@torch.library.custom_op("ddpm_kernels_triton::solver_step", mutates_args=("history", "last_sample"))
-def solver_step_op(
+def _solver_step(
     sample: torch.Tensor,
     model_output: torch.Tensor,
     uncond: Optional[torch.Tensor],
@@ -369,54 +370,22 @@ def solver_step_op(
     ``step_index mod H`` of ``history`` and ``last_sample``. ``guidance`` (B,) in the compute dtype given:
     ``model_output`` is the conditional output and ``uncond`` the unconditional one. ``stochastic``: the noise
     term, ``noise`` or drawn with ``seed`` / ``philox_seed`` / ``philox_offset`` (``utils.noise_key``)."""
-    out = empty_in_format(sample, dense_format(sample))
+    out = empty_dense(sample)
     _run(sample, model_output, uncond, guidance, coefficients, step_index, history, last_sample, clip_range,
          threshold_ratio, threshold_max, guidance_rescale, stochastic, noise, seed, philox_seed, philox_offset,
          sample_offset, out)
     return out
 
 
-@solver_step_op.register_fake
-def _(sample, *_):
-    return empty_in_format(sample, dense_format(sample))
+def _solver_step_fake(sample, *_):
+    return empty_dense(sample)
 
 
-@torch.library.custom_op("ddpm_kernels_triton::solver_step_out", mutates_args=("history", "last_sample", "out"))
-def solver_step_out_op(
-    sample: torch.Tensor,
-    model_output: torch.Tensor,
-    uncond: Optional[torch.Tensor],
-    guidance: Optional[torch.Tensor],
-    coefficients: torch.Tensor,
-    step_index: torch.Tensor,
-    history: Optional[torch.Tensor],
-    last_sample: Optional[torch.Tensor],
-    clip_range: Optional[float],
-    threshold_ratio: Optional[float],
-    threshold_max: float,
-    guidance_rescale: float,
-    stochastic: bool,
-    noise: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    philox_seed: int,
-    philox_offset: int,
-    sample_offset: int,
-    out: torch.Tensor,
-) -> None:
-    """``solver_step_op`` writing ``x'`` into ``out`` (which may be ``sample``: each element is read before it is
-    written); through a copy when ``out`` is not in the sample's dense format."""
-    fmt = dense_format(sample)
-    target = out if is_in_format(out, fmt) else empty_in_format(out, fmt)
-    _run(sample, model_output, uncond, guidance, coefficients, step_index, history, last_sample, clip_range,
-         threshold_ratio, threshold_max, guidance_rescale, stochastic, noise, seed, philox_seed, philox_offset,
-         sample_offset, target)
-    if target is not out:
-        out.copy_(target)
-
-
-@solver_step_out_op.register_fake
-def _(*_):
-    return None
+# solver_step_out writes x' into out, which may be sample itself (each element is read before it is written);
+# both forms write the ring and the last sample in place.
+solver_step_op, solver_step_out_op = custom_op_with_out(
+    "ddpm_kernels_triton::solver_step", _solver_step, _solver_step_fake, _run, mutates_args=("history", "last_sample")
+)
 
 
 def solver_step(sample, model_output, uncond, guidance, coefficients, step_index, history, last_sample, opts,
