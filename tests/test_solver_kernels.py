@@ -146,9 +146,15 @@ def test_threshold(backend):
     kwargs = dict(sample=x * 3, model_output=y * 3, coefficients=table, step_index=torch.arange(shape[0],
                   device=device) % STEPS, history=history, last_sample=last, threshold_ratio=0.9,
                   threshold_max=2.0)
-    if impl.declines("solver_step", SolverStepOptions(threshold_ratio=0.9, threshold_max=2.0)):
-        with pytest.warns(UserWarning, match="threshold"):
+    opts = SolverStepOptions(threshold_ratio=0.9, threshold_max=2.0)
+    reason = impl.declines("solver_step", opts)
+    if reason:
+        assert "threshold" in reason
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback's one warning (once per process)
+            served, _ = backends.resolve("solver_step", backend, torch.device(device), torch.float32, opts, None)
             got = _step(backend, **kwargs)
+        assert served == "reference"
     else:
         got = _check(backend, torch.float32, kwargs)
     for g, r in zip(got, _step("reference", **kwargs)):
