@@ -157,6 +157,9 @@ def test_threshold(backend):
         assert served == "reference"
     else:
         got = _check(backend, torch.float32, kwargs)
+        # guided with rescale: the x0 pass forms the same guided output, after the statistics pass
+        u, = make_inputs(shape, 1, torch.float32, seed=5, device=device)
+        _check(backend, torch.float32, dict(kwargs, uncond=u * 3, guidance_scale=2.5, guidance_rescale=0.5))
     for g, r in zip(got, _step("reference", **kwargs)):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
