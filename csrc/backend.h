@@ -22,4 +22,6 @@ struct Kernels {
   static void flow_step(const FlowStepCall& call);
   static void flow_loss(const FlowLossCall& call, const at::Tensor& loss);
   static void flow_loss_backward(const FlowLossCall& call, const at::Tensor& grad_loss, const at::Tensor& grad);
+  // The multistep-solver family (csrc/solver.h); also called for empty data (it still draws its noise key).
+  static void solver_step(const SolverStepCall& call);
 };

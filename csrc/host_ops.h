@@ -23,6 +23,7 @@
 #include "pair_ops.h"
 #include "posterior.h"
 #include "sampler_coefficients.h"
+#include "solver_host.h"
 
 namespace ddpm {
 
@@ -452,6 +453,9 @@ void register_kernels(torch::Library& m) {
   m.impl("flow_step_out", &flow_step_out_kernel<K>);
   m.impl("flow_loss", &flow_loss_kernel<K>);
   m.impl("flow_loss_backward", &flow_loss_backward_kernel<K>);
+  // the multistep-solver family (csrc/solver_host.h)
+  m.impl("solver_step", &solver_step_kernel<K>);
+  m.impl("solver_step_out", &solver_step_out_kernel<K>);
 }
 
 }  // namespace ddpm

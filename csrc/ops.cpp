@@ -116,4 +116,19 @@ TORCH_LIBRARY(ddpm_kernels, m) {
   m.def(
       "flow_loss_backward(Tensor grad_loss, Tensor model_output, Tensor x0, Tensor noise, Tensor sigma, "
       "int sigma_period, int sigma_repeat, str weighting, str loss_type) -> Tensor");
+  // The multistep-solver family (csrc/solver.h): one step on a row of the solver's coefficient table
+  // (ddpm_kernels._spec.SolverColumns), gathered by step_index (int64 (B,)); reads and writes the history ring
+  // (H, *sample.shape) and the last-sample buffer in place. Guided when uncond and guidance (the per-sample
+  // scales, compute dtype) are given; stochastic steps draw their noise inside the kernel from `generator` when
+  // noise is None. Dynamic thresholding is not part of the kernels (see ddpm_kernels/extension.py).
+  m.def(
+      "solver_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor coefficients, "
+      "Tensor step_index, Tensor(b!)? history, Tensor(c!)? last_sample, bool stochastic, float? clip_range, "
+      "float guidance_rescale, Tensor? noise, Generator? generator, int sample_offset) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "solver_step_out(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor coefficients, "
+      "Tensor step_index, Tensor(b!)? history, Tensor(c!)? last_sample, bool stochastic, float? clip_range, "
+      "float guidance_rescale, Tensor? noise, Generator? generator, int sample_offset, Tensor(a!) out) -> ()",
+      {at::Tag::nondeterministic_seeded});
 }

@@ -472,6 +472,9 @@ _SOLVER_TABLE = (
             _real_in("guidance_rescale", 0.0, 0.0, 1.0),
         ),
         draws_noise=True, has_out=True,
+        schema="solver_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor coefficients, "
+        "Tensor step_index, Tensor(b!)? history, Tensor(c!)? last_sample, bool stochastic, float? clip_range, "
+        "float guidance_rescale, Tensor? noise, Generator? generator, int sample_offset) -> Tensor",
     ),
 )
 

@@ -244,6 +244,36 @@ def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma,
     return _store(_ops().flow_step(*args), out)
 
 
+# ------------------------------------------------------------------------------------------ multistep solvers
+def solver_step(sample, model_output, uncond, guidance, coefficients, step_index, history, last_sample, opts,
+                noise=None, generator=None, out=None, sample_offset=0):
+    """The multistep-solver step (csrc/solver.h); the kernels write ``history`` and ``last_sample`` in place
+    (through copies written back when they are laid out otherwise than the sample). Thresholded options are
+    declined (``declines``)."""
+    fmt = dense_format(sample)
+    guided = opts.guided
+    args = (
+        in_format(sample, fmt),
+        in_format(model_output, fmt),
+        in_format(uncond, fmt) if guided else None,
+        guidance if guided else None,
+        coefficients,
+        step_index,
+        history,
+        last_sample,
+        opts.stochastic,
+        opts.clip_range,
+        opts.guidance_rescale if guided else 0.0,
+        in_format(noise, fmt) if opts.stochastic else None,  # deterministic: nothing read or drawn
+        generator,
+        sample_offset,
+    )
+    if _fits(out, fmt):
+        _ops().solver_step_out(*args, out)
+        return out
+    return _store(_ops().solver_step(*args), out)
+
+
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):
     fmt = dense_format(model_output)
     return _ops().flow_loss(
@@ -268,6 +298,7 @@ OPS = {
     "flow_interpolate": flow_interpolate,
     "flow_step": flow_step,
     "flow_loss": flow_loss,
+    "solver_step": solver_step,
 }
 # Gradients the compiled kernels give (csrc/autograd.cpp); other inputs that need one take the reference.
 DIFFERENTIABLE = {

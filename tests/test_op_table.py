@@ -69,6 +69,9 @@ def test_generated_fakes_shape_every_output(name):
         args.update(table=mode.from_tensor(s.table()), table64=mode.from_tensor(s.table(torch.float64)))
         # the flow-matching family: per-sample sigma operands (period 1)
         args.update({n: mode.from_tensor(torch.full((2,), 0.5)) for n in spec.sigmas})
+        # the multistep-solver family: a coefficient table without history columns and a step per sample
+        args.update(coefficients=mode.from_tensor(torch.zeros(3, 11, dtype=torch.float64)),
+                    step_index=mode.from_tensor(torch.zeros(2, dtype=torch.int64)))
         schema = getattr(torch.ops.ddpm_kernels, name).default._schema
         defaults = {"str": "eps", "bool": True, "float": 0.5, "int": 1}
         call = []

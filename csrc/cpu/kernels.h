@@ -9,6 +9,7 @@
 #include "../pair_ops.h"
 #include "../posterior.h"
 #include "../sampler_coefficients.h"
+#include "../solver.h"
 
 namespace ddpm::cpu::CPU_CAPABILITY {
 #include "../backend.h"

@@ -10,6 +10,7 @@
 #include "../pair_ops.h"
 #include "../posterior.h"
 #include "../sampler_coefficients.h"
+#include "../solver.h"
 
 namespace ddpm::cuda {
 #include "../backend.h"

@@ -8,7 +8,8 @@ backward), ``posterior`` (q_posterior, p_mean_variance, p_sample), ``sampler_ste
 one kernel, a coefficient function per sampler, guidance fused), ``loss`` (diffusion_loss and its backward),
 ``threshold`` (dynamic_threshold) and ``flow`` (flow matching: flow_interpolate, flow_step with fused guidance,
 flow_loss, and their backwards; its step kernel also serves euler_step and euler_ancestral_step, the Euler steps
-on a Karras sigma table, with their own coefficient function). ``guidance`` holds the guided steps' rescale statistics pass; ``utils`` what
+on a Karras sigma table, with their own coefficient function) and ``solver`` (solver_step: the multistep
+solvers' step on a coefficient table, with its history ring). ``guidance`` holds the guided steps' rescale statistics pass; ``utils`` what
 they all share: tiles, loads and stores, the coefficient gather, Philox noise, the launch table, registration.
 
 Ops run on CUDA tensors (compiled) and, when ``TRITON_INTERPRET=1`` was set before triton was first imported,
@@ -37,6 +38,7 @@ from .pair import ENTRIES as PAIR_ENTRIES
 from .pair import PAIR_OPS
 from .posterior import p_mean_variance, p_sample, q_posterior
 from .sampler_step import SAMPLERS, VARIANCE_ID, sampler_step
+from .solver import solver_step
 from .threshold import dynamic_threshold
 from .utils import INTERPRETED
 
@@ -80,6 +82,9 @@ class TritonBackend:
         # statistics pass comes first
         "euler_step": euler_step,
         "euler_ancestral_step": euler_step,
+        # one step kernel gathering the solver's coefficient row, reading and writing the history ring; with
+        # guidance_rescale a statistics pass first, with threshold_ratio an x0 pass and a per-sample sort
+        "solver_step": solver_step,
     }
     differentiable: Dict[str, FrozenSet[str]] = {
         **{name: frozenset(args) - {"t"} for name, args in PAIR_OPS.items()},

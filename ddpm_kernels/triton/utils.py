@@ -204,7 +204,7 @@ def with_signature(fn, parameters: Sequence[Tuple[str, object]], returns):
     return fn
 
 
-def custom_op_with_out(name: str, functional, fake, launch, out_returns=None, data_format=None):
+def custom_op_with_out(name: str, functional, fake, launch, out_returns=None, data_format=None, mutates_args=()):
     """Register the custom op ``name`` from ``functional`` (its annotated signature is the schema) with
     ``fake``, and its ``out=`` form ``name + "_out"``: the same arguments followed by a mutated
     ``out: Tensor``, its schema derived from the same signature so the two cannot drift apart.
@@ -212,8 +212,9 @@ def custom_op_with_out(name: str, functional, fake, launch, out_returns=None, da
     The out op runs ``launch(*arguments, out)`` through ``launch_into`` and returns the result, annotated
     ``out_returns`` (None: nothing); the kernel writes in the format ``data_format(*arguments)`` gives (default:
     the first argument's dense format, as ``launch`` runs it). Its fake returns ``fake``'s outputs after the
-    first (the one ``out`` replaces). Returns ``(op, out_op)``."""
-    op = torch.library.custom_op(name, functional, mutates_args=())
+    first (the one ``out`` replaces). ``mutates_args``: arguments both forms write in place (a solver's state).
+    Returns ``(op, out_op)``."""
+    op = torch.library.custom_op(name, functional, mutates_args=tuple(mutates_args))
     op.register_fake(fake)
 
     signature = inspect.signature(functional)
@@ -232,7 +233,7 @@ def custom_op_with_out(name: str, functional, fake, launch, out_returns=None, da
         return rest[0] if len(rest) == 1 else (rest or None)
 
     run_out.__signature__ = signature.replace(parameters=parameters, return_annotation=out_returns)
-    out_op = torch.library.custom_op(name + "_out", run_out, mutates_args=("out",))
+    out_op = torch.library.custom_op(name + "_out", run_out, mutates_args=tuple(mutates_args) + ("out",))
     out_op.register_fake(fake_out)
     return op, out_op
 

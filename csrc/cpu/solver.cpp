@@ -1,0 +1,34 @@
+// CPU kernel of the multistep-solver family (csrc/solver.h): one pass of the family loop over at::vec lanes; a
+// rescaled guided step runs the guidance reduction first (cpu/guidance.h).
+#include <vector>
+
+#include "guidance.h"
+#include "kernels.h"
+#include "loops.h"
+#include "noise.h"
+
+#include "../solver.h"
+
+namespace ddpm::cpu::CPU_CAPABILITY {
+
+void Kernels::solver_step(const SolverStepCall& call) {
+  const int64_t numel = call.sample.numel();
+  DDPM_DISPATCH_FLOATING(call.sample.scalar_type(), "ddpm_kernels_solver_step", [&] {
+    using Noise = CpuNoise<scalar_t>;
+    // the key is drawn for every stochastic call without given noise, even an empty one (as p_sample)
+    const typename Noise::Spec spec =
+        Noise::spec(call.noise, call.stochastic, call.generator, call.sample, call.sample_offset);
+    if (numel == 0) return;
+    const int64_t B = call.sample.size(0);
+    std::vector<double> sums;
+    with_bool(call.guided(), [&](auto G) {
+      with_bool(call.clip_range.has_value(), [&](auto C) {
+        auto f = SolverStepKernel<scalar_t, decltype(G), decltype(C)>::make(call, G, C);
+        prepare_rescale(f.guide, B, sums);
+        run_family<scalar_t>(f, numel, numel / B, Noise(spec));
+      });
+    });
+  });
+}
+
+}  // namespace ddpm::cpu::CPU_CAPABILITY

@@ -1,0 +1,222 @@
+// The multistep-solver family (docs/design.md, "Multistep solvers"): solver_step, one step of DPM-Solver(++),
+// UniPC, LCM, ... given as a row of a per-schedule coefficient table, written once for the CPU and CUDA
+// backends (csrc/family.h). Per sample b with r = coefficients[step_index[b]] (NaN for an index outside the
+// table; the columns are ddpm_kernels._spec.SolverColumns'), x the sample, y the (guided) model output, l the
+// last-sample buffer, h_j = ring slot (step_index - j) mod H and z the noise:
+//
+//   x0  = r.x0_sample x + r.x0_output y             then clamped to +-clip_range (when given)
+//   m   = r.m_sample x + r.m_x0 x0 + r.m_output y
+//   x_c = r.c_sample x + r.c_last l + r.c_m m + sum_j r.c_hist[j] h_j
+//   x'  = r.p_xc x_c + r.p_m m + sum_j r.p_hist[j] h_j + r.p_noise z
+//
+// in the reference's order of operations (ddpm_kernels.reference.solver_step_ref), then x' into out, m into ring
+// slot step_index mod H and x_c into the last-sample buffer: each element is read before the same slice writes
+// it, so the slot written may be the one read as h_H and out may be the sample. A coefficient that is exactly 0
+// contributes exactly 0 and its tensor is not read (a uniform branch per sample), so an unwritten slot may hold
+// anything. The table is read in its own dtype (float32 or float64) and each coefficient rounded to the compute
+// dtype, as the reference casts its rows. The ring's H and the history columns are runtime values read from the
+// table per slice; the fixed columns are the per-sample Coef.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+#include "family.h"
+#include "guidance.h"
+
+namespace ddpm {
+
+// The fixed columns of SolverColumns; c_hist starts at kCHist, then p_xc, p_m, p_hist, p_noise after the H
+// corrector columns.
+enum SolverColumn : int {
+  kX0Sample = 0,
+  kX0Output = 1,
+  kMSample = 2,
+  kMX0 = 3,
+  kMOutput = 4,
+  kCSample = 5,
+  kCLast = 6,
+  kCM = 7,
+  kCHist = 8,
+};
+
+// One call of solver_step, as csrc/host_ops.h hands it to a backend: every tensor in the kernel's layout (the
+// sample's dense format; the ring's slots dense blocks of it, slot_stride elements apart). uncond and guidance
+// are non-null when guided; noise is non-null when given (in-kernel noise from `generator` when stochastic and
+// none); history / last_sample null when absent.
+struct SolverStepCall {
+  const at::Tensor &sample, &model_output;
+  const at::Tensor* uncond;
+  const at::Tensor* guidance;
+  const at::Tensor& coefficients;  // (steps, 11 + 2 H), float32 or float64, contiguous
+  const at::Tensor& step_index;    // int64 (B,)
+  const at::Tensor* history;       // (H, *sample.shape)
+  const at::Tensor* last_sample;
+  bool stochastic;
+  std::optional<double> clip_range;
+  double guidance_rescale;
+  const at::Tensor* noise;
+  std::optional<at::Generator> generator;
+  const at::Tensor& out;
+  int64_t sample_offset = 0;
+
+  bool guided() const { return uncond != nullptr; }
+};
+
+// Python's (floored) i mod n, n > 0: the ring slot of step i, also for a negative (bad) index, as the
+// reference's torch.remainder.
+DDPM_HD int64_t floor_mod(int64_t i, int64_t n) {
+  const int64_t r = i % n;
+  return r < 0 ? r + n : r;
+}
+
+// GuidedT / ClipT: bool, or std::integral_constant<bool, ...> (csrc/family.h).
+template <typename scalar_t, typename GuidedT, typename ClipT>
+struct SolverStepKernel : NoPerSampleOutputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  struct Coef {
+    acc_t x0_sample, x0_output, m_sample, m_x0, m_output, c_sample, c_last, c_m, p_xc, p_m, p_noise;
+    int64_t step;  // the sample's step index (its row when in range)
+    bool ok;       // whether the index is a row of the table
+    GuidanceCoef<acc_t> guide;
+  };
+  const scalar_t* x;
+  scalar_t* out;
+  Guidance<scalar_t> guide;  // the model output (csrc/guidance.h); its rescale sums set by the backend's pass
+  const float* table32;      // one of the two is set
+  const double* table64;
+  int64_t rows, width;
+  const int64_t* step_index;
+  scalar_t* ring;  // nullptr: no ring
+  int64_t slots, slot_stride;
+  scalar_t* last;  // nullptr: no last-sample buffer
+  acc_t clip;
+  GuidedT guided;
+  ClipT clipped;
+
+  static SolverStepKernel make(const SolverStepCall& call, GuidedT guided, ClipT clipped) {
+    const int64_t N = call.sample.numel() / call.sample.size(0);
+    const bool wide = call.coefficients.scalar_type() == at::kDouble;
+    return {{},
+            call.sample.const_data_ptr<scalar_t>(),
+            call.out.mutable_data_ptr<scalar_t>(),
+            Guidance<scalar_t>::make(call.model_output, call.uncond, call.guidance, N, 0, call.guidance_rescale),
+            wide ? nullptr : call.coefficients.const_data_ptr<float>(),
+            wide ? call.coefficients.const_data_ptr<double>() : nullptr,
+            call.coefficients.size(0),
+            call.coefficients.size(1),
+            call.step_index.const_data_ptr<int64_t>(),
+            call.history != nullptr ? call.history->mutable_data_ptr<scalar_t>() : nullptr,
+            call.history != nullptr ? call.history->size(0) : 0,
+            call.sample.numel(),
+            call.last_sample != nullptr ? call.last_sample->mutable_data_ptr<scalar_t>() : nullptr,
+            static_cast<acc_t>(call.clip_range.value_or(0.0)),
+            guided,
+            clipped};
+  }
+
+  // Column k of row `step` in the compute dtype; NaN when the index is outside the table.
+  DDPM_HD acc_t column(int64_t step, bool ok, int k) const {
+    if (!ok) return acc_t(NAN);
+    const int64_t at = step * width + k;
+    return table64 != nullptr ? static_cast<acc_t>(table64[at]) : static_cast<acc_t>(table32[at]);
+  }
+
+  DDPM_HD Coef coef(int64_t b) const {
+    Coef c;
+    c.step = step_index[b];
+    c.ok = c.step >= 0 && c.step < rows;
+    c.x0_sample = column(c.step, c.ok, kX0Sample);
+    c.x0_output = column(c.step, c.ok, kX0Output);
+    c.m_sample = column(c.step, c.ok, kMSample);
+    c.m_x0 = column(c.step, c.ok, kMX0);
+    c.m_output = column(c.step, c.ok, kMOutput);
+    c.c_sample = column(c.step, c.ok, kCSample);
+    c.c_last = column(c.step, c.ok, kCLast);
+    c.c_m = column(c.step, c.ok, kCM);
+    c.p_xc = column(c.step, c.ok, int(kCHist + slots));
+    c.p_m = column(c.step, c.ok, int(kCHist + slots + 1));
+    c.p_noise = column(c.step, c.ok, int(kCHist + 2 * slots + 2));
+    c.guide = guided ? guide.coef(b) : GuidanceCoef<acc_t>{acc_t(0), acc_t(1)};
+    return c;
+  }
+
+  // acc += w v over one slice, exactly nothing when w is 0 (whatever v holds).
+  template <typename IO>
+  static DDPM_LANE void add_term(typename IO::V* acc, acc_t w, const typename IO::V* v) {
+    using V = typename IO::V;
+    if (w == acc_t(0)) return;
+    DDPM_UNROLL
+    for (int k = 0; k < IO::kLanes; ++k) acc[k] = madd(splat<V>(w), v[k], acc[k]);
+  }
+
+  // acc += w p[i ..] over one slice, the tensor read only when w is not 0.
+  template <typename IO>
+  static DDPM_LANE void add_loaded(typename IO::V* acc, acc_t w, const scalar_t* p, int64_t n) {
+    if (w == acc_t(0)) return;
+    typename IO::V v[IO::kLanes];
+    IO::load(p, v, n);
+    add_term<IO>(acc, w, v);
+  }
+
+  template <typename IO, typename Z>
+  DDPM_LANE void apply(int64_t b, int64_t i, int64_t n, const Coef& c, Z& z) const {
+    using V = typename IO::V;
+    V xv[IO::kLanes], yv[IO::kLanes], x0[IO::kLanes], m[IO::kLanes], xc[IO::kLanes], r[IO::kLanes];
+    DDPM_UNROLL
+    for (int k = 0; k < IO::kLanes; ++k) {
+      x0[k] = splat<V>(acc_t(0));
+      m[k] = x0[k];
+      xc[k] = x0[k];
+      r[k] = x0[k];
+    }
+    // the sample and the model output are read where a coefficient uses them (the zero rule)
+    if (c.x0_sample != acc_t(0) || c.m_sample != acc_t(0) || c.c_sample != acc_t(0)) IO::load(x + i, xv, n);
+    if (c.x0_output != acc_t(0) || c.m_output != acc_t(0)) {
+      IO::load(guide.cond + i, yv, n);
+      if (guided) guide.template mix<IO>(b, i, n, c.guide, yv);
+    }
+    add_term<IO>(x0, c.x0_sample, xv);
+    add_term<IO>(x0, c.x0_output, yv);
+    if (clipped) {
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) x0[k] = clamp_keep_nan(x0[k], splat<V>(-clip), splat<V>(clip));
+    }
+    add_term<IO>(m, c.m_sample, xv);
+    add_term<IO>(m, c.m_x0, x0);
+    add_term<IO>(m, c.m_output, yv);
+    // the corrector
+    add_term<IO>(xc, c.c_sample, xv);
+    if (last != nullptr) add_loaded<IO>(xc, c.c_last, last + i, n);
+    add_term<IO>(xc, c.c_m, m);
+    for (int64_t j = 1; j <= slots; ++j) {
+      add_loaded<IO>(xc, column(c.step, c.ok, int(kCHist + j - 1)), ring + floor_mod(c.step - j, slots) * slot_stride + i,
+                     n);
+    }
+    // the predictor
+    add_term<IO>(r, c.p_xc, xc);
+    add_term<IO>(r, c.p_m, m);
+    for (int64_t j = 1; j <= slots; ++j) {
+      add_loaded<IO>(r, column(c.step, c.ok, int(kCHist + slots + 1 + j)),
+                     ring + floor_mod(c.step - j, slots) * slot_stride + i, n);
+    }
+    if constexpr (Z::present()) {
+      if (c.p_noise != acc_t(0)) {
+        V zv[IO::kLanes];
+        z.template get<IO>(i, n, zv);
+        add_term<IO>(r, c.p_noise, zv);
+      }
+    }
+    // every read done: the step, then the state
+    IO::store(out + i, r, n);
+    if (slots > 0) IO::store(ring + floor_mod(c.step, slots) * slot_stride + i, m, n);
+    if (last != nullptr) IO::store(last + i, xc, n);
+  }
+};
+
+}  // namespace ddpm

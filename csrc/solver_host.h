@@ -1,0 +1,130 @@
+// The host side of solver_step (csrc/solver.h), shared by the CPU and CUDA backends as csrc/host_ops.h: argument
+// checks, the kernel layout of the state tensors, and the functional form on the _out form.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "checks.h"
+#include "solver.h"
+
+namespace ddpm {
+
+// Whether the kernels read ring `h` as it is: every slot a dense block in `fmt`, `slot_numel` elements apart.
+inline bool ring_in_format(const at::Tensor& h, at::MemoryFormat fmt, int64_t slot_numel) {
+  return h.select(0, 0).is_contiguous(fmt) && (h.size(0) == 1 || h.stride(0) == slot_numel);
+}
+
+// An uninitialized ring like `h` whose slots are dense blocks in `fmt`, one after another.
+inline at::Tensor empty_ring(const at::Tensor& h, at::MemoryFormat fmt) {
+  if (fmt == at::MemoryFormat::Contiguous) return at::empty(h.sizes(), h.options());
+  // (H, B, C, *spatial) stored as (H, B, *spatial, C)
+  const int64_t dim = h.dim();
+  std::vector<int64_t> sizes{h.size(0), h.size(1)}, perm{0, 1, dim - 1};
+  for (int64_t d = 3; d < dim; ++d) sizes.push_back(h.size(d));
+  sizes.push_back(h.size(2));
+  for (int64_t d = 2; d < dim - 1; ++d) perm.push_back(d);
+  return at::empty(sizes, h.options()).permute(perm);
+}
+
+template <typename K>
+void solver_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_output,
+                            const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
+                            const at::Tensor& coefficients, const at::Tensor& step_index,
+                            const std::optional<at::Tensor>& history, const std::optional<at::Tensor>& last_sample,
+                            bool stochastic, std::optional<double> clip_range, double guidance_rescale,
+                            const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+                            int64_t sample_offset, const at::Tensor& out) {
+  check_batch(sample);
+  check_sample_offset(sample_offset);
+  const at::MemoryFormat data_format = dense_format(sample, "sample");
+  check_data("model_output", model_output, sample);
+  check_data("out", out, sample);
+  TORCH_CHECK(uncond.has_value() == guidance.has_value(),
+              "ddpm_kernels: solver_step takes uncond and guidance together (a guided step) or neither");
+  if (uncond.has_value()) {
+    check_data("uncond", *uncond, sample);
+    check_per_sample("guidance", *guidance, sample);
+  }
+  TORCH_CHECK(guidance_rescale >= 0 && guidance_rescale <= 1, "ddpm_kernels: guidance_rescale must be in [0, 1], got ",
+              guidance_rescale);
+  TORCH_CHECK(guidance_rescale == 0 || uncond.has_value(),
+              "ddpm_kernels: guidance_rescale needs a guided step (uncond and guidance)");
+  TORCH_CHECK(!clip_range.has_value() || *clip_range > 0, "ddpm_kernels: clip_range must be > 0, got ",
+              clip_range.value_or(0.0));
+  int64_t slots = 0;
+  if (history.has_value()) {
+    const at::Tensor& h = *history;
+    TORCH_CHECK(h.scalar_type() == sample.scalar_type() && h.device() == sample.device() &&
+                    h.dim() == sample.dim() + 1 && h.size(0) >= 1 && h.sizes().slice(1) == sample.sizes(),
+                "ddpm_kernels: history must be (H, ", sample.sizes(), ") with H >= 1 of ", sample.scalar_type(),
+                " on ", sample.device(), ", got ", h.scalar_type(), " ", h.sizes(), " on ", h.device());
+    slots = h.size(0);
+  }
+  if (last_sample.has_value()) {
+    TORCH_CHECK(last_sample->sizes() == sample.sizes() && last_sample->scalar_type() == sample.scalar_type() &&
+                    last_sample->device() == sample.device(),
+                "ddpm_kernels: last_sample must be like sample (", sample.sizes(), " ", sample.scalar_type(), " on ",
+                sample.device(), "), got ", last_sample->sizes(), " ", last_sample->scalar_type(), " on ",
+                last_sample->device());
+  }
+  TORCH_CHECK(coefficients.is_floating_point() && coefficients.dim() == 2 && coefficients.size(0) >= 1 &&
+                  coefficients.size(1) == 11 + 2 * slots && coefficients.is_contiguous() &&
+                  coefficients.device() == sample.device(),
+              "ddpm_kernels: coefficients must be a contiguous float (steps, ", 11 + 2 * slots, ") table on ",
+              sample.device(), " for ", slots, " history slots, got ", coefficients.scalar_type(), " ",
+              coefficients.sizes(), " on ", coefficients.device());
+  check_timesteps("step_index", step_index, sample);
+  const bool given = stochastic && noise.has_value();
+  if (given) check_data("noise", *noise, sample);
+
+  // In-kernel noise is indexed by each element's row-major position (docs/design.md, "Noise streams") while the
+  // kernels walk storage order: a drawing call on channels_last data runs on contiguous copies, whose state and
+  // result are written back. State tensors in another layout than the kernel's go through copies likewise.
+  const at::MemoryFormat fmt = stochastic && !given ? at::MemoryFormat::Contiguous : data_format;
+  const at::Tensor x = sample.contiguous(fmt), y = model_output.contiguous(fmt);
+  const std::optional<at::Tensor> u = uncond.has_value() ? std::optional<at::Tensor>(uncond->contiguous(fmt))
+                                                         : std::nullopt;
+  at::Tensor ring, last;
+  if (history.has_value()) {
+    ring = *history;
+    if (!ring_in_format(ring, fmt, sample.numel())) {
+      ring = empty_ring(*history, fmt);
+      ring.copy_(*history);
+    }
+  }
+  if (last_sample.has_value()) last = last_sample->contiguous(fmt);
+  const at::Tensor target = out.is_contiguous(fmt) ? out : at::empty_like(x);
+  const at::Tensor table =
+      coefficients.scalar_type() == at::kFloat || coefficients.scalar_type() == at::kDouble
+          ? coefficients
+          : coefficients.to(at::kDouble);  // float16 / bfloat16 tables: exact in float64
+  K::solver_step(SolverStepCall{x, y, u.has_value() ? &*u : nullptr, guidance.has_value() ? &*guidance : nullptr,
+                                table, step_index, history.has_value() ? &ring : nullptr,
+                                last_sample.has_value() ? &last : nullptr, stochastic, clip_range, guidance_rescale,
+                                given ? &*noise : nullptr, std::move(generator), target, sample_offset});
+  if (history.has_value() && !ring.is_same(*history)) history->copy_(ring);
+  if (last_sample.has_value() && !last.is_same(*last_sample)) last_sample->copy_(last);
+  if (!target.is_same(out)) out.copy_(target);
+}
+
+template <typename K>
+at::Tensor solver_step_kernel(const at::Tensor& sample, const at::Tensor& model_output,
+                              const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
+                              const at::Tensor& coefficients, const at::Tensor& step_index,
+                              const std::optional<at::Tensor>& history, const std::optional<at::Tensor>& last_sample,
+                              bool stochastic, std::optional<double> clip_range, double guidance_rescale,
+                              const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+                              int64_t sample_offset) {
+  at::Tensor out = at::empty_like(sample);
+  solver_step_out_kernel<K>(sample, model_output, uncond, guidance, coefficients, step_index, history, last_sample,
+                            stochastic, clip_range, guidance_rescale, noise, std::move(generator), sample_offset, out);
+  return out;
+}
+
+}  // namespace ddpm
