@@ -81,6 +81,12 @@ def calls(backend, dtype, shape, s, unaligned=False, device="cuda"):
     sigma = torch.rand(B, device=device) * 0.9 + 0.05
     per_token = (torch.rand(shape[:2], device=device) * 0.9 + 0.05).reshape(shape[:2] + (1,) * (len(shape) - 2))
     both = torch.cat([z, mo])
+    karras = torch.cat([torch.logspace(1.16, -1.5, 28, device=device), torch.zeros(1, device=device)])
+    from ddpm_kernels.solvers import SolverColumns, new_history, solver_step
+
+    table3 = torch.randn((28, SolverColumns(3).width), device=device, dtype=torch.float64) * 0.3
+    table0 = torch.randn((28, SolverColumns(0).width), device=device, dtype=torch.float64) * 0.3
+    ring3, last = new_history(x, 3).normal_(), torch.randn_like(x)
     pointwise.update({
         "flow_interpolate": lambda: dk.flow_interpolate(x, z, sigma, backend=b),
         "flow_interpolate per token out=": lambda: dk.flow_interpolate(x, z, per_token, backend=b, out=buf),
@@ -91,8 +97,24 @@ def calls(backend, dtype, shape, s, unaligned=False, device="cuda"):
                                                                stochastic=True, backend=b),
         "flow_step guided": lambda: dk.flow_step(x, both, sigmas, index, guidance_scale=4.0, backend=b),
         "ddim_step guided": lambda: dk.ddim_step(x, t, t_prev, both, s, 0.5, guidance_scale=3.0, backend=b),
+        "euler_step churn in-kernel noise": lambda: dk.euler_step(x, mo, karras, index, s_churn=2.0, backend=b),
+        "euler_step v out= pred_x0": lambda: dk.euler_step(x, mo, karras, index, "v_prediction", backend=b, out=buf,
+                                                          return_pred_x0=True),
+        "euler_ancestral_step guided": lambda: dk.euler_ancestral_step(x, both, karras, index, guidance_scale=4.0,
+                                                                       backend=b),
+        # the solver step: a ring of 3 (slot reads and the write in one pass), the last-sample buffer, noise
+        "solver_step ring": lambda: solver_step(x, mo, table3, index, ring3, last, backend=b),
+        "solver_step ring in place sde": lambda: solver_step(buf, mo, table3, index, ring3, last, stochastic=True,
+                                                             backend=b, out=buf),
+        "solver_step no ring noise": lambda: solver_step(x, mo, table0, index, None, None, noise=z, backend=b),
+        "solver_step guided": lambda: solver_step(x, both, table3, index, ring3, None, guidance_scale=3.0,
+                                                  backend=b),
     })
     reductions = {
+        "solver_step guided rescale": lambda: solver_step(x, both, table3, index, ring3, last, guidance_scale=3.0,
+                                                          guidance_rescale=0.7, backend=b),
+        "solver_step threshold": lambda: solver_step(x, mo, table3, index, ring3, last, threshold_ratio=0.9,
+                                                     backend=b),
         "flow_step guided rescale": lambda: dk.flow_step(x, both, sigmas, index, guidance_scale=4.0,
                                                          guidance_rescale=0.7, backend=b),
         "ddpm_step guided rescale": lambda: dk.ddpm_step(x, t, t_prev, both, s, guidance_scale=3.0,
