@@ -139,11 +139,65 @@ def _host_copy(x):
     return x if on_host(x) else x.detach().cpu()  # a table replaced on a device is read once
 
 
+class SigmaTables:
+    """The schedule of a sigma-table drop-in as the fused calls read it: the ``timesteps`` and ``sigmas`` tensors
+    it was built from (and their versions), host copies of both (the timesteps also as a numpy array), the
+    timesteps' storage base (``root``), why the fused step cannot take the table (``stock``, None when it can)
+    and the per-device copies (``devices``). A drop-in adds its own fields in a subclass."""
+
+    __slots__ = ("timesteps", "t_version", "sigmas", "s_version", "root", "host_timesteps", "host_array",
+                 "host_sigmas", "stock", "devices")
+
+
 class _StepIndex:
-    """The step index of a table-driven drop-in, kept without reading the device: a Python int exactly as the
-    stock scheduler keeps it, mirrored by an int64 (B,) tensor on the sample's device that the fused op reads and
-    that is advanced there after each step. The first index comes from the host copy of the timesteps
-    (``self._dk_tables()``: ``timesteps``, ``root``, ``host_array``, ``host_timesteps``, ``stock``)."""
+    """The sigma table and step index of a table-driven drop-in, kept without reading the device.
+
+    The table (`_dk_tables`) is a `SigmaTables` of ``_dk_table_class``, rebuilt when ``timesteps`` or ``sigmas``
+    is replaced or changed in place; ``_dk_fill_tables`` sets the drop-in's own fields. The step index is a
+    Python int exactly as the stock scheduler keeps it, mirrored by an int64 (B,) tensor on the sample's device
+    that the fused op reads and that is advanced there after each step. The first index comes from the host copy
+    of the timesteps."""
+
+    _dk_table_class = SigmaTables
+
+    def _dk_tables(self) -> SigmaTables:
+        tables = self.__dict__.get("_dk_tables_")
+        ts, sg = self.timesteps, self.sigmas
+        if (
+            tables is None
+            or tables.timesteps is not ts
+            or tables.sigmas is not sg
+            or tables.t_version != getattr(ts, "_version", None)
+            or tables.s_version != getattr(sg, "_version", None)
+        ):
+            tables = self._dk_new_tables(_host_copy(ts), _host_copy(sg))
+        return tables
+
+    def _dk_new_tables(self, host_timesteps, host_sigmas) -> SigmaTables:
+        """The tables of the current ``timesteps`` and ``sigmas`` with these host copies of them: the fused step
+        takes a 1-D float32 sigma table of at least 2 sigmas and 1-D float timesteps."""
+        tables = self._dk_table_class()
+        ts, sg = self.timesteps, self.sigmas
+        tables.timesteps, tables.sigmas = ts, sg
+        tables.t_version, tables.s_version = getattr(ts, "_version", None), getattr(sg, "_version", None)
+        tables.host_timesteps, tables.host_sigmas = host_timesteps, host_sigmas
+        tables.devices = {}
+        tables.stock, tables.root, tables.host_array = None, None, None
+        if not (isinstance(sg, torch.Tensor) and sg.dtype == torch.float32 and sg.ndim == 1 and sg.shape[0] >= 2):
+            what = (f"{sg.dtype} tensor of shape {tuple(sg.shape)}" if isinstance(sg, torch.Tensor)
+                    else type(sg).__name__)
+            tables.stock = f"the sigma table is a {what}, not a 1-D float32 tensor of at least 2 sigmas"
+        elif not (isinstance(ts, torch.Tensor) and ts.ndim == 1 and ts.dtype.is_floating_point):
+            tables.stock = "the timesteps are not a 1-D float tensor"
+        else:
+            tables.root = ts if ts._base is None else ts._base
+            tables.host_array = host_timesteps.numpy()
+        self._dk_fill_tables(tables)
+        self.__dict__["_dk_tables_"] = tables
+        return tables
+
+    def _dk_fill_tables(self, tables: SigmaTables) -> None:
+        """The drop-in's own fields of ``tables`` (``tables.stock`` None: the fused step takes the table)."""
 
     def _dk_view_index(self, timestep, tables) -> Optional[int]:
         """The position in ``timesteps`` of a 0-d view of it (what iterating it yields), read from the view's

@@ -56,7 +56,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from ... import flow as flow_ops
 from ...reference import guided_output
 from . import _common
-from ._common import _device, _FusedBase, _host_copy, _output_maker, _randn, _StepIndex
+from ._common import _device, _FusedBase, _output_maker, _randn, _StepIndex, SigmaTables
 
 __all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
 
@@ -67,14 +67,11 @@ _PER_TOKEN_MARGIN = 1e-6
 _COMPARE_DTYPES = {}
 
 
-class _Tables:
-    """The schedule as the fused calls read it: the ``timesteps`` and ``sigmas`` tensors it was built from (and
-    their versions), host copies of both (the timesteps also as a numpy array), why the fused step cannot take
-    the table (None when it can), whether the table is finite, and per device ``(sigmas, timesteps, ascending
-    sigmas)``."""
+class _Tables(SigmaTables):
+    """`SigmaTables` with whether the table is finite; ``devices`` holds ``(sigmas, timesteps, ascending sigmas)``
+    per device."""
 
-    __slots__ = ("timesteps", "t_version", "sigmas", "s_version", "root", "host_timesteps", "host_array",
-                 "host_sigmas", "stock", "finite", "devices")
+    __slots__ = ("finite",)
 
 
 class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEulerDiscreteScheduler):
@@ -105,39 +102,10 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
         if device is not None and tables.stock is None:
             self._dk_device_tables(tables, _device(device))  # the device copies now rather than in a step
 
-    def _dk_tables(self) -> _Tables:
-        tables = self.__dict__.get("_dk_tables_")
-        ts, sg = self.timesteps, self.sigmas
-        if (
-            tables is None
-            or tables.timesteps is not ts
-            or tables.sigmas is not sg
-            or tables.t_version != getattr(ts, "_version", None)
-            or tables.s_version != getattr(sg, "_version", None)
-        ):
-            tables = self._dk_new_tables(_host_copy(ts), _host_copy(sg))
-        return tables
+    _dk_table_class = _Tables
 
-    def _dk_new_tables(self, host_timesteps, host_sigmas) -> _Tables:
-        tables = _Tables()
-        ts, sg = self.timesteps, self.sigmas
-        tables.timesteps, tables.sigmas = ts, sg
-        tables.t_version, tables.s_version = getattr(ts, "_version", None), getattr(sg, "_version", None)
-        tables.host_timesteps, tables.host_sigmas = host_timesteps, host_sigmas
-        tables.devices = {}
-        tables.stock, tables.finite, tables.root, tables.host_array = None, False, None, None
-        if not (isinstance(sg, torch.Tensor) and sg.dtype == torch.float32 and sg.ndim == 1 and sg.shape[0] >= 2):
-            what = (f"{sg.dtype} tensor of shape {tuple(sg.shape)}" if isinstance(sg, torch.Tensor)
-                    else type(sg).__name__)
-            tables.stock = f"the sigma table is a {what}, not a 1-D float32 tensor of at least 2 sigmas"
-        elif not (isinstance(ts, torch.Tensor) and ts.ndim == 1 and ts.dtype.is_floating_point):
-            tables.stock = "the timesteps are not a 1-D float tensor"
-        else:
-            tables.finite = bool(torch.isfinite(host_sigmas).all())
-            tables.root = ts if ts._base is None else ts._base
-            tables.host_array = host_timesteps.numpy()
-        self.__dict__["_dk_tables_"] = tables
-        return tables
+    def _dk_fill_tables(self, tables: _Tables) -> None:
+        tables.finite = tables.stock is None and bool(torch.isfinite(tables.host_sigmas).all())
 
     def _dk_device_tables(self, tables: _Tables, device: torch.device):
         """``(sigmas, timesteps, ascending sigmas)`` on ``device``, copied there once per schedule."""
