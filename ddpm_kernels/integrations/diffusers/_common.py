@@ -115,6 +115,33 @@ class _FusedBase:
     def _dk_stock(self, cause: str, message: str) -> None:
         self._dk_warn(cause, f"{message}; this takes the stock {self._stock_name} code path")
 
+    def _dk_inputs_ok(self, model_output, sample, expected_shape=None,
+                      expected: str = "the model output of the sample's shape") -> bool:
+        """Whether the fused op takes ``model_output`` and ``sample`` as the stock step would: floating tensors
+        on one device, the model output of shape ``expected_shape(sample)`` (default: the sample's; None: none
+        fits). Else one warning, ``expected`` saying what the step takes, and the stock step runs."""
+        want = None
+        if isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor) and sample.ndim >= 1:
+            want = sample.shape if expected_shape is None else expected_shape(sample)
+            if (
+                model_output.shape == want
+                and model_output.device == sample.device
+                and sample.is_floating_point()
+                and model_output.is_floating_point()
+            ):
+                return True
+
+        def shape(x):
+            return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+        self._dk_stock(
+            "inputs",
+            f"a model output {shape(model_output)} for a sample {shape(sample)} is not what the fused step takes "
+            f"(floating tensors on one device, the model output of shape {None if want is None else tuple(want)}: "
+            f"{expected})",
+        )
+        return False
+
     def _dk_kernel_generator(self, generator):
         """``(True, generator for the op)`` when the step noise is to be generated in the kernel (``in_kernel_noise``
         and no generator or a single one), else ``(False, None)``: the noise is drawn as the stock step draws it."""

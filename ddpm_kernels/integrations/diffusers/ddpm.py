@@ -322,30 +322,14 @@ class _FusedSchedulerMixin(_FusedBase):
 
     def _dk_inputs(self, model_output, sample, plan: _Plan) -> bool:
         """Whether the fused op takes these tensors as the stock step would (else the stock step does)."""
-        expected = None
-        if isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor) and sample.ndim >= 1:
-            expected = sample.shape
-            if plan.learned:
-                expected = (torch.Size((expected[0], 2 * expected[1]) + tuple(expected[2:]))
-                            if sample.ndim >= 2 else None)
-            if (
-                model_output.shape == expected
-                and model_output.device == sample.device
-                and sample.is_floating_point()
-                and model_output.is_floating_point()
-            ):
-                return True
+        if not plan.learned:
+            return self._dk_inputs_ok(model_output, sample)
 
-        def shape(x):
-            return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        def learned_shape(x):  # the sample's channels twice: the mean's and the variance's
+            return torch.Size((x.shape[0], 2 * x.shape[1]) + tuple(x.shape[2:])) if x.ndim >= 2 else None
 
-        self._dk_stock(
-            "inputs",
-            f"a model output {shape(model_output)} for a sample {shape(sample)} is not what the fused step takes "
-            f"(floating tensors, the model output of shape {None if expected is None else tuple(expected)} on the "
-            "sample's device)",
-        )
-        return False
+        return self._dk_inputs_ok(model_output, sample, learned_shape,
+                                  "the model output of the sample's shape with twice its channels")
 
     @staticmethod
     def _dk_common_dtype(model_output: torch.Tensor, sample: torch.Tensor):

@@ -241,28 +241,10 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
 
     def _dk_step_inputs(self, model_output, sample, guidance) -> bool:
         """Whether the fused op takes these tensors as the stock step would (else the stock step does)."""
-        if isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor) and sample.ndim >= 1:
-            expected = sample.shape
-            if guidance is not None:
-                expected = torch.Size((2 * sample.shape[0],) + tuple(sample.shape[1:]))
-            if (
-                model_output.shape == expected
-                and model_output.device == sample.device
-                and sample.is_floating_point()
-                and model_output.is_floating_point()
-            ):
-                return True
-
-        def shape(x):
-            return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-
-        self._dk_stock(
-            "inputs",
-            f"a model output {shape(model_output)} for a sample {shape(sample)} is not what the fused step takes "
-            "(floating tensors on one device, the model output of the sample's shape"
-            + (", batched [uncond; cond] for guided_step)" if guidance is not None else ")"),
-        )
-        return False
+        if guidance is None:
+            return self._dk_inputs_ok(model_output, sample)
+        return self._dk_inputs_ok(model_output, sample, lambda x: torch.Size((2 * x.shape[0],) + tuple(x.shape[1:])),
+                                  "the model output of the sample's shape, batched [uncond; cond] for guided_step")
 
     def _dk_per_token_ok(self, per_token_timesteps, sample, tables: _Tables) -> bool:
         ok = (
