@@ -28,16 +28,20 @@ def _device(device) -> torch.device:
     return device
 
 
-def _randn(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """diffusers' ``randn_tensor(shape, generator, device, dtype)``: the same numbers and generator state. Its
-    common case (no generator, or one generator on the tensor's device) is one ``torch.randn`` call, taken here
-    directly to skip the helper's per-call Python."""
+def _randn(shape, generator, device: torch.device, dtype: torch.dtype, as_dtype=None) -> torch.Tensor:
+    """diffusers' ``randn_tensor(shape, generator, device, dtype)``: the same numbers and generator state
+    (then cast to ``as_dtype`` when given, the dtype the fused op takes). Its common case (no generator, or one
+    generator on the tensor's device) is one ``torch.randn`` call, taken here directly to skip the helper's
+    per-call Python."""
+    noise = None
     if device.type in _PLAIN_RANDN_DEVICES and (generator is None or type(generator) is torch.Generator):
         try:
-            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+            noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         except RuntimeError:
             pass  # a generator of another device (refused before drawing): the helper draws where it lives
-    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    if noise is None:
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    return noise if as_dtype is None or noise.dtype == as_dtype else noise.to(as_dtype)
 
 
 def _caller_stacklevel() -> int:
@@ -141,6 +145,10 @@ class _FusedBase:
             f"{expected})",
         )
         return False
+
+    def _dk_output(self, result: tuple, return_dict: bool):
+        """The stock step's return value: the tuple ``result``, or the output dataclass built from it."""
+        return self._make_output(*result) if return_dict else result
 
     def _dk_kernel_generator(self, generator):
         """``(True, generator for the op)`` when the step noise is to be generated in the kernel (``in_kernel_noise``

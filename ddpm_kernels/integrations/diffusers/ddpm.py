@@ -486,9 +486,7 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
                 noise = torch.zeros_like(sample)
             else:
                 # the stock draw: the model output's (variance-split) shape, dtype and device
-                noise = _randn(sample.shape, generator, sample.device, model_dtype)
-                if noise.dtype != sample.dtype:
-                    noise = noise.to(sample.dtype)
+                noise = _randn(sample.shape, generator, sample.device, model_dtype, sample.dtype)
         prev_sample, pred_original_sample = ops.ddpm_step(
             sample,
             t,
@@ -506,9 +504,7 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
             threshold_max=plan.threshold_max,
             return_pred_x0=True,
         )
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return self._make_output(prev_sample, pred_original_sample)
+        return self._dk_output((prev_sample, pred_original_sample), return_dict)
 
 
 class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
@@ -577,9 +573,7 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
             else:
                 in_kernel, generator_for_op = self._dk_kernel_generator(generator)
                 if not in_kernel:
-                    noise = _randn(model_output.shape, generator, model_output.device, model_dtype)
-                    if noise.dtype != sample.dtype:
-                        noise = noise.to(sample.dtype)
+                    noise = _randn(model_output.shape, generator, model_output.device, model_dtype, sample.dtype)
         prev_sample, pred_original_sample = ops.ddim_step(
             sample,
             t,
@@ -599,9 +593,7 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
             threshold_max=plan.threshold_max,
             return_pred_x0=True,
         )
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return self._make_output(prev_sample, pred_original_sample)
+        return self._dk_output((prev_sample, pred_original_sample), return_dict)
 
     def _dk_eta(self, eta, variance_noise, generator, sample) -> Optional[float]:
         """``eta`` as a float when the fused step takes the call, else None (the stock step does)."""

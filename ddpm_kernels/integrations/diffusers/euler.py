@@ -202,9 +202,7 @@ class FusedEulerDiscreteScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
         if result is None:
             return super().step(model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
                                 s_noise=s_noise, generator=generator, return_dict=return_dict)
-        if not return_dict:
-            return result
-        return self._make_output(*result)
+        return self._dk_output(result, return_dict)
 
     def _dk_step(self, model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator):
         if not all(_is_real(v) for v in (s_churn, s_tmin, s_tmax, s_noise)):
@@ -264,6 +262,4 @@ class FusedEulerAncestralDiscreteScheduler(_FusedEulerMixin, EulerAncestralDiscr
         noise, generator_for_op = self._dk_noise(model_output, generator)
         result = self._dk_call(euler_ops.euler_ancestral_step, model_output, sample, tables, index, prediction,
                                noise, generator_for_op)
-        if not return_dict:
-            return result
-        return self._make_output(*result)
+        return self._dk_output(result, return_dict)

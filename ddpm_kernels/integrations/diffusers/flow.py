@@ -138,9 +138,7 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
                 model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
                 generator=generator, per_token_timesteps=per_token_timesteps, return_dict=return_dict,
             )
-        if not return_dict:
-            return (prev_sample,)
-        return self._make_output(prev_sample)
+        return self._dk_output((prev_sample,), return_dict)
 
     def guided_step(
         self,
@@ -171,9 +169,7 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
             guided = guided_output(cond, uncond, scale.expand(cond.shape[0]), float(guidance_rescale),
                                    torch.promote_types(torch.float32, cond.dtype)).to(cond.dtype)
             return self.step(guided, timestep, sample, generator=generator, return_dict=return_dict)
-        if not return_dict:
-            return (prev_sample,)
-        return self._make_output(prev_sample)
+        return self._dk_output((prev_sample,), return_dict)
 
     def _dk_step(self, model_output, timestep, sample, generator, per_token_timesteps, guidance=None):
         """The fused step's ``prev_sample`` (the step index advanced), or None when the stock step is to take
@@ -214,9 +210,7 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
             in_kernel, generator_for_op = self._dk_kernel_generator(generator)
             if not in_kernel:
                 # the stock draw: randn_tensor(sample.shape, generator, sample.device, float32)
-                noise = _randn(sample.shape, generator, device, torch.float32)
-                if noise.dtype != x.dtype:
-                    noise = noise.to(x.dtype)
+                noise = _randn(sample.shape, generator, device, torch.float32, x.dtype)
         kwargs = {}
         if guidance is not None:
             kwargs = dict(guidance_scale=guidance[0], guidance_rescale=guidance[1])
