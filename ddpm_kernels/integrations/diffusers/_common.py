@@ -208,6 +208,14 @@ class _StepIndex:
             tables = self._dk_new_tables(_host_copy(ts), _host_copy(sg))
         return tables
 
+    def _dk_fused_tables(self) -> Optional[SigmaTables]:
+        """`_dk_tables` when the fused step takes the table, else None after the one warning."""
+        tables = self._dk_tables()
+        if tables.stock is not None:
+            self._dk_stock("table", tables.stock)
+            return None
+        return tables
+
     def _dk_new_tables(self, host_timesteps, host_sigmas) -> SigmaTables:
         """The tables of the current ``timesteps`` and ``sigmas`` with these host copies of them: the fused step
         takes a 1-D float32 sigma table of at least 2 sigmas and 1-D float timesteps."""

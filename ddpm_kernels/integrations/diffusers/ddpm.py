@@ -246,15 +246,7 @@ class _FusedSchedulerMixin(_FusedBase):
     def _dk_timesteps(self, timestep, batch: int, device: torch.device):
         """``(t, t_prev, value)`` for the op: ``t`` and ``t_prev`` int64 of shape (B,) on the sample's device,
         ``value`` the one timestep value when known on the host (else None); None for the stock step."""
-        steps = self.__dict__.get("_dk_steps_")
-        timesteps = self.timesteps
-        if (
-            steps is None
-            or steps.timesteps is not timesteps
-            or steps.version != timesteps._version
-            or steps.key != self._dk_steps_key()
-        ):
-            steps = self._dk_steps()
+        steps = self._dk_steps()
         # the two forms of a sampling loop, one dict lookup each: a view of self.timesteps (a view of the same
         # storage, which steps keeps alive: its address tells the element, shape and dtype tell it from the whole
         # tensor or another dtype's view of it) and a Python int

@@ -135,9 +135,8 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
             self._dk_stock("prediction_type", f"prediction_type {self.config.prediction_type!r} is not one the "
                            "stock step computes")
             return None
-        tables = self._dk_tables()
-        if tables.stock is not None:
-            self._dk_stock("table", tables.stock)
+        tables = self._dk_fused_tables()
+        if tables is None:
             return None
         if not self.is_scale_input_called:
             self._dk_logger.warning(_SCALE_WARNING)

@@ -178,9 +178,8 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
             return None  # the stock step's error
         if not self._dk_step_inputs(model_output, sample, guidance):
             return None
-        tables = self._dk_tables()
-        if tables.stock is not None:
-            self._dk_stock("table", tables.stock)
+        tables = self._dk_fused_tables()
+        if tables is None:
             return None
         if per_token_timesteps is not None and not self._dk_per_token_ok(per_token_timesteps, sample, tables):
             return None
@@ -306,9 +305,8 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
             self._dk_stock("scale_noise", "scale_noise takes a float sample, a noise tensor of its shape, dtype and "
                            "device, and a 1-D timestep tensor of 1 or B values")
             return None
-        tables = self._dk_tables()
-        if tables.stock is not None:
-            self._dk_stock("table", tables.stock)
+        tables = self._dk_fused_tables()
+        if tables is None:
             return None
         device = sample.device
         sigmas, timesteps, _ = self._dk_device_tables(tables, device)
