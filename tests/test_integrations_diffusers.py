@@ -1,5 +1,6 @@
 """FusedDDPMScheduler / FusedDDIMScheduler against the stock diffusers schedulers they replace."""
 
+import inspect
 import warnings
 
 import numpy as np
@@ -263,6 +264,11 @@ def test_one_step_schedule():
         assert fused._dk_schedule(torch.device("cpu")).sampling_only
 
 
+def _arguments(fn, args, kwargs) -> dict:
+    """A call's arguments by name, however it passed them."""
+    return inspect.signature(fn).bind(*args, **kwargs).arguments
+
+
 def test_variance_type_other_is_fixed_small_as_in_stock():
     """The stock _get_variance computes a variance type it does not name as fixed_small; so does the fused step
     (fused, one warning), with the same noise draws."""
@@ -275,7 +281,7 @@ def test_variance_type_other_is_fixed_small_as_in_stock():
     calls = []
     real = ops.ddpm_step
     try:
-        ops.ddpm_step = lambda *a, **k: calls.append(a[6]) or real(*a, **k)
+        ops.ddpm_step = lambda *a, **k: calls.append(_arguments(real, a, k)["variance_type"]) or real(*a, **k)
         fused.step(torch.randn(SHAPE), fused.timesteps[0], torch.randn(SHAPE))
     finally:
         ops.ddpm_step = real
@@ -663,7 +669,12 @@ def test_in_kernel_noise_hands_the_generator_to_the_op(monkeypatch):
     fused.set_timesteps(10)
     seen = {}
     real = ops.ddpm_step
-    monkeypatch.setattr(ops, "ddpm_step", lambda *a, **k: seen.update(noise=a[8], generator=a[9]) or real(*a, **k))
+    def spy(*a, **k):
+        arguments = _arguments(real, a, k)
+        seen.update(noise=arguments["noise"], generator=arguments["generator"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(ops, "ddpm_step", spy)
     g = torch.Generator().manual_seed(0)
     fused.step(torch.randn(SHAPE), fused.timesteps[0], torch.randn(SHAPE), generator=g)
     assert seen["noise"] is not None and seen["generator"] is None

@@ -323,6 +323,16 @@ class _FusedSchedulerMixin(_FusedBase):
         return self._dk_inputs_ok(model_output, sample, learned_shape,
                                   "the model output of the sample's shape with twice its channels")
 
+    def _dk_run(self, op, plan: _Plan, sample, t, t_prev, model_output, schedule, noise, generator, return_dict,
+                **options):
+        """The fused step ``op`` (`ops.ddpm_step` or `ops.ddim_step`) with the plan's parameterization, clipping
+        and thresholding and the step's own ``options``, returned as the stock step returns."""
+        result = op(sample, t, t_prev, model_output, schedule, parameterization=plan.parameterization,
+                    clip_denoised=plan.clip, noise=noise, generator=generator, backend=self.fused_backend,
+                    clip_range=plan.clip_range, threshold_ratio=plan.threshold_ratio,
+                    threshold_max=plan.threshold_max, return_pred_x0=True, **options)
+        return self._dk_output(result, return_dict)
+
     @staticmethod
     def _dk_common_dtype(model_output: torch.Tensor, sample: torch.Tensor):
         """Sample and model output in one dtype, the one the stock step's arithmetic promotes them to."""
@@ -479,24 +489,8 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
             else:
                 # the stock draw: the model output's (variance-split) shape, dtype and device
                 noise = _randn(sample.shape, generator, sample.device, model_dtype, sample.dtype)
-        prev_sample, pred_original_sample = ops.ddpm_step(
-            sample,
-            t,
-            t_prev,
-            model_output,
-            schedule,
-            plan.parameterization,
-            plan.variance_type,
-            plan.clip,
-            noise,
-            generator_for_op,
-            self.fused_backend,
-            clip_range=plan.clip_range,
-            threshold_ratio=plan.threshold_ratio,
-            threshold_max=plan.threshold_max,
-            return_pred_x0=True,
-        )
-        return self._dk_output((prev_sample, pred_original_sample), return_dict)
+        return self._dk_run(ops.ddpm_step, plan, sample, t, t_prev, model_output, schedule, noise, generator_for_op,
+                            return_dict, variance_type=plan.variance_type)
 
 
 class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
@@ -566,26 +560,9 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
                 in_kernel, generator_for_op = self._dk_kernel_generator(generator)
                 if not in_kernel:
                     noise = _randn(model_output.shape, generator, model_output.device, model_dtype, sample.dtype)
-        prev_sample, pred_original_sample = ops.ddim_step(
-            sample,
-            t,
-            t_prev,
-            model_output,
-            schedule,
-            eta,
-            plan.parameterization,
-            plan.clip,
-            noise,
-            generator_for_op,
-            self.fused_backend,
-            set_alpha_to_one=plan.set_alpha_to_one,
-            use_clipped_model_output=bool(use_clipped_model_output),
-            clip_range=plan.clip_range,
-            threshold_ratio=plan.threshold_ratio,
-            threshold_max=plan.threshold_max,
-            return_pred_x0=True,
-        )
-        return self._dk_output((prev_sample, pred_original_sample), return_dict)
+        return self._dk_run(ops.ddim_step, plan, sample, t, t_prev, model_output, schedule, noise, generator_for_op,
+                            return_dict, eta=eta, set_alpha_to_one=plan.set_alpha_to_one,
+                            use_clipped_model_output=bool(use_clipped_model_output))
 
     def _dk_eta(self, eta, variance_noise, generator, sample) -> Optional[float]:
         """``eta`` as a float when the fused step takes the call, else None (the stock step does)."""
