@@ -141,6 +141,45 @@ def assert_matches(got, ref_fn, args, kwargs, dtype, bf16_truncates=False):
         assert bool((err <= LOW_PRECISION_TOL[dtype] * (1 + r64.abs())).all())
 
 
+# ------------------------------------------------------------------------------------ compiled kernels
+def compiled_backends():
+    """For a module testing the compiled kernels: ``(extension, pytestmark, backends)``. ``pytestmark`` skips
+    the module without the CPU extension; ``backends`` is "cpu", and "cuda" (marked ``gpu``) that runs where a
+    GPU and the CUDA kernels are present. Skips the calling module when the extension cannot be imported."""
+    extension = pytest.importorskip("ddpm_kernels.extension")
+    mark = pytest.mark.skipif(
+        extension.CPU_BACKEND.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
+        reason=f"CPU extension not built: {extension.load_error}",
+    )
+    cuda = pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(
+                not torch.cuda.is_available()
+                or extension.CUDA_BACKEND.unavailable_reason(torch.device("cuda"), torch.float32) is not None,
+                reason="needs a GPU and the CUDA kernels",
+            ),
+        ],
+    )
+    return extension, mark, ["cpu", cuda]
+
+
+def assert_thread_independent(run):
+    """``run()`` gives the same tensors, bit for bit, on one CPU thread as on the default count (the compiled
+    CPU kernels split work by thread count; results must not depend on it). Returns the default run's result."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+    finally:
+        torch.set_num_threads(threads)
+    many = run()
+    for a, b in zip(*((r,) if isinstance(r, torch.Tensor) else r for r in (one, many))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    return many
+
+
 # ------------------------------------------------------------------------------------ Triton and GPU
 def triton_device():
     """The device the Triton tests run on: the GPU, or the CPU through Triton's interpreter (tests/conftest.py
