@@ -4,6 +4,7 @@ small GPU and Triton helpers."""
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -279,3 +280,68 @@ def sync_guard(monkeypatch, allowed=()):
             monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
 
     return arm
+
+
+# ------------------------------------------------------------------------------------ diffusers drop-ins
+def _outcome(call, scheduler):
+    try:
+        return call(scheduler), None
+    except Exception as e:  # noqa: BLE001  (whatever the stock step raises)
+        return None, e
+
+
+def check_same_as_stock(call, stock, fused, compare=None, check_warnings=None):
+    """``call(fused)`` gives ``call(stock)``'s result or raises its error (same type and message).
+    ``compare(got, expected)`` compares results (default: equal, NaN where the stock result has NaN);
+    ``check_warnings(caught)`` checks the warnings the fused call raised."""
+    expected, stock_error = _outcome(call, stock)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, fused_error = _outcome(call, fused)
+    if check_warnings is not None:
+        check_warnings(caught)
+    if stock_error is not None:
+        assert type(fused_error) is type(stock_error) and str(fused_error) == str(stock_error), (fused_error, stock_error)
+        return
+    assert fused_error is None, fused_error
+    if compare is None:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    else:
+        compare(got, expected)
+
+
+def warned_stock_path(caught):
+    """A drop-in warned that the stock code path took the call."""
+    assert any("stock" in str(w.message) and issubclass(w.category, RuntimeWarning) for w in caught), caught
+
+
+GENERATOR_FORMS = ["none", "one", "list_of_one", "per_sample"]
+
+
+def generator_form(form, batch):
+    """The generator argument of diffusers' ``randn_tensor`` in one of its ``GENERATOR_FORMS`` (fresh, seeded;
+    "none" seeds the global RNG): None, a generator, a list of one, or one generator per sample."""
+    if form == "none":
+        torch.manual_seed(7)
+        return None
+    gs = [torch.Generator().manual_seed(7 + i) for i in range(batch)]
+    return {"one": gs[0], "list_of_one": gs[:1], "per_sample": gs}[form]
+
+
+def generator_state(generator):
+    """The states of ``generator`` (a `generator_form`), or of the global RNG for None."""
+    if generator is None:
+        return [torch.get_rng_state()]
+    return [g.get_state() for g in (generator if isinstance(generator, list) else [generator])]
+
+
+@pytest.fixture
+def fail_on_sync(monkeypatch):
+    """Make every value-reading Tensor method raise, as a device tensor read would sync, and treat CPU tensors
+    as device tensors in the diffusers drop-ins. The one exception is ddpm_kernels' step-index range check,
+    which runs on CPU tensors only (where it is free) and is skipped for device tensors."""
+    from ddpm_kernels.integrations.diffusers import _common
+
+    monkeypatch.setattr(_common, "on_host", lambda tensor: False)
+    return sync_guard(monkeypatch, {"_check_step_index"})
+
