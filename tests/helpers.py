@@ -244,6 +244,30 @@ def backend_params(*axes, where=lambda *values: True):
     return params
 
 
+def fused_backend(backend, device, op, dtype):
+    """The backend object of ``backend`` when it runs ``dtype`` tensors on ``device`` and has a fused ``op``;
+    else skip the test with the reason."""
+    from ddpm_kernels import backends
+
+    try:
+        impl = backends.get_backend(backend, torch.device(device), dtype)
+    except backends.BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    if op not in impl.ops:
+        pytest.skip(f"{backend}: no fused {op}")
+    return impl
+
+
+def served_by(backend, device, op, dtype, opts=None, grad=None) -> str:
+    """The name of the backend that serves ``op`` asked of ``backend`` (its fallback warning silenced)."""
+    from ddpm_kernels import backends
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        name, _ = backends.resolve(op, backend, torch.device(device), dtype, opts, frozenset(grad) if grad else None)
+    return name
+
+
 def param_label(value):
     """A readable test id part: dtypes without ``torch.``, shapes as ``AxBxC``."""
     if isinstance(value, torch.dtype):
