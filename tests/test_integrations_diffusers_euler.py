@@ -127,14 +127,9 @@ def test_euler_loop_equals_stock(name, churn):
     assert_same_loop(stock, fused, step_kwargs=CHURN[churn])
 
 
-ANCESTRAL_CONFIGS = {
-    "eps-linspace": {},
-    "eps-leading": dict(timestep_spacing="leading", steps_offset=1),
-    "eps-trailing": dict(timestep_spacing="trailing"),
-    "v-linspace": dict(prediction_type="v_prediction"),
-    "v-trailing-zero-snr": dict(prediction_type="v_prediction", timestep_spacing="trailing",
-                                rescale_betas_zero_snr=True),
-}
+# the spacings and predictions of the Euler matrix (the ancestral step has no sigma-schedule options of its own)
+ANCESTRAL_CONFIGS = {name: EULER_CONFIGS[name] for name in
+                     ("eps-linspace", "eps-leading", "eps-trailing", "v-linspace", "v-trailing-zero-snr")}
 
 
 @pytest.mark.parametrize("name", list(ANCESTRAL_CONFIGS))
