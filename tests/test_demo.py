@@ -56,18 +56,23 @@ def _require_fused(backend, device):
 
 
 # ------------------------------------------------------------------------------------ reduced end to end
-def test_reduced_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    argv = ["--steps", "12", "--timesteps", "10", "--num-samples", "12", "--batch-size", "16",
-            "--base-channels", "16", "--timing-repeats", "3", "--seed", "0", "--no-progress", "--out", str(out)]
+def _run_reduced(out, *argv):
+    """The demo trained for 12 steps, 12 samples, into ``out``: its files are written, the images are PNGs.
+    Returns the report."""
+    argv = [*argv, "--steps", "12", "--num-samples", "12", "--batch-size", "16", "--base-channels", "16",
+            "--timing-repeats", "3", "--seed", "0", "--no-progress", "--out", str(out)]
     assert demo.main(argv) == 0
     for name in ("checkpoint.pt", "samples.png", "progression.png", "samples_untrained.png", "report.json",
                  "timing.md", "quality.md"):
         assert (out / name).is_file(), name
     for name in ("samples.png", "progression.png", "samples_untrained.png"):
         assert _is_png(out / name)
+    return json.loads((out / "report.json").read_text())
 
-    report = json.loads((out / "report.json").read_text())
+
+def test_reduced_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    report = _run_reduced(out, "--timesteps", "10")
     assert report["config"]["timesteps"] == 10 and report["config"]["training_steps"] == 12
     assert report["timing"][0]["backend"] == "reference"
     fused_here, missing = demo.fused_backends("cpu")
@@ -97,16 +102,7 @@ def test_reduced_demo_end_to_end(tmp_path):
 
 def test_reduced_flow_demo_end_to_end(tmp_path):
     out = tmp_path / "flow"
-    argv = ["--objective", "flow", "--steps", "12", "--timesteps", "6", "--num-samples", "12", "--batch-size", "16",
-            "--base-channels", "16", "--timing-repeats", "3", "--seed", "0", "--no-progress", "--out", str(out)]
-    assert demo.main(argv) == 0
-    for name in ("checkpoint.pt", "samples.png", "progression.png", "samples_untrained.png", "report.json",
-                 "timing.md", "quality.md"):
-        assert (out / name).is_file(), name
-    for name in ("samples.png", "progression.png", "samples_untrained.png"):
-        assert _is_png(out / name)
-
-    report = json.loads((out / "report.json").read_text())
+    report = _run_reduced(out, "--objective", "flow", "--timesteps", "6")
     cfg = report["config"]
     assert (cfg["objective"], cfg["step_op"], cfg["timesteps"], cfg["training_steps"]) == ("flow", "flow_step", 6, 12)
     assert report["final_loss"] is not None and report["final_loss"] > 0
