@@ -181,6 +181,21 @@ def assert_thread_independent(run):
     return many
 
 
+def assert_standard_normal(z, lags=(1, 2, 3, 4, 4096)):
+    """The float64 values ``z`` (flat, in drawing order) look like independent N(0, 1) draws: mean and standard
+    deviation within 4 standard errors, the Kolmogorov-Smirnov distance under its 0.1% critical value
+    1.95 / sqrt(n), neighbours at ``lags`` uncorrelated within 4 standard errors."""
+    n = z.numel()
+    assert abs(z.mean().item()) < 4 / math.sqrt(n)
+    assert abs(z.std().item() - 1) < 4 / math.sqrt(2 * n)
+    zs = z.sort().values
+    cdf = torch.special.ndtr(zs)
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=z.device)
+    assert torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item() < 1.95 / math.sqrt(n)
+    for lag in lags:
+        assert abs(torch.corrcoef(torch.stack([z[:-lag], z[lag:]]))[0, 1].item()) < 4 / math.sqrt(n)
+
+
 # ------------------------------------------------------------------------------------ Triton and GPU
 def triton_device():
     """The device the Triton tests run on: the GPU, or the CPU through Triton's interpreter (tests/conftest.py
