@@ -234,6 +234,17 @@ def cuda_kernel_names(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+def kernels_launched_without_sync(call):
+    """Names of the CUDA kernels ``call`` launches, after a first call that compiles them, with any host
+    synchronization an error (``torch.cuda.set_sync_debug_mode``)."""
+    call()  # compile outside the profile
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return cuda_kernel_names(call)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # The reference form of the sampler steps with the public signature: the reference backend's sampler-step
 # function takes StepOptions, the public ops build them.
 def ddim_step_ref(*args, **kwargs):
