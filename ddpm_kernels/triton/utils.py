@@ -288,6 +288,28 @@ def noise_key(generator, x: torch.Tensor, noise=None):
     return None, key, offset
 
 
+def step_noise(adds_noise: bool, generator, x: torch.Tensor, noise=None):
+    """``(noise, key tensor or None, key, offset)`` of a step on ``x``: `noise_key`'s draw when the step has a
+    noise term, else nothing read or drawn (``(None, None, 0, 0)``)."""
+    if not adds_noise:
+        return None, None, 0, 0
+    return (noise, *noise_key(generator, x, noise))
+
+
+def call_op(op, out_op, args: tuple, out=None, differentiable=()):
+    """A backend entry's call of a ``custom_op_with_out`` pair: ``op(*args)``, or ``out_op(*args, out)``
+    writing the first result into ``out``, then ``out`` in its place (followed by what ``out_op`` returns, if
+    anything). The out op has no autograd: when one of the tensors ``differentiable`` requires grad (and grad
+    mode is on), ``op``'s result is copied into ``out`` instead, so ``out`` stays differentiable as the
+    reference's does (one extra pass, in this rare case)."""
+    if out is None:
+        return op(*args)
+    if differentiable and torch.is_grad_enabled() and any(x.requires_grad for x in differentiable):
+        return out.copy_(op(*args))
+    rest = out_op(*args, out)
+    return out if rest is None else (out, rest)
+
+
 def split_float(value: float) -> Tuple[float, float]:
     """``value`` as two float32s whose float64 sum is ``value`` to ~48 bits.
 
