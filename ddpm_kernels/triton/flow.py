@@ -77,6 +77,8 @@ from .utils import (
     like_dense,
     load_or_draw_noise,
     load_tile,
+    loss_term_grad,
+    loss_terms,
     noise_operands,
     PARAMETERIZATION_ID,
     sample_tile,
@@ -84,6 +86,7 @@ from .utils import (
     split_float3,
     sqrt_rn,
     step_noise,
+    store_partial_sum,
     store_tile,
     zero_key,
 )
@@ -354,16 +357,11 @@ def flow_loss_kernel(
     model_output = load_tile(model_output_ptr, offs, mask, cd)
     noise = load_tile(noise_ptr, offs, mask, cd)
     x0 = load_tile(x0_ptr, offs, mask, cd)
-    err = model_output - (noise - x0)
-    if LOSS_L1:
-        per_element = tl.abs(err)
-    else:
-        per_element = err * err
+    per_element = loss_terms(model_output - (noise - x0), LOSS_L1)
     if WEIGHTING != 0:
         s = sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, SIGMA_PER_TOKEN)
         per_element = flow_weight(s, two_over_pi_hi, two_over_pi_lo, WEIGHTING) * per_element
-    per_element = tl.where(mask, per_element, 0.0)
-    tl.store(partial_ptr + sample.to(tl.int64) * n_tiles + tl.program_id(0), tl.sum(per_element, axis=0))
+    store_partial_sum(partial_ptr, per_element, mask, sample, n_tiles)
 
 
 @triton.jit
@@ -419,12 +417,7 @@ def flow_loss_backward_kernel(
     x0 = load_tile(x0_ptr, offs, mask, cd)
     # the two means' 1 / (B N), with the incoming gradient read from device memory (no host sync)
     grad_scale = div_rn(tl.load(grad_loss_ptr).to(cd), tl.cast(B, cd) * tl.cast(N, cd))
-    err = model_output - (noise - x0)
-    if LOSS_L1:
-        # torch's abs backward: sign(err), 0 at 0
-        d_err = tl.where(err > 0, 1.0, tl.where(err < 0, -1.0, 0.0)).to(cd)
-    else:
-        d_err = 2.0 * err
+    d_err = loss_term_grad(model_output - (noise - x0), cd, LOSS_L1)
     if WEIGHTING != 0:
         s = sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, SIGMA_PER_TOKEN)
         grad_scale = grad_scale * flow_weight(s, two_over_pi_hi, two_over_pi_lo, WEIGHTING)

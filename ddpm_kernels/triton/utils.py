@@ -356,6 +356,34 @@ def extract_rows(table: torch.Tensor, names, t: torch.Tensor, ndim: int):
 
 
 @triton.jit
+def loss_terms(err, LOSS_L1: tl.constexpr):
+    """Each element's loss of the error ``err``: ``|err|`` (``LOSS_L1``) or ``err^2``."""
+    if LOSS_L1:
+        per_element = tl.abs(err)
+    else:
+        per_element = err * err
+    return per_element
+
+
+@triton.jit
+def loss_term_grad(err, cd: tl.constexpr, LOSS_L1: tl.constexpr):
+    """``d loss_terms / d err``: torch's abs backward, sign(err) with 0 at 0 (``LOSS_L1``), or ``2 err``."""
+    if LOSS_L1:
+        d_err = tl.where(err > 0, 1.0, tl.where(err < 0, -1.0, 0.0)).to(cd)
+    else:
+        d_err = 2.0 * err
+    return d_err
+
+
+@triton.jit
+def store_partial_sum(partial_ptr, per_element, mask, sample, n_tiles):
+    """This tile's sum of ``per_element`` where ``mask`` (whatever the lanes outside hold, NaN included) into
+    row-major (B, n_tiles) partial sums (``sample_partial_sums``)."""
+    per_element = tl.where(mask, per_element, 0.0)
+    tl.store(partial_ptr + sample.to(tl.int64) * n_tiles + tl.program_id(0), tl.sum(per_element, axis=0))
+
+
+@triton.jit
 def sample_partial_sums(partial_ptr, samples, in_batch, n_tiles, cd: tl.constexpr, BLOCK_B: tl.constexpr,
                         BLOCK_P: tl.constexpr):
     """Per sample of ``samples`` (BLOCK_B of them, ``in_batch`` the real ones), the sum of its ``n_tiles`` partial
