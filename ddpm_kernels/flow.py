@@ -18,7 +18,9 @@ import numbers
 import torch
 
 from . import _layout
-from ._checks import _check_backend, _check_data, _check_generator, _check_guidance, _check_like, _check_out
+from ._checks import (
+    _check_backend, _check_data, _check_float_tensor, _check_generator, _check_guidance, _check_like, _check_out,
+)
 from ._spec import OPS as SPECS, FlowStepOptions, SigmaOperand
 from ._stream import check_sample_offset
 from .ops import _BACKENDS, _dispatch, _options, promote, restore_format, row_major
@@ -34,13 +36,8 @@ _CHANNELS_LAST_ORDER = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
 def sigma_operand(name: str, sigma, data: torch.Tensor) -> SigmaOperand:
     """Check a per-sample or per-token sigma against ``data`` and give it in the forms the backends read
     (``ddpm_kernels._spec.SigmaOperand``)."""
-    if not isinstance(sigma, torch.Tensor):
-        raise TypeError(f"{name}: expected a float tensor of shape ({data.shape[0]},) or broadcastable to "
-                        f"{tuple(data.shape)}, got {type(sigma).__name__}")
-    if not sigma.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {sigma.dtype}")
-    if sigma.device != data.device:
-        raise ValueError(f"{name}: expected a tensor on {data.device} (the device of the data), got {sigma.device}")
+    _check_float_tensor(name, sigma, f"a float tensor of shape ({data.shape[0]},) or broadcastable to "
+                        f"{tuple(data.shape)}", data, "the data")
     shape = tuple(sigma.shape)
     if not 1 <= len(shape) <= data.ndim or shape[0] != data.shape[0]:
         raise ValueError(
@@ -79,15 +76,10 @@ def sigma_operand(name: str, sigma, data: torch.Tensor) -> SigmaOperand:
 
 
 def _check_table(sigmas, data: torch.Tensor) -> torch.Tensor:
-    if not isinstance(sigmas, torch.Tensor):
-        raise TypeError(f"sigmas: expected the scheduler's 1-D float sigma table, got {type(sigmas).__name__}")
-    if not sigmas.is_floating_point():
-        raise TypeError(f"sigmas: expected a floating-point tensor, got {sigmas.dtype}")
+    _check_float_tensor("sigmas", sigmas, "the scheduler's 1-D float sigma table", data, "sample")
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
         raise ValueError(f"sigmas: expected a 1-D table of at least 2 sigmas (the last is the final one), "
                          f"got shape {tuple(sigmas.shape)}")
-    if sigmas.device != data.device:
-        raise ValueError(f"sigmas: expected a tensor on {data.device} (the device of sample), got {sigmas.device}")
     cd = compute_dtype(data.dtype)
     sigmas = sigmas if sigmas.dtype == cd else sigmas.to(cd)
     return sigmas if sigmas.is_contiguous() else sigmas.contiguous()
