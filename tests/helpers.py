@@ -211,6 +211,21 @@ def triton_device():
     return "cpu"
 
 
+def assert_compiles_like_eager(run, args, exact=(), drawn=None):
+    """``torch.compile(run, fullgraph=True)(*args)`` gives eager ``run``'s outputs: within float32 rounding
+    (rtol 1.3e-6), bit for bit at the positions ``exact`` (in-place steps), and at ``drawn`` (noise drawn
+    in-kernel: a later draw of the stream) a finite tensor of the first argument's shape. Returns
+    ``(eager, compiled)``."""
+    eager = run(*args)
+    compiled = torch.compile(run, fullgraph=True)(*args)
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        if i == drawn:
+            assert b.shape == args[0].shape and bool(b.isfinite().all())
+        else:
+            torch.testing.assert_close(b, a, rtol=0 if i in exact else 1.3e-6, atol=0 if i in exact else 1e-6)
+    return eager, compiled
+
+
 def capture_cuda_graph(fn):
     """Warm up on a side stream (compiles the kernels), then capture ``fn`` into a CUDA graph; returns the graph
     and what ``fn`` returned while captured (the tensors each replay rewrites)."""

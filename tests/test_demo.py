@@ -70,6 +70,15 @@ def _run_reduced(out, *argv):
     return json.loads((out / "report.json").read_text())
 
 
+def _assert_fused_equal(report, fused_here, trajectory_tol):
+    """Every fused backend that ran is compared with the reference: one step within 1e-5, the whole sampling
+    trajectory within ``trajectory_tol``."""
+    assert set(report["equality"]) == set(fused_here)
+    for name, e in report["equality"].items():
+        assert e["step_max_abs_diff"] <= 1e-5, name
+        assert e["trajectory_max_abs_diff"] <= trajectory_tol, name
+
+
 def test_reduced_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     report = _run_reduced(out, "--timesteps", "10")
@@ -83,10 +92,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     table = (out / "timing.md").read_text()
     for name in missing:
         assert f"| {name} | not available on this machine |" in table
-    assert set(report["equality"]) == set(fused_here)
-    for name, e in report["equality"].items():
-        assert e["step_max_abs_diff"] <= 1e-5, name
-        assert e["trajectory_max_abs_diff"] <= 1e-3, name
+    _assert_fused_equal(report, fused_here, trajectory_tol=1e-3)
     q = report["quality"]
     assert set(q) >= {"generated", "untrained_model", "real_heldout", "classifier_heldout_accuracy"}
     assert q["generated"]["n"] == 12
@@ -116,10 +122,7 @@ def test_reduced_flow_demo_end_to_end(tmp_path):
     assert "| backend | flow_step op, 12x1x16x16 (µs) |" in table and "6 Euler steps" in table
     for name in lacking:
         assert f"| {name} | no fused flow_step in this build (the reference ran) |" in table
-    assert set(report["equality"]) == set(fused_here)
-    for name, e in report["equality"].items():
-        assert e["step_max_abs_diff"] <= 1e-5, name
-        assert e["trajectory_max_abs_diff"] <= 1e-4, name
+    _assert_fused_equal(report, fused_here, trajectory_tol=1e-4)
     assert report["quality"]["generated"]["n"] == 12
 
     # The checkpoint remembers the objective: it loads back as a flow model without --objective.
