@@ -86,6 +86,13 @@ def _check_float_tensor(name: str, value, expected: str, ref: torch.Tensor, ref_
     return value
 
 
+def _check_model(model):
+    """A wrapper module's denoiser: any callable ``model(x, t)``."""
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(x, t), got {type(model).__name__}")
+    return model
+
+
 def _check_schedule(schedule, x: torch.Tensor) -> DiffusionSchedule:
     if not isinstance(schedule, DiffusionSchedule):
         raise TypeError(f"schedule: expected a ddpm_kernels.DiffusionSchedule, got {type(schedule).__name__}")
