@@ -119,13 +119,14 @@ class _FusedBase:
     def _dk_stock(self, cause: str, message: str) -> None:
         self._dk_warn(cause, f"{message}; this takes the stock {self._stock_name} code path")
 
-    def _dk_inputs_ok(self, model_output, sample, expected_shape=None,
+    def _dk_inputs_ok(self, model_output, sample, min_ndim: int = 1, expected_shape=None,
                       expected: str = "the model output of the sample's shape") -> bool:
         """Whether the fused op takes ``model_output`` and ``sample`` as the stock step would: floating tensors
-        on one device, the model output of shape ``expected_shape(sample)`` (default: the sample's; None: none
-        fits). Else one warning, ``expected`` saying what the step takes, and the stock step runs."""
+        on one device, the sample with at least ``min_ndim`` dims, the model output of shape
+        ``expected_shape(sample)`` (default: the sample's; None: none fits). Else one warning, ``expected`` saying
+        what the step takes, and the stock step runs."""
         want = None
-        if isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor) and sample.ndim >= 1:
+        if isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor) and sample.ndim >= min_ndim:
             want = sample.shape if expected_shape is None else expected_shape(sample)
             if (
                 model_output.shape == want
@@ -141,8 +142,8 @@ class _FusedBase:
         self._dk_stock(
             "inputs",
             f"a model output {shape(model_output)} for a sample {shape(sample)} is not what the fused step takes "
-            f"(floating tensors on one device, the model output of shape {None if want is None else tuple(want)}: "
-            f"{expected})",
+            f"(floating tensors on one device, a sample of at least {min_ndim} dims, the model output of shape "
+            f"{None if want is None else tuple(want)}: {expected})",
         )
         return False
 

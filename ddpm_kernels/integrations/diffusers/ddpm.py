@@ -320,8 +320,8 @@ class _FusedSchedulerMixin(_FusedBase):
         def learned_shape(x):  # the sample's channels twice: the mean's and the variance's
             return torch.Size((x.shape[0], 2 * x.shape[1]) + tuple(x.shape[2:])) if x.ndim >= 2 else None
 
-        return self._dk_inputs_ok(model_output, sample, learned_shape,
-                                  "the model output of the sample's shape with twice its channels")
+        return self._dk_inputs_ok(model_output, sample, expected_shape=learned_shape,
+                                  expected="the model output of the sample's shape with twice its channels")
 
     def _dk_run(self, op, plan: _Plan, sample, t, t_prev, model_output, schedule, noise, generator, return_dict,
                 **options):

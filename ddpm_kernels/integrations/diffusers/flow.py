@@ -236,8 +236,10 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
         """Whether the fused op takes these tensors as the stock step would (else the stock step does)."""
         if guidance is None:
             return self._dk_inputs_ok(model_output, sample)
-        return self._dk_inputs_ok(model_output, sample, lambda x: torch.Size((2 * x.shape[0],) + tuple(x.shape[1:])),
-                                  "the model output of the sample's shape, batched [uncond; cond] for guided_step")
+        return self._dk_inputs_ok(model_output, sample,
+                                  expected_shape=lambda x: torch.Size((2 * x.shape[0],) + tuple(x.shape[1:])),
+                                  expected="the model output of the sample's shape, batched [uncond; cond] for "
+                                  "guided_step")
 
     def _dk_per_token_ok(self, per_token_timesteps, sample, tables: _Tables) -> bool:
         ok = (
