@@ -74,6 +74,25 @@ def _check_like(name: str, y, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {y.device}")
 
 
+def _check_float_tensor(name: str, value, expected: str, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
+    """A floating-point tensor on ``ref``'s device (``expected``: what the argument is, for the message when
+    ``value`` is not a tensor). Shapes are the caller's to check."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
+    if value.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {value.device}")
+    return value
+
+
+def _check_model(model):
+    """A wrapper module's denoiser: any callable ``model(x, t)``."""
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(x, t), got {type(model).__name__}")
+    return model
+
+
 def _check_schedule(schedule, x: torch.Tensor) -> DiffusionSchedule:
     if not isinstance(schedule, DiffusionSchedule):
         raise TypeError(f"schedule: expected a ddpm_kernels.DiffusionSchedule, got {type(schedule).__name__}")
@@ -250,14 +269,7 @@ def _check_guidance(model_output, uncond, guidance_scale, guidance_rescale, x: t
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"guidance_scale: expected a finite number, got {value}")
         return model_output, uncond, torch.full((batch,), value, dtype=compute, device=x.device)
-    if not isinstance(guidance_scale, torch.Tensor):
-        raise TypeError(f"guidance_scale: expected a number or a float tensor of shape ({batch},), "
-                        f"got {type(guidance_scale).__name__}")
-    if not guidance_scale.is_floating_point():
-        raise TypeError(f"guidance_scale: expected a floating-point tensor, got {guidance_scale.dtype}")
-    if guidance_scale.device != x.device:
-        raise ValueError(f"guidance_scale: expected a tensor on {x.device} (the device of {x_name}), "
-                         f"got {guidance_scale.device}")
+    _check_float_tensor("guidance_scale", guidance_scale, f"a number or a float tensor of shape ({batch},)", x, x_name)
     if guidance_scale.ndim == 0:
         guidance_scale = guidance_scale.expand(batch)
     if tuple(guidance_scale.shape) != (batch,):

@@ -39,8 +39,7 @@ class GaussianDiffusion(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if not callable(model):
-            raise TypeError(f"model: expected a callable model(x, t), got {type(model).__name__}")
+        model = _checks._check_model(model)
         if schedule is None:
             schedule = DiffusionSchedule()
         if not isinstance(schedule, DiffusionSchedule):

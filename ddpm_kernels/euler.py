@@ -7,13 +7,9 @@ matching" and "Euler steps")."""
 
 from __future__ import annotations
 
-import torch
-
-from ._checks import _check_backend, _check_data, _check_generator, _check_guidance, _check_like, _check_out
 from ._spec import OPS as SPECS, EulerStepOptions
-from ._stream import check_sample_offset
-from .flow import _check_step_index, _check_table
-from .ops import _BACKENDS, _dispatch, _options, promote, restore_format, row_major
+from .flow import _check_step_index, _check_table, cached_options, run_step, step_inputs
+from .ops import _options, row_major
 
 __all__ = ["euler_step", "euler_ancestral_step"]
 
@@ -21,50 +17,26 @@ _STEP_OPTIONS = {}
 
 
 def _step_options(spec, values: tuple, guided: bool) -> EulerStepOptions:
-    key = (spec.name, guided, values, tuple(map(type, values)))
-    try:
-        return _STEP_OPTIONS[key]
-    except (KeyError, TypeError):
-        pass
-    checked = dict(zip(spec.option_names, _options(spec, values)))
-    checked["parameterization"] = checked.pop("prediction_type")
-    opts = EulerStepOptions(spec.name[: -len("_step")], guided=guided, **checked)
-    if len(_STEP_OPTIONS) < 1024:
-        try:
-            _STEP_OPTIONS[key] = opts
-        except TypeError:
-            pass
-    return opts
+    def build():
+        checked = dict(zip(spec.option_names, _options(spec, values)))
+        checked["parameterization"] = checked.pop("prediction_type")
+        return EulerStepOptions(spec.name[: -len("_step")], guided=guided, **checked)
+
+    return cached_options(_STEP_OPTIONS, (spec.name, guided, values, tuple(map(type, values))), build)
 
 
 def _step(name, sample, model_output, sigmas, step_index, noise, generator, backend, values, out, guidance_scale,
           uncond, guidance_rescale, sample_offset):
     spec = SPECS[name]
-    if sample_offset:
-        sample_offset = check_sample_offset(sample_offset)
-    sample, (model_output, uncond, noise) = promote(sample, (model_output, uncond, noise))
-    if backend not in _BACKENDS:
-        _check_backend(backend)
-    _check_data("sample", sample)
-    guidance = None
-    if guidance_scale is not None or uncond is not None or guidance_rescale:
-        model_output, uncond, guidance = _check_guidance(
-            model_output, uncond, guidance_scale, guidance_rescale, sample, "sample"
-        )
-    _check_like("model_output", model_output, "sample", sample)
-    if noise is not None:
-        _check_like("noise", noise, "sample", sample)
+    sample, model_output, uncond, noise, guidance, sample_offset = step_inputs(
+        backend, sample, model_output, uncond, noise, guidance_scale, guidance_rescale, sample_offset
+    )
     opts = _step_options(spec, values, guidance is not None)
     sigmas = _check_table(sigmas, sample)
     step_index = _check_step_index(step_index, sample, sigmas.shape[0] - 1)
-    out = _check_out(out, sample, "sample")
-    if generator is not None:
-        _check_generator(generator, sample)
     fmt, sample, (model_output, uncond) = row_major(opts.adds_noise and noise is None, sample, model_output, uncond)
-    fn = _dispatch(spec, backend, sample, opts, (sample, model_output, noise, sigmas))
-    result = fn(sample, model_output, uncond, guidance, sigmas, step_index, opts, noise, generator, out=out,
-                sample_offset=sample_offset)
-    return restore_format(result, fmt, out)
+    return run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, (sigmas, step_index),
+                    (sigmas,), noise, generator, out, sample_offset)
 
 
 def euler_step(

@@ -18,7 +18,9 @@ import numbers
 import torch
 
 from . import _layout
-from ._checks import _check_backend, _check_data, _check_generator, _check_guidance, _check_like, _check_out
+from ._checks import (
+    _check_backend, _check_data, _check_float_tensor, _check_generator, _check_guidance, _check_like, _check_out,
+)
 from ._spec import OPS as SPECS, FlowStepOptions, SigmaOperand
 from ._stream import check_sample_offset
 from .ops import _BACKENDS, _dispatch, _options, promote, restore_format, row_major
@@ -34,13 +36,8 @@ _CHANNELS_LAST_ORDER = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
 def sigma_operand(name: str, sigma, data: torch.Tensor) -> SigmaOperand:
     """Check a per-sample or per-token sigma against ``data`` and give it in the forms the backends read
     (``ddpm_kernels._spec.SigmaOperand``)."""
-    if not isinstance(sigma, torch.Tensor):
-        raise TypeError(f"{name}: expected a float tensor of shape ({data.shape[0]},) or broadcastable to "
-                        f"{tuple(data.shape)}, got {type(sigma).__name__}")
-    if not sigma.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {sigma.dtype}")
-    if sigma.device != data.device:
-        raise ValueError(f"{name}: expected a tensor on {data.device} (the device of the data), got {sigma.device}")
+    _check_float_tensor(name, sigma, f"a float tensor of shape ({data.shape[0]},) or broadcastable to "
+                        f"{tuple(data.shape)}", data, "the data")
     shape = tuple(sigma.shape)
     if not 1 <= len(shape) <= data.ndim or shape[0] != data.shape[0]:
         raise ValueError(
@@ -79,15 +76,10 @@ def sigma_operand(name: str, sigma, data: torch.Tensor) -> SigmaOperand:
 
 
 def _check_table(sigmas, data: torch.Tensor) -> torch.Tensor:
-    if not isinstance(sigmas, torch.Tensor):
-        raise TypeError(f"sigmas: expected the scheduler's 1-D float sigma table, got {type(sigmas).__name__}")
-    if not sigmas.is_floating_point():
-        raise TypeError(f"sigmas: expected a floating-point tensor, got {sigmas.dtype}")
+    _check_float_tensor("sigmas", sigmas, "the scheduler's 1-D float sigma table", data, "sample")
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
         raise ValueError(f"sigmas: expected a 1-D table of at least 2 sigmas (the last is the final one), "
                          f"got shape {tuple(sigmas.shape)}")
-    if sigmas.device != data.device:
-        raise ValueError(f"sigmas: expected a tensor on {data.device} (the device of sample), got {sigmas.device}")
     cd = compute_dtype(data.dtype)
     sigmas = sigmas if sigmas.dtype == cd else sigmas.to(cd)
     return sigmas if sigmas.is_contiguous() else sigmas.contiguous()
@@ -119,22 +111,30 @@ def _check_step_index(step_index, data: torch.Tensor, steps: int) -> torch.Tenso
 _STEP_OPTIONS = {}
 
 
-def _step_options(spec, stochastic, guidance_rescale, guided) -> FlowStepOptions:
-    """The validated `FlowStepOptions` of a step, cached per distinct values and types (a sampling loop repeats
-    them every step)."""
-    key = (stochastic, guidance_rescale, guided, type(stochastic), type(guidance_rescale))
+def cached_options(cache: dict, key, build):
+    """``build()``, the validated options of a step, cached in ``cache`` per ``key`` (the distinct values and
+    their types: a sampling loop repeats them every step). A key that cannot be hashed is not cached."""
     try:
-        return _STEP_OPTIONS[key]
+        return cache[key]
     except (KeyError, TypeError):
         pass
-    stochastic, guidance_rescale = _options(spec, (stochastic, guidance_rescale))
-    opts = FlowStepOptions(stochastic, guided, guidance_rescale)
-    if len(_STEP_OPTIONS) < 1024:
+    opts = build()
+    if len(cache) < 1024:
         try:
-            _STEP_OPTIONS[key] = opts
+            cache[key] = opts
         except TypeError:  # an unhashable value that validates (an exotic real): not cached
             pass
     return opts
+
+
+def _step_options(spec, stochastic, guidance_rescale, guided) -> FlowStepOptions:
+    """The validated `FlowStepOptions` of a step (cached, `cached_options`)."""
+    def build():
+        checked_stochastic, checked_rescale = _options(spec, (stochastic, guidance_rescale))
+        return FlowStepOptions(checked_stochastic, guided, checked_rescale)
+
+    key = (stochastic, guidance_rescale, guided, type(stochastic), type(guidance_rescale))
+    return cached_options(_STEP_OPTIONS, key, build)
 
 
 def _prologue(spec, backend, data, like, optional=()):
@@ -146,6 +146,43 @@ def _prologue(spec, backend, data, like, optional=()):
     for name, y in zip(spec.optional, optional):
         if y is not None:
             _check_like(name, y, spec.data, data)
+
+
+def step_inputs(backend, sample, model_output, uncond, noise, guidance_scale, guidance_rescale, sample_offset):
+    """The checks every sampler step on a sigma table starts with (`flow_step`, the Euler steps): promotion, the
+    backend name, ``sample``, guidance (docs/design.md, "Flow matching"), ``model_output`` and ``noise`` like
+    ``sample``, and ``sample_offset``. Returns ``(sample, model_output, uncond, noise, guidance,
+    sample_offset)`` with ``model_output`` the conditional output and ``guidance`` the per-sample scale (None
+    unguided)."""
+    if sample_offset:
+        sample_offset = check_sample_offset(sample_offset)
+    sample, (model_output, uncond, noise) = promote(sample, (model_output, uncond, noise))
+    if backend not in _BACKENDS:
+        _check_backend(backend)
+    _check_data("sample", sample)
+    guidance = None
+    if guidance_scale is not None or uncond is not None or guidance_rescale:
+        model_output, uncond, guidance = _check_guidance(
+            model_output, uncond, guidance_scale, guidance_rescale, sample, "sample"
+        )
+    _check_like("model_output", model_output, "sample", sample)
+    if noise is not None:
+        _check_like("noise", noise, "sample", sample)
+    return sample, model_output, uncond, noise, guidance, sample_offset
+
+
+def run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, sigma_args, sigma_tensors, noise,
+             generator, out, sample_offset):
+    """The rest of a sampler step after its sigma checks: ``out`` and ``generator``, dispatch on ``(sample,
+    model_output, noise) + sigma_tensors``, the backend call ``fn(sample, model_output, uncond, guidance,
+    *sigma_args, opts, noise, generator, out=, sample_offset=)``, and the result back in ``fmt`` (`row_major`)."""
+    out = _check_out(out, sample, "sample")
+    if generator is not None:
+        _check_generator(generator, sample)
+    fn = _dispatch(spec, backend, sample, opts, (sample, model_output, noise) + sigma_tensors)
+    result = fn(sample, model_output, uncond, guidance, *sigma_args, opts, noise, generator, out=out,
+                sample_offset=sample_offset)
+    return restore_format(result, fmt, out)
 
 
 # --------------------------------------------------------------------------------------------------- ops
@@ -206,21 +243,10 @@ def flow_step(
     ``sample``'s dtype; ``out`` may be ``sample`` (an in-place step). Computed in float32 (float64 for float64).
     """
     spec = SPECS["flow_step"]
-    sample, (model_output, uncond, noise) = promote(sample, (model_output, uncond, noise))
-    if backend not in _BACKENDS:
-        _check_backend(backend)
-    _check_data("sample", sample)
-    guidance = None
-    if guidance_scale is not None or uncond is not None or guidance_rescale:
-        model_output, uncond, guidance = _check_guidance(
-            model_output, uncond, guidance_scale, guidance_rescale, sample, "sample"
-        )
-    _check_like("model_output", model_output, "sample", sample)
-    if noise is not None:
-        _check_like("noise", noise, "sample", sample)
+    sample, model_output, uncond, noise, guidance, sample_offset = step_inputs(
+        backend, sample, model_output, uncond, noise, guidance_scale, guidance_rescale, sample_offset
+    )
     opts = _step_options(spec, stochastic, guidance_rescale, guidance is not None)
-    if sample_offset:
-        sample_offset = check_sample_offset(sample_offset)
     # before the sigma operands, which are built against the memory format the call runs in
     fmt, sample, (model_output, uncond) = row_major(opts.stochastic and noise is None, sample, model_output, uncond)
     if sigmas is not None or step_index is not None:
@@ -239,13 +265,8 @@ def flow_step(
             raise ValueError(f"{missing}: expected a tensor (or the table form: sigmas and step_index)")
         s, s_next = sigma_operand("sigma", sigma, sample), sigma_operand("sigma_next", sigma_next, sample)
         sigma_tensors = (s.full, s_next.full)
-    out = _check_out(out, sample, "sample")
-    if generator is not None:
-        _check_generator(generator, sample)
-    fn = _dispatch(spec, backend, sample, opts, (sample, model_output, noise) + sigma_tensors)
-    result = fn(sample, model_output, uncond, guidance, sigmas, step_index, s, s_next, opts, noise, generator,
-                out=out, sample_offset=sample_offset)
-    return restore_format(result, fmt, out)
+    return run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, (sigmas, step_index, s, s_next),
+                    sigma_tensors, noise, generator, out, sample_offset)
 
 
 def randn_stream(shape, generator=None, sample_offset=0, device=None, dtype=torch.float32, backend="auto"):

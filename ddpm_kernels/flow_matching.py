@@ -108,8 +108,7 @@ class FlowMatching(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if not callable(model):
-            raise TypeError(f"model: expected a callable model(x, t), got {type(model).__name__}")
+        model = _checks._check_model(model)
         self.model = model
         self.timestep_sampling = _checks._check_choice("timestep_sampling", timestep_sampling, TIMESTEP_SAMPLINGS)
         self.logit_mean = _checks._check_weight("logit_mean", logit_mean)

@@ -4,6 +4,7 @@ small GPU and Triton helpers."""
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -141,6 +142,60 @@ def assert_matches(got, ref_fn, args, kwargs, dtype, bf16_truncates=False):
         assert bool((err <= LOW_PRECISION_TOL[dtype] * (1 + r64.abs())).all())
 
 
+# ------------------------------------------------------------------------------------ compiled kernels
+def compiled_backends():
+    """For a module testing the compiled kernels: ``(extension, pytestmark, backends)``. ``pytestmark`` skips
+    the module without the CPU extension; ``backends`` is "cpu", and "cuda" (marked ``gpu``) that runs where a
+    GPU and the CUDA kernels are present. Skips the calling module when the extension cannot be imported."""
+    extension = pytest.importorskip("ddpm_kernels.extension")
+    mark = pytest.mark.skipif(
+        extension.CPU_BACKEND.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
+        reason=f"CPU extension not built: {extension.load_error}",
+    )
+    cuda = pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(
+                not torch.cuda.is_available()
+                or extension.CUDA_BACKEND.unavailable_reason(torch.device("cuda"), torch.float32) is not None,
+                reason="needs a GPU and the CUDA kernels",
+            ),
+        ],
+    )
+    return extension, mark, ["cpu", cuda]
+
+
+def assert_thread_independent(run):
+    """``run()`` gives the same tensors, bit for bit, on one CPU thread as on the default count (the compiled
+    CPU kernels split work by thread count; results must not depend on it). Returns the default run's result."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+    finally:
+        torch.set_num_threads(threads)
+    many = run()
+    for a, b in zip(*((r,) if isinstance(r, torch.Tensor) else r for r in (one, many))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    return many
+
+
+def assert_standard_normal(z, lags=(1, 2, 3, 4, 4096)):
+    """The float64 values ``z`` (flat, in drawing order) look like independent N(0, 1) draws: mean and standard
+    deviation within 4 standard errors, the Kolmogorov-Smirnov distance under its 0.1% critical value
+    1.95 / sqrt(n), neighbours at ``lags`` uncorrelated within 4 standard errors."""
+    n = z.numel()
+    assert abs(z.mean().item()) < 4 / math.sqrt(n)
+    assert abs(z.std().item() - 1) < 4 / math.sqrt(2 * n)
+    zs = z.sort().values
+    cdf = torch.special.ndtr(zs)
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=z.device)
+    assert torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item() < 1.95 / math.sqrt(n)
+    for lag in lags:
+        assert abs(torch.corrcoef(torch.stack([z[:-lag], z[lag:]]))[0, 1].item()) < 4 / math.sqrt(n)
+
+
 # ------------------------------------------------------------------------------------ Triton and GPU
 def triton_device():
     """The device the Triton tests run on: the GPU, or the CPU through Triton's interpreter (tests/conftest.py
@@ -154,6 +209,21 @@ def triton_device():
     if not utils.INTERPRETED:
         pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
     return "cpu"
+
+
+def assert_compiles_like_eager(run, args, exact=(), drawn=None):
+    """``torch.compile(run, fullgraph=True)(*args)`` gives eager ``run``'s outputs: within float32 rounding
+    (rtol 1.3e-6), bit for bit at the positions ``exact`` (in-place steps), and at ``drawn`` (noise drawn
+    in-kernel: a later draw of the stream) a finite tensor of the first argument's shape. Returns
+    ``(eager, compiled)``."""
+    eager = run(*args)
+    compiled = torch.compile(run, fullgraph=True)(*args)
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        if i == drawn:
+            assert b.shape == args[0].shape and bool(b.isfinite().all())
+        else:
+            torch.testing.assert_close(b, a, rtol=0 if i in exact else 1.3e-6, atol=0 if i in exact else 1e-6)
+    return eager, compiled
 
 
 def capture_cuda_graph(fn):
@@ -179,6 +249,17 @@ def cuda_kernel_names(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+def kernels_launched_without_sync(call):
+    """Names of the CUDA kernels ``call`` launches, after a first call that compiles them, with any host
+    synchronization an error (``torch.cuda.set_sync_debug_mode``)."""
+    call()  # compile outside the profile
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return cuda_kernel_names(call)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # The reference form of the sampler steps with the public signature: the reference backend's sampler-step
 # function takes StepOptions, the public ops build them.
 def ddim_step_ref(*args, **kwargs):
@@ -202,6 +283,30 @@ def backend_params(*axes, where=lambda *values: True):
             marks = [pytest.mark.gpu] if values[0] == "cuda" else []
             params.append(pytest.param(*values, marks=marks, id="-".join(param_label(v) for v in values)))
     return params
+
+
+def fused_backend(backend, device, op, dtype):
+    """The backend object of ``backend`` when it runs ``dtype`` tensors on ``device`` and has a fused ``op``;
+    else skip the test with the reason."""
+    from ddpm_kernels import backends
+
+    try:
+        impl = backends.get_backend(backend, torch.device(device), dtype)
+    except backends.BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    if op not in impl.ops:
+        pytest.skip(f"{backend}: no fused {op}")
+    return impl
+
+
+def served_by(backend, device, op, dtype, opts=None, grad=None) -> str:
+    """The name of the backend that serves ``op`` asked of ``backend`` (its fallback warning silenced)."""
+    from ddpm_kernels import backends
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        name, _ = backends.resolve(op, backend, torch.device(device), dtype, opts, frozenset(grad) if grad else None)
+    return name
 
 
 def param_label(value):
@@ -242,7 +347,71 @@ def sync_guard(monkeypatch, allowed=()):
     return arm
 
 
-# ------------------------------------------------------------------------------------------ diffusers drop-ins
+# ------------------------------------------------------------------------------------ diffusers drop-ins
+def _outcome(call, scheduler):
+    try:
+        return call(scheduler), None
+    except Exception as e:  # noqa: BLE001  (whatever the stock step raises)
+        return None, e
+
+
+def check_same_as_stock(call, stock, fused, compare=None, check_warnings=None):
+    """``call(fused)`` gives ``call(stock)``'s result or raises its error (same type and message).
+    ``compare(got, expected)`` compares results (default: equal, NaN where the stock result has NaN);
+    ``check_warnings(caught)`` checks the warnings the fused call raised."""
+    expected, stock_error = _outcome(call, stock)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, fused_error = _outcome(call, fused)
+    if check_warnings is not None:
+        check_warnings(caught)
+    if stock_error is not None:
+        assert type(fused_error) is type(stock_error) and str(fused_error) == str(stock_error), (fused_error, stock_error)
+        return
+    assert fused_error is None, fused_error
+    if compare is None:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    else:
+        compare(got, expected)
+
+
+def warned_stock_path(caught):
+    """A drop-in warned that the stock code path took the call."""
+    assert any("stock" in str(w.message) and issubclass(w.category, RuntimeWarning) for w in caught), caught
+
+
+GENERATOR_FORMS = ["none", "one", "list_of_one", "per_sample"]
+
+
+def generator_form(form, batch):
+    """The generator argument of diffusers' ``randn_tensor`` in one of its ``GENERATOR_FORMS`` (fresh, seeded;
+    "none" seeds the global RNG): None, a generator, a list of one, or one generator per sample."""
+    if form == "none":
+        torch.manual_seed(7)
+        return None
+    gs = [torch.Generator().manual_seed(7 + i) for i in range(batch)]
+    return {"one": gs[0], "list_of_one": gs[:1], "per_sample": gs}[form]
+
+
+def generator_state(generator):
+    """The states of ``generator`` (a `generator_form`), or of the global RNG for None."""
+    if generator is None:
+        return [torch.get_rng_state()]
+    return [g.get_state() for g in (generator if isinstance(generator, list) else [generator])]
+
+
+@pytest.fixture
+def fail_on_sync(monkeypatch):
+    """Make every value-reading Tensor method raise, as a device tensor read would sync, and treat CPU tensors
+    as device tensors in the diffusers drop-ins. The one exception is ddpm_kernels' step-index range check,
+    which runs on CPU tensors only (where it is free) and is skipped for device tensors."""
+    from ddpm_kernels.integrations.diffusers import _common
+
+    monkeypatch.setattr(_common, "on_host", lambda tensor: False)
+    return sync_guard(monkeypatch, {"_check_step_index"})
+
+
+# ----------------------------------------------------------------------------------- drop-in scheduler loops
 def scheduler_pair(stock_class, fused_class, config, steps, **set_kwargs):
     """A stock diffusers scheduler and its fused drop-in from the same config, both after ``set_timesteps``."""
     stock = stock_class(**config)

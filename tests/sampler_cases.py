@@ -30,6 +30,54 @@ DDIM_OPTIONS = {
 }
 
 
+def backend_fixtures(backends):
+    """The module-scoped fixtures ``backend`` (one per entry of ``backends``) and ``schedule`` (a linear
+    schedule of ``T`` steps on the backend's device, named as the backend) of a compiled-kernel test module:
+    ``backend, schedule = backend_fixtures(BACKENDS)``."""
+
+    @pytest.fixture(scope="module", params=backends)
+    def backend(request):
+        return request.param
+
+    @pytest.fixture(scope="module")
+    def schedule(backend):
+        return dk.DiffusionSchedule(timesteps=T).to(backend)
+
+    return backend, schedule
+
+
+def opcheck_cases(backend, schedule, dtype, guided, in_kernel_noise=False):
+    """``(op, args)`` for ``torch.library.opcheck`` of the compiled ``ddpm_kernels::ddim_step`` / ``ddpm_step``
+    (and ``_out``): each option path once, unguided or ``guided`` (an unconditional output and per-sample scales
+    with rescale on and off). ``in_kernel_noise``: the noise-drawing calls instead (``noise=None``)."""
+    x, y, z, u = make_inputs((2, 3, 5), 4, dtype, seed=14, device=backend)
+    t, tp = make_steps(2, backend, seed=14)
+    tab = schedule.table(torch.float64)
+    wide, wide_u = torch.cat([y, z], 1), torch.cat([u, z], 1)
+    w, phi = None, 0.0
+    if guided:
+        w = torch.tensor([2.0, 0.0], device=backend, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        phi = 0.5
+    else:
+        u = wide_u = None
+    ops = torch.ops.ddpm_kernels
+    if in_kernel_noise:
+        return [
+            (ops.ddim_step, (x, t, tp, y, u, w, tab, 1.0, "eps", True, 1.0, True, False, phi, None, None, 5, True)),
+            (ops.ddpm_step, (x, t, tp, y, u, w, tab, "eps", "fixed_large", True, 1.0, phi, None, None, 7, False)),
+        ]
+    return [
+        (ops.ddim_step, (x, t, tp, y, u, w, tab, 0.0, "eps", False, 1.0, True, False, phi, None, None, 0, False)),
+        (ops.ddim_step, (x, t, tp, y, u, w, tab, 1.0, "v", True, 1.5, False, True, 0.0, z, None, 3, True)),
+        (ops.ddim_step_out, (x, t, tp, y, u, w, tab, 0.5, "x0", True, 1.0, True, False, phi, z, None, 0, True,
+                             torch.empty_like(x))),
+        (ops.ddpm_step, (x, t, tp, y, u, w, tab, "eps", "fixed_small", True, 1.0, phi, z, None, 0, True)),
+        (ops.ddpm_step, (x, t, tp, wide, wide_u, w, tab, "v", "learned_range", False, 1.0, phi, z, None, 2, False)),
+        (ops.ddpm_step_out, (x, t, tp, wide, wide_u, w, tab, "x0", "learned", True, 2.0, 0.0, z, None, 0, False,
+                             torch.empty_like(x))),
+    ]
+
+
 def make_steps(batch, device, seed=0):
     """Per-sample (t, t_prev): sample 0 is the last step (0 -> -1), the last sample starts the chain
     (T-1 -> T-21), sample 1 is the plain chain (1 -> 0), the others respaced jumps (some to -1)."""

@@ -56,18 +56,32 @@ def _require_fused(backend, device):
 
 
 # ------------------------------------------------------------------------------------ reduced end to end
-def test_reduced_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    argv = ["--steps", "12", "--timesteps", "10", "--num-samples", "12", "--batch-size", "16",
-            "--base-channels", "16", "--timing-repeats", "3", "--seed", "0", "--no-progress", "--out", str(out)]
+def _run_reduced(out, *argv):
+    """The demo trained for 12 steps, 12 samples, into ``out``: its files are written, the images are PNGs.
+    Returns the report."""
+    argv = [*argv, "--steps", "12", "--num-samples", "12", "--batch-size", "16", "--base-channels", "16",
+            "--timing-repeats", "3", "--seed", "0", "--no-progress", "--out", str(out)]
     assert demo.main(argv) == 0
     for name in ("checkpoint.pt", "samples.png", "progression.png", "samples_untrained.png", "report.json",
                  "timing.md", "quality.md"):
         assert (out / name).is_file(), name
     for name in ("samples.png", "progression.png", "samples_untrained.png"):
         assert _is_png(out / name)
+    return json.loads((out / "report.json").read_text())
 
-    report = json.loads((out / "report.json").read_text())
+
+def _assert_fused_equal(report, fused_here, trajectory_tol):
+    """Every fused backend that ran is compared with the reference: one step within 1e-5, the whole sampling
+    trajectory within ``trajectory_tol``."""
+    assert set(report["equality"]) == set(fused_here)
+    for name, e in report["equality"].items():
+        assert e["step_max_abs_diff"] <= 1e-5, name
+        assert e["trajectory_max_abs_diff"] <= trajectory_tol, name
+
+
+def test_reduced_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    report = _run_reduced(out, "--timesteps", "10")
     assert report["config"]["timesteps"] == 10 and report["config"]["training_steps"] == 12
     assert report["timing"][0]["backend"] == "reference"
     fused_here, missing = demo.fused_backends("cpu")
@@ -78,10 +92,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     table = (out / "timing.md").read_text()
     for name in missing:
         assert f"| {name} | not available on this machine |" in table
-    assert set(report["equality"]) == set(fused_here)
-    for name, e in report["equality"].items():
-        assert e["step_max_abs_diff"] <= 1e-5, name
-        assert e["trajectory_max_abs_diff"] <= 1e-3, name
+    _assert_fused_equal(report, fused_here, trajectory_tol=1e-3)
     q = report["quality"]
     assert set(q) >= {"generated", "untrained_model", "real_heldout", "classifier_heldout_accuracy"}
     assert q["generated"]["n"] == 12
@@ -97,16 +108,7 @@ def test_reduced_demo_end_to_end(tmp_path):
 
 def test_reduced_flow_demo_end_to_end(tmp_path):
     out = tmp_path / "flow"
-    argv = ["--objective", "flow", "--steps", "12", "--timesteps", "6", "--num-samples", "12", "--batch-size", "16",
-            "--base-channels", "16", "--timing-repeats", "3", "--seed", "0", "--no-progress", "--out", str(out)]
-    assert demo.main(argv) == 0
-    for name in ("checkpoint.pt", "samples.png", "progression.png", "samples_untrained.png", "report.json",
-                 "timing.md", "quality.md"):
-        assert (out / name).is_file(), name
-    for name in ("samples.png", "progression.png", "samples_untrained.png"):
-        assert _is_png(out / name)
-
-    report = json.loads((out / "report.json").read_text())
+    report = _run_reduced(out, "--objective", "flow", "--timesteps", "6")
     cfg = report["config"]
     assert (cfg["objective"], cfg["step_op"], cfg["timesteps"], cfg["training_steps"]) == ("flow", "flow_step", 6, 12)
     assert report["final_loss"] is not None and report["final_loss"] > 0
@@ -120,10 +122,7 @@ def test_reduced_flow_demo_end_to_end(tmp_path):
     assert "| backend | flow_step op, 12x1x16x16 (µs) |" in table and "6 Euler steps" in table
     for name in lacking:
         assert f"| {name} | no fused flow_step in this build (the reference ran) |" in table
-    assert set(report["equality"]) == set(fused_here)
-    for name, e in report["equality"].items():
-        assert e["step_max_abs_diff"] <= 1e-5, name
-        assert e["trajectory_max_abs_diff"] <= 1e-4, name
+    _assert_fused_equal(report, fused_here, trajectory_tol=1e-4)
     assert report["quality"]["generated"]["n"] == 12
 
     # The checkpoint remembers the objective: it loads back as a flow model without --objective.

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import ddpm_kernels as dk
-from ddpm_kernels import backends
-from helpers import DTYPES, assert_matches, backend_params, make_inputs
+from helpers import DTYPES, assert_matches, backend_params, fused_backend, make_inputs, served_by
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -150,17 +149,9 @@ def test_argument_checks():
 
 # ------------------------------------------------------------------------------------ fused vs reference
 def _served(backend, op, dtype, opts):
-    device = torch.device(DEVICE[backend])
-    try:
-        impl = backends.get_backend(backend, device, dtype)
-    except backends.BackendUnavailableError as exc:
-        pytest.skip(str(exc))
-    if op not in impl.ops:
-        pytest.skip(f"{backend}: no fused {op}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        served, _ = backends.resolve(op, backend, device, dtype, opts, None)
-    if served != backend:
+    """Skip unless ``backend`` serves ``op`` with ``opts`` in ``dtype`` itself (no fallback)."""
+    fused_backend(backend, DEVICE[backend], op, dtype)
+    if served_by(backend, DEVICE[backend], op, dtype, opts) != backend:
         pytest.skip(f"{backend} does not serve these options")
 
 

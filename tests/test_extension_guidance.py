@@ -19,42 +19,15 @@ import ddpm_kernels as dk
 from ddpm_kernels import backends
 from ddpm_kernels import reference as R
 from ddpm_kernels._spec import StepOptions
-from helpers import DTYPES, assert_matches, make_inputs
-from sampler_cases import DDIM_OPTIONS, PARAMETERIZATIONS, T, VARIANCE_TYPES, learned_output, make_steps
+from helpers import DTYPES, assert_matches, assert_thread_independent, compiled_backends, make_inputs
+from sampler_cases import (DDIM_OPTIONS, PARAMETERIZATIONS, VARIANCE_TYPES, backend_fixtures, learned_output,
+                           make_steps)
 
-extension = pytest.importorskip("ddpm_kernels.extension")
-pytestmark = pytest.mark.skipif(
-    extension.CPU_BACKEND.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
-    reason=f"CPU extension not built: {extension.load_error}",
-)
-
-BACKENDS = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(
-                not torch.cuda.is_available()
-                or extension.CUDA_BACKEND.unavailable_reason(torch.device("cuda"), torch.float32) is not None,
-                reason="needs a GPU and the CUDA kernels",
-            ),
-        ],
-    ),
-]
+extension, pytestmark, BACKENDS = compiled_backends()
+backend, schedule = backend_fixtures(BACKENDS)
 SCALES = [0.0, 1.0, 7.5, -0.5, 2.5]  # per sample: w = 0 is the unconditional step, w = 1 the conditional one
 # (form of the guided output, guidance_rescale): batched [uncond; cond] or two tensors, rescale off and on
 FORMS = [("batched", 0.0), ("two", 0.0), ("batched", 0.7), ("two", 1.0)]
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def backend(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def schedule(backend):
-    return dk.DiffusionSchedule(timesteps=T).to(backend)
 
 
 def _scales(batch, device):
@@ -171,13 +144,7 @@ def test_rescale_independent_of_threads(schedule, backend):
         return dk.ddim_step(x, t, t_prev, c, schedule, 0.5, noise=z, guidance_scale=5.0, uncond=u,
                             guidance_rescale=0.6, backend="cpu")
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-    finally:
-        torch.set_num_threads(threads)
-    torch.testing.assert_close(one, run(), rtol=0, atol=0)
+    assert_thread_independent(run)
 
 
 # ---------------------------------------------------------------------------------------- in-kernel noise
@@ -286,6 +253,7 @@ def test_guided_steps_are_served_by_the_kernels(backend):
 
 
 # ------------------------------------------------------------------------------------ the operators' checks
+# (torch.library.opcheck of the guided calls: tests/test_extension_sampler_ops.py, test_opcheck)
 def _op_args(backend, schedule, dtype=torch.float32, learned=False, noise=True, rescale=0.5):
     shape = (2, 3, 5)
     x, z = make_inputs(shape, 2, dtype, seed=14, device=backend)
@@ -293,38 +261,6 @@ def _op_args(backend, schedule, dtype=torch.float32, learned=False, noise=True, 
     t, t_prev = make_steps(2, backend, seed=14)
     w = torch.tensor([2.0, 0.0], device=backend, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     return x, t, t_prev, c, u, w, schedule.table(torch.float64), (z if noise else None), rescale
-
-
-def _opcheck_cases(backend, schedule, dtype):
-    ops = torch.ops.ddpm_kernels
-    x, t, tp, c, u, w, tab, z, phi = _op_args(backend, schedule, dtype)
-    _, _, _, cw, uw, _, _, _, _ = _op_args(backend, schedule, dtype, learned=True)
-    return [
-        (ops.ddim_step, (x, t, tp, c, u, w, tab, 0.5, "eps", False, 1.0, True, False, phi, z, None, 0, True)),
-        (ops.ddim_step, (x, t, tp, c, u, w, tab, 0.0, "v", True, 1.5, False, True, 0.0, None, None, 0, False)),
-        (ops.ddim_step_out, (x, t, tp, c, u, w, tab, 1.0, "x0", True, 1.0, True, False, phi, z, None, 0, True,
-                             torch.empty_like(x))),
-        (ops.ddpm_step, (x, t, tp, c, u, w, tab, "eps", "fixed_small", True, 1.0, phi, z, None, 0, True)),
-        (ops.ddpm_step, (x, t, tp, cw, uw, w, tab, "v", "learned_range", False, 1.0, phi, z, None, 0, False)),
-        (ops.ddpm_step_out, (x, t, tp, cw, uw, w, tab, "x0", "learned", True, 2.0, 0.0, z, None, 0, False,
-                             torch.empty_like(x))),
-    ]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_opcheck(backend, schedule, dtype):
-    for op, args in _opcheck_cases(backend, schedule, dtype):
-        torch.library.opcheck(op, args)
-
-
-def test_opcheck_in_kernel_noise(backend, schedule):
-    x, t, tp, c, u, w, tab, _, phi = _op_args(backend, schedule)
-    ops = torch.ops.ddpm_kernels
-    for op, args in (
-        (ops.ddim_step, (x, t, tp, c, u, w, tab, 1.0, "eps", True, 1.0, True, False, phi, None, None, 0, True)),
-        (ops.ddpm_step, (x, t, tp, c, u, w, tab, "eps", "fixed_large", True, 1.0, phi, None, None, 0, False)),
-    ):
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_operator_argument_checks(backend, schedule):

@@ -22,39 +22,11 @@ import torch
 
 import ddpm_kernels as dk
 from ddpm_kernels import reference as R
-from helpers import ddim_step_ref, ddpm_step_ref, make_inputs
-from sampler_cases import T, SamplerStepCases, learned_output, make_steps
+from helpers import assert_thread_independent, compiled_backends, ddim_step_ref, ddpm_step_ref, make_inputs
+from sampler_cases import SamplerStepCases, backend_fixtures, learned_output, make_steps, opcheck_cases
 
-extension = pytest.importorskip("ddpm_kernels.extension")
-pytestmark = pytest.mark.skipif(
-    extension.CPU_BACKEND.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
-    reason=f"CPU extension not built: {extension.load_error}",
-)
-
-BACKENDS = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(
-                not torch.cuda.is_available()
-                or extension.CUDA_BACKEND.unavailable_reason(torch.device("cuda"), torch.float32) is not None,
-                reason="needs a GPU and the CUDA kernels",
-            ),
-        ],
-    ),
-]
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def backend(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def schedule(backend):
-    return dk.DiffusionSchedule(timesteps=T).to(backend)
+extension, pytestmark, BACKENDS = compiled_backends()
+backend, schedule = backend_fixtures(BACKENDS)
 
 
 @pytest.fixture(scope="module")
@@ -137,55 +109,21 @@ def test_in_kernel_noise_independent_of_threads(schedule, backend):
         return (dk.ddim_step(x_t, t, t_prev, model_output, schedule, 0.8, generator=g, backend="cpu"),
                 dk.ddpm_step(x_t, t, t_prev, model_output, schedule, generator=g, backend="cpu"))
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one, run()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_thread_independent(run)
 
 
 # ------------------------------------------------------------------------------ torch.library / compile
-def _opcheck_cases(backend, schedule, dtype):
-    x, y, z = make_inputs((2, 3, 5), 3, dtype, seed=14, device=backend)
-    t, t_prev = make_steps(2, backend, seed=14)
-    tab = schedule.table(torch.float64)
-    wide = torch.cat([y, z], 1)
-    ops = torch.ops.ddpm_kernels
-    return [
-        (ops.ddim_step, (x, t, t_prev, y, None, None, tab, 0.0, "eps", False, 1.0, True, False, 0.0, None, None, 0,
-                         False)),
-        (ops.ddim_step, (x, t, t_prev, y, None, None, tab, 1.0, "v", True, 1.5, False, True, 0.0, z, None, 3,
-                         True)),
-        (ops.ddim_step_out, (x, t, t_prev, y, None, None, tab, 0.5, "x0", True, 1.0, True, False, 0.0, z, None, 0,
-                             True, torch.empty_like(x))),
-        (ops.ddpm_step, (x, t, t_prev, y, None, None, tab, "eps", "fixed_small", True, 1.0, 0.0, z, None, 0, True)),
-        (ops.ddpm_step, (x, t, t_prev, wide, None, None, tab, "v", "learned_range", False, 1.0, 0.0, z, None, 2,
-                         False)),
-        (ops.ddpm_step_out, (x, t, t_prev, wide, None, None, tab, "x0", "learned", True, 2.0, 0.0, z, None, 0, False,
-                             torch.empty_like(x))),
-    ]
-
-
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_opcheck(backend, schedule, dtype):
-    for op, args in _opcheck_cases(backend, schedule, dtype):
+def test_opcheck(backend, schedule, dtype, guided):
+    for op, args in opcheck_cases(backend, schedule, dtype, guided):
         torch.library.opcheck(op, args)
 
 
-def test_opcheck_in_kernel_noise(backend, schedule):
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
+def test_opcheck_in_kernel_noise(backend, schedule, guided):
     """noise=None draws from the generator: schema and fake-tensor checks only (values differ per call)."""
-    x, y = make_inputs((2, 3, 5), 2, torch.float32, seed=15, device=backend)
-    t, t_prev = make_steps(2, backend, seed=15)
-    tab = schedule.table(torch.float64)
-    for op, args in (
-        (torch.ops.ddpm_kernels.ddim_step, (x, t, t_prev, y, None, None, tab, 1.0, "eps", True, 1.0, True, False,
-                                            0.0, None, None, 5, True)),
-        (torch.ops.ddpm_kernels.ddpm_step, (x, t, t_prev, y, None, None, tab, "eps", "fixed_large", True, 1.0, 0.0,
-                                            None, None, 7, False)),
-    ):
+    for op, args in opcheck_cases(backend, schedule, torch.float32, guided, in_kernel_noise=True):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 

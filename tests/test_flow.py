@@ -23,7 +23,7 @@ import torch
 import ddpm_kernels as dk
 from ddpm_kernels import backends
 from ddpm_kernels import reference as R
-from helpers import DTYPES, assert_matches, backend_params, make_inputs
+from helpers import DTYPES, assert_matches, backend_params, fused_backend, make_inputs, served_by
 
 GPU = torch.cuda.is_available()
 BACKENDS = ("cpu", "cuda", "triton")
@@ -67,24 +67,13 @@ def _step_index(batch, device, seed=2):
     return i.to(device)
 
 
-def _backend(backend, op, dtype, grad=None):
-    """Skip unless ``backend`` serves ``op`` in ``dtype`` itself (no fallback), with gradients w.r.t. ``grad``."""
-    device = torch.device(DEVICE[backend])
-    try:
-        impl = backends.get_backend(backend, device, dtype)
-    except backends.BackendUnavailableError as exc:
-        pytest.skip(str(exc))
-    if op not in impl.ops:
-        pytest.skip(f"{backend}: no fused {op}")
-    return impl
+def _backend(backend, op, dtype):
+    """Skip unless ``backend`` runs ``dtype`` tensors here and has a fused ``op``."""
+    return fused_backend(backend, DEVICE[backend], op, dtype)
 
 
 def _served(backend, op, dtype, opts=None, grad=None):
-    device = torch.device(DEVICE[backend])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        name, _ = backends.resolve(op, backend, device, dtype, opts, frozenset(grad) if grad else None)
-    return name
+    return served_by(backend, DEVICE[backend], op, dtype, opts, grad)
 
 
 # ------------------------------------------------------------------------------------ reference vs float64

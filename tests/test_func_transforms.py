@@ -80,6 +80,26 @@ class _strict:
 
 
 # --------------------------------------------------------------------------------------------------- grad / vjp
+def _vjp_matches_reference(backend, make_f, primals, cotangents):
+    """``torch.func.vjp`` of ``make_f(backend)`` runs the backend's kernels and gives the reference's outputs
+    and vector-Jacobian product (``make_f(name)``: the function on that backend)."""
+    results = []
+    for be in (backend, "reference"):
+        with _strict(be):
+            out, vjp_fn = torch.func.vjp(make_f(be), *primals)
+            results.append((out if isinstance(out, tuple) else (out,)) + vjp_fn(cotangents))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def _grad_matches_reference(backend, f, *args, argnums=0):
+    """``torch.func.grad(f)(*args, backend)`` runs the backend's kernels and equals the reference's gradient."""
+    with _strict(backend):
+        got = torch.func.grad(f, argnums=argnums)(*args, backend)
+    want = torch.func.grad(f, argnums=argnums)(*args, "reference")
+    torch.testing.assert_close(got, want, **TOL)
+
+
 @pytest.mark.parametrize("backend,device", GRAD_BACKENDS)
 def test_grad_q_sample(backend, device):
     t, (x, z, w) = _data(device)
@@ -87,23 +107,13 @@ def test_grad_q_sample(backend, device):
     def f(x, z, backend):
         return (dk.q_sample(x, t, z, S, backend=backend) * w).sum()
 
-    with _strict(backend):
-        got = torch.func.grad(f, argnums=(0, 1))(x, z, backend)
-    want = torch.func.grad(f, argnums=(0, 1))(x, z, "reference")
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, **TOL)
+    _grad_matches_reference(backend, f, x, z, argnums=(0, 1))
 
 
 @pytest.mark.parametrize("backend,device", GRAD_BACKENDS)
 def test_vjp_q_sample(backend, device):
     t, (x, z, cot) = _data(device)
-    results = []
-    for be in (backend, "reference"):
-        with _strict(be):
-            out, vjp_fn = torch.func.vjp(lambda x, z: dk.q_sample(x, t, z, S, backend=be), x, z)
-            results.append((out,) + vjp_fn(cot))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, **TOL)
+    _vjp_matches_reference(backend, lambda be: lambda x, z: dk.q_sample(x, t, z, S, backend=be), (x, z), cot)
 
 
 @pytest.mark.parametrize("backend,device", GRAD_BACKENDS)
@@ -117,42 +127,27 @@ def test_grad_of_grad_q_sample(backend, device):
     def outer(x, backend):
         return (inner(x, backend) * w).sum()
 
-    with _strict(backend):
-        got = torch.func.grad(outer)(x, backend)
-    torch.testing.assert_close(got, torch.func.grad(outer)(x, "reference"), **TOL)
+    _grad_matches_reference(backend, outer, x)
 
 
 @pytest.mark.parametrize("backend,device", GRAD_BACKENDS)
 @pytest.mark.parametrize("parameterization", PARAMS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_grad_diffusion_loss(backend, device, parameterization, loss_type):
+@pytest.mark.parametrize("transform", ["grad", "vjp"])
+def test_grad_and_vjp_diffusion_loss(backend, device, parameterization, loss_type, transform):
     t, (mo, x, z) = _data(device)
+    if transform == "grad":
+        def f(mo, backend):
+            loss, simple, vlb = dk.diffusion_loss(mo, x, z, t, S, parameterization, loss_type, 0.8, 0.25,
+                                                  backend=backend)
+            return 2 * loss + 0.5 * simple + vlb  # every output's gradient reaches the kernel
 
-    def f(mo, backend):
-        loss, simple, vlb = dk.diffusion_loss(mo, x, z, t, S, parameterization, loss_type, 0.8, 0.25,
-                                              backend=backend)
-        return 2 * loss + 0.5 * simple + vlb  # every output's gradient reaches the kernel
-
-    with _strict(backend):
-        got = torch.func.grad(f)(mo, backend)
-    torch.testing.assert_close(got, torch.func.grad(f)(mo, "reference"), **TOL)
-
-
-@pytest.mark.parametrize("backend,device", GRAD_BACKENDS)
-@pytest.mark.parametrize("parameterization", PARAMS)
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_vjp_diffusion_loss(backend, device, parameterization, loss_type):
-    t, (mo, x, z) = _data(device)
+        _grad_matches_reference(backend, f, mo)
+        return
     cot = tuple(torch.tensor(v, device=device) for v in (1.5, -0.5, 0.0))
-    results = []
-    for be in (backend, "reference"):
-        with _strict(be):
-            out, vjp_fn = torch.func.vjp(
-                lambda m: dk.diffusion_loss(m, x, z, t, S, parameterization, loss_type, 1.0, 0.5, backend=be), mo
-            )
-            results.append(out + vjp_fn(cot))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, **TOL)
+    _vjp_matches_reference(
+        backend, lambda be: lambda m: dk.diffusion_loss(m, x, z, t, S, parameterization, loss_type, 1.0, 0.5,
+                                                        backend=be), (mo,), cot)
 
 
 # --------------------------------------------------------------------------------------------------------- vmap

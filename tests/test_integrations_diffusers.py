@@ -1,5 +1,6 @@
 """FusedDDPMScheduler / FusedDDIMScheduler against the stock diffusers schedulers they replace."""
 
+import inspect
 import warnings
 
 import numpy as np
@@ -12,7 +13,9 @@ import ddpm_kernels as dk  # noqa: E402
 from ddpm_kernels import ops  # noqa: E402
 from ddpm_kernels.integrations.diffusers import ddpm as dkd  # noqa: E402  (the module whose globals tests patch)
 from ddpm_kernels.integrations.diffusers import FusedDDIMScheduler, FusedDDPMScheduler  # noqa: E402
-from helpers import sync_guard  # noqa: E402
+from helpers import (  # noqa: E402
+    GENERATOR_FORMS, check_same_as_stock, generator_form, generator_state, sync_guard, warned_stock_path,
+)
 
 PREDICTIONS = ["epsilon", "sample", "v_prediction"]
 SPACINGS = ["leading", "linspace", "trailing"]
@@ -45,23 +48,7 @@ def assert_matches_stock(got, expected, exact, what):
 def assert_same_as_stock(call, stock, fused, warns=True):
     """``call(scheduler)`` gives the stock scheduler's result (NaN where it has NaN) or raises its error (same
     type and message); the fused scheduler warns that the stock code path took the call."""
-    def outcome(s):
-        try:
-            return call(s), None
-        except Exception as e:  # noqa: BLE001  (whatever the stock step raises)
-            return None, e
-
-    expected, stock_error = outcome(stock)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got, fused_error = outcome(fused)
-    if warns:
-        assert any("stock" in str(w.message) and issubclass(w.category, RuntimeWarning) for w in caught), caught
-    if stock_error is not None:
-        assert type(fused_error) is type(stock_error) and str(fused_error) == str(stock_error), (fused_error, stock_error)
-    else:
-        assert fused_error is None, fused_error
-        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    check_same_as_stock(call, stock, fused, check_warnings=warned_stock_path if warns else None)
 
 
 def run_steps(stock, fused, step_kwargs=None, variance_type="fixed_small", seed=0, steps=None):
@@ -263,6 +250,11 @@ def test_one_step_schedule():
         assert fused._dk_schedule(torch.device("cpu")).sampling_only
 
 
+def _arguments(fn, args, kwargs) -> dict:
+    """A call's arguments by name, however it passed them."""
+    return inspect.signature(fn).bind(*args, **kwargs).arguments
+
+
 def test_variance_type_other_is_fixed_small_as_in_stock():
     """The stock _get_variance computes a variance type it does not name as fixed_small; so does the fused step
     (fused, one warning), with the same noise draws."""
@@ -275,7 +267,7 @@ def test_variance_type_other_is_fixed_small_as_in_stock():
     calls = []
     real = ops.ddpm_step
     try:
-        ops.ddpm_step = lambda *a, **k: calls.append(a[6]) or real(*a, **k)
+        ops.ddpm_step = lambda *a, **k: calls.append(_arguments(real, a, k)["variance_type"]) or real(*a, **k)
         fused.step(torch.randn(SHAPE), fused.timesteps[0], torch.randn(SHAPE))
     finally:
         ops.ddpm_step = real
@@ -663,7 +655,12 @@ def test_in_kernel_noise_hands_the_generator_to_the_op(monkeypatch):
     fused.set_timesteps(10)
     seen = {}
     real = ops.ddpm_step
-    monkeypatch.setattr(ops, "ddpm_step", lambda *a, **k: seen.update(noise=a[8], generator=a[9]) or real(*a, **k))
+    def spy(*a, **k):
+        arguments = _arguments(real, a, k)
+        seen.update(noise=arguments["noise"], generator=arguments["generator"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(ops, "ddpm_step", spy)
     g = torch.Generator().manual_seed(0)
     fused.step(torch.randn(SHAPE), fused.timesteps[0], torch.randn(SHAPE), generator=g)
     assert seen["noise"] is not None and seen["generator"] is None
@@ -681,29 +678,17 @@ def test_no_noise_drawn_at_t0_for_host_timesteps():
     assert torch.equal(gs.get_state(), gf.get_state())
 
 
-@pytest.mark.parametrize("generator", ["none", "one", "list_of_one", "per_sample"])
+@pytest.mark.parametrize("generator", GENERATOR_FORMS)
 def test_noise_draw_equals_randn_tensor(generator):
     """The step's draw is diffusers' randn_tensor: same numbers, same generator (or global RNG) state after."""
-    def make():
-        if generator == "none":
-            torch.manual_seed(7)
-            return None
-        gs = [torch.Generator().manual_seed(7 + i) for i in range(SHAPE[0])]
-        return {"one": gs[0], "list_of_one": gs[:1], "per_sample": gs}[generator]
-
-    def state(g):
-        if g is None:
-            return [torch.get_rng_state()]
-        return [x.get_state() for x in (g if isinstance(g, list) else [g])]
-
     for dtype in (torch.float32, torch.float16):
-        g1 = make()
+        g1 = generator_form(generator, SHAPE[0])
         expected = diffusers.utils.torch_utils.randn_tensor(SHAPE, generator=g1, device=torch.device("cpu"), dtype=dtype)
-        s1 = state(g1)
-        g2 = make()
+        s1 = generator_state(g1)
+        g2 = generator_form(generator, SHAPE[0])
         got = dkd._randn(torch.Size(SHAPE), g2, torch.device("cpu"), dtype)
         assert torch.equal(got, expected) and got.dtype == dtype
-        assert all(torch.equal(a, b) for a, b in zip(state(g2), s1))
+        assert all(torch.equal(a, b) for a, b in zip(generator_state(g2), s1))
 
 
 def test_step_output_is_the_stock_output():

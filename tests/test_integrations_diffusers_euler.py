@@ -18,8 +18,7 @@ from ddpm_kernels.integrations.diffusers import (  # noqa: E402
     FusedEulerAncestralDiscreteScheduler,
     FusedEulerDiscreteScheduler,
 )
-from ddpm_kernels.integrations.diffusers import _common  # noqa: E402  (whose on_host tests replace)
-from helpers import sync_guard  # noqa: E402
+from helpers import check_same_as_stock, fail_on_sync, warned_stock_path  # noqa: E402,F401  (fail_on_sync: a fixture)
 
 try:
     import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
@@ -128,14 +127,9 @@ def test_euler_loop_equals_stock(name, churn):
     assert_same_loop(stock, fused, step_kwargs=CHURN[churn])
 
 
-ANCESTRAL_CONFIGS = {
-    "eps-linspace": {},
-    "eps-leading": dict(timestep_spacing="leading", steps_offset=1),
-    "eps-trailing": dict(timestep_spacing="trailing"),
-    "v-linspace": dict(prediction_type="v_prediction"),
-    "v-trailing-zero-snr": dict(prediction_type="v_prediction", timestep_spacing="trailing",
-                                rescale_betas_zero_snr=True),
-}
+# the spacings and predictions of the Euler matrix (the ancestral step has no sigma-schedule options of its own)
+ANCESTRAL_CONFIGS = {name: EULER_CONFIGS[name] for name in
+                     ("eps-linspace", "eps-leading", "eps-trailing", "v-linspace", "v-trailing-zero-snr")}
 
 
 @pytest.mark.parametrize("name", list(ANCESTRAL_CONFIGS))
@@ -302,24 +296,11 @@ def test_in_kernel_noise_hands_the_generator_to_the_op(classes, monkeypatch):
 def assert_same_as_stock(call, stock, fused, warns=True):
     """``call(scheduler)`` gives the stock result or raises the stock error; the fused scheduler warns that the
     stock code path took the call."""
-    def outcome(s):
-        try:
-            return call(s), None
-        except Exception as e:  # noqa: BLE001  (whatever the stock step raises)
-            return None, e
+    def compare(got, expected):
+        for g, e in zip(got, expected):
+            assert_close_fp32(g, e)
 
-    expected, stock_error = outcome(stock)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got, fused_error = outcome(fused)
-    if warns:
-        assert any("stock" in str(w.message) and issubclass(w.category, RuntimeWarning) for w in caught), caught
-    if stock_error is not None:
-        assert type(fused_error) is type(stock_error) and str(fused_error) == str(stock_error)
-        return
-    assert fused_error is None, fused_error
-    for g, e in zip(got, expected):
-        assert_close_fp32(g, e)
+    check_same_as_stock(call, stock, fused, compare, warned_stock_path if warns else None)
 
 
 X = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
@@ -384,15 +365,6 @@ def test_timesteps_replaced_after_set_timesteps():
 
 
 # ------------------------------------------------------------------------------------------- no host sync
-@pytest.fixture
-def fail_on_sync(monkeypatch):
-    """Make every value-reading Tensor method raise, as a device tensor read would sync, and treat CPU tensors
-    as device tensors. The one exception is ddpm_kernels' step-index range check, which runs on CPU tensors
-    only (where it is free) and is skipped for device tensors."""
-    monkeypatch.setattr(_common, "on_host", lambda tensor: False)
-    return sync_guard(monkeypatch, {"_check_step_index"})
-
-
 def test_step_and_scale_model_input_have_no_host_sync(fail_on_sync):
     schedulers = [pair(EULER, SD)[1], pair(EULER, dict(SD, use_karras_sigmas=True))[1], pair(ANCESTRAL, SD)[1]]
     begin = pair(EULER, SD)[1]

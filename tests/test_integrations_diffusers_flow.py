@@ -20,7 +20,9 @@ import ddpm_kernels  # noqa: E402
 from ddpm_kernels import flow as flow_ops  # noqa: E402
 from ddpm_kernels.integrations.diffusers import FusedFlowMatchEulerDiscreteScheduler  # noqa: E402
 from ddpm_kernels.integrations.diffusers import _common  # noqa: E402  (whose on_host tests replace)
-from helpers import sync_guard  # noqa: E402
+from helpers import (  # noqa: E402
+    GENERATOR_FORMS, check_same_as_stock, fail_on_sync, generator_form, generator_state,  # noqa: F401  (a fixture)
+)
 
 try:
     import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
@@ -286,25 +288,15 @@ def test_full_chain_same_images_and_generator_state(name):
     assert torch.equal(results[0][1], results[1][1]) and results[0][2] == results[1][2]
 
 
-@pytest.mark.parametrize("generator", ["none", "one", "list_of_one", "per_sample"])
+@pytest.mark.parametrize("generator", GENERATOR_FORMS)
 def test_stochastic_noise_is_the_stock_draw(generator):
     """Same images and the same generator (or global RNG) state, for every generator form randn_tensor takes."""
-    def make():
-        if generator == "none":
-            torch.manual_seed(7)
-            return None
-        gs = [torch.Generator().manual_seed(7 + i) for i in range(SHAPE[0])]
-        return {"one": gs[0], "list_of_one": gs[:1], "per_sample": gs}[generator]
-
-    def state(g):
-        return [torch.get_rng_state()] if g is None else [x.get_state() for x in (g if isinstance(g, list) else [g])]
-
     stock, fused = pair(dict(stochastic_sampling=True), dict(num_inference_steps=4))
     x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
     outs = []
     for s in (stock, fused):
-        g = make()
-        outs.append((s.step(mo, s.timesteps[1], x, generator=g).prev_sample, state(g)))
+        g = generator_form(generator, SHAPE[0])
+        outs.append((s.step(mo, s.timesteps[1], x, generator=g).prev_sample, generator_state(g)))
     assert_close_fp32(outs[1][0], outs[0][0])
     assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
 
@@ -553,23 +545,11 @@ def test_fp32_step_matches_fp64_to_rounding():
 def assert_same_as_stock(call, stock, fused, warns=True):
     """``call(scheduler)`` gives the stock result (NaN where it has NaN) or raises its error (same type and
     message); the fused scheduler warns once that the stock code path took the call."""
-    def outcome(s):
-        try:
-            return call(s), None
-        except Exception as e:  # noqa: BLE001
-            return None, e
+    def check_warnings(caught):
+        ours = [w for w in caught if "stock FlowMatchEulerDiscreteScheduler code path" in str(w.message)]
+        assert len(ours) == (1 if warns else 0), [str(w.message) for w in caught]
 
-    expected, stock_error = outcome(stock)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got, fused_error = outcome(fused)
-    ours = [w for w in caught if "stock FlowMatchEulerDiscreteScheduler code path" in str(w.message)]
-    assert len(ours) == (1 if warns else 0), [str(w.message) for w in caught]
-    if stock_error is not None:
-        assert type(fused_error) is type(stock_error) and str(fused_error) == str(stock_error), (fused_error, stock_error)
-    else:
-        assert fused_error is None, fused_error
-        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    check_same_as_stock(call, stock, fused, check_warnings=check_warnings)
 
 
 X, MO = torch.randn(SHAPE), torch.randn(SHAPE)
@@ -644,15 +624,6 @@ def test_timesteps_replaced_after_set_timesteps():
 
 
 # ------------------------------------------------------------------------------------------- no host sync
-@pytest.fixture
-def fail_on_sync(monkeypatch):
-    """Make every value-reading Tensor method raise, as a device tensor read would sync, and treat CPU tensors
-    as device tensors. The one exception is ddpm_kernels' step-index range check, which runs on CPU tensors
-    only (where it is free) and is skipped for device tensors."""
-    monkeypatch.setattr(_common, "on_host", lambda tensor: False)
-    return sync_guard(monkeypatch, {"_check_step_index"})
-
-
 @pytest.mark.parametrize("in_kernel_noise", [False, True])
 def test_step_and_scale_noise_have_no_host_sync(fail_on_sync, in_kernel_noise):
     schedulers = [FusedFlowMatchEulerDiscreteScheduler(stochastic_sampling=stochastic, shift=3.0)

@@ -26,7 +26,8 @@ import ddpm_kernels as dk
 import helpers
 from ddpm_kernels import reference as R
 from ddpm_kernels._spec import StepOptions
-from helpers import DTYPES, capture_cuda_graph, cuda_kernel_names, ddim_step_ref, ddpm_step_ref, triton_device
+from helpers import (DTYPES, capture_cuda_graph, ddim_step_ref, ddpm_step_ref, kernels_launched_without_sync,
+                     triton_device)
 from sampler_cases import PARAMETERIZATIONS, T, SamplerStepCases, learned_output, make_steps, replay_new_steps
 
 DEVICE = triton_device()
@@ -260,12 +261,7 @@ def test_one_launch_per_step_and_generator_state(schedule):
         lambda: dk.ddpm_step(x_t, t, t_prev, wide, schedule, "v", "learned", backend="triton"),
     ]
     for call in calls:
-        call()  # compile outside the profile
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            kernels = cuda_kernel_names(call)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        kernels = kernels_launched_without_sync(call)
         assert len(kernels) == 1 and "step_kernel" in kernels[0], kernels
     gen = torch.Generator("cuda").manual_seed(21)
     a = dk.ddpm_step(x_t, t, t_prev, model_output, schedule, generator=gen, backend="triton")

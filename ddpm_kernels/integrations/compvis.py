@@ -149,47 +149,38 @@ def _as(model_out, x):
 
 
 # ---------------------------------------------------------------------------------------------- fused methods
-def _q_sample(self, x_start, t, noise=None):
+def _fused(self, name, t, tensors, args):
+    """ldm's ``name(*args)`` as the fused op ``ops.<name>(*args, schedule)`` when it takes ``t`` and ``tensors``
+    as they are (`_fusable`), else ldm's own method."""
     st = _state(self)
+    if not _fusable(t, *tensors):
+        return st.originals[name](*args)
+    return getattr(ops, name)(*args, st.schedule(self), backend=st.backend)
+
+
+def _q_sample(self, x_start, t, noise=None):
     noise = torch.randn_like(x_start) if noise is None else noise
-    if not _fusable(t, x_start, noise):
-        return st.originals["q_sample"](x_start, t, noise)
-    return ops.q_sample(x_start, t, noise, st.schedule(self), backend=st.backend)
+    return _fused(self, "q_sample", t, (x_start, noise), (x_start, t, noise))
 
 
 def _predict_start_from_noise(self, x_t, t, noise):
-    st = _state(self)
-    if not _fusable(t, x_t, noise):
-        return st.originals["predict_start_from_noise"](x_t, t, noise)
-    return ops.predict_start_from_noise(x_t, t, noise, st.schedule(self), backend=st.backend)
+    return _fused(self, "predict_start_from_noise", t, (x_t, noise), (x_t, t, noise))
 
 
 def _q_posterior(self, x_start, x_t, t):
-    st = _state(self)
-    if not _fusable(t, x_t, x_start):
-        return st.originals["q_posterior"](x_start, x_t, t)
-    return ops.q_posterior(x_start, x_t, t, st.schedule(self), backend=st.backend)
+    return _fused(self, "q_posterior", t, (x_t, x_start), (x_start, x_t, t))
 
 
 def _get_v(self, x, noise, t):
-    st = _state(self)
-    if not _fusable(t, x, noise):
-        return st.originals["get_v"](x, noise, t)
-    return ops.get_v(x, noise, t, st.schedule(self), backend=st.backend)
+    return _fused(self, "get_v", t, (x, noise), (x, noise, t))
 
 
 def _predict_start_from_z_and_v(self, x_t, t, v):
-    st = _state(self)
-    if not _fusable(t, x_t, v):
-        return st.originals["predict_start_from_z_and_v"](x_t, t, v)
-    return ops.predict_start_from_z_and_v(x_t, t, v, st.schedule(self), backend=st.backend)
+    return _fused(self, "predict_start_from_z_and_v", t, (x_t, v), (x_t, t, v))
 
 
 def _predict_eps_from_z_and_v(self, x_t, t, v):
-    st = _state(self)
-    if not _fusable(t, x_t, v):
-        return st.originals["predict_eps_from_z_and_v"](x_t, t, v)
-    return ops.predict_eps_from_z_and_v(x_t, t, v, st.schedule(self), backend=st.backend)
+    return _fused(self, "predict_eps_from_z_and_v", t, (x_t, v), (x_t, t, v))
 
 
 def _x0(self, st, x, t, model_out, clip_denoised):

@@ -62,10 +62,11 @@ import triton
 import triton.language as tl
 
 from .._layout import dense_format, in_format
-from .guidance import block_split, guidance_stats, rescale_factor, stats_layout
+from .guidance import block_split, guidance_stats, guided_prediction, stats_layout
 from .utils import (
     sample_partial_sums,
     as_rows,
+    call_op,
     custom_op_with_out,
     device_of,
     div_rn,
@@ -76,13 +77,16 @@ from .utils import (
     like_dense,
     load_or_draw_noise,
     load_tile,
-    noise_key,
+    loss_term_grad,
+    loss_terms,
     noise_operands,
     PARAMETERIZATION_ID,
     sample_tile,
     split_float,
     split_float3,
     sqrt_rn,
+    step_noise,
+    store_partial_sum,
     store_tile,
     zero_key,
 )
@@ -305,10 +309,8 @@ def flow_step_kernel(
         s_next = sigma_at(sigma_next_ptr, sample, offs_in_sample, mask, period_next, repeat_next,
                           SIGMA_NEXT_PER_TOKEN)
     if GUIDED:
-        w = tl.load(guidance_ptr + sample)
-        v = u + w * (v - u)
-        if RESCALE:
-            v = v * rescale_factor(stats_ptr, sample, n_splits, chunk, N, rescale_hi, rescale_lo, cd, BLOCK_SPLIT)
+        v = guided_prediction(v, u, guidance_ptr, stats_ptr, sample, n_splits, chunk, N, rescale_hi, rescale_lo, cd,
+                              RESCALE, BLOCK_SPLIT)
     s_hat, c_churn, c_derivative, c_noise = step_coefficients(
         s, s_next, exact_scalar(churn_hi, churn_mid, churn_lo, cd), exact_scalar(s_tmin_hi, s_tmin_mid, s_tmin_lo, cd),
         exact_scalar(s_tmax_hi, s_tmax_mid, s_tmax_lo, cd), SAMPLER,
@@ -355,16 +357,11 @@ def flow_loss_kernel(
     model_output = load_tile(model_output_ptr, offs, mask, cd)
     noise = load_tile(noise_ptr, offs, mask, cd)
     x0 = load_tile(x0_ptr, offs, mask, cd)
-    err = model_output - (noise - x0)
-    if LOSS_L1:
-        per_element = tl.abs(err)
-    else:
-        per_element = err * err
+    per_element = loss_terms(model_output - (noise - x0), LOSS_L1)
     if WEIGHTING != 0:
         s = sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, SIGMA_PER_TOKEN)
         per_element = flow_weight(s, two_over_pi_hi, two_over_pi_lo, WEIGHTING) * per_element
-    per_element = tl.where(mask, per_element, 0.0)
-    tl.store(partial_ptr + sample.to(tl.int64) * n_tiles + tl.program_id(0), tl.sum(per_element, axis=0))
+    store_partial_sum(partial_ptr, per_element, mask, sample, n_tiles)
 
 
 @triton.jit
@@ -420,12 +417,7 @@ def flow_loss_backward_kernel(
     x0 = load_tile(x0_ptr, offs, mask, cd)
     # the two means' 1 / (B N), with the incoming gradient read from device memory (no host sync)
     grad_scale = div_rn(tl.load(grad_loss_ptr).to(cd), tl.cast(B, cd) * tl.cast(N, cd))
-    err = model_output - (noise - x0)
-    if LOSS_L1:
-        # torch's abs backward: sign(err), 0 at 0
-        d_err = tl.where(err > 0, 1.0, tl.where(err < 0, -1.0, 0.0)).to(cd)
-    else:
-        d_err = 2.0 * err
+    d_err = loss_term_grad(model_output - (noise - x0), cd, LOSS_L1)
     if WEIGHTING != 0:
         s = sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, SIGMA_PER_TOKEN)
         grad_scale = grad_scale * flow_weight(s, two_over_pi_hi, two_over_pi_lo, WEIGHTING)
@@ -507,13 +499,7 @@ flow_interpolate_op.register_autograd(_interpolate_backward, setup_context=_inte
 def flow_interpolate(x0, noise, sigma, out=None):
     """Backend entry with ``reference.flow_interpolate_ref``'s signature (``sigma`` a ``SigmaOperand``)."""
     args = (x0, noise, sigma.flat.detach(), sigma.period, sigma.repeat)
-    if out is None:
-        return flow_interpolate_op(*args)
-    if torch.is_grad_enabled() and (x0.requires_grad or noise.requires_grad):
-        # the in-place op has no autograd; keep the result differentiable as the reference does
-        return out.copy_(flow_interpolate_op(*args))
-    flow_interpolate_out_op(*args, out)
-    return out
+    return call_op(flow_interpolate_op, flow_interpolate_out_op, args, out, differentiable=(x0, noise))
 
 
 # ------------------------------------------------------------------------------------------------ flow_step
@@ -623,20 +609,13 @@ def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma,
     else:
         sigma_args = (sigma.flat.detach(), sigma_next.flat.detach(), None, sigma.period, sigma.repeat,
                       sigma_next.period, sigma_next.repeat)
-    if opts.stochastic:
-        seed, philox_seed, philox_offset = noise_key(generator, sample, noise)
-    else:
-        noise, seed, philox_seed, philox_offset = None, None, 0, 0  # nothing read or drawn
+    noise_args = step_noise(opts.stochastic, generator, sample, noise)
     guided = opts.guided
     args = (
         sample, model_output, uncond if guided else None, guidance if guided else None, *sigma_args,
-        opts.stochastic, float(opts.guidance_rescale) if guided else 0.0, noise, seed, philox_seed, philox_offset,
-        sample_offset,
+        opts.stochastic, float(opts.guidance_rescale) if guided else 0.0, *noise_args, sample_offset,
     )
-    if out is None:
-        return flow_step_op(*args)
-    flow_step_out_op(*args, out)
-    return out
+    return call_op(flow_step_op, flow_step_out_op, args, out)
 
 
 # ----------------------------------------------------------------------------------- euler_step (sigma table)
@@ -715,22 +694,14 @@ def euler_step(sample, model_output, uncond, guidance, sigmas, step_index, opts,
     churn = 0.0
     if opts.sampler == "euler":
         churn = min(opts.s_churn / (sigmas.shape[0] - 1), 2 ** 0.5 - 1)
-    if opts.adds_noise:
-        seed, philox_seed, philox_offset = noise_key(generator, sample, noise)
-    else:
-        noise, seed, philox_seed, philox_offset = None, None, 0, 0
     guided = opts.guided
     args = (
         sample, model_output, uncond if guided else None, guidance if guided else None, sigmas, step_index,
         SAMPLER_ID[opts.sampler], PARAMETERIZATION_ID[opts.parameterization], float(churn), float(opts.s_tmin),
         float(opts.s_tmax), float(opts.s_noise), float(opts.guidance_rescale) if guided else 0.0,
-        bool(opts.return_pred_x0), noise, seed, philox_seed, philox_offset, sample_offset,
+        bool(opts.return_pred_x0), *step_noise(opts.adds_noise, generator, sample, noise), sample_offset,
     )
-    if out is None:
-        result, x0 = euler_step_op(*args)
-    else:
-        x0 = euler_step_out_op(*args, out)
-        result = out
+    result, x0 = call_op(euler_step_op, euler_step_out_op, args, out)
     return (result, x0) if opts.return_pred_x0 else result
 
 

@@ -86,6 +86,17 @@ def rescale_factor(stats_ptr, sample, n_splits, chunk, N, rescale_hi, rescale_lo
 
 
 @triton.jit
+def guided_prediction(c, u, guidance_ptr, stats_ptr, sample, n_splits, chunk, N, rescale_hi, rescale_lo,
+                      cd: tl.constexpr, RESCALE: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    """The guided model output ``u + w[sample] (c - u)``, times the sample's ``rescale_factor`` (``RESCALE``)."""
+    w = tl.load(guidance_ptr + sample)
+    g = u + w * (c - u)
+    if RESCALE:
+        g = g * rescale_factor(stats_ptr, sample, n_splits, chunk, N, rescale_hi, rescale_lo, cd, BLOCK_SPLIT)
+    return g
+
+
+@triton.jit
 def guidance_stats_kernel(
     model_output_ptr,
     uncond_ptr,

@@ -32,8 +32,11 @@ from .utils import (
     launch_config,
     launch_per_sample,
     load_tile,
+    loss_term_grad,
+    loss_terms,
     sample_tile,
     split_float,
+    store_partial_sum,
     store_tile,
 )
 
@@ -76,13 +79,7 @@ def diffusion_loss_kernel(
     model_output = load_tile(model_output_ptr, offs, mask, cd)
     t = tl.load(t_ptr + sample)
     target = _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION, cd)
-    diff = model_output - target
-    if LOSS_L1:
-        per_element = tl.abs(diff)
-    else:
-        per_element = diff * diff
-    per_element = tl.where(mask, per_element, 0.0)
-    tl.store(partial_ptr + sample.to(tl.int64) * n_tiles + tl.program_id(0), tl.sum(per_element, axis=0))
+    store_partial_sum(partial_ptr, loss_terms(model_output - target, LOSS_L1), mask, sample, n_tiles)
 
 
 @triton.jit
@@ -176,13 +173,7 @@ def diffusion_loss_backward_kernel(
         tl.cast(B, cd) * tl.cast(N, cd),
     )
     target = _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION, cd)
-    diff = model_output - target
-    if LOSS_L1:
-        # torch's abs backward: sign(diff), 0 at 0.
-        d_per_element = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)).to(cd)
-    else:
-        d_per_element = 2.0 * diff
-    grad_model_output = grad_per_sample * d_per_element
+    grad_model_output = grad_per_sample * loss_term_grad(model_output - target, cd, LOSS_L1)
     store_tile(grad_model_output_ptr, offs, grad_model_output, mask)
     grad_target = -grad_model_output
     if PARAMETERIZATION == 0:

@@ -32,6 +32,7 @@ from .utils import (
     ROW_SQRT_RECIP_ALPHAS_CUMPROD,
     ROW_SQRT_RECIPM1_ALPHAS_CUMPROD,
     as_rows,
+    call_op,
     custom_op_with_out,
     div_rn,
     empty_dense,
@@ -230,14 +231,7 @@ def q_sample(x_start, t, noise, schedule, out=None):
     """Backend entry with ``reference.q_sample_ref``'s signature (``out=`` included)."""
     op, out_op = _REGISTERED["q_sample"]
     table = schedule.table(x_start.dtype)
-    if out is None:
-        return op(x_start, t, noise, table)
-    if torch.is_grad_enabled() and (x_start.requires_grad or noise.requires_grad):
-        # The in-place op has no autograd; keep the result differentiable as the reference does (out then
-        # carries a copy's grad_fn), at the cost of one extra pass in this rare case.
-        return out.copy_(op(x_start, t, noise, table))
-    out_op(x_start, t, noise, table, out)
-    return out
+    return call_op(op, out_op, (x_start, t, noise, table), out, differentiable=(x_start, noise))
 
 
 ENTRIES = {name: _entry(name, op) for name, (op, _) in _REGISTERED.items()}

@@ -39,6 +39,7 @@ from .utils import (
     ROW_POSTERIOR_MEAN_COEF1,
     ROW_POSTERIOR_MEAN_COEF2,
     as_rows,
+    call_op,
     clamp_symmetric,
     custom_op_with_out,
     empty_dense,
@@ -270,7 +271,4 @@ def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, no
         x_t, t, model_output, table, PARAMETERIZATION_ID[parameterization], clip_denoised,
         noise, seed, philox_seed, philox_offset, sample_offset,
     )
-    if out is None:
-        return p_sample_op(*args)
-    p_sample_out_op(*args, out)
-    return out
+    return call_op(p_sample_op, p_sample_out_op, args, out)

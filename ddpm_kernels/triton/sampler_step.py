@@ -75,12 +75,13 @@ import triton.language as tl
 
 from .._layout import CONTIGUOUS, dense_format
 from .._spec import StepOptions
-from .guidance import block_split, guidance_stats, rescale_factor, stats_layout
+from .guidance import block_split, guidance_stats, guided_prediction, stats_layout
 from .threshold import apply_threshold, threshold_scale
 from .utils import (
     PARAMETERIZATION_ID,
     ROW,
     as_rows,
+    call_op,
     clamp_symmetric,
     compute_dtype,
     custom_op_with_out,
@@ -90,11 +91,11 @@ from .utils import (
     like_dense,
     load_or_draw_noise,
     load_tile,
-    noise_key,
     noise_operands,
     sample_tile,
     split_float,
     sqrt_rn,
+    step_noise,
     store_tile,
 )
 
@@ -323,11 +324,8 @@ def sampler_step_kernel(
         z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample_offset, sample, tile_start,
                                offs, mask, N, cd, HAS_NOISE, BLOCK)
     if GUIDED:
-        w = tl.load(guidance_ptr + sample)
-        model_output = uncond + w * (model_output - uncond)
-        if RESCALE:
-            model_output = model_output * rescale_factor(stats_ptr, sample, n_splits, chunk, N, rescale_hi,
-                                                         rescale_lo, cd, BLOCK_SPLIT)
+        model_output = guided_prediction(model_output, uncond, guidance_ptr, stats_ptr, sample, n_splits, chunk, N,
+                                         rescale_hi, rescale_lo, cd, RESCALE, BLOCK_SPLIT)
     t = tl.load(t_ptr + sample)
     t_prev = tl.load(t_prev_ptr + sample)
     ab_t, ab_prev, one_minus_ab_t, one_minus_ab_prev, ab_diff = gather_step_alphas(
@@ -569,19 +567,10 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
     if opts.thresholded and x_t.numel() > 0:
         x0 = sampler_step_x0_op(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, *guide)
         scale = threshold_scale(x0, opts.threshold_ratio, opts.threshold_max)
-    seed, philox_seed, philox_offset = None, 0, 0
-    if not opts.adds_noise:
-        noise = None  # no noise term: nothing read or drawn
-    else:
-        seed, philox_seed, philox_offset = noise_key(generator, x_t, noise)
     args = (
         x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta, opts.clip_denoised,
-        float(opts.clip_range), set_alpha_to_one, use_clipped_model_output, opts.adds_noise, noise, seed,
-        philox_seed, philox_offset, sample_offset, opts.return_pred_x0, scale, *guide,
+        float(opts.clip_range), set_alpha_to_one, use_clipped_model_output, opts.adds_noise,
+        *step_noise(opts.adds_noise, generator, x_t, noise), sample_offset, opts.return_pred_x0, scale, *guide,
     )
-    if out is None:
-        x_prev, x0 = sampler_step_op(*args)
-    else:
-        x0 = sampler_step_out_op(*args, out)
-        x_prev = out
+    x_prev, x0 = call_op(sampler_step_op, sampler_step_out_op, args, out)
     return (x_prev, x0) if opts.return_pred_x0 else x_prev

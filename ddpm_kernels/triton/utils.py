@@ -289,6 +289,28 @@ def noise_key(generator, x: torch.Tensor, noise=None):
     return None, key, offset
 
 
+def step_noise(adds_noise: bool, generator, x: torch.Tensor, noise=None):
+    """``(noise, key tensor or None, key, offset)`` of a step on ``x``: `noise_key`'s draw when the step has a
+    noise term, else nothing read or drawn (``(None, None, 0, 0)``)."""
+    if not adds_noise:
+        return None, None, 0, 0
+    return (noise, *noise_key(generator, x, noise))
+
+
+def call_op(op, out_op, args: tuple, out=None, differentiable=()):
+    """A backend entry's call of a ``custom_op_with_out`` pair: ``op(*args)``, or ``out_op(*args, out)``
+    writing the first result into ``out``, then ``out`` in its place (followed by what ``out_op`` returns, if
+    anything). The out op has no autograd: when one of the tensors ``differentiable`` requires grad (and grad
+    mode is on), ``op``'s result is copied into ``out`` instead, so ``out`` stays differentiable as the
+    reference's does (one extra pass, in this rare case)."""
+    if out is None:
+        return op(*args)
+    if differentiable and torch.is_grad_enabled() and any(x.requires_grad for x in differentiable):
+        return out.copy_(op(*args))
+    rest = out_op(*args, out)
+    return out if rest is None else (out, rest)
+
+
 def split_float(value: float) -> Tuple[float, float]:
     """``value`` as two float32s whose float64 sum is ``value`` to ~48 bits.
 
@@ -332,6 +354,34 @@ def extract_rows(table: torch.Tensor, names, t: torch.Tensor, ndim: int):
     cols = torch.where((t >= 0) & (t < T), cols, torch.full_like(cols, float("nan")))
     shape = (t.shape[0],) + (1,) * (ndim - 1)
     return tuple(cols[ROW[name]].reshape(shape).clone() for name in names)
+
+
+@triton.jit
+def loss_terms(err, LOSS_L1: tl.constexpr):
+    """Each element's loss of the error ``err``: ``|err|`` (``LOSS_L1``) or ``err^2``."""
+    if LOSS_L1:
+        per_element = tl.abs(err)
+    else:
+        per_element = err * err
+    return per_element
+
+
+@triton.jit
+def loss_term_grad(err, cd: tl.constexpr, LOSS_L1: tl.constexpr):
+    """``d loss_terms / d err``: torch's abs backward, sign(err) with 0 at 0 (``LOSS_L1``), or ``2 err``."""
+    if LOSS_L1:
+        d_err = tl.where(err > 0, 1.0, tl.where(err < 0, -1.0, 0.0)).to(cd)
+    else:
+        d_err = 2.0 * err
+    return d_err
+
+
+@triton.jit
+def store_partial_sum(partial_ptr, per_element, mask, sample, n_tiles):
+    """This tile's sum of ``per_element`` where ``mask`` (whatever the lanes outside hold, NaN included) into
+    row-major (B, n_tiles) partial sums (``sample_partial_sums``)."""
+    per_element = tl.where(mask, per_element, 0.0)
+    tl.store(partial_ptr + sample.to(tl.int64) * n_tiles + tl.program_id(0), tl.sum(per_element, axis=0))
 
 
 @triton.jit

@@ -28,16 +28,20 @@ def _device(device) -> torch.device:
     return device
 
 
-def _randn(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """diffusers' ``randn_tensor(shape, generator, device, dtype)``: the same numbers and generator state. Its
-    common case (no generator, or one generator on the tensor's device) is one ``torch.randn`` call, taken here
-    directly to skip the helper's per-call Python."""
+def _randn(shape, generator, device: torch.device, dtype: torch.dtype, as_dtype=None) -> torch.Tensor:
+    """diffusers' ``randn_tensor(shape, generator, device, dtype)``: the same numbers and generator state
+    (then cast to ``as_dtype`` when given, the dtype the fused op takes). Its common case (no generator, or one
+    generator on the tensor's device) is one ``torch.randn`` call, taken here directly to skip the helper's
+    per-call Python."""
+    noise = None
     if device.type in _PLAIN_RANDN_DEVICES and (generator is None or type(generator) is torch.Generator):
         try:
-            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+            noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         except RuntimeError:
             pass  # a generator of another device (refused before drawing): the helper draws where it lives
-    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    if noise is None:
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    return noise if as_dtype is None or noise.dtype == as_dtype else noise.to(as_dtype)
 
 
 def _caller_stacklevel() -> int:
@@ -115,26 +119,37 @@ class _FusedBase:
     def _dk_stock(self, cause: str, message: str) -> None:
         self._dk_warn(cause, f"{message}; this takes the stock {self._stock_name} code path")
 
-    def _dk_inputs_ok(self, model_output, sample, min_ndim: int = 1) -> bool:
-        """Whether the fused step takes these operands (floating tensors of one shape on one device, with at least
-        ``min_ndim`` dims); if not, the one warning that the stock step takes the call."""
-        if (
-            isinstance(model_output, torch.Tensor)
-            and isinstance(sample, torch.Tensor)
-            and model_output.shape == sample.shape
-            and model_output.device == sample.device
-            and model_output.is_floating_point()
-            and sample.is_floating_point()
-            and sample.ndim >= min_ndim
-        ):
-            return True
+    def _dk_inputs_ok(self, model_output, sample, min_ndim: int = 1, expected_shape=None,
+                      expected: str = "the model output of the sample's shape") -> bool:
+        """Whether the fused op takes ``model_output`` and ``sample`` as the stock step would: floating tensors
+        on one device, the sample with at least ``min_ndim`` dims, the model output of shape
+        ``expected_shape(sample)`` (default: the sample's; None: none fits). Else one warning, ``expected`` saying
+        what the step takes, and the stock step runs."""
+        want = None
+        if isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor) and sample.ndim >= min_ndim:
+            want = sample.shape if expected_shape is None else expected_shape(sample)
+            if (
+                model_output.shape == want
+                and model_output.device == sample.device
+                and sample.is_floating_point()
+                and model_output.is_floating_point()
+            ):
+                return True
 
         def shape(x):
             return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
-        self._dk_stock("inputs", f"a model output {shape(model_output)} for a sample {shape(sample)} is not what the "
-                       f"fused step takes (floating tensors of one shape on one device, at least {min_ndim}-D)")
+        self._dk_stock(
+            "inputs",
+            f"a model output {shape(model_output)} for a sample {shape(sample)} is not what the fused step takes "
+            f"(floating tensors on one device, a sample of at least {min_ndim} dims, the model output of shape "
+            f"{None if want is None else tuple(want)}: {expected})",
+        )
         return False
+
+    def _dk_output(self, result: tuple, return_dict: bool):
+        """The stock step's return value: the tuple ``result``, or the output dataclass built from it."""
+        return self._make_output(*result) if return_dict else result
 
     def _dk_kernel_generator(self, generator):
         """``(True, generator for the op)`` when the step noise is to be generated in the kernel (``in_kernel_noise``
@@ -160,11 +175,73 @@ def _host_copy(x):
     return x if on_host(x) else x.detach().cpu()  # a table replaced on a device is read once
 
 
+class SigmaTables:
+    """The schedule of a sigma-table drop-in as the fused calls read it: the ``timesteps`` and ``sigmas`` tensors
+    it was built from (and their versions), host copies of both (the timesteps also as a numpy array), the
+    timesteps' storage base (``root``), why the fused step cannot take the table (``stock``, None when it can)
+    and the per-device copies (``devices``). A drop-in adds its own fields in a subclass."""
+
+    __slots__ = ("timesteps", "t_version", "sigmas", "s_version", "root", "host_timesteps", "host_array",
+                 "host_sigmas", "stock", "devices")
+
+
 class _StepIndex:
-    """The step index of a table-driven drop-in, kept without reading the device: a Python int exactly as the
-    stock scheduler keeps it, mirrored by an int64 (B,) tensor on the sample's device that the fused op reads and
-    that is advanced there after each step. The first index comes from the host copy of the timesteps
-    (``self._dk_tables()``: ``timesteps``, ``root``, ``host_array``, ``host_timesteps``, ``stock``)."""
+    """The sigma table and step index of a table-driven drop-in, kept without reading the device.
+
+    The table (`_dk_tables`) is a `SigmaTables` of ``_dk_table_class``, rebuilt when ``timesteps`` or ``sigmas``
+    is replaced or changed in place; ``_dk_fill_tables`` sets the drop-in's own fields. The step index is a
+    Python int exactly as the stock scheduler keeps it, mirrored by an int64 (B,) tensor on the sample's device
+    that the fused op reads and that is advanced there after each step. The first index comes from the host copy
+    of the timesteps."""
+
+    _dk_table_class = SigmaTables
+
+    def _dk_tables(self) -> SigmaTables:
+        tables = self.__dict__.get("_dk_tables_")
+        ts, sg = self.timesteps, self.sigmas
+        if (
+            tables is None
+            or tables.timesteps is not ts
+            or tables.sigmas is not sg
+            or tables.t_version != getattr(ts, "_version", None)
+            or tables.s_version != getattr(sg, "_version", None)
+        ):
+            tables = self._dk_new_tables(_host_copy(ts), _host_copy(sg))
+        return tables
+
+    def _dk_fused_tables(self) -> Optional[SigmaTables]:
+        """`_dk_tables` when the fused step takes the table, else None after the one warning."""
+        tables = self._dk_tables()
+        if tables.stock is not None:
+            self._dk_stock("table", tables.stock)
+            return None
+        return tables
+
+    def _dk_new_tables(self, host_timesteps, host_sigmas) -> SigmaTables:
+        """The tables of the current ``timesteps`` and ``sigmas`` with these host copies of them: the fused step
+        takes a 1-D float32 sigma table of at least 2 sigmas and 1-D float timesteps."""
+        tables = self._dk_table_class()
+        ts, sg = self.timesteps, self.sigmas
+        tables.timesteps, tables.sigmas = ts, sg
+        tables.t_version, tables.s_version = getattr(ts, "_version", None), getattr(sg, "_version", None)
+        tables.host_timesteps, tables.host_sigmas = host_timesteps, host_sigmas
+        tables.devices = {}
+        tables.stock, tables.root, tables.host_array = None, None, None
+        if not (isinstance(sg, torch.Tensor) and sg.dtype == torch.float32 and sg.ndim == 1 and sg.shape[0] >= 2):
+            what = (f"{sg.dtype} tensor of shape {tuple(sg.shape)}" if isinstance(sg, torch.Tensor)
+                    else type(sg).__name__)
+            tables.stock = f"the sigma table is a {what}, not a 1-D float32 tensor of at least 2 sigmas"
+        elif not (isinstance(ts, torch.Tensor) and ts.ndim == 1 and ts.dtype.is_floating_point):
+            tables.stock = "the timesteps are not a 1-D float tensor"
+        else:
+            tables.root = ts if ts._base is None else ts._base
+            tables.host_array = host_timesteps.numpy()
+        self._dk_fill_tables(tables)
+        self.__dict__["_dk_tables_"] = tables
+        return tables
+
+    def _dk_fill_tables(self, tables: SigmaTables) -> None:
+        """The drop-in's own fields of ``tables`` (``tables.stock`` None: the fused step takes the table)."""
 
     def _dk_view_index(self, timestep, tables) -> Optional[int]:
         """The position in ``timesteps`` of a 0-d view of it (what iterating it yields), read from the view's

@@ -246,15 +246,7 @@ class _FusedSchedulerMixin(_FusedBase):
     def _dk_timesteps(self, timestep, batch: int, device: torch.device):
         """``(t, t_prev, value)`` for the op: ``t`` and ``t_prev`` int64 of shape (B,) on the sample's device,
         ``value`` the one timestep value when known on the host (else None); None for the stock step."""
-        steps = self.__dict__.get("_dk_steps_")
-        timesteps = self.timesteps
-        if (
-            steps is None
-            or steps.timesteps is not timesteps
-            or steps.version != timesteps._version
-            or steps.key != self._dk_steps_key()
-        ):
-            steps = self._dk_steps()
+        steps = self._dk_steps()
         # the two forms of a sampling loop, one dict lookup each: a view of self.timesteps (a view of the same
         # storage, which steps keeps alive: its address tells the element, shape and dtype tell it from the whole
         # tensor or another dtype's view of it) and a Python int
@@ -322,30 +314,24 @@ class _FusedSchedulerMixin(_FusedBase):
 
     def _dk_inputs(self, model_output, sample, plan: _Plan) -> bool:
         """Whether the fused op takes these tensors as the stock step would (else the stock step does)."""
-        expected = None
-        if isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor) and sample.ndim >= 1:
-            expected = sample.shape
-            if plan.learned:
-                expected = (torch.Size((expected[0], 2 * expected[1]) + tuple(expected[2:]))
-                            if sample.ndim >= 2 else None)
-            if (
-                model_output.shape == expected
-                and model_output.device == sample.device
-                and sample.is_floating_point()
-                and model_output.is_floating_point()
-            ):
-                return True
+        if not plan.learned:
+            return self._dk_inputs_ok(model_output, sample)
 
-        def shape(x):
-            return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        def learned_shape(x):  # the sample's channels twice: the mean's and the variance's
+            return torch.Size((x.shape[0], 2 * x.shape[1]) + tuple(x.shape[2:])) if x.ndim >= 2 else None
 
-        self._dk_stock(
-            "inputs",
-            f"a model output {shape(model_output)} for a sample {shape(sample)} is not what the fused step takes "
-            f"(floating tensors, the model output of shape {None if expected is None else tuple(expected)} on the "
-            "sample's device)",
-        )
-        return False
+        return self._dk_inputs_ok(model_output, sample, expected_shape=learned_shape,
+                                  expected="the model output of the sample's shape with twice its channels")
+
+    def _dk_run(self, op, plan: _Plan, sample, t, t_prev, model_output, schedule, noise, generator, return_dict,
+                **options):
+        """The fused step ``op`` (`ops.ddpm_step` or `ops.ddim_step`) with the plan's parameterization, clipping
+        and thresholding and the step's own ``options``, returned as the stock step returns."""
+        result = op(sample, t, t_prev, model_output, schedule, parameterization=plan.parameterization,
+                    clip_denoised=plan.clip, noise=noise, generator=generator, backend=self.fused_backend,
+                    clip_range=plan.clip_range, threshold_ratio=plan.threshold_ratio,
+                    threshold_max=plan.threshold_max, return_pred_x0=True, **options)
+        return self._dk_output(result, return_dict)
 
     @staticmethod
     def _dk_common_dtype(model_output: torch.Tensor, sample: torch.Tensor):
@@ -502,29 +488,9 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
                 noise = torch.zeros_like(sample)
             else:
                 # the stock draw: the model output's (variance-split) shape, dtype and device
-                noise = _randn(sample.shape, generator, sample.device, model_dtype)
-                if noise.dtype != sample.dtype:
-                    noise = noise.to(sample.dtype)
-        prev_sample, pred_original_sample = ops.ddpm_step(
-            sample,
-            t,
-            t_prev,
-            model_output,
-            schedule,
-            plan.parameterization,
-            plan.variance_type,
-            plan.clip,
-            noise,
-            generator_for_op,
-            self.fused_backend,
-            clip_range=plan.clip_range,
-            threshold_ratio=plan.threshold_ratio,
-            threshold_max=plan.threshold_max,
-            return_pred_x0=True,
-        )
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return self._make_output(prev_sample, pred_original_sample)
+                noise = _randn(sample.shape, generator, sample.device, model_dtype, sample.dtype)
+        return self._dk_run(ops.ddpm_step, plan, sample, t, t_prev, model_output, schedule, noise, generator_for_op,
+                            return_dict, variance_type=plan.variance_type)
 
 
 class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
@@ -593,31 +559,10 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
             else:
                 in_kernel, generator_for_op = self._dk_kernel_generator(generator)
                 if not in_kernel:
-                    noise = _randn(model_output.shape, generator, model_output.device, model_dtype)
-                    if noise.dtype != sample.dtype:
-                        noise = noise.to(sample.dtype)
-        prev_sample, pred_original_sample = ops.ddim_step(
-            sample,
-            t,
-            t_prev,
-            model_output,
-            schedule,
-            eta,
-            plan.parameterization,
-            plan.clip,
-            noise,
-            generator_for_op,
-            self.fused_backend,
-            set_alpha_to_one=plan.set_alpha_to_one,
-            use_clipped_model_output=bool(use_clipped_model_output),
-            clip_range=plan.clip_range,
-            threshold_ratio=plan.threshold_ratio,
-            threshold_max=plan.threshold_max,
-            return_pred_x0=True,
-        )
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return self._make_output(prev_sample, pred_original_sample)
+                    noise = _randn(model_output.shape, generator, model_output.device, model_dtype, sample.dtype)
+        return self._dk_run(ops.ddim_step, plan, sample, t, t_prev, model_output, schedule, noise, generator_for_op,
+                            return_dict, eta=eta, set_alpha_to_one=plan.set_alpha_to_one,
+                            use_clipped_model_output=bool(use_clipped_model_output))
 
     def _dk_eta(self, eta, variance_noise, generator, sample) -> Optional[float]:
         """``eta`` as a float when the fused step takes the call, else None (the stock step does)."""

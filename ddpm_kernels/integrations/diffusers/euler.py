@@ -50,7 +50,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 from ... import euler as euler_ops
-from ._common import _device, _FusedBase, _host_copy, _is_real, _output_maker, _randn, _StepIndex
+from ._common import _device, _FusedBase, _is_real, _output_maker, _randn, _StepIndex, SigmaTables
 
 __all__ = ["FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler"]
 
@@ -63,14 +63,10 @@ _SCALE_WARNING = (
 )
 
 
-class _Tables:
-    """The schedule as the fused calls read it: the ``timesteps`` and ``sigmas`` tensors it was built from (and
-    their versions), host copies (the timesteps also as a numpy array, the sigmas as float32 numbers), the stock
-    ``scale_model_input`` divisors, why the fused step cannot take the table (None when it can), and the table
-    per device."""
+class _Tables(SigmaTables):
+    """`SigmaTables` with the sigmas as float32 numbers and the stock ``scale_model_input`` divisors."""
 
-    __slots__ = ("timesteps", "t_version", "sigmas", "s_version", "root", "host_timesteps", "host_array",
-                 "host_sigmas", "sigma_values", "divisors", "stock", "devices")
+    __slots__ = ("sigma_values", "divisors")
 
 
 def _float32(value: float) -> float:
@@ -90,41 +86,14 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
         if tables.stock is None and isinstance(self.timesteps, torch.Tensor):
             self._dk_device_sigmas(tables, _device(self.timesteps.device))
 
-    def _dk_tables(self) -> _Tables:
-        tables = self.__dict__.get("_dk_tables_")
-        ts, sg = self.timesteps, self.sigmas
-        if (
-            tables is None
-            or tables.timesteps is not ts
-            or tables.sigmas is not sg
-            or tables.t_version != getattr(ts, "_version", None)
-            or tables.s_version != getattr(sg, "_version", None)
-        ):
-            tables = self._dk_new_tables()
-        return tables
+    _dk_table_class = _Tables
 
-    def _dk_new_tables(self) -> _Tables:
-        tables = _Tables()
-        ts, sg = self.timesteps, self.sigmas
-        tables.timesteps, tables.sigmas = ts, sg
-        tables.t_version, tables.s_version = getattr(ts, "_version", None), getattr(sg, "_version", None)
-        tables.host_timesteps, tables.host_sigmas = _host_copy(ts), _host_copy(sg)
-        tables.devices = {}
-        tables.stock, tables.root, tables.host_array, tables.sigma_values, tables.divisors = None, None, None, None, None
-        if not (isinstance(sg, torch.Tensor) and sg.dtype == torch.float32 and sg.ndim == 1 and sg.shape[0] >= 2):
-            what = (f"{sg.dtype} tensor of shape {tuple(sg.shape)}" if isinstance(sg, torch.Tensor)
-                    else type(sg).__name__)
-            tables.stock = f"the sigma table is a {what}, not a 1-D float32 tensor of at least 2 sigmas"
-        elif not (isinstance(ts, torch.Tensor) and ts.ndim == 1 and ts.dtype.is_floating_point):
-            tables.stock = "the timesteps are not a 1-D float tensor"
-        else:
-            tables.root = ts if ts._base is None else ts._base
-            tables.host_array = tables.host_timesteps.numpy()
+    def _dk_fill_tables(self, tables: _Tables) -> None:
+        tables.sigma_values, tables.divisors = None, None
+        if tables.stock is None:
             tables.sigma_values = tables.host_sigmas.tolist()  # float32 values, exactly
             # the stock scale_model_input divisor (sigma**2 + 1) ** 0.5, the same float32 operations per sigma
             tables.divisors = ((tables.host_sigmas**2 + 1) ** 0.5).unbind()
-        self.__dict__["_dk_tables_"] = tables
-        return tables
 
     def _dk_device_sigmas(self, tables: _Tables, device: torch.device) -> torch.Tensor:
         """The sigma table on ``device``, copied there once per schedule."""
@@ -166,9 +135,8 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
             self._dk_stock("prediction_type", f"prediction_type {self.config.prediction_type!r} is not one the "
                            "stock step computes")
             return None
-        tables = self._dk_tables()
-        if tables.stock is not None:
-            self._dk_stock("table", tables.stock)
+        tables = self._dk_fused_tables()
+        if tables is None:
             return None
         if not self.is_scale_input_called:
             self._dk_logger.warning(_SCALE_WARNING)
@@ -233,9 +201,7 @@ class FusedEulerDiscreteScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
         if result is None:
             return super().step(model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
                                 s_noise=s_noise, generator=generator, return_dict=return_dict)
-        if not return_dict:
-            return result
-        return self._make_output(*result)
+        return self._dk_output(result, return_dict)
 
     def _dk_step(self, model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator):
         if not all(_is_real(v) for v in (s_churn, s_tmin, s_tmax, s_noise)):
@@ -295,6 +261,4 @@ class FusedEulerAncestralDiscreteScheduler(_FusedEulerMixin, EulerAncestralDiscr
         noise, generator_for_op = self._dk_noise(model_output, generator)
         result = self._dk_call(euler_ops.euler_ancestral_step, model_output, sample, tables, index, prediction,
                                noise, generator_for_op)
-        if not return_dict:
-            return result
-        return self._make_output(*result)
+        return self._dk_output(result, return_dict)

@@ -56,7 +56,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from ... import flow as flow_ops
 from ...reference import guided_output
 from . import _common
-from ._common import _device, _FusedBase, _host_copy, _output_maker, _randn, _StepIndex
+from ._common import _device, _FusedBase, _output_maker, _randn, _StepIndex, SigmaTables
 
 __all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
 
@@ -67,14 +67,11 @@ _PER_TOKEN_MARGIN = 1e-6
 _COMPARE_DTYPES = {}
 
 
-class _Tables:
-    """The schedule as the fused calls read it: the ``timesteps`` and ``sigmas`` tensors it was built from (and
-    their versions), host copies of both (the timesteps also as a numpy array), why the fused step cannot take
-    the table (None when it can), whether the table is finite, and per device ``(sigmas, timesteps, ascending
-    sigmas)``."""
+class _Tables(SigmaTables):
+    """`SigmaTables` with whether the table is finite; ``devices`` holds ``(sigmas, timesteps, ascending sigmas)``
+    per device."""
 
-    __slots__ = ("timesteps", "t_version", "sigmas", "s_version", "root", "host_timesteps", "host_array",
-                 "host_sigmas", "stock", "finite", "devices")
+    __slots__ = ("finite",)
 
 
 class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEulerDiscreteScheduler):
@@ -105,39 +102,10 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
         if device is not None and tables.stock is None:
             self._dk_device_tables(tables, _device(device))  # the device copies now rather than in a step
 
-    def _dk_tables(self) -> _Tables:
-        tables = self.__dict__.get("_dk_tables_")
-        ts, sg = self.timesteps, self.sigmas
-        if (
-            tables is None
-            or tables.timesteps is not ts
-            or tables.sigmas is not sg
-            or tables.t_version != getattr(ts, "_version", None)
-            or tables.s_version != getattr(sg, "_version", None)
-        ):
-            tables = self._dk_new_tables(_host_copy(ts), _host_copy(sg))
-        return tables
+    _dk_table_class = _Tables
 
-    def _dk_new_tables(self, host_timesteps, host_sigmas) -> _Tables:
-        tables = _Tables()
-        ts, sg = self.timesteps, self.sigmas
-        tables.timesteps, tables.sigmas = ts, sg
-        tables.t_version, tables.s_version = getattr(ts, "_version", None), getattr(sg, "_version", None)
-        tables.host_timesteps, tables.host_sigmas = host_timesteps, host_sigmas
-        tables.devices = {}
-        tables.stock, tables.finite, tables.root, tables.host_array = None, False, None, None
-        if not (isinstance(sg, torch.Tensor) and sg.dtype == torch.float32 and sg.ndim == 1 and sg.shape[0] >= 2):
-            what = (f"{sg.dtype} tensor of shape {tuple(sg.shape)}" if isinstance(sg, torch.Tensor)
-                    else type(sg).__name__)
-            tables.stock = f"the sigma table is a {what}, not a 1-D float32 tensor of at least 2 sigmas"
-        elif not (isinstance(ts, torch.Tensor) and ts.ndim == 1 and ts.dtype.is_floating_point):
-            tables.stock = "the timesteps are not a 1-D float tensor"
-        else:
-            tables.finite = bool(torch.isfinite(host_sigmas).all())
-            tables.root = ts if ts._base is None else ts._base
-            tables.host_array = host_timesteps.numpy()
-        self.__dict__["_dk_tables_"] = tables
-        return tables
+    def _dk_fill_tables(self, tables: _Tables) -> None:
+        tables.finite = tables.stock is None and bool(torch.isfinite(tables.host_sigmas).all())
 
     def _dk_device_tables(self, tables: _Tables, device: torch.device):
         """``(sigmas, timesteps, ascending sigmas)`` on ``device``, copied there once per schedule."""
@@ -170,9 +138,7 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
                 model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
                 generator=generator, per_token_timesteps=per_token_timesteps, return_dict=return_dict,
             )
-        if not return_dict:
-            return (prev_sample,)
-        return self._make_output(prev_sample)
+        return self._dk_output((prev_sample,), return_dict)
 
     def guided_step(
         self,
@@ -203,9 +169,7 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
             guided = guided_output(cond, uncond, scale.expand(cond.shape[0]), float(guidance_rescale),
                                    torch.promote_types(torch.float32, cond.dtype)).to(cond.dtype)
             return self.step(guided, timestep, sample, generator=generator, return_dict=return_dict)
-        if not return_dict:
-            return (prev_sample,)
-        return self._make_output(prev_sample)
+        return self._dk_output((prev_sample,), return_dict)
 
     def _dk_step(self, model_output, timestep, sample, generator, per_token_timesteps, guidance=None):
         """The fused step's ``prev_sample`` (the step index advanced), or None when the stock step is to take
@@ -214,9 +178,8 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
             return None  # the stock step's error
         if not self._dk_step_inputs(model_output, sample, guidance):
             return None
-        tables = self._dk_tables()
-        if tables.stock is not None:
-            self._dk_stock("table", tables.stock)
+        tables = self._dk_fused_tables()
+        if tables is None:
             return None
         if per_token_timesteps is not None and not self._dk_per_token_ok(per_token_timesteps, sample, tables):
             return None
@@ -246,9 +209,7 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
             in_kernel, generator_for_op = self._dk_kernel_generator(generator)
             if not in_kernel:
                 # the stock draw: randn_tensor(sample.shape, generator, sample.device, float32)
-                noise = _randn(sample.shape, generator, device, torch.float32)
-                if noise.dtype != x.dtype:
-                    noise = noise.to(x.dtype)
+                noise = _randn(sample.shape, generator, device, torch.float32, x.dtype)
         kwargs = {}
         if guidance is not None:
             kwargs = dict(guidance_scale=guidance[0], guidance_rescale=guidance[1])
@@ -273,28 +234,12 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
 
     def _dk_step_inputs(self, model_output, sample, guidance) -> bool:
         """Whether the fused op takes these tensors as the stock step would (else the stock step does)."""
-        if isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor) and sample.ndim >= 1:
-            expected = sample.shape
-            if guidance is not None:
-                expected = torch.Size((2 * sample.shape[0],) + tuple(sample.shape[1:]))
-            if (
-                model_output.shape == expected
-                and model_output.device == sample.device
-                and sample.is_floating_point()
-                and model_output.is_floating_point()
-            ):
-                return True
-
-        def shape(x):
-            return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-
-        self._dk_stock(
-            "inputs",
-            f"a model output {shape(model_output)} for a sample {shape(sample)} is not what the fused step takes "
-            "(floating tensors on one device, the model output of the sample's shape"
-            + (", batched [uncond; cond] for guided_step)" if guidance is not None else ")"),
-        )
-        return False
+        if guidance is None:
+            return self._dk_inputs_ok(model_output, sample)
+        return self._dk_inputs_ok(model_output, sample,
+                                  expected_shape=lambda x: torch.Size((2 * x.shape[0],) + tuple(x.shape[1:])),
+                                  expected="the model output of the sample's shape, batched [uncond; cond] for "
+                                  "guided_step")
 
     def _dk_per_token_ok(self, per_token_timesteps, sample, tables: _Tables) -> bool:
         ok = (
@@ -362,9 +307,8 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
             self._dk_stock("scale_noise", "scale_noise takes a float sample, a noise tensor of its shape, dtype and "
                            "device, and a 1-D timestep tensor of 1 or B values")
             return None
-        tables = self._dk_tables()
-        if tables.stock is not None:
-            self._dk_stock("table", tables.stock)
+        tables = self._dk_fused_tables()
+        if tables is None:
             return None
         device = sample.device
         sigmas, timesteps, _ = self._dk_device_tables(tables, device)
