@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 #include "coefficients.h"
 #include "family.h"
@@ -221,6 +222,22 @@ DDPM_HD T step_sqrt(T x) {
 #endif
 }
 
+// a * b rounded on its own, never contracted with a following sum into a fused multiply-add: __fmul_rn /
+// __dmul_rn on CUDA (nvcc contracts by default); the CPU builds compile the step without contraction
+// (cpu/flow.cpp).
+template <typename V>
+DDPM_LANE V mul_rn(const V& a, const V& b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<V, double>) {
+    return __dmul_rn(a, b);
+  } else {
+    return __fmul_rn(a, b);
+  }
+#else
+  return a * b;
+#endif
+}
+
 // One sample's step coefficients, in the compute dtype.
 template <typename acc_t>
 struct StepCoef {
@@ -358,20 +375,22 @@ struct FlowStepKernel : NoPerSampleOutputs {
   }
 
   // One element of an Euler sampler: x the sample, v the (guided) model output, z the noise when `noisy`;
-  // writes the x0 prediction to x0.
+  // writes the x0 prediction to x0. Every product is rounded before its sum (mul_rn), in the reference's order:
+  // the first step of a zero-terminal-SNR table (sigma ~ 4096) cancels x + d (s' - s_hat) to a few thousandths
+  // of x, where the step must be the rounding of the reference's (and the stock scheduler's) own operations.
   template <typename V>
   DDPM_LANE V euler_element(const Coef& c, V x, const V& v, const V& z, bool noisy, V& x0) const {
-    if (sampler == StepSampler::kEuler && noisy) x = madd(z * splat<V>(s_noise), splat<V>(c.c_churn), x);
+    if (sampler == StepSampler::kEuler && noisy) x = x + mul_rn(z * splat<V>(s_noise), splat<V>(c.c_churn));
     V d;
     if (param == Param::kEps) {
-      x0 = x - splat<V>(c.s_hat) * v;
+      x0 = x - mul_rn(splat<V>(c.s_hat), v);
       d = v;
     } else {
-      x0 = param == Param::kX0 ? v : madd(v, splat<V>(c.c_out), x / splat<V>(c.c_skip));
+      x0 = param == Param::kX0 ? v : mul_rn(v, splat<V>(c.c_out)) + x / splat<V>(c.c_skip);
       d = (x - x0) / splat<V>(c.s_hat);
     }
-    V r = madd(d, splat<V>(c.c_derivative), x);
-    if (sampler == StepSampler::kEulerAncestral && noisy) r = madd(z, splat<V>(c.c_noise), r);
+    V r = x + mul_rn(d, splat<V>(c.c_derivative));
+    if (sampler == StepSampler::kEulerAncestral && noisy) r = r + mul_rn(z, splat<V>(c.c_noise));
     return r;
   }
 

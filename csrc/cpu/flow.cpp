@@ -2,6 +2,15 @@
 // Euler steps on a sigma table) are one pass of the family loop; the step's guidance rescale adds one reduction
 // pass first (cpu/guidance.h); the loss is a chunked reduction (deterministic: fixed chunks, float64 partials)
 // and its backward one pass.
+// The Euler samplers round every product before its sum, as the reference does (csrc/flow.h, euler_element):
+// no contraction into fused multiply-adds in this file (GCC contracts `a * b + c` by default, also for at::vec
+// lanes; the kernels' intended fused multiply-adds are explicit at::vec::fmadd calls, madd).
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include <vector>
 
 #include "guidance.h"
