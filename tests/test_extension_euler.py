@@ -100,6 +100,23 @@ def test_guided_with_rescale_matches_reference(device, dtype, step):
                            (x * 3, c, sigmas, index, prediction_type), kw, dtype)
 
 
+@pytest.mark.parametrize("step", STEPS, ids=lambda s: s.__name__)
+def test_unguided_cpu_step_is_the_float32_reference_exactly(step):
+    """Every product is rounded before its sum, in the reference's order: on the first step of a
+    zero-terminal-SNR table (sigma = 4096, where x + d (sigma' - sigma) cancels to a few thousandths of x) the CPU
+    step is the float32 reference bit for bit, every prediction type, with churn."""
+    x, v, z = make_inputs((3, 4, 37), 3, torch.float32, seed=15)
+    x = x * 4096
+    sigmas = torch.tensor([4096.0, 13.766, 5.398, 0.0])
+    index = torch.tensor([0, 1, 0])
+    for prediction_type in PREDICTIONS:
+        kw = dict(_churn(step, s_churn=1.0), noise=z, return_pred_x0=True)
+        got = step(x, v, sigmas, index, prediction_type, backend="cpu", **kw)
+        expected = step(x, v, sigmas, index, prediction_type, backend="reference", **kw)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_index_is_nan(device):
     """An index outside [0, len - 1) gives NaN for its sample only (step and x0), never a read outside the table
