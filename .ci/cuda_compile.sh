@@ -56,7 +56,8 @@ ops = [
     "get_v", "predict_start_from_z_and_v", "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance",
     "p_sample", "p_sample_out", "diffusion_loss", "diffusion_loss_backward", "ddim_step", "ddim_step_out",
     "ddpm_step", "ddpm_step_out", "flow_interpolate", "flow_interpolate_out", "flow_interpolate_backward",
-    "flow_step", "flow_step_out", "flow_loss", "flow_loss_backward",
+    "flow_step", "flow_step_out", "flow_loss", "flow_loss_backward", "euler_step", "euler_step_out",
+    "euler_ancestral_step", "euler_ancestral_step_out",
 ]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ddpm_kernels::{op}", "CUDA")]
 if missing:

@@ -8,6 +8,9 @@
 //   flow_loss            mean_b mean_i weight(s_i) l(d_i),  d = mo - (noise - x0),  l = d^2 or |d|;
 //                        backward g weight(s_i) dl(d_i) / (B N),  dl = 2 d or sign(d)
 //
+// The step kernel also runs the Euler steps on a Karras sigma table (euler_step, euler_ancestral_step): one
+// kernel body, a sampler flag and a per-sampler coefficient function (see "step" below).
+//
 // A sigma is read per sample or per token (ddpm_kernels._spec.SigmaOperand): element offset `off` of sample
 // b's dense block reads flat[b * period + (off / repeat) % period]; period = 1 is one sigma per sample, which
 // the kernels gather once per sample (Coef), else they read it per element through a TokenCursor. The
@@ -25,7 +28,9 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
+#include "coefficients.h"
 #include "family.h"
 #include "guidance.h"
 
@@ -187,10 +192,93 @@ struct FlowInterpolateKernel : NoPerSampleOutputs {
 };
 
 // ------------------------------------------------------------------------------------------------- step
-// One call of flow_step, as csrc/host_ops.h hands it to a backend. Sigmas: the table form (sigmas and
-// step_index non-null) or two operands (sigma, sigma_next). uncond and guidance are non-null when guided;
-// noise is non-null when given and stochastic (in-kernel noise from `generator` when stochastic and none).
+// The step kernel's samplers (ddpm_kernels/triton/flow.py's SAMPLER): the flow-matching Euler step,
+// deterministic or re-noised, and the Euler steps on a Karras sigma table (x = x0 + sigma eps; euler_step and
+// euler_ancestral_step, docs/design.md "Euler steps"). Each is, per element, an affine combination of the
+// sample, the (guided) model output v and the noise z with per-sample coefficients (step_coefficients):
+//
+//   flow             x' = x + (s' - s) v
+//   flow_stochastic  x' = (1 - s') (x - s v) + s' z
+//   euler            x <- x + s_noise c_churn z (with churn); x0 and d = (x - x0) / s_hat from v (eps, x0, or v
+//                    at s); x' = x + (s' - s_hat) d
+//   euler_ancestral  x0 and d at s_hat = s; x' = x + (s_down - s) d + s_up z
+//
+// The flow samplers also read their sigmas per token; the Euler samplers gather theirs from the table.
+enum class StepSampler : int { kFlow = 0, kFlowStochastic = 1, kEuler = 2, kEulerAncestral = 3 };
+
+// The Euler samplers' options as the schema passes them (float64). churn is the gamma of a sample inside the
+// window, min(s_churn / (len(sigmas) - 1), sqrt(2) - 1); 0 means no churn and no noise.
+struct EulerOptions {
+  Param param = Param::kEps;
+  double churn = 0, s_tmin = 0, s_tmax = INFINITY, s_noise = 1;
+};
+
+template <typename T>
+DDPM_HD T step_sqrt(T x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
+// a * b rounded on its own, never contracted with a following sum into a fused multiply-add: __fmul_rn /
+// __dmul_rn on CUDA (nvcc contracts by default); the CPU builds compile the step without contraction
+// (cpu/flow.cpp).
+template <typename V>
+DDPM_LANE V mul_rn(const V& a, const V& b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<V, double>) {
+    return __dmul_rn(a, b);
+  } else {
+    return __fmul_rn(a, b);
+  }
+#else
+  return a * b;
+#endif
+}
+
+// One sample's step coefficients, in the compute dtype.
+template <typename acc_t>
+struct StepCoef {
+  acc_t s, s_next;  // the sample's sigmas (placeholders for a flow step that reads them per token)
+  acc_t s_hat, c_churn, c_derivative, c_noise;
+  acc_t c_out, c_skip;  // v prediction at s: x0 = v c_out + x / c_skip
+};
+
+// The coefficients of sampler `sampler` from (s, s_next), in the reference's order of operations
+// (ddpm_kernels/reference.py, flow_step_ref and euler_step_ref). The churn window compares s with the bounds in
+// the compute dtype: exactly for float64 data, against the bounds rounded to float32 otherwise, as torch
+// compares a float32 tensor with a Python float. A NaN sigma (a bad step index) gives NaN coefficients.
+template <typename acc_t, typename SamplerT>
+DDPM_HD StepCoef<acc_t> step_coefficients(SamplerT sampler, acc_t s, acc_t s_next, acc_t churn, acc_t s_tmin,
+                                          acc_t s_tmax) {
+  StepCoef<acc_t> c{s, s_next, s, acc_t(0), s_next - s, s_next, acc_t(0), acc_t(1)};
+  if (sampler == StepSampler::kEuler) {
+    const acc_t gamma = (s_tmin <= s && s <= s_tmax) ? churn : acc_t(0);
+    c.s_hat = s * (gamma + acc_t(1));
+    c.c_churn = step_sqrt(c.s_hat * c.s_hat - s * s);
+    c.c_derivative = s_next - c.s_hat;
+    c.c_noise = acc_t(0);
+  } else if (sampler == StepSampler::kEulerAncestral) {
+    const acc_t s_up = step_sqrt(s_next * s_next * (s * s - s_next * s_next) / (s * s));
+    c.c_derivative = step_sqrt(s_next * s_next - s_up * s_up) - s;
+    c.c_noise = s_up;
+  }
+  if (sampler == StepSampler::kEuler || sampler == StepSampler::kEulerAncestral) {
+    c.c_skip = s * s + acc_t(1);
+    c.c_out = -s / step_sqrt(c.c_skip);
+  }
+  return c;
+}
+
+// One call of flow_step, euler_step or euler_ancestral_step, as csrc/host_ops.h hands it to a backend.
+// Sigmas: the table form (sigmas and step_index non-null; the Euler samplers' only form) or two operands (sigma,
+// sigma_next). uncond and guidance are non-null when guided; noise is non-null when given and the step has a
+// noise term (adds_noise; in-kernel noise from `generator` when it has one and none is given); x0 is the x0
+// output of an Euler step with return_pred_x0, else null.
 struct FlowStepCall {
+  StepSampler sampler;
   const at::Tensor &sample, &model_output;
   const at::Tensor* uncond;
   const at::Tensor* guidance;
@@ -200,10 +288,11 @@ struct FlowStepCall {
   int64_t sigma_period, sigma_repeat;
   const at::Tensor* sigma_next;
   int64_t sigma_next_period, sigma_next_repeat;
-  bool stochastic;
+  EulerOptions euler;
   double guidance_rescale;
   const at::Tensor* noise;
   std::optional<at::Generator> generator;
+  const at::Tensor* x0;
   const at::Tensor& out;
   int64_t sample_offset = 0;  // global index of the first sample in the noise stream
 
@@ -211,34 +300,44 @@ struct FlowStepCall {
   bool per_token() const {
     return sigmas == nullptr && (sigma_period > 1 || sigma_next_period > 1);
   }
+  bool adds_noise() const {
+    return sampler == StepSampler::kFlowStochastic || sampler == StepSampler::kEulerAncestral ||
+           (sampler == StepSampler::kEuler && euler.churn > 0);
+  }
 };
 
-// StochT / GuidedT / TokenT: bool, or std::integral_constant<bool, ...> (csrc/family.h).
-template <typename scalar_t, typename StochT, typename GuidedT, typename TokenT>
+// SamplerT / ParamT: StepSampler / Param, GuidedT / TokenT: bool, or std::integral_constant of them
+// (csrc/family.h). The noise source's present() says whether the step reads z.
+template <typename scalar_t, typename SamplerT, typename ParamT, typename GuidedT, typename TokenT>
 struct FlowStepKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;
-  struct Coef {
-    acc_t s, s_next;
+  struct Coef : StepCoef<acc_t> {
     GuidanceCoef<acc_t> guide;
   };
   const scalar_t* x;
   scalar_t* out;
+  scalar_t* x0_out;          // nullptr unless the x0 prediction is returned
   Guidance<scalar_t> guide;  // the model output (csrc/guidance.h); its rescale sums set by the backend's pass
   const acc_t* sigmas;       // the table form, else nullptr
   const int64_t* step_index;
   int64_t steps;  // len(sigmas)
   FlowSigma<acc_t> sigma, sigma_next;
   int64_t N;
-  StochT stochastic;
+  acc_t churn, s_tmin, s_tmax, s_noise;
+  SamplerT sampler;
+  ParamT param;
   GuidedT guided;
   TokenT per_token;
 
-  static FlowStepKernel make(const FlowStepCall& call, StochT stochastic, GuidedT guided, TokenT per_token) {
+  static FlowStepKernel make(const FlowStepCall& call, SamplerT sampler, ParamT param, GuidedT guided,
+                             TokenT per_token) {
     const bool table = call.sigmas != nullptr;
     const int64_t N = call.sample.numel() / call.sample.size(0);
+    const EulerOptions& e = call.euler;
     return {{},
             call.sample.const_data_ptr<scalar_t>(),
             call.out.mutable_data_ptr<scalar_t>(),
+            call.x0 != nullptr ? call.x0->mutable_data_ptr<scalar_t>() : nullptr,
             Guidance<scalar_t>::make(call.model_output, call.uncond, call.guidance, N, 0, call.guidance_rescale),
             table ? call.sigmas->const_data_ptr<acc_t>() : nullptr,
             table ? call.step_index->const_data_ptr<int64_t>() : nullptr,
@@ -247,34 +346,71 @@ struct FlowStepKernel : NoPerSampleOutputs {
             {table ? nullptr : call.sigma_next->const_data_ptr<acc_t>(), call.sigma_next_period,
              call.sigma_next_repeat},
             N,
-            stochastic,
+            static_cast<acc_t>(e.churn),
+            static_cast<acc_t>(e.s_tmin),
+            static_cast<acc_t>(e.s_tmax),
+            static_cast<acc_t>(e.s_noise),
+            sampler,
+            param,
             guided,
             per_token};
   }
 
   DDPM_HD Coef coef(int64_t b) const {
-    Coef c;
+    acc_t s, s_next;
     if (sigmas != nullptr) {
       const int64_t i = step_index[b];
       const bool ok = i >= 0 && i < steps - 1;
-      c.s = ok ? sigmas[i] : acc_t(NAN);
-      c.s_next = ok ? sigmas[i + 1] : acc_t(NAN);
+      s = ok ? sigmas[i] : acc_t(NAN);
+      s_next = ok ? sigmas[i + 1] : acc_t(NAN);
     } else {
       // per-token operands are read per element; these stay unused
-      c.s = sigma.per_token() ? acc_t(0) : sigma.flat[b];
-      c.s_next = sigma_next.per_token() ? acc_t(0) : sigma_next.flat[b];
+      s = sigma.per_token() ? acc_t(0) : sigma.flat[b];
+      s_next = sigma_next.per_token() ? acc_t(0) : sigma_next.flat[b];
     }
+    Coef c;
+    static_cast<StepCoef<acc_t>&>(c) = step_coefficients(sampler, s, s_next, churn, s_tmin, s_tmax);
     c.guide = guided ? guide.coef(b) : GuidanceCoef<acc_t>{acc_t(0), acc_t(1)};
     return c;
+  }
+
+  // One element of an Euler sampler: x the sample, v the (guided) model output, z the noise when `noisy`;
+  // writes the x0 prediction to x0. Every product is rounded before its sum (mul_rn), in the reference's order:
+  // the first step of a zero-terminal-SNR table (sigma ~ 4096) cancels x + d (s' - s_hat) to a few thousandths
+  // of x, where the step must be the rounding of the reference's (and the stock scheduler's) own operations.
+  template <typename V>
+  DDPM_LANE V euler_element(const Coef& c, V x, const V& v, const V& z, bool noisy, V& x0) const {
+    if (sampler == StepSampler::kEuler && noisy) x = x + mul_rn(z * splat<V>(s_noise), splat<V>(c.c_churn));
+    V d;
+    if (param == Param::kEps) {
+      x0 = x - mul_rn(splat<V>(c.s_hat), v);
+      d = v;
+    } else {
+      x0 = param == Param::kX0 ? v : mul_rn(v, splat<V>(c.c_out)) + x / splat<V>(c.c_skip);
+      d = (x - x0) / splat<V>(c.s_hat);
+    }
+    V r = x + mul_rn(d, splat<V>(c.c_derivative));
+    if (sampler == StepSampler::kEulerAncestral && noisy) r = r + mul_rn(z, splat<V>(c.c_noise));
+    return r;
   }
 
   template <typename IO, typename Z>
   DDPM_LANE void apply(int64_t b, int64_t i, int64_t n, const Coef& c, Z& z) const {
     using V = typename IO::V;
-    V xv[IO::kLanes], vv[IO::kLanes], sv[IO::kLanes], snv[IO::kLanes], zv[IO::kLanes];
+    V xv[IO::kLanes], vv[IO::kLanes], zv[IO::kLanes];
     IO::load(x + i, xv, n);
     IO::load(guide.cond + i, vv, n);
     if (guided) guide.template mix<IO>(b, i, n, c.guide, vv);
+    if (z.present()) z.template get<IO>(i, n, zv);
+    if (sampler == StepSampler::kEuler || sampler == StepSampler::kEulerAncestral) {
+      V x0v[IO::kLanes];
+      DDPM_UNROLL
+      for (int k = 0; k < IO::kLanes; ++k) xv[k] = euler_element(c, xv[k], vv[k], zv[k], z.present(), x0v[k]);
+      IO::store(out + i, xv, n);
+      if (x0_out != nullptr) IO::store(x0_out + i, x0v, n);
+      return;
+    }
+    V sv[IO::kLanes], snv[IO::kLanes];
     if (per_token && sigma.per_token()) {
       sigma_lanes<IO>(sigma, b, i - b * N, n, sv, lane_scalar_t<V>(0), Identity());
     } else {
@@ -287,8 +423,7 @@ struct FlowStepKernel : NoPerSampleOutputs {
       DDPM_UNROLL
       for (int k = 0; k < IO::kLanes; ++k) snv[k] = splat<V>(c.s_next);
     }
-    if (stochastic) {
-      z.template get<IO>(i, n, zv);
+    if (sampler == StepSampler::kFlowStochastic && z.present()) {
       DDPM_UNROLL
       for (int k = 0; k < IO::kLanes; ++k) {
         const V x0 = xv[k] - sv[k] * vv[k];

@@ -11,6 +11,8 @@
 #include <ATen/ops/full.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -315,6 +317,37 @@ std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_kernel(const at::Te
   return {gx, gn};
 }
 
+// The checks every step of the flow family shares (`op` names it): the data, out, the noise stream's
+// sample_offset, and guidance (uncond and guidance together or neither; guidance_rescale in [0, 1], guided only).
+inline void check_flow_step(const char* op, const at::Tensor& sample, const at::Tensor& model_output,
+                            const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
+                            double guidance_rescale, int64_t sample_offset, const at::Tensor& out) {
+  check_batch(sample);
+  check_sample_offset(sample_offset);
+  dense_format(sample, "sample");
+  check_data("model_output", model_output, sample);
+  check_data("out", out, sample);
+  TORCH_CHECK(uncond.has_value() == guidance.has_value(), "ddpm_kernels: ", op,
+              " takes uncond and guidance together (a guided step) or neither");
+  if (uncond.has_value()) {
+    check_data("uncond", *uncond, sample);
+    check_per_sample("guidance", *guidance, sample);
+  }
+  TORCH_CHECK(guidance_rescale >= 0 && guidance_rescale <= 1, "ddpm_kernels: guidance_rescale must be in [0, 1], got ",
+              guidance_rescale);
+  TORCH_CHECK(guidance_rescale == 0 || uncond.has_value(),
+              "ddpm_kernels: guidance_rescale needs a guided step (uncond and guidance)");
+}
+
+// The table form of a step's sigmas: a contiguous 1-D table in the compute dtype and a step index per sample.
+inline void check_sigma_table(const at::Tensor& sigmas, const at::Tensor& step_index, const at::Tensor& sample) {
+  TORCH_CHECK(sigmas.scalar_type() == compute_type(sample) && sigmas.dim() == 1 && sigmas.numel() >= 1 &&
+                  sigmas.is_contiguous() && sigmas.device() == sample.device(),
+              "ddpm_kernels: sigmas must be a contiguous 1-D ", compute_type(sample), " table on ", sample.device(),
+              ", got ", sigmas.scalar_type(), " ", sigmas.sizes());
+  check_timesteps("step_index", step_index, sample);
+}
+
 template <typename K>
 void flow_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_output,
                           const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
@@ -324,30 +357,12 @@ void flow_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_outp
                           int64_t sigma_next_repeat, bool stochastic, double guidance_rescale,
                           const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
                           int64_t sample_offset, const at::Tensor& out) {
-  check_batch(sample);
-  check_sample_offset(sample_offset);
-  dense_format(sample, "sample");
-  check_data("model_output", model_output, sample);
-  check_data("out", out, sample);
-  TORCH_CHECK(uncond.has_value() == guidance.has_value(),
-              "ddpm_kernels: flow_step takes uncond and guidance together (a guided step) or neither");
-  if (uncond.has_value()) {
-    check_data("uncond", *uncond, sample);
-    check_per_sample("guidance", *guidance, sample);
-  }
-  TORCH_CHECK(guidance_rescale >= 0 && guidance_rescale <= 1, "ddpm_kernels: guidance_rescale must be in [0, 1], got ",
-              guidance_rescale);
-  TORCH_CHECK(guidance_rescale == 0 || uncond.has_value(),
-              "ddpm_kernels: guidance_rescale needs a guided step (uncond and guidance)");
+  check_flow_step("flow_step", sample, model_output, uncond, guidance, guidance_rescale, sample_offset, out);
   const bool table = sigmas.has_value() || step_index.has_value();
   if (table) {
     TORCH_CHECK(sigmas.has_value() && step_index.has_value() && !sigma.has_value() && !sigma_next.has_value(),
                 "ddpm_kernels: flow_step takes either the table (sigmas, step_index) or sigma and sigma_next");
-    TORCH_CHECK(sigmas->scalar_type() == compute_type(sample) && sigmas->dim() == 1 && sigmas->numel() >= 1 &&
-                    sigmas->is_contiguous() && sigmas->device() == sample.device(),
-                "ddpm_kernels: sigmas must be a contiguous 1-D ", compute_type(sample), " table on ", sample.device(),
-                ", got ", sigmas->scalar_type(), " ", sigmas->sizes());
-    check_timesteps("step_index", *step_index, sample);
+    check_sigma_table(*sigmas, *step_index, sample);
   } else {
     TORCH_CHECK(sigma.has_value() && sigma_next.has_value(),
                 "ddpm_kernels: flow_step takes either the table (sigmas, step_index) or sigma and sigma_next");
@@ -356,12 +371,12 @@ void flow_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_outp
   }
   const bool given = stochastic && noise.has_value();
   if (given) check_data("noise", *noise, sample);
-  K::flow_step(FlowStepCall{sample, model_output, uncond.has_value() ? &*uncond : nullptr,
-                            guidance.has_value() ? &*guidance : nullptr, table ? &*sigmas : nullptr,
-                            table ? &*step_index : nullptr, table ? nullptr : &*sigma, sigma_period, sigma_repeat,
-                            table ? nullptr : &*sigma_next, sigma_next_period, sigma_next_repeat, stochastic,
-                            guidance_rescale, given ? &*noise : nullptr, std::move(generator), out,
-                            sample_offset});
+  K::flow_step(FlowStepCall{stochastic ? StepSampler::kFlowStochastic : StepSampler::kFlow, sample, model_output,
+                            uncond.has_value() ? &*uncond : nullptr, guidance.has_value() ? &*guidance : nullptr,
+                            table ? &*sigmas : nullptr, table ? &*step_index : nullptr, table ? nullptr : &*sigma,
+                            sigma_period, sigma_repeat, table ? nullptr : &*sigma_next, sigma_next_period,
+                            sigma_next_repeat, EulerOptions{}, guidance_rescale, given ? &*noise : nullptr,
+                            std::move(generator), nullptr, out, sample_offset});
 }
 
 template <typename K>
@@ -380,6 +395,96 @@ at::Tensor flow_step_kernel(const at::Tensor& sample, const at::Tensor& model_ou
   return out;
 }
 
+// ------------------------------------------------------------------------------------------- Euler steps
+// euler_step and euler_ancestral_step: the flow step's kernels with an Euler sampler (csrc/flow.h), on the sigma
+// table only. Writes the step into `out` and returns x0 (zero elements unless return_pred_x0). The noise is read
+// or drawn only when the step has a noise term (ancestral; Euler with churn).
+template <typename K>
+at::Tensor euler_out(StepSampler sampler, EulerOptions euler, c10::string_view parameterization,
+                     const at::Tensor& sample, const at::Tensor& model_output,
+                     const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
+                     const at::Tensor& sigmas, const at::Tensor& step_index, double guidance_rescale,
+                     const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+                     int64_t sample_offset, bool return_pred_x0, const at::Tensor& out) {
+  check_flow_step(sampler == StepSampler::kEuler ? "euler_step" : "euler_ancestral_step", sample, model_output,
+                  uncond, guidance, guidance_rescale, sample_offset, out);
+  check_sigma_table(sigmas, step_index, sample);
+  euler.param = parse_param(std::string(parameterization));
+  at::Tensor x0 = return_pred_x0 ? at::empty_like(sample) : at::empty({0}, sample.options());
+  FlowStepCall call{sampler, sample, model_output, uncond.has_value() ? &*uncond : nullptr,
+                    guidance.has_value() ? &*guidance : nullptr, &sigmas, &step_index, nullptr, 1, 1, nullptr, 1, 1,
+                    euler, guidance_rescale, nullptr, std::move(generator), return_pred_x0 ? &x0 : nullptr, out,
+                    sample_offset};
+  if (call.adds_noise() && noise.has_value()) {
+    check_data("noise", *noise, sample);
+    call.noise = &*noise;
+  }
+  K::flow_step(call);
+  return x0;
+}
+
+template <typename K>
+at::Tensor euler_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_output,
+                                 const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
+                                 const at::Tensor& sigmas, const at::Tensor& step_index,
+                                 c10::string_view parameterization, double s_churn, double s_tmin, double s_tmax,
+                                 double s_noise, double guidance_rescale, const std::optional<at::Tensor>& noise,
+                                 std::optional<at::Generator> generator, int64_t sample_offset, bool return_pred_x0,
+                                 const at::Tensor& out) {
+  TORCH_CHECK(s_churn >= 0, "ddpm_kernels: s_churn must be >= 0, got ", s_churn);
+  TORCH_CHECK(!std::isnan(s_tmin) && !std::isnan(s_tmax), "ddpm_kernels: s_tmin and s_tmax must not be NaN");
+  TORCH_CHECK(std::isfinite(s_noise), "ddpm_kernels: s_noise must be finite, got ", s_noise);
+  EulerOptions euler;
+  // gamma inside the window (the reference's min(s_churn / (len(sigmas) - 1), sqrt(2) - 1)); 0: no churn
+  euler.churn = s_churn > 0 ? std::min(s_churn / static_cast<double>(sigmas.numel() - 1), std::sqrt(2.0) - 1) : 0.0;
+  euler.s_tmin = s_tmin;
+  euler.s_tmax = s_tmax;
+  euler.s_noise = s_noise;
+  return euler_out<K>(StepSampler::kEuler, euler, parameterization, sample, model_output, uncond, guidance, sigmas,
+                      step_index, guidance_rescale, noise, std::move(generator), sample_offset, return_pred_x0, out);
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor> euler_step_kernel(
+    const at::Tensor& sample, const at::Tensor& model_output, const std::optional<at::Tensor>& uncond,
+    const std::optional<at::Tensor>& guidance, const at::Tensor& sigmas, const at::Tensor& step_index,
+    c10::string_view parameterization, double s_churn, double s_tmin, double s_tmax, double s_noise,
+    double guidance_rescale, const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
+    int64_t sample_offset, bool return_pred_x0) {
+  at::Tensor out = at::empty_like(sample);
+  at::Tensor x0 = euler_step_out_kernel<K>(sample, model_output, uncond, guidance, sigmas, step_index,
+                                           parameterization, s_churn, s_tmin, s_tmax, s_noise, guidance_rescale,
+                                           noise, std::move(generator), sample_offset, return_pred_x0, out);
+  return {out, x0};
+}
+
+template <typename K>
+at::Tensor euler_ancestral_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_output,
+                                           const std::optional<at::Tensor>& uncond,
+                                           const std::optional<at::Tensor>& guidance, const at::Tensor& sigmas,
+                                           const at::Tensor& step_index, c10::string_view parameterization,
+                                           double guidance_rescale, const std::optional<at::Tensor>& noise,
+                                           std::optional<at::Generator> generator, int64_t sample_offset,
+                                           bool return_pred_x0, const at::Tensor& out) {
+  return euler_out<K>(StepSampler::kEulerAncestral, EulerOptions{}, parameterization, sample, model_output, uncond,
+                      guidance, sigmas, step_index, guidance_rescale, noise, std::move(generator), sample_offset,
+                      return_pred_x0, out);
+}
+
+template <typename K>
+std::tuple<at::Tensor, at::Tensor> euler_ancestral_step_kernel(
+    const at::Tensor& sample, const at::Tensor& model_output, const std::optional<at::Tensor>& uncond,
+    const std::optional<at::Tensor>& guidance, const at::Tensor& sigmas, const at::Tensor& step_index,
+    c10::string_view parameterization, double guidance_rescale, const std::optional<at::Tensor>& noise,
+    std::optional<at::Generator> generator, int64_t sample_offset, bool return_pred_x0) {
+  at::Tensor out = at::empty_like(sample);
+  at::Tensor x0 = euler_ancestral_step_out_kernel<K>(sample, model_output, uncond, guidance, sigmas, step_index,
+                                                     parameterization, guidance_rescale, noise, std::move(generator),
+                                                     sample_offset, return_pred_x0, out);
+  return {out, x0};
+}
+
+// ------------------------------------------------------------------------------------------ flow loss
 inline FlowLossCall flow_loss_call(const at::Tensor& model_output, const at::Tensor& x0, const at::Tensor& noise,
                                    const at::Tensor& sigma, int64_t sigma_period, int64_t sigma_repeat,
                                    c10::string_view weighting, c10::string_view loss_type) {
@@ -451,6 +556,10 @@ void register_kernels(torch::Library& m) {
   m.impl("flow_interpolate_backward", &flow_interpolate_backward_kernel<K>);
   m.impl("flow_step", &flow_step_kernel<K>);
   m.impl("flow_step_out", &flow_step_out_kernel<K>);
+  m.impl("euler_step", &euler_step_kernel<K>);
+  m.impl("euler_step_out", &euler_step_out_kernel<K>);
+  m.impl("euler_ancestral_step", &euler_ancestral_step_kernel<K>);
+  m.impl("euler_ancestral_step_out", &euler_ancestral_step_out_kernel<K>);
   m.impl("flow_loss", &flow_loss_kernel<K>);
   m.impl("flow_loss_backward", &flow_loss_backward_kernel<K>);
   // the multistep-solver family (csrc/solver_host.h)

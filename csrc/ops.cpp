@@ -109,6 +109,33 @@ TORCH_LIBRARY(ddpm_kernels, m) {
       "int sigma_next_period, int sigma_next_repeat, bool stochastic, float guidance_rescale, Tensor? noise, "
       "Generator? generator, int sample_offset, Tensor(a!) out) -> ()",
       {at::Tag::nondeterministic_seeded});
+  // The Euler steps on a Karras sigma table (diffusers' EulerDiscreteScheduler / EulerAncestralDiscreteScheduler):
+  // the flow step's kernels with an Euler sampler (csrc/flow.h), sigmas gathered from the table by step_index.
+  // They return (x', x0); x0 is a zero-element tensor unless return_pred_x0. The *_out forms write x' into `out`
+  // (which may be sample) and return x0. Noise is read or drawn only when the step has a noise term (ancestral;
+  // Euler with s_churn > 0).
+  m.def(
+      "euler_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor sigmas, "
+      "Tensor step_index, str parameterization, float s_churn, float s_tmin, float s_tmax, float s_noise, "
+      "float guidance_rescale, Tensor? noise, Generator? generator, int sample_offset, bool return_pred_x0) "
+      "-> (Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "euler_step_out(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor sigmas, "
+      "Tensor step_index, str parameterization, float s_churn, float s_tmin, float s_tmax, float s_noise, "
+      "float guidance_rescale, Tensor? noise, Generator? generator, int sample_offset, bool return_pred_x0, "
+      "Tensor(a!) out) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "euler_ancestral_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor sigmas, "
+      "Tensor step_index, str parameterization, float guidance_rescale, Tensor? noise, Generator? generator, "
+      "int sample_offset, bool return_pred_x0) -> (Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "euler_ancestral_step_out(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, "
+      "Tensor sigmas, Tensor step_index, str parameterization, float guidance_rescale, Tensor? noise, "
+      "Generator? generator, int sample_offset, bool return_pred_x0, Tensor(a!) out) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
   // The loss as a 0-d tensor of the compute dtype; backward w.r.t. model_output.
   m.def(
       "flow_loss(Tensor model_output, Tensor x0, Tensor noise, Tensor sigma, int sigma_period, int sigma_repeat, "

@@ -449,11 +449,18 @@ _EULER_TABLE = (
             Option("s_noise", 1.0, functools.partial(_c._check_weight, "s_noise")),
         ) + _EULER_TAIL,
         outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
+        schema="euler_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor sigmas, "
+        "Tensor step_index, str parameterization, float s_churn, float s_tmin, float s_tmax, float s_noise, "
+        "float guidance_rescale, Tensor? noise, Generator? generator, int sample_offset, bool return_pred_x0) "
+        "-> (Tensor, Tensor)",
     ),
     OpSpec(
         "euler_ancestral_step", "sigma", "sample", like=("model_output",), optional=("noise",), timesteps=(),
         sigmas=("sigmas",), options=(PREDICTION_TYPE,) + _EULER_TAIL,
         outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
+        schema="euler_ancestral_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, "
+        "Tensor sigmas, Tensor step_index, str parameterization, float guidance_rescale, Tensor? noise, "
+        "Generator? generator, int sample_offset, bool return_pred_x0) -> (Tensor, Tensor)",
     ),
 )
 

@@ -189,13 +189,19 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
         sample_offset,
         opts.return_pred_x0,
     )
+    return _run_step(op, args, fmt, out, opts.return_pred_x0)
+
+
+def _run_step(op, args, fmt, out, return_pred_x0):
+    """A step operator returning ``(x', x0)`` (``op``, or ``op_out`` writing ``out`` when it fits ``fmt``): ``x'``,
+    or ``(x', x0)`` with ``return_pred_x0``."""
     if _fits(out, fmt):
         x0 = getattr(_ops(), op + "_out")(*args, out)
         result = out
     else:
         result, x0 = getattr(_ops(), op)(*args)
         result = _store(result, out)
-    return (result, x0) if opts.return_pred_x0 else result
+    return (result, x0) if return_pred_x0 else result
 
 
 # ---------------------------------------------------------------------------------------------- flow matching
@@ -274,6 +280,31 @@ def solver_step(sample, model_output, uncond, guidance, coefficients, step_index
     return _store(_ops().solver_step(*args), out)
 
 
+def euler_step(sample, model_output, uncond, guidance, sigmas, step_index, opts, noise=None, generator=None,
+               out=None, sample_offset=0):
+    """``euler_step`` and ``euler_ancestral_step`` (``opts.sampler``): the flow step's kernels with an Euler
+    sampler (csrc/flow.h), on the sigma table."""
+    fmt = dense_format(sample)
+    guided = opts.guided
+    churn = (opts.s_churn, opts.s_tmin, opts.s_tmax, opts.s_noise) if opts.sampler == "euler" else ()
+    args = (
+        in_format(sample, fmt),
+        in_format(model_output, fmt),
+        in_format(uncond, fmt) if guided else None,
+        guidance if guided else None,
+        sigmas,
+        step_index,
+        opts.parameterization,
+        *churn,
+        opts.guidance_rescale if guided else 0.0,
+        in_format(noise, fmt) if opts.adds_noise else None,  # no noise term: nothing read or drawn
+        generator,
+        sample_offset,
+        opts.return_pred_x0,
+    )
+    return _run_step(opts.sampler + "_step", args, fmt, out, opts.return_pred_x0)
+
+
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):
     fmt = dense_format(model_output)
     return _ops().flow_loss(
@@ -299,6 +330,8 @@ OPS = {
     "flow_step": flow_step,
     "flow_loss": flow_loss,
     "solver_step": solver_step,
+    "euler_step": euler_step,
+    "euler_ancestral_step": euler_step,
 }
 # Gradients the compiled kernels give (csrc/autograd.cpp); other inputs that need one take the reference.
 DIFFERENTIABLE = {

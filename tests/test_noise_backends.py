@@ -245,9 +245,10 @@ def test_randn_stream_is_what_the_ops_draw(backend):
         dk.randn_stream(shape, sample_offset=-2, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["euler_step", "euler_ancestral_step"])
-def test_euler_steps_shard_with_sample_offset(op):
-    """The Euler steps (reference only for now) draw the same stream: 8 = 4 + 4 with sample_offset."""
+def test_euler_steps_shard_with_sample_offset(op, backend):
+    """The Euler steps draw the same stream on every backend: 8 = 4 + 4 with sample_offset."""
     x = torch.randn(8, 2, 3, 5, generator=torch.Generator().manual_seed(5))
     v = torch.randn(8, 2, 3, 5, generator=torch.Generator().manual_seed(6))
     sigmas, index = torch.linspace(10, 0, 11), torch.full((8,), 2)
@@ -256,7 +257,7 @@ def test_euler_steps_shard_with_sample_offset(op):
 
     def call(rows, sample_offset):
         return fn(x[rows], v[rows], sigmas, index[rows], generator=torch.Generator().manual_seed(3),
-                  backend="reference", sample_offset=sample_offset, **kw)
+                  backend=backend, sample_offset=sample_offset, **kw)
 
     whole = call(slice(0, 8), 0)
     assert torch.equal(whole, torch.cat([call(slice(0, 4), 0), call(slice(4, 8), 4)]))

@@ -65,7 +65,8 @@ def test_generated_fakes_shape_every_output(name):
     with FakeTensorMode() as mode:
         x = mode.from_tensor(torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last))
         args = {tensor: x for tensor in spec.like + spec.optional + (spec.data,)}
-        args.update(t=mode.from_tensor(torch.zeros(2, dtype=torch.int64)), t_prev=mode.from_tensor(torch.zeros(2, dtype=torch.int64)))
+        index = mode.from_tensor(torch.zeros(2, dtype=torch.int64))
+        args.update(t=index, t_prev=index, step_index=index)
         args.update(table=mode.from_tensor(s.table()), table64=mode.from_tensor(s.table(torch.float64)))
         # the flow-matching family: per-sample sigma operands (period 1)
         args.update({n: mode.from_tensor(torch.full((2,), 0.5)) for n in spec.sigmas})

@@ -1,6 +1,16 @@
-// CPU kernels of the flow-matching family (csrc/flow.h): the interpolant and the step are one pass of the
-// family loop; the step's guidance rescale adds one reduction pass first (cpu/guidance.h); the loss is a
-// chunked reduction (deterministic: fixed chunks, float64 partials) and its backward one pass.
+// CPU kernels of the flow-matching family (csrc/flow.h): the interpolant and the step (the flow step and the
+// Euler steps on a sigma table) are one pass of the family loop; the step's guidance rescale adds one reduction
+// pass first (cpu/guidance.h); the loss is a chunked reduction (deterministic: fixed chunks, float64 partials)
+// and its backward one pass.
+// The Euler samplers round every product before its sum, as the reference does (csrc/flow.h, euler_element):
+// no contraction into fused multiply-adds in this file (GCC contracts `a * b + c` by default, also for at::vec
+// lanes; the kernels' intended fused multiply-adds are explicit at::vec::fmadd calls, madd).
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include <vector>
 
 #include "guidance.h"
@@ -31,29 +41,47 @@ void Kernels::flow_interpolate(const FlowInterpolateCall& call) {
   });
 }
 
+// Every sampler of the step kernel (csrc/flow.h): the flow samplers specialised by per-token sigmas, the Euler
+// samplers by the parameterization; a step without a noise term compiles no noise source.
 void Kernels::flow_step(const FlowStepCall& call) {
   const int64_t numel = call.sample.numel();
   DDPM_DISPATCH_FLOATING(call.sample.scalar_type(), "ddpm_kernels_flow_step", [&] {
     using Noise = CpuNoise<scalar_t>;
-    // p_sample's scheme: the key is drawn for every stochastic call without given noise, even an empty one
-    const typename Noise::Spec spec = Noise::spec(call.noise, call.stochastic, call.generator, call.sample, call.sample_offset);
+    // p_sample's scheme: the key is drawn for every drawing call without given noise, even an empty one
+    const typename Noise::Spec spec =
+        Noise::spec(call.noise, call.adds_noise(), call.generator, call.sample, call.sample_offset);
     if (numel == 0) return;
     const int64_t B = call.sample.size(0), N = numel / B;
     std::vector<double> sums;
+    const auto run = [&](auto S, auto P, auto G, auto T) {
+      auto f = FlowStepKernel<scalar_t, decltype(S), decltype(P), decltype(G), decltype(T)>::make(call, S, P, G, T);
+      prepare_rescale(f.guide, B, sums);
+      if constexpr (decltype(S)::value == StepSampler::kFlow) {
+        run_family<scalar_t>(f, numel, N);
+      } else {
+        run_family<scalar_t>(f, numel, N, Noise(spec));
+      }
+    };
+    using Eps = std::integral_constant<Param, Param::kEps>;  // unread by the flow samplers
     with_bool(call.guided(), [&](auto G) {
-      with_bool(call.per_token(), [&](auto T) {
-        if (call.stochastic) {
-          auto f = FlowStepKernel<scalar_t, std::true_type, decltype(G), decltype(T)>::make(call, std::true_type(),
-                                                                                              G, T);
-          prepare_rescale(f.guide, B, sums);
-          run_family<scalar_t>(f, numel, N, Noise(spec));
-        } else {
-          auto f = FlowStepKernel<scalar_t, std::false_type, decltype(G), decltype(T)>::make(call, std::false_type(),
-                                                                                               G, T);
-          prepare_rescale(f.guide, B, sums);
-          run_family<scalar_t>(f, numel, N);
-        }
-      });
+      switch (call.sampler) {
+        case StepSampler::kFlow:
+          return with_bool(call.per_token(), [&](auto T) {
+            run(std::integral_constant<StepSampler, StepSampler::kFlow>(), Eps(), G, T);
+          });
+        case StepSampler::kFlowStochastic:
+          return with_bool(call.per_token(), [&](auto T) {
+            run(std::integral_constant<StepSampler, StepSampler::kFlowStochastic>(), Eps(), G, T);
+          });
+        case StepSampler::kEuler:
+          return with_param(call.euler.param, [&](auto P) {
+            run(std::integral_constant<StepSampler, StepSampler::kEuler>(), P, G, std::false_type());
+          });
+        case StepSampler::kEulerAncestral:
+          return with_param(call.euler.param, [&](auto P) {
+            run(std::integral_constant<StepSampler, StepSampler::kEulerAncestral>(), P, G, std::false_type());
+          });
+      }
     });
   });
 }

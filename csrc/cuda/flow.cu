@@ -1,6 +1,7 @@
-// CUDA kernels of the flow-matching family (csrc/flow.h): the interpolant, the step and the loss backward are
-// the family kernel (launch.cuh); the guidance rescale is one reduction launch before the step
-// (cuda/guidance.cuh), the loss a two-launch reduction. Flags are runtime values (uniform branches): one instantiation per dtype.
+// CUDA kernels of the flow-matching family (csrc/flow.h): the interpolant, the step (the flow step and the
+// Euler steps on a sigma table) and the loss backward are the family kernel (launch.cuh); the guidance rescale
+// is one reduction launch before the step (cuda/guidance.cuh), the loss a two-launch reduction. Flags are
+// runtime values (uniform branches): one instantiation per dtype.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -70,23 +71,26 @@ void Kernels::flow_interpolate(const FlowInterpolateCall& call) {
   });
 }
 
+// Every sampler of the step kernel (csrc/flow.h), one instantiation per dtype.
 void Kernels::flow_step(const FlowStepCall& call) {
   const int64_t numel = call.sample.numel();
   c10::cuda::CUDAGuard guard(call.sample.device());  // first: sm_count() reads the current device
+  const bool draw = call.adds_noise();
   if (numel == 0) {
     // a drawing call consumes the generator whatever the batch size, as on every backend
-    if (call.stochastic && call.noise == nullptr) take_stream_state(call.generator);
+    if (draw && call.noise == nullptr) take_stream_state(call.generator);
     return;
   }
   const int64_t B = call.sample.size(0), N = numel / B;
   DDPM_DISPATCH_FLOATING(call.sample.scalar_type(), "ddpm_kernels_flow_step_cuda", [&] {
-    auto f = FlowStepKernel<scalar_t, bool, bool, bool>::make(call, call.stochastic, call.guided(), call.per_token());
+    auto f = FlowStepKernel<scalar_t, StepSampler, Param, bool, bool>::make(call, call.sampler, call.euler.param,
+                                                                           call.guided(), call.per_token());
     const at::Tensor sums = prepare_rescale(f.guide, B, call.sample.options());
     run_family<scalar_t>(f, numel, N,
                          {call.sample.const_data_ptr(), call.model_output.const_data_ptr(),
                           call.uncond != nullptr ? call.uncond->const_data_ptr() : nullptr,
-                          call.out.const_data_ptr()},
-                         call.noise, call.stochastic, call.generator, call.sample_offset);
+                          call.out.const_data_ptr(), call.x0 != nullptr ? call.x0->const_data_ptr() : nullptr},
+                         call.noise, draw, call.generator, call.sample_offset);
   });
 }
 
