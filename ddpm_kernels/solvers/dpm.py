@@ -1,0 +1,215 @@
+"""DPM-Solver (Lu et al. 2022, arXiv:2206.00927) and DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095) multistep,
+ODE and SDE forms, as `solver_step` coefficient tables: the steps of diffusers' ``DPMSolverMultistepScheduler``.
+
+A step from sigma ``s0 = sigmas[i]`` to ``t = sigmas[i + 1]`` with ``lambda = log(alpha) - log(sigma)`` and
+``h = lambda_t - lambda_s0`` is ``x' = a x + b0 D0 + b1 D1 + b2 D2 (+ n z)``, where ``D0, D1, D2`` are divided
+differences of the last one to three converted model outputs ``m0, m1, m2`` (x0 predictions for the ``++``
+forms, noise predictions otherwise) over the lambda grid. Those are linear in ``m0, m1, m2``, so the whole step
+is one row of coefficients: ``p_xc = a``, ``p_m`` on ``m0`` and ``p_hist[0]``, ``p_hist[1]`` on the outputs one
+and two steps back (the ring of ``solver_order - 1`` slots). The model output is converted to the solver's form
+by the row's ``x0_*`` / ``m_*`` columns; everything is computed here in float64 from the scheduler's sigma
+table. See docs/design.md, "Multistep solvers" / "DPM-Solver".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._spec import SolverColumns
+
+__all__ = ["ALGORITHMS", "dpm_solver_coefficients", "dpm_solver_orders", "dpm_solver_slots"]
+
+ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+_SOLVER_TYPES = ("midpoint", "heun")
+_PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
+_FINAL_SIGMAS = ("zero", "sigma_min")
+
+
+def dpm_solver_slots(solver_order: int) -> int:
+    """The history ring a DPM-Solver of ``solver_order`` needs: the ``solver_order - 1`` earlier outputs (none for
+    the first order, whose table has no history columns)."""
+    return solver_order - 1
+
+
+def dpm_solver_orders(steps: int, *, solver_order: int = 2, lower_order_final: bool = True,
+                      euler_at_final: bool = False, final_sigmas_type: str = "zero", begin_index: int = 0) -> list:
+    """The order of each of ``steps`` steps, as ``DPMSolverMultistepScheduler.step`` chooses it: a warm-up of
+    lower orders while the earlier outputs accumulate (counted from ``begin_index``), the first order at the last
+    step with ``euler_at_final``, a zero final sigma, or ``lower_order_final`` under 15 steps, and at most the
+    second order at the step before it in that last case. Steps before ``begin_index`` are given the orders of a
+    start there (first order)."""
+    orders = []
+    short = lower_order_final and steps < 15
+    for i in range(steps):
+        taken = max(i - begin_index, 0)  # the stock lower_order_nums, capped below by the order anyway
+        last = i == steps - 1 and (euler_at_final or short or final_sigmas_type == "zero")
+        second_last = i == steps - 2 and short
+        if solver_order == 1 or taken < 1 or last:
+            orders.append(1)
+        elif solver_order == 2 or taken < 2 or second_last:
+            orders.append(2)
+        else:
+            orders.append(3)
+    return orders
+
+
+def _alpha_sigma(sigma: float, flow_sigmas: bool) -> tuple:
+    """The scheduler's (alpha_t, sigma_t) of a sigma: VP (alpha = 1/sqrt(sigma^2 + 1), sigma_t = sigma alpha) or
+    flow matching (alpha = 1 - sigma, sigma_t = sigma)."""
+    if flow_sigmas:
+        return 1.0 - sigma, sigma
+    alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+    return alpha, sigma * alpha
+
+
+def _lambda(alpha: float, sigma: float) -> float:
+    if sigma == 0.0:
+        return math.inf
+    return math.log(alpha) - math.log(sigma)
+
+
+def _update(algorithm: str, solver_type: str, order: int, h: float, alpha_t: float, sigma_t: float,
+            ratio: float) -> tuple:
+    """``(a, b0, b1, b2, n)``: the weights of the sample, ``D0``, ``D1``, ``D2`` and the noise in the stock update
+    of this order (``b1`` / ``b2`` 0 where the order has no such term). ``ratio`` is ``sigma_t / sigma_s0`` for
+    the ``++`` forms and ``alpha_t / alpha_s0`` otherwise. A final ``h = inf`` (sigma_t = 0) takes the limits."""
+    inf = math.isinf(h)
+    if algorithm in ("dpmsolver++", "sde-dpmsolver++"):
+        sde = algorithm == "sde-dpmsolver++"
+        g = 2.0 * h if sde else h  # the ODE form integrates over h, the SDE form over 2h
+        e = 1.0 if inf else -math.expm1(-g)  # 1 - exp(-g)
+        e_over = 0.0 if inf else e / g  # (1 - exp(-g)) / g
+        a = ratio * (0.0 if inf else math.exp(-h)) if sde else ratio
+        b0 = alpha_t * e
+        if order == 2 and solver_type == "midpoint":
+            b1 = 0.5 * b0
+        else:
+            b1 = alpha_t * (1.0 - e_over)
+        # ODE: -alpha ((exp(-h) - 1 + h) / h^2 - 1/2); SDE: alpha ((1 - exp(-2h) - 2h) / (2h)^2 - 1/2)
+        b2 = 0.0
+        if order == 3:  # with q = (g - e) / g^2 (-> 0 as g -> inf)
+            q = 0.0 if inf else (g - e) / (g * g)
+            b2 = -alpha_t * (0.5 + q) if sde else alpha_t * (0.5 - q)
+        n = sigma_t * math.sqrt(e) if sde else 0.0
+        return a, b0, b1, b2, n
+    sde = algorithm == "sde-dpmsolver"
+    e = math.expm1(h)  # exp(h) - 1
+    scale = 2.0 if sde else 1.0
+    b0 = -scale * sigma_t * e
+    if order == 2 and solver_type == "midpoint":
+        b1 = -0.5 * scale * sigma_t * e
+    else:
+        b1 = -scale * sigma_t * (e / h - 1.0)
+    b2 = -sigma_t * ((e - h) / (h * h) - 0.5) if order == 3 else 0.0
+    n = sigma_t * math.sqrt(math.expm1(2.0 * h)) if sde else 0.0
+    return ratio, b0, b1, b2, n
+
+
+def _weights(order: int, b0: float, b1: float, b2: float, r0: float, r1: float) -> tuple:
+    """The weights of ``m0, m1, m2`` in ``b0 D0 + b1 D1 + b2 D2`` with the stock divided differences
+    (``D1 = (m0 - m1)/r0`` at the second order; at the third ``D1_0 = (m0 - m1)/r0``, ``D1_1 = (m1 - m2)/r1``,
+    ``D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1)``, ``D2 = (D1_0 - D1_1)/(r0 + r1)``)."""
+    if order == 1:
+        return b0, 0.0, 0.0
+    if order == 2:
+        return b0 + b1 / r0, -b1 / r0, 0.0
+    k = (b1 * r0 + b2) / (r0 + r1)  # the weight of D1_0 - D1_1
+    return b0 + b1 / r0 + k / r0, -b1 / r0 - k * (1.0 / r0 + 1.0 / r1), k / r1
+
+
+def _conversion(row: list, col: SolverColumns, algorithm: str, prediction: str, thresholding: bool, sigma: float,
+                alpha_s: float, sigma_s: float) -> None:
+    """The ``x0_*`` / ``m_*`` columns: the model output in the solver's form, as ``convert_model_output``."""
+    plus = algorithm in ("dpmsolver++", "sde-dpmsolver++")
+    # x0 = x0_sample x + x0_output y per prediction type (flow: the raw sigma, as the stock conversion reads it)
+    x0 = {"epsilon": (1.0 / alpha_s, -sigma_s / alpha_s), "sample": (0.0, 1.0),
+          "v_prediction": (alpha_s, -sigma_s), "flow_prediction": (1.0, -sigma)}[prediction]
+    if plus:
+        row[col.x0_sample], row[col.x0_output] = x0
+        row[col.m_x0] = 1.0
+    elif thresholding:
+        # the noise prediction back from the thresholded x0: eps = (x - alpha x0) / sigma
+        row[col.x0_sample], row[col.x0_output] = x0
+        row[col.m_sample], row[col.m_x0] = 1.0 / sigma_s, -alpha_s / sigma_s
+    elif prediction == "epsilon":
+        row[col.m_output] = 1.0  # the output as it is
+    elif prediction == "sample":
+        row[col.m_sample], row[col.m_output] = 1.0 / sigma_s, -alpha_s / sigma_s
+    else:  # v: eps = alpha v + sigma x
+        row[col.m_sample], row[col.m_output] = sigma_s, alpha_s
+
+
+def _check(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def dpm_solver_coefficients(
+    sigmas,
+    *,
+    algorithm_type: str = "dpmsolver++",
+    solver_order: int = 2,
+    solver_type: str = "midpoint",
+    prediction_type: str = "epsilon",
+    thresholding: bool = False,
+    lower_order_final: bool = True,
+    euler_at_final: bool = False,
+    final_sigmas_type: str = "zero",
+    flow_sigmas: bool = False,
+    begin_index: int = 0,
+) -> torch.Tensor:
+    """The `solver_step` coefficient table of ``DPMSolverMultistepScheduler`` on the sigma table ``sigmas`` (the
+    scheduler's ``sigmas`` after ``set_timesteps``: ``steps + 1`` values, the last one the final sigma): a float64
+    CPU tensor of shape ``(steps, SolverColumns(dpm_solver_slots(solver_order)).width)``, row ``i`` the step from
+    ``sigmas[i]`` to ``sigmas[i + 1]`` at the order `dpm_solver_orders` gives it.
+
+    Options as the scheduler's config: ``flow_sigmas`` is ``use_flow_sigmas`` (alpha = 1 - sigma); Karras /
+    exponential / beta / Lu sigmas, timestep spacing and shifts only change ``sigmas``. ``thresholding`` makes the
+    row compute an x0 to threshold (pass the step's ``threshold_ratio`` / ``threshold_max``); the ``++`` forms
+    always do. ``begin_index``: the first step of the loop, where the warm-up starts."""
+    _check("algorithm_type", algorithm_type, ALGORITHMS)
+    _check("solver_type", solver_type, _SOLVER_TYPES)
+    _check("prediction_type", prediction_type, _PREDICTIONS)
+    _check("final_sigmas_type", final_sigmas_type, _FINAL_SIGMAS)
+    if type(solver_order) is not int or solver_order not in (1, 2, 3):
+        raise ValueError(f"solver_order: expected 1, 2 or 3, got {solver_order!r}")
+    if prediction_type == "flow_prediction" and algorithm_type in ("dpmsolver", "sde-dpmsolver"):
+        raise ValueError(f"prediction_type: 'flow_prediction' needs a DPM-Solver++ algorithm_type, got "
+                         f"{algorithm_type!r}")
+    if type(begin_index) is not int or begin_index < 0:
+        raise ValueError(f"begin_index: expected an int >= 0, got {begin_index!r}")
+    values = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).reshape(-1).tolist() \
+        if isinstance(sigmas, torch.Tensor) else [float(s) for s in sigmas]
+    if len(values) < 2 or not all(math.isfinite(s) and s >= 0.0 for s in values):
+        raise ValueError(f"sigmas: expected at least 2 finite sigmas >= 0 (steps + 1), got {len(values)} "
+                         f"({'' if len(values) < 2 else 'with a negative or non-finite value'})")
+    steps = len(values) - 1
+    orders = dpm_solver_orders(steps, solver_order=solver_order, lower_order_final=lower_order_final,
+                               euler_at_final=euler_at_final, final_sigmas_type=final_sigmas_type,
+                               begin_index=begin_index)
+    if algorithm_type == "sde-dpmsolver" and 3 in orders:
+        raise ValueError("algorithm_type: 'sde-dpmsolver' has no third-order step (solver_order 3 reaches one)")
+    col = SolverColumns(dpm_solver_slots(solver_order))
+    alphas, sigma_ts = zip(*(_alpha_sigma(s, flow_sigmas) for s in values))
+    lambdas = [_lambda(a, s) for a, s in zip(alphas, sigma_ts)]
+    plus = algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
+    table = []
+    for i, order in enumerate(orders):
+        row = [0.0] * col.width
+        _conversion(row, col, algorithm_type, prediction_type, thresholding, values[i], alphas[i], sigma_ts[i])
+        h = lambdas[i + 1] - lambdas[i]
+        r0 = (lambdas[i] - lambdas[i - 1]) / h if order >= 2 else 0.0
+        r1 = (lambdas[i - 1] - lambdas[i - 2]) / h if order >= 3 else 0.0
+        ratio = sigma_ts[i + 1] / sigma_ts[i] if plus else alphas[i + 1] / alphas[i]
+        a, b0, b1, b2, n = _update(algorithm_type, solver_type, order, h, alphas[i + 1], sigma_ts[i + 1], ratio)
+        w0, w1, w2 = _weights(order, b0, b1, b2, r0, r1)
+        row[col.c_sample] = 1.0  # x_c is the sample (no corrector)
+        row[col.p_xc], row[col.p_m], row[col.p_noise] = a, w0, n
+        if order >= 2:
+            row[col.p_hist] = w1
+        if order >= 3:
+            row[col.p_hist + 1] = w2
+        table.append(row)
+    return torch.tensor(table, dtype=torch.float64)
