@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .._spec import SolverColumns
@@ -60,14 +61,14 @@ def _alpha_sigma(sigma: float, flow_sigmas: bool) -> tuple:
     flow matching (alpha = 1 - sigma, sigma_t = sigma)."""
     if flow_sigmas:
         return 1.0 - sigma, sigma
-    alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+    alpha = 1.0 / np.sqrt(sigma * sigma + 1.0)
     return alpha, sigma * alpha
 
 
 def _lambda(alpha: float, sigma: float) -> float:
     if sigma == 0.0:
         return math.inf
-    return math.log(alpha) - math.log(sigma)
+    return np.log(alpha) - np.log(sigma)
 
 
 def _update(algorithm: str, solver_type: str, order: int, h: float, alpha_t: float, sigma_t: float,
@@ -79,9 +80,9 @@ def _update(algorithm: str, solver_type: str, order: int, h: float, alpha_t: flo
     if algorithm in ("dpmsolver++", "sde-dpmsolver++"):
         sde = algorithm == "sde-dpmsolver++"
         g = 2.0 * h if sde else h  # the ODE form integrates over h, the SDE form over 2h
-        e = 1.0 if inf else -math.expm1(-g)  # 1 - exp(-g)
+        e = 1.0 if inf else -np.expm1(-g)  # 1 - exp(-g)
         e_over = 0.0 if inf else e / g  # (1 - exp(-g)) / g
-        a = ratio * (0.0 if inf else math.exp(-h)) if sde else ratio
+        a = ratio * (0.0 if inf else np.exp(-h)) if sde else ratio
         b0 = alpha_t * e
         if order == 2 and solver_type == "midpoint":
             b1 = 0.5 * b0
@@ -92,10 +93,10 @@ def _update(algorithm: str, solver_type: str, order: int, h: float, alpha_t: flo
         if order == 3:  # with q = (g - e) / g^2 (-> 0 as g -> inf)
             q = 0.0 if inf else (g - e) / (g * g)
             b2 = -alpha_t * (0.5 + q) if sde else alpha_t * (0.5 - q)
-        n = sigma_t * math.sqrt(e) if sde else 0.0
+        n = sigma_t * np.sqrt(e) if sde else 0.0
         return a, b0, b1, b2, n
     sde = algorithm == "sde-dpmsolver"
-    e = math.expm1(h)  # exp(h) - 1
+    e = np.expm1(h)  # exp(h) - 1
     scale = 2.0 if sde else 1.0
     b0 = -scale * sigma_t * e
     if order == 2 and solver_type == "midpoint":
@@ -103,7 +104,7 @@ def _update(algorithm: str, solver_type: str, order: int, h: float, alpha_t: flo
     else:
         b1 = -scale * sigma_t * (e / h - 1.0)
     b2 = -sigma_t * ((e - h) / (h * h) - 0.5) if order == 3 else 0.0
-    n = sigma_t * math.sqrt(math.expm1(2.0 * h)) if sde else 0.0
+    n = sigma_t * np.sqrt(np.expm1(2.0 * h)) if sde else 0.0
     return ratio, b0, b1, b2, n
 
 
@@ -192,6 +193,13 @@ def dpm_solver_coefficients(
     if algorithm_type == "sde-dpmsolver" and 3 in orders:
         raise ValueError("algorithm_type: 'sde-dpmsolver' has no third-order step (solver_order 3 reaches one)")
     col = SolverColumns(dpm_solver_slots(solver_order))
+    # IEEE float64 throughout: a repeated sigma (h = 0) gives the stock step's infinities and NaNs, not an error
+    values = [np.float64(s) for s in values]
+    with np.errstate(all="ignore"):
+        return _table(values, orders, col, algorithm_type, solver_type, prediction_type, thresholding, flow_sigmas)
+
+
+def _table(values, orders, col, algorithm_type, solver_type, prediction_type, thresholding, flow_sigmas):
     alphas, sigma_ts = zip(*(_alpha_sigma(s, flow_sigmas) for s in values))
     lambdas = [_lambda(a, s) for a, s in zip(alphas, sigma_ts)]
     plus = algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
