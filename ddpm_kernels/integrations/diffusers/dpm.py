@@ -60,7 +60,7 @@ class _Tables:
     table per (first step index, device)."""
 
     __slots__ = ("timesteps", "t_version", "sigmas", "s_version", "root", "host_timesteps", "host_array",
-                 "host_sigmas", "stock", "coefficients")
+                 "host_sigmas", "sigma_values", "stock", "coefficients")
 
 
 class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultistepScheduler):
@@ -120,7 +120,7 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
         tables.timesteps, tables.sigmas = ts, sg
         tables.t_version, tables.s_version = getattr(ts, "_version", None), getattr(sg, "_version", None)
         tables.host_timesteps, tables.host_sigmas = _host_copy(ts), _host_copy(sg)
-        tables.coefficients, tables.stock, tables.root, tables.host_array = {}, None, None, None
+        tables.coefficients, tables.stock, tables.root, tables.host_array, tables.sigma_values = {}, None, None, None, None
         config = self.config
         if not (isinstance(sg, torch.Tensor) and sg.dtype.is_floating_point and sg.ndim == 1 and sg.shape[0] >= 2):
             what = (f"{sg.dtype} tensor of shape {tuple(sg.shape)}" if isinstance(sg, torch.Tensor)
@@ -133,6 +133,7 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
         else:
             tables.root = ts if ts._base is None else ts._base
             tables.host_array = tables.host_timesteps.numpy()
+            tables.sigma_values = tables.host_sigmas.tolist()  # the stock values, exactly
             if config.thresholding:
                 try:
                     _step_options((False, None, config.dynamic_thresholding_ratio, config.sample_max_value, 0.0),
@@ -151,7 +152,7 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
             config = self.config
             try:
                 table = dpm_solver_coefficients(
-                    tables.host_sigmas, algorithm_type=config.algorithm_type, solver_order=config.solver_order,
+                    tables.sigma_values, algorithm_type=config.algorithm_type, solver_order=config.solver_order,
                     solver_type=config.solver_type, prediction_type=config.prediction_type,
                     thresholding=bool(config.thresholding), lower_order_final=bool(config.lower_order_final),
                     euler_at_final=bool(config.euler_at_final), final_sigmas_type=config.final_sigmas_type,
@@ -206,7 +207,7 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
             self._init_step_index(timestep)
             self.__dict__["_dk_start"] = self._step_index
         index = self._step_index
-        steps = tables.host_sigmas.shape[0] - 1
+        steps = len(tables.sigma_values) - 1
         if not ((type(index) is int) and 0 <= index < steps):
             self._dk_stock("step_index", f"step index {index!r} is not a step of the {steps + 1}-sigma table")
             return None
