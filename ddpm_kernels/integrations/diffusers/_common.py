@@ -139,6 +139,43 @@ def _host_copy(x):
     return x if on_host(x) else x.detach().cpu()  # a table replaced on a device is read once
 
 
+def _cached_tables(scheduler):
+    """The tables cached on ``scheduler`` (``_dk_tables_``) when they were built from its current ``timesteps`` and
+    ``sigmas`` (the same tensors, not modified since), else None."""
+    tables = scheduler.__dict__.get("_dk_tables_")
+    ts, sg = scheduler.timesteps, scheduler.sigmas
+    if (
+        tables is None
+        or tables.timesteps is not ts
+        or tables.sigmas is not sg
+        or tables.t_version != getattr(ts, "_version", None)
+        or tables.s_version != getattr(sg, "_version", None)
+    ):
+        return None
+    return tables
+
+
+def _start_tables(tables, scheduler, host_timesteps, host_sigmas) -> None:
+    """The fields every table-driven drop-in's tables share: the scheduler's ``timesteps`` and ``sigmas`` (and their
+    versions), their host copies, and ``stock``: why the fused step cannot take them (None when it can: a 1-D
+    float32 sigma table of at least 2 sigmas and 1-D timesteps, float unless the scheduler's are integers,
+    ``_dk_int_timesteps``); ``root`` and ``host_array`` are set when it can."""
+    ts, sg = scheduler.timesteps, scheduler.sigmas
+    tables.timesteps, tables.sigmas = ts, sg
+    tables.t_version, tables.s_version = getattr(ts, "_version", None), getattr(sg, "_version", None)
+    tables.host_timesteps, tables.host_sigmas = host_timesteps, host_sigmas
+    tables.stock, tables.root, tables.host_array = None, None, None
+    if not (isinstance(sg, torch.Tensor) and sg.dtype == torch.float32 and sg.ndim == 1 and sg.shape[0] >= 2):
+        what = f"{sg.dtype} tensor of shape {tuple(sg.shape)}" if isinstance(sg, torch.Tensor) else type(sg).__name__
+        tables.stock = f"the sigma table is a {what}, not a 1-D float32 tensor of at least 2 sigmas"
+    elif not (isinstance(ts, torch.Tensor) and ts.ndim == 1
+              and (ts.dtype.is_floating_point or getattr(scheduler, "_dk_int_timesteps", False))):
+        tables.stock = "the timesteps are not a 1-D float tensor"
+    else:
+        tables.root = ts if ts._base is None else ts._base
+        tables.host_array = host_timesteps.numpy()
+
+
 class _StepIndex:
     """The step index of a table-driven drop-in, kept without reading the device: a Python int exactly as the
     stock scheduler keeps it, mirrored by an int64 (B,) tensor on the sample's device that the fused op reads and

@@ -29,7 +29,7 @@ against the stock class:
 
 Every stock argument is accepted. What the fused op does not take runs the stock code, with one warning per
 scheduler and cause: a model output of another shape (after the stock slice of a learned variance) or device
-than the sample, non-float tensors, a sigma table that is not a 1-D float tensor, a step index outside the
+than the sample, non-float tensors, a sigma table that is not a 1-D float32 tensor, a step index outside the
 table (the stock error follows), a configuration the stock step refuses (``flow_prediction`` with a
 noise-prediction algorithm, ``sde-dpmsolver`` reaching a third-order step), a ``sample_max_value`` that is not
 positive.
@@ -45,7 +45,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ...solvers import _step_options, new_history, solver_step
 from ...solvers.dpm import dpm_solver_coefficients, dpm_solver_slots
-from ._common import _device, _FusedBase, _host_copy, _output_maker, _randn, _StepIndex
+from ._common import _cached_tables, _device, _FusedBase, _host_copy, _output_maker, _randn, _start_tables, _StepIndex
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
 
@@ -66,6 +66,8 @@ class _Tables:
 class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultistepScheduler):
     """diffusers' ``DPMSolverMultistepScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
+
+    _dk_int_timesteps = True  # the stock timesteps are int64
 
     _make_output = staticmethod(_output_maker(SchedulerOutput))
     _stock_name = "DPMSolverMultistepScheduler"
@@ -102,37 +104,16 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
         self.__dict__.pop("_dk_start", None)
 
     def _dk_tables(self) -> _Tables:
-        tables = self.__dict__.get("_dk_tables_")
-        ts, sg = self.timesteps, self.sigmas
-        if (
-            tables is None
-            or tables.timesteps is not ts
-            or tables.sigmas is not sg
-            or tables.t_version != getattr(ts, "_version", None)
-            or tables.s_version != getattr(sg, "_version", None)
-        ):
-            tables = self._dk_new_tables()
-        return tables
+        return _cached_tables(self) or self._dk_new_tables()
 
     def _dk_new_tables(self) -> _Tables:
         tables = _Tables()
-        ts, sg = self.timesteps, self.sigmas
-        tables.timesteps, tables.sigmas = ts, sg
-        tables.t_version, tables.s_version = getattr(ts, "_version", None), getattr(sg, "_version", None)
-        tables.host_timesteps, tables.host_sigmas = _host_copy(ts), _host_copy(sg)
-        tables.coefficients, tables.stock, tables.root, tables.host_array, tables.sigma_values = {}, None, None, None, None
+        _start_tables(tables, self, _host_copy(self.timesteps), _host_copy(self.sigmas))
+        tables.coefficients, tables.sigma_values = {}, None
         config = self.config
-        if not (isinstance(sg, torch.Tensor) and sg.dtype.is_floating_point and sg.ndim == 1 and sg.shape[0] >= 2):
-            what = (f"{sg.dtype} tensor of shape {tuple(sg.shape)}" if isinstance(sg, torch.Tensor)
-                    else type(sg).__name__)
-            tables.stock = f"the sigma table is a {what}, not a 1-D float tensor of at least 2 sigmas"
-        elif not (isinstance(ts, torch.Tensor) and ts.ndim == 1):
-            tables.stock = "the timesteps are not a 1-D tensor"
-        elif config.prediction_type == "flow_prediction" and config.algorithm_type not in _PLUS:
+        if tables.stock is None and config.prediction_type == "flow_prediction" and config.algorithm_type not in _PLUS:
             tables.stock = f"prediction_type 'flow_prediction' is not one the stock {config.algorithm_type} step takes"
-        else:
-            tables.root = ts if ts._base is None else ts._base
-            tables.host_array = tables.host_timesteps.numpy()
+        if tables.stock is None:
             tables.sigma_values = tables.host_sigmas.tolist()  # the stock values, exactly
             if config.thresholding:
                 try:

@@ -50,7 +50,17 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 from ... import euler as euler_ops
-from ._common import _device, _FusedBase, _host_copy, _is_real, _output_maker, _randn, _StepIndex
+from ._common import (
+    _cached_tables,
+    _device,
+    _FusedBase,
+    _host_copy,
+    _is_real,
+    _output_maker,
+    _randn,
+    _start_tables,
+    _StepIndex,
+)
 
 __all__ = ["FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler"]
 
@@ -91,35 +101,13 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
             self._dk_device_sigmas(tables, _device(self.timesteps.device))
 
     def _dk_tables(self) -> _Tables:
-        tables = self.__dict__.get("_dk_tables_")
-        ts, sg = self.timesteps, self.sigmas
-        if (
-            tables is None
-            or tables.timesteps is not ts
-            or tables.sigmas is not sg
-            or tables.t_version != getattr(ts, "_version", None)
-            or tables.s_version != getattr(sg, "_version", None)
-        ):
-            tables = self._dk_new_tables()
-        return tables
+        return _cached_tables(self) or self._dk_new_tables()
 
     def _dk_new_tables(self) -> _Tables:
         tables = _Tables()
-        ts, sg = self.timesteps, self.sigmas
-        tables.timesteps, tables.sigmas = ts, sg
-        tables.t_version, tables.s_version = getattr(ts, "_version", None), getattr(sg, "_version", None)
-        tables.host_timesteps, tables.host_sigmas = _host_copy(ts), _host_copy(sg)
-        tables.devices = {}
-        tables.stock, tables.root, tables.host_array, tables.sigma_values, tables.divisors = None, None, None, None, None
-        if not (isinstance(sg, torch.Tensor) and sg.dtype == torch.float32 and sg.ndim == 1 and sg.shape[0] >= 2):
-            what = (f"{sg.dtype} tensor of shape {tuple(sg.shape)}" if isinstance(sg, torch.Tensor)
-                    else type(sg).__name__)
-            tables.stock = f"the sigma table is a {what}, not a 1-D float32 tensor of at least 2 sigmas"
-        elif not (isinstance(ts, torch.Tensor) and ts.ndim == 1 and ts.dtype.is_floating_point):
-            tables.stock = "the timesteps are not a 1-D float tensor"
-        else:
-            tables.root = ts if ts._base is None else ts._base
-            tables.host_array = tables.host_timesteps.numpy()
+        _start_tables(tables, self, _host_copy(self.timesteps), _host_copy(self.sigmas))
+        tables.devices, tables.sigma_values, tables.divisors = {}, None, None
+        if tables.stock is None:
             tables.sigma_values = tables.host_sigmas.tolist()  # float32 values, exactly
             # the stock scale_model_input divisor (sigma**2 + 1) ** 0.5, the same float32 operations per sigma
             tables.divisors = ((tables.host_sigmas**2 + 1) ** 0.5).unbind()

@@ -56,7 +56,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from ... import flow as flow_ops
 from ...reference import guided_output
 from . import _common
-from ._common import _device, _FusedBase, _host_copy, _output_maker, _randn, _StepIndex
+from ._common import _cached_tables, _device, _FusedBase, _host_copy, _output_maker, _randn, _start_tables, _StepIndex
 
 __all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
 
@@ -106,36 +106,14 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
             self._dk_device_tables(tables, _device(device))  # the device copies now rather than in a step
 
     def _dk_tables(self) -> _Tables:
-        tables = self.__dict__.get("_dk_tables_")
-        ts, sg = self.timesteps, self.sigmas
-        if (
-            tables is None
-            or tables.timesteps is not ts
-            or tables.sigmas is not sg
-            or tables.t_version != getattr(ts, "_version", None)
-            or tables.s_version != getattr(sg, "_version", None)
-        ):
-            tables = self._dk_new_tables(_host_copy(ts), _host_copy(sg))
-        return tables
+        return _cached_tables(self) or self._dk_new_tables(_host_copy(self.timesteps), _host_copy(self.sigmas))
 
     def _dk_new_tables(self, host_timesteps, host_sigmas) -> _Tables:
         tables = _Tables()
-        ts, sg = self.timesteps, self.sigmas
-        tables.timesteps, tables.sigmas = ts, sg
-        tables.t_version, tables.s_version = getattr(ts, "_version", None), getattr(sg, "_version", None)
-        tables.host_timesteps, tables.host_sigmas = host_timesteps, host_sigmas
-        tables.devices = {}
-        tables.stock, tables.finite, tables.root, tables.host_array = None, False, None, None
-        if not (isinstance(sg, torch.Tensor) and sg.dtype == torch.float32 and sg.ndim == 1 and sg.shape[0] >= 2):
-            what = (f"{sg.dtype} tensor of shape {tuple(sg.shape)}" if isinstance(sg, torch.Tensor)
-                    else type(sg).__name__)
-            tables.stock = f"the sigma table is a {what}, not a 1-D float32 tensor of at least 2 sigmas"
-        elif not (isinstance(ts, torch.Tensor) and ts.ndim == 1 and ts.dtype.is_floating_point):
-            tables.stock = "the timesteps are not a 1-D float tensor"
-        else:
+        _start_tables(tables, self, host_timesteps, host_sigmas)
+        tables.devices, tables.finite = {}, False
+        if tables.stock is None:
             tables.finite = bool(torch.isfinite(host_sigmas).all())
-            tables.root = ts if ts._base is None else ts._base
-            tables.host_array = host_timesteps.numpy()
         self.__dict__["_dk_tables_"] = tables
         return tables
 
