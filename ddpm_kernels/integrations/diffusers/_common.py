@@ -115,6 +115,27 @@ class _FusedBase:
     def _dk_stock(self, cause: str, message: str) -> None:
         self._dk_warn(cause, f"{message}; this takes the stock {self._stock_name} code path")
 
+    def _dk_same_tensors(self, model_output, sample) -> bool:
+        """Whether the model output and the sample are what a fused step takes (floating tensors of one shape on
+        one device); warns (once) that the stock path takes the call when not."""
+        if (
+            isinstance(model_output, torch.Tensor)
+            and isinstance(sample, torch.Tensor)
+            and model_output.shape == sample.shape
+            and model_output.device == sample.device
+            and model_output.is_floating_point()
+            and sample.is_floating_point()
+            and sample.ndim >= 1
+        ):
+            return True
+
+        def shape(x):
+            return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+        self._dk_stock("inputs", f"a model output {shape(model_output)} for a sample {shape(sample)} is not what "
+                       "the fused step takes (floating tensors of one shape on one device)")
+        return False
+
     def _dk_kernel_generator(self, generator):
         """``(True, generator for the op)`` when the step noise is to be generated in the kernel (``in_kernel_noise``
         and no generator or a single one), else ``(False, None)``: the noise is drawn as the stock step draws it."""

@@ -165,20 +165,7 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
         if (isinstance(model_output, torch.Tensor) and model_output.ndim >= 2
                 and config.variance_type in _LEARNED and config.prediction_type == "epsilon"):
             model_output = model_output[:, :3]  # the stock slice: the mean of a learned-variance output
-        if not (
-            isinstance(model_output, torch.Tensor)
-            and isinstance(sample, torch.Tensor)
-            and model_output.shape == sample.shape
-            and model_output.device == sample.device
-            and model_output.is_floating_point()
-            and sample.is_floating_point()
-            and sample.ndim >= 1
-        ):
-            def shape(x):
-                return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-
-            self._dk_stock("inputs", f"a model output {shape(model_output)} for a sample {shape(sample)} is not "
-                           "what the fused step takes (floating tensors of one shape on one device)")
+        if not self._dk_same_tensors(model_output, sample):
             return None
         tables = self._dk_tables()
         if tables.stock is not None:

@@ -147,20 +147,7 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
         (nothing changed then but a first step's index, which the stock step would set the same)."""
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
             return None  # the stock step's error
-        if not (
-            isinstance(model_output, torch.Tensor)
-            and isinstance(sample, torch.Tensor)
-            and model_output.shape == sample.shape
-            and model_output.device == sample.device
-            and model_output.is_floating_point()
-            and sample.is_floating_point()
-            and sample.ndim >= 1
-        ):
-            def shape(x):
-                return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-
-            self._dk_stock("inputs", f"a model output {shape(model_output)} for a sample {shape(sample)} is not "
-                           "what the fused step takes (floating tensors of one shape on one device)")
+        if not self._dk_same_tensors(model_output, sample):
             return None
         prediction = _PREDICTIONS.get(self.config.prediction_type)
         if prediction is None or prediction not in self._dk_predictions:
