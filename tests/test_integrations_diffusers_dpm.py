@@ -195,6 +195,29 @@ def test_stock_attributes_are_kept():
     assert fused.model_outputs == [None] * 3 and fused.lower_order_nums == 0 and fused.step_index is None
 
 
+def test_first_order_keeps_no_ring():
+    stock, fused = pair(dict(SD, solver_order=1), 6)
+    assert_same_loop(stock, fused)
+    assert fused.model_outputs == [None] and "_dk_ring_" not in fused.__dict__
+
+
+def test_in_kernel_noise():
+    """``in_kernel_noise``: the op draws the SDE noise from the generator (another stream than stock's draw)."""
+    _, fused = pair(dict(SD, algorithm_type="sde-dpmsolver++"), 8)
+    fused.in_kernel_noise = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = run_loop(fused)
+        fused.set_timesteps(8)
+        again = run_loop(fused)
+    assert not [w for w in caught if "stock" in str(w.message)]
+    torch.testing.assert_close(first[0], again[0], rtol=0, atol=0)  # the same generator, the same images
+    fused.in_kernel_noise = False
+    fused.set_timesteps(8)
+    drawn = run_loop(fused)
+    assert torch.isfinite(first[0]).all() and not torch.allclose(first[0], drawn[0])
+
+
 def test_per_sample_step_indices_through_the_op():
     """Batch rows at different steps of one table and one ring: each row steps as it would alone."""
     _, fused = pair(dict(SD, solver_order=3, algorithm_type="sde-dpmsolver++", lower_order_final=False), 12)
@@ -282,7 +305,8 @@ def test_step_has_no_host_sync(fail_on_sync):
                             thresholding=a == "dpmsolver++"), 8)[1] for a in PLUS]
     begin = pair(SD, 8)[1]
     begin.set_begin_index(2)
-    steps = [list(s.timesteps) for s in schedulers]
+    # the first timestep a view of scheduler.timesteps (found in the host copy), later ones copies: not read
+    steps = [[s.timesteps[0]] + [t.clone() for t in s.timesteps[1:]] for s in schedulers]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(SHAPE, generator=g)
     fail_on_sync()

@@ -78,8 +78,11 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
         """The converted model outputs of the last steps, oldest first, as the stock list (views of the ring)."""
         if self.__dict__.get("_dk_ring_used") is not True:
             return self.__dict__.get("_dk_model_outputs")
-        order, ring, index = self.config.solver_order, self.__dict__["_dk_ring_"][0], self._step_index
+        order, ring, index = self.config.solver_order, self.__dict__.get("_dk_ring_"), self._step_index
         outputs = [None] * order
+        if ring is None or ring[1][-1] != order - 1:  # the first order keeps no ring
+            return outputs
+        ring = ring[0]
         slots = ring.shape[0]
         for j in range(min(self.lower_order_nums, slots)):  # the output of j + 1 steps before the next step
             outputs[order - 1 - j] = ring[(index - 1 - j) % slots]
