@@ -56,8 +56,8 @@ def dpm_solver_orders(steps: int, *, solver_order: int = 2, lower_order_final: b
     return orders
 
 
-def _alpha_sigma(sigma: float, flow_sigmas: bool) -> tuple:
-    """The scheduler's (alpha_t, sigma_t) of a sigma: VP (alpha = 1/sqrt(sigma^2 + 1), sigma_t = sigma alpha) or
+def _alpha_sigma(sigma: np.ndarray, flow_sigmas: bool) -> tuple:
+    """The scheduler's (alpha_t, sigma_t) of each sigma: VP (alpha = 1/sqrt(sigma^2 + 1), sigma_t = sigma alpha) or
     flow matching (alpha = 1 - sigma, sigma_t = sigma)."""
     if flow_sigmas:
         return 1.0 - sigma, sigma
@@ -65,81 +65,67 @@ def _alpha_sigma(sigma: float, flow_sigmas: bool) -> tuple:
     return alpha, sigma * alpha
 
 
-def _lambda(alpha: float, sigma: float) -> float:
-    if sigma == 0.0:
-        return math.inf
-    return np.log(alpha) - np.log(sigma)
-
-
-def _update(algorithm: str, solver_type: str, order: int, h: float, alpha_t: float, sigma_t: float,
-            ratio: float) -> tuple:
-    """``(a, b0, b1, b2, n)``: the weights of the sample, ``D0``, ``D1``, ``D2`` and the noise in the stock update
-    of this order (``b1`` / ``b2`` 0 where the order has no such term). ``ratio`` is ``sigma_t / sigma_s0`` for
-    the ``++`` forms and ``alpha_t / alpha_s0`` otherwise. A final ``h = inf`` (sigma_t = 0) takes the limits."""
-    inf = math.isinf(h)
+def _update(algorithm: str, solver_type: str, order: np.ndarray, h: np.ndarray, alpha_t: np.ndarray,
+            sigma_t: np.ndarray, ratio: np.ndarray) -> tuple:
+    """``(a, b0, b1, b2, n)`` per step: the weights of the sample, ``D0``, ``D1``, ``D2`` and the noise in the stock
+    update of each step's order (``b1`` / ``b2`` unused where the order has no such term). ``ratio`` is
+    ``sigma_t / sigma_s0`` for the ``++`` forms and ``alpha_t / alpha_s0`` otherwise. A final ``h = inf``
+    (sigma_t = 0) takes the limits."""
+    midpoint = (order == 2) & (solver_type == "midpoint")
     if algorithm in ("dpmsolver++", "sde-dpmsolver++"):
         sde = algorithm == "sde-dpmsolver++"
         g = 2.0 * h if sde else h  # the ODE form integrates over h, the SDE form over 2h
-        e = 1.0 if inf else -np.expm1(-g)  # 1 - exp(-g)
-        e_over = 0.0 if inf else e / g  # (1 - exp(-g)) / g
-        a = ratio * (0.0 if inf else np.exp(-h)) if sde else ratio
+        e = -np.expm1(-g)  # 1 - exp(-g): 1 at g = inf
+        a = ratio * np.exp(-h) if sde else ratio
         b0 = alpha_t * e
-        if order == 2 and solver_type == "midpoint":
-            b1 = 0.5 * b0
-        else:
-            b1 = alpha_t * (1.0 - e_over)
-        # ODE: -alpha ((exp(-h) - 1 + h) / h^2 - 1/2); SDE: alpha ((1 - exp(-2h) - 2h) / (2h)^2 - 1/2)
-        b2 = 0.0
-        if order == 3:  # with q = (g - e) / g^2 (-> 0 as g -> inf)
-            q = 0.0 if inf else (g - e) / (g * g)
-            b2 = -alpha_t * (0.5 + q) if sde else alpha_t * (0.5 - q)
-        n = sigma_t * np.sqrt(e) if sde else 0.0
+        b1 = np.where(midpoint, 0.5 * b0, alpha_t * (1.0 - e / g))
+        # ODE: -alpha ((exp(-h) - 1 + h) / h^2 - 1/2); SDE: alpha ((1 - exp(-2h) - 2h) / (2h)^2 - 1/2); with
+        # q = (g - e) / g^2 (-> 0 as g -> inf)
+        q = np.where(np.isinf(g), 0.0, (g - e) / (g * g))
+        b2 = -alpha_t * (0.5 + q) if sde else alpha_t * (0.5 - q)
+        n = sigma_t * np.sqrt(e) if sde else np.zeros_like(h)
         return a, b0, b1, b2, n
-    sde = algorithm == "sde-dpmsolver"
+    scale = 2.0 if algorithm == "sde-dpmsolver" else 1.0
     e = np.expm1(h)  # exp(h) - 1
-    scale = 2.0 if sde else 1.0
     b0 = -scale * sigma_t * e
-    if order == 2 and solver_type == "midpoint":
-        b1 = -0.5 * scale * sigma_t * e
-    else:
-        b1 = -scale * sigma_t * (e / h - 1.0)
-    b2 = -sigma_t * ((e - h) / (h * h) - 0.5) if order == 3 else 0.0
-    n = sigma_t * np.sqrt(np.expm1(2.0 * h)) if sde else 0.0
+    b1 = np.where(midpoint, 0.5 * b0, -scale * sigma_t * (e / h - 1.0))
+    b2 = -sigma_t * ((e - h) / (h * h) - 0.5)
+    n = sigma_t * np.sqrt(np.expm1(2.0 * h)) if scale == 2.0 else np.zeros_like(h)
     return ratio, b0, b1, b2, n
 
 
-def _weights(order: int, b0: float, b1: float, b2: float, r0: float, r1: float) -> tuple:
+def _weights(order: np.ndarray, b0, b1, b2, r0, r1) -> tuple:
     """The weights of ``m0, m1, m2`` in ``b0 D0 + b1 D1 + b2 D2`` with the stock divided differences
     (``D1 = (m0 - m1)/r0`` at the second order; at the third ``D1_0 = (m0 - m1)/r0``, ``D1_1 = (m1 - m2)/r1``,
-    ``D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1)``, ``D2 = (D1_0 - D1_1)/(r0 + r1)``)."""
-    if order == 1:
-        return b0, 0.0, 0.0
-    if order == 2:
-        return b0 + b1 / r0, -b1 / r0, 0.0
+    ``D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1)``, ``D2 = (D1_0 - D1_1)/(r0 + r1)``); exactly 0 where the order
+    has no such output."""
     k = (b1 * r0 + b2) / (r0 + r1)  # the weight of D1_0 - D1_1
-    return b0 + b1 / r0 + k / r0, -b1 / r0 - k * (1.0 / r0 + 1.0 / r1), k / r1
+    w0 = np.select([order == 1, order == 2], [b0, b0 + b1 / r0], b0 + b1 / r0 + k / r0)
+    w1 = np.select([order == 1, order == 2], [0.0, -b1 / r0], -b1 / r0 - k * (1.0 / r0 + 1.0 / r1))
+    w2 = np.where(order == 3, k / r1, 0.0)
+    return w0, w1, w2
 
 
-def _conversion(row: list, col: SolverColumns, algorithm: str, prediction: str, thresholding: bool, sigma: float,
-                alpha_s: float, sigma_s: float) -> None:
+def _conversion(table: np.ndarray, col: SolverColumns, algorithm: str, prediction: str, thresholding: bool,
+                sigma: np.ndarray, alpha_s: np.ndarray, sigma_s: np.ndarray) -> None:
     """The ``x0_*`` / ``m_*`` columns: the model output in the solver's form, as ``convert_model_output``."""
     plus = algorithm in ("dpmsolver++", "sde-dpmsolver++")
     # x0 = x0_sample x + x0_output y per prediction type (flow: the raw sigma, as the stock conversion reads it)
     x0 = {"epsilon": (1.0 / alpha_s, -sigma_s / alpha_s), "sample": (0.0, 1.0),
           "v_prediction": (alpha_s, -sigma_s), "flow_prediction": (1.0, -sigma)}[prediction]
     if plus:
-        row[col.x0_sample], row[col.x0_output] = x0
-        row[col.m_x0] = 1.0
+        table[:, col.x0_sample], table[:, col.x0_output] = x0
+        table[:, col.m_x0] = 1.0
     elif thresholding:
         # the noise prediction back from the thresholded x0: eps = (x - alpha x0) / sigma
-        row[col.x0_sample], row[col.x0_output] = x0
-        row[col.m_sample], row[col.m_x0] = 1.0 / sigma_s, -alpha_s / sigma_s
+        table[:, col.x0_sample], table[:, col.x0_output] = x0
+        table[:, col.m_sample], table[:, col.m_x0] = 1.0 / sigma_s, -alpha_s / sigma_s
     elif prediction == "epsilon":
-        row[col.m_output] = 1.0  # the output as it is
+        table[:, col.m_output] = 1.0  # the output as it is
     elif prediction == "sample":
-        row[col.m_sample], row[col.m_output] = 1.0 / sigma_s, -alpha_s / sigma_s
+        table[:, col.m_sample], table[:, col.m_output] = 1.0 / sigma_s, -alpha_s / sigma_s
     else:  # v: eps = alpha v + sigma x
-        row[col.m_sample], row[col.m_output] = sigma_s, alpha_s
+        table[:, col.m_sample], table[:, col.m_output] = sigma_s, alpha_s
 
 
 def _check(name, value, allowed):
@@ -194,30 +180,31 @@ def dpm_solver_coefficients(
         raise ValueError("algorithm_type: 'sde-dpmsolver' has no third-order step (solver_order 3 reaches one)")
     col = SolverColumns(dpm_solver_slots(solver_order))
     # IEEE float64 throughout: a repeated sigma (h = 0) gives the stock step's infinities and NaNs, not an error
-    values = [np.float64(s) for s in values]
     with np.errstate(all="ignore"):
-        return _table(values, orders, col, algorithm_type, solver_type, prediction_type, thresholding, flow_sigmas)
+        table = _table(np.array(values, dtype=np.float64), np.array(orders), col, algorithm_type, solver_type,
+                       prediction_type, thresholding, flow_sigmas)
+    return torch.from_numpy(table)
 
 
 def _table(values, orders, col, algorithm_type, solver_type, prediction_type, thresholding, flow_sigmas):
-    alphas, sigma_ts = zip(*(_alpha_sigma(s, flow_sigmas) for s in values))
-    lambdas = [_lambda(a, s) for a, s in zip(alphas, sigma_ts)]
+    alphas, sigma_ts = _alpha_sigma(values, flow_sigmas)
+    lambdas = np.log(alphas) - np.log(sigma_ts)  # +inf at sigma = 0
     plus = algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
-    table = []
-    for i, order in enumerate(orders):
-        row = [0.0] * col.width
-        _conversion(row, col, algorithm_type, prediction_type, thresholding, values[i], alphas[i], sigma_ts[i])
-        h = lambdas[i + 1] - lambdas[i]
-        r0 = (lambdas[i] - lambdas[i - 1]) / h if order >= 2 else 0.0
-        r1 = (lambdas[i - 1] - lambdas[i - 2]) / h if order >= 3 else 0.0
-        ratio = sigma_ts[i + 1] / sigma_ts[i] if plus else alphas[i + 1] / alphas[i]
-        a, b0, b1, b2, n = _update(algorithm_type, solver_type, order, h, alphas[i + 1], sigma_ts[i + 1], ratio)
-        w0, w1, w2 = _weights(order, b0, b1, b2, r0, r1)
-        row[col.c_sample] = 1.0  # x_c is the sample (no corrector)
-        row[col.p_xc], row[col.p_m], row[col.p_noise] = a, w0, n
-        if order >= 2:
-            row[col.p_hist] = w1
-        if order >= 3:
-            row[col.p_hist + 1] = w2
-        table.append(row)
-    return torch.tensor(table, dtype=torch.float64)
+    steps = len(orders)
+    table = np.zeros((steps, col.width))
+    s0, t = slice(0, steps), slice(1, steps + 1)
+    _conversion(table, col, algorithm_type, prediction_type, thresholding, values[s0], alphas[s0], sigma_ts[s0])
+    h = lambdas[t] - lambdas[s0]
+    back = np.concatenate([[np.nan, np.nan], lambdas])  # lambda of the sigma 1 and 2 steps before each step
+    r0 = (lambdas[s0] - back[1:steps + 1]) / h
+    r1 = (back[1:steps + 1] - back[0:steps]) / h
+    ratio = sigma_ts[t] / sigma_ts[s0] if plus else alphas[t] / alphas[s0]
+    a, b0, b1, b2, n = _update(algorithm_type, solver_type, orders, h, alphas[t], sigma_ts[t], ratio)
+    w0, w1, w2 = _weights(orders, b0, b1, b2, r0, r1)
+    table[:, col.c_sample] = 1.0  # x_c is the sample (no corrector)
+    table[:, col.p_xc], table[:, col.p_m], table[:, col.p_noise] = a, w0, n
+    if col.slots >= 1:
+        table[:, col.p_hist] = w1
+    if col.slots >= 2:
+        table[:, col.p_hist + 1] = w2
+    return table
