@@ -105,7 +105,8 @@ def test_host_overhead_table(tmp_path):
     try:
         import diffusers  # noqa: F401
 
-        expected |= {f"{p}{s}Scheduler.step" for p in ("", "Fused") for s in ("DDIM", "DDPM", "FlowMatchEulerDiscrete")}
+        kinds = ("DDIM", "DDPM", "FlowMatchEulerDiscrete", "DPMSolverMultistep")
+        expected |= {f"{p}{s}Scheduler.step" for p in ("", "Fused") for s in kinds}
     except ImportError:
         pass
     assert set(rows) == expected
