@@ -292,6 +292,40 @@ def test_unsupported_calls_take_the_stock_path_with_one_warning():
             run_loop(fused)
 
 
+@pytest.mark.parametrize("order", [2, 3])
+def test_a_stock_step_mid_loop_takes_over_the_history(order):
+    """A call the fused step does not take (here a model output that broadcasts) in the middle of a loop: the
+    stock path gets the ring's outputs as its list and keeps the rest of the loop, as stock would run it."""
+    stock, fused = pair(dict(SD, solver_order=order, lower_order_final=False), 10)
+    results = []
+    for s in (stock, fused):
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for k, t in enumerate(s.timesteps):
+                y = model(x, t)
+                x = s.step(y[:1] if k == 5 else y, t, x).prev_sample
+        results.append(x)
+    assert len([w for w in caught if "stock" in str(w.message)]) == 1
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_call_forms():
+    stock, fused = pair(SD, 5)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    t = fused.timesteps[0]
+    (got,) = fused.step(model(x, t), t, x, return_dict=False)
+    (expected,) = stock.step(model(x, t), t, x, return_dict=False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    t = fused.timesteps[1]
+    got = fused.step(model(x, t), int(t), x).prev_sample  # a Python number: found on the host
+    expected = stock.step(model(x, t), int(t), x).prev_sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    fresh = FusedDPMSolverMultistepScheduler(**SD)
+    with pytest.raises(ValueError, match="set_timesteps"):  # the stock error
+        fresh.step(x, 999, x)
+
+
 @pytest.fixture
 def fail_on_sync(monkeypatch):
     """Make every value-reading Tensor method raise, as a device tensor read would sync, and treat CPU tensors
