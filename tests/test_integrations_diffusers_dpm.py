@@ -310,6 +310,31 @@ def test_a_stock_step_mid_loop_takes_over_the_history(order):
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("order", [2, 3])
+def test_state_set_from_outside_gives_the_stock_order(order):
+    """``step_index`` / ``lower_order_nums`` set by hand (as diffusers' tests and benchmarks do): the order is the
+    one stock derives from them. With one ring slot (2M) the fused step serves it; with two, a step index moved
+    by hand no longer says which slot holds the last output, and the stock path takes over with the ring's
+    outputs as its list."""
+    stock, fused = pair(dict(SD, solver_order=order, lower_order_final=False), 12)
+    xs = []
+    for s in (stock, fused):
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for k in list(range(6)) + [None, 3, 4, 5, 6, 7]:
+                if k is None:  # rewind to index 3 as if one step had been taken
+                    s._step_index, s.lower_order_nums = 3, 1
+                    continue
+                t = s.timesteps[k]
+                x = s.step(model(x, t), t, x).prev_sample
+                xs.append(x)
+    assert len([w for w in caught if "stock" in str(w.message)]) == (order == 3)
+    half = len(xs) // 2
+    for a, b in zip(xs[half:], xs[:half]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_call_forms():
     stock, fused = pair(SD, 5)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))

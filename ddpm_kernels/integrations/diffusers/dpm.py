@@ -32,7 +32,9 @@ scheduler and cause: a model output of another shape (after the stock slice of a
 than the sample, non-float tensors, a sigma table that is not a 1-D float32 tensor, a step index outside the
 table (the stock error follows), a configuration the stock step refuses (``flow_prediction`` with a
 noise-prediction algorithm, ``sde-dpmsolver`` reaching a third-order step), a ``sample_max_value`` that is not
-positive.
+positive, earlier outputs set from outside (``model_outputs`` assigned with ``lower_order_nums > 0``) or, with a
+ring of two slots, a step index moved by hand mid-loop. The rest of such a loop stays on the stock path, with
+the ring's outputs as its list.
 """
 
 from __future__ import annotations
@@ -78,14 +80,14 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
         """The converted model outputs of the last steps, oldest first, as the stock list (views of the ring)."""
         if self.__dict__.get("_dk_ring_used") is not True:
             return self.__dict__.get("_dk_model_outputs")
-        order, ring, index = self.config.solver_order, self.__dict__.get("_dk_ring_"), self._step_index
+        order, ring, last = self.config.solver_order, self.__dict__.get("_dk_ring_"), self.__dict__["_dk_last"]
         outputs = [None] * order
         if ring is None or ring[1][-1] != order - 1:  # the first order keeps no ring
             return outputs
         ring = ring[0]
         slots = ring.shape[0]
-        for j in range(min(self.lower_order_nums, slots)):  # the output of j + 1 steps before the next step
-            outputs[order - 1 - j] = ring[(index - 1 - j) % slots]
+        for j in range(min(self.lower_order_nums, slots)):  # the output of the step j steps before the last
+            outputs[order - 1 - j] = ring[(last - j) % slots]
         return outputs
 
     @model_outputs.setter
@@ -98,7 +100,7 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
     # ------------------------------------------------------------------ tables
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
-        for key in ("_dk_tables_", "_dk_start", "_dk_stock_loop"):
+        for key in ("_dk_tables_", "_dk_start", "_dk_stock_loop", "_dk_last"):
             self.__dict__.pop(key, None)
         self._dk_tables()  # the host copies now (set_timesteps may read the device), so that steps never do
 
@@ -176,20 +178,31 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
             return None
         if self.step_index is None:
             self._init_step_index(timestep)
-            self.__dict__["_dk_start"] = self._step_index
         index = self._step_index
         steps = len(tables.sigma_values) - 1
         if not ((type(index) is int) and 0 <= index < steps):
             self._dk_stock("step_index", f"step index {index!r} is not a step of the {steps + 1}-sigma table")
             return None
+        # the stock order follows lower_order_nums (the steps taken, capped at the order): the table of a loop
+        # that started that many steps ago, kept while it gives the same order (a new one if the state was set
+        # from outside)
+        order = config.solver_order
+        taken = min(self.lower_order_nums, order)
+        slots = dpm_solver_slots(order)
+        if slots and taken and (self.__dict__.get("_dk_ring_used") is not True
+                                or (slots > 1 and index != self.__dict__.get("_dk_last", -2) + 1)):
+            # the ring holds the outputs of the fused steps, entry j steps back in slot (index - j) % slots
+            self._dk_stock("history", "the earlier outputs or the step index were set from outside the loop, so "
+                           "the ring does not hold the outputs the stock step would read")
+            return None
         start = self.__dict__.get("_dk_start")
-        if start is None:  # a step index set from outside: its warm-up starts there
-            start = self.__dict__["_dk_start"] = index - min(self.lower_order_nums, index)
+        if start is None or min(index - start, order) != taken:
+            start = self.__dict__["_dk_start"] = index - min(taken, index)
         coefficients = self._dk_coefficients(tables, start, _device(sample.device))
         if isinstance(coefficients, str):
             self._dk_stock("config", coefficients)
             return None
-        return model_output, coefficients, index
+        return model_output, coefficients, index, slots
 
     def step(
         self,
@@ -209,7 +222,7 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
                 self.model_outputs = list(self.model_outputs or [None] * self.config.solver_order)
             return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
                                 return_dict=return_dict)
-        model_output, coefficients, index = prepared
+        model_output, coefficients, index, slots = prepared
         config = self.config
         x = sample if sample.dtype == torch.float32 else sample.to(torch.float32)  # the stock upcast
         noise, generator_for_op, stochastic = None, None, False
@@ -220,7 +233,7 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
                 stochastic, generator_for_op = self._dk_kernel_generator(generator)
                 if not stochastic:
                     noise = _randn(model_output.shape, generator, model_output.device, torch.float32)
-        ring = self._dk_ring(x, torch.promote_types(x.dtype, model_output.dtype), dpm_solver_slots(config.solver_order))
+        ring = self._dk_ring(x, torch.promote_types(x.dtype, model_output.dtype), slots)
         threshold = dict(threshold_ratio=config.dynamic_thresholding_ratio,
                          threshold_max=config.sample_max_value) if config.thresholding else {}
         prev_sample = solver_step(
@@ -240,6 +253,7 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
         if self.lower_order_nums < config.solver_order:
             self.lower_order_nums += 1
         self.__dict__["_dk_ring_used"] = True
+        self.__dict__["_dk_last"] = index
         self._dk_advance()
         if not return_dict:
             return (prev_sample,)
