@@ -250,7 +250,8 @@ def test_argument_checks():
          "'sde-dpmsolver' has no third-order step"),
         (dict(begin_index=-1), "begin_index: expected an int >= 0"),
         (dict(sigmas=torch.tensor([1.0])), "sigmas: expected at least 2"),
-        (dict(sigmas=torch.tensor([1.0, -1.0])), "sigmas: expected at least 2 finite sigmas >= 0"),
+        (dict(sigmas=torch.tensor([1.0, -1.0])), "sigmas: expected finite sigmas >= 0, got -1.0 at index 1"),
+        (dict(sigmas=[1.0, float("nan")]), "sigmas: expected finite sigmas >= 0, got nan at index 1"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             dpm_solver_coefficients(kwargs.pop("sigmas", sigmas), **kwargs)

@@ -13,8 +13,6 @@ table. See docs/design.md, "Multistep solvers" / "DPM-Solver".
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -167,11 +165,15 @@ def dpm_solver_coefficients(
                          f"{algorithm_type!r}")
     if type(begin_index) is not int or begin_index < 0:
         raise ValueError(f"begin_index: expected an int >= 0, got {begin_index!r}")
-    values = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).reshape(-1).tolist() \
-        if isinstance(sigmas, torch.Tensor) else [float(s) for s in sigmas]
-    if len(values) < 2 or not all(math.isfinite(s) and s >= 0.0 for s in values):
-        raise ValueError(f"sigmas: expected at least 2 finite sigmas >= 0 (steps + 1), got {len(values)} "
-                         f"({'' if len(values) < 2 else 'with a negative or non-finite value'})")
+    if isinstance(sigmas, torch.Tensor):
+        sigmas = sigmas.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    values = np.array(sigmas, dtype=np.float64).reshape(-1)
+    if values.shape[0] < 2:
+        raise ValueError(f"sigmas: expected at least 2 sigmas (steps + 1), got {values.shape[0]}")
+    bad = ~(np.isfinite(values) & (values >= 0.0))
+    if bad.any():
+        raise ValueError(f"sigmas: expected finite sigmas >= 0, got {float(values[bad][0])!r} at index "
+                         f"{int(np.flatnonzero(bad)[0])}")
     steps = len(values) - 1
     orders = dpm_solver_orders(steps, solver_order=solver_order, lower_order_final=lower_order_final,
                                euler_at_final=euler_at_final, final_sigmas_type=final_sigmas_type,
@@ -181,8 +183,8 @@ def dpm_solver_coefficients(
     col = SolverColumns(dpm_solver_slots(solver_order))
     # IEEE float64 throughout: a repeated sigma (h = 0) gives the stock step's infinities and NaNs, not an error
     with np.errstate(all="ignore"):
-        table = _table(np.array(values, dtype=np.float64), np.array(orders), col, algorithm_type, solver_type,
-                       prediction_type, thresholding, flow_sigmas)
+        table = _table(values, np.array(orders), col, algorithm_type, solver_type, prediction_type, thresholding,
+                       flow_sigmas)
     return torch.from_numpy(table)
 
 
