@@ -62,7 +62,9 @@ _NO_T_PREV = object()  # ops without a t_prev argument (None is a bad t_prev of 
 _OPTIONS = {}
 _GUIDED = {}
 _OPTIONS_LIMIT = 4096
-_KEYED_FAMILIES = ("step", "flow", "sigma")  # families whose options backends may decline (dispatch keys on them)  # options are usually a handful of constants; a sweep over floats must not grow forever
+# families whose options backends may decline (dispatch keys on them); options are usually a handful of constants,
+# a sweep over floats must not grow the cache forever
+_KEYED_FAMILIES = ("step", "flow", "sigma", "solver")
 
 
 # ----------------------------------------------------------------------------------------------- prologue

@@ -240,3 +240,28 @@ def sync_guard(monkeypatch, allowed=()):
             monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
 
     return arm
+
+
+# ------------------------------------------------------------------------------------------ diffusers drop-ins
+def scheduler_pair(stock_class, fused_class, config, steps, **set_kwargs):
+    """A stock diffusers scheduler and its fused drop-in from the same config, both after ``set_timesteps``."""
+    stock = stock_class(**config)
+    fused = fused_class.from_config(stock.config)
+    for s in (stock, fused):
+        s.set_timesteps(steps, **set_kwargs)
+    return stock, fused
+
+
+def scheduler_model(x, t):
+    """A model output for scheduler loops that depends on the sample and the timestep (in float32, returned in
+    the sample's dtype)."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    return (x.float() * (0.3 + t / 4000) - 0.2 * torch.cos(x.float() + t / 100)).to(x.dtype)
+
+
+def assert_close_to_stock(got, expected, what=""):
+    """A drop-in's result against the stock scheduler's: the same dtype and shape, equal up to float32 rounding
+    of the terms relative to the loop's scale."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape, what
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=4e-6 * scale, msg=what)

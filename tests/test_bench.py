@@ -200,3 +200,20 @@ def test_bench_cli_runs_a_token_layout(tmp_path):
         assert {r["provider"] for r in rows} == {"eager"}
     for r in rows:
         assert r["median_us"] > 0 and r["bytes"] > 0
+
+
+def test_scheduler_loops_compare_each_drop_in_with_stock():
+    """The whole-loop table: every scheduler that has a fused drop-in, stock then fused, the scheduler's time
+    as loop minus model, and the fused loop's result equal to stock's within float32 rounding."""
+    pytest.importorskip("diffusers")
+    from ddpm_kernels.bench.sweep import SCHEDULER_LOOPS, scheduler_loops
+    from ddpm_kernels.integrations import diffusers as fused
+
+    rows = scheduler_loops(torch.device("cpu"), (2, 4, 8, 8), 4, min_run_time=0.0)
+    expected = [label for label, name, _ in SCHEDULER_LOOPS if hasattr(fused, "Fused" + name)]
+    assert [r["scheduler"] for r in rows] == [label for label in expected for _ in range(2)]
+    for stock, ours in zip(rows[::2], rows[1::2]):
+        assert (stock["implementation"], ours["implementation"]) == ("stock", "fused")
+        assert ours["max_abs_diff_vs_stock"] <= 1e-4, ours
+        for r in (stock, ours):
+            assert r["step_ms"] > 0 and r["model_ms"] > 0 and r["scheduler_ms"] >= 0 and r["steps"] == 4

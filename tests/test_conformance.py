@@ -102,8 +102,9 @@ def _cases(spec):
         yield Case(spec.name, tuple(options.items()))
 
 
-# the families on sigmas instead of t and a schedule have their own suites: tests/test_flow.py, tests/test_euler.py
-CASES = [case for spec in OPS.values() if spec.family not in ("flow", "sigma") for case in _cases(spec)]
+# the families on sigmas or coefficient tables instead of t and a schedule have their own suites:
+# tests/test_flow.py, tests/test_euler.py, tests/test_solver_step.py
+CASES = [case for spec in OPS.values() if spec.family not in ("flow", "sigma", "solver") for case in _cases(spec)]
 TABLE_CASES = [c for c in CASES if c.spec.family not in ELSEWHERE]
 # options take no part in an operator's registration (schema, fake, autograd): one combination per op, the one
 # with the most terms (v: both coefficients)

@@ -151,6 +151,38 @@ def test_flow_training_lowers_the_loss_and_samples_from_the_seed():
     torch.testing.assert_close(a, demo.sample_with_noise(fm, x_init, seed=0, backend="reference"))
 
 
+def test_samplers_compare_stock_and_fused_from_one_seed(tmp_path):
+    """``--samplers``: every named sampler runs stock and fused from the same seed; the fused drop-in's samples
+    are the stock ones within float32 rounding, a sampler without a drop-in is reported as such."""
+    pytest.importorskip("diffusers")
+    from ddpm_kernels.demo.samplers import SAMPLERS, parse_samplers, scheduler_classes
+
+    out = tmp_path / "samplers"
+    argv = ["--steps", "4", "--timesteps", "12", "--num-samples", "6", "--batch-size", "8", "--base-channels", "8",
+            "--no-progress", "--out", str(out), "--samplers", "ddim:4", "euler_a:3", "dpm++2m:4"]
+    assert demo.main(argv) == 0
+    report = json.loads((out / "samplers.json").read_text())
+    rows = report["samplers"]
+    assert [(r["name"], r["implementation"]) for r in rows] == [
+        (name, impl) for name in ("ddim", "euler_a", "dpm++2m") for impl in ("stock", "fused")]
+    for row in rows:
+        _, fused_cls = scheduler_classes(SAMPLERS[row["name"]])
+        if row["implementation"] == "fused" and fused_cls is None:
+            assert "missing" in row
+            continue
+        assert row["steps"] == {"ddim": 4, "euler_a": 3, "dpm++2m": 4}[row["name"]]
+        assert row["seconds"] > 0 and row["quality"]["n"] == 6
+        if row["implementation"] == "fused":
+            assert row["max_abs_diff_vs_stock"] <= 1e-4, row
+        assert _is_png(out / f"samples_{row['name']}.png")
+    assert "| ddim (4 steps) | fused |" in (out / "samplers.md").read_text()
+    with pytest.raises(ValueError, match="unknown sampler 'heun'"):
+        parse_samplers(["heun"])
+    with pytest.raises(ValueError, match="STEPS a positive integer"):
+        parse_samplers(["ddim:0"])
+    assert [s.name for s in parse_samplers([])] == ["ddpm", "ddim", "dpm++2m", "unipc", "euler_a"]
+
+
 def test_cli_dispatches_to_demo(tmp_path):
     from ddpm_kernels.__main__ import main
 

@@ -15,7 +15,7 @@ import torch
 from ..schedule import DiffusionSchedule
 from .cases import CASES, DTYPES, MEMORY_FORMATS, Case, op_choices, select_cases
 from .report import markdown, meta, write_outputs
-from .sweep import Row, end_to_end, providers, run_case
+from .sweep import Row, end_to_end, providers, run_case, scheduler_loops
 
 GPU_SHAPES = ((1, 4, 64, 64), (16, 4, 64, 64), (64, 4, 128, 128), (128, 3, 32, 32))
 CPU_SHAPES = ((1, 4, 64, 64), (16, 4, 64, 64))
@@ -107,9 +107,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="layout of every data tensor (channels_last: 4-D shapes only)")
     parser.add_argument("--timesteps", type=int, default=1000)
     parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds of timing per row")
-    parser.add_argument("--e2e-steps", type=int, default=20)
-    parser.add_argument("--e2e-shape", type=parse_shape, default=None)
-    parser.add_argument("--no-e2e", action="store_true")
+    parser.add_argument("--e2e-steps", type=int, default=20,
+                        help="steps of the end-to-end loops: the UNet sampling loop per backend, and the whole "
+                        "diffusers loops (toy model) of each fused drop-in against its stock scheduler")
+    parser.add_argument("--e2e-shape", type=parse_shape, default=None,
+                        help="shape of the end-to-end loops (default: 16x4x64x64 on GPU; on CPU 4x4x32x32 for the "
+                        "UNet loop and 16x4x64x64 for the scheduler loops)")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end loops")
     parser.add_argument("--no-malloc-variant", action="store_true",
                         help="CPU: don't re-measure eager under the other malloc condition")
     parser.add_argument("--host-overhead", action="store_true",
@@ -194,4 +198,6 @@ def main(argv=None) -> int:
     if not args.no_e2e:
         e2e_shape = args.e2e_shape or ((16, 4, 64, 64) if device.type == "cuda" else (4, 4, 32, 32))
         result["e2e"] = end_to_end(device, e2e_shape, args.e2e_steps, args.min_run_time)
+        result["scheduler_loops"] = scheduler_loops(device, args.e2e_shape or (16, 4, 64, 64), args.e2e_steps,
+                                                    args.min_run_time)
     return _finish(result, out)

@@ -78,6 +78,18 @@ def markdown(result: dict) -> str:
         for e in result["e2e"]:
             lines.append(f"| {e['backend']} | {'x'.join(map(str, e['shape']))} | {e['model_params'] / 1e6:.1f} M "
                          f"| {e['step_ms']:.2f} | {e['model_ms']:.2f} | {e['scheduler_share_pct']:.1f}% |")
+    if result.get("scheduler_loops"):
+        lines += ["", "Whole diffusers sampling loops with a toy model (a 1x1 convolution), stock scheduler vs the fused "
+                  "drop-in:", "",
+                  "| scheduler | implementation | shape | steps | ms/step | model ms | scheduler ms | scheduler "
+                  "speedup | max abs diff vs stock |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for e in result["scheduler_loops"]:
+            speedup = f"{e['scheduler_speedup']:.2f}x" if e.get("scheduler_speedup") else ""
+            diff = f"{e['max_abs_diff_vs_stock']:.1e}" if "max_abs_diff_vs_stock" in e else ""
+            lines.append(f"| {e['scheduler']} | {e['implementation']} | {'x'.join(map(str, e['shape']))} "
+                         f"| {e['steps']} | {e['step_ms']:.3f} | {e['model_ms']:.3f} | {e['scheduler_ms']:.3f} "
+                         f"| {speedup} | {diff} |")
     if result.get("host_overhead"):
         from .host import markdown as host_markdown
 

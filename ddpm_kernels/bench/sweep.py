@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from dataclasses import dataclass
@@ -192,4 +193,73 @@ def _dpm_solver_loops(model, x, t, steps, device, min_run_time, model_loop, para
                  step_ms=loop_s / steps * 1e3, model_ms=model_s / steps * 1e3,
                  scheduler_share_pct=max(0.0, 100.0 * (loop_s - model_s) / loop_s))
         )
+    return results
+
+
+# the diffusers schedulers whose fused drop-ins the scheduler-loop table compares with stock: (label, class, config)
+SCHEDULER_LOOPS = (
+    ("DPM-Solver++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    ("DPM-Solver++ 2M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    ("UniPC", "UniPCMultistepScheduler", {}),
+    ("Euler ancestral", "EulerAncestralDiscreteScheduler", {}),
+    ("Euler", "EulerDiscreteScheduler", {}),
+    ("DDIM", "DDIMScheduler", {}),
+)
+
+
+def scheduler_loops(device: torch.device, shape: Sequence[int], steps: int, min_run_time: float) -> List[dict]:
+    """Whole ``steps``-step diffusers sampling loops with a toy model (one 1x1 convolution, so the scheduler's
+    cost is visible), the stock scheduler against its fused drop-in: per step the loop's wall time, the model
+    calls' alone (timed alternately with the loop) and the difference, the scheduler's time. Empty without
+    diffusers; a scheduler without a drop-in is skipped."""
+    try:
+        import diffusers
+    except ImportError:
+        return []
+    from ..integrations import diffusers as fused
+
+    torch.manual_seed(0)
+    c = shape[1]
+    model = torch.nn.Conv2d(c, c, 1).to(device).eval() if len(shape) == 4 else torch.nn.Linear(c, c).to(device)
+    x_init = torch.randn(tuple(shape), device=device)
+    results = []
+    for label, name, config in SCHEDULER_LOOPS:
+        if getattr(fused, "Fused" + name, None) is None:
+            continue
+        per_impl = {}
+        for impl, cls in (("stock", getattr(diffusers, name)), ("fused", getattr(fused, "Fused" + name))):
+            scheduler = cls(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                            beta_end=0.012, **config)
+            takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+            g = torch.Generator(device=device)
+            extra = {"generator": g} if takes_generator else {}
+
+            @torch.no_grad()
+            def loop(scheduler=scheduler, extra=extra, g=g):
+                g.manual_seed(0)
+                scheduler.set_timesteps(steps, device=device)
+                x = x_init * scheduler.init_noise_sigma
+                for t in scheduler.timesteps:
+                    y = model(scheduler.scale_model_input(x, t))
+                    x = scheduler.step(y, t, x, **extra).prev_sample
+                return x
+
+            @torch.no_grad()
+            def model_only():
+                x = x_init
+                for _ in range(steps):
+                    model(x)
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                per_impl[impl] = loop()  # warm-up (lazy tables, caches), and the result to compare
+                loop_s, model_s = paired_median_times(loop, model_only, device, min_run_time)
+            results.append(dict(scheduler=label, implementation=impl, shape=list(shape), steps=steps,
+                                step_ms=loop_s / steps * 1e3, model_ms=model_s / steps * 1e3,
+                                scheduler_ms=max(0.0, loop_s - model_s) / steps * 1e3))
+        diff = (per_impl["fused"].double() - per_impl["stock"].double()).abs().max().item()
+        stock_ms = results[-2]["scheduler_ms"]
+        results[-1].update(max_abs_diff_vs_stock=diff,
+                           scheduler_speedup=stock_ms / results[-1]["scheduler_ms"] if results[-1]["scheduler_ms"]
+                           else None)
     return results

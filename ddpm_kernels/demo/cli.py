@@ -20,6 +20,7 @@ from .model import OBJECTIVES, Generative, build_model, is_flow, objective_of, s
 from .quality import DigitClassifier, digit_quality
 from .report import machine_info, render_quality_markdown, render_timing_markdown, save_progression
 from .report import save_sample_grid, write_text
+from .samplers import DEFAULT_SAMPLERS, SAMPLERS, compare_samplers, parse_samplers, render_samplers_markdown
 from .sampling import backends_for, compare_backends, resolved_backend, sample_grid
 from .timing import LATENT_SHAPE, TIMING_ROUNDS, auto_threads, load_average, time_sampling_step
 from .training import EMA, train
@@ -65,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-repeats", type=int, default=50, help="calls per timing measurement (default: 50)")
     p.add_argument("--condition", default="", help="a note on the machine's condition, written into the timing table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--samplers", nargs="*", default=None, metavar="NAME[:STEPS]",
+        help="instead of the default sampling report: sample the DDPM model with these diffusers samplers, stock "
+        f"and fused drop-in side by side (names: {', '.join(SAMPLERS)}; no names: {' '.join(DEFAULT_SAMPLERS)}); "
+        "needs diffusers",
+    )
     return p
 
 
@@ -125,6 +132,19 @@ def _start(args: argparse.Namespace) -> Optional[_Run]:
     if args.steps < 0 or args.timesteps < 2 or args.num_samples < 1 or args.batch_size < 1:
         _print("error: --steps >= 0, --timesteps >= 2, --num-samples >= 1 and --batch-size >= 1 are required")
         return None
+    if args.samplers is not None:
+        if args.objective != "ddpm":
+            _print("error: --samplers samples the DDPM objective (the diffusers schedulers' own)")
+            return None
+        try:
+            import diffusers  # noqa: F401
+            args.samplers = parse_samplers(args.samplers)
+        except ImportError:
+            _print("error: --samplers needs diffusers (pip install 'ddpm_kernels[diffusers]')")
+            return None
+        except ValueError as exc:
+            _print(f"error: {exc}")
+            return None
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
     op = "flow_step" if args.objective == "flow" else "p_sample"
@@ -310,6 +330,31 @@ def _report(run: _Run, model: _Model, sample_seconds: float, timing, equality, q
     }
 
 
+def _samplers(run: _Run, model: _Model, images, labels) -> int:
+    """``--samplers``: each sampler stock and fused from the same seed; a grid per sampler, the table, the JSON."""
+    args = run.args
+    classifier = DigitClassifier(images, labels, seed=args.seed)
+    rows = compare_samplers(model.diffusion, args.samplers, classifier, args.num_samples, args.seed)
+    for row in rows:
+        if "samples" in row and (row["implementation"] == "fused" or not any(
+                r["name"] == row["name"] and r["implementation"] == "fused" and "samples" in r for r in rows)):
+            save_sample_grid(row["samples"], run.path(f"samples_{row['name']}.png"))
+    table = render_samplers_markdown(rows, str(run.device), args.num_samples)
+    write_text(run.path("samplers.md"), table)
+    report = {
+        "machine": machine_info(run.device, args.condition, run.load_start),
+        "training_steps": model.steps_done,
+        "timesteps": model.diffusion.num_timesteps,
+        "seed": args.seed,
+        "samplers": [{k: v for k, v in row.items() if k != "samples"} for row in rows],
+    }
+    with open(run.path("samplers.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    _print(table)
+    _print(f"total {time.perf_counter() - run.wall_start:.1f} s; outputs in {args.out}/")
+    return 0
+
+
 def main(argv=None) -> int:
     run = _start(_parser().parse_args(argv))
     if run is None:
@@ -321,6 +366,8 @@ def main(argv=None) -> int:
     model = _load_checkpoint(run) if args.checkpoint else _train_new(run, images)
     if model.image_size != args.image_size:
         images, labels = load_digits(model.image_size)
+    if args.samplers is not None:
+        return _samplers(run, model, images, labels)
     samples, sample_seconds = _sample(run, model.diffusion)
     quality = _quality_figure(run, model, samples, images, labels)
     _print()

@@ -16,6 +16,10 @@ Each ``Fused<Name>`` subclasses diffusers' ``<Name>`` with the same config, so `
 * `FusedDPMSolverMultistepScheduler` (``ddpm_kernels.integrations.diffusers.dpm``): ``step`` is one
   `ddpm_kernels.solvers.solver_step` on the DPM-Solver(++) coefficient table of the stock sigma table
   (`ddpm_kernels.solvers.dpm`), its earlier outputs in a ring on the device.
+* `FusedUniPCMultistepScheduler` (``ddpm_kernels.integrations.diffusers.unipc``): ``step`` is one
+  `ddpm_kernels.solvers.solver_step` on UniPC's coefficient table, with the history ring on the device.
+* `FusedLCMScheduler` (``ddpm_kernels.integrations.diffusers.lcm``): ``step`` is one
+  `ddpm_kernels.solvers.solver_step` on LCM's coefficient table, ``denoised`` its last-sample output.
 
 Common to all: ``step`` does not synchronize with the device; noise is drawn from the generator exactly as the
 stock scheduler draws it (same images, same generator state) unless ``in_kernel_noise = True``; the attribute
@@ -27,6 +31,8 @@ from .ddpm import FusedDDIMScheduler, FusedDDPMScheduler
 from .dpm import FusedDPMSolverMultistepScheduler
 from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
 from .flow import FusedFlowMatchEulerDiscreteScheduler
+from .lcm import FusedLCMScheduler
+from .unipc import FusedUniPCMultistepScheduler
 
 __all__ = [
     "FusedDDPMScheduler",
@@ -35,4 +41,6 @@ __all__ = [
     "FusedEulerDiscreteScheduler",
     "FusedEulerAncestralDiscreteScheduler",
     "FusedDPMSolverMultistepScheduler",
+    "FusedUniPCMultistepScheduler",
+    "FusedLCMScheduler",
 ]

@@ -115,9 +115,9 @@ class _FusedBase:
     def _dk_stock(self, cause: str, message: str) -> None:
         self._dk_warn(cause, f"{message}; this takes the stock {self._stock_name} code path")
 
-    def _dk_same_tensors(self, model_output, sample) -> bool:
-        """Whether the model output and the sample are what a fused step takes (floating tensors of one shape on
-        one device); warns (once) that the stock path takes the call when not."""
+    def _dk_inputs_ok(self, model_output, sample, min_ndim: int = 1) -> bool:
+        """Whether the fused step takes these operands (floating tensors of one shape on one device, with at least
+        ``min_ndim`` dims); if not, the one warning that the stock step takes the call."""
         if (
             isinstance(model_output, torch.Tensor)
             and isinstance(sample, torch.Tensor)
@@ -125,15 +125,15 @@ class _FusedBase:
             and model_output.device == sample.device
             and model_output.is_floating_point()
             and sample.is_floating_point()
-            and sample.ndim >= 1
+            and sample.ndim >= min_ndim
         ):
             return True
 
         def shape(x):
             return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
-        self._dk_stock("inputs", f"a model output {shape(model_output)} for a sample {shape(sample)} is not what "
-                       "the fused step takes (floating tensors of one shape on one device)")
+        self._dk_stock("inputs", f"a model output {shape(model_output)} for a sample {shape(sample)} is not what the "
+                       f"fused step takes (floating tensors of one shape on one device, at least {min_ndim}-D)")
         return False
 
     def _dk_kernel_generator(self, generator):

@@ -170,7 +170,7 @@ class FusedDPMSolverMultistepScheduler(_StepIndex, _FusedBase, DPMSolverMultiste
         if (isinstance(model_output, torch.Tensor) and model_output.ndim >= 2
                 and config.variance_type in _LEARNED and config.prediction_type == "epsilon"):
             model_output = model_output[:, :3]  # the stock slice: the mean of a learned-variance output
-        if not self._dk_same_tensors(model_output, sample):
+        if not self._dk_inputs_ok(model_output, sample):
             return None
         tables = self._dk_tables()
         if tables.stock is not None:

@@ -147,7 +147,7 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
         (nothing changed then but a first step's index, which the stock step would set the same)."""
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
             return None  # the stock step's error
-        if not self._dk_same_tensors(model_output, sample):
+        if not self._dk_inputs_ok(model_output, sample):
             return None
         prediction = _PREDICTIONS.get(self.config.prediction_type)
         if prediction is None or prediction not in self._dk_predictions:

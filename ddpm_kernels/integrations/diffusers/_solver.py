@@ -1,0 +1,171 @@
+"""What the table-driven solver drop-ins share (UniPC, LCM): the stock schedule's host copies, its coefficient
+table built once per (begin index, config) in float64 and kept per device, the history ring and last-sample
+buffers allocated once per shape, and the `ddpm_kernels.solvers.solver_step` call with the sync-free step
+index. See docs/design.md, "Multistep solvers"."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ...solvers import new_history, solver_step
+from ._common import _device, _FusedBase, _host_copy, _is_real, _StepIndex
+
+
+def threshold_unsupported(config) -> Optional[str]:
+    """Why the fused step cannot threshold as the stock config asks (None when it can): the op takes a ratio
+    in [0, 1] and a positive finite maximum (below 1 it is the bound, as torch's clamp makes it in stock)."""
+    ratio, max_value = config.dynamic_thresholding_ratio, config.sample_max_value
+    if _is_real(ratio) and 0 <= ratio <= 1 and _is_real(max_value) and 0 < max_value < math.inf:
+        return None
+    return (f"dynamic_thresholding_ratio={ratio!r}, sample_max_value={max_value!r}: the fused thresholding takes a "
+            "ratio in [0, 1] and a positive finite sample_max_value")
+
+
+class _Schedule:
+    """The stock schedule as the fused step reads it: the ``timesteps`` tensor (and its version) with host
+    copies for the first step's index lookup, the host copies of the table sources, why the fused step cannot
+    take the schedule (None when it can), the coefficient tables per (begin index, config key) and their copies
+    per device."""
+
+    __slots__ = ("timesteps", "sources", "versions", "root", "host_timesteps", "host_array", "host_sources", "stock",
+                 "tables", "devices", "steps")
+
+
+def _versions(tensors) -> tuple:
+    return tuple(getattr(t, "_version", None) for t in tensors)
+
+
+class _SolverDropIn(_StepIndex, _FusedBase):
+    """The common step of the solver drop-ins. A subclass names the tensors its table is built from
+    (``_dk_source_names``), builds the float64 table from their host copies (``_dk_build(schedule, begin)``) for
+    a config (``_dk_config_key()``, the options the table depends on), says what the fused step does not take
+    (``_dk_unsupported``) and the ring size (``_dk_slots``)."""
+
+    _dk_source_names = ()
+
+    # ------------------------------------------------------------------ schedule
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self.__dict__["_dk_begin_"] = None
+        self._dk_tables()  # the host copies now (set_timesteps may read the device), so that steps never do
+
+    def _dk_tables(self) -> _Schedule:
+        schedule = self.__dict__.get("_dk_schedule_")
+        ts = self.timesteps
+        sources = tuple(getattr(self, name, None) for name in self._dk_source_names)
+        if (
+            schedule is None
+            or schedule.timesteps is not ts
+            or any(a is not b for a, b in zip(schedule.sources, sources))
+            or schedule.versions != _versions((ts,) + sources)
+        ):
+            schedule = self._dk_new_schedule(ts, sources)
+        return schedule
+
+    def _dk_new_schedule(self, ts, sources) -> _Schedule:
+        schedule = _Schedule()
+        schedule.timesteps, schedule.sources, schedule.versions = ts, sources, _versions((ts,) + sources)
+        schedule.tables, schedule.devices = {}, {}
+        schedule.stock, schedule.root, schedule.host_array, schedule.host_sources = None, None, None, None
+        schedule.steps = 0
+        schedule.host_timesteps = _host_copy(ts)
+        bad = [name for name, s in zip(self._dk_source_names, sources)
+               if not (isinstance(s, torch.Tensor) and s.ndim == 1 and s.is_floating_point() and s.shape[0] >= 1)]
+        if bad:
+            schedule.stock = f"{', '.join(bad)} is not a 1-D float tensor"
+        elif not (isinstance(ts, torch.Tensor) and ts.ndim == 1 and ts.shape[0] >= 1):
+            schedule.stock = "the timesteps are not a 1-D tensor"
+        else:
+            schedule.root = ts if ts._base is None else ts._base
+            schedule.host_array = schedule.host_timesteps.numpy()
+            schedule.host_sources = tuple(_host_copy(s).double().numpy() for s in sources)
+            schedule.steps = self._dk_steps(schedule)
+        self.__dict__["_dk_schedule_"] = schedule
+        return schedule
+
+    def _dk_table(self, schedule: _Schedule, begin: int, device: torch.device) -> torch.Tensor:
+        """The float64 table for a loop starting at ``begin`` on ``device``: built on the host once per (begin,
+        config), copied to the device once (from pinned memory without waiting on a CUDA device)."""
+        key = (begin, self._dk_config_key())
+        table = schedule.devices.get((key, device))
+        if table is None:
+            host = schedule.tables.get(key)
+            if host is None:
+                host = schedule.tables[key] = torch.from_numpy(self._dk_build(schedule, begin))
+            if device.type == "cuda":
+                pinned = host.pin_memory()
+                table = pinned.to(device, non_blocking=True)
+                schedule.tables[key] = pinned  # kept alive until the copy is done
+            else:
+                table = host.to(device)
+            schedule.devices[(key, device)] = table
+        return table
+
+    # ------------------------------------------------------------------ buffers
+    def _dk_buffers(self, sample: torch.Tensor, slots: int):
+        """The history ring and the last-sample buffer for samples like ``sample``, allocated once per shape,
+        dtype, device and memory format."""
+        key = (sample.shape, sample.dtype, sample.device, sample.stride(), slots)
+        cached = self.__dict__.get("_dk_buffers_")
+        if cached is None or cached[0] != key:
+            history = new_history(sample, slots) if slots else None
+            cached = self.__dict__["_dk_buffers_"] = (key, history, torch.empty_like(sample))
+        return cached[1], cached[2]
+
+    # ------------------------------------------------------------------ step
+    def _dk_prepare(self, model_output, timestep, sample):
+        """``(schedule, index, begin)`` for the fused step, or None when the stock step is to take the call
+        (nothing changed then but a first step's index, which the stock step would set the same)."""
+        if self.num_inference_steps is None or not self._dk_inputs_ok(model_output, sample, min_ndim=2):
+            return None
+        reason = self._dk_unsupported()
+        if reason is not None:
+            self._dk_stock("config", reason)
+            return None
+        schedule = self._dk_tables()
+        if schedule.stock is not None:
+            self._dk_stock("table", schedule.stock)
+            return None
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        index = self._step_index
+        steps = schedule.steps
+        if not ((type(index) is int or isinstance(index, np.integer)) and 0 <= index < steps):
+            self._dk_stock("step_index", f"step index {index!r} is not a step of the {steps}-step schedule")
+            return None
+        begin = self.__dict__.get("_dk_begin_")
+        if begin is None or begin > index:
+            begin = self.__dict__["_dk_begin_"] = int(index)
+        return schedule, int(index), begin
+
+    def _dk_solver_step(self, schedule, index, begin, model_output, sample, last=None, noise=None, generator=None,
+                        **options):
+        """One `solver_step` on the stock step's operands in their promoted dtype; returns ``(prev_sample,
+        last_sample)`` (the buffer the step wrote ``x_c`` into: ``last``, else the scheduler's own)."""
+        dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        x = sample if sample.dtype == dtype else sample.to(dtype)
+        device = _device(x.device)
+        history = None
+        if last is None or self._dk_slots:
+            history, own_last = self._dk_buffers(x, self._dk_slots)
+            last = own_last if last is None else last
+        prev = solver_step(
+            x, model_output, self._dk_table(schedule, begin, device),
+            self._dk_index_tensor(index, x.shape[0], x.device), history, last, noise, generator,
+            self.fused_backend, **options,
+        )
+        self._dk_advance()
+        return prev, last
+
+    # ------------------------------------------------------------------ per solver
+    def _dk_steps(self, schedule: _Schedule) -> int:
+        return schedule.host_array.shape[0]
+
+    def _dk_unsupported(self) -> Optional[str]:
+        return None
+
+    _dk_slots = 0

@@ -1,0 +1,117 @@
+"""The LCM drop-in: ``FusedLCMScheduler`` (latent consistency models and LCM-LoRA pipelines).
+
+It subclasses diffusers' ``LCMScheduler`` with the same config; ``set_timesteps`` (``original_inference_steps``,
+``strength``, custom timesteps, every spacing), ``add_noise``, ``get_velocity`` and ``index_for_timestep`` are
+the stock code. ``step`` is one `ddpm_kernels.solvers.solver_step` on the LCM coefficient table
+(`ddpm_kernels.solvers.lcm.lcm_coefficients`: x0 from every prediction type, clipping or dynamic thresholding,
+the boundary-condition scalings ``c_skip`` / ``c_out`` with ``timestep_scaling``, the noise to the next
+timestep), on ``backend="auto"`` (the attribute ``fused_backend`` chooses another), and returns
+``LCMSchedulerOutput(prev_sample, denoised)`` as stock. What changes against the stock class:
+
+* ``step`` does not synchronize with the device: the table (one float64 row per step) is built once per
+  schedule on the host and copied to the device once, and the step index is a Python int kept as stock keeps it
+  plus an int64 (B,) device tensor advanced in place (see `FusedEulerDiscreteScheduler`).
+* The coefficients of a step are those of ``timesteps[step_index]`` (stock reads the table at the ``timestep``
+  argument: the same in a loop over ``scheduler.timesteps``).
+* The noise of every step but the last is drawn exactly as the stock step draws it (``randn_tensor`` of the
+  model output's shape in the step's dtype, from the same generator): the same generator gives the same images
+  and ends in the same state. ``in_kernel_noise = True`` lets the backend generate it instead.
+* The step computes in float32 (float64 for float64 data) and rounds once: for bf16 / fp16 inputs the result
+  is closer to the float64 computation than stock's. ``denoised`` is written by the step into a tensor of its
+  own (the op's last-sample output), one per step as stock returns it.
+
+Every stock argument is accepted. What the fused op does not take runs the stock code, with one warning per
+scheduler and cause: a prediction type the stock step refuses (its error follows), clipping or thresholding
+options outside the op's range, a model output of another shape or device than the sample, a step index
+outside the schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from diffusers import LCMScheduler
+from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
+
+from ...solvers.lcm import lcm_coefficients
+from ._common import _is_real, _output_maker, _randn
+from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
+
+__all__ = ["FusedLCMScheduler"]
+
+_PREDICTIONS = ("epsilon", "sample", "v_prediction")
+
+
+class FusedLCMScheduler(_SolverDropIn, LCMScheduler):
+    """diffusers' ``LCMScheduler`` (same config, same results) with ``step`` as one fused
+    `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
+
+    # diffusers finds a scheduler's compatibles by class name, its own included: the stock list is empty, so
+    # the fused class names the stock one
+    _compatibles = ["LCMScheduler"]
+    _make_output = staticmethod(_output_maker(LCMSchedulerOutput))
+    _stock_name = "LCMScheduler"
+    _dk_source_names = ("alphas_cumprod",)
+
+    def _dk_config_key(self) -> tuple:
+        c = self.config
+        return (c.prediction_type, float(c.timestep_scaling), self.num_inference_steps)
+
+    def _dk_unsupported(self) -> Optional[str]:
+        c = self.config
+        if c.prediction_type not in _PREDICTIONS:
+            return f"prediction_type {c.prediction_type!r} is not one the stock step computes"
+        if not (_is_real(c.timestep_scaling) and math.isfinite(c.timestep_scaling)):
+            return f"timestep_scaling {c.timestep_scaling!r} is not a finite number"
+        if c.thresholding:
+            return threshold_unsupported(c)
+        elif c.clip_sample and not (_is_real(c.clip_sample_range) and 0 < c.clip_sample_range < math.inf):
+            return f"clip_sample_range {c.clip_sample_range!r} is not a positive finite number"
+        return None
+
+    def _dk_steps(self, schedule: _Schedule) -> int:
+        array = schedule.host_array
+        if not (np.issubdtype(array.dtype, np.integer) and array.min() >= 0
+                and array.max() < schedule.host_sources[0].shape[0]):
+            return 0  # not training timesteps: every step takes the stock path
+        return array.shape[0]
+
+    def _dk_build(self, schedule: _Schedule, begin: int) -> np.ndarray:
+        c = self.config
+        return lcm_coefficients(schedule.host_sources[0], schedule.host_array, prediction_type=c.prediction_type,
+                                timestep_scaling=float(c.timestep_scaling),
+                                num_inference_steps=self.num_inference_steps)
+
+    def _dk_options(self) -> dict:
+        c = self.config
+        if c.thresholding:
+            return dict(threshold_ratio=float(c.dynamic_thresholding_ratio), threshold_max=float(c.sample_max_value))
+        if c.clip_sample:
+            return dict(clip_range=float(c.clip_sample_range))
+        return {}
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+             generator: Optional[torch.Generator] = None, return_dict: bool = True):
+        """As ``LCMScheduler.step``, fused and sync-free."""
+        prepared = self._dk_prepare(model_output, timestep, sample)
+        if prepared is None:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        schedule, index, _ = prepared
+        dtype = torch.promote_types(sample.dtype, model_output.dtype)
+        options = self._dk_options()
+        noise, generator_for_op = None, None
+        if index != self.num_inference_steps - 1:
+            in_kernel, generator_for_op = self._dk_kernel_generator(generator)
+            if in_kernel:
+                options["stochastic"] = True
+            else:
+                noise = _randn(model_output.shape, generator, model_output.device, dtype)
+        denoised = torch.empty_like(sample, dtype=dtype)
+        prev, denoised = self._dk_solver_step(schedule, index, 0, model_output, sample, last=denoised, noise=noise,
+                                              generator=generator_for_op, **options)
+        if not return_dict:
+            return (prev, denoised)
+        return self._make_output(prev, denoised)

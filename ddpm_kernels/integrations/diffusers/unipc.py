@@ -1,0 +1,126 @@
+"""The UniPC drop-in: ``FusedUniPCMultistepScheduler`` (a common default of Stable Diffusion, SDXL, Wan and
+other pipelines).
+
+It subclasses diffusers' ``UniPCMultistepScheduler`` with the same config; ``set_timesteps`` (every
+``timestep_spacing``, Karras / exponential / beta / flow sigmas, dynamic shifting, ``final_sigmas_type``,
+``rescale_betas_zero_snr``), ``add_noise`` and ``index_for_timestep`` are the stock code, so the sigmas and
+timesteps are the stock ones, bit for bit. ``step`` is one `ddpm_kernels.solvers.solver_step` on the UniPC
+coefficient table (`ddpm_kernels.solvers.unipc.unipc_coefficients`: corrector and predictor, ``bh1`` / ``bh2``,
+every order with its warm-up, ``lower_order_final``, ``disable_corrector``, ``predict_x0`` True or False, every
+prediction type, dynamic thresholding), on ``backend="auto"`` (the attribute ``fused_backend`` chooses
+another). What changes against the stock class:
+
+* ``step`` does not synchronize with the device. The table is built in float64 on the host once per schedule
+  and first step index (the warm-up counts from there, as the stock ``lower_order_nums`` does) and copied to
+  the sample's device once; the step index is a Python int kept exactly as stock keeps it, mirrored by an int64
+  (B,) device tensor advanced in place, found on the first step as `FusedEulerDiscreteScheduler` finds it.
+* The converted model outputs live in a ring of ``solver_order`` preallocated tensors and the corrector's last
+  sample in a preallocated buffer (``last_sample`` is that buffer, overwritten by the next step); a loop
+  allocates nothing per step but its results. ``model_outputs`` and ``timestep_list`` are not kept;
+  ``lower_order_nums`` and ``this_order`` are, as stock keeps them.
+* The coefficients (the rhos' linear solves included) are float64, not float32, and the step computes in
+  float32 (float64 for float64 data) and rounds once to the sample's dtype: the results agree with stock
+  within float32 rounding, and for bf16 / fp16 samples or model outputs they are closer to the float64
+  computation (stock rounds ``sigma * model_output`` to the output's dtype, and at order 3 fails on a float16
+  sample with a float32 output: its float16 rhos meet float32 differences in one einsum).
+* Where the stock step has no finite result the fused step gives the limit (docs/design.md, "UniPC"): with a
+  zero final sigma, ``bh1`` and ``predict_x0=False`` give NaN at the last step in stock and
+  ``lower_order_final=False`` gives an infinite sample (order 2) or a singular ``linalg.solve`` (order 3); the
+  fused last step is the first-order step to sigma 0 (x0 in the data form, DDIM's step in the noise form).
+
+Every stock argument is accepted. What the fused op does not take runs the stock code, with one warning per
+scheduler and cause: ``solver_p`` (another predictor), a prediction type or solver type the stock step
+refuses (its error follows), thresholding options outside the op's range, a model output of another shape or
+device than the sample, a step index outside the schedule (the stock error follows).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from diffusers import UniPCMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from ...solvers._columns import PREDICTION_TYPES
+from ...solvers.unipc import SOLVER_TYPES, unipc_coefficients
+from ._common import _output_maker
+from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
+
+__all__ = ["FusedUniPCMultistepScheduler"]
+
+
+class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler):
+    """diffusers' ``UniPCMultistepScheduler`` (same config, same results) with ``step`` as one fused
+    `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
+
+    _make_output = staticmethod(_output_maker(SchedulerOutput))
+    _stock_name = "UniPCMultistepScheduler"
+    _dk_source_names = ("sigmas",)
+
+    @property
+    def _dk_slots(self) -> int:
+        return self.config.solver_order
+
+    def _dk_config_key(self) -> tuple:
+        c = self.config
+        return (c.solver_order, c.solver_type, bool(self.predict_x0), c.prediction_type, bool(c.lower_order_final),
+                tuple(self.disable_corrector or ()), bool(c.use_flow_sigmas))
+
+    def _dk_unsupported(self) -> Optional[str]:
+        c = self.config
+        if self.solver_p is not None:
+            return "solver_p (another scheduler's predictor) is not a coefficient table"
+        flow_as_epsilon = c.prediction_type == "flow_prediction" and not self.predict_x0
+        if c.prediction_type not in PREDICTION_TYPES or flow_as_epsilon:
+            return (f"prediction_type {c.prediction_type!r} with predict_x0={self.predict_x0!r} is not one the stock "
+                    "step computes")
+        if c.solver_type not in SOLVER_TYPES:
+            return f"solver_type {c.solver_type!r} is not one the stock step computes"
+        if not (type(c.solver_order) is int and c.solver_order >= 1):
+            return f"solver_order {c.solver_order!r} is not an int >= 1"
+        try:
+            disabled = tuple(self.disable_corrector or ())
+            hash(disabled)
+        except TypeError:
+            return f"disable_corrector {self.disable_corrector!r} is not a list of step indices"
+        if c.thresholding and self.predict_x0:
+            return threshold_unsupported(c)
+        return None
+
+    def _dk_steps(self, schedule: _Schedule) -> int:
+        return min(schedule.host_array.shape[0], schedule.host_sources[0].shape[0] - 1)
+
+    def _dk_build(self, schedule: _Schedule, begin: int) -> np.ndarray:
+        c = self.config
+        return unipc_coefficients(
+            schedule.host_sources[0][: schedule.steps + 1], solver_order=c.solver_order,
+            solver_type=c.solver_type, predict_x0=bool(self.predict_x0), prediction_type=c.prediction_type,
+            lower_order_final=bool(c.lower_order_final), disable_corrector=self.disable_corrector or (),
+            flow_sigmas=bool(c.use_flow_sigmas), begin_index=begin,
+        )
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """As ``UniPCMultistepScheduler.step``, fused and sync-free."""
+        prepared = self._dk_prepare(model_output, timestep, sample)
+        if prepared is None:
+            return super().step(model_output, timestep, sample, return_dict=return_dict)
+        schedule, index, begin = prepared
+        c = self.config
+        options = {}
+        if c.thresholding and self.predict_x0:
+            options = dict(threshold_ratio=float(c.dynamic_thresholding_ratio),
+                           threshold_max=float(c.sample_max_value))
+        prev, last = self._dk_solver_step(schedule, index, begin, model_output, sample, **options)
+        if prev.dtype != sample.dtype:
+            prev = prev.to(sample.dtype)
+        # the stock host state of the warm-up (the table's orders are the same)
+        order = min(c.solver_order, schedule.steps - index) if c.lower_order_final else c.solver_order
+        self.this_order = min(order, self.lower_order_nums + 1)
+        if self.lower_order_nums < c.solver_order:
+            self.lower_order_nums += 1
+        self.last_sample = last
+        if not return_dict:
+            return (prev,)
+        return self._make_output(prev)
