@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from .._spec import SolverColumns
+from ._columns import PREDICTION_TYPES, epsilon_columns, x0_columns
 
 __all__ = ["ALGORITHMS", "dpm_solver_coefficients", "dpm_solver_orders", "dpm_solver_slots"]
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 _SOLVER_TYPES = ("midpoint", "heun")
-_PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
 _FINAL_SIGMAS = ("zero", "sigma_min")
 
 
@@ -107,23 +107,18 @@ def _weights(order: np.ndarray, b0, b1, b2, r0, r1) -> tuple:
 def _conversion(table: np.ndarray, col: SolverColumns, algorithm: str, prediction: str, thresholding: bool,
                 sigma: np.ndarray, alpha_s: np.ndarray, sigma_s: np.ndarray) -> None:
     """The ``x0_*`` / ``m_*`` columns: the model output in the solver's form, as ``convert_model_output``."""
-    plus = algorithm in ("dpmsolver++", "sde-dpmsolver++")
-    # x0 = x0_sample x + x0_output y per prediction type (flow: the raw sigma, as the stock conversion reads it)
-    x0 = {"epsilon": (1.0 / alpha_s, -sigma_s / alpha_s), "sample": (0.0, 1.0),
-          "v_prediction": (alpha_s, -sigma_s), "flow_prediction": (1.0, -sigma)}[prediction]
-    if plus:
+    # flow_prediction scales by the raw sigma, as the stock conversion reads it
+    x0 = x0_columns(prediction, alpha_s, sigma_s, sigma)
+    if algorithm in ("dpmsolver++", "sde-dpmsolver++"):
         table[:, col.x0_sample], table[:, col.x0_output] = x0
         table[:, col.m_x0] = 1.0
     elif thresholding:
         # the noise prediction back from the thresholded x0: eps = (x - alpha x0) / sigma
         table[:, col.x0_sample], table[:, col.x0_output] = x0
         table[:, col.m_sample], table[:, col.m_x0] = 1.0 / sigma_s, -alpha_s / sigma_s
-    elif prediction == "epsilon":
-        table[:, col.m_output] = 1.0  # the output as it is
-    elif prediction == "sample":
-        table[:, col.m_sample], table[:, col.m_output] = 1.0 / sigma_s, -alpha_s / sigma_s
-    else:  # v: eps = alpha v + sigma x
-        table[:, col.m_sample], table[:, col.m_output] = sigma_s, alpha_s
+    else:
+        table[:, col.m_sample], table[:, col.m_x0], table[:, col.m_output] = epsilon_columns(
+            prediction, alpha_s, sigma_s)
 
 
 def _check(name, value, allowed):
@@ -156,7 +151,7 @@ def dpm_solver_coefficients(
     always do. ``begin_index``: the first step of the loop, where the warm-up starts."""
     _check("algorithm_type", algorithm_type, ALGORITHMS)
     _check("solver_type", solver_type, _SOLVER_TYPES)
-    _check("prediction_type", prediction_type, _PREDICTIONS)
+    _check("prediction_type", prediction_type, PREDICTION_TYPES)
     _check("final_sigmas_type", final_sigmas_type, _FINAL_SIGMAS)
     if type(solver_order) is not int or solver_order not in (1, 2, 3):
         raise ValueError(f"solver_order: expected 1, 2 or 3, got {solver_order!r}")
