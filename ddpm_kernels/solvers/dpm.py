@@ -19,7 +19,7 @@ import torch
 from .._spec import SolverColumns
 from ._columns import PREDICTION_TYPES, epsilon_columns, x0_columns
 
-__all__ = ["ALGORITHMS", "dpm_solver_coefficients", "dpm_solver_orders", "dpm_solver_slots"]
+__all__ = ["ALGORITHMS", "dpm_solver_coefficients", "dpm_solver_orders", "dpm_solver_slots", "dpm_solver_table"]
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 _SOLVER_TYPES = ("midpoint", "heun")
@@ -126,7 +126,7 @@ def _check(name, value, allowed):
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
-def dpm_solver_coefficients(
+def dpm_solver_table(
     sigmas,
     *,
     algorithm_type: str = "dpmsolver++",
@@ -139,10 +139,10 @@ def dpm_solver_coefficients(
     final_sigmas_type: str = "zero",
     flow_sigmas: bool = False,
     begin_index: int = 0,
-) -> torch.Tensor:
+) -> np.ndarray:
     """The `solver_step` coefficient table of ``DPMSolverMultistepScheduler`` on the sigma table ``sigmas`` (the
     scheduler's ``sigmas`` after ``set_timesteps``: ``steps + 1`` values, the last one the final sigma): a float64
-    CPU tensor of shape ``(steps, SolverColumns(dpm_solver_slots(solver_order)).width)``, row ``i`` the step from
+    array of shape ``(steps, SolverColumns(dpm_solver_slots(solver_order)).width)``, row ``i`` the step from
     ``sigmas[i]`` to ``sigmas[i + 1]`` at the order `dpm_solver_orders` gives it.
 
     Options as the scheduler's config: ``flow_sigmas`` is ``use_flow_sigmas`` (alpha = 1 - sigma); Karras /
@@ -178,9 +178,13 @@ def dpm_solver_coefficients(
     col = SolverColumns(dpm_solver_slots(solver_order))
     # IEEE float64 throughout: a repeated sigma (h = 0) gives the stock step's infinities and NaNs, not an error
     with np.errstate(all="ignore"):
-        table = _table(values, np.array(orders), col, algorithm_type, solver_type, prediction_type, thresholding,
-                       flow_sigmas)
-    return torch.from_numpy(table)
+        return _table(values, np.array(orders), col, algorithm_type, solver_type, prediction_type, thresholding,
+                      flow_sigmas)
+
+
+def dpm_solver_coefficients(sigmas, **options) -> torch.Tensor:
+    """`dpm_solver_table` as a float64 CPU tensor (what `solver_step` takes, after ``.to(device)``)."""
+    return torch.from_numpy(dpm_solver_table(sigmas, **options))
 
 
 def _table(values, orders, col, algorithm_type, solver_type, prediction_type, thresholding, flow_sigmas):
