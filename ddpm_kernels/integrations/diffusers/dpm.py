@@ -14,7 +14,8 @@ against the stock class:
   the sample's device and advanced there; the first index is found from the host copy of the timesteps as
   `FusedEulerDiscreteScheduler` finds it. The coefficient table (float64 on the host, one row per step, the
   stock order choice with its warm-up counted from that first index) is built at the first step and copied to
-  the sample's device once per schedule and first index, as the other solver drop-ins do (`FusedUniPCMultistepScheduler`).
+  the sample's device once per schedule and first index, on the solver drop-ins' shared base (as
+  `FusedUniPCMultistepScheduler`).
 * The earlier converted model outputs live in a ring of ``solver_order - 1`` tensors on the device, allocated
   once per sample shape, dtype and device and reused by every later loop; the step reads it and writes the new
   output into it in the same pass. ``model_outputs`` lists the ring's entries in the stock order (the oldest
