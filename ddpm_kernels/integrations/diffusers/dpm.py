@@ -105,7 +105,8 @@ class FusedDPMSolverMultistepScheduler(_SolverDropIn, DPMSolverMultistepSchedule
     def _dk_unsupported(self) -> Optional[str]:
         c = self.config
         if c.algorithm_type not in ALGORITHMS or c.solver_type not in ("midpoint", "heun"):
-            return f"algorithm_type {c.algorithm_type!r} / solver_type {c.solver_type!r} is not one the stock step computes"
+            return (f"algorithm_type {c.algorithm_type!r} / solver_type {c.solver_type!r} is not one the stock step "
+                    "computes")
         if c.prediction_type not in PREDICTION_TYPES or (
                 c.prediction_type == "flow_prediction" and c.algorithm_type not in _PLUS):
             return f"prediction_type {c.prediction_type!r} is not one the stock {c.algorithm_type} step takes"
