@@ -18,7 +18,7 @@ from ddpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
 from ddpm_kernels.integrations.diffusers import _common  # noqa: E402  (whose on_host tests replace)
 from ddpm_kernels.integrations.diffusers import _solver  # noqa: E402  (whose ring allocation a test counts)
 from ddpm_kernels.solvers import new_history, solver_step  # noqa: E402
-from helpers import sync_guard  # noqa: E402
+from helpers import scheduler_model, scheduler_pair, sync_guard  # noqa: E402
 
 SHAPE = (2, 3, 6, 5)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -49,18 +49,11 @@ def _matrix():
     return cases
 
 
-def model(x, t):
-    """A model output that depends on the sample and the timestep."""
-    t = torch.as_tensor(t, dtype=torch.float32)
-    return (x.float() * (0.3 + t / 4000) - 0.2 * torch.cos(x.float() + t / 100)).to(x.dtype)
+model = scheduler_model
 
 
 def pair(config, steps=10):
-    stock = DPMSolverMultistepScheduler(**config)
-    fused = FusedDPMSolverMultistepScheduler.from_config(stock.config)
-    for s in (stock, fused):
-        s.set_timesteps(steps)
-    return stock, fused
+    return scheduler_pair(DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler, config, steps)
 
 
 def run_loop(scheduler, seed=0, dtype=torch.float32, timesteps=None, x=None, out=None, noises=None):
