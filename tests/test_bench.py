@@ -105,7 +105,8 @@ def test_host_overhead_table(tmp_path):
     try:
         import diffusers  # noqa: F401
 
-        expected |= {f"{p}{s}Scheduler.step" for p in ("", "Fused") for s in ("DDIM", "DDPM", "FlowMatchEulerDiscrete")}
+        kinds = ("DDIM", "DDPM", "FlowMatchEulerDiscrete", "DPMSolverMultistep")
+        expected |= {f"{p}{s}Scheduler.step" for p in ("", "Fused") for s in kinds}
     except ImportError:
         pass
     assert set(rows) == expected
@@ -140,6 +141,31 @@ def test_flow_diffusers_counterparts_do_the_cases_work(case, shape):
     (stock,) = c.diffusers_calls().values()
     ours = c.call("reference")()
     torch.testing.assert_close(stock(), ours, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["solver_step", "solver_step_sde"])
+def test_solver_diffusers_counterparts_are_the_dpm_solver_2m_step(case):
+    """The diffusers rows of the multistep-solver cases time DPMSolverMultistepScheduler's second-order step on
+    the case's tensors (its earlier output the case's ring entry, the SDE form with the case's noise): the same
+    result as `solver_step` on the DPM-Solver table of the same schedule."""
+    pytest.importorskip("diffusers")
+    from ddpm_kernels.solvers import solver_step
+    from ddpm_kernels.solvers.dpm import dpm_solver_coefficients
+
+    c = Case(case, (2, 4, 8, 8), torch.float32, torch.device("cpu"), DiffusionSchedule(timesteps=10))
+    assert providers(case, c.device, c.dtype)[-1] == "diffusers"
+    (stock,) = c.diffusers_calls().values()
+    ring = c.tensors["history"][1:].clone()  # read before the stock call replaces its list
+    sde = case.endswith("_sde")
+    expected = stock()
+    from diffusers import DPMSolverMultistepScheduler
+
+    s = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++")
+    s.set_timesteps(50)
+    table = dpm_solver_coefficients(s.sigmas, algorithm_type=s.config.algorithm_type).float()
+    got = solver_step(c.tensors["sample"], c.tensors["model_output"], table, torch.full((2,), 25), history=ring,
+                      noise=c.tensors["noise"] if sde else None, backend="reference")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bench_cli_accepts_flow_shapes_and_presets():

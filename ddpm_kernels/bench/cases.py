@@ -141,6 +141,15 @@ def _scale_noise(scheduler, tensors, step):
     return scheduler.scale_noise(tensors["x0"], scheduler.timesteps, tensors["noise"])
 
 
+def _dpm_stock_step(scheduler, tensors, step):
+    # One second-order step at a fixed index, as every step of a DPM-Solver++ 2M loop after its warm-up; the
+    # stock list of earlier outputs carries from call to call (see `stock_dpm_scheduler`).
+    scheduler._step_index = step
+    scheduler.lower_order_nums = scheduler.config.solver_order
+    return scheduler.step(tensors["model_output"], scheduler.timesteps[step], tensors["sample"],
+                          variance_noise=tensors["noise"]).prev_sample
+
+
 _DIFFUSERS = {  # case -> (provider label, stock scheduler, call)
     "q_sample": ("diffusers", "ddpm", lambda s, ts, step: s.add_noise(ts["x_start"], ts["noise"], ts["t"])),
     "p_sample": ("diffusers_ddim", "ddim", _ddim_given_noise),
@@ -152,6 +161,9 @@ _DIFFUSERS = {  # case -> (provider label, stock scheduler, call)
     "flow_step": ("diffusers", "flow", _flow_step_stock),
     "flow_step_stochastic_rng": ("diffusers", "flow_stochastic", _flow_step_stock),
     "flow_step_guided": ("diffusers", "flow", _cfg_then_flow_step),
+    # multistep solvers: DPMSolverMultistepScheduler's 2M step (ODE; SDE with the case's noise)
+    "solver_step": ("diffusers", "dpm", _dpm_stock_step),
+    "solver_step_sde": ("diffusers", "dpm_sde", _dpm_stock_step),
 }
 _DIFFUSERS_NOTES = {
     "flow_interpolate": "host index lookup per sample",
@@ -194,6 +206,18 @@ def stock_flow_scheduler(kind: str, tensors: Dict[str, Optional[torch.Tensor]], 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, stochastic_sampling=kind == "flow_stochastic")
     sigmas = tensors["sigma"] if kind == "flow_per_sample" else tensors["sigmas"][:-1]
     scheduler.set_timesteps(sigmas=sigmas.detach().cpu().tolist(), device=device)
+    return scheduler
+
+
+def stock_dpm_scheduler(kind: str, tensors: Dict[str, Optional[torch.Tensor]]):
+    """diffusers' ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M, ``sde-dpmsolver++`` for ``dpm_sde``) with 50
+    steps, its list of earlier outputs holding the case's ring (the stock class keeps its sigmas on the CPU)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++" if kind == "dpm_sde" else "dpmsolver++",
+                                            solver_order=2)
+    scheduler.set_timesteps(50)
+    scheduler.model_outputs = [tensors["history"][0], tensors["history"][1]]
     return scheduler
 
 
@@ -329,7 +353,10 @@ class Case:
             return {}
         label, kind, step_call = _DIFFUSERS[self.op]
         tensors = dict(self.tensors)
-        if kind.startswith("flow"):
+        if kind.startswith("dpm"):
+            scheduler = stock_dpm_scheduler(kind, tensors)
+            step = 25
+        elif kind.startswith("flow"):
             scheduler = stock_flow_scheduler(kind, tensors, self.device)
             step = int(tensors["step_index"][0]) if "step_index" in tensors else 0
             if self.case.guided:

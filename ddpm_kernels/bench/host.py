@@ -85,26 +85,21 @@ def _diffusers_steps() -> List[Candidate]:
     return out
 
 
-def _flow_steps() -> List[Candidate]:
-    """Stock and fused ``FlowMatchEulerDiscreteScheduler.step`` walking a 1000-step schedule in order (as a
-    pipeline does), rewound to its start when it runs out."""
-    if not diffusers_installed():
-        return []
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
+def _walking_steps(stock, fused_name: str, steps: int, **config) -> List[Candidate]:
+    """Stock and fused ``step`` of the scheduler class ``stock`` (its drop-in named ``fused_name``) walking a
+    ``steps``-step schedule in order (as a pipeline does), rewound to its start when it runs out."""
     try:
-        from ..integrations.diffusers import FusedFlowMatchEulerDiscreteScheduler
+        from ..integrations import diffusers as integration
+
+        fused = getattr(integration, fused_name)
     except Exception as exc:
-        return [("FusedFlowMatchEulerDiscreteScheduler.step", "-", None,
-                 f"integration not importable: {type(exc).__name__}", None)]
+        return [(f"{fused_name}.step", "-", None, f"integration not importable: {type(exc).__name__}", None)]
     g = torch.Generator().manual_seed(0)
     sample, model_output = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
-    steps = 1000
     out = []
-    stock_name = "FlowMatchEulerDiscreteScheduler.step"
-    for cls, runs_on, baseline in ((FlowMatchEulerDiscreteScheduler, "diffusers", None),
-                                   (FusedFlowMatchEulerDiscreteScheduler, "auto", stock_name)):
-        scheduler = cls(shift=3.0)
+    stock_name = f"{stock.__name__}.step"
+    for cls, runs_on, baseline in ((stock, "diffusers", None), (fused, "auto", stock_name)):
+        scheduler = cls(**config)
         scheduler.set_timesteps(steps)
         # elements of scheduler.timesteps, as pipelines pass them
         state = {"i": 0, "timesteps": list(scheduler.timesteps)}
@@ -121,10 +116,28 @@ def _flow_steps() -> List[Candidate]:
     return out
 
 
+def _flow_steps() -> List[Candidate]:
+    """``FlowMatchEulerDiscreteScheduler.step`` (shift 3) over 1000 steps, stock and fused."""
+    if not diffusers_installed():
+        return []
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return _walking_steps(FlowMatchEulerDiscreteScheduler, "FusedFlowMatchEulerDiscreteScheduler", 1000, shift=3.0)
+
+
+def _dpm_steps() -> List[Candidate]:
+    """``DPMSolverMultistepScheduler.step`` (DPM-Solver++ 2M) over 1000 steps, stock and fused."""
+    if not diffusers_installed():
+        return []
+    from diffusers import DPMSolverMultistepScheduler
+
+    return _walking_steps(DPMSolverMultistepScheduler, "FusedDPMSolverMultistepScheduler", 1000)
+
+
 def candidates(schedule: DiffusionSchedule) -> List[Candidate]:
     a, b = torch.randn(SHAPE), torch.randn(SHAPE)
     floor: Candidate = ("torch.add", "aten", lambda: torch.add(a, b), "the floor: one ATen op", None)
-    return [floor] + _public_ops(schedule) + [_raw_operator(schedule)] + _diffusers_steps() + _flow_steps()
+    return [floor] + _public_ops(schedule) + [_raw_operator(schedule)] + _diffusers_steps() + _flow_steps() + _dpm_steps()
 
 
 def host_overhead(iters: int = 1000, rounds: int = 15, timesteps: int = 1000) -> dict:

@@ -157,6 +157,42 @@ def end_to_end(device: torch.device, shape: Sequence[int], steps: int, min_run_t
                  step_ms=loop_s / steps * 1e3, model_ms=model_s / steps * 1e3,
                  scheduler_share_pct=max(0.0, 100.0 * (loop_s - model_s) / loop_s))
         )
+    return results + _dpm_solver_loops(model, x, t, steps, device, min_run_time, model_loop, params)
+
+
+def _dpm_solver_loops(model, x, t, steps, device, min_run_time, model_loop, params) -> List[dict]:
+    """The same UNet under a DPM-Solver++ 2M loop: diffusers' ``DPMSolverMultistepScheduler`` and its drop-in
+    ``FusedDPMSolverMultistepScheduler`` (``set_timesteps`` once per loop, as a pipeline calls it), each
+    alternating with the model-only loop; empty without diffusers."""
+    try:
+        from diffusers import DPMSolverMultistepScheduler
+
+        from ..integrations.diffusers import FusedDPMSolverMultistepScheduler
+    except ImportError:
+        return []
+    results = []
+    for label, cls in (("diffusers DPM++ 2M", DPMSolverMultistepScheduler),
+                       ("fused DPM++ 2M", FusedDPMSolverMultistepScheduler)):
+        scheduler = cls(algorithm_type="dpmsolver++", solver_order=2)
+
+        @torch.no_grad()
+        def loop(scheduler=scheduler):
+            scheduler.set_timesteps(steps, device=device)
+            sample = x
+            for timestep in scheduler.timesteps:
+                t.fill_(timestep)
+                sample = scheduler.step(model(sample, t), timestep, sample).prev_sample
+            return sample
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a backend's fallback to the reference is the row's own business
+            loop()  # warm-up
+            loop_s, model_s = paired_median_times(loop, model_loop, device, min_run_time)
+        results.append(
+            dict(backend=label, shape=list(x.shape), steps=steps, model_params=params,
+                 step_ms=loop_s / steps * 1e3, model_ms=model_s / steps * 1e3,
+                 scheduler_share_pct=max(0.0, 100.0 * (loop_s - model_s) / loop_s))
+        )
     return results
 
 

@@ -13,6 +13,9 @@ Each ``Fused<Name>`` subclasses diffusers' ``<Name>`` with the same config, so `
 * `FusedEulerDiscreteScheduler`, `FusedEulerAncestralDiscreteScheduler` (``ddpm_kernels.integrations.diffusers.euler``):
   ``step`` is one `ddpm_kernels.euler_step` / `ddpm_kernels.euler_ancestral_step`; ``scale_model_input`` reads no
   device value.
+* `FusedDPMSolverMultistepScheduler` (``ddpm_kernels.integrations.diffusers.dpm``): ``step`` is one
+  `ddpm_kernels.solvers.solver_step` on the DPM-Solver(++) coefficient table of the stock sigma table
+  (`ddpm_kernels.solvers.dpm`), its earlier outputs in a ring on the device.
 * `FusedUniPCMultistepScheduler` (``ddpm_kernels.integrations.diffusers.unipc``): ``step`` is one
   `ddpm_kernels.solvers.solver_step` on UniPC's coefficient table, with the history ring on the device.
 * `FusedLCMScheduler` (``ddpm_kernels.integrations.diffusers.lcm``): ``step`` is one
@@ -25,6 +28,7 @@ path with one warning per scheduler and cause. Each module's docstring says what
 """
 
 from .ddpm import FusedDDIMScheduler, FusedDDPMScheduler
+from .dpm import FusedDPMSolverMultistepScheduler
 from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
 from .flow import FusedFlowMatchEulerDiscreteScheduler
 from .lcm import FusedLCMScheduler
@@ -36,6 +40,7 @@ __all__ = [
     "FusedFlowMatchEulerDiscreteScheduler",
     "FusedEulerDiscreteScheduler",
     "FusedEulerAncestralDiscreteScheduler",
+    "FusedDPMSolverMultistepScheduler",
     "FusedUniPCMultistepScheduler",
     "FusedLCMScheduler",
 ]

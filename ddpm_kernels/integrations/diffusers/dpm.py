@@ -1,0 +1,223 @@
+"""The DPM-Solver drop-in: ``FusedDPMSolverMultistepScheduler`` (DPM-Solver++ 2M and its kin, the default
+scheduler of many Stable Diffusion pipelines).
+
+It subclasses diffusers' ``DPMSolverMultistepScheduler`` with the same config; ``set_timesteps`` (every
+``timestep_spacing``, Karras / exponential / beta / Lu / flow sigmas, ``final_sigmas_type``,
+``lambda_min_clipped``, ``rescale_betas_zero_snr``, custom timesteps, dynamic shifting), ``add_noise``,
+``scale_model_input`` and ``index_for_timestep`` are the stock code, so the sigma table and the timesteps are the
+stock ones. ``step`` is one `ddpm_kernels.solvers.solver_step` on the `ddpm_kernels.solvers.dpm` coefficient
+table of that sigma table (``backend="auto"``; the attribute ``fused_backend`` chooses another). What changes
+against the stock class:
+
+* ``step`` does not synchronize with the device. The step index is a Python int kept exactly as the stock
+  scheduler keeps it (``step_index``, ``begin_index``, ``set_begin_index``), mirrored by an int64 (B,) tensor on
+  the sample's device and advanced there; the first index is found from the host copy of the timesteps as
+  `FusedEulerDiscreteScheduler` finds it. The coefficient table (float64 on the host, one row per step, the
+  stock order choice with its warm-up counted from that first index) is built at the first step and copied to
+  the sample's device once per schedule and first index, on the solver drop-ins' shared base (as
+  `FusedUniPCMultistepScheduler`).
+* The earlier converted model outputs live in a ring of ``solver_order - 1`` tensors on the device, allocated
+  once per sample shape, dtype and device and reused by every later loop; the step reads it and writes the new
+  output into it in the same pass. ``model_outputs`` lists the ring's entries in the stock order (the oldest
+  entry, which no later step reads, is not kept: ``None`` there, as for entries not written yet);
+  ``lower_order_nums`` counts as stock counts.
+* The SDE forms draw their noise exactly as the stock step does (``randn_tensor`` of the converted output's
+  shape in float32, from the same generator, every step; ``variance_noise`` when given), so the same generator
+  gives the same images and ends in the same state. ``in_kernel_noise = True`` lets the backend generate it.
+* The step computes in float32 (float64 for float64 data) from float64 coefficients and rounds once; the stock
+  step rounds each coefficient to float32 and, for a half-precision model, keeps its converted outputs in that
+  precision. ``prev_sample`` has the stock dtype.
+
+Every stock argument is accepted. What the fused op does not take runs the stock code, with one warning per
+scheduler and cause: a model output of another shape (after the stock slice of a learned variance) or device
+than the sample, non-float tensors, a sigma table that is not a 1-D float32 tensor, a step index outside the
+table (the stock error follows), a configuration the stock step refuses (``flow_prediction`` with a
+noise-prediction algorithm, ``sde-dpmsolver`` reaching a third-order step), a ``sample_max_value`` that is not
+positive, earlier outputs set from outside (``model_outputs`` assigned with ``lower_order_nums > 0``) or, with a
+ring of two slots, a step index moved by hand mid-loop. The rest of such a loop stays on the stock path, with
+the ring's outputs as its list.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from ...solvers import solver_step
+from ...solvers._columns import PREDICTION_TYPES
+from ...solvers.dpm import ALGORITHMS, dpm_solver_slots, dpm_solver_table
+from ._common import _device, _output_maker, _randn
+from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
+
+__all__ = ["FusedDPMSolverMultistepScheduler"]
+
+_PLUS = ("dpmsolver++", "sde-dpmsolver++")
+_SDE = ("sde-dpmsolver", "sde-dpmsolver++")
+_LEARNED = ("learned", "learned_range")
+
+
+class FusedDPMSolverMultistepScheduler(_SolverDropIn, DPMSolverMultistepScheduler):
+    """diffusers' ``DPMSolverMultistepScheduler`` (same config, same results) with ``step`` as one fused
+    `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
+
+    _make_output = staticmethod(_output_maker(SchedulerOutput))
+    _stock_name = "DPMSolverMultistepScheduler"
+    _dk_source_names = ("sigmas",)
+
+    # ------------------------------------------------------------------ stock attributes
+    @property
+    def model_outputs(self):
+        """The converted model outputs of the last steps, oldest first, as the stock list (views of the ring)."""
+        if self.__dict__.get("_dk_ring_used") is not True:
+            return self.__dict__.get("_dk_model_outputs")
+        order, last = self.config.solver_order, self.__dict__["_dk_last"]
+        outputs = [None] * order
+        buffers = self.__dict__.get("_dk_buffers_")
+        if not self._dk_slots or buffers is None or buffers[0][-1] != self._dk_slots:  # no ring at the first order
+            return outputs
+        ring = buffers[1]
+        slots = ring.shape[0]
+        for j in range(min(self.lower_order_nums, slots)):  # the output of the step j steps before the last
+            outputs[order - 1 - j] = ring[(last - j) % slots]
+        return outputs
+
+    @model_outputs.setter
+    def model_outputs(self, value):
+        # the stock code resets it in __init__ / set_timesteps; a list set from outside is kept as it is (the
+        # stock step never reads an entry older than its warm-up either, and neither does the fused one)
+        self.__dict__["_dk_model_outputs"] = value
+        self.__dict__["_dk_ring_used"] = False
+
+    # ------------------------------------------------------------------ the table
+    @property
+    def _dk_slots(self) -> int:
+        return dpm_solver_slots(self.config.solver_order)
+
+    def _dk_config_key(self) -> tuple:
+        c = self.config
+        return (c.algorithm_type, c.solver_order, c.solver_type, c.prediction_type, bool(c.thresholding),
+                bool(c.lower_order_final), bool(c.euler_at_final), c.final_sigmas_type, bool(c.use_flow_sigmas))
+
+    def _dk_unsupported(self) -> Optional[str]:
+        c = self.config
+        if c.algorithm_type not in ALGORITHMS or c.solver_type not in ("midpoint", "heun"):
+            return (f"algorithm_type {c.algorithm_type!r} / solver_type {c.solver_type!r} is not one the stock step "
+                    "computes")
+        if c.prediction_type not in PREDICTION_TYPES or (
+                c.prediction_type == "flow_prediction" and c.algorithm_type not in _PLUS):
+            return f"prediction_type {c.prediction_type!r} is not one the stock {c.algorithm_type} step takes"
+        if not (type(c.solver_order) is int and 1 <= c.solver_order <= 3):
+            return f"solver_order {c.solver_order!r} is not 1, 2 or 3"
+        if c.algorithm_type == "sde-dpmsolver" and c.solver_order == 3:
+            return "the stock sde-dpmsolver has no third-order step"
+        if c.final_sigmas_type not in ("zero", "sigma_min"):
+            return f"final_sigmas_type {c.final_sigmas_type!r} is not one the stock step takes"
+        if c.thresholding:
+            return threshold_unsupported(c)
+        return None
+
+    def _dk_steps(self, schedule: _Schedule) -> int:
+        return min(schedule.host_array.shape[0], schedule.host_sources[0].shape[0] - 1)
+
+    def _dk_build(self, schedule: _Schedule, begin: int) -> np.ndarray:
+        c = self.config
+        return dpm_solver_table(
+            schedule.host_sources[0][: schedule.steps + 1], algorithm_type=c.algorithm_type,
+            solver_order=c.solver_order, solver_type=c.solver_type, prediction_type=c.prediction_type,
+            thresholding=bool(c.thresholding), lower_order_final=bool(c.lower_order_final),
+            euler_at_final=bool(c.euler_at_final), final_sigmas_type=c.final_sigmas_type,
+            flow_sigmas=bool(c.use_flow_sigmas), begin_index=begin,
+        )
+
+    # ------------------------------------------------------------------ step
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        for key in ("_dk_stock_loop", "_dk_last"):
+            self.__dict__.pop(key, None)
+
+    def _dk_prepare(self, model_output, timestep, sample):
+        """``(schedule, index, begin)`` for the fused step, or None when the stock step is to take the call."""
+        prepared = super()._dk_prepare(model_output, timestep, sample)
+        if prepared is None:
+            return None
+        schedule, index, _ = prepared
+        # the stock order follows lower_order_nums (the steps taken, capped at the order): the table of a loop
+        # that started that many steps ago, kept while it gives the same order (another one if the state was set
+        # from outside)
+        order, slots = self.config.solver_order, self._dk_slots
+        taken = min(self.lower_order_nums, order)
+        if slots and taken and (self.__dict__.get("_dk_ring_used") is not True
+                                or (slots > 1 and index != self.__dict__.get("_dk_last", -2) + 1)):
+            # the ring holds the outputs of the fused steps, entry j steps back in slot (index - j) % slots
+            self._dk_stock("history", "the earlier outputs or the step index were set from outside the loop, so "
+                           "the ring does not hold the outputs the stock step would read")
+            return None
+        begin = self.__dict__.get("_dk_begin_")
+        if begin is None or min(index - begin, order) != taken:
+            begin = self.__dict__["_dk_begin_"] = index - min(taken, index)
+        return schedule, index, begin
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        variance_noise: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+    ):
+        """As ``DPMSolverMultistepScheduler.step``, fused and sync-free."""
+        config = self.config
+        output = model_output
+        if (isinstance(output, torch.Tensor) and output.ndim >= 2 and config.variance_type in _LEARNED
+                and config.prediction_type == "epsilon"):
+            output = output[:, :3]  # the stock slice: the mean of a learned-variance output
+        prepared = None if self.__dict__.get("_dk_stock_loop") else self._dk_prepare(output, timestep, sample)
+        if prepared is None:
+            # the rest of this loop takes the stock path too: its history is the stock list from here on
+            if self.num_inference_steps is not None and self.__dict__.get("_dk_stock_loop") is not True:
+                self.__dict__["_dk_stock_loop"] = True
+                self.model_outputs = list(self.model_outputs or [None] * config.solver_order)
+            return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
+                                return_dict=return_dict)
+        schedule, index, begin = prepared
+        noise, generator_for_op, stochastic = None, None, False
+        if config.algorithm_type in _SDE:
+            if variance_noise is not None:
+                noise = variance_noise.to(device=output.device, dtype=torch.float32)
+            else:
+                stochastic, generator_for_op = self._dk_kernel_generator(generator)
+                if not stochastic:
+                    noise = _randn(output.shape, generator, output.device, torch.float32)
+        # the sample upcast to float32 as stock upcasts it (float64 with a float64 output); no corrector, so no
+        # last-sample buffer
+        x = sample.to(torch.promote_types(torch.float32, output.dtype))
+        ring = self._dk_buffers(x, self._dk_slots)[0] if self._dk_slots else None
+        threshold = dict(threshold_ratio=float(config.dynamic_thresholding_ratio),
+                         threshold_max=float(config.sample_max_value)) if config.thresholding else {}
+        prev_sample = solver_step(
+            x, output, self._dk_table(schedule, begin, _device(x.device)),
+            self._dk_index_tensor(index, x.shape[0], x.device), history=ring, noise=noise,
+            generator=generator_for_op, backend=self.fused_backend, stochastic=stochastic, **threshold,
+        )
+        # the stock dtype: that of its converted output
+        plus = config.algorithm_type in _PLUS
+        if (plus and config.prediction_type == "sample") or (
+                not plus and config.prediction_type == "epsilon" and not config.thresholding):
+            dtype = output.dtype
+        else:
+            dtype = torch.promote_types(sample.dtype, output.dtype)
+        if prev_sample.dtype != dtype:
+            prev_sample = prev_sample.to(dtype)
+        if self.lower_order_nums < config.solver_order:
+            self.lower_order_nums += 1
+        self.__dict__["_dk_ring_used"] = True
+        self.__dict__["_dk_last"] = index
+        self._dk_advance()
+        if not return_dict:
+            return (prev_sample,)
+        return self._make_output(prev_sample)
