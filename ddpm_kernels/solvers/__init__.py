@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import _check_backend, _check_data, _check_generator, _check_guidance, _check_like, _check_out
+from .._checks import _check_like
 from .._spec import OPS as SPECS, SolverColumns, SolverStepOptions
-from .._stream import check_sample_offset
-from ..ops import _BACKENDS, _dispatch, _options, promote
+from ..flow import run_step, step_inputs
+from ..ops import _options
 
 __all__ = ["SolverColumns", "solver_step", "new_history"]
 
@@ -139,21 +139,10 @@ def solver_step(
     ``sample_offset``: the global index of the batch's first sample in the noise stream (see
     `ddpm_kernels.p_sample`).
     """
-    spec = SPECS["solver_step"]
-    if sample_offset:
-        sample_offset = check_sample_offset(sample_offset)
-    sample, (model_output, uncond, noise) = promote(sample, (model_output, uncond, noise))
-    if backend not in _BACKENDS:
-        _check_backend(backend)
-    _check_data("sample", sample)
-    guidance = None
-    if guidance_scale is not None or uncond is not None or guidance_rescale:
-        model_output, uncond, guidance = _check_guidance(
-            model_output, uncond, guidance_scale, guidance_rescale, sample, "sample"
-        )
-    _check_like("model_output", model_output, "sample", sample)
+    sample, model_output, uncond, noise, guidance, sample_offset = step_inputs(
+        backend, sample, model_output, uncond, noise, guidance_scale, guidance_rescale, sample_offset
+    )
     if noise is not None:
-        _check_like("noise", noise, "sample", sample)
         stochastic = True
     if last_sample is not None:
         _check_like("last_sample", last_sample, "sample", sample)
@@ -162,9 +151,7 @@ def solver_step(
     step_index = _check_step_index(step_index, sample, coefficients.shape[0])
     opts = _step_options((stochastic, clip_range, threshold_ratio, threshold_max, guidance_rescale),
                          guidance is not None)
-    out = _check_out(out, sample, "sample")
-    if generator is not None:
-        _check_generator(generator, sample)
-    fn = _dispatch(spec, backend, sample, opts, (sample, model_output, noise, history, last_sample))
-    return fn(sample, model_output, uncond, guidance, coefficients, step_index, history, last_sample, opts, noise,
-              generator, out=out, sample_offset=sample_offset)
+    # the state is written in place in its own layout: no row-major copies (the kernels index noise themselves)
+    return run_step(SPECS["solver_step"], backend, opts, None, sample, model_output, uncond, guidance,
+                    (coefficients, step_index, history, last_sample), (history, last_sample), noise, generator, out,
+                    sample_offset)
