@@ -50,7 +50,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 from ... import euler as euler_ops
-from ._common import _device, _FusedBase, _is_real, _output_maker, _randn, _StepIndex, SigmaTables
+from ._common import _device, _FusedBase, _is_real, _output_maker, _randn, _stock_timestep, _StepIndex, SigmaTables
 
 __all__ = ["FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler"]
 
@@ -126,7 +126,7 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
     def _dk_prepare(self, model_output, timestep, sample):
         """``(tables, index, prediction)`` for the fused step, or None when the stock step is to take the call
         (nothing changed then but a first step's index, which the stock step would set the same)."""
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+        if _stock_timestep(timestep):
             return None  # the stock step's error
         if not self._dk_inputs_ok(model_output, sample):
             return None
