@@ -105,7 +105,7 @@ def test_host_overhead_table(tmp_path):
     try:
         import diffusers  # noqa: F401
 
-        kinds = ("DDIM", "DDPM", "FlowMatchEulerDiscrete", "DPMSolverMultistep")
+        kinds = ("DDIM", "DDPM", "FlowMatchEulerDiscrete", "DPMSolverMultistep", "UniPCMultistep", "EulerDiscrete")
         expected |= {f"{p}{s}Scheduler.step" for p in ("", "Fused") for s in kinds}
     except ImportError:
         pass
