@@ -159,8 +159,9 @@ def step_inputs(backend, sample, model_output, uncond, noise, guidance_scale, gu
     unguided)."""
     if sample_offset:
         sample_offset = check_sample_offset(sample_offset)
-    if uncond is not None or noise is not None or getattr(model_output, "dtype", None) != getattr(sample, "dtype", None):
-        # (one dtype and no other operand, a sampling loop's every step: promote has nothing to do)
+    dtype = getattr(sample, "dtype", None)
+    if uncond is not None or noise is not None or getattr(model_output, "dtype", None) != dtype:
+        # (else one dtype and no other operand, a sampling loop's every step: promote has nothing to do)
         sample, (model_output, uncond, noise) = promote(sample, (model_output, uncond, noise))
     if backend not in _BACKENDS:
         _check_backend(backend)
