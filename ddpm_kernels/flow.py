@@ -76,6 +76,9 @@ def sigma_operand(name: str, sigma, data: torch.Tensor) -> SigmaOperand:
 
 
 def _check_table(sigmas, data: torch.Tensor) -> torch.Tensor:
+    if (type(sigmas) is torch.Tensor and sigmas.dtype == compute_dtype(data.dtype) and sigmas.ndim == 1
+            and sigmas.shape[0] >= 2 and sigmas.device == data.device and sigmas.is_contiguous()):
+        return sigmas  # the table as the kernels read it (a sampling loop's every step)
     _check_float_tensor("sigmas", sigmas, "the scheduler's 1-D float sigma table", data, "sample")
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
         raise ValueError(f"sigmas: expected a 1-D table of at least 2 sigmas (the last is the final one), "
@@ -156,7 +159,10 @@ def step_inputs(backend, sample, model_output, uncond, noise, guidance_scale, gu
     unguided)."""
     if sample_offset:
         sample_offset = check_sample_offset(sample_offset)
-    sample, (model_output, uncond, noise) = promote(sample, (model_output, uncond, noise))
+    dtype = getattr(sample, "dtype", None)
+    if uncond is not None or noise is not None or getattr(model_output, "dtype", None) != dtype:
+        # (else one dtype and no other operand, a sampling loop's every step: promote has nothing to do)
+        sample, (model_output, uncond, noise) = promote(sample, (model_output, uncond, noise))
     if backend not in _BACKENDS:
         _check_backend(backend)
     _check_data("sample", sample)

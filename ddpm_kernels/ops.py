@@ -127,10 +127,10 @@ def _dispatch(spec: OpSpec, backend: str, x: torch.Tensor, opts, tensors: tuple)
     """The function serving this call (``ddpm_kernels.backends.resolve``), told which tensors require grad."""
     grad = None
     if torch.is_grad_enabled():
-        names = spec.tensors
-        needing = [names[i] for i, a in enumerate(tensors) if a is not None and a.requires_grad]
-        if needing:
-            grad = frozenset(needing)
+        needing = [i for i, a in enumerate(tensors) if a is not None and a.requires_grad]
+        if needing:  # (the names are built only then: spec.tensors is a new tuple per read)
+            names = spec.tensors
+            grad = frozenset(names[i] for i in needing)
     key = (spec.name, backend, x.device, x.dtype, opts if spec.family in _KEYED_FAMILIES else None, grad)
     hit = _selected.get(key)  # resolve()'s cache, read here first: this runs on every call
     return (hit or backends.resolve(*key))[1]

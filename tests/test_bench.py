@@ -105,7 +105,7 @@ def test_host_overhead_table(tmp_path):
     try:
         import diffusers  # noqa: F401
 
-        kinds = ("DDIM", "DDPM", "FlowMatchEulerDiscrete", "DPMSolverMultistep")
+        kinds = ("DDIM", "DDPM", "FlowMatchEulerDiscrete", "DPMSolverMultistep", "UniPCMultistep", "EulerDiscrete")
         expected |= {f"{p}{s}Scheduler.step" for p in ("", "Fused") for s in kinds}
     except ImportError:
         pass
@@ -217,3 +217,35 @@ def test_scheduler_loops_compare_each_drop_in_with_stock():
         assert ours["max_abs_diff_vs_stock"] <= 1e-4, ours
         for r in (stock, ours):
             assert r["step_ms"] > 0 and r["model_ms"] > 0 and r["scheduler_ms"] >= 0 and r["steps"] == 4
+
+
+@pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler"])
+def test_diffusers_loop_is_the_pipeline_loop(name):
+    """The one sampling loop of the benchmarks and the demo: a pipeline's loop written out (the noise scaled by
+    ``init_noise_sigma``, ``scale_model_input``, the model, ``step``), the generator passed only to a ``step``
+    that takes one (UniPC's refuses it); the timed loop gives the same samples and counts its scheduler time."""
+    diffusers = pytest.importorskip("diffusers")
+    from ddpm_kernels.bench.loops import diffusers_loop, step_takes_generator
+
+    cls = getattr(diffusers, name)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+
+    def model(sample, t):
+        return 0.9 * sample + 1e-3 * t
+
+    expected_scheduler = cls()
+    g = torch.Generator().manual_seed(5)
+    extra = {"generator": g} if step_takes_generator(expected_scheduler) else {}
+    assert bool(extra) == (name == "EulerAncestralDiscreteScheduler")
+    expected_scheduler.set_timesteps(5)
+    expected = x * expected_scheduler.init_noise_sigma
+    for t in expected_scheduler.timesteps:
+        expected = expected_scheduler.step(model(expected_scheduler.scale_model_input(expected, t), t), t, expected,
+                                           **extra).prev_sample
+    for timed in (False, True):
+        result = diffusers_loop(cls(), model, x, 5, "cpu", generator=torch.Generator().manual_seed(5), timed=timed)
+        assert torch.equal(result.sample, expected) and result.steps == 5
+        assert (result.scheduler_seconds is not None) == timed
+        if timed:
+            assert result.scheduler_seconds > 0

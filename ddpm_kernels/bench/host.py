@@ -87,7 +87,9 @@ def _diffusers_steps() -> List[Candidate]:
 
 def _walking_steps(stock, fused_name: str, steps: int, **config) -> List[Candidate]:
     """Stock and fused ``step`` of the scheduler class ``stock`` (its drop-in named ``fused_name``) walking a
-    ``steps``-step schedule in order (as a pipeline does), rewound to its start when it runs out."""
+    ``steps``-step schedule in order (as a pipeline does), rewound to its start when it runs out. The schedulers
+    that ask for ``scale_model_input`` first are told it was called (a pipeline calls it; its cost is not the
+    step's)."""
     try:
         from ..integrations import diffusers as integration
 
@@ -100,14 +102,18 @@ def _walking_steps(stock, fused_name: str, steps: int, **config) -> List[Candida
     stock_name = f"{stock.__name__}.step"
     for cls, runs_on, baseline in ((stock, "diffusers", None), (fused, "auto", stock_name)):
         scheduler = cls(**config)
-        scheduler.set_timesteps(steps)
-        # elements of scheduler.timesteps, as pipelines pass them
-        state = {"i": 0, "timesteps": list(scheduler.timesteps)}
 
-        def step(scheduler=scheduler, state=state):
+        def start(scheduler=scheduler):
+            scheduler.set_timesteps(steps)
+            if hasattr(scheduler, "is_scale_input_called"):
+                scheduler.is_scale_input_called = True
+            return list(scheduler.timesteps)  # elements of scheduler.timesteps, as pipelines pass them
+
+        state = {"i": 0, "timesteps": start()}
+
+        def step(scheduler=scheduler, state=state, start=start):
             if state["i"] == steps:  # rewind: one call in a thousand
-                scheduler.set_timesteps(steps)
-                state.update(i=0, timesteps=list(scheduler.timesteps))
+                state.update(i=0, timesteps=start())
             result = scheduler.step(model_output, state["timesteps"][state["i"]], sample).prev_sample
             state["i"] += 1
             return result
@@ -116,28 +122,31 @@ def _walking_steps(stock, fused_name: str, steps: int, **config) -> List[Candida
     return out
 
 
-def _flow_steps() -> List[Candidate]:
-    """``FlowMatchEulerDiscreteScheduler.step`` (shift 3) over 1000 steps, stock and fused."""
+# the drop-ins walking a 1000-step schedule: (stock class, config)
+_WALKING = (
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+    ("DPMSolverMultistepScheduler", {}),  # DPM-Solver++ 2M
+    ("UniPCMultistepScheduler", {}),
+    ("EulerDiscreteScheduler", {}),
+)
+
+
+def _sigma_table_steps() -> List[Candidate]:
+    """``step`` of the sigma-table and solver schedulers (`_WALKING`) over 1000 steps, stock and fused."""
     if not diffusers_installed():
         return []
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    import diffusers
 
-    return _walking_steps(FlowMatchEulerDiscreteScheduler, "FusedFlowMatchEulerDiscreteScheduler", 1000, shift=3.0)
-
-
-def _dpm_steps() -> List[Candidate]:
-    """``DPMSolverMultistepScheduler.step`` (DPM-Solver++ 2M) over 1000 steps, stock and fused."""
-    if not diffusers_installed():
-        return []
-    from diffusers import DPMSolverMultistepScheduler
-
-    return _walking_steps(DPMSolverMultistepScheduler, "FusedDPMSolverMultistepScheduler", 1000)
+    out = []
+    for name, config in _WALKING:
+        out += _walking_steps(getattr(diffusers, name), "Fused" + name, 1000, **config)
+    return out
 
 
 def candidates(schedule: DiffusionSchedule) -> List[Candidate]:
     a, b = torch.randn(SHAPE), torch.randn(SHAPE)
     floor: Candidate = ("torch.add", "aten", lambda: torch.add(a, b), "the floor: one ATen op", None)
-    return [floor] + _public_ops(schedule) + [_raw_operator(schedule)] + _diffusers_steps() + _flow_steps() + _dpm_steps()
+    return [floor] + _public_ops(schedule) + [_raw_operator(schedule)] + _diffusers_steps() + _sigma_table_steps()
 
 
 def host_overhead(iters: int = 1000, rounds: int = 15, timesteps: int = 1000) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 import warnings
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import torch
 
 from .. import backends
 from .cases import CASES, Case, has_diffusers_counterpart
+from .loops import diffusers_loop
 from .timing import copy_bandwidth, count_host_syncs, count_launches, paired_median_times, sync, time_fn
 
 
@@ -170,19 +170,17 @@ def _dpm_solver_loops(model, x, t, steps, device, min_run_time, model_loop, para
         from ..integrations.diffusers import FusedDPMSolverMultistepScheduler
     except ImportError:
         return []
+
+    def unet(sample, timestep):  # the UNet at the loop's timestep, in the preallocated timestep tensor t
+        return model(sample, t.fill_(timestep))
+
     results = []
     for label, cls in (("diffusers DPM++ 2M", DPMSolverMultistepScheduler),
                        ("fused DPM++ 2M", FusedDPMSolverMultistepScheduler)):
         scheduler = cls(algorithm_type="dpmsolver++", solver_order=2)
 
-        @torch.no_grad()
         def loop(scheduler=scheduler):
-            scheduler.set_timesteps(steps, device=device)
-            sample = x
-            for timestep in scheduler.timesteps:
-                t.fill_(timestep)
-                sample = scheduler.step(model(sample, t), timestep, sample).prev_sample
-            return sample
+            return diffusers_loop(scheduler, unet, x, steps, device).sample
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a backend's fallback to the reference is the row's own business
@@ -222,6 +220,10 @@ def scheduler_loops(device: torch.device, shape: Sequence[int], steps: int, min_
     c = shape[1]
     model = torch.nn.Conv2d(c, c, 1).to(device).eval() if len(shape) == 4 else torch.nn.Linear(c, c).to(device)
     x_init = torch.randn(tuple(shape), device=device)
+
+    def toy_model(x, t):
+        return model(x)
+
     results = []
     for label, name, config in SCHEDULER_LOOPS:
         if getattr(fused, "Fused" + name, None) is None:
@@ -230,19 +232,11 @@ def scheduler_loops(device: torch.device, shape: Sequence[int], steps: int, min_
         for impl, cls in (("stock", getattr(diffusers, name)), ("fused", getattr(fused, "Fused" + name))):
             scheduler = cls(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                             beta_end=0.012, **config)
-            takes_generator = "generator" in inspect.signature(scheduler.step).parameters
             g = torch.Generator(device=device)
-            extra = {"generator": g} if takes_generator else {}
 
-            @torch.no_grad()
-            def loop(scheduler=scheduler, extra=extra, g=g):
+            def loop(scheduler=scheduler, g=g):
                 g.manual_seed(0)
-                scheduler.set_timesteps(steps, device=device)
-                x = x_init * scheduler.init_noise_sigma
-                for t in scheduler.timesteps:
-                    y = model(scheduler.scale_model_input(x, t))
-                    x = scheduler.step(y, t, x, **extra).prev_sample
-                return x
+                return diffusers_loop(scheduler, toy_model, x_init, steps, device, generator=g).sample
 
             @torch.no_grad()
             def model_only():

@@ -13,13 +13,13 @@ timed, so one-time work (lazy tables, caches) is not counted.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..bench.loops import diffusers_loop
 from ..diffusion import GaussianDiffusion
 from .quality import DigitClassifier, digit_quality
 from .timing import sync
@@ -89,31 +89,22 @@ def make_scheduler(cls, diffusion: GaussianDiffusion, sampler: Sampler):
 
 @torch.no_grad()
 def run_loop(diffusion: GaussianDiffusion, scheduler, steps: int, num_samples: int, seed: int) -> Dict[str, object]:
-    """The diffusers sampling loop with ``scheduler``: samples, wall seconds, scheduler seconds per step."""
+    """The diffusers sampling loop with ``scheduler`` (`ddpm_kernels.bench.loops.diffusers_loop`): samples, wall
+    seconds, scheduler seconds per step."""
     device = diffusion.device
     shape = (num_samples, diffusion.channels, diffusion.image_size, diffusion.image_size)
     g = torch.Generator(device=device).manual_seed(seed)
-    scheduler.set_timesteps(steps, device=device)
-    x = torch.randn(shape, generator=g, device=device) * scheduler.init_noise_sigma
-    takes_generator = "generator" in inspect.signature(scheduler.step).parameters  # UniPC's step draws nothing
-    extra = {"generator": g} if takes_generator else {}
-    in_scheduler = 0.0
+    noise = torch.randn(shape, generator=g, device=device)
+
+    def model(x, t):
+        return diffusion.model(x, t.to(device).expand(num_samples))
+
     sync(device)
     start = time.perf_counter()
-    for t in scheduler.timesteps:
-        t0 = time.perf_counter()
-        model_in = scheduler.scale_model_input(x, t)
-        sync(device)
-        in_scheduler += time.perf_counter() - t0
-        eps = diffusion.model(model_in, t.to(device).expand(num_samples))
-        sync(device)
-        t0 = time.perf_counter()
-        x = scheduler.step(eps, t, x, **extra).prev_sample
-        sync(device)
-        in_scheduler += time.perf_counter() - t0
+    result = diffusers_loop(scheduler, model, noise, steps, device, generator=g, timed=True)
     seconds = time.perf_counter() - start
-    n = len(scheduler.timesteps)
-    return {"samples": x, "seconds": seconds, "scheduler_ms_per_step": 1e3 * in_scheduler / n, "steps": n}
+    return {"samples": result.sample, "seconds": seconds,
+            "scheduler_ms_per_step": 1e3 * result.scheduler_seconds / result.steps, "steps": result.steps}
 
 
 def compare_samplers(diffusion: GaussianDiffusion, samplers: Sequence[Sampler], classifier: DigitClassifier,

@@ -17,29 +17,22 @@ import torch
 
 from .._checks import _check_like
 from .._spec import OPS as SPECS, SolverColumns, SolverStepOptions
-from ..flow import run_step, step_inputs
+from ..flow import cached_options, run_step, step_inputs
 from ..ops import _options
 
 __all__ = ["SolverColumns", "solver_step", "new_history"]
 
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _STEP_OPTIONS = {}
+_WIDTHS = {}
 
 
 def _step_options(values: tuple, guided: bool) -> SolverStepOptions:
-    key = (values, tuple(map(type, values)), guided)
-    try:
-        return _STEP_OPTIONS[key]
-    except (KeyError, TypeError):
-        pass
-    spec = SPECS["solver_step"]
-    opts = SolverStepOptions(**dict(zip(spec.option_names, _options(spec, values))), guided=guided)
-    if len(_STEP_OPTIONS) < 1024:
-        try:
-            _STEP_OPTIONS[key] = opts
-        except TypeError:
-            pass
-    return opts
+    def build():
+        spec = SPECS["solver_step"]
+        return SolverStepOptions(**dict(zip(spec.option_names, _options(spec, values))), guided=guided)
+
+    return cached_options(_STEP_OPTIONS, (values, tuple(map(type, values)), guided), build)
 
 
 def _check_history(history, sample: torch.Tensor) -> int:
@@ -57,7 +50,9 @@ def _check_history(history, sample: torch.Tensor) -> int:
 
 
 def _check_coefficients(coefficients, sample: torch.Tensor, slots: int) -> torch.Tensor:
-    width = SolverColumns(slots).width
+    width = _WIDTHS.get(slots)
+    if width is None:  # SolverColumns(slots).width, built once per ring size rather than every step
+        width = _WIDTHS[slots] = SolverColumns(slots).width
     if not isinstance(coefficients, torch.Tensor) or not coefficients.is_floating_point():
         raise TypeError(f"coefficients: expected a float tensor (a solver's coefficient table), got "
                         f"{getattr(coefficients, 'dtype', type(coefficients).__name__)}")

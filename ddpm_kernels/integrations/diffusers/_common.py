@@ -22,7 +22,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 def _device(device) -> torch.device:
     """A cache key for a device: "cuda" and "cuda:0" (what tensors report) are the same device."""
-    device = torch.device(device)
+    if type(device) is not torch.device:
+        device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -42,6 +43,15 @@ def _randn(shape, generator, device: torch.device, dtype: torch.dtype, as_dtype=
     if noise is None:
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
     return noise if as_dtype is None or noise.dtype == as_dtype else noise.to(as_dtype)
+
+
+def _stock_timestep(timestep) -> bool:
+    """Whether the stock step refuses ``timestep`` as an integer (``isinstance(timestep, (int, torch.IntTensor,
+    torch.LongTensor))``, its own test); a float tensor, what pipelines pass, is answered without the legacy
+    tensor types' slow instance check."""
+    if type(timestep) is torch.Tensor and timestep.is_floating_point():
+        return False
+    return isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))
 
 
 def _caller_stacklevel() -> int:
@@ -285,8 +295,9 @@ class _StepIndex:
         return tensor
 
     def _dk_advance(self) -> None:
-        self._step_index += 1
+        index = self._step_index = self._step_index + 1
         cached = self.__dict__.get("_dk_index_")
-        if cached is not None and cached[1] + 1 == self._step_index:
-            cached[0].add_(1)
-            cached[1] += 1
+        if cached is not None and cached[1] + 1 == index:
+            # the new value written on the device (a scalar fill: no host read, and cheaper than add_(1))
+            cached[0].fill_(index)
+            cached[1] = index

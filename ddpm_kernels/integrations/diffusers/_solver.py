@@ -39,6 +39,15 @@ def _versions(tensors) -> tuple:
     return tuple(getattr(t, "_version", None) for t in tensors)
 
 
+class _Config:
+    """What a step reads from the config, checked once per config object (``register_to_config`` replaces it;
+    diffusers' ``FrozenDict`` refuses changes in place) and the drop-in's own settings (``_dk_settings()``):
+    why the fused step cannot take it (``reason``, None when it can), the table's config key (``key``), the
+    ring size (``slots``) and the drop-in's own per-step values (``extra``, ``_dk_step_config()``)."""
+
+    __slots__ = ("config", "settings", "reason", "key", "slots", "extra")
+
+
 class _SolverDropIn(_StepIndex, _FusedBase):
     """The common step of the solver drop-ins. A subclass names the tensors its table is built from
     (``_dk_source_names``), builds the float64 table from their host copies (``_dk_build(schedule, begin)``) for
@@ -56,15 +65,31 @@ class _SolverDropIn(_StepIndex, _FusedBase):
     def _dk_tables(self) -> _Schedule:
         schedule = self.__dict__.get("_dk_schedule_")
         ts = self.timesteps
+        if schedule is not None and schedule.timesteps is ts and schedule.versions[0] == getattr(ts, "_version", None):
+            # the same tensors, unchanged (the common case, without building tuples)
+            for name, source, version in zip(self._dk_source_names, schedule.sources, schedule.versions[1:]):
+                current = getattr(self, name, None)
+                if current is not source or getattr(current, "_version", None) != version:
+                    break
+            else:
+                return schedule
         sources = tuple(getattr(self, name, None) for name in self._dk_source_names)
-        if (
-            schedule is None
-            or schedule.timesteps is not ts
-            or any(a is not b for a, b in zip(schedule.sources, sources))
-            or schedule.versions != _versions((ts,) + sources)
-        ):
-            schedule = self._dk_new_schedule(ts, sources)
-        return schedule
+        return self._dk_new_schedule(ts, sources)
+
+    def _dk_config(self) -> _Config:
+        """The checked config (`_Config`), rebuilt when the config object or the drop-in's settings change."""
+        config, settings = self._internal_dict, self._dk_settings()
+        checked = self.__dict__.get("_dk_config_")
+        if checked is None or checked.config is not config or checked.settings != settings:
+            checked = _Config()
+            checked.config, checked.settings = config, settings
+            checked.reason = self._dk_unsupported()
+            ok = checked.reason is None
+            checked.key = self._dk_config_key() if ok else None
+            checked.slots = self._dk_slots if ok else 0
+            checked.extra = self._dk_step_config() if ok else None
+            self.__dict__["_dk_config_"] = checked
+        return checked
 
     def _dk_new_schedule(self, ts, sources) -> _Schedule:
         schedule = _Schedule()
@@ -90,7 +115,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
     def _dk_table(self, schedule: _Schedule, begin: int, device: torch.device) -> torch.Tensor:
         """The float64 table for a loop starting at ``begin`` on ``device``: built on the host once per (begin,
         config), copied to the device once (from pinned memory without waiting on a CUDA device)."""
-        key = (begin, self._dk_config_key())
+        key = (begin, self._dk_config().key)
         table = schedule.devices.get((key, device))
         if table is None:
             host = schedule.tables.get(key)
@@ -122,7 +147,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         (nothing changed then but a first step's index, which the stock step would set the same)."""
         if self.num_inference_steps is None or not self._dk_inputs_ok(model_output, sample, min_ndim=2):
             return None
-        reason = self._dk_unsupported()
+        reason = self._dk_config().reason
         if reason is not None:
             self._dk_stock("config", reason)
             return None
@@ -130,7 +155,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         if schedule.stock is not None:
             self._dk_stock("table", schedule.stock)
             return None
-        if self.step_index is None:
+        if self._step_index is None:
             self._init_step_index(timestep)
         index = self._step_index
         steps = schedule.steps
@@ -150,8 +175,9 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         x = sample if sample.dtype == dtype else sample.to(dtype)
         device = _device(x.device)
         history = None
-        if last is None or self._dk_slots:
-            history, own_last = self._dk_buffers(x, self._dk_slots)
+        slots = self._dk_config().slots
+        if last is None or slots:
+            history, own_last = self._dk_buffers(x, slots)
             last = own_last if last is None else last
         prev = solver_step(
             x, model_output, self._dk_table(schedule, begin, device),
@@ -166,6 +192,15 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         return schedule.host_array.shape[0]
 
     def _dk_unsupported(self) -> Optional[str]:
+        return None
+
+    def _dk_settings(self) -> tuple:
+        """The drop-in's own attributes (not config entries) that `_dk_unsupported` and `_dk_config_key` read, as
+        values compared with ``==`` (copies of mutable ones)."""
+        return ()
+
+    def _dk_step_config(self):
+        """The per-step values a drop-in derives from its (supported) config, kept in `_dk_config`."""
         return None
 
     _dk_slots = 0

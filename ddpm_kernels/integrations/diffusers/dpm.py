@@ -60,6 +60,14 @@ _SDE = ("sde-dpmsolver", "sde-dpmsolver++")
 _LEARNED = ("learned", "learned_range")
 
 
+class _StepConfig:
+    """The config values a DPM-Solver step reads (kept per config, `_SolverDropIn._dk_config`): the order, whether
+    the algorithm is an SDE form, the thresholding ``(ratio, max)`` (None without), and whether the result has
+    the model output's dtype."""
+
+    __slots__ = ("order", "sde", "threshold", "output_dtype")
+
+
 class FusedDPMSolverMultistepScheduler(_SolverDropIn, DPMSolverMultistepScheduler):
     """diffusers' ``DPMSolverMultistepScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
@@ -101,6 +109,17 @@ class FusedDPMSolverMultistepScheduler(_SolverDropIn, DPMSolverMultistepSchedule
         c = self.config
         return (c.algorithm_type, c.solver_order, c.solver_type, c.prediction_type, bool(c.thresholding),
                 bool(c.lower_order_final), bool(c.euler_at_final), c.final_sigmas_type, bool(c.use_flow_sigmas))
+
+    def _dk_step_config(self) -> _StepConfig:
+        c = self.config
+        step = _StepConfig()
+        step.order, step.sde = c.solver_order, c.algorithm_type in _SDE
+        step.threshold = (float(c.dynamic_thresholding_ratio), float(c.sample_max_value)) if c.thresholding else None
+        # the stock result's dtype is the model output's where its converted output keeps that dtype
+        plus = c.algorithm_type in _PLUS
+        step.output_dtype = (plus and c.prediction_type == "sample") or (
+            not plus and c.prediction_type == "epsilon" and not c.thresholding)
+        return step
 
     def _dk_unsupported(self) -> Optional[str]:
         c = self.config
@@ -148,7 +167,8 @@ class FusedDPMSolverMultistepScheduler(_SolverDropIn, DPMSolverMultistepSchedule
         # the stock order follows lower_order_nums (the steps taken, capped at the order): the table of a loop
         # that started that many steps ago, kept while it gives the same order (another one if the state was set
         # from outside)
-        order, slots = self.config.solver_order, self._dk_slots
+        checked = self._dk_config()
+        order, slots = checked.extra.order, checked.slots
         taken = min(self.lower_order_nums, order)
         if slots and taken and (self.__dict__.get("_dk_ring_used") is not True
                                 or (slots > 1 and index != self.__dict__.get("_dk_last", -2) + 1)):
@@ -185,8 +205,10 @@ class FusedDPMSolverMultistepScheduler(_SolverDropIn, DPMSolverMultistepSchedule
             return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
                                 return_dict=return_dict)
         schedule, index, begin = prepared
+        checked = self.__dict__["_dk_config_"]  # set by _dk_prepare
+        step = checked.extra
         noise, generator_for_op, stochastic = None, None, False
-        if config.algorithm_type in _SDE:
+        if step.sde:
             if variance_noise is not None:
                 noise = variance_noise.to(device=output.device, dtype=torch.float32)
             else:
@@ -195,25 +217,27 @@ class FusedDPMSolverMultistepScheduler(_SolverDropIn, DPMSolverMultistepSchedule
                     noise = _randn(output.shape, generator, output.device, torch.float32)
         # the sample upcast to float32 as stock upcasts it (float64 with a float64 output); no corrector, so no
         # last-sample buffer
-        x = sample.to(torch.promote_types(torch.float32, output.dtype))
-        ring = self._dk_buffers(x, self._dk_slots)[0] if self._dk_slots else None
-        threshold = dict(threshold_ratio=float(config.dynamic_thresholding_ratio),
-                         threshold_max=float(config.sample_max_value)) if config.thresholding else {}
-        prev_sample = solver_step(
-            x, output, self._dk_table(schedule, begin, _device(x.device)),
-            self._dk_index_tensor(index, x.shape[0], x.device), history=ring, noise=noise,
-            generator=generator_for_op, backend=self.fused_backend, stochastic=stochastic, **threshold,
-        )
-        # the stock dtype: that of its converted output
-        plus = config.algorithm_type in _PLUS
-        if (plus and config.prediction_type == "sample") or (
-                not plus and config.prediction_type == "epsilon" and not config.thresholding):
-            dtype = output.dtype
+        work = torch.float64 if output.dtype == torch.float64 else torch.float32  # promote_types(float32, output)
+        x = sample if sample.dtype == work else sample.to(work)
+        slots = checked.slots
+        ring = self._dk_buffers(x, slots)[0] if slots else None
+        device = x.device
+        if step.threshold is None:
+            prev_sample = solver_step(
+                x, output, self._dk_table(schedule, begin, _device(device)), self._dk_index_tensor(index, x.shape[0],
+                device), ring, None, noise, generator_for_op, self.fused_backend, stochastic=stochastic,
+            )
         else:
-            dtype = torch.promote_types(sample.dtype, output.dtype)
+            prev_sample = solver_step(
+                x, output, self._dk_table(schedule, begin, _device(device)), self._dk_index_tensor(index, x.shape[0],
+                device), ring, None, noise, generator_for_op, self.fused_backend, stochastic=stochastic,
+                threshold_ratio=step.threshold[0], threshold_max=step.threshold[1],
+            )
+        # the stock dtype: that of its converted output
+        dtype = output.dtype if step.output_dtype else torch.promote_types(sample.dtype, output.dtype)
         if prev_sample.dtype != dtype:
             prev_sample = prev_sample.to(dtype)
-        if self.lower_order_nums < config.solver_order:
+        if self.lower_order_nums < step.order:
             self.lower_order_nums += 1
         self.__dict__["_dk_ring_used"] = True
         self.__dict__["_dk_last"] = index

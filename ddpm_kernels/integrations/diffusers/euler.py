@@ -50,7 +50,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 from ... import euler as euler_ops
-from ._common import _device, _FusedBase, _is_real, _output_maker, _randn, _StepIndex, SigmaTables
+from ._common import _device, _FusedBase, _is_real, _output_maker, _randn, _stock_timestep, _StepIndex, SigmaTables
 
 __all__ = ["FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler"]
 
@@ -126,7 +126,7 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
     def _dk_prepare(self, model_output, timestep, sample):
         """``(tables, index, prediction)`` for the fused step, or None when the stock step is to take the call
         (nothing changed then but a first step's index, which the stock step would set the same)."""
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+        if _stock_timestep(timestep):
             return None  # the stock step's error
         if not self._dk_inputs_ok(model_output, sample):
             return None
@@ -140,7 +140,7 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
             return None
         if not self.is_scale_input_called:
             self._dk_logger.warning(_SCALE_WARNING)
-        if self.step_index is None:
+        if self._step_index is None:
             self._init_step_index(timestep)
         index = self._step_index
         size = len(tables.sigma_values)
@@ -204,7 +204,8 @@ class FusedEulerDiscreteScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
         return self._dk_output(result, return_dict)
 
     def _dk_step(self, model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator):
-        if not all(_is_real(v) for v in (s_churn, s_tmin, s_tmax, s_noise)):
+        if not (type(s_churn) is float and type(s_tmin) is float and type(s_tmax) is float  # (the defaults)
+                and type(s_noise) is float) and not all(_is_real(v) for v in (s_churn, s_tmin, s_tmax, s_noise)):
             self._dk_stock("churn", "s_churn, s_tmin, s_tmax and s_noise are not all real numbers")
             return None
         if not s_churn >= 0 or not math.isfinite(s_noise):

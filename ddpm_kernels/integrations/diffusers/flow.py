@@ -56,7 +56,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from ... import flow as flow_ops
 from ...reference import guided_output
 from . import _common
-from ._common import _device, _FusedBase, _output_maker, _randn, _StepIndex, SigmaTables
+from ._common import _device, _FusedBase, _output_maker, _randn, _stock_timestep, _StepIndex, SigmaTables
 
 __all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
 
@@ -174,7 +174,7 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
     def _dk_step(self, model_output, timestep, sample, generator, per_token_timesteps, guidance=None):
         """The fused step's ``prev_sample`` (the step index advanced), or None when the stock step is to take
         the call (nothing changed then but a first step's index, which the stock step would set the same)."""
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+        if _stock_timestep(timestep):
             return None  # the stock step's error
         if not self._dk_step_inputs(model_output, sample, guidance):
             return None
@@ -183,7 +183,7 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
             return None
         if per_token_timesteps is not None and not self._dk_per_token_ok(per_token_timesteps, sample, tables):
             return None
-        if self.step_index is None:
+        if self._step_index is None:
             self._init_step_index(timestep)
         index = self._step_index
         size = tables.host_sigmas.shape[0]
@@ -192,7 +192,8 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
             return None
         index = int(index)
         device = sample.device
-        sigmas, _, ascending = self._dk_device_tables(tables, device)
+        entry = tables.devices.get(device)
+        sigmas, _, ascending = entry if entry is not None else self._dk_device_tables(tables, device)
         stochastic = bool(self.config.stochastic_sampling)
         out_dtype = model_output.dtype
         if per_token_timesteps is None and not stochastic and sample.dtype == out_dtype and out_dtype in _DIRECT_DTYPES:
@@ -210,14 +211,15 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
             if not in_kernel:
                 # the stock draw: randn_tensor(sample.shape, generator, sample.device, float32)
                 noise = _randn(sample.shape, generator, device, torch.float32, x.dtype)
-        kwargs = {}
-        if guidance is not None:
-            kwargs = dict(guidance_scale=guidance[0], guidance_rescale=guidance[1])
         if per_token_timesteps is None:
-            prev_sample = flow_ops.flow_step(
-                x, v, sigmas, self._dk_index_tensor(index, sample.shape[0], device), noise, generator_for_op,
-                self.fused_backend, stochastic=stochastic, **kwargs,
-            )
+            step_index = self._dk_index_tensor(index, sample.shape[0], device)
+            if guidance is None:
+                prev_sample = flow_ops.flow_step(x, v, sigmas, step_index, noise, generator_for_op, self.fused_backend,
+                                                 stochastic=stochastic)
+            else:
+                prev_sample = flow_ops.flow_step(x, v, sigmas, step_index, noise, generator_for_op, self.fused_backend,
+                                                 stochastic=stochastic, guidance_scale=guidance[0],
+                                                 guidance_rescale=guidance[1])
             if prev_sample.dtype != out_dtype:
                 prev_sample = prev_sample.to(out_dtype)
         else:

@@ -60,6 +60,9 @@ class FusedLCMScheduler(_SolverDropIn, LCMScheduler):
         c = self.config
         return (c.prediction_type, float(c.timestep_scaling), self.num_inference_steps)
 
+    def _dk_settings(self) -> tuple:
+        return (self.num_inference_steps,)
+
     def _dk_unsupported(self) -> Optional[str]:
         c = self.config
         if c.prediction_type not in _PREDICTIONS:

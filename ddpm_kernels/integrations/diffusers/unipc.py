@@ -68,6 +68,14 @@ class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler):
         return (c.solver_order, c.solver_type, bool(self.predict_x0), c.prediction_type, bool(c.lower_order_final),
                 tuple(self.disable_corrector or ()), bool(c.use_flow_sigmas))
 
+    def _dk_settings(self) -> tuple:
+        disabled = self.disable_corrector
+        try:
+            disabled = tuple(disabled or ())
+        except TypeError:
+            pass  # refused by _dk_unsupported
+        return (self.predict_x0, self.solver_p, disabled)
+
     def _dk_unsupported(self) -> Optional[str]:
         c = self.config
         if self.solver_p is not None:
