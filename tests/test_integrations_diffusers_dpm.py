@@ -18,7 +18,7 @@ from ddpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler
 from ddpm_kernels.integrations.diffusers import _common  # noqa: E402  (whose on_host tests replace)
 from ddpm_kernels.integrations.diffusers import _solver  # noqa: E402  (whose ring allocation a test counts)
 from ddpm_kernels.solvers import new_history, solver_step  # noqa: E402
-from helpers import scheduler_model, scheduler_pair, sync_guard  # noqa: E402
+from helpers import assert_close_to_stock, scheduler_model, scheduler_pair, sync_guard  # noqa: E402
 
 SHAPE = (2, 3, 6, 5)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -186,6 +186,18 @@ def test_stock_attributes_are_kept():
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     fused.set_timesteps(8)
     assert fused.model_outputs == [None] * 3 and fused.lower_order_nums == 0 and fused.step_index is None
+
+
+@pytest.mark.parametrize("memory_format", ["batch_innermost", torch.channels_last])
+def test_a_layout_change_within_the_loop_keeps_the_state(memory_format):
+    # a first sample in another layout than the results after it (diffusers' own tests build theirs with the
+    # batch innermost): the ring moves into the new layout with its history
+    stock, fused = pair(dict(solver_order=3))
+    x = torch.randn(SHAPE[1:] + SHAPE[:1], generator=torch.Generator().manual_seed(1)).permute(3, 0, 1, 2)
+    if memory_format != "batch_innermost":
+        x = x.contiguous(memory_format=memory_format)
+    got = run_loop(fused, x=x)[0]
+    assert_close_to_stock(got, run_loop(stock, x=x)[0])
 
 
 def test_first_order_keeps_no_ring():

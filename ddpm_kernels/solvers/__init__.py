@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .._layout import CONTIGUOUS, dense_format
 from .._checks import _check_like
 from .._spec import OPS as SPECS, SolverColumns, SolverStepOptions
 from ..flow import cached_options, run_step, step_inputs
@@ -91,10 +92,13 @@ def _check_step_index(step_index, sample: torch.Tensor, steps: int) -> torch.Ten
 def new_history(sample: torch.Tensor, slots: int) -> torch.Tensor:
     """A zeroed history ring of ``slots`` entries for `solver_step` on tensors like ``sample`` (same dtype,
     device and memory format)."""
-    if sample.ndim == 4 and not sample.is_contiguous() and sample.is_contiguous(memory_format=torch.channels_last):
-        n, c, h, w = sample.shape
-        return torch.zeros((slots, n, h, w, c), dtype=sample.dtype, device=sample.device).permute(0, 1, 4, 2, 3)
-    return torch.zeros((slots,) + tuple(sample.shape), dtype=sample.dtype, device=sample.device)
+    fmt = dense_format(sample)
+    if fmt is CONTIGUOUS:
+        return torch.zeros((slots,) + tuple(sample.shape), dtype=sample.dtype, device=sample.device)
+    # slots after one another, each a dense block in the sample's channels-last format
+    flat = torch.empty((slots * sample.shape[0],) + tuple(sample.shape[1:]), dtype=sample.dtype,
+                       device=sample.device, memory_format=fmt)
+    return flat.zero_().view((slots,) + tuple(sample.shape))
 
 
 def solver_step(

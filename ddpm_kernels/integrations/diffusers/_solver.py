@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..._layout import dense_format, empty_in_format
 from ...solvers import new_history, solver_step
 from ._common import _device, _FusedBase, _host_copy, _is_real, _StepIndex
 
@@ -133,12 +134,18 @@ class _SolverDropIn(_StepIndex, _FusedBase):
     # ------------------------------------------------------------------ buffers
     def _dk_buffers(self, sample: torch.Tensor, slots: int):
         """The history ring and the last-sample buffer for samples like ``sample``, allocated once per shape,
-        dtype, device and memory format."""
-        key = (sample.shape, sample.dtype, sample.device, sample.stride(), slots)
+        dtype, device and ring size, in the memory format the kernels run ``sample`` in. A sample whose layout
+        changes within a loop (a permuted first sample, row-major results after it) moves the state into the
+        new format with its values: the ring's history and the last sample are never lost between steps."""
+        key = (sample.shape, sample.dtype, sample.device, slots)
+        fmt = dense_format(sample)
         cached = self.__dict__.get("_dk_buffers_")
         if cached is None or cached[0] != key:
             history = new_history(sample, slots) if slots else None
-            cached = self.__dict__["_dk_buffers_"] = (key, history, torch.empty_like(sample))
+            cached = self.__dict__["_dk_buffers_"] = (key, history, empty_in_format(sample, fmt), fmt)
+        elif cached[3] is not fmt:
+            history = new_history(sample, slots).copy_(cached[1]) if slots else None
+            cached = self.__dict__["_dk_buffers_"] = (key, history, empty_in_format(sample, fmt).copy_(cached[2]), fmt)
         return cached[1], cached[2]
 
     # ------------------------------------------------------------------ step
