@@ -97,6 +97,11 @@ class TritonBackend:
         "flow_loss": frozenset({"model_output", "x0", "noise"}),
     }
 
+    # ops whose kernels read each float operand in its own dtype (a bf16 model output with fp32 data): results in
+    # the promoted dtype, computed in its compute dtype, gradients in each input's dtype; no cast pass first
+    # (docs/design.md, "Mixed precision")
+    mixed_dtypes: FrozenSet[str] = frozenset({*PAIR_OPS, "q_posterior", "p_mean_variance", "p_sample", "diffusion_loss"})
+
     @staticmethod
     def declines(op: str, opts=None) -> Optional[str]:
         # an op without a kernel is not declined but missing (`ops`): the dispatcher tells the two apart

@@ -61,6 +61,7 @@ __all__ = [
     "PARAMETERIZATION_ID",
     "ROW",
     "MAX_GRID_Y",
+    "result_dtype",
     "compute_dtype",
     "launch_config",
     "batch_chunks",
@@ -104,6 +105,17 @@ ROW_SQRT_RECIP_ALPHAS_CUMPROD = tl.constexpr(TABLE_ROW["sqrt_recip_alphas_cumpro
 ROW_SQRT_RECIPM1_ALPHAS_CUMPROD = tl.constexpr(TABLE_ROW["sqrt_recipm1_alphas_cumprod"])
 ROW_POSTERIOR_MEAN_COEF1 = tl.constexpr(TABLE_ROW["posterior_mean_coef1"])
 ROW_POSTERIOR_MEAN_COEF2 = tl.constexpr(TABLE_ROW["posterior_mean_coef2"])
+
+
+def result_dtype(*operands: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype of an op's results: torch's promotion of its float operands' dtypes (None: absent). Operands
+    of different dtypes (a bf16 model output with fp32 data) are each read in their own dtype by the kernels,
+    which compute in ``compute_dtype`` of this and store rounded to it (docs/design.md, "Mixed precision")."""
+    dtype = None
+    for y in operands:
+        if y is not None:
+            dtype = y.dtype if dtype is None else torch.promote_types(dtype, y.dtype)
+    return dtype
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
