@@ -184,10 +184,12 @@ def _with_guidance(opts):
 
 
 def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tuple = (), generator=None,
-              guided=False, **tensors):
-    """The one prologue: the backend name, the options, the tensors (mixed float dtypes promoted), the
-    generator, then dispatch. Returns the serving function, the validated options, ``(t, t_prev, out)`` as the
-    kernels take them, and the data and other tensors (promoted)."""
+              guided=False, passengers: tuple = (), **tensors):
+    """The one prologue: the backend name, the options, the tensors, the generator, then dispatch. Mixed float
+    dtypes are cast to their promotion unless the serving backend reads them natively (`promoted_dtype`,
+    ``backends.reads_mixed``); ``passengers`` (checked by the caller: a guided step's uncond, in the model
+    output's dtype) are cast with them. Returns the serving function, the validated options, ``(t, t_prev, out)`` as the kernels take
+    them, and the data and other tensors (then the passengers)."""
     if backend not in _BACKENDS:
         _check_backend(backend)
     mixed = promoted_dtype(x, others)
@@ -198,10 +200,11 @@ def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tup
     t, t_prev, out = _tensors(spec, x, others, schedule, t, learned=learned, mixed=mixed, **tensors)
     if generator is not None:
         _check_generator(generator, x)
-    operands = (x,) + others
+    operands = (x,) + others + (t,)
     if mixed is None:
-        return _dispatch(spec, backend, x, opts, operands + (t,)), opts, t, t_prev, out, x, others
-    name, fn = _dispatch(spec, backend, x, opts, operands + (t,), dtype=mixed, with_name=True)
+        return _dispatch(spec, backend, x, opts, operands), opts, t, t_prev, out, x, others + passengers
+    name, fn = _dispatch(spec, backend, x, opts, operands, dtype=mixed, with_name=True)
+    others += passengers
     if not backends.reads_mixed(name, spec.name):
         x, others = cast_to(mixed, x, others)
     return fn, opts, t, t_prev, out, x, others

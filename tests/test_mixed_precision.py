@@ -90,7 +90,7 @@ class _Casts(TorchDispatchMode):
 
 # ops whose mixed calls the Triton kernels read natively (TritonBackend.mixed_dtypes), by their CALLS names
 NATIVE_CALLS = [n for n in CALLS if n.startswith(("q_sample", "predict_start", "get_v", "q_posterior", "p_mean",
-                                                  "p_sample", "diffusion_loss"))]
+                                                  "p_sample", "diffusion_loss", "ddim_step", "ddpm_step"))]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -275,3 +275,72 @@ def test_triton_mixed_out_rules():
     assert dk.p_sample(buf, t, y.half(), S, noise=z.bfloat16(), backend="triton", out=buf) is buf
     torch.testing.assert_close(buf, dk.p_sample(x, t, y.half().float(), S, noise=z.bfloat16().float(),
                                                 backend="triton"), rtol=0, atol=0)
+
+
+STEP_CALLS = {
+    "ddim_guided_rescaled": lambda x, c, u, z, t, b: dk.ddim_step(x, t, t - 1, c, S, eta=0.5, noise=z, backend=b,
+                                                                  guidance_scale=4.0, uncond=u, guidance_rescale=0.7),
+    "ddim_thresholded": lambda x, c, u, z, t, b: dk.ddim_step(x, t, t - 1, c, S, threshold_ratio=0.9,
+                                                              threshold_max=1.5, return_pred_x0=True, backend=b),
+    "ddpm_learned_guided": lambda x, c, u, z, t, b: dk.ddpm_step(
+        x, t, t - 1, torch.cat([c, c.flip(0)], 1), S, variance_type="learned_range", noise=z, guidance_scale=2.0,
+        uncond=torch.cat([u, u], 1), backend=b),
+}
+
+
+@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="the Triton backend does not run here")
+@pytest.mark.parametrize("name", list(STEP_CALLS))
+def test_triton_mixed_sampler_steps(name):
+    """Guided (with rescale: its statistics pass reads the operands natively too), thresholded (the x0 pass) and
+    learned-variance steps with bf16 model outputs and fp32 data: the all-float32 call exactly, and with the
+    data in bf16 and the model outputs in fp32 too."""
+    (x, c, u, z), t = _inputs((3, 2, 3, 5))
+    t = t.clamp(min=1)
+    for low_data in (False, True):
+        xs, cs, us = (x.bfloat16(), c, u) if low_data else (x, c.bfloat16(), u.bfloat16())
+        got = _tuple(STEP_CALLS[name](xs, cs, us, z, t, "triton"))
+        expected = _tuple(STEP_CALLS[name](xs.float(), cs.float(), us.float(), z, t, "triton"))
+        for g, e in zip(got, expected, strict=True):
+            assert g.dtype == e.dtype == torch.float32
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+        reference = _tuple(STEP_CALLS[name](xs, cs, us, z, t, "reference"))
+        for g, r in zip(got, reference, strict=True):
+            assert r.dtype == torch.float32
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+class _Calls(TorchDispatchMode):
+    """The Triton operators a call runs, with their arguments as they were before it (out= forms write theirs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "ddpm_kernels_triton":
+            copy = lambda a: a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+            self.calls.append((func, tuple(map(copy, args)), {k: copy(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="the Triton backend does not run here")
+def test_triton_mixed_calls_pass_opcheck():
+    """The fake kernels give a mixed call's output dtypes (the promoted one; each input's for the loss
+    gradients), as the kernels do: torch.library.opcheck of every Triton operator a mixed call runs."""
+    (x, y, z, _), t = _inputs((2, 2, 3, 4))
+    t = t[1:]
+    mo = y.bfloat16().requires_grad_()
+    x_start = x.clone().requires_grad_()
+    with _Calls() as calls:
+        dk.q_sample(x.bfloat16(), t, y, S, backend="triton")
+        dk.p_sample(x, t, y.half(), S, noise=z.bfloat16(), backend="triton")
+        dk.q_posterior(y.bfloat16(), x, t, S, backend="triton")
+        dk.ddim_step(x.bfloat16(), t, t - 1, y, S, eta=0.5, noise=z, return_pred_x0=True, backend="triton")
+        loss = dk.diffusion_loss(mo, x_start, z.half(), t, S, "v", backend="triton")[0]
+        torch.autograd.grad(loss, (mo, x_start))
+    names = {func.name() for func, _, _ in calls.calls}
+    assert {"ddpm_kernels_triton::q_sample", "ddpm_kernels_triton::diffusion_loss_backward",
+            "ddpm_kernels_triton::sampler_step"} <= names, names
+    for func, args, kwargs in calls.calls:
+        torch.library.opcheck(func, args, kwargs, test_utils=("test_schema", "test_faketensor"))

@@ -100,7 +100,8 @@ class TritonBackend:
     # ops whose kernels read each float operand in its own dtype (a bf16 model output with fp32 data): results in
     # the promoted dtype, computed in its compute dtype, gradients in each input's dtype; no cast pass first
     # (docs/design.md, "Mixed precision")
-    mixed_dtypes: FrozenSet[str] = frozenset({*PAIR_OPS, "q_posterior", "p_mean_variance", "p_sample", "diffusion_loss"})
+    mixed_dtypes: FrozenSet[str] = frozenset({*PAIR_OPS, "q_posterior", "p_mean_variance", "p_sample", "diffusion_loss",
+                                            "ddim_step", "ddpm_step"})
 
     @staticmethod
     def declines(op: str, opts=None) -> Optional[str]:
