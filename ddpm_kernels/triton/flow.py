@@ -81,6 +81,7 @@ from .utils import (
     loss_terms,
     noise_operands,
     PARAMETERIZATION_ID,
+    register_loss_backward_autograd,
     sample_tile,
     split_float,
     split_float3,
@@ -496,6 +497,30 @@ def _interpolate_backward(ctx, grad):
 flow_interpolate_op.register_autograd(_interpolate_backward, setup_context=_interpolate_setup_context)
 
 
+def _interpolate_backward_setup_context(ctx, inputs, output):
+    grad, sigma, period, repeat = inputs
+    ctx.save_for_backward(sigma)
+    ctx.period, ctx.repeat, ctx.memory_format = period, repeat, dense_format(grad)
+
+
+def _interpolate_backward_backward(ctx, gg_x0, gg_noise):
+    """The backward is linear in ``grad``: its adjoint ``(1 - s) gg_x0 + s gg_noise`` is the forward, read in
+    the layout the per-element sigma was laid out in."""
+    if not ctx.needs_input_grad[0] or (gg_x0 is None and gg_noise is None):
+        return None, None, None, None
+    (sigma,) = ctx.saved_tensors
+    like = gg_noise if gg_x0 is None else gg_x0
+    gg_x0 = torch.zeros_like(like) if gg_x0 is None else gg_x0
+    gg_noise = torch.zeros_like(like) if gg_noise is None else gg_noise
+    grad = flow_interpolate_op(in_format(gg_x0, ctx.memory_format), in_format(gg_noise, ctx.memory_format), sigma,
+                               ctx.period, ctx.repeat)
+    return grad, None, None, None
+
+
+flow_interpolate_backward_op.register_autograd(_interpolate_backward_backward,
+                                              setup_context=_interpolate_backward_setup_context)
+
+
 def flow_interpolate(x0, noise, sigma, out=None):
     """Backend entry with ``reference.flow_interpolate_ref``'s signature (``sigma`` a ``SigmaOperand``)."""
     args = (x0, noise, sigma.flat.detach(), sigma.period, sigma.repeat)
@@ -810,6 +835,8 @@ def _loss_backward(ctx, grad_loss):
 
 
 flow_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+# gradients of the gradients (argument 8 is loss_l1)
+register_loss_backward_autograd(flow_loss_backward_op, n_grads=1, loss_l1=8)
 
 
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):

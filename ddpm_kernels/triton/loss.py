@@ -24,6 +24,7 @@ from .utils import (
     div_rn,
     empty_dense,
     like_dense,
+    register_loss_backward_autograd,
     result_dtype,
     PARAMETERIZATION_ID,
     ROW,
@@ -337,6 +338,8 @@ def _backward(ctx, grad_loss, grad_loss_simple, grad_loss_vlb):
 
 
 diffusion_loss_op.register_autograd(_backward, setup_context=_setup_context)
+# gradients of the gradients (argument 9 is loss_l1)
+register_loss_backward_autograd(diffusion_loss_backward_op, n_grads=3, loss_l1=9)
 
 
 def diffusion_loss(model_output, x_start, noise, t, schedule, *options):

@@ -74,6 +74,7 @@ __all__ = [
     "with_signature",
     "custom_op_with_out",
     "register_linear_combination_autograd",
+    "register_loss_backward_autograd",
     "zero_key",
     "noise_operands",
     "noise_key",
@@ -253,18 +254,82 @@ def custom_op_with_out(name: str, functional, fake, launch, out_returns=None, da
 def register_linear_combination_autograd(op, backward_op, a: int, b: int, t: int, table: int):
     """Autograd of ``op``, whose first output is a linear combination ``A_t a + B_t b`` of its arguments at
     positions ``a`` and ``b`` (``t`` and ``table`` at theirs): both gradients from one ``backward_op(grad, t,
-    table)`` pass. Other outputs (table gathers) pass no gradient; other arguments get none."""
+    table)`` pass. Other outputs (table gathers) pass no gradient; other arguments get none.
+
+    ``backward_op`` is linear in ``grad``: its own backward, the adjoint ``(gg_a, gg_b) -> A_t gg_a + B_t
+    gg_b``, is ``op`` itself (differentiable again), so gradients of gradients run the same kernels."""
+    num_inputs = len(op._opoverload._schema.arguments)
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[t], inputs[table])
-        ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad, *_):
-        grads = [None] * ctx.num_inputs
+        grads = [None] * num_inputs
         grads[a], grads[b] = backward_op(grad, *ctx.saved_tensors)
         return tuple(grads)
 
     op.register_autograd(backward, setup_context=setup_context)
+
+    def backward_setup_context(ctx, inputs, output):
+        grad, t_tensor, table_tensor = inputs
+        ctx.save_for_backward(grad, t_tensor, table_tensor)
+
+    def backward_backward(ctx, gg_a, gg_b):
+        grad, t_tensor, table_tensor = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (gg_a is None and gg_b is None):
+            return None, None, None
+        args = [None] * num_inputs
+        args[a] = torch.zeros_like(grad) if gg_a is None else gg_a
+        args[b] = torch.zeros_like(grad) if gg_b is None else gg_b
+        args[t], args[table] = t_tensor, table_tensor
+        result = op(*args)
+        return (result[0] if isinstance(result, tuple) else result), None, None
+
+    backward_op.register_autograd(backward_backward, setup_context=backward_setup_context)
+
+
+def register_loss_backward_autograd(backward_op, n_grads: int, loss_l1: int):
+    """Autograd of a loss's backward op ``backward_op(*grads, model_output, a, b, *config, a_needed,
+    b_needed) -> (grad_model_output, grad_a, grad_b)`` (``n_grads`` incoming scalar gradients; ``a`` and ``b``
+    the target's inputs, their gradients zero-element when not written; argument ``loss_l1`` the l1 flag).
+
+    The gradients are ``G = g * w * loss_term_grad(model_output - target(a, b)) * (1, -dtarget/da,
+    -dtarget/db)`` per sample, with ``target`` linear in ``(a, b)`` and ``g * w`` linear in the incoming
+    gradients. For the l2 loss (``loss_term_grad(e) = 2 e``), ``<gg, G>`` is then the backward itself with
+    ``(model_output, a, b)`` replaced by the cotangents ``(gg_model_output, gg_a, gg_b)``: its derivatives
+    w.r.t. ``(model_output, a, b)`` are ``backward_op(*grads, *gg, ...)`` (one launch), and for l1 zero
+    (torch's abs backward is ``sign``, whose derivative is zero). W.r.t. each incoming gradient, ``G`` is
+    linear: ``<gg, backward_op(unit gradient, model_output, a, b, ...)>``."""
+    first = n_grads  # model_output's position; a and b follow
+
+    def setup_context(ctx, inputs, output):
+        at = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+        ctx.save_for_backward(*(inputs[i] for i in at))
+        ctx.at, ctx.inputs = at, [None if isinstance(x, torch.Tensor) else x for x in inputs]
+
+    def backward(ctx, *gg):
+        inputs = list(ctx.inputs)
+        for i, x in zip(ctx.at, ctx.saved_tensors):
+            inputs[i] = x
+        operands = inputs[first:first + 3]
+        written = [g is not None and g.numel() == x.numel() for g, x in zip(gg, operands)]
+        gg = [g if w else torch.zeros_like(x) for g, w, x in zip(gg, written, operands)]
+        config, needs = inputs[first + 3:-2], ctx.needs_input_grad
+        result = [None] * len(inputs)
+        if not inputs[loss_l1] and any(needs[first:first + 3]):
+            d = backward_op(*inputs[:n_grads], *gg, *config, needs[first + 1], needs[first + 2])
+            for k, x in enumerate(operands):
+                if needs[first + k] and d[k].numel() == x.numel():
+                    result[first + k] = d[k]
+        for j in range(n_grads):
+            if needs[j]:
+                units = [torch.ones_like(g) if i == j else torch.zeros_like(g) for i, g in enumerate(inputs[:n_grads])]
+                u = backward_op(*units, *operands, *config, written[1], written[2])
+                dot = sum((g * v).sum(dtype=compute_dtype(v.dtype)) for g, v, w in zip(gg, u, written) if w)
+                result[j] = dot.to(inputs[j].dtype).reshape(inputs[j].shape)
+        return tuple(result)
+
+    backward_op.register_autograd(backward, setup_context=setup_context)
 
 
 _ZERO_KEYS = {}
