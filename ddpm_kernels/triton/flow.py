@@ -82,6 +82,7 @@ from .utils import (
     noise_operands,
     PARAMETERIZATION_ID,
     register_loss_backward_autograd,
+    sample_index,
     sample_tile,
     split_float,
     split_float3,
@@ -126,10 +127,7 @@ def sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, PER_TOKEN:
 def gather_sigma_pair(sigmas_ptr, step_index_ptr, sample, n_sigmas):
     """``(sigmas[i], sigmas[i + 1])`` with ``i = step_index[sample]``; NaN (and no memory access) for ``i``
     outside ``[0, n_sigmas - 1)``."""
-    i = tl.load(step_index_ptr + sample)
-    in_range = (i >= 0) & (i < n_sigmas - 1)
-    # the clamped index keeps the address inside the table even if a backend ignores the mask
-    i_safe = tl.where(in_range, i, 0)
+    _, in_range, i_safe = sample_index(step_index_ptr, sample, n_sigmas - 1)
     s = tl.load(sigmas_ptr + i_safe, mask=in_range, other=float("nan"))
     s_next = tl.load(sigmas_ptr + i_safe + 1, mask=in_range, other=float("nan"))
     return s, s_next

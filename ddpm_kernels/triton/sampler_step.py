@@ -82,6 +82,7 @@ from .utils import (
     ROW,
     as_rows,
     call_op,
+    checked_index,
     clamp_symmetric,
     compute_dtype,
     custom_op_with_out,
@@ -144,11 +145,10 @@ def gather_step_alphas(alphas_cumprod_ptr, t, t_prev, T, SET_ALPHA_TO_ONE: tl.co
     (1 - ab_t)`` at t = 1 -> 0 comes out 8e-5 off, several times the 1e-5 tolerance). Subtracted in float64
     from the float64 table and rounded once, each is within half a float32 ulp; the remaining math needs no
     float64 division, square root or logarithm (which run at 1/64 rate on many GPUs)."""
-    t_in_range = (t >= 0) & (t < T)
-    ab_t = tl.load(alphas_cumprod_ptr + tl.where(t_in_range, t, 0), mask=t_in_range, other=float("nan"))
-    prev_in_range = (t_prev >= 0) & (t_prev < T)
-    ab_prev = tl.load(alphas_cumprod_ptr + tl.where(prev_in_range, t_prev, 0), mask=prev_in_range,
-                      other=float("nan"))
+    t_in_range, t_safe = checked_index(t, T)
+    ab_t = tl.load(alphas_cumprod_ptr + t_safe, mask=t_in_range, other=float("nan"))
+    prev_in_range, prev_safe = checked_index(t_prev, T)
+    ab_prev = tl.load(alphas_cumprod_ptr + prev_safe, mask=prev_in_range, other=float("nan"))
     if SET_ALPHA_TO_ONE:
         final = tl.full((), 1.0, tl.float64)
     else:

@@ -1,6 +1,7 @@
 """Pieces every Triton kernel family here shares. In the kernels (``@triton.jit`` helpers, which Triton
-inlines): a program's tile of its sample, loads upcast to the compute dtype and stores rounded once, the gather
-of a schedule coefficient, correctly rounded division and square root, NaN-preserving clipping, and in-kernel
+inlines): a program's tile of its sample (``sample_tile``) and its per-sample index gather (``sample_index``,
+``checked_index``: the range mask and clamped address every gather by ``t`` or a step index uses), loads upcast
+to the compute dtype and stores rounded once, the gather of a schedule coefficient, the Philox counters, correctly rounded division and square root, NaN-preserving clipping, and in-kernel
 Philox noise. On the host: the launch table and the chunked launch, the flattening of inputs, the noise key,
 and the registration of an op with its ``out=`` form and of a linear combination's autograd.
 
@@ -89,7 +90,10 @@ __all__ = [
     "clamp_symmetric",
     "div_rn",
     "sqrt_rn",
+    "checked_index",
+    "sample_index",
     "gather_coefficient",
+    "philox_at",
     "exact_scalar",
     "philox_normal",
     "load_or_draw_noise",
@@ -530,11 +534,28 @@ def sqrt_rn(x):
 
 
 @triton.jit
+def checked_index(i, n):
+    """``(in_range, i_safe)`` of a per-sample index ``i`` (a timestep, a step index) into ``n`` rows: whether it
+    addresses one, and ``i`` clamped to 0 outside them, so that a load masked by ``in_range`` (NaN there) keeps
+    its address inside the table even if a backend ignores the mask. Every gather by a per-sample index goes
+    through it: kernels never read outside the tables, whatever the index holds."""
+    in_range = (i >= 0) & (i < n)
+    return in_range, tl.where(in_range, i, 0)
+
+
+@triton.jit
+def sample_index(index_ptr, sample, n):
+    """``(i, in_range, i_safe)``: the sample's index ``index[sample]`` into ``n`` rows, and `checked_index` of
+    it (the gather half of a kernel's prologue, after `sample_tile`)."""
+    i = tl.load(index_ptr + sample)
+    in_range, i_safe = checked_index(i, n)
+    return i, in_range, i_safe
+
+
+@triton.jit
 def gather_coefficient(table_ptr, row: tl.constexpr, t, T):
     """``table[row, t]`` in the table's dtype; NaN (and no memory access) when ``t`` is outside [0, T)."""
-    in_range = (t >= 0) & (t < T)
-    # The clamped index keeps the address inside the table even if a backend ignores the mask.
-    t_safe = tl.where(in_range, t, 0)
+    in_range, t_safe = checked_index(t, T)
     return tl.load(table_ptr + row * T + t_safe, mask=in_range, other=float("nan"))
 
 
@@ -590,18 +611,25 @@ def _uniform(x):
 
 
 @triton.jit
+def philox_at(key, offset, sample, q):
+    """The four uint32 outputs of Philox4x32-10 under the 64-bit ``key`` at the counters ``(q, sample,
+    offset_lo, offset_hi)`` (``q``: an int64 tensor of counter indices, element ``e``'s is ``e // 4``)."""
+    zero = tl.zeros_like(q)
+    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((zero + sample) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = ((zero + offset) & 0xFFFFFFFF).to(tl.uint32)
+    c3 = (((zero + offset) >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return tl.philox(key, c0, c1, c2, c3)
+
+
+@triton.jit
 def philox_normal(key, offset, sample, tile_start, BLOCK: tl.constexpr):
     """The noise stream's normals of elements ``tile_start + arange(BLOCK)`` of global sample ``sample``
     (``tile_start % 4 == 0``): element ``e`` is output ``e % 4`` of Philox4x32-10 at the counter ``(e // 4,
     sample, offset_lo, offset_hi)`` under the 64-bit ``key``, the outputs made uniforms and the pairs normals by
     Box-Muller (``ddpm_kernels.reference.philox_normal``). Nothing depends on BLOCK or the grid."""
     q = tile_start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
-    zero = tl.zeros([BLOCK // 4], dtype=tl.int64)
-    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((zero + sample) & 0xFFFFFFFF).to(tl.uint32)
-    c2 = ((zero + offset) & 0xFFFFFFFF).to(tl.uint32)
-    c3 = (((zero + offset) >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(key, c0, c1, c2, c3)
+    r0, r1, r2, r3 = philox_at(key, offset, sample, q)
     radius_a = sqrt_rn(-2.0 * _log(_uniform(r0)))
     theta_a = 6.283185307179586 * _uniform(r1)
     radius_b = sqrt_rn(-2.0 * _log(_uniform(r2)))
