@@ -88,6 +88,15 @@ def _options(spec: OpSpec, values: tuple):
     return checked
 
 
+def _check_others(spec: OpSpec, x, others: tuple, learned, mixed) -> None:
+    """The table's ``like`` and given ``optional`` tensors against the data ``x`` (any float dtype when
+    ``mixed``); a ``learned`` variance's model output is checked apart (`_check_learned_output`)."""
+    names = spec.like + spec.optional
+    for i, y in enumerate(others):
+        if (y is not None or i < len(spec.like)) and not (learned and i == 0):
+            _check_like(names[i], y, spec.data, x, mixed=mixed is not None)
+
+
 def _tensors(spec: OpSpec, x, others: tuple, schedule, t, t_prev=_NO_T_PREV, out=None, learned=None, mixed=None):
     """``(t, t_prev, out)`` as the kernels take them, after checking the call's tensors: ``x`` is the table's
     ``data``, ``others`` its ``like`` then ``optional`` tensors (an absent optional one is None). A
@@ -103,23 +112,23 @@ def _tensors(spec: OpSpec, x, others: tuple, schedule, t, t_prev=_NO_T_PREV, out
         or _native.inputs_ok is None
         or not isinstance(schedule, DiffusionSchedule)
         or (has_t_prev and t_prev is None)
-        or mixed is not None
+        # a mixed call's other operands and out differ from x in dtype: the C check takes x and the timesteps
         or not _native.inputs_ok(
-            x, present, out, schedule._buffers["coefficients"], schedule.num_timesteps, t,
-            t_prev if has_t_prev else None, device_t_check_enabled(),
+            x, present if mixed is None else (), out if mixed is None else None,
+            schedule._buffers["coefficients"], schedule.num_timesteps, t, t_prev if has_t_prev else None,
+            device_t_check_enabled(),
         )
     ):
         _check_data(spec.data, x)
-        names = spec.like + spec.optional
-        for i, y in enumerate(others):
-            if y is not None or i < len(spec.like):
-                if not (learned and i == 0):
-                    _check_like(names[i], y, spec.data, x, mixed=mixed is not None)
+        _check_others(spec, x, others, learned, mixed)
         _check_schedule(schedule, x)
         if spec.timesteps:
             t = _check_t(t, x, spec.data, schedule)
         if has_t_prev:
             t_prev = _check_t_prev(t_prev, t, schedule)
+        out = _check_out(out, x, spec.data, dtype=mixed)
+    elif mixed is not None:
+        _check_others(spec, x, others, learned, mixed)
         out = _check_out(out, x, spec.data, dtype=mixed)
     if learned:
         _check_learned_output(others[0], x, learned, mixed=mixed is not None)

@@ -344,3 +344,30 @@ def test_triton_mixed_calls_pass_opcheck():
             "ddpm_kernels_triton::sampler_step"} <= names, names
     for func, args, kwargs in calls.calls:
         torch.library.opcheck(func, args, kwargs, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_mixed_calls_still_refuse_bad_input(backend, monkeypatch):
+    """A mixed call takes the C check for the data and timesteps and the Python checks for the rest (any float
+    dtype accepted there): bad values, shapes, non-float operands and an out of another dtype than the promoted
+    one are refused before dispatch."""
+    from ddpm_kernels import ops
+
+    def no_dispatch(*args, **kwargs):
+        raise AssertionError("dispatched a bad call")
+
+    monkeypatch.setattr(ops, "_dispatch", no_dispatch)
+    (x, y, z, _), t = _inputs()
+    low = y.bfloat16()
+    cases = [
+        (ValueError, r"t: expected values in \[0, 50\)", lambda: dk.q_sample(x, t + 1, low, S, backend=backend)),
+        (ValueError, "noise: expected shape", lambda: dk.q_sample(x, t, low[:2], S, backend=backend)),
+        (TypeError, "noise: expected a floating-point tensor", lambda: dk.q_sample(x, t, y.int(), S, backend=backend)),
+        (TypeError, "out: expected dtype torch.float32 .the promoted dtype",
+         lambda: dk.q_sample(x, t, low, S, backend=backend, out=torch.empty_like(x, dtype=torch.float64))),
+        (ValueError, "model_output: expected shape",
+         lambda: dk.ddpm_step(x, t, t - 1, low, S, variance_type="learned_range", backend=backend)),
+    ]
+    for error, match, call in cases:
+        with pytest.raises(error, match=match):
+            call()
