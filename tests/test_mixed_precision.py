@@ -371,3 +371,26 @@ def test_mixed_calls_still_refuse_bad_input(backend, monkeypatch):
     for error, match, call in cases:
         with pytest.raises(error, match=match):
             call()
+
+
+@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="the Triton backend does not run here")
+def test_triton_mixed_step_compiles():
+    """torch.compile(fullgraph=True) of mixed calls served natively by Triton (a bf16 model output with fp32
+    data: an in-place DDIM step, the loss, then its registered backward) gives eager's results."""
+    from helpers import assert_compiles_like_eager
+
+    torch._dynamo.reset()
+    (x, y, z, _), t = _inputs((3, 2, 3, 5))
+
+    def run(x, y, z, t):
+        buf = x.clone()
+        dk.ddim_step(buf, t, t - 1, y, S, eta=0.5, noise=z, backend="triton", out=buf)
+        return buf, dk.diffusion_loss(y, x, z, t, S, "v", backend="triton")[0]
+
+    mo = y.bfloat16().requires_grad_()
+    eager, compiled = assert_compiles_like_eager(run, (x, mo, z, t.clamp(min=1)), exact=(0, 1))
+    assert [r.dtype for r in compiled] == [torch.float32, torch.float32]
+    (g_eager,) = torch.autograd.grad(eager[1], mo)
+    (g_compiled,) = torch.autograd.grad(compiled[1], mo)
+    assert g_compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)
