@@ -197,8 +197,8 @@ def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tup
     """The one prologue: the backend name, the options, the tensors, the generator, then dispatch. Mixed float
     dtypes are cast to their promotion unless the serving backend reads them natively (`promoted_dtype`,
     ``backends.reads_mixed``); ``passengers`` (checked by the caller: a guided step's uncond, in the model
-    output's dtype) are cast with them. Returns the serving function, the validated options, ``(t, t_prev, out)`` as the kernels take
-    them, and the data and other tensors (then the passengers)."""
+    output's dtype) are cast with them. Returns the serving function, the validated options, ``(t, t_prev,
+    out)`` as the kernels take them, and the data and other tensors (then the passengers)."""
     if backend not in _BACKENDS:
         _check_backend(backend)
     mixed = promoted_dtype(x, others)

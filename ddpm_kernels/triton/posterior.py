@@ -223,7 +223,8 @@ def _(x_t, t, model_output, table, parameterization, clip_denoised):
 def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True):
     """Backend entry with ``reference.p_mean_variance_ref``'s signature."""
     return p_mean_variance_op(
-        x_t, t, model_output, schedule.table(result_dtype(x_t, model_output)), PARAMETERIZATION_ID[parameterization], clip_denoised
+        x_t, t, model_output, schedule.table(result_dtype(x_t, model_output)), PARAMETERIZATION_ID[parameterization],
+        clip_denoised,
     )
 
 

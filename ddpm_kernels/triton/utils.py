@@ -1,9 +1,11 @@
 """Pieces every Triton kernel family here shares. In the kernels (``@triton.jit`` helpers, which Triton
 inlines): a program's tile of its sample (``sample_tile``) and its per-sample index gather (``sample_index``,
 ``checked_index``: the range mask and clamped address every gather by ``t`` or a step index uses), loads upcast
-to the compute dtype and stores rounded once, the gather of a schedule coefficient, the Philox counters, correctly rounded division and square root, NaN-preserving clipping, and in-kernel
-Philox noise. On the host: the launch table and the chunked launch, the flattening of inputs, the noise key,
-and the registration of an op with its ``out=`` form and of a linear combination's autograd.
+to the compute dtype and stores rounded once, the gather of a schedule coefficient, the Philox counters,
+correctly rounded division and square root, NaN-preserving clipping, and in-kernel Philox noise. On the host:
+the result dtype of mixed operands, the launch table and the chunked launch, the flattening of inputs, the noise
+key, and the registration of an op with its ``out=`` form, of a linear combination's autograd and of a loss
+backward's own autograd (gradients of gradients).
 
 Layout. Every op is elementwise over ``(B, N)`` where ``B`` is the batch and ``N`` the product of the other
 dims, in storage order: contiguous and channels_last(_3d) data runs as it is (each sample is one dense block;
