@@ -9,7 +9,8 @@ A backend is an object with
   the reference function of that name (``ddpm_kernels.reference.OPS``); the sampler steps take
   ``(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out)`` with ``opts`` a
   ``ddpm_kernels._spec.StepOptions``. Functions receive validated arguments (``t`` is int64 of shape (B,),
-  every tensor on one device, one float dtype) and must honour ``out=`` where the reference does;
+  every tensor on one device, one float dtype unless the op is in ``mixed_dtypes``) and must honour ``out=``
+  where the reference does;
 * ``differentiable``: op name -> the tensor arguments its kernels give gradients for;
 * ``declines(op, opts) -> Optional[str]``: ``None`` when it serves the op with these step options (``opts`` is
   None for ops without them), else why not;
