@@ -62,12 +62,17 @@ def _check_data(name: str, x) -> torch.Tensor:
     return x
 
 
-def _check_like(name: str, y, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+def _check_like(name: str, y, ref_name: str, ref: torch.Tensor, mixed: bool = False) -> torch.Tensor:
+    """``y`` with ``ref``'s dtype, shape and device (``mixed``: any float dtype; docs/design.md, "Mixed
+    precision")."""
     # ``ref`` is already checked: equal dtype/shape/device is all there is to check (the common case, first)
-    if isinstance(y, torch.Tensor) and y.dtype == ref.dtype and y.device == ref.device and y.shape == ref.shape:
-        return y
+    if (
+        isinstance(y, torch.Tensor) and (y.dtype == ref.dtype or mixed) and y.device == ref.device
+        and y.shape == ref.shape
+    ):
+        return _check_data(name, y) if mixed else y
     _check_data(name, y)
-    if y.dtype != ref.dtype:
+    if y.dtype != ref.dtype and not mixed:
         raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {y.dtype}")
     if y.shape != ref.shape:
         raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (the shape of {ref_name}), got {tuple(y.shape)}")
@@ -177,10 +182,14 @@ def _check_real_or_inf(value, name: str = None) -> float:
     return value
 
 
-def _check_out(out, x: torch.Tensor, x_name: str) -> Optional[torch.Tensor]:
+def _check_out(out, x: torch.Tensor, x_name: str, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """``out`` like ``x`` (``dtype``: the promoted dtype of a call with mixed float operands, which ``out``
+    must have instead of ``x``'s)."""
     if out is None:
         return None
-    _check_like("out", out, x_name, x)
+    if dtype is not None and isinstance(out, torch.Tensor) and out.dtype != dtype:
+        raise TypeError(f"out: expected dtype {dtype} (the promoted dtype of the inputs), got {out.dtype}")
+    _check_like("out", out, x_name, x, mixed=dtype is not None)
     if out.requires_grad and torch.is_grad_enabled():
         raise ValueError("out: expected a tensor that does not require grad (out= does not support autograd)")
     return out
@@ -222,12 +231,12 @@ def _check_thresholding(threshold_ratio, threshold_max):
     return threshold_ratio, threshold_max
 
 
-def _check_learned_output(model_output, x_t: torch.Tensor, variance_type: str) -> torch.Tensor:
+def _check_learned_output(model_output, x_t: torch.Tensor, variance_type: str, mixed: bool = False) -> torch.Tensor:
     _check_data("model_output", model_output)
     if x_t.ndim < 2:
         raise ValueError(f"x_t: variance_type={variance_type!r} needs a channel dim (ndim >= 2), got shape {tuple(x_t.shape)}")
     expected = (x_t.shape[0], 2 * x_t.shape[1]) + tuple(x_t.shape[2:])
-    if model_output.dtype != x_t.dtype:
+    if model_output.dtype != x_t.dtype and not mixed:
         raise TypeError(f"model_output: expected dtype {x_t.dtype} (the dtype of x_t), got {model_output.dtype}")
     if tuple(model_output.shape) != expected:
         raise ValueError(

@@ -9,10 +9,15 @@ A backend is an object with
   the reference function of that name (``ddpm_kernels.reference.OPS``); the sampler steps take
   ``(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out)`` with ``opts`` a
   ``ddpm_kernels._spec.StepOptions``. Functions receive validated arguments (``t`` is int64 of shape (B,),
-  every tensor on one device, one float dtype) and must honour ``out=`` where the reference does;
+  every tensor on one device, one float dtype unless the op is in ``mixed_dtypes``) and must honour ``out=``
+  where the reference does;
 * ``differentiable``: op name -> the tensor arguments its kernels give gradients for;
 * ``declines(op, opts) -> Optional[str]``: ``None`` when it serves the op with these step options (``opts`` is
-  None for ops without them), else why not.
+  None for ops without them), else why not;
+* ``mixed_dtypes`` (optional, default none): the ops whose kernels read float operands of different dtypes each
+  in its own dtype (a bf16 model output with fp32 data), computing in the promoted dtype's compute dtype and
+  returning the promoted dtype; for the other ops the prologue casts the operands to the promoted dtype first
+  (`reads_mixed`; docs/design.md, "Mixed precision").
 
 A fused backend never calls the reference itself: `select` alone falls back to it (with one warning naming
 why) when no fused backend can serve a call: none available for the device and dtype, none implementing the
@@ -37,7 +42,9 @@ from . import reference
 from ._spec import OPS as _SPECS
 from ._checks import BACKEND_NAMES
 
-__all__ = ["BACKEND_NAMES", "BackendUnavailableError", "get_backend", "resolve", "select", "available_backends"]
+__all__ = [
+    "BACKEND_NAMES", "BackendUnavailableError", "get_backend", "resolve", "select", "reads_mixed", "available_backends",
+]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -48,6 +55,7 @@ class _ReferenceBackend:
     name = "reference"
     ops = reference.OPS
     differentiable = {}  # unused: the reference is plain autograd-tracked PyTorch
+    mixed_dtypes = frozenset()  # its operands are cast to the promoted dtype (autograd-tracked)
 
     @staticmethod
     def declines(op: str, opts) -> Optional[str]:
@@ -204,6 +212,12 @@ def _detached(fn: Callable) -> Callable:
         return fn(*args, **kwargs)
 
     return call
+
+
+def reads_mixed(name: str, op: str) -> bool:
+    """Whether backend ``name`` (one `resolve` returned, hence loaded) reads ``op``'s float operands of
+    different dtypes natively: no cast pass before its kernels."""
+    return op in getattr(_loaded.get(name), "mixed_dtypes", ())
 
 
 def available_backends(device="cpu", dtype=torch.float32):

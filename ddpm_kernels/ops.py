@@ -88,10 +88,21 @@ def _options(spec: OpSpec, values: tuple):
     return checked
 
 
-def _tensors(spec: OpSpec, x, others: tuple, schedule, t, t_prev=_NO_T_PREV, out=None, learned=None):
+def _check_others(spec: OpSpec, x, others: tuple, learned, mixed) -> None:
+    """The table's ``like`` and given ``optional`` tensors against the data ``x`` (any float dtype when
+    ``mixed``); a ``learned`` variance's model output is checked apart (`_check_learned_output`)."""
+    names = spec.like + spec.optional
+    for i, y in enumerate(others):
+        if (y is not None or i < len(spec.like)) and not (learned and i == 0):
+            _check_like(names[i], y, spec.data, x, mixed=mixed is not None)
+
+
+def _tensors(spec: OpSpec, x, others: tuple, schedule, t, t_prev=_NO_T_PREV, out=None, learned=None, mixed=None):
     """``(t, t_prev, out)`` as the kernels take them, after checking the call's tensors: ``x`` is the table's
     ``data``, ``others`` its ``like`` then ``optional`` tensors (an absent optional one is None). A
-    ``learned`` variance type doubles ``model_output``'s channels (checked here, after the others)."""
+    ``learned`` variance type doubles ``model_output``'s channels (checked here, after the others).
+    ``mixed``: the promoted dtype of float operands whose dtypes differ (`promoted_dtype`), which ``out`` must
+    have."""
     present = others[:-1] if spec.optional and others[-1] is None else others
     if learned:
         present = present[1:]
@@ -101,56 +112,73 @@ def _tensors(spec: OpSpec, x, others: tuple, schedule, t, t_prev=_NO_T_PREV, out
         or _native.inputs_ok is None
         or not isinstance(schedule, DiffusionSchedule)
         or (has_t_prev and t_prev is None)
+        # a mixed call's other operands and out differ from x in dtype: the C check takes x and the timesteps
         or not _native.inputs_ok(
-            x, present, out, schedule._buffers["coefficients"], schedule.num_timesteps, t,
-            t_prev if has_t_prev else None, device_t_check_enabled(),
+            x, present if mixed is None else (), out if mixed is None else None,
+            schedule._buffers["coefficients"], schedule.num_timesteps, t, t_prev if has_t_prev else None,
+            device_t_check_enabled(),
         )
     ):
         _check_data(spec.data, x)
-        names = spec.like + spec.optional
-        for i, y in enumerate(others):
-            if y is not None or i < len(spec.like):
-                if not (learned and i == 0):
-                    _check_like(names[i], y, spec.data, x)
+        _check_others(spec, x, others, learned, mixed)
         _check_schedule(schedule, x)
         if spec.timesteps:
             t = _check_t(t, x, spec.data, schedule)
         if has_t_prev:
             t_prev = _check_t_prev(t_prev, t, schedule)
-        out = _check_out(out, x, spec.data)
+        out = _check_out(out, x, spec.data, dtype=mixed)
+    elif mixed is not None:
+        _check_others(spec, x, others, learned, mixed)
+        out = _check_out(out, x, spec.data, dtype=mixed)
     if learned:
-        _check_learned_output(others[0], x, learned)
+        _check_learned_output(others[0], x, learned, mixed=mixed is not None)
     return t, t_prev, out
 
 
-def _dispatch(spec: OpSpec, backend: str, x: torch.Tensor, opts, tensors: tuple):
-    """The function serving this call (``ddpm_kernels.backends.resolve``), told which tensors require grad."""
+def _dispatch(spec: OpSpec, backend: str, x: torch.Tensor, opts, tensors: tuple, dtype=None, with_name=False):
+    """The function serving this call (``ddpm_kernels.backends.resolve``), told which tensors require grad;
+    ``dtype``: the call's dtype when it is not ``x``'s (mixed operands); ``with_name``: ``(backend name,
+    function)``."""
     grad = None
     if torch.is_grad_enabled():
         needing = [i for i, a in enumerate(tensors) if a is not None and a.requires_grad]
         if needing:  # (the names are built only then: spec.tensors is a new tuple per read)
             names = spec.tensors
             grad = frozenset(names[i] for i in needing)
-    key = (spec.name, backend, x.device, x.dtype, opts if spec.family in _KEYED_FAMILIES else None, grad)
+    key = (spec.name, backend, x.device, dtype or x.dtype, opts if spec.family in _KEYED_FAMILIES else None, grad)
     hit = _selected.get(key)  # resolve()'s cache, read here first: this runs on every call
-    return (hit or backends.resolve(*key))[1]
+    hit = hit or backends.resolve(*key)
+    return hit if with_name else hit[1]
+
+
+def promoted_dtype(x, others: tuple):
+    """The dtype a call with mixed float operands computes and returns in: torch's promotion of the operands'
+    dtypes (docs/design.md, "Mixed precision"); None when they already agree (the common case: a few
+    comparisons) or when a non-tensor or non-float operand is there for the checks to refuse."""
+    dtype = getattr(x, "dtype", None)
+    if all(y is None or getattr(y, "dtype", dtype) == dtype for y in others):
+        return None
+    operands = (x,) + tuple(others)
+    if not all(y is None or (isinstance(y, torch.Tensor) and y.is_floating_point()) for y in operands):
+        return None
+    return functools.reduce(torch.promote_types, (y.dtype for y in operands if y is not None))
+
+
+def cast_to(dtype, x, others: tuple):
+    """``(x, others)`` with every float operand in ``dtype`` (autograd-tracked casts: gradients come back in
+    each input's own dtype); ``dtype`` None leaves them as they are."""
+    if dtype is None:
+        return x, others
+    cast = tuple(y if y is None or y.dtype == dtype else y.to(dtype) for y in (x,) + tuple(others))
+    return cast[0], cast[1:]
 
 
 def promote(x, others: tuple):
     """Mixed float dtypes (a bf16/fp16 model output with fp32 data under autocast): every float operand in
-    torch's promotion of their dtypes, so results and outputs have the promoted dtype (docs/design.md, "Mixed
-    precision"). The casts are autograd-tracked: gradients come back in each input's own dtype. Non-tensors and
-    non-float tensors are left for the checks to refuse. Returns ``(x, others)``, the same objects when the
-    dtypes already agree (the common case: a few comparisons)."""
-    dtype = getattr(x, "dtype", None)
-    if all(y is None or getattr(y, "dtype", dtype) == dtype for y in others):
-        return x, others
-    operands = (x,) + tuple(others)
-    if not all(y is None or (isinstance(y, torch.Tensor) and y.is_floating_point()) for y in operands):
-        return x, others
-    target = functools.reduce(torch.promote_types, (y.dtype for y in operands if y is not None))
-    cast = tuple(y if y is None or y.dtype == target else y.to(target) for y in operands)
-    return cast[0], cast[1:]
+    torch's promotion of their dtypes (`promoted_dtype`), so results and outputs have the promoted dtype. The
+    form for backends that read one dtype per call; `_prologue` casts only for those (docs/design.md, "Mixed
+    precision"). Returns ``(x, others)``, the same objects when the dtypes already agree."""
+    return cast_to(promoted_dtype(x, others), x, others)
 
 
 def _with_guidance(opts):
@@ -165,21 +193,29 @@ def _with_guidance(opts):
 
 
 def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tuple = (), generator=None,
-              guided=False, **tensors):
-    """The one prologue: the backend name, the options, the tensors (mixed float dtypes promoted), the
-    generator, then dispatch. Returns the serving function, the validated options, ``(t, t_prev, out)`` as the
-    kernels take them, and the data and other tensors (promoted)."""
+              guided=False, passengers: tuple = (), **tensors):
+    """The one prologue: the backend name, the options, the tensors, the generator, then dispatch. Mixed float
+    dtypes are cast to their promotion unless the serving backend reads them natively (`promoted_dtype`,
+    ``backends.reads_mixed``); ``passengers`` (checked by the caller: a guided step's uncond, in the model
+    output's dtype) are cast with them. Returns the serving function, the validated options, ``(t, t_prev,
+    out)`` as the kernels take them, and the data and other tensors (then the passengers)."""
     if backend not in _BACKENDS:
         _check_backend(backend)
-    x, others = promote(x, others)
+    mixed = promoted_dtype(x, others)
     opts = _options(spec, options) if options else ()
     if guided:
         opts = _with_guidance(opts)
     learned = opts.variance_type if spec.family == "step" and opts.learned else None
-    t, t_prev, out = _tensors(spec, x, others, schedule, t, learned=learned, **tensors)
+    t, t_prev, out = _tensors(spec, x, others, schedule, t, learned=learned, mixed=mixed, **tensors)
     if generator is not None:
         _check_generator(generator, x)
-    fn = _dispatch(spec, backend, x, opts, (x,) + others + (t,))
+    operands = (x,) + others + (t,)
+    if mixed is None:
+        return _dispatch(spec, backend, x, opts, operands), opts, t, t_prev, out, x, others + passengers
+    name, fn = _dispatch(spec, backend, x, opts, operands, dtype=mixed, with_name=True)
+    others += passengers
+    if not backends.reads_mixed(name, spec.name):
+        x, others = cast_to(mixed, x, others)
     return fn, opts, t, t_prev, out, x, others
 
 

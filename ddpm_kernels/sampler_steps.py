@@ -128,17 +128,15 @@ def _step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise,
         model_output, uncond, guidance = _check_guidance(
             model_output, uncond, guidance_scale, guidance_rescale, x_t, "x_t"
         )
-    fn, opts, t, t_prev, out, x_t, (model_output, noise) = _prologue(
+    fn, opts, t, t_prev, out, x_t, (model_output, noise, uncond) = _prologue(
         SPECS[name], backend, x_t, (model_output, noise), schedule, t, options, generator, guided=guidance is not None,
-        t_prev=t_prev, out=out,
+        passengers=(uncond,), t_prev=t_prev, out=out,
     )
     fmt, x_t, (model_output, uncond) = row_major(opts.adds_noise and noise is None, x_t, model_output, uncond)
     if guidance is None:
         result = fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out,
                     sample_offset=sample_offset)
         return restore_format(result, fmt, out)
-    if uncond.dtype != model_output.dtype:
-        uncond = uncond.to(model_output.dtype)
     result = fn(x_t, t, t_prev, model_output, schedule, opts, noise, generator, out=out, uncond=uncond,
                 guidance=guidance, sample_offset=sample_offset)
     return restore_format(result, fmt, out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddpm_kernels as dk
 from ddpm_kernels import backends
@@ -50,6 +51,46 @@ CALLS = {
 
 def _tuple(r):
     return r if isinstance(r, tuple) else (r,)
+
+
+def _interpreted_triton(backend):
+    if backend != "triton":
+        return False
+    from ddpm_kernels.triton import utils
+
+    return utils.INTERPRETED
+
+
+def _rounded(g32, low, backend):
+    """A float32 gradient as a kernel storing it in ``low`` gives it: rounded to nearest, except through Triton's
+    interpreter, whose float32 -> bfloat16 conversion truncates (compiled Triton rounds to nearest)."""
+    if low == torch.bfloat16 and _interpreted_triton(backend):
+        return (g32.contiguous().view(torch.int32) & -65536).view(torch.float32).to(low)
+    return g32.to(low)
+
+
+class _Casts(TorchDispatchMode):
+    """The dtype conversions and copies a call launches outside the library's own operators (whose kernels are
+    what they are), and which of those operators ran."""
+
+    CASTS = ("aten::_to_copy", "aten::copy_", "aten::to", "aten::_to_dtype")
+
+    def __init__(self):
+        super().__init__()
+        self.casts, self.ops = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith("ddpm_kernels"):
+            self.ops.append(name)
+        elif any(name.startswith(c) for c in self.CASTS):
+            self.casts.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+# ops whose mixed calls the Triton kernels read natively (TritonBackend.mixed_dtypes), by their CALLS names
+NATIVE_CALLS = [n for n in CALLS if n.startswith(("q_sample", "predict_start", "get_v", "q_posterior", "p_mean",
+                                                  "p_sample", "diffusion_loss", "ddim_step", "ddpm_step"))]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -105,7 +146,7 @@ def test_gradients_in_each_inputs_dtype(backend):
         assert g.dtype == low
         mo32 = y.to(low).float().requires_grad_()
         (g32,) = torch.autograd.grad(dk.diffusion_loss(mo32, x, z, t, S, backend=backend)[0], mo32)
-        torch.testing.assert_close(g, g32.to(low), rtol=0, atol=0)
+        torch.testing.assert_close(g, _rounded(g32, low, backend), rtol=0, atol=0)
         noise = z.to(low).requires_grad_()
         x_start = x.clone().requires_grad_()
         gx, gn = torch.autograd.grad(dk.q_sample(x_start, t, noise, S, backend=backend).sum(), (x_start, noise))
@@ -150,3 +191,206 @@ def test_auto_serves_mixed_calls_with_the_fused_backend():
         pytest.skip("the compiled CPU backend is not built")
     name, _ = backends.resolve("p_sample", "auto", torch.device("cpu"), torch.float32, None, None)
     assert name == "cpu"
+
+
+@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="the Triton backend does not run here")
+@pytest.mark.parametrize("low", LOW, ids=str)
+@pytest.mark.parametrize("name", NATIVE_CALLS)
+def test_triton_reads_mixed_operands_without_a_cast(name, low):
+    """The Triton kernels read the low-precision operand in its own dtype: the call launches no conversion or
+    copy before its kernel (the reference, which casts, is the control that the count sees one), and equals
+    the all-float32 call exactly."""
+    (x, y, z, _), t = _inputs((3, 2, 3, 5))
+    y_low = y.to(low)
+    with _Casts() as ref:
+        CALLS[name](x, y_low, z, t, "reference")
+    assert ref.casts
+    with _Casts() as mode:
+        got = _tuple(CALLS[name](x, y_low, z, t, "triton"))
+    assert mode.casts == [] and any(op.startswith("ddpm_kernels_triton::") for op in mode.ops), (mode.casts, mode.ops)
+    for g, e in zip(got, _tuple(CALLS[name](x, y_low.float(), z, t, "triton")), strict=True):
+        assert g.dtype == torch.float32 == e.dtype
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="the Triton backend does not run here")
+@pytest.mark.parametrize("low", LOW, ids=str)
+def test_triton_low_precision_data_with_float32_operands(low):
+    """The data is the low-precision operand (a bf16 sample with an fp32 model output, a bf16 model output in
+    the loss with fp32 targets): results in the promoted float32, exactly the all-float32 call, no cast."""
+    (x, y, z, _), t = _inputs((3, 2, 3, 5))
+    x_low = x.to(low)
+    calls = [
+        lambda x, y, z, b: dk.p_sample(x, t, y, S, noise=z, backend=b),
+        lambda x, y, z, b: dk.q_sample(x, t, y, S, backend=b),
+        lambda x, y, z, b: dk.p_mean_variance(x, t, y, S, "x0", backend=b),
+        lambda x, y, z, b: dk.diffusion_loss(x, y, z, t, S, "v", original_elbo_weight=0.5, backend=b),
+    ]
+    for call in calls:
+        with _Casts() as mode:
+            got = _tuple(call(x_low, y, z, "triton"))
+        assert mode.casts == []
+        for g, e in zip(got, _tuple(call(x_low.float(), y, z, "triton")), strict=True):
+            assert g.dtype == torch.float32 == e.dtype
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
+def test_loss_gradients_in_each_operands_dtype(backend, parameterization):
+    """A bf16 model output with an fp32 x_start and fp16 noise: each gradient in its input's dtype, the float32
+    call's gradients rounded once (the Triton kernels store them so, without a cast pass)."""
+    (x, y, z, _), t = _inputs((3, 2, 3, 5))
+    operands = (y.bfloat16(), x, z.half())
+    leaves = [a.clone().requires_grad_() for a in operands]
+    loss = dk.diffusion_loss(*leaves, t, S, parameterization, original_elbo_weight=0.5, backend=backend)[0]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    leaves32 = [a.float().requires_grad_() for a in operands]
+    loss32 = dk.diffusion_loss(*leaves32, t, S, parameterization, original_elbo_weight=0.5, backend=backend)[0]
+    grads32 = torch.autograd.grad(loss32, leaves32, allow_unused=True)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, loss32, rtol=0, atol=0)
+    for g, g32, a in zip(grads, grads32, operands, strict=True):
+        assert (g is None) == (g32 is None)
+        if g is not None:
+            assert g.dtype == a.dtype
+            torch.testing.assert_close(g, _rounded(g32, a.dtype, backend), rtol=0, atol=0)
+
+
+@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="the Triton backend does not run here")
+def test_triton_mixed_out_rules():
+    """out= of a mixed call has the promoted dtype: an out aliasing the fp32 data is an in-place step read
+    natively, one in the low-precision operand's dtype is refused before any kernel runs."""
+    (x, y, z, _), t = _inputs((3, 2, 3, 5))
+    expected = dk.q_sample(x, t, y.bfloat16().float(), S, backend="triton")
+    buf, noise = x.clone(), y.bfloat16()
+    with _Casts() as mode:
+        assert dk.q_sample(buf, t, noise, S, backend="triton", out=buf) is buf
+    assert mode.casts == []
+    torch.testing.assert_close(buf, expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="out: expected dtype torch.float32 .the promoted dtype"):
+        dk.q_sample(x, t, noise, S, backend="triton", out=noise)
+    buf = x.clone()
+    assert dk.p_sample(buf, t, y.half(), S, noise=z.bfloat16(), backend="triton", out=buf) is buf
+    torch.testing.assert_close(buf, dk.p_sample(x, t, y.half().float(), S, noise=z.bfloat16().float(),
+                                                backend="triton"), rtol=0, atol=0)
+
+
+STEP_CALLS = {
+    "ddim_guided_rescaled": lambda x, c, u, z, t, b: dk.ddim_step(x, t, t - 1, c, S, eta=0.5, noise=z, backend=b,
+                                                                  guidance_scale=4.0, uncond=u, guidance_rescale=0.7),
+    "ddim_thresholded": lambda x, c, u, z, t, b: dk.ddim_step(x, t, t - 1, c, S, threshold_ratio=0.9,
+                                                              threshold_max=1.5, return_pred_x0=True, backend=b),
+    "ddpm_learned_guided": lambda x, c, u, z, t, b: dk.ddpm_step(
+        x, t, t - 1, torch.cat([c, c.flip(0)], 1), S, variance_type="learned_range", noise=z, guidance_scale=2.0,
+        uncond=torch.cat([u, u], 1), backend=b),
+}
+
+
+@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="the Triton backend does not run here")
+@pytest.mark.parametrize("name", list(STEP_CALLS))
+def test_triton_mixed_sampler_steps(name):
+    """Guided (with rescale: its statistics pass reads the operands natively too), thresholded (the x0 pass) and
+    learned-variance steps with bf16 model outputs and fp32 data: the all-float32 call exactly, and with the
+    data in bf16 and the model outputs in fp32 too."""
+    (x, c, u, z), t = _inputs((3, 2, 3, 5))
+    t = t.clamp(min=1)
+    for low_data in (False, True):
+        xs, cs, us = (x.bfloat16(), c, u) if low_data else (x, c.bfloat16(), u.bfloat16())
+        got = _tuple(STEP_CALLS[name](xs, cs, us, z, t, "triton"))
+        expected = _tuple(STEP_CALLS[name](xs.float(), cs.float(), us.float(), z, t, "triton"))
+        for g, e in zip(got, expected, strict=True):
+            assert g.dtype == e.dtype == torch.float32
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+        reference = _tuple(STEP_CALLS[name](xs, cs, us, z, t, "reference"))
+        for g, r in zip(got, reference, strict=True):
+            assert r.dtype == torch.float32
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+class _Calls(TorchDispatchMode):
+    """The Triton operators a call runs, with their arguments as they were before it (out= forms write theirs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "ddpm_kernels_triton":
+            copy = lambda a: a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+            self.calls.append((func, tuple(map(copy, args)), {k: copy(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="the Triton backend does not run here")
+def test_triton_mixed_calls_pass_opcheck():
+    """The fake kernels give a mixed call's output dtypes (the promoted one; each input's for the loss
+    gradients), as the kernels do: torch.library.opcheck of every Triton operator a mixed call runs."""
+    (x, y, z, _), t = _inputs((2, 2, 3, 4))
+    t = t[1:]
+    mo = y.bfloat16().requires_grad_()
+    x_start = x.clone().requires_grad_()
+    with _Calls() as calls:
+        dk.q_sample(x.bfloat16(), t, y, S, backend="triton")
+        dk.p_sample(x, t, y.half(), S, noise=z.bfloat16(), backend="triton")
+        dk.q_posterior(y.bfloat16(), x, t, S, backend="triton")
+        dk.ddim_step(x.bfloat16(), t, t - 1, y, S, eta=0.5, noise=z, return_pred_x0=True, backend="triton")
+        loss = dk.diffusion_loss(mo, x_start, z.half(), t, S, "v", backend="triton")[0]
+        torch.autograd.grad(loss, (mo, x_start))
+    names = {func.name() for func, _, _ in calls.calls}
+    assert {"ddpm_kernels_triton::q_sample", "ddpm_kernels_triton::diffusion_loss_backward",
+            "ddpm_kernels_triton::sampler_step"} <= names, names
+    for func, args, kwargs in calls.calls:
+        torch.library.opcheck(func, args, kwargs, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_mixed_calls_still_refuse_bad_input(backend, monkeypatch):
+    """A mixed call takes the C check for the data and timesteps and the Python checks for the rest (any float
+    dtype accepted there): bad values, shapes, non-float operands and an out of another dtype than the promoted
+    one are refused before dispatch."""
+    from ddpm_kernels import ops
+
+    def no_dispatch(*args, **kwargs):
+        raise AssertionError("dispatched a bad call")
+
+    monkeypatch.setattr(ops, "_dispatch", no_dispatch)
+    (x, y, z, _), t = _inputs()
+    low = y.bfloat16()
+    cases = [
+        (ValueError, r"t: expected values in \[0, 50\)", lambda: dk.q_sample(x, t + 1, low, S, backend=backend)),
+        (ValueError, "noise: expected shape", lambda: dk.q_sample(x, t, low[:2], S, backend=backend)),
+        (TypeError, "noise: expected a floating-point tensor", lambda: dk.q_sample(x, t, y.int(), S, backend=backend)),
+        (TypeError, "out: expected dtype torch.float32 .the promoted dtype",
+         lambda: dk.q_sample(x, t, low, S, backend=backend, out=torch.empty_like(x, dtype=torch.float64))),
+        (ValueError, "model_output: expected shape",
+         lambda: dk.ddpm_step(x, t, t - 1, low, S, variance_type="learned_range", backend=backend)),
+    ]
+    for error, match, call in cases:
+        with pytest.raises(error, match=match):
+            call()
+
+
+@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="the Triton backend does not run here")
+def test_triton_mixed_step_compiles():
+    """torch.compile(fullgraph=True) of mixed calls served natively by Triton (a bf16 model output with fp32
+    data: an in-place DDIM step, the loss, then its registered backward) gives eager's results."""
+    from helpers import assert_compiles_like_eager
+
+    torch._dynamo.reset()
+    (x, y, z, _), t = _inputs((3, 2, 3, 5))
+
+    def run(x, y, z, t):
+        buf = x.clone()
+        dk.ddim_step(buf, t, t - 1, y, S, eta=0.5, noise=z, backend="triton", out=buf)
+        return buf, dk.diffusion_loss(y, x, z, t, S, "v", backend="triton")[0]
+
+    mo = y.bfloat16().requires_grad_()
+    eager, compiled = assert_compiles_like_eager(run, (x, mo, z, t.clamp(min=1)), exact=(0, 1))
+    assert [r.dtype for r in compiled] == [torch.float32, torch.float32]
+    (g_eager,) = torch.autograd.grad(eager[1], mo)
+    (g_compiled,) = torch.autograd.grad(compiled[1], mo)
+    assert g_compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)

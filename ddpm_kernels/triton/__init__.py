@@ -16,7 +16,8 @@ Ops run on CUDA tensors (compiled) and, when ``TRITON_INTERPRET=1`` was set befo
 on CPU tensors through Triton's interpreter (how the tests run without a GPU).
 
 Registration is ``torch.library.custom_op`` + ``register_fake`` + ``register_autograd`` around the Triton
-launch. ``triton_op`` + ``wrap_triton`` (which would let inductor trace into the kernels) was tried: under the
+launch; the backward operators have autograd of their own (gradients of gradients; ``utils``). Float operands
+of different dtypes are read each in its own dtype by the ops in ``TritonBackend.mixed_dtypes``. ``triton_op`` + ``wrap_triton`` (which would let inductor trace into the kernels) was tried: under the
 interpreter it fails ``opcheck``'s fake-tensor test and ``torch.compile`` (the interpreter reads data pointers
 of fake tensors), so the one registration that works on both CPU and GPU is used. Inductor treats the ops as
 opaque calls, which loses nothing: each already is one fused pass.
@@ -96,6 +97,12 @@ class TritonBackend:
         "flow_interpolate": frozenset({"x0", "noise"}),
         "flow_loss": frozenset({"model_output", "x0", "noise"}),
     }
+
+    # ops whose kernels read each float operand in its own dtype (a bf16 model output with fp32 data): results in
+    # the promoted dtype, computed in its compute dtype, gradients in each input's dtype; no cast pass first
+    # (docs/design.md, "Mixed precision")
+    mixed_dtypes: FrozenSet[str] = frozenset({*PAIR_OPS, "q_posterior", "p_mean_variance", "p_sample", "diffusion_loss",
+                                            "ddim_step", "ddpm_step"})
 
     @staticmethod
     def declines(op: str, opts=None) -> Optional[str]:

@@ -81,6 +81,8 @@ from .utils import (
     loss_terms,
     noise_operands,
     PARAMETERIZATION_ID,
+    register_loss_backward_autograd,
+    sample_index,
     sample_tile,
     split_float,
     split_float3,
@@ -125,10 +127,7 @@ def sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, PER_TOKEN:
 def gather_sigma_pair(sigmas_ptr, step_index_ptr, sample, n_sigmas):
     """``(sigmas[i], sigmas[i + 1])`` with ``i = step_index[sample]``; NaN (and no memory access) for ``i``
     outside ``[0, n_sigmas - 1)``."""
-    i = tl.load(step_index_ptr + sample)
-    in_range = (i >= 0) & (i < n_sigmas - 1)
-    # the clamped index keeps the address inside the table even if a backend ignores the mask
-    i_safe = tl.where(in_range, i, 0)
+    _, in_range, i_safe = sample_index(step_index_ptr, sample, n_sigmas - 1)
     s = tl.load(sigmas_ptr + i_safe, mask=in_range, other=float("nan"))
     s_next = tl.load(sigmas_ptr + i_safe + 1, mask=in_range, other=float("nan"))
     return s, s_next
@@ -496,6 +495,30 @@ def _interpolate_backward(ctx, grad):
 flow_interpolate_op.register_autograd(_interpolate_backward, setup_context=_interpolate_setup_context)
 
 
+def _interpolate_backward_setup_context(ctx, inputs, output):
+    grad, sigma, period, repeat = inputs
+    ctx.save_for_backward(sigma)
+    ctx.period, ctx.repeat, ctx.memory_format = period, repeat, dense_format(grad)
+
+
+def _interpolate_backward_backward(ctx, gg_x0, gg_noise):
+    """The backward is linear in ``grad``: its adjoint ``(1 - s) gg_x0 + s gg_noise`` is the forward, read in
+    the layout the per-element sigma was laid out in."""
+    if not ctx.needs_input_grad[0] or (gg_x0 is None and gg_noise is None):
+        return None, None, None, None
+    (sigma,) = ctx.saved_tensors
+    like = gg_noise if gg_x0 is None else gg_x0
+    gg_x0 = torch.zeros_like(like) if gg_x0 is None else gg_x0
+    gg_noise = torch.zeros_like(like) if gg_noise is None else gg_noise
+    grad = flow_interpolate_op(in_format(gg_x0, ctx.memory_format), in_format(gg_noise, ctx.memory_format), sigma,
+                               ctx.period, ctx.repeat)
+    return grad, None, None, None
+
+
+flow_interpolate_backward_op.register_autograd(_interpolate_backward_backward,
+                                              setup_context=_interpolate_backward_setup_context)
+
+
 def flow_interpolate(x0, noise, sigma, out=None):
     """Backend entry with ``reference.flow_interpolate_ref``'s signature (``sigma`` a ``SigmaOperand``)."""
     args = (x0, noise, sigma.flat.detach(), sigma.period, sigma.repeat)
@@ -810,6 +833,8 @@ def _loss_backward(ctx, grad_loss):
 
 
 flow_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+# gradients of the gradients (argument 8 is loss_l1)
+register_loss_backward_autograd(flow_loss_backward_op, n_grads=1, loss_l1=8)
 
 
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):

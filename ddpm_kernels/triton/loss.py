@@ -24,6 +24,8 @@ from .utils import (
     div_rn,
     empty_dense,
     like_dense,
+    register_loss_backward_autograd,
+    result_dtype,
     PARAMETERIZATION_ID,
     ROW,
     as_rows,
@@ -214,7 +216,7 @@ def diffusion_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     model_output, batch, n = as_rows(model_output)
     x_start, noise = like_dense(model_output, x_start), like_dense(model_output, noise)
-    dtype, device = model_output.dtype, model_output.device
+    dtype, device = result_dtype(model_output, x_start, noise), model_output.device
     loss, loss_simple, loss_vlb = (torch.empty((), dtype=dtype, device=device) for _ in range(3))
     if model_output.numel() == 0:
         # Mean over nothing: NaN, as torch's mean gives.
@@ -242,7 +244,7 @@ def diffusion_loss_op(
 
 @diffusion_loss_op.register_fake
 def _(model_output, x_start, noise, t, table, parameterization, loss_l1, l_simple_weight, original_elbo_weight):
-    return tuple(model_output.new_empty(()) for _ in range(3))
+    return tuple(model_output.new_empty((), dtype=result_dtype(model_output, x_start, noise)) for _ in range(3))
 
 
 @torch.library.custom_op("ddpm_kernels_triton::diffusion_loss_backward", mutates_args=())
@@ -262,15 +264,14 @@ def diffusion_loss_backward_op(
     grad_x_start_needed: bool,
     grad_noise_needed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_model_output, grad_x_start, grad_noise); a gradient not needed, or not depending on the loss for
-    this parameterization, comes back as an empty tensor."""
+    """(grad_model_output, grad_x_start, grad_noise), each in its input's dtype; a gradient not needed, or not
+    depending on the loss for this parameterization, comes back as an empty tensor."""
     model_output, batch, n = as_rows(model_output)
     x_start, noise = like_dense(model_output, x_start), like_dense(model_output, noise)
-    grad_model_output = empty_dense(model_output)
-    write_x_start = grad_x_start_needed and parameterization != 0
-    write_noise = grad_noise_needed and parameterization != 1
-    grad_x_start = empty_dense(model_output) if write_x_start else model_output.new_empty(0)
-    grad_noise = empty_dense(model_output) if write_noise else model_output.new_empty(0)
+    grad_model_output, grad_x_start, grad_noise = _backward_outputs(
+        model_output, x_start, noise, parameterization, grad_x_start_needed, grad_noise_needed
+    )
+    write_x_start, write_noise = grad_x_start.numel() > 0, grad_noise.numel() > 0
     if model_output.numel() == 0:
         return grad_model_output, grad_x_start, grad_noise
     ls_hi, ls_lo = split_float(l_simple_weight)
@@ -291,13 +292,19 @@ def diffusion_loss_backward_op(
 @diffusion_loss_backward_op.register_fake
 def _(grad_loss, grad_loss_simple, grad_loss_vlb, model_output, x_start, noise, t, table, parameterization,
       loss_l1, l_simple_weight, original_elbo_weight, grad_x_start_needed, grad_noise_needed):
-    like = empty_dense(model_output)
+    return _backward_outputs(model_output, x_start, noise, parameterization, grad_x_start_needed, grad_noise_needed)
+
+
+def _backward_outputs(model_output, x_start, noise, parameterization, grad_x_start_needed, grad_noise_needed):
+    """The backward's gradients, uninitialized: each like ``model_output`` (its dense format, which the kernel
+    writes) in its input's dtype; zero elements where not written (not needed, or the target does not depend
+    on the input: x_start for eps, noise for x0)."""
     write_x_start = grad_x_start_needed and parameterization != 0
     write_noise = grad_noise_needed and parameterization != 1
     return (
-        like,
-        torch.empty_like(like) if write_x_start else model_output.new_empty(0),
-        torch.empty_like(like) if write_noise else model_output.new_empty(0),
+        empty_dense(model_output),
+        empty_dense(model_output, x_start.dtype) if write_x_start else x_start.new_empty(0),
+        empty_dense(model_output, noise.dtype) if write_noise else noise.new_empty(0),
     )
 
 
@@ -331,12 +338,15 @@ def _backward(ctx, grad_loss, grad_loss_simple, grad_loss_vlb):
 
 
 diffusion_loss_op.register_autograd(_backward, setup_context=_setup_context)
+# gradients of the gradients (argument 9 is loss_l1)
+register_loss_backward_autograd(diffusion_loss_backward_op, n_grads=3, loss_l1=9)
 
 
 def diffusion_loss(model_output, x_start, noise, t, schedule, *options):
     """Backend entry: the reference's arguments, the options validated as the op table lists them."""
     parameterization, loss_type, l_simple_weight, original_elbo_weight = options
     return diffusion_loss_op(
-        model_output, x_start, noise, t, schedule.table(model_output.dtype), PARAMETERIZATION_ID[parameterization],
+        model_output, x_start, noise, t, schedule.table(result_dtype(model_output, x_start, noise)),
+        PARAMETERIZATION_ID[parameterization],
         loss_type == "l1", float(l_simple_weight), float(original_elbo_weight),
     )

@@ -41,6 +41,7 @@ from .utils import (
     like_dense,
     load_tile,
     register_linear_combination_autograd,
+    result_dtype,
     sample_tile,
     store_tile,
     with_signature,
@@ -179,13 +180,14 @@ def _register(name: str, order):
         a, b, t, table = operands(args)
         _launch(a, b, t, table, out, None, op_number, False)
 
+    def fake(*args):
+        a, b, _, _ = operands(args)
+        return empty_dense(a, result_dtype(a, b))
+
     def functional(*args):
-        out = empty_dense(args[tensors[0]])
+        out = fake(*args)
         launch(*args, out)
         return out
-
-    def fake(*args):
-        return empty_dense(args[tensors[0]])
 
     schema = [(arg, torch.Tensor) for arg in order] + [("table", torch.Tensor)]
     with_signature(functional, schema, torch.Tensor)
@@ -213,9 +215,11 @@ def _entry(name: str, op):
     order = PAIR_OPS[name]
     first = order[0]
 
+    tensors = [i for i, arg in enumerate(order) if arg != "t"]
+
     def entry(*args):
         *args, schedule = args
-        return op(*args, schedule.table(args[0].dtype))
+        return op(*args, schedule.table(result_dtype(*(args[i] for i in tensors))))
 
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = f"Backend entry with ``reference.{name}_ref``'s signature ({first} first)."
@@ -230,7 +234,7 @@ _REGISTERED = {name: _register(name, order) for name, order in PAIR_OPS.items()}
 def q_sample(x_start, t, noise, schedule, out=None):
     """Backend entry with ``reference.q_sample_ref``'s signature (``out=`` included)."""
     op, out_op = _REGISTERED["q_sample"]
-    table = schedule.table(x_start.dtype)
+    table = schedule.table(result_dtype(x_start, noise))
     return call_op(op, out_op, (x_start, t, noise, table), out, differentiable=(x_start, noise))
 
 

@@ -52,6 +52,7 @@ from .utils import (
     noise_key,
     noise_operands,
     register_linear_combination_autograd,
+    result_dtype,
     sample_tile,
     store_tile,
 )
@@ -152,16 +153,18 @@ def _launch(x_t, t, model_output, table, parameterization, clip_denoised, out, v
     )
 
 
-def _mean_and_variances(x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor, fake: bool = False):
-    """``(mean, var, log_var)`` outputs: ``mean`` like ``x_t`` (its dense format), the variances in the table's
-    dtype shaped ``(B, 1, ..., 1)``. With zero elements no program runs to write the variances, so they are
-    gathered here (not for a ``fake`` op, whose outputs only need their metadata)."""
+def _mean_and_variances(x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor, fake: bool = False,
+                        other: Optional[torch.Tensor] = None):
+    """``(mean, var, log_var)`` outputs: ``mean`` like ``x_t`` (its dense format) in the promoted dtype of
+    ``x_t`` and ``other`` (the model output or x_start), the variances in the table's dtype shaped ``(B, 1, ...,
+    1)``. With zero elements no program runs to write the variances, so they are gathered here (not for a
+    ``fake`` op, whose outputs only need their metadata)."""
     if x_t.numel() == 0 and not fake:
         var, log_var = extract_rows(table, ("posterior_variance", "posterior_log_variance_clipped"), t, x_t.ndim)
     else:
         var = torch.empty((x_t.shape[0],) + (1,) * (x_t.ndim - 1), dtype=table.dtype, device=x_t.device)
         log_var = torch.empty_like(var)
-    return empty_dense(x_t), var, log_var
+    return empty_dense(x_t, result_dtype(x_t, other)), var, log_var
 
 
 # ------------------------------------------------------------------------------------- q_posterior
@@ -169,7 +172,7 @@ def _mean_and_variances(x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
 def q_posterior_op(
     x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mean, var, log_var = _mean_and_variances(x_t, t, table)
+    mean, var, log_var = _mean_and_variances(x_t, t, table, other=x_start)
     # the posterior of a given x_0 is that of a model predicting x_0, unclipped
     _launch(x_t, t, x_start, table, _X0, False, mean, var, log_var)
     return mean, var, log_var
@@ -177,7 +180,7 @@ def q_posterior_op(
 
 @q_posterior_op.register_fake
 def _(x_start, x_t, t, table):
-    return _mean_and_variances(x_t, t, table, fake=True)
+    return _mean_and_variances(x_t, t, table, fake=True, other=x_start)
 
 
 @torch.library.custom_op("ddpm_kernels_triton::q_posterior_backward", mutates_args=())
@@ -194,7 +197,7 @@ register_linear_combination_autograd(q_posterior_op, q_posterior_backward_op, a=
 
 def q_posterior(x_start, x_t, t, schedule):
     """Backend entry with ``reference.q_posterior_ref``'s signature."""
-    return q_posterior_op(x_start, x_t, t, schedule.table(x_t.dtype))
+    return q_posterior_op(x_start, x_t, t, schedule.table(result_dtype(x_start, x_t)))
 
 
 # --------------------------------------------------------------------------------- p_mean_variance
@@ -207,20 +210,21 @@ def p_mean_variance_op(
     parameterization: int,
     clip_denoised: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mean, var, log_var = _mean_and_variances(x_t, t, table)
+    mean, var, log_var = _mean_and_variances(x_t, t, table, other=model_output)
     _launch(x_t, t, model_output, table, parameterization, clip_denoised, mean, var, log_var)
     return mean, var, log_var
 
 
 @p_mean_variance_op.register_fake
 def _(x_t, t, model_output, table, parameterization, clip_denoised):
-    return _mean_and_variances(x_t, t, table, fake=True)
+    return _mean_and_variances(x_t, t, table, fake=True, other=model_output)
 
 
 def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True):
     """Backend entry with ``reference.p_mean_variance_ref``'s signature."""
     return p_mean_variance_op(
-        x_t, t, model_output, schedule.table(x_t.dtype), PARAMETERIZATION_ID[parameterization], clip_denoised
+        x_t, t, model_output, schedule.table(result_dtype(x_t, model_output)), PARAMETERIZATION_ID[parameterization],
+        clip_denoised,
     )
 
 
@@ -246,14 +250,14 @@ def _p_sample(
 ) -> torch.Tensor:
     """``noise`` when given; else Philox noise keyed by ``seed[0]`` (a device tensor) when given, else by
     ``(philox_seed, philox_offset)``, a generator's Philox state (``utils``, "Noise")."""
-    out = empty_dense(x_t)
+    out = _p_sample_fake(x_t, t, model_output, table, parameterization, clip_denoised, noise)
     _p_sample_launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed,
                      philox_offset, sample_offset, out)
     return out
 
 
-def _p_sample_fake(x_t, *_):
-    return empty_dense(x_t)
+def _p_sample_fake(x_t, t, model_output, table, parameterization, clip_denoised, noise, *_):
+    return empty_dense(x_t, result_dtype(x_t, model_output, noise))
 
 
 # p_sample_out writes into out, which may be x_t itself (an in-place step).
@@ -265,7 +269,7 @@ p_sample_op, p_sample_out_op = custom_op_with_out(
 def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, noise=None, generator=None, out=None,
              sample_offset=0):
     """Backend entry (the reference's arguments, validated); ``noise=None`` draws z in-kernel."""
-    table = schedule.table(x_t.dtype)
+    table = schedule.table(result_dtype(x_t, model_output, noise))
     seed, philox_seed, philox_offset = noise_key(generator, x_t, noise)
     args = (
         x_t, t, model_output, table, PARAMETERIZATION_ID[parameterization], clip_denoised,

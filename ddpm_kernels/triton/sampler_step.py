@@ -82,11 +82,13 @@ from .utils import (
     ROW,
     as_rows,
     call_op,
+    checked_index,
     clamp_symmetric,
     compute_dtype,
     custom_op_with_out,
     div_rn,
     empty_dense,
+    result_dtype,
     launch_per_sample,
     like_dense,
     load_or_draw_noise,
@@ -143,11 +145,10 @@ def gather_step_alphas(alphas_cumprod_ptr, t, t_prev, T, SET_ALPHA_TO_ONE: tl.co
     (1 - ab_t)`` at t = 1 -> 0 comes out 8e-5 off, several times the 1e-5 tolerance). Subtracted in float64
     from the float64 table and rounded once, each is within half a float32 ulp; the remaining math needs no
     float64 division, square root or logarithm (which run at 1/64 rate on many GPUs)."""
-    t_in_range = (t >= 0) & (t < T)
-    ab_t = tl.load(alphas_cumprod_ptr + tl.where(t_in_range, t, 0), mask=t_in_range, other=float("nan"))
-    prev_in_range = (t_prev >= 0) & (t_prev < T)
-    ab_prev = tl.load(alphas_cumprod_ptr + tl.where(prev_in_range, t_prev, 0), mask=prev_in_range,
-                      other=float("nan"))
+    t_in_range, t_safe = checked_index(t, T)
+    ab_t = tl.load(alphas_cumprod_ptr + t_safe, mask=t_in_range, other=float("nan"))
+    prev_in_range, prev_safe = checked_index(t_prev, T)
+    ab_prev = tl.load(alphas_cumprod_ptr + prev_safe, mask=prev_in_range, other=float("nan"))
     if SET_ALPHA_TO_ONE:
         final = tl.full((), 1.0, tl.float64)
     else:
@@ -365,9 +366,10 @@ def _data_format(x_t, t, t_prev, model_output, alphas_cumprod, sampler, paramete
     return CONTIGUOUS if variance >= 2 else dense_format(x_t)
 
 
-def _pred_x0_output(x_t: torch.Tensor, return_pred_x0: bool) -> torch.Tensor:
-    """A step's x0 output: shaped like ``x_t`` with ``return_pred_x0``, else zero elements."""
-    return empty_dense(x_t) if return_pred_x0 else x_t.new_empty(0)
+def _pred_x0_output(x_t: torch.Tensor, return_pred_x0: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A step's x0 output: shaped like ``x_t`` in the step's result ``dtype`` with ``return_pred_x0``, else zero
+    elements."""
+    return empty_dense(x_t, dtype) if return_pred_x0 else x_t.new_empty(0, dtype=dtype)
 
 
 def _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta, clip_denoised,
@@ -378,7 +380,7 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterizat
     elements unless ``return_pred_x0``). ``x0_only`` (with ``return_pred_x0``) writes only the raw x0, into
     ``out``."""
     x_t = _data(x_t, variance)
-    x0 = out if x0_only else _pred_x0_output(x_t, return_pred_x0)
+    x0 = out if x0_only else _pred_x0_output(x_t, return_pred_x0, result_dtype(x_t, model_output, noise))
     x_t, batch, n = as_rows(x_t)
     if x_t.numel() == 0:
         return x0
@@ -413,7 +415,7 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterizat
         USE_CLIPPED_MODEL_OUTPUT=use_clipped_model_output, SET_ALPHA_TO_ONE=set_alpha_to_one,
         ADD_NOISE=add_noise and not x0_only, HAS_NOISE=has_noise, RETURN_X0=return_pred_x0,
         THRESHOLD=scale is not None, X0_ONLY=x0_only, GUIDED=guided, RESCALE=stats is not None,
-        COMPUTE_FP64=x_t.dtype == torch.float64, BLOCK_SPLIT=block_split(n_splits),
+        COMPUTE_FP64=result_dtype(x_t, model_output, noise) == torch.float64, BLOCK_SPLIT=block_split(n_splits),
     )
     return x0
 
@@ -450,7 +452,7 @@ def _sampler_step(
     when given, thresholds x0 instead of clipping. ``guidance`` (B,) given: ``model_output`` is the conditional
     output and ``uncond`` the unconditional one, combined as ``u + w (c - u)``; ``stats`` (from
     ``sampler_step_guidance_stats``) given: rescaled by ``guidance_rescale``."""
-    out = empty_dense(_data(x_t, variance))
+    out = empty_dense(_data(x_t, variance), result_dtype(x_t, model_output, noise))
     x0 = _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta,
                  clip_denoised, clip_range, set_alpha_to_one, use_clipped_model_output, add_noise, noise, seed,
                  philox_seed, philox_offset, sample_offset, return_pred_x0, scale, uncond, guidance, stats,
@@ -463,7 +465,8 @@ def _sampler_step_fake(x_t, t, t_prev, model_output, alphas_cumprod, sampler, pa
                        philox_seed, philox_offset, sample_offset, return_pred_x0, scale, uncond, guidance, stats,
                        guidance_rescale):
     x_t = _data(x_t, variance)
-    return empty_dense(x_t), _pred_x0_output(x_t, return_pred_x0)
+    dtype = result_dtype(x_t, model_output, noise)
+    return empty_dense(x_t, dtype), _pred_x0_output(x_t, return_pred_x0, dtype)
 
 
 # sampler_step_out writes x_{t_prev} into out (which may be x_t) and returns x0.
@@ -490,7 +493,7 @@ def sampler_step_x0_op(
     """A step's unclipped x0 prediction in the compute dtype (float32; float64 for float64 data): the first
     pass of a thresholded step. It depends on ``t`` alone (``t_prev`` is read, not used); ``variance`` only
     sets how ``model_output`` is laid out (learned channels); guidance as in the step."""
-    x0 = empty_dense(_data(x_t, variance), compute_dtype(x_t.dtype))
+    x0 = empty_dense(_data(x_t, variance), compute_dtype(result_dtype(x_t, model_output)))
     _launch(x_t, t, t_prev, model_output, alphas_cumprod, SAMPLERS["ddim"][0], parameterization, variance, 0.0,
             False, 1.0, True, False, False, None, None, 0, 0, 0, True, None, uncond, guidance, stats, guidance_rescale,
             x0, x0_only=True)
@@ -500,7 +503,7 @@ def sampler_step_x0_op(
 @sampler_step_x0_op.register_fake
 def _(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, uncond, guidance, stats,
       guidance_rescale):
-    return empty_dense(_data(x_t, variance), compute_dtype(x_t.dtype))
+    return empty_dense(_data(x_t, variance), compute_dtype(result_dtype(x_t, model_output)))
 
 
 def _stats_rows(x_t: torch.Tensor) -> Tuple[int, int]:
@@ -555,8 +558,10 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
     sampler, parameterization, variance, eta, set_alpha_to_one, use_clipped_model_output = _step_options(opts)
     alphas_cumprod = schedule.coefficients64[ROW["alphas_cumprod"]]
     stats, rescale = None, 0.0
+    # the operands may differ in dtype (each read in its own): the step computes in the promoted one's
+    cd = compute_dtype(result_dtype(x_t, model_output, noise))
     if opts.guided:
-        guidance = guidance.to(compute_dtype(x_t.dtype)).contiguous()
+        guidance = guidance.to(cd).contiguous()
         if opts.rescaled and x_t.numel() > 0:
             rescale = float(opts.guidance_rescale)
             stats = guidance_stats_op(x_t, model_output, uncond, guidance, variance)
@@ -565,7 +570,9 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
     guide = (uncond, guidance, stats, rescale)
     scale = None
     if opts.thresholded and x_t.numel() > 0:
-        x0 = sampler_step_x0_op(x_t, t, t_prev, model_output, alphas_cumprod, parameterization, variance, *guide)
+        # the x0 pass computes in the step's dtype; only float64 noise with narrower data widens the step alone
+        x_in = x_t if compute_dtype(result_dtype(x_t, model_output)) == cd else x_t.to(cd)
+        x0 = sampler_step_x0_op(x_in, t, t_prev, model_output, alphas_cumprod, parameterization, variance, *guide)
         scale = threshold_scale(x0, opts.threshold_ratio, opts.threshold_max)
     args = (
         x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta, opts.clip_denoised,

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .._layout import CONTIGUOUS, dense_format, empty_in_format, is_in_format
-from .guidance import block_split, guidance_stats, rescale_factor, stats_layout
+from .guidance import block_split, guidance_stats, guided_prediction, stats_layout
 from .threshold import apply_threshold, threshold_scale
 from .utils import (
     _cos,
@@ -63,6 +63,8 @@ from .utils import (
     load_tile,
     noise_key,
     noise_operands,
+    philox_at,
+    sample_index,
     sample_tile,
     split_float,
     sqrt_rn,
@@ -91,12 +93,7 @@ def philox_normal_at(key, offset, sample, e):
     """The noise stream's normal of element ``e`` (any int64 tensor of row-major indices) of global sample
     ``sample``: output ``e mod 4`` of the Philox counter ``(e // 4, sample, offset_lo, offset_hi)``, made a
     normal by the same operations as ``utils.philox_normal`` (so the same value, bit for bit)."""
-    zero = tl.zeros_like(e)
-    c0 = ((e // 4) & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((zero + sample) & 0xFFFFFFFF).to(tl.uint32)
-    c2 = ((zero + offset) & 0xFFFFFFFF).to(tl.uint32)
-    c3 = (((zero + offset) >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(key, c0, c1, c2, c3)
+    r0, r1, r2, r3 = philox_at(key, offset, sample, e // 4)
     lane = e % 4
     first_pair = lane < 2
     radius = sqrt_rn(-2.0 * _log(_uniform(tl.where(first_pair, r0, r2))))
@@ -186,10 +183,8 @@ def solver_step_kernel(
     sample, tile_start, offs_in_sample, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = tl.float64 if COMPUTE_FP64 else tl.float32
     width: tl.constexpr = 11 + 2 * SLOTS
-    i = tl.load(step_index_ptr + sample)
-    in_range = (i >= 0) & (i < n_rows)
-    # the clamped index keeps the address inside the table even if a backend ignores the mask
-    row_ptr = coefficients_ptr + tl.where(in_range, i, 0) * width
+    i, in_range, i_safe = sample_index(step_index_ptr, sample, n_rows)
+    row_ptr = coefficients_ptr + i_safe * width
     x0_sample = coefficient(row_ptr, X0_SAMPLE, in_range, cd)
     x0_output = coefficient(row_ptr, X0_OUTPUT, in_range, cd)
     m_sample = coefficient(row_ptr, M_SAMPLE, in_range, cd)
@@ -207,10 +202,8 @@ def solver_step_kernel(
     y = tl.load(model_output_ptr + offs, mask=mask_if(y_used, mask), other=0.0).to(cd)
     if GUIDED:
         u = tl.load(uncond_ptr + offs, mask=mask_if(y_used, mask), other=0.0).to(cd)
-        w = tl.load(guidance_ptr + sample)
-        y = u + w * (y - u)
-        if RESCALE:
-            y = y * rescale_factor(stats_ptr, sample, n_splits, chunk, N, rescale_hi, rescale_lo, cd, BLOCK_SPLIT)
+        y = guided_prediction(y, u, guidance_ptr, stats_ptr, sample, n_splits, chunk, N, rescale_hi, rescale_lo, cd,
+                              RESCALE, BLOCK_SPLIT)
     x0 = scaled(x0_sample, x) + scaled(x0_output, y)
     if X0_ONLY:
         store_tile(out_ptr, offs, x0, mask)

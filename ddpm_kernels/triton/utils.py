@@ -1,8 +1,11 @@
 """Pieces every Triton kernel family here shares. In the kernels (``@triton.jit`` helpers, which Triton
-inlines): a program's tile of its sample, loads upcast to the compute dtype and stores rounded once, the gather
-of a schedule coefficient, correctly rounded division and square root, NaN-preserving clipping, and in-kernel
-Philox noise. On the host: the launch table and the chunked launch, the flattening of inputs, the noise key,
-and the registration of an op with its ``out=`` form and of a linear combination's autograd.
+inlines): a program's tile of its sample (``sample_tile``) and its per-sample index gather (``sample_index``,
+``checked_index``: the range mask and clamped address every gather by ``t`` or a step index uses), loads upcast
+to the compute dtype and stores rounded once, the gather of a schedule coefficient, the Philox counters,
+correctly rounded division and square root, NaN-preserving clipping, and in-kernel Philox noise. On the host:
+the result dtype of mixed operands, the launch table and the chunked launch, the flattening of inputs, the noise
+key, and the registration of an op with its ``out=`` form, of a linear combination's autograd and of a loss
+backward's own autograd (gradients of gradients).
 
 Layout. Every op is elementwise over ``(B, N)`` where ``B`` is the batch and ``N`` the product of the other
 dims, in storage order: contiguous and channels_last(_3d) data runs as it is (each sample is one dense block;
@@ -61,6 +64,7 @@ __all__ = [
     "PARAMETERIZATION_ID",
     "ROW",
     "MAX_GRID_Y",
+    "result_dtype",
     "compute_dtype",
     "launch_config",
     "batch_chunks",
@@ -73,6 +77,7 @@ __all__ = [
     "with_signature",
     "custom_op_with_out",
     "register_linear_combination_autograd",
+    "register_loss_backward_autograd",
     "zero_key",
     "noise_operands",
     "noise_key",
@@ -87,7 +92,10 @@ __all__ = [
     "clamp_symmetric",
     "div_rn",
     "sqrt_rn",
+    "checked_index",
+    "sample_index",
     "gather_coefficient",
+    "philox_at",
     "exact_scalar",
     "philox_normal",
     "load_or_draw_noise",
@@ -104,6 +112,17 @@ ROW_SQRT_RECIP_ALPHAS_CUMPROD = tl.constexpr(TABLE_ROW["sqrt_recip_alphas_cumpro
 ROW_SQRT_RECIPM1_ALPHAS_CUMPROD = tl.constexpr(TABLE_ROW["sqrt_recipm1_alphas_cumprod"])
 ROW_POSTERIOR_MEAN_COEF1 = tl.constexpr(TABLE_ROW["posterior_mean_coef1"])
 ROW_POSTERIOR_MEAN_COEF2 = tl.constexpr(TABLE_ROW["posterior_mean_coef2"])
+
+
+def result_dtype(*operands: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype of an op's results: torch's promotion of its float operands' dtypes (None: absent). Operands
+    of different dtypes (a bf16 model output with fp32 data) are each read in their own dtype by the kernels,
+    which compute in ``compute_dtype`` of this and store rounded to it (docs/design.md, "Mixed precision")."""
+    dtype = None
+    for y in operands:
+        if y is not None:
+            dtype = y.dtype if dtype is None else torch.promote_types(dtype, y.dtype)
+    return dtype
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -241,18 +260,82 @@ def custom_op_with_out(name: str, functional, fake, launch, out_returns=None, da
 def register_linear_combination_autograd(op, backward_op, a: int, b: int, t: int, table: int):
     """Autograd of ``op``, whose first output is a linear combination ``A_t a + B_t b`` of its arguments at
     positions ``a`` and ``b`` (``t`` and ``table`` at theirs): both gradients from one ``backward_op(grad, t,
-    table)`` pass. Other outputs (table gathers) pass no gradient; other arguments get none."""
+    table)`` pass. Other outputs (table gathers) pass no gradient; other arguments get none.
+
+    ``backward_op`` is linear in ``grad``: its own backward, the adjoint ``(gg_a, gg_b) -> A_t gg_a + B_t
+    gg_b``, is ``op`` itself (differentiable again), so gradients of gradients run the same kernels."""
+    num_inputs = len(op._opoverload._schema.arguments)
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[t], inputs[table])
-        ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad, *_):
-        grads = [None] * ctx.num_inputs
+        grads = [None] * num_inputs
         grads[a], grads[b] = backward_op(grad, *ctx.saved_tensors)
         return tuple(grads)
 
     op.register_autograd(backward, setup_context=setup_context)
+
+    def backward_setup_context(ctx, inputs, output):
+        grad, t_tensor, table_tensor = inputs
+        ctx.save_for_backward(grad, t_tensor, table_tensor)
+
+    def backward_backward(ctx, gg_a, gg_b):
+        grad, t_tensor, table_tensor = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (gg_a is None and gg_b is None):
+            return None, None, None
+        args = [None] * num_inputs
+        args[a] = torch.zeros_like(grad) if gg_a is None else gg_a
+        args[b] = torch.zeros_like(grad) if gg_b is None else gg_b
+        args[t], args[table] = t_tensor, table_tensor
+        result = op(*args)
+        return (result[0] if isinstance(result, tuple) else result), None, None
+
+    backward_op.register_autograd(backward_backward, setup_context=backward_setup_context)
+
+
+def register_loss_backward_autograd(backward_op, n_grads: int, loss_l1: int):
+    """Autograd of a loss's backward op ``backward_op(*grads, model_output, a, b, *config, a_needed,
+    b_needed) -> (grad_model_output, grad_a, grad_b)`` (``n_grads`` incoming scalar gradients; ``a`` and ``b``
+    the target's inputs, their gradients zero-element when not written; argument ``loss_l1`` the l1 flag).
+
+    The gradients are ``G = g * w * loss_term_grad(model_output - target(a, b)) * (1, -dtarget/da,
+    -dtarget/db)`` per sample, with ``target`` linear in ``(a, b)`` and ``g * w`` linear in the incoming
+    gradients. For the l2 loss (``loss_term_grad(e) = 2 e``), ``<gg, G>`` is then the backward itself with
+    ``(model_output, a, b)`` replaced by the cotangents ``(gg_model_output, gg_a, gg_b)``: its derivatives
+    w.r.t. ``(model_output, a, b)`` are ``backward_op(*grads, *gg, ...)`` (one launch), and for l1 zero
+    (torch's abs backward is ``sign``, whose derivative is zero). W.r.t. each incoming gradient, ``G`` is
+    linear: ``<gg, backward_op(unit gradient, model_output, a, b, ...)>``."""
+    first = n_grads  # model_output's position; a and b follow
+
+    def setup_context(ctx, inputs, output):
+        at = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+        ctx.save_for_backward(*(inputs[i] for i in at))
+        ctx.at, ctx.inputs = at, [None if isinstance(x, torch.Tensor) else x for x in inputs]
+
+    def backward(ctx, *gg):
+        inputs = list(ctx.inputs)
+        for i, x in zip(ctx.at, ctx.saved_tensors):
+            inputs[i] = x
+        operands = inputs[first:first + 3]
+        written = [g is not None and g.numel() == x.numel() for g, x in zip(gg, operands)]
+        gg = [g if w else torch.zeros_like(x) for g, w, x in zip(gg, written, operands)]
+        config, needs = inputs[first + 3:-2], ctx.needs_input_grad
+        result = [None] * len(inputs)
+        if not inputs[loss_l1] and any(needs[first:first + 3]):
+            d = backward_op(*inputs[:n_grads], *gg, *config, needs[first + 1], needs[first + 2])
+            for k, x in enumerate(operands):
+                if needs[first + k] and d[k].numel() == x.numel():
+                    result[first + k] = d[k]
+        for j in range(n_grads):
+            if needs[j]:
+                units = [torch.ones_like(g) if i == j else torch.zeros_like(g) for i, g in enumerate(inputs[:n_grads])]
+                u = backward_op(*units, *operands, *config, written[1], written[2])
+                dot = sum((g * v).sum(dtype=compute_dtype(v.dtype)) for g, v, w in zip(gg, u, written) if w)
+                result[j] = dot.to(inputs[j].dtype).reshape(inputs[j].shape)
+        return tuple(result)
+
+    backward_op.register_autograd(backward, setup_context=setup_context)
 
 
 _ZERO_KEYS = {}
@@ -453,11 +536,28 @@ def sqrt_rn(x):
 
 
 @triton.jit
+def checked_index(i, n):
+    """``(in_range, i_safe)`` of a per-sample index ``i`` (a timestep, a step index) into ``n`` rows: whether it
+    addresses one, and ``i`` clamped to 0 outside them, so that a load masked by ``in_range`` (NaN there) keeps
+    its address inside the table even if a backend ignores the mask. Every gather by a per-sample index goes
+    through it: kernels never read outside the tables, whatever the index holds."""
+    in_range = (i >= 0) & (i < n)
+    return in_range, tl.where(in_range, i, 0)
+
+
+@triton.jit
+def sample_index(index_ptr, sample, n):
+    """``(i, in_range, i_safe)``: the sample's index ``index[sample]`` into ``n`` rows, and `checked_index` of
+    it (the gather half of a kernel's prologue, after `sample_tile`)."""
+    i = tl.load(index_ptr + sample)
+    in_range, i_safe = checked_index(i, n)
+    return i, in_range, i_safe
+
+
+@triton.jit
 def gather_coefficient(table_ptr, row: tl.constexpr, t, T):
     """``table[row, t]`` in the table's dtype; NaN (and no memory access) when ``t`` is outside [0, T)."""
-    in_range = (t >= 0) & (t < T)
-    # The clamped index keeps the address inside the table even if a backend ignores the mask.
-    t_safe = tl.where(in_range, t, 0)
+    in_range, t_safe = checked_index(t, T)
     return tl.load(table_ptr + row * T + t_safe, mask=in_range, other=float("nan"))
 
 
@@ -513,18 +613,25 @@ def _uniform(x):
 
 
 @triton.jit
+def philox_at(key, offset, sample, q):
+    """The four uint32 outputs of Philox4x32-10 under the 64-bit ``key`` at the counters ``(q, sample,
+    offset_lo, offset_hi)`` (``q``: an int64 tensor of counter indices, element ``e``'s is ``e // 4``)."""
+    zero = tl.zeros_like(q)
+    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((zero + sample) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = ((zero + offset) & 0xFFFFFFFF).to(tl.uint32)
+    c3 = (((zero + offset) >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return tl.philox(key, c0, c1, c2, c3)
+
+
+@triton.jit
 def philox_normal(key, offset, sample, tile_start, BLOCK: tl.constexpr):
     """The noise stream's normals of elements ``tile_start + arange(BLOCK)`` of global sample ``sample``
     (``tile_start % 4 == 0``): element ``e`` is output ``e % 4`` of Philox4x32-10 at the counter ``(e // 4,
     sample, offset_lo, offset_hi)`` under the 64-bit ``key``, the outputs made uniforms and the pairs normals by
     Box-Muller (``ddpm_kernels.reference.philox_normal``). Nothing depends on BLOCK or the grid."""
     q = tile_start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
-    zero = tl.zeros([BLOCK // 4], dtype=tl.int64)
-    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((zero + sample) & 0xFFFFFFFF).to(tl.uint32)
-    c2 = ((zero + offset) & 0xFFFFFFFF).to(tl.uint32)
-    c3 = (((zero + offset) >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(key, c0, c1, c2, c3)
+    r0, r1, r2, r3 = philox_at(key, offset, sample, q)
     radius_a = sqrt_rn(-2.0 * _log(_uniform(r0)))
     theta_a = 6.283185307179586 * _uniform(r1)
     radius_b = sqrt_rn(-2.0 * _log(_uniform(r2)))
