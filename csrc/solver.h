@@ -14,8 +14,9 @@
 // it, so the slot written may be the one read as h_H and out may be the sample. A coefficient that is exactly 0
 // contributes exactly 0 and its tensor is not read (a uniform branch per sample), so an unwritten slot may hold
 // anything. The table is read in its own dtype (float32 or float64) and each coefficient rounded to the compute
-// dtype, as the reference casts its rows. The ring's H and the history columns are runtime values read from the
-// table per slice; the fixed columns are the per-sample Coef.
+// dtype, as the reference casts its rows. The per-sample Coef holds the row's coefficients (the first kCoefSlots
+// slots' history columns; a longer ring reads the rest per slice) and the ring slots' offsets, so a slice does
+// no division and no table read.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -75,14 +76,24 @@ DDPM_HD int64_t floor_mod(int64_t i, int64_t n) {
   return r < 0 ? r + n : r;
 }
 
-// GuidedT / ClipT: bool, or std::integral_constant<bool, ...> (csrc/family.h).
-template <typename scalar_t, typename GuidedT, typename ClipT>
+// Ring slots whose two coefficients the per-sample Coef holds (every solver of ddpm_kernels.solvers: UniPC of
+// order 3 reads 3); a longer ring reads its further columns from the row per slice. Small, for CUDA's
+// shared-memory cache of a tile's Coefs (csrc/cuda/solver.cu checks the size).
+constexpr int kCoefSlots = 3;
+
+// GuidedT / ClipT: bool, or std::integral_constant<bool, ...>; SlotsT: the ring's H, int64_t or
+// std::integral_constant<int64_t, H> (csrc/family.h).
+template <typename scalar_t, typename GuidedT, typename ClipT, typename SlotsT>
 struct SolverStepKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;
+  // Everything a slice needs from the row and the step index, derived once per sample: no division and no
+  // table read per slice.
   struct Coef {
     acc_t x0_sample, x0_output, m_sample, m_x0, m_output, c_sample, c_last, c_m, p_xc, p_m, p_noise;
-    int64_t step;  // the sample's step index (its row when in range)
-    bool ok;       // whether the index is a row of the table
+    acc_t c_hist[kCoefSlots], p_hist[kCoefSlots];  // slots j = 1 .. min(H, kCoefSlots)
+    int64_t row;     // the sample's row of the table; -1 when its index is outside (a NaN row)
+    int64_t newest;  // element offset of h_1's slot, (step_index - 1) mod H, in the ring
+    int64_t write;   // element offset of slot step_index mod H
     GuidanceCoef<acc_t> guide;
   };
   const scalar_t* x;
@@ -93,13 +104,14 @@ struct SolverStepKernel : NoPerSampleOutputs {
   int64_t rows, width;
   const int64_t* step_index;
   scalar_t* ring;  // nullptr: no ring
-  int64_t slots, slot_stride;
+  SlotsT slots;
+  int64_t slot_stride;
   scalar_t* last;  // nullptr: no last-sample buffer
   acc_t clip;
   GuidedT guided;
   ClipT clipped;
 
-  static SolverStepKernel make(const SolverStepCall& call, GuidedT guided, ClipT clipped) {
+  static SolverStepKernel make(const SolverStepCall& call, GuidedT guided, ClipT clipped, SlotsT slots) {
     const int64_t N = call.sample.numel() / call.sample.size(0);
     const bool wide = call.coefficients.scalar_type() == at::kDouble;
     return {{},
@@ -112,7 +124,7 @@ struct SolverStepKernel : NoPerSampleOutputs {
             call.coefficients.size(1),
             call.step_index.const_data_ptr<int64_t>(),
             call.history != nullptr ? call.history->mutable_data_ptr<scalar_t>() : nullptr,
-            call.history != nullptr ? call.history->size(0) : 0,
+            slots,
             call.sample.numel(),
             call.last_sample != nullptr ? call.last_sample->mutable_data_ptr<scalar_t>() : nullptr,
             static_cast<acc_t>(call.clip_range.value_or(0.0)),
@@ -120,30 +132,44 @@ struct SolverStepKernel : NoPerSampleOutputs {
             clipped};
   }
 
-  // Column k of row `step` in the compute dtype; NaN when the index is outside the table.
-  DDPM_HD acc_t column(int64_t step, bool ok, int k) const {
-    if (!ok) return acc_t(NAN);
-    const int64_t at = step * width + k;
+  // Column k of `row` in the compute dtype; NaN for row -1.
+  DDPM_HD acc_t column(int64_t row, int k) const {
+    if (row < 0) return acc_t(NAN);
+    const int64_t at = row * width + k;
     return table64 != nullptr ? static_cast<acc_t>(table64[at]) : static_cast<acc_t>(table32[at]);
   }
 
   DDPM_HD Coef coef(int64_t b) const {
     Coef c;
-    c.step = step_index[b];
-    c.ok = c.step >= 0 && c.step < rows;
-    c.x0_sample = column(c.step, c.ok, kX0Sample);
-    c.x0_output = column(c.step, c.ok, kX0Output);
-    c.m_sample = column(c.step, c.ok, kMSample);
-    c.m_x0 = column(c.step, c.ok, kMX0);
-    c.m_output = column(c.step, c.ok, kMOutput);
-    c.c_sample = column(c.step, c.ok, kCSample);
-    c.c_last = column(c.step, c.ok, kCLast);
-    c.c_m = column(c.step, c.ok, kCM);
-    c.p_xc = column(c.step, c.ok, int(kCHist + slots));
-    c.p_m = column(c.step, c.ok, int(kCHist + slots + 1));
-    c.p_noise = column(c.step, c.ok, int(kCHist + 2 * slots + 2));
+    const int64_t step = step_index[b];
+    c.row = step >= 0 && step < rows ? step : -1;
+    c.x0_sample = column(c.row, kX0Sample);
+    c.x0_output = column(c.row, kX0Output);
+    c.m_sample = column(c.row, kMSample);
+    c.m_x0 = column(c.row, kMX0);
+    c.m_output = column(c.row, kMOutput);
+    c.c_sample = column(c.row, kCSample);
+    c.c_last = column(c.row, kCLast);
+    c.c_m = column(c.row, kCM);
+    c.p_xc = column(c.row, int(kCHist + slots));
+    c.p_m = column(c.row, int(kCHist + slots + 1));
+    c.p_noise = column(c.row, int(kCHist + 2 * slots + 2));
+    for (int j = 0; j < kCoefSlots; ++j) {
+      c.c_hist[j] = j < slots ? column(c.row, kCHist + j) : acc_t(0);
+      c.p_hist[j] = j < slots ? column(c.row, int(kCHist + slots + 2 + j)) : acc_t(0);
+    }
+    c.newest = slots > 0 ? floor_mod(step - 1, slots) * slot_stride : 0;
+    c.write = slots > 0 ? floor_mod(step, slots) * slot_stride : 0;
     c.guide = guided ? guide.coef(b) : GuidanceCoef<acc_t>{acc_t(0), acc_t(1)};
     return c;
+  }
+
+  // The corrector's (predictor's) coefficient of h_j, j >= 1.
+  DDPM_HD acc_t c_hist(const Coef& c, int64_t j) const {
+    return j <= kCoefSlots ? c.c_hist[j - 1] : column(c.row, int(kCHist + j - 1));
+  }
+  DDPM_HD acc_t p_hist(const Coef& c, int64_t j) const {
+    return j <= kCoefSlots ? c.p_hist[j - 1] : column(c.row, int(kCHist + slots + 1 + j));
   }
 
   // acc += w v over one slice, exactly nothing when w is 0 (whatever v holds).
@@ -162,6 +188,17 @@ struct SolverStepKernel : NoPerSampleOutputs {
     typename IO::V v[IO::kLanes];
     IO::load(p, v, n);
     add_term<IO>(acc, w, v);
+  }
+
+  // acc += sum_j w_j h_j over one slice, j = 1 .. H, w the corrector's or the predictor's history columns: the
+  // ring walked back from h_1's slot.
+  template <typename IO, bool kPredictor>
+  DDPM_LANE void add_history(typename IO::V* acc, const Coef& c, int64_t i, int64_t n) const {
+    int64_t at = c.newest;
+    for (int64_t j = 1; j <= slots; ++j) {
+      add_loaded<IO>(acc, kPredictor ? p_hist(c, j) : c_hist(c, j), ring + at + i, n);
+      at = (at == 0 ? slots * slot_stride : at) - slot_stride;
+    }
   }
 
   template <typename IO, typename Z>
@@ -194,17 +231,11 @@ struct SolverStepKernel : NoPerSampleOutputs {
     add_term<IO>(xc, c.c_sample, xv);
     if (last != nullptr) add_loaded<IO>(xc, c.c_last, last + i, n);
     add_term<IO>(xc, c.c_m, m);
-    for (int64_t j = 1; j <= slots; ++j) {
-      add_loaded<IO>(xc, column(c.step, c.ok, int(kCHist + j - 1)), ring + floor_mod(c.step - j, slots) * slot_stride + i,
-                     n);
-    }
+    add_history<IO, false>(xc, c, i, n);
     // the predictor
     add_term<IO>(r, c.p_xc, xc);
     add_term<IO>(r, c.p_m, m);
-    for (int64_t j = 1; j <= slots; ++j) {
-      add_loaded<IO>(r, column(c.step, c.ok, int(kCHist + slots + 1 + j)),
-                     ring + floor_mod(c.step - j, slots) * slot_stride + i, n);
-    }
+    add_history<IO, true>(r, c, i, n);
     if constexpr (Z::present()) {
       if (c.p_noise != acc_t(0)) {
         V zv[IO::kLanes];
@@ -214,7 +245,7 @@ struct SolverStepKernel : NoPerSampleOutputs {
     }
     // every read done: the step, then the state
     IO::store(out + i, r, n);
-    if (slots > 0) IO::store(ring + floor_mod(c.step, slots) * slot_stride + i, m, n);
+    if (slots > 0) IO::store(ring + c.write + i, m, n);
     if (last != nullptr) IO::store(last + i, xc, n);
   }
 };
