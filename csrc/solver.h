@@ -81,6 +81,19 @@ DDPM_HD int64_t floor_mod(int64_t i, int64_t n) {
 // shared-memory cache of a tile's Coefs (csrc/cuda/solver.cu checks the size).
 constexpr int kCoefSlots = 3;
 
+// The live terms of a sample's step: bit k set when coefficient k (a SolverColumn up to kCM, then the ones below)
+// is not 0, so a slice tests one integer per term instead of comparing floats. A term whose bit is clear is
+// exactly 0 and its tensor is not read.
+enum SolverLive : uint32_t {
+  kLivePXc = 1u << 8,
+  kLivePM = 1u << 9,
+  kLivePNoise = 1u << 10,
+  kLiveX = 1u << 11,                // the sample is read
+  kLiveY = 1u << 12,                // the model output is read
+  kLiveCHist = 1u << 16,            // + j - 1: c_hist of slot j <= kCoefSlots
+  kLivePHist = 1u << (16 + kCoefSlots),  // + j - 1: p_hist of slot j <= kCoefSlots
+};
+
 // GuidedT / ClipT: bool, or std::integral_constant<bool, ...>; SlotsT: the ring's H, int64_t or
 // std::integral_constant<int64_t, H> (csrc/family.h).
 template <typename scalar_t, typename GuidedT, typename ClipT, typename SlotsT>
@@ -95,6 +108,7 @@ struct SolverStepKernel : NoPerSampleOutputs {
     int64_t newest;  // element offset of h_1's slot, (step_index - 1) mod H, in the ring
     int64_t write;   // element offset of slot step_index mod H
     GuidanceCoef<acc_t> guide;
+    uint32_t live;   // SolverLive bits
   };
   const scalar_t* x;
   scalar_t* out;
@@ -161,6 +175,16 @@ struct SolverStepKernel : NoPerSampleOutputs {
     c.newest = slots > 0 ? floor_mod(step - 1, slots) * slot_stride : 0;
     c.write = slots > 0 ? floor_mod(step, slots) * slot_stride : 0;
     c.guide = guided ? guide.coef(b) : GuidanceCoef<acc_t>{acc_t(0), acc_t(1)};
+    const acc_t fixed[] = {c.x0_sample, c.x0_output, c.m_sample, c.m_x0, c.m_output, c.c_sample,
+                           last != nullptr ? c.c_last : acc_t(0), c.c_m, c.p_xc, c.p_m, c.p_noise};
+    c.live = 0;
+    for (int k = 0; k < 11; ++k) c.live |= fixed[k] != acc_t(0) ? 1u << k : 0u;
+    for (int j = 0; j < kCoefSlots; ++j) {
+      c.live |= c.c_hist[j] != acc_t(0) ? uint32_t(kLiveCHist) << j : 0u;
+      c.live |= c.p_hist[j] != acc_t(0) ? uint32_t(kLivePHist) << j : 0u;
+    }
+    if (c.live & ((1u << kX0Sample) | (1u << kMSample) | (1u << kCSample))) c.live |= kLiveX;
+    if (c.live & ((1u << kX0Output) | (1u << kMOutput))) c.live |= kLiveY;
     return c;
   }
 
@@ -172,22 +196,24 @@ struct SolverStepKernel : NoPerSampleOutputs {
     return j <= kCoefSlots ? c.p_hist[j - 1] : column(c.row, int(kCHist + slots + 1 + j));
   }
 
-  // acc += w v over one slice, exactly nothing when w is 0 (whatever v holds).
+  static DDPM_HD bool is_live(const Coef& c, uint32_t bit) { return (c.live & bit) != 0; }
+
+  // acc += w v over one slice when `live` (w is not 0), exactly nothing otherwise (whatever v holds).
   template <typename IO>
-  static DDPM_LANE void add_term(typename IO::V* acc, acc_t w, const typename IO::V* v) {
+  static DDPM_LANE void add_term(typename IO::V* acc, bool live, acc_t w, const typename IO::V* v) {
     using V = typename IO::V;
-    if (w == acc_t(0)) return;
+    if (!live) return;
     DDPM_UNROLL
     for (int k = 0; k < IO::kLanes; ++k) acc[k] = madd(splat<V>(w), v[k], acc[k]);
   }
 
-  // acc += w p[i ..] over one slice, the tensor read only when w is not 0.
+  // acc += w p[i ..] over one slice, the tensor read only when `live` (p may then be null).
   template <typename IO>
-  static DDPM_LANE void add_loaded(typename IO::V* acc, acc_t w, const scalar_t* p, int64_t n) {
-    if (w == acc_t(0)) return;
+  static DDPM_LANE void add_loaded(typename IO::V* acc, bool live, acc_t w, const scalar_t* p, int64_t i, int64_t n) {
+    if (!live) return;
     typename IO::V v[IO::kLanes];
-    IO::load(p, v, n);
-    add_term<IO>(acc, w, v);
+    IO::load(p + i, v, n);
+    add_term<IO>(acc, true, w, v);
   }
 
   // acc += sum_j w_j h_j over one slice, j = 1 .. H, w the corrector's or the predictor's history columns: the
@@ -195,8 +221,11 @@ struct SolverStepKernel : NoPerSampleOutputs {
   template <typename IO, bool kPredictor>
   DDPM_LANE void add_history(typename IO::V* acc, const Coef& c, int64_t i, int64_t n) const {
     int64_t at = c.newest;
+    constexpr uint32_t kFirst = kPredictor ? kLivePHist : kLiveCHist;
     for (int64_t j = 1; j <= slots; ++j) {
-      add_loaded<IO>(acc, kPredictor ? p_hist(c, j) : c_hist(c, j), ring + at + i, n);
+      const acc_t w = kPredictor ? p_hist(c, j) : c_hist(c, j);
+      const bool live = j <= kCoefSlots ? is_live(c, kFirst << (j - 1)) : w != acc_t(0);
+      add_loaded<IO>(acc, live, w, ring + at, i, n);
       at = (at == 0 ? slots * slot_stride : at) - slot_stride;
     }
   }
@@ -213,34 +242,34 @@ struct SolverStepKernel : NoPerSampleOutputs {
       r[k] = x0[k];
     }
     // the sample and the model output are read where a coefficient uses them (the zero rule)
-    if (c.x0_sample != acc_t(0) || c.m_sample != acc_t(0) || c.c_sample != acc_t(0)) IO::load(x + i, xv, n);
-    if (c.x0_output != acc_t(0) || c.m_output != acc_t(0)) {
+    if (is_live(c, kLiveX)) IO::load(x + i, xv, n);
+    if (is_live(c, kLiveY)) {
       IO::load(guide.cond + i, yv, n);
       if (guided) guide.template mix<IO>(b, i, n, c.guide, yv);
     }
-    add_term<IO>(x0, c.x0_sample, xv);
-    add_term<IO>(x0, c.x0_output, yv);
+    add_term<IO>(x0, is_live(c, 1u << kX0Sample), c.x0_sample, xv);
+    add_term<IO>(x0, is_live(c, 1u << kX0Output), c.x0_output, yv);
     if (clipped) {
       DDPM_UNROLL
       for (int k = 0; k < IO::kLanes; ++k) x0[k] = clamp_keep_nan(x0[k], splat<V>(-clip), splat<V>(clip));
     }
-    add_term<IO>(m, c.m_sample, xv);
-    add_term<IO>(m, c.m_x0, x0);
-    add_term<IO>(m, c.m_output, yv);
-    // the corrector
-    add_term<IO>(xc, c.c_sample, xv);
-    if (last != nullptr) add_loaded<IO>(xc, c.c_last, last + i, n);
-    add_term<IO>(xc, c.c_m, m);
+    add_term<IO>(m, is_live(c, 1u << kMSample), c.m_sample, xv);
+    add_term<IO>(m, is_live(c, 1u << kMX0), c.m_x0, x0);
+    add_term<IO>(m, is_live(c, 1u << kMOutput), c.m_output, yv);
+    // the corrector (the last-sample bit is clear without a buffer)
+    add_term<IO>(xc, is_live(c, 1u << kCSample), c.c_sample, xv);
+    add_loaded<IO>(xc, is_live(c, 1u << kCLast), c.c_last, last, i, n);
+    add_term<IO>(xc, is_live(c, 1u << kCM), c.c_m, m);
     add_history<IO, false>(xc, c, i, n);
     // the predictor
-    add_term<IO>(r, c.p_xc, xc);
-    add_term<IO>(r, c.p_m, m);
+    add_term<IO>(r, is_live(c, kLivePXc), c.p_xc, xc);
+    add_term<IO>(r, is_live(c, kLivePM), c.p_m, m);
     add_history<IO, true>(r, c, i, n);
     if constexpr (Z::present()) {
-      if (c.p_noise != acc_t(0)) {
+      if (is_live(c, kLivePNoise)) {
         V zv[IO::kLanes];
         z.template get<IO>(i, n, zv);
-        add_term<IO>(r, c.p_noise, zv);
+        add_term<IO>(r, true, c.p_noise, zv);
       }
     }
     // every read done: the step, then the state

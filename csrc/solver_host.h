@@ -60,16 +60,7 @@ void solver_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_ou
   const at::MemoryFormat data_format = dense_format(sample, "sample");
   check_data("model_output", model_output, sample);
   check_data("out", out, sample);
-  TORCH_CHECK(uncond.has_value() == guidance.has_value(),
-              "ddpm_kernels: solver_step takes uncond and guidance together (a guided step) or neither");
-  if (uncond.has_value()) {
-    check_data("uncond", *uncond, sample);
-    check_per_sample("guidance", *guidance, sample);
-  }
-  TORCH_CHECK(guidance_rescale >= 0 && guidance_rescale <= 1, "ddpm_kernels: guidance_rescale must be in [0, 1], got ",
-              guidance_rescale);
-  TORCH_CHECK(guidance_rescale == 0 || uncond.has_value(),
-              "ddpm_kernels: guidance_rescale needs a guided step (uncond and guidance)");
+  check_guidance("solver_step", uncond, guidance, guidance_rescale, sample, sample);
   TORCH_CHECK(!clip_range.has_value() || *clip_range > 0, "ddpm_kernels: clip_range must be > 0, got ",
               clip_range.value_or(0.0));
   int64_t slots = 0;
