@@ -81,17 +81,17 @@ DDPM_HD int64_t floor_mod(int64_t i, int64_t n) {
 // shared-memory cache of a tile's Coefs (csrc/cuda/solver.cu checks the size).
 constexpr int kCoefSlots = 3;
 
-// The live terms of a sample's step: bit k set when coefficient k (a SolverColumn up to kCM, then the ones below)
-// is not 0, so a slice tests one integer per term instead of comparing floats. A term whose bit is clear is
-// exactly 0 and its tensor is not read.
+// The live terms of a sample's step, one bit per coefficient that is not 0: bits 0..7 the columns kX0Sample ..
+// kCM (c_last only with a last-sample buffer), then the ones below. A slice tests one integer per term instead
+// of comparing floats; a term whose bit is clear is exactly 0 and its tensor is not read.
 enum SolverLive : uint32_t {
   kLivePXc = 1u << 8,
   kLivePM = 1u << 9,
   kLivePNoise = 1u << 10,
-  kLiveX = 1u << 11,                // the sample is read
-  kLiveY = 1u << 12,                // the model output is read
-  kLiveCHist = 1u << 16,            // + j - 1: c_hist of slot j <= kCoefSlots
-  kLivePHist = 1u << (16 + kCoefSlots),  // + j - 1: p_hist of slot j <= kCoefSlots
+  kLiveX = 1u << 11,                     // the sample is read
+  kLiveY = 1u << 12,                     // the model output is read
+  kLiveCHist = 1u << 16,                 // << (j - 1): c_hist of slot j <= kCoefSlots
+  kLivePHist = 1u << (16 + kCoefSlots),  // << (j - 1): p_hist of slot j <= kCoefSlots
 };
 
 // GuidedT / ClipT: bool, or std::integral_constant<bool, ...>; SlotsT: the ring's H, int64_t or
@@ -108,7 +108,7 @@ struct SolverStepKernel : NoPerSampleOutputs {
     int64_t newest;  // element offset of h_1's slot, (step_index - 1) mod H, in the ring
     int64_t write;   // element offset of slot step_index mod H
     GuidanceCoef<acc_t> guide;
-    uint32_t live;   // SolverLive bits
+    uint32_t live;  // SolverLive bits
   };
   const scalar_t* x;
   scalar_t* out;
