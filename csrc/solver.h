@@ -240,6 +240,8 @@ struct SolverStepKernel : NoPerSampleOutputs {
       m[k] = x0[k];
       xc[k] = x0[k];
       r[k] = x0[k];
+      xv[k] = x0[k];  // read only when loaded (the live bits); set for the compilers' flow analysis
+      yv[k] = x0[k];
     }
     // the sample and the model output are read where a coefficient uses them (the zero rule)
     if (is_live(c, kLiveX)) IO::load(x + i, xv, n);
