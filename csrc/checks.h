@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 
 #include "coefficients.h"
@@ -162,6 +163,24 @@ inline void check_per_sample(const char* name, const at::Tensor& v, const at::Te
                   v.device() == x.device(),
               "ddpm_kernels: ", name, " must be a contiguous ", compute_type(x), " tensor of shape (", x.size(0),
               ",) on ", x.device(), ", got ", v.scalar_type(), " ", v.sizes(), " on ", v.device());
+}
+
+// The guidance arguments of a step (`op` names it): uncond and guidance together (a guided step) or neither;
+// uncond like `like` (the model output), guidance per sample of `x` in the compute dtype; guidance_rescale in
+// [0, 1], and only for a guided step.
+inline void check_guidance(const char* op, const std::optional<at::Tensor>& uncond,
+                           const std::optional<at::Tensor>& guidance, double guidance_rescale, const at::Tensor& like,
+                           const at::Tensor& x) {
+  TORCH_CHECK(uncond.has_value() == guidance.has_value(), "ddpm_kernels: ", op,
+              " takes uncond and guidance together (a guided step) or neither");
+  if (uncond.has_value()) {
+    check_data("uncond", *uncond, like);
+    check_per_sample("guidance", *guidance, x);
+  }
+  TORCH_CHECK(guidance_rescale >= 0 && guidance_rescale <= 1, "ddpm_kernels: guidance_rescale must be in [0, 1], got ",
+              guidance_rescale);
+  TORCH_CHECK(guidance_rescale == 0 || uncond.has_value(),
+              "ddpm_kernels: guidance_rescale needs a guided step (uncond and guidance)");
 }
 
 // (B, 1, ..., 1) with x's number of dims: the shape of var / log_var.

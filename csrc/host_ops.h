@@ -144,17 +144,9 @@ at::Tensor sampler_step(SamplerStep step, c10::string_view parameterization, con
   step.learned = is_learned(step.variance);
   check_sampler(x_t, t, t_prev, model_output, table64, step.learned);
   check_data("out", out, x_t);
-  TORCH_CHECK(uncond.has_value() == guidance.has_value(),
-              "ddpm_kernels: a sampler step takes uncond and guidance together (a guided step) or neither");
-  if (uncond.has_value()) {
-    // uncond in model_output's shape and layout (a learned variance's channels included, unread)
-    check_data("uncond", *uncond, model_output);
-    check_per_sample("guidance", *guidance, x_t);
-  }
-  TORCH_CHECK(guidance_rescale >= 0 && guidance_rescale <= 1, "ddpm_kernels: guidance_rescale must be in [0, 1], got ",
-              guidance_rescale);
-  TORCH_CHECK(guidance_rescale == 0 || uncond.has_value(),
-              "ddpm_kernels: guidance_rescale needs a guided step (uncond and guidance)");
+  // uncond in model_output's shape and layout (a learned variance's channels included, unread)
+  check_guidance(step.sampler == Sampler::kDdim ? "ddim_step" : "ddpm_step", uncond, guidance, guidance_rescale,
+                 model_output, x_t);
   step.param = parse_param(std::string(parameterization));
   const bool given = step.add_noise && noise.has_value();
   if (given) check_data("noise", *noise, x_t);
@@ -318,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_kernel(const at::Te
 }
 
 // The checks every step of the flow family shares (`op` names it): the data, out, the noise stream's
-// sample_offset, and guidance (uncond and guidance together or neither; guidance_rescale in [0, 1], guided only).
+// sample_offset, and guidance (check_guidance).
 inline void check_flow_step(const char* op, const at::Tensor& sample, const at::Tensor& model_output,
                             const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
                             double guidance_rescale, int64_t sample_offset, const at::Tensor& out) {
@@ -327,16 +319,7 @@ inline void check_flow_step(const char* op, const at::Tensor& sample, const at::
   dense_format(sample, "sample");
   check_data("model_output", model_output, sample);
   check_data("out", out, sample);
-  TORCH_CHECK(uncond.has_value() == guidance.has_value(), "ddpm_kernels: ", op,
-              " takes uncond and guidance together (a guided step) or neither");
-  if (uncond.has_value()) {
-    check_data("uncond", *uncond, sample);
-    check_per_sample("guidance", *guidance, sample);
-  }
-  TORCH_CHECK(guidance_rescale >= 0 && guidance_rescale <= 1, "ddpm_kernels: guidance_rescale must be in [0, 1], got ",
-              guidance_rescale);
-  TORCH_CHECK(guidance_rescale == 0 || uncond.has_value(),
-              "ddpm_kernels: guidance_rescale needs a guided step (uncond and guidance)");
+  check_guidance(op, uncond, guidance, guidance_rescale, sample, sample);
 }
 
 // The table form of a step's sigmas: a contiguous 1-D table in the compute dtype and a step index per sample.

@@ -16,8 +16,23 @@
 namespace ddpm {
 
 // Whether the kernels read ring `h` as it is: every slot a dense block in `fmt`, `slot_numel` elements apart.
+// Read from the sizes and strides (a view of slot 0 would cost a tensor per call): the slot's dims in storage
+// order, innermost first, each `slot_numel`-dense, ignoring size-1 dims as is_contiguous does.
 inline bool ring_in_format(const at::Tensor& h, at::MemoryFormat fmt, int64_t slot_numel) {
-  return h.select(0, 0).is_contiguous(fmt) && (h.size(0) == 1 || h.stride(0) == slot_numel);
+  if (h.size(0) > 1 && h.stride(0) != slot_numel) return false;
+  const at::IntArrayRef sizes = h.sizes().slice(1), strides = h.strides().slice(1);
+  const int64_t dim = static_cast<int64_t>(sizes.size());
+  for (const int64_t size : sizes)
+    if (size == 0) return true;
+  // channels_last: (C, W, H, B) innermost first; channels_last_3d: (C, W, H, D, B); else the last dim first
+  const bool last = fmt == at::MemoryFormat::ChannelsLast || fmt == at::MemoryFormat::ChannelsLast3d;
+  int64_t expected = 1;
+  for (int64_t k = 0; k < dim; ++k) {
+    const int64_t d = !last ? dim - 1 - k : k == 0 ? 1 : k == dim - 1 ? 0 : dim - k;
+    if (sizes[d] != 1 && strides[d] != expected) return false;
+    expected *= sizes[d];
+  }
+  return true;
 }
 
 // An uninitialized ring like `h` whose slots are dense blocks in `fmt`, one after another.
@@ -45,16 +60,7 @@ void solver_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_ou
   const at::MemoryFormat data_format = dense_format(sample, "sample");
   check_data("model_output", model_output, sample);
   check_data("out", out, sample);
-  TORCH_CHECK(uncond.has_value() == guidance.has_value(),
-              "ddpm_kernels: solver_step takes uncond and guidance together (a guided step) or neither");
-  if (uncond.has_value()) {
-    check_data("uncond", *uncond, sample);
-    check_per_sample("guidance", *guidance, sample);
-  }
-  TORCH_CHECK(guidance_rescale >= 0 && guidance_rescale <= 1, "ddpm_kernels: guidance_rescale must be in [0, 1], got ",
-              guidance_rescale);
-  TORCH_CHECK(guidance_rescale == 0 || uncond.has_value(),
-              "ddpm_kernels: guidance_rescale needs a guided step (uncond and guidance)");
+  check_guidance("solver_step", uncond, guidance, guidance_rescale, sample, sample);
   TORCH_CHECK(!clip_range.has_value() || *clip_range > 0, "ddpm_kernels: clip_range must be > 0, got ",
               clip_range.value_or(0.0));
   int64_t slots = 0;

@@ -94,11 +94,12 @@ def _state(shape, slots, dtype, device, seed):
 # ------------------------------------------------------------------------------------ fused vs reference
 @pytest.mark.parametrize("backend,dtype", backend_params(BACKENDS, DTYPES))
 def test_matches_reference(backend, dtype):
-    """Every ring size 0..3 with and without the last sample, noise none / given / in-kernel, per-sample rows."""
+    """Every ring size 0..3 and one of 5 (past the slots whose columns the C++ Coef holds, csrc/solver.h), with and
+    without the last sample, noise none / given / in-kernel, per-sample rows."""
     _impl(backend, dtype)
     device = DEVICE[backend]
     noises = ("none", "given", "kernel")
-    for k, (shape, slots) in enumerate(itertools.product(_shapes(backend), (0, 1, 2, 3))):
+    for k, (shape, slots) in enumerate(itertools.product(_shapes(backend), (0, 1, 2, 3, 5))):
         noise_mode, with_last = noises[k % 3], k % 2 == 0
         x, y, z = make_inputs(shape, 3, dtype, seed=k, device=device)
         history, last = _state(shape, slots, dtype, device, k)
@@ -164,13 +165,15 @@ def test_threshold(backend):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("slots", [3, 5])
 @pytest.mark.parametrize("backend,dtype", backend_params(BACKENDS, [torch.float32, torch.float64]))
-def test_zero_coefficients_read_nothing_and_bad_rows_give_nan(backend, dtype):
+def test_zero_coefficients_read_nothing_and_bad_rows_give_nan(backend, dtype, slots):
     """NaN/inf in every tensor a row leaves at zero leaves no trace; an index outside the table gives NaN for its
-    sample (and its ring slot, at the index's floored modulo, as the reference writes it)."""
+    sample (and its ring slot, at the index's floored modulo, as the reference writes it). 5 slots: past those
+    whose columns the C++ Coef holds (csrc/solver.h)."""
     impl = _impl(backend, dtype)
     device = DEVICE[backend]
-    shape, slots = (4, 3, 5), 3
+    shape = (4, 3, 5)
     col = SolverColumns(slots)
     x, y, z = make_inputs(shape, 3, dtype, device=device)
     history, last = _state(shape, slots, dtype, device, 0)
@@ -179,8 +182,8 @@ def test_zero_coefficients_read_nothing_and_bad_rows_give_nan(backend, dtype):
     table[:, col.c_sample], table[:, col.p_xc], table[:, col.p_hist] = 1.0, 0.9, 0.25  # reads h_1 only
     table = table.to(device)
     index = torch.tensor([0, 3, -1, STEPS], device=device)  # two bad rows (the raw op: no value check)
-    history[(index.cpu() - 2) % slots, torch.arange(4)] = float("nan")  # h_2 and h_3: never read
-    history[(index.cpu() - 3) % slots, torch.arange(4)] = float("inf")
+    for j in range(2, slots + 1):  # h_2 .. h_H: never read
+        history[(index.cpu() - j) % slots, torch.arange(4)] = float("nan") if j % 2 == 0 else float("inf")
     last.fill_(float("nan"))  # c_last = 0: not read
     z.fill_(float("nan"))  # p_noise = 0: not read
     opts = SolverStepOptions(stochastic=True)

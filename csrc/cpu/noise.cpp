@@ -1,8 +1,10 @@
 #include "noise.h"
 
-#include <ATen/ops/randint.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/DistributionsHelper.h>
 
 #include <limits>
+#include <mutex>
 
 namespace ddpm::cpu::CPU_CAPABILITY {
 namespace {
@@ -45,10 +47,13 @@ void normal_block(const StreamState& st, int64_t b, int64_t e0, float* buf) {
     for (int k = 0; k < 4; ++k) buf[4 * j + k] = z[k][j];
 }
 
+// The key of ddpm_kernels/_stream.py, randint(0, 2**63 - 1, (1,)), drawn as ATen's CPU random_from_to draws it
+// for a range past 2**32 (one random64() reduced mod the range, under the generator's lock) without the
+// one-element tensor, whose allocation and two dispatches cost more than the rest of a small step's host time.
 uint64_t draw_seed(std::optional<at::Generator> generator) {
-  const at::Tensor key = at::randint(0, std::numeric_limits<int64_t>::max(), {1}, std::move(generator),
-                                     at::TensorOptions().dtype(at::kLong));
-  return static_cast<uint64_t>(*key.const_data_ptr<int64_t>());
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return gen->random64() % static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
 }
 
 }  // namespace ddpm::cpu::CPU_CAPABILITY

@@ -1,5 +1,7 @@
 // CPU kernel of the multistep-solver family (csrc/solver.h): one pass of the family loop over at::vec lanes; a
-// rescaled guided step runs the guidance reduction first (cpu/guidance.h).
+// rescaled guided step runs the guidance reduction first (cpu/guidance.h). The ring's H is a constant up to
+// kCoefSlots (its walk unrolled, every coefficient from the per-sample Coef), a runtime value beyond.
+#include <type_traits>
 #include <vector>
 
 #include "guidance.h"
@@ -10,6 +12,20 @@
 #include "../solver.h"
 
 namespace ddpm::cpu::CPU_CAPABILITY {
+namespace {
+
+// f(std::integral_constant<int64_t, H>()) for H <= kCoefSlots, else f(H).
+template <int64_t H = 0, typename F>
+void with_slots(int64_t slots, const F& f) {
+  if constexpr (H > kCoefSlots) {
+    f(slots);
+  } else {
+    if (slots == H) return f(std::integral_constant<int64_t, H>());
+    with_slots<H + 1>(slots, f);
+  }
+}
+
+}  // namespace
 
 void Kernels::solver_step(const SolverStepCall& call) {
   const int64_t numel = call.sample.numel();
@@ -23,9 +39,11 @@ void Kernels::solver_step(const SolverStepCall& call) {
     std::vector<double> sums;
     with_bool(call.guided(), [&](auto G) {
       with_bool(call.clip_range.has_value(), [&](auto C) {
-        auto f = SolverStepKernel<scalar_t, decltype(G), decltype(C)>::make(call, G, C);
-        prepare_rescale(f.guide, B, sums);
-        run_family<scalar_t>(f, numel, numel / B, Noise(spec));
+        with_slots(call.history != nullptr ? call.history->size(0) : 0, [&](auto H) {
+          auto f = SolverStepKernel<scalar_t, decltype(G), decltype(C), decltype(H)>::make(call, G, C, H);
+          prepare_rescale(f.guide, B, sums);
+          run_family<scalar_t>(f, numel, numel / B, Noise(spec));
+        });
       });
     });
   });

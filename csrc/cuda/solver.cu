@@ -22,7 +22,11 @@ void Kernels::solver_step(const SolverStepCall& call) {
   }
   const int64_t B = call.sample.size(0), N = numel / B;
   DDPM_DISPATCH_FLOATING(call.sample.scalar_type(), "ddpm_kernels_solver_step_cuda", [&] {
-    auto f = SolverStepKernel<scalar_t, bool, bool>::make(call, call.guided(), call.clip_range.has_value());
+    using F = SolverStepKernel<scalar_t, bool, bool, int64_t>;
+    static_assert(sizeof(typename F::Coef) * kThreads <= 48 * 1024,
+                  "a tile's Coef cache (launch.cuh) must fit in static shared memory");
+    auto f = F::make(call, call.guided(), call.clip_range.has_value(),
+                     call.history != nullptr ? call.history->size(0) : int64_t(0));
     const at::Tensor sums = prepare_rescale(f.guide, B, call.sample.options());
     // packets need every slot of the ring aligned: its base and one slot stride on
     const void* ring = call.history != nullptr ? call.history->const_data_ptr() : nullptr;
