@@ -3,8 +3,8 @@
 Shared by the reference and the Triton backend (the compiled backends do the same in C++: ``csrc/cpu/noise.cpp``,
 ``csrc/cuda/launch.cuh``), so the generator is consumed identically on every backend of a device type:
 
-* a CPU generator: key = ``randint(0, 2**63 - 1, (1,))`` (one 64-bit draw reduced mod 2**63 - 1; the same
-  ATen call the C++ kernels make, and one torch.compile traces), offset 0;
+* a CPU generator: key = ``randint(0, 2**63 - 1, (1,))`` (one 64-bit draw reduced mod 2**63 - 1, which the C++
+  kernels take straight from the generator as ATen's ``random_from_to`` does; one torch.compile traces), offset 0;
 * a CUDA generator: key = its seed, offset = its Philox offset, which advances by ``CUDA_OFFSET_STEP`` per call
   whatever the batch size (the counters of one draw never depend on the offset's advance: the sample and the
   element index are their own counter words). While a CUDA graph is captured or torch.compile traces, host

@@ -200,6 +200,20 @@ def test_a_layout_change_within_the_loop_keeps_the_state(memory_format):
     assert_close_to_stock(got, run_loop(stock, x=x)[0])
 
 
+@pytest.mark.parametrize("change", [dict(thresholding=True, sample_max_value=0.5), dict(solver_order=3),
+                                    dict(prediction_type="sample"), dict(lower_order_final=False)])
+def test_a_config_entry_changed_in_place_is_followed(change):
+    # pipelines set scheduler.config.<name> directly (diffusers' FrozenDict lets it through) and stock reads it
+    results = []
+    for s in pair(dict(solver_order=2)):
+        run_loop(s)
+        for name, value in change.items():
+            setattr(s.config, name, value)
+        s.set_timesteps(10)
+        results.append(run_loop(s)[0])
+    assert_close_to_stock(results[1], results[0])
+
+
 def test_first_order_keeps_no_ring():
     stock, fused = pair(dict(SD, solver_order=1), 6)
     assert_same_loop(stock, fused)

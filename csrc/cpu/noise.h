@@ -18,9 +18,9 @@
 
 namespace ddpm::cpu::CPU_CAPABILITY {
 
-// The key of one call's in-kernel noise: randint(0, 2^63 - 1) of one int64 element (one 64-bit draw), the same
-// ATen call the reference makes (ddpm_kernels._stream.draw_cpu_key), so every CPU backend consumes the generator
-// identically and draws the same key from the same state.
+// The key of one call's in-kernel noise: the value randint(0, 2^63 - 1) of one int64 element gives (one 64-bit
+// draw), as the reference draws it (ddpm_kernels._stream.draw_cpu_key), taken straight from the generator as
+// ATen's random_from_to does: every CPU backend consumes the generator identically and draws the same key.
 uint64_t draw_seed(std::optional<at::Generator> generator);
 
 // Standard normals of elements [e0, e0 + kBlock) of call-local sample b (e0 % kBlock == 0) into buf, in

@@ -41,12 +41,22 @@ def _versions(tensors) -> tuple:
 
 
 class _Config:
-    """What a step reads from the config, checked once per config object (``register_to_config`` replaces it;
-    diffusers' ``FrozenDict`` refuses changes in place) and the drop-in's own settings (``_dk_settings()``):
+    """What a step reads from the config, checked again when the config object (``register_to_config``
+    replaces it) or one of its entries changes (``scheduler.config.name = value`` goes through: diffusers'
+    ``FrozenDict`` does not refuse it, and pipelines do it), or the drop-in's own settings (``_dk_settings()``):
     why the fused step cannot take it (``reason``, None when it can), the table's config key (``key``), the
     ring size (``slots``) and the drop-in's own per-step values (``extra``, ``_dk_step_config()``)."""
 
-    __slots__ = ("config", "settings", "reason", "key", "slots", "extra")
+    __slots__ = ("config", "entries", "settings", "reason", "key", "slots", "extra")
+
+
+def _same_entries(entries: dict, config) -> bool:
+    """Whether ``config``'s attributes are still ``entries`` (a shallow copy: an unchanged entry is the same
+    object, compared by identity first; a value whose ``==`` is not a bool counts as changed)."""
+    try:
+        return bool(entries == config.__dict__)
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 class _SolverDropIn(_StepIndex, _FusedBase):
@@ -78,12 +88,18 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         return self._dk_new_schedule(ts, sources)
 
     def _dk_config(self) -> _Config:
-        """The checked config (`_Config`), rebuilt when the config object or the drop-in's settings change."""
+        """The checked config (`_Config`), rebuilt when the config object, one of its entries or the drop-in's
+        settings change."""
         config, settings = self._internal_dict, self._dk_settings()
         checked = self.__dict__.get("_dk_config_")
-        if checked is None or checked.config is not config or checked.settings != settings:
+        if (
+            checked is None
+            or checked.config is not config
+            or not _same_entries(checked.entries, config)
+            or checked.settings != settings
+        ):
             checked = _Config()
-            checked.config, checked.settings = config, settings
+            checked.config, checked.entries, checked.settings = config, dict(config.__dict__), settings
             checked.reason = self._dk_unsupported()
             ok = checked.reason is None
             checked.key = self._dk_config_key() if ok else None
