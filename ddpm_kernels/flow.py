@@ -205,10 +205,12 @@ def run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, s
     out = _check_out(out, sample, "sample", dtype=mixed)
     if generator is not None:
         _check_generator(generator, sample)
-    fn, (sample, model_output, uncond, noise) = serve(
-        spec, backend, sample, opts, (sample, model_output, noise) + sigma_tensors, mixed,
-        (sample, model_output, uncond, noise),
-    )
+    tensors = (sample, model_output, noise) + sigma_tensors
+    if mixed is None:
+        fn = _dispatch(spec, backend, sample, opts, tensors)
+    else:
+        fn, (sample, model_output, uncond, noise) = serve(spec, backend, sample, opts, tensors, mixed,
+                                                          (sample, model_output, uncond, noise))
     result = fn(sample, model_output, uncond, guidance, *sigma_args, opts, noise, generator, out=out,
                 sample_offset=sample_offset)
     return restore_format(result, fmt, out)
