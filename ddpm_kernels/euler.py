@@ -28,15 +28,15 @@ def _step_options(spec, values: tuple, guided: bool) -> EulerStepOptions:
 def _step(name, sample, model_output, sigmas, step_index, noise, generator, backend, values, out, guidance_scale,
           uncond, guidance_rescale, sample_offset):
     spec = SPECS[name]
-    sample, model_output, uncond, noise, guidance, sample_offset = step_inputs(
+    sample, model_output, uncond, noise, guidance, sample_offset, mixed = step_inputs(
         backend, sample, model_output, uncond, noise, guidance_scale, guidance_rescale, sample_offset
     )
     opts = _step_options(spec, values, guidance is not None)
-    sigmas = _check_table(sigmas, sample)
+    sigmas = _check_table(sigmas, sample, mixed)
     step_index = _check_step_index(step_index, sample, sigmas.shape[0] - 1)
     fmt, sample, (model_output, uncond) = row_major(opts.adds_noise and noise is None, sample, model_output, uncond)
     return run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, (sigmas, step_index),
-                    (sigmas,), noise, generator, out, sample_offset)
+                    (sigmas,), noise, generator, out, sample_offset, mixed)
 
 
 def euler_step(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 import torch
 
@@ -23,7 +24,8 @@ from ._checks import (
 )
 from ._spec import OPS as SPECS, FlowStepOptions, SigmaOperand
 from ._stream import check_sample_offset
-from .ops import _BACKENDS, _dispatch, _options, promote, restore_format, row_major
+from . import backends
+from .ops import _BACKENDS, _dispatch, _options, cast_to, promoted_dtype, restore_format, row_major
 from .reference import compute_dtype
 
 __all__ = ["flow_interpolate", "flow_step", "flow_loss", "sigma_operand"]
@@ -33,9 +35,10 @@ _CHANNELS_LAST_ORDER = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def sigma_operand(name: str, sigma, data: torch.Tensor) -> SigmaOperand:
+def sigma_operand(name: str, sigma, data: torch.Tensor, dtype: Optional[torch.dtype] = None) -> SigmaOperand:
     """Check a per-sample or per-token sigma against ``data`` and give it in the forms the backends read
-    (``ddpm_kernels._spec.SigmaOperand``)."""
+    (``ddpm_kernels._spec.SigmaOperand``), in the compute dtype of ``dtype`` (default ``data``'s: the promoted
+    dtype of a call with mixed float operands)."""
     _check_float_tensor(name, sigma, f"a float tensor of shape ({data.shape[0]},) or broadcastable to "
                         f"{tuple(data.shape)}", data, "the data")
     shape = tuple(sigma.shape)
@@ -51,7 +54,7 @@ def sigma_operand(name: str, sigma, data: torch.Tensor) -> SigmaOperand:
                 f"{name}: shape {tuple(sigma.shape)} does not broadcast to the data's {tuple(data.shape)} "
                 f"(dim {j}: {shape[j]} vs {data.shape[j]})"
             )
-    cd = compute_dtype(data.dtype)
+    cd = compute_dtype(dtype or data.dtype)
     full = sigma.reshape(shape) if len(shape) != sigma.ndim else sigma
     if full.dtype != cd:
         full = full.to(cd)
@@ -75,15 +78,16 @@ def sigma_operand(name: str, sigma, data: torch.Tensor) -> SigmaOperand:
     return SigmaOperand(full, dense.reshape(-1), max(per_sample, 1), 1)
 
 
-def _check_table(sigmas, data: torch.Tensor) -> torch.Tensor:
-    if (type(sigmas) is torch.Tensor and sigmas.dtype == compute_dtype(data.dtype) and sigmas.ndim == 1
+def _check_table(sigmas, data: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The sigma table in the compute dtype of ``dtype`` (default ``data``'s), contiguous."""
+    cd = compute_dtype(dtype or data.dtype)
+    if (type(sigmas) is torch.Tensor and sigmas.dtype == cd and sigmas.ndim == 1
             and sigmas.shape[0] >= 2 and sigmas.device == data.device and sigmas.is_contiguous()):
         return sigmas  # the table as the kernels read it (a sampling loop's every step)
     _check_float_tensor("sigmas", sigmas, "the scheduler's 1-D float sigma table", data, "sample")
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
         raise ValueError(f"sigmas: expected a 1-D table of at least 2 sigmas (the last is the final one), "
                          f"got shape {tuple(sigmas.shape)}")
-    cd = compute_dtype(data.dtype)
     sigmas = sigmas if sigmas.dtype == cd else sigmas.to(cd)
     return sigmas if sigmas.is_contiguous() else sigmas.contiguous()
 
@@ -140,52 +144,73 @@ def _step_options(spec, stochastic, guidance_rescale, guided) -> FlowStepOptions
     return cached_options(_STEP_OPTIONS, key, build)
 
 
-def _prologue(spec, backend, data, like, optional=()):
+def _prologue(spec, backend, data, like, mixed=None):
+    """The backend name, ``data`` and the ``like`` tensors (any float dtype when ``mixed``, the promoted dtype
+    of a call with mixed float operands)."""
     if backend not in _BACKENDS:
         _check_backend(backend)
     _check_data(spec.data, data)
     for name, y in zip(spec.like, like):
-        _check_like(name, y, spec.data, data)
-    for name, y in zip(spec.optional, optional):
-        if y is not None:
-            _check_like(name, y, spec.data, data)
+        _check_like(name, y, spec.data, data, mixed=mixed is not None)
+
+
+def serve(spec, backend, x, opts, tensors: tuple, mixed, operands: tuple):
+    """``(fn, operands)``: the function serving the call (dispatch on ``tensors``, keyed on ``mixed``, the
+    promoted dtype of a call with mixed float operands, when given) and ``operands`` as it reads them: cast to
+    ``mixed`` only when the serving backend does not read them natively (docs/design.md, "Mixed precision")."""
+    if mixed is None:
+        return _dispatch(spec, backend, x, opts, tensors), operands
+    name, fn = _dispatch(spec, backend, x, opts, tensors, dtype=mixed, with_name=True)
+    if not backends.reads_mixed(name, spec.name):
+        first, rest = cast_to(mixed, operands[0], operands[1:])
+        operands = (first,) + rest
+    return fn, operands
 
 
 def step_inputs(backend, sample, model_output, uncond, noise, guidance_scale, guidance_rescale, sample_offset):
-    """The checks every sampler step on a sigma table starts with (`flow_step`, the Euler steps): promotion, the
-    backend name, ``sample``, guidance (docs/design.md, "Flow matching"), ``model_output`` and ``noise`` like
-    ``sample``, and ``sample_offset``. Returns ``(sample, model_output, uncond, noise, guidance,
-    sample_offset)`` with ``model_output`` the conditional output and ``guidance`` the per-sample scale (None
-    unguided)."""
+    """The checks every sampler step on a sigma table starts with (`flow_step`, the Euler steps): the promoted
+    dtype of mixed float operands, the backend name, ``sample``, guidance (docs/design.md, "Flow matching"),
+    ``model_output`` and ``noise`` like ``sample`` (any float dtype in a mixed call), and ``sample_offset``.
+    Returns ``(sample, model_output, uncond, noise, guidance, sample_offset, mixed)`` with ``model_output``
+    the conditional output, ``guidance`` the per-sample scale (None unguided) and ``mixed`` the promoted
+    dtype (None when the float operands agree)."""
     if sample_offset:
         sample_offset = check_sample_offset(sample_offset)
+    mixed = None
     dtype = getattr(sample, "dtype", None)
     if uncond is not None or noise is not None or getattr(model_output, "dtype", None) != dtype:
-        # (else one dtype and no other operand, a sampling loop's every step: promote has nothing to do)
-        sample, (model_output, uncond, noise) = promote(sample, (model_output, uncond, noise))
+        # (else one dtype and no other operand, a sampling loop's every step: nothing to promote)
+        mixed = promoted_dtype(sample, (model_output, uncond, noise))
     if backend not in _BACKENDS:
         _check_backend(backend)
     _check_data("sample", sample)
     guidance = None
     if guidance_scale is not None or uncond is not None or guidance_rescale:
         model_output, uncond, guidance = _check_guidance(
-            model_output, uncond, guidance_scale, guidance_rescale, sample, "sample"
+            model_output, uncond, guidance_scale, guidance_rescale, sample, "sample", mixed
         )
-    _check_like("model_output", model_output, "sample", sample)
+    _check_like("model_output", model_output, "sample", sample, mixed=mixed is not None)
     if noise is not None:
-        _check_like("noise", noise, "sample", sample)
-    return sample, model_output, uncond, noise, guidance, sample_offset
+        _check_like("noise", noise, "sample", sample, mixed=mixed is not None)
+    return sample, model_output, uncond, noise, guidance, sample_offset, mixed
 
 
 def run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, sigma_args, sigma_tensors, noise,
-             generator, out, sample_offset):
-    """The rest of a sampler step after its sigma checks: ``out`` and ``generator``, dispatch on ``(sample,
-    model_output, noise) + sigma_tensors``, the backend call ``fn(sample, model_output, uncond, guidance,
-    *sigma_args, opts, noise, generator, out=, sample_offset=)``, and the result back in ``fmt`` (`row_major`)."""
-    out = _check_out(out, sample, "sample")
+             generator, out, sample_offset, mixed=None):
+    """The rest of a sampler step after its sigma checks: ``out`` (in the promoted dtype ``mixed`` of a call with
+    mixed float operands) and ``generator``, dispatch on ``(sample, model_output, noise) + sigma_tensors``
+    (`serve`: the operands cast only for a backend that does not read them natively), the backend call
+    ``fn(sample, model_output, uncond, guidance, *sigma_args, opts, noise, generator, out=, sample_offset=)``,
+    and the result back in ``fmt`` (`row_major`)."""
+    out = _check_out(out, sample, "sample", dtype=mixed)
     if generator is not None:
         _check_generator(generator, sample)
-    fn = _dispatch(spec, backend, sample, opts, (sample, model_output, noise) + sigma_tensors)
+    tensors = (sample, model_output, noise) + sigma_tensors
+    if mixed is None:
+        fn = _dispatch(spec, backend, sample, opts, tensors)
+    else:
+        fn, (sample, model_output, uncond, noise) = serve(spec, backend, sample, opts, tensors, mixed,
+                                                          (sample, model_output, uncond, noise))
     result = fn(sample, model_output, uncond, guidance, *sigma_args, opts, noise, generator, out=out,
                 sample_offset=sample_offset)
     return restore_format(result, fmt, out)
@@ -200,11 +225,11 @@ def flow_interpolate(x0, noise, sigma, backend="auto", *, out=None):
     Differentiable w.r.t. ``x0`` and ``noise`` (and ``sigma``, through the reference).
     """
     spec = SPECS["flow_interpolate"]
-    x0, (noise,) = promote(x0, (noise,))
-    _prologue(spec, backend, x0, (noise,))
-    s = sigma_operand("sigma", sigma, x0)
-    out = _check_out(out, x0, "x0")
-    fn = _dispatch(spec, backend, x0, (), (x0, noise, s.full))
+    mixed = promoted_dtype(x0, (noise,))
+    _prologue(spec, backend, x0, (noise,), mixed)
+    s = sigma_operand("sigma", sigma, x0, mixed)
+    out = _check_out(out, x0, "x0", dtype=mixed)
+    fn, (x0, noise) = serve(spec, backend, x0, (), (x0, noise, s.full), mixed, (x0, noise))
     return fn(x0, noise, s, out=out)
 
 
@@ -249,7 +274,7 @@ def flow_step(
     ``sample``'s dtype; ``out`` may be ``sample`` (an in-place step). Computed in float32 (float64 for float64).
     """
     spec = SPECS["flow_step"]
-    sample, model_output, uncond, noise, guidance, sample_offset = step_inputs(
+    sample, model_output, uncond, noise, guidance, sample_offset, mixed = step_inputs(
         backend, sample, model_output, uncond, noise, guidance_scale, guidance_rescale, sample_offset
     )
     opts = _step_options(spec, stochastic, guidance_rescale, guidance is not None)
@@ -261,7 +286,7 @@ def flow_step(
         if sigmas is None or step_index is None:
             missing = "sigmas" if sigmas is None else "step_index"
             raise ValueError(f"{missing}: expected a tensor (the table form takes both sigmas and step_index)")
-        sigmas = _check_table(sigmas, sample)
+        sigmas = _check_table(sigmas, sample, mixed)
         step_index = _check_step_index(step_index, sample, sigmas.shape[0] - 1)
         s = s_next = None
         sigma_tensors = (sigmas, sigmas)
@@ -269,10 +294,10 @@ def flow_step(
         if sigma is None or sigma_next is None:
             missing = "sigma" if sigma is None else "sigma_next"
             raise ValueError(f"{missing}: expected a tensor (or the table form: sigmas and step_index)")
-        s, s_next = sigma_operand("sigma", sigma, sample), sigma_operand("sigma_next", sigma_next, sample)
+        s, s_next = sigma_operand("sigma", sigma, sample, mixed), sigma_operand("sigma_next", sigma_next, sample, mixed)
         sigma_tensors = (s.full, s_next.full)
     return run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, (sigmas, step_index, s, s_next),
-                    sigma_tensors, noise, generator, out, sample_offset)
+                    sigma_tensors, noise, generator, out, sample_offset, mixed)
 
 
 def randn_stream(shape, generator=None, sample_offset=0, device=None, dtype=torch.float32, backend="auto"):
@@ -311,9 +336,10 @@ def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2", 
     the reference, ``x0``, ``noise`` and ``sigma``).
     """
     spec = SPECS["flow_loss"]
-    model_output, (x0, noise) = promote(model_output, (x0, noise))
-    _prologue(spec, backend, model_output, (x0, noise))
+    mixed = promoted_dtype(model_output, (x0, noise))
+    _prologue(spec, backend, model_output, (x0, noise), mixed)
     opts = _options(spec, (weighting, loss_type))
-    s = sigma_operand("sigma", sigma, model_output)
-    fn = _dispatch(spec, backend, model_output, opts, (model_output, x0, noise, s.full))
+    s = sigma_operand("sigma", sigma, model_output, mixed)
+    fn, (model_output, x0, noise) = serve(spec, backend, model_output, opts, (model_output, x0, noise, s.full),
+                                          mixed, (model_output, x0, noise))
     return fn(model_output, x0, noise, s, *opts)

@@ -173,14 +173,6 @@ def cast_to(dtype, x, others: tuple):
     return cast[0], cast[1:]
 
 
-def promote(x, others: tuple):
-    """Mixed float dtypes (a bf16/fp16 model output with fp32 data under autocast): every float operand in
-    torch's promotion of their dtypes (`promoted_dtype`), so results and outputs have the promoted dtype. The
-    form for backends that read one dtype per call; `_prologue` casts only for those (docs/design.md, "Mixed
-    precision"). Returns ``(x, others)``, the same objects when the dtypes already agree."""
-    return cast_to(promoted_dtype(x, others), x, others)
-
-
 def _with_guidance(opts):
     """``opts`` of a guided step (cached: a sampling loop repeats them every step)."""
     try:

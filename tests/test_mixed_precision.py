@@ -12,9 +12,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddpm_kernels as dk
 from ddpm_kernels import backends
+from ddpm_kernels.solvers import SolverColumns
 
 T = 50
 S = dk.DiffusionSchedule("linear", timesteps=T)
+_KARRAS = torch.cat([torch.linspace(14.6, 0.03, T), torch.zeros(1)])  # an Euler sigma table, final sigma 0
 LOW = (torch.bfloat16, torch.float16)
 
 
@@ -40,13 +42,38 @@ CALLS = {
     "diffusion_loss": lambda x, y, z, t, b: dk.diffusion_loss(y, x, z, t, S, "v", original_elbo_weight=0.5, backend=b),
     "ddim_step": lambda x, y, z, t, b: dk.ddim_step(x, t, t - 1, y, S, eta=0.5, noise=z, backend=b),
     "ddpm_step": lambda x, y, z, t, b: dk.ddpm_step(x, t, t - 1, y, S, noise=z, backend=b),
-    "flow_interpolate": lambda x, y, z, t, b: dk.flow_interpolate(x, y, t.float() / T, backend=b),
+    "flow_interpolate": lambda x, y, z, t, b: dk.flow_interpolate(x, y, t / T, backend=b),
     "flow_step": lambda x, y, z, t, b: dk.flow_step(x, y, torch.linspace(1, 0, T + 1), t, noise=z,
                                                     stochastic=True, backend=b),
     "flow_step_guided": lambda x, y, z, t, b: dk.flow_step(x, y, torch.linspace(1, 0, T + 1), t, backend=b,
                                                            guidance_scale=3.0, uncond=z, guidance_rescale=0.5),
-    "flow_loss": lambda x, y, z, t, b: dk.flow_loss(y, x, z, (t.float() + 1) / (T + 1), "cosmap", backend=b),
+    "flow_loss": lambda x, y, z, t, b: dk.flow_loss(y, x, z, (t + 1) / (T + 1), "cosmap", backend=b),
+    "flow_interpolate_low_x0": lambda x, y, z, t, b: dk.flow_interpolate(y, x, t / T, backend=b),
+    "flow_step_per_token_sigma": lambda x, y, z, t, b: dk.flow_step(
+        x, y, sigma=torch.rand(x.shape[0], x.shape[1], generator=torch.Generator().manual_seed(1)),
+        sigma_next=torch.rand(x.shape[0], 1, x.shape[2], generator=torch.Generator().manual_seed(2)), backend=b),
+    "euler_step": lambda x, y, z, t, b: dk.euler_step(x, y, _KARRAS, t, "v_prediction", noise=z, s_churn=5.0,
+                                                      return_pred_x0=True, backend=b),
+    "euler_step_guided": lambda x, y, z, t, b: dk.euler_step(x, y, _KARRAS, t, backend=b, guidance_scale=2.5,
+                                                             uncond=z, guidance_rescale=0.3),
+    "euler_ancestral_step": lambda x, y, z, t, b: dk.euler_ancestral_step(x, y, _KARRAS, t, noise=z, backend=b),
+    "solver_step": lambda x, y, z, t, b: _solver_call(x, y, z, t, b),
+    "solver_step_guided_clipped": lambda x, y, z, t, b: _solver_call(x, y, z, t, b, guidance_scale=1.5,
+                                                                      uncond=z.flip(0), clip_range=1.0),
 }
+
+
+def _solver_call(x, y, z, t, backend, noise=True, **kwargs):
+    """A stochastic `solver_step` on a random two-slot table: ``(x', history, last_sample)``, the state fresh
+    per call (in the promoted dtype of ``x``, ``y`` and ``z``)."""
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(T, SolverColumns(2).width, generator=g, dtype=torch.float64)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), z.dtype)
+    history = torch.stack([z, -z]).to(dtype)
+    last = (0.5 * z).to(dtype)
+    result = dk.solver_step(x, y, table, t, history=history, last_sample=last, noise=z if noise else None,
+                            backend=backend, **kwargs)
+    return result, history, last
 
 
 def _tuple(r):
@@ -90,7 +117,8 @@ class _Casts(TorchDispatchMode):
 
 # ops whose mixed calls the Triton kernels read natively (TritonBackend.mixed_dtypes), by their CALLS names
 NATIVE_CALLS = [n for n in CALLS if n.startswith(("q_sample", "predict_start", "get_v", "q_posterior", "p_mean",
-                                                  "p_sample", "diffusion_loss", "ddim_step", "ddpm_step"))]
+                                                  "p_sample", "diffusion_loss", "ddim_step", "ddpm_step", "flow_",
+                                                  "euler_", "solver_step"))]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -225,6 +253,12 @@ def test_triton_low_precision_data_with_float32_operands(low):
         lambda x, y, z, b: dk.q_sample(x, t, y, S, backend=b),
         lambda x, y, z, b: dk.p_mean_variance(x, t, y, S, "x0", backend=b),
         lambda x, y, z, b: dk.diffusion_loss(x, y, z, t, S, "v", original_elbo_weight=0.5, backend=b),
+        lambda x, y, z, b: dk.flow_interpolate(x, y, t / T, backend=b),
+        lambda x, y, z, b: dk.flow_step(x, y, torch.linspace(1, 0, T + 1), t, noise=z, stochastic=True, backend=b),
+        lambda x, y, z, b: dk.flow_loss(x, y, z, (t + 1) / (T + 1), "sigma_sqrt", backend=b),
+        lambda x, y, z, b: dk.euler_step(x, y, _KARRAS, t, "sample", return_pred_x0=True, backend=b),
+        lambda x, y, z, b: dk.euler_ancestral_step(x, y, _KARRAS, t, noise=z, backend=b),
+        lambda x, y, z, b: _solver_call(x, y, z, t, b, guidance_scale=3.0, uncond=y.flip(0), guidance_rescale=0.5),
     ]
     for call in calls:
         with _Casts() as mode:
@@ -275,6 +309,15 @@ def test_triton_mixed_out_rules():
     assert dk.p_sample(buf, t, y.half(), S, noise=z.bfloat16(), backend="triton", out=buf) is buf
     torch.testing.assert_close(buf, dk.p_sample(x, t, y.half().float(), S, noise=z.bfloat16().float(),
                                                 backend="triton"), rtol=0, atol=0)
+    for step in (lambda x, y, out: dk.flow_step(x, y, torch.linspace(1, 0, T + 1), t, backend="triton", out=out),
+                 lambda x, y, out: dk.euler_step(x, y, _KARRAS, t, backend="triton", out=out)):
+        buf, y_low = x.clone(), y.bfloat16()
+        with _Casts() as mode:
+            assert step(buf, y_low, buf) is buf
+        assert mode.casts == []
+        torch.testing.assert_close(buf, step(x, y_low.float(), None), rtol=0, atol=0)
+        with pytest.raises(TypeError, match="out: expected dtype torch.float32 .the promoted dtype"):
+            step(x, y_low, torch.empty_like(x, dtype=torch.bfloat16))
 
 
 STEP_CALLS = {
@@ -339,9 +382,18 @@ def test_triton_mixed_calls_pass_opcheck():
         dk.ddim_step(x.bfloat16(), t, t - 1, y, S, eta=0.5, noise=z, return_pred_x0=True, backend="triton")
         loss = dk.diffusion_loss(mo, x_start, z.half(), t, S, "v", backend="triton")[0]
         torch.autograd.grad(loss, (mo, x_start))
+        dk.flow_interpolate(x.bfloat16(), y, t / T, backend="triton")
+        dk.flow_step(x, y.bfloat16(), torch.linspace(1, 0, T + 1), t, noise=z.half(), stochastic=True,
+                     backend="triton")
+        dk.euler_step(x.bfloat16(), y, _KARRAS, t, return_pred_x0=True, backend="triton")
+        _solver_call(x, y.bfloat16(), z, t, "triton", noise=False)
+        flow_loss = dk.flow_loss(mo, x, z.half(), t / T, backend="triton")
+        torch.autograd.grad(flow_loss, mo)
     names = {func.name() for func, _, _ in calls.calls}
     assert {"ddpm_kernels_triton::q_sample", "ddpm_kernels_triton::diffusion_loss_backward",
-            "ddpm_kernels_triton::sampler_step"} <= names, names
+            "ddpm_kernels_triton::sampler_step", "ddpm_kernels_triton::flow_interpolate",
+            "ddpm_kernels_triton::flow_step", "ddpm_kernels_triton::euler_step", "ddpm_kernels_triton::solver_step",
+            "ddpm_kernels_triton::flow_loss_backward"} <= names, names
     for func, args, kwargs in calls.calls:
         torch.library.opcheck(func, args, kwargs, test_utils=("test_schema", "test_faketensor"))
 
@@ -373,10 +425,46 @@ def test_mixed_calls_still_refuse_bad_input(backend, monkeypatch):
             call()
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_mixed_sigma_table_steps_still_refuse_bad_input(backend, monkeypatch):
+    """The flow, Euler and solver steps of mixed calls: the other operands take any float dtype, while the
+    solver's state and out must have the promoted dtype (the step writes them in it), and shapes are still
+    checked; all refused before dispatch."""
+    from ddpm_kernels import flow
+
+    def no_dispatch(*args, **kwargs):
+        raise AssertionError("dispatched a bad call")
+
+    monkeypatch.setattr(flow, "_dispatch", no_dispatch)
+    (x, y, z, _), t = _inputs()
+    low, sigmas = y.bfloat16(), torch.linspace(1, 0, T + 1)
+    table = torch.zeros(T, SolverColumns(1).width)
+    cases = [
+        (ValueError, "model_output: expected shape", lambda: dk.flow_step(x, low[:2], sigmas, t, backend=backend)),
+        (ValueError, "noise: expected shape",
+         lambda: dk.euler_ancestral_step(x, low, _KARRAS, t, noise=z[:, :1].half(), backend=backend)),
+        (ValueError, "sigmas: expected a 1-D table", lambda: dk.euler_step(x, low, _KARRAS[None], t, backend=backend)),
+        (ValueError, "uncond: expected shape",
+         lambda: dk.flow_step(x, y, sigmas, t, guidance_scale=2.0, uncond=low[:2], backend=backend)),
+        (TypeError, "out: expected dtype torch.float32 .the promoted dtype",
+         lambda: dk.flow_interpolate(x, low, t / T, backend=backend, out=low.clone())),
+        (ValueError, "noise: expected shape", lambda: dk.flow_loss(x, low, z[:1], t / T, backend=backend)),
+        (TypeError, "history: expected dtype torch.float32 .the promoted dtype",
+         lambda: dk.solver_step(x, low, table, t, history=low[None], backend=backend)),
+        (TypeError, "last_sample: expected dtype torch.float32 .the promoted dtype",
+         lambda: dk.solver_step(x, low, table, t, last_sample=low.clone(), backend=backend)),
+        (ValueError, "history: expected shape",
+         lambda: dk.solver_step(x, low, table, t, history=x[None, :2], backend=backend)),
+    ]
+    for error, match, call in cases:
+        with pytest.raises(error, match=match):
+            call()
+
+
 @pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="the Triton backend does not run here")
 def test_triton_mixed_step_compiles():
     """torch.compile(fullgraph=True) of mixed calls served natively by Triton (a bf16 model output with fp32
-    data: an in-place DDIM step, the loss, then its registered backward) gives eager's results."""
+    data: in-place DDIM and flow steps, the loss, then its registered backward) gives eager's results."""
     from helpers import assert_compiles_like_eager
 
     torch._dynamo.reset()
@@ -385,11 +473,14 @@ def test_triton_mixed_step_compiles():
     def run(x, y, z, t):
         buf = x.clone()
         dk.ddim_step(buf, t, t - 1, y, S, eta=0.5, noise=z, backend="triton", out=buf)
-        return buf, dk.diffusion_loss(y, x, z, t, S, "v", backend="triton")[0]
+        flow_buf = x.clone()
+        dk.flow_step(flow_buf, y.detach(), sigmas, t, backend="triton", out=flow_buf)
+        return buf, dk.diffusion_loss(y, x, z, t, S, "v", backend="triton")[0], flow_buf
 
+    sigmas = torch.linspace(1, 0, T + 1)
     mo = y.bfloat16().requires_grad_()
-    eager, compiled = assert_compiles_like_eager(run, (x, mo, z, t.clamp(min=1)), exact=(0, 1))
-    assert [r.dtype for r in compiled] == [torch.float32, torch.float32]
+    eager, compiled = assert_compiles_like_eager(run, (x, mo, z, t.clamp(min=1)), exact=(0, 1, 2))
+    assert [r.dtype for r in compiled] == [torch.float32] * 3
     (g_eager,) = torch.autograd.grad(eager[1], mo)
     (g_compiled,) = torch.autograd.grad(compiled[1], mo)
     assert g_compiled.dtype == torch.bfloat16

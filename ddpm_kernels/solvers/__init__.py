@@ -36,12 +36,24 @@ def _step_options(values: tuple, guided: bool) -> SolverStepOptions:
     return cached_options(_STEP_OPTIONS, (values, tuple(map(type, values)), guided), build)
 
 
-def _check_history(history, sample: torch.Tensor) -> int:
+def _check_state_dtype(name: str, state, mixed) -> None:
+    """A call with mixed float operands writes its state (``history``, ``last_sample``) in their promoted dtype
+    ``mixed``, which the state must have (docs/design.md, "Mixed precision")."""
+    if mixed is not None and isinstance(state, torch.Tensor) and state.dtype != mixed:
+        raise TypeError(f"{name}: expected dtype {mixed} (the promoted dtype of the inputs), got {state.dtype}")
+
+
+def _check_history(history, sample: torch.Tensor, mixed=None) -> int:
     if history is None:
         return 0
     if not isinstance(history, torch.Tensor):
         raise TypeError(f"history: expected a tensor of shape (H, *sample.shape), got {type(history).__name__}")
-    if history.dtype != sample.dtype or history.device != sample.device:
+    if mixed is not None:
+        _check_state_dtype("history", history, mixed)
+        if history.device != sample.device:
+            raise ValueError(f"history: expected a tensor on {sample.device} (the device of sample), got "
+                             f"{history.device}")
+    elif history.dtype != sample.dtype or history.device != sample.device:
         raise ValueError(f"history: expected {sample.dtype} on {sample.device} (sample's dtype and device), got "
                          f"{history.dtype} on {history.device}")
     if history.ndim != sample.ndim + 1 or history.shape[1:] != sample.shape or history.shape[0] < 1:
@@ -141,14 +153,15 @@ def solver_step(
     ``sample_offset``: the global index of the batch's first sample in the noise stream (see
     `ddpm_kernels.p_sample`).
     """
-    sample, model_output, uncond, noise, guidance, sample_offset = step_inputs(
+    sample, model_output, uncond, noise, guidance, sample_offset, mixed = step_inputs(
         backend, sample, model_output, uncond, noise, guidance_scale, guidance_rescale, sample_offset
     )
     if noise is not None:
         stochastic = True
     if last_sample is not None:
-        _check_like("last_sample", last_sample, "sample", sample)
-    slots = _check_history(history, sample)
+        _check_state_dtype("last_sample", last_sample, mixed)
+        _check_like("last_sample", last_sample, "sample", sample, mixed=mixed is not None)
+    slots = _check_history(history, sample, mixed)
     coefficients = _check_coefficients(coefficients, sample, slots)
     step_index = _check_step_index(step_index, sample, coefficients.shape[0])
     opts = _step_options((stochastic, clip_range, threshold_ratio, threshold_max, guidance_rescale),
@@ -156,4 +169,4 @@ def solver_step(
     # the state is written in place in its own layout: no row-major copies (the kernels index noise themselves)
     return run_step(SPECS["solver_step"], backend, opts, None, sample, model_output, uncond, guidance,
                     (coefficients, step_index, history, last_sample), (history, last_sample), noise, generator, out,
-                    sample_offset)
+                    sample_offset, mixed)

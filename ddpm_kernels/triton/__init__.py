@@ -102,7 +102,8 @@ class TritonBackend:
     # the promoted dtype, computed in its compute dtype, gradients in each input's dtype; no cast pass first
     # (docs/design.md, "Mixed precision")
     mixed_dtypes: FrozenSet[str] = frozenset({*PAIR_OPS, "q_posterior", "p_mean_variance", "p_sample", "diffusion_loss",
-                                            "ddim_step", "ddpm_step"})
+                                            "ddim_step", "ddpm_step", "flow_interpolate", "flow_step", "flow_loss",
+                                            "euler_step", "euler_ancestral_step", "solver_step"})
 
     @staticmethod
     def declines(op: str, opts=None) -> Optional[str]:

@@ -82,6 +82,7 @@ from .utils import (
     noise_operands,
     PARAMETERIZATION_ID,
     register_loss_backward_autograd,
+    result_dtype,
     sample_index,
     sample_tile,
     split_float,
@@ -444,14 +445,15 @@ def _interpolate_launch(x0, noise, sigma, period, repeat, out, out_b=None):
 
 def _flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, period: int,
                       repeat: int) -> torch.Tensor:
-    """``(1 - s) x0 + s noise`` with ``sigma`` a ``SigmaOperand``'s flat form of ``x0``'s layout."""
-    out = empty_dense(x0)
+    """``(1 - s) x0 + s noise`` with ``sigma`` a ``SigmaOperand``'s flat form of ``x0``'s layout, in the
+    promoted dtype of ``x0`` and ``noise`` (each read in its own)."""
+    out = empty_dense(x0, result_dtype(x0, noise))
     _interpolate_launch(x0, noise, sigma, period, repeat, out)
     return out
 
 
 def _flow_interpolate_fake(x0, noise, sigma, period, repeat):
-    return empty_dense(x0)
+    return empty_dense(x0, result_dtype(x0, noise))
 
 
 # flow_interpolate_out writes into out, which may alias x0 or noise.
@@ -607,15 +609,17 @@ def _flow_step(
     """One Euler step. ``step_index`` given: ``sigma`` is the sigma table (``sigma_next`` too, unread) and each
     sample gathers its pair; else ``sigma`` / ``sigma_next`` are ``SigmaOperand`` flat forms with their
     ``period`` and ``repeat``. ``guidance`` (B,) given: ``model_output`` is the conditional output and
-    ``uncond`` the unconditional one. Noise keyed as in ``p_sample`` (``utils``, "Noise")."""
-    out = empty_dense(sample)
+    ``uncond`` the unconditional one. Noise keyed as in ``p_sample`` (``utils``, "Noise"). The result has the
+    promoted dtype of the float operands, each read in its own (``sigma``: the compute dtype)."""
+    out = empty_dense(sample, result_dtype(sample, model_output, uncond, noise))
     _step_launch(sample, model_output, uncond, guidance, sigma, sigma_next, step_index, period, repeat, period_next,
                  repeat_next, stochastic, guidance_rescale, noise, seed, philox_seed, philox_offset, sample_offset, out)
     return out
 
 
-def _flow_step_fake(sample, *_):
-    return empty_dense(sample)
+def _flow_step_fake(sample, model_output, uncond, guidance, sigma, sigma_next, step_index, period, repeat,
+                    period_next, repeat_next, stochastic, guidance_rescale, noise, *_):
+    return empty_dense(sample, result_dtype(sample, model_output, uncond, noise))
 
 
 # flow_step_out writes into out, which may be sample itself (an in-place step).
@@ -647,9 +651,10 @@ def _euler_options(churn: float, s_tmin: float, s_tmax: float, s_noise: float) -
     return sum((split_float3(value) for value in (churn, s_tmin, s_tmax, s_noise)), ())
 
 
-def _pred_x0_output(sample: torch.Tensor, return_pred_x0: bool) -> torch.Tensor:
-    """The step's x0 output: like ``sample`` (its dense format) with ``return_pred_x0``, else zero elements."""
-    return empty_dense(sample) if return_pred_x0 else sample.new_empty(0)
+def _pred_x0_output(sample: torch.Tensor, return_pred_x0: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The step's x0 output in ``dtype`` (the result's): in ``sample``'s dense format with ``return_pred_x0``,
+    else zero elements."""
+    return empty_dense(sample, dtype) if return_pred_x0 else sample.new_empty(0, dtype=dtype)
 
 
 def _euler_launch(sample, model_output, uncond, guidance, sigmas, step_index, sampler, parameterization, churn,
@@ -657,7 +662,7 @@ def _euler_launch(sample, model_output, uncond, guidance, sigmas, step_index, sa
                   sample_offset, out):
     """``euler_step_op``'s arguments and ``out``: writes the step into ``out`` and returns x0 (zero elements
     unless ``return_pred_x0``)."""
-    x0 = _pred_x0_output(sample, return_pred_x0)
+    x0 = _pred_x0_output(sample, return_pred_x0, result_dtype(sample, model_output, uncond, noise))
     _launch_step(sample, model_output, uncond, guidance, sigmas, sigmas, step_index, 1, 1, 1, 1, sampler,
                  parameterization, _euler_options(churn, s_tmin, s_tmax, s_noise), guidance_rescale, noise, seed,
                  philox_seed, philox_offset, sample_offset, out, x0 if return_pred_x0 else None)
@@ -689,8 +694,8 @@ def _euler_step(
     (the compute dtype), each sample at ``step_index[b]``: ``(x', x0)``, ``x0`` a zero-element tensor unless
     ``return_pred_x0``. ``churn`` is ``min(s_churn / (len(sigmas) - 1), sqrt(2) - 1)`` (0: no churn, no noise);
     ``parameterization`` a ``PARAMETERIZATION_ID``; guidance as in ``flow_step``; noise keyed as in ``p_sample``
-    (``utils``, "Noise")."""
-    out = empty_dense(sample)
+    (``utils``, "Noise"). Results in the promoted dtype of the float operands, each read in its own."""
+    out = empty_dense(sample, result_dtype(sample, model_output, uncond, noise))
     x0 = _euler_launch(sample, model_output, uncond, guidance, sigmas, step_index, sampler, parameterization, churn,
                        s_tmin, s_tmax, s_noise, guidance_rescale, return_pred_x0, noise, seed, philox_seed,
                        philox_offset, sample_offset, out)
@@ -698,8 +703,9 @@ def _euler_step(
 
 
 def _euler_step_fake(sample, model_output, uncond, guidance, sigmas, step_index, sampler, parameterization, churn,
-                     s_tmin, s_tmax, s_noise, guidance_rescale, return_pred_x0, *_):
-    return empty_dense(sample), _pred_x0_output(sample, return_pred_x0)
+                     s_tmin, s_tmax, s_noise, guidance_rescale, return_pred_x0, noise, *_):
+    dtype = result_dtype(sample, model_output, uncond, noise)
+    return empty_dense(sample, dtype), _pred_x0_output(sample, return_pred_x0, dtype)
 
 
 # euler_step_out writes x' into out (which may be sample itself) and returns x0.
@@ -772,6 +778,15 @@ def _(model_output, x0, noise, sigma, period, repeat, weighting, loss_l1):
     return sigma.new_empty(())
 
 
+def _loss_gradients(model_output, x0, noise, grad_x0_needed: bool, grad_noise_needed: bool) -> tuple:
+    """The loss backward's outputs: each gradient in its input's dtype (a mixed call's bf16 model output gets a
+    bf16 gradient, stored once), in ``model_output``'s dense format; one not needed has zero elements."""
+    def grad(y, needed):
+        return empty_dense(model_output, y.dtype) if needed else model_output.new_empty(0, dtype=y.dtype)
+
+    return empty_dense(model_output), grad(x0, grad_x0_needed), grad(noise, grad_noise_needed)
+
+
 @torch.library.custom_op("ddpm_kernels_triton::flow_loss_backward", mutates_args=())
 def flow_loss_backward_op(
     grad_loss: torch.Tensor,
@@ -786,13 +801,12 @@ def flow_loss_backward_op(
     grad_x0_needed: bool,
     grad_noise_needed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_model_output, grad_x0, grad_noise), in ``model_output``'s dense format; a gradient not needed
-    comes back as an empty tensor."""
+    """(grad_model_output, grad_x0, grad_noise), in ``model_output``'s dense format, each in its input's dtype;
+    a gradient not needed comes back as an empty tensor."""
     model_output, batch, n = as_rows(model_output)
     x0, noise = like_dense(model_output, x0), like_dense(model_output, noise)
-    grad_model_output = empty_dense(model_output)
-    grad_x0 = empty_dense(model_output) if grad_x0_needed else model_output.new_empty(0)
-    grad_noise = empty_dense(model_output) if grad_noise_needed else model_output.new_empty(0)
+    grad_model_output, grad_x0, grad_noise = _loss_gradients(model_output, x0, noise, grad_x0_needed,
+                                                             grad_noise_needed)
     if model_output.numel() == 0:
         return grad_model_output, grad_x0, grad_noise
     launch_per_sample(
@@ -808,12 +822,7 @@ def flow_loss_backward_op(
 @flow_loss_backward_op.register_fake
 def _(grad_loss, model_output, x0, noise, sigma, period, repeat, weighting, loss_l1, grad_x0_needed,
       grad_noise_needed):
-    like = empty_dense(model_output)
-    return (
-        like,
-        torch.empty_like(like) if grad_x0_needed else model_output.new_empty(0),
-        torch.empty_like(like) if grad_noise_needed else model_output.new_empty(0),
-    )
+    return _loss_gradients(model_output, x0, noise, grad_x0_needed, grad_noise_needed)
 
 
 def _loss_setup_context(ctx, inputs, output):

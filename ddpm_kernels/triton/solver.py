@@ -57,6 +57,7 @@ from .utils import (
     custom_op_with_out,
     empty_dense,
     compute_dtype,
+    result_dtype,
     launch_per_sample,
     like_dense,
     load_or_draw_noise,
@@ -313,7 +314,7 @@ def _launch(sample, model_output, uncond, guidance, stats, coefficients, step_in
         SLOTS=slots, HAS_LAST=has_last, GUIDED=guided, RESCALE=stats is not None, ADD_NOISE=add_noise,
         HAS_NOISE=has_noise, NOISE_CHANNELS_LAST=add_noise and not has_noise and fmt is not CONTIGUOUS,
         CLIP=clip_range is not None, THRESHOLD=scale is not None, X0_ONLY=x0_only,
-        COMPUTE_FP64=x.dtype == torch.float64, BLOCK_SPLIT=block_split(n_splits),
+        COMPUTE_FP64=out.dtype == torch.float64, BLOCK_SPLIT=block_split(n_splits),
     )
     if ring is not history:
         history.copy_(ring)
@@ -331,7 +332,8 @@ def _run(sample, model_output, uncond, guidance, coefficients, step_index, histo
         x, batch, n = as_rows(sample)
         stats = guidance_stats(like_dense(x, model_output), like_dense(x, uncond), guidance, n, n, batch)
     if threshold_ratio is not None and sample.numel() > 0:
-        x0 = empty_in_format(sample, dense_format(as_rows(sample)[0]), compute_dtype(sample.dtype))
+        x0 = empty_in_format(sample, dense_format(as_rows(sample)[0]),
+                             compute_dtype(result_dtype(sample, model_output, uncond, noise)))
         _launch(sample, model_output, uncond, guidance, stats, coefficients, step_index, None, None, None, None,
                 guidance_rescale, False, None, None, 0, 0, 0, x0, x0_only=True)
         scale = threshold_scale(x0, threshold_ratio, threshold_max)
@@ -362,16 +364,19 @@ def _solver_step(
     """One step (module docstring): returns ``x'`` in ``sample``'s dense format and writes the ring's slot
     ``step_index mod H`` of ``history`` and ``last_sample``. ``guidance`` (B,) in the compute dtype given:
     ``model_output`` is the conditional output and ``uncond`` the unconditional one. ``stochastic``: the noise
-    term, ``noise`` or drawn with ``seed`` / ``philox_seed`` / ``philox_offset`` (``utils.noise_key``)."""
-    out = empty_dense(sample)
+    term, ``noise`` or drawn with ``seed`` / ``philox_seed`` / ``philox_offset`` (``utils.noise_key``). Float
+    operands of different dtypes are each read in their own: ``x'`` (and the state, which must have it) in
+    their promoted dtype, computed in its compute dtype."""
+    out = empty_dense(sample, result_dtype(sample, model_output, uncond, noise))
     _run(sample, model_output, uncond, guidance, coefficients, step_index, history, last_sample, clip_range,
          threshold_ratio, threshold_max, guidance_rescale, stochastic, noise, seed, philox_seed, philox_offset,
          sample_offset, out)
     return out
 
 
-def _solver_step_fake(sample, *_):
-    return empty_dense(sample)
+def _solver_step_fake(sample, model_output, uncond, guidance, coefficients, step_index, history, last_sample,
+                      clip_range, threshold_ratio, threshold_max, guidance_rescale, stochastic, noise, *_):
+    return empty_dense(sample, result_dtype(sample, model_output, uncond, noise))
 
 
 # solver_step_out writes x' into out, which may be sample itself (each element is read before it is written);
@@ -390,7 +395,7 @@ def solver_step(sample, model_output, uncond, guidance, coefficients, step_index
         noise, seed, philox_seed, philox_offset = None, None, 0, 0  # nothing read or drawn
     guided = opts.guided
     if guided:
-        guidance = guidance.to(compute_dtype(sample.dtype)).contiguous()
+        guidance = guidance.to(compute_dtype(result_dtype(sample, model_output, uncond, noise))).contiguous()
     args = (
         sample, model_output, uncond if guided else None, guidance if guided else None, coefficients, step_index,
         history, last_sample, None if opts.clip_range is None else float(opts.clip_range),
