@@ -24,8 +24,7 @@ from ._checks import (
 )
 from ._spec import OPS as SPECS, FlowStepOptions, SigmaOperand
 from ._stream import check_sample_offset
-from . import backends
-from .ops import _BACKENDS, _dispatch, _options, cast_to, promoted_dtype, restore_format, row_major
+from .ops import _BACKENDS, _dispatch, _options, promoted_dtype, restore_format, row_major, serve
 from .reference import compute_dtype
 
 __all__ = ["flow_interpolate", "flow_step", "flow_loss", "sigma_operand"]
@@ -152,19 +151,6 @@ def _prologue(spec, backend, data, like, mixed=None):
     _check_data(spec.data, data)
     for name, y in zip(spec.like, like):
         _check_like(name, y, spec.data, data, mixed=mixed is not None)
-
-
-def serve(spec, backend, x, opts, tensors: tuple, mixed, operands: tuple):
-    """``(fn, operands)``: the function serving the call (dispatch on ``tensors``, keyed on ``mixed``, the
-    promoted dtype of a call with mixed float operands, when given) and ``operands`` as it reads them: cast to
-    ``mixed`` only when the serving backend does not read them natively (docs/design.md, "Mixed precision")."""
-    if mixed is None:
-        return _dispatch(spec, backend, x, opts, tensors), operands
-    name, fn = _dispatch(spec, backend, x, opts, tensors, dtype=mixed, with_name=True)
-    if not backends.reads_mixed(name, spec.name):
-        first, rest = cast_to(mixed, operands[0], operands[1:])
-        operands = (first,) + rest
-    return fn, operands
 
 
 def step_inputs(backend, sample, model_output, uncond, noise, guidance_scale, guidance_rescale, sample_offset):

@@ -204,11 +204,21 @@ def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tup
     operands = (x,) + others + (t,)
     if mixed is None:
         return _dispatch(spec, backend, x, opts, operands), opts, t, t_prev, out, x, others + passengers
-    name, fn = _dispatch(spec, backend, x, opts, operands, dtype=mixed, with_name=True)
-    others += passengers
+    fn, cast = serve(spec, backend, x, opts, operands, mixed, (x,) + others + passengers)
+    return fn, opts, t, t_prev, out, cast[0], cast[1:]
+
+
+def serve(spec, backend, x, opts, tensors: tuple, mixed, operands: tuple):
+    """``(fn, operands)``: the function serving the call (dispatch on ``tensors``, keyed on ``mixed``, the
+    promoted dtype of a call with mixed float operands, when given) and ``operands`` as it reads them: cast to
+    ``mixed`` only when the serving backend does not read them natively (docs/design.md, "Mixed precision")."""
+    if mixed is None:
+        return _dispatch(spec, backend, x, opts, tensors), operands
+    name, fn = _dispatch(spec, backend, x, opts, tensors, dtype=mixed, with_name=True)
     if not backends.reads_mixed(name, spec.name):
-        x, others = cast_to(mixed, x, others)
-    return fn, opts, t, t_prev, out, x, others
+        first, rest = cast_to(mixed, operands[0], operands[1:])
+        operands = (first,) + rest
+    return fn, operands
 
 
 def row_major(draws: bool, x, *others):
