@@ -251,13 +251,14 @@ def _check_learned_output(model_output, x_t: torch.Tensor, variance_type: str, m
 
 
 def _check_guidance(model_output, uncond, guidance_scale, guidance_rescale, x: torch.Tensor, x_name: str,
-                    mixed: Optional[torch.dtype] = None):
+                    mixed: Optional[torch.dtype] = None, promoted: Optional[torch.dtype] = None):
     """Classifier-free guidance arguments of a step: ``(cond, uncond, scale)`` with ``scale`` a (B,) tensor in
     the compute dtype, or ``(model_output, None, None)`` unguided. A (2B, ...) ``model_output`` without
     ``uncond`` is the batched ``[uncond; cond]`` output and is split into two views (no copy). The shapes of
     ``cond`` against ``x`` are checked by the caller, ``uncond``'s against ``cond`` here. ``mixed``: the
     promoted dtype of a call with mixed float operands (``uncond`` may have any float dtype; the scale is in
-    the promoted dtype's compute dtype)."""
+    the promoted dtype's compute dtype). ``promoted``: that promotion when ``uncond`` must still have
+    ``model_output``'s dtype (the DDIM/DDPM steps): it sets only the scale's dtype."""
     if guidance_scale is None:
         if uncond is not None:
             raise ValueError("uncond: given without guidance_scale (pass guidance_scale to guide)")
@@ -275,7 +276,7 @@ def _check_guidance(model_output, uncond, guidance_scale, guidance_rescale, x: t
         uncond, model_output = model_output[:batch], model_output[batch:]
     else:
         _check_like("uncond", uncond, "model_output", model_output, mixed=mixed is not None)
-    compute = torch.float64 if (mixed or x.dtype) == torch.float64 else torch.float32
+    compute = torch.float64 if (mixed or promoted or x.dtype) == torch.float64 else torch.float32
     if isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool):
         value = float(guidance_scale)
         if value != value or value in (float("inf"), float("-inf")):

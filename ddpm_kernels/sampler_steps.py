@@ -8,7 +8,7 @@ from __future__ import annotations
 from ._checks import _check_guidance
 from ._spec import OPS as SPECS
 from ._stream import check_sample_offset
-from .ops import _prologue, restore_format, row_major
+from .ops import _prologue, promoted_dtype, restore_format, row_major
 
 __all__ = ["ddim_step", "ddpm_step"]
 
@@ -125,8 +125,10 @@ def _step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise,
         sample_offset = check_sample_offset(sample_offset)
     guidance = None
     if guidance_scale is not None or uncond is not None:
+        # the scale is taken in the compute dtype of the call's promotion (float64 when any operand is)
         model_output, uncond, guidance = _check_guidance(
-            model_output, uncond, guidance_scale, guidance_rescale, x_t, "x_t"
+            model_output, uncond, guidance_scale, guidance_rescale, x_t, "x_t",
+            promoted=promoted_dtype(x_t, (model_output, noise)),
         )
     fn, opts, t, t_prev, out, x_t, (model_output, noise, uncond) = _prologue(
         SPECS[name], backend, x_t, (model_output, noise), schedule, t, options, generator, guided=guidance is not None,

@@ -135,3 +135,18 @@ def test_fused_backends_match_reference(op, rescale, dtype):
         ran.append(backend)
     if not ran:
         pytest.skip("no fused backend serves a guided sampler step here")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("op", ["ddim_step", "ddpm_step"])
+@pytest.mark.parametrize("backend", ["reference"] + _fused("cpu"))
+def test_a_float64_promotion_takes_its_guidance_scale_in_float64(op, backend):
+    """float32 data with a float64 model output promotes to float64: the guidance scale (a number) is taken in
+    float64 too, so the call equals the all-float64 one exactly (a float32 scale is 1e-8 off for 7.3)."""
+    x, c, u, z, t, t_prev = _args((4, 3, 5, 7))
+    c64, u64 = c.double(), u.double()
+    kwargs = dict(t=t, t_prev=t_prev, schedule=S, guidance_scale=7.3, uncond=u64, backend=backend)
+    mixed = getattr(dk, op)(x, model_output=c64, noise=z.double(), **kwargs)
+    full = getattr(dk, op)(x.double(), model_output=c64, noise=z.double(), **kwargs)
+    assert mixed.dtype == torch.float64
+    torch.testing.assert_close(mixed, full, rtol=0, atol=0)
