@@ -197,6 +197,28 @@ def test_a_second_loop_reuses_the_buffers_and_equals_the_first():
     assert fused._dk_buffers_[1] is history and fused._dk_buffers_[2] is last and fused.last_sample is last
 
 
+def test_a_schedule_set_again_reuses_its_table_and_a_changed_one_is_rebuilt(monkeypatch):
+    # pipelines call set_timesteps with the same steps every generation: the table is built once for those values
+    _, fused = pair(dict(solver_order=3))
+    builds = []
+    build = FusedUniPCMultistepScheduler._dk_build
+    monkeypatch.setattr(FusedUniPCMultistepScheduler, "_dk_build",
+                        lambda self, schedule, begin: builds.append(schedule.steps) or build(self, schedule, begin))
+    first, _ = fused_loop(fused)
+    fused.set_timesteps(10)
+    again, _ = fused_loop(fused)
+    assert builds == [10] and torch.equal(first, again)
+    stock, _ = pair(dict(solver_order=3), steps=12)
+    fused.set_timesteps(12)  # other values: a new table, equal to stock's step
+    assert_close_to_stock(fused_loop(fused)[0], run_loop(stock)[0])
+    fused.config.prediction_type = "v_prediction"  # a config change in place: a new key
+    fused.set_timesteps(12)
+    stock.config.prediction_type = "v_prediction"
+    stock.set_timesteps(12)
+    assert_close_to_stock(fused_loop(fused)[0], run_loop(stock)[0])
+    assert builds == [10, 12, 12]
+
+
 # ------------------------------------------------------------------------------------------- no sync, no allocation
 @pytest.fixture
 def fail_on_sync(monkeypatch):

@@ -30,10 +30,14 @@ class _Schedule:
     """The stock schedule as the fused step reads it: the ``timesteps`` tensor (and its version) with host
     copies for the first step's index lookup, the host copies of the table sources, why the fused step cannot
     take the schedule (None when it can), the coefficient tables per (begin index, config key) and their copies
-    per device."""
+    per device; ``fingerprint``: the host copies' values, which the tables are a function of (with the key)."""
 
     __slots__ = ("timesteps", "sources", "versions", "root", "host_timesteps", "host_array", "host_sources", "stock",
-                 "tables", "devices", "steps")
+                 "tables", "devices", "steps", "fingerprint")
+
+# Built host tables a drop-in keeps across set_timesteps calls (a pipeline sets the same schedule for every
+# generation; a table costs tens of microseconds a row to build).
+_BUILT_LIMIT = 8
 
 
 def _versions(tensors) -> tuple:
@@ -113,7 +117,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         schedule.timesteps, schedule.sources, schedule.versions = ts, sources, _versions((ts,) + sources)
         schedule.tables, schedule.devices = {}, {}
         schedule.stock, schedule.root, schedule.host_array, schedule.host_sources = None, None, None, None
-        schedule.steps = 0
+        schedule.steps, schedule.fingerprint = 0, None
         schedule.host_timesteps = _host_copy(ts)
         bad = [name for name, s in zip(self._dk_source_names, sources)
                if not (isinstance(s, torch.Tensor) and s.ndim == 1 and s.is_floating_point() and s.shape[0] >= 1)]
@@ -126,6 +130,8 @@ class _SolverDropIn(_StepIndex, _FusedBase):
             schedule.host_array = schedule.host_timesteps.numpy()
             schedule.host_sources = tuple(_host_copy(s).double().numpy() for s in sources)
             schedule.steps = self._dk_steps(schedule)
+            schedule.fingerprint = (schedule.steps, schedule.host_array.dtype.str, schedule.host_array.tobytes(),
+                                    tuple(s.tobytes() for s in schedule.host_sources))
         self.__dict__["_dk_schedule_"] = schedule
         return schedule
 
@@ -137,7 +143,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         if table is None:
             host = schedule.tables.get(key)
             if host is None:
-                host = schedule.tables[key] = torch.from_numpy(self._dk_build(schedule, begin))
+                host = schedule.tables[key] = self._dk_built(schedule, key, begin)
             if device.type == "cuda":
                 pinned = host.pin_memory()
                 table = pinned.to(device, non_blocking=True)
@@ -146,6 +152,19 @@ class _SolverDropIn(_StepIndex, _FusedBase):
                 table = host.to(device)
             schedule.devices[(key, device)] = table
         return table
+
+    def _dk_built(self, schedule: _Schedule, key: tuple, begin: int) -> torch.Tensor:
+        """The host table of ``key`` on ``schedule``: taken from the tables this drop-in built for the same
+        values (its last `_BUILT_LIMIT` ones) or built now. Never written to (the CPU copy is the table)."""
+        built = self.__dict__.setdefault("_dk_built_", {})
+        full = (schedule.fingerprint, key)
+        host = built.get(full)
+        if host is None:
+            host = torch.from_numpy(self._dk_build(schedule, begin))
+            if len(built) >= _BUILT_LIMIT:
+                built.pop(next(iter(built)))
+            built[full] = host
+        return host
 
     # ------------------------------------------------------------------ buffers
     def _dk_buffers(self, sample: torch.Tensor, slots: int):
