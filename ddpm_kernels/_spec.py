@@ -314,31 +314,22 @@ _STEP_TAIL = (
 )
 
 _POSTERIOR_OUTPUTS = ("like", "per_sample", "per_sample")
+
+
+def _pair_row(name: str, data: str, other: str, t_last: bool = False, has_out: bool = False) -> OpSpec:
+    """A pair op's row, ``a(t) data + b(t) other`` (``t_last``: ``t`` after both tensors, as ``get_v`` takes it)."""
+    tensors = (data, other, "t") if t_last else (data, "t", other)
+    return OpSpec(name, "pair", data, like=(other,), has_out=has_out, differentiable=(data, other),
+                  schema=f"{name}({', '.join('Tensor ' + n for n in tensors)}, Tensor table) -> Tensor")
+
+
 _TABLE = (
-    OpSpec(
-        "q_sample", "pair", "x_start", like=("noise",), has_out=True, differentiable=("x_start", "noise"),
-        schema="q_sample(Tensor x_start, Tensor t, Tensor noise, Tensor table) -> Tensor",
-    ),
-    OpSpec(
-        "predict_start_from_noise", "pair", "x_t", like=("noise",), differentiable=("x_t", "noise"),
-        schema="predict_start_from_noise(Tensor x_t, Tensor t, Tensor noise, Tensor table) -> Tensor",
-    ),
-    OpSpec(
-        "predict_noise_from_start", "pair", "x_t", like=("x0",), differentiable=("x_t", "x0"),
-        schema="predict_noise_from_start(Tensor x_t, Tensor t, Tensor x0, Tensor table) -> Tensor",
-    ),
-    OpSpec(
-        "get_v", "pair", "x_start", like=("noise",), differentiable=("x_start", "noise"),
-        schema="get_v(Tensor x_start, Tensor noise, Tensor t, Tensor table) -> Tensor",
-    ),
-    OpSpec(
-        "predict_start_from_z_and_v", "pair", "x_t", like=("v",), differentiable=("x_t", "v"),
-        schema="predict_start_from_z_and_v(Tensor x_t, Tensor t, Tensor v, Tensor table) -> Tensor",
-    ),
-    OpSpec(
-        "predict_eps_from_z_and_v", "pair", "x_t", like=("v",), differentiable=("x_t", "v"),
-        schema="predict_eps_from_z_and_v(Tensor x_t, Tensor t, Tensor v, Tensor table) -> Tensor",
-    ),
+    _pair_row("q_sample", "x_start", "noise", has_out=True),
+    _pair_row("predict_start_from_noise", "x_t", "noise"),
+    _pair_row("predict_noise_from_start", "x_t", "x0"),
+    _pair_row("get_v", "x_start", "noise", t_last=True),
+    _pair_row("predict_start_from_z_and_v", "x_t", "v"),
+    _pair_row("predict_eps_from_z_and_v", "x_t", "v"),
     OpSpec(
         "q_posterior", "posterior", "x_t", like=("x_start",), outputs=_POSTERIOR_OUTPUTS,
         differentiable=("x_start", "x_t"),

@@ -11,7 +11,8 @@ Shared by the reference and the Triton backend (the compiled backends do the sam
   ints would be frozen into the graph; the key is then a one-element device tensor drawn with ``randint``
   (itself graph safe; it advances the offset by the same 4) and the offset 0.
 
-Imports nothing of the package.
+The stream itself is specified here too (`philox_normal`, re-exported by ``ddpm_kernels.reference``): every
+backend's in-kernel noise is tested against it. Imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -92,3 +93,55 @@ def check_sample_offset(sample_offset) -> int:
         # the global sample index is one 32-bit counter word
         raise ValueError(f"sample_offset: expected an int in [0, 2**32), got {sample_offset}")
     return sample_offset
+
+
+# ------------------------------------------------------------------------------------------ the noise stream
+# The in-kernel noise as a pure function of (key, call offset, global sample index, element index within the
+# sample): Philox4x32-10 (Salmon et al., SC'11; the generator of curand and torch's CUDA RNG) at the counter
+# (q, sample, offset_lo, offset_hi) with q = element // 4, keyed by (key_lo, key_hi); its four 32-bit outputs
+# become four uniforms u = ((x >> 8) + 0.5) * 2**-24 in (0, 1), and the pairs (u0, u1), (u2, u3) four normals
+# by Box-Muller, sqrt(-2 ln u_even) * (cos, sin)(2 pi u_odd), element 4q + k taking output k. Nothing depends
+# on the grid, the thread count or the other samples of the batch. See docs/design.md, "Noise streams".
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: torch.Tensor):
+    """``(hi, lo)`` 32-bit words of ``a * b`` for a 32-bit constant ``a`` and uint32 values held in int64 (16-bit
+    halves keep every product below 2**49)."""
+    lo_part = a * (b & 0xFFFF)
+    mid = a * (b >> 16) + (lo_part >> 16)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (lo_part & 0xFFFF)
+
+
+def philox4x32_10(c0, c1, c2, c3, key):
+    """Philox4x32-10 of the counters (uint32 values in int64 tensors) under the 64-bit ``key`` (an int, or a
+    one-element int64 tensor holding its bits)."""
+    k0, k1 = key & _U32, (key >> 32) & _U32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W[0]) & _U32, (k1 + _PHILOX_W[1]) & _U32
+    return c0, c1, c2, c3
+
+
+def philox_normal(key, offset: int, first_sample: int, batch: int, per_sample: int, device="cpu"):
+    """The noise stream's standard normals for samples ``first_sample .. first_sample + batch - 1`` of one draw,
+    shape (batch, per_sample), float32: the specification every backend's in-kernel noise follows. ``key``: an
+    int or a one-element int64 tensor (a key that stays on the device, as under CUDA-graph capture)."""
+    groups = (per_sample + 3) // 4
+    q = torch.arange(groups, dtype=torch.int64, device=device).expand(batch, groups)
+    sample = (first_sample + torch.arange(batch, dtype=torch.int64, device=device))[:, None].expand(batch, groups)
+    c2 = torch.full_like(q, offset & _U32)
+    c3 = torch.full_like(q, (offset >> 32) & _U32)
+    words = philox4x32_10(q & _U32, sample & _U32, c2, c3, key)
+    u = [((w >> 8).to(torch.float32) + 0.5) * 5.9604644775390625e-08 for w in words]
+    two_pi = torch.tensor(6.283185307179586, dtype=torch.float32)
+    normals = []
+    for even, odd in ((u[0], u[1]), (u[2], u[3])):
+        radius = torch.sqrt(-2.0 * torch.log(even))
+        theta = two_pi * odd
+        normals += [radius * torch.cos(theta), radius * torch.sin(theta)]
+    return torch.stack(normals, dim=-1).reshape(batch, groups * 4)[:, :per_sample]

@@ -12,6 +12,9 @@ The formulas are CompVis ``ldm/models/diffusion/ddpm.py`` (DDPM, Ho et al. 2020)
     q_posterior          mean = coef1_t x_0 + coef2_t x_t, var_t, log(max(var_t, 1e-20))
     p_sample             x_{t-1} = mean + [t > 0] exp(0.5 log_var_t) z
     v                    v    = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0
+
+The sigma-table samplers (flow matching, Euler, the multistep solvers) are in ``ddpm_kernels._reference_sigma``
+and the noise stream's specification (``philox_normal``) in ``ddpm_kernels._stream``; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 
 from ._spec import LEARNED_VARIANCE_TYPES, VARIANCE_TYPES, SolverColumns  # noqa: F401  (re-exported)
-from ._stream import stream_state
+from ._stream import philox4x32_10, philox_normal, stream_state  # noqa: F401  (the stream's specification)
 from .schedule import TABLE_ROW, DiffusionSchedule
 
 __all__ = [
@@ -159,58 +162,6 @@ def p_mean_variance_ref(x_t, t, model_output, schedule, parameterization="eps", 
     x0 = _x0_pred(x_t, t, model_output, schedule, parameterization, clip_denoised, cd)
     mean, var, log_var = _posterior(x0, x_t, t, schedule, cd)
     return mean.to(x_t.dtype), var, log_var
-
-
-# ------------------------------------------------------------------------------------------ the noise stream
-# The in-kernel noise as a pure function of (key, call offset, global sample index, element index within the
-# sample): Philox4x32-10 (Salmon et al., SC'11; the generator of curand and torch's CUDA RNG) at the counter
-# (q, sample, offset_lo, offset_hi) with q = element // 4, keyed by (key_lo, key_hi); its four 32-bit outputs
-# become four uniforms u = ((x >> 8) + 0.5) * 2**-24 in (0, 1), and the pairs (u0, u1), (u2, u3) four normals
-# by Box-Muller, sqrt(-2 ln u_even) * (cos, sin)(2 pi u_odd), element 4q + k taking output k. Nothing depends
-# on the grid, the thread count or the other samples of the batch. See docs/design.md, "Noise streams".
-_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
-_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
-_U32 = 0xFFFFFFFF
-
-
-def _mulhilo32(a: int, b: torch.Tensor):
-    """``(hi, lo)`` 32-bit words of ``a * b`` for a 32-bit constant ``a`` and uint32 values held in int64 (16-bit
-    halves keep every product below 2**49)."""
-    lo_part = a * (b & 0xFFFF)
-    mid = a * (b >> 16) + (lo_part >> 16)
-    return mid >> 16, ((mid & 0xFFFF) << 16) | (lo_part & 0xFFFF)
-
-
-def philox4x32_10(c0, c1, c2, c3, key):
-    """Philox4x32-10 of the counters (uint32 values in int64 tensors) under the 64-bit ``key`` (an int, or a
-    one-element int64 tensor holding its bits)."""
-    k0, k1 = key & _U32, (key >> 32) & _U32
-    for _ in range(10):
-        hi0, lo0 = _mulhilo32(_PHILOX_M[0], c0)
-        hi1, lo1 = _mulhilo32(_PHILOX_M[1], c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + _PHILOX_W[0]) & _U32, (k1 + _PHILOX_W[1]) & _U32
-    return c0, c1, c2, c3
-
-
-def philox_normal(key, offset: int, first_sample: int, batch: int, per_sample: int, device="cpu"):
-    """The noise stream's standard normals for samples ``first_sample .. first_sample + batch - 1`` of one draw,
-    shape (batch, per_sample), float32: the specification every backend's in-kernel noise follows. ``key``: an
-    int or a one-element int64 tensor (a key that stays on the device, as under CUDA-graph capture)."""
-    groups = (per_sample + 3) // 4
-    q = torch.arange(groups, dtype=torch.int64, device=device).expand(batch, groups)
-    sample = (first_sample + torch.arange(batch, dtype=torch.int64, device=device))[:, None].expand(batch, groups)
-    c2 = torch.full_like(q, offset & _U32)
-    c3 = torch.full_like(q, (offset >> 32) & _U32)
-    words = philox4x32_10(q & _U32, sample & _U32, c2, c3, key)
-    u = [((w >> 8).to(torch.float32) + 0.5) * 5.9604644775390625e-08 for w in words]
-    two_pi = torch.tensor(6.283185307179586, dtype=torch.float32)
-    normals = []
-    for even, odd in ((u[0], u[1]), (u[2], u[3])):
-        radius = torch.sqrt(-2.0 * torch.log(even))
-        theta = two_pi * odd
-        normals += [radius * torch.cos(theta), radius * torch.sin(theta)]
-    return torch.stack(normals, dim=-1).reshape(batch, groups * 4)[:, :per_sample]
 
 
 def _draw_noise(x_t, generator, cd, sample_offset=0):
@@ -427,6 +378,21 @@ def _ddpm(x_t, t, t_prev, model_output, schedule, opts, noise, generator, cd, sa
 _SAMPLERS = {"ddim": _ddim, "ddpm": _ddpm}
 
 
+def guided_output(cond, uncond, scale, rescale, cd):
+    """Classifier-free guidance ``u + w (c - u)`` with a per-sample ``w`` (``scale``, shape (B,)), then, when
+    ``rescale > 0``, Lin et al. 2023's std-rescale as diffusers' ``rescale_noise_cfg``: ``g <- rescale · g ·
+    std(c) / std(g) + (1 - rescale) · g`` with per-sample (unbiased) standard deviations over the non-batch
+    dims."""
+    c = cond.to(cd)
+    w = scale.to(cd).reshape((c.shape[0],) + (1,) * (c.ndim - 1))
+    g = uncond.to(cd) + w * (c - uncond.to(cd))
+    if rescale > 0:
+        dims = list(range(1, c.ndim))
+        ratio = c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)
+        g = rescale * (g * ratio) + (1 - rescale) * g
+    return g
+
+
 def sampler_step_ref(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None,
                      uncond=None, guidance=None, sample_offset=0):
     """One step ``x_t -> x_{t_prev}`` of the sampler ``opts.sampler`` (a ``ddpm_kernels._spec.StepOptions``):
@@ -448,202 +414,17 @@ def sampler_step_ref(x_t, t, t_prev, model_output, schedule, opts, noise=None, g
     return (result, x0.to(x_t.dtype)) if opts.return_pred_x0 else result
 
 
-# ------------------------------------------------------------------------------------------ flow matching
-# Rectified flow (SD3 / Flux / Wan): x_sigma = (1 - sigma) x0 + sigma eps, the model predicts v = eps - x0.
-# Sigmas are ``ddpm_kernels._spec.SigmaOperand``s: ``full`` is the compute-dtype sigma broadcastable to the data.
-def flow_interpolate_ref(x0, noise, sigma, out=None):
-    """The forward process: ``(1 - sigma) x0 + sigma noise``."""
-    cd = compute_dtype(x0.dtype)
-    s = sigma.full.to(cd)
-    return _store((1 - s) * x0.to(cd) + s * noise.to(cd), x0, out)
-
-
-def guided_output(cond, uncond, scale, rescale, cd):
-    """Classifier-free guidance ``u + w (c - u)`` with a per-sample ``w`` (``scale``, shape (B,)), then, when
-    ``rescale > 0``, Lin et al. 2023's std-rescale as diffusers' ``rescale_noise_cfg``: ``g <- rescale · g ·
-    std(c) / std(g) + (1 - rescale) · g`` with per-sample (unbiased) standard deviations over the non-batch
-    dims."""
-    c = cond.to(cd)
-    w = scale.to(cd).reshape((c.shape[0],) + (1,) * (c.ndim - 1))
-    g = uncond.to(cd) + w * (c - uncond.to(cd))
-    if rescale > 0:
-        dims = list(range(1, c.ndim))
-        ratio = c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)
-        g = rescale * (g * ratio) + (1 - rescale) * g
-    return g
-
-
-def _gather_sigmas(sigmas, step_index, ndim, cd):
-    """``(sigmas[i], sigmas[i + 1])`` shaped (B, 1, ..., 1); an index outside [0, len - 1) gives NaN."""
-    n = sigmas.shape[0]
-    ok = (step_index >= 0) & (step_index < n - 1)
-    i = step_index.clamp(0, max(n - 2, 0))
-    pair = torch.stack((sigmas.index_select(0, i), sigmas.index_select(0, i + 1))).to(cd)
-    pair = torch.where(ok, pair, torch.full_like(pair, float("nan")))
-    shape = (step_index.shape[0],) + (1,) * (ndim - 1)
-    return pair[0].reshape(shape), pair[1].reshape(shape)
-
-
-def flow_step_ref(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_next, opts,
-                  noise=None, generator=None, out=None, sample_offset=0):
-    """One flow-matching Euler step (``opts`` a ``ddpm_kernels._spec.FlowStepOptions``): with ``v`` the model
-    output (guided: `guided_output` of ``model_output`` as the conditional and ``uncond``),
-
-        deterministic   x' = x + (sigma_next - sigma) v
-        stochastic      x0 = x - sigma v;   x' = (1 - sigma_next) x0 + sigma_next z
-
-    ``sigma``/``sigma_next`` are gathered from the table ``sigmas`` by ``step_index`` (per sample), or given
-    (``SigmaOperand``s, per sample or per token) when ``sigmas`` is None. ``z`` is ``noise``, else drawn from
-    ``generator`` (only when stochastic), samples ``sample_offset ..`` of the noise stream."""
-    cd = compute_dtype(sample.dtype)
-    if opts.guided:
-        v = guided_output(model_output, uncond, guidance, opts.guidance_rescale, cd)
-    else:
-        v = model_output.to(cd)
-    if sigmas is not None:
-        s, s_next = _gather_sigmas(sigmas, step_index, sample.ndim, cd)
-    else:
-        s, s_next = sigma.full.to(cd), sigma_next.full.to(cd)
-    x = sample.to(cd)
-    if opts.stochastic:
-        if noise is None:
-            noise = _draw_noise(sample, generator, cd, sample_offset)
-        prev = (1 - s_next) * (x - s * v) + s_next * noise.to(cd)
-    else:
-        prev = x + (s_next - s) * v
-    return _store(prev, sample, out)
-
-
-# ------------------------------------------------------------------------------------ Euler on a sigma table
-# diffusers' EulerDiscreteScheduler / EulerAncestralDiscreteScheduler: the sample lives in Karras et al.'s sigma
-# space (x = x0 + sigma eps); sigma = sigmas[i], sigma' = sigmas[i + 1] per sample.
-def _euler_x0(x, v, sigma, sigma_hat, parameterization):
-    """The x0 prediction and the ODE derivative (x - x0) / sigma_hat (for eps exactly the model output)."""
-    if parameterization == "eps":
-        return x - sigma_hat * v, v
-    if parameterization == "x0":
-        x0 = v
-    else:  # "v": diffusers' c_out / c_skip at sigma (not sigma_hat)
-        x0 = v * (-sigma / torch.sqrt(sigma * sigma + 1)) + x / (sigma * sigma + 1)
-    return x0, (x - x0) / sigma_hat
-
-
-def euler_step_ref(sample, model_output, uncond, guidance, sigmas, step_index, opts, noise=None, generator=None,
-                   out=None, sample_offset=0):
-    """One step of the Euler family (``opts`` a ``ddpm_kernels._spec.EulerStepOptions``); the public
-    ``euler_step`` / ``euler_ancestral_step`` document the math. ``x'`` in ``sample``'s dtype, or ``(x', x0)``
-    with ``opts.return_pred_x0``."""
-    cd = compute_dtype(sample.dtype)
-    v = guided_output(model_output, uncond, guidance, opts.guidance_rescale, cd) if opts.guided else \
-        model_output.to(cd)
-    s, s_next = _gather_sigmas(sigmas, step_index, sample.ndim, cd)
-    x = sample.to(cd)
-    if opts.adds_noise and noise is None:
-        noise = _draw_noise(sample, generator, cd, sample_offset)
-    if opts.sampler == "euler":
-        steps = sigmas.shape[0] - 1
-        churn = min(opts.s_churn / steps, 2 ** 0.5 - 1)
-        gamma = ((opts.s_tmin <= s) & (s <= opts.s_tmax)).to(cd) * churn
-        s_hat = s * (gamma + 1)
-        if opts.s_churn > 0:
-            x = x + noise.to(cd) * opts.s_noise * torch.sqrt(s_hat * s_hat - s * s)
-        x0, derivative = _euler_x0(x, v, s, s_hat, opts.parameterization)
-        prev = x + derivative * (s_next - s_hat)
-    else:  # "euler_ancestral"
-        s_up = torch.sqrt(s_next * s_next * (s * s - s_next * s_next) / (s * s))
-        s_down = torch.sqrt(s_next * s_next - s_up * s_up)
-        x0, derivative = _euler_x0(x, v, s, s, opts.parameterization)
-        prev = x + derivative * (s_down - s) + noise.to(cd) * s_up
-    result = _store(prev, sample, out)
-    return (result, x0.to(sample.dtype)) if opts.return_pred_x0 else result
-
-
-# --------------------------------------------------------------------------------------- multistep solvers
-# DPM-Solver(++), UniPC, LCM, ...: per sample an affine combination whose coefficients are one row of a table
-# built per schedule (``ddpm_kernels._spec.SolverColumns`` names the columns), gathered by the step index.
-def _term(c, tensor):
-    """``c * tensor``, exactly 0 where ``c`` is 0 whatever ``tensor`` holds (NaN, inf, an unwritten slot)."""
-    return torch.where(c != 0, c * tensor, torch.zeros((), dtype=c.dtype, device=c.device))
-
-
-def solver_step_ref(sample, model_output, uncond, guidance, coefficients, step_index, history, last_sample, opts,
-                    noise=None, generator=None, out=None, sample_offset=0):
-    """One multistep-solver step (``opts`` a ``ddpm_kernels._spec.SolverStepOptions``): row
-    ``coefficients[step_index[b]]`` of sample ``b`` (NaN for an index outside the table) combines the sample,
-    the model output (guided: `guided_output` with ``uncond``), the history ring ``history`` ((H, *sample.shape):
-    entry ``j`` steps back is slot ``(step_index - j) % H``), the last-sample buffer and the noise as
-    ``SolverColumns`` documents, in that order of operations. Writes the converted output into slot
-    ``step_index % H`` of ``history`` and ``x_c`` into ``last_sample`` (both after every read), and returns
-    ``x'`` in ``sample``'s dtype (into ``out`` when given). ``z`` is ``noise``, else drawn from ``generator``
-    (only with ``opts.stochastic``), samples ``sample_offset ..`` of the noise stream."""
-    cd = compute_dtype(sample.dtype)
-    batch, ndim = sample.shape[0], sample.ndim
-    slots = 0 if history is None else history.shape[0]
-    col = SolverColumns(slots)
-    n = coefficients.shape[0]
-    ok = (step_index >= 0) & (step_index < n)
-    rows = coefficients.index_select(0, step_index.clamp(0, max(n - 1, 0))).to(cd)
-    rows = torch.where(ok[:, None], rows, torch.full_like(rows, float("nan")))
-    rows = rows.reshape((batch, col.width) + (1,) * (ndim - 1))
-
-    def c(k):
-        return rows[:, k]
-
-    y = guided_output(model_output, uncond, guidance, opts.guidance_rescale, cd) if opts.guided else \
-        model_output.to(cd)
-    x = sample.to(cd)
-    x0 = _term(c(col.x0_sample), x) + _term(c(col.x0_output), y)
-    if opts.threshold_ratio is not None:
-        x0 = _dynamic_threshold(x0, opts.threshold_ratio, opts.threshold_max)
-    elif opts.clip_range is not None:
-        x0 = x0.clamp(-opts.clip_range, opts.clip_range)
-    m = _term(c(col.m_sample), x) + _term(c(col.m_x0), x0) + _term(c(col.m_output), y)
-    past = []
-    if slots:
-        rows_b = torch.arange(batch, device=sample.device)
-        for j in range(1, slots + 1):
-            past.append(history[torch.remainder(step_index - j, slots), rows_b].to(cd))
-    x_c = _term(c(col.c_sample), x)
-    if last_sample is not None:
-        x_c = x_c + _term(c(col.c_last), last_sample.to(cd))
-    x_c = x_c + _term(c(col.c_m), m)
-    for j, h in enumerate(past):
-        x_c = x_c + _term(c(col.c_hist + j), h)
-    prev = _term(c(col.p_xc), x_c) + _term(c(col.p_m), m)
-    for j, h in enumerate(past):
-        prev = prev + _term(c(col.p_hist + j), h)
-    if opts.stochastic:
-        z = _draw_noise(sample, generator, cd, sample_offset) if noise is None else noise.to(cd)
-        prev = prev + _term(c(col.p_noise), z)
-    if slots:
-        history[torch.remainder(step_index, slots), torch.arange(batch, device=sample.device)] = m.to(history.dtype)
-    if last_sample is not None:
-        last_sample.copy_(x_c)
-    return _store(prev, sample, out)
-
-
-def flow_loss_weight(sigma, weighting):
-    """SD3's per-sample loss weighting (diffusers' ``compute_loss_weighting_for_sd3``): ``none`` 1,
-    ``sigma_sqrt`` sigma^-2, ``cosmap`` 2 / (pi (1 - 2 sigma + 2 sigma^2))."""
-    if weighting == "sigma_sqrt":
-        return sigma ** -2.0
-    if weighting == "cosmap":
-        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma * sigma))
-    return torch.ones_like(sigma)
-
-
-def flow_loss_ref(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):
-    """The rectified-flow training loss: the target ``noise - x0``, each element's l2 (or l1) error weighted by
-    `flow_loss_weight` of its sigma, the mean over each sample's non-batch elements, then over the batch (SD3 /
-    Flux training scripts). A 0-d tensor in float32 (float64 for float64 data), as those scripts' ``.float()``
-    loss."""
-    cd = compute_dtype(model_output.dtype)
-    diff = model_output.to(cd) - (noise.to(cd) - x0.to(cd))
-    per_elem = diff.abs() if loss_type == "l1" else diff * diff
-    per_elem = flow_loss_weight(sigma.full.to(cd), weighting) * per_elem
-    batch = per_elem.shape[0]
-    return per_elem.reshape(batch, math.prod(per_elem.shape[1:])).mean(dim=1).mean()
-
+# The sigma-table samplers (flow matching, Euler, multistep solvers): ddpm_kernels._reference_sigma, on the
+# helpers above.
+from ._reference_sigma import (  # noqa: E402  (after the helpers it imports)
+    euler_step_ref,
+    flow_interpolate_ref,
+    flow_loss_ref,
+    flow_loss_weight,
+    flow_step_ref,
+    solver_step_ref,
+)
+from ._reference_sigma import _euler_x0, _term  # noqa: E402,F401  (tests read them here)
 
 # Backend table: the public dispatch looks ops up here by name (see ddpm_kernels.backends).
 OPS = {
