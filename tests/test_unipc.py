@@ -18,6 +18,7 @@ from diffusers import UniPCMultistepScheduler  # noqa: E402
 
 from ddpm_kernels.solvers import SolverColumns, new_history, solver_step  # noqa: E402
 from ddpm_kernels.solvers.unipc import unipc_coefficients, unipc_orders  # noqa: E402
+from ddpm_kernels.solvers import unipc  # noqa: E402
 
 SHAPE = (2, 3, 4, 5)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -240,3 +241,27 @@ def test_argument_checks(kwargs, message):
         unipc_coefficients(np.linspace(3, 0, 5), **kwargs)
     with pytest.raises(ValueError, match="sigmas"):
         unipc_coefficients([1.0])
+
+
+@pytest.mark.parametrize("solver_type", ["bh1", "bh2"])
+@pytest.mark.parametrize("predict_x0", [True, False])
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_rows_solved_together_equal_rows_solved_one_at_a_time(order, predict_x0, solver_type, monkeypatch):
+    # the table solves the rows of one (order, corrector) in one batched call; each row alone gives the same bits
+    sigmas = np.concatenate([np.geomspace(14.6, 0.03, 25), [0.0]])
+    kwargs = dict(solver_order=order, solver_type=solver_type, predict_x0=predict_x0, disable_corrector=[3])
+    together = unipc_coefficients(sigmas, **kwargs)
+    batched = unipc._update_rows
+    calls = []
+
+    def one_at_a_time(*arrays, predict_x0, solver_type, corrector):
+        calls.append(arrays[0].shape[0])
+        rows = [batched(*(a[j:j + 1] for a in arrays), predict_x0, solver_type, corrector)
+                for j in range(arrays[0].shape[0])]
+        return tuple(np.concatenate([r[k] for r in rows]) for k in range(4))
+
+    monkeypatch.setattr(unipc, "_update_rows", lambda *a: one_at_a_time(*a[:7], predict_x0=a[7], solver_type=a[8],
+                                                                         corrector=a[9]))
+    alone = unipc_coefficients(sigmas, **kwargs)
+    assert max(calls) > 10  # the rows did go through the batched path
+    np.testing.assert_array_equal(together, alone)

@@ -12,7 +12,7 @@ predictor, the ``last_sample`` buffer):
   ``sigmas[i]`` with ``m`` as a new node;
 * the predictor UniP gives ``x' = p_xc x_c + p_m m + sum_j p_hist[j] h_j`` at ``sigmas[i + 1]``.
 
-The per-step linear solves for the rhos run here, once per row, in float64. Where diffusers' float32 arithmetic
+The per-step linear solves for the rhos run here, once per row, in float64 (batched over the rows of one order). Where diffusers' float32 arithmetic
 has no finite value — a zero final sigma makes ``lambda = inf`` — the row holds the limit: see docs/design.md,
 "Multistep solvers", "UniPC".
 """
@@ -99,26 +99,37 @@ def _update_distinct(point_t, point_s, lambdas, order, predict_x0, solver_type, 
     """One UniP / UniC update from ``point_s`` to ``point_t`` (each ``(alpha, sigma_t, lambda)``) with earlier
     nodes at log-SNRs ``lambdas`` (1 back, 2 back, ...; ``order - 1`` of them) as coefficients:
     ``(x, m0, [m_k for each earlier node], m_t)`` of ``x_t = x_coef x + m0_coef m0 + sum_k m_k h_k + mt_coef m_t``
-    where ``m0`` is the output at ``point_s`` and ``m_t`` the new one at ``point_t`` (corrector only)."""
-    alpha_t, sigma_t, lambda_t = point_t
-    alpha_s, sigma_s, lambda_s = point_s
+    where ``m0`` is the output at ``point_s`` and ``m_t`` the new one at ``point_t`` (corrector only). The
+    limits first (a zero final sigma, a repeated sigma), then `_update_rows` on this one row."""
+    if point_t[1] == 0.0 and not corrector:
+        return _final_update(point_t, point_s, lambdas, order, predict_x0)
+    if point_t[2] - point_s[2] == 0.0:
+        # a repeated sigma (duplicate timesteps): no time passes, the update is the identity (every h -> 0 limit)
+        x_coef = point_t[1] / point_s[1] if predict_x0 else point_t[0] / point_s[0]
+        return x_coef, 0.0, [0.0] * (order - 1), 0.0
+    rows = _update_rows(*(np.array([v]) for v in point_t + point_s), np.array([lambdas]).reshape(1, order - 1),
+                        predict_x0, solver_type, corrector)
+    return float(rows[0][0]), float(rows[1][0]), rows[2][0].tolist(), float(rows[3][0])
+
+
+def _update_rows(alpha_t, sigma_t, lambda_t, alpha_s, sigma_s, lambda_s, lambdas, predict_x0, solver_type,
+                 corrector):
+    """`_update_distinct` for ``n`` rows at once, each argument an (n,) array and ``lambdas`` (n, order - 1), on
+    rows without a limit (``h != 0``; ``sigma_t > 0`` for the predictor; distinct nodes): ``(x_coef, m0, past,
+    m_t)``, ``past`` (n, order - 1). One batched linear solve for all rows."""
+    n, order = lambdas.shape[0], lambdas.shape[1] + 1
     if predict_x0:
         scale, x_coef = alpha_t, sigma_t / sigma_s
     else:
         scale, x_coef = sigma_t, alpha_t / alpha_s
-    if sigma_t == 0.0 and not corrector:
-        return _final_update(point_t, point_s, lambdas, order, predict_x0)
     h = lambda_t - lambda_s
-    if h == 0.0:
-        # a repeated sigma (duplicate timesteps): no time passes, the update is the identity (every h -> 0 limit)
-        return x_coef, 0.0, [0.0] * (order - 1), 0.0
     hh = -h if predict_x0 else h
     h_phi_1 = np.expm1(hh)
     base = -scale * h_phi_1
     n_solve = order if corrector else order - 1
     if n_solve == 0:
-        return x_coef, base, [], 0.0
-    rks = np.array([(lam - lambda_s) / h for lam in lambdas] + [1.0])
+        return x_coef, base, np.zeros((n, 0)), np.zeros(n)
+    rks = np.concatenate([(lambdas - lambda_s[:, None]) / h[:, None], np.ones((n, 1))], axis=1)
     b_h = hh if solver_type == "bh1" else np.expm1(hh)
     h_phi_k = h_phi_1 / hh - 1.0
     factorial = 1.0
@@ -128,17 +139,45 @@ def _update_distinct(point_t, point_s, lambdas, order, predict_x0, solver_type, 
         b.append(h_phi_k * factorial / b_h)
         factorial *= i + 1
         h_phi_k = h_phi_k / hh - 1.0 / factorial
-    R, b = np.stack(R), np.array(b)
+    R, b = np.stack(R, axis=1), np.stack(b, axis=1)  # R[:, i, j] = r_j^i
     if corrector:
-        rhos = np.array([0.5]) if order == 1 else np.linalg.solve(R, b)
+        rhos = np.full((n, 1), 0.5) if order == 1 else np.linalg.solve(R, b[..., None])[..., 0]
     else:
-        rhos = np.array([0.5]) if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1])
+        rhos = np.full((n, 1), 0.5) if order == 2 else np.linalg.solve(R[:, :-1, :-1], b[:, :-1, None])[..., 0]
     weight = scale * b_h
     # D_k = (m_k - m0) / r_k enters as -weight * rho_k * D_k; the corrector's D_t = m_t - m0 as -weight rho_last D_t
-    past = [-weight * rhos[k] / rks[k] for k in range(order - 1)]
-    m_t = -weight * rhos[-1] if corrector else 0.0
-    m0 = base - sum(past) - m_t
-    return x_coef, m0, past, m_t
+    past = -weight[:, None] * rhos[:, : order - 1] / rks[:, : order - 1]
+    m_t = -weight * rhos[:, -1] if corrector else np.zeros(n)
+    total = np.zeros(n)
+    for k in range(order - 1):  # summed term by term, in order
+        total = total + past[:, k]
+    return x_coef, base - total - m_t, past, m_t
+
+
+def _solve_updates(updates, points, predict_x0, solver_type):
+    """The coefficients of ``updates`` ((row, t, s, order, corrector) each: from point ``s`` to point ``t`` with
+    the ``order - 1`` points before ``s`` as earlier nodes), as ``(rows, x_coef, m0, past, m_t, corrector)``
+    groups: the rows without a limit or a repeated node in one `_update_rows` per (order, corrector), the
+    others one at a time (`_update`)."""
+    lam = [p[2] for p in points]
+    groups = {}
+    for row, t, s, order, corrector in updates:
+        nodes = [lam[s - k] for k in range(1, order)]
+        regular = (corrector or points[t][1] != 0.0) and lam[t] - lam[s] != 0.0 and len(set(nodes + [lam[s]])) == order
+        if regular:
+            groups.setdefault((order, corrector), []).append((row, t, s))
+            continue
+        x_coef, m0, past, m_t = _update(points[t], points[s], nodes, order, predict_x0, solver_type, corrector)
+        yield [row], x_coef, m0, np.array([past]).reshape(1, order - 1), m_t, corrector
+    for (order, corrector), members in groups.items():
+        rows, ts, ss = (np.array(v) for v in zip(*members))
+        at, st, lt = (np.array([points[t][j] for t in ts]) for j in range(3))
+        as_, ss_, ls = (np.array([points[s][j] for s in ss]) for j in range(3))
+        nodes = np.array([[lam[s - k] for k in range(1, order)] for s in ss]).reshape(len(ss), order - 1)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a degenerate schedule's rows hold inf / NaN
+            x_coef, m0, past, m_t = _update_rows(at, st, lt, as_, ss_, ls, nodes, predict_x0, solver_type,
+                                                 corrector)
+        yield rows, x_coef, m0, past, m_t, corrector
 
 
 def unipc_coefficients(
@@ -178,30 +217,27 @@ def unipc_coefficients(
     points = [(a, s, _log_snr(a, s)) for a, s in points]
     table = np.full((steps, col.width), np.nan)
     orders = unipc_orders(steps, solver_order, lower_order_final, begin_index)
+    # the updates, as (row, point t, point s, order, corrector); a row's corrector redoes step i - 1 to sigma_i
+    updates = []
     for i in range(begin_index, steps):
-        row = np.zeros(col.width)
+        table[i] = 0.0
         alpha, sigma, _ = points[i]
         if predict_x0:
-            row[col.x0_sample], row[col.x0_output] = x0_columns(prediction_type, alpha, sigma, sigmas[i])
-            row[col.m_x0] = 1.0
+            table[i, col.x0_sample], table[i, col.x0_output] = x0_columns(prediction_type, alpha, sigma, sigmas[i])
+            table[i, col.m_x0] = 1.0
         else:
-            row[col.m_sample], row[col.m_x0], row[col.m_output] = epsilon_columns(prediction_type, alpha, sigma)
-        order = orders[i - begin_index]
+            table[i, col.m_sample], table[i, col.m_x0], table[i, col.m_output] = epsilon_columns(
+                prediction_type, alpha, sigma)
         if i > begin_index and i - 1 not in disabled:
-            c_order = orders[i - 1 - begin_index]
-            lambdas = [points[i - 1 - k][2] for k in range(1, c_order)]
-            x_coef, m0, past, m_t = _update(points[i], points[i - 1], lambdas, c_order, predict_x0, solver_type,
-                                            corrector=True)
-            row[col.c_last], row[col.c_m], row[col.c_hist] = x_coef, m_t, m0
-            for k, coef in enumerate(past):
-                row[col.c_hist + 1 + k] = coef
+            updates.append((i, i, i - 1, orders[i - 1 - begin_index], True))
         else:
-            row[col.c_sample] = 1.0
-        lambdas = [points[i - k][2] for k in range(1, order)]
-        x_coef, m0, past, _ = _update(points[i + 1], points[i], lambdas, order, predict_x0, solver_type,
-                                      corrector=False)
-        row[col.p_xc], row[col.p_m] = x_coef, m0
-        for k, coef in enumerate(past):
-            row[col.p_hist + k] = coef
-        table[i] = row
+            table[i, col.c_sample] = 1.0
+        updates.append((i, i + 1, i, orders[i - begin_index], False))
+    for rows, x_coef, m0, past, m_t, corrector in _solve_updates(updates, points, predict_x0, solver_type):
+        if corrector:
+            table[rows, col.c_last], table[rows, col.c_m], table[rows, col.c_hist] = x_coef, m_t, m0
+            table[rows, col.c_hist + 1: col.c_hist + 1 + past.shape[1]] = past
+        else:
+            table[rows, col.p_xc], table[rows, col.p_m] = x_coef, m0
+            table[rows, col.p_hist: col.p_hist + past.shape[1]] = past
     return table
