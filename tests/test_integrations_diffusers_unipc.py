@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,13 @@ def test_loop_equals_stock(name, steps, begin):
     expected, expected_states = run_loop(stock, begin=begin, record=True)
     assert_close_to_stock(got, expected, name)
     assert got_states == expected_states  # step index, this_order, lower_order_nums as stock keeps them
+
+
+@pytest.mark.parametrize("form", [np.array, torch.tensor, tuple], ids=["ndarray", "tensor", "tuple"])
+def test_disable_corrector_as_an_array_or_tensor_equals_stock(form):
+    # stock tests `step_index - 1 in disable_corrector`, which any sequence of step indices answers
+    stock, fused = pair(dict(solver_order=3, disable_corrector=form([0, 2, 5])))
+    assert_close_to_stock(fused_loop(fused)[0], run_loop(stock)[0])
 
 
 @pytest.mark.parametrize("config", [

@@ -51,6 +51,14 @@ from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
 __all__ = ["FusedUniPCMultistepScheduler"]
 
 
+def _step_list(steps) -> tuple:
+    """``disable_corrector`` as a tuple of its entries (a list, a numpy array or a tensor of step indices, as
+    stock's ``step_index - 1 not in disable_corrector`` takes them; None for none)."""
+    if steps is None:
+        return ()
+    return tuple(steps.tolist() if isinstance(steps, (np.ndarray, torch.Tensor)) else steps)
+
+
 class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler):
     """diffusers' ``UniPCMultistepScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
@@ -66,13 +74,13 @@ class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler):
     def _dk_config_key(self) -> tuple:
         c = self.config
         return (c.solver_order, c.solver_type, bool(self.predict_x0), c.prediction_type, bool(c.lower_order_final),
-                tuple(self.disable_corrector or ()), bool(c.use_flow_sigmas))
+                _step_list(self.disable_corrector), bool(c.use_flow_sigmas))
 
     def _dk_settings(self) -> tuple:
         disabled = self.disable_corrector
         try:
-            disabled = tuple(disabled or ())
-        except TypeError:
+            disabled = _step_list(disabled)
+        except (TypeError, ValueError, RuntimeError):
             pass  # refused by _dk_unsupported
         return (self.predict_x0, self.solver_p, disabled)
 
@@ -89,9 +97,9 @@ class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler):
         if not (type(c.solver_order) is int and c.solver_order >= 1):
             return f"solver_order {c.solver_order!r} is not an int >= 1"
         try:
-            disabled = tuple(self.disable_corrector or ())
+            disabled = _step_list(self.disable_corrector)
             hash(disabled)
-        except TypeError:
+        except (TypeError, ValueError, RuntimeError):
             return f"disable_corrector {self.disable_corrector!r} is not a list of step indices"
         if c.thresholding and self.predict_x0:
             return threshold_unsupported(c)
@@ -105,7 +113,7 @@ class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler):
         return unipc_coefficients(
             schedule.host_sources[0][: schedule.steps + 1], solver_order=c.solver_order,
             solver_type=c.solver_type, predict_x0=bool(self.predict_x0), prediction_type=c.prediction_type,
-            lower_order_final=bool(c.lower_order_final), disable_corrector=self.disable_corrector or (),
+            lower_order_final=bool(c.lower_order_final), disable_corrector=_step_list(self.disable_corrector),
             flow_sigmas=bool(c.use_flow_sigmas), begin_index=begin,
         )
 
