@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,3 +189,14 @@ def test_stock_errors_are_the_stock_ones():
             fused.step(x, fused.timesteps[0], x)
     with pytest.raises(ValueError, match="set_timesteps"):
         FusedLCMScheduler().step(x, 10, x)
+
+
+@pytest.mark.parametrize("form", [float, lambda t: t.float(), lambda t: t.double(), lambda t: np.float32(t)],
+                         ids=["float", "float32-tensor", "float64-tensor", "np.float32"])
+def test_a_float_timestep_gets_the_stock_error(form):
+    # stock indexes its alphas_cumprod by the timestep itself: a float one raises IndexError there
+    stock, fused = pair()
+    x = torch.zeros(SHAPE)
+    for scheduler in (stock, fused):
+        with pytest.raises(IndexError):
+            scheduler.step(x, form(scheduler.timesteps[0]), x)

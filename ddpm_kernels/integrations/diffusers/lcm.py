@@ -99,6 +99,10 @@ class FusedLCMScheduler(_SolverDropIn, LCMScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: Optional[torch.Generator] = None, return_dict: bool = True):
         """As ``LCMScheduler.step``, fused and sync-free."""
+        if isinstance(timestep, (float, np.floating)) or (
+                isinstance(timestep, torch.Tensor) and timestep.is_floating_point()):
+            # stock indexes alphas_cumprod by the timestep: a float one gets its IndexError
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
         prepared = self._dk_prepare(model_output, timestep, sample)
         if prepared is None:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
