@@ -65,6 +65,7 @@ _OPTIONS_LIMIT = 4096
 # families whose options backends may decline (dispatch keys on them); options are usually a handful of constants,
 # a sweep over floats must not grow the cache forever
 _KEYED_FAMILIES = ("step", "flow", "sigma", "solver")
+_KERNEL_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
 # ----------------------------------------------------------------------------------------------- prologue
@@ -154,13 +155,14 @@ def _dispatch(spec: OpSpec, backend: str, x: torch.Tensor, opts, tensors: tuple,
 def promoted_dtype(x, others: tuple):
     """The dtype a call with mixed float operands computes and returns in: torch's promotion of the operands'
     dtypes (docs/design.md, "Mixed precision"); None when they already agree (the common case: a few
-    comparisons) or when a non-tensor or non-float operand is there for the checks to refuse."""
+    comparisons) or when a non-tensor operand or one outside the kernels' float dtypes is there for the checks
+    to refuse."""
     dtype = getattr(x, "dtype", None)
     if all(y is None or getattr(y, "dtype", dtype) == dtype for y in others):
         return None
     operands = (x,) + tuple(others)
-    if not all(y is None or (isinstance(y, torch.Tensor) and y.is_floating_point()) for y in operands):
-        return None
+    if not all(y is None or (isinstance(y, torch.Tensor) and y.dtype in _KERNEL_DTYPES) for y in operands):
+        return None  # (a float8 operand too: torch does not promote it)
     return functools.reduce(torch.promote_types, (y.dtype for y in operands if y is not None))
 
 

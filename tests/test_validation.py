@@ -144,3 +144,20 @@ def test_unavailable_backend_says_how_to_get_it(monkeypatch):
     a = args()
     with pytest.raises(dk.BackendUnavailableError, match="backend='cuda'"):
         dk.q_sample(a["x"], a["t"], a["y"], a["s"], backend="cuda")
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="no float8 dtype in this torch")
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_a_float8_operand_is_refused_by_name(backend):
+    # torch does not promote float8 with other floats: such an operand is refused by the checks, not by torch
+    x, t = torch.randn(2, 3, 4, 4), torch.tensor([1, 2])
+    low = x.to(torch.float8_e4m3fn)
+    s = dk.DiffusionSchedule("linear", timesteps=10)
+    calls = {
+        "noise": lambda: dk.q_sample(x, t, low, s, backend=backend),
+        "model_output": lambda: dk.p_sample(x, t, low, s, noise=x, backend=backend),
+        "model_output ": lambda: dk.flow_step(x, low, torch.linspace(1, 0, 11), t, backend=backend),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"^{name.strip()}: expected dtype"):
+            call()
