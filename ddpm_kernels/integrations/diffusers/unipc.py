@@ -17,7 +17,9 @@ another). What changes against the stock class:
 * The converted model outputs live in a ring of ``solver_order`` preallocated tensors and the corrector's last
   sample in a preallocated buffer (``last_sample`` is that buffer, overwritten by the next step); a loop
   allocates nothing per step but its results. ``model_outputs`` and ``timestep_list`` are not kept;
-  ``lower_order_nums`` and ``this_order`` are, as stock keeps them.
+  ``lower_order_nums`` and ``this_order`` are, as stock keeps them. A step index moved back by hand in the
+  middle of a loop starts the warm-up again there (stock keeps counting ``lower_order_nums`` and reads the
+  later steps' outputs its list still holds).
 * The coefficients (the rhos' linear solves included) are float64, not float32, and the step computes in
   float32 (float64 for float64 data) and rounds once to the sample's dtype: the results agree with stock
   within float32 rounding, and for bf16 / fp16 samples or model outputs they are closer to the float64
