@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .utils import batch_chunks, device_of, div_rn, launch_config, load_tile, sqrt_rn
+from .utils import batch_chunks, device_of, div_rn, launch_config, like_dense, load_tile, split_float, sqrt_rn
 
 __all__ = [
     "MAX_SPLITS",
@@ -40,6 +40,7 @@ __all__ = [
     "stats_layout",
     "block_split",
     "guidance_stats",
+    "guidance_kwargs",
 ]
 
 # Partials per sample of the rescale statistics: enough programs to fill a GPU for small batches, and few enough
@@ -185,3 +186,23 @@ def guidance_stats(cond: torch.Tensor, uncond: torch.Tensor, guidance: torch.Ten
                 num_warps=warps,
             )
     return stats
+
+
+def guidance_kwargs(x: torch.Tensor, model_output: torch.Tensor, uncond, guidance, stats, guidance_rescale: float,
+                    n: int, batch: int, standin: torch.Tensor) -> dict:
+    """A step kernel's model-output and guidance arguments by name, as ``guided_prediction`` reads them: the
+    (conditional) ``model_output`` and ``uncond`` in ``x``'s dense format, the per-sample ``guidance`` (None:
+    unguided) and ``guidance_stats``' partials ``stats`` of ``batch`` samples of ``n`` elements (None: no rescale)
+    with ``guidance_rescale``; ``standin`` is passed for the pointers that are not read."""
+    guided = guidance is not None
+    cond = like_dense(x, model_output)
+    n_splits, chunk = 1, n  # read only with RESCALE
+    if stats is not None:
+        n_splits, chunk, _ = stats_layout(n, batch)
+    rescale_hi, rescale_lo = split_float(guidance_rescale)
+    return dict(
+        model_output_ptr=cond, uncond_ptr=like_dense(x, uncond) if guided else cond,
+        guidance_ptr=guidance if guided else standin, stats_ptr=standin if stats is None else stats,
+        rescale_hi=rescale_hi, rescale_lo=rescale_lo, n_splits=n_splits, chunk=chunk, GUIDED=guided,
+        RESCALE=stats is not None, BLOCK_SPLIT=block_split(n_splits),
+    )
