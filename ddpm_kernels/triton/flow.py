@@ -78,15 +78,28 @@ _TWO_OVER_PI = split_float(2.0 / math.pi)
 
 # ---------------------------------------------------------------------------------------------- jit helpers
 @triton.jit
-def flow_weight(s, two_over_pi_hi, two_over_pi_lo, WEIGHTING: tl.constexpr):
-    """SD3's loss weighting of sigma ``s``: ``sigma_sqrt`` s^-2, ``cosmap`` 2 / (pi (1 - 2 s + 2 s^2))
-    (``WEIGHTING`` 0, ``none``, is not called)."""
-    if WEIGHTING == 1:
-        w = div_rn(1.0, s * s)
-    else:
-        two_over_pi = tl.cast(two_over_pi_hi, s.dtype) + tl.cast(two_over_pi_lo, s.dtype)
-        w = div_rn(two_over_pi, 1.0 - 2.0 * s + 2.0 * s * s)
-    return w
+def weighted(value, sigma_ptr, sample, offs_in_sample, mask, period, repeat, two_over_pi_hi, two_over_pi_lo,
+             SIGMA_PER_TOKEN: tl.constexpr, WEIGHTING: tl.constexpr):
+    """``value`` times SD3's loss weighting of the tile's sigma ``s``: ``sigma_sqrt`` s^-2, ``cosmap``
+    2 / (pi (1 - 2 s + 2 s^2)); ``none`` (``WEIGHTING`` 0) is ``value`` itself, no sigma read."""
+    if WEIGHTING != 0:
+        s = sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, SIGMA_PER_TOKEN)
+        if WEIGHTING == 1:
+            w = div_rn(1.0, s * s)
+        else:
+            two_over_pi = tl.cast(two_over_pi_hi, s.dtype) + tl.cast(two_over_pi_lo, s.dtype)
+            w = div_rn(two_over_pi, 1.0 - 2.0 * s + 2.0 * s * s)
+        value = w * value
+    return value
+
+
+@triton.jit
+def flow_loss_error(model_output_ptr, x0_ptr, noise_ptr, offs, mask, cd: tl.constexpr):
+    """The tile's error ``model_output - (noise - x0)`` (the target is the velocity), in ``cd``."""
+    model_output = load_tile(model_output_ptr, offs, mask, cd)
+    noise = load_tile(noise_ptr, offs, mask, cd)
+    x0 = load_tile(x0_ptr, offs, mask, cd)
+    return model_output - (noise - x0)
 
 
 # -------------------------------------------------------------------------------------------------- kernels
@@ -142,13 +155,9 @@ def flow_loss_kernel(
 ):
     sample, _, offs_in_sample, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = sigma_ptr.dtype.element_ty
-    model_output = load_tile(model_output_ptr, offs, mask, cd)
-    noise = load_tile(noise_ptr, offs, mask, cd)
-    x0 = load_tile(x0_ptr, offs, mask, cd)
-    per_element = loss_terms(model_output - (noise - x0), LOSS_L1)
-    if WEIGHTING != 0:
-        s = sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, SIGMA_PER_TOKEN)
-        per_element = flow_weight(s, two_over_pi_hi, two_over_pi_lo, WEIGHTING) * per_element
+    per_element = loss_terms(flow_loss_error(model_output_ptr, x0_ptr, noise_ptr, offs, mask, cd), LOSS_L1)
+    per_element = weighted(per_element, sigma_ptr, sample, offs_in_sample, mask, period, repeat, two_over_pi_hi,
+                           two_over_pi_lo, SIGMA_PER_TOKEN, WEIGHTING)
     store_partial_sum(partial_ptr, per_element, mask, sample, n_tiles)
 
 
@@ -200,15 +209,12 @@ def flow_loss_backward_kernel(
 ):
     sample, _, offs_in_sample, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = sigma_ptr.dtype.element_ty
-    model_output = load_tile(model_output_ptr, offs, mask, cd)
-    noise = load_tile(noise_ptr, offs, mask, cd)
-    x0 = load_tile(x0_ptr, offs, mask, cd)
+    err = flow_loss_error(model_output_ptr, x0_ptr, noise_ptr, offs, mask, cd)
     # the two means' 1 / (B N), with the incoming gradient read from device memory (no host sync)
     grad_scale = div_rn(tl.load(grad_loss_ptr).to(cd), tl.cast(B, cd) * tl.cast(N, cd))
-    d_err = loss_term_grad(model_output - (noise - x0), cd, LOSS_L1)
-    if WEIGHTING != 0:
-        s = sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, SIGMA_PER_TOKEN)
-        grad_scale = grad_scale * flow_weight(s, two_over_pi_hi, two_over_pi_lo, WEIGHTING)
+    d_err = loss_term_grad(err, cd, LOSS_L1)
+    grad_scale = weighted(grad_scale, sigma_ptr, sample, offs_in_sample, mask, period, repeat, two_over_pi_hi,
+                          two_over_pi_lo, SIGMA_PER_TOKEN, WEIGHTING)
     grad = grad_scale * d_err
     store_tile(grad_model_output_ptr, offs, grad, mask)
     # err = model_output - noise + x0
