@@ -42,20 +42,21 @@ from .utils import (
     as_rows,
     call_op,
     custom_op_with_out,
-    device_of,
     div_rn,
     empty_dense,
-    launch_config,
+    launch_reduce,
     launch_per_sample,
     like_dense,
     load_tile,
     loss_term_grad,
+    loss_partials,
     loss_terms,
     register_loss_backward_autograd,
     result_dtype,
     sample_tile,
     sigma_at,
     split_float,
+    split_scalar,
     store_partial_sum,
     store_tile,
 )
@@ -87,8 +88,7 @@ def weighted(value, sigma_ptr, sample, offs_in_sample, mask, period, repeat, two
         if WEIGHTING == 1:
             w = div_rn(1.0, s * s)
         else:
-            two_over_pi = tl.cast(two_over_pi_hi, s.dtype) + tl.cast(two_over_pi_lo, s.dtype)
-            w = div_rn(two_over_pi, 1.0 - 2.0 * s + 2.0 * s * s)
+            w = div_rn(split_scalar(two_over_pi_hi, two_over_pi_lo, s.dtype), 1.0 - 2.0 * s + 2.0 * s * s)
         value = w * value
     return value
 
@@ -416,18 +416,13 @@ def flow_loss_op(
         # a mean over nothing: NaN, as torch's mean gives
         return torch.full((), float("nan"), dtype=sigma.dtype, device=device)
     loss = torch.empty((), dtype=sigma.dtype, device=device)
-    config = launch_config(n, batch)
-    n_tiles = triton.cdiv(n, config[0])
-    partial = torch.empty((batch, n_tiles), dtype=sigma.dtype, device=device)
+    config, n_tiles, partial = loss_partials(model_output, n, batch, sigma.dtype)
     launch_per_sample(
         flow_loss_kernel, model_output, n, batch, model_output, x0, noise, sigma, partial, period, repeat,
         *_TWO_OVER_PI, n, n_tiles, WEIGHTING=weighting, SIGMA_PER_TOKEN=period > 1, LOSS_L1=loss_l1, config=config,
     )
-    with device_of(model_output):
-        flow_loss_reduce_kernel[(1,)](
-            partial, loss, batch, n, n_tiles, BLOCK_B=min(REDUCE_BLOCK_B, triton.next_power_of_2(batch)),
-            BLOCK_P=min(REDUCE_BLOCK_P, triton.next_power_of_2(n_tiles)), num_warps=4,
-        )
+    launch_reduce(flow_loss_reduce_kernel, model_output, batch, n_tiles, REDUCE_BLOCK_B, REDUCE_BLOCK_P, partial,
+                  loss, batch, n, n_tiles)
     return loss
 
 

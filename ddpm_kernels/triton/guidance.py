@@ -29,7 +29,17 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .utils import batch_chunks, device_of, div_rn, launch_config, like_dense, load_tile, split_float, sqrt_rn
+from .utils import (
+    batch_chunks,
+    device_of,
+    div_rn,
+    launch_config,
+    like_dense,
+    load_tile,
+    split_float,
+    split_scalar,
+    sqrt_rn,
+)
 
 __all__ = [
     "MAX_SPLITS",
@@ -82,7 +92,7 @@ def rescale_factor(stats_ptr, sample, n_splits, chunk, N, rescale_hi, rescale_lo
     dof = total - 1.0
     std_c = sqrt_rn(div_rn(m2_c_all, dof))
     std_g = sqrt_rn(div_rn(m2_g_all, dof))
-    phi = tl.cast(rescale_hi, cd) + tl.cast(rescale_lo, cd)
+    phi = split_scalar(rescale_hi, rescale_lo, cd)
     return phi * div_rn(std_c, std_g) + (1.0 - phi)
 
 

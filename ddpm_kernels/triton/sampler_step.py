@@ -77,14 +77,13 @@ from .._layout import CONTIGUOUS, dense_format
 from .._spec import StepOptions
 from .guidance import guidance_kwargs, guidance_stats, guided_prediction, stats_layout
 from .noise import NOISE_SCALARS, load_or_draw_noise, noise_kwargs, step_noise
-from .threshold import apply_threshold, threshold_scale
+from .threshold import bound_pred_x0, threshold_scale
 from .utils import (
     PARAMETERIZATION_ID,
     ROW,
     as_rows,
     call_op,
     checked_index,
-    clamp_symmetric,
     compute_dtype,
     custom_op_with_out,
     div_rn,
@@ -95,6 +94,7 @@ from .utils import (
     load_tile,
     sample_tile,
     split_float,
+    split_scalar,
     sqrt_rn,
     store_tile,
 )
@@ -167,7 +167,7 @@ def ddim_coefficients(ab_t, ab_prev, one_minus_ab_t, one_minus_ab_prev, ab_diff,
     """DDIM: ``x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z`` with
     ``sigma = eta sqrt((1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev))``. No term in x_t."""
     # eta^2 and 1 - eta^2 in float64 (a few scalar adds and multiplies) so eta near 1 keeps its digits
-    eta64 = tl.cast(eta_hi, tl.float64) + tl.cast(eta_lo, tl.float64)
+    eta64 = split_scalar(eta_hi, eta_lo, tl.float64)
     eta_sq = to_compute(eta64 * eta64, COMPUTE_FP64)
     one_minus_eta_sq = to_compute(1.0 - eta64 * eta64, COMPUTE_FP64)
     # 1 - ab_t / ab_prev = diff / ab_prev
@@ -240,20 +240,6 @@ def prediction_to_x0_eps(x, model_output, a_t, s_t, PARAMETERIZATION: tl.constex
         x0 = a_t * x - s_t * model_output
         eps = a_t * model_output + s_t * x
     return x0, eps
-
-
-@triton.jit
-def bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD: tl.constexpr,
-                  CLIP_DENOISED: tl.constexpr, COMPUTE_FP64: tl.constexpr):
-    """A step's x0 prediction, thresholded with the sample's scale (``THRESHOLD``: dynamic thresholding
-    replaces clipping; ``s >= 1``) or clipped to ``[-clip_range, clip_range]`` (``CLIP_DENOISED``;
-    ``clip_range`` as hi + lo float32s)."""
-    if THRESHOLD:
-        x0 = apply_threshold(x0, tl.load(scale_ptr + sample))
-    elif CLIP_DENOISED:
-        bound = to_compute(clip_range_hi, COMPUTE_FP64) + to_compute(clip_range_lo, COMPUTE_FP64)
-        x0 = clamp_symmetric(x0, bound)
-    return x0
 
 
 @triton.jit(do_not_specialize=NOISE_SCALARS)
@@ -337,7 +323,7 @@ def sampler_step_kernel(
         # first pass of a thresholded step: the raw x0 (compute dtype) the per-sample scale is selected from
         store_tile(x0_ptr, offs, x0, mask)
         return
-    x0 = bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD, CLIP_DENOISED, COMPUTE_FP64)
+    x0 = bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD, CLIP_DENOISED)
     if USE_CLIPPED_MODEL_OUTPUT:
         eps = div_rn(x - a_t * x0, s_t)
     c_x0, c_eps, c_x, c_noise = step_coefficients(t, ab_t, ab_prev, one_minus_ab_t, one_minus_ab_prev, ab_diff,

@@ -47,10 +47,9 @@ import triton.language as tl
 from .._layout import CONTIGUOUS, dense_format, empty_in_format, is_in_format
 from .guidance import guidance_kwargs, guidance_stats, guided_prediction
 from .noise import NOISE_SCALARS, load_or_draw_noise, noise_key, noise_kwargs, philox_normal_at, zero_key
-from .threshold import apply_threshold, threshold_scale
+from .threshold import bound_pred_x0, threshold_scale
 from .utils import (
     as_rows,
-    clamp_symmetric,
     custom_op_with_out,
     empty_dense,
     compute_dtype,
@@ -185,10 +184,7 @@ def solver_step_kernel(
     if X0_ONLY:
         store_tile(out_ptr, offs, x0, mask)
         return
-    if THRESHOLD:
-        x0 = apply_threshold(x0, tl.load(scale_ptr + sample))
-    elif CLIP:
-        x0 = clamp_symmetric(x0, tl.cast(clip_hi, cd) + tl.cast(clip_lo, cd))
+    x0 = bound_pred_x0(x0, scale_ptr, sample, clip_hi, clip_lo, THRESHOLD, CLIP)
     m = scaled(m_sample, x) + scaled(m_x0, x0) + scaled(m_output, y)
 
     # the corrector: x_c

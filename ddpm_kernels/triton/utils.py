@@ -49,6 +49,8 @@ __all__ = [
     "device_of",
     "as_rows",
     "launch_per_sample",
+    "loss_partials",
+    "launch_reduce",
     "empty_dense",
     "like_dense",
     "launch_into",
@@ -70,6 +72,7 @@ __all__ = [
     "checked_index",
     "sample_index",
     "gather_coefficient",
+    "split_scalar",
     "exact_scalar",
 ]
 
@@ -159,6 +162,25 @@ def launch_per_sample(kernel, like: torch.Tensor, n: int, batch: int, *args, con
     with device_of(like):
         for b0, nb in batch_chunks(batch):
             kernel[(triton.cdiv(n, block), nb)](*args, **kwargs, batch_start=b0, BLOCK=block, num_warps=warps)
+
+
+def loss_partials(like: torch.Tensor, n: int, batch: int, dtype: torch.dtype):
+    """``(config, n_tiles, partial)`` of a loss's forward pass over ``batch`` samples of ``n`` elements: its
+    ``launch_config``, the tiles per sample, and their uninitialized ``(batch, n_tiles)`` partial sums in
+    ``dtype`` (``store_partial_sum``) on ``like``'s device."""
+    config = launch_config(n, batch)
+    n_tiles = triton.cdiv(n, config[0])
+    return config, n_tiles, torch.empty((batch, n_tiles), dtype=dtype, device=like.device)
+
+
+def launch_reduce(kernel, like: torch.Tensor, batch: int, n_tiles: int, block_b: int, block_p: int, *args,
+                  **kwargs):
+    """Launch a loss's one-program reduce ``kernel`` (arguments ``args`` and ``kwargs``) on ``like``'s device,
+    reading ``loss_partials``' ``(batch, n_tiles)`` sums in tiles of at most ``block_b`` x ``block_p``
+    (``sample_partial_sums``)."""
+    with device_of(like):
+        kernel[(1,)](*args, **kwargs, BLOCK_B=min(block_b, triton.next_power_of_2(batch)),
+                     BLOCK_P=min(block_p, triton.next_power_of_2(n_tiles)), num_warps=4)
 
 
 def empty_dense(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -493,6 +515,12 @@ def gather_coefficient(table_ptr, row: tl.constexpr, t, T):
     """``table[row, t]`` in the table's dtype; NaN (and no memory access) when ``t`` is outside [0, T)."""
     in_range, t_safe = checked_index(t, T)
     return tl.load(table_ptr + row * T + t_safe, mask=in_range, other=float("nan"))
+
+
+@triton.jit
+def split_scalar(hi, lo, dtype: tl.constexpr):
+    """A host float given as ``split_float``'s two float32s, in ``dtype`` (the compute dtype): ``hi + lo``."""
+    return tl.cast(hi, dtype) + tl.cast(lo, dtype)
 
 
 @triton.jit
