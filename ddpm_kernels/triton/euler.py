@@ -250,9 +250,10 @@ def launch_step(sample, model_output, uncond, guidance, sigma, sigma_next, step_
     x, batch, n = as_rows(sample)
     if x.numel() == 0:
         return
-    cond, uncond = like_dense(x, model_output), like_dense(x, uncond)
+    cond = like_dense(x, model_output)
     stats = None
     if guidance is not None and guidance_rescale > 0:
+        uncond = like_dense(x, uncond)
         stats = guidance_stats(cond, uncond, guidance, n, n, batch)
     key_standin = zero_key(x.device)
     add_noise = sampler in (SAMPLER_ID["flow_stochastic"], SAMPLER_ID["euler_ancestral"]) or (

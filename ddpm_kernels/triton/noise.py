@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 # The noise-taking kernels' int64 scalars, compiled without value specialization (module docstring).
-NOISE_SCALARS = ["philox_seed", "philox_offset", "sample_offset"]
+NOISE_SCALARS = ("philox_seed", "philox_offset", "sample_offset")
 
 
 # ------------------------------------------------------------------------------------------------ host side
