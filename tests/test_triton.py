@@ -26,6 +26,7 @@ from helpers import DTYPES, assert_standard_normal, timestep_cases, triton_devic
 
 DEVICE = triton_device()
 from ddpm_kernels import triton as tk  # noqa: E402
+from ddpm_kernels.triton import noise as tn  # noqa: E402
 from ddpm_kernels.triton import utils as tu  # noqa: E402
 
 T = 1000
@@ -205,7 +206,7 @@ def test_take_philox_state():
     assert take_philox_state(gen) == (-1, 12)
     # CPU tensors take a key tensor drawn from the CPU generator (one 64-bit draw), offset 0.
     g = torch.Generator().manual_seed(3)
-    key, key_arg, offset = tu.noise_key(g, torch.zeros(1))
+    key, key_arg, offset = tn.noise_key(g, torch.zeros(1))
     assert key_arg == 0 and offset == 0
     assert int(key) == int(torch.randint(0, 2**63 - 1, (1,), generator=torch.Generator().manual_seed(3)))
 

@@ -34,9 +34,9 @@ SCRIPT = textwrap.dedent(
     from ddpm_kernels.triton.loss import (
         diffusion_loss_kernel, diffusion_loss_reduce_kernel, diffusion_loss_backward_kernel,
     )
+    from ddpm_kernels.triton.euler import SAMPLER_ID, flow_step_kernel
     from ddpm_kernels.triton.flow import (
-        SAMPLER_ID, flow_interpolate_kernel, flow_step_kernel, flow_loss_kernel,
-        flow_loss_reduce_kernel, flow_loss_backward_kernel,
+        flow_interpolate_kernel, flow_loss_kernel, flow_loss_reduce_kernel, flow_loss_backward_kernel,
     )
     assert not utils.INTERPRETED
     import torch

@@ -25,14 +25,14 @@ from helpers import DTYPES, assert_compiles_like_eager, triton_device
 
 DEVICE = triton_device()
 from ddpm_kernels import triton as tk  # noqa: E402
-from ddpm_kernels.triton import flow as tf  # noqa: E402
+from ddpm_kernels.triton import euler as te  # noqa: E402
 from ddpm_kernels.triton import utils as tu  # noqa: E402
 
 make_inputs = partial(helpers.make_inputs, device=DEVICE)
 assert_matches = partial(helpers.assert_matches, bf16_truncates=tu.INTERPRETED)
 ops = torch.ops.ddpm_kernels_triton
 STEPS = (dk.euler_step, dk.euler_ancestral_step)
-EULER, ANCESTRAL = tf.SAMPLER_ID["euler"], tf.SAMPLER_ID["euler_ancestral"]
+EULER, ANCESTRAL = te.SAMPLER_ID["euler"], te.SAMPLER_ID["euler_ancestral"]
 EPS, X0, V = (tu.PARAMETERIZATION_ID[p] for p in ("eps", "x0", "v"))
 
 
@@ -56,7 +56,7 @@ def test_registered_in_backend():
     import inspect
 
     for name in ("euler_step", "euler_ancestral_step"):
-        assert tk.BACKEND.ops[name] is tf.euler_step
+        assert tk.BACKEND.ops[name] is te.euler_step
         assert inspect.signature(tk.BACKEND.ops[name]) == inspect.signature(R.OPS[name])
         assert name not in tk.BACKEND.differentiable
     for opts in (EulerStepOptions("euler", "v", s_churn=1.0, guided=True, guidance_rescale=0.5),

@@ -33,6 +33,7 @@ from sampler_cases import PARAMETERIZATIONS, T, VARIANCE_TYPES, learned_output, 
 DEVICE = triton_device()
 from ddpm_kernels import triton as tk  # noqa: E402
 from ddpm_kernels.triton import guidance as tg  # noqa: E402
+from ddpm_kernels.triton import noise as tn  # noqa: E402
 from ddpm_kernels.triton import utils as tu  # noqa: E402
 from ddpm_kernels.triton.sampler_step import SAMPLERS, VARIANCE_ID  # noqa: E402
 
@@ -303,7 +304,7 @@ def test_opcheck(schedule, dtype):
     wide_c, wide_u = torch.cat([c, z], 1), torch.cat([u, -z], 1)
     t, t_prev = make_steps(2, DEVICE, seed=14)
     ab = schedule.coefficients64[1]
-    seed = tu.draw_seed(None, x.device)
+    seed = tn.draw_seed(None, x.device)
     w = torch.tensor([0.0, 3.5], dtype=R.compute_dtype(dtype), device=DEVICE)
     scale = torch.tensor([1.0, 1.7], dtype=R.compute_dtype(dtype), device=DEVICE)
     ops = torch.ops.ddpm_kernels_triton

@@ -32,6 +32,7 @@ from sampler_cases import PARAMETERIZATIONS, T, SamplerStepCases, learned_output
 
 DEVICE = triton_device()
 from ddpm_kernels import triton as tk  # noqa: E402
+from ddpm_kernels.triton import noise as tn  # noqa: E402
 from ddpm_kernels.triton import utils as tu  # noqa: E402
 from ddpm_kernels.triton.sampler_step import SAMPLERS  # noqa: E402
 
@@ -141,7 +142,7 @@ def _opcheck_cases(schedule, dtype):
     t, t_prev = make_steps(2, DEVICE, seed=14)
     ab = schedule.coefficients64[1]
     wide = torch.cat([y, z], 1)
-    seed = tu.draw_seed(None, x.device)
+    seed = tn.draw_seed(None, x.device)
     scale = torch.tensor([1.0, 1.7], dtype=R.compute_dtype(dtype), device=DEVICE)
     ops = torch.ops.ddpm_kernels_triton
     ddim, ddpm = SAMPLERS["ddim"][0], SAMPLERS["ddpm"][0]

@@ -6,11 +6,13 @@ Families (one module each): ``pair`` (``out = A_t a + B_t b``: q_sample, predict
 predict_noise_from_start, get_v, predict_start_from_z_and_v, predict_eps_from_z_and_v, and every pair's
 backward), ``posterior`` (q_posterior, p_mean_variance, p_sample), ``sampler_step`` (ddim_step, ddpm_step:
 one kernel, a coefficient function per sampler, guidance fused), ``loss`` (diffusion_loss and its backward),
-``threshold`` (dynamic_threshold) and ``flow`` (flow matching: flow_interpolate, flow_step with fused guidance,
-flow_loss, and their backwards; its step kernel also serves euler_step and euler_ancestral_step, the Euler steps
-on a Karras sigma table, with their own coefficient function) and ``solver`` (solver_step: the multistep
-solvers' step on a coefficient table, with its history ring). ``guidance`` holds the guided steps' rescale statistics pass; ``utils`` what
-they all share: tiles, loads and stores, the coefficient gather, Philox noise, the launch table, registration.
+``threshold`` (dynamic_threshold), ``flow`` (flow matching: flow_interpolate, flow_step with fused guidance,
+flow_loss, and their backwards), ``euler`` (the step kernel on sigmas that flow_step runs and that serves
+euler_step and euler_ancestral_step, the Euler steps on a Karras sigma table, with their own coefficient
+function) and ``solver`` (solver_step: the multistep solvers' step on a coefficient table, with its history
+ring). ``guidance`` holds the guided steps' rescale statistics pass, ``noise`` the in-kernel Philox noise and its
+key; ``utils`` what they all share: tiles, loads and stores, the coefficient gather, the launch table,
+registration.
 
 Ops run on CUDA tensors (compiled) and, when ``TRITON_INTERPRET=1`` was set before triton was first imported,
 on CPU tensors through Triton's interpreter (how the tests run without a GPU).
@@ -33,7 +35,8 @@ from typing import Dict, FrozenSet, Optional
 import torch
 
 from .._spec import EulerStepOptions
-from .flow import euler_step, flow_interpolate, flow_loss, flow_step
+from .euler import euler_step
+from .flow import flow_interpolate, flow_loss, flow_step
 from .loss import diffusion_loss
 from .pair import ENTRIES as PAIR_ENTRIES
 from .pair import PAIR_OPS

@@ -29,7 +29,17 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .utils import batch_chunks, device_of, div_rn, launch_config, load_tile, sqrt_rn
+from .utils import (
+    batch_chunks,
+    device_of,
+    div_rn,
+    launch_config,
+    like_dense,
+    load_tile,
+    split_float,
+    split_scalar,
+    sqrt_rn,
+)
 
 __all__ = [
     "MAX_SPLITS",
@@ -40,6 +50,7 @@ __all__ = [
     "stats_layout",
     "block_split",
     "guidance_stats",
+    "guidance_kwargs",
 ]
 
 # Partials per sample of the rescale statistics: enough programs to fill a GPU for small batches, and few enough
@@ -81,7 +92,7 @@ def rescale_factor(stats_ptr, sample, n_splits, chunk, N, rescale_hi, rescale_lo
     dof = total - 1.0
     std_c = sqrt_rn(div_rn(m2_c_all, dof))
     std_g = sqrt_rn(div_rn(m2_g_all, dof))
-    phi = tl.cast(rescale_hi, cd) + tl.cast(rescale_lo, cd)
+    phi = split_scalar(rescale_hi, rescale_lo, cd)
     return phi * div_rn(std_c, std_g) + (1.0 - phi)
 
 
@@ -185,3 +196,23 @@ def guidance_stats(cond: torch.Tensor, uncond: torch.Tensor, guidance: torch.Ten
                 num_warps=warps,
             )
     return stats
+
+
+def guidance_kwargs(x: torch.Tensor, model_output: torch.Tensor, uncond, guidance, stats, guidance_rescale: float,
+                    n: int, batch: int, standin: torch.Tensor) -> dict:
+    """A step kernel's model-output and guidance arguments by name, as ``guided_prediction`` reads them: the
+    (conditional) ``model_output`` and ``uncond`` in ``x``'s dense format, the per-sample ``guidance`` (None:
+    unguided) and ``guidance_stats``' partials ``stats`` of ``batch`` samples of ``n`` elements (None: no rescale)
+    with ``guidance_rescale``; ``standin`` is passed for the pointers that are not read."""
+    guided = guidance is not None
+    cond = like_dense(x, model_output)
+    n_splits, chunk = 1, n  # read only with RESCALE
+    if stats is not None:
+        n_splits, chunk, _ = stats_layout(n, batch)
+    rescale_hi, rescale_lo = split_float(guidance_rescale)
+    return dict(
+        model_output_ptr=cond, uncond_ptr=like_dense(x, uncond) if guided else cond,
+        guidance_ptr=guidance if guided else standin, stats_ptr=standin if stats is None else stats,
+        rescale_hi=rescale_hi, rescale_lo=rescale_lo, n_splits=n_splits, chunk=chunk, GUIDED=guided,
+        RESCALE=stats is not None, BLOCK_SPLIT=block_split(n_splits),
+    )

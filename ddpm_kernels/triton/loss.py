@@ -29,15 +29,16 @@ from .utils import (
     PARAMETERIZATION_ID,
     ROW,
     as_rows,
-    device_of,
     gather_coefficient,
-    launch_config,
+    launch_reduce,
     launch_per_sample,
     load_tile,
+    loss_partials,
     loss_term_grad,
     loss_terms,
     sample_tile,
     split_float,
+    split_scalar,
     store_partial_sum,
     store_tile,
 )
@@ -123,8 +124,8 @@ def diffusion_loss_reduce_kernel(
         b0 += BLOCK_B
     loss_simple = div_rn(tl.sum(simple_acc, axis=0), tl.cast(B, cd))
     loss_vlb = div_rn(tl.sum(vlb_acc, axis=0), tl.cast(B, cd))
-    l_simple_weight = tl.cast(l_simple_weight_hi, cd) + tl.cast(l_simple_weight_lo, cd)
-    original_elbo_weight = tl.cast(original_elbo_weight_hi, cd) + tl.cast(original_elbo_weight_lo, cd)
+    l_simple_weight = split_scalar(l_simple_weight_hi, l_simple_weight_lo, cd)
+    original_elbo_weight = split_scalar(original_elbo_weight_hi, original_elbo_weight_lo, cd)
     loss = l_simple_weight * loss_simple + original_elbo_weight * loss_vlb
     tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
     tl.store(loss_simple_ptr, loss_simple.to(loss_simple_ptr.dtype.element_ty))
@@ -164,8 +165,8 @@ def diffusion_loss_backward_kernel(
     model_output = load_tile(model_output_ptr, offs, mask, cd)
     t = tl.load(t_ptr + sample)
     lvlb_weight = gather_coefficient(table_ptr, ROW_LVLB, t, T)
-    l_simple_weight = tl.cast(l_simple_weight_hi, cd) + tl.cast(l_simple_weight_lo, cd)
-    original_elbo_weight = tl.cast(original_elbo_weight_hi, cd) + tl.cast(original_elbo_weight_lo, cd)
+    l_simple_weight = split_scalar(l_simple_weight_hi, l_simple_weight_lo, cd)
+    original_elbo_weight = split_scalar(original_elbo_weight_hi, original_elbo_weight_lo, cd)
     # d(loss, loss_simple, loss_vlb) / d(per_sample[b]), contracted with the incoming gradients (read from
     # device memory: no host sync), and the two means' 1 / (B N).
     grad_per_sample = div_rn(
@@ -221,24 +222,18 @@ def diffusion_loss_op(
     if model_output.numel() == 0:
         # Mean over nothing: NaN, as torch's mean gives.
         return tuple(torch.full((), float("nan"), dtype=dtype, device=device) for _ in range(3))
-    config = launch_config(n, batch)
-    n_tiles = triton.cdiv(n, config[0])
-    partial = torch.empty((batch, n_tiles), dtype=table.dtype, device=device)
+    config, n_tiles, partial = loss_partials(model_output, n, batch, table.dtype)
     ls_hi, ls_lo = split_float(l_simple_weight)
     elbo_hi, elbo_lo = split_float(original_elbo_weight)
     launch_per_sample(
         diffusion_loss_kernel, model_output, n, batch, model_output, x_start, noise, t, table, partial, n,
         table.shape[1], n_tiles=n_tiles, PARAMETERIZATION=parameterization, LOSS_L1=loss_l1, config=config,
     )
-    with device_of(model_output):
-        diffusion_loss_reduce_kernel[(1,)](
-            partial, t, table, loss, loss_simple, loss_vlb, batch, n, table.shape[1], n_tiles,
-            ls_hi, ls_lo, elbo_hi, elbo_lo,
-            ROW_LVLB=_LVLB_ROW[parameterization],
-            BLOCK_B=min(REDUCE_BLOCK_B, triton.next_power_of_2(batch)),
-            BLOCK_P=min(REDUCE_BLOCK_P, triton.next_power_of_2(n_tiles)),
-            num_warps=4,
-        )
+    launch_reduce(
+        diffusion_loss_reduce_kernel, model_output, batch, n_tiles, REDUCE_BLOCK_B, REDUCE_BLOCK_P, partial, t,
+        table, loss, loss_simple, loss_vlb, batch, n, table.shape[1], n_tiles, ls_hi, ls_lo, elbo_hi, elbo_lo,
+        ROW_LVLB=_LVLB_ROW[parameterization],
+    )
     return loss, loss_simple, loss_vlb
 
 

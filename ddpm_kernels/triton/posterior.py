@@ -9,7 +9,7 @@ and writes its result once:
     var_t, log_var_t (B, 1, ..., 1), written by each sample's first program      (WRITE_VARIANCE)
 
 References: ``ddpm_kernels.reference.q_posterior_ref``, ``p_mean_variance_ref``, ``p_sample_ref``. In-kernel
-noise is keyed as ``utils`` describes.
+noise is keyed as ``noise.py`` describes.
 
 Autograd: ``q_posterior``'s mean w.r.t. ``x_start`` and ``x_t`` (a pair combination: the pair kernel's
 backward). ``p_mean_variance`` and ``p_sample`` are sampling only: calling backward through them raises
@@ -33,6 +33,7 @@ from .pair import (
     pair_backward_fake,
     pair_coefficients,
 )
+from .noise import NOISE_SCALARS, load_or_draw_noise, noise_key, noise_kwargs
 from .utils import (
     PARAMETERIZATION_ID,
     ROW,
@@ -47,10 +48,7 @@ from .utils import (
     gather_coefficient,
     launch_per_sample,
     like_dense,
-    load_or_draw_noise,
     load_tile,
-    noise_key,
-    noise_operands,
     register_linear_combination_autograd,
     result_dtype,
     sample_tile,
@@ -79,9 +77,8 @@ def x0_from_model_output(x_t, model_output, t, table_ptr, T, PARAMETERIZATION: t
     return x_start
 
 
-# The Philox key and offset are int64 whatever their value: without the annotation and do_not_specialize,
-# Triton would compile a new variant whenever a seed happened to be 1, divisible by 16, or past 2**31.
-@triton.jit(do_not_specialize=["philox_seed", "philox_offset", "sample_offset"])
+# The Philox key and offset are int64 whatever their value (``noise.NOISE_SCALARS``).
+@triton.jit(do_not_specialize=NOISE_SCALARS)
 def posterior_kernel(
     x_t_ptr,
     model_output_ptr,
@@ -142,13 +139,12 @@ def _launch(x_t, t, model_output, table, parameterization, clip_denoised, out, v
     x_t, batch, n = as_rows(x_t)
     if x_t.numel() == 0:
         return
-    noise, seed, has_noise = noise_operands(noise, seed, x_t, t)
     write_variance = var is not None
     launch_per_sample(
-        posterior_kernel, x_t, n, batch,
-        x_t, like_dense(x_t, model_output), noise, seed, philox_seed, philox_offset, sample_offset, t, table, out,
-        var if write_variance else out, log_var if write_variance else out, n, table.shape[1],
-        PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised, ADD_NOISE=add_noise, HAS_NOISE=has_noise,
+        posterior_kernel, x_t, n, batch, x_t_ptr=x_t, model_output_ptr=like_dense(x_t, model_output),
+        **noise_kwargs(noise, seed, philox_seed, philox_offset, sample_offset, x_t, t), t_ptr=t, table_ptr=table,
+        out_ptr=out, var_ptr=var if write_variance else out, log_var_ptr=log_var if write_variance else out, N=n,
+        T=table.shape[1], PARAMETERIZATION=parameterization, CLIP_DENOISED=clip_denoised, ADD_NOISE=add_noise,
         WRITE_VARIANCE=write_variance,
     )
 
@@ -249,7 +245,7 @@ def _p_sample(
     sample_offset: int,
 ) -> torch.Tensor:
     """``noise`` when given; else Philox noise keyed by ``seed[0]`` (a device tensor) when given, else by
-    ``(philox_seed, philox_offset)``, a generator's Philox state (``utils``, "Noise")."""
+    ``(philox_seed, philox_offset)``, a generator's Philox state (``noise.py``)."""
     out = _p_sample_fake(x_t, t, model_output, table, parameterization, clip_denoised, noise)
     _p_sample_launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed,
                      philox_offset, sample_offset, out)

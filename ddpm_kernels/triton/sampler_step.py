@@ -40,7 +40,7 @@ once at the store.
 
 Noise. DDIM with ``eta == 0`` reads and draws no noise (and leaves the generator untouched, as the reference
 does). Otherwise ``noise=None`` draws ``z`` in-kernel with Philox exactly as ``p_sample`` does (same key and
-counters, ``utils``): with ``t_prev = t - 1`` and ``fixed_small`` a DDPM step equals ``p_sample`` from the same
+counters, ``noise.py``): with ``t_prev = t - 1`` and ``fixed_small`` a DDPM step equals ``p_sample`` from the same
 generator state. The values differ from the reference's ``torch.randn`` draw; the distribution and the
 generator bookkeeping do not.
 
@@ -75,15 +75,15 @@ import triton.language as tl
 
 from .._layout import CONTIGUOUS, dense_format
 from .._spec import StepOptions
-from .guidance import block_split, guidance_stats, guided_prediction, stats_layout
-from .threshold import apply_threshold, threshold_scale
+from .guidance import guidance_kwargs, guidance_stats, guided_prediction, stats_layout
+from .noise import NOISE_SCALARS, load_or_draw_noise, noise_kwargs, step_noise
+from .threshold import bound_pred_x0, threshold_scale
 from .utils import (
     PARAMETERIZATION_ID,
     ROW,
     as_rows,
     call_op,
     checked_index,
-    clamp_symmetric,
     compute_dtype,
     custom_op_with_out,
     div_rn,
@@ -91,13 +91,11 @@ from .utils import (
     result_dtype,
     launch_per_sample,
     like_dense,
-    load_or_draw_noise,
     load_tile,
-    noise_operands,
     sample_tile,
     split_float,
+    split_scalar,
     sqrt_rn,
-    step_noise,
     store_tile,
 )
 
@@ -169,7 +167,7 @@ def ddim_coefficients(ab_t, ab_prev, one_minus_ab_t, one_minus_ab_prev, ab_diff,
     """DDIM: ``x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z`` with
     ``sigma = eta sqrt((1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev))``. No term in x_t."""
     # eta^2 and 1 - eta^2 in float64 (a few scalar adds and multiplies) so eta near 1 keeps its digits
-    eta64 = tl.cast(eta_hi, tl.float64) + tl.cast(eta_lo, tl.float64)
+    eta64 = split_scalar(eta_hi, eta_lo, tl.float64)
     eta_sq = to_compute(eta64 * eta64, COMPUTE_FP64)
     one_minus_eta_sq = to_compute(1.0 - eta64 * eta64, COMPUTE_FP64)
     # 1 - ab_t / ab_prev = diff / ab_prev
@@ -244,21 +242,7 @@ def prediction_to_x0_eps(x, model_output, a_t, s_t, PARAMETERIZATION: tl.constex
     return x0, eps
 
 
-@triton.jit
-def bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD: tl.constexpr,
-                  CLIP_DENOISED: tl.constexpr, COMPUTE_FP64: tl.constexpr):
-    """A step's x0 prediction, thresholded with the sample's scale (``THRESHOLD``: dynamic thresholding
-    replaces clipping; ``s >= 1``) or clipped to ``[-clip_range, clip_range]`` (``CLIP_DENOISED``;
-    ``clip_range`` as hi + lo float32s)."""
-    if THRESHOLD:
-        x0 = apply_threshold(x0, tl.load(scale_ptr + sample))
-    elif CLIP_DENOISED:
-        bound = to_compute(clip_range_hi, COMPUTE_FP64) + to_compute(clip_range_lo, COMPUTE_FP64)
-        x0 = clamp_symmetric(x0, bound)
-    return x0
-
-
-@triton.jit(do_not_specialize=["philox_seed", "philox_offset", "sample_offset"])
+@triton.jit(do_not_specialize=NOISE_SCALARS)
 def sampler_step_kernel(
     x_t_ptr,
     model_output_ptr,
@@ -339,7 +323,7 @@ def sampler_step_kernel(
         # first pass of a thresholded step: the raw x0 (compute dtype) the per-sample scale is selected from
         store_tile(x0_ptr, offs, x0, mask)
         return
-    x0 = bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD, CLIP_DENOISED, COMPUTE_FP64)
+    x0 = bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD, CLIP_DENOISED)
     if USE_CLIPPED_MODEL_OUTPUT:
         eps = div_rn(x - a_t * x0, s_t)
     c_x0, c_eps, c_x, c_noise = step_coefficients(t, ab_t, ab_prev, one_minus_ab_t, one_minus_ab_prev, ab_diff,
@@ -386,36 +370,26 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterizat
         return x0
     # the kernel reads t[b] at t_ptr + b: a strided view (t = steps[:, 0]) must be packed first
     t, t_prev = t.contiguous(), t_prev.contiguous()
-    noise, seed, has_noise = noise_operands(noise, seed, x_t, t)
     eps_term, x_term = _TERMS[sampler]
     eta_hi, eta_lo = split_float(eta)
     clip_range_hi, clip_range_lo = split_float(clip_range)
-    rescale_hi, rescale_lo = split_float(guidance_rescale)
-    model_output = like_dense(x_t, model_output)
-    guided = guidance is not None
-    n_splits, chunk = 1, n  # read only with stats (RESCALE)
     if stats is not None:
-        n_splits, chunk, _ = stats_layout(n, batch)
-        if not guided or tuple(stats.shape) != (batch, n_splits, 4):
+        n_splits, _, _ = stats_layout(n, batch)
+        if guidance is None or tuple(stats.shape) != (batch, n_splits, 4):
             raise ValueError(f"stats: expected the guidance statistics of shape ({batch}, {n_splits}, 4) of a "
                              f"guided step, got {tuple(stats.shape)}")
     launch_per_sample(
-        sampler_step_kernel, x_t, n, batch,
-        x_t_ptr=x_t, model_output_ptr=model_output,
-        uncond_ptr=like_dense(x_t, uncond) if guided else model_output,
-        guidance_ptr=guidance if guided else alphas_cumprod, stats_ptr=alphas_cumprod if stats is None else stats,
-        noise_ptr=noise, seed_ptr=seed, philox_seed=philox_seed, philox_offset=philox_offset,
-        sample_offset=sample_offset, t_ptr=t,
-        t_prev_ptr=t_prev, alphas_cumprod_ptr=alphas_cumprod, out_ptr=out, x0_ptr=x0 if return_pred_x0 else out,
-        scale_ptr=alphas_cumprod if scale is None else scale, eta_hi=eta_hi, eta_lo=eta_lo,
-        clip_range_hi=clip_range_hi, clip_range_lo=clip_range_lo, rescale_hi=rescale_hi, rescale_lo=rescale_lo,
-        n_splits=n_splits, chunk=chunk, N=n, T=alphas_cumprod.shape[0],
+        sampler_step_kernel, x_t, n, batch, x_t_ptr=x_t,
+        **guidance_kwargs(x_t, model_output, uncond, guidance, stats, guidance_rescale, n, batch, alphas_cumprod),
+        **noise_kwargs(noise, seed, philox_seed, philox_offset, sample_offset, x_t, t),
+        t_ptr=t, t_prev_ptr=t_prev, alphas_cumprod_ptr=alphas_cumprod, out_ptr=out,
+        x0_ptr=x0 if return_pred_x0 else out, scale_ptr=alphas_cumprod if scale is None else scale, eta_hi=eta_hi,
+        eta_lo=eta_lo, clip_range_hi=clip_range_hi, clip_range_lo=clip_range_lo, N=n, T=alphas_cumprod.shape[0],
         model_output_stride=2 * n if variance >= 2 else n, SAMPLER=sampler, EPS_TERM=eps_term, X_TERM=x_term,
         PARAMETERIZATION=parameterization, VARIANCE=variance, CLIP_DENOISED=clip_denoised,
         USE_CLIPPED_MODEL_OUTPUT=use_clipped_model_output, SET_ALPHA_TO_ONE=set_alpha_to_one,
-        ADD_NOISE=add_noise and not x0_only, HAS_NOISE=has_noise, RETURN_X0=return_pred_x0,
-        THRESHOLD=scale is not None, X0_ONLY=x0_only, GUIDED=guided, RESCALE=stats is not None,
-        COMPUTE_FP64=result_dtype(x_t, model_output, noise) == torch.float64, BLOCK_SPLIT=block_split(n_splits),
+        ADD_NOISE=add_noise and not x0_only, RETURN_X0=return_pred_x0, THRESHOLD=scale is not None,
+        X0_ONLY=x0_only, COMPUTE_FP64=result_dtype(x_t, model_output, noise) == torch.float64,
     )
     return x0
 

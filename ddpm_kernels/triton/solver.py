@@ -24,7 +24,7 @@ Passes before the step, when needed:
   threshold_scale`` selects each sample's scale on the device, and the step applies ``clamp(x0, -s, s) / s``.
 
 Noise: ``noise`` given, or drawn in-kernel (``stochastic``) from the noise stream exactly as the flow step draws
-it (``utils``, "Noise"; same generator bookkeeping and ``sample_offset``). The stream is indexed by each element's
+it (``noise.py``; same generator bookkeeping and ``sample_offset``). The stream is indexed by each element's
 row-major position; on channels_last data, whose storage order the kernel walks, ``philox_normal_at`` draws each
 element at its row-major index (``(p mod C) * (N / C) + p div C`` for storage position ``p``), so the state
 tensors are written in place in their own format and no contiguous copies are made.
@@ -45,32 +45,21 @@ import triton
 import triton.language as tl
 
 from .._layout import CONTIGUOUS, dense_format, empty_in_format, is_in_format
-from .guidance import block_split, guidance_stats, guided_prediction, stats_layout
-from .threshold import apply_threshold, threshold_scale
+from .guidance import guidance_kwargs, guidance_stats, guided_prediction
+from .noise import NOISE_SCALARS, load_or_draw_noise, noise_key, noise_kwargs, philox_normal_at, zero_key
+from .threshold import bound_pred_x0, threshold_scale
 from .utils import (
-    _cos,
-    _log,
-    _sin,
-    _uniform,
     as_rows,
-    clamp_symmetric,
     custom_op_with_out,
     empty_dense,
     compute_dtype,
     result_dtype,
     launch_per_sample,
     like_dense,
-    load_or_draw_noise,
-    load_tile,
-    noise_key,
-    noise_operands,
-    philox_at,
     sample_index,
     sample_tile,
     split_float,
-    sqrt_rn,
     store_tile,
-    zero_key,
 )
 
 __all__ = ["solver_step_kernel", "solver_step", "solver_step_op", "solver_step_out_op", "philox_normal_at"]
@@ -89,19 +78,6 @@ C_HIST = tl.constexpr(8)
 
 
 # ---------------------------------------------------------------------------------------------- jit helpers
-@triton.jit
-def philox_normal_at(key, offset, sample, e):
-    """The noise stream's normal of element ``e`` (any int64 tensor of row-major indices) of global sample
-    ``sample``: output ``e mod 4`` of the Philox counter ``(e // 4, sample, offset_lo, offset_hi)``, made a
-    normal by the same operations as ``utils.philox_normal`` (so the same value, bit for bit)."""
-    r0, r1, r2, r3 = philox_at(key, offset, sample, e // 4)
-    lane = e % 4
-    first_pair = lane < 2
-    radius = sqrt_rn(-2.0 * _log(_uniform(tl.where(first_pair, r0, r2))))
-    theta = 6.283185307179586 * _uniform(tl.where(first_pair, r1, r3))
-    return tl.where(lane % 2 == 0, radius * _cos(theta), radius * _sin(theta))
-
-
 @triton.jit
 def coefficient(row_ptr, column, in_range, cd: tl.constexpr):
     """The sample's coefficient ``column`` in the compute dtype; NaN (no memory access) for a bad index."""
@@ -135,8 +111,7 @@ def ring_slot(i, j, SLOTS: tl.constexpr):
 
 
 # -------------------------------------------------------------------------------------------------- kernel
-# The Philox key and offset are int64 whatever their value (see posterior_kernel).
-@triton.jit(do_not_specialize=["philox_seed", "philox_offset", "sample_offset"])
+@triton.jit(do_not_specialize=NOISE_SCALARS)
 def solver_step_kernel(
     sample_ptr,
     model_output_ptr,
@@ -209,10 +184,7 @@ def solver_step_kernel(
     if X0_ONLY:
         store_tile(out_ptr, offs, x0, mask)
         return
-    if THRESHOLD:
-        x0 = apply_threshold(x0, tl.load(scale_ptr + sample))
-    elif CLIP:
-        x0 = clamp_symmetric(x0, tl.cast(clip_hi, cd) + tl.cast(clip_lo, cd))
+    x0 = bound_pred_x0(x0, scale_ptr, sample, clip_hi, clip_lo, THRESHOLD, CLIP)
     m = scaled(m_sample, x) + scaled(m_x0, x0) + scaled(m_output, y)
 
     # the corrector: x_c
@@ -291,30 +263,22 @@ def _launch(sample, model_output, uncond, guidance, stats, coefficients, step_in
     if has_last and not is_in_format(last_sample, fmt):
         last = empty_in_format(last_sample, fmt)
         last.copy_(last_sample)
-    guided = guidance is not None
-    cond = like_dense(x, model_output)
     add_noise = stochastic and not x0_only
     key_standin = zero_key(x.device)
-    noise, seed, has_noise = noise_operands(noise if add_noise else None, seed, x, key_standin)
-    n_splits, chunk = 1, n
-    if stats is not None:
-        n_splits, chunk, _ = stats_layout(n, batch)
+    noise_args = noise_kwargs(noise if add_noise else None, seed, philox_seed, philox_offset, sample_offset, x,
+                              key_standin)
     clip_hi, clip_lo = split_float(clip_range if clip_range is not None else 0.0)
-    rescale_hi, rescale_lo = split_float(guidance_rescale)
     launch_per_sample(
-        solver_step_kernel, x, n, batch,
-        sample_ptr=x, model_output_ptr=cond, uncond_ptr=like_dense(x, uncond) if guided else cond,
-        guidance_ptr=guidance if guided else coefficients, stats_ptr=coefficients if stats is None else stats,
-        noise_ptr=noise, seed_ptr=seed, philox_seed=philox_seed, philox_offset=philox_offset,
-        sample_offset=sample_offset, coefficients_ptr=coefficients, step_index_ptr=step_index,
+        solver_step_kernel, x, n, batch, sample_ptr=x,
+        **guidance_kwargs(x, model_output, uncond, guidance, stats, guidance_rescale, n, batch, coefficients),
+        **noise_args, coefficients_ptr=coefficients, step_index_ptr=step_index,
         n_rows=coefficients.shape[0], history_ptr=x if ring is None or x0_only else ring, slot_stride=batch * n,
         last_ptr=last if has_last else x, scale_ptr=coefficients if scale is None else scale,
-        clip_hi=clip_hi, clip_lo=clip_lo, rescale_hi=rescale_hi, rescale_lo=rescale_lo, n_splits=n_splits,
-        chunk=chunk, channels=x.shape[1] if x.ndim > 1 else 1, out_ptr=out, N=n,
-        SLOTS=slots, HAS_LAST=has_last, GUIDED=guided, RESCALE=stats is not None, ADD_NOISE=add_noise,
-        HAS_NOISE=has_noise, NOISE_CHANNELS_LAST=add_noise and not has_noise and fmt is not CONTIGUOUS,
+        clip_hi=clip_hi, clip_lo=clip_lo, channels=x.shape[1] if x.ndim > 1 else 1, out_ptr=out, N=n,
+        SLOTS=slots, HAS_LAST=has_last, ADD_NOISE=add_noise,
+        NOISE_CHANNELS_LAST=add_noise and not noise_args["HAS_NOISE"] and fmt is not CONTIGUOUS,
         CLIP=clip_range is not None, THRESHOLD=scale is not None, X0_ONLY=x0_only,
-        COMPUTE_FP64=out.dtype == torch.float64, BLOCK_SPLIT=block_split(n_splits),
+        COMPUTE_FP64=out.dtype == torch.float64,
     )
     if ring is not history:
         history.copy_(ring)
@@ -364,7 +328,7 @@ def _solver_step(
     """One step (module docstring): returns ``x'`` in ``sample``'s dense format and writes the ring's slot
     ``step_index mod H`` of ``history`` and ``last_sample``. ``guidance`` (B,) in the compute dtype given:
     ``model_output`` is the conditional output and ``uncond`` the unconditional one. ``stochastic``: the noise
-    term, ``noise`` or drawn with ``seed`` / ``philox_seed`` / ``philox_offset`` (``utils.noise_key``). Float
+    term, ``noise`` or drawn with ``seed`` / ``philox_seed`` / ``philox_offset`` (``noise.noise_key``). Float
     operands of different dtypes are each read in their own: ``x'`` (and the state, which must have it) in
     their promoted dtype, computed in its compute dtype."""
     out = empty_dense(sample, result_dtype(sample, model_output, uncond, noise))

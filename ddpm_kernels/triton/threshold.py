@@ -5,9 +5,10 @@ Reference: ``ddpm_kernels.reference.dynamic_threshold_ref``.
 Two passes. The scale ``s`` (the ``ratio`` quantile of ``|x0|`` over each sample, clamped to ``[1, max_value]``)
 is an order statistic of the whole sample: ``threshold_scale`` selects it with a sort along each sample, a
 gather and a lerp (device-side, no host synchronization, ``torch.quantile``'s numbers without its input-size
-limit). Only ``clamp(x0, -s, s) / s`` is a Triton kernel here (one read, one write); in the sampler steps it is
-fused into the step kernel itself, which reads ``s`` per sample. A selection kernel (radix select over the
-float bits) would save the sort; it is not written yet.
+limit). Only ``clamp(x0, -s, s) / s`` is a Triton kernel here (one read, one write); in the sampler and solver
+steps it is fused into the step kernel itself, which reads ``s`` per sample (``bound_pred_x0``, which clips x0
+instead when the step is not thresholded). A selection kernel (radix select over the float bits) would save
+the sort; it is not written yet.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ from .utils import (
     launch_per_sample,
     load_tile,
     sample_tile,
+    split_scalar,
     store_tile,
 )
 
-__all__ = ["dynamic_threshold_kernel", "dynamic_threshold", "threshold_scale", "apply_threshold"]
+__all__ = [
+    "dynamic_threshold_kernel", "dynamic_threshold", "threshold_scale", "apply_threshold", "bound_pred_x0",
+]
 
 
 def _quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
@@ -58,6 +62,19 @@ def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float) -> torch.T
 def apply_threshold(x0, s):
     """Dynamic thresholding with the per-sample scale ``s``: ``clamp(x0, -s, s) / s``."""
     return div_rn(clamp_symmetric(x0, s), s)
+
+
+@triton.jit
+def bound_pred_x0(x0, scale_ptr, sample, clip_range_hi, clip_range_lo, THRESHOLD: tl.constexpr,
+                  CLIP: tl.constexpr):
+    """A step's x0 prediction (in the compute dtype), thresholded with the sample's scale ``scale[sample]``
+    (``THRESHOLD``: dynamic thresholding replaces clipping; ``s >= 1``) or clipped to ``[-clip_range,
+    clip_range]`` (``CLIP``; ``clip_range`` as ``split_float``'s hi + lo float32s)."""
+    if THRESHOLD:
+        x0 = apply_threshold(x0, tl.load(scale_ptr + sample))
+    elif CLIP:
+        x0 = clamp_symmetric(x0, split_scalar(clip_range_hi, clip_range_lo, x0.dtype))
+    return x0
 
 
 @triton.jit

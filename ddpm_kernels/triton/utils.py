@@ -1,11 +1,11 @@
 """Pieces every Triton kernel family here shares. In the kernels (``@triton.jit`` helpers, which Triton
 inlines): a program's tile of its sample (``sample_tile``) and its per-sample index gather (``sample_index``,
 ``checked_index``: the range mask and clamped address every gather by ``t`` or a step index uses), loads upcast
-to the compute dtype and stores rounded once, the gather of a schedule coefficient, the Philox counters,
-correctly rounded division and square root, NaN-preserving clipping, and in-kernel Philox noise. On the host:
-the result dtype of mixed operands, the launch table and the chunked launch, the flattening of inputs, the noise
-key, and the registration of an op with its ``out=`` form, of a linear combination's autograd and of a loss
-backward's own autograd (gradients of gradients).
+to the compute dtype and stores rounded once, the gather of a schedule coefficient, correctly rounded division
+and square root, NaN-preserving clipping (in-kernel noise: ``noise.py``). On the host: the result dtype of mixed
+operands, the launch table and the chunked launch, the flattening of inputs, and the registration of an op with
+its ``out=`` form, of a linear combination's autograd and of a loss backward's own autograd (gradients of
+gradients).
 
 Layout. Every op is elementwise over ``(B, N)`` where ``B`` is the batch and ``N`` the product of the other
 dims, in storage order: contiguous and channels_last(_3d) data runs as it is (each sample is one dense block;
@@ -19,26 +19,6 @@ Vectorization. Triton specializes integer arguments divisible by 16 and pointers
 ``N`` is divisible by 16 the compiler knows each program's tile starts 16-byte aligned and emits 128-bit
 loads/stores (``BLOCK / (32 * num_warps)`` contiguous elements per thread). Odd ``N`` still runs, with
 narrower accesses.
-
-Noise. With ``noise=None`` a kernel draws ``z`` itself: the noise stream (``philox_normal``; the specification
-is ``ddpm_kernels.reference.philox_normal``), element ``e`` of global sample ``s`` from the Philox4x32-10
-counter ``(e // 4, s, offset_lo, offset_hi)``. The key and offset come from the generator as on every backend
-(``ddpm_kernels._stream``; ``noise_key``):
-
-* Eager CUDA (the common case): the generator's seed and Philox offset, read and advanced (by 4) on the host
-  (no device work, no sync) and passed as kernel arguments, the way torch's RNG kernels take ``(seed,
-  offset)``. The step is exactly one kernel launch.
-* While a CUDA graph is being captured, or torch.compile is tracing: host ints would be frozen into the
-  graph, replaying the same noise forever. The key is instead a one-element int64 device tensor drawn with
-  ``randint(generator=...)`` and read by the kernel from memory (offset 0); the captured draw follows torch's
-  graph-safe Philox bookkeeping, so every replay gets a fresh key. This costs a second, one-element launch,
-  which a graph replays for free.
-* CPU tensors (Triton's interpreter): the key tensor as well, one 64-bit draw from the CPU generator, as the
-  reference and the C++ CPU kernels draw it.
-
-Both sources run the same compiled kernel (key = key tensor XOR key argument, with a cached zero tensor or a
-zero argument standing in for the unused one), so a kernel warmed up eagerly is the one a later CUDA-graph
-capture launches: nothing is compiled or loaded during capture.
 """
 
 from __future__ import annotations
@@ -53,10 +33,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from .._layout import dense_format, empty_in_format, in_format, is_in_format
-from .._stream import stream_state
 from ..schedule import TABLE_ROW
 
 __all__ = [
@@ -71,6 +49,8 @@ __all__ = [
     "device_of",
     "as_rows",
     "launch_per_sample",
+    "loss_partials",
+    "launch_reduce",
     "empty_dense",
     "like_dense",
     "launch_into",
@@ -78,15 +58,12 @@ __all__ = [
     "custom_op_with_out",
     "register_linear_combination_autograd",
     "register_loss_backward_autograd",
-    "zero_key",
-    "noise_operands",
-    "noise_key",
     "split_float",
     "split_float3",
     "extract_rows",
-    "draw_seed",
     "sample_partial_sums",
     "sample_tile",
+    "sigma_at",
     "load_tile",
     "store_tile",
     "clamp_symmetric",
@@ -95,10 +72,8 @@ __all__ = [
     "checked_index",
     "sample_index",
     "gather_coefficient",
-    "philox_at",
+    "split_scalar",
     "exact_scalar",
-    "philox_normal",
-    "load_or_draw_noise",
 ]
 
 ROW = TABLE_ROW
@@ -187,6 +162,25 @@ def launch_per_sample(kernel, like: torch.Tensor, n: int, batch: int, *args, con
     with device_of(like):
         for b0, nb in batch_chunks(batch):
             kernel[(triton.cdiv(n, block), nb)](*args, **kwargs, batch_start=b0, BLOCK=block, num_warps=warps)
+
+
+def loss_partials(like: torch.Tensor, n: int, batch: int, dtype: torch.dtype):
+    """``(config, n_tiles, partial)`` of a loss's forward pass over ``batch`` samples of ``n`` elements: its
+    ``launch_config``, the tiles per sample, and their uninitialized ``(batch, n_tiles)`` partial sums in
+    ``dtype`` (``store_partial_sum``) on ``like``'s device."""
+    config = launch_config(n, batch)
+    n_tiles = triton.cdiv(n, config[0])
+    return config, n_tiles, torch.empty((batch, n_tiles), dtype=dtype, device=like.device)
+
+
+def launch_reduce(kernel, like: torch.Tensor, batch: int, n_tiles: int, block_b: int, block_p: int, *args,
+                  **kwargs):
+    """Launch a loss's one-program reduce ``kernel`` (arguments ``args`` and ``kwargs``) on ``like``'s device,
+    reading ``loss_partials``' ``(batch, n_tiles)`` sums in tiles of at most ``block_b`` x ``block_p``
+    (``sample_partial_sums``)."""
+    with device_of(like):
+        kernel[(1,)](*args, **kwargs, BLOCK_B=min(block_b, triton.next_power_of_2(batch)),
+                     BLOCK_P=min(block_p, triton.next_power_of_2(n_tiles)), num_warps=4)
 
 
 def empty_dense(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -338,48 +332,6 @@ def register_loss_backward_autograd(backward_op, n_grads: int, loss_l1: int):
     backward_op.register_autograd(backward, setup_context=setup_context)
 
 
-_ZERO_KEYS = {}
-
-
-def zero_key(device) -> torch.Tensor:
-    """A zero int64 key tensor per device, allocated once (eagerly: a key tensor is drawn instead during
-    capture), so steps keyed by generator state allocate nothing."""
-    key = _ZERO_KEYS.get(device)
-    if key is None:
-        key = _ZERO_KEYS[device] = torch.zeros(1, dtype=torch.int64, device=device)
-    return key
-
-
-def noise_operands(noise, seed, x_t: torch.Tensor, t: torch.Tensor):
-    """``(noise, seed, HAS_NOISE)`` as the noise-taking kernels read them (``load_or_draw_noise``): given noise
-    in ``x_t``'s dense format, with ``t`` as an unread stand-in for the key tensor; or ``x_t`` as an unread stand-in for
-    the noise, with the key tensor ``seed`` (a cached zero key when the Philox state comes as ints)."""
-    if noise is not None:
-        return like_dense(x_t, noise), t, True
-    return x_t, (zero_key(x_t.device) if seed is None else seed), False
-
-
-def noise_key(generator, x: torch.Tensor, noise=None):
-    """(key tensor or None, key, offset) for one in-kernel noise draw on ``x``'s device (module docstring): the
-    CUDA generator's seed and offset as ints in eager CUDA, else a one-element key tensor (CUDA-graph capture,
-    torch.compile tracing, CPU tensors) and offset 0. ``(None, 0, 0)``, drawing nothing, when ``noise`` is
-    given."""
-    if noise is not None:
-        return None, 0, 0
-    key, offset = stream_state(generator, x.device, as_tensor=not x.is_cuda)
-    if isinstance(key, torch.Tensor):
-        return key, 0, offset
-    return None, key, offset
-
-
-def step_noise(adds_noise: bool, generator, x: torch.Tensor, noise=None):
-    """``(noise, key tensor or None, key, offset)`` of a step on ``x``: `noise_key`'s draw when the step has a
-    noise term, else nothing read or drawn (``(None, None, 0, 0)``)."""
-    if not adds_noise:
-        return None, None, 0, 0
-    return (noise, *noise_key(generator, x, noise))
-
-
 def call_op(op, out_op, args: tuple, out=None, differentiable=()):
     """A backend entry's call of a ``custom_op_with_out`` pair: ``op(*args)``, or ``out_op(*args, out)``
     writing the first result into ``out``, then ``out`` in its place (followed by what ``out_op`` returns, if
@@ -418,13 +370,6 @@ def split_float3(value: float) -> Tuple[float, float, float]:
     hi = float(np.float32(value))
     mid = float(np.float32(value - hi))
     return hi, mid, float(np.float32(value - hi - mid))
-
-
-def draw_seed(generator, device) -> torch.Tensor:
-    """A one-element int64 device tensor holding a fresh 63-bit Philox key, drawn from ``generator`` (torch's
-    default generator for ``device`` when None) with ``randint``. Read by kernels from memory, never passed as
-    an int, so a captured CUDA graph re-draws it on every replay."""
-    return torch.randint(0, 2**63 - 1, (1,), generator=generator, device=device, dtype=torch.int64)
 
 
 def extract_rows(table: torch.Tensor, names, t: torch.Tensor, ndim: int):
@@ -498,6 +443,17 @@ def sample_tile(N, batch_start, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def sigma_at(sigma_ptr, sample, offs_in_sample, mask, period, repeat, PER_TOKEN: tl.constexpr):
+    """The tile's sigma (``flow.py``, "Sigmas"): one scalar per sample, or one value per element."""
+    if PER_TOKEN:
+        index = sample.to(tl.int64) * period + (offs_in_sample // repeat) % period
+        s = tl.load(sigma_ptr + index, mask=mask, other=0.0)
+    else:
+        s = tl.load(sigma_ptr + sample)
+    return s
+
+
+@triton.jit
 def load_tile(ptr, offs, mask, dtype: tl.constexpr):
     """The elements at ``offs`` (0 where masked off) in ``dtype``, the compute dtype."""
     return tl.load(ptr + offs, mask=mask, other=0.0).to(dtype)
@@ -562,6 +518,12 @@ def gather_coefficient(table_ptr, row: tl.constexpr, t, T):
 
 
 @triton.jit
+def split_scalar(hi, lo, dtype: tl.constexpr):
+    """A host float given as ``split_float``'s two float32s, in ``dtype`` (the compute dtype): ``hi + lo``."""
+    return tl.cast(hi, dtype) + tl.cast(lo, dtype)
+
+
+@triton.jit
 def exact_scalar(hi, mid, lo, dtype: tl.constexpr):
     """A host float given as ``split_float3``'s three float32s, in ``dtype`` (the compute dtype): exact in
     float64, ``hi`` (the float32 rounding of the value) in float32."""
@@ -570,94 +532,6 @@ def exact_scalar(hi, mid, lo, dtype: tl.constexpr):
     else:
         value = tl.cast(hi, tl.float32)
     return value
-
-
-@triton.jit
-def _probe():
-    pass
-
-
-# Triton's interpreter has no libdevice; compiled kernels call CUDA's accurate logf/cosf/sinf (within 2 ulps)
-# by name, so the stream's transcendentals never become approximate instructions.
-_LIBDEVICE = tl.constexpr(type(_probe).__name__ != "InterpretedFunction")
-
-
-@triton.jit
-def _log(x):
-    if _LIBDEVICE:
-        return libdevice.log(x)
-    else:
-        return tl.log(x)
-
-
-@triton.jit
-def _cos(x):
-    if _LIBDEVICE:
-        return libdevice.cos(x)
-    else:
-        return tl.cos(x)
-
-
-@triton.jit
-def _sin(x):
-    if _LIBDEVICE:
-        return libdevice.sin(x)
-    else:
-        return tl.sin(x)
-
-
-@triton.jit
-def _uniform(x):
-    """``((x >> 8) + 0.5) * 2**-24`` of uint32 ``x``: exact, in (0, 1)."""
-    return ((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-
-
-@triton.jit
-def philox_at(key, offset, sample, q):
-    """The four uint32 outputs of Philox4x32-10 under the 64-bit ``key`` at the counters ``(q, sample,
-    offset_lo, offset_hi)`` (``q``: an int64 tensor of counter indices, element ``e``'s is ``e // 4``)."""
-    zero = tl.zeros_like(q)
-    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((zero + sample) & 0xFFFFFFFF).to(tl.uint32)
-    c2 = ((zero + offset) & 0xFFFFFFFF).to(tl.uint32)
-    c3 = (((zero + offset) >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    return tl.philox(key, c0, c1, c2, c3)
-
-
-@triton.jit
-def philox_normal(key, offset, sample, tile_start, BLOCK: tl.constexpr):
-    """The noise stream's normals of elements ``tile_start + arange(BLOCK)`` of global sample ``sample``
-    (``tile_start % 4 == 0``): element ``e`` is output ``e % 4`` of Philox4x32-10 at the counter ``(e // 4,
-    sample, offset_lo, offset_hi)`` under the 64-bit ``key``, the outputs made uniforms and the pairs normals by
-    Box-Muller (``ddpm_kernels.reference.philox_normal``). Nothing depends on BLOCK or the grid."""
-    q = tile_start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
-    r0, r1, r2, r3 = philox_at(key, offset, sample, q)
-    radius_a = sqrt_rn(-2.0 * _log(_uniform(r0)))
-    theta_a = 6.283185307179586 * _uniform(r1)
-    radius_b = sqrt_rn(-2.0 * _log(_uniform(r2)))
-    theta_b = 6.283185307179586 * _uniform(r3)
-    n1 = radius_a * _cos(theta_a)
-    n2 = radius_a * _sin(theta_a)
-    n3 = radius_b * _cos(theta_b)
-    n4 = radius_b * _sin(theta_b)
-    # join(join(n1, n3), join(n2, n4)) has shape (BLOCK/4, 2, 2); row-major flattening lays it out as
-    # n1, n2, n3, n4 per counter, so each thread's 4 contiguous elements come from one Philox call (the
-    # compiled PTX keeps them in registers: no shared-memory shuffle).
-    return tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), [BLOCK])
-
-
-@triton.jit
-def load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample_offset, sample, tile_start, offs,
-                       mask, N, dtype: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    """The tile's standard normals in ``dtype``: read from ``noise`` with ``HAS_NOISE``, else the noise stream
-    (``philox_normal``) of global sample ``sample + sample_offset`` keyed by ``seed[0] ^ philox_seed``, one of
-    which is zero (module docstring), at offset ``philox_offset``."""
-    if HAS_NOISE:
-        z = load_tile(noise_ptr, offs, mask, dtype)
-    else:
-        key = tl.load(seed_ptr) ^ philox_seed
-        z = philox_normal(key, philox_offset, sample.to(tl.int64) + sample_offset, tile_start, BLOCK).to(dtype)
-    return z
 
 
 # Triton decides when a function is decorated whether it is compiled or interpreted (TRITON_INTERPRET=1 at
