@@ -461,7 +461,10 @@ def load_tile(ptr, offs, mask, dtype: tl.constexpr):
 
 @triton.jit
 def store_tile(ptr, offs, value, mask):
-    """``value`` stored at ``offs``, rounded once to the pointer's dtype."""
+    """``value`` stored at ``offs``, rounded to the pointer's dtype. float64 goes to bfloat16 through float32, as
+    torch converts it (Triton's interpreter reads a direct float64 -> bfloat16 truncation as integer bits)."""
+    if ptr.dtype.element_ty == tl.bfloat16 and value.dtype == tl.float64:
+        value = value.to(tl.float32)
     tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
