@@ -424,7 +424,7 @@ from ._reference_sigma import (  # noqa: E402  (after the helpers it imports)
     flow_step_ref,
     solver_step_ref,
 )
-from ._reference_sigma import _euler_x0, _term  # noqa: E402,F401  (tests read them here)
+from ._reference_sigma import _euler_x0, _gather_sigmas, _term  # noqa: E402,F401  (tests read them here)
 
 # Backend table: the public dispatch looks ops up here by name (see ddpm_kernels.backends).
 OPS = {
