@@ -134,11 +134,20 @@ inline double hsum(const V& v) {
   if constexpr (std::is_floating_point_v<V>) {
     return static_cast<double>(v);
   } else {
-    alignas(64) typename V::value_type lanes[V::size()];
+    constexpr int64_t W = V::size();
+    alignas(64) typename V::value_type lanes[W];
     v.store(lanes);
-    double s = 0;
-    for (int64_t j = 0; j < V::size(); ++j) s += static_cast<double>(lanes[j]);
-    return s;
+    if constexpr (W % 4 == 0) {
+      // four independent chains: the flushes of a reduction wait on this sum
+      double s[4] = {0, 0, 0, 0};
+      for (int64_t j = 0; j < W; j += 4)
+        for (int q = 0; q < 4; ++q) s[q] += static_cast<double>(lanes[j + q]);
+      return (s[0] + s[1]) + (s[2] + s[3]);
+    } else {
+      double s = 0;
+      for (int64_t j = 0; j < W; ++j) s += static_cast<double>(lanes[j]);
+      return s;
+    }
   }
 }
 
