@@ -229,14 +229,21 @@ def test_triton_reads_mixed_operands_without_a_cast(name, low):
     copy before its kernel (the reference, which casts, is the control that the count sees one), and equals
     the all-float32 call exactly."""
     (x, y, z, _), t = _inputs((3, 2, 3, 5))
-    y_low = y.to(low)
     with _Casts() as ref:
-        CALLS[name](x, y_low, z, t, "reference")
+        CALLS[name](x, y.to(low), z, t, "reference")
     assert ref.casts
+    _assert_reads_natively(name, low, "triton", (3, 2, 3, 5), "ddpm_kernels_triton")
+
+
+def _assert_reads_natively(name, low, backend, shape, namespace):
+    """CALLS[name] with its operand y in ``low`` launches no conversion or copy before the operators of
+    ``namespace``, and equals the all-float32 call exactly, in float32."""
+    (x, y, z, _), t = _inputs(shape)
+    y_low = y.to(low)
     with _Casts() as mode:
-        got = _tuple(CALLS[name](x, y_low, z, t, "triton"))
-    assert mode.casts == [] and any(op.startswith("ddpm_kernels_triton::") for op in mode.ops), (mode.casts, mode.ops)
-    for g, e in zip(got, _tuple(CALLS[name](x, y_low.float(), z, t, "triton")), strict=True):
+        got = _tuple(CALLS[name](x, y_low, z, t, backend))
+    assert mode.casts == [] and any(op.startswith(namespace + "::") for op in mode.ops), (mode.casts, mode.ops)
+    for g, e in zip(got, _tuple(CALLS[name](x, y_low.float(), z, t, backend)), strict=True):
         assert g.dtype == torch.float32 == e.dtype
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
@@ -514,14 +521,7 @@ def test_cpu_backend_declares_its_native_ops():
 def test_cpu_reads_mixed_operands_without_a_cast(name, low):
     """The CPU kernels read the low-precision operand in its own dtype: no conversion or copy before the
     ddpm_kernels operator, and exactly the all-float32 call (shape (3, 2, 5, 37): full vectors and tails)."""
-    (x, y, z, _), t = _inputs((3, 2, 5, 37))
-    y_low = y.to(low)
-    with _Casts() as mode:
-        got = _tuple(CALLS[name](x, y_low, z, t, "cpu"))
-    assert mode.casts == [] and any(op.startswith("ddpm_kernels::") for op in mode.ops), (mode.casts, mode.ops)
-    for g, e in zip(got, _tuple(CALLS[name](x, y_low.float(), z, t, "cpu")), strict=True):
-        assert g.dtype == torch.float32 == e.dtype
-        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    _assert_reads_natively(name, low, "cpu", (3, 2, 5, 37), "ddpm_kernels")
 
 
 @_NEEDS_CPU

@@ -180,6 +180,7 @@ struct MixedLanes {
   using V = float;
   static constexpr int kLanes = 1;
   static constexpr int64_t size() { return 1; }
+  static C10_ALWAYS_INLINE void load(const float* p, V* v, int64_t) { v[0] = *p; }
   static C10_ALWAYS_INLINE void load(MixedPtr p, V* v, int64_t) {
     switch (p.type) {
       case OperandType::kHalf: v[0] = static_cast<float>(*reinterpret_cast<const at::Half*>(p.p)); return;
