@@ -34,15 +34,15 @@ template <typename K>
 void pair_out_kernel(PairOp op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& t,
                      const at::Tensor& table, const at::Tensor& out) {
   check_common(x, t, table);
-  check_data("second operand", y, x);
-  check_data("out", out, x);
+  check_operand<K>("second operand", y, x);
+  check_output("out", out, x, result_type({&x, &y}));
   if (x.numel() == 0) return;
   K::pair(PairCall{op, x, &y, t, table, out, nullptr});
 }
 
 template <typename K, PairOp kOp>
 at::Tensor pair_kernel(const at::Tensor& x, const at::Tensor& t, const at::Tensor& y, const at::Tensor& table) {
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = at::empty_like(x, x.options().dtype(result_type({&x, &y})));
   pair_out_kernel<K>(kOp, x, y, t, table, out);
   return out;
 }

@@ -78,44 +78,13 @@ def _per_sample(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- ops
-def q_sample(x_start, t, noise, schedule, out=None):
-    fmt = dense_format(x_start)
-    args = (in_format(x_start, fmt), t, in_format(noise, fmt), schedule.table(x_start.dtype))
-    # out= cannot carry a graph: a call that needs one runs the functional kernel (out is then refused by the
-    # public checks whenever it would itself require grad)
-    if not _fits(out, fmt) or (torch.is_grad_enabled() and (x_start.requires_grad or noise.requires_grad)):
-        return _store(_ops().q_sample(*args), out)
-    _ops().q_sample_out(*args, out)
-    return out
-
-
-def _pair(name):
-    """A pair op ``a(t) x + b(t) y`` with the reference's argument order ``(x, t, y, schedule)``."""
-
-    def op(x, t, y, schedule):
-        fmt = dense_format(x)
-        return getattr(_ops(), name)(in_format(x, fmt), t, in_format(y, fmt), schedule.table(x.dtype))
-
-    op.__name__ = name
-    return op
-
-
-predict_start_from_noise = _pair("predict_start_from_noise")
-predict_noise_from_start = _pair("predict_noise_from_start")
-predict_start_from_z_and_v = _pair("predict_start_from_z_and_v")
-predict_eps_from_z_and_v = _pair("predict_eps_from_z_and_v")
-
-
-def get_v(x_start, noise, t, schedule):
-    fmt = dense_format(x_start)
-    return _ops().get_v(in_format(x_start, fmt), in_format(noise, fmt), t, schedule.table(x_start.dtype))
-
-
 # ------------------------------------------------------------------------------------------- mixed dtypes
 # The CPU kernels of MIXED_OPS read float32, float16 and bfloat16 operands of one call each in its own dtype
 # (csrc/cpu/loops.h, MixedLanes; docs/design.md, "Mixed precision"), so the prologue does not cast them; a mix they
 # do not read (float64 with another dtype) is cast here, to the promoted dtype, as the prologue would have.
-MIXED_OPS = frozenset({"q_posterior", "p_mean_variance", "p_sample", "diffusion_loss"})
+MIXED_OPS = frozenset({"q_sample", "predict_start_from_noise", "predict_noise_from_start", "get_v",
+                       "predict_start_from_z_and_v", "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance",
+                       "p_sample", "diffusion_loss"})
 _MIXABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -129,6 +98,42 @@ def _operands(*tensors):
         return tensors, torch.float32
     promoted = functools.reduce(torch.promote_types, dtypes)
     return tuple(None if x is None else x.to(promoted) for x in tensors), promoted
+
+
+def q_sample(x_start, t, noise, schedule, out=None):
+    fmt = dense_format(x_start)
+    (x_start, noise), dtype = _operands(x_start, noise)
+    args = (in_format(x_start, fmt), t, in_format(noise, fmt), schedule.table(dtype))
+    # out= cannot carry a graph: a call that needs one runs the functional kernel (out is then refused by the
+    # public checks whenever it would itself require grad)
+    if not _fits(out, fmt) or (torch.is_grad_enabled() and (x_start.requires_grad or noise.requires_grad)):
+        return _store(_ops().q_sample(*args), out)
+    _ops().q_sample_out(*args, out)
+    return out
+
+
+def _pair(name):
+    """A pair op ``a(t) x + b(t) y`` with the reference's argument order ``(x, t, y, schedule)``."""
+
+    def op(x, t, y, schedule):
+        fmt = dense_format(x)
+        (x, y), dtype = _operands(x, y)
+        return getattr(_ops(), name)(in_format(x, fmt), t, in_format(y, fmt), schedule.table(dtype))
+
+    op.__name__ = name
+    return op
+
+
+predict_start_from_noise = _pair("predict_start_from_noise")
+predict_noise_from_start = _pair("predict_noise_from_start")
+predict_start_from_z_and_v = _pair("predict_start_from_z_and_v")
+predict_eps_from_z_and_v = _pair("predict_eps_from_z_and_v")
+
+
+def get_v(x_start, noise, t, schedule):
+    fmt = dense_format(x_start)
+    (x_start, noise), dtype = _operands(x_start, noise)
+    return _ops().get_v(in_format(x_start, fmt), in_format(noise, fmt), t, schedule.table(dtype))
 
 
 def q_posterior(x_start, x_t, t, schedule):

@@ -499,7 +499,8 @@ def test_triton_mixed_step_compiles():
 # ------------------------------------------------------------------------------------------ compiled CPU kernels
 _NEEDS_CPU = pytest.mark.skipif("cpu" not in dk.available_backends("cpu"), reason="the compiled CPU backend is not built")
 # ops whose mixed calls the compiled CPU kernels read natively (extension.MIXED_OPS), by their CALLS names
-CPU_NATIVE_CALLS = [n for n in CALLS if n.startswith(("q_posterior", "p_mean", "p_sample", "diffusion_loss"))]
+CPU_NATIVE_CALLS = [n for n in CALLS if n.startswith(("q_sample", "predict_start", "get_v", "q_posterior", "p_mean",
+                                                      "p_sample", "diffusion_loss"))]
 
 
 @_NEEDS_CPU
@@ -508,7 +509,9 @@ def test_cpu_backend_declares_its_native_ops():
     CUDA backend, whose kernels take one dtype per call, lists none."""
     from ddpm_kernels import extension
 
-    assert extension.CPU_BACKEND.mixed_dtypes == {"q_posterior", "p_mean_variance", "p_sample", "diffusion_loss"}
+    assert extension.CPU_BACKEND.mixed_dtypes == {
+        "q_sample", "predict_start_from_noise", "predict_noise_from_start", "get_v", "predict_start_from_z_and_v",
+        "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance", "p_sample", "diffusion_loss"}
     assert extension.CUDA_BACKEND.mixed_dtypes == frozenset()
     (x, y, z, _), t = _inputs()
     dk.p_sample(x, t, y, S, noise=z, backend="cpu")
@@ -549,6 +552,8 @@ def test_cpu_mixed_data_and_three_dtypes(low):
         lambda x, y, z: dk.p_mean_variance(x, t, y, S, "x0", backend="cpu"),
         lambda x, y, z: dk.q_posterior(y, x, t, S, backend="cpu"),
         lambda x, y, z: dk.diffusion_loss(x, y, z, t, S, "eps", "l1", backend="cpu"),
+        lambda x, y, z: dk.q_sample(x, t, y, S, backend="cpu"),
+        lambda x, y, z: dk.predict_eps_from_z_and_v(x, t, y, S, backend="cpu"),
     ]
     for x_, y_, z_ in ((x.to(low), y, z), (x, y.to(low), z.to(other)), (x.to(low), y.to(other), z)):
         for call in calls:
@@ -596,7 +601,14 @@ def test_cpu_mixed_out_rules():
     assert mode.casts == []
     torch.testing.assert_close(buf, dk.p_sample(x, t, mo.float(), S, noise=noise.float(), backend="cpu"),
                                rtol=0, atol=0)
+    buf = x.clone()
+    with _Casts() as mode:
+        assert dk.q_sample(buf, t, mo, S, backend="cpu", out=buf) is buf
+    assert mode.casts == []
+    torch.testing.assert_close(buf, dk.q_sample(x, t, mo.float(), S, backend="cpu"), rtol=0, atol=0)
     ops, table = torch.ops.ddpm_kernels, S.table(torch.float32)
+    with pytest.raises(RuntimeError, match="out has dtype BFloat16, expected Float .the result dtype"):
+        ops.q_sample_out(x, t, mo, table, torch.empty_like(x, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="out has dtype BFloat16, expected Float .the result dtype"):
         ops.p_sample_out(x, t, y.bfloat16(), table, "eps", True, z, None, 0, torch.empty_like(x, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="model_output has dtype Double, expected Float .operands of different"):
@@ -617,6 +629,8 @@ def test_cpu_mixed_calls_pass_opcheck():
     t = t[1:]
     mo = y.bfloat16().requires_grad_()
     with _Calls("ddpm_kernels") as calls:
+        dk.q_sample(x.bfloat16(), t, y, S, backend="cpu")
+        dk.get_v(x, y.half(), t, S, backend="cpu")
         dk.p_sample(x, t, y.half(), S, noise=z.bfloat16(), backend="cpu")
         dk.p_sample(x.bfloat16(), t, y, S, noise=z, backend="cpu", out=x.clone())
         dk.p_mean_variance(x.bfloat16(), t, y, S, "v", backend="cpu")
@@ -624,7 +638,7 @@ def test_cpu_mixed_calls_pass_opcheck():
         loss = dk.diffusion_loss(mo, x, z.half(), t, S, "v", backend="cpu")[0]
         torch.autograd.grad(loss, mo)
     names = {func.name() for func, _, _ in calls.calls}
-    assert {"ddpm_kernels::p_sample", "ddpm_kernels::p_sample_out", "ddpm_kernels::p_mean_variance",
+    assert {"ddpm_kernels::q_sample", "ddpm_kernels::get_v", "ddpm_kernels::p_sample", "ddpm_kernels::p_sample_out", "ddpm_kernels::p_mean_variance",
             "ddpm_kernels::q_posterior", "ddpm_kernels::diffusion_loss",
             "ddpm_kernels::diffusion_loss_backward"} <= names, names
     for func, args, kwargs in calls.calls:

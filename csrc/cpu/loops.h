@@ -13,6 +13,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
 #include <tuple>
@@ -150,6 +151,7 @@ struct MixedPtrOf {
   C10_ALWAYS_INLINE MixedPtrOf operator+(int64_t i) const {
     return {p + i * (type == OperandType::kFloat ? 4 : 2), type};
   }
+  bool operator==(std::nullptr_t) const { return p == nullptr; }
 };
 using MixedPtr = MixedPtrOf<const char>;
 using MixedMutPtr = MixedPtrOf<char>;
