@@ -91,9 +91,13 @@ _MIXABLE = (torch.float32, torch.float16, torch.bfloat16)
 def _operands(*tensors):
     """``(tensors, compute dtype)``: the operands as the kernels read them, and the dtype the schedule table is
     taken in."""
+    dtype = tensors[0].dtype
+    for x in tensors:
+        if x is not None and x.dtype != dtype:
+            break
+    else:
+        return tensors, dtype  # one dtype (every single-dtype call: no set built on the sampling path)
     dtypes = {x.dtype for x in tensors if x is not None}
-    if len(dtypes) == 1:
-        return tensors, dtypes.pop()
     if all(d in _MIXABLE for d in dtypes):
         return tensors, torch.float32
     promoted = functools.reduce(torch.promote_types, dtypes)
