@@ -177,13 +177,16 @@ struct DiffusionLossBackwardNode : public torch::autograd::TraceableFunction {
                 "ddpm_kernels::diffusion_loss gives the gradient w.r.t. model_output only; for x_start or noise "
                 "call ddpm_kernels.diffusion_loss, which computes those with the reference");
     if (!task_should_compute_output(0)) return {at::Tensor(), at::Tensor(), at::Tensor()};
-    const at::Tensor mo = model_output.unpack();
-    // The kernel reads the three 0-d gradients as scalars of model_output's dtype; an unused output's is zero.
+    const at::Tensor mo = model_output.unpack(), xs = x_start.unpack(), nz = noise.unpack();
+    // The kernel reads the three 0-d gradients as scalars of the losses' dtype (model_output's, or float32 for
+    // operands of different dtypes, which the CPU kernels read natively); an unused output's is zero.
+    const at::ScalarType loss_dtype =
+        mo.scalar_type() == xs.scalar_type() && mo.scalar_type() == nz.scalar_type() ? mo.scalar_type() : at::kFloat;
     for (auto& g : grads) {
-      g = g.defined() ? g.to(mo.scalar_type()).reshape({}).contiguous() : at::zeros({}, mo.options());
+      g = g.defined() ? g.to(loss_dtype).reshape({}).contiguous() : at::zeros({}, mo.options().dtype(loss_dtype));
     }
-    at::Tensor grad = diffusion_loss_backward_op().call(grads[0], grads[1], grads[2], mo, x_start.unpack(),
-                                                        noise.unpack(), t.unpack(), table.unpack(),
+    at::Tensor grad = diffusion_loss_backward_op().call(grads[0], grads[1], grads[2], mo, xs, nz, t.unpack(),
+                                                        table.unpack(),
                                                         parameterization, loss_type, l_simple_weight,
                                                         original_elbo_weight);
     return {grad, at::Tensor(), at::Tensor()};

@@ -5,8 +5,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "coefficients.h"
 #include "flow.h"
@@ -41,14 +43,58 @@ inline at::MemoryFormat dense_format(const at::Tensor& x, const char* name) {
 
 // The data tensors of one call: same shape, dtype and device as `ref`, and in its memory format; t int64 of
 // shape (B,); the table (K, T) contiguous, float64 for float64 data else float32.
-inline void check_data(const char* name, const at::Tensor& x, const at::Tensor& ref) {
+inline void check_layout(const char* name, const at::Tensor& x, const at::Tensor& ref) {
   TORCH_CHECK(x.sizes() == ref.sizes(), "ddpm_kernels: ", name, " has shape ", x.sizes(), ", expected ", ref.sizes());
-  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "ddpm_kernels: ", name, " has dtype ", x.scalar_type(),
-              ", expected ", ref.scalar_type());
   TORCH_CHECK(x.device() == ref.device(), "ddpm_kernels: ", name, " is on ", x.device(), ", expected ", ref.device());
   const at::MemoryFormat format = dense_format(ref, "data");
   TORCH_CHECK(x.is_contiguous(format), "ddpm_kernels: ", name, " must be in the memory format of the data (",
               format, "), got strides ", x.strides());
+}
+
+inline void check_data(const char* name, const at::Tensor& x, const at::Tensor& ref) {
+  TORCH_CHECK(x.sizes() == ref.sizes(), "ddpm_kernels: ", name, " has shape ", x.sizes(), ", expected ", ref.sizes());
+  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "ddpm_kernels: ", name, " has dtype ", x.scalar_type(),
+              ", expected ", ref.scalar_type());
+  check_layout(name, x, ref);
+}
+
+// ------------------------------------------------------------------------------------------ mixed dtypes
+// Whether backend K's kernels read float operands of different dtypes, each in its own, for the ops that call
+// check_operand (docs/design.md, "Mixed precision"): specialised true by the CPU backend (cpu/registration.cpp).
+template <typename K>
+struct ReadsMixed : std::false_type {};
+
+inline bool mixable(at::ScalarType st) { return st == at::kFloat || st == at::kHalf || st == at::kBFloat16; }
+
+// An operand of the call whose data is `ref`: as check_data, except that on a backend reading mixed dtypes
+// float32, float16 and bfloat16 operands go together (computed in float32).
+template <typename K>
+void check_operand(const char* name, const at::Tensor& x, const at::Tensor& ref) {
+  if (x.scalar_type() == ref.scalar_type()) return check_data(name, x, ref);
+  TORCH_CHECK(ReadsMixed<K>::value, "ddpm_kernels: ", name, " has dtype ", x.scalar_type(), ", expected ",
+              ref.scalar_type(), " (this backend reads every operand in the data's dtype)");
+  TORCH_CHECK(mixable(x.scalar_type()) && mixable(ref.scalar_type()), "ddpm_kernels: ", name, " has dtype ",
+              x.scalar_type(), ", expected ", ref.scalar_type(),
+              " (operands of different dtypes are read natively as float32, float16 and bfloat16 only)");
+  check_layout(name, x, ref);
+}
+
+// The dtype of a call's outputs: its operands' one dtype, float32 when they differ (after check_operand).
+inline at::ScalarType result_type(std::initializer_list<const at::Tensor*> operands) {
+  const at::Tensor* first = nullptr;
+  for (const at::Tensor* t : operands) {
+    if (t == nullptr) continue;
+    if (first == nullptr) first = t;
+    else if (t->scalar_type() != first->scalar_type()) return at::kFloat;
+  }
+  return first->scalar_type();
+}
+
+// An output of the call: `ref`'s shape, device and layout, in dtype `type`.
+inline void check_output(const char* name, const at::Tensor& out, const at::Tensor& ref, at::ScalarType type) {
+  TORCH_CHECK(out.scalar_type() == type, "ddpm_kernels: ", name, " has dtype ", out.scalar_type(), ", expected ",
+              type, " (the result dtype of the operands)");
+  check_layout(name, out, ref);
 }
 
 // The first data tensor: a batch dimension and a kernel dtype.

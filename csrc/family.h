@@ -28,6 +28,7 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cmath>
@@ -128,10 +129,22 @@ struct NoNoise {
   DDPM_LANE void get(int64_t, int64_t, typename IO::V*) const {}
 };
 
-// Noise passed in as a tensor of the data's dtype and layout.
+// How a functor reads its operands and writes its outputs: `in` / `out` pointers of the call's one dtype,
+// taken from a tensor by input() / output(). The CPU backend's calls with operands of different dtypes use
+// MixedPtrs instead (csrc/cpu/loops.h: each operand read in its own dtype; docs/design.md, "Mixed precision").
 template <typename scalar_t>
+struct SamePtrs {
+  using in = const scalar_t*;
+  using out = scalar_t*;
+  static in input(const at::Tensor& t) { return t.const_data_ptr<scalar_t>(); }
+  static out output(const at::Tensor& t) { return t.mutable_data_ptr<scalar_t>(); }
+};
+
+// Noise passed in as a tensor of the data's layout (Ptr: its pointer, csrc/family.h's SamePtrs::in or the
+// CPU's MixedPtr).
+template <typename scalar_t, typename Ptr = const scalar_t*>
 struct GivenNoise {
-  const scalar_t* noise;
+  Ptr noise;
   static constexpr DDPM_LANE bool present() { return true; }
   template <typename IO>
   DDPM_LANE void get(int64_t i, int64_t n, typename IO::V* z) const {

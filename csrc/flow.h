@@ -70,21 +70,22 @@ struct TokenCursor {
   }
 };
 
-// The lanes of one slice (n elements from offset `off` of sample b) of a per-token sigma, each value passed
-// through `tf`; lanes past n hold `pad`. A slice inside one run of `repeat` equal values is one broadcast.
+// The lanes of one slice (n elements of a sample whose sigma row is `row`, from the element `cur` is at) of a
+// per-token sigma, each value passed through `tf`; lanes past n hold `pad`; `cur` is left past the slice. A slice
+// inside one run of `repeat` equal values is one broadcast.
 template <typename IO, typename acc_t, typename TF>
-DDPM_LANE void sigma_lanes(const FlowSigma<acc_t>& s, int64_t b, int64_t off, int64_t n, typename IO::V* out,
-                           lane_scalar_t<typename IO::V> pad, const TF& tf) {
+DDPM_LANE void sigma_lanes_at(const acc_t* row, TokenCursor& cur, int64_t n, typename IO::V* out,
+                              lane_scalar_t<typename IO::V> pad, const TF& tf) {
   using V = typename IO::V;
   using T = lane_scalar_t<V>;
   constexpr int W = LaneOps<V>::kWidth;
   constexpr int64_t kFull = int64_t(IO::kLanes) * W;
-  const acc_t* row = s.flat + b * s.period;
-  TokenCursor cur(off, s.period, s.repeat);
-  if (n == kFull && cur.r + kFull <= s.repeat) {
+  if (n == kFull && cur.r + kFull <= cur.repeat) {
     const V v = splat<V>(static_cast<T>(tf(row[cur.p])));
     DDPM_UNROLL
     for (int k = 0; k < IO::kLanes; ++k) out[k] = v;
+    cur.r += kFull - 1;
+    cur.next();
     return;
   }
   DDPM_UNROLL
@@ -101,6 +102,14 @@ DDPM_LANE void sigma_lanes(const FlowSigma<acc_t>& s, int64_t b, int64_t off, in
     }
     out[k] = LaneOps<V>::loadu(buf);
   }
+}
+
+// The same for the slice at offset `off` of sample b.
+template <typename IO, typename acc_t, typename TF>
+DDPM_LANE void sigma_lanes(const FlowSigma<acc_t>& s, int64_t b, int64_t off, int64_t n, typename IO::V* out,
+                           lane_scalar_t<typename IO::V> pad, const TF& tf) {
+  TokenCursor cur(off, s.period, s.repeat);
+  sigma_lanes_at<IO>(s.flat + b * s.period, cur, n, out, pad, tf);
 }
 
 struct Identity {
@@ -496,9 +505,10 @@ struct FlowLossKernel : NoPerSampleOutputs {
     return {static_cast<acc_t>(static_cast<double>(*g_loss) * static_cast<double>(sample_weight(b)) / count)};
   }
 
-  template <typename IO>
-  DDPM_LANE void weights(int64_t b, int64_t i, int64_t n, typename IO::V* wv) const {
-    sigma_lanes<IO>(sigma, b, i - b * N, n, wv, lane_scalar_t<typename IO::V>(0), WeightOf<acc_t>{weighting});
+  // Per token: the cursor of sample b's sigma at element i (a loop that walks the sample in order advances it
+  // with token_weights instead of dividing per slice).
+  DDPM_HD TokenCursor token_cursor(int64_t b, int64_t i) const {
+    return TokenCursor(i - b * N, sigma.period, sigma.repeat);
   }
 
   // d = mo - (noise - x0) over one slice; lanes past a short slice load as 0 and give d = 0.
@@ -516,24 +526,40 @@ struct FlowLossKernel : NoPerSampleOutputs {
   // acc += l(d) (per token: weight l(d)) over one slice of sample b.
   template <typename IO>
   DDPM_LANE void accumulate(int64_t b, int64_t i, int64_t n, typename IO::V* acc) const {
-    using V = typename IO::V;
-    V d[IO::kLanes];
-    diffs<IO>(i, n, d);
-    DDPM_UNROLL
-    for (int k = 0; k < IO::kLanes; ++k) d[k] = l1 ? lane_abs(d[k]) : d[k] * d[k];
     if (per_token) {
-      V wv[IO::kLanes];
-      weights<IO>(b, i, n, wv);
-      DDPM_UNROLL
-      for (int k = 0; k < IO::kLanes; ++k) acc[k] = madd(wv[k], d[k], acc[k]);
+      TokenCursor cur = token_cursor(b, i);
+      accumulate_at<IO>(b, i, n, cur, acc);
     } else {
+      using V = typename IO::V;
+      V d[IO::kLanes];
+      diffs<IO>(i, n, d);
+      // l2: d^2 added in one fused multiply-add
       DDPM_UNROLL
-      for (int k = 0; k < IO::kLanes; ++k) acc[k] = acc[k] + d[k];
+      for (int k = 0; k < IO::kLanes; ++k) acc[k] = l1 ? acc[k] + lane_abs(d[k]) : madd(d[k], d[k], acc[k]);
     }
   }
 
+  // Per token: the same from the sigma's cursor at element i, left past the slice.
+  template <typename IO>
+  DDPM_LANE void accumulate_at(int64_t b, int64_t i, int64_t n, TokenCursor& cur, typename IO::V* acc) const {
+    using V = typename IO::V;
+    V d[IO::kLanes], wv[IO::kLanes];
+    diffs<IO>(i, n, d);
+    sigma_lanes_at<IO>(sigma.flat + b * sigma.period, cur, n, wv, lane_scalar_t<V>(0), WeightOf<acc_t>{weighting});
+    DDPM_UNROLL
+    for (int k = 0; k < IO::kLanes; ++k) acc[k] = madd(wv[k], l1 ? lane_abs(d[k]) : d[k] * d[k], acc[k]);
+  }
+
+  // The backward over one slice.
   template <typename IO, typename Z>
   DDPM_LANE void apply(int64_t b, int64_t i, int64_t n, const Coef& c, Z&) const {
+    TokenCursor cur = per_token ? token_cursor(b, i) : TokenCursor(0, 1, 1);
+    apply_at<IO>(b, i, n, c, cur);
+  }
+
+  // The same, per token from the sigma's cursor at element i, left past the slice.
+  template <typename IO>
+  DDPM_LANE void apply_at(int64_t b, int64_t i, int64_t n, const Coef& c, TokenCursor& cur) const {
     using V = typename IO::V;
     V d[IO::kLanes];
     diffs<IO>(i, n, d);
@@ -541,7 +567,7 @@ struct FlowLossKernel : NoPerSampleOutputs {
     for (int k = 0; k < IO::kLanes; ++k) d[k] = splat<V>(c.scale) * (l1 ? lane_sign(d[k]) : d[k] + d[k]);
     if (per_token) {
       V wv[IO::kLanes];
-      weights<IO>(b, i, n, wv);
+      sigma_lanes_at<IO>(sigma.flat + b * sigma.period, cur, n, wv, lane_scalar_t<V>(0), WeightOf<acc_t>{weighting});
       DDPM_UNROLL
       for (int k = 0; k < IO::kLanes; ++k) d[k] = d[k] * wv[k];
     }

@@ -34,15 +34,15 @@ template <typename K>
 void pair_out_kernel(PairOp op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& t,
                      const at::Tensor& table, const at::Tensor& out) {
   check_common(x, t, table);
-  check_data("second operand", y, x);
-  check_data("out", out, x);
+  check_operand<K>("second operand", y, x);
+  check_output("out", out, x, result_type({&x, &y}));
   if (x.numel() == 0) return;
   K::pair(PairCall{op, x, &y, t, table, out, nullptr});
 }
 
 template <typename K, PairOp kOp>
 at::Tensor pair_kernel(const at::Tensor& x, const at::Tensor& t, const at::Tensor& y, const at::Tensor& table) {
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = at::empty_like(x, x.options().dtype(result_type({&x, &y})));
   pair_out_kernel<K>(kOp, x, y, t, table, out);
   return out;
 }
@@ -71,11 +71,12 @@ std::tuple<at::Tensor, at::Tensor> q_sample_backward_kernel(const at::Tensor& gr
 
 // ----------------------------------------------------------------------------------- posterior / sampling
 // (mean, var, log_var); var and log_var (B, 1, ..., 1) in the table's dtype.
+// mean in the result dtype of x_t and mo (float32 for a mixed call).
 template <typename K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_variance(const at::Tensor& x_t, const at::Tensor& t,
                                                              const at::Tensor& mo, const at::Tensor& table,
                                                              Param param, bool clip) {
-  at::Tensor mean = at::empty_like(x_t);
+  at::Tensor mean = at::empty_like(x_t, x_t.options().dtype(result_type({&x_t, &mo})));
   at::Tensor var = at::empty(per_sample_shape(x_t), table.options());
   at::Tensor log_var = at::empty(per_sample_shape(x_t), table.options());
   K::posterior(PosteriorCall{x_t, t, mo, table, param, clip, mean, &var, &log_var, false, nullptr, std::nullopt});
@@ -86,7 +87,7 @@ template <typename K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> q_posterior_kernel(const at::Tensor& x_start, const at::Tensor& x_t,
                                                                   const at::Tensor& t, const at::Tensor& table) {
   check_common(x_t, t, table);
-  check_data("x_start", x_start, x_t);
+  check_operand<K>("x_start", x_start, x_t);
   // The posterior mean is p_mean_variance's with x_start as an x0 prediction, unclipped.
   return mean_variance<K>(x_t, t, x_start, table, Param::kX0, false);
 }
@@ -98,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p_mean_variance_kernel(const at::
                                                                       c10::string_view parameterization,
                                                                       bool clip_denoised) {
   check_common(x_t, t, table);
-  check_data("model_output", model_output, x_t);
+  check_operand<K>("model_output", model_output, x_t);
   const Param param = parse_param(std::string(parameterization));
   return mean_variance<K>(x_t, t, model_output, table, param, clip_denoised);
 }
@@ -110,10 +111,10 @@ void p_sample_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::T
                          int64_t sample_offset, const at::Tensor& out) {
   check_common(x_t, t, table);
   check_sample_offset(sample_offset);
-  check_data("model_output", model_output, x_t);
-  check_data("out", out, x_t);
+  check_operand<K>("model_output", model_output, x_t);
+  if (noise.has_value()) check_operand<K>("noise", *noise, x_t);
+  check_output("out", out, x_t, result_type({&x_t, &model_output, noise.has_value() ? &*noise : nullptr}));
   const Param param = parse_param(std::string(parameterization));
-  if (noise.has_value()) check_data("noise", *noise, x_t);
   K::posterior(PosteriorCall{x_t, t, model_output, table, param, clip_denoised, out, nullptr, nullptr, true,
                             noise.has_value() ? &*noise : nullptr, std::move(generator), sample_offset});
 }
@@ -123,7 +124,8 @@ at::Tensor p_sample_kernel(const at::Tensor& x_t, const at::Tensor& t, const at:
                            const at::Tensor& table, c10::string_view parameterization, bool clip_denoised,
                            const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
                            int64_t sample_offset) {
-  at::Tensor out = at::empty_like(x_t);
+  at::Tensor out =
+      at::empty_like(x_t, x_t.options().dtype(result_type({&x_t, &model_output, noise.has_value() ? &*noise : nullptr})));
   p_sample_out_kernel<K>(x_t, t, model_output, table, parameterization, clip_denoised, noise, std::move(generator),
                          sample_offset, out);
   return out;
@@ -218,12 +220,13 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_kernel(
 
 // ------------------------------------------------------------------------------------------------ loss
 // The checks of both loss ops, and the call they describe.
-inline LossCall loss_call(const at::Tensor& model_output, const at::Tensor& x_start, const at::Tensor& noise,
+template <typename K>
+LossCall loss_call(const at::Tensor& model_output, const at::Tensor& x_start, const at::Tensor& noise,
                           const at::Tensor& t, const at::Tensor& table, c10::string_view parameterization,
                           c10::string_view loss_type, double l_simple_weight, double original_elbo_weight) {
   check_common(model_output, t, table);
-  check_data("x_start", x_start, model_output);
-  check_data("noise", noise, model_output);
+  check_operand<K>("x_start", x_start, model_output);
+  check_operand<K>("noise", noise, model_output);
   return {model_output,
           x_start,
           noise,
@@ -240,9 +243,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_loss_kernel(
     const at::Tensor& model_output, const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& t,
     const at::Tensor& table, c10::string_view parameterization, c10::string_view loss_type, double l_simple_weight,
     double original_elbo_weight) {
-  const LossCall call = loss_call(model_output, x_start, noise, t, table, parameterization, loss_type,
-                                  l_simple_weight, original_elbo_weight);
-  const auto opts = model_output.options();
+  const LossCall call = loss_call<K>(model_output, x_start, noise, t, table, parameterization, loss_type,
+                                     l_simple_weight, original_elbo_weight);
+  // the result dtype of the operands (float32 for a mixed call)
+  const auto opts = model_output.options().dtype(result_type({&model_output, &x_start, &noise}));
   if (model_output.numel() == 0) {
     // The mean over no elements (an empty batch, or samples of zero elements) is NaN, as torch.mean and
     // the reference give; NaN weighted by anything stays NaN.
@@ -261,14 +265,16 @@ at::Tensor diffusion_loss_backward_kernel(const at::Tensor& grad_loss, const at:
                                           const at::Tensor& table, c10::string_view parameterization,
                                           c10::string_view loss_type, double l_simple_weight,
                                           double original_elbo_weight) {
-  const LossCall call = loss_call(model_output, x_start, noise, t, table, parameterization, loss_type,
-                                  l_simple_weight, original_elbo_weight);
+  const LossCall call = loss_call<K>(model_output, x_start, noise, t, table, parameterization, loss_type,
+                                     l_simple_weight, original_elbo_weight);
   at::Tensor grad = at::empty_like(model_output);
   if (model_output.numel() == 0) return grad;
-  // The kernels read the incoming gradients where the data lives (no host sync), in model_output's dtype.
+  // The kernels read the incoming gradients where the data lives (no host sync), in the losses' dtype (the
+  // result dtype of the operands); the gradient is written in model_output's.
+  const at::ScalarType loss_type_ = result_type({&model_output, &x_start, &noise});
   const auto operand = [&](const at::Tensor& g) {
     TORCH_CHECK(g.numel() == 1, "ddpm_kernels: the loss gradients must be one-element tensors, got ", g.sizes());
-    return g.to(model_output.device(), model_output.scalar_type());
+    return g.to(model_output.device(), loss_type_);
   };
   K::diffusion_loss_backward(call, operand(grad_loss), operand(grad_loss_simple), operand(grad_loss_vlb), grad);
   return grad;

@@ -71,16 +71,18 @@ struct LossCall {
 };
 
 // Forward and backward. ParamT / L1T: Param / bool, or std::integral_constant of them (see csrc/family.h).
-template <typename scalar_t, typename ParamT, typename L1T>
+// scalar_t: the compute dtype's data type (the promoted one of a mixed call); Ptrs: how the three operands and
+// the gradient (model_output's dtype) are addressed (csrc/family.h).
+template <typename scalar_t, typename ParamT, typename L1T, typename Ptrs = SamePtrs<scalar_t>>
 struct LossKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;
   struct Coef {
     LossCoef<acc_t> loss;
     acc_t grad_scale;  // backward: the bracket above over (B N), in float64 rounded once
   };
-  const scalar_t* mo;
-  const scalar_t* xs;
-  const scalar_t* nz;
+  typename Ptrs::in mo;
+  typename Ptrs::in xs;
+  typename Ptrs::in nz;
   Timesteps<acc_t> ts;
   ParamT param;
   L1T l1;
@@ -88,21 +90,21 @@ struct LossKernel : NoPerSampleOutputs {
   const scalar_t* g_loss;
   const scalar_t* g_simple;
   const scalar_t* g_vlb;
-  scalar_t* grad;
+  typename Ptrs::out grad;
   double w_simple, w_elbo, count;
 
   static LossKernel make(const LossCall& call, ParamT param, L1T l1) {
     return {{},
-            call.model_output.const_data_ptr<scalar_t>(),
-            call.x_start.const_data_ptr<scalar_t>(),
-            call.noise.const_data_ptr<scalar_t>(),
+            Ptrs::input(call.model_output),
+            Ptrs::input(call.x_start),
+            Ptrs::input(call.noise),
             Timesteps<acc_t>::of(call.t, call.table),
             param,
             l1,
             nullptr,
             nullptr,
             nullptr,
-            nullptr,
+            {},
             call.l_simple_weight,
             call.original_elbo_weight,
             static_cast<double>(call.model_output.numel())};
@@ -115,7 +117,7 @@ struct LossKernel : NoPerSampleOutputs {
     f.g_loss = grad_loss.const_data_ptr<scalar_t>();
     f.g_simple = grad_loss_simple.const_data_ptr<scalar_t>();
     f.g_vlb = grad_loss_vlb.const_data_ptr<scalar_t>();
-    f.grad = grad.mutable_data_ptr<scalar_t>();
+    f.grad = Ptrs::output(grad);
     return f;
   }
 

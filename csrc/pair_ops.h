@@ -56,12 +56,13 @@ struct PairCall {
   const at::Tensor* out2;
 };
 
-template <typename scalar_t>
+// scalar_t: the outputs' (the promoted dtype of a mixed call); Ptrs: how x and y are read (csrc/family.h).
+template <typename scalar_t, typename Ptrs = SamePtrs<scalar_t>>
 struct PairKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;
   using Coef = Pair<acc_t>;
-  const scalar_t* x;
-  const scalar_t* y;  // nullptr: the transpose
+  typename Ptrs::in x;
+  typename Ptrs::in y;  // null: the transpose
   scalar_t* out;
   scalar_t* out2;
   Timesteps<acc_t> ts;
@@ -69,8 +70,8 @@ struct PairKernel : NoPerSampleOutputs {
 
   static PairKernel make(const PairCall& call) {
     return {{},
-            call.x.const_data_ptr<scalar_t>(),
-            call.y != nullptr ? call.y->const_data_ptr<scalar_t>() : nullptr,
+            Ptrs::input(call.x),
+            call.y != nullptr ? Ptrs::input(*call.y) : typename Ptrs::in{},
             call.out.mutable_data_ptr<scalar_t>(),
             call.out2 != nullptr ? call.out2->mutable_data_ptr<scalar_t>() : nullptr,
             Timesteps<acc_t>::of(call.t, call.table),

@@ -65,13 +65,14 @@ struct PosteriorCall {
   int64_t sample_offset = 0;  // global index of the first sample in the noise stream
 };
 
-// ParamT / ClipT: Param / bool, or std::integral_constant of them (see family.h).
-template <typename scalar_t, typename ParamT, typename ClipT>
+// ParamT / ClipT: Param / bool, or std::integral_constant of them (see family.h). scalar_t: the output's (the
+// promoted dtype of a mixed call); Ptrs: how x_t and model_output are read (csrc/family.h).
+template <typename scalar_t, typename ParamT, typename ClipT, typename Ptrs = SamePtrs<scalar_t>>
 struct PosteriorKernel {
   using acc_t = at::opmath_type<scalar_t>;
   using Coef = Step<acc_t>;
-  const scalar_t* x_t;
-  const scalar_t* mo;
+  typename Ptrs::in x_t;
+  typename Ptrs::in mo;
   scalar_t* out;
   acc_t* var;
   acc_t* log_var;
@@ -80,8 +81,8 @@ struct PosteriorKernel {
   ClipT clip;
 
   static PosteriorKernel make(const PosteriorCall& call, ParamT param, ClipT clip) {
-    return {call.x_t.const_data_ptr<scalar_t>(),
-            call.model_output.const_data_ptr<scalar_t>(),
+    return {Ptrs::input(call.x_t),
+            Ptrs::input(call.model_output),
             call.out.mutable_data_ptr<scalar_t>(),
             call.var != nullptr ? call.var->mutable_data_ptr<acc_t>() : nullptr,
             call.log_var != nullptr ? call.log_var->mutable_data_ptr<acc_t>() : nullptr,

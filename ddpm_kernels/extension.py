@@ -14,6 +14,7 @@ per-sample quantile is a sort, not one elementwise pass). The dispatcher serves 
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 from typing import Optional
@@ -77,9 +78,36 @@ def _per_sample(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- ops
+# ------------------------------------------------------------------------------------------- mixed dtypes
+# The CPU kernels of MIXED_OPS read float32, float16 and bfloat16 operands of one call each in its own dtype
+# (csrc/cpu/loops.h, MixedLanes; docs/design.md, "Mixed precision"), so the prologue does not cast them; a mix they
+# do not read (float64 with another dtype) is cast here, to the promoted dtype, as the prologue would have.
+MIXED_OPS = frozenset({"q_sample", "predict_start_from_noise", "predict_noise_from_start", "get_v",
+                       "predict_start_from_z_and_v", "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance",
+                       "p_sample", "diffusion_loss"})
+_MIXABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _operands(*tensors):
+    """``(tensors, compute dtype)``: the operands as the kernels read them, and the dtype the schedule table is
+    taken in."""
+    dtype = tensors[0].dtype
+    for x in tensors:
+        if x is not None and x.dtype != dtype:
+            break
+    else:
+        return tensors, dtype  # one dtype (every single-dtype call: no set built on the sampling path)
+    dtypes = {x.dtype for x in tensors if x is not None}
+    if all(d in _MIXABLE for d in dtypes):
+        return tensors, torch.float32
+    promoted = functools.reduce(torch.promote_types, dtypes)
+    return tuple(None if x is None else x.to(promoted) for x in tensors), promoted
+
+
 def q_sample(x_start, t, noise, schedule, out=None):
     fmt = dense_format(x_start)
-    args = (in_format(x_start, fmt), t, in_format(noise, fmt), schedule.table(x_start.dtype))
+    (x_start, noise), dtype = _operands(x_start, noise)
+    args = (in_format(x_start, fmt), t, in_format(noise, fmt), schedule.table(dtype))
     # out= cannot carry a graph: a call that needs one runs the functional kernel (out is then refused by the
     # public checks whenever it would itself require grad)
     if not _fits(out, fmt) or (torch.is_grad_enabled() and (x_start.requires_grad or noise.requires_grad)):
@@ -93,7 +121,8 @@ def _pair(name):
 
     def op(x, t, y, schedule):
         fmt = dense_format(x)
-        return getattr(_ops(), name)(in_format(x, fmt), t, in_format(y, fmt), schedule.table(x.dtype))
+        (x, y), dtype = _operands(x, y)
+        return getattr(_ops(), name)(in_format(x, fmt), t, in_format(y, fmt), schedule.table(dtype))
 
     op.__name__ = name
     return op
@@ -107,18 +136,21 @@ predict_eps_from_z_and_v = _pair("predict_eps_from_z_and_v")
 
 def get_v(x_start, noise, t, schedule):
     fmt = dense_format(x_start)
-    return _ops().get_v(in_format(x_start, fmt), in_format(noise, fmt), t, schedule.table(x_start.dtype))
+    (x_start, noise), dtype = _operands(x_start, noise)
+    return _ops().get_v(in_format(x_start, fmt), in_format(noise, fmt), t, schedule.table(dtype))
 
 
 def q_posterior(x_start, x_t, t, schedule):
     fmt = dense_format(x_t)
-    return _ops().q_posterior(in_format(x_start, fmt), in_format(x_t, fmt), t, schedule.table(x_t.dtype))
+    (x_start, x_t), dtype = _operands(x_start, x_t)
+    return _ops().q_posterior(in_format(x_start, fmt), in_format(x_t, fmt), t, schedule.table(dtype))
 
 
 def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True):
     fmt = dense_format(x_t)
+    (x_t, model_output), dtype = _operands(x_t, model_output)
     return _ops().p_mean_variance(
-        in_format(x_t, fmt), t, in_format(model_output, fmt), schedule.table(x_t.dtype), parameterization,
+        in_format(x_t, fmt), t, in_format(model_output, fmt), schedule.table(dtype), parameterization,
         clip_denoised,
     )
 
@@ -126,11 +158,12 @@ def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip
 def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, noise=None, generator=None, out=None,
              sample_offset=0):
     fmt = dense_format(x_t)
+    (x_t, model_output, noise), dtype = _operands(x_t, model_output, noise)
     args = (
         in_format(x_t, fmt),
         t,
         in_format(model_output, fmt),
-        schedule.table(x_t.dtype),
+        schedule.table(dtype),
         parameterization,
         clip_denoised,
         in_format(noise, fmt),
@@ -146,9 +179,10 @@ def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, no
 def diffusion_loss(model_output, x_start, noise, t, schedule, *options):
     # options: parameterization, loss_type, l_simple_weight, original_elbo_weight (validated, as the schema)
     fmt = dense_format(model_output)
+    (model_output, x_start, noise), dtype = _operands(model_output, x_start, noise)
     return _ops().diffusion_loss(
-        in_format(model_output, fmt), in_format(x_start, fmt), in_format(noise, fmt), t,
-        schedule.table(model_output.dtype), *options,
+        in_format(model_output, fmt), in_format(x_start, fmt), in_format(noise, fmt), t, schedule.table(dtype),
+        *options,
     )
 
 
@@ -349,14 +383,21 @@ def declines(op: str, opts) -> Optional[str]:
 
 
 # -------------------------------------------------------------------------------------------- fake and vmap
-def _fake_output(kind: str, x: torch.Tensor, table: torch.Tensor, return_pred_x0: bool, scalar_dtype):
+def _fake_output(kind: str, x: torch.Tensor, table: torch.Tensor, return_pred_x0: bool, scalar_dtype, dtype):
     if kind == "like":  # as the kernels allocate: a dense input's strides are preserved
-        return torch.empty_like(x)
+        return torch.empty_like(x, dtype=dtype)
     if kind == "per_sample":
         return _per_sample(x, table.dtype)
     if kind == "scalar":
-        return x.new_empty((), dtype=scalar_dtype or x.dtype)
-    return torch.empty_like(x) if return_pred_x0 else x.new_empty(0)  # "pred_x0"
+        return x.new_empty((), dtype=scalar_dtype or dtype)
+    return torch.empty_like(x, dtype=dtype) if return_pred_x0 else x.new_empty(0, dtype=dtype)  # "pred_x0"
+
+
+def _result_dtype(operands) -> torch.dtype:
+    """The dtype of a compiled op's outputs: its operands' one dtype, float32 for float32 / float16 / bfloat16
+    operands read together (MIXED_OPS; other mixes are refused by the kernels)."""
+    dtypes = {x.dtype for x in operands if x is not None}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def _make_fake(spec, out_form: bool):
@@ -369,12 +410,14 @@ def _make_fake(spec, out_form: bool):
     flag = names.index("return_pred_x0") if "return_pred_x0" in names else None
     kinds = spec.outputs[1:] if out_form else spec.outputs
     flow = bool(spec.sigmas)
+    operands = [names.index(n) for n in (spec.data,) + spec.like + spec.optional if n in names]
 
     def fake(*args):
         pred = flag is not None and bool(args[flag])
         ref = None if table is None else args[table]
         scalar_dtype = ref.dtype if flow and ref is not None else None
-        results = tuple(_fake_output(kind, args[data], ref, pred, scalar_dtype) for kind in kinds)
+        dtype = _result_dtype([args[i] for i in operands])
+        results = tuple(_fake_output(kind, args[data], ref, pred, scalar_dtype, dtype) for kind in kinds)
         return results[0] if len(results) == 1 else (results or None)
 
     return fake
@@ -484,9 +527,11 @@ class _CompiledBackend:
     differentiable = DIFFERENTIABLE
     declines = staticmethod(declines)
 
-    def __init__(self, name: str, device_type: str):
+    def __init__(self, name: str, device_type: str, mixed_dtypes=frozenset()):
         self.name = name
         self.device_type = device_type
+        # the ops whose kernels read float operands of different dtypes (backends.reads_mixed)
+        self.mixed_dtypes = mixed_dtypes
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         device = torch.device(device)
@@ -509,5 +554,7 @@ class _CompiledBackend:
         return f"<ddpm_kernels {self.name} backend>"
 
 
-CPU_BACKEND = _CompiledBackend("cpu", "cpu")
+# The CUDA kernels share the family headers but are instantiated for one dtype per call: their operands are
+# cast to the promoted dtype by the prologue.
+CPU_BACKEND = _CompiledBackend("cpu", "cpu", MIXED_OPS)
 CUDA_BACKEND = _CompiledBackend("cuda", "cuda")

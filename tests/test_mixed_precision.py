@@ -229,14 +229,21 @@ def test_triton_reads_mixed_operands_without_a_cast(name, low):
     copy before its kernel (the reference, which casts, is the control that the count sees one), and equals
     the all-float32 call exactly."""
     (x, y, z, _), t = _inputs((3, 2, 3, 5))
-    y_low = y.to(low)
     with _Casts() as ref:
-        CALLS[name](x, y_low, z, t, "reference")
+        CALLS[name](x, y.to(low), z, t, "reference")
     assert ref.casts
+    _assert_reads_natively(name, low, "triton", (3, 2, 3, 5), "ddpm_kernels_triton")
+
+
+def _assert_reads_natively(name, low, backend, shape, namespace):
+    """CALLS[name] with its operand y in ``low`` launches no conversion or copy before the operators of
+    ``namespace``, and equals the all-float32 call exactly, in float32."""
+    (x, y, z, _), t = _inputs(shape)
+    y_low = y.to(low)
     with _Casts() as mode:
-        got = _tuple(CALLS[name](x, y_low, z, t, "triton"))
-    assert mode.casts == [] and any(op.startswith("ddpm_kernels_triton::") for op in mode.ops), (mode.casts, mode.ops)
-    for g, e in zip(got, _tuple(CALLS[name](x, y_low.float(), z, t, "triton")), strict=True):
+        got = _tuple(CALLS[name](x, y_low, z, t, backend))
+    assert mode.casts == [] and any(op.startswith(namespace + "::") for op in mode.ops), (mode.casts, mode.ops)
+    for g, e in zip(got, _tuple(CALLS[name](x, y_low.float(), z, t, backend)), strict=True):
         assert g.dtype == torch.float32 == e.dtype
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
@@ -353,15 +360,17 @@ def test_triton_mixed_sampler_steps(name):
 
 
 class _Calls(TorchDispatchMode):
-    """The Triton operators a call runs, with their arguments as they were before it (out= forms write theirs)."""
+    """The operators of ``namespace`` (Triton's, or the compiled ``ddpm_kernels``) a call runs, with their
+    arguments as they were before it (out= forms write theirs)."""
 
-    def __init__(self):
+    def __init__(self, namespace="ddpm_kernels_triton"):
         super().__init__()
+        self.namespace = namespace
         self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "ddpm_kernels_triton":
+        if func.namespace == self.namespace:
             copy = lambda a: a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
             self.calls.append((func, tuple(map(copy, args)), {k: copy(v) for k, v in kwargs.items()}))
         return func(*args, **kwargs)
@@ -481,6 +490,178 @@ def test_triton_mixed_step_compiles():
     mo = y.bfloat16().requires_grad_()
     eager, compiled = assert_compiles_like_eager(run, (x, mo, z, t.clamp(min=1)), exact=(0, 1, 2))
     assert [r.dtype for r in compiled] == [torch.float32] * 3
+    (g_eager,) = torch.autograd.grad(eager[1], mo)
+    (g_compiled,) = torch.autograd.grad(compiled[1], mo)
+    assert g_compiled.dtype == torch.bfloat16
+    torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ compiled CPU kernels
+_NEEDS_CPU = pytest.mark.skipif("cpu" not in dk.available_backends("cpu"), reason="the compiled CPU backend is not built")
+# ops whose mixed calls the compiled CPU kernels read natively (extension.MIXED_OPS), by their CALLS names
+CPU_NATIVE_CALLS = [n for n in CALLS if n.startswith(("q_sample", "predict_start", "get_v", "q_posterior", "p_mean",
+                                                      "p_sample", "diffusion_loss"))]
+
+
+@_NEEDS_CPU
+def test_cpu_backend_declares_its_native_ops():
+    """The CPU backend lists exactly the ops its kernels read mixed (the prologue stops casting for those); the
+    CUDA backend, whose kernels take one dtype per call, lists none."""
+    from ddpm_kernels import extension
+
+    assert extension.CPU_BACKEND.mixed_dtypes == {
+        "q_sample", "predict_start_from_noise", "predict_noise_from_start", "get_v", "predict_start_from_z_and_v",
+        "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance", "p_sample", "diffusion_loss"}
+    assert extension.CUDA_BACKEND.mixed_dtypes == frozenset()
+    (x, y, z, _), t = _inputs()
+    dk.p_sample(x, t, y, S, noise=z, backend="cpu")
+    assert backends.reads_mixed("cpu", "p_sample") and not backends.reads_mixed("cpu", "ddim_step")
+
+
+@_NEEDS_CPU
+@pytest.mark.parametrize("low", LOW, ids=str)
+@pytest.mark.parametrize("name", CPU_NATIVE_CALLS)
+def test_cpu_reads_mixed_operands_without_a_cast(name, low):
+    """The CPU kernels read the low-precision operand in its own dtype: no conversion or copy before the
+    ddpm_kernels operator, and exactly the all-float32 call (shape (3, 2, 5, 37): full vectors and tails)."""
+    _assert_reads_natively(name, low, "cpu", (3, 2, 5, 37), "ddpm_kernels")
+
+
+@_NEEDS_CPU
+def test_cpu_still_casts_the_ops_it_does_not_read_mixed():
+    """A mixed DDIM step on the CPU backend is cast by the prologue (the control that the count sees a cast)
+    and still equals the all-float32 call."""
+    (x, y, z, _), t = _inputs()
+    with _Casts() as mode:
+        got = CALLS["ddim_step"](x, y.bfloat16(), z, t, "cpu")
+    assert mode.casts
+    torch.testing.assert_close(got, CALLS["ddim_step"](x, y.bfloat16().float(), z, t, "cpu"), rtol=0, atol=0)
+
+
+@_NEEDS_CPU
+@pytest.mark.parametrize("low", LOW, ids=str)
+def test_cpu_mixed_data_and_three_dtypes(low):
+    """The data is the low-precision operand (a bf16 sample with an fp32 model output; a bf16 model output as
+    the loss's data with fp32 targets), or all three operands differ: float32 results, exactly the all-float32
+    call, no cast; in-kernel noise is the same stream."""
+    (x, y, z, _), t = _inputs((3, 2, 5, 37))
+    other = torch.float16 if low == torch.bfloat16 else torch.bfloat16
+    calls = [
+        lambda x, y, z: dk.p_sample(x, t, y, S, noise=z, backend="cpu"),
+        lambda x, y, z: dk.p_sample(x, t, y, S, generator=torch.Generator().manual_seed(5), backend="cpu"),
+        lambda x, y, z: dk.p_mean_variance(x, t, y, S, "x0", backend="cpu"),
+        lambda x, y, z: dk.q_posterior(y, x, t, S, backend="cpu"),
+        lambda x, y, z: dk.diffusion_loss(x, y, z, t, S, "eps", "l1", backend="cpu"),
+        lambda x, y, z: dk.q_sample(x, t, y, S, backend="cpu"),
+        lambda x, y, z: dk.predict_eps_from_z_and_v(x, t, y, S, backend="cpu"),
+    ]
+    for x_, y_, z_ in ((x.to(low), y, z), (x, y.to(low), z.to(other)), (x.to(low), y.to(other), z)):
+        for call in calls:
+            with _Casts() as mode:
+                got = _tuple(call(x_, y_, z_))
+            assert mode.casts == []
+            for g, e in zip(got, _tuple(call(x_.float(), y_.float(), z_.float())), strict=True):
+                assert g.dtype == torch.float32 == e.dtype
+                torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@_NEEDS_CPU
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
+@pytest.mark.parametrize("loss_type", ["l2", "l1"])
+def test_cpu_loss_gradient_in_the_model_outputs_dtype(parameterization, loss_type):
+    """The loss with a bf16 / fp16 model output and fp32 (or other reduced) targets: forward and backward launch
+    no cast; the gradient is written in the model output's dtype, the float32 call's gradient rounded once."""
+    (x, y, z, _), t = _inputs((3, 2, 5, 37))
+    for mo_dtype, z_dtype in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                              (torch.bfloat16, torch.float16)):
+        mo, noise = y.to(mo_dtype).requires_grad_(), z.to(z_dtype)
+        with _Casts() as mode:
+            loss = dk.diffusion_loss(mo, x, noise, t, S, parameterization, loss_type,
+                                     original_elbo_weight=0.5, backend="cpu")[0]
+            (g,) = torch.autograd.grad(loss, mo)
+        assert mode.casts == [] and "ddpm_kernels::diffusion_loss_backward" in mode.ops, (mode.casts, mode.ops)
+        mo32 = y.to(mo_dtype).float().requires_grad_()
+        loss32 = dk.diffusion_loss(mo32, x, z.to(z_dtype).float(), t, S, parameterization, loss_type,
+                                   original_elbo_weight=0.5, backend="cpu")[0]
+        (g32,) = torch.autograd.grad(loss32, mo32)
+        assert loss.dtype == torch.float32 and g.dtype == mo_dtype
+        torch.testing.assert_close(loss, loss32, rtol=0, atol=0)
+        torch.testing.assert_close(g, g32.to(mo_dtype), rtol=0, atol=0)
+
+
+@_NEEDS_CPU
+def test_cpu_mixed_out_rules():
+    """out= of a mixed call has the promoted dtype: an fp32 sampling buffer stepped in place with a bf16 model
+    output and fp16 noise reads natively; the raw operator refuses an out of another dtype, and mixes it does
+    not read (float64 with float32) name the operand; the public call casts those and still serves them."""
+    (x, y, z, _), t = _inputs((3, 2, 5, 37))
+    buf, mo, noise = x.clone(), y.bfloat16(), z.half()
+    with _Casts() as mode:
+        assert dk.p_sample(buf, t, mo, S, noise=noise, backend="cpu", out=buf) is buf
+    assert mode.casts == []
+    torch.testing.assert_close(buf, dk.p_sample(x, t, mo.float(), S, noise=noise.float(), backend="cpu"),
+                               rtol=0, atol=0)
+    buf = x.clone()
+    with _Casts() as mode:
+        assert dk.q_sample(buf, t, mo, S, backend="cpu", out=buf) is buf
+    assert mode.casts == []
+    torch.testing.assert_close(buf, dk.q_sample(x, t, mo.float(), S, backend="cpu"), rtol=0, atol=0)
+    ops, table = torch.ops.ddpm_kernels, S.table(torch.float32)
+    with pytest.raises(RuntimeError, match="out has dtype BFloat16, expected Float .the result dtype"):
+        ops.q_sample_out(x, t, mo, table, torch.empty_like(x, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="out has dtype BFloat16, expected Float .the result dtype"):
+        ops.p_sample_out(x, t, y.bfloat16(), table, "eps", True, z, None, 0, torch.empty_like(x, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="model_output has dtype Double, expected Float .operands of different"):
+        ops.p_mean_variance(x, t, y.double(), table, "eps", True)
+    with pytest.raises(RuntimeError, match="noise has dtype Int, expected BFloat16 .operands of different"):
+        ops.diffusion_loss(y.bfloat16(), x, z.int(), t, table, "eps", "l2", 1.0, 0.0)
+    got = dk.p_mean_variance(x, t, y.double(), S, "v", backend="cpu")
+    assert got[0].dtype == torch.float64
+    torch.testing.assert_close(got[0], dk.p_mean_variance(x.double(), t, y.double(), S, "v", backend="cpu")[0],
+                               rtol=0, atol=0)
+
+
+@_NEEDS_CPU
+def test_cpu_mixed_calls_pass_opcheck():
+    """The fake kernels give a mixed call's output dtypes (float32; the loss gradient in the model output's),
+    as the CPU kernels do: torch.library.opcheck of every operator a mixed call runs."""
+    (x, y, z, _), t = _inputs((2, 2, 3, 4))
+    t = t[1:]
+    mo = y.bfloat16().requires_grad_()
+    with _Calls("ddpm_kernels") as calls:
+        dk.q_sample(x.bfloat16(), t, y, S, backend="cpu")
+        dk.get_v(x, y.half(), t, S, backend="cpu")
+        dk.p_sample(x, t, y.half(), S, noise=z.bfloat16(), backend="cpu")
+        dk.p_sample(x.bfloat16(), t, y, S, noise=z, backend="cpu", out=x.clone())
+        dk.p_mean_variance(x.bfloat16(), t, y, S, "v", backend="cpu")
+        dk.q_posterior(y.bfloat16(), x, t, S, backend="cpu")
+        loss = dk.diffusion_loss(mo, x, z.half(), t, S, "v", backend="cpu")[0]
+        torch.autograd.grad(loss, mo)
+    names = {func.name() for func, _, _ in calls.calls}
+    assert {"ddpm_kernels::q_sample", "ddpm_kernels::get_v", "ddpm_kernels::p_sample", "ddpm_kernels::p_sample_out", "ddpm_kernels::p_mean_variance",
+            "ddpm_kernels::q_posterior", "ddpm_kernels::diffusion_loss",
+            "ddpm_kernels::diffusion_loss_backward"} <= names, names
+    for func, args, kwargs in calls.calls:
+        torch.library.opcheck(func, args, kwargs, test_utils=("test_schema", "test_faketensor"))
+
+
+@_NEEDS_CPU
+def test_cpu_mixed_step_compiles():
+    """torch.compile(fullgraph=True) of mixed calls served natively by the CPU kernels (a bf16 model output with
+    fp32 data: an in-place p_sample, the loss, then its backward) gives eager's results."""
+    from helpers import assert_compiles_like_eager
+
+    torch._dynamo.reset()
+    (x, y, z, _), t = _inputs((3, 2, 3, 5))
+
+    def run(x, y, z, t):
+        buf = x.clone()
+        dk.p_sample(buf, t, y.detach(), S, noise=z, backend="cpu", out=buf)
+        return buf, dk.diffusion_loss(y, x, z, t, S, "v", backend="cpu")[0]
+
+    mo = y.bfloat16().requires_grad_()
+    eager, compiled = assert_compiles_like_eager(run, (x, mo, z, t), exact=(0, 1))
+    assert [r.dtype for r in compiled] == [torch.float32] * 2
     (g_eager,) = torch.autograd.grad(eager[1], mo)
     (g_compiled,) = torch.autograd.grad(compiled[1], mo)
     assert g_compiled.dtype == torch.bfloat16

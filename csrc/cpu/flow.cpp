@@ -25,9 +25,10 @@ namespace {
 
 // Elements per reduction piece of the loss (a parallel work item), and per float64 flush of the lane
 // accumulators inside it (as the guidance rescale's, cpu/guidance.h): partial sums per (sample, piece) make the
-// result independent of the thread count.
+// result independent of the thread count. The loss sums into two accumulator sets, alternate slices each, so
+// consecutive slices do not wait on one add's latency: each float32 lane sums at most 64 terms per flush.
 constexpr int64_t kFlowChunk = 4096;
-constexpr int64_t kFlowFlush = 256;
+constexpr int64_t kFlowFlush = 2048;
 
 }  // namespace
 
@@ -98,19 +99,35 @@ void Kernels::flow_loss(const FlowLossCall& call, const at::Tensor& loss) {
       with_bool(call.period > 1, [&](auto T) {
         const auto f = FlowLossKernel<scalar_t, decltype(L1), decltype(T)>::make(call, L1, T);
         at::parallel_for(0, B * chunks, std::max<int64_t>(1, 32768 / kFlowChunk), [&](int64_t c0, int64_t c1) {
+          const auto fl = f;  // a task-local copy: its pointers stay in registers across the loop
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t b = c / chunks;
             int64_t i = b * N + (c % chunks) * kFlowChunk;
             const int64_t stop = std::min(i + kFlowChunk, (b + 1) * N);
             double s = 0;
             while (i < stop) {
-              const int64_t flush = std::min(i + kFlowFlush * 4, stop);
-              V acc[L::kLanes];
-              for (int k = 0; k < L::kLanes; ++k) acc[k] = splat<V>(0);
-              for (; i < flush; i += L::size()) {
-                f.template accumulate<L>(b, i, std::min<int64_t>(L::size(), flush - i), acc);
+              const int64_t flush = std::min(i + kFlowFlush, stop);
+              V acc[2][L::kLanes];
+              for (int k = 0; k < L::kLanes; ++k) acc[0][k] = acc[1][k] = splat<V>(0);
+              if constexpr (decltype(T)::value) {
+                TokenCursor cur = fl.token_cursor(b, i);  // walked slice by slice: no division per slice
+                for (; i + 2 * L::size() <= flush; i += 2 * L::size()) {
+                  fl.template accumulate_at<L>(b, i, L::size(), cur, acc[0]);
+                  fl.template accumulate_at<L>(b, i + L::size(), L::size(), cur, acc[1]);
+                }
+                for (; i < flush; i += L::size()) {
+                  fl.template accumulate_at<L>(b, i, std::min<int64_t>(L::size(), flush - i), cur, acc[0]);
+                }
+              } else {
+                for (; i + 2 * L::size() <= flush; i += 2 * L::size()) {
+                  fl.template accumulate<L>(b, i, L::size(), acc[0]);
+                  fl.template accumulate<L>(b, i + L::size(), L::size(), acc[1]);
+                }
+                for (; i < flush; i += L::size()) {
+                  fl.template accumulate<L>(b, i, std::min<int64_t>(L::size(), flush - i), acc[0]);
+                }
               }
-              for (int k = 0; k < L::kLanes; ++k) s += hsum(acc[k]);
+              for (int k = 0; k < L::kLanes; ++k) s += hsum(acc[0][k] + acc[1][k]);
             }
             partial[c] = s;
           }
@@ -129,9 +146,21 @@ void Kernels::flow_loss_backward(const FlowLossCall& call, const at::Tensor& gra
   DDPM_DISPATCH_FLOATING(call.model_output.scalar_type(), "ddpm_kernels_flow_loss_backward", [&] {
     with_bool(call.l1, [&](auto L1) {
       with_bool(call.period > 1, [&](auto T) {
-        run_family<scalar_t>(
-            FlowLossKernel<scalar_t, decltype(L1), decltype(T)>::make_backward(call, L1, T, grad_loss, grad), numel,
-            numel / call.model_output.size(0));
+        const auto f = FlowLossKernel<scalar_t, decltype(L1), decltype(T)>::make_backward(call, L1, T, grad_loss, grad);
+        const int64_t N = numel / call.model_output.size(0);
+        if constexpr (decltype(T)::value) {
+          // run_family's loop with the sigma's cursor walked along each segment (no division per slice)
+          using L = Lanes<scalar_t>;
+          parallel_blocks(numel, [&](int64_t blk0, int64_t blk1) {
+            for_each_segment(blk0, blk1, numel, N, [&](int64_t b, int64_t i, int64_t stop) {
+              const auto c = f.coef(b);
+              TokenCursor cur = f.token_cursor(b, i);
+              for (; i < stop; i += L::size()) f.template apply_at<L>(b, i, std::min<int64_t>(L::size(), stop - i), c, cur);
+            });
+          });
+        } else {
+          run_family<scalar_t>(f, numel, N);
+        }
       });
     });
   });

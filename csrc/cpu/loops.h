@@ -13,7 +13,9 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <tuple>
 #include <type_traits>
 
@@ -128,17 +130,162 @@ struct Lanes<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
 };
 #endif
 
+// ------------------------------------------------------------------------------------------ mixed dtypes
+// A call whose float operands have different dtypes (a bf16 model output with float32 data, as under
+// autocast) computes in float32 and reads each operand in its own dtype: float32, float16 or bfloat16 (the
+// host side refuses other mixes; docs/design.md, "Mixed precision"). An operand is then its address and dtype.
+enum class OperandType : uint8_t { kFloat, kHalf, kBFloat16 };
+
+inline OperandType operand_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return OperandType::kHalf;
+    case at::kBFloat16: return OperandType::kBFloat16;
+    default: return OperandType::kFloat;
+  }
+}
+
+template <typename Byte>
+struct MixedPtrOf {
+  Byte* p;
+  OperandType type;
+  C10_ALWAYS_INLINE MixedPtrOf operator+(int64_t i) const {
+    return {p + i * (type == OperandType::kFloat ? 4 : 2), type};
+  }
+  bool operator==(std::nullptr_t) const { return p == nullptr; }
+};
+using MixedPtr = MixedPtrOf<const char>;
+using MixedMutPtr = MixedPtrOf<char>;
+
+// The Ptrs policy (csrc/family.h) of a mixed call.
+struct MixedPtrs {
+  using in = MixedPtr;
+  using out = MixedMutPtr;
+  static in input(const at::Tensor& t) { return {static_cast<const char*>(t.const_data_ptr()), operand_type(t)}; }
+  static out output(const at::Tensor& t) { return {static_cast<char*>(t.mutable_data_ptr()), operand_type(t)}; }
+};
+
+// Whether the float operands of a call have different dtypes.
+inline bool mixed_operands(std::initializer_list<const at::Tensor*> operands) {
+  const at::Tensor* first = nullptr;
+  for (const at::Tensor* t : operands) {
+    if (t == nullptr) continue;
+    if (first == nullptr) first = t;
+    else if (t->scalar_type() != first->scalar_type()) return true;
+  }
+  return false;
+}
+
+#if defined(DDPM_SCALAR_LANES)
+// The IO policy of a mixed call: one element at a time, in float32.
+struct MixedLanes {
+  using acc_t = float;
+  using V = float;
+  static constexpr int kLanes = 1;
+  static constexpr int64_t size() { return 1; }
+  static C10_ALWAYS_INLINE void load(const float* p, V* v, int64_t) { v[0] = *p; }
+  static C10_ALWAYS_INLINE void load(MixedPtr p, V* v, int64_t) {
+    switch (p.type) {
+      case OperandType::kHalf: v[0] = static_cast<float>(*reinterpret_cast<const at::Half*>(p.p)); return;
+      case OperandType::kBFloat16: v[0] = static_cast<float>(*reinterpret_cast<const at::BFloat16*>(p.p)); return;
+      default: v[0] = *reinterpret_cast<const float*>(p.p);
+    }
+  }
+  static C10_ALWAYS_INLINE void store(MixedMutPtr p, const V* v, int64_t) {
+    switch (p.type) {
+      case OperandType::kHalf: *reinterpret_cast<at::Half*>(p.p) = static_cast<at::Half>(v[0]); return;
+      case OperandType::kBFloat16: *reinterpret_cast<at::BFloat16*>(p.p) = static_cast<at::BFloat16>(v[0]); return;
+      default: *reinterpret_cast<float*>(p.p) = v[0];
+    }
+  }
+  static C10_ALWAYS_INLINE void store(float* p, const V* v, int64_t) { *p = v[0]; }
+  static C10_ALWAYS_INLINE void load_acc(const float* p, V* v) { v[0] = *p; }
+};
+#else
+// The IO policy of a mixed call: a slice is two Vectorized<float> (the width of a float16 / bfloat16 vector),
+// each operand loaded in its own dtype and converted (float16 / bfloat16 exactly), outputs rounded once.
+struct MixedLanes {
+  using acc_t = float;
+  using V = Vectorized<float>;
+  static constexpr int kLanes = 2;
+  static constexpr int64_t W = V::size();
+  static constexpr int64_t size() { return 2 * W; }
+  static C10_ALWAYS_INLINE void load(const float* p, V* v, int64_t n) {
+    if (C10_LIKELY(n == size())) {
+      v[0] = V::loadu(p);
+      v[1] = V::loadu(p + W);
+    } else {
+      v[0] = n >= W ? V::loadu(p) : load_partial<V>(p, n);
+      v[1] = n > W ? load_partial<V>(p + W, n - W) : V(0.f);
+    }
+  }
+  static C10_ALWAYS_INLINE void load(MixedPtr p, V* v, int64_t n) {
+    switch (p.type) {
+      case OperandType::kHalf: return Lanes<at::Half>::load(reinterpret_cast<const at::Half*>(p.p), v, n);
+      case OperandType::kBFloat16:
+        return Lanes<at::BFloat16>::load(reinterpret_cast<const at::BFloat16*>(p.p), v, n);
+      default: return load(reinterpret_cast<const float*>(p.p), v, n);
+    }
+  }
+  static C10_ALWAYS_INLINE void store(float* p, const V* v, int64_t n) {
+    if (C10_LIKELY(n == size())) {
+      v[0].store(p);
+      v[1].store(p + W);
+    } else if (n <= W) {
+      store_partial(v[0], p, n);
+    } else {
+      v[0].store(p);
+      store_partial(v[1], p + W, n - W);
+    }
+  }
+  static C10_ALWAYS_INLINE void store(MixedMutPtr p, const V* v, int64_t n) {
+    switch (p.type) {
+      case OperandType::kHalf: return Lanes<at::Half>::store(reinterpret_cast<at::Half*>(p.p), v, n);
+      case OperandType::kBFloat16: return Lanes<at::BFloat16>::store(reinterpret_cast<at::BFloat16*>(p.p), v, n);
+      default: return store(reinterpret_cast<float*>(p.p), v, n);
+    }
+  }
+  static C10_ALWAYS_INLINE void load_acc(const float* p, V* v) {
+    v[0] = V::loadu(p);
+    v[1] = V::loadu(p + W);
+  }
+};
+#endif
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// f(Tag<scalar_t>, Tag<Ptrs>, Tag<IO>) for a call of one dtype `st` (its dispatch: every kernel dtype), or
+// for a mixed call (`mixed`): float32, MixedPtrs, MixedLanes.
+template <typename F>
+void dispatch_operands(at::ScalarType st, bool mixed, const F& f) {
+  if (mixed) return f(Tag<float>(), Tag<MixedPtrs>(), Tag<MixedLanes>());
+  DDPM_DISPATCH_FLOATING(st, "ddpm_kernels", [&] {
+    f(Tag<scalar_t>(), Tag<SamePtrs<scalar_t>>(), Tag<Lanes<scalar_t>>());
+  });
+}
+
 // The sum of a lane's values, in float64.
 template <typename V>
 inline double hsum(const V& v) {
   if constexpr (std::is_floating_point_v<V>) {
     return static_cast<double>(v);
   } else {
-    alignas(64) typename V::value_type lanes[V::size()];
+    constexpr int64_t W = V::size();
+    alignas(64) typename V::value_type lanes[W];
     v.store(lanes);
-    double s = 0;
-    for (int64_t j = 0; j < V::size(); ++j) s += static_cast<double>(lanes[j]);
-    return s;
+    if constexpr (W % 4 == 0) {
+      // four independent chains: the flushes of a reduction wait on this sum
+      double s[4] = {0, 0, 0, 0};
+      for (int64_t j = 0; j < W; j += 4)
+        for (int q = 0; q < 4; ++q) s[q] += static_cast<double>(lanes[j + q]);
+      return (s[0] + s[1]) + (s[2] + s[3]);
+    } else {
+      double s = 0;
+      for (int64_t j = 0; j < W; ++j) s += static_cast<double>(lanes[j]);
+      return s;
+    }
   }
 }
 
@@ -174,9 +321,8 @@ void visit_noise(const Z& noise, const F& f) {
 
 // Runs a family's functor over numel > 0 elements, N per sample: the coefficients once per segment, then
 // one slice at a time. Each parallel task gets its own noise source from `noise`.
-template <typename scalar_t, typename F, typename Z = NoNoise>
-void run_family(const F& f, int64_t numel, int64_t N, const Z& noise = Z()) {
-  using L = Lanes<scalar_t>;
+template <typename L, typename F, typename Z = NoNoise>
+void run_family_io(const F& f, int64_t numel, int64_t N, const Z& noise = Z()) {
   parallel_blocks(numel, [&](int64_t blk0, int64_t blk1) {
     visit_noise(noise, [&](auto& z) {
       for_each_segment(blk0, blk1, numel, N, [&](int64_t b, int64_t i, int64_t stop) {
@@ -185,6 +331,11 @@ void run_family(const F& f, int64_t numel, int64_t N, const Z& noise = Z()) {
       });
     });
   });
+}
+
+template <typename scalar_t, typename F, typename Z = NoNoise>
+void run_family(const F& f, int64_t numel, int64_t N, const Z& noise = Z()) {
+  run_family_io<Lanes<scalar_t>>(f, numel, N, noise);
 }
 
 // f(std::integral_constant<Param, P>()) for the runtime parameterization: one instantiation per value.

@@ -75,12 +75,13 @@ struct BlockNoise {
 // The z of a step on the CPU: none, the given tensor, or in-kernel (BlockNoise). Chosen per call;
 // visit(f) calls f with the source as its own type, so each loop is compiled for one source (a runtime
 // choice inside the loop kept the baseline build's loops from vectorizing).
-template <typename scalar_t>
+// L / Ptrs: the IO and pointer policies of the call (a mixed call's: MixedLanes, MixedPtrs; csrc/cpu/loops.h).
+template <typename scalar_t, typename L = Lanes<scalar_t>, typename Ptrs = SamePtrs<scalar_t>>
 struct CpuNoise {
   enum class Mode { kNone, kGiven, kRandom };
   struct Spec {
     Mode mode;
-    const scalar_t* given;
+    typename Ptrs::in given;
     StreamState st;
     int64_t N;
   };
@@ -90,9 +91,9 @@ struct CpuNoise {
                    int64_t sample_offset) {
     const int64_t B = x.dim() > 0 ? x.size(0) : 1;
     const int64_t N = B > 0 ? std::max<int64_t>(1, x.numel() / B) : 1;
-    if (noise != nullptr) return {Mode::kGiven, noise->const_data_ptr<scalar_t>(), {}, N};
-    if (draw) return {Mode::kRandom, nullptr, {draw_seed(std::move(generator)), 0, sample_offset}, N};
-    return {Mode::kNone, nullptr, {}, N};
+    if (noise != nullptr) return {Mode::kGiven, Ptrs::input(*noise), {}, N};
+    if (draw) return {Mode::kRandom, {}, {draw_seed(std::move(generator)), 0, sample_offset}, N};
+    return {Mode::kNone, {}, {}, N};
   }
 
   Spec s;
@@ -101,10 +102,10 @@ struct CpuNoise {
   template <typename F>
   void visit(const F& f) const {
     if (s.mode == Mode::kGiven) {
-      GivenNoise<scalar_t> given{s.given};
+      GivenNoise<scalar_t, typename Ptrs::in> given{s.given};
       f(given);
     } else if (s.mode == Mode::kRandom) {
-      BlockNoise<Lanes<scalar_t>> block;
+      BlockNoise<L> block;
       block.st = s.st;
       block.N = s.N;
       f(block);

@@ -4,10 +4,13 @@
 
 namespace ddpm::cpu::CPU_CAPABILITY {
 
+// x and y of different dtypes (float32, float16, bfloat16) are read each in its own; out in float32.
 void Kernels::pair(const PairCall& call) {
   const int64_t numel = call.x.numel();
-  DDPM_DISPATCH_FLOATING(call.x.scalar_type(), "ddpm_kernels_pair", [&] {
-    run_family<scalar_t>(PairKernel<scalar_t>::make(call), numel, numel / call.x.size(0));
+  dispatch_operands(call.x.scalar_type(), mixed_operands({&call.x, call.y}), [&](auto S, auto Ps, auto IO) {
+    using scalar_t = typename decltype(S)::type;
+    run_family_io<typename decltype(IO)::type>(PairKernel<scalar_t, typename decltype(Ps)::type>::make(call), numel,
+                                               numel / call.x.size(0));
   });
 }
 

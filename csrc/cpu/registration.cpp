@@ -9,6 +9,13 @@
 #include "../host_ops.h"
 #include "../module.h"
 
+namespace ddpm {
+// The CPU kernels read float32, float16 and bfloat16 operands of one call each in its own dtype (the ops that
+// call check_operand: the pair ops, the posterior family and the loss; csrc/cpu/loops.h, MixedLanes).
+template <>
+struct ReadsMixed<cpu::CPU_CAPABILITY::Kernels> : std::true_type {};
+}  // namespace ddpm
+
 namespace ddpm::cpu::CPU_CAPABILITY {
 namespace {
 
