@@ -13,8 +13,8 @@ predictor, the ``last_sample`` buffer):
 * the predictor UniP gives ``x' = p_xc x_c + p_m m + sum_j p_hist[j] h_j`` at ``sigmas[i + 1]``.
 
 The per-step linear solves for the rhos run here, once per row, in float64 (batched over the rows of one
-order). Where diffusers' float32 arithmetic has no finite value — a zero final sigma makes ``lambda = inf`` — the row holds the limit: see docs/design.md,
-"Multistep solvers", "UniPC".
+order). Where diffusers' float32 arithmetic has no finite value — a zero final sigma makes ``lambda = inf`` —
+the row holds the limit: see docs/design.md, "Multistep solvers", "UniPC".
 """
 
 from __future__ import annotations
