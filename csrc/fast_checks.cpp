@@ -6,7 +6,7 @@
 // full checks, which raise the detailed error or convert the arguments (e.g. an int32 or strided t), so every
 // message lives in one place (ops.py) and this is a pure accelerator of the same predicate.
 //
-// inputs_ok(x, others, out, table, T, t, t_prev, check_device_values) -> bool, True when
+// inputs_ok(x, others, out, table, T, t, t_prev, check_device_values) -> int, nonzero (truthy) when
 //   * x, every entry of `others` (a tuple of the call's data tensors; a None there is a missing argument),
 //     `out` (or None), `t`, `t_prev` (or None) and `table` are plain strided torch.Tensors with storage (a
 //     subclass may override metadata, a nested, sparse or functorch-wrapped tensor has no plain storage: they
@@ -17,6 +17,8 @@
 //     x's device;
 //   * t's values lie in [0, T) and t_prev's in [-1, T) where ops.py checks them: always for CPU tensors;
 //     for device tensors `check_device_values` asks for a check that needs a host sync, left to Python.
+// It is 2 when, besides, no gradient is asked for: grad mode is off or neither x nor any of `others` requires
+// grad (the dispatcher then skips its own per-operand requires_grad scan), and 1 otherwise.
 #include <ATen/core/Tensor.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -52,27 +54,32 @@ bool timesteps_ok(PyObject* obj, const at::Tensor& x, int64_t lo, int64_t T, boo
   return true;
 }
 
-bool inputs_ok(PyObject* const* args) {
+int inputs_ok(PyObject* const* args) {
   PyObject *x_obj = args[0], *others = args[1], *out = args[2], *table = args[3], *t = args[5], *t_prev = args[6];
-  if (!is_tensor(x_obj) || !PyTuple_Check(others) || !is_tensor(table)) return false;
+  if (!is_tensor(x_obj) || !PyTuple_Check(others) || !is_tensor(table)) return 0;
   const at::Tensor& x = THPVariable_Unpack(x_obj);
-  if (!x.is_floating_point() || x.dim() < 1) return false;
+  if (!x.is_floating_point() || x.dim() < 1) return 0;
+  const bool grad_mode = c10::GradMode::is_enabled();
+  bool needs_grad = grad_mode && x.requires_grad();
   for (Py_ssize_t i = 0, n = PyTuple_GET_SIZE(others); i < n; ++i) {
-    if (!like(PyTuple_GET_ITEM(others, i), x)) return false;
+    PyObject* y = PyTuple_GET_ITEM(others, i);
+    if (!like(y, x)) return 0;
+    needs_grad = needs_grad || (grad_mode && THPVariable_Unpack(y).requires_grad());
   }
   if (out != Py_None) {
-    if (!like(out, x)) return false;
-    if (THPVariable_Unpack(out).requires_grad() && c10::GradMode::is_enabled()) return false;
+    if (!like(out, x)) return 0;
+    if (grad_mode && THPVariable_Unpack(out).requires_grad()) return 0;
   }
-  if (THPVariable_Unpack(table).device() != x.device()) return false;
+  if (THPVariable_Unpack(table).device() != x.device()) return 0;
   const int64_t T = PyLong_AsLongLong(args[4]);
   if (T == -1 && PyErr_Occurred()) {
     PyErr_Clear();
-    return false;
+    return 0;
   }
   const bool check_device_values = args[7] == Py_True;
-  return timesteps_ok(t, x, 0, T, check_device_values) &&
-         (t_prev == Py_None || timesteps_ok(t_prev, x, -1, T, check_device_values));
+  const bool ok = timesteps_ok(t, x, 0, T, check_device_values) &&
+                  (t_prev == Py_None || timesteps_ok(t_prev, x, -1, T, check_device_values));
+  return ok ? (needs_grad ? 1 : 2) : 0;
 }
 
 PyObject* py_inputs_ok(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
@@ -83,13 +90,13 @@ PyObject* py_inputs_ok(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nar
   }
   // A metadata query that throws (a tensor kind not foreseen above) is one more case for the Python checks:
   // an exception must not cross into the interpreter from this plain C function.
-  bool ok = false;
+  int ok = 0;
   try {
     ok = inputs_ok(args);
   } catch (...) {
-    ok = false;
+    ok = 0;
   }
-  return PyBool_FromLong(ok);
+  return PyLong_FromLong(ok);
 }
 
 }  // namespace

@@ -32,7 +32,6 @@ compiled extension never breaks ``import ddpm_kernels``.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from typing import Callable, Dict, Optional, Tuple
 
@@ -66,18 +65,32 @@ class _ReferenceBackend:
         return None
 
 
-# name -> ("module:attribute", how to get it). The module is imported on first use.
+def _triton_module():
+    from . import triton
+
+    return triton
+
+
+def _extension_module():
+    from . import extension
+
+    return extension
+
+
+# name -> (module importer, attribute, how to get it). The module is imported on first use, by an import
+# statement (which torch.compile(fullgraph=True) traces when the first use of a backend is traced; it cannot
+# trace importlib).
 _FUSED = {
     "triton": (
-        "ddpm_kernels.triton:BACKEND",
+        _triton_module, "BACKEND",
         "the Triton backend needs `triton` (Linux) and CUDA tensors: pip install triton",
     ),
     "cuda": (
-        "ddpm_kernels.extension:CUDA_BACKEND",
+        _extension_module, "CUDA_BACKEND",
         "the CUDA extension is built by `pip install --no-build-isolation .` with a CUDA build of torch and nvcc",
     ),
     "cpu": (
-        "ddpm_kernels.extension:CPU_BACKEND",
+        _extension_module, "CPU_BACKEND",
         "the C++ CPU extension is built by `pip install --no-build-isolation .`",
     ),
 }
@@ -100,12 +113,11 @@ def _load(name: str):
         return _loaded[name]
     if name in _load_errors:
         return None
-    target, how = _FUSED[name]
-    module_name, attr = target.split(":")
+    importer, attr, how = _FUSED[name]
     # No lock: Python's import lock serializes the import, and a racing thread at worst stores the same object.
     # (A `with lock:` here would also stop torch.compile(fullgraph=True) when the first use is traced.)
     try:
-        backend = getattr(importlib.import_module(module_name), attr)
+        backend = getattr(importer(), attr)
     except Exception as exc:  # ImportError, or an extension built for another torch (OSError, ...)
         _load_errors[name] = f"{type(exc).__name__}: {exc}; {how}"
         return None

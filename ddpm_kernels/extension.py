@@ -104,10 +104,24 @@ def _operands(*tensors):
     return tuple(None if x is None else x.to(promoted) for x in tensors), promoted
 
 
+def _prepare(*tensors, lead: int = 0):
+    """``(fmt, tensors, dtype)``: the call's memory format (``tensors[lead]``'s, `dense_format`), the operands
+    in it as the kernels read them (`_operands`; None stays None) and the dtype the schedule table is taken in.
+    The common call, every operand contiguous and of one dtype, costs a few attribute reads."""
+    dtype = tensors[lead].dtype
+    for y in tensors:
+        if y is not None and (y.dtype != dtype or not y.is_contiguous()):
+            break
+    else:
+        return CONTIGUOUS, tensors, dtype
+    fmt = dense_format(tensors[lead])
+    tensors, dtype = _operands(*tensors)
+    return fmt, tuple(in_format(y, fmt) for y in tensors), dtype
+
+
 def q_sample(x_start, t, noise, schedule, out=None):
-    fmt = dense_format(x_start)
-    (x_start, noise), dtype = _operands(x_start, noise)
-    args = (in_format(x_start, fmt), t, in_format(noise, fmt), schedule.table(dtype))
+    fmt, (x_start, noise), dtype = _prepare(x_start, noise)
+    args = (x_start, t, noise, schedule.table(dtype))
     # out= cannot carry a graph: a call that needs one runs the functional kernel (out is then refused by the
     # public checks whenever it would itself require grad)
     if not _fits(out, fmt) or (torch.is_grad_enabled() and (x_start.requires_grad or noise.requires_grad)):
@@ -120,9 +134,8 @@ def _pair(name):
     """A pair op ``a(t) x + b(t) y`` with the reference's argument order ``(x, t, y, schedule)``."""
 
     def op(x, t, y, schedule):
-        fmt = dense_format(x)
-        (x, y), dtype = _operands(x, y)
-        return getattr(_ops(), name)(in_format(x, fmt), t, in_format(y, fmt), schedule.table(dtype))
+        _, (x, y), dtype = _prepare(x, y)
+        return getattr(_ops(), name)(x, t, y, schedule.table(dtype))
 
     op.__name__ = name
     return op
@@ -135,41 +148,27 @@ predict_eps_from_z_and_v = _pair("predict_eps_from_z_and_v")
 
 
 def get_v(x_start, noise, t, schedule):
-    fmt = dense_format(x_start)
-    (x_start, noise), dtype = _operands(x_start, noise)
-    return _ops().get_v(in_format(x_start, fmt), in_format(noise, fmt), t, schedule.table(dtype))
+    _, (x_start, noise), dtype = _prepare(x_start, noise)
+    return _ops().get_v(x_start, noise, t, schedule.table(dtype))
 
 
 def q_posterior(x_start, x_t, t, schedule):
-    fmt = dense_format(x_t)
-    (x_start, x_t), dtype = _operands(x_start, x_t)
-    return _ops().q_posterior(in_format(x_start, fmt), in_format(x_t, fmt), t, schedule.table(dtype))
+    _, (x_start, x_t), dtype = _prepare(x_start, x_t, lead=1)
+    return _ops().q_posterior(x_start, x_t, t, schedule.table(dtype))
 
 
 def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True):
-    fmt = dense_format(x_t)
-    (x_t, model_output), dtype = _operands(x_t, model_output)
-    return _ops().p_mean_variance(
-        in_format(x_t, fmt), t, in_format(model_output, fmt), schedule.table(dtype), parameterization,
-        clip_denoised,
-    )
+    _, (x_t, model_output), dtype = _prepare(x_t, model_output)
+    return _ops().p_mean_variance(x_t, t, model_output, schedule.table(dtype), parameterization, clip_denoised)
 
 
 def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, noise=None, generator=None, out=None,
              sample_offset=0):
-    fmt = dense_format(x_t)
-    (x_t, model_output, noise), dtype = _operands(x_t, model_output, noise)
-    args = (
-        in_format(x_t, fmt),
-        t,
-        in_format(model_output, fmt),
-        schedule.table(dtype),
-        parameterization,
-        clip_denoised,
-        in_format(noise, fmt),
-        generator,
-        sample_offset,
-    )
+    fmt, (x_t, model_output, noise), dtype = _prepare(x_t, model_output, noise)
+    args = (x_t, t, model_output, schedule.table(dtype), parameterization, clip_denoised, noise, generator,
+            sample_offset)
+    if out is None:
+        return _ops().p_sample(*args)
     if not _fits(out, fmt):
         return _store(_ops().p_sample(*args), out)
     _ops().p_sample_out(*args, out)
@@ -178,12 +177,8 @@ def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, no
 
 def diffusion_loss(model_output, x_start, noise, t, schedule, *options):
     # options: parameterization, loss_type, l_simple_weight, original_elbo_weight (validated, as the schema)
-    fmt = dense_format(model_output)
-    (model_output, x_start, noise), dtype = _operands(model_output, x_start, noise)
-    return _ops().diffusion_loss(
-        in_format(model_output, fmt), in_format(x_start, fmt), in_format(noise, fmt), t, schedule.table(dtype),
-        *options,
-    )
+    _, (model_output, x_start, noise), dtype = _prepare(model_output, x_start, noise)
+    return _ops().diffusion_loss(model_output, x_start, noise, t, schedule.table(dtype), *options)
 
 
 # ---------------------------------------------------------------------------------------------- sampler steps
@@ -251,8 +246,8 @@ _NO_SIGMA = (None, 1, 1)
 
 
 def flow_interpolate(x0, noise, sigma, out=None):
-    fmt = dense_format(x0)
-    args = (in_format(x0, fmt), in_format(noise, fmt), sigma.flat, sigma.period, sigma.repeat)
+    fmt, (x0, noise), _ = _prepare(x0, noise)
+    args = (x0, noise, sigma.flat, sigma.period, sigma.repeat)
     # as q_sample: a call that builds a graph runs the functional kernel
     if not _fits(out, fmt) or (torch.is_grad_enabled() and (x0.requires_grad or noise.requires_grad)):
         return _store(_ops().flow_interpolate(*args), out)
@@ -262,11 +257,13 @@ def flow_interpolate(x0, noise, sigma, out=None):
 
 def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_next, opts, noise=None,
               generator=None, out=None, sample_offset=0):
-    fmt = dense_format(sample)
+    fmt, (sample, model_output, uncond, noise), _ = _prepare(
+        sample, model_output, uncond if opts.guided else None, noise if opts.stochastic else None  # (else unread)
+    )
     args = (
-        in_format(sample, fmt),
-        in_format(model_output, fmt),
-        in_format(uncond, fmt) if opts.guided else None,
+        sample,
+        model_output,
+        uncond,
         guidance if opts.guided else None,
         sigmas,
         step_index,
@@ -274,7 +271,7 @@ def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma,
         *(_NO_SIGMA if sigma_next is None else _sigma(sigma_next)),
         opts.stochastic,
         opts.guidance_rescale,
-        in_format(noise, fmt) if opts.stochastic else None,  # deterministic: nothing read or drawn
+        noise,
         generator,
         sample_offset,
     )
@@ -290,12 +287,14 @@ def solver_step(sample, model_output, uncond, guidance, coefficients, step_index
     """The multistep-solver step (csrc/solver.h); the kernels write ``history`` and ``last_sample`` in place
     (through copies written back when they are laid out otherwise than the sample). Thresholded options are
     declined (``declines``)."""
-    fmt = dense_format(sample)
     guided = opts.guided
+    fmt, (sample, model_output, uncond, noise), _ = _prepare(
+        sample, model_output, uncond if guided else None, noise if opts.stochastic else None  # (else unread)
+    )
     args = (
-        in_format(sample, fmt),
-        in_format(model_output, fmt),
-        in_format(uncond, fmt) if guided else None,
+        sample,
+        model_output,
+        uncond,
         guidance if guided else None,
         coefficients,
         step_index,
@@ -304,7 +303,7 @@ def solver_step(sample, model_output, uncond, guidance, coefficients, step_index
         opts.stochastic,
         opts.clip_range,
         opts.guidance_rescale if guided else 0.0,
-        in_format(noise, fmt) if opts.stochastic else None,  # deterministic: nothing read or drawn
+        noise,
         generator,
         sample_offset,
     )
@@ -318,20 +317,22 @@ def euler_step(sample, model_output, uncond, guidance, sigmas, step_index, opts,
                out=None, sample_offset=0):
     """``euler_step`` and ``euler_ancestral_step`` (``opts.sampler``): the flow step's kernels with an Euler
     sampler (csrc/flow.h), on the sigma table."""
-    fmt = dense_format(sample)
     guided = opts.guided
     churn = (opts.s_churn, opts.s_tmin, opts.s_tmax, opts.s_noise) if opts.sampler == "euler" else ()
+    fmt, (sample, model_output, uncond, noise), _ = _prepare(
+        sample, model_output, uncond if guided else None, noise if opts.adds_noise else None  # (else unread)
+    )
     args = (
-        in_format(sample, fmt),
-        in_format(model_output, fmt),
-        in_format(uncond, fmt) if guided else None,
+        sample,
+        model_output,
+        uncond,
         guidance if guided else None,
         sigmas,
         step_index,
         opts.parameterization,
         *churn,
         opts.guidance_rescale if guided else 0.0,
-        in_format(noise, fmt) if opts.adds_noise else None,  # no noise term: nothing read or drawn
+        noise,
         generator,
         sample_offset,
         opts.return_pred_x0,
@@ -340,11 +341,8 @@ def euler_step(sample, model_output, uncond, guidance, sigmas, step_index, opts,
 
 
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):
-    fmt = dense_format(model_output)
-    return _ops().flow_loss(
-        in_format(model_output, fmt), in_format(x0, fmt), in_format(noise, fmt), sigma.flat, sigma.period,
-        sigma.repeat, weighting, loss_type,
-    )
+    _, (model_output, x0, noise), _ = _prepare(model_output, x0, noise)
+    return _ops().flow_loss(model_output, x0, noise, sigma.flat, sigma.period, sigma.repeat, weighting, loss_type)
 
 
 OPS = {

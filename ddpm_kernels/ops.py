@@ -98,28 +98,37 @@ def _check_others(spec: OpSpec, x, others: tuple, learned, mixed) -> None:
             _check_like(names[i], y, spec.data, x, mixed=mixed is not None)
 
 
-def _tensors(spec: OpSpec, x, others: tuple, schedule, t, t_prev=_NO_T_PREV, out=None, learned=None, mixed=None):
-    """``(t, t_prev, out)`` as the kernels take them, after checking the call's tensors: ``x`` is the table's
-    ``data``, ``others`` its ``like`` then ``optional`` tensors (an absent optional one is None). A
-    ``learned`` variance type doubles ``model_output``'s channels (checked here, after the others).
-    ``mixed``: the promoted dtype of float operands whose dtypes differ (`promoted_dtype`), which ``out`` must
-    have."""
+def _tensors(spec: OpSpec, x, others: tuple, schedule, t, t_prev=_NO_T_PREV, out=None, learned=None):
+    """``(t, t_prev, out, mixed, grad_free)``: the first three as the kernels take them, after checking the
+    call's tensors: ``x`` is the table's ``data``, ``others`` its ``like`` then ``optional`` tensors (an absent
+    optional one is None). A ``learned`` variance type doubles ``model_output``'s channels (checked here, after
+    the others). ``mixed``: the promoted dtype of float operands whose dtypes differ (`promoted_dtype`), which
+    ``out`` must have; None for a call of one dtype. The plain valid call of one dtype is accepted by one C call,
+    which also tells whether any operand asks for a gradient (``grad_free`` True when none does)."""
     present = others[:-1] if spec.optional and others[-1] is None else others
     if learned:
         present = present[1:]
     has_t_prev = t_prev is not _NO_T_PREV
-    if (
-        torch.compiler.is_compiling()
-        or _native.inputs_ok is None
-        or not isinstance(schedule, DiffusionSchedule)
-        or (has_t_prev and t_prev is None)
-        # a mixed call's other operands and out differ from x in dtype: the C check takes x and the timesteps
-        or not _native.inputs_ok(
-            x, present if mixed is None else (), out if mixed is None else None,
-            schedule._buffers["coefficients"], schedule.num_timesteps, t, t_prev if has_t_prev else None,
-            device_t_check_enabled(),
-        )
-    ):
+    native = (
+        _native.inputs_ok is not None
+        and not torch.compiler.is_compiling()
+        and isinstance(schedule, DiffusionSchedule)
+        and not (has_t_prev and t_prev is None)
+    )
+    if native:
+        table, steps, values = schedule._buffers["coefficients"], schedule.num_timesteps, device_t_check_enabled()
+        t_prev_arg = t_prev if has_t_prev else None
+        accepted = _native.inputs_ok(x, present, out, table, steps, t, t_prev_arg, values)
+        if accepted and not learned:
+            # every operand has x's dtype; 2: none of them asks for a gradient
+            return t, t_prev, out, None, accepted == 2
+        mixed = promoted_dtype(x, others)  # (a learned model output was not among the checked operands)
+        if not accepted:
+            # a mixed call's other operands and out differ from x in dtype: the C check takes x and the timesteps
+            native = mixed is not None and _native.inputs_ok(x, (), None, table, steps, t, t_prev_arg, values)
+    else:
+        mixed = promoted_dtype(x, others)
+    if not native:
         _check_data(spec.data, x)
         _check_others(spec, x, others, learned, mixed)
         _check_schedule(schedule, x)
@@ -133,15 +142,16 @@ def _tensors(spec: OpSpec, x, others: tuple, schedule, t, t_prev=_NO_T_PREV, out
         out = _check_out(out, x, spec.data, dtype=mixed)
     if learned:
         _check_learned_output(others[0], x, learned, mixed=mixed is not None)
-    return t, t_prev, out
+    return t, t_prev, out, mixed, False
 
 
-def _dispatch(spec: OpSpec, backend: str, x: torch.Tensor, opts, tensors: tuple, dtype=None, with_name=False):
-    """The function serving this call (``ddpm_kernels.backends.resolve``), told which tensors require grad;
-    ``dtype``: the call's dtype when it is not ``x``'s (mixed operands); ``with_name``: ``(backend name,
-    function)``."""
+def _dispatch(spec: OpSpec, backend: str, x: torch.Tensor, opts, tensors: tuple, dtype=None, with_name=False,
+              grad_free=False):
+    """The function serving this call (``ddpm_kernels.backends.resolve``), told which tensors require grad
+    (``grad_free``: none does, as the compiled check found); ``dtype``: the call's dtype when it is not ``x``'s
+    (mixed operands); ``with_name``: ``(backend name, function)``."""
     grad = None
-    if torch.is_grad_enabled():
+    if not grad_free and torch.is_grad_enabled():
         needing = [i for i, a in enumerate(tensors) if a is not None and a.requires_grad]
         if needing:  # (the names are built only then: spec.tensors is a new tuple per read)
             names = spec.tensors
@@ -195,17 +205,17 @@ def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tup
     out)`` as the kernels take them, and the data and other tensors (then the passengers)."""
     if backend not in _BACKENDS:
         _check_backend(backend)
-    mixed = promoted_dtype(x, others)
     opts = _options(spec, options) if options else ()
     if guided:
         opts = _with_guidance(opts)
     learned = opts.variance_type if spec.family == "step" and opts.learned else None
-    t, t_prev, out = _tensors(spec, x, others, schedule, t, learned=learned, mixed=mixed, **tensors)
+    t, t_prev, out, mixed, grad_free = _tensors(spec, x, others, schedule, t, learned=learned, **tensors)
     if generator is not None:
         _check_generator(generator, x)
     operands = (x,) + others + (t,)
     if mixed is None:
-        return _dispatch(spec, backend, x, opts, operands), opts, t, t_prev, out, x, others + passengers
+        fn = _dispatch(spec, backend, x, opts, operands, grad_free=grad_free)
+        return fn, opts, t, t_prev, out, x, others + passengers
     fn, cast = serve(spec, backend, x, opts, operands, mixed, (x,) + others + passengers)
     return fn, opts, t, t_prev, out, cast[0], cast[1:]
 

@@ -3,13 +3,16 @@ the Python checks in ``ddpm_kernels.ops``. It may only say True where the full c
 as they are (no error, no conversion), and says False only where they convert or reject them, or for tensor
 subclasses: every case here is judged by both."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import ddpm_kernels as dk
-from ddpm_kernels import ops
+from ddpm_kernels import _checks, _native, ops
 
-from ddpm_kernels import _checks, _native
 pytestmark = pytest.mark.skipif(_native.inputs_ok is None, reason="needs the compiled library")
 
 S = dk.DiffusionSchedule("linear", timesteps=50)
@@ -86,7 +89,20 @@ def test_fast_check_agrees_with_the_python_checks(name):
     accepted = _python_accepts(x, others, out, t, t_prev)
     assert accepted == name.startswith(("valid", "parameter", "zero", "subclass")), name
     # a tensor subclass may override metadata: always the Python path, which accepts it
-    assert _fast(x, others, out, t, t_prev) == (accepted and not name.startswith("subclass")), name
+    assert bool(_fast(x, others, out, t, t_prev)) == (accepted and not name.startswith("subclass")), name
+
+
+def test_says_whether_an_operand_asks_for_a_gradient():
+    """2: accepted and no gradient asked for (grad mode off, or no data operand requires grad), so dispatch
+    skips its own scan; 1: accepted, some operand requires grad under grad mode."""
+    x, y, t = torch.randn(2, 3), torch.randn(2, 3), torch.tensor([1, 2])
+    assert _fast(x, (y,), None, t) == 2
+    for leaf in ((x.requires_grad_(), y), (x.detach(), y.requires_grad_())):
+        assert _fast(leaf[0], (leaf[1],), None, t) == 1
+        with torch.no_grad():
+            assert _fast(leaf[0], (leaf[1],), None, t) == 2
+        x, y = x.detach(), y.detach()
+    assert _fast(x, (y,), None, torch.tensor([1, 5000])) == 0
 
 
 def test_out_requiring_grad_is_fine_without_grad_mode():
@@ -137,6 +153,26 @@ def test_compiled_calls_take_the_python_checks():
     t = torch.tensor([3, 40])
     f = torch.compile(lambda x, t, m, z: dk.p_sample(x, t, m, S, noise=z, backend="cpu"), fullgraph=True)
     torch.testing.assert_close(f(x, t, m, z), dk.p_sample(x, t, m, S, noise=z, backend="cpu"))
+
+
+_COLD_COMPILE = """
+import torch, ddpm_kernels as dk
+S = dk.DiffusionSchedule(timesteps=100)
+x, m, z, t = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3), torch.tensor([3, 40])
+f = torch.compile(lambda x, t, m, z: dk.p_sample(x, t, m, S, noise=z, backend=BACKEND), fullgraph=True)
+y = f(x, t, m, z)  # the first call of the process: backend resolution (and the backend's import) is traced
+torch.testing.assert_close(y, dk.p_sample(x, t, m, S, noise=z, backend="reference"))
+"""
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_a_traced_first_call_resolves_its_backend(backend):
+    """torch.compile(fullgraph=True) of an op as the first call of a fresh process: resolving the backend, which
+    imports it, is traced (docs/design.md, "Dispatch")."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(dk.__file__)))
+    code = f"BACKEND = {backend!r}\n" + _COLD_COMPILE
+    res = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
