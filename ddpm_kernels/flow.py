@@ -202,6 +202,22 @@ def run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, s
     return restore_format(result, fmt, out)
 
 
+def checked_table_step(backend, sample, model_output, sigmas, step_index, stochastic=False, noise=None,
+                       generator=None):
+    """`flow_step`'s table form, unguided, for a caller that built its operands as the kernels read them and
+    checked them as `flow_step` does (the fused scheduler's step): ``sample``, ``model_output`` (and ``noise``)
+    float tensors of one dtype, shape and device; ``sigmas`` the contiguous 1-D table in their compute dtype on
+    that device; ``step_index`` int64 (B,) there, its values steps of the table. Only the backend name and the
+    generator are checked here: the step's Python costs less than `flow_step`'s full checks."""
+    if backend not in _BACKENDS:
+        _check_backend(backend)
+    spec = SPECS["flow_step"]
+    opts = _step_options(spec, stochastic, 0.0, False)
+    fmt, sample, (model_output,) = row_major(opts.stochastic and noise is None, sample, model_output)
+    return run_step(spec, backend, opts, fmt, sample, model_output, None, None, (sigmas, step_index, None, None),
+                    (sigmas, sigmas), noise, generator, None, 0)
+
+
 # --------------------------------------------------------------------------------------------------- ops
 def flow_interpolate(x0, noise, sigma, backend="auto", *, out=None):
     """The flow-matching forward process ``(1 - sigma) x0 + sigma noise`` (diffusers' ``scale_noise``, the

@@ -303,9 +303,9 @@ def test_stochastic_noise_is_the_stock_draw(generator):
 
 def test_in_kernel_noise_hands_the_generator_to_the_op(monkeypatch):
     seen = {}
-    real = flow_ops.flow_step
-    monkeypatch.setattr(flow_ops, "flow_step",
-                        lambda *a, **k: seen.update(noise=a[4], generator=a[5], stochastic=k["stochastic"]) or real(*a, **k))
+    real = flow_ops.checked_table_step  # (backend, x, v, sigmas, step_index, stochastic, noise, generator)
+    monkeypatch.setattr(flow_ops, "checked_table_step",
+                        lambda *a: seen.update(noise=a[6], generator=a[7], stochastic=a[5]) or real(*a))
     _, fused = pair(dict(stochastic_sampling=True), dict(num_inference_steps=4))
     g = torch.Generator().manual_seed(0)
     fused.step(torch.randn(SHAPE), fused.timesteps[0], torch.randn(SHAPE), generator=g)
@@ -339,15 +339,28 @@ def test_first_step_index_for_every_timestep_form(form):
 
 
 def test_step_calls_the_fused_op_with_a_device_step_index(monkeypatch):
+    """The plain step calls the table form of the op on operands it built (`flow.checked_table_step`, which
+    skips `flow_step`'s checks of them); a step it cannot build so (a float64 model output: the table is float32)
+    calls the public op."""
     calls = []
-    real = flow_ops.flow_step
-    monkeypatch.setattr(flow_ops, "flow_step", lambda *a, **k: calls.append((a[2], a[3].clone())) or real(*a, **k))
-    _, fused = pair({}, dict(num_inference_steps=4))
+    real = flow_ops.checked_table_step
+    monkeypatch.setattr(flow_ops, "checked_table_step", lambda *a: calls.append((a[3], a[4].clone())) or real(*a))
+    public = []
+    real_public = flow_ops.flow_step
+    monkeypatch.setattr(flow_ops, "flow_step", lambda *a, **k: public.append(a[1].dtype) or real_public(*a, **k))
+    stock, fused = pair({}, dict(num_inference_steps=4))
     x = torch.randn(SHAPE)
     for t in fused.timesteps:
         x = fused.step(torch.randn(SHAPE), t, x).prev_sample
     assert [c[1].tolist() for c in calls] == [[i] * SHAPE[0] for i in range(4)]
     assert all(c[0] is fused.sigmas for c in calls)  # the table itself, not a copy per step
+    assert not public
+    stock.set_timesteps(4)
+    fused.set_timesteps(4)
+    mo, x = torch.randn(SHAPE, dtype=torch.float64), torch.randn(SHAPE)
+    got = fused.step(mo, fused.timesteps[0], x).prev_sample
+    assert public == [torch.float64] and len(calls) == 4
+    torch.testing.assert_close(got, stock.step(mo, stock.timesteps[0], x).prev_sample)
 
 
 # ------------------------------------------------------------------------------------------- per-token

@@ -54,7 +54,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
 from ... import flow as flow_ops
-from ...reference import guided_output
+from ...reference import compute_dtype, guided_output
 from . import _common
 from ._common import _device, _FusedBase, _output_maker, _randn, _stock_timestep, _StepIndex, SigmaTables
 
@@ -213,7 +213,12 @@ class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEule
                 noise = _randn(sample.shape, generator, device, torch.float32, x.dtype)
         if per_token_timesteps is None:
             step_index = self._dk_index_tensor(index, sample.shape[0], device)
-            if guidance is None:
+            if guidance is None and sigmas.dtype == compute_dtype(x.dtype):
+                # every operand built here as the op reads it and checked as it checks them (x, v and noise share
+                # a dtype; the table and the in-range index are the scheduler's own)
+                prev_sample = flow_ops.checked_table_step(self.fused_backend, x, v, sigmas, step_index, stochastic,
+                                                          noise, generator_for_op)
+            elif guidance is None:
                 prev_sample = flow_ops.flow_step(x, v, sigmas, step_index, noise, generator_for_op, self.fused_backend,
                                                  stochastic=stochastic)
             else:
