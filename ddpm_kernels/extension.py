@@ -194,13 +194,11 @@ def _step_scalars(opts):
 
 def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None, uncond=None,
                  guidance=None, sample_offset=0):
-    # learned variances read model_output's two channel halves by index: contiguous data only
-    fmt = CONTIGUOUS if opts.learned else dense_format(x_t)
-    op = opts.sampler + "_step"
+    noise = noise if opts.adds_noise else None  # no noise term: nothing read or drawn
     if opts.guided:
         # guidance is mixed in the kernel (csrc/guidance.h): uncond in model_output's layout, the scales in the
         # compute dtype (a mixed-precision call may have promoted the data past the scales' dtype)
-        uncond = in_format(uncond.detach() if uncond.requires_grad else uncond, fmt)
+        uncond = uncond.detach() if uncond.requires_grad else uncond
         compute = torch.float64 if x_t.dtype == torch.float64 else torch.float32
         if guidance.dtype != compute:
             guidance = guidance.to(compute)
@@ -208,17 +206,22 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
             guidance = guidance.detach()
     else:
         uncond = guidance = None
+    if opts.learned:  # learned variances read model_output's two channel halves by index: contiguous data only
+        fmt = CONTIGUOUS
+        x_t, model_output, uncond, noise = (in_format(y) for y in (x_t, model_output, uncond, noise))
+    else:
+        fmt, (x_t, model_output, uncond, noise), _ = _prepare(x_t, model_output, uncond, noise)
     args = (
-        in_format(x_t, fmt), t, t_prev, in_format(model_output, fmt), uncond, guidance,
+        x_t, t, t_prev, model_output, uncond, guidance,
         schedule.table(torch.float64),
         *_step_scalars(opts),
         opts.guidance_rescale if opts.guided else 0.0,
-        in_format(noise, fmt) if opts.adds_noise else None,  # no noise term: nothing read or drawn
+        noise,
         generator,
         sample_offset,
         opts.return_pred_x0,
     )
-    return _run_step(op, args, fmt, out, opts.return_pred_x0)
+    return _run_step(opts.sampler + "_step", args, fmt, out, opts.return_pred_x0)
 
 
 def _run_step(op, args, fmt, out, return_pred_x0):
