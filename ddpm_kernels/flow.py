@@ -38,6 +38,12 @@ def sigma_operand(name: str, sigma, data: torch.Tensor, dtype: Optional[torch.dt
     """Check a per-sample or per-token sigma against ``data`` and give it in the forms the backends read
     (``ddpm_kernels._spec.SigmaOperand``), in the compute dtype of ``dtype`` (default ``data``'s: the promoted
     dtype of a call with mixed float operands)."""
+    cd = compute_dtype(dtype or data.dtype)
+    if (type(sigma) is torch.Tensor and sigma.dtype == cd and sigma.ndim == 1 and data.ndim >= 1
+            and sigma.shape[0] == data.shape[0] and sigma.device == data.device and sigma.is_contiguous()):
+        # one sigma per sample, as the kernels read it (a training step's every call): what the checks below
+        # give for it, without them
+        return SigmaOperand(sigma.reshape((sigma.shape[0],) + (1,) * (data.ndim - 1)), sigma, 1, 1)
     _check_float_tensor(name, sigma, f"a float tensor of shape ({data.shape[0]},) or broadcastable to "
                         f"{tuple(data.shape)}", data, "the data")
     shape = tuple(sigma.shape)
@@ -53,7 +59,6 @@ def sigma_operand(name: str, sigma, data: torch.Tensor, dtype: Optional[torch.dt
                 f"{name}: shape {tuple(sigma.shape)} does not broadcast to the data's {tuple(data.shape)} "
                 f"(dim {j}: {shape[j]} vs {data.shape[j]})"
             )
-    cd = compute_dtype(dtype or data.dtype)
     full = sigma.reshape(shape) if len(shape) != sigma.ndim else sigma
     if full.dtype != cd:
         full = full.to(cd)
