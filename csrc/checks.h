@@ -144,9 +144,10 @@ inline Variance parse_variance(const std::string& v) {
 inline bool is_learned(Variance v) { return v == Variance::kLearned || v == Variance::kLearnedRange; }
 
 // The sampler steps: x_t as check_common, t and t_prev int64 of shape (B,), the float64 (K, T) table, and
-// model_output like x_t, or (B, 2C, ...) for x_t of (B, C, ...) with a learned variance.
-inline void check_sampler(const at::Tensor& x, const at::Tensor& t, const at::Tensor& t_prev,
-                          const at::Tensor& model_output, const at::Tensor& table64, bool learned) {
+// model_output like x_t (check_operand), or (B, 2C, ...) for x_t of (B, C, ...) with a learned variance.
+template <typename K>
+void check_sampler(const at::Tensor& x, const at::Tensor& t, const at::Tensor& t_prev,
+                   const at::Tensor& model_output, const at::Tensor& table64, bool learned) {
   check_batch(x);
   // a learned variance reads model_output's channel halves by contiguous index
   if (learned) {
@@ -163,7 +164,7 @@ inline void check_sampler(const at::Tensor& x, const at::Tensor& t, const at::Te
   TORCH_CHECK(table64.device() == x.device(), "ddpm_kernels: table64 is on ", table64.device(), ", expected ",
               x.device());
   if (!learned) {
-    check_data("model_output", model_output, x);
+    check_operand<K>("model_output", model_output, x);
     return;
   }
   TORCH_CHECK(x.dim() >= 2, "ddpm_kernels: a learned variance needs x_t with a channel dimension");
@@ -171,9 +172,11 @@ inline void check_sampler(const at::Tensor& x, const at::Tensor& t, const at::Te
   want[1] *= 2;
   TORCH_CHECK(model_output.sizes() == at::IntArrayRef(want), "ddpm_kernels: model_output has shape ",
               model_output.sizes(), ", expected ", at::IntArrayRef(want), " (prediction and variance channels)");
-  TORCH_CHECK(model_output.scalar_type() == x.scalar_type() && model_output.device() == x.device() &&
-                  model_output.is_contiguous(),
-              "ddpm_kernels: model_output must be contiguous, of x_t's dtype and device");
+  const bool dtype_ok = model_output.scalar_type() == x.scalar_type() ||
+                        (ReadsMixed<K>::value && mixable(model_output.scalar_type()) && mixable(x.scalar_type()));
+  TORCH_CHECK(dtype_ok && model_output.device() == x.device() && model_output.is_contiguous(),
+              "ddpm_kernels: model_output must be contiguous, of x_t's dtype (or, on a backend reading mixed dtypes, "
+              "float32, float16 or bfloat16 with such data) and device");
 }
 
 // ------------------------------------------------------------------------------------------ flow matching

@@ -140,6 +140,12 @@ struct SamePtrs {
   static out output(const at::Tensor& t) { return t.mutable_data_ptr<scalar_t>(); }
 };
 
+// One element's value (a policy's `in` pointer; the CPU's MixedPtr has its own overload, csrc/cpu/loops.h).
+template <typename T>
+DDPM_HD T value_at(const T* p) {
+  return *p;
+}
+
 // Noise passed in as a tensor of the data's layout (Ptr: its pointer, csrc/family.h's SamePtrs::in or the
 // CPU's MixedPtr).
 template <typename scalar_t, typename Ptr = const scalar_t*>

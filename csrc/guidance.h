@@ -61,11 +61,12 @@ struct GuidanceCoef {
 };
 
 // The operands of a guided model output. `sums` is set by the backend's reduction pass (nullptr: no rescale).
-template <typename scalar_t>
+// Ptrs: how cond and uncond are read (csrc/family.h; the CPU's MixedPtrs reads them in their own dtype).
+template <typename scalar_t, typename Ptrs = SamePtrs<scalar_t>>
 struct Guidance {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* cond;
-  const scalar_t* uncond;  // nullptr: unguided
+  typename Ptrs::in cond;
+  typename Ptrs::in uncond;  // null: unguided
   const acc_t* scale;      // w, (B,) in the compute dtype
   int64_t N, extra;        // guided elements per sample, and the elements after them (see the layout above)
   double phi;
@@ -74,8 +75,8 @@ struct Guidance {
 
   static Guidance make(const at::Tensor& cond, const at::Tensor* uncond, const at::Tensor* scale, int64_t N,
                        int64_t extra, double phi) {
-    return {cond.const_data_ptr<scalar_t>(),
-            uncond != nullptr ? uncond->const_data_ptr<scalar_t>() : nullptr,
+    return {Ptrs::input(cond),
+            uncond != nullptr ? Ptrs::input(*uncond) : typename Ptrs::in{},
             scale != nullptr ? scale->const_data_ptr<acc_t>() : nullptr,
             N,
             extra,
@@ -85,7 +86,7 @@ struct Guidance {
   }
 
   // Whether the step needs the reduction pass first.
-  bool rescaled() const { return uncond != nullptr && phi > 0; }
+  bool rescaled() const { return !(uncond == nullptr) && phi > 0; }
 
   DDPM_HD GuidanceCoef<acc_t> coef(int64_t b) const {
     if (uncond == nullptr) return {acc_t(0), acc_t(1)};
@@ -108,7 +109,7 @@ struct Guidance {
   DDPM_HD RescaleShift<acc_t> shift(int64_t b) const {
     const acc_t w = scale[b];
     const int64_t first = b * (N + extra);
-    const acc_t c0 = static_cast<acc_t>(cond[first]), u0 = static_cast<acc_t>(uncond[first]);
+    const acc_t c0 = static_cast<acc_t>(value_at(cond + first)), u0 = static_cast<acc_t>(value_at(uncond + first));
     return {c0, u0 + w * (c0 - u0), w};
   }
 

@@ -132,6 +132,12 @@ at::Tensor p_sample_kernel(const at::Tensor& x_t, const at::Tensor& t, const at:
 }
 
 // ------------------------------------------------------------------------------------------- sampler steps
+// The outputs' dtype of a step: its operands' one dtype, float32 for a mix (check_operand).
+inline at::ScalarType step_result_type(const at::Tensor& x_t, const at::Tensor& model_output,
+                                       const std::optional<at::Tensor>& noise) {
+  return result_type({&x_t, &model_output, noise.has_value() ? &*noise : nullptr});
+}
+
 // Every step: checks, allocation, then the backend. `step` holds the sampler's own options; the
 // parameterization, learned flag and noise are filled in here. Guided when uncond and guidance are given.
 // Returns x0 (zero elements unless return_pred_x0).
@@ -144,15 +150,17 @@ at::Tensor sampler_step(SamplerStep step, c10::string_view parameterization, con
                         const at::Tensor& out) {
   check_sample_offset(sample_offset);
   step.learned = is_learned(step.variance);
-  check_sampler(x_t, t, t_prev, model_output, table64, step.learned);
-  check_data("out", out, x_t);
-  // uncond in model_output's shape and layout (a learned variance's channels included, unread)
+  check_sampler<K>(x_t, t, t_prev, model_output, table64, step.learned);
+  if (noise.has_value()) check_operand<K>("noise", *noise, x_t);
+  const at::ScalarType type = step_result_type(x_t, model_output, noise);
+  check_output("out", out, x_t, type);
+  // uncond in model_output's shape, dtype and layout (a learned variance's channels included, unread)
   check_guidance(step.sampler == Sampler::kDdim ? "ddim_step" : "ddpm_step", uncond, guidance, guidance_rescale,
                  model_output, x_t);
   step.param = parse_param(std::string(parameterization));
   const bool given = step.add_noise && noise.has_value();
-  if (given) check_data("noise", *noise, x_t);
-  at::Tensor x0 = return_pred_x0 ? at::empty_like(x_t) : at::empty({0}, x_t.options());
+  at::Tensor x0 = return_pred_x0 ? at::empty_like(x_t, x_t.options().dtype(type))
+                                 : at::empty({0}, x_t.options().dtype(type));
   K::sampler_step(SamplerCall{step, x_t, t, t_prev, model_output, uncond.has_value() ? &*uncond : nullptr,
                               guidance.has_value() ? &*guidance : nullptr, guidance_rescale, table64,
                               given ? &*noise : nullptr, std::move(generator), return_pred_x0 ? &x0 : nullptr, out,
@@ -182,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_kernel(
     double eta, c10::string_view parameterization, bool clip_denoised, double clip_range, bool set_alpha_to_one,
     bool use_clipped_model_output, double guidance_rescale, const std::optional<at::Tensor>& noise,
     std::optional<at::Generator> generator, int64_t sample_offset, bool return_pred_x0) {
-  at::Tensor out = at::empty_like(x_t);
+  at::Tensor out = at::empty_like(x_t, x_t.options().dtype(step_result_type(x_t, model_output, noise)));
   at::Tensor x0 = ddim_step_out_kernel<K>(x_t, t, t_prev, model_output, uncond, guidance, table64, eta,
                                           parameterization, clip_denoised, clip_range, set_alpha_to_one,
                                           use_clipped_model_output, guidance_rescale, noise, std::move(generator),
@@ -211,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_kernel(
     c10::string_view parameterization, c10::string_view variance_type, bool clip_denoised, double clip_range,
     double guidance_rescale, const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
     int64_t sample_offset, bool return_pred_x0) {
-  at::Tensor out = at::empty_like(x_t);
+  at::Tensor out = at::empty_like(x_t, x_t.options().dtype(step_result_type(x_t, model_output, noise)));
   at::Tensor x0 = ddpm_step_out_kernel<K>(x_t, t, t_prev, model_output, uncond, guidance, table64, parameterization,
                                           variance_type, clip_denoised, clip_range, guidance_rescale, noise,
                                           std::move(generator), sample_offset, return_pred_x0, out);

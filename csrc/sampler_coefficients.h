@@ -190,16 +190,17 @@ struct SamplerCall {
 };
 
 // SamplerT / ParamT: Sampler / Param, GuidedT: bool, or std::integral_constant of them (see csrc/family.h).
-// `mo` is model_output: sample b's prediction at b * (N + mo_extra), its variance channels N later (mo_extra = N
+// scalar_t: the outputs' dtype (the promoted one of a mixed call); Ptrs: how x_t, model_output and uncond are
+// read (csrc/family.h). `mo` is model_output: sample b's prediction at b * (N + mo_extra), its variance channels N later (mo_extra = N
 // with a learned variance, else 0); guided, the prediction is mixed with uncond's (same layout) first.
-template <typename scalar_t, typename SamplerT, typename ParamT, typename GuidedT>
+template <typename scalar_t, typename SamplerT, typename ParamT, typename GuidedT, typename Ptrs = SamePtrs<scalar_t>>
 struct SamplerKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;
   struct Coef : SamplerCoef<acc_t> {
     GuidanceCoef<acc_t> guide;
   };
-  const scalar_t* x_t;
-  const scalar_t* mo;
+  typename Ptrs::in x_t;
+  typename Ptrs::in mo;
   scalar_t* out;
   scalar_t* x0;  // nullptr unless return_pred_x0
   Timesteps<double> ts;
@@ -207,7 +208,7 @@ struct SamplerKernel : NoPerSampleOutputs {
   int64_t N, mo_extra;
   acc_t clip_range;
   SamplerStep step;
-  Guidance<scalar_t> guide;  // its rescale sums set by the backend's pass (csrc/guidance.h)
+  Guidance<scalar_t, Ptrs> guide;  // its rescale sums set by the backend's pass (csrc/guidance.h)
   SamplerT sampler;
   ParamT param;
   GuidedT guided;
@@ -216,8 +217,8 @@ struct SamplerKernel : NoPerSampleOutputs {
     const int64_t N = call.x_t.numel() == 0 ? 0 : call.x_t.numel() / call.x_t.size(0);
     const int64_t extra = call.step.learned ? N : 0;
     return {{},
-            call.x_t.const_data_ptr<scalar_t>(),
-            call.model_output.const_data_ptr<scalar_t>(),
+            Ptrs::input(call.x_t),
+            Ptrs::input(call.model_output),
             call.out.mutable_data_ptr<scalar_t>(),
             call.x0 != nullptr ? call.x0->mutable_data_ptr<scalar_t>() : nullptr,
             Timesteps<double>::of(call.t, call.table64),
@@ -226,7 +227,8 @@ struct SamplerKernel : NoPerSampleOutputs {
             extra,
             static_cast<acc_t>(call.step.clip_range),
             call.step,
-            Guidance<scalar_t>::make(call.model_output, call.uncond, call.guidance, N, extra, call.guidance_rescale),
+            Guidance<scalar_t, Ptrs>::make(call.model_output, call.uncond, call.guidance, N, extra,
+                                           call.guidance_rescale),
             sampler,
             param,
             guided};
@@ -277,7 +279,7 @@ struct SamplerKernel : NoPerSampleOutputs {
   template <typename IO, typename Z>
   DDPM_LANE void apply(int64_t b, int64_t i, int64_t n, const Coef& c, Z& z) const {
     using V = typename IO::V;
-    const scalar_t* mo_b = mo + b * mo_extra;
+    const auto mo_b = mo + b * mo_extra;
     V xv[IO::kLanes], mv[IO::kLanes], vv[IO::kLanes], zv[IO::kLanes], x0v[IO::kLanes];
     IO::load(x_t + i, xv, n);
     IO::load(mo_b + i, mv, n);

@@ -84,7 +84,7 @@ def _per_sample(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # do not read (float64 with another dtype) is cast here, to the promoted dtype, as the prologue would have.
 MIXED_OPS = frozenset({"q_sample", "predict_start_from_noise", "predict_noise_from_start", "get_v",
                        "predict_start_from_z_and_v", "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance",
-                       "p_sample", "diffusion_loss"})
+                       "p_sample", "diffusion_loss", "ddim_step", "ddpm_step"})
 _MIXABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -196,21 +196,23 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
                  guidance=None, sample_offset=0):
     noise = noise if opts.adds_noise else None  # no noise term: nothing read or drawn
     if opts.guided:
-        # guidance is mixed in the kernel (csrc/guidance.h): uncond in model_output's layout, the scales in the
-        # compute dtype (a mixed-precision call may have promoted the data past the scales' dtype)
         uncond = uncond.detach() if uncond.requires_grad else uncond
+    else:
+        uncond = guidance = None
+    if opts.learned:  # learned variances read model_output's two channel halves by index: contiguous data only
+        fmt = CONTIGUOUS
+        tensors, _ = _operands(x_t, model_output, uncond, noise)
+        x_t, model_output, uncond, noise = (in_format(y) for y in tensors)
+    else:
+        fmt, (x_t, model_output, uncond, noise), _ = _prepare(x_t, model_output, uncond, noise)
+    if opts.guided:
+        # guidance is mixed in the kernel (csrc/guidance.h), uncond in model_output's layout, the scales in the
+        # compute dtype (a mixed-precision call may have promoted the data past the scales' dtype)
         compute = torch.float64 if x_t.dtype == torch.float64 else torch.float32
         if guidance.dtype != compute:
             guidance = guidance.to(compute)
         if guidance.requires_grad:
             guidance = guidance.detach()
-    else:
-        uncond = guidance = None
-    if opts.learned:  # learned variances read model_output's two channel halves by index: contiguous data only
-        fmt = CONTIGUOUS
-        x_t, model_output, uncond, noise = (in_format(y) for y in (x_t, model_output, uncond, noise))
-    else:
-        fmt, (x_t, model_output, uncond, noise), _ = _prepare(x_t, model_output, uncond, noise)
     args = (
         x_t, t, t_prev, model_output, uncond, guidance,
         schedule.table(torch.float64),

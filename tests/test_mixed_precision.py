@@ -338,18 +338,25 @@ STEP_CALLS = {
 }
 
 
-@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="the Triton backend does not run here")
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("name", list(STEP_CALLS))
-def test_triton_mixed_sampler_steps(name):
-    """Guided (with rescale: its statistics pass reads the operands natively too), thresholded (the x0 pass) and
-    learned-variance steps with bf16 model outputs and fp32 data: the all-float32 call exactly, and with the
-    data in bf16 and the model outputs in fp32 too."""
-    (x, c, u, z), t = _inputs((3, 2, 3, 5))
+def test_mixed_sampler_steps(name, backend):
+    """Guided (with rescale: its statistics pass reads the operands natively too), thresholded (the x0 pass;
+    Triton only: the CPU backend declines thresholding) and learned-variance steps with bf16 model outputs and
+    fp32 data: the all-float32 call exactly, with no cast on the way, and with the data in bf16 and the model
+    outputs in fp32 too (shape (3, 2, 3, 37) on the CPU: full vectors and tails)."""
+    if backend not in dk.available_backends("cpu"):
+        pytest.skip(f"the {backend} backend does not run here")
+    if backend == "cpu" and name == "ddim_thresholded":
+        pytest.skip("the CPU backend declines dynamic thresholding")
+    (x, c, u, z), t = _inputs((3, 2, 3, 5) if backend == "triton" else (3, 2, 3, 37))
     t = t.clamp(min=1)
     for low_data in (False, True):
         xs, cs, us = (x.bfloat16(), c, u) if low_data else (x, c.bfloat16(), u.bfloat16())
-        got = _tuple(STEP_CALLS[name](xs, cs, us, z, t, "triton"))
-        expected = _tuple(STEP_CALLS[name](xs.float(), cs.float(), us.float(), z, t, "triton"))
+        with _Casts() as mode:
+            got = _tuple(STEP_CALLS[name](xs, cs, us, z, t, backend))
+        assert backend != "cpu" or mode.casts == [], mode.casts
+        expected = _tuple(STEP_CALLS[name](xs.float(), cs.float(), us.float(), z, t, backend))
         for g, e in zip(got, expected, strict=True):
             assert g.dtype == e.dtype == torch.float32
             torch.testing.assert_close(g, e, rtol=0, atol=0)
@@ -500,7 +507,7 @@ def test_triton_mixed_step_compiles():
 _NEEDS_CPU = pytest.mark.skipif("cpu" not in dk.available_backends("cpu"), reason="the compiled CPU backend is not built")
 # ops whose mixed calls the compiled CPU kernels read natively (extension.MIXED_OPS), by their CALLS names
 CPU_NATIVE_CALLS = [n for n in CALLS if n.startswith(("q_sample", "predict_start", "get_v", "q_posterior", "p_mean",
-                                                      "p_sample", "diffusion_loss"))]
+                                                      "p_sample", "diffusion_loss", "ddim_step", "ddpm_step"))]
 
 
 @_NEEDS_CPU
@@ -511,11 +518,12 @@ def test_cpu_backend_declares_its_native_ops():
 
     assert extension.CPU_BACKEND.mixed_dtypes == {
         "q_sample", "predict_start_from_noise", "predict_noise_from_start", "get_v", "predict_start_from_z_and_v",
-        "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance", "p_sample", "diffusion_loss"}
+        "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance", "p_sample", "diffusion_loss", "ddim_step",
+        "ddpm_step"}
     assert extension.CUDA_BACKEND.mixed_dtypes == frozenset()
     (x, y, z, _), t = _inputs()
     dk.p_sample(x, t, y, S, noise=z, backend="cpu")
-    assert backends.reads_mixed("cpu", "p_sample") and not backends.reads_mixed("cpu", "ddim_step")
+    assert backends.reads_mixed("cpu", "ddim_step") and not backends.reads_mixed("cpu", "flow_step")
 
 
 @_NEEDS_CPU
@@ -529,13 +537,13 @@ def test_cpu_reads_mixed_operands_without_a_cast(name, low):
 
 @_NEEDS_CPU
 def test_cpu_still_casts_the_ops_it_does_not_read_mixed():
-    """A mixed DDIM step on the CPU backend is cast by the prologue (the control that the count sees a cast)
+    """A mixed flow step on the CPU backend is cast by the prologue (the control that the count sees a cast)
     and still equals the all-float32 call."""
     (x, y, z, _), t = _inputs()
     with _Casts() as mode:
-        got = CALLS["ddim_step"](x, y.bfloat16(), z, t, "cpu")
+        got = CALLS["flow_step"](x, y.bfloat16(), z, t, "cpu")
     assert mode.casts
-    torch.testing.assert_close(got, CALLS["ddim_step"](x, y.bfloat16().float(), z, t, "cpu"), rtol=0, atol=0)
+    torch.testing.assert_close(got, CALLS["flow_step"](x, y.bfloat16().float(), z, t, "cpu"), rtol=0, atol=0)
 
 
 @_NEEDS_CPU
@@ -554,6 +562,11 @@ def test_cpu_mixed_data_and_three_dtypes(low):
         lambda x, y, z: dk.diffusion_loss(x, y, z, t, S, "eps", "l1", backend="cpu"),
         lambda x, y, z: dk.q_sample(x, t, y, S, backend="cpu"),
         lambda x, y, z: dk.predict_eps_from_z_and_v(x, t, y, S, backend="cpu"),
+        lambda x, y, z: dk.ddim_step(x, t, t - 1, y, S, eta=0.7, noise=z, return_pred_x0=True, backend="cpu"),
+        lambda x, y, z: dk.ddpm_step(x, t, t - 1, y, S, "v", generator=torch.Generator().manual_seed(6),
+                                     backend="cpu"),
+        lambda x, y, z: dk.ddim_step(x, t, t - 1, y, S, guidance_scale=torch.tensor([1.5, 3.0, 7.5]), uncond=y.flip(0),
+                                     guidance_rescale=0.7, clip_denoised=True, backend="cpu"),
     ]
     for x_, y_, z_ in ((x.to(low), y, z), (x, y.to(low), z.to(other)), (x.to(low), y.to(other), z)):
         for call in calls:

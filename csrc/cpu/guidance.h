@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "loops.h"
@@ -21,16 +22,18 @@ constexpr int64_t kRescaleChunk = 4096;
 constexpr int64_t kRescaleFlush = 256;
 
 // When `g` is rescaled: the reduction over its B samples into `storage`, and `g` pointed at the sums. Else
-// nothing.
-template <typename scalar_t>
-void prepare_rescale(Guidance<scalar_t>& g, int64_t B, std::vector<double>& storage) {
+// nothing. Float32 sums (a float32 call's, and a mixed call's, which reads float32, float16 and bfloat16
+// operands through MixedPtrs) run on MixedLanes' two-vector slices: a mixed call adds the all-float32 call's
+// terms in the same order, so its factors are that call's exactly.
+template <typename scalar_t, typename Ptrs>
+void prepare_rescale(Guidance<scalar_t, Ptrs>& g, int64_t B, std::vector<double>& storage) {
   if (!g.rescaled() || B == 0 || g.N == 0) return;
-  using L = Lanes<scalar_t>;
+  using L = std::conditional_t<std::is_same_v<scalar_t, float>, MixedLanes, Lanes<scalar_t>>;
   using V = typename L::V;
   const int64_t N = g.N, chunks = (N + kRescaleChunk - 1) / kRescaleChunk;
   storage.assign(B * chunks * kRescaleSums, 0.0);
   double* sums = storage.data();
-  const Guidance<scalar_t>& f = g;
+  const Guidance<scalar_t, Ptrs>& f = g;
   at::parallel_for(0, B * chunks, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / chunks;

@@ -156,6 +156,15 @@ struct MixedPtrOf {
 using MixedPtr = MixedPtrOf<const char>;
 using MixedMutPtr = MixedPtrOf<char>;
 
+// One element's value in float32 (csrc/family.h's value_at for a mixed operand).
+inline float value_at(MixedPtr p) {
+  switch (p.type) {
+    case OperandType::kHalf: return static_cast<float>(*reinterpret_cast<const at::Half*>(p.p));
+    case OperandType::kBFloat16: return static_cast<float>(*reinterpret_cast<const at::BFloat16*>(p.p));
+    default: return *reinterpret_cast<const float*>(p.p);
+  }
+}
+
 // The Ptrs policy (csrc/family.h) of a mixed call.
 struct MixedPtrs {
   using in = MixedPtr;

@@ -9,10 +9,17 @@
 
 namespace ddpm::cpu::CPU_CAPABILITY {
 
+// A call whose x_t, model_output (and uncond) and noise have different dtypes computes in float32 and reads each
+// in its own (csrc/cpu/loops.h, MixedLanes); its outputs have the promoted dtype, float32.
 void Kernels::sampler_step(const SamplerCall& call) {
   const int64_t numel = call.x_t.numel();
-  DDPM_DISPATCH_FLOATING(call.x_t.scalar_type(), "ddpm_kernels_sampler_step", [&] {
-    using Noise = CpuNoise<scalar_t>;
+  // (out: the promoted dtype, which an unread noise operand of another dtype may also have set)
+  const bool mixed = mixed_operands({&call.x_t, &call.model_output, call.noise, &call.out});
+  dispatch_operands(call.x_t.scalar_type(), mixed, [&](auto St, auto Ps, auto IO) {
+    using scalar_t = typename decltype(St)::type;
+    using Ptrs = typename decltype(Ps)::type;
+    using L = typename decltype(IO)::type;
+    using Noise = CpuNoise<scalar_t, L, Ptrs>;
     // p_sample's scheme, so a step and a p_sample from the same generator state draw the same normals.
     const typename Noise::Spec spec = Noise::spec(call.noise, call.step.add_noise, call.generator, call.x_t, call.sample_offset);
     if (numel == 0) return;
@@ -21,9 +28,9 @@ void Kernels::sampler_step(const SamplerCall& call) {
     with_sampler(call.step.sampler, [&](auto S) {
       with_param(call.step.param, [&](auto P) {
         with_bool(call.guided(), [&](auto G) {
-          auto f = SamplerKernel<scalar_t, decltype(S), decltype(P), decltype(G)>::make(call, S, P, G);
+          auto f = SamplerKernel<scalar_t, decltype(S), decltype(P), decltype(G), Ptrs>::make(call, S, P, G);
           prepare_rescale(f.guide, B, sums);
-          run_family<scalar_t>(f, numel, numel / B, Noise(spec));
+          run_family_io<L>(f, numel, numel / B, Noise(spec));
         });
       });
     });
