@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .guidance import guidance_kwargs, guidance_stats, guided_prediction
-from .noise import NOISE_SCALARS, load_or_draw_noise, noise_kwargs, step_noise, zero_key
+from .noise import NOISE_SCALARS, load_or_draw_noise, noise_kwargs, step_noise, takes_noise, zero_key
 from .utils import (
     as_rows,
     call_op,
@@ -300,6 +300,7 @@ def _euler_launch(sample, model_output, uncond, guidance, sigmas, step_index, sa
     return x0
 
 
+@takes_noise
 def _euler_step(
     sample: torch.Tensor,
     model_output: torch.Tensor,
@@ -315,11 +316,7 @@ def _euler_step(
     s_noise: float,
     guidance_rescale: float,
     return_pred_x0: bool,
-    noise: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    philox_seed: int,
-    philox_offset: int,
-    sample_offset: int,
+    noise, seed, philox_seed, philox_offset, sample_offset,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Euler (``sampler`` ``SAMPLER_ID["euler"]``) or ancestral Euler step on the sigma table ``sigmas``
     (the compute dtype), each sample at ``step_index[b]``: ``(x', x0)``, ``x0`` a zero-element tensor unless

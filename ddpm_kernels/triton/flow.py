@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .._layout import dense_format, in_format
 from .euler import NO_OPTIONS, SAMPLER_ID, launch_step
-from .noise import step_noise
+from .noise import step_noise, takes_noise
 from .utils import (
     sample_partial_sums,
     as_rows,
@@ -333,6 +333,7 @@ def _step_launch(sample, model_output, uncond, guidance, sigma, sigma_next, step
                 sample_offset, out)
 
 
+@takes_noise
 def _flow_step(
     sample: torch.Tensor,
     model_output: torch.Tensor,
@@ -347,11 +348,7 @@ def _flow_step(
     repeat_next: int,
     stochastic: bool,
     guidance_rescale: float,
-    noise: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    philox_seed: int,
-    philox_offset: int,
-    sample_offset: int,
+    noise, seed, philox_seed, philox_offset, sample_offset,
 ) -> torch.Tensor:
     """One Euler step. ``step_index`` given: ``sigma`` is the sigma table (``sigma_next`` too, unread) and each
     sample gathers its pair; else ``sigma`` / ``sigma_next`` are ``SigmaOperand`` flat forms with their

@@ -76,7 +76,7 @@ import triton.language as tl
 from .._layout import CONTIGUOUS, dense_format
 from .._spec import StepOptions
 from .guidance import guidance_kwargs, guidance_stats, guided_prediction, stats_layout
-from .noise import NOISE_SCALARS, load_or_draw_noise, noise_kwargs, step_noise
+from .noise import NOISE_SCALARS, load_or_draw_noise, noise_kwargs, step_noise, takes_noise
 from .threshold import bound_pred_x0, threshold_scale
 from .utils import (
     PARAMETERIZATION_ID,
@@ -394,6 +394,7 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterizat
     return x0
 
 
+@takes_noise
 def _sampler_step(
     x_t: torch.Tensor,
     t: torch.Tensor,
@@ -409,11 +410,7 @@ def _sampler_step(
     set_alpha_to_one: bool,
     use_clipped_model_output: bool,
     add_noise: bool,
-    noise: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    philox_seed: int,
-    philox_offset: int,
-    sample_offset: int,
+    noise, seed, philox_seed, philox_offset, sample_offset,
     return_pred_x0: bool,
     scale: Optional[torch.Tensor],
     uncond: Optional[torch.Tensor],

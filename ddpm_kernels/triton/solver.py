@@ -46,7 +46,8 @@ import triton.language as tl
 
 from .._layout import CONTIGUOUS, dense_format, empty_in_format, is_in_format
 from .guidance import guidance_kwargs, guidance_stats, guided_prediction
-from .noise import NOISE_SCALARS, load_or_draw_noise, noise_key, noise_kwargs, philox_normal_at, zero_key
+from .noise import (NOISE_SCALARS, load_or_draw_noise, noise_key, noise_kwargs, philox_normal_at, takes_noise,
+                    zero_key)
 from .threshold import bound_pred_x0, threshold_scale
 from .utils import (
     as_rows,
@@ -305,6 +306,7 @@ def _run(sample, model_output, uncond, guidance, coefficients, step_index, histo
             clip_range, guidance_rescale, stochastic, noise, seed, philox_seed, philox_offset, sample_offset, out)
 
 
+@takes_noise
 def _solver_step(
     sample: torch.Tensor,
     model_output: torch.Tensor,
@@ -319,11 +321,7 @@ def _solver_step(
     threshold_max: float,
     guidance_rescale: float,
     stochastic: bool,
-    noise: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    philox_seed: int,
-    philox_offset: int,
-    sample_offset: int,
+    noise, seed, philox_seed, philox_offset, sample_offset,
 ) -> torch.Tensor:
     """One step (module docstring): returns ``x'`` in ``sample``'s dense format and writes the ring's slot
     ``step_index mod H`` of ``history`` and ``last_sample``. ``guidance`` (B,) in the compute dtype given:

@@ -54,10 +54,13 @@ __all__ = [
     "empty_dense",
     "like_dense",
     "launch_into",
+    "parameters_of",
     "with_signature",
+    "annotated",
     "custom_op_with_out",
     "register_linear_combination_autograd",
     "register_loss_backward_autograd",
+    "loss_backward_op",
     "split_float",
     "split_float3",
     "extract_rows",
@@ -205,15 +208,37 @@ def launch_into(out: torch.Tensor, fmt: torch.memory_format, launch):
     return result
 
 
+def parameters_of(fn) -> list:
+    """``fn``'s parameters as ``(name, type)`` pairs (string annotations resolved): an op's schema, for an op
+    whose arguments extend another's (``with_signature``)."""
+    hints = typing.get_type_hints(fn)
+    return [(name, hints[name]) for name in inspect.signature(fn).parameters]
+
+
 def with_signature(fn, parameters: Sequence[Tuple[str, object]], returns):
-    """``fn`` (taking ``*args``) given the signature ``(name: type, ...) -> returns``, so that
-    ``torch.library.custom_op`` reads it as the op's schema: one function serves ops whose arguments differ only
-    in name and order."""
+    """``fn`` (taking ``*args``, or the parameters by these names in this order) given the signature
+    ``(name: type, ...) -> returns``, so that ``torch.library.custom_op`` reads it as the op's schema: one
+    function serves ops whose arguments differ only in name and order, and an op whose arguments extend
+    another's (a backward's, ``parameters_of``) is typed where the other is."""
+    names = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_POSITIONAL]
+    if names and names != [name for name, _ in parameters]:
+        raise TypeError(f"{fn.__name__} takes {names}, not the signature's {[name for name, _ in parameters]}")
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     fn.__signature__ = inspect.Signature(
         [inspect.Parameter(n, kind, annotation=a) for n, a in parameters], return_annotation=returns
     )
     fn.__annotations__ = {**dict(parameters), "return": returns}
+    return fn
+
+
+def annotated(fn, parameters: Sequence[Tuple[str, object]]):
+    """``fn`` with the parameters it names unannotated among ``parameters`` (``(name, type)`` pairs) given
+    those types: an argument group several ops take (``noise.NOISE_PARAMETERS``) is typed in one place."""
+    declared = inspect.signature(fn).parameters
+    for name, annotation in parameters:
+        if declared[name].annotation is not inspect.Parameter.empty:
+            raise TypeError(f"{fn.__name__}: {name} is typed by the shared group")
+        fn.__annotations__[name] = annotation
     return fn
 
 
@@ -330,6 +355,19 @@ def register_loss_backward_autograd(backward_op, n_grads: int, loss_l1: int):
         return tuple(result)
 
     backward_op.register_autograd(backward, setup_context=setup_context)
+
+
+def loss_backward_op(name: str, backward, forward, grads: Sequence[str], needed: Sequence[str]):
+    """Register ``backward`` as the loss backward op ``name``, its schema derived from the forward op function
+    ``forward``'s (so the two cannot drift apart): the incoming gradients ``grads``, ``forward``'s arguments,
+    then the flags ``needed`` of the target inputs' gradients, returning ``(grad_model_output, grad_a,
+    grad_b)``; with its own autograd (``register_loss_backward_autograd``). Returns the op."""
+    parameters = [(g, torch.Tensor) for g in grads] + parameters_of(forward) + [(n, bool) for n in needed]
+    with_signature(backward, parameters, tuple[torch.Tensor, torch.Tensor, torch.Tensor])
+    op = torch.library.custom_op(name, backward, mutates_args=())
+    names = [n for n, _ in parameters]
+    register_loss_backward_autograd(op, n_grads=len(grads), loss_l1=names.index("loss_l1"))
+    return op
 
 
 def call_op(op, out_op, args: tuple, out=None, differentiable=()):
