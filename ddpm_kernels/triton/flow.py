@@ -51,7 +51,7 @@ from .utils import (
     loss_term_grad,
     loss_partials,
     loss_terms,
-    register_loss_backward_autograd,
+    loss_backward_op,
     result_dtype,
     sample_tile,
     sigma_at,
@@ -394,8 +394,7 @@ REDUCE_BLOCK_B = 32
 REDUCE_BLOCK_P = 128
 
 
-@torch.library.custom_op("ddpm_kernels_triton::flow_loss", mutates_args=())
-def flow_loss_op(
+def _flow_loss(
     model_output: torch.Tensor,
     x0: torch.Tensor,
     noise: torch.Tensor,
@@ -423,6 +422,9 @@ def flow_loss_op(
     return loss
 
 
+flow_loss_op = torch.library.custom_op("ddpm_kernels_triton::flow_loss", _flow_loss, mutates_args=())
+
+
 @flow_loss_op.register_fake
 def _(model_output, x0, noise, sigma, period, repeat, weighting, loss_l1):
     return sigma.new_empty(())
@@ -437,20 +439,8 @@ def _loss_gradients(model_output, x0, noise, grad_x0_needed: bool, grad_noise_ne
     return empty_dense(model_output), grad(x0, grad_x0_needed), grad(noise, grad_noise_needed)
 
 
-@torch.library.custom_op("ddpm_kernels_triton::flow_loss_backward", mutates_args=())
-def flow_loss_backward_op(
-    grad_loss: torch.Tensor,
-    model_output: torch.Tensor,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    sigma: torch.Tensor,
-    period: int,
-    repeat: int,
-    weighting: int,
-    loss_l1: bool,
-    grad_x0_needed: bool,
-    grad_noise_needed: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flow_loss_backward(grad_loss, model_output, x0, noise, sigma, period, repeat, weighting, loss_l1,
+                        grad_x0_needed, grad_noise_needed):
     """(grad_model_output, grad_x0, grad_noise), in ``model_output``'s dense format, each in its input's dtype;
     a gradient not needed comes back as an empty tensor."""
     model_output, batch, n = as_rows(model_output)
@@ -467,6 +457,12 @@ def flow_loss_backward_op(
         GRAD_NOISE=grad_noise_needed,
     )
     return grad_model_output, grad_x0, grad_noise
+
+
+# the backward takes the incoming gradient, the forward's arguments and which input gradients are needed;
+# gradients of its gradients are registered with it
+flow_loss_backward_op = loss_backward_op("ddpm_kernels_triton::flow_loss_backward", _flow_loss_backward, _flow_loss,
+                                         ("grad_loss",), ("grad_x0_needed", "grad_noise_needed"))
 
 
 @flow_loss_backward_op.register_fake
@@ -492,8 +488,6 @@ def _loss_backward(ctx, grad_loss):
 
 
 flow_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
-# gradients of the gradients (argument 8 is loss_l1)
-register_loss_backward_autograd(flow_loss_backward_op, n_grads=1, loss_l1=8)
 
 
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):

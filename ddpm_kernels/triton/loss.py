@@ -24,7 +24,7 @@ from .utils import (
     div_rn,
     empty_dense,
     like_dense,
-    register_loss_backward_autograd,
+    loss_backward_op,
     result_dtype,
     PARAMETERIZATION_ID,
     ROW,
@@ -61,6 +61,17 @@ def _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATIO
 
 
 @triton.jit
+def loss_tile(model_output_ptr, t_ptr, N, batch_start, cd: tl.constexpr, BLOCK: tl.constexpr):
+    """The prologue of both elementwise loss kernels: ``(sample, mask, offs, t, model_output)``, this program's
+    tile (``sample_tile``), its sample's ``t`` and the tile of ``model_output`` in ``cd``."""
+    sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
+    # Data loads before the t -> coefficient chain (see pair_kernel).
+    model_output = load_tile(model_output_ptr, offs, mask, cd)
+    t = tl.load(t_ptr + sample)
+    return sample, mask, offs, t, model_output
+
+
+@triton.jit
 def diffusion_loss_kernel(
     model_output_ptr,
     x_start_ptr,
@@ -76,11 +87,8 @@ def diffusion_loss_kernel(
     LOSS_L1: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = table_ptr.dtype.element_ty
-    # Data loads before the t -> coefficient chain (see pair_kernel).
-    model_output = load_tile(model_output_ptr, offs, mask, cd)
-    t = tl.load(t_ptr + sample)
+    sample, mask, offs, t, model_output = loss_tile(model_output_ptr, t_ptr, N, batch_start, cd, BLOCK)
     target = _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION, cd)
     store_partial_sum(partial_ptr, loss_terms(model_output - target, LOSS_L1), mask, sample, n_tiles)
 
@@ -160,10 +168,8 @@ def diffusion_loss_backward_kernel(
     ROW_LVLB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = table_ptr.dtype.element_ty
-    model_output = load_tile(model_output_ptr, offs, mask, cd)
-    t = tl.load(t_ptr + sample)
+    sample, mask, offs, t, model_output = loss_tile(model_output_ptr, t_ptr, N, batch_start, cd, BLOCK)
     lvlb_weight = gather_coefficient(table_ptr, ROW_LVLB, t, T)
     l_simple_weight = split_scalar(l_simple_weight_hi, l_simple_weight_lo, cd)
     original_elbo_weight = split_scalar(original_elbo_weight_hi, original_elbo_weight_lo, cd)
@@ -203,8 +209,7 @@ REDUCE_BLOCK_P = 128
 _LVLB_ROW = {0: ROW["lvlb_weights_eps"], 1: ROW["lvlb_weights_x0"], 2: ROW["lvlb_weights_v"]}
 
 
-@torch.library.custom_op("ddpm_kernels_triton::diffusion_loss", mutates_args=())
-def diffusion_loss_op(
+def _diffusion_loss(
     model_output: torch.Tensor,
     x_start: torch.Tensor,
     noise: torch.Tensor,
@@ -237,28 +242,17 @@ def diffusion_loss_op(
     return loss, loss_simple, loss_vlb
 
 
+diffusion_loss_op = torch.library.custom_op("ddpm_kernels_triton::diffusion_loss", _diffusion_loss, mutates_args=())
+
+
 @diffusion_loss_op.register_fake
 def _(model_output, x_start, noise, t, table, parameterization, loss_l1, l_simple_weight, original_elbo_weight):
     return tuple(model_output.new_empty((), dtype=result_dtype(model_output, x_start, noise)) for _ in range(3))
 
 
-@torch.library.custom_op("ddpm_kernels_triton::diffusion_loss_backward", mutates_args=())
-def diffusion_loss_backward_op(
-    grad_loss: torch.Tensor,
-    grad_loss_simple: torch.Tensor,
-    grad_loss_vlb: torch.Tensor,
-    model_output: torch.Tensor,
-    x_start: torch.Tensor,
-    noise: torch.Tensor,
-    t: torch.Tensor,
-    table: torch.Tensor,
-    parameterization: int,
-    loss_l1: bool,
-    l_simple_weight: float,
-    original_elbo_weight: float,
-    grad_x_start_needed: bool,
-    grad_noise_needed: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _diffusion_loss_backward(grad_loss, grad_loss_simple, grad_loss_vlb, model_output, x_start, noise, t, table,
+                             parameterization, loss_l1, l_simple_weight, original_elbo_weight, grad_x_start_needed,
+                             grad_noise_needed):
     """(grad_model_output, grad_x_start, grad_noise), each in its input's dtype; a gradient not needed, or not
     depending on the loss for this parameterization, comes back as an empty tensor."""
     model_output, batch, n = as_rows(model_output)
@@ -282,6 +276,14 @@ def diffusion_loss_backward_op(
         GRAD_X_START=write_x_start, GRAD_NOISE=write_noise, ROW_LVLB=_LVLB_ROW[parameterization],
     )
     return grad_model_output, grad_x_start, grad_noise
+
+
+# the backward takes the three incoming gradients, the forward's arguments and which input gradients are needed;
+# gradients of its gradients are registered with it
+diffusion_loss_backward_op = loss_backward_op(
+    "ddpm_kernels_triton::diffusion_loss_backward", _diffusion_loss_backward, _diffusion_loss,
+    ("grad_loss", "grad_loss_simple", "grad_loss_vlb"), ("grad_x_start_needed", "grad_noise_needed"),
+)
 
 
 @diffusion_loss_backward_op.register_fake
@@ -333,8 +335,6 @@ def _backward(ctx, grad_loss, grad_loss_simple, grad_loss_vlb):
 
 
 diffusion_loss_op.register_autograd(_backward, setup_context=_setup_context)
-# gradients of the gradients (argument 9 is loss_l1)
-register_loss_backward_autograd(diffusion_loss_backward_op, n_grads=3, loss_l1=9)
 
 
 def diffusion_loss(model_output, x_start, noise, t, schedule, *options):
