@@ -170,10 +170,8 @@ def _mean_and_variances(x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
 def q_posterior_op(
     x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mean, var, log_var = _mean_and_variances(x_t, t, table, other=x_start)
     # the posterior of a given x_0 is that of a model predicting x_0, unclipped
-    _launch(x_t, t, x_start, table, _X0, False, mean, var, log_var)
-    return mean, var, log_var
+    return _p_mean_variance(x_t, t, x_start, table, _X0, False)
 
 
 @q_posterior_op.register_fake
