@@ -38,7 +38,7 @@ from .._layout import dense_format, in_format
 from .euler import NO_OPTIONS, SAMPLER_ID, launch_step
 from .noise import step_noise, takes_noise
 from .utils import (
-    sample_partial_sums,
+    sample_means,
     as_rows,
     call_op,
     custom_op_with_out,
@@ -175,10 +175,8 @@ def flow_loss_reduce_kernel(
     acc = tl.zeros((BLOCK_B,), dtype=cd)
     b0 = 0
     while b0 < B:
-        samples = b0 + tl.arange(0, BLOCK_B)
-        in_batch = samples < B
-        sample_sum = sample_partial_sums(partial_ptr, samples, in_batch, n_tiles, cd, BLOCK_B, BLOCK_P)
-        acc += tl.where(in_batch, div_rn(sample_sum, tl.cast(N, cd)), 0.0)
+        _, in_batch, per_sample = sample_means(partial_ptr, b0, B, N, n_tiles, cd, BLOCK_B, BLOCK_P)
+        acc += tl.where(in_batch, per_sample, 0.0)
         b0 += BLOCK_B
     tl.store(loss_ptr, div_rn(tl.sum(acc, axis=0), tl.cast(B, cd)).to(loss_ptr.dtype.element_ty))
 

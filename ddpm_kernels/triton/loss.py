@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .pair import GET_V, pair_coefficients
 from .utils import (
-    sample_partial_sums,
+    sample_means,
     div_rn,
     empty_dense,
     like_dense,
@@ -117,11 +117,8 @@ def diffusion_loss_reduce_kernel(
     simple_acc = tl.zeros((BLOCK_B,), dtype=cd)
     vlb_acc = tl.zeros((BLOCK_B,), dtype=cd)
     b0 = 0
-    while b0 < B:  # while, not range(): see sample_partial_sums
-        samples = b0 + tl.arange(0, BLOCK_B)
-        in_batch = samples < B
-        sample_sum = sample_partial_sums(partial_ptr, samples, in_batch, n_tiles, cd, BLOCK_B, BLOCK_P)
-        per_sample = div_rn(sample_sum, tl.cast(N, cd))
+    while b0 < B:  # while, not range(): see sample_means
+        samples, in_batch, per_sample = sample_means(partial_ptr, b0, B, N, n_tiles, cd, BLOCK_B, BLOCK_P)
         t = tl.load(t_ptr + samples, mask=in_batch, other=0)
         t_in_range = (t >= 0) & (t < T)
         lvlb_weight = tl.load(

@@ -64,7 +64,7 @@ __all__ = [
     "split_float",
     "split_float3",
     "extract_rows",
-    "sample_partial_sums",
+    "sample_means",
     "sample_tile",
     "sigma_at",
     "load_tile",
@@ -180,7 +180,7 @@ def launch_reduce(kernel, like: torch.Tensor, batch: int, n_tiles: int, block_b:
                   **kwargs):
     """Launch a loss's one-program reduce ``kernel`` (arguments ``args`` and ``kwargs``) on ``like``'s device,
     reading ``loss_partials``' ``(batch, n_tiles)`` sums in tiles of at most ``block_b`` x ``block_p``
-    (``sample_partial_sums``)."""
+    (``sample_means``)."""
     with device_of(like):
         kernel[(1,)](*args, **kwargs, BLOCK_B=min(block_b, triton.next_power_of_2(batch)),
                      BLOCK_P=min(block_p, triton.next_power_of_2(n_tiles)), num_warps=4)
@@ -445,18 +445,20 @@ def loss_term_grad(err, cd: tl.constexpr, LOSS_L1: tl.constexpr):
 @triton.jit
 def store_partial_sum(partial_ptr, per_element, mask, sample, n_tiles):
     """This tile's sum of ``per_element`` where ``mask`` (whatever the lanes outside hold, NaN included) into
-    row-major (B, n_tiles) partial sums (``sample_partial_sums``)."""
+    row-major (B, n_tiles) partial sums (``sample_means``)."""
     per_element = tl.where(mask, per_element, 0.0)
     tl.store(partial_ptr + sample.to(tl.int64) * n_tiles + tl.program_id(0), tl.sum(per_element, axis=0))
 
 
 @triton.jit
-def sample_partial_sums(partial_ptr, samples, in_batch, n_tiles, cd: tl.constexpr, BLOCK_B: tl.constexpr,
-                        BLOCK_P: tl.constexpr):
-    """Per sample of ``samples`` (BLOCK_B of them, ``in_batch`` the real ones), the sum of its ``n_tiles`` partial
-    sums in ``partial_ptr`` (row-major (B, n_tiles)), in a fixed order: the reductions of the losses are
-    deterministic. A ``while`` loop, not ``range()``: Triton's interpreter (how CI runs kernels) cannot take a
-    runtime bound in ``range()`` with numpy 2, while compiled Triton handles both the same way."""
+def sample_means(partial_ptr, b0, B, N, n_tiles, cd: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``(samples, in_batch, means)`` of the ``BLOCK_B`` samples from ``b0`` (``in_batch``: those below ``B``): each
+    sample's mean over its ``N`` elements, the sum of its ``n_tiles`` partial sums in ``partial_ptr`` (row-major
+    (B, n_tiles)) taken in a fixed order (the reductions of the losses are deterministic) and divided by ``N``.
+    A ``while`` loop, not ``range()``: Triton's interpreter (how CI runs kernels) cannot take a runtime bound in
+    ``range()`` with numpy 2, while compiled Triton handles both the same way."""
+    samples = b0 + tl.arange(0, BLOCK_B)
+    in_batch = samples < B
     sample_sum = tl.zeros((BLOCK_B,), dtype=cd)
     p0 = 0
     while p0 < n_tiles:
@@ -464,7 +466,7 @@ def sample_partial_sums(partial_ptr, samples, in_batch, n_tiles, cd: tl.constexp
         ptrs = partial_ptr + samples.to(tl.int64)[:, None] * n_tiles + tiles[None, :]
         sample_sum += tl.sum(tl.load(ptrs, mask=in_batch[:, None] & (tiles < n_tiles)[None, :], other=0.0), axis=1)
         p0 += BLOCK_P
-    return sample_sum
+    return samples, in_batch, div_rn(sample_sum, tl.cast(N, cd))
 
 
 @triton.jit
