@@ -84,10 +84,7 @@ def gather_sigma_pair(sigmas_ptr, step_index_ptr, sample, n_sigmas):
 # The samplers of the step kernel (``SAMPLER``): the flow-matching Euler step, deterministic or re-noised, and
 # the Euler steps on a Karras sigma table (``x = x0 + sigma eps``), with churn or ancestral.
 SAMPLER_ID = {"flow": 0, "flow_stochastic": 1, "euler": 2, "euler_ancestral": 3}
-FLOW = tl.constexpr(SAMPLER_ID["flow"])
-FLOW_STOCHASTIC = tl.constexpr(SAMPLER_ID["flow_stochastic"])
-EULER = tl.constexpr(SAMPLER_ID["euler"])
-EULER_ANCESTRAL = tl.constexpr(SAMPLER_ID["euler_ancestral"])
+FLOW, FLOW_STOCHASTIC, EULER, EULER_ANCESTRAL = map(tl.constexpr, SAMPLER_ID.values())
 
 
 @triton.jit
