@@ -52,6 +52,7 @@ from .utils import (
     custom_op_with_out,
     div_rn,
     empty_dense,
+    empty_dense_if,
     exact_scalar,
     launch_per_sample,
     like_dense,
@@ -279,18 +280,12 @@ def _euler_options(churn: float, s_tmin: float, s_tmax: float, s_noise: float) -
     return sum((split_float3(value) for value in (churn, s_tmin, s_tmax, s_noise)), ())
 
 
-def _pred_x0_output(sample: torch.Tensor, return_pred_x0: bool, dtype: torch.dtype) -> torch.Tensor:
-    """The step's x0 output in ``dtype`` (the result's): in ``sample``'s dense format with ``return_pred_x0``,
-    else zero elements."""
-    return empty_dense(sample, dtype) if return_pred_x0 else sample.new_empty(0, dtype=dtype)
-
-
 def _euler_launch(sample, model_output, uncond, guidance, sigmas, step_index, sampler, parameterization, churn,
                   s_tmin, s_tmax, s_noise, guidance_rescale, return_pred_x0, noise, seed, philox_seed, philox_offset,
                   sample_offset, out):
     """``euler_step_op``'s arguments and ``out``: writes the step into ``out`` and returns x0 (zero elements
     unless ``return_pred_x0``)."""
-    x0 = _pred_x0_output(sample, return_pred_x0, result_dtype(sample, model_output, uncond, noise))
+    x0 = empty_dense_if(return_pred_x0, sample, result_dtype(sample, model_output, uncond, noise))
     launch_step(sample, model_output, uncond, guidance, sigmas, sigmas, step_index, 1, 1, 1, 1, sampler,
                  parameterization, _euler_options(churn, s_tmin, s_tmax, s_noise), guidance_rescale, noise, seed,
                  philox_seed, philox_offset, sample_offset, out, x0 if return_pred_x0 else None)
@@ -330,7 +325,7 @@ def _euler_step(
 def _euler_step_fake(sample, model_output, uncond, guidance, sigmas, step_index, sampler, parameterization, churn,
                      s_tmin, s_tmax, s_noise, guidance_rescale, return_pred_x0, noise, *_):
     dtype = result_dtype(sample, model_output, uncond, noise)
-    return empty_dense(sample, dtype), _pred_x0_output(sample, return_pred_x0, dtype)
+    return empty_dense(sample, dtype), empty_dense_if(return_pred_x0, sample, dtype)
 
 
 # euler_step_out writes x' into out (which may be sample itself) and returns x0.

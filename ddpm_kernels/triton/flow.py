@@ -44,6 +44,7 @@ from .utils import (
     custom_op_with_out,
     div_rn,
     empty_dense,
+    empty_dense_if,
     launch_reduce,
     launch_per_sample,
     like_dense,
@@ -431,10 +432,8 @@ def _(model_output, x0, noise, sigma, period, repeat, weighting, loss_l1):
 def _loss_gradients(model_output, x0, noise, grad_x0_needed: bool, grad_noise_needed: bool) -> tuple:
     """The loss backward's outputs: each gradient in its input's dtype (a mixed call's bf16 model output gets a
     bf16 gradient, stored once), in ``model_output``'s dense format; one not needed has zero elements."""
-    def grad(y, needed):
-        return empty_dense(model_output, y.dtype) if needed else model_output.new_empty(0, dtype=y.dtype)
-
-    return empty_dense(model_output), grad(x0, grad_x0_needed), grad(noise, grad_noise_needed)
+    return (empty_dense(model_output), empty_dense_if(grad_x0_needed, model_output, x0.dtype),
+            empty_dense_if(grad_noise_needed, model_output, noise.dtype))
 
 
 def _flow_loss_backward(grad_loss, model_output, x0, noise, sigma, period, repeat, weighting, loss_l1,

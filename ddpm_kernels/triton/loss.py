@@ -23,6 +23,7 @@ from .utils import (
     sample_means,
     div_rn,
     empty_dense,
+    empty_dense_if,
     like_dense,
     loss_backward_op,
     result_dtype,
@@ -297,8 +298,8 @@ def _backward_outputs(model_output, x_start, noise, parameterization, grad_x_sta
     write_noise = grad_noise_needed and parameterization != 1
     return (
         empty_dense(model_output),
-        empty_dense(model_output, x_start.dtype) if write_x_start else x_start.new_empty(0),
-        empty_dense(model_output, noise.dtype) if write_noise else noise.new_empty(0),
+        empty_dense_if(write_x_start, model_output, x_start.dtype),
+        empty_dense_if(write_noise, model_output, noise.dtype),
     )
 
 

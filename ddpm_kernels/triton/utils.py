@@ -52,6 +52,7 @@ __all__ = [
     "loss_partials",
     "launch_reduce",
     "empty_dense",
+    "empty_dense_if",
     "like_dense",
     "launch_into",
     "parameters_of",
@@ -190,6 +191,13 @@ def empty_dense(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.T
     """An uninitialized tensor of ``x``'s shape and device in ``x``'s dense format, which kernels launched on
     ``as_rows(x)`` write in storage order (also for fake tensors; ``dtype``: default ``x``'s)."""
     return empty_in_format(x, dense_format(x), dtype)
+
+
+def empty_dense_if(needed: bool, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``empty_dense(x, dtype)`` when ``needed``, else zero elements of that dtype on ``x``'s device: an optional
+    output (a step's x0, an input's gradient), written only when asked for."""
+    dtype = x.dtype if dtype is None else dtype
+    return empty_dense(x, dtype) if needed else x.new_empty(0, dtype=dtype)
 
 
 def like_dense(x: torch.Tensor, y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
