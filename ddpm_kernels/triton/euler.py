@@ -38,13 +38,11 @@ Sampling only: no autograd.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from .guidance import guidance_kwargs, guidance_stats, guided_prediction
+from .guidance import guidance_kwargs, guidance_stats, guided_prediction, guided_step
 from .noise import NOISE_SCALARS, load_or_draw_noise, noise_kwargs, step_noise, takes_noise, zero_key
 from .utils import (
     as_rows,
@@ -293,11 +291,9 @@ def _euler_launch(sample, model_output, uncond, guidance, sigmas, step_index, sa
 
 
 @takes_noise
+@guided_step
 def _euler_step(
-    sample: torch.Tensor,
-    model_output: torch.Tensor,
-    uncond: Optional[torch.Tensor],
-    guidance: Optional[torch.Tensor],
+    sample, model_output, uncond, guidance,
     sigmas: torch.Tensor,
     step_index: torch.Tensor,
     sampler: int,

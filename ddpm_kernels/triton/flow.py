@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .._layout import dense_format, in_format
 from .euler import NO_OPTIONS, SAMPLER_ID, launch_step
+from .guidance import guided_step
 from .noise import step_noise, takes_noise
 from .utils import (
     sample_means,
@@ -333,11 +334,9 @@ def _step_launch(sample, model_output, uncond, guidance, sigma, sigma_next, step
 
 
 @takes_noise
+@guided_step
 def _flow_step(
-    sample: torch.Tensor,
-    model_output: torch.Tensor,
-    uncond: Optional[torch.Tensor],
-    guidance: Optional[torch.Tensor],
+    sample, model_output, uncond, guidance,
     sigma: torch.Tensor,
     sigma_next: torch.Tensor,
     step_index: Optional[torch.Tensor],

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .._layout import CONTIGUOUS, dense_format, empty_in_format, is_in_format
-from .guidance import guidance_kwargs, guidance_stats, guided_prediction
+from .guidance import guidance_kwargs, guidance_stats, guided_prediction, guided_step
 from .noise import (NOISE_SCALARS, load_or_draw_noise, noise_key, noise_kwargs, philox_normal_at, takes_noise,
                     zero_key)
 from .threshold import bound_pred_x0, threshold_scale
@@ -307,11 +307,9 @@ def _run(sample, model_output, uncond, guidance, coefficients, step_index, histo
 
 
 @takes_noise
+@guided_step
 def _solver_step(
-    sample: torch.Tensor,
-    model_output: torch.Tensor,
-    uncond: Optional[torch.Tensor],
-    guidance: Optional[torch.Tensor],
+    sample, model_output, uncond, guidance,
     coefficients: torch.Tensor,
     step_index: torch.Tensor,
     history: Optional[torch.Tensor],
