@@ -184,45 +184,45 @@ def solver_step_kernel(
     x0 = scaled(x0_sample, x) + scaled(x0_output, y)
     if X0_ONLY:
         store_tile(out_ptr, offs, x0, mask)
-        return
-    x0 = bound_pred_x0(x0, scale_ptr, sample, clip_hi, clip_lo, THRESHOLD, CLIP)
-    m = scaled(m_sample, x) + scaled(m_x0, x0) + scaled(m_output, y)
+    else:
+        x0 = bound_pred_x0(x0, scale_ptr, sample, clip_hi, clip_lo, THRESHOLD, CLIP)
+        m = scaled(m_sample, x) + scaled(m_x0, x0) + scaled(m_output, y)
 
-    # the corrector: x_c
-    x_c = scaled(c_sample, x)
-    if HAS_LAST:
-        x_c = x_c + load_term(coefficient(row_ptr, C_LAST, in_range, cd), last_ptr, offs, mask, cd)
-    x_c = x_c + scaled(coefficient(row_ptr, C_M, in_range, cd), m)
-    for j in tl.static_range(1, SLOTS + 1):
-        h_offs = ring_slot(i, j, SLOTS).to(tl.int64) * slot_stride + offs
-        x_c = x_c + load_term(coefficient(row_ptr, C_HIST + j - 1, in_range, cd), history_ptr, h_offs, mask, cd)
+        # the corrector: x_c
+        x_c = scaled(c_sample, x)
+        if HAS_LAST:
+            x_c = x_c + load_term(coefficient(row_ptr, C_LAST, in_range, cd), last_ptr, offs, mask, cd)
+        x_c = x_c + scaled(coefficient(row_ptr, C_M, in_range, cd), m)
+        for j in tl.static_range(1, SLOTS + 1):
+            h_offs = ring_slot(i, j, SLOTS).to(tl.int64) * slot_stride + offs
+            x_c = x_c + load_term(coefficient(row_ptr, C_HIST + j - 1, in_range, cd), history_ptr, h_offs, mask, cd)
 
-    # the predictor: x'
-    p_xc = coefficient(row_ptr, C_HIST + SLOTS, in_range, cd)
-    p_m = coefficient(row_ptr, C_HIST + SLOTS + 1, in_range, cd)
-    result = scaled(p_xc, x_c) + scaled(p_m, m)
-    for j in tl.static_range(1, SLOTS + 1):
-        h_offs = ring_slot(i, j, SLOTS).to(tl.int64) * slot_stride + offs
-        p_h = coefficient(row_ptr, C_HIST + SLOTS + 1 + j, in_range, cd)
-        result = result + load_term(p_h, history_ptr, h_offs, mask, cd)
-    if ADD_NOISE:
-        p_noise = coefficient(row_ptr, C_HIST + 2 * SLOTS + 2, in_range, cd)
-        if NOISE_CHANNELS_LAST:
-            # storage position p is row-major element (p mod C) (N / C) + p div C of its sample
-            e = (offs_in_sample % channels) * (N // channels) + offs_in_sample // channels
-            key = tl.load(seed_ptr) ^ philox_seed
-            z = philox_normal_at(key, philox_offset, sample.to(tl.int64) + sample_offset, e).to(cd)
-        else:
-            z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample_offset, sample,
-                                   tile_start, offs, mask_if(p_noise != 0, mask), N, cd, HAS_NOISE, BLOCK)
-        result = result + scaled(p_noise, z)
+        # the predictor: x'
+        p_xc = coefficient(row_ptr, C_HIST + SLOTS, in_range, cd)
+        p_m = coefficient(row_ptr, C_HIST + SLOTS + 1, in_range, cd)
+        result = scaled(p_xc, x_c) + scaled(p_m, m)
+        for j in tl.static_range(1, SLOTS + 1):
+            h_offs = ring_slot(i, j, SLOTS).to(tl.int64) * slot_stride + offs
+            p_h = coefficient(row_ptr, C_HIST + SLOTS + 1 + j, in_range, cd)
+            result = result + load_term(p_h, history_ptr, h_offs, mask, cd)
+        if ADD_NOISE:
+            p_noise = coefficient(row_ptr, C_HIST + 2 * SLOTS + 2, in_range, cd)
+            if NOISE_CHANNELS_LAST:
+                # storage position p is row-major element (p mod C) (N / C) + p div C of its sample
+                e = (offs_in_sample % channels) * (N // channels) + offs_in_sample // channels
+                key = tl.load(seed_ptr) ^ philox_seed
+                z = philox_normal_at(key, philox_offset, sample.to(tl.int64) + sample_offset, e).to(cd)
+            else:
+                z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample_offset, sample,
+                                       tile_start, offs, mask_if(p_noise != 0, mask), N, cd, HAS_NOISE, BLOCK)
+            result = result + scaled(p_noise, z)
 
-    # every read done: the step, then the state
-    store_tile(out_ptr, offs, result, mask)
-    if SLOTS > 0:
-        store_tile(history_ptr, ring_slot(i, 0, SLOTS).to(tl.int64) * slot_stride + offs, m, mask)
-    if HAS_LAST:
-        store_tile(last_ptr, offs, x_c, mask)
+        # every read done: the step, then the state
+        store_tile(out_ptr, offs, result, mask)
+        if SLOTS > 0:
+            store_tile(history_ptr, ring_slot(i, 0, SLOTS).to(tl.int64) * slot_stride + offs, m, mask)
+        if HAS_LAST:
+            store_tile(last_ptr, offs, x_c, mask)
 
 
 # ------------------------------------------------------------------------------------------------ host side
