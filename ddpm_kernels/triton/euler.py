@@ -38,20 +38,19 @@ Sampling only: no autograd.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from .guidance import guidance_kwargs, guidance_stats, guided_prediction
-from .noise import NOISE_SCALARS, load_or_draw_noise, noise_kwargs, step_noise, zero_key
+from .guidance import guidance_kwargs, guidance_stats, guided_prediction, guided_step
+from .noise import NOISE_SCALARS, load_or_draw_noise, noise_kwargs, step_noise, takes_noise, zero_key
 from .utils import (
     as_rows,
     call_op,
     custom_op_with_out,
     div_rn,
     empty_dense,
+    empty_dense_if,
     exact_scalar,
     launch_per_sample,
     like_dense,
@@ -84,10 +83,7 @@ def gather_sigma_pair(sigmas_ptr, step_index_ptr, sample, n_sigmas):
 # The samplers of the step kernel (``SAMPLER``): the flow-matching Euler step, deterministic or re-noised, and
 # the Euler steps on a Karras sigma table (``x = x0 + sigma eps``), with churn or ancestral.
 SAMPLER_ID = {"flow": 0, "flow_stochastic": 1, "euler": 2, "euler_ancestral": 3}
-FLOW = tl.constexpr(SAMPLER_ID["flow"])
-FLOW_STOCHASTIC = tl.constexpr(SAMPLER_ID["flow_stochastic"])
-EULER = tl.constexpr(SAMPLER_ID["euler"])
-EULER_ANCESTRAL = tl.constexpr(SAMPLER_ID["euler_ancestral"])
+FLOW, FLOW_STOCHASTIC, EULER, EULER_ANCESTRAL = map(tl.constexpr, SAMPLER_ID.values())
 
 
 @triton.jit
@@ -282,29 +278,22 @@ def _euler_options(churn: float, s_tmin: float, s_tmax: float, s_noise: float) -
     return sum((split_float3(value) for value in (churn, s_tmin, s_tmax, s_noise)), ())
 
 
-def _pred_x0_output(sample: torch.Tensor, return_pred_x0: bool, dtype: torch.dtype) -> torch.Tensor:
-    """The step's x0 output in ``dtype`` (the result's): in ``sample``'s dense format with ``return_pred_x0``,
-    else zero elements."""
-    return empty_dense(sample, dtype) if return_pred_x0 else sample.new_empty(0, dtype=dtype)
-
-
 def _euler_launch(sample, model_output, uncond, guidance, sigmas, step_index, sampler, parameterization, churn,
                   s_tmin, s_tmax, s_noise, guidance_rescale, return_pred_x0, noise, seed, philox_seed, philox_offset,
                   sample_offset, out):
     """``euler_step_op``'s arguments and ``out``: writes the step into ``out`` and returns x0 (zero elements
     unless ``return_pred_x0``)."""
-    x0 = _pred_x0_output(sample, return_pred_x0, result_dtype(sample, model_output, uncond, noise))
+    x0 = empty_dense_if(return_pred_x0, sample, result_dtype(sample, model_output, uncond, noise))
     launch_step(sample, model_output, uncond, guidance, sigmas, sigmas, step_index, 1, 1, 1, 1, sampler,
                  parameterization, _euler_options(churn, s_tmin, s_tmax, s_noise), guidance_rescale, noise, seed,
                  philox_seed, philox_offset, sample_offset, out, x0 if return_pred_x0 else None)
     return x0
 
 
+@takes_noise
+@guided_step
 def _euler_step(
-    sample: torch.Tensor,
-    model_output: torch.Tensor,
-    uncond: Optional[torch.Tensor],
-    guidance: Optional[torch.Tensor],
+    sample, model_output, uncond, guidance,
     sigmas: torch.Tensor,
     step_index: torch.Tensor,
     sampler: int,
@@ -315,11 +304,7 @@ def _euler_step(
     s_noise: float,
     guidance_rescale: float,
     return_pred_x0: bool,
-    noise: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    philox_seed: int,
-    philox_offset: int,
-    sample_offset: int,
+    noise, seed, philox_seed, philox_offset, sample_offset,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Euler (``sampler`` ``SAMPLER_ID["euler"]``) or ancestral Euler step on the sigma table ``sigmas``
     (the compute dtype), each sample at ``step_index[b]``: ``(x', x0)``, ``x0`` a zero-element tensor unless
@@ -336,7 +321,7 @@ def _euler_step(
 def _euler_step_fake(sample, model_output, uncond, guidance, sigmas, step_index, sampler, parameterization, churn,
                      s_tmin, s_tmax, s_noise, guidance_rescale, return_pred_x0, noise, *_):
     dtype = result_dtype(sample, model_output, uncond, noise)
-    return empty_dense(sample, dtype), _pred_x0_output(sample, return_pred_x0, dtype)
+    return empty_dense(sample, dtype), empty_dense_if(return_pred_x0, sample, dtype)
 
 
 # euler_step_out writes x' into out (which may be sample itself) and returns x0.

@@ -36,14 +36,16 @@ import triton.language as tl
 
 from .._layout import dense_format, in_format
 from .euler import NO_OPTIONS, SAMPLER_ID, launch_step
-from .noise import step_noise
+from .guidance import guided_step
+from .noise import step_noise, takes_noise
 from .utils import (
-    sample_partial_sums,
+    sample_means,
     as_rows,
     call_op,
     custom_op_with_out,
     div_rn,
     empty_dense,
+    empty_dense_if,
     launch_reduce,
     launch_per_sample,
     like_dense,
@@ -51,7 +53,7 @@ from .utils import (
     loss_term_grad,
     loss_partials,
     loss_terms,
-    register_loss_backward_autograd,
+    loss_backward_op,
     result_dtype,
     sample_tile,
     sigma_at,
@@ -175,10 +177,8 @@ def flow_loss_reduce_kernel(
     acc = tl.zeros((BLOCK_B,), dtype=cd)
     b0 = 0
     while b0 < B:
-        samples = b0 + tl.arange(0, BLOCK_B)
-        in_batch = samples < B
-        sample_sum = sample_partial_sums(partial_ptr, samples, in_batch, n_tiles, cd, BLOCK_B, BLOCK_P)
-        acc += tl.where(in_batch, div_rn(sample_sum, tl.cast(N, cd)), 0.0)
+        _, in_batch, per_sample = sample_means(partial_ptr, b0, B, N, n_tiles, cd, BLOCK_B, BLOCK_P)
+        acc += tl.where(in_batch, per_sample, 0.0)
         b0 += BLOCK_B
     tl.store(loss_ptr, div_rn(tl.sum(acc, axis=0), tl.cast(B, cd)).to(loss_ptr.dtype.element_ty))
 
@@ -333,11 +333,10 @@ def _step_launch(sample, model_output, uncond, guidance, sigma, sigma_next, step
                 sample_offset, out)
 
 
+@takes_noise
+@guided_step
 def _flow_step(
-    sample: torch.Tensor,
-    model_output: torch.Tensor,
-    uncond: Optional[torch.Tensor],
-    guidance: Optional[torch.Tensor],
+    sample, model_output, uncond, guidance,
     sigma: torch.Tensor,
     sigma_next: torch.Tensor,
     step_index: Optional[torch.Tensor],
@@ -347,11 +346,7 @@ def _flow_step(
     repeat_next: int,
     stochastic: bool,
     guidance_rescale: float,
-    noise: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    philox_seed: int,
-    philox_offset: int,
-    sample_offset: int,
+    noise, seed, philox_seed, philox_offset, sample_offset,
 ) -> torch.Tensor:
     """One Euler step. ``step_index`` given: ``sigma`` is the sigma table (``sigma_next`` too, unread) and each
     sample gathers its pair; else ``sigma`` / ``sigma_next`` are ``SigmaOperand`` flat forms with their
@@ -397,8 +392,7 @@ REDUCE_BLOCK_B = 32
 REDUCE_BLOCK_P = 128
 
 
-@torch.library.custom_op("ddpm_kernels_triton::flow_loss", mutates_args=())
-def flow_loss_op(
+def _flow_loss(
     model_output: torch.Tensor,
     x0: torch.Tensor,
     noise: torch.Tensor,
@@ -426,6 +420,9 @@ def flow_loss_op(
     return loss
 
 
+flow_loss_op = torch.library.custom_op("ddpm_kernels_triton::flow_loss", _flow_loss, mutates_args=())
+
+
 @flow_loss_op.register_fake
 def _(model_output, x0, noise, sigma, period, repeat, weighting, loss_l1):
     return sigma.new_empty(())
@@ -434,26 +431,12 @@ def _(model_output, x0, noise, sigma, period, repeat, weighting, loss_l1):
 def _loss_gradients(model_output, x0, noise, grad_x0_needed: bool, grad_noise_needed: bool) -> tuple:
     """The loss backward's outputs: each gradient in its input's dtype (a mixed call's bf16 model output gets a
     bf16 gradient, stored once), in ``model_output``'s dense format; one not needed has zero elements."""
-    def grad(y, needed):
-        return empty_dense(model_output, y.dtype) if needed else model_output.new_empty(0, dtype=y.dtype)
-
-    return empty_dense(model_output), grad(x0, grad_x0_needed), grad(noise, grad_noise_needed)
+    return (empty_dense(model_output), empty_dense_if(grad_x0_needed, model_output, x0.dtype),
+            empty_dense_if(grad_noise_needed, model_output, noise.dtype))
 
 
-@torch.library.custom_op("ddpm_kernels_triton::flow_loss_backward", mutates_args=())
-def flow_loss_backward_op(
-    grad_loss: torch.Tensor,
-    model_output: torch.Tensor,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    sigma: torch.Tensor,
-    period: int,
-    repeat: int,
-    weighting: int,
-    loss_l1: bool,
-    grad_x0_needed: bool,
-    grad_noise_needed: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flow_loss_backward(grad_loss, model_output, x0, noise, sigma, period, repeat, weighting, loss_l1,
+                        grad_x0_needed, grad_noise_needed):
     """(grad_model_output, grad_x0, grad_noise), in ``model_output``'s dense format, each in its input's dtype;
     a gradient not needed comes back as an empty tensor."""
     model_output, batch, n = as_rows(model_output)
@@ -470,6 +453,12 @@ def flow_loss_backward_op(
         GRAD_NOISE=grad_noise_needed,
     )
     return grad_model_output, grad_x0, grad_noise
+
+
+# the backward takes the incoming gradient, the forward's arguments and which input gradients are needed;
+# gradients of its gradients are registered with it
+flow_loss_backward_op = loss_backward_op("ddpm_kernels_triton::flow_loss_backward", _flow_loss_backward, _flow_loss,
+                                         ("grad_loss",), ("grad_x0_needed", "grad_noise_needed"))
 
 
 @flow_loss_backward_op.register_fake
@@ -495,8 +484,6 @@ def _loss_backward(ctx, grad_loss):
 
 
 flow_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
-# gradients of the gradients (argument 8 is loss_l1)
-register_loss_backward_autograd(flow_loss_backward_op, n_grads=1, loss_l1=8)
 
 
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):

@@ -22,7 +22,7 @@ follow them, which are not guided).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -30,6 +30,7 @@ import triton.language as tl
 
 from . import utils
 from .utils import (
+    annotated,
     batch_chunks,
     device_of,
     div_rn,
@@ -51,6 +52,8 @@ __all__ = [
     "block_split",
     "guidance_stats",
     "guidance_kwargs",
+    "GUIDED_STEP_PARAMETERS",
+    "guided_step",
 ]
 
 # Partials per sample of the rescale statistics: enough programs to fill a GPU for small batches, and few enough
@@ -216,3 +219,15 @@ def guidance_kwargs(x: torch.Tensor, model_output: torch.Tensor, uncond, guidanc
         rescale_hi=rescale_hi, rescale_lo=rescale_lo, n_splits=n_splits, chunk=chunk, GUIDED=guided,
         RESCALE=stats is not None, BLOCK_SPLIT=block_split(n_splits),
     )
+
+
+# The operands that the guided step ops (flow, Euler, solver) take first, in their schema: the sample, the
+# (conditional) model output, and the unconditional output and per-sample scale, None when unguided.
+GUIDED_STEP_PARAMETERS = (("sample", torch.Tensor), ("model_output", torch.Tensor), ("uncond", Optional[torch.Tensor]),
+                          ("guidance", Optional[torch.Tensor]))
+
+
+def guided_step(fn):
+    """Decorator of a step op function that names the ``GUIDED_STEP_PARAMETERS`` unannotated: their schema
+    types."""
+    return annotated(fn, GUIDED_STEP_PARAMETERS)

@@ -20,11 +20,12 @@ import triton.language as tl
 
 from .pair import GET_V, pair_coefficients
 from .utils import (
-    sample_partial_sums,
+    sample_means,
     div_rn,
     empty_dense,
+    empty_dense_if,
     like_dense,
-    register_loss_backward_autograd,
+    loss_backward_op,
     result_dtype,
     PARAMETERIZATION_ID,
     ROW,
@@ -61,6 +62,17 @@ def _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATIO
 
 
 @triton.jit
+def loss_tile(model_output_ptr, t_ptr, N, batch_start, cd: tl.constexpr, BLOCK: tl.constexpr):
+    """The prologue of both elementwise loss kernels: ``(sample, mask, offs, t, model_output)``, this program's
+    tile (``sample_tile``), its sample's ``t`` and the tile of ``model_output`` in ``cd``."""
+    sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
+    # Data loads before the t -> coefficient chain (see pair_kernel).
+    model_output = load_tile(model_output_ptr, offs, mask, cd)
+    t = tl.load(t_ptr + sample)
+    return sample, mask, offs, t, model_output
+
+
+@triton.jit
 def diffusion_loss_kernel(
     model_output_ptr,
     x_start_ptr,
@@ -76,11 +88,8 @@ def diffusion_loss_kernel(
     LOSS_L1: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = table_ptr.dtype.element_ty
-    # Data loads before the t -> coefficient chain (see pair_kernel).
-    model_output = load_tile(model_output_ptr, offs, mask, cd)
-    t = tl.load(t_ptr + sample)
+    sample, mask, offs, t, model_output = loss_tile(model_output_ptr, t_ptr, N, batch_start, cd, BLOCK)
     target = _target(x_start_ptr, noise_ptr, offs, mask, t, table_ptr, T, PARAMETERIZATION, cd)
     store_partial_sum(partial_ptr, loss_terms(model_output - target, LOSS_L1), mask, sample, n_tiles)
 
@@ -109,11 +118,8 @@ def diffusion_loss_reduce_kernel(
     simple_acc = tl.zeros((BLOCK_B,), dtype=cd)
     vlb_acc = tl.zeros((BLOCK_B,), dtype=cd)
     b0 = 0
-    while b0 < B:  # while, not range(): see sample_partial_sums
-        samples = b0 + tl.arange(0, BLOCK_B)
-        in_batch = samples < B
-        sample_sum = sample_partial_sums(partial_ptr, samples, in_batch, n_tiles, cd, BLOCK_B, BLOCK_P)
-        per_sample = div_rn(sample_sum, tl.cast(N, cd))
+    while b0 < B:  # while, not range(): see sample_means
+        samples, in_batch, per_sample = sample_means(partial_ptr, b0, B, N, n_tiles, cd, BLOCK_B, BLOCK_P)
         t = tl.load(t_ptr + samples, mask=in_batch, other=0)
         t_in_range = (t >= 0) & (t < T)
         lvlb_weight = tl.load(
@@ -160,10 +166,8 @@ def diffusion_loss_backward_kernel(
     ROW_LVLB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    sample, _, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = table_ptr.dtype.element_ty
-    model_output = load_tile(model_output_ptr, offs, mask, cd)
-    t = tl.load(t_ptr + sample)
+    sample, mask, offs, t, model_output = loss_tile(model_output_ptr, t_ptr, N, batch_start, cd, BLOCK)
     lvlb_weight = gather_coefficient(table_ptr, ROW_LVLB, t, T)
     l_simple_weight = split_scalar(l_simple_weight_hi, l_simple_weight_lo, cd)
     original_elbo_weight = split_scalar(original_elbo_weight_hi, original_elbo_weight_lo, cd)
@@ -203,8 +207,7 @@ REDUCE_BLOCK_P = 128
 _LVLB_ROW = {0: ROW["lvlb_weights_eps"], 1: ROW["lvlb_weights_x0"], 2: ROW["lvlb_weights_v"]}
 
 
-@torch.library.custom_op("ddpm_kernels_triton::diffusion_loss", mutates_args=())
-def diffusion_loss_op(
+def _diffusion_loss(
     model_output: torch.Tensor,
     x_start: torch.Tensor,
     noise: torch.Tensor,
@@ -237,28 +240,17 @@ def diffusion_loss_op(
     return loss, loss_simple, loss_vlb
 
 
+diffusion_loss_op = torch.library.custom_op("ddpm_kernels_triton::diffusion_loss", _diffusion_loss, mutates_args=())
+
+
 @diffusion_loss_op.register_fake
 def _(model_output, x_start, noise, t, table, parameterization, loss_l1, l_simple_weight, original_elbo_weight):
     return tuple(model_output.new_empty((), dtype=result_dtype(model_output, x_start, noise)) for _ in range(3))
 
 
-@torch.library.custom_op("ddpm_kernels_triton::diffusion_loss_backward", mutates_args=())
-def diffusion_loss_backward_op(
-    grad_loss: torch.Tensor,
-    grad_loss_simple: torch.Tensor,
-    grad_loss_vlb: torch.Tensor,
-    model_output: torch.Tensor,
-    x_start: torch.Tensor,
-    noise: torch.Tensor,
-    t: torch.Tensor,
-    table: torch.Tensor,
-    parameterization: int,
-    loss_l1: bool,
-    l_simple_weight: float,
-    original_elbo_weight: float,
-    grad_x_start_needed: bool,
-    grad_noise_needed: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _diffusion_loss_backward(grad_loss, grad_loss_simple, grad_loss_vlb, model_output, x_start, noise, t, table,
+                             parameterization, loss_l1, l_simple_weight, original_elbo_weight, grad_x_start_needed,
+                             grad_noise_needed):
     """(grad_model_output, grad_x_start, grad_noise), each in its input's dtype; a gradient not needed, or not
     depending on the loss for this parameterization, comes back as an empty tensor."""
     model_output, batch, n = as_rows(model_output)
@@ -284,6 +276,14 @@ def diffusion_loss_backward_op(
     return grad_model_output, grad_x_start, grad_noise
 
 
+# the backward takes the three incoming gradients, the forward's arguments and which input gradients are needed;
+# gradients of its gradients are registered with it
+diffusion_loss_backward_op = loss_backward_op(
+    "ddpm_kernels_triton::diffusion_loss_backward", _diffusion_loss_backward, _diffusion_loss,
+    ("grad_loss", "grad_loss_simple", "grad_loss_vlb"), ("grad_x_start_needed", "grad_noise_needed"),
+)
+
+
 @diffusion_loss_backward_op.register_fake
 def _(grad_loss, grad_loss_simple, grad_loss_vlb, model_output, x_start, noise, t, table, parameterization,
       loss_l1, l_simple_weight, original_elbo_weight, grad_x_start_needed, grad_noise_needed):
@@ -298,8 +298,8 @@ def _backward_outputs(model_output, x_start, noise, parameterization, grad_x_sta
     write_noise = grad_noise_needed and parameterization != 1
     return (
         empty_dense(model_output),
-        empty_dense(model_output, x_start.dtype) if write_x_start else x_start.new_empty(0),
-        empty_dense(model_output, noise.dtype) if write_noise else noise.new_empty(0),
+        empty_dense_if(write_x_start, model_output, x_start.dtype),
+        empty_dense_if(write_noise, model_output, noise.dtype),
     )
 
 
@@ -333,8 +333,6 @@ def _backward(ctx, grad_loss, grad_loss_simple, grad_loss_vlb):
 
 
 diffusion_loss_op.register_autograd(_backward, setup_context=_setup_context)
-# gradients of the gradients (argument 9 is loss_l1)
-register_loss_backward_autograd(diffusion_loss_backward_op, n_grads=3, loss_l1=9)
 
 
 def diffusion_loss(model_output, x_start, noise, t, schedule, *options):

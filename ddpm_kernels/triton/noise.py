@@ -27,16 +27,20 @@ past 2**31).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
 from .._stream import stream_state
-from .utils import like_dense, load_tile, sqrt_rn
+from .utils import annotated, like_dense, load_tile, sqrt_rn
 
 __all__ = [
     "NOISE_SCALARS",
+    "NOISE_PARAMETERS",
+    "takes_noise",
     "zero_key",
     "noise_operands",
     "noise_kwargs",
@@ -51,6 +55,17 @@ __all__ = [
 
 # The noise-taking kernels' int64 scalars, compiled without value specialization (module docstring).
 NOISE_SCALARS = ("philox_seed", "philox_offset", "sample_offset")
+
+
+# The noise operands of every op that takes noise, in its schema: the noise, or the key tensor, key and offset of
+# an in-kernel draw (``noise_key``), and the global sample of the op's first one (``sample_offset``).
+NOISE_PARAMETERS = (("noise", Optional[torch.Tensor]), ("seed", Optional[torch.Tensor]), ("philox_seed", int),
+                    ("philox_offset", int), ("sample_offset", int))
+
+
+def takes_noise(fn):
+    """Decorator of an op function that names the ``NOISE_PARAMETERS`` unannotated: their schema types."""
+    return annotated(fn, NOISE_PARAMETERS)
 
 
 # ------------------------------------------------------------------------------------------------ host side

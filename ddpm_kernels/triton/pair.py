@@ -62,13 +62,10 @@ PAIR_OPS = {
 _OP = {name: i for i, name in enumerate(PAIR_OPS)}
 POSTERIOR_MEAN = len(PAIR_OPS)  # not an op of its own: the mean of q_posterior, for its backward
 
-# OP numbers as constexprs for the kernel (Triton resolves module-level constexprs at compile time).
-Q_SAMPLE = tl.constexpr(_OP["q_sample"])
-PREDICT_START_FROM_NOISE = tl.constexpr(_OP["predict_start_from_noise"])
-PREDICT_NOISE_FROM_START = tl.constexpr(_OP["predict_noise_from_start"])
-GET_V = tl.constexpr(_OP["get_v"])
-PREDICT_START_FROM_Z_AND_V = tl.constexpr(_OP["predict_start_from_z_and_v"])
-PREDICT_EPS_FROM_Z_AND_V = tl.constexpr(_OP["predict_eps_from_z_and_v"])
+# OP numbers as constexprs for the kernel, in PAIR_OPS' order (Triton resolves module-level constexprs at compile
+# time).
+(Q_SAMPLE, PREDICT_START_FROM_NOISE, PREDICT_NOISE_FROM_START, GET_V, PREDICT_START_FROM_Z_AND_V,
+ PREDICT_EPS_FROM_Z_AND_V) = map(tl.constexpr, _OP.values())
 
 
 @triton.jit

@@ -33,7 +33,7 @@ from .pair import (
     pair_backward_fake,
     pair_coefficients,
 )
-from .noise import NOISE_SCALARS, load_or_draw_noise, noise_key, noise_kwargs
+from .noise import NOISE_PARAMETERS, NOISE_SCALARS, load_or_draw_noise, noise_key, noise_kwargs
 from .utils import (
     PARAMETERIZATION_ID,
     ROW,
@@ -49,10 +49,12 @@ from .utils import (
     launch_per_sample,
     like_dense,
     load_tile,
+    parameters_of,
     register_linear_combination_autograd,
     result_dtype,
     sample_tile,
     store_tile,
+    with_signature,
 )
 
 __all__ = ["posterior_kernel", "q_posterior", "p_mean_variance", "p_sample"]
@@ -168,10 +170,8 @@ def _mean_and_variances(x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
 def q_posterior_op(
     x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mean, var, log_var = _mean_and_variances(x_t, t, table, other=x_start)
     # the posterior of a given x_0 is that of a model predicting x_0, unclipped
-    _launch(x_t, t, x_start, table, _X0, False, mean, var, log_var)
-    return mean, var, log_var
+    return _p_mean_variance(x_t, t, x_start, table, _X0, False)
 
 
 @q_posterior_op.register_fake
@@ -197,8 +197,7 @@ def q_posterior(x_start, x_t, t, schedule):
 
 
 # --------------------------------------------------------------------------------- p_mean_variance
-@torch.library.custom_op("ddpm_kernels_triton::p_mean_variance", mutates_args=())
-def p_mean_variance_op(
+def _p_mean_variance(
     x_t: torch.Tensor,
     t: torch.Tensor,
     model_output: torch.Tensor,
@@ -209,6 +208,10 @@ def p_mean_variance_op(
     mean, var, log_var = _mean_and_variances(x_t, t, table, other=model_output)
     _launch(x_t, t, model_output, table, parameterization, clip_denoised, mean, var, log_var)
     return mean, var, log_var
+
+
+p_mean_variance_op = torch.library.custom_op("ddpm_kernels_triton::p_mean_variance", _p_mean_variance,
+                                             mutates_args=())
 
 
 @p_mean_variance_op.register_fake
@@ -231,25 +234,18 @@ def _p_sample_launch(x_t, t, model_output, table, parameterization, clip_denoise
             philox_seed=philox_seed, philox_offset=philox_offset, sample_offset=sample_offset, add_noise=True)
 
 
-def _p_sample(
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    model_output: torch.Tensor,
-    table: torch.Tensor,
-    parameterization: int,
-    clip_denoised: bool,
-    noise: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    philox_seed: int,
-    philox_offset: int,
-    sample_offset: int,
-) -> torch.Tensor:
+def _p_sample(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed, philox_offset,
+              sample_offset):
     """``noise`` when given; else Philox noise keyed by ``seed[0]`` (a device tensor) when given, else by
     ``(philox_seed, philox_offset)``, a generator's Philox state (``noise.py``)."""
     out = _p_sample_fake(x_t, t, model_output, table, parameterization, clip_denoised, noise)
     _p_sample_launch(x_t, t, model_output, table, parameterization, clip_denoised, noise, seed, philox_seed,
                      philox_offset, sample_offset, out)
     return out
+
+
+# p_sample takes p_mean_variance's arguments and the noise operands
+with_signature(_p_sample, parameters_of(_p_mean_variance) + list(NOISE_PARAMETERS), torch.Tensor)
 
 
 def _p_sample_fake(x_t, t, model_output, table, parameterization, clip_denoised, noise, *_):

@@ -76,7 +76,7 @@ import triton.language as tl
 from .._layout import CONTIGUOUS, dense_format
 from .._spec import StepOptions
 from .guidance import guidance_kwargs, guidance_stats, guided_prediction, stats_layout
-from .noise import NOISE_SCALARS, load_or_draw_noise, noise_kwargs, step_noise
+from .noise import NOISE_SCALARS, load_or_draw_noise, noise_kwargs, step_noise, takes_noise
 from .threshold import bound_pred_x0, threshold_scale
 from .utils import (
     PARAMETERIZATION_ID,
@@ -88,6 +88,7 @@ from .utils import (
     custom_op_with_out,
     div_rn,
     empty_dense,
+    empty_dense_if,
     result_dtype,
     launch_per_sample,
     like_dense,
@@ -350,12 +351,6 @@ def _data_format(x_t, t, t_prev, model_output, alphas_cumprod, sampler, paramete
     return CONTIGUOUS if variance >= 2 else dense_format(x_t)
 
 
-def _pred_x0_output(x_t: torch.Tensor, return_pred_x0: bool, dtype: torch.dtype) -> torch.Tensor:
-    """A step's x0 output: shaped like ``x_t`` in the step's result ``dtype`` with ``return_pred_x0``, else zero
-    elements."""
-    return empty_dense(x_t, dtype) if return_pred_x0 else x_t.new_empty(0, dtype=dtype)
-
-
 def _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterization, variance, eta, clip_denoised,
             clip_range, set_alpha_to_one, use_clipped_model_output, add_noise, noise, seed, philox_seed,
             philox_offset, sample_offset, return_pred_x0, scale, uncond, guidance, stats, guidance_rescale, out,
@@ -364,7 +359,7 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterizat
     elements unless ``return_pred_x0``). ``x0_only`` (with ``return_pred_x0``) writes only the raw x0, into
     ``out``."""
     x_t = _data(x_t, variance)
-    x0 = out if x0_only else _pred_x0_output(x_t, return_pred_x0, result_dtype(x_t, model_output, noise))
+    x0 = out if x0_only else empty_dense_if(return_pred_x0, x_t, result_dtype(x_t, model_output, noise))
     x_t, batch, n = as_rows(x_t)
     if x_t.numel() == 0:
         return x0
@@ -394,6 +389,7 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterizat
     return x0
 
 
+@takes_noise
 def _sampler_step(
     x_t: torch.Tensor,
     t: torch.Tensor,
@@ -409,11 +405,7 @@ def _sampler_step(
     set_alpha_to_one: bool,
     use_clipped_model_output: bool,
     add_noise: bool,
-    noise: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    philox_seed: int,
-    philox_offset: int,
-    sample_offset: int,
+    noise, seed, philox_seed, philox_offset, sample_offset,
     return_pred_x0: bool,
     scale: Optional[torch.Tensor],
     uncond: Optional[torch.Tensor],
@@ -440,7 +432,7 @@ def _sampler_step_fake(x_t, t, t_prev, model_output, alphas_cumprod, sampler, pa
                        guidance_rescale):
     x_t = _data(x_t, variance)
     dtype = result_dtype(x_t, model_output, noise)
-    return empty_dense(x_t, dtype), _pred_x0_output(x_t, return_pred_x0, dtype)
+    return empty_dense(x_t, dtype), empty_dense_if(return_pred_x0, x_t, dtype)
 
 
 # sampler_step_out writes x_{t_prev} into out (which may be x_t) and returns x0.

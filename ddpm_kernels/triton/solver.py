@@ -45,8 +45,9 @@ import triton
 import triton.language as tl
 
 from .._layout import CONTIGUOUS, dense_format, empty_in_format, is_in_format
-from .guidance import guidance_kwargs, guidance_stats, guided_prediction
-from .noise import NOISE_SCALARS, load_or_draw_noise, noise_key, noise_kwargs, philox_normal_at, zero_key
+from .guidance import guidance_kwargs, guidance_stats, guided_prediction, guided_step
+from .noise import (NOISE_SCALARS, load_or_draw_noise, noise_key, noise_kwargs, philox_normal_at, takes_noise,
+                    zero_key)
 from .threshold import bound_pred_x0, threshold_scale
 from .utils import (
     as_rows,
@@ -183,45 +184,45 @@ def solver_step_kernel(
     x0 = scaled(x0_sample, x) + scaled(x0_output, y)
     if X0_ONLY:
         store_tile(out_ptr, offs, x0, mask)
-        return
-    x0 = bound_pred_x0(x0, scale_ptr, sample, clip_hi, clip_lo, THRESHOLD, CLIP)
-    m = scaled(m_sample, x) + scaled(m_x0, x0) + scaled(m_output, y)
+    else:
+        x0 = bound_pred_x0(x0, scale_ptr, sample, clip_hi, clip_lo, THRESHOLD, CLIP)
+        m = scaled(m_sample, x) + scaled(m_x0, x0) + scaled(m_output, y)
 
-    # the corrector: x_c
-    x_c = scaled(c_sample, x)
-    if HAS_LAST:
-        x_c = x_c + load_term(coefficient(row_ptr, C_LAST, in_range, cd), last_ptr, offs, mask, cd)
-    x_c = x_c + scaled(coefficient(row_ptr, C_M, in_range, cd), m)
-    for j in tl.static_range(1, SLOTS + 1):
-        h_offs = ring_slot(i, j, SLOTS).to(tl.int64) * slot_stride + offs
-        x_c = x_c + load_term(coefficient(row_ptr, C_HIST + j - 1, in_range, cd), history_ptr, h_offs, mask, cd)
+        # the corrector: x_c
+        x_c = scaled(c_sample, x)
+        if HAS_LAST:
+            x_c = x_c + load_term(coefficient(row_ptr, C_LAST, in_range, cd), last_ptr, offs, mask, cd)
+        x_c = x_c + scaled(coefficient(row_ptr, C_M, in_range, cd), m)
+        for j in tl.static_range(1, SLOTS + 1):
+            h_offs = ring_slot(i, j, SLOTS).to(tl.int64) * slot_stride + offs
+            x_c = x_c + load_term(coefficient(row_ptr, C_HIST + j - 1, in_range, cd), history_ptr, h_offs, mask, cd)
 
-    # the predictor: x'
-    p_xc = coefficient(row_ptr, C_HIST + SLOTS, in_range, cd)
-    p_m = coefficient(row_ptr, C_HIST + SLOTS + 1, in_range, cd)
-    result = scaled(p_xc, x_c) + scaled(p_m, m)
-    for j in tl.static_range(1, SLOTS + 1):
-        h_offs = ring_slot(i, j, SLOTS).to(tl.int64) * slot_stride + offs
-        p_h = coefficient(row_ptr, C_HIST + SLOTS + 1 + j, in_range, cd)
-        result = result + load_term(p_h, history_ptr, h_offs, mask, cd)
-    if ADD_NOISE:
-        p_noise = coefficient(row_ptr, C_HIST + 2 * SLOTS + 2, in_range, cd)
-        if NOISE_CHANNELS_LAST:
-            # storage position p is row-major element (p mod C) (N / C) + p div C of its sample
-            e = (offs_in_sample % channels) * (N // channels) + offs_in_sample // channels
-            key = tl.load(seed_ptr) ^ philox_seed
-            z = philox_normal_at(key, philox_offset, sample.to(tl.int64) + sample_offset, e).to(cd)
-        else:
-            z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample_offset, sample,
-                                   tile_start, offs, mask_if(p_noise != 0, mask), N, cd, HAS_NOISE, BLOCK)
-        result = result + scaled(p_noise, z)
+        # the predictor: x'
+        p_xc = coefficient(row_ptr, C_HIST + SLOTS, in_range, cd)
+        p_m = coefficient(row_ptr, C_HIST + SLOTS + 1, in_range, cd)
+        result = scaled(p_xc, x_c) + scaled(p_m, m)
+        for j in tl.static_range(1, SLOTS + 1):
+            h_offs = ring_slot(i, j, SLOTS).to(tl.int64) * slot_stride + offs
+            p_h = coefficient(row_ptr, C_HIST + SLOTS + 1 + j, in_range, cd)
+            result = result + load_term(p_h, history_ptr, h_offs, mask, cd)
+        if ADD_NOISE:
+            p_noise = coefficient(row_ptr, C_HIST + 2 * SLOTS + 2, in_range, cd)
+            if NOISE_CHANNELS_LAST:
+                # storage position p is row-major element (p mod C) (N / C) + p div C of its sample
+                e = (offs_in_sample % channels) * (N // channels) + offs_in_sample // channels
+                key = tl.load(seed_ptr) ^ philox_seed
+                z = philox_normal_at(key, philox_offset, sample.to(tl.int64) + sample_offset, e).to(cd)
+            else:
+                z = load_or_draw_noise(noise_ptr, seed_ptr, philox_seed, philox_offset, sample_offset, sample,
+                                       tile_start, offs, mask_if(p_noise != 0, mask), N, cd, HAS_NOISE, BLOCK)
+            result = result + scaled(p_noise, z)
 
-    # every read done: the step, then the state
-    store_tile(out_ptr, offs, result, mask)
-    if SLOTS > 0:
-        store_tile(history_ptr, ring_slot(i, 0, SLOTS).to(tl.int64) * slot_stride + offs, m, mask)
-    if HAS_LAST:
-        store_tile(last_ptr, offs, x_c, mask)
+        # every read done: the step, then the state
+        store_tile(out_ptr, offs, result, mask)
+        if SLOTS > 0:
+            store_tile(history_ptr, ring_slot(i, 0, SLOTS).to(tl.int64) * slot_stride + offs, m, mask)
+        if HAS_LAST:
+            store_tile(last_ptr, offs, x_c, mask)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -305,11 +306,10 @@ def _run(sample, model_output, uncond, guidance, coefficients, step_index, histo
             clip_range, guidance_rescale, stochastic, noise, seed, philox_seed, philox_offset, sample_offset, out)
 
 
+@takes_noise
+@guided_step
 def _solver_step(
-    sample: torch.Tensor,
-    model_output: torch.Tensor,
-    uncond: Optional[torch.Tensor],
-    guidance: Optional[torch.Tensor],
+    sample, model_output, uncond, guidance,
     coefficients: torch.Tensor,
     step_index: torch.Tensor,
     history: Optional[torch.Tensor],
@@ -319,11 +319,7 @@ def _solver_step(
     threshold_max: float,
     guidance_rescale: float,
     stochastic: bool,
-    noise: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    philox_seed: int,
-    philox_offset: int,
-    sample_offset: int,
+    noise, seed, philox_seed, philox_offset, sample_offset,
 ) -> torch.Tensor:
     """One step (module docstring): returns ``x'`` in ``sample``'s dense format and writes the ring's slot
     ``step_index mod H`` of ``history`` and ``last_sample``. ``guidance`` (B,) in the compute dtype given:

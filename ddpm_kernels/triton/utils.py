@@ -52,16 +52,20 @@ __all__ = [
     "loss_partials",
     "launch_reduce",
     "empty_dense",
+    "empty_dense_if",
     "like_dense",
     "launch_into",
+    "parameters_of",
     "with_signature",
+    "annotated",
     "custom_op_with_out",
     "register_linear_combination_autograd",
     "register_loss_backward_autograd",
+    "loss_backward_op",
     "split_float",
     "split_float3",
     "extract_rows",
-    "sample_partial_sums",
+    "sample_means",
     "sample_tile",
     "sigma_at",
     "load_tile",
@@ -177,7 +181,7 @@ def launch_reduce(kernel, like: torch.Tensor, batch: int, n_tiles: int, block_b:
                   **kwargs):
     """Launch a loss's one-program reduce ``kernel`` (arguments ``args`` and ``kwargs``) on ``like``'s device,
     reading ``loss_partials``' ``(batch, n_tiles)`` sums in tiles of at most ``block_b`` x ``block_p``
-    (``sample_partial_sums``)."""
+    (``sample_means``)."""
     with device_of(like):
         kernel[(1,)](*args, **kwargs, BLOCK_B=min(block_b, triton.next_power_of_2(batch)),
                      BLOCK_P=min(block_p, triton.next_power_of_2(n_tiles)), num_warps=4)
@@ -187,6 +191,13 @@ def empty_dense(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.T
     """An uninitialized tensor of ``x``'s shape and device in ``x``'s dense format, which kernels launched on
     ``as_rows(x)`` write in storage order (also for fake tensors; ``dtype``: default ``x``'s)."""
     return empty_in_format(x, dense_format(x), dtype)
+
+
+def empty_dense_if(needed: bool, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``empty_dense(x, dtype)`` when ``needed``, else zero elements of that dtype on ``x``'s device: an optional
+    output (a step's x0, an input's gradient), written only when asked for."""
+    dtype = x.dtype if dtype is None else dtype
+    return empty_dense(x, dtype) if needed else x.new_empty(0, dtype=dtype)
 
 
 def like_dense(x: torch.Tensor, y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -205,15 +216,37 @@ def launch_into(out: torch.Tensor, fmt: torch.memory_format, launch):
     return result
 
 
+def parameters_of(fn) -> list:
+    """``fn``'s parameters as ``(name, type)`` pairs (string annotations resolved): an op's schema, for an op
+    whose arguments extend another's (``with_signature``)."""
+    hints = typing.get_type_hints(fn)
+    return [(name, hints[name]) for name in inspect.signature(fn).parameters]
+
+
 def with_signature(fn, parameters: Sequence[Tuple[str, object]], returns):
-    """``fn`` (taking ``*args``) given the signature ``(name: type, ...) -> returns``, so that
-    ``torch.library.custom_op`` reads it as the op's schema: one function serves ops whose arguments differ only
-    in name and order."""
+    """``fn`` (taking ``*args``, or the parameters by these names in this order) given the signature
+    ``(name: type, ...) -> returns``, so that ``torch.library.custom_op`` reads it as the op's schema: one
+    function serves ops whose arguments differ only in name and order, and an op whose arguments extend
+    another's (a backward's, ``parameters_of``) is typed where the other is."""
+    names = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_POSITIONAL]
+    if names and names != [name for name, _ in parameters]:
+        raise TypeError(f"{fn.__name__} takes {names}, not the signature's {[name for name, _ in parameters]}")
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     fn.__signature__ = inspect.Signature(
         [inspect.Parameter(n, kind, annotation=a) for n, a in parameters], return_annotation=returns
     )
     fn.__annotations__ = {**dict(parameters), "return": returns}
+    return fn
+
+
+def annotated(fn, parameters: Sequence[Tuple[str, object]]):
+    """``fn`` with the parameters it names unannotated among ``parameters`` (``(name, type)`` pairs) given
+    those types: an argument group several ops take (``noise.NOISE_PARAMETERS``) is typed in one place."""
+    declared = inspect.signature(fn).parameters
+    for name, annotation in parameters:
+        if declared[name].annotation is not inspect.Parameter.empty:
+            raise TypeError(f"{fn.__name__}: {name} is typed by the shared group")
+        fn.__annotations__[name] = annotation
     return fn
 
 
@@ -332,6 +365,19 @@ def register_loss_backward_autograd(backward_op, n_grads: int, loss_l1: int):
     backward_op.register_autograd(backward, setup_context=setup_context)
 
 
+def loss_backward_op(name: str, backward, forward, grads: Sequence[str], needed: Sequence[str]):
+    """Register ``backward`` as the loss backward op ``name``, its schema derived from the forward op function
+    ``forward``'s (so the two cannot drift apart): the incoming gradients ``grads``, ``forward``'s arguments,
+    then the flags ``needed`` of the target inputs' gradients, returning ``(grad_model_output, grad_a,
+    grad_b)``; with its own autograd (``register_loss_backward_autograd``). Returns the op."""
+    parameters = [(g, torch.Tensor) for g in grads] + parameters_of(forward) + [(n, bool) for n in needed]
+    with_signature(backward, parameters, tuple[torch.Tensor, torch.Tensor, torch.Tensor])
+    op = torch.library.custom_op(name, backward, mutates_args=())
+    names = [n for n, _ in parameters]
+    register_loss_backward_autograd(op, n_grads=len(grads), loss_l1=names.index("loss_l1"))
+    return op
+
+
 def call_op(op, out_op, args: tuple, out=None, differentiable=()):
     """A backend entry's call of a ``custom_op_with_out`` pair: ``op(*args)``, or ``out_op(*args, out)``
     writing the first result into ``out``, then ``out`` in its place (followed by what ``out_op`` returns, if
@@ -407,18 +453,20 @@ def loss_term_grad(err, cd: tl.constexpr, LOSS_L1: tl.constexpr):
 @triton.jit
 def store_partial_sum(partial_ptr, per_element, mask, sample, n_tiles):
     """This tile's sum of ``per_element`` where ``mask`` (whatever the lanes outside hold, NaN included) into
-    row-major (B, n_tiles) partial sums (``sample_partial_sums``)."""
+    row-major (B, n_tiles) partial sums (``sample_means``)."""
     per_element = tl.where(mask, per_element, 0.0)
     tl.store(partial_ptr + sample.to(tl.int64) * n_tiles + tl.program_id(0), tl.sum(per_element, axis=0))
 
 
 @triton.jit
-def sample_partial_sums(partial_ptr, samples, in_batch, n_tiles, cd: tl.constexpr, BLOCK_B: tl.constexpr,
-                        BLOCK_P: tl.constexpr):
-    """Per sample of ``samples`` (BLOCK_B of them, ``in_batch`` the real ones), the sum of its ``n_tiles`` partial
-    sums in ``partial_ptr`` (row-major (B, n_tiles)), in a fixed order: the reductions of the losses are
-    deterministic. A ``while`` loop, not ``range()``: Triton's interpreter (how CI runs kernels) cannot take a
-    runtime bound in ``range()`` with numpy 2, while compiled Triton handles both the same way."""
+def sample_means(partial_ptr, b0, B, N, n_tiles, cd: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``(samples, in_batch, means)`` of the ``BLOCK_B`` samples from ``b0`` (``in_batch``: those below ``B``): each
+    sample's mean over its ``N`` elements, the sum of its ``n_tiles`` partial sums in ``partial_ptr`` (row-major
+    (B, n_tiles)) taken in a fixed order (the reductions of the losses are deterministic) and divided by ``N``.
+    A ``while`` loop, not ``range()``: Triton's interpreter (how CI runs kernels) cannot take a runtime bound in
+    ``range()`` with numpy 2, while compiled Triton handles both the same way."""
+    samples = b0 + tl.arange(0, BLOCK_B)
+    in_batch = samples < B
     sample_sum = tl.zeros((BLOCK_B,), dtype=cd)
     p0 = 0
     while p0 < n_tiles:
@@ -426,7 +474,7 @@ def sample_partial_sums(partial_ptr, samples, in_batch, n_tiles, cd: tl.constexp
         ptrs = partial_ptr + samples.to(tl.int64)[:, None] * n_tiles + tiles[None, :]
         sample_sum += tl.sum(tl.load(ptrs, mask=in_batch[:, None] & (tiles < n_tiles)[None, :], other=0.0), axis=1)
         p0 += BLOCK_P
-    return sample_sum
+    return samples, in_batch, div_rn(sample_sum, tl.cast(N, cd))
 
 
 @triton.jit
