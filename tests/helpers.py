@@ -166,6 +166,31 @@ def compiled_backends():
     return extension, mark, ["cpu", cuda]
 
 
+# the devices of a compiled family's tests: "cpu", and "cuda" (marked ``gpu``; `device_backend` skips it where no
+# GPU is present)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def compiled_family(operator: str, what: str):
+    """For a module testing one family of compiled operators: ``(extension, pytestmark)``. ``pytestmark`` skips
+    the module without the CPU extension or without ``torch.ops.ddpm_kernels.<operator>`` (``what`` names the
+    family in the reason). Skips the calling module when the extension cannot be imported."""
+    extension = pytest.importorskip("ddpm_kernels.extension")
+    mark = pytest.mark.skipif(
+        extension.CPU_BACKEND.unavailable_reason(torch.device("cpu"), torch.float32) is not None
+        or not hasattr(torch.ops.ddpm_kernels, operator),
+        reason=f"CPU extension ({what}) not built: {extension.load_error}",
+    )
+    return extension, mark
+
+
+def device_backend(device):
+    """The compiled backend of a `DEVICES` entry (the device's name); skips the test for "cuda" without a GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return device
+
+
 def assert_thread_independent(run):
     """``run()`` gives the same tensors, bit for bit, on one CPU thread as on the default count (the compiled
     CPU kernels split work by thread count; results must not depend on it). Returns the default run's result."""
