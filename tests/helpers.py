@@ -436,6 +436,17 @@ def fail_on_sync(monkeypatch):
     return sync_guard(monkeypatch, {"_check_step_index"})
 
 
+def assert_stock_reads_the_device(arm, stock, *calls):
+    """The sync guard is not vacuous: after ``stock.set_timesteps(5)`` and ``arm()`` (a `sync_guard`), each
+    ``call(stock, t)`` with the second timestep ``t`` reads a tensor's values on the host (the guard raises)."""
+    stock.set_timesteps(5)
+    t = stock.timesteps[1]
+    arm()
+    for call in calls:
+        with pytest.raises(AssertionError, match="host sync"):
+            call(stock, t)
+
+
 # ----------------------------------------------------------------------------------- drop-in scheduler loops
 def scheduler_pair(stock_class, fused_class, config, steps, **set_kwargs):
     """A stock diffusers scheduler and its fused drop-in from the same config, both after ``set_timesteps``."""

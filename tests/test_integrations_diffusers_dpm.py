@@ -15,10 +15,12 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DPMSolverMultistepScheduler  # noqa: E402
 
 from ddpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler  # noqa: E402
-from ddpm_kernels.integrations.diffusers import _common  # noqa: E402  (whose on_host tests replace)
 from ddpm_kernels.integrations.diffusers import _solver  # noqa: E402  (whose ring allocation a test counts)
 from ddpm_kernels.solvers import new_history, solver_step  # noqa: E402
-from helpers import assert_close_to_stock, scheduler_model, scheduler_pair, sync_guard  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_close_to_stock, assert_stock_reads_the_device, scheduler_model, scheduler_pair,
+    fail_on_sync,  # noqa: F401  (a fixture)
+)
 
 SHAPE = (2, 3, 6, 5)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -370,14 +372,6 @@ def test_call_forms():
         fresh.step(x, 999, x)
 
 
-@pytest.fixture
-def fail_on_sync(monkeypatch):
-    """Make every value-reading Tensor method raise, as a device tensor read would sync, and treat CPU tensors
-    as device tensors (the op's step-index range check runs on CPU tensors only, where it is free)."""
-    monkeypatch.setattr(_common, "on_host", lambda tensor: False)
-    return sync_guard(monkeypatch, {"_check_step_index"})
-
-
 def test_step_has_no_host_sync(fail_on_sync):
     schedulers = [pair(dict(SD, algorithm_type=a, solver_order=3 if a == "dpmsolver++" else 2,
                             thresholding=a == "dpmsolver++"), 8)[1] for a in PLUS]
@@ -400,12 +394,8 @@ def test_step_has_no_host_sync(fail_on_sync):
 
 def test_sync_guard_catches_the_stock_scheduler(fail_on_sync):
     """The guard is not vacuous: the stock first lookup reads the timesteps (nonzero().item())."""
-    stock = DPMSolverMultistepScheduler(**SD)
-    stock.set_timesteps(5)
-    t = stock.timesteps[1]
-    fail_on_sync()
-    with pytest.raises(AssertionError, match="host sync"):
-        stock.step(torch.zeros(SHAPE), t, torch.zeros(SHAPE))
+    assert_stock_reads_the_device(fail_on_sync, DPMSolverMultistepScheduler(**SD),
+                                  lambda stock, t: stock.step(torch.zeros(SHAPE), t, torch.zeros(SHAPE)))
 
 
 @pytest.mark.gpu

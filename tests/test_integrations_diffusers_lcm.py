@@ -15,8 +15,9 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import LCMScheduler  # noqa: E402
 
 from ddpm_kernels.integrations.diffusers import FusedLCMScheduler  # noqa: E402
-from ddpm_kernels.integrations.diffusers import _common  # noqa: E402
-from helpers import assert_close_to_stock, scheduler_model, scheduler_pair, sync_guard  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_close_to_stock, fail_on_sync, scheduler_model, scheduler_pair,  # noqa: F401  (fail_on_sync: a fixture)
+)
 from test_lcm import lcm64  # noqa: E402  (the float64 step)
 
 SHAPE = (2, 4, 6, 5)
@@ -122,12 +123,6 @@ def test_compatibles_include_the_stock_class():
     assert LCMScheduler in FusedLCMScheduler().compatibles
     back = LCMScheduler.from_config(FusedLCMScheduler().config)
     assert type(back) is LCMScheduler
-
-
-@pytest.fixture
-def fail_on_sync(monkeypatch):
-    monkeypatch.setattr(_common, "on_host", lambda tensor: False)
-    return sync_guard(monkeypatch, {"_check_step_index"})
 
 
 def test_step_has_no_host_sync(fail_on_sync):

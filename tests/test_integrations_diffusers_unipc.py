@@ -17,8 +17,11 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler  # noqa: E402
 
 from ddpm_kernels.integrations.diffusers import FusedUniPCMultistepScheduler  # noqa: E402
-from ddpm_kernels.integrations.diffusers import _common, _solver  # noqa: E402
-from helpers import assert_close_to_stock, scheduler_model, scheduler_pair, sync_guard  # noqa: E402
+from ddpm_kernels.integrations.diffusers import _solver  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_close_to_stock, assert_stock_reads_the_device, scheduler_model, scheduler_pair,
+    fail_on_sync,  # noqa: F401  (a fixture)
+)
 
 try:
     import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
@@ -228,14 +231,6 @@ def test_a_schedule_set_again_reuses_its_table_and_a_changed_one_is_rebuilt(monk
 
 
 # ------------------------------------------------------------------------------------------- no sync, no allocation
-@pytest.fixture
-def fail_on_sync(monkeypatch):
-    """Every value-reading Tensor method raises, as a device read would sync; CPU tensors count as device
-    tensors (except the solver step's own range check of a CPU step index, skipped on a device)."""
-    monkeypatch.setattr(_common, "on_host", lambda tensor: False)
-    return sync_guard(monkeypatch, {"_check_step_index"})
-
-
 def test_step_has_no_host_sync(fail_on_sync):
     schedulers = [pair(c)[1] for c in (CONFIGS["default"], CONFIGS["order3"], CONFIGS["thresholding"],
                                        CONFIGS["flow"])]
@@ -257,13 +252,9 @@ def test_step_has_no_host_sync(fail_on_sync):
 
 def test_sync_guard_catches_the_stock_scheduler(fail_on_sync):
     """The guard is not vacuous: the stock first lookup reads the timesteps (nonzero().item())."""
-    stock = UniPCMultistepScheduler(**SD)
-    stock.set_timesteps(5)
-    t = stock.timesteps[1].clone()
     x = torch.zeros(SHAPE)
-    fail_on_sync()
-    with pytest.raises(AssertionError, match="host sync"):
-        stock.step(x, t, x)
+    assert_stock_reads_the_device(fail_on_sync, UniPCMultistepScheduler(**SD),
+                                  lambda stock, t: stock.step(x, t.clone(), x))
 
 
 def test_no_per_step_allocation_of_state(monkeypatch):
