@@ -447,6 +447,20 @@ def assert_stock_reads_the_device(arm, stock, *calls):
             call(stock, t)
 
 
+def assert_stock_step_errors(refused, fresh, steps, shape):
+    """A drop-in's step raises the stock step's errors: ``refused`` (a config whose prediction type the step does
+    not take), after ``set_timesteps(steps)``, the ``prediction_type`` ValueError (warnings silenced: the call
+    takes the stock path), and ``fresh`` (no ``set_timesteps``) the ``set_timesteps`` one."""
+    refused.set_timesteps(steps)
+    x = torch.zeros(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="prediction_type"):
+            refused.step(x, refused.timesteps[0], x)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        fresh.step(x, 10, x)
+
+
 # ----------------------------------------------------------------------------------- drop-in scheduler loops
 def scheduler_pair(stock_class, fused_class, config, steps, **set_kwargs):
     """A stock diffusers scheduler and its fused drop-in from the same config, both after ``set_timesteps``."""

@@ -19,7 +19,7 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler  # no
 from ddpm_kernels.integrations.diffusers import FusedUniPCMultistepScheduler  # noqa: E402
 from ddpm_kernels.integrations.diffusers import _solver  # noqa: E402
 from helpers import (  # noqa: E402
-    assert_close_to_stock, assert_stock_reads_the_device, scheduler_model, scheduler_pair,
+    assert_close_to_stock, assert_stock_reads_the_device, assert_stock_step_errors, scheduler_model, scheduler_pair,
     fail_on_sync,  # noqa: F401  (a fixture)
 )
 
@@ -310,16 +310,8 @@ def test_solver_p_takes_the_stock_path_with_one_warning():
 
 
 def test_stock_errors_are_the_stock_ones():
-    fused = FusedUniPCMultistepScheduler(**SD, prediction_type="flow_prediction", predict_x0=False)
-    fused.set_timesteps(5)
-    x = torch.zeros(SHAPE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match="prediction_type"):
-            fused.step(x, fused.timesteps[0], x)
-    fresh = FusedUniPCMultistepScheduler(**SD)
-    with pytest.raises(ValueError, match="set_timesteps"):
-        fresh.step(x, 10, x)
+    assert_stock_step_errors(FusedUniPCMultistepScheduler(**SD, prediction_type="flow_prediction", predict_x0=False),
+                             FusedUniPCMultistepScheduler(**SD), 5, SHAPE)
 
 
 def test_mismatched_model_output_takes_the_stock_path():
