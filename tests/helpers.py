@@ -2,6 +2,7 @@
 float64 math, the rule of docs/design.md, "Tolerances", that checks a fused backend against the reference, and
 small GPU and Triton helpers."""
 
+import importlib.util
 import itertools
 import math
 import warnings
@@ -373,6 +374,11 @@ def sync_guard(monkeypatch, allowed=()):
 
 
 # ------------------------------------------------------------------------------------ diffusers drop-ins
+# diffusers' beta sigmas (use_beta_sigmas) need scipy
+HAS_SCIPY = importlib.util.find_spec("scipy") is not None
+needs_scipy = pytest.mark.skipif(not HAS_SCIPY, reason="beta sigmas need scipy")
+
+
 def _outcome(call, scheduler):
     try:
         return call(scheduler), None

@@ -19,17 +19,10 @@ from ddpm_kernels.integrations.diffusers import (  # noqa: E402
     FusedEulerDiscreteScheduler,
 )
 from helpers import (  # noqa: E402
-    assert_stock_reads_the_device, check_same_as_stock, fail_on_sync, warned_stock_path,  # noqa: F401  (a fixture)
+    assert_stock_reads_the_device, check_same_as_stock, needs_scipy, warned_stock_path,
+    fail_on_sync,  # noqa: F401  (a fixture)
 )
 
-try:
-    import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
-
-    HAS_SCIPY = True
-except ImportError:
-    HAS_SCIPY = False
-
-needs_scipy = pytest.mark.skipif(not HAS_SCIPY, reason="beta sigmas need scipy")
 SHAPE = (2, 4, 6, 5)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 EULER = (EulerDiscreteScheduler, FusedEulerDiscreteScheduler)

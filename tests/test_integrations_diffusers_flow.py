@@ -21,20 +21,12 @@ from ddpm_kernels import flow as flow_ops  # noqa: E402
 from ddpm_kernels.integrations.diffusers import FusedFlowMatchEulerDiscreteScheduler  # noqa: E402
 from ddpm_kernels.integrations.diffusers import _common  # noqa: E402  (whose on_host tests replace)
 from helpers import (  # noqa: E402
-    GENERATOR_FORMS, assert_stock_reads_the_device, check_same_as_stock, generator_form, generator_state,
+    GENERATOR_FORMS, assert_stock_reads_the_device, check_same_as_stock, generator_form, generator_state, needs_scipy,
     fail_on_sync,  # noqa: F401  (a fixture)
 )
 
-try:
-    import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
-
-    HAS_SCIPY = True
-except ImportError:
-    HAS_SCIPY = False
-
 CLASSES = [FlowMatchEulerDiscreteScheduler, FusedFlowMatchEulerDiscreteScheduler]
 over_classes = pytest.mark.parametrize("scheduler_class", CLASSES, ids=["stock", "fused"])
-needs_scipy = pytest.mark.skipif(not HAS_SCIPY, reason="beta sigmas need scipy")
 SHAPE = (2, 4, 6, 5)
 
 

@@ -19,16 +19,9 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler  # no
 from ddpm_kernels.integrations.diffusers import FusedUniPCMultistepScheduler  # noqa: E402
 from ddpm_kernels.integrations.diffusers import _solver  # noqa: E402
 from helpers import (  # noqa: E402
-    assert_close_to_stock, assert_stock_reads_the_device, assert_stock_step_errors, scheduler_model, scheduler_pair,
-    fail_on_sync,  # noqa: F401  (a fixture)
+    HAS_SCIPY, assert_close_to_stock, assert_stock_reads_the_device, assert_stock_step_errors, scheduler_model,
+    scheduler_pair, fail_on_sync,  # noqa: F401  (a fixture)
 )
-
-try:
-    import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
-
-    HAS_SCIPY = True
-except ImportError:
-    HAS_SCIPY = False
 
 SHAPE = (2, 4, 6, 5)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
