@@ -50,7 +50,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from ...solvers import solver_step
 from ...solvers._columns import PREDICTION_TYPES
 from ...solvers.dpm import ALGORITHMS, dpm_solver_slots, dpm_solver_table
-from ._common import _device, _output_maker, _randn
+from ._common import _device, _randn
 from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
@@ -68,12 +68,10 @@ class _StepConfig:
     __slots__ = ("order", "sde", "threshold", "output_dtype")
 
 
-class FusedDPMSolverMultistepScheduler(_SolverDropIn, DPMSolverMultistepScheduler):
+class FusedDPMSolverMultistepScheduler(_SolverDropIn, DPMSolverMultistepScheduler, output=SchedulerOutput):
     """diffusers' ``DPMSolverMultistepScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
 
-    _make_output = staticmethod(_output_maker(SchedulerOutput))
-    _stock_name = "DPMSolverMultistepScheduler"
     _dk_source_names = ("sigmas",)
 
     # ------------------------------------------------------------------ stock attributes

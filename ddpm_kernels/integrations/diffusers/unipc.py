@@ -47,7 +47,6 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ...solvers._columns import PREDICTION_TYPES
 from ...solvers.unipc import SOLVER_TYPES, unipc_coefficients
-from ._common import _output_maker
 from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
 
 __all__ = ["FusedUniPCMultistepScheduler"]
@@ -61,12 +60,10 @@ def _step_list(steps) -> tuple:
     return tuple(steps.tolist() if isinstance(steps, (np.ndarray, torch.Tensor)) else steps)
 
 
-class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler):
+class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler, output=SchedulerOutput):
     """diffusers' ``UniPCMultistepScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
 
-    _make_output = staticmethod(_output_maker(SchedulerOutput))
-    _stock_name = "UniPCMultistepScheduler"
     _dk_source_names = ("sigmas",)
 
     @property
