@@ -246,3 +246,14 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         return None
 
     _dk_slots = 0
+
+
+class _SigmaSolverDropIn(_SolverDropIn):
+    """A solver drop-in whose table is built from the scheduler's ``sigmas`` (DPM-Solver(++), UniPC): a step
+    reads ``sigmas[i]`` and ``sigmas[i + 1]``, so the table has as many steps as the timesteps and the sigmas
+    both allow."""
+
+    _dk_source_names = ("sigmas",)
+
+    def _dk_steps(self, schedule: _Schedule) -> int:
+        return min(schedule.host_array.shape[0], schedule.host_sources[0].shape[0] - 1)

@@ -51,7 +51,7 @@ from ...solvers import solver_step
 from ...solvers._columns import PREDICTION_TYPES
 from ...solvers.dpm import ALGORITHMS, dpm_solver_slots, dpm_solver_table
 from ._common import _device, _randn
-from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
+from ._solver import _Schedule, _SigmaSolverDropIn, threshold_unsupported
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
 
@@ -68,11 +68,10 @@ class _StepConfig:
     __slots__ = ("order", "sde", "threshold", "output_dtype")
 
 
-class FusedDPMSolverMultistepScheduler(_SolverDropIn, DPMSolverMultistepScheduler, output=SchedulerOutput):
+class FusedDPMSolverMultistepScheduler(_SigmaSolverDropIn, DPMSolverMultistepScheduler, output=SchedulerOutput):
     """diffusers' ``DPMSolverMultistepScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
 
-    _dk_source_names = ("sigmas",)
 
     # ------------------------------------------------------------------ stock attributes
     @property
@@ -136,9 +135,6 @@ class FusedDPMSolverMultistepScheduler(_SolverDropIn, DPMSolverMultistepSchedule
         if c.thresholding:
             return threshold_unsupported(c)
         return None
-
-    def _dk_steps(self, schedule: _Schedule) -> int:
-        return min(schedule.host_array.shape[0], schedule.host_sources[0].shape[0] - 1)
 
     def _dk_build(self, schedule: _Schedule, begin: int) -> np.ndarray:
         c = self.config

@@ -47,7 +47,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ...solvers._columns import PREDICTION_TYPES
 from ...solvers.unipc import SOLVER_TYPES, unipc_coefficients
-from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
+from ._solver import _Schedule, _SigmaSolverDropIn, threshold_unsupported
 
 __all__ = ["FusedUniPCMultistepScheduler"]
 
@@ -60,11 +60,10 @@ def _step_list(steps) -> tuple:
     return tuple(steps.tolist() if isinstance(steps, (np.ndarray, torch.Tensor)) else steps)
 
 
-class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler, output=SchedulerOutput):
+class FusedUniPCMultistepScheduler(_SigmaSolverDropIn, UniPCMultistepScheduler, output=SchedulerOutput):
     """diffusers' ``UniPCMultistepScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
 
-    _dk_source_names = ("sigmas",)
 
     @property
     def _dk_slots(self) -> int:
@@ -103,9 +102,6 @@ class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler, outpu
         if c.thresholding and self.predict_x0:
             return threshold_unsupported(c)
         return None
-
-    def _dk_steps(self, schedule: _Schedule) -> int:
-        return min(schedule.host_array.shape[0], schedule.host_sources[0].shape[0] - 1)
 
     def _dk_build(self, schedule: _Schedule, begin: int) -> np.ndarray:
         c = self.config
