@@ -51,7 +51,7 @@ from ...solvers import solver_step
 from ...solvers._columns import PREDICTION_TYPES
 from ...solvers.dpm import ALGORITHMS, dpm_solver_slots, dpm_solver_table
 from ._common import _device, _randn
-from ._solver import _Schedule, _SigmaSolverDropIn, threshold_unsupported
+from ._solver import _SigmaSolverDropIn, threshold_unsupported
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
 
@@ -136,14 +136,13 @@ class FusedDPMSolverMultistepScheduler(_SigmaSolverDropIn, DPMSolverMultistepSch
             return threshold_unsupported(c)
         return None
 
-    def _dk_build(self, schedule: _Schedule, begin: int) -> np.ndarray:
+    def _dk_sigma_table(self, sigmas: np.ndarray, **common) -> np.ndarray:
         c = self.config
         return dpm_solver_table(
-            schedule.host_sources[0][: schedule.steps + 1], algorithm_type=c.algorithm_type,
-            solver_order=c.solver_order, solver_type=c.solver_type, prediction_type=c.prediction_type,
-            thresholding=bool(c.thresholding), lower_order_final=bool(c.lower_order_final),
-            euler_at_final=bool(c.euler_at_final), final_sigmas_type=c.final_sigmas_type,
-            flow_sigmas=bool(c.use_flow_sigmas), begin_index=begin,
+            sigmas, algorithm_type=c.algorithm_type, solver_order=c.solver_order, solver_type=c.solver_type,
+            prediction_type=c.prediction_type, thresholding=bool(c.thresholding),
+            lower_order_final=bool(c.lower_order_final), euler_at_final=bool(c.euler_at_final),
+            final_sigmas_type=c.final_sigmas_type, **common,
         )
 
     # ------------------------------------------------------------------ step
