@@ -35,6 +35,7 @@
 #include <initializer_list>
 #include <string>
 #include <tuple>
+#include <utility>
 
 namespace ddpm {
 namespace {
@@ -51,78 +52,59 @@ at::MemoryFormat dense_format_of(const at::Tensor& x) {
   return at::MemoryFormat::Contiguous;
 }
 
+// The two incoming gradients of a backward whose forward has two differentiable outputs (the *_backward ops'
+// own backward), an undefined one as zeros, both in one dense format; false when neither is defined.
+bool dense_grads(const variable_list& grads, at::Tensor& ga, at::Tensor& gb) {
+  ga = grads[0];
+  gb = grads[1];
+  if (!ga.defined() && !gb.defined()) return false;
+  if (!ga.defined()) ga = at::zeros_like(gb);
+  if (!gb.defined()) gb = at::zeros_like(ga);
+  const at::MemoryFormat fmt = dense_format_of(ga);
+  ga = ga.contiguous(fmt);
+  gb = gb.contiguous(fmt);
+  return true;
+}
+
+// An operator's typed handle, found by its name in the ddpm_kernels namespace.
+template <typename Signature>
+struct Op;
+
+template <typename R, typename... Args>
+struct Op<R(Args...)> {
+  explicit Op(const char* name)
+      : handle(c10::Dispatcher::singleton()
+                   .findSchemaOrThrow(("ddpm_kernels::" + std::string(name)).c_str(), "")
+                   .typed<R(Args...)>()) {}
+  R call(Args... args) const { return handle.call(std::forward<Args>(args)...); }
+
+  c10::TypedOperatorHandle<R(Args...)> handle;
+};
+
+using CT = const at::Tensor&;
+using Str = c10::string_view;
+using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
 // The operators, looked up once (on first use: the schemas are registered by another translation unit's
 // static initializer). Called through the dispatcher: a call from a backward reaches this file's kernels, so a
 // backward that builds a graph records it; a call under AutoDispatchBelowADInplaceOrView reaches the kernel of
 // the tensors' device.
-const auto& q_sample_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("ddpm_kernels::q_sample", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&)>();
-  return op;
-}
+struct Operators {
+  Op<at::Tensor(CT, CT, CT, CT)> q_sample{"q_sample"};
+  Op<Tensor2(CT, CT, CT)> q_sample_backward{"q_sample_backward"};
+  Op<Tensor3(CT, CT, CT, CT, CT, Str, Str, double, double)> diffusion_loss{"diffusion_loss"};
+  Op<at::Tensor(CT, CT, CT, CT, CT, CT, CT, CT, Str, Str, double, double)> diffusion_loss_backward{
+      "diffusion_loss_backward"};
+  Op<at::Tensor(CT, CT, CT, int64_t, int64_t)> flow_interpolate{"flow_interpolate"};
+  Op<Tensor2(CT, CT, int64_t, int64_t)> flow_interpolate_backward{"flow_interpolate_backward"};
+  Op<at::Tensor(CT, CT, CT, CT, int64_t, int64_t, Str, Str)> flow_loss{"flow_loss"};
+  Op<at::Tensor(CT, CT, CT, CT, CT, int64_t, int64_t, Str, Str)> flow_loss_backward{"flow_loss_backward"};
+};
 
-const auto& q_sample_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("ddpm_kernels::q_sample_backward", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const at::Tensor&)>();
-  return op;
-}
-
-const auto& diffusion_loss_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("ddpm_kernels::diffusion_loss", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              c10::string_view, c10::string_view, double, double)>();
-  return op;
-}
-
-const auto& diffusion_loss_backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("ddpm_kernels::diffusion_loss_backward", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            c10::string_view, c10::string_view, double, double)>();
-  return op;
-}
-
-const auto& flow_interpolate_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("ddpm_kernels::flow_interpolate", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                               int64_t)>();
-  return op;
-}
-
-const auto& flow_interpolate_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("ddpm_kernels::flow_interpolate_backward", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       int64_t, int64_t)>();
-  return op;
-}
-
-const auto& flow_loss_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("ddpm_kernels::flow_loss", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                            int64_t, c10::string_view, c10::string_view)>();
-  return op;
-}
-
-const auto& flow_loss_backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("ddpm_kernels::flow_loss_backward", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, int64_t, int64_t, c10::string_view, c10::string_view)>();
-  return op;
+const Operators& ops() {
+  static const Operators operators;
+  return operators;
 }
 
 using torch::autograd::Node;
@@ -138,13 +120,9 @@ void check_no_forward_grad(const char* op, std::initializer_list<const at::Tenso
 
 struct QSampleBackwardBackwardNode : public torch::autograd::TraceableFunction {
   variable_list apply(variable_list&& grads) override {
-    if (!task_should_compute_output(0)) return {at::Tensor()};
-    at::Tensor gx = grads[0], gn = grads[1];
-    if (!gx.defined() && !gn.defined()) return {at::Tensor()};
-    if (!gx.defined()) gx = at::zeros_like(gn);
-    if (!gn.defined()) gn = at::zeros_like(gx);
-    const at::MemoryFormat fmt = dense_format_of(gx);  // both operands in one format
-    return {q_sample_op().call(gx.contiguous(fmt), t.unpack(), gn.contiguous(fmt), table.unpack())};
+    at::Tensor gx, gn;
+    if (!task_should_compute_output(0) || !dense_grads(grads, gx, gn)) return {at::Tensor()};
+    return {ops().q_sample.call(gx, t.unpack(), gn, table.unpack())};
   }
   std::string name() const override { return "QSampleBackwardBackward0"; }
   void release_variables() override {
@@ -159,7 +137,7 @@ struct QSampleBackwardNode : public torch::autograd::TraceableFunction {
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
     // Through the dispatcher with autograd on: a backward that builds a graph records
     // QSampleBackwardBackward0, so double backward works.
-    auto [grad_x_start, grad_noise] = q_sample_backward_op().call(grads[0], t.unpack(), table.unpack());
+    auto [grad_x_start, grad_noise] = ops().q_sample_backward.call(grads[0], t.unpack(), table.unpack());
     return {task_should_compute_output(0) ? grad_x_start : at::Tensor(),
             task_should_compute_output(1) ? grad_noise : at::Tensor()};
   }
@@ -185,7 +163,7 @@ struct DiffusionLossBackwardNode : public torch::autograd::TraceableFunction {
     for (auto& g : grads) {
       g = g.defined() ? g.to(loss_dtype).reshape({}).contiguous() : at::zeros({}, mo.options().dtype(loss_dtype));
     }
-    at::Tensor grad = diffusion_loss_backward_op().call(grads[0], grads[1], grads[2], mo, xs, nz, t.unpack(),
+    at::Tensor grad = ops().diffusion_loss_backward.call(grads[0], grads[1], grads[2], mo, xs, nz, t.unpack(),
                                                         table.unpack(),
                                                         parameterization, loss_type, l_simple_weight,
                                                         original_elbo_weight);
@@ -217,14 +195,9 @@ struct SavedSigma {
 
 struct FlowInterpolateBackwardBackwardNode : public torch::autograd::TraceableFunction {
   variable_list apply(variable_list&& grads) override {
-    if (!task_should_compute_output(0)) return {at::Tensor()};
-    at::Tensor gx = grads[0], gn = grads[1];
-    if (!gx.defined() && !gn.defined()) return {at::Tensor()};
-    if (!gx.defined()) gx = at::zeros_like(gn);
-    if (!gn.defined()) gn = at::zeros_like(gx);
-    const at::MemoryFormat fmt = dense_format_of(gx);
-    return {flow_interpolate_op().call(gx.contiguous(fmt), gn.contiguous(fmt), s.sigma.unpack(), s.period,
-                                       s.repeat)};
+    at::Tensor gx, gn;
+    if (!task_should_compute_output(0) || !dense_grads(grads, gx, gn)) return {at::Tensor()};
+    return {ops().flow_interpolate.call(gx, gn, s.sigma.unpack(), s.period, s.repeat)};
   }
   std::string name() const override { return "FlowInterpolateBackwardBackward0"; }
   void release_variables() override { s.sigma.reset_data(); }
@@ -237,7 +210,7 @@ struct FlowInterpolateBackwardNode : public torch::autograd::TraceableFunction {
                 "ddpm_kernels::flow_interpolate gives the gradients w.r.t. x0 and noise only; for sigma call "
                 "ddpm_kernels.flow_interpolate, which computes it with the reference");
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
-    auto [grad_x0, grad_noise] = flow_interpolate_backward_op().call(grads[0], s.sigma.unpack(), s.period, s.repeat);
+    auto [grad_x0, grad_noise] = ops().flow_interpolate_backward.call(grads[0], s.sigma.unpack(), s.period, s.repeat);
     return {task_should_compute_output(0) ? grad_x0 : at::Tensor(),
             task_should_compute_output(1) ? grad_noise : at::Tensor(), at::Tensor()};
   }
@@ -252,7 +225,7 @@ struct FlowLossBackwardNode : public torch::autograd::TraceableFunction {
                 "ddpm_kernels::flow_loss gives the gradient w.r.t. model_output only; for x0, noise or sigma call "
                 "ddpm_kernels.flow_loss, which computes those with the reference");
     if (!task_should_compute_output(0) || !grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    at::Tensor grad = flow_loss_backward_op().call(grads[0], model_output.unpack(), x0.unpack(), noise.unpack(),
+    at::Tensor grad = ops().flow_loss_backward.call(grads[0], model_output.unpack(), x0.unpack(), noise.unpack(),
                                                    s.sigma.unpack(), s.period, s.repeat, weighting, loss_type);
     return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -282,7 +255,7 @@ at::Tensor q_sample_autograd(const at::Tensor& x_start, const at::Tensor& t, con
   {
     // Skip this file's kernels: below them is the plain kernel of the tensors' device.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    out = q_sample_op().call(x_start, t, noise, table);
+    out = ops().q_sample.call(x_start, t, noise, table);
   }
   if (grad_fn) torch::autograd::set_history(out, grad_fn);
   return out;
@@ -302,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_backward_autograd(const at::Tensor& 
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     // An incoming gradient need not be dense (sum() gives an expanded one); the kernel needs it dense.
-    std::tie(grad_x_start, grad_noise) = q_sample_backward_op().call(grad.contiguous(dense_format_of(grad)), t, table);
+    std::tie(grad_x_start, grad_noise) = ops().q_sample_backward.call(grad.contiguous(dense_format_of(grad)), t, table);
   }
   if (grad_fn) torch::autograd::set_history({grad_x_start, grad_noise}, grad_fn);
   return {grad_x_start, grad_noise};
@@ -330,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_loss_autograd(
   at::Tensor loss, loss_simple, loss_vlb;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::tie(loss, loss_simple, loss_vlb) = diffusion_loss_op().call(
+    std::tie(loss, loss_simple, loss_vlb) = ops().diffusion_loss.call(
         model_output, x_start, noise, t, table, parameterization, loss_type, l_simple_weight, original_elbo_weight);
   }
   if (grad_fn) torch::autograd::set_history({loss, loss_simple, loss_vlb}, grad_fn);
@@ -349,7 +322,7 @@ at::Tensor flow_interpolate_autograd(const at::Tensor& x0, const at::Tensor& noi
   at::Tensor out;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    out = flow_interpolate_op().call(x0, noise, sigma, sigma_period, sigma_repeat);
+    out = ops().flow_interpolate.call(x0, noise, sigma, sigma_period, sigma_repeat);
   }
   if (grad_fn) torch::autograd::set_history(out, grad_fn);
   return out;
@@ -370,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_autograd(const at::
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::tie(grad_x0, grad_noise) =
-        flow_interpolate_backward_op().call(grad.contiguous(dense_format_of(grad)), sigma, sigma_period, sigma_repeat);
+        ops().flow_interpolate_backward.call(grad.contiguous(dense_format_of(grad)), sigma, sigma_period, sigma_repeat);
   }
   if (grad_fn) torch::autograd::set_history({grad_x0, grad_noise}, grad_fn);
   return {grad_x0, grad_noise};
@@ -394,7 +367,7 @@ at::Tensor flow_loss_autograd(const at::Tensor& model_output, const at::Tensor& 
   at::Tensor loss;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    loss = flow_loss_op().call(model_output, x0, noise, sigma, sigma_period, sigma_repeat, weighting, loss_type);
+    loss = ops().flow_loss.call(model_output, x0, noise, sigma, sigma_period, sigma_repeat, weighting, loss_type);
   }
   if (grad_fn) torch::autograd::set_history(loss, grad_fn);
   return loss;

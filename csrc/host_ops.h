@@ -1,6 +1,6 @@
 // The host side of every operator, shared by the CPU and CUDA backends: argument checks, output allocation,
-// the functional forms built on the *_out forms, the empty-input cases, and the registration of every
-// operator. A backend supplies only what runs its kernels: the static functions of its Kernels struct
+// the functional forms built on the *_out forms (`Functional`), the empty-input cases, and the registration of
+// every operator. A backend supplies only what runs its kernels: the static functions of its Kernels struct
 // (csrc/backend.h). Each backend instantiates these templates with its own Kernels in its own translation
 // unit (cpu/registration.cpp, cuda/registration.cpp).
 #pragma once
@@ -17,6 +17,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "checks.h"
@@ -28,6 +29,59 @@
 #include "solver_host.h"
 
 namespace ddpm {
+
+// ------------------------------------------------------------------------------------------ functional forms
+// The functional form of an out kernel `out_kernel(args..., out)`: `out` a new tensor like the first argument
+// (the data), returned alone after a void out kernel, else as (out, what the out kernel returns: a step's x0).
+// `out` has the data's dtype, or, with Operands<J...> (the positions of the call's float operands, tensors or
+// optional tensors), their result_type: float32 for a mix that a backend reading mixed dtypes takes.
+template <size_t... J>
+struct Operands {};
+
+inline const at::Tensor* operand_ptr(const at::Tensor& t) { return &t; }
+inline const at::Tensor* operand_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
+template <typename F>
+struct OutKernelTraits;
+
+template <typename R, typename... A>
+struct OutKernelTraits<R (*)(A...)> {
+  using Result = R;
+  using Params = std::tuple<A...>;  // the last one is `out`
+  static constexpr size_t kArgs = sizeof...(A) - 1;
+};
+
+template <auto OutKernel, typename Ops = Operands<>,
+          typename = std::make_index_sequence<OutKernelTraits<decltype(OutKernel)>::kArgs>>
+struct Functional;
+
+template <auto OutKernel, size_t... J, size_t... I>
+struct Functional<OutKernel, Operands<J...>, std::index_sequence<I...>> {
+  using Traits = OutKernelTraits<decltype(OutKernel)>;
+  using R = typename Traits::Result;
+  template <size_t K>
+  using Arg = std::tuple_element_t<K, typename Traits::Params>;
+
+  static at::Tensor allocate(const std::tuple<Arg<I>&...>& args) {
+    const at::Tensor& x = std::get<0>(args);
+    if constexpr (sizeof...(J) == 0) {
+      return at::empty_like(x);
+    } else {
+      return at::empty_like(x, x.options().dtype(result_type({operand_ptr(std::get<J>(args))...})));
+    }
+  }
+
+  static std::conditional_t<std::is_void_v<R>, at::Tensor, std::tuple<at::Tensor, R>> call(Arg<I>... args) {
+    at::Tensor out = allocate(std::tuple<Arg<I>&...>(args...));
+    if constexpr (std::is_void_v<R>) {
+      OutKernel(std::forward<Arg<I>>(args)..., out);
+      return out;
+    } else {
+      R result = OutKernel(std::forward<Arg<I>>(args)..., out);
+      return {out, result};
+    }
+  }
+};
 
 // ------------------------------------------------------------------------------------------ two-operand ops
 template <typename K>
@@ -184,21 +238,6 @@ at::Tensor ddim_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, cons
 }
 
 template <typename K>
-std::tuple<at::Tensor, at::Tensor> ddim_step_kernel(
-    const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& model_output,
-    const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance, const at::Tensor& table64,
-    double eta, c10::string_view parameterization, bool clip_denoised, double clip_range, bool set_alpha_to_one,
-    bool use_clipped_model_output, double guidance_rescale, const std::optional<at::Tensor>& noise,
-    std::optional<at::Generator> generator, int64_t sample_offset, bool return_pred_x0) {
-  at::Tensor out = at::empty_like(x_t, x_t.options().dtype(step_result_type(x_t, model_output, noise)));
-  at::Tensor x0 = ddim_step_out_kernel<K>(x_t, t, t_prev, model_output, uncond, guidance, table64, eta,
-                                          parameterization, clip_denoised, clip_range, set_alpha_to_one,
-                                          use_clipped_model_output, guidance_rescale, noise, std::move(generator),
-                                          sample_offset, return_pred_x0, out);
-  return {out, x0};
-}
-
-template <typename K>
 at::Tensor ddpm_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev,
                                 const at::Tensor& model_output, const std::optional<at::Tensor>& uncond,
                                 const std::optional<at::Tensor>& guidance, const at::Tensor& table64,
@@ -210,20 +249,6 @@ at::Tensor ddpm_step_out_kernel(const at::Tensor& x_t, const at::Tensor& t, cons
                          clip_denoised, true, false, 0.0, clip_range};
   return sampler_step<K>(step, parameterization, x_t, t, t_prev, model_output, uncond, guidance, table64,
                          guidance_rescale, noise, std::move(generator), sample_offset, return_pred_x0, out);
-}
-
-template <typename K>
-std::tuple<at::Tensor, at::Tensor> ddpm_step_kernel(
-    const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& model_output,
-    const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance, const at::Tensor& table64,
-    c10::string_view parameterization, c10::string_view variance_type, bool clip_denoised, double clip_range,
-    double guidance_rescale, const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
-    int64_t sample_offset, bool return_pred_x0) {
-  at::Tensor out = at::empty_like(x_t, x_t.options().dtype(step_result_type(x_t, model_output, noise)));
-  at::Tensor x0 = ddpm_step_out_kernel<K>(x_t, t, t_prev, model_output, uncond, guidance, table64, parameterization,
-                                          variance_type, clip_denoised, clip_range, guidance_rescale, noise,
-                                          std::move(generator), sample_offset, return_pred_x0, out);
-  return {out, x0};
 }
 
 // ------------------------------------------------------------------------------------------------ loss
@@ -302,14 +327,6 @@ void flow_interpolate_out_kernel(const at::Tensor& x0, const at::Tensor& noise, 
 }
 
 template <typename K>
-at::Tensor flow_interpolate_kernel(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& sigma,
-                                   int64_t sigma_period, int64_t sigma_repeat) {
-  at::Tensor out = at::empty_like(x0);
-  flow_interpolate_out_kernel<K>(x0, noise, sigma, sigma_period, sigma_repeat, out);
-  return out;
-}
-
-template <typename K>
 std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_kernel(const at::Tensor& grad, const at::Tensor& sigma,
                                                                     int64_t sigma_period, int64_t sigma_repeat) {
   check_batch(grad);
@@ -376,22 +393,6 @@ void flow_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_outp
                             std::move(generator), nullptr, out, sample_offset});
 }
 
-template <typename K>
-at::Tensor flow_step_kernel(const at::Tensor& sample, const at::Tensor& model_output,
-                            const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
-                            const std::optional<at::Tensor>& sigmas, const std::optional<at::Tensor>& step_index,
-                            const std::optional<at::Tensor>& sigma, int64_t sigma_period, int64_t sigma_repeat,
-                            const std::optional<at::Tensor>& sigma_next, int64_t sigma_next_period,
-                            int64_t sigma_next_repeat, bool stochastic, double guidance_rescale,
-                            const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
-                            int64_t sample_offset) {
-  at::Tensor out = at::empty_like(sample);
-  flow_step_out_kernel<K>(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_period,
-                          sigma_repeat, sigma_next, sigma_next_period, sigma_next_repeat, stochastic,
-                          guidance_rescale, noise, std::move(generator), sample_offset, out);
-  return out;
-}
-
 // ------------------------------------------------------------------------------------------- Euler steps
 // euler_step and euler_ancestral_step: the flow step's kernels with an Euler sampler (csrc/flow.h), on the sigma
 // table only. Writes the step into `out` and returns x0 (zero elements unless return_pred_x0). The noise is read
@@ -442,20 +443,6 @@ at::Tensor euler_step_out_kernel(const at::Tensor& sample, const at::Tensor& mod
 }
 
 template <typename K>
-std::tuple<at::Tensor, at::Tensor> euler_step_kernel(
-    const at::Tensor& sample, const at::Tensor& model_output, const std::optional<at::Tensor>& uncond,
-    const std::optional<at::Tensor>& guidance, const at::Tensor& sigmas, const at::Tensor& step_index,
-    c10::string_view parameterization, double s_churn, double s_tmin, double s_tmax, double s_noise,
-    double guidance_rescale, const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
-    int64_t sample_offset, bool return_pred_x0) {
-  at::Tensor out = at::empty_like(sample);
-  at::Tensor x0 = euler_step_out_kernel<K>(sample, model_output, uncond, guidance, sigmas, step_index,
-                                           parameterization, s_churn, s_tmin, s_tmax, s_noise, guidance_rescale,
-                                           noise, std::move(generator), sample_offset, return_pred_x0, out);
-  return {out, x0};
-}
-
-template <typename K>
 at::Tensor euler_ancestral_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_output,
                                            const std::optional<at::Tensor>& uncond,
                                            const std::optional<at::Tensor>& guidance, const at::Tensor& sigmas,
@@ -466,19 +453,6 @@ at::Tensor euler_ancestral_step_out_kernel(const at::Tensor& sample, const at::T
   return euler_out<K>(StepSampler::kEulerAncestral, EulerOptions{}, parameterization, sample, model_output, uncond,
                       guidance, sigmas, step_index, guidance_rescale, noise, std::move(generator), sample_offset,
                       return_pred_x0, out);
-}
-
-template <typename K>
-std::tuple<at::Tensor, at::Tensor> euler_ancestral_step_kernel(
-    const at::Tensor& sample, const at::Tensor& model_output, const std::optional<at::Tensor>& uncond,
-    const std::optional<at::Tensor>& guidance, const at::Tensor& sigmas, const at::Tensor& step_index,
-    c10::string_view parameterization, double guidance_rescale, const std::optional<at::Tensor>& noise,
-    std::optional<at::Generator> generator, int64_t sample_offset, bool return_pred_x0) {
-  at::Tensor out = at::empty_like(sample);
-  at::Tensor x0 = euler_ancestral_step_out_kernel<K>(sample, model_output, uncond, guidance, sigmas, step_index,
-                                                     parameterization, guidance_rescale, noise, std::move(generator),
-                                                     sample_offset, return_pred_x0, out);
-  return {out, x0};
 }
 
 // ------------------------------------------------------------------------------------------ flow loss
@@ -528,6 +502,13 @@ at::Tensor flow_loss_backward_kernel(const at::Tensor& grad_loss, const at::Tens
 }
 
 // ------------------------------------------------------------------------------------------ registration
+// An op's *_out kernel and its functional form (`Functional`).
+template <auto OutKernel, typename Ops = Operands<>>
+void impl_with_out(torch::Library& m, const std::string& name) {
+  m.impl(name.c_str(), &Functional<OutKernel, Ops>::call);
+  m.impl((name + "_out").c_str(), OutKernel);
+}
+
 template <typename K>
 void register_kernels(torch::Library& m) {
   m.impl("q_sample", &pair_kernel<K, PairOp::kQSample>);
@@ -544,24 +525,18 @@ void register_kernels(torch::Library& m) {
   m.impl("p_sample_out", &p_sample_out_kernel<K>);
   m.impl("diffusion_loss", &diffusion_loss_kernel<K>);
   m.impl("diffusion_loss_backward", &diffusion_loss_backward_kernel<K>);
-  m.impl("ddim_step", &ddim_step_kernel<K>);
-  m.impl("ddim_step_out", &ddim_step_out_kernel<K>);
-  m.impl("ddpm_step", &ddpm_step_kernel<K>);
-  m.impl("ddpm_step_out", &ddpm_step_out_kernel<K>);
-  m.impl("flow_interpolate", &flow_interpolate_kernel<K>);
-  m.impl("flow_interpolate_out", &flow_interpolate_out_kernel<K>);
+  // the steps' outputs take the result dtype of x_t, model_output and noise (step_result_type)
+  impl_with_out<&ddim_step_out_kernel<K>, Operands<0, 3, 14>>(m, "ddim_step");
+  impl_with_out<&ddpm_step_out_kernel<K>, Operands<0, 3, 12>>(m, "ddpm_step");
+  impl_with_out<&flow_interpolate_out_kernel<K>>(m, "flow_interpolate");
   m.impl("flow_interpolate_backward", &flow_interpolate_backward_kernel<K>);
-  m.impl("flow_step", &flow_step_kernel<K>);
-  m.impl("flow_step_out", &flow_step_out_kernel<K>);
-  m.impl("euler_step", &euler_step_kernel<K>);
-  m.impl("euler_step_out", &euler_step_out_kernel<K>);
-  m.impl("euler_ancestral_step", &euler_ancestral_step_kernel<K>);
-  m.impl("euler_ancestral_step_out", &euler_ancestral_step_out_kernel<K>);
+  impl_with_out<&flow_step_out_kernel<K>>(m, "flow_step");
+  impl_with_out<&euler_step_out_kernel<K>>(m, "euler_step");
+  impl_with_out<&euler_ancestral_step_out_kernel<K>>(m, "euler_ancestral_step");
   m.impl("flow_loss", &flow_loss_kernel<K>);
   m.impl("flow_loss_backward", &flow_loss_backward_kernel<K>);
   // the multistep-solver family (csrc/solver_host.h)
-  m.impl("solver_step", &solver_step_kernel<K>);
-  m.impl("solver_step_out", &solver_step_out_kernel<K>);
+  impl_with_out<&solver_step_out_kernel<K>>(m, "solver_step");
 }
 
 }  // namespace ddpm

@@ -1,10 +1,9 @@
 // The host side of solver_step (csrc/solver.h), shared by the CPU and CUDA backends as csrc/host_ops.h: argument
-// checks, the kernel layout of the state tensors, and the functional form on the _out form.
+// checks and the kernel layout of the state tensors (its functional form: `Functional` in csrc/host_ops.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 
 #include <optional>
 #include <utility>
@@ -117,20 +116,6 @@ void solver_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_ou
   if (history.has_value() && !ring.is_same(*history)) history->copy_(ring);
   if (last_sample.has_value() && !last.is_same(*last_sample)) last_sample->copy_(last);
   if (!target.is_same(out)) out.copy_(target);
-}
-
-template <typename K>
-at::Tensor solver_step_kernel(const at::Tensor& sample, const at::Tensor& model_output,
-                              const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
-                              const at::Tensor& coefficients, const at::Tensor& step_index,
-                              const std::optional<at::Tensor>& history, const std::optional<at::Tensor>& last_sample,
-                              bool stochastic, std::optional<double> clip_range, double guidance_rescale,
-                              const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
-                              int64_t sample_offset) {
-  at::Tensor out = at::empty_like(sample);
-  solver_step_out_kernel<K>(sample, model_output, uncond, guidance, coefficients, step_index, history, last_sample,
-                            stochastic, clip_range, guidance_rescale, noise, std::move(generator), sample_offset, out);
-  return out;
 }
 
 }  // namespace ddpm

@@ -21,8 +21,26 @@ SAMPLERS = ("ddim", "ddpm")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
 
+class _Guided:
+    """The guidance properties shared by the step options (``guided``, ``guidance_rescale`` fields)."""
+
+    @property
+    def rescaled(self) -> bool:
+        """Lin et al. 2023's std-rescale of the guided output applies (``guided`` and ``guidance_rescale > 0``)."""
+        return self.guided and self.guidance_rescale > 0
+
+
+class _Thresholded(_Guided):
+    """`_Guided`, and the dynamic-thresholding property of the options with a ``threshold_ratio`` field."""
+
+    @property
+    def thresholded(self) -> bool:
+        """x0 is dynamically thresholded (a per-sample quantile first) instead of clipped."""
+        return self.threshold_ratio is not None
+
+
 @dataclasses.dataclass(frozen=True)
-class StepOptions:
+class StepOptions(_Thresholded):
     """The scalar options of one sampler step (the sampler-step family), validated and canonical.
 
     One frozen, hashable object travels from the public op to every backend instead of a dozen positional
@@ -63,18 +81,9 @@ class StepOptions:
         """The step has a noise term (DDIM only with ``eta > 0``)."""
         return self.sampler == "ddpm" or self.eta > 0
 
-    @property
-    def rescaled(self) -> bool:
-        return self.guided and self.guidance_rescale > 0
-
-    @property
-    def thresholded(self) -> bool:
-        """x0 is dynamically thresholded (a per-sample quantile first) instead of clipped."""
-        return self.threshold_ratio is not None
-
 
 @dataclasses.dataclass(frozen=True)
-class FlowStepOptions:
+class FlowStepOptions(_Guided):
     """The scalar options of one flow-matching Euler step (``flow_step``), validated and canonical.
 
     ``stochastic``: re-noise to ``sigma_next`` (``x0 = x - sigma v; x' = (1 - sigma_next) x0 + sigma_next z``)
@@ -87,13 +96,9 @@ class FlowStepOptions:
     guided: bool = False
     guidance_rescale: float = 0.0
 
-    @property
-    def rescaled(self) -> bool:
-        return self.guided and self.guidance_rescale > 0
-
 
 @dataclasses.dataclass(frozen=True)
-class EulerStepOptions:
+class EulerStepOptions(_Guided):
     """The scalar options of one Euler-family step on a sigma table (``euler_step``, ``euler_ancestral_step``;
     diffusers' ``EulerDiscreteScheduler`` / ``EulerAncestralDiscreteScheduler``), validated and canonical.
 
@@ -116,13 +121,9 @@ class EulerStepOptions:
     def adds_noise(self) -> bool:
         return self.sampler == "euler_ancestral" or self.s_churn > 0
 
-    @property
-    def rescaled(self) -> bool:
-        return self.guided and self.guidance_rescale > 0
-
 
 @dataclasses.dataclass(frozen=True)
-class SolverStepOptions:
+class SolverStepOptions(_Thresholded):
     """The scalar options of one step of the multistep-solver family (``solver_step``: DPM-Solver(++), UniPC,
     LCM, ... as rows of a coefficient table), validated and canonical.
 
@@ -142,14 +143,6 @@ class SolverStepOptions:
     @property
     def adds_noise(self) -> bool:
         return self.stochastic
-
-    @property
-    def rescaled(self) -> bool:
-        return self.guided and self.guidance_rescale > 0
-
-    @property
-    def thresholded(self) -> bool:
-        return self.threshold_ratio is not None
 
 
 @dataclasses.dataclass(frozen=True)

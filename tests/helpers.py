@@ -2,6 +2,7 @@
 float64 math, the rule of docs/design.md, "Tolerances", that checks a fused backend against the reference, and
 small GPU and Triton helpers."""
 
+import importlib.util
 import itertools
 import math
 import warnings
@@ -164,6 +165,31 @@ def compiled_backends():
         ],
     )
     return extension, mark, ["cpu", cuda]
+
+
+# the devices of a compiled family's tests: "cpu", and "cuda" (marked ``gpu``; `device_backend` skips it where no
+# GPU is present)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def compiled_family(operator: str, what: str):
+    """For a module testing one family of compiled operators: ``(extension, pytestmark)``. ``pytestmark`` skips
+    the module without the CPU extension or without ``torch.ops.ddpm_kernels.<operator>`` (``what`` names the
+    family in the reason). Skips the calling module when the extension cannot be imported."""
+    extension = pytest.importorskip("ddpm_kernels.extension")
+    mark = pytest.mark.skipif(
+        extension.CPU_BACKEND.unavailable_reason(torch.device("cpu"), torch.float32) is not None
+        or not hasattr(torch.ops.ddpm_kernels, operator),
+        reason=f"CPU extension ({what}) not built: {extension.load_error}",
+    )
+    return extension, mark
+
+
+def device_backend(device):
+    """The compiled backend of a `DEVICES` entry (the device's name); skips the test for "cuda" without a GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return device
 
 
 def assert_thread_independent(run):
@@ -348,6 +374,11 @@ def sync_guard(monkeypatch, allowed=()):
 
 
 # ------------------------------------------------------------------------------------ diffusers drop-ins
+# diffusers' beta sigmas (use_beta_sigmas) need scipy
+HAS_SCIPY = importlib.util.find_spec("scipy") is not None
+needs_scipy = pytest.mark.skipif(not HAS_SCIPY, reason="beta sigmas need scipy")
+
+
 def _outcome(call, scheduler):
     try:
         return call(scheduler), None
@@ -409,6 +440,31 @@ def fail_on_sync(monkeypatch):
 
     monkeypatch.setattr(_common, "on_host", lambda tensor: False)
     return sync_guard(monkeypatch, {"_check_step_index"})
+
+
+def assert_stock_reads_the_device(arm, stock, *calls):
+    """The sync guard is not vacuous: after ``stock.set_timesteps(5)`` and ``arm()`` (a `sync_guard`), each
+    ``call(stock, t)`` with the second timestep ``t`` reads a tensor's values on the host (the guard raises)."""
+    stock.set_timesteps(5)
+    t = stock.timesteps[1]
+    arm()
+    for call in calls:
+        with pytest.raises(AssertionError, match="host sync"):
+            call(stock, t)
+
+
+def assert_stock_step_errors(refused, fresh, steps, shape):
+    """A drop-in's step raises the stock step's errors: ``refused`` (a config whose prediction type the step does
+    not take), after ``set_timesteps(steps)``, the ``prediction_type`` ValueError (warnings silenced: the call
+    takes the stock path), and ``fresh`` (no ``set_timesteps``) the ``set_timesteps`` one."""
+    refused.set_timesteps(steps)
+    x = torch.zeros(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="prediction_type"):
+            refused.step(x, refused.timesteps[0], x)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        fresh.step(x, 10, x)
 
 
 # ----------------------------------------------------------------------------------- drop-in scheduler loops

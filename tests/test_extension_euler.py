@@ -21,26 +21,13 @@ import ddpm_kernels as dk
 from ddpm_kernels import backends
 from ddpm_kernels import reference as R
 from ddpm_kernels._spec import EulerStepOptions
-from helpers import assert_matches, make_inputs
+from helpers import DEVICES, DTYPES, assert_matches, compiled_family, device_backend, make_inputs
 
-extension = pytest.importorskip("ddpm_kernels.extension")
-pytestmark = pytest.mark.skipif(
-    extension.CPU_BACKEND.unavailable_reason(torch.device("cpu"), torch.float32) is not None
-    or not hasattr(torch.ops.ddpm_kernels, "euler_step"),
-    reason=f"CPU extension (with the Euler steps) not built: {extension.load_error}",
-)
+extension, pytestmark = compiled_family("euler_step", "with the Euler steps")
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 STEPS = (dk.euler_step, dk.euler_ancestral_step)
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 ops = torch.ops.ddpm_kernels
-
-
-def _backend(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    return device
 
 
 def _table(device, dtype=torch.float32):
@@ -87,7 +74,7 @@ RESCALE_SHAPES = [(3, 4, 9, 11), (2, 33), (5, 3, 7)]
 def test_guided_with_rescale_matches_reference(device, dtype, step):
     """The guidance rescale's reduction pass before the Euler samplers, per-sample scales and step indices, odd
     shapes, every prediction type."""
-    backend = _backend(device)
+    backend = device_backend(device)
     sigmas = _table(device)
     for shape in RESCALE_SHAPES:
         x, c, u, z = make_inputs(shape, 4, dtype, device=device, seed=shape[0])
@@ -121,7 +108,7 @@ def test_unguided_cpu_step_is_the_float32_reference_exactly(step):
 def test_bad_index_is_nan(device):
     """An index outside [0, len - 1) gives NaN for its sample only (step and x0), never a read outside the table
     (the public ops refuse such CPU indices, so the operators are called directly)."""
-    _backend(device)
+    device_backend(device)
     x, c, z = make_inputs((5, 3, 4), 3, torch.float32, seed=1, device=device)
     sigmas = _table(device)
     index = torch.tensor([-1, 0, 6, 5, 2**40], device=device)
@@ -145,7 +132,7 @@ def test_bad_index_is_nan(device):
 def test_churn_only_inside_bounds(device, dtype):
     """Churn is decided per sample in the kernel: samples with s_tmin <= sigma <= s_tmax (bounds inclusive, equal
     to table sigmas that need all 53 bits in float64) get it, the others take the plain Euler step."""
-    backend = _backend(device)
+    backend = device_backend(device)
     sigmas = _table(device, dtype)
     s_tmin, s_tmax = float(sigmas[4]), float(sigmas[1])
     x, v, z = make_inputs((6, 2, 3, 5), 3, dtype, seed=2, device=device)
@@ -206,7 +193,7 @@ def _drawn_churn(shape, device, generator):
 def test_noise_is_the_flow_step_stream(device):
     """Ancestral and churn noise is the stream the stochastic flow step (and p_sample) draws from the same
     generator state, for per-sample sizes that are and are not multiples of 4."""
-    _backend(device)
+    device_backend(device)
     for shape in ((4, 2, 9), (3, 4, 8)):
         flow = _flow_noise(shape, device, _gen(device, 3)).double()
         torch.testing.assert_close(_drawn_ancestral(shape, device, _gen(device, 3)), flow, rtol=1e-5, atol=1e-6)
@@ -217,7 +204,7 @@ def test_noise_is_the_flow_step_stream(device):
 def test_noise_reproducible_fresh_and_advancing_as_the_flow_step(device):
     """The same generator state draws the same noise; consecutive steps draw fresh noise; every drawing step
     (an empty batch included) advances the generator exactly as one stochastic flow step does."""
-    _backend(device)
+    device_backend(device)
     shape = (5, 3, 7)
     for draw in (_drawn_ancestral, _drawn_churn):
         gen = _gen(device, 7)
@@ -236,7 +223,7 @@ def test_noise_reproducible_fresh_and_advancing_as_the_flow_step(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_step_without_noise_leaves_generator_alone(device):
-    _backend(device)
+    device_backend(device)
     x, c = make_inputs((2, 8), 2, torch.float32, seed=6, device=device)
     gen = _gen(device, 1)
     state = gen.get_state()
@@ -252,7 +239,7 @@ def test_step_without_noise_leaves_generator_alone(device):
 def test_drawn_noise_step_equals_step_with_that_noise(device, step):
     """The step with in-kernel noise is the step with that noise passed in (recovered from a zero-input step on
     the same generator state), on non-trivial inputs, guided with rescale; sample_offset shifts the rows."""
-    _backend(device)
+    device_backend(device)
     shape = (4, 3, 5)
     x, c, u = make_inputs(shape, 3, torch.float32, seed=4, device=device)
     sigmas, index = _table(device), torch.tensor([0, 1, 2, 0], device=device)
@@ -279,7 +266,7 @@ def test_drawn_noise_step_equals_step_with_that_noise(device, step):
 @pytest.mark.parametrize("step", STEPS, ids=lambda s: s.__name__)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_channels_last(device, step, dtype):
-    _backend(device)
+    device_backend(device)
     x, c, u, z = (t.contiguous(memory_format=torch.channels_last)
                   for t in make_inputs((3, 4, 5, 3), 4, dtype, seed=7, device=device))
     sigmas, index = _table(device), _index(3, device)
@@ -303,7 +290,7 @@ def test_channels_last(device, step, dtype):
 @pytest.mark.parametrize("step", STEPS, ids=lambda s: s.__name__)
 @pytest.mark.parametrize("return_pred_x0", [False, True])
 def test_out_and_in_place(device, step, return_pred_x0):
-    _backend(device)
+    device_backend(device)
     x, c, z = (t.contiguous(memory_format=torch.channels_last)
                for t in make_inputs((2, 3, 4, 5), 3, torch.float32, seed=8, device=device))
     sigmas, index = _table(device), _index(2, device)
@@ -331,7 +318,7 @@ def test_out_and_in_place(device, step, return_pred_x0):
 def test_batched_cond_uncond_and_inputs_that_require_grad(device):
     """A (2B, ...) [uncond; cond] output is the step with uncond= given; sampling only: inputs that require grad
     run detached."""
-    _backend(device)
+    device_backend(device)
     x = make_inputs((3, 8, 5), 1, torch.float32, seed=9, device=device)[0][:, ::2]
     uncond, cond = make_inputs((3, 4, 5), 2, torch.float32, seed=10, device=device)
     kw = dict(guidance_scale=torch.tensor([2.0, 6.0, 1.0], device=device), guidance_rescale=0.5, s_churn=1.0,
@@ -345,7 +332,7 @@ def test_batched_cond_uncond_and_inputs_that_require_grad(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
-    _backend(device)
+    device_backend(device)
     x = torch.zeros(0, 3, device=device)
     index = torch.zeros(0, dtype=torch.int64, device=device)
     got, x0 = dk.euler_ancestral_step(x, x, _table(device), index, return_pred_x0=True, backend=device)
@@ -408,7 +395,7 @@ def _operator_cases(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 def test_opcheck(device, dtype):
-    _backend(device)
+    device_backend(device)
     for op, args in _operator_cases(device, dtype):
         torch.library.opcheck(op, args)
 
@@ -418,7 +405,7 @@ def test_opcheck(device, dtype):
 def test_torch_compile_fullgraph(device, compiler):
     """The public Euler steps under torch.compile(fullgraph=True): the compiled backend's operators in the graph,
     eager's values, the in-place step exactly, drawn noise a step of the right shape."""
-    backend = _backend(device)
+    backend = device_backend(device)
     graphs = []
 
     def recording(gm, example_inputs):

@@ -12,23 +12,9 @@ import pytest
 import torch
 
 import ddpm_kernels as dk
-from helpers import assert_matches, make_inputs, ulp
+from helpers import DEVICES, DTYPES, assert_matches, compiled_family, device_backend, make_inputs, ulp
 
-extension = pytest.importorskip("ddpm_kernels.extension")
-pytestmark = pytest.mark.skipif(
-    extension.CPU_BACKEND.unavailable_reason(torch.device("cpu"), torch.float32) is not None
-    or not hasattr(torch.ops.ddpm_kernels, "flow_step"),
-    reason=f"CPU extension (with the flow-matching kernels) not built: {extension.load_error}",
-)
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def _backend(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    return device
+extension, pytestmark = compiled_family("flow_step", "with the flow-matching kernels")
 
 
 def _sigmas(shape, layout, generator, device, lo=0.05, hi=0.95):
@@ -72,7 +58,7 @@ def _ids(layouts):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,layout,fmt", LAYOUTS, ids=_ids(LAYOUTS))
 def test_interpolate_matches_reference(device, dtype, shape, layout, fmt):
-    backend = _backend(device)
+    backend = device_backend(device)
     g = torch.Generator().manual_seed(1)
     x0, noise = _data(shape, 2, dtype, fmt, device)
     sigma = _sigmas(shape, layout, g, device)
@@ -120,7 +106,7 @@ STEP_OPTIONS = [
 @pytest.mark.parametrize("guided,rescale,stochastic,table", STEP_OPTIONS)
 @pytest.mark.parametrize("shape,layout,fmt", LAYOUTS, ids=_ids(LAYOUTS))
 def test_step_matches_reference(device, dtype, guided, rescale, stochastic, table, shape, layout, fmt):
-    backend = _backend(device)
+    backend = device_backend(device)
     if table and layout != "sample":
         pytest.skip("the table form gives one sigma per sample")
     if rescale and shape[1:] == (1,):
@@ -137,7 +123,7 @@ def test_step_matches_reference(device, dtype, guided, rescale, stochastic, tabl
 @pytest.mark.parametrize("loss_type", ["l2", "l1"])
 @pytest.mark.parametrize("shape,layout,fmt", LAYOUTS[:1] + LAYOUTS[2:6] + LAYOUTS[7:8], ids=_ids(LAYOUTS[:1] + LAYOUTS[2:6] + LAYOUTS[7:8]))
 def test_loss_and_gradient_match_reference(device, dtype, weighting, loss_type, shape, layout, fmt):
-    backend = _backend(device)
+    backend = device_backend(device)
     g = torch.Generator().manual_seed(3)
     mo, x0, noise = _data(shape, 3, dtype, fmt, device)
     sigma = _sigmas(shape, layout, g, device)
@@ -174,7 +160,7 @@ def _raw_step(sample, model_output, sigmas, step_index, stochastic=False, noise=
 def test_step_index_out_of_range_gives_nan(device):
     """The public op refuses a CPU step index out of range; the kernels themselves give NaN for that sample and
     never read outside the table, whatever the index."""
-    _backend(device)
+    device_backend(device)
     sample, cond = make_inputs((5, 3, 33), 2, torch.float32, device=device)
     sigmas = torch.linspace(1, 0, 5, device=device)
     step_index = torch.tensor([0, -1, 4, 3, 2**62], device=device)
@@ -191,7 +177,7 @@ def test_step_index_out_of_range_gives_nan(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_step_in_place(device, fmt):
-    backend = _backend(device)
+    backend = device_backend(device)
     sample, cond, kwargs = _step_kwargs((2, 3, 8, 9), "sample", torch.float32, fmt, device, True, 0.5, True, True)
     expected = dk.flow_step(sample, cond, backend=backend, **kwargs)
     x = sample.clone()
@@ -206,7 +192,7 @@ def test_step_in_place(device, fmt):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_interpolate_in_place_and_out(device):
-    backend = _backend(device)
+    backend = device_backend(device)
     x0, noise = make_inputs((3, 4, 17), 2, torch.float32, device=device)
     sigma = torch.rand(3, 4, 1, device=device)
     expected = dk.flow_interpolate(x0, noise, sigma, backend="reference")
@@ -221,7 +207,7 @@ def test_interpolate_in_place_and_out(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_guidance_from_a_batched_output(device):
     """A (2B, ...) model output is [uncond; cond]: the same step as uncond= given separately."""
-    backend = _backend(device)
+    backend = device_backend(device)
     sample, cond, uncond = make_inputs((3, 4, 20), 3, torch.float32, device=device)
     sigmas = torch.linspace(1, 0, 8, device=device)
     step_index = torch.tensor([0, 3, 6], device=device)
@@ -236,7 +222,7 @@ def test_guidance_from_a_batched_output(device):
 def test_guidance_rescale_with_a_large_mean(device):
     """The per-sample std of the rescale is taken around a shift, not from raw sums of squares: a mean a
     thousand times the spread still gives the reference's factor."""
-    backend = _backend(device)
+    backend = device_backend(device)
     shape = (2, 4, 64, 64)
     sample, cond, uncond = make_inputs(shape, 3, torch.float64, device=device)
     cond, uncond = cond * 0.01 + 30.0, uncond * 0.01 + 30.0
@@ -260,7 +246,7 @@ def _pure_noise(shape, device, generator):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_in_kernel_noise_reproducible_from_generator_state(device):
-    _backend(device)
+    device_backend(device)
     shape = (3, 4, 33, 17)
     g = torch.Generator(device).manual_seed(11)
     a = _pure_noise(shape, device, g)
@@ -282,7 +268,7 @@ def test_in_kernel_noise_reproducible_from_generator_state(device):
 def test_in_kernel_noise_is_the_sampler_steps_stream(device):
     """A stochastic flow step draws exactly the normals p_sample (and the sampler steps) draw from the same
     generator state, and advances the generator as they do."""
-    backend = _backend(device)
+    backend = device_backend(device)
     shape = (2, 3, 8, 8)
     schedule = dk.DiffusionSchedule("linear", 100).to(device)
     x = torch.zeros(shape, device=device)
@@ -335,7 +321,7 @@ def _operator_cases(device, dtype=torch.float32):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 def test_opcheck(device, dtype):
-    _backend(device)
+    device_backend(device)
     for op, args in _operator_cases(device, dtype):
         if op in (torch.ops.ddpm_kernels.flow_interpolate.default, torch.ops.ddpm_kernels.flow_loss.default):
             differentiable = (0, 1) if op is torch.ops.ddpm_kernels.flow_interpolate.default else (0,)
@@ -347,7 +333,7 @@ def test_opcheck(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["sample", "token"])
 def test_gradcheck_fp64(device, layout):
-    backend = _backend(device)
+    backend = device_backend(device)
     shape = (2, 3, 5)
     x0, noise, mo = (t.requires_grad_() for t in make_inputs(shape, 3, torch.float64, device=device))
     sigma = _sigmas(shape, layout, torch.Generator().manual_seed(0), device)
@@ -376,7 +362,7 @@ def test_grad_of_sigma_is_refused_by_the_operator_and_served_by_the_reference():
 def test_torch_compile_fullgraph(device, compiler):
     """The public flow ops under torch.compile(fullgraph=True): the compiled backend's operators in the graph,
     eager's values, the step in place, and a training step through the interpolant and the loss."""
-    backend = _backend(device)
+    backend = device_backend(device)
     graphs = []
 
     def recording(gm, example_inputs):

@@ -212,17 +212,22 @@ class DDPM(nn.Module):
             raise NotImplementedError(f"unknown loss type '{self.loss_type}'")
         return loss
 
+    def loss_target(self, x_start, noise, t):
+        """The regression target of both ``p_losses`` by parameterization (ldm writes this chain in each)."""
+        if self.parameterization == "eps":
+            return noise
+        if self.parameterization == "x0":
+            return x_start
+        if self.parameterization == "v":
+            return self.get_v(x_start, noise, t)
+        raise NotImplementedError(f"unknown parameterization '{self.parameterization}'")
+
     def p_losses(self, x_start, t, noise=None):
         noise = default(noise, lambda: torch.randn_like(x_start))
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         model_out = self.model(x_noisy, t)
         loss_dict = {}
-        if self.parameterization == "eps":
-            target = noise
-        elif self.parameterization == "x0":
-            target = x_start
-        elif self.parameterization == "v":
-            target = self.get_v(x_start, noise, t)
+        target = self.loss_target(x_start, noise, t)
         loss = self.get_loss(model_out, target, mean=False).mean(dim=[1, 2, 3])
         log_prefix = "train" if self.training else "val"
         loss_dict.update({f"{log_prefix}/loss_simple": loss.mean()})
@@ -273,12 +278,7 @@ class LatentDiffusion(DDPM):
         model_output = self.apply_model(x_noisy, t, cond)
         loss_dict = {}
         prefix = "train" if self.training else "val"
-        if self.parameterization == "x0":
-            target = x_start
-        elif self.parameterization == "eps":
-            target = noise
-        elif self.parameterization == "v":
-            target = self.get_v(x_start, noise, t)
+        target = self.loss_target(x_start, noise, t)
         loss_simple = self.get_loss(model_output, target, mean=False).mean([1, 2, 3])
         loss_dict.update({f"{prefix}/loss_simple": loss_simple.mean()})
         logvar_t = self.logvar[t].to(x_start.device)

@@ -14,7 +14,8 @@ from ddpm_kernels import ops  # noqa: E402
 from ddpm_kernels.integrations.diffusers import ddpm as dkd  # noqa: E402  (the module whose globals tests patch)
 from ddpm_kernels.integrations.diffusers import FusedDDIMScheduler, FusedDDPMScheduler  # noqa: E402
 from helpers import (  # noqa: E402
-    GENERATOR_FORMS, check_same_as_stock, generator_form, generator_state, sync_guard, warned_stock_path,
+    GENERATOR_FORMS, assert_stock_reads_the_device, check_same_as_stock, generator_form, generator_state, sync_guard,
+    warned_stock_path,
 )
 
 PREDICTIONS = ["epsilon", "sample", "v_prediction"]
@@ -595,13 +596,9 @@ def test_step_has_no_host_sync(fail_on_sync, in_kernel_noise):
 
 def test_sync_guard_catches_the_stock_scheduler(fail_on_sync):
     """The guard is not vacuous: the stock DDPM step reads the timestep (t > 0, nonzero())."""
-    stock = diffusers.DDPMScheduler()
-    stock.set_timesteps(5)
-    t = stock.timesteps[1]
-    x = torch.randn(SHAPE)
-    fail_on_sync()
-    with pytest.raises(AssertionError, match="host sync"):
-        stock.step(torch.randn(SHAPE), t, x)
+    x, model_output = torch.randn(SHAPE), torch.randn(SHAPE)
+    assert_stock_reads_the_device(fail_on_sync, diffusers.DDPMScheduler(),
+                                  lambda stock, t: stock.step(model_output, t, x))
 
 
 @pytest.mark.gpu

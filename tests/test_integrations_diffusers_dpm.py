@@ -15,10 +15,12 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DPMSolverMultistepScheduler  # noqa: E402
 
 from ddpm_kernels.integrations.diffusers import FusedDPMSolverMultistepScheduler  # noqa: E402
-from ddpm_kernels.integrations.diffusers import _common  # noqa: E402  (whose on_host tests replace)
 from ddpm_kernels.integrations.diffusers import _solver  # noqa: E402  (whose ring allocation a test counts)
 from ddpm_kernels.solvers import new_history, solver_step  # noqa: E402
-from helpers import assert_close_to_stock, scheduler_model, scheduler_pair, sync_guard  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_close_to_stock, assert_stock_reads_the_device, scheduler_model, scheduler_pair,
+    fail_on_sync,  # noqa: F401  (a fixture)
+)
 
 SHAPE = (2, 3, 6, 5)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -311,22 +313,33 @@ def test_unsupported_calls_take_the_stock_path_with_one_warning():
             run_loop(fused)
 
 
-@pytest.mark.parametrize("order", [2, 3])
-def test_a_stock_step_mid_loop_takes_over_the_history(order):
-    """A call the fused step does not take (here a model output that broadcasts) in the middle of a loop: the
-    stock path gets the ring's outputs as its list and keeps the rest of the loop, as stock would run it."""
-    stock, fused = pair(dict(SD, solver_order=order, lower_order_final=False), 10)
+def _run_both(stock, fused, loop):
+    """``loop(scheduler, x)`` on the stock and on the fused scheduler from the same start sample: ``(stock's
+    result, fused's result)`` and the warnings of the fused run."""
     results = []
     for s in (stock, fused):
         x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for k, t in enumerate(s.timesteps):
-                y = model(x, t)
-                x = s.step(y[:1] if k == 5 else y, t, x).prev_sample
-        results.append(x)
+            results.append(loop(s, x))
+    return results, caught
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_a_stock_step_mid_loop_takes_over_the_history(order):
+    """A call the fused step does not take (here a model output that broadcasts) in the middle of a loop: the
+    stock path gets the ring's outputs as its list and keeps the rest of the loop, as stock would run it."""
+    stock, fused = pair(dict(SD, solver_order=order, lower_order_final=False), 10)
+
+    def loop(s, x):
+        for k, t in enumerate(s.timesteps):
+            y = model(x, t)
+            x = s.step(y[:1] if k == 5 else y, t, x).prev_sample
+        return x
+
+    (expected, got), caught = _run_both(stock, fused, loop)
     assert len([w for w in caught if "stock" in str(w.message)]) == 1
-    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("order", [2, 3])
@@ -336,21 +349,22 @@ def test_state_set_from_outside_gives_the_stock_order(order):
     by hand no longer says which slot holds the last output, and the stock path takes over with the ring's
     outputs as its list."""
     stock, fused = pair(dict(SD, solver_order=order, lower_order_final=False), 12)
-    xs = []
-    for s in (stock, fused):
-        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for k in list(range(6)) + [None, 3, 4, 5, 6, 7]:
-                if k is None:  # rewind to index 3 as if one step had been taken
-                    s._step_index, s.lower_order_nums = 3, 1
-                    continue
-                t = s.timesteps[k]
-                x = s.step(model(x, t), t, x).prev_sample
-                xs.append(x)
+
+    def loop(s, x):
+        xs = []
+        for k in list(range(6)) + [None, 3, 4, 5, 6, 7]:
+            if k is None:  # rewind to index 3 as if one step had been taken
+                s._step_index, s.lower_order_nums = 3, 1
+                continue
+            t = s.timesteps[k]
+            x = s.step(model(x, t), t, x).prev_sample
+            xs.append(x)
+        return xs
+
+    (expected, got), caught = _run_both(stock, fused, loop)
     assert len([w for w in caught if "stock" in str(w.message)]) == (order == 3)
-    half = len(xs) // 2
-    for a, b in zip(xs[half:], xs[:half]):
+    assert len(got) == len(expected) == 11
+    for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -368,14 +382,6 @@ def test_call_forms():
     fresh = FusedDPMSolverMultistepScheduler(**SD)
     with pytest.raises(ValueError, match="set_timesteps"):  # the stock error
         fresh.step(x, 999, x)
-
-
-@pytest.fixture
-def fail_on_sync(monkeypatch):
-    """Make every value-reading Tensor method raise, as a device tensor read would sync, and treat CPU tensors
-    as device tensors (the op's step-index range check runs on CPU tensors only, where it is free)."""
-    monkeypatch.setattr(_common, "on_host", lambda tensor: False)
-    return sync_guard(monkeypatch, {"_check_step_index"})
 
 
 def test_step_has_no_host_sync(fail_on_sync):
@@ -400,12 +406,8 @@ def test_step_has_no_host_sync(fail_on_sync):
 
 def test_sync_guard_catches_the_stock_scheduler(fail_on_sync):
     """The guard is not vacuous: the stock first lookup reads the timesteps (nonzero().item())."""
-    stock = DPMSolverMultistepScheduler(**SD)
-    stock.set_timesteps(5)
-    t = stock.timesteps[1]
-    fail_on_sync()
-    with pytest.raises(AssertionError, match="host sync"):
-        stock.step(torch.zeros(SHAPE), t, torch.zeros(SHAPE))
+    assert_stock_reads_the_device(fail_on_sync, DPMSolverMultistepScheduler(**SD),
+                                  lambda stock, t: stock.step(torch.zeros(SHAPE), t, torch.zeros(SHAPE)))
 
 
 @pytest.mark.gpu

@@ -18,16 +18,11 @@ from ddpm_kernels.integrations.diffusers import (  # noqa: E402
     FusedEulerAncestralDiscreteScheduler,
     FusedEulerDiscreteScheduler,
 )
-from helpers import check_same_as_stock, fail_on_sync, warned_stock_path  # noqa: E402,F401  (fail_on_sync: a fixture)
+from helpers import (  # noqa: E402
+    assert_stock_reads_the_device, check_same_as_stock, needs_scipy, warned_stock_path,
+    fail_on_sync,  # noqa: F401  (a fixture)
+)
 
-try:
-    import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
-
-    HAS_SCIPY = True
-except ImportError:
-    HAS_SCIPY = False
-
-needs_scipy = pytest.mark.skipif(not HAS_SCIPY, reason="beta sigmas need scipy")
 SHAPE = (2, 4, 6, 5)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 EULER = (EulerDiscreteScheduler, FusedEulerDiscreteScheduler)
@@ -388,12 +383,8 @@ def test_step_and_scale_model_input_have_no_host_sync(fail_on_sync):
 
 def test_sync_guard_catches_the_stock_scheduler(fail_on_sync):
     """The guard is not vacuous: the stock first lookup reads the timesteps (nonzero().item())."""
-    stock = EulerDiscreteScheduler(**SD)
-    stock.set_timesteps(5)
-    t = stock.timesteps[1]
-    fail_on_sync()
-    with pytest.raises(AssertionError, match="host sync"):
-        stock.scale_model_input(X, t)
+    assert_stock_reads_the_device(fail_on_sync, EulerDiscreteScheduler(**SD),
+                                  lambda stock, t: stock.scale_model_input(X, t))
 
 
 @pytest.mark.gpu

@@ -21,19 +21,12 @@ from ddpm_kernels import flow as flow_ops  # noqa: E402
 from ddpm_kernels.integrations.diffusers import FusedFlowMatchEulerDiscreteScheduler  # noqa: E402
 from ddpm_kernels.integrations.diffusers import _common  # noqa: E402  (whose on_host tests replace)
 from helpers import (  # noqa: E402
-    GENERATOR_FORMS, check_same_as_stock, fail_on_sync, generator_form, generator_state,  # noqa: F401  (a fixture)
+    GENERATOR_FORMS, assert_stock_reads_the_device, check_same_as_stock, generator_form, generator_state, needs_scipy,
+    fail_on_sync,  # noqa: F401  (a fixture)
 )
-
-try:
-    import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
-
-    HAS_SCIPY = True
-except ImportError:
-    HAS_SCIPY = False
 
 CLASSES = [FlowMatchEulerDiscreteScheduler, FusedFlowMatchEulerDiscreteScheduler]
 over_classes = pytest.mark.parametrize("scheduler_class", CLASSES, ids=["stock", "fused"])
-needs_scipy = pytest.mark.skipif(not HAS_SCIPY, reason="beta sigmas need scipy")
 SHAPE = (2, 4, 6, 5)
 
 
@@ -677,15 +670,10 @@ def _steps_without_sync(schedulers, steps, copies, begin, x, mo, tokens, mo_toke
 
 def test_sync_guard_catches_the_stock_scheduler(fail_on_sync):
     """The guard is not vacuous: the stock first step and scale_noise read the device (nonzero().item())."""
-    stock = FlowMatchEulerDiscreteScheduler()
-    stock.set_timesteps(5)
-    x = torch.randn(SHAPE)
-    t = stock.timesteps[1]
-    fail_on_sync()
-    with pytest.raises(AssertionError, match="host sync"):
-        stock.step(torch.randn(SHAPE), t, x)
-    with pytest.raises(AssertionError, match="host sync"):
-        stock.scale_noise(x, stock.timesteps[:2], x)
+    x, model_output = torch.randn(SHAPE), torch.randn(SHAPE)
+    assert_stock_reads_the_device(fail_on_sync, FlowMatchEulerDiscreteScheduler(),
+                                  lambda stock, t: stock.step(model_output, t, x),
+                                  lambda stock, t: stock.scale_noise(x, stock.timesteps[:2], x))
 
 
 @pytest.mark.gpu

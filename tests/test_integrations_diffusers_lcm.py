@@ -15,8 +15,10 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import LCMScheduler  # noqa: E402
 
 from ddpm_kernels.integrations.diffusers import FusedLCMScheduler  # noqa: E402
-from ddpm_kernels.integrations.diffusers import _common  # noqa: E402
-from helpers import assert_close_to_stock, scheduler_model, scheduler_pair, sync_guard  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_close_to_stock, assert_stock_step_errors, scheduler_model, scheduler_pair,
+    fail_on_sync,  # noqa: F401  (a fixture)
+)
 from test_lcm import lcm64  # noqa: E402  (the float64 step)
 
 SHAPE = (2, 4, 6, 5)
@@ -124,12 +126,6 @@ def test_compatibles_include_the_stock_class():
     assert type(back) is LCMScheduler
 
 
-@pytest.fixture
-def fail_on_sync(monkeypatch):
-    monkeypatch.setattr(_common, "on_host", lambda tensor: False)
-    return sync_guard(monkeypatch, {"_check_step_index"})
-
-
 def test_step_has_no_host_sync(fail_on_sync):
     _, fused = pair(dict(thresholding=True), steps=6)
     view = fused.timesteps[0]
@@ -180,15 +176,7 @@ def test_unsupported_options_take_the_stock_path_with_one_warning():
 
 
 def test_stock_errors_are_the_stock_ones():
-    fused = FusedLCMScheduler(prediction_type="flow_prediction")
-    fused.set_timesteps(4)
-    x = torch.zeros(SHAPE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match="prediction_type"):
-            fused.step(x, fused.timesteps[0], x)
-    with pytest.raises(ValueError, match="set_timesteps"):
-        FusedLCMScheduler().step(x, 10, x)
+    assert_stock_step_errors(FusedLCMScheduler(prediction_type="flow_prediction"), FusedLCMScheduler(), 4, SHAPE)
 
 
 @pytest.mark.parametrize("form", [float, lambda t: t.float(), lambda t: t.double(), lambda t: np.float32(t)],

@@ -17,15 +17,11 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler  # noqa: E402
 
 from ddpm_kernels.integrations.diffusers import FusedUniPCMultistepScheduler  # noqa: E402
-from ddpm_kernels.integrations.diffusers import _common, _solver  # noqa: E402
-from helpers import assert_close_to_stock, scheduler_model, scheduler_pair, sync_guard  # noqa: E402
-
-try:
-    import scipy.stats  # noqa: F401  (diffusers' beta sigmas need it)
-
-    HAS_SCIPY = True
-except ImportError:
-    HAS_SCIPY = False
+from ddpm_kernels.integrations.diffusers import _solver  # noqa: E402
+from helpers import (  # noqa: E402
+    HAS_SCIPY, assert_close_to_stock, assert_stock_reads_the_device, assert_stock_step_errors, scheduler_model,
+    scheduler_pair, fail_on_sync,  # noqa: F401  (a fixture)
+)
 
 SHAPE = (2, 4, 6, 5)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -228,14 +224,6 @@ def test_a_schedule_set_again_reuses_its_table_and_a_changed_one_is_rebuilt(monk
 
 
 # ------------------------------------------------------------------------------------------- no sync, no allocation
-@pytest.fixture
-def fail_on_sync(monkeypatch):
-    """Every value-reading Tensor method raises, as a device read would sync; CPU tensors count as device
-    tensors (except the solver step's own range check of a CPU step index, skipped on a device)."""
-    monkeypatch.setattr(_common, "on_host", lambda tensor: False)
-    return sync_guard(monkeypatch, {"_check_step_index"})
-
-
 def test_step_has_no_host_sync(fail_on_sync):
     schedulers = [pair(c)[1] for c in (CONFIGS["default"], CONFIGS["order3"], CONFIGS["thresholding"],
                                        CONFIGS["flow"])]
@@ -257,13 +245,9 @@ def test_step_has_no_host_sync(fail_on_sync):
 
 def test_sync_guard_catches_the_stock_scheduler(fail_on_sync):
     """The guard is not vacuous: the stock first lookup reads the timesteps (nonzero().item())."""
-    stock = UniPCMultistepScheduler(**SD)
-    stock.set_timesteps(5)
-    t = stock.timesteps[1].clone()
     x = torch.zeros(SHAPE)
-    fail_on_sync()
-    with pytest.raises(AssertionError, match="host sync"):
-        stock.step(x, t, x)
+    assert_stock_reads_the_device(fail_on_sync, UniPCMultistepScheduler(**SD),
+                                  lambda stock, t: stock.step(x, t.clone(), x))
 
 
 def test_no_per_step_allocation_of_state(monkeypatch):
@@ -319,16 +303,8 @@ def test_solver_p_takes_the_stock_path_with_one_warning():
 
 
 def test_stock_errors_are_the_stock_ones():
-    fused = FusedUniPCMultistepScheduler(**SD, prediction_type="flow_prediction", predict_x0=False)
-    fused.set_timesteps(5)
-    x = torch.zeros(SHAPE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match="prediction_type"):
-            fused.step(x, fused.timesteps[0], x)
-    fresh = FusedUniPCMultistepScheduler(**SD)
-    with pytest.raises(ValueError, match="set_timesteps"):
-        fresh.step(x, 10, x)
+    assert_stock_step_errors(FusedUniPCMultistepScheduler(**SD, prediction_type="flow_prediction", predict_x0=False),
+                             FusedUniPCMultistepScheduler(**SD), 5, SHAPE)
 
 
 def test_mismatched_model_output_takes_the_stock_path():

@@ -42,6 +42,12 @@ def _impl(backend, dtype=torch.float32):
     return impl
 
 
+def _device(backend, dtype=torch.float32):
+    """The device of a backend that runs the fused solver step here (skips as `_impl`)."""
+    _impl(backend, dtype)
+    return DEVICE[backend]
+
+
 def _interpreted(backend):
     return backend == "triton" and not GPU
 
@@ -96,8 +102,7 @@ def _state(shape, slots, dtype, device, seed):
 def test_matches_reference(backend, dtype):
     """Every ring size 0..3 and one of 5 (past the slots whose columns the C++ Coef holds, csrc/solver.h), with and
     without the last sample, noise none / given / in-kernel, per-sample rows."""
-    _impl(backend, dtype)
-    device = DEVICE[backend]
+    device = _device(backend, dtype)
     noises = ("none", "given", "kernel")
     for k, (shape, slots) in enumerate(itertools.product(_shapes(backend), (0, 1, 2, 3, 5))):
         noise_mode, with_last = noises[k % 3], k % 2 == 0
@@ -116,8 +121,7 @@ def test_matches_reference(backend, dtype):
 @pytest.mark.parametrize("backend,dtype", backend_params(BACKENDS, [torch.float32, torch.bfloat16]))
 def test_guidance_and_clip(backend, dtype):
     """Guided (two tensors, per-sample scales; the batched [uncond; cond] output), with rescale, and clipped."""
-    _impl(backend, dtype)
-    device = DEVICE[backend]
+    device = _device(backend, dtype)
     shape = _shapes(backend)[0]
     x, c, u = make_inputs(shape, 3, dtype, device=device)
     history, last = _state(shape, 2, dtype, device, 0)
@@ -203,8 +207,7 @@ def test_zero_coefficients_read_nothing_and_bad_rows_give_nan(backend, dtype, sl
 def test_noise_stream_and_generator(backend):
     """In-kernel noise is the stream the reference draws (same generator bookkeeping, sample_offset): equal to
     the step with that noise given; a deterministic step leaves the generator alone."""
-    _impl(backend)
-    device = DEVICE[backend]
+    device = _device(backend)
     shape = (2, 3, 4, 5)
     x, y = make_inputs(shape, 2, torch.float32, device=device)
     table = _table(1, device, density=1.0)
@@ -229,8 +232,7 @@ def test_noise_stream_and_generator(backend):
 # ------------------------------------------------------------------------------------ out=, layouts
 @pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_out_and_in_place(backend):
-    _impl(backend)
-    device = DEVICE[backend]
+    device = _device(backend)
     shape = (3, 2, 5, 7)
     x, y, z = make_inputs(shape, 3, torch.float32, device=device)
     history, last = _state(shape, 2, torch.float32, device, 0)
@@ -252,8 +254,7 @@ def test_out_and_in_place(backend):
 def test_channels_last(backend, ring):
     """NHWC data with the ring in its format (``new_history``) or not (read and written back through a copy),
     noise given and drawn in-kernel (indexed by row-major position), out= in NHWC and in place."""
-    _impl(backend)
-    device = DEVICE[backend]
+    device = _device(backend)
     shape = (2, 3, 5, 4)
     x, y, z, u = (t.to(memory_format=torch.channels_last) for t in make_inputs(shape, 4, torch.float32, device=device))
     history = make_inputs((2,) + shape, 1, torch.float32, device=device)[0]
@@ -279,8 +280,7 @@ def test_channels_last(backend, ring):
 @pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_multistep_loop_matches_reference(backend):
     """A loop of steps 0..STEPS-1 carrying the ring and the last sample: the state stays the reference's."""
-    _impl(backend)
-    device = DEVICE[backend]
+    device = _device(backend)
     shape = (2, 3, 4, 4)
     x, = make_inputs(shape, 1, torch.float32, device=device)
     table = _table(3, device, density=0.8)
@@ -320,8 +320,7 @@ def _launches(backend, fn, monkeypatch):
 
 @pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_one_launch_per_step(backend, monkeypatch):
-    _impl(backend)
-    device = DEVICE[backend]
+    device = _device(backend)
     shape = (2, 3, 8, 8)
     x, y, u = make_inputs(shape, 3, torch.float32, device=device)
     history, last = new_history(x, 2), torch.zeros_like(x)
@@ -341,8 +340,7 @@ def test_loop_with_out_allocates_nothing_per_step(backend):
     """Counted with the profiler's memory events, as tests/test_hardening.py counts the p_sample loop's."""
     from torch.profiler import ProfilerActivity, profile
 
-    _impl(backend)
-    device = DEVICE[backend]
+    device = _device(backend)
     shape = (4, 3, 16, 16)
     step_bytes = math.prod(shape) * 4
     x, y = make_inputs(shape, 2, torch.float32, device=device)
@@ -402,8 +400,7 @@ def test_opcheck_triton(dtype):
 @pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_torch_compile_fullgraph(backend):
     """A step under torch.compile(fullgraph=True): the state mutation and the in-place result as eager."""
-    _impl(backend)
-    device = DEVICE[backend]
+    device = _device(backend)
     shape = (2, 3, 8, 8)
     x, y, u = make_inputs(shape, 3, torch.float32, device=device)
     table, index = _table(2, device), torch.tensor([2, 5], device=device)

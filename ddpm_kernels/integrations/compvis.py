@@ -55,6 +55,22 @@ def _noise_like(shape, device, repeat=False):
     return torch.randn(shape, device=device)
 
 
+def _step_noise(x, repeat_noise, temperature, noise_dropout):
+    """ldm's sampling noise of a step on ``x``: `_noise_like` times ``temperature``, then dropped out with
+    probability ``noise_dropout`` (float32, as ldm draws it)."""
+    noise = _noise_like(x.shape, x.device, repeat_noise) * temperature
+    if noise_dropout > 0.0:
+        noise = torch.nn.functional.dropout(noise, p=noise_dropout)
+    return noise
+
+
+def _corrected(model, model_out, x, t, c, score_corrector, corrector_kwargs):
+    """The model output after ldm's optional ``score_corrector.modify_score(model, ...)``, in ``x``'s dtype."""
+    if score_corrector is not None:
+        model_out = score_corrector.modify_score(model, model_out, x, t, c, **(corrector_kwargs or {}))
+    return _as(model_out, x)
+
+
 class _Patch:
     def __init__(self, model, backend: str):
         self.backend = backend
@@ -273,10 +289,7 @@ def _p_mean_variance_latent(
         return st.originals["p_mean_variance"](
             x, c, t, clip_denoised, return_codebook_ids, quantize_denoised, return_x0, score_corrector, corrector_kwargs
         )
-    model_out = self.apply_model(x, t, c)
-    if score_corrector is not None:
-        model_out = score_corrector.modify_score(self, model_out, x, t, c, **(corrector_kwargs or {}))
-    model_out = _as(model_out, x)
+    model_out = _corrected(self, self.apply_model(x, t, c), x, t, c, score_corrector, corrector_kwargs)
     mean, var, log_var = ops.p_mean_variance(
         x, t, model_out, st.schedule(self), self.parameterization, bool(clip_denoised), backend=st.backend
     )
@@ -317,14 +330,9 @@ def _p_sample_latent(
             score_corrector,
             corrector_kwargs,
         )
-    model_out = self.apply_model(x, t, c)
-    if score_corrector is not None:
-        model_out = score_corrector.modify_score(self, model_out, x, t, c, **(corrector_kwargs or {}))
-    model_out = _as(model_out, x)
+    model_out = _corrected(self, self.apply_model(x, t, c), x, t, c, score_corrector, corrector_kwargs)
     x0 = _x0(self, st, x, t, model_out.clone(), clip_denoised) if return_x0 else None
-    noise = _noise_like(x.shape, x.device, repeat_noise) * temperature
-    if noise_dropout > 0.0:
-        noise = torch.nn.functional.dropout(noise, p=noise_dropout)
+    noise = _step_noise(x, repeat_noise, temperature, noise_dropout)
     out = ops.p_sample(
         x,
         t,
@@ -405,15 +413,11 @@ def _p_sample_ddim(
             score_corrector, corrector_kwargs, unconditional_guidance_scale, unconditional_conditioning, **extra
         )
     model_output = _guided_output(self, x, c, t, unconditional_guidance_scale, unconditional_conditioning)
-    if score_corrector is not None:
-        model_output = score_corrector.modify_score(self.model, model_output, x, t, c, **(corrector_kwargs or {}))
-    model_output = _as(model_output, x)
+    model_output = _corrected(self.model, model_output, x, t, c, score_corrector, corrector_kwargs)
     index = int(index)
     # the previous DDIM timestep; the first one steps to alphas_cumprod[0] (ldm's ddim_alphas_prev[0])
     t_prev = torch.full_like(t, st.ddim_timesteps[index - 1] if index > 0 else -1)
-    noise = _noise_like(x.shape, x.device, repeat_noise) * temperature  # drawn whatever eta, as ldm does
-    if noise_dropout > 0.0:
-        noise = torch.nn.functional.dropout(noise, p=noise_dropout)
+    noise = _step_noise(x, repeat_noise, temperature, noise_dropout)  # drawn whatever eta, as ldm does
     return ops.ddim_step(
         x,
         t,

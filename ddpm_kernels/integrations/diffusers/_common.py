@@ -118,6 +118,15 @@ class _FusedBase:
     in_kernel_noise: bool = False
 
     _stock_name = ""  # the stock class, for messages
+    _make_output = None  # builds the stock step's output dataclass from its field values in order
+
+    def __init_subclass__(cls, output=None, **kwargs):
+        """A drop-in names the stock step's output class (``class Fused...(..., StockScheduler, output=...)``):
+        its `_make_output` (`_output_maker`) and `_stock_name` (its last base, the stock class) follow."""
+        super().__init_subclass__(**kwargs)
+        if output is not None:
+            cls._make_output = staticmethod(_output_maker(output))
+            cls._stock_name = cls.__bases__[-1].__name__
 
     def _dk_warn(self, cause: str, message: str) -> None:
         """One warning per scheduler and cause: a sampling loop would otherwise repeat it every step."""

@@ -54,7 +54,7 @@ from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
 from ... import ops
 from ...schedule import DiffusionSchedule
-from ._common import _device, _FusedBase, _is_real, _output_maker, _randn
+from ._common import _device, _FusedBase, _is_real, _randn
 
 __all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler"]
 
@@ -96,8 +96,6 @@ class _Steps:
 class _FusedSchedulerMixin(_FusedBase):
     """The DDPM / DDIM machinery: the plan, the schedule per device, timestep tensors, add_noise /
     get_velocity."""
-
-    _make_output = None  # builds the stock step's output dataclass from (prev_sample, pred_original_sample)
 
     # ------------------------------------------------------------------ plan
     def _dk_plan_key(self):
@@ -391,12 +389,9 @@ class _FusedSchedulerMixin(_FusedBase):
         return ops.get_v(sample, noise, t, self._dk_schedule(sample.device), backend=self.fused_backend)
 
 
-class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
+class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler, output=DDPMSchedulerOutput):
     """diffusers' ``DDPMScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.ddpm_step`; see the module docstring for what differs."""
-
-    _make_output = staticmethod(_output_maker(DDPMSchedulerOutput))
-    _stock_name = "DDPMScheduler"
 
     def set_timesteps(
         self,
@@ -493,16 +488,13 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
                             return_dict, variance_type=plan.variance_type)
 
 
-class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
+class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler, output=DDIMSchedulerOutput):
     """diffusers' ``DDIMScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.ddim_step`; see the module docstring for what differs.
 
     ``DDIMPipeline.__init__`` converts any scheduler it is given to a stock ``DDIMScheduler``; set
     ``pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)`` after building the pipeline.
     """
-
-    _make_output = staticmethod(_output_maker(DDIMSchedulerOutput))
-    _stock_name = "DDIMScheduler"
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None):
         # computed on the host, so their values are known without reading a device tensor

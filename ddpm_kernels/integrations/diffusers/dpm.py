@@ -50,8 +50,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from ...solvers import solver_step
 from ...solvers._columns import PREDICTION_TYPES
 from ...solvers.dpm import ALGORITHMS, dpm_solver_slots, dpm_solver_table
-from ._common import _device, _output_maker, _randn
-from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
+from ._common import _device, _randn
+from ._solver import _SigmaSolverDropIn, threshold_unsupported
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
 
@@ -68,13 +68,10 @@ class _StepConfig:
     __slots__ = ("order", "sde", "threshold", "output_dtype")
 
 
-class FusedDPMSolverMultistepScheduler(_SolverDropIn, DPMSolverMultistepScheduler):
+class FusedDPMSolverMultistepScheduler(_SigmaSolverDropIn, DPMSolverMultistepScheduler, output=SchedulerOutput):
     """diffusers' ``DPMSolverMultistepScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
 
-    _make_output = staticmethod(_output_maker(SchedulerOutput))
-    _stock_name = "DPMSolverMultistepScheduler"
-    _dk_source_names = ("sigmas",)
 
     # ------------------------------------------------------------------ stock attributes
     @property
@@ -139,17 +136,13 @@ class FusedDPMSolverMultistepScheduler(_SolverDropIn, DPMSolverMultistepSchedule
             return threshold_unsupported(c)
         return None
 
-    def _dk_steps(self, schedule: _Schedule) -> int:
-        return min(schedule.host_array.shape[0], schedule.host_sources[0].shape[0] - 1)
-
-    def _dk_build(self, schedule: _Schedule, begin: int) -> np.ndarray:
+    def _dk_sigma_table(self, sigmas: np.ndarray, **common) -> np.ndarray:
         c = self.config
         return dpm_solver_table(
-            schedule.host_sources[0][: schedule.steps + 1], algorithm_type=c.algorithm_type,
-            solver_order=c.solver_order, solver_type=c.solver_type, prediction_type=c.prediction_type,
-            thresholding=bool(c.thresholding), lower_order_final=bool(c.lower_order_final),
-            euler_at_final=bool(c.euler_at_final), final_sigmas_type=c.final_sigmas_type,
-            flow_sigmas=bool(c.use_flow_sigmas), begin_index=begin,
+            sigmas, algorithm_type=c.algorithm_type, solver_order=c.solver_order, solver_type=c.solver_type,
+            prediction_type=c.prediction_type, thresholding=bool(c.thresholding),
+            lower_order_final=bool(c.lower_order_final), euler_at_final=bool(c.euler_at_final),
+            final_sigmas_type=c.final_sigmas_type, **common,
         )
 
     # ------------------------------------------------------------------ step

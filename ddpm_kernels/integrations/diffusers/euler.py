@@ -50,7 +50,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 from ... import euler as euler_ops
-from ._common import _device, _FusedBase, _is_real, _output_maker, _randn, _stock_timestep, _StepIndex, SigmaTables
+from ._common import _device, _FusedBase, _is_real, _randn, _stock_timestep, _StepIndex, SigmaTables
 
 __all__ = ["FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler"]
 
@@ -175,12 +175,10 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
         return prev_sample, x0
 
 
-class FusedEulerDiscreteScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
+class FusedEulerDiscreteScheduler(_FusedEulerMixin, EulerDiscreteScheduler, output=EulerDiscreteSchedulerOutput):
     """diffusers' ``EulerDiscreteScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.euler_step`; see the module docstring for what differs."""
 
-    _make_output = staticmethod(_output_maker(EulerDiscreteSchedulerOutput))
-    _stock_name = "EulerDiscreteScheduler"
     _dk_logger = _stock_euler.logger
     _dk_predictions = ("epsilon", "v_prediction", "sample")
 
@@ -236,12 +234,12 @@ class FusedEulerDiscreteScheduler(_FusedEulerMixin, EulerDiscreteScheduler):
                              generator_for_op, **options)
 
 
-class FusedEulerAncestralDiscreteScheduler(_FusedEulerMixin, EulerAncestralDiscreteScheduler):
+class FusedEulerAncestralDiscreteScheduler(
+    _FusedEulerMixin, EulerAncestralDiscreteScheduler, output=EulerAncestralDiscreteSchedulerOutput
+):
     """diffusers' ``EulerAncestralDiscreteScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.euler_ancestral_step`; see the module docstring for what differs."""
 
-    _make_output = staticmethod(_output_maker(EulerAncestralDiscreteSchedulerOutput))
-    _stock_name = "EulerAncestralDiscreteScheduler"
     _dk_logger = _stock_ancestral.logger
     # the stock ancestral step refuses "sample" (NotImplementedError): that call takes the stock path
     _dk_predictions = ("epsilon", "v_prediction")

@@ -56,7 +56,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from ... import flow as flow_ops
 from ...reference import compute_dtype, guided_output
 from . import _common
-from ._common import _device, _FusedBase, _output_maker, _randn, _stock_timestep, _StepIndex, SigmaTables
+from ._common import _device, _FusedBase, _randn, _stock_timestep, _StepIndex, SigmaTables
 
 __all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
 
@@ -74,13 +74,12 @@ class _Tables(SigmaTables):
     __slots__ = ("finite",)
 
 
-class FusedFlowMatchEulerDiscreteScheduler(_StepIndex, _FusedBase, FlowMatchEulerDiscreteScheduler):
+class FusedFlowMatchEulerDiscreteScheduler(
+    _StepIndex, _FusedBase, FlowMatchEulerDiscreteScheduler, output=FlowMatchEulerDiscreteSchedulerOutput
+):
     """diffusers' ``FlowMatchEulerDiscreteScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.flow_step` and ``scale_noise`` as one `ddpm_kernels.flow_interpolate`; see the module
     docstring for what differs."""
-
-    _make_output = staticmethod(_output_maker(FlowMatchEulerDiscreteSchedulerOutput))
-    _stock_name = "FlowMatchEulerDiscreteScheduler"
 
     # ------------------------------------------------------------------ tables
     def set_timesteps(

@@ -37,7 +37,7 @@ from diffusers import LCMScheduler
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 
 from ...solvers.lcm import lcm_coefficients
-from ._common import _is_real, _output_maker, _randn
+from ._common import _is_real, _randn
 from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
 
 __all__ = ["FusedLCMScheduler"]
@@ -45,15 +45,13 @@ __all__ = ["FusedLCMScheduler"]
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
-class FusedLCMScheduler(_SolverDropIn, LCMScheduler):
+class FusedLCMScheduler(_SolverDropIn, LCMScheduler, output=LCMSchedulerOutput):
     """diffusers' ``LCMScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
 
     # diffusers finds a scheduler's compatibles by class name, its own included: the stock list is empty, so
     # the fused class names the stock one
     _compatibles = ["LCMScheduler"]
-    _make_output = staticmethod(_output_maker(LCMSchedulerOutput))
-    _stock_name = "LCMScheduler"
     _dk_source_names = ("alphas_cumprod",)
 
     def _dk_config_key(self) -> tuple:

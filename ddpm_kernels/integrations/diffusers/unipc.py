@@ -47,8 +47,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ...solvers._columns import PREDICTION_TYPES
 from ...solvers.unipc import SOLVER_TYPES, unipc_coefficients
-from ._common import _output_maker
-from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
+from ._solver import _SigmaSolverDropIn, threshold_unsupported
 
 __all__ = ["FusedUniPCMultistepScheduler"]
 
@@ -61,13 +60,10 @@ def _step_list(steps) -> tuple:
     return tuple(steps.tolist() if isinstance(steps, (np.ndarray, torch.Tensor)) else steps)
 
 
-class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler):
+class FusedUniPCMultistepScheduler(_SigmaSolverDropIn, UniPCMultistepScheduler, output=SchedulerOutput):
     """diffusers' ``UniPCMultistepScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
 
-    _make_output = staticmethod(_output_maker(SchedulerOutput))
-    _stock_name = "UniPCMultistepScheduler"
-    _dk_source_names = ("sigmas",)
 
     @property
     def _dk_slots(self) -> int:
@@ -107,16 +103,12 @@ class FusedUniPCMultistepScheduler(_SolverDropIn, UniPCMultistepScheduler):
             return threshold_unsupported(c)
         return None
 
-    def _dk_steps(self, schedule: _Schedule) -> int:
-        return min(schedule.host_array.shape[0], schedule.host_sources[0].shape[0] - 1)
-
-    def _dk_build(self, schedule: _Schedule, begin: int) -> np.ndarray:
+    def _dk_sigma_table(self, sigmas: np.ndarray, **common) -> np.ndarray:
         c = self.config
         return unipc_coefficients(
-            schedule.host_sources[0][: schedule.steps + 1], solver_order=c.solver_order,
-            solver_type=c.solver_type, predict_x0=bool(self.predict_x0), prediction_type=c.prediction_type,
-            lower_order_final=bool(c.lower_order_final), disable_corrector=_step_list(self.disable_corrector),
-            flow_sigmas=bool(c.use_flow_sigmas), begin_index=begin,
+            sigmas, solver_order=c.solver_order, solver_type=c.solver_type, predict_x0=bool(self.predict_x0),
+            prediction_type=c.prediction_type, lower_order_final=bool(c.lower_order_final),
+            disable_corrector=_step_list(self.disable_corrector), **common,
         )
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
