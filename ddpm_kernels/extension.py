@@ -119,6 +119,26 @@ def _prepare(*tensors, lead: int = 0):
     return fmt, tuple(in_format(y, fmt) for y in tensors), dtype
 
 
+def _step_operands(opts, sample, model_output, uncond, guidance, noise, reads_noise: bool):
+    """``(fmt, leading, noise)`` of a step on a sigma table or a solver table: its leading arguments ``(sample,
+    model_output, uncond, guidance)`` as the kernels take them (`_prepare`; uncond and guidance None unguided) and
+    its noise (None when the step reads none: nothing is read or drawn)."""
+    guided = opts.guided
+    fmt, (sample, model_output, uncond, noise), _ = _prepare(
+        sample, model_output, uncond if guided else None, noise if reads_noise else None
+    )
+    return fmt, (sample, model_output, uncond, guidance if guided else None), noise
+
+
+def _run_out(op: str, args: tuple, fmt, out):
+    """``op`` on ``args``: its ``_out`` form writing ``out`` when ``out`` fits ``fmt``, else the functional form
+    (its result copied into ``out`` when one is given)."""
+    if _fits(out, fmt):
+        getattr(_ops(), op + "_out")(*args, out)
+        return out
+    return _store(getattr(_ops(), op)(*args), out)
+
+
 def q_sample(x_start, t, noise, schedule, out=None):
     fmt, (x_start, noise), dtype = _prepare(x_start, noise)
     args = (x_start, t, noise, schedule.table(dtype))
@@ -167,12 +187,7 @@ def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, no
     fmt, (x_t, model_output, noise), dtype = _prepare(x_t, model_output, noise)
     args = (x_t, t, model_output, schedule.table(dtype), parameterization, clip_denoised, noise, generator,
             sample_offset)
-    if out is None:
-        return _ops().p_sample(*args)
-    if not _fits(out, fmt):
-        return _store(_ops().p_sample(*args), out)
-    _ops().p_sample_out(*args, out)
-    return out
+    return _run_out("p_sample", args, fmt, out)
 
 
 def diffusion_loss(model_output, x_start, noise, t, schedule, *options):
@@ -262,14 +277,9 @@ def flow_interpolate(x0, noise, sigma, out=None):
 
 def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_next, opts, noise=None,
               generator=None, out=None, sample_offset=0):
-    fmt, (sample, model_output, uncond, noise), _ = _prepare(
-        sample, model_output, uncond if opts.guided else None, noise if opts.stochastic else None  # (else unread)
-    )
+    fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise, opts.stochastic)
     args = (
-        sample,
-        model_output,
-        uncond,
-        guidance if opts.guided else None,
+        *leading,
         sigmas,
         step_index,
         *(_NO_SIGMA if sigma is None else _sigma(sigma)),
@@ -280,10 +290,7 @@ def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma,
         generator,
         sample_offset,
     )
-    if _fits(out, fmt):
-        _ops().flow_step_out(*args, out)
-        return out
-    return _store(_ops().flow_step(*args), out)
+    return _run_out("flow_step", args, fmt, out)
 
 
 # ------------------------------------------------------------------------------------------ multistep solvers
@@ -292,51 +299,36 @@ def solver_step(sample, model_output, uncond, guidance, coefficients, step_index
     """The multistep-solver step (csrc/solver.h); the kernels write ``history`` and ``last_sample`` in place
     (through copies written back when they are laid out otherwise than the sample). Thresholded options are
     declined (``declines``)."""
-    guided = opts.guided
-    fmt, (sample, model_output, uncond, noise), _ = _prepare(
-        sample, model_output, uncond if guided else None, noise if opts.stochastic else None  # (else unread)
-    )
+    fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise, opts.stochastic)
     args = (
-        sample,
-        model_output,
-        uncond,
-        guidance if guided else None,
+        *leading,
         coefficients,
         step_index,
         history,
         last_sample,
         opts.stochastic,
         opts.clip_range,
-        opts.guidance_rescale if guided else 0.0,
+        opts.guidance_rescale if opts.guided else 0.0,
         noise,
         generator,
         sample_offset,
     )
-    if _fits(out, fmt):
-        _ops().solver_step_out(*args, out)
-        return out
-    return _store(_ops().solver_step(*args), out)
+    return _run_out("solver_step", args, fmt, out)
 
 
 def euler_step(sample, model_output, uncond, guidance, sigmas, step_index, opts, noise=None, generator=None,
                out=None, sample_offset=0):
     """``euler_step`` and ``euler_ancestral_step`` (``opts.sampler``): the flow step's kernels with an Euler
     sampler (csrc/flow.h), on the sigma table."""
-    guided = opts.guided
     churn = (opts.s_churn, opts.s_tmin, opts.s_tmax, opts.s_noise) if opts.sampler == "euler" else ()
-    fmt, (sample, model_output, uncond, noise), _ = _prepare(
-        sample, model_output, uncond if guided else None, noise if opts.adds_noise else None  # (else unread)
-    )
+    fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise, opts.adds_noise)
     args = (
-        sample,
-        model_output,
-        uncond,
-        guidance if guided else None,
+        *leading,
         sigmas,
         step_index,
         opts.parameterization,
         *churn,
-        opts.guidance_rescale if guided else 0.0,
+        opts.guidance_rescale if opts.guided else 0.0,
         noise,
         generator,
         sample_offset,
@@ -350,26 +342,10 @@ def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):
     return _ops().flow_loss(model_output, x0, noise, sigma.flat, sigma.period, sigma.repeat, weighting, loss_type)
 
 
-OPS = {
-    "q_sample": q_sample,
-    "predict_start_from_noise": predict_start_from_noise,
-    "predict_noise_from_start": predict_noise_from_start,
-    "get_v": get_v,
-    "predict_start_from_z_and_v": predict_start_from_z_and_v,
-    "predict_eps_from_z_and_v": predict_eps_from_z_and_v,
-    "q_posterior": q_posterior,
-    "p_mean_variance": p_mean_variance,
-    "p_sample": p_sample,
-    "diffusion_loss": diffusion_loss,
-    "ddim_step": sampler_step,
-    "ddpm_step": sampler_step,
-    "flow_interpolate": flow_interpolate,
-    "flow_step": flow_step,
-    "flow_loss": flow_loss,
-    "solver_step": solver_step,
-    "euler_step": euler_step,
-    "euler_ancestral_step": euler_step,
-}
+# Every op with a compiled schema (the table's `schema`) is served by this module's function of its name, or,
+# for the ops sharing one operator family, by the family's function.
+_FAMILY_FUNCTIONS = {"ddim_step": sampler_step, "ddpm_step": sampler_step, "euler_ancestral_step": euler_step}
+OPS = {name: _FAMILY_FUNCTIONS.get(name) or globals()[name] for name, spec in SPECS.items() if spec.schema}
 # Gradients the compiled kernels give (csrc/autograd.cpp); other inputs that need one take the reference.
 DIFFERENTIABLE = {
     "q_sample": frozenset(("x_start", "noise")),

@@ -35,6 +35,7 @@ SCRIPT = textwrap.dedent(
         diffusion_loss_kernel, diffusion_loss_reduce_kernel, diffusion_loss_backward_kernel,
     )
     from ddpm_kernels.triton.euler import SAMPLER_ID, flow_step_kernel
+    from ddpm_kernels.triton.solver import solver_step_kernel
     from ddpm_kernels.triton.flow import (
         flow_interpolate_kernel, flow_loss_kernel, flow_loss_reduce_kernel, flow_loss_backward_kernel,
     )
@@ -47,13 +48,13 @@ SCRIPT = textwrap.dedent(
     DATA = {"x_start_ptr", "noise_ptr", "x_t_ptr", "model_output_ptr", "out_ptr", "a_ptr", "b_ptr", "out_b_ptr",
             "grad_model_output_ptr", "grad_x_start_ptr", "grad_noise_ptr",
             "loss_ptr", "loss_simple_ptr", "loss_vlb_ptr", "grad_loss_ptr", "grad_loss_simple_ptr",
-            "grad_loss_vlb_ptr", "x0_ptr", "sample_ptr", "uncond_ptr", "grad_x0_ptr"}
+            "grad_loss_vlb_ptr", "x0_ptr", "sample_ptr", "uncond_ptr", "grad_x0_ptr", "history_ptr", "last_ptr"}
     INDEX = {"t_ptr", "seed_ptr", "t_prev_ptr", "step_index_ptr"}
     FP64 = {"alphas_cumprod_ptr"}  # the sampler steps derive their coefficients from the float64 table
     COMPUTE = {"table_ptr", "var_ptr", "log_var_ptr", "partial_ptr", "scale_ptr", "sigma_ptr", "sigma_next_ptr",
-               "guidance_ptr", "stats_ptr"}
+               "guidance_ptr", "stats_ptr", "coefficients_ptr"}
     INT64 = {"philox_seed", "philox_offset", "sample_offset"}
-    FLOATS = {"l_simple_weight_hi", "l_simple_weight_lo", "original_elbo_weight_hi", "original_elbo_weight_lo",
+    FLOATS = {"clip_hi", "clip_lo", "l_simple_weight_hi", "l_simple_weight_lo", "original_elbo_weight_hi", "original_elbo_weight_lo",
               "eta_hi", "eta_lo", "clip_range_hi", "clip_range_lo", "rescale_hi", "rescale_lo", "two_over_pi_hi",
               "two_over_pi_lo", *(f"{name}_{part}" for name in ("churn", "s_tmin", "s_tmax", "s_noise")
                                   for part in ("hi", "mid", "lo"))}
@@ -118,6 +119,10 @@ SCRIPT = textwrap.dedent(
     EULER = dict(FLOW_STEP, SAMPLER=SAMPLER_ID["euler"], TABLE=True)
     EULER_ANCESTRAL = dict(FLOW_STEP, SAMPLER=SAMPLER_ID["euler_ancestral"], TABLE=True, ADD_NOISE=True)
     FLOW_LOSS = dict(E, WEIGHTING=0, SIGMA_PER_TOKEN=False, LOSS_L1=False)
+    # the solver step's defaults (two history slots and the corrector's last sample, unguided, deterministic)
+    SOLVER = dict(E, SLOTS=2, HAS_LAST=True, GUIDED=False, RESCALE=False, ADD_NOISE=False, HAS_NOISE=False,
+                  NOISE_CHANNELS_LAST=False, CLIP=False, THRESHOLD=False, X0_ONLY=False, COMPUTE_FP64=False,
+                  BLOCK_SPLIT=2)
     CASES = [
         *((f"pair[{name}]", pair_kernel, dict(E, OP=op, BACKWARD=False)) for name, op in PAIR.items()),
         ("pair[q_sample,backward]", pair_kernel, dict(E, OP=PAIR["q_sample"], BACKWARD=True)),
@@ -192,6 +197,13 @@ SCRIPT = textwrap.dedent(
          dict(FLOW_LOSS, WEIGHTING=2, LOSS_L1=True, GRAD_X0=True, GRAD_NOISE=True)),
         ("flow_loss_backward[per_token]", flow_loss_backward_kernel,
          dict(FLOW_LOSS, WEIGHTING=1, SIGMA_PER_TOKEN=True, GRAD_X0=False, GRAD_NOISE=False)),
+        ("solver_step[2,last]", solver_step_kernel, SOLVER),
+        ("solver_step[guided,rescale,noise,clip]", solver_step_kernel,
+         dict(SOLVER, GUIDED=True, RESCALE=True, ADD_NOISE=True, HAS_NOISE=True, CLIP=True, BLOCK_SPLIT=64)),
+        ("solver_step[philox,channels_last,threshold]", solver_step_kernel,
+         dict(SOLVER, SLOTS=1, HAS_LAST=False, ADD_NOISE=True, NOISE_CHANNELS_LAST=True, THRESHOLD=True)),
+        ("solver_step[x0_only,guided]", solver_step_kernel, dict(SOLVER, X0_ONLY=True, GUIDED=True)),
+        ("solver_step[philox,no history]", solver_step_kernel, dict(SOLVER, SLOTS=0, HAS_LAST=False, ADD_NOISE=True)),
     ]
 
     results = []
