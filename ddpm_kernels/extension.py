@@ -209,7 +209,9 @@ def _step_scalars(opts):
 
 def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None, uncond=None,
                  guidance=None, sample_offset=0):
-    noise = noise if opts.adds_noise else None  # no noise term: nothing read or drawn
+    # A given noise stays in the call even when the step has no noise term (ddim_step with eta = 0): the kernels
+    # then neither read nor draw any, but its dtype is one of the operands the result dtype is promoted over, as
+    # in the reference (csrc/host_ops.h, step_result_type).
     if opts.guided:
         uncond = uncond.detach() if uncond.requires_grad else uncond
     else:

@@ -603,6 +603,28 @@ def test_cpu_loss_gradient_in_the_model_outputs_dtype(parameterization, loss_typ
 
 
 @_NEEDS_CPU
+@pytest.mark.parametrize("guided", [False, True])
+def test_cpu_unread_noise_still_promotes(guided):
+    """A DDIM step without a noise term (eta = 0) given a noise of another dtype: the result has the promotion
+    of all three operands, as the reference's, with and without out= (the CPU kernels read x_t and the model
+    output natively and the noise not at all)."""
+    (x, y, z, _), t = _inputs((3, 2, 5, 37))
+    t = t.clamp(min=1)
+    guidance = dict(guidance_scale=torch.tensor([1.5, 3.0, 7.5]), uncond=y.flip(0)) if guided else {}
+    for xd, nd in ((torch.float16, torch.float32), (torch.float32, torch.float64)):
+        args = (x.to(xd), t, t - 1, None, S)
+        mo = y.to(xd)
+        kwargs = dict(eta=0.0, noise=z.to(nd), **{k: (v.to(xd) if k == "uncond" else v) for k, v in guidance.items()})
+        ref = dk.ddim_step(args[0], t, t - 1, mo, S, backend="reference", **kwargs)
+        got = dk.ddim_step(args[0], t, t - 1, mo, S, backend="cpu", **kwargs)
+        assert got.dtype == ref.dtype == nd
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        out = torch.empty_like(args[0], dtype=nd)
+        assert dk.ddim_step(args[0], t, t - 1, mo, S, backend="cpu", out=out, **kwargs) is out
+        torch.testing.assert_close(out, got, rtol=0, atol=0)
+
+
+@_NEEDS_CPU
 def test_cpu_mixed_out_rules():
     """out= of a mixed call has the promoted dtype: an fp32 sampling buffer stepped in place with a bf16 model
     output and fp16 noise reads natively; the raw operator refuses an out of another dtype, and mixes it does
