@@ -167,31 +167,13 @@ void p_sample_out_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::T
   check_sample_offset(sample_offset);
   check_operand<K>("model_output", model_output, x_t);
   if (noise.has_value()) check_operand<K>("noise", *noise, x_t);
-  check_output("out", out, x_t, result_type({&x_t, &model_output, noise.has_value() ? &*noise : nullptr}));
+  check_output("out", out, x_t, result_type({&x_t, &model_output, operand_ptr(noise)}));
   const Param param = parse_param(std::string(parameterization));
   K::posterior(PosteriorCall{x_t, t, model_output, table, param, clip_denoised, out, nullptr, nullptr, true,
-                            noise.has_value() ? &*noise : nullptr, std::move(generator), sample_offset});
-}
-
-template <typename K>
-at::Tensor p_sample_kernel(const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& model_output,
-                           const at::Tensor& table, c10::string_view parameterization, bool clip_denoised,
-                           const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
-                           int64_t sample_offset) {
-  at::Tensor out =
-      at::empty_like(x_t, x_t.options().dtype(result_type({&x_t, &model_output, noise.has_value() ? &*noise : nullptr})));
-  p_sample_out_kernel<K>(x_t, t, model_output, table, parameterization, clip_denoised, noise, std::move(generator),
-                         sample_offset, out);
-  return out;
+                            operand_ptr(noise), std::move(generator), sample_offset});
 }
 
 // ------------------------------------------------------------------------------------------- sampler steps
-// The outputs' dtype of a step: its operands' one dtype, float32 for a mix (check_operand).
-inline at::ScalarType step_result_type(const at::Tensor& x_t, const at::Tensor& model_output,
-                                       const std::optional<at::Tensor>& noise) {
-  return result_type({&x_t, &model_output, noise.has_value() ? &*noise : nullptr});
-}
-
 // Every step: checks, allocation, then the backend. `step` holds the sampler's own options; the
 // parameterization, learned flag and noise are filled in here. Guided when uncond and guidance are given.
 // Returns x0 (zero elements unless return_pred_x0).
@@ -206,7 +188,8 @@ at::Tensor sampler_step(SamplerStep step, c10::string_view parameterization, con
   step.learned = is_learned(step.variance);
   check_sampler<K>(x_t, t, t_prev, model_output, table64, step.learned);
   if (noise.has_value()) check_operand<K>("noise", *noise, x_t);
-  const at::ScalarType type = step_result_type(x_t, model_output, noise);
+  // the outputs' dtype: the operands' one dtype, float32 for a mix (check_operand); an unread noise counts too
+  const at::ScalarType type = result_type({&x_t, &model_output, operand_ptr(noise)});
   check_output("out", out, x_t, type);
   // uncond in model_output's shape, dtype and layout (a learned variance's channels included, unread)
   check_guidance(step.sampler == Sampler::kDdim ? "ddim_step" : "ddpm_step", uncond, guidance, guidance_rescale,
@@ -521,11 +504,10 @@ void register_kernels(torch::Library& m) {
   m.impl("predict_eps_from_z_and_v", &pair_kernel<K, PairOp::kPredictEpsFromZAndV>);
   m.impl("q_posterior", &q_posterior_kernel<K>);
   m.impl("p_mean_variance", &p_mean_variance_kernel<K>);
-  m.impl("p_sample", &p_sample_kernel<K>);
-  m.impl("p_sample_out", &p_sample_out_kernel<K>);
+  // p_sample's, a step's outputs: the result dtype of x_t, model_output and noise
+  impl_with_out<&p_sample_out_kernel<K>, Operands<0, 2, 6>>(m, "p_sample");
   m.impl("diffusion_loss", &diffusion_loss_kernel<K>);
   m.impl("diffusion_loss_backward", &diffusion_loss_backward_kernel<K>);
-  // the steps' outputs take the result dtype of x_t, model_output and noise (step_result_type)
   impl_with_out<&ddim_step_out_kernel<K>, Operands<0, 3, 14>>(m, "ddim_step");
   impl_with_out<&ddpm_step_out_kernel<K>, Operands<0, 3, 12>>(m, "ddpm_step");
   impl_with_out<&flow_interpolate_out_kernel<K>>(m, "flow_interpolate");

@@ -211,7 +211,7 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
                  guidance=None, sample_offset=0):
     # A given noise stays in the call even when the step has no noise term (ddim_step with eta = 0): the kernels
     # then neither read nor draw any, but its dtype is one of the operands the result dtype is promoted over, as
-    # in the reference (csrc/host_ops.h, step_result_type).
+    # in the reference (csrc/host_ops.h, sampler_step).
     if opts.guided:
         uncond = uncond.detach() if uncond.requires_grad else uncond
     else:
