@@ -79,6 +79,10 @@ void check_operand(const char* name, const at::Tensor& x, const at::Tensor& ref)
   check_layout(name, x, ref);
 }
 
+// An operand of result_type: a tensor, or an optional one (nullptr when absent).
+inline const at::Tensor* operand_ptr(const at::Tensor& t) { return &t; }
+inline const at::Tensor* operand_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
 // The dtype of a call's outputs: its operands' one dtype, float32 when they differ (after check_operand).
 inline at::ScalarType result_type(std::initializer_list<const at::Tensor*> operands) {
   const at::Tensor* first = nullptr;
@@ -215,21 +219,38 @@ inline void check_per_sample(const char* name, const at::Tensor& v, const at::Te
 }
 
 // The guidance arguments of a step (`op` names it): uncond and guidance together (a guided step) or neither;
-// uncond like `like` (the model output), guidance per sample of `x` in the compute dtype; guidance_rescale in
-// [0, 1], and only for a guided step.
+// uncond like `like` (the model output; nullptr: uncond is an operand the caller checked, check_operand),
+// guidance per sample of `x` in the compute dtype; guidance_rescale in [0, 1], and only for a guided step.
 inline void check_guidance(const char* op, const std::optional<at::Tensor>& uncond,
-                           const std::optional<at::Tensor>& guidance, double guidance_rescale, const at::Tensor& like,
+                           const std::optional<at::Tensor>& guidance, double guidance_rescale, const at::Tensor* like,
                            const at::Tensor& x) {
   TORCH_CHECK(uncond.has_value() == guidance.has_value(), "ddpm_kernels: ", op,
               " takes uncond and guidance together (a guided step) or neither");
   if (uncond.has_value()) {
-    check_data("uncond", *uncond, like);
+    if (like != nullptr) check_data("uncond", *uncond, *like);
     check_per_sample("guidance", *guidance, x);
   }
   TORCH_CHECK(guidance_rescale >= 0 && guidance_rescale <= 1, "ddpm_kernels: guidance_rescale must be in [0, 1], got ",
               guidance_rescale);
   TORCH_CHECK(guidance_rescale == 0 || uncond.has_value(),
               "ddpm_kernels: guidance_rescale needs a guided step (uncond and guidance)");
+}
+
+// The operands of a step on a sigma or solver table (the data, model output, uncond and noise, each of its own
+// dtype on a backend reading mixed dtypes; a noise the step does not read counts in the result dtype too, as in
+// the reference), its guidance (check_guidance) and its out in the result dtype, which it returns.
+template <typename K>
+at::ScalarType check_table_step(const char* op, const at::Tensor& sample, const at::Tensor& model_output,
+                                const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
+                                double guidance_rescale, const std::optional<at::Tensor>& noise,
+                                const at::Tensor& out) {
+  check_operand<K>("model_output", model_output, sample);
+  if (uncond.has_value()) check_operand<K>("uncond", *uncond, sample);
+  if (noise.has_value()) check_operand<K>("noise", *noise, sample);
+  check_guidance(op, uncond, guidance, guidance_rescale, nullptr, sample);
+  const at::ScalarType type = result_type({&sample, &model_output, operand_ptr(uncond), operand_ptr(noise)});
+  check_output("out", out, sample, type);
+  return type;
 }
 
 // (B, 1, ..., 1) with x's number of dims: the shape of var / log_var.

@@ -137,15 +137,16 @@ struct FlowInterpolateCall {
   const at::Tensor* out2;
 };
 
-// TokenT: bool, or std::integral_constant<bool, ...> (csrc/family.h): the sigma is read per token.
-template <typename scalar_t, typename TokenT>
+// TokenT: bool, or std::integral_constant<bool, ...> (csrc/family.h): the sigma is read per token. Ptrs: how
+// x and y are read (csrc/family.h; the CPU's MixedPtrs reads each in its own dtype, scalar_t then float).
+template <typename scalar_t, typename TokenT, typename Ptrs = SamePtrs<scalar_t>>
 struct FlowInterpolateKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;
   struct Coef {
     acc_t a, s;  // 1 - sigma, sigma (per-sample sigma)
   };
-  const scalar_t* x;
-  const scalar_t* y;
+  typename Ptrs::in x;
+  typename Ptrs::in y;  // null: the transpose
   scalar_t* out;
   scalar_t* out2;
   FlowSigma<acc_t> sigma;
@@ -154,8 +155,8 @@ struct FlowInterpolateKernel : NoPerSampleOutputs {
 
   static FlowInterpolateKernel make(const FlowInterpolateCall& call, TokenT per_token) {
     return {{},
-            call.x.const_data_ptr<scalar_t>(),
-            call.y != nullptr ? call.y->const_data_ptr<scalar_t>() : nullptr,
+            Ptrs::input(call.x),
+            call.y != nullptr ? Ptrs::input(*call.y) : typename Ptrs::in{},
             call.out.mutable_data_ptr<scalar_t>(),
             call.out2 != nullptr ? call.out2->mutable_data_ptr<scalar_t>() : nullptr,
             {call.sigma.const_data_ptr<acc_t>(), call.period, call.repeat},
@@ -316,17 +317,19 @@ struct FlowStepCall {
 };
 
 // SamplerT / ParamT: StepSampler / Param, GuidedT / TokenT: bool, or std::integral_constant of them
-// (csrc/family.h). The noise source's present() says whether the step reads z.
-template <typename scalar_t, typename SamplerT, typename ParamT, typename GuidedT, typename TokenT>
+// (csrc/family.h). The noise source's present() says whether the step reads z. Ptrs: how the sample and the
+// model outputs are read (the CPU's MixedPtrs: each in its own dtype; scalar_t, the outputs', is then float).
+template <typename scalar_t, typename SamplerT, typename ParamT, typename GuidedT, typename TokenT,
+          typename Ptrs = SamePtrs<scalar_t>>
 struct FlowStepKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;
   struct Coef : StepCoef<acc_t> {
     GuidanceCoef<acc_t> guide;
   };
-  const scalar_t* x;
+  typename Ptrs::in x;
   scalar_t* out;
-  scalar_t* x0_out;          // nullptr unless the x0 prediction is returned
-  Guidance<scalar_t> guide;  // the model output (csrc/guidance.h); its rescale sums set by the backend's pass
+  scalar_t* x0_out;                // nullptr unless the x0 prediction is returned
+  Guidance<scalar_t, Ptrs> guide;  // the model output (csrc/guidance.h); its rescale sums set by the backend's pass
   const acc_t* sigmas;       // the table form, else nullptr
   const int64_t* step_index;
   int64_t steps;  // len(sigmas)
@@ -344,10 +347,11 @@ struct FlowStepKernel : NoPerSampleOutputs {
     const int64_t N = call.sample.numel() / call.sample.size(0);
     const EulerOptions& e = call.euler;
     return {{},
-            call.sample.const_data_ptr<scalar_t>(),
+            Ptrs::input(call.sample),
             call.out.mutable_data_ptr<scalar_t>(),
             call.x0 != nullptr ? call.x0->mutable_data_ptr<scalar_t>() : nullptr,
-            Guidance<scalar_t>::make(call.model_output, call.uncond, call.guidance, N, 0, call.guidance_rescale),
+            Guidance<scalar_t, Ptrs>::make(call.model_output, call.uncond, call.guidance, N, 0,
+                                           call.guidance_rescale),
             table ? call.sigmas->const_data_ptr<acc_t>() : nullptr,
             table ? call.step_index->const_data_ptr<int64_t>() : nullptr,
             table ? call.sigmas->numel() : 0,
@@ -452,39 +456,46 @@ struct FlowLossCall {
   int64_t period, repeat;
   FlowWeighting weighting;
   bool l1;
+
+  // Whether the operands have different dtypes (read each in its own by the backends that take such calls).
+  bool mixed() const {
+    return x0.scalar_type() != model_output.scalar_type() || noise.scalar_type() != model_output.scalar_type();
+  }
 };
 
-// Forward sums and the backward pass. L1T / TokenT: bool, or std::integral_constant<bool, ...>.
-template <typename scalar_t, typename L1T, typename TokenT>
+// Forward sums and the backward pass. L1T / TokenT: bool, or std::integral_constant<bool, ...>. Ptrs: how the
+// three operands are read and the gradient (model_output's dtype) written (the CPU's MixedPtrs: each in its
+// own dtype; scalar_t is then float).
+template <typename scalar_t, typename L1T, typename TokenT, typename Ptrs = SamePtrs<scalar_t>>
 struct FlowLossKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;
   struct Coef {
     acc_t scale;  // backward: g weight_b / (B N) (per-sample sigma), g / (B N) (per token)
   };
-  const scalar_t* mo;
-  const scalar_t* x0;
-  const scalar_t* nz;
+  typename Ptrs::in mo;
+  typename Ptrs::in x0;
+  typename Ptrs::in nz;
   FlowSigma<acc_t> sigma;
   FlowWeighting weighting;
   int64_t N;
   L1T l1;
   TokenT per_token;
   const acc_t* g_loss;  // backward: the incoming 0-d gradient, read in the kernel (no host sync)
-  scalar_t* grad;
+  typename Ptrs::out grad;
   double count;  // B N
 
   static FlowLossKernel make(const FlowLossCall& call, L1T l1, TokenT per_token) {
     return {{},
-            call.model_output.const_data_ptr<scalar_t>(),
-            call.x0.const_data_ptr<scalar_t>(),
-            call.noise.const_data_ptr<scalar_t>(),
+            Ptrs::input(call.model_output),
+            Ptrs::input(call.x0),
+            Ptrs::input(call.noise),
             {call.sigma.const_data_ptr<acc_t>(), call.period, call.repeat},
             call.weighting,
             call.model_output.numel() / call.model_output.size(0),
             l1,
             per_token,
             nullptr,
-            nullptr,
+            {},
             static_cast<double>(call.model_output.numel())};
   }
 
@@ -492,7 +503,7 @@ struct FlowLossKernel : NoPerSampleOutputs {
                                       const at::Tensor& grad) {
     FlowLossKernel f = make(call, l1, per_token);
     f.g_loss = g.const_data_ptr<acc_t>();
-    f.grad = grad.mutable_data_ptr<scalar_t>();
+    f.grad = Ptrs::output(grad);
     return f;
   }
 

@@ -38,8 +38,6 @@ namespace ddpm {
 template <size_t... J>
 struct Operands {};
 
-inline const at::Tensor* operand_ptr(const at::Tensor& t) { return &t; }
-inline const at::Tensor* operand_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
 template <typename F>
 struct OutKernelTraits;
@@ -193,7 +191,7 @@ at::Tensor sampler_step(SamplerStep step, c10::string_view parameterization, con
   check_output("out", out, x_t, type);
   // uncond in model_output's shape, dtype and layout (a learned variance's channels included, unread)
   check_guidance(step.sampler == Sampler::kDdim ? "ddim_step" : "ddpm_step", uncond, guidance, guidance_rescale,
-                 model_output, x_t);
+                 &model_output, x_t);
   step.param = parse_param(std::string(parameterization));
   const bool given = step.add_noise && noise.has_value();
   at::Tensor x0 = return_pred_x0 ? at::empty_like(x_t, x_t.options().dtype(type))
@@ -302,8 +300,8 @@ void flow_interpolate_out_kernel(const at::Tensor& x0, const at::Tensor& noise, 
                                  int64_t sigma_period, int64_t sigma_repeat, const at::Tensor& out) {
   check_batch(x0);
   dense_format(x0, "x0");
-  check_data("noise", noise, x0);
-  check_data("out", out, x0);
+  check_operand<K>("noise", noise, x0);
+  check_output("out", out, x0, result_type({&x0, &noise}));
   check_sigma("sigma", sigma, sigma_period, sigma_repeat, x0);
   if (x0.numel() == 0) return;
   K::flow_interpolate(FlowInterpolateCall{x0, &noise, sigma, sigma_period, sigma_repeat, out, nullptr});
@@ -323,17 +321,17 @@ std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_kernel(const at::Te
   return {gx, gn};
 }
 
-// The checks every step of the flow family shares (`op` names it): the data, out, the noise stream's
-// sample_offset, and guidance (check_guidance).
-inline void check_flow_step(const char* op, const at::Tensor& sample, const at::Tensor& model_output,
-                            const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
-                            double guidance_rescale, int64_t sample_offset, const at::Tensor& out) {
+// The checks every step of the flow family shares (`op` names it): the data, the noise stream's sample_offset,
+// then check_table_step.
+template <typename K>
+void check_flow_step(const char* op, const at::Tensor& sample, const at::Tensor& model_output,
+                     const std::optional<at::Tensor>& uncond, const std::optional<at::Tensor>& guidance,
+                     double guidance_rescale, const std::optional<at::Tensor>& noise, int64_t sample_offset,
+                     const at::Tensor& out) {
   check_batch(sample);
   check_sample_offset(sample_offset);
   dense_format(sample, "sample");
-  check_data("model_output", model_output, sample);
-  check_data("out", out, sample);
-  check_guidance(op, uncond, guidance, guidance_rescale, sample, sample);
+  check_table_step<K>(op, sample, model_output, uncond, guidance, guidance_rescale, noise, out);
 }
 
 // The table form of a step's sigmas: a contiguous 1-D table in the compute dtype and a step index per sample.
@@ -354,7 +352,8 @@ void flow_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_outp
                           int64_t sigma_next_repeat, bool stochastic, double guidance_rescale,
                           const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
                           int64_t sample_offset, const at::Tensor& out) {
-  check_flow_step("flow_step", sample, model_output, uncond, guidance, guidance_rescale, sample_offset, out);
+  check_flow_step<K>("flow_step", sample, model_output, uncond, guidance, guidance_rescale, noise, sample_offset,
+                     out);
   const bool table = sigmas.has_value() || step_index.has_value();
   if (table) {
     TORCH_CHECK(sigmas.has_value() && step_index.has_value() && !sigma.has_value() && !sigma_next.has_value(),
@@ -367,7 +366,6 @@ void flow_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_outp
     check_sigma("sigma_next", *sigma_next, sigma_next_period, sigma_next_repeat, sample);
   }
   const bool given = stochastic && noise.has_value();
-  if (given) check_data("noise", *noise, sample);
   K::flow_step(FlowStepCall{stochastic ? StepSampler::kFlowStochastic : StepSampler::kFlow, sample, model_output,
                             uncond.has_value() ? &*uncond : nullptr, guidance.has_value() ? &*guidance : nullptr,
                             table ? &*sigmas : nullptr, table ? &*step_index : nullptr, table ? nullptr : &*sigma,
@@ -387,19 +385,17 @@ at::Tensor euler_out(StepSampler sampler, EulerOptions euler, c10::string_view p
                      const at::Tensor& sigmas, const at::Tensor& step_index, double guidance_rescale,
                      const std::optional<at::Tensor>& noise, std::optional<at::Generator> generator,
                      int64_t sample_offset, bool return_pred_x0, const at::Tensor& out) {
-  check_flow_step(sampler == StepSampler::kEuler ? "euler_step" : "euler_ancestral_step", sample, model_output,
-                  uncond, guidance, guidance_rescale, sample_offset, out);
+  check_flow_step<K>(sampler == StepSampler::kEuler ? "euler_step" : "euler_ancestral_step", sample, model_output,
+                     uncond, guidance, guidance_rescale, noise, sample_offset, out);
   check_sigma_table(sigmas, step_index, sample);
   euler.param = parse_param(std::string(parameterization));
-  at::Tensor x0 = return_pred_x0 ? at::empty_like(sample) : at::empty({0}, sample.options());
+  const auto x0_options = sample.options().dtype(out.scalar_type());
+  at::Tensor x0 = return_pred_x0 ? at::empty_like(sample, x0_options) : at::empty({0}, x0_options);
   FlowStepCall call{sampler, sample, model_output, uncond.has_value() ? &*uncond : nullptr,
                     guidance.has_value() ? &*guidance : nullptr, &sigmas, &step_index, nullptr, 1, 1, nullptr, 1, 1,
                     euler, guidance_rescale, nullptr, std::move(generator), return_pred_x0 ? &x0 : nullptr, out,
                     sample_offset};
-  if (call.adds_noise() && noise.has_value()) {
-    check_data("noise", *noise, sample);
-    call.noise = &*noise;
-  }
+  if (call.adds_noise() && noise.has_value()) call.noise = &*noise;
   K::flow_step(call);
   return x0;
 }
@@ -439,13 +435,14 @@ at::Tensor euler_ancestral_step_out_kernel(const at::Tensor& sample, const at::T
 }
 
 // ------------------------------------------------------------------------------------------ flow loss
-inline FlowLossCall flow_loss_call(const at::Tensor& model_output, const at::Tensor& x0, const at::Tensor& noise,
-                                   const at::Tensor& sigma, int64_t sigma_period, int64_t sigma_repeat,
-                                   c10::string_view weighting, c10::string_view loss_type) {
+template <typename K>
+FlowLossCall flow_loss_call(const at::Tensor& model_output, const at::Tensor& x0, const at::Tensor& noise,
+                            const at::Tensor& sigma, int64_t sigma_period, int64_t sigma_repeat,
+                            c10::string_view weighting, c10::string_view loss_type) {
   check_batch(model_output);
   dense_format(model_output, "model_output");
-  check_data("x0", x0, model_output);
-  check_data("noise", noise, model_output);
+  check_operand<K>("x0", x0, model_output);
+  check_operand<K>("noise", noise, model_output);
   check_sigma("sigma", sigma, sigma_period, sigma_repeat, model_output);
   return {model_output, x0, noise, sigma, sigma_period, sigma_repeat, parse_weighting(std::string(weighting)),
           parse_l1(std::string(loss_type))};
@@ -458,7 +455,7 @@ at::Tensor flow_loss_kernel(const at::Tensor& model_output, const at::Tensor& x0
                             const at::Tensor& sigma, int64_t sigma_period, int64_t sigma_repeat,
                             c10::string_view weighting, c10::string_view loss_type) {
   const FlowLossCall call =
-      flow_loss_call(model_output, x0, noise, sigma, sigma_period, sigma_repeat, weighting, loss_type);
+      flow_loss_call<K>(model_output, x0, noise, sigma, sigma_period, sigma_repeat, weighting, loss_type);
   const auto opts = model_output.options().dtype(compute_type(model_output));
   // the mean over no elements is NaN, as torch.mean and the reference give
   if (model_output.numel() == 0) return at::full({}, std::numeric_limits<double>::quiet_NaN(), opts);
@@ -473,7 +470,7 @@ at::Tensor flow_loss_backward_kernel(const at::Tensor& grad_loss, const at::Tens
                                      int64_t sigma_period, int64_t sigma_repeat, c10::string_view weighting,
                                      c10::string_view loss_type) {
   const FlowLossCall call =
-      flow_loss_call(model_output, x0, noise, sigma, sigma_period, sigma_repeat, weighting, loss_type);
+      flow_loss_call<K>(model_output, x0, noise, sigma, sigma_period, sigma_repeat, weighting, loss_type);
   at::Tensor grad = at::empty_like(model_output);
   if (model_output.numel() == 0) return grad;
   TORCH_CHECK(grad_loss.numel() == 1, "ddpm_kernels: the loss gradient must be a one-element tensor, got ",
@@ -504,21 +501,21 @@ void register_kernels(torch::Library& m) {
   m.impl("predict_eps_from_z_and_v", &pair_kernel<K, PairOp::kPredictEpsFromZAndV>);
   m.impl("q_posterior", &q_posterior_kernel<K>);
   m.impl("p_mean_variance", &p_mean_variance_kernel<K>);
-  // p_sample's, a step's outputs: the result dtype of x_t, model_output and noise
+  // Operands<...>: the outputs' dtype is the result dtype of these arguments (the data, model output(s), noise)
   impl_with_out<&p_sample_out_kernel<K>, Operands<0, 2, 6>>(m, "p_sample");
   m.impl("diffusion_loss", &diffusion_loss_kernel<K>);
   m.impl("diffusion_loss_backward", &diffusion_loss_backward_kernel<K>);
   impl_with_out<&ddim_step_out_kernel<K>, Operands<0, 3, 14>>(m, "ddim_step");
   impl_with_out<&ddpm_step_out_kernel<K>, Operands<0, 3, 12>>(m, "ddpm_step");
-  impl_with_out<&flow_interpolate_out_kernel<K>>(m, "flow_interpolate");
+  impl_with_out<&flow_interpolate_out_kernel<K>, Operands<0, 1>>(m, "flow_interpolate");
   m.impl("flow_interpolate_backward", &flow_interpolate_backward_kernel<K>);
-  impl_with_out<&flow_step_out_kernel<K>>(m, "flow_step");
-  impl_with_out<&euler_step_out_kernel<K>>(m, "euler_step");
-  impl_with_out<&euler_ancestral_step_out_kernel<K>>(m, "euler_ancestral_step");
+  impl_with_out<&flow_step_out_kernel<K>, Operands<0, 1, 2, 14>>(m, "flow_step");
+  impl_with_out<&euler_step_out_kernel<K>, Operands<0, 1, 2, 12>>(m, "euler_step");
+  impl_with_out<&euler_ancestral_step_out_kernel<K>, Operands<0, 1, 2, 8>>(m, "euler_ancestral_step");
   m.impl("flow_loss", &flow_loss_kernel<K>);
   m.impl("flow_loss_backward", &flow_loss_backward_kernel<K>);
   // the multistep-solver family (csrc/solver_host.h)
-  impl_with_out<&solver_step_out_kernel<K>>(m, "solver_step");
+  impl_with_out<&solver_step_out_kernel<K>, Operands<0, 1, 2, 11>>(m, "solver_step");
 }
 
 }  // namespace ddpm

@@ -95,8 +95,9 @@ enum SolverLive : uint32_t {
 };
 
 // GuidedT / ClipT: bool, or std::integral_constant<bool, ...>; SlotsT: the ring's H, int64_t or
-// std::integral_constant<int64_t, H> (csrc/family.h).
-template <typename scalar_t, typename GuidedT, typename ClipT, typename SlotsT>
+// std::integral_constant<int64_t, H> (csrc/family.h). Ptrs: how the sample and the model outputs are read (the
+// CPU's MixedPtrs: each in its own dtype; scalar_t, the dtype of out and the state, is then float).
+template <typename scalar_t, typename GuidedT, typename ClipT, typename SlotsT, typename Ptrs = SamePtrs<scalar_t>>
 struct SolverStepKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;
   // Everything a slice needs from the row and the step index, derived once per sample: no division and no
@@ -110,10 +111,10 @@ struct SolverStepKernel : NoPerSampleOutputs {
     GuidanceCoef<acc_t> guide;
     uint32_t live;  // SolverLive bits
   };
-  const scalar_t* x;
+  typename Ptrs::in x;
   scalar_t* out;
-  Guidance<scalar_t> guide;  // the model output (csrc/guidance.h); its rescale sums set by the backend's pass
-  const float* table32;      // one of the two is set
+  Guidance<scalar_t, Ptrs> guide;  // the model output (csrc/guidance.h); its rescale sums set by the backend's pass
+  const float* table32;            // one of the two is set
   const double* table64;
   int64_t rows, width;
   const int64_t* step_index;
@@ -129,9 +130,10 @@ struct SolverStepKernel : NoPerSampleOutputs {
     const int64_t N = call.sample.numel() / call.sample.size(0);
     const bool wide = call.coefficients.scalar_type() == at::kDouble;
     return {{},
-            call.sample.const_data_ptr<scalar_t>(),
+            Ptrs::input(call.sample),
             call.out.mutable_data_ptr<scalar_t>(),
-            Guidance<scalar_t>::make(call.model_output, call.uncond, call.guidance, N, 0, call.guidance_rescale),
+            Guidance<scalar_t, Ptrs>::make(call.model_output, call.uncond, call.guidance, N, 0,
+                                           call.guidance_rescale),
             wide ? nullptr : call.coefficients.const_data_ptr<float>(),
             wide ? call.coefficients.const_data_ptr<double>() : nullptr,
             call.coefficients.size(0),

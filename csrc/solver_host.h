@@ -57,24 +57,24 @@ void solver_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_ou
   check_batch(sample);
   check_sample_offset(sample_offset);
   const at::MemoryFormat data_format = dense_format(sample, "sample");
-  check_data("model_output", model_output, sample);
-  check_data("out", out, sample);
-  check_guidance("solver_step", uncond, guidance, guidance_rescale, sample, sample);
+  // out and the state: the result dtype of the operands (float32 for a mix, read by the CPU backend natively)
+  const at::ScalarType type =
+      check_table_step<K>("solver_step", sample, model_output, uncond, guidance, guidance_rescale, noise, out);
   TORCH_CHECK(!clip_range.has_value() || *clip_range > 0, "ddpm_kernels: clip_range must be > 0, got ",
               clip_range.value_or(0.0));
   int64_t slots = 0;
   if (history.has_value()) {
     const at::Tensor& h = *history;
-    TORCH_CHECK(h.scalar_type() == sample.scalar_type() && h.device() == sample.device() &&
+    TORCH_CHECK(h.scalar_type() == type && h.device() == sample.device() &&
                     h.dim() == sample.dim() + 1 && h.size(0) >= 1 && h.sizes().slice(1) == sample.sizes(),
-                "ddpm_kernels: history must be (H, ", sample.sizes(), ") with H >= 1 of ", sample.scalar_type(),
+                "ddpm_kernels: history must be (H, ", sample.sizes(), ") with H >= 1 of ", type,
                 " on ", sample.device(), ", got ", h.scalar_type(), " ", h.sizes(), " on ", h.device());
     slots = h.size(0);
   }
   if (last_sample.has_value()) {
-    TORCH_CHECK(last_sample->sizes() == sample.sizes() && last_sample->scalar_type() == sample.scalar_type() &&
+    TORCH_CHECK(last_sample->sizes() == sample.sizes() && last_sample->scalar_type() == type &&
                     last_sample->device() == sample.device(),
-                "ddpm_kernels: last_sample must be like sample (", sample.sizes(), " ", sample.scalar_type(), " on ",
+                "ddpm_kernels: last_sample must be like sample (", sample.sizes(), " ", type, " on ",
                 sample.device(), "), got ", last_sample->sizes(), " ", last_sample->scalar_type(), " on ",
                 last_sample->device());
   }
@@ -86,7 +86,6 @@ void solver_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_ou
               coefficients.sizes(), " on ", coefficients.device());
   check_timesteps("step_index", step_index, sample);
   const bool given = stochastic && noise.has_value();
-  if (given) check_data("noise", *noise, sample);
 
   // In-kernel noise is indexed by each element's row-major position (docs/design.md, "Noise streams") while the
   // kernels walk storage order: a drawing call on channels_last data runs on contiguous copies, whose state and
@@ -104,7 +103,7 @@ void solver_step_out_kernel(const at::Tensor& sample, const at::Tensor& model_ou
     }
   }
   if (last_sample.has_value()) last = last_sample->contiguous(fmt);
-  const at::Tensor target = out.is_contiguous(fmt) ? out : at::empty_like(x);
+  const at::Tensor target = out.is_contiguous(fmt) ? out : at::empty_like(x, x.options().dtype(type));
   const at::Tensor table =
       coefficients.scalar_type() == at::kFloat || coefficients.scalar_type() == at::kDouble
           ? coefficients

@@ -96,6 +96,10 @@ class FlowStepOptions(_Guided):
     guided: bool = False
     guidance_rescale: float = 0.0
 
+    @property
+    def adds_noise(self) -> bool:
+        return self.stochastic
+
 
 @dataclasses.dataclass(frozen=True)
 class EulerStepOptions(_Guided):

@@ -84,7 +84,8 @@ def _per_sample(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # do not read (float64 with another dtype) is cast here, to the promoted dtype, as the prologue would have.
 MIXED_OPS = frozenset({"q_sample", "predict_start_from_noise", "predict_noise_from_start", "get_v",
                        "predict_start_from_z_and_v", "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance",
-                       "p_sample", "diffusion_loss", "ddim_step", "ddpm_step"})
+                       "p_sample", "diffusion_loss", "ddim_step", "ddpm_step", "flow_interpolate", "flow_step",
+                       "euler_step", "euler_ancestral_step", "flow_loss", "solver_step"})
 _MIXABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -391,7 +392,9 @@ def _make_fake(spec, out_form: bool):
     flag = names.index("return_pred_x0") if "return_pred_x0" in names else None
     kinds = spec.outputs[1:] if out_form else spec.outputs
     flow = bool(spec.sigmas)
-    operands = [names.index(n) for n in (spec.data,) + spec.like + spec.optional if n in names]
+    # a guided step's uncond counts in the result dtype too (the steps on a sigma or solver table take it in any
+    # float dtype; the DDIM/DDPM steps in the model output's)
+    operands = [names.index(n) for n in (spec.data,) + spec.like + spec.optional + ("uncond",) if n in names]
 
     def fake(*args):
         pred = flag is not None and bool(args[flag])

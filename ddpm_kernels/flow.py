@@ -201,7 +201,7 @@ def run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, s
         fn = _dispatch(spec, backend, sample, opts, tensors)
     else:
         fn, (sample, model_output, uncond, noise) = serve(spec, backend, sample, opts, tensors, mixed,
-                                                          (sample, model_output, uncond, noise))
+                                                          (sample, model_output, uncond, noise), noise)
     result = fn(sample, model_output, uncond, guidance, *sigma_args, opts, noise, generator, out=out,
                 sample_offset=sample_offset)
     return restore_format(result, fmt, out)

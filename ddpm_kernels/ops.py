@@ -216,21 +216,34 @@ def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tup
     if mixed is None:
         fn = _dispatch(spec, backend, x, opts, operands, grad_free=grad_free)
         return fn, opts, t, t_prev, out, x, others + passengers
-    fn, cast = serve(spec, backend, x, opts, operands, mixed, (x,) + others + passengers)
+    noise = others[len(spec.like) + spec.optional.index("noise")] if "noise" in spec.optional else None
+    fn, cast = serve(spec, backend, x, opts, operands, mixed, (x,) + others + passengers, noise)
     return fn, opts, t, t_prev, out, cast[0], cast[1:]
 
 
-def serve(spec, backend, x, opts, tensors: tuple, mixed, operands: tuple):
+def serve(spec, backend, x, opts, tensors: tuple, mixed, operands: tuple, noise=None):
     """``(fn, operands)``: the function serving the call (dispatch on ``tensors``, keyed on ``mixed``, the
     promoted dtype of a call with mixed float operands, when given) and ``operands`` as it reads them: cast to
-    ``mixed`` only when the serving backend does not read them natively (docs/design.md, "Mixed precision")."""
+    ``mixed`` only when the serving backend does not read them natively (docs/design.md, "Mixed precision").
+    ``noise``: the call's given noise, one of ``operands``. A step without a noise term (``opts.adds_noise``
+    false) reads none, while its dtype still counts in the result's, as in the reference: when it alone widens
+    the promotion, the operands are cast (a kernel reading them natively would return the narrower dtype)."""
     if mixed is None:
         return _dispatch(spec, backend, x, opts, tensors), operands
     name, fn = _dispatch(spec, backend, x, opts, tensors, dtype=mixed, with_name=True)
-    if not backends.reads_mixed(name, spec.name):
+    if not backends.reads_mixed(name, spec.name) or _widened_by_unread(opts, noise, operands, mixed):
         first, rest = cast_to(mixed, operands[0], operands[1:])
         operands = (first,) + rest
     return fn, operands
+
+
+def _widened_by_unread(opts, noise, operands: tuple, mixed) -> bool:
+    """Whether ``noise``, unread by a step without a noise term, is what makes the promotion of ``operands``
+    ``mixed``."""
+    if noise is None or getattr(opts, "adds_noise", True):
+        return False
+    read = (y.dtype for y in operands if y is not None and y is not noise)
+    return functools.reduce(torch.promote_types, read) != mixed
 
 
 def row_major(draws: bool, x, *others):

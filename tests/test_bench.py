@@ -51,6 +51,45 @@ def test_bytes_come_from_the_table(case, passes):
         assert (c.tensors["noise"] is None) == case.endswith("_rng")
 
 
+@pytest.mark.parametrize("case, passes", [
+    ("p_sample", 3.5),  # x_t, noise in fp32, model_output in bf16; x_{t-1} out in fp32
+    ("flow_step", 2.5),  # sample in fp32, model_output in bf16 (no noise read); the step out in fp32
+    ("diffusion_loss_fwd_bwd", 5.5),  # bf16 model output and fp32 targets, twice; its gradient in bf16
+])
+def test_mixed_case_bytes_count_each_operand_in_its_dtype(case, passes):
+    """A mixed case (fp32 data, a bf16 model output, as under autocast): the model output is the only bf16
+    tensor, and the bytes count each operand at its own size, outputs in the promoted fp32."""
+    c = Case(case, (2, 3, 5, 7), torch.float32, torch.device("cpu"), DiffusionSchedule(timesteps=10),
+             model_dtype=torch.bfloat16)
+    assert c.tensors["model_output"].dtype == torch.bfloat16
+    assert all(v.dtype != torch.bfloat16 for n, v in c.tensors.items() if n != "model_output" and v is not None)
+    assert c.bytes == passes * c.numel * 4
+
+
+def test_bench_cli_times_mixed_calls_against_cast_then_call(tmp_path):
+    """``--dtypes fp32+bf16``: the ops that take a model output, each fused backend natively and "+cast" (the
+    model output cast first), labelled float32+bfloat16; ops without a model output are left out."""
+    out = tmp_path / "mixed"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddpm_kernels", "bench", "--shapes", "2x4x8x8", "--dtypes", "fp32+bf16", "--ops",
+         "q_sample", "p_sample", "diffusion_loss_fwd_bwd", "--providers", "eager", "cpu", "--min-run-time", "0.01",
+         "--no-e2e", "--no-malloc-variant", "--no-progress", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "mixed.json").read_text())["rows"]
+    assert {r["op"] for r in rows} == {"p_sample", "diffusion_loss_fwd_bwd"}
+    assert {r["dtype"] for r in rows} == {"float32+bfloat16"}
+    from ddpm_kernels import available_backends
+
+    fused = {"cpu", "cpu+cast"} if "cpu" in available_backends("cpu") else set()
+    assert {r["provider"] for r in rows if r["op"] == "p_sample"} == {"eager"} | fused | (
+        {"cpu+out"} if fused else set())
+    assert {r["provider"] for r in rows if r["op"] == "diffusion_loss_fwd_bwd"} == {"eager"} | fused
+    for r in rows:
+        assert r["median_us"] > 0 and r["bytes"] > 0
+
+
 def test_pytest_benchmark_suite_runs(tmp_path):
     env = dict(os.environ, DDPM_KERNELS_BENCH_SMOKE="1")
     proc = subprocess.run(

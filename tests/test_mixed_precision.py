@@ -69,8 +69,8 @@ def _solver_call(x, y, z, t, backend, noise=True, **kwargs):
     g = torch.Generator().manual_seed(3)
     table = torch.randn(T, SolverColumns(2).width, generator=g, dtype=torch.float64)
     dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), z.dtype)
-    history = torch.stack([z, -z]).to(dtype)
-    last = (0.5 * z).to(dtype)
+    history = torch.randn((2,) + tuple(x.shape), generator=g, dtype=dtype)  # drawn in it: no cast counted
+    last = torch.randn(x.shape, generator=g, dtype=dtype)
     result = dk.solver_step(x, y, table, t, history=history, last_sample=last, noise=z if noise else None,
                             backend=backend, **kwargs)
     return result, history, last
@@ -115,7 +115,8 @@ class _Casts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# ops whose mixed calls the Triton kernels read natively (TritonBackend.mixed_dtypes), by their CALLS names
+# ops whose mixed calls the fused kernels (Triton's, the compiled CPU backend's) read natively (their backends'
+# mixed_dtypes), by their CALLS names
 NATIVE_CALLS = [n for n in CALLS if n.startswith(("q_sample", "predict_start", "get_v", "q_posterior", "p_mean",
                                                   "p_sample", "diffusion_loss", "ddim_step", "ddpm_step", "flow_",
                                                   "euler_", "solver_step"))]
@@ -221,18 +222,25 @@ def test_auto_serves_mixed_calls_with_the_fused_backend():
     assert name == "cpu"
 
 
-@pytest.mark.skipif("triton" not in dk.available_backends("cpu"), reason="the Triton backend does not run here")
+# (backend, operator namespace, test shape): the Triton interpreter is slow; the CPU shape has full vectors and tails
+_FUSED = {"triton": ("ddpm_kernels_triton", (3, 2, 3, 5)), "cpu": ("ddpm_kernels", (3, 2, 5, 37))}
+
+
+@pytest.mark.parametrize("backend", list(_FUSED))
 @pytest.mark.parametrize("low", LOW, ids=str)
 @pytest.mark.parametrize("name", NATIVE_CALLS)
-def test_triton_reads_mixed_operands_without_a_cast(name, low):
-    """The Triton kernels read the low-precision operand in its own dtype: the call launches no conversion or
-    copy before its kernel (the reference, which casts, is the control that the count sees one), and equals
-    the all-float32 call exactly."""
-    (x, y, z, _), t = _inputs((3, 2, 3, 5))
+def test_fused_kernels_read_mixed_operands_without_a_cast(name, low, backend):
+    """The Triton and CPU kernels read the low-precision operand in its own dtype: the call launches no
+    conversion or copy before its kernel (the reference, which casts, is the control that the count sees one),
+    and equals the all-float32 call exactly."""
+    if backend not in dk.available_backends("cpu"):
+        pytest.skip(f"the {backend} backend does not run here")
+    namespace, shape = _FUSED[backend]
+    (x, y, z, _), t = _inputs(shape)
     with _Casts() as ref:
         CALLS[name](x, y.to(low), z, t, "reference")
     assert ref.casts
-    _assert_reads_natively(name, low, "triton", (3, 2, 3, 5), "ddpm_kernels_triton")
+    _assert_reads_natively(name, low, backend, shape, namespace)
 
 
 def _assert_reads_natively(name, low, backend, shape, namespace):
@@ -316,8 +324,14 @@ def test_triton_mixed_out_rules():
     assert dk.p_sample(buf, t, y.half(), S, noise=z.bfloat16(), backend="triton", out=buf) is buf
     torch.testing.assert_close(buf, dk.p_sample(x, t, y.half().float(), S, noise=z.bfloat16().float(),
                                                 backend="triton"), rtol=0, atol=0)
-    for step in (lambda x, y, out: dk.flow_step(x, y, torch.linspace(1, 0, T + 1), t, backend="triton", out=out),
-                 lambda x, y, out: dk.euler_step(x, y, _KARRAS, t, backend="triton", out=out)):
+    _assert_in_place_sigma_steps("triton", x, y, t)
+
+
+def _assert_in_place_sigma_steps(backend, x, y, t):
+    """Flow and Euler steps of an fp32 buffer in place with a bf16 model output read natively (no cast, the
+    all-float32 call exactly); an out in the model output's dtype is refused."""
+    for step in (lambda x, y, out: dk.flow_step(x, y, torch.linspace(1, 0, T + 1), t, backend=backend, out=out),
+                 lambda x, y, out: dk.euler_step(x, y, _KARRAS, t, backend=backend, out=out)):
         buf, y_low = x.clone(), y.bfloat16()
         with _Casts() as mode:
             assert step(buf, y_low, buf) is buf
@@ -505,9 +519,6 @@ def test_triton_mixed_step_compiles():
 
 # ------------------------------------------------------------------------------------------ compiled CPU kernels
 _NEEDS_CPU = pytest.mark.skipif("cpu" not in dk.available_backends("cpu"), reason="the compiled CPU backend is not built")
-# ops whose mixed calls the compiled CPU kernels read natively (extension.MIXED_OPS), by their CALLS names
-CPU_NATIVE_CALLS = [n for n in CALLS if n.startswith(("q_sample", "predict_start", "get_v", "q_posterior", "p_mean",
-                                                      "p_sample", "diffusion_loss", "ddim_step", "ddpm_step"))]
 
 
 @_NEEDS_CPU
@@ -519,31 +530,29 @@ def test_cpu_backend_declares_its_native_ops():
     assert extension.CPU_BACKEND.mixed_dtypes == {
         "q_sample", "predict_start_from_noise", "predict_noise_from_start", "get_v", "predict_start_from_z_and_v",
         "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance", "p_sample", "diffusion_loss", "ddim_step",
-        "ddpm_step"}
+        "ddpm_step", "flow_interpolate", "flow_step", "euler_step", "euler_ancestral_step", "flow_loss",
+        "solver_step"}
     assert extension.CUDA_BACKEND.mixed_dtypes == frozenset()
     (x, y, z, _), t = _inputs()
     dk.p_sample(x, t, y, S, noise=z, backend="cpu")
-    assert backends.reads_mixed("cpu", "ddim_step") and not backends.reads_mixed("cpu", "flow_step")
+    assert backends.reads_mixed("cpu", "ddim_step") and backends.reads_mixed("cpu", "flow_step")
+    assert not backends.reads_mixed("cpu", "dynamic_threshold")
 
 
-@_NEEDS_CPU
-@pytest.mark.parametrize("low", LOW, ids=str)
-@pytest.mark.parametrize("name", CPU_NATIVE_CALLS)
-def test_cpu_reads_mixed_operands_without_a_cast(name, low):
-    """The CPU kernels read the low-precision operand in its own dtype: no conversion or copy before the
-    ddpm_kernels operator, and exactly the all-float32 call (shape (3, 2, 5, 37): full vectors and tails)."""
-    _assert_reads_natively(name, low, "cpu", (3, 2, 5, 37), "ddpm_kernels")
-
-
-@_NEEDS_CPU
-def test_cpu_still_casts_the_ops_it_does_not_read_mixed():
-    """A mixed flow step on the CPU backend is cast by the prologue (the control that the count sees a cast)
-    and still equals the all-float32 call."""
-    (x, y, z, _), t = _inputs()
-    with _Casts() as mode:
-        got = CALLS["flow_step"](x, y.bfloat16(), z, t, "cpu")
-    assert mode.casts
-    torch.testing.assert_close(got, CALLS["flow_step"](x, y.bfloat16().float(), z, t, "cpu"), rtol=0, atol=0)
+@pytest.mark.parametrize("backend", list(_FUSED))
+def test_mixes_no_kernel_reads_are_cast(backend):
+    """A float64 operand with a bfloat16 one, a mix no kernel reads, is cast by the prologue to the promoted
+    float64 (the control that the count sees a cast) and equals the all-float64 call."""
+    if backend not in dk.available_backends("cpu"):
+        pytest.skip(f"the {backend} backend does not run here")
+    (x, y, z, _), t = _inputs(_FUSED[backend][1])
+    x64 = x.double()
+    for name in ("flow_step", "q_sample"):
+        with _Casts() as mode:
+            got = CALLS[name](x64, y.bfloat16(), z.double(), t, backend)
+        assert mode.casts
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, CALLS[name](x64, y.bfloat16().double(), z.double(), t, backend), rtol=0, atol=0)
 
 
 @_NEEDS_CPU
@@ -567,6 +576,19 @@ def test_cpu_mixed_data_and_three_dtypes(low):
                                      backend="cpu"),
         lambda x, y, z: dk.ddim_step(x, t, t - 1, y, S, guidance_scale=torch.tensor([1.5, 3.0, 7.5]), uncond=y.flip(0),
                                      guidance_rescale=0.7, clip_denoised=True, backend="cpu"),
+        lambda x, y, z: dk.flow_interpolate(x, y, t / T, backend="cpu"),
+        lambda x, y, z: dk.flow_step(x, y, torch.linspace(1, 0, T + 1), t, generator=torch.Generator().manual_seed(7),
+                                     stochastic=True, guidance_scale=2.0, uncond=y.flip(0), guidance_rescale=0.5,
+                                     backend="cpu"),
+        lambda x, y, z: dk.flow_step(x, y, sigma=torch.rand(3, 2, 1, 1, generator=torch.Generator().manual_seed(1)),
+                                     sigma_next=t / T, noise=z, stochastic=True, backend="cpu"),
+        lambda x, y, z: dk.euler_step(x, y, _KARRAS, t, "v_prediction", noise=z, s_churn=5.0, return_pred_x0=True,
+                                      backend="cpu"),
+        lambda x, y, z: dk.euler_ancestral_step(x, y, _KARRAS, t, generator=torch.Generator().manual_seed(8),
+                                                backend="cpu"),
+        lambda x, y, z: dk.flow_loss(x, y, z, torch.rand(3, 2, 1, 1, generator=torch.Generator().manual_seed(2)),
+                                     "sigma_sqrt", "l1", backend="cpu"),
+        lambda x, y, z: _solver_call(x, y, z, t, "cpu", guidance_scale=1.5, uncond=y.flip(0), clip_range=1.0),
     ]
     for x_, y_, z_ in ((x.to(low), y, z), (x, y.to(low), z.to(other)), (x.to(low), y.to(other), z)):
         for call in calls:
@@ -582,8 +604,9 @@ def test_cpu_mixed_data_and_three_dtypes(low):
 @pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
 @pytest.mark.parametrize("loss_type", ["l2", "l1"])
 def test_cpu_loss_gradient_in_the_model_outputs_dtype(parameterization, loss_type):
-    """The loss with a bf16 / fp16 model output and fp32 (or other reduced) targets: forward and backward launch
-    no cast; the gradient is written in the model output's dtype, the float32 call's gradient rounded once."""
+    """The losses (diffusion_loss; flow_loss, whose parameterization is fixed) with a bf16 / fp16 model output and
+    fp32 (or other reduced) targets: forward and backward launch no cast; the gradient is written in the model
+    output's dtype, the float32 call's gradient rounded once."""
     (x, y, z, _), t = _inputs((3, 2, 5, 37))
     for mo_dtype, z_dtype in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32),
                               (torch.bfloat16, torch.float16)):
@@ -600,27 +623,48 @@ def test_cpu_loss_gradient_in_the_model_outputs_dtype(parameterization, loss_typ
         assert loss.dtype == torch.float32 and g.dtype == mo_dtype
         torch.testing.assert_close(loss, loss32, rtol=0, atol=0)
         torch.testing.assert_close(g, g32.to(mo_dtype), rtol=0, atol=0)
+        sigma = (t + 1) / (T + 1)
+        with _Casts() as mode:
+            flow = dk.flow_loss(mo, x, noise, sigma, "cosmap", loss_type, backend="cpu")
+            (g,) = torch.autograd.grad(flow, mo)
+        assert mode.casts == [] and "ddpm_kernels::flow_loss_backward" in mode.ops, (mode.casts, mode.ops)
+        flow32 = dk.flow_loss(mo32, x, z.to(z_dtype).float(), sigma, "cosmap", loss_type, backend="cpu")
+        (g32,) = torch.autograd.grad(flow32, mo32)
+        assert flow.dtype == torch.float32 and g.dtype == mo_dtype
+        torch.testing.assert_close(flow, flow32, rtol=0, atol=0)
+        torch.testing.assert_close(g, g32.to(mo_dtype), rtol=0, atol=0)
 
 
-@_NEEDS_CPU
+# steps without a noise term, given one: call(x, y, z, t, backend, **guidance)
+_UNREAD_NOISE_STEPS = {
+    "ddim_step": lambda x, y, z, t, b, **kw: dk.ddim_step(x, t, t - 1, y, S, eta=0.0, noise=z, backend=b, **kw),
+    "flow_step": lambda x, y, z, t, b, **kw: dk.flow_step(x, y, torch.linspace(1, 0, T + 1), t, noise=z, backend=b,
+                                                          **kw),
+    "euler_step": lambda x, y, z, t, b, **kw: dk.euler_step(x, y, _KARRAS, t, noise=z, backend=b, **kw),
+}
+
+
+@pytest.mark.parametrize("backend", list(_FUSED))
 @pytest.mark.parametrize("guided", [False, True])
-def test_cpu_unread_noise_still_promotes(guided):
-    """A DDIM step without a noise term (eta = 0) given a noise of another dtype: the result has the promotion
-    of all three operands, as the reference's, with and without out= (the CPU kernels read x_t and the model
-    output natively and the noise not at all)."""
-    (x, y, z, _), t = _inputs((3, 2, 5, 37))
+@pytest.mark.parametrize("name", list(_UNREAD_NOISE_STEPS))
+def test_unread_noise_still_promotes(name, guided, backend):
+    """A step without a noise term (DDIM with eta = 0, the deterministic flow step, Euler without churn) given a
+    noise of a wider dtype: the result has the promotion of all the operands, as the reference's, with and
+    without out= (the noise is not read; a kernel reading the others natively would give their narrower dtype,
+    so the call is cast)."""
+    if backend not in dk.available_backends("cpu"):
+        pytest.skip(f"the {backend} backend does not run here")
+    (x, y, z, _), t = _inputs(_FUSED[backend][1])
     t = t.clamp(min=1)
-    guidance = dict(guidance_scale=torch.tensor([1.5, 3.0, 7.5]), uncond=y.flip(0)) if guided else {}
+    step = _UNREAD_NOISE_STEPS[name]
     for xd, nd in ((torch.float16, torch.float32), (torch.float32, torch.float64)):
-        args = (x.to(xd), t, t - 1, None, S)
-        mo = y.to(xd)
-        kwargs = dict(eta=0.0, noise=z.to(nd), **{k: (v.to(xd) if k == "uncond" else v) for k, v in guidance.items()})
-        ref = dk.ddim_step(args[0], t, t - 1, mo, S, backend="reference", **kwargs)
-        got = dk.ddim_step(args[0], t, t - 1, mo, S, backend="cpu", **kwargs)
+        guidance = dict(guidance_scale=torch.tensor([1.5, 3.0, 7.5]), uncond=y.flip(0).to(xd)) if guided else {}
+        ref = step(x.to(xd), y.to(xd), z.to(nd), t, "reference", **guidance)
+        got = step(x.to(xd), y.to(xd), z.to(nd), t, backend, **guidance)
         assert got.dtype == ref.dtype == nd
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        out = torch.empty_like(args[0], dtype=nd)
-        assert dk.ddim_step(args[0], t, t - 1, mo, S, backend="cpu", out=out, **kwargs) is out
+        out = torch.empty_like(x, dtype=nd)
+        assert step(x.to(xd), y.to(xd), z.to(nd), t, backend, out=out, **guidance) is out
         torch.testing.assert_close(out, got, rtol=0, atol=0)
 
 
@@ -641,6 +685,7 @@ def test_cpu_mixed_out_rules():
         assert dk.q_sample(buf, t, mo, S, backend="cpu", out=buf) is buf
     assert mode.casts == []
     torch.testing.assert_close(buf, dk.q_sample(x, t, mo.float(), S, backend="cpu"), rtol=0, atol=0)
+    _assert_in_place_sigma_steps("cpu", x, y, t)
     ops, table = torch.ops.ddpm_kernels, S.table(torch.float32)
     with pytest.raises(RuntimeError, match="out has dtype BFloat16, expected Float .the result dtype"):
         ops.q_sample_out(x, t, mo, table, torch.empty_like(x, dtype=torch.bfloat16))
@@ -650,6 +695,15 @@ def test_cpu_mixed_out_rules():
         ops.p_mean_variance(x, t, y.double(), table, "eps", True)
     with pytest.raises(RuntimeError, match="noise has dtype Int, expected BFloat16 .operands of different"):
         ops.diffusion_loss(y.bfloat16(), x, z.int(), t, table, "eps", "l2", 1.0, 0.0)
+    sigmas = torch.linspace(1, 0, T + 1)
+    with pytest.raises(RuntimeError, match="out has dtype BFloat16, expected Float .the result dtype"):
+        ops.flow_step_out(x, y.bfloat16(), None, None, sigmas, t, None, 1, 1, None, 1, 1, False, 0.0, None, None, 0,
+                          torch.empty_like(x, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="noise has dtype Double, expected Float .operands of different"):
+        ops.euler_ancestral_step(x, y, None, None, _KARRAS, t, "eps", 0.0, z.double(), None, 0, False)
+    with pytest.raises(RuntimeError, match="history must be .* of Float"):
+        ops.solver_step(x, y.bfloat16(), None, None, torch.zeros(T, SolverColumns(1).width), t, y.bfloat16()[None],
+                        None, False, None, 0.0, None, None, 0)
     got = dk.p_mean_variance(x, t, y.double(), S, "v", backend="cpu")
     assert got[0].dtype == torch.float64
     torch.testing.assert_close(got[0], dk.p_mean_variance(x.double(), t, y.double(), S, "v", backend="cpu")[0],
@@ -672,10 +726,18 @@ def test_cpu_mixed_calls_pass_opcheck():
         dk.q_posterior(y.bfloat16(), x, t, S, backend="cpu")
         loss = dk.diffusion_loss(mo, x, z.half(), t, S, "v", backend="cpu")[0]
         torch.autograd.grad(loss, mo)
+        dk.flow_interpolate(x.bfloat16(), y, t / T, backend="cpu")
+        dk.flow_step(x, y.bfloat16(), torch.linspace(1, 0, T + 1), t, noise=z.half(), stochastic=True, backend="cpu")
+        dk.euler_step(x.bfloat16(), y, _KARRAS, t, return_pred_x0=True, backend="cpu")
+        dk.euler_ancestral_step(x, y.half(), _KARRAS, t, noise=z.bfloat16(), backend="cpu")
+        _solver_call(x, y.bfloat16(), z, t, "cpu", noise=False)
+        torch.autograd.grad(dk.flow_loss(mo, x, z.half(), t / T, backend="cpu"), mo)
     names = {func.name() for func, _, _ in calls.calls}
-    assert {"ddpm_kernels::q_sample", "ddpm_kernels::get_v", "ddpm_kernels::p_sample", "ddpm_kernels::p_sample_out", "ddpm_kernels::p_mean_variance",
-            "ddpm_kernels::q_posterior", "ddpm_kernels::diffusion_loss",
-            "ddpm_kernels::diffusion_loss_backward"} <= names, names
+    assert {"ddpm_kernels::q_sample", "ddpm_kernels::get_v", "ddpm_kernels::p_sample", "ddpm_kernels::p_sample_out",
+            "ddpm_kernels::p_mean_variance", "ddpm_kernels::q_posterior", "ddpm_kernels::diffusion_loss",
+            "ddpm_kernels::diffusion_loss_backward", "ddpm_kernels::flow_interpolate", "ddpm_kernels::flow_step",
+            "ddpm_kernels::euler_step", "ddpm_kernels::euler_ancestral_step", "ddpm_kernels::solver_step",
+            "ddpm_kernels::flow_loss", "ddpm_kernels::flow_loss_backward"} <= names, names
     for func, args, kwargs in calls.calls:
         torch.library.opcheck(func, args, kwargs, test_utils=("test_schema", "test_faketensor"))
 

@@ -11,6 +11,7 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
+#include <type_traits>
 #include <vector>
 
 #include "guidance.h"
@@ -32,12 +33,17 @@ constexpr int64_t kFlowFlush = 2048;
 
 }  // namespace
 
+// A call whose operands have different dtypes (x0 and noise; the step's sample, model outputs and noise; the
+// loss's three operands) computes in float32 and reads each in its own (csrc/cpu/loops.h, MixedLanes); its
+// outputs have the promoted dtype, float32 (the loss's gradient: model_output's dtype).
 void Kernels::flow_interpolate(const FlowInterpolateCall& call) {
   const int64_t numel = call.x.numel();
-  DDPM_DISPATCH_FLOATING(call.x.scalar_type(), "ddpm_kernels_flow_interpolate", [&] {
+  dispatch_operands(call.x.scalar_type(), mixed_operands({&call.x, call.y, &call.out}), [&](auto St, auto Ps, auto IO) {
+    using scalar_t = typename decltype(St)::type;
+    using Ptrs = typename decltype(Ps)::type;
     with_bool(call.period > 1, [&](auto T) {
-      run_family<scalar_t>(FlowInterpolateKernel<scalar_t, decltype(T)>::make(call, T), numel,
-                           numel / call.x.size(0));
+      run_family_io<typename decltype(IO)::type>(FlowInterpolateKernel<scalar_t, decltype(T), Ptrs>::make(call, T),
+                                                 numel, numel / call.x.size(0));
     });
   });
 }
@@ -46,8 +52,12 @@ void Kernels::flow_interpolate(const FlowInterpolateCall& call) {
 // samplers by the parameterization; a step without a noise term compiles no noise source.
 void Kernels::flow_step(const FlowStepCall& call) {
   const int64_t numel = call.sample.numel();
-  DDPM_DISPATCH_FLOATING(call.sample.scalar_type(), "ddpm_kernels_flow_step", [&] {
-    using Noise = CpuNoise<scalar_t>;
+  const bool mixed = mixed_operands({&call.sample, &call.model_output, call.uncond, call.noise, &call.out});
+  dispatch_operands(call.sample.scalar_type(), mixed, [&](auto St, auto Ps, auto IO) {
+    using scalar_t = typename decltype(St)::type;
+    using Ptrs = typename decltype(Ps)::type;
+    using L = typename decltype(IO)::type;
+    using Noise = CpuNoise<scalar_t, L, Ptrs>;
     // p_sample's scheme: the key is drawn for every drawing call without given noise, even an empty one
     const typename Noise::Spec spec =
         Noise::spec(call.noise, call.adds_noise(), call.generator, call.sample, call.sample_offset);
@@ -55,12 +65,13 @@ void Kernels::flow_step(const FlowStepCall& call) {
     const int64_t B = call.sample.size(0), N = numel / B;
     std::vector<double> sums;
     const auto run = [&](auto S, auto P, auto G, auto T) {
-      auto f = FlowStepKernel<scalar_t, decltype(S), decltype(P), decltype(G), decltype(T)>::make(call, S, P, G, T);
+      auto f = FlowStepKernel<scalar_t, decltype(S), decltype(P), decltype(G), decltype(T), Ptrs>::make(call, S, P,
+                                                                                                         G, T);
       prepare_rescale(f.guide, B, sums);
       if constexpr (decltype(S)::value == StepSampler::kFlow) {
-        run_family<scalar_t>(f, numel, N);
+        run_family_io<L>(f, numel, N);
       } else {
-        run_family<scalar_t>(f, numel, N, Noise(spec));
+        run_family_io<L>(f, numel, N, Noise(spec));
       }
     };
     using Eps = std::integral_constant<Param, Param::kEps>;  // unread by the flow samplers
@@ -91,13 +102,17 @@ void Kernels::flow_loss(const FlowLossCall& call, const at::Tensor& loss) {
   const int64_t B = call.model_output.size(0), N = call.model_output.numel() / B;
   const int64_t chunks = (N + kFlowChunk - 1) / kFlowChunk;
   std::vector<double> partial(B * chunks, 0.0);
-  DDPM_DISPATCH_FLOATING(call.model_output.scalar_type(), "ddpm_kernels_flow_loss", [&] {
-    using L = Lanes<scalar_t>;
+  dispatch_operands(call.model_output.scalar_type(), call.mixed(), [&](auto St, auto Ps, auto IO) {
+    using scalar_t = typename decltype(St)::type;
+    using Ptrs = typename decltype(Ps)::type;
+    // float32 data sums in a mixed call's slices (two vectors): a mixed call and the call with its operands cast
+    // to float32 add the same terms in the same order, so they give the same bits
+    using L = std::conditional_t<std::is_same_v<scalar_t, float>, MixedLanes, typename decltype(IO)::type>;
     using V = typename L::V;
     using acc_t = at::opmath_type<scalar_t>;
     with_bool(call.l1, [&](auto L1) {
       with_bool(call.period > 1, [&](auto T) {
-        const auto f = FlowLossKernel<scalar_t, decltype(L1), decltype(T)>::make(call, L1, T);
+        const auto f = FlowLossKernel<scalar_t, decltype(L1), decltype(T), Ptrs>::make(call, L1, T);
         at::parallel_for(0, B * chunks, std::max<int64_t>(1, 32768 / kFlowChunk), [&](int64_t c0, int64_t c1) {
           const auto fl = f;  // a task-local copy: its pointers stay in registers across the loop
           for (int64_t c = c0; c < c1; ++c) {
@@ -143,14 +158,17 @@ void Kernels::flow_loss(const FlowLossCall& call, const at::Tensor& loss) {
 
 void Kernels::flow_loss_backward(const FlowLossCall& call, const at::Tensor& grad_loss, const at::Tensor& grad) {
   const int64_t numel = call.model_output.numel();
-  DDPM_DISPATCH_FLOATING(call.model_output.scalar_type(), "ddpm_kernels_flow_loss_backward", [&] {
+  dispatch_operands(call.model_output.scalar_type(), call.mixed(), [&](auto St, auto Ps, auto IO) {
+    using scalar_t = typename decltype(St)::type;
+    using Ptrs = typename decltype(Ps)::type;
+    using L = typename decltype(IO)::type;
     with_bool(call.l1, [&](auto L1) {
       with_bool(call.period > 1, [&](auto T) {
-        const auto f = FlowLossKernel<scalar_t, decltype(L1), decltype(T)>::make_backward(call, L1, T, grad_loss, grad);
+        const auto f = FlowLossKernel<scalar_t, decltype(L1), decltype(T), Ptrs>::make_backward(call, L1, T,
+                                                                                                grad_loss, grad);
         const int64_t N = numel / call.model_output.size(0);
         if constexpr (decltype(T)::value) {
           // run_family's loop with the sigma's cursor walked along each segment (no division per slice)
-          using L = Lanes<scalar_t>;
           parallel_blocks(numel, [&](int64_t blk0, int64_t blk1) {
             for_each_segment(blk0, blk1, numel, N, [&](int64_t b, int64_t i, int64_t stop) {
               const auto c = f.coef(b);
@@ -159,7 +177,7 @@ void Kernels::flow_loss_backward(const FlowLossCall& call, const at::Tensor& gra
             });
           });
         } else {
-          run_family<scalar_t>(f, numel, N);
+          run_family_io<L>(f, numel, N);
         }
       });
     });

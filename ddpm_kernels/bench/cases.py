@@ -22,6 +22,22 @@ from .._spec import OPS, OpSpec, SolverColumns, step_options
 from ..schedule import DiffusionSchedule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+# Mixed precision as under torch.autocast: fp32 data with the model output in a lower precision (the cases whose
+# op takes a model output; a loss's is its data). Their fused backends also get a "+cast" row: the model output
+# cast to fp32 first, then the call, as a backend without native mixed reads runs it.
+MIXED_DTYPES = {"fp32+bf16": torch.bfloat16, "fp32+fp16": torch.float16}
+
+
+def dtype_pair(name: str):
+    """``(data dtype, model output dtype or None)`` of a ``--dtypes`` name."""
+    if name in MIXED_DTYPES:
+        return torch.float32, MIXED_DTYPES[name]
+    return DTYPES[name], None
+
+
+def takes_model_output(case: str) -> bool:
+    spec = CASES[case].spec
+    return "model_output" in (spec.data,) + spec.like
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -227,19 +243,22 @@ class Case:
     times."""
 
     def __init__(self, case, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
-                 schedule: DiffusionSchedule, memory_format: torch.memory_format = torch.contiguous_format):
+                 schedule: DiffusionSchedule, memory_format: torch.memory_format = torch.contiguous_format,
+                 model_dtype: Optional[torch.dtype] = None):
         self.case = CASES[case] if isinstance(case, str) else case
         spec = self.case.spec
         self.op, self.spec = self.case.name, spec
         self.shape, self.dtype, self.device, self.s = tuple(shape), dtype, device, schedule
+        self.model_dtype = model_dtype  # the model output's dtype when it differs from the data's (MIXED_DTYPES)
         g = torch.Generator(device="cpu").manual_seed(0)
 
-        def rand(shape):
+        def rand(shape, dtype=dtype):
             x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
             return x.contiguous(memory_format=memory_format)
 
         opts = self.case.step_options
-        self.tensors: Dict[str, Optional[torch.Tensor]] = {spec.data: rand(self.shape)}
+        self.tensors: Dict[str, Optional[torch.Tensor]] = {
+            spec.data: rand(self.shape, model_dtype if spec.data == "model_output" and model_dtype else dtype)}
         for i, name in enumerate(spec.like):
             # a learned variance rides in a second half of model_output's channels (the first like tensor); a
             # guided step's model output is the batched [uncond; cond] output, twice the batch
@@ -247,7 +266,7 @@ class Case:
             shape = self.shape[:1] + (2 * self.shape[1],) + self.shape[2:] if doubled else self.shape
             if i == 0 and self.case.guided:
                 shape = (2 * self.shape[0],) + self.shape[1:]
-            self.tensors[name] = rand(shape)
+            self.tensors[name] = rand(shape, model_dtype if name == "model_output" and model_dtype else dtype)
         for name in spec.optional:
             self.tensors[name] = None if self.case.in_kernel_noise else rand(self.shape)
         t = torch.randint(0, schedule.num_timesteps, (self.shape[0],), generator=g)
@@ -293,16 +312,19 @@ class Case:
         ``pred_x0``) out. Forward and backward: the backward kernels save nothing, so they read the forward's
         tensors again, and write one gradient."""
         spec, ts = self.spec, self.tensors
-        read = sum(ts[n].numel() for n in (spec.data,) + spec.like)  # a guided output counts twice
+        size = lambda n: ts[n].numel() * ts[n].element_size()
+        read = sum(size(n) for n in (spec.data,) + spec.like)  # a guided output counts twice
         if self.case.noise_read:
-            read += sum(ts[n].numel() for n in spec.optional)
+            read += sum(size(n) for n in spec.optional)
         returns_x0 = opts is not None and opts.return_pred_x0
-        written = self.numel * sum(k == "like" or (k == "pred_x0" and returns_x0) for k in spec.outputs)
+        # outputs in the promoted dtype (the data's, fp32 in a mixed case); a loss gradient in its input's
+        out_size = torch.promote_types(self.dtype, self.model_dtype or self.dtype).itemsize
+        written = self.numel * out_size * sum(k == "like" or (k == "pred_x0" and returns_x0) for k in spec.outputs)
         if spec.family == "solver":  # the earlier output read from the ring and the new one written into it
-            read, written = read + self.numel, written + self.numel
+            read, written = read + self.numel * out_size, written + self.numel * out_size
         if self.case.backward:
-            read, written = 2 * read, written + self.numel
-        return (read + written) * self.tensors[spec.data].element_size()
+            read, written = 2 * read, written + size(spec.data)
+        return read + written
 
     @property
     def grad_inputs(self) -> Optional[frozenset]:
@@ -321,18 +343,22 @@ class Case:
         given[i] = leaf
         return lambda: torch.autograd.grad(_first(call(*given)), leaf)
 
-    def _public(self, backend: str, out=None) -> Callable:
+    def _public(self, backend: str, out=None, cast: bool = False) -> Callable:
         names = [n for n, v in self.tensors.items() if v is not None]
         extra = {"out": out} if out is not None else {}
 
         def call(*given, **absent):
-            return self.fn(**dict(zip(names, given)), **absent, **self.static, backend=backend, **extra)
+            tensors = dict(zip(names, given))
+            if cast:  # the low-precision model output cast to the data's dtype first (autograd-tracked)
+                tensors["model_output"] = tensors["model_output"].to(self.dtype)
+            return self.fn(**tensors, **absent, **self.static, backend=backend, **extra)
 
         return call
 
-    def call(self, backend: str, out: bool = False) -> Callable[[], object]:
-        """The public op on ``backend`` (``out=``: into a preallocated tensor)."""
-        return self._bind(self._public(backend, self.out if out else None))
+    def call(self, backend: str, out: bool = False, cast: bool = False) -> Callable[[], object]:
+        """The public op on ``backend`` (``out=``: into a preallocated tensor; ``cast``: a mixed case's model
+        output cast to the data's dtype before the call, the cast timed with it)."""
+        return self._bind(self._public(backend, self.out if out else None, cast))
 
     def compiled(self) -> Callable[[], object]:
         """``torch.compile`` of the reference call; shapes are fixed, so no dynamic-shape guards."""

@@ -13,7 +13,8 @@ from typing import List
 import torch
 
 from ..schedule import DiffusionSchedule
-from .cases import CASES, DTYPES, MEMORY_FORMATS, Case, op_choices, select_cases
+from .cases import CASES, DTYPES, MEMORY_FORMATS, MIXED_DTYPES, Case, dtype_pair, op_choices, select_cases, \
+    takes_model_output
 from .report import markdown, meta, write_outputs
 from .sweep import Row, end_to_end, providers, run_case, scheduler_loops
 
@@ -96,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                         + ", ".join(f"{k} ({' '.join('x'.join(map(str, s)) for s in v)})"
                                     for k, v in SHAPE_PRESETS.items())
                         + " (default: gpu on GPU, cpu on CPU; flow / flow-cpu when every case is a flow op)")
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
-                        help="default: fp32 bf16 fp16 on GPU, fp32 bf16 on CPU")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES) + sorted(MIXED_DTYPES), default=None,
+                        help="default: fp32 bf16 fp16 on GPU, fp32 bf16 on CPU; fp32+bf16 / fp32+fp16: fp32 data with "
+                        "the model output in bf16 / fp16, as under autocast (the ops that take a model output)")
     parser.add_argument("--ops", nargs="+", choices=op_choices(), default=None, metavar="OP",
                         help="cases (default: all): " + " ".join(CASES) + "; an op name that names no case "
                         "(diffusion_loss) selects every case of that op")
@@ -174,14 +176,20 @@ def main(argv=None) -> int:
 
     from tqdm.auto import tqdm
 
-    plan = [(name, shape, dn) for dn in dtype_names for shape in shapes for name in case_names]
-    total = sum(len(providers(name, device, DTYPES[dn], args.providers)) for name, _, dn in plan)
+    # a mixed dtype (fp32 data, a low-precision model output) applies to the cases with a model output
+    plan = [(name, shape, dn) for dn in dtype_names for shape in shapes for name in case_names
+            if dn not in MIXED_DTYPES or takes_model_output(name)]
+
+    def names_of(name, dn):
+        return providers(name, device, dtype_pair(dn)[0], args.providers, mixed=dn in MIXED_DTYPES)
+
+    total = sum(len(names_of(name, dn)) for name, _, dn in plan)
     rows: List[Row] = []
     with tqdm(total=total, desc="bench", disable=args.no_progress, file=sys.stderr) as bar:
         for name, shape, dn in plan:
-            case = Case(name, shape, DTYPES[dn], device, schedule, memory_format)
-            rows += run_case(case, providers(name, device, DTYPES[dn], args.providers), args.min_run_time,
-                             condition, bar)
+            dtype, model_dtype = dtype_pair(dn)
+            case = Case(name, shape, dtype, device, schedule, memory_format, model_dtype)
+            rows += run_case(case, names_of(name, dn), args.min_run_time, condition, bar)
     result = dict(meta=m, rows=[asdict(r) for r in rows], e2e=[])
 
     if device.type == "cpu" and not args.no_malloc_variant and (not args.providers or "eager" in args.providers):

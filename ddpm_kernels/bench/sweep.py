@@ -42,16 +42,20 @@ def fused_backends(device: torch.device, dtype: torch.dtype = torch.float32) -> 
     return [b for b in names if not (device.type == "cpu" and b == "triton")]
 
 
-def providers(case: str, device: torch.device, dtype: torch.dtype, wanted: Optional[Sequence[str]] = None):
+def providers(case: str, device: torch.device, dtype: torch.dtype, wanted: Optional[Sequence[str]] = None,
+              mixed: bool = False):
     """Provider names for one case: eager, compile, each fused backend, its ``+out`` form where the op takes
-    ``out=``, and diffusers where it has a counterpart; ``wanted`` filters (a backend name keeps its +out)."""
+    ``out=``, its ``+cast`` form in a ``mixed`` case (the model output cast first), and diffusers where it has a
+    counterpart (not in a mixed case); ``wanted`` filters (a backend name keeps its +out and +cast)."""
     spec = CASES[case]
     fused = [b for b in fused_backends(device, dtype)
              if spec.spec.name in backends.get_backend(b, device, dtype).ops]
     names = ["eager", "compile"] + fused
     if spec.spec.has_out and not spec.backward:
         names += [f + "+out" for f in fused]
-    if has_diffusers_counterpart(case):
+    if mixed:
+        names += [f + "+cast" for f in fused]
+    elif has_diffusers_counterpart(case):
         names.append("diffusers")
     if wanted:
         names = [n for n in names if n in wanted or n.split("+")[0] in wanted]
@@ -87,8 +91,8 @@ def provider_calls(case: Case, provider: str):
         return {"compile": fn}, "", time.perf_counter() - start
     if provider == "diffusers":
         return case.diffusers_calls(), case.diffusers_note, None
-    name, _, out = provider.partition("+")
-    fns = {provider: case.call(name, out=bool(out))}
+    name, _, form = provider.partition("+")
+    fns = {provider: case.call(name, out=form == "out", cast=form == "cast")}
     served = served_by(case, name)
     return fns, "" if served == name else f"served by the {served} backend", None
 
@@ -96,6 +100,8 @@ def provider_calls(case: Case, provider: str):
 def run_case(case: Case, names: Sequence[str], min_run_time: float, condition: str, progress=None) -> List[Row]:
     rows: List[Row] = []
     device, shape, dtype = case.device, list(case.shape), _dtype_name(case.dtype)
+    if case.model_dtype is not None:  # fp32 data with a low-precision model output
+        dtype += "+" + _dtype_name(case.model_dtype)
     copy_bw = copy_bandwidth(case.bytes, device, min_run_time)
     for provider in names:
         fns, note, compile_s = provider_calls(case, provider)
