@@ -257,6 +257,7 @@ class _StepIndex:
             tables.host_array = host_timesteps.numpy()
         self._dk_fill_tables(tables)
         self.__dict__["_dk_tables_"] = tables
+        self.__dict__.pop("_dk_lane_", None)
         return tables
 
     def _dk_fill_tables(self, tables: SigmaTables) -> None:
@@ -302,6 +303,43 @@ class _StepIndex:
         tensor = torch.full((batch,), index, dtype=torch.long, device=device)
         self.__dict__["_dk_index_"] = [tensor, index, batch, device]
         return tensor
+
+    def _dk_table_index(self, index: int, sample: torch.Tensor, tables: SigmaTables, sigmas: torch.Tensor):
+        """`_dk_index_tensor` for a fused step on ``sigmas``, the device copy of ``tables``' sigma table, after the
+        full checks; the step's lane (`_dk_lane`) is kept for the next steps."""
+        tensor = self._dk_index_tensor(index, sample.shape[0], sample.device)
+        self.__dict__["_dk_lane_"] = (tables, sigmas, self.__dict__["_dk_index_"], sigmas.shape[0] - 1)
+        return tensor
+
+    def _dk_lane(self, model_output, timestep, sample):
+        """``(tables, sigmas, step index tensor)`` for a call that continues the schedule of the last fused step on the
+        operands that step checked, else None (the full checks run): ``sample`` and ``model_output`` plain tensors
+        of one shape, on that step's device with its batch size; a float timestep (the stock step refuses integer
+        ones); ``timesteps`` and ``sigmas`` the same tensors, unchanged; the step index a Python int, the one the
+        index tensor holds, and a step of the table. What else a drop-in's step depends on (dtypes, config
+        entries, arguments) it checks itself on every call, so a config changed in place is honoured."""
+        lane = self.__dict__.get("_dk_lane_")
+        if lane is None:
+            return None
+        tables, sigmas, cached, last = lane
+        index, ts, sg = self._step_index, self.timesteps, self.sigmas
+        if (
+            type(index) is int
+            and index == cached[1]  # (>= 0: the index tensor was made for a checked index)
+            and index < last
+            and ts is tables.timesteps
+            and sg is tables.sigmas
+            and ts._version == tables.t_version
+            and sg._version == tables.s_version
+            and type(sample) is torch.Tensor
+            and type(model_output) is torch.Tensor
+            and (type(timestep) is float or (type(timestep) is torch.Tensor and timestep.is_floating_point()))
+        ):
+            shape, device = sample.shape, cached[3]
+            if (len(shape) and shape[0] == cached[2] and model_output.shape == shape and sample.device == device
+                    and model_output.device == device):
+                return tables, sigmas, cached[0]
+        return None
 
     def _dk_advance(self) -> None:
         index = self._step_index = self._step_index + 1

@@ -137,7 +137,7 @@ class FusedFlowMatchEulerDiscreteScheduler(
                 model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
                 generator=generator, per_token_timesteps=per_token_timesteps, return_dict=return_dict,
             )
-        return self._dk_output((prev_sample,), return_dict)
+        return self._make_output(prev_sample) if return_dict else (prev_sample,)
 
     def guided_step(
         self,
@@ -173,6 +173,14 @@ class FusedFlowMatchEulerDiscreteScheduler(
     def _dk_step(self, model_output, timestep, sample, generator, per_token_timesteps, guidance=None):
         """The fused step's ``prev_sample`` (the step index advanced), or None when the stock step is to take
         the call (nothing changed then but a first step's index, which the stock step would set the same)."""
+        if per_token_timesteps is None and guidance is None:
+            lane = self._dk_lane(model_output, timestep, sample)
+            if (lane is not None and not self.config.stochastic_sampling and sample.dtype == model_output.dtype
+                    and sample.dtype in _DIRECT_DTYPES):
+                # the next step of the schedule the last fused step checked, on operands of the kind it checked
+                prev_sample = flow_ops.checked_table_step(self.fused_backend, sample, model_output, lane[1], lane[2])
+                self._dk_advance()
+                return prev_sample
         if _stock_timestep(timestep):
             return None  # the stock step's error
         if not self._dk_step_inputs(model_output, sample, guidance):
@@ -211,7 +219,7 @@ class FusedFlowMatchEulerDiscreteScheduler(
                 # the stock draw: randn_tensor(sample.shape, generator, sample.device, float32)
                 noise = _randn(sample.shape, generator, device, torch.float32, x.dtype)
         if per_token_timesteps is None:
-            step_index = self._dk_index_tensor(index, sample.shape[0], device)
+            step_index = self._dk_table_index(index, sample, tables, sigmas)
             if guidance is None and sigmas.dtype == compute_dtype(x.dtype):
                 # every operand built here as the op reads it and checked as it checks them (x, v and noise share
                 # a dtype; the table and the in-range index are the scheduler's own)
