@@ -120,7 +120,6 @@ def _check_step_index(step_index, data: torch.Tensor, steps: int) -> torch.Tenso
 
 
 _STEP_OPTIONS = {}
-_TABLE_OPTIONS = {}  # checked_table_step's options, unguided, per stochastic bool
 
 
 def cached_options(cache: dict, key, build):
@@ -219,7 +218,9 @@ def checked_step(spec, backend, opts, draws: bool, sample, model_output, sigma_a
     noise when ``noise`` is None (then it runs on row-major operands, `row_major`)."""
     if backend not in _BACKENDS:
         _check_backend(backend)
-    fmt, sample, (model_output,) = row_major(draws and noise is None, sample, model_output)
+    fmt = None
+    if draws and noise is None and not sample.is_contiguous():
+        fmt, sample, (model_output,) = row_major(True, sample, model_output)
     return run_step(spec, backend, opts, fmt, sample, model_output, None, None, sigma_args, sigma_tensors, noise,
                     generator, None, 0, mixed)
 
@@ -232,13 +233,27 @@ def checked_table_step(backend, sample, model_output, sigmas, step_index, stocha
     compute dtype on that device; ``step_index`` int64 (B,) there, its values steps of the table. The step's
     Python costs less than `flow_step`'s full checks."""
     spec = SPECS["flow_step"]
-    opts = _TABLE_OPTIONS.get(stochastic) if type(stochastic) is bool else None
-    if opts is None:
-        opts = _step_options(spec, stochastic, 0.0, False)
-        if type(stochastic) is bool:
-            _TABLE_OPTIONS[stochastic] = opts
+    opts = _step_options(spec, stochastic, 0.0, False)
     return checked_step(spec, backend, opts, opts.stochastic, sample, model_output, (sigmas, step_index, None, None),
                         (sigmas, sigmas), noise, generator)
+
+
+def table_step_server(backend, sample):
+    """``step(sample, model_output, sigmas, step_index)``: `checked_table_step`'s deterministic call (no noise,
+    no generator) on operands of ``sample``'s dtype and device of which no gradient is asked, its serving function
+    resolved once here (what dispatch gives each such call), for a caller that repeats the call on operands of
+    that kind (a scheduler's steps on one schedule; docs/design.md, "Flow matching")."""
+    if backend not in _BACKENDS:
+        _check_backend(backend)
+    spec = SPECS["flow_step"]
+    opts = _step_options(spec, False, 0.0, False)
+    fn = _dispatch(spec, backend, sample, opts, (), grad_free=True)
+
+    def step(sample, model_output, sigmas, step_index):
+        return fn(sample, model_output, None, None, sigmas, step_index, None, None, opts, None, None, out=None,
+                  sample_offset=0)
+
+    return step
 
 
 # --------------------------------------------------------------------------------------------------- ops

@@ -134,7 +134,7 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
         prediction = _PREDICTIONS.get(self.config.prediction_type)
         lane = self._dk_lane(model_output, timestep, sample)
         if lane is not None and self.is_scale_input_called and prediction in self._dk_predictions:
-            return lane + (self._step_index, prediction)
+            return lane.tables, lane.sigmas, lane.index[0], self._step_index, prediction
         if _stock_timestep(timestep):
             return None  # the stock step's error
         if not self._dk_inputs_ok(model_output, sample):

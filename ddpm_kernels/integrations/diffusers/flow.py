@@ -131,7 +131,14 @@ class FusedFlowMatchEulerDiscreteScheduler(
         return_dict: bool = True,
     ):
         """As ``FlowMatchEulerDiscreteScheduler.step``, fused and sync-free."""
-        prev_sample = self._dk_step(model_output, timestep, sample, generator, per_token_timesteps)
+        lane = None if per_token_timesteps is not None else self._dk_lane(model_output, timestep, sample)
+        dtype = sample.dtype if lane is not None else None
+        if lane is not None and not self.config.stochastic_sampling and model_output.dtype == dtype and (
+                dtype in _DIRECT_DTYPES):
+            # the next step of the schedule the last fused step checked, on operands of the kind it checked
+            prev_sample = self._dk_direct(lane, model_output, sample, dtype)
+        else:
+            prev_sample = self._dk_step(model_output, timestep, sample, generator, per_token_timesteps)
         if prev_sample is None:
             return super().step(
                 model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
@@ -170,17 +177,24 @@ class FusedFlowMatchEulerDiscreteScheduler(
             return self.step(guided, timestep, sample, generator=generator, return_dict=return_dict)
         return self._dk_output((prev_sample,), return_dict)
 
+    def _dk_direct(self, lane, model_output, sample, dtype):
+        """The deterministic step on ``lane`` (`_dk_lane`), its ``prev_sample`` (the step index advanced): the op on
+        the operands as they are, through the lane's server (`flow.table_step_server`, kept per backend and dtype)
+        unless a gradient is asked of them."""
+        sigmas, step_index, backend = lane.sigmas, lane.index[0], self.fused_backend
+        if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad or sigmas.requires_grad):
+            prev_sample = flow_ops.checked_table_step(backend, sample, model_output, sigmas, step_index)
+        else:
+            server = lane.server
+            if server is None or server[0] != backend or server[1] != dtype:
+                server = lane.server = (backend, dtype, flow_ops.table_step_server(backend, sample))
+            prev_sample = server[2](sample, model_output, sigmas, step_index)
+        self._dk_advance()
+        return prev_sample
+
     def _dk_step(self, model_output, timestep, sample, generator, per_token_timesteps, guidance=None):
         """The fused step's ``prev_sample`` (the step index advanced), or None when the stock step is to take
         the call (nothing changed then but a first step's index, which the stock step would set the same)."""
-        if per_token_timesteps is None and guidance is None:
-            lane = self._dk_lane(model_output, timestep, sample)
-            if (lane is not None and not self.config.stochastic_sampling and sample.dtype == model_output.dtype
-                    and sample.dtype in _DIRECT_DTYPES):
-                # the next step of the schedule the last fused step checked, on operands of the kind it checked
-                prev_sample = flow_ops.checked_table_step(self.fused_backend, sample, model_output, lane[1], lane[2])
-                self._dk_advance()
-                return prev_sample
         if _stock_timestep(timestep):
             return None  # the stock step's error
         if not self._dk_step_inputs(model_output, sample, guidance):
