@@ -56,6 +56,8 @@ def event(name, family, scheduler, x, t):
         x, mo = x.half(), mo.half()
     elif name == "mixed_bf16":
         mo = mo.bfloat16()
+    elif name == "integer_sample":
+        x = x.round().long()  # (not what the fused step takes: the stock code path)
     elif name == "float64":
         x, mo = x.double(), mo.double()
     elif name in CONFIG_EDITS:
@@ -110,7 +112,7 @@ def run(scheduler, family, name, full_checks=False):
             break
         results.append((out.detach(), out.dtype, scheduler.step_index))
         x = out.detach().float() if name == "mixed_bf16" else out.detach()
-        if name in ("half", "float64", "batch") and i == EVENT_AT:
+        if name in ("half", "float64", "batch", "integer_sample") and i == EVENT_AT:
             x = x.float()  # (the event step alone has the other dtype or batch... and the next ones the first)
             if name == "batch":
                 x = torch.cat([x, x])
@@ -123,8 +125,11 @@ def tolerance(name, step):
     return 2e-2 if name in ("half", "mixed_bf16") and step >= EVENT_AT else 1e-4
 
 
-EVENTS = ["none", "step_index_back", "past_the_end", "one_past_the_end", "half", "mixed_bf16", "float64", "config_in_place",
-          "config_refused", "sigmas_in_place", "sigmas_replaced", "batch", "channels_last", "int_timestep", "model_output_shape", "grad", "backend"]
+EVENTS = [
+    "none", "step_index_back", "past_the_end", "one_past_the_end", "half", "mixed_bf16", "float64", "integer_sample",
+    "config_in_place", "config_refused", "sigmas_in_place", "sigmas_replaced", "batch", "channels_last",
+    "int_timestep", "model_output_shape", "grad", "backend",
+]
 
 
 @pytest.mark.parametrize("name", EVENTS)

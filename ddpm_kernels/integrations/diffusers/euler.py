@@ -133,7 +133,8 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
         step made."""
         prediction = _PREDICTIONS.get(self.config.prediction_type)
         lane = self._dk_lane(model_output, timestep, sample)
-        if lane is not None and self.is_scale_input_called and prediction in self._dk_predictions:
+        if (lane is not None and self.is_scale_input_called and prediction in self._dk_predictions
+                and sample.is_floating_point() and model_output.is_floating_point()):
             return lane.tables, lane.sigmas, lane.index[0], self._step_index, prediction
         if _stock_timestep(timestep):
             return None  # the stock step's error
