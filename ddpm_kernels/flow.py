@@ -242,7 +242,7 @@ def table_step_server(backend, sample):
     """``step(sample, model_output, sigmas, step_index)``: `checked_table_step`'s deterministic call (no noise,
     no generator) on operands of ``sample``'s dtype and device of which no gradient is asked, its serving function
     resolved once here (what dispatch gives each such call), for a caller that repeats the call on operands of
-    that kind (a scheduler's steps on one schedule; docs/design.md, "Flow matching")."""
+    that kind (a scheduler's steps on one schedule; docs/design.md, "Host overhead")."""
     if backend not in _BACKENDS:
         _check_backend(backend)
     spec = SPECS["flow_step"]

@@ -81,21 +81,21 @@ def _output_maker(cls):
     except TypeError:
         names = ()
 
-    def direct(*values):
-        out = od_new(cls)
-        attributes = out.__dict__
-        for name, value in zip(names, values):
-            od_setitem(out, name, value)
-            attributes[name] = value
-        return out
-
-    if len(names) == 1:  # (the flow step's output: the loop's setup costs as much as the rest)
+    if len(names) == 1:  # (the flow step's output: a loop's setup would cost as much as the rest)
         (only,) = names
 
-        def direct(value):  # noqa: F811
+        def direct(value):
             out = od_new(cls)
             od_setitem(out, only, value)
             out.__dict__[only] = value
+            return out
+    else:
+        def direct(*values):
+            out = od_new(cls)
+            attributes = out.__dict__
+            for name, value in zip(names, values):
+                od_setitem(out, name, value)
+                attributes[name] = value
             return out
 
     def constructor(*values):
@@ -327,8 +327,8 @@ class _StepIndex:
         full checks; the step's `_Lane` is kept for the next steps (`_dk_lane`)."""
         tensor = self._dk_index_tensor(index, sample.shape[0], sample.device)
         lane = _Lane()
-        lane.tables, lane.sigmas, lane.index, lane.last = tables, sigmas, self.__dict__["_dk_index_"], sigmas.shape[0] - 1
-        lane.server = None
+        lane.tables, lane.sigmas, lane.index = tables, sigmas, self.__dict__["_dk_index_"]
+        lane.last, lane.server = sigmas.shape[0] - 1, None
         self.__dict__["_dk_lane_"] = lane
         return tensor
 
