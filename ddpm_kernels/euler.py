@@ -8,7 +8,7 @@ matching" and "Euler steps")."""
 from __future__ import annotations
 
 from ._spec import OPS as SPECS, EulerStepOptions
-from .flow import _check_step_index, _check_table, cached_options, run_step, step_inputs
+from .flow import _check_step_index, _check_table, cached_options, checked_step, run_step, step_inputs
 from .ops import _options, row_major
 
 __all__ = ["euler_step", "euler_ancestral_step"]
@@ -37,6 +37,21 @@ def _step(name, sample, model_output, sigmas, step_index, noise, generator, back
     fmt, sample, (model_output, uncond) = row_major(opts.adds_noise and noise is None, sample, model_output, uncond)
     return run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, (sigmas, step_index),
                     (sigmas,), noise, generator, out, sample_offset, mixed)
+
+
+def checked_table_step(name, backend, sample, model_output, sigmas, step_index, values: tuple, noise=None,
+                       generator=None, mixed=None):
+    """`euler_step` (``name`` "euler_step") or `euler_ancestral_step` ("euler_ancestral_step"), unguided, for a
+    caller that built its operands as the kernels read them and checked them as those ops do (the fused
+    schedulers' step), `ddpm_kernels.flow.checked_step`: ``sample``, ``model_output`` (and ``noise``) float
+    tensors of one shape and device, of one dtype unless ``mixed`` (their promoted dtype) is given; ``sigmas`` the
+    contiguous 1-D table in the call's compute dtype on that device; ``step_index`` int64 (B,) there, its values
+    steps of the table. ``values``: the op's options in its table row's order (``prediction_type``, the churn
+    options of `euler_step`, ``return_pred_x0``, ``guidance_rescale``)."""
+    spec = SPECS[name]
+    opts = _step_options(spec, values, False)
+    return checked_step(spec, backend, opts, opts.adds_noise, sample, model_output, (sigmas, step_index), (sigmas,),
+                        noise, generator, mixed)
 
 
 def euler_step(

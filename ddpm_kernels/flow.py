@@ -193,7 +193,8 @@ def run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, s
     (`serve`: the operands cast only for a backend that does not read them natively), the backend call
     ``fn(sample, model_output, uncond, guidance, *sigma_args, opts, noise, generator, out=, sample_offset=)``,
     and the result back in ``fmt`` (`row_major`)."""
-    out = _check_out(out, sample, "sample", dtype=mixed)
+    if out is not None:
+        out = _check_out(out, sample, "sample", dtype=mixed)
     if generator is not None:
         _check_generator(generator, sample)
     tensors = (sample, model_output, noise) + sigma_tensors
@@ -204,23 +205,55 @@ def run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, s
                                                           (sample, model_output, uncond, noise), noise)
     result = fn(sample, model_output, uncond, guidance, *sigma_args, opts, noise, generator, out=out,
                 sample_offset=sample_offset)
-    return restore_format(result, fmt, out)
+    return result if fmt is None else restore_format(result, fmt, out)
+
+
+def checked_step(spec, backend, opts, draws: bool, sample, model_output, sigma_args, sigma_tensors, noise, generator,
+                 mixed=None):
+    """`run_step` unguided, without ``out`` or a sample offset, for a caller that built its operands as the kernels
+    read them and checked them as the public step does (the fused schedulers' step): ``sample``, ``model_output``
+    (and ``noise``) float tensors of the kernels' dtypes, of one shape and device, of one dtype unless ``mixed``
+    (their promoted dtype) is given; the sigma operands as the step's own checks give them, in the compute dtype
+    of the call. Only the backend name and the generator are checked here. ``draws``: whether the step draws its
+    noise when ``noise`` is None (then it runs on row-major operands, `row_major`)."""
+    if backend not in _BACKENDS:
+        _check_backend(backend)
+    fmt = None
+    if draws and noise is None and not sample.is_contiguous():
+        fmt, sample, (model_output,) = row_major(True, sample, model_output)
+    return run_step(spec, backend, opts, fmt, sample, model_output, None, None, sigma_args, sigma_tensors, noise,
+                    generator, None, 0, mixed)
 
 
 def checked_table_step(backend, sample, model_output, sigmas, step_index, stochastic=False, noise=None,
                        generator=None):
     """`flow_step`'s table form, unguided, for a caller that built its operands as the kernels read them and
-    checked them as `flow_step` does (the fused scheduler's step): ``sample``, ``model_output`` (and ``noise``)
-    float tensors of one dtype, shape and device; ``sigmas`` the contiguous 1-D table in their compute dtype on
-    that device; ``step_index`` int64 (B,) there, its values steps of the table. Only the backend name and the
-    generator are checked here: the step's Python costs less than `flow_step`'s full checks."""
+    checked them as `flow_step` does (the fused scheduler's step), `checked_step`: ``sample``, ``model_output``
+    (and ``noise``) float tensors of one dtype, shape and device; ``sigmas`` the contiguous 1-D table in their
+    compute dtype on that device; ``step_index`` int64 (B,) there, its values steps of the table. The step's
+    Python costs less than `flow_step`'s full checks."""
+    spec = SPECS["flow_step"]
+    opts = _step_options(spec, stochastic, 0.0, False)
+    return checked_step(spec, backend, opts, opts.stochastic, sample, model_output, (sigmas, step_index, None, None),
+                        (sigmas, sigmas), noise, generator)
+
+
+def table_step_server(backend, sample):
+    """``step(sample, model_output, sigmas, step_index)``: `checked_table_step`'s deterministic call (no noise,
+    no generator) on operands of ``sample``'s dtype and device of which no gradient is asked, its serving function
+    resolved once here (what dispatch gives each such call), for a caller that repeats the call on operands of
+    that kind (a scheduler's steps on one schedule; docs/design.md, "Host overhead")."""
     if backend not in _BACKENDS:
         _check_backend(backend)
     spec = SPECS["flow_step"]
-    opts = _step_options(spec, stochastic, 0.0, False)
-    fmt, sample, (model_output,) = row_major(opts.stochastic and noise is None, sample, model_output)
-    return run_step(spec, backend, opts, fmt, sample, model_output, None, None, (sigmas, step_index, None, None),
-                    (sigmas, sigmas), noise, generator, None, 0)
+    opts = _step_options(spec, False, 0.0, False)
+    fn = _dispatch(spec, backend, sample, opts, (), grad_free=True)
+
+    def step(sample, model_output, sigmas, step_index):
+        return fn(sample, model_output, None, None, sigmas, step_index, None, None, opts, None, None, out=None,
+                  sample_offset=0)
+
+    return step
 
 
 # --------------------------------------------------------------------------------------------------- ops

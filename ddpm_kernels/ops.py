@@ -152,10 +152,11 @@ def _dispatch(spec: OpSpec, backend: str, x: torch.Tensor, opts, tensors: tuple,
     (mixed operands); ``with_name``: ``(backend name, function)``."""
     grad = None
     if not grad_free and torch.is_grad_enabled():
-        needing = [i for i, a in enumerate(tensors) if a is not None and a.requires_grad]
-        if needing:  # (the names are built only then: spec.tensors is a new tuple per read)
-            names = spec.tensors
-            grad = frozenset(names[i] for i in needing)
+        for a in tensors:  # (a plain loop: the common answer, no operand requiring grad, builds nothing)
+            if a is not None and a.requires_grad:
+                names = spec.tensors  # (a new tuple per read)
+                grad = frozenset(names[i] for i, y in enumerate(tensors) if y is not None and y.requires_grad)
+                break
     key = (spec.name, backend, x.device, dtype or x.dtype, opts if spec.family in _KEYED_FAMILIES else None, grad)
     hit = _selected.get(key)  # resolve()'s cache, read here first: this runs on every call
     hit = hit or backends.resolve(*key)

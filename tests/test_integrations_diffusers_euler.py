@@ -250,34 +250,37 @@ def test_first_step_index_for_every_timestep_form(form):
 def test_step_calls_the_fused_op_with_a_device_step_index(monkeypatch):
     calls = []
 
+    # (name, backend, sample, model_output, sigmas, step_index, values, noise, generator, mixed)
     def spy(*args, **kwargs):
-        calls.append((args, kwargs, args[3].tolist()))
+        calls.append((args, kwargs, args[5].tolist()))
         return original(*args, **kwargs)
 
-    original = euler_ops.euler_step
-    monkeypatch.setattr(euler_ops, "euler_step", spy)
+    original = euler_ops.checked_table_step
+    monkeypatch.setattr(euler_ops, "checked_table_step", spy)
     _, fused = pair(EULER, SD)
     x = torch.randn(SHAPE)
     for t in fused.timesteps[:3]:
         x = fused.step(model(x, t), t, x).prev_sample
     assert len(calls) == 3
-    sigmas, index = calls[-1][0][2], calls[-1][0][3]
+    assert {c[0][0] for c in calls} == {"euler_step"}
+    sigmas, index = calls[-1][0][4], calls[-1][0][5]
     assert torch.equal(sigmas, fused.sigmas) and index.dtype == torch.int64
     assert [c[2] for c in calls] == [[0, 0], [1, 1], [2, 2]]
-    assert calls[0][0][3] is index and index.tolist() == [3, 3]  # one tensor, advanced in place
+    assert calls[0][0][5] is index and index.tolist() == [3, 3]  # one tensor, advanced in place
 
 
 @pytest.mark.parametrize("classes", [EULER, ANCESTRAL], ids=["euler", "ancestral"])
 def test_in_kernel_noise_hands_the_generator_to_the_op(classes, monkeypatch):
     name = "euler_step" if classes is EULER else "euler_ancestral_step"
     seen = []
-    original = getattr(euler_ops, name)
 
-    def spy(*args, **kwargs):
-        seen.append((args[5], args[6]))
+    def spy(*args, **kwargs):  # (name, backend, sample, model_output, sigmas, step_index, values, noise, generator)
+        if args[0] == name:
+            seen.append((args[7], args[8]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(euler_ops, name, spy)
+    original = euler_ops.checked_table_step
+    monkeypatch.setattr(euler_ops, "checked_table_step", spy)
     _, fused = pair(classes, SD)
     fused.in_kernel_noise = True
     g = torch.Generator().manual_seed(0)

@@ -333,11 +333,20 @@ def test_first_step_index_for_every_timestep_form(form):
 
 def test_step_calls_the_fused_op_with_a_device_step_index(monkeypatch):
     """The plain step calls the table form of the op on operands it built (`flow.checked_table_step`, which
-    skips `flow_step`'s checks of them); a step it cannot build so (a float64 model output: the table is float32)
-    calls the public op."""
+    skips `flow_step`'s checks of them; the next steps of the schedule through the server it resolved once,
+    `flow.table_step_server`); a step it cannot build so (a float64 model output: the table is float32) calls the
+    public op."""
     calls = []
     real = flow_ops.checked_table_step
-    monkeypatch.setattr(flow_ops, "checked_table_step", lambda *a: calls.append((a[3], a[4].clone())) or real(*a))
+    monkeypatch.setattr(flow_ops, "checked_table_step",
+                        lambda *a: calls.append((a[3], a[4].clone(), "checked")) or real(*a))
+    real_server = flow_ops.table_step_server
+
+    def server(*a):  # step(sample, model_output, sigmas, step_index)
+        step = real_server(*a)
+        return lambda *b: calls.append((b[2], b[3].clone(), "server")) or step(*b)
+
+    monkeypatch.setattr(flow_ops, "table_step_server", server)
     public = []
     real_public = flow_ops.flow_step
     monkeypatch.setattr(flow_ops, "flow_step", lambda *a, **k: public.append(a[1].dtype) or real_public(*a, **k))
@@ -346,6 +355,7 @@ def test_step_calls_the_fused_op_with_a_device_step_index(monkeypatch):
     for t in fused.timesteps:
         x = fused.step(torch.randn(SHAPE), t, x).prev_sample
     assert [c[1].tolist() for c in calls] == [[i] * SHAPE[0] for i in range(4)]
+    assert [c[2] for c in calls] == ["checked"] + ["server"] * 3
     assert all(c[0] is fused.sigmas for c in calls)  # the table itself, not a copy per step
     assert not public
     stock.set_timesteps(4)

@@ -81,13 +81,22 @@ def _output_maker(cls):
     except TypeError:
         names = ()
 
-    def direct(*values):
-        out = od_new(cls)
-        attributes = out.__dict__
-        for name, value in zip(names, values):
-            od_setitem(out, name, value)
-            attributes[name] = value
-        return out
+    if len(names) == 1:  # (the flow step's output: a loop's setup would cost as much as the rest)
+        (only,) = names
+
+        def direct(value):
+            out = od_new(cls)
+            od_setitem(out, only, value)
+            out.__dict__[only] = value
+            return out
+    else:
+        def direct(*values):
+            out = od_new(cls)
+            attributes = out.__dict__
+            for name, value in zip(names, values):
+                od_setitem(out, name, value)
+                attributes[name] = value
+            return out
 
     def constructor(*values):
         return cls(**dict(zip(names, values)))
@@ -204,6 +213,15 @@ class SigmaTables:
                  "host_sigmas", "stock", "devices")
 
 
+class _Lane:
+    """What the last fused step of a table-driven drop-in checked, for the next steps of its schedule
+    (`_StepIndex._dk_lane`): its ``tables``, the device sigma table ``sigmas`` the op read, the step index entry
+    ``index`` (``[tensor, value, batch, device]``, `_StepIndex._dk_index_tensor`), the table's step count ``last``,
+    and ``server``, a drop-in's own per-lane cache (None until it sets one)."""
+
+    __slots__ = ("tables", "sigmas", "index", "last", "server")
+
+
 class _StepIndex:
     """The sigma table and step index of a table-driven drop-in, kept without reading the device.
 
@@ -257,6 +275,7 @@ class _StepIndex:
             tables.host_array = host_timesteps.numpy()
         self._dk_fill_tables(tables)
         self.__dict__["_dk_tables_"] = tables
+        self.__dict__.pop("_dk_lane_", None)
         return tables
 
     def _dk_fill_tables(self, tables: SigmaTables) -> None:
@@ -302,6 +321,46 @@ class _StepIndex:
         tensor = torch.full((batch,), index, dtype=torch.long, device=device)
         self.__dict__["_dk_index_"] = [tensor, index, batch, device]
         return tensor
+
+    def _dk_table_index(self, index: int, sample: torch.Tensor, tables: SigmaTables, sigmas: torch.Tensor):
+        """`_dk_index_tensor` for a fused step on ``sigmas``, the device copy of ``tables``' sigma table, after the
+        full checks; the step's `_Lane` is kept for the next steps (`_dk_lane`)."""
+        tensor = self._dk_index_tensor(index, sample.shape[0], sample.device)
+        lane = _Lane()
+        lane.tables, lane.sigmas, lane.index = tables, sigmas, self.__dict__["_dk_index_"]
+        lane.last, lane.server = sigmas.shape[0] - 1, None
+        self.__dict__["_dk_lane_"] = lane
+        return tensor
+
+    def _dk_lane(self, model_output, timestep, sample) -> Optional[_Lane]:
+        """The `_Lane` of the last fused step when this call continues its schedule on the operands it checked,
+        else None (the full checks run): ``sample`` and ``model_output`` plain tensors of one shape, on that step's
+        device with its batch size; a float timestep (the stock step refuses integer ones); ``timesteps`` and
+        ``sigmas`` the same tensors, unchanged; the step index a Python int, the one the index tensor holds, and a
+        step of the table. What else a drop-in's step depends on (dtypes, config entries, arguments) it checks
+        itself on every call, so a config changed in place is honoured."""
+        lane = self.__dict__.get("_dk_lane_")
+        if lane is None:
+            return None
+        tables, entry = lane.tables, lane.index
+        index, ts, sg = self._step_index, self.timesteps, self.sigmas
+        if (
+            type(index) is int
+            and index == entry[1]  # (>= 0: the index tensor was made for a checked index)
+            and index < lane.last
+            and ts is tables.timesteps
+            and sg is tables.sigmas
+            and ts._version == tables.t_version
+            and sg._version == tables.s_version
+            and type(sample) is torch.Tensor
+            and type(model_output) is torch.Tensor
+            and (type(timestep) is float or (type(timestep) is torch.Tensor and timestep.is_floating_point()))
+        ):
+            shape, device = sample.shape, entry[3]
+            if (len(shape) and shape[0] == entry[2] and model_output.shape == shape and sample.device == device
+                    and model_output.device == device):
+                return lane
+        return None
 
     def _dk_advance(self) -> None:
         index = self._step_index = self._step_index + 1

@@ -57,6 +57,8 @@ __all__ = ["FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler"
 # the stock prediction types and their name in the fused op
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample", "original_sample": "sample"}
 _SQRT2_MINUS_1 = 2**0.5 - 1
+# the model output dtypes the float32 sigma table serves directly (the step computes in float32)
+_DIRECT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SCALE_WARNING = (
     "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
     "See `StableDiffusionPipeline` for a usage example."
@@ -124,13 +126,20 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
 
     # ------------------------------------------------------------------ step
     def _dk_prepare(self, model_output, timestep, sample):
-        """``(tables, index, prediction)`` for the fused step, or None when the stock step is to take the call
-        (nothing changed then but a first step's index, which the stock step would set the same)."""
+        """``(tables, sigmas, step index tensor, index, prediction)`` for the fused step (the device sigma table,
+        the index as the op reads it and as a Python int), or None when the stock step is to take the call
+        (nothing changed then but a first step's index, which the stock step would set the same). A call that
+        continues the last fused step's schedule on the operands it checked (`_dk_lane`) skips the checks that
+        step made."""
+        prediction = _PREDICTIONS.get(self.config.prediction_type)
+        lane = self._dk_lane(model_output, timestep, sample)
+        if (lane is not None and self.is_scale_input_called and prediction in self._dk_predictions
+                and sample.is_floating_point() and model_output.is_floating_point()):
+            return lane.tables, lane.sigmas, lane.index[0], self._step_index, prediction
         if _stock_timestep(timestep):
             return None  # the stock step's error
         if not self._dk_inputs_ok(model_output, sample):
             return None
-        prediction = _PREDICTIONS.get(self.config.prediction_type)
         if prediction is None or prediction not in self._dk_predictions:
             self._dk_stock("prediction_type", f"prediction_type {self.config.prediction_type!r} is not one the "
                            "stock step computes")
@@ -147,7 +156,9 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
         if not self._dk_valid_index(index, size - 1):
             self._dk_stock("step_index", f"step index {index!r} is not a step of the {size}-sigma table")
             return None
-        return tables, int(index), prediction
+        index = int(index)
+        sigmas = self._dk_device_sigmas(tables, sample.device)
+        return tables, sigmas, self._dk_table_index(index, sample, tables, sigmas), index, prediction
 
     def _dk_noise(self, model_output, generator):
         """``(noise, generator for the op)``: the stock draw (``randn_tensor`` of the model output's shape and
@@ -157,20 +168,26 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
             return None, generator_for_op
         return _randn(model_output.shape, generator, model_output.device, model_output.dtype), None
 
-    def _dk_call(self, op, model_output, sample, tables, index, prediction, noise, generator, **options):
-        """The fused op on the stock step's operands: the sample upcast to float32 as stock upcasts it, the model
-        output in its dtype; returns ``(prev_sample, pred_original_sample)`` in the stock dtypes."""
-        device = sample.device
+    def _dk_call(self, name, model_output, sample, sigmas, step_index, prediction, noise, generator, churn=()):
+        """The fused op ``name`` on the stock step's operands: the sample upcast to float32 as stock upcasts it,
+        the model output in its dtype (``churn``: `euler_step`'s churn options); returns ``(prev_sample,
+        pred_original_sample)`` in the stock dtypes. A float16 / bfloat16 / float32 model output, what the
+        float32 table serves, takes the op without its argument checks (the scheduler built and checked the
+        operands); another (float64) the checked op."""
         x = sample if sample.dtype == torch.float32 else sample.to(torch.float32)
         want_x0 = prediction != "sample"
-        result = op(
-            x, model_output, self._dk_device_sigmas(tables, device),
-            self._dk_index_tensor(index, sample.shape[0], device), prediction, noise, generator, self.fused_backend,
-            return_pred_x0=want_x0, **options,
-        )
+        values = (prediction,) + churn + (want_x0, 0.0)
+        out_dtype = model_output.dtype
+        if out_dtype in _DIRECT_DTYPES:
+            result = euler_ops.checked_table_step(name, self.fused_backend, x, model_output, sigmas, step_index,
+                                                  values, noise, generator,
+                                                  None if out_dtype == torch.float32 else torch.float32)
+        else:
+            result = euler_ops._step(name, x, model_output, sigmas, step_index, noise, generator, self.fused_backend,
+                                     values, None, None, None, 0.0, 0)
         prev_sample, x0 = result if want_x0 else (result, model_output)
-        if prev_sample.dtype != model_output.dtype:
-            prev_sample = prev_sample.to(model_output.dtype)
+        if prev_sample.dtype != out_dtype:
+            prev_sample = prev_sample.to(out_dtype)
         self._dk_advance()
         return prev_sample, x0
 
@@ -213,7 +230,7 @@ class FusedEulerDiscreteScheduler(_FusedEulerMixin, EulerDiscreteScheduler, outp
         prepared = self._dk_prepare(model_output, timestep, sample)
         if prepared is None:
             return None
-        tables, index, prediction = prepared
+        tables, sigmas, step_index, index, prediction = prepared
         # the stock decision, on the host: sigma is a float32 tensor there, so the bounds compare in float32
         sigma = tables.sigma_values[index]
         churns = (
@@ -226,12 +243,11 @@ class FusedEulerDiscreteScheduler(_FusedEulerMixin, EulerDiscreteScheduler, outp
             noise, generator_for_op = self._dk_noise(model_output, generator)
             # the step churns: every sample, whatever the op would decide from the bounds in its own precision
             # (an s_churn above the step count gives the same capped gamma as an infinite one, which the op refuses)
-            churn = min(float(s_churn), float(len(tables.sigma_values) - 1))
-            options = dict(s_churn=churn, s_tmin=-math.inf, s_tmax=math.inf, s_noise=float(s_noise))
+            churn = (min(float(s_churn), float(len(tables.sigma_values) - 1)), -math.inf, math.inf, float(s_noise))
         else:
-            options = dict(s_churn=0.0)
-        return self._dk_call(euler_ops.euler_step, model_output, sample, tables, index, prediction, noise,
-                             generator_for_op, **options)
+            churn = (0.0, 0.0, math.inf, 1.0)  # (the op's defaults)
+        return self._dk_call("euler_step", model_output, sample, sigmas, step_index, prediction, noise,
+                             generator_for_op, churn)
 
 
 class FusedEulerAncestralDiscreteScheduler(
@@ -256,8 +272,8 @@ class FusedEulerAncestralDiscreteScheduler(
         prepared = self._dk_prepare(model_output, timestep, sample)
         if prepared is None:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        tables, index, prediction = prepared
+        _, sigmas, step_index, _, prediction = prepared
         noise, generator_for_op = self._dk_noise(model_output, generator)
-        result = self._dk_call(euler_ops.euler_ancestral_step, model_output, sample, tables, index, prediction,
-                               noise, generator_for_op)
+        result = self._dk_call("euler_ancestral_step", model_output, sample, sigmas, step_index, prediction, noise,
+                               generator_for_op)
         return self._dk_output(result, return_dict)

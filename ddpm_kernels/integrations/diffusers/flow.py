@@ -131,13 +131,20 @@ class FusedFlowMatchEulerDiscreteScheduler(
         return_dict: bool = True,
     ):
         """As ``FlowMatchEulerDiscreteScheduler.step``, fused and sync-free."""
-        prev_sample = self._dk_step(model_output, timestep, sample, generator, per_token_timesteps)
+        lane = None if per_token_timesteps is not None else self._dk_lane(model_output, timestep, sample)
+        dtype = sample.dtype if lane is not None else None
+        if lane is not None and not self.config.stochastic_sampling and model_output.dtype == dtype and (
+                dtype in _DIRECT_DTYPES):
+            # the next step of the schedule the last fused step checked, on operands of the kind it checked
+            prev_sample = self._dk_direct(lane, model_output, sample, dtype)
+        else:
+            prev_sample = self._dk_step(model_output, timestep, sample, generator, per_token_timesteps)
         if prev_sample is None:
             return super().step(
                 model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
                 generator=generator, per_token_timesteps=per_token_timesteps, return_dict=return_dict,
             )
-        return self._dk_output((prev_sample,), return_dict)
+        return self._make_output(prev_sample) if return_dict else (prev_sample,)
 
     def guided_step(
         self,
@@ -169,6 +176,21 @@ class FusedFlowMatchEulerDiscreteScheduler(
                                    torch.promote_types(torch.float32, cond.dtype)).to(cond.dtype)
             return self.step(guided, timestep, sample, generator=generator, return_dict=return_dict)
         return self._dk_output((prev_sample,), return_dict)
+
+    def _dk_direct(self, lane, model_output, sample, dtype):
+        """The deterministic step on ``lane`` (`_dk_lane`), its ``prev_sample`` (the step index advanced): the op on
+        the operands as they are, through the lane's server (`flow.table_step_server`, kept per backend and dtype)
+        unless a gradient is asked of them."""
+        sigmas, step_index, backend = lane.sigmas, lane.index[0], self.fused_backend
+        if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad or sigmas.requires_grad):
+            prev_sample = flow_ops.checked_table_step(backend, sample, model_output, sigmas, step_index)
+        else:
+            server = lane.server
+            if server is None or server[0] != backend or server[1] != dtype:
+                server = lane.server = (backend, dtype, flow_ops.table_step_server(backend, sample))
+            prev_sample = server[2](sample, model_output, sigmas, step_index)
+        self._dk_advance()
+        return prev_sample
 
     def _dk_step(self, model_output, timestep, sample, generator, per_token_timesteps, guidance=None):
         """The fused step's ``prev_sample`` (the step index advanced), or None when the stock step is to take
@@ -211,7 +233,7 @@ class FusedFlowMatchEulerDiscreteScheduler(
                 # the stock draw: randn_tensor(sample.shape, generator, sample.device, float32)
                 noise = _randn(sample.shape, generator, device, torch.float32, x.dtype)
         if per_token_timesteps is None:
-            step_index = self._dk_index_tensor(index, sample.shape[0], device)
+            step_index = self._dk_table_index(index, sample, tables, sigmas)
             if guidance is None and sigmas.dtype == compute_dtype(x.dtype):
                 # every operand built here as the op reads it and checked as it checks them (x, v and noise share
                 # a dtype; the table and the in-range index are the scheduler's own)

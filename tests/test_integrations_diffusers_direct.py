@@ -1,0 +1,158 @@
+"""The direct step of the sigma-table drop-ins (flow matching, Euler, ancestral Euler): a step that continues the
+schedule of the last fused step on operands of the kind it checked skips the checks that step made
+(docs/design.md, "Host overhead"). Whatever changes between two steps of a loop (the step index, the
+dtypes, the config edited in place, the table edited in place, the batch, an integer timestep, a gradient
+asked of the model output, the backend) must give what the fully checked step gives, bit for bit, and what
+the stock scheduler gives (its result, dtype, error)."""
+
+import warnings
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from diffusers import (  # noqa: E402
+    EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+)
+
+from ddpm_kernels.integrations.diffusers import (  # noqa: E402
+    FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler, FusedFlowMatchEulerDiscreteScheduler,
+)
+
+SHAPE = (2, 4, 6, 5)
+STEPS = 6
+EVENT_AT = 3  # the loop step at which the event happens (after the direct path has taken steps 1 and 2)
+FAMILIES = {
+    "flow": (FlowMatchEulerDiscreteScheduler, FusedFlowMatchEulerDiscreteScheduler, dict(shift=3.0)),
+    "euler": (EulerDiscreteScheduler, FusedEulerDiscreteScheduler, dict(beta_schedule="scaled_linear")),
+    "ancestral": (EulerAncestralDiscreteScheduler, FusedEulerAncestralDiscreteScheduler,
+                  dict(beta_schedule="scaled_linear")),
+}
+# a config entry each step reads, edited in place: to a value the step takes, and to one the stock step refuses
+# (the flow step reads no entry it could refuse)
+CONFIG_EDITS = {
+    "config_in_place": {"flow": ("stochastic_sampling", True), "euler": ("prediction_type", "v_prediction"),
+                        "ancestral": ("prediction_type", "v_prediction")},
+    "config_refused": {"flow": ("stochastic_sampling", True), "euler": ("prediction_type", "x0"),
+                       "ancestral": ("prediction_type", "sample")},
+}
+
+
+def model(x, t, dtype=None):
+    t = torch.as_tensor(t, dtype=torch.float32)
+    out = x.float() * (0.3 + t / 4000) - 0.2 * torch.cos(x.float() + t / 100)
+    return out.to(dtype or x.dtype)
+
+
+def event(name, family, scheduler, x, t):
+    """Apply ``name`` to ``scheduler`` at a step; returns ``(sample, model_output, timestep)`` of that step."""
+    mo = model(x, t)
+    if name == "step_index_back":
+        scheduler._step_index -= 2
+    elif name == "past_the_end":
+        scheduler._step_index = len(scheduler.timesteps)
+    elif name == "half":
+        x, mo = x.half(), mo.half()
+    elif name == "mixed_bf16":
+        mo = mo.bfloat16()
+    elif name == "integer_sample":
+        x = x.round().long()  # (not what the fused step takes: the stock code path)
+    elif name == "float64":
+        x, mo = x.double(), mo.double()
+    elif name in CONFIG_EDITS:
+        key, value = CONFIG_EDITS[name][family]
+        setattr(scheduler.config, key, value)
+    elif name == "sigmas_in_place":
+        scheduler.sigmas.mul_(0.9)
+    elif name == "sigmas_replaced":
+        scheduler.sigmas = scheduler.sigmas * 0.9
+    elif name == "batch":
+        x, mo = x[:1], mo[:1]
+    elif name == "channels_last":
+        x, mo = x.contiguous(memory_format=torch.channels_last), mo.contiguous(memory_format=torch.channels_last)
+    elif name == "int_timestep":
+        t = int(t)
+    elif name == "model_output_shape":
+        mo = mo[..., :-1]
+    elif name == "grad":
+        mo = mo.detach().requires_grad_()
+    elif name == "backend" and hasattr(scheduler, "fused_backend"):
+        scheduler.fused_backend = "reference"
+    return x, mo, t
+
+
+def run(scheduler, family, name, full_checks=False):
+    """A pipeline's loop with ``name`` happening at step `EVENT_AT`: each step's ``(prev_sample, dtype,
+    step_index)``, or the exception the event step raised (the loop stops there). ``full_checks``: each step
+    of the fused scheduler forgets the last step's lane, so it takes the fully checked path."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    scheduler.set_timesteps(STEPS)
+    x = torch.randn(SHAPE) * getattr(scheduler, "init_noise_sigma", 1.0)
+    results = []
+    timesteps = list(scheduler.timesteps)
+    if name == "one_past_the_end":
+        timesteps.append(timesteps[-1])  # a step after the last: the step index is past the table's steps
+    for i, t in enumerate(timesteps):
+        if i == EVENT_AT:
+            x, mo, t = event(name, family, scheduler, x, t)
+        else:
+            mo = model(x, t)
+        if hasattr(scheduler, "scale_model_input"):
+            scheduler.scale_model_input(x, t)  # (the Euler steps warn without it; its result is not needed)
+        if full_checks:
+            scheduler.__dict__.pop("_dk_lane_", None)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (the fused step names the stock path it takes)
+                out = scheduler.step(mo, t, x, generator=g).prev_sample
+        except Exception as exc:  # noqa: BLE001  (the stock error must be the fused one)
+            results.append((type(exc), str(exc)))
+            break
+        results.append((out.detach(), out.dtype, scheduler.step_index))
+        x = out.detach().float() if name == "mixed_bf16" else out.detach()
+        if name in ("half", "float64", "batch", "integer_sample") and i == EVENT_AT:
+            x = x.float()  # (the event step alone has the other dtype or batch... and the next ones the first)
+            if name == "batch":
+                x = torch.cat([x, x])
+    return results
+
+
+def tolerance(name, step):
+    """Against stock: float32 rounding, half precision's from a half-precision step on (the stock step rounds
+    ``dt * model_output`` to it, the fused one once at the end: docs/design.md, "Tolerances")."""
+    return 2e-2 if name in ("half", "mixed_bf16") and step >= EVENT_AT else 1e-4
+
+
+EVENTS = [
+    "none", "step_index_back", "past_the_end", "one_past_the_end", "half", "mixed_bf16", "float64", "integer_sample",
+    "config_in_place", "config_refused", "sigmas_in_place", "sigmas_replaced", "batch", "channels_last",
+    "int_timestep", "model_output_shape", "grad", "backend",
+]
+
+
+@pytest.mark.parametrize("name", EVENTS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_direct_step_gives_the_checked_and_the_stock_result(family, name):
+    stock_class, fused_class, config = FAMILIES[family]
+    stock = stock_class(**config)
+    fused, checked = (fused_class.from_config(stock.config) for _ in range(2))
+    expected = run(stock, family, name)
+    got = run(fused, family, name)
+    reference = run(checked, family, name, full_checks=True)
+    assert len(got) == len(reference) == len(expected)
+    for i, (g, r, e) in enumerate(zip(got, reference, expected)):
+        if len(e) == 2:  # the stock error, and the fused one
+            assert g[0] is r[0] is e[0], (i, g, e)
+            assert g[1] == r[1] == e[1], (i, g, e)
+            continue
+        # the direct step is the checked step, bit for bit, with the stock dtype and step index
+        assert torch.equal(g[0], r[0]) and g[1:] == r[1:], i
+        assert g[1] == e[1] and g[2] == e[2], (i, g[1:], e[1:])
+        scale = max(1.0, e[0].abs().max().item())
+        tol = tolerance(name, i)
+        torch.testing.assert_close(g[0].double(), e[0].double(), rtol=tol, atol=tol * scale, msg=f"step {i}")
+    if name in ("past_the_end", "one_past_the_end", "int_timestep", "model_output_shape") or (
+            name == "config_refused" and family != "flow"):
+        assert len(got[-1]) == 2  # (the stock error: the event did happen)
