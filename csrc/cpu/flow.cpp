@@ -52,15 +52,12 @@ void Kernels::flow_interpolate(const FlowInterpolateCall& call) {
 // samplers by the parameterization; a step without a noise term compiles no noise source.
 void Kernels::flow_step(const FlowStepCall& call) {
   const int64_t numel = call.sample.numel();
-  const bool mixed = mixed_operands({&call.sample, &call.model_output, call.uncond, call.noise, &call.out});
-  dispatch_operands(call.sample.scalar_type(), mixed, [&](auto St, auto Ps, auto IO) {
+  dispatch_with_noise({&call.sample, &call.model_output, call.uncond, call.noise, &call.out}, call.sample, call.noise,
+                      call.adds_noise(), call.generator, call.sample_offset, [&](auto St, auto Ps, auto IO,
+                                                                                const auto& z) {
     using scalar_t = typename decltype(St)::type;
     using Ptrs = typename decltype(Ps)::type;
     using L = typename decltype(IO)::type;
-    using Noise = CpuNoise<scalar_t, L, Ptrs>;
-    // p_sample's scheme: the key is drawn for every drawing call without given noise, even an empty one
-    const typename Noise::Spec spec =
-        Noise::spec(call.noise, call.adds_noise(), call.generator, call.sample, call.sample_offset);
     if (numel == 0) return;
     const int64_t B = call.sample.size(0), N = numel / B;
     std::vector<double> sums;
@@ -71,7 +68,7 @@ void Kernels::flow_step(const FlowStepCall& call) {
       if constexpr (decltype(S)::value == StepSampler::kFlow) {
         run_family_io<L>(f, numel, N);
       } else {
-        run_family_io<L>(f, numel, N, Noise(spec));
+        run_family_io<L>(f, numel, N, z);
       }
     };
     using Eps = std::integral_constant<Param, Param::kEps>;  // unread by the flow samplers

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 
 #include "../philox.h"
@@ -115,5 +116,20 @@ struct CpuNoise {
     }
   }
 };
+
+// The dispatch of a call with a noise term: f(Tag<scalar_t>, Tag<Ptrs>, Tag<IO>, z) for its dtypes
+// (dispatch_operands: the mixed policies when `operands` differ in dtype) with z its noise source, the given
+// `noise`, else in-kernel noise when `draw` (the key drawn from `generator` for every such call, even an empty
+// one, so that every drawing op advances the generator alike), else none. `x` is the call's data.
+template <typename F>
+void dispatch_with_noise(std::initializer_list<const at::Tensor*> operands, const at::Tensor& x,
+                         const at::Tensor* noise, bool draw, const std::optional<at::Generator>& generator,
+                         int64_t sample_offset, const F& f) {
+  dispatch_operands(x.scalar_type(), mixed_operands(operands), [&](auto St, auto Ps, auto IO) {
+    using Noise = CpuNoise<typename decltype(St)::type, typename decltype(IO)::type, typename decltype(Ps)::type>;
+    const Noise z(Noise::spec(noise, draw, generator, x, sample_offset));
+    f(St, Ps, IO, z);
+  });
+}
 
 }  // namespace ddpm::cpu::CPU_CAPABILITY

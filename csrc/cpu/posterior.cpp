@@ -9,17 +9,14 @@ namespace ddpm::cpu::CPU_CAPABILITY {
 // (csrc/cpu/loops.h, MixedLanes); the output has the promoted dtype, float32.
 void Kernels::posterior(const PosteriorCall& call) {
   const int64_t B = call.x_t.size(0), numel = call.x_t.numel();
-  const bool mixed = mixed_operands({&call.x_t, &call.model_output, call.noise});
-  dispatch_operands(call.x_t.scalar_type(), mixed, [&](auto S, auto Ps, auto IO) {
+  dispatch_with_noise({&call.x_t, &call.model_output, call.noise}, call.x_t, call.noise, call.sample, call.generator,
+                      call.sample_offset, [&](auto S, auto Ps, auto IO, const auto& z) {
     using scalar_t = typename decltype(S)::type;
     using Ptrs = typename decltype(Ps)::type;
-    using L = typename decltype(IO)::type;
-    using Noise = CpuNoise<scalar_t, L, Ptrs>;
-    const typename Noise::Spec spec = Noise::spec(call.noise, call.sample, call.generator, call.x_t, call.sample_offset);
     with_param_and_bool(call.param, call.clip, [&](auto P, auto C) {
       const auto f = PosteriorKernel<scalar_t, decltype(P), decltype(C), Ptrs>::make(call, P, C);
       for (int64_t b = 0; b < B; ++b) f.per_sample(b);
-      if (numel > 0) run_family_io<L>(f, numel, numel / B, Noise(spec));
+      if (numel > 0) run_family_io<typename decltype(IO)::type>(f, numel, numel / B, z);
     });
   });
 }

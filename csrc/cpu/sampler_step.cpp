@@ -14,14 +14,13 @@ namespace ddpm::cpu::CPU_CAPABILITY {
 void Kernels::sampler_step(const SamplerCall& call) {
   const int64_t numel = call.x_t.numel();
   // (out: the promoted dtype, which an unread noise operand of another dtype may also have set)
-  const bool mixed = mixed_operands({&call.x_t, &call.model_output, call.noise, &call.out});
-  dispatch_operands(call.x_t.scalar_type(), mixed, [&](auto St, auto Ps, auto IO) {
+  // p_sample's noise scheme, so a step and a p_sample from the same generator state draw the same normals
+  dispatch_with_noise({&call.x_t, &call.model_output, call.noise, &call.out}, call.x_t, call.noise,
+                      call.step.add_noise, call.generator, call.sample_offset,
+                      [&](auto St, auto Ps, auto IO, const auto& z) {
     using scalar_t = typename decltype(St)::type;
     using Ptrs = typename decltype(Ps)::type;
     using L = typename decltype(IO)::type;
-    using Noise = CpuNoise<scalar_t, L, Ptrs>;
-    // p_sample's scheme, so a step and a p_sample from the same generator state draw the same normals.
-    const typename Noise::Spec spec = Noise::spec(call.noise, call.step.add_noise, call.generator, call.x_t, call.sample_offset);
     if (numel == 0) return;
     const int64_t B = call.x_t.size(0);
     std::vector<double> sums;
@@ -30,7 +29,7 @@ void Kernels::sampler_step(const SamplerCall& call) {
         with_bool(call.guided(), [&](auto G) {
           auto f = SamplerKernel<scalar_t, decltype(S), decltype(P), decltype(G), Ptrs>::make(call, S, P, G);
           prepare_rescale(f.guide, B, sums);
-          run_family_io<L>(f, numel, numel / B, Noise(spec));
+          run_family_io<L>(f, numel, numel / B, z);
         });
       });
     });

@@ -31,15 +31,11 @@ void Kernels::solver_step(const SolverStepCall& call) {
   const int64_t numel = call.sample.numel();
   // a call whose sample, model outputs and noise have different dtypes computes in float32 and reads each in its
   // own (csrc/cpu/loops.h, MixedLanes); out and the state have the promoted dtype, float32
-  const bool mixed = mixed_operands({&call.sample, &call.model_output, call.uncond, call.noise, &call.out});
-  dispatch_operands(call.sample.scalar_type(), mixed, [&](auto St, auto Ps, auto IO) {
+  dispatch_with_noise({&call.sample, &call.model_output, call.uncond, call.noise, &call.out}, call.sample, call.noise,
+                      call.stochastic, call.generator, call.sample_offset, [&](auto St, auto Ps, auto IO, const auto& z) {
     using scalar_t = typename decltype(St)::type;
     using Ptrs = typename decltype(Ps)::type;
     using L = typename decltype(IO)::type;
-    using Noise = CpuNoise<scalar_t, L, Ptrs>;
-    // the key is drawn for every stochastic call without given noise, even an empty one (as p_sample)
-    const typename Noise::Spec spec =
-        Noise::spec(call.noise, call.stochastic, call.generator, call.sample, call.sample_offset);
     if (numel == 0) return;
     const int64_t B = call.sample.size(0);
     std::vector<double> sums;
@@ -48,7 +44,7 @@ void Kernels::solver_step(const SolverStepCall& call) {
         with_slots(call.history != nullptr ? call.history->size(0) : 0, [&](auto H) {
           auto f = SolverStepKernel<scalar_t, decltype(G), decltype(C), decltype(H), Ptrs>::make(call, G, C, H);
           prepare_rescale(f.guide, B, sums);
-          run_family_io<L>(f, numel, numel / B, Noise(spec));
+          run_family_io<L>(f, numel, numel / B, z);
         });
       });
     });
