@@ -243,8 +243,9 @@ def _widened_by_unread(opts, noise, operands: tuple, mixed) -> bool:
     ``mixed``."""
     if noise is None or getattr(opts, "adds_noise", True):
         return False
-    read = (y.dtype for y in operands if y is not None and y is not noise)
-    return functools.reduce(torch.promote_types, read) != mixed
+    read = list(operands)
+    del read[next(i for i, y in enumerate(read) if y is noise)]  # (once: noise may also be another operand)
+    return functools.reduce(torch.promote_types, (y.dtype for y in read if y is not None)) != mixed
 
 
 def row_major(draws: bool, x, *others):

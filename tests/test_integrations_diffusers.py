@@ -788,3 +788,56 @@ def test_ddim_pipeline_same_images(unets, eta, config):
     assert isinstance(pipe.scheduler, FusedDDIMScheduler)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
     assert torch.equal(state, fused_state)
+
+
+def _drop_in_pairs():
+    import diffusers
+
+    from ddpm_kernels.integrations import diffusers as fused
+
+    return [(getattr(fused, name), getattr(diffusers, name[len("Fused"):])) for name in fused.__all__]
+
+
+@pytest.mark.parametrize("pair", _drop_in_pairs(), ids=lambda p: p[0].__name__)
+def test_drop_ins_run_under_inference_mode(pair):
+    """A pipeline call wrapped in torch.inference_mode (its set_timesteps too; inference tensors keep no version
+    counter, which the drop-ins' cached tables are checked against), then a second loop on the same scheduler
+    outside it (the step index tensor made inside is advanced outside): stock's results both times."""
+    from ddpm_kernels.bench.loops import diffusers_loop
+
+    fused_cls, stock_cls = pair
+    results = []
+    for cls in (fused_cls, stock_cls):
+        scheduler = cls()
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        model = lambda x, t: 0.5 * x  # noqa: E731
+        with torch.inference_mode():
+            first = diffusers_loop(scheduler, model, x, 4, "cpu", torch.Generator().manual_seed(1)).sample
+        second = diffusers_loop(scheduler, model, x, 6, "cpu", torch.Generator().manual_seed(2)).sample
+        results.append((first, second))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*requires grad")
+@pytest.mark.parametrize("pair", _drop_in_pairs(), ids=lambda p: p[0].__name__)
+def test_drop_in_steps_asked_for_a_gradient_keep_the_graph(pair):
+    """A step whose model output requires grad (guidance by gradients through the sampler) runs the stock step,
+    with one warning: prev_sample keeps the graph, and the gradient is stock's."""
+    fused_cls, stock_cls = pair
+    grads, samples = [], []
+    for cls in (fused_cls, stock_cls):
+        scheduler = cls()
+        scheduler.set_timesteps(4)
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        w = torch.ones(1, requires_grad=True)
+        t = scheduler.timesteps[0]
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        step = scheduler.step(0.5 * x_in * w, t, x, generator=torch.Generator().manual_seed(1)) \
+            if "generator" in inspect.signature(scheduler.step).parameters else scheduler.step(0.5 * x_in * w, t, x)
+        assert step.prev_sample.requires_grad
+        (g,) = torch.autograd.grad(step.prev_sample.square().sum(), w)
+        grads.append(g)
+        samples.append(step.prev_sample.detach())
+    torch.testing.assert_close(samples[0], samples[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-4)

@@ -37,25 +37,28 @@ def diffusers_loop(scheduler, model: Callable[[torch.Tensor, torch.Tensor], torc
                    timed: bool = False) -> LoopResult:
     """``steps`` steps of ``scheduler`` from the noise ``x``, as diffusers pipelines loop:
     ``set_timesteps(steps, device=device)``, the noise scaled by ``init_noise_sigma``, then for each timestep
-    ``t`` ``model(scheduler.scale_model_input(x, t), t)`` and ``x = scheduler.step(output, t, x).prev_sample``,
+    ``t`` ``model(scheduler.scale_model_input(x, t), t)`` (a flow-matching scheduler has neither: the noise as it
+    is, the model on ``x``) and ``x = scheduler.step(output, t, x).prev_sample``,
     with ``generator=generator`` when one is given and ``step`` takes it.
 
     ``timed``: also count the seconds spent in ``scale_model_input`` and ``step``, the device synchronized
     around each call (which slows the loop: time the whole loop untimed)."""
     device = torch.device(device)
     scheduler.set_timesteps(steps, device=device)
-    x = x * scheduler.init_noise_sigma
+    # (flow-matching schedulers have neither an initial noise scale nor an input scaling)
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_model_input = getattr(scheduler, "scale_model_input", lambda x, t: x)
     extra = {"generator": generator} if generator is not None and step_takes_generator(scheduler) else {}
     timesteps = scheduler.timesteps
     if not timed:
         for t in timesteps:
-            x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, **extra).prev_sample
+            x = scheduler.step(model(scale_model_input(x, t), t), t, x, **extra).prev_sample
         return LoopResult(x, len(timesteps))
     in_scheduler = 0.0
     for t in timesteps:
         sync(device)
         t0 = time.perf_counter()
-        model_in = scheduler.scale_model_input(x, t)
+        model_in = scale_model_input(x, t)
         sync(device)
         in_scheduler += time.perf_counter() - t0
         output = model(model_in, t)

@@ -152,7 +152,14 @@ class _FusedBase:
         """Whether the fused op takes ``model_output`` and ``sample`` as the stock step would: floating tensors
         on one device, the sample with at least ``min_ndim`` dims, the model output of shape
         ``expected_shape(sample)`` (default: the sample's; None: none fits). Else one warning, ``expected`` saying
-        what the step takes, and the stock step runs."""
+        what the step takes, and the stock step runs. So does a step asked for a gradient (the model output or
+        sample requires grad, grad mode on): the stock step's result keeps the autograd graph, while the fused
+        steps are sampling ops, run without one."""
+        if torch.is_grad_enabled() and (getattr(model_output, "requires_grad", False)
+                                        or getattr(sample, "requires_grad", False)):
+            self._dk_stock("grad", "the model output or the sample requires grad: the stock step keeps the autograd "
+                           "graph (the fused steps run without one)")
+            return False
         want = None
         if isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor) and sample.ndim >= min_ndim:
             want = sample.shape if expected_shape is None else expected_shape(sample)
@@ -197,6 +204,19 @@ def on_host(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
+def tracked(owner, name: str):
+    """``owner.name``, made a normal tensor first when it is an inference tensor: one created under
+    ``torch.inference_mode`` (a pipeline call wrapped in it runs ``set_timesteps`` there) keeps no version
+    counter, which the drop-ins' cached tables are checked against. The clone holds the same values and replaces
+    the attribute, so the stock code reads it too; in-place changes to it are then seen."""
+    t = getattr(owner, name, None)
+    if isinstance(t, torch.Tensor) and t.is_inference():
+        with torch.inference_mode(False):
+            t = t.clone()
+        setattr(owner, name, t)
+    return t
+
+
 def _host_copy(x):
     if not isinstance(x, torch.Tensor):
         return None
@@ -235,7 +255,7 @@ class _StepIndex:
 
     def _dk_tables(self) -> SigmaTables:
         tables = self.__dict__.get("_dk_tables_")
-        ts, sg = self.timesteps, self.sigmas
+        ts, sg = tracked(self, "timesteps"), tracked(self, "sigmas")
         if (
             tables is None
             or tables.timesteps is not ts
@@ -258,7 +278,7 @@ class _StepIndex:
         """The tables of the current ``timesteps`` and ``sigmas`` with these host copies of them: the fused step
         takes a 1-D float32 sigma table of at least 2 sigmas and 1-D float timesteps."""
         tables = self._dk_table_class()
-        ts, sg = self.timesteps, self.sigmas
+        ts, sg = tracked(self, "timesteps"), tracked(self, "sigmas")
         tables.timesteps, tables.sigmas = ts, sg
         tables.t_version, tables.s_version = getattr(ts, "_version", None), getattr(sg, "_version", None)
         tables.host_timesteps, tables.host_sigmas = host_timesteps, host_sigmas
@@ -318,7 +338,8 @@ class _StepIndex:
         cached = self.__dict__.get("_dk_index_")
         if cached is not None and cached[1] == index and cached[2] == batch and cached[3] == device:
             return cached[0]
-        tensor = torch.full((batch,), index, dtype=torch.long, device=device)
+        with torch.inference_mode(False):  # a normal tensor, advanced in place in and out of inference mode
+            tensor = torch.full((batch,), index, dtype=torch.long, device=device)
         self.__dict__["_dk_index_"] = [tensor, index, batch, device]
         return tensor
 
@@ -335,7 +356,7 @@ class _StepIndex:
     def _dk_lane(self, model_output, timestep, sample) -> Optional[_Lane]:
         """The `_Lane` of the last fused step when this call continues its schedule on the operands it checked,
         else None (the full checks run): ``sample`` and ``model_output`` plain tensors of one shape, on that step's
-        device with its batch size; a float timestep (the stock step refuses integer ones); ``timesteps`` and
+        device with its batch size, no gradient asked of them; a float timestep (the stock step refuses integer ones); ``timesteps`` and
         ``sigmas`` the same tensors, unchanged; the step index a Python int, the one the index tensor holds, and a
         step of the table. What else a drop-in's step depends on (dtypes, config entries, arguments) it checks
         itself on every call, so a config changed in place is honoured."""
@@ -355,6 +376,7 @@ class _StepIndex:
             and type(sample) is torch.Tensor
             and type(model_output) is torch.Tensor
             and (type(timestep) is float or (type(timestep) is torch.Tensor and timestep.is_floating_point()))
+            and not ((sample.requires_grad or model_output.requires_grad) and torch.is_grad_enabled())
         ):
             shape, device = sample.shape, entry[3]
             if (len(shape) and shape[0] == entry[2] and model_output.shape == shape and sample.device == device

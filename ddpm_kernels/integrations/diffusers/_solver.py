@@ -13,7 +13,7 @@ import torch
 
 from ..._layout import dense_format, empty_in_format
 from ...solvers import new_history, solver_step
-from ._common import _device, _FusedBase, _host_copy, _is_real, _StepIndex
+from ._common import _device, _FusedBase, _host_copy, _is_real, _StepIndex, tracked
 
 
 def threshold_unsupported(config) -> Optional[str]:
@@ -79,16 +79,16 @@ class _SolverDropIn(_StepIndex, _FusedBase):
 
     def _dk_tables(self) -> _Schedule:
         schedule = self.__dict__.get("_dk_schedule_")
-        ts = self.timesteps
+        ts = tracked(self, "timesteps")
         if schedule is not None and schedule.timesteps is ts and schedule.versions[0] == getattr(ts, "_version", None):
             # the same tensors, unchanged (the common case, without building tuples)
             for name, source, version in zip(self._dk_source_names, schedule.sources, schedule.versions[1:]):
-                current = getattr(self, name, None)
+                current = tracked(self, name)
                 if current is not source or getattr(current, "_version", None) != version:
                     break
             else:
                 return schedule
-        sources = tuple(getattr(self, name, None) for name in self._dk_source_names)
+        sources = tuple(tracked(self, name) for name in self._dk_source_names)
         return self._dk_new_schedule(ts, sources)
 
     def _dk_config(self) -> _Config:

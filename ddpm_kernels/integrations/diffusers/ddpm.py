@@ -54,7 +54,7 @@ from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
 from ... import ops
 from ...schedule import DiffusionSchedule
-from ._common import _device, _FusedBase, _is_real, _randn
+from ._common import _device, _FusedBase, _is_real, _randn, tracked
 
 __all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler"]
 
@@ -177,7 +177,7 @@ class _FusedSchedulerMixin(_FusedBase):
     def _dk_steps(self) -> _Steps:
         """The `_Steps` of the current timesteps, rebuilt when they were set or replaced since."""
         steps = self.__dict__.get("_dk_steps_")
-        timesteps = self.timesteps
+        timesteps = tracked(self, "timesteps")
         if (
             steps is None
             or steps.timesteps is not timesteps
@@ -190,7 +190,7 @@ class _FusedSchedulerMixin(_FusedBase):
 
     def _dk_new_steps(self, host: List[int]) -> _Steps:
         steps = _Steps()
-        steps.timesteps = self.timesteps
+        steps.timesteps = tracked(self, "timesteps")
         # what the _base of every view of timesteps is (views of a view point at the viewed tensor's base)
         steps.root = self.timesteps if self.timesteps._base is None else self.timesteps._base
         steps.version = self.timesteps._version

@@ -178,17 +178,14 @@ class FusedFlowMatchEulerDiscreteScheduler(
         return self._dk_output((prev_sample,), return_dict)
 
     def _dk_direct(self, lane, model_output, sample, dtype):
-        """The deterministic step on ``lane`` (`_dk_lane`), its ``prev_sample`` (the step index advanced): the op on
-        the operands as they are, through the lane's server (`flow.table_step_server`, kept per backend and dtype)
-        unless a gradient is asked of them."""
+        """The deterministic step on ``lane`` (`_dk_lane`: no gradient asked of the operands), its ``prev_sample``
+        (the step index advanced): the op on the operands as they are, through the lane's server
+        (`flow.table_step_server`, kept per backend and dtype)."""
         sigmas, step_index, backend = lane.sigmas, lane.index[0], self.fused_backend
-        if torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad or sigmas.requires_grad):
-            prev_sample = flow_ops.checked_table_step(backend, sample, model_output, sigmas, step_index)
-        else:
-            server = lane.server
-            if server is None or server[0] != backend or server[1] != dtype:
-                server = lane.server = (backend, dtype, flow_ops.table_step_server(backend, sample))
-            prev_sample = server[2](sample, model_output, sigmas, step_index)
+        server = lane.server
+        if server is None or server[0] != backend or server[1] != dtype:
+            server = lane.server = (backend, dtype, flow_ops.table_step_server(backend, sample))
+        prev_sample = server[2](sample, model_output, sigmas, step_index)
         self._dk_advance()
         return prev_sample
 
