@@ -231,22 +231,16 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
             guidance = guidance.to(compute)
         if guidance.requires_grad:
             guidance = guidance.detach()
-    args = (
-        x_t, t, t_prev, model_output, uncond, guidance,
-        schedule.table(torch.float64),
-        *_step_scalars(opts),
-        opts.guidance_rescale if opts.guided else 0.0,
-        noise,
-        generator,
-        sample_offset,
-        opts.return_pred_x0,
-    )
-    return _run_step(opts.sampler + "_step", args, fmt, out, opts.return_pred_x0)
+    leading = (x_t, t, t_prev, model_output, uncond, guidance, schedule.table(torch.float64), *_step_scalars(opts))
+    return _run_step(opts.sampler + "_step", leading, opts, noise, generator, sample_offset, fmt, out)
 
 
-def _run_step(op, args, fmt, out, return_pred_x0):
-    """A step operator returning ``(x', x0)`` (``op``, or ``op_out`` writing ``out`` when it fits ``fmt``): ``x'``,
-    or ``(x', x0)`` with ``return_pred_x0``."""
+def _run_step(op, leading, opts, noise, generator, sample_offset, fmt, out):
+    """A step operator returning ``(x', x0)`` (``op``, or ``op_out`` writing ``out`` when it fits ``fmt``) on its
+    ``leading`` arguments and the tail every such schema ends with (guidance_rescale, noise, generator,
+    sample_offset, return_pred_x0): ``x'``, or ``(x', x0)`` with ``opts.return_pred_x0``."""
+    return_pred_x0 = opts.return_pred_x0
+    args = (*leading, opts.guidance_rescale if opts.guided else 0.0, noise, generator, sample_offset, return_pred_x0)
     if _fits(out, fmt):
         x0 = getattr(_ops(), op + "_out")(*args, out)
         result = out
@@ -325,19 +319,8 @@ def euler_step(sample, model_output, uncond, guidance, sigmas, step_index, opts,
     sampler (csrc/flow.h), on the sigma table."""
     churn = (opts.s_churn, opts.s_tmin, opts.s_tmax, opts.s_noise) if opts.sampler == "euler" else ()
     fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise, opts.adds_noise)
-    args = (
-        *leading,
-        sigmas,
-        step_index,
-        opts.parameterization,
-        *churn,
-        opts.guidance_rescale if opts.guided else 0.0,
-        noise,
-        generator,
-        sample_offset,
-        opts.return_pred_x0,
-    )
-    return _run_step(opts.sampler + "_step", args, fmt, out, opts.return_pred_x0)
+    return _run_step(opts.sampler + "_step", (*leading, sigmas, step_index, opts.parameterization, *churn), opts,
+                     noise, generator, sample_offset, fmt, out)
 
 
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):
