@@ -32,7 +32,8 @@ void Kernels::solver_step(const SolverStepCall& call) {
   // a call whose sample, model outputs and noise have different dtypes computes in float32 and reads each in its
   // own (csrc/cpu/loops.h, MixedLanes); out and the state have the promoted dtype, float32
   dispatch_with_noise({&call.sample, &call.model_output, call.uncond, call.noise, &call.out}, call.sample, call.noise,
-                      call.stochastic, call.generator, call.sample_offset, [&](auto St, auto Ps, auto IO, const auto& z) {
+                      call.stochastic, call.generator, call.sample_offset,
+                      [&](auto St, auto Ps, auto IO, const auto& z) {
     using scalar_t = typename decltype(St)::type;
     using Ptrs = typename decltype(Ps)::type;
     using L = typename decltype(IO)::type;

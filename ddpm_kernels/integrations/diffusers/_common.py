@@ -356,10 +356,10 @@ class _StepIndex:
     def _dk_lane(self, model_output, timestep, sample) -> Optional[_Lane]:
         """The `_Lane` of the last fused step when this call continues its schedule on the operands it checked,
         else None (the full checks run): ``sample`` and ``model_output`` plain tensors of one shape, on that step's
-        device with its batch size, no gradient asked of them; a float timestep (the stock step refuses integer ones); ``timesteps`` and
-        ``sigmas`` the same tensors, unchanged; the step index a Python int, the one the index tensor holds, and a
-        step of the table. What else a drop-in's step depends on (dtypes, config entries, arguments) it checks
-        itself on every call, so a config changed in place is honoured."""
+        device with its batch size, no gradient asked of them; a float timestep (the stock step refuses integer
+        ones); ``timesteps`` and ``sigmas`` the same tensors, unchanged; the step index a Python int, the one the
+        index tensor holds, and a step of the table. What else a drop-in's step depends on (dtypes, config
+        entries, arguments) it checks itself on every call, so a config changed in place is honoured."""
         lane = self.__dict__.get("_dk_lane_")
         if lane is None:
             return None
