@@ -120,13 +120,13 @@ def _prepare(*tensors, lead: int = 0):
     return fmt, tuple(in_format(y, fmt) for y in tensors), dtype
 
 
-def _step_operands(opts, sample, model_output, uncond, guidance, noise, reads_noise: bool):
+def _step_operands(opts, sample, model_output, uncond, guidance, noise):
     """``(fmt, leading, noise)`` of a step on a sigma table or a solver table: its leading arguments ``(sample,
     model_output, uncond, guidance)`` as the kernels take them (`_prepare`; uncond and guidance None unguided) and
-    its noise (None when the step reads none: nothing is read or drawn)."""
+    its noise (None when the step has no noise term, ``opts.adds_noise``: nothing is read or drawn)."""
     guided = opts.guided
     fmt, (sample, model_output, uncond, noise), _ = _prepare(
-        sample, model_output, uncond if guided else None, noise if reads_noise else None
+        sample, model_output, uncond if guided else None, noise if opts.adds_noise else None
     )
     return fmt, (sample, model_output, uncond, guidance if guided else None), noise
 
@@ -210,9 +210,10 @@ def _step_scalars(opts):
 
 def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, generator=None, out=None, uncond=None,
                  guidance=None, sample_offset=0):
-    # A given noise stays in the call even when the step has no noise term (ddim_step with eta = 0): the kernels
-    # then neither read nor draw any, but its dtype is one of the operands the result dtype is promoted over, as
-    # in the reference (csrc/host_ops.h, sampler_step).
+    # No noise is read or drawn by a step without a noise term (ddim_step with eta = 0): a given one is dropped,
+    # as by the other steps (`_step_operands`). Its dtype still counts in the result's: a call it alone widens
+    # reaches this backend cast to the promoted dtype (ops.serve).
+    noise = noise if opts.adds_noise else None
     if opts.guided:
         uncond = uncond.detach() if uncond.requires_grad else uncond
     else:
@@ -274,7 +275,7 @@ def flow_interpolate(x0, noise, sigma, out=None):
 
 def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_next, opts, noise=None,
               generator=None, out=None, sample_offset=0):
-    fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise, opts.stochastic)
+    fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise)
     args = (
         *leading,
         sigmas,
@@ -296,7 +297,7 @@ def solver_step(sample, model_output, uncond, guidance, coefficients, step_index
     """The multistep-solver step (csrc/solver.h); the kernels write ``history`` and ``last_sample`` in place
     (through copies written back when they are laid out otherwise than the sample). Thresholded options are
     declined (``declines``)."""
-    fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise, opts.stochastic)
+    fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise)
     args = (
         *leading,
         coefficients,
@@ -318,7 +319,7 @@ def euler_step(sample, model_output, uncond, guidance, sigmas, step_index, opts,
     """``euler_step`` and ``euler_ancestral_step`` (``opts.sampler``): the flow step's kernels with an Euler
     sampler (csrc/flow.h), on the sigma table."""
     churn = (opts.s_churn, opts.s_tmin, opts.s_tmax, opts.s_noise) if opts.sampler == "euler" else ()
-    fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise, opts.adds_noise)
+    fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise)
     return _run_step(opts.sampler + "_step", (*leading, sigmas, step_index, opts.parameterization, *churn), opts,
                      noise, generator, sample_offset, fmt, out)
 

@@ -20,6 +20,11 @@ _PLAIN_RANDN_DEVICES = ("cpu", "cuda")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+# The model output dtypes the sigma-table drop-ins hand the op directly, with the float32 sigma table (the step
+# computes in float32 and rounds once); others (float64) take the stock arithmetic's dtype first.
+_DIRECT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _device(device) -> torch.device:
     """A cache key for a device: "cuda" and "cuda:0" (what tensors report) are the same device."""
     if type(device) is not torch.device:

@@ -50,15 +50,14 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 from ... import euler as euler_ops
-from ._common import _device, _FusedBase, _is_real, _randn, _stock_timestep, _StepIndex, SigmaTables
+from ._common import (_DIRECT_DTYPES, _device, _FusedBase, _is_real, _randn, _stock_timestep, _StepIndex,
+                      SigmaTables)
 
 __all__ = ["FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler"]
 
 # the stock prediction types and their name in the fused op
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample", "original_sample": "sample"}
 _SQRT2_MINUS_1 = 2**0.5 - 1
-# the model output dtypes the float32 sigma table serves directly (the step computes in float32)
-_DIRECT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SCALE_WARNING = (
     "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
     "See `StableDiffusionPipeline` for a usage example."

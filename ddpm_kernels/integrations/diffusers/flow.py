@@ -56,11 +56,10 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from ... import flow as flow_ops
 from ...reference import compute_dtype, guided_output
 from . import _common
-from ._common import _device, _FusedBase, _randn, _stock_timestep, _StepIndex, SigmaTables
+from ._common import _DIRECT_DTYPES, _device, _FusedBase, _randn, _stock_timestep, _StepIndex, SigmaTables
 
 __all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
 
-_DIRECT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # the stock per-token step's margin: the next sigma is below the token's sigma by more than this
 _PER_TOKEN_MARGIN = 1e-6
 # the dtype each timestep dtype is compared in against a float32 schedule (a 0-d tensor's promotion rule)
