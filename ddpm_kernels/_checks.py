@@ -111,10 +111,11 @@ def _check_schedule(schedule, x: torch.Tensor) -> DiffusionSchedule:
 
 
 def _check_timesteps(
-    name: str, t, batch: int, device: torch.device, owner: str, shape_note: str, schedule: DiffusionSchedule,
-    lo_allowed: int, range_note: str,
+    name: str, t, batch: int, device: torch.device, owner: str, shape_note: str, T: int, lo_allowed: int,
+    range_note: str,
 ) -> torch.Tensor:
-    """Metadata of a per-sample timestep tensor, its values where that is free, then int64 with unit stride."""
+    """Metadata of a per-sample index tensor (timesteps, or steps of a table: values in ``[lo_allowed, T)``), its
+    values where that is free, then int64 with unit stride."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected an int64 tensor of shape ({batch},), got {type(t).__name__}")
     if t.dtype not in _INDEX_DTYPES:
@@ -124,7 +125,6 @@ def _check_timesteps(
     if t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of {owner}), got {t.device}")
     if (t.is_cpu or _device_t_check) and batch and not torch.compiler.is_compiling():
-        T = schedule.num_timesteps
         if batch <= 256:  # a Python min/max of a short list beats two reductions plus two .item()s
             values = t.tolist()
             lo, hi = min(values), max(values)
@@ -141,7 +141,7 @@ def _check_timesteps(
 
 def _check_t(t, x: torch.Tensor, x_name: str, schedule: DiffusionSchedule) -> torch.Tensor:
     return _check_timesteps(
-        "t", t, x.shape[0], x.device, x_name, f"one timestep per sample of {x_name}", schedule, 0,
+        "t", t, x.shape[0], x.device, x_name, f"one timestep per sample of {x_name}", schedule.num_timesteps, 0,
         "the schedule's timesteps",
     )
 
@@ -212,7 +212,16 @@ def _check_backend(backend) -> str:
 def _check_t_prev(t_prev, t: torch.Tensor, schedule: DiffusionSchedule) -> torch.Tensor:
     """Like `_check_t` for the step's target timestep, which may also be -1 ("after the last step")."""
     return _check_timesteps(
-        "t_prev", t_prev, t.shape[0], t.device, "t", "the shape of t", schedule, -1, "-1: after the last step"
+        "t_prev", t_prev, t.shape[0], t.device, "t", "the shape of t", schedule.num_timesteps, -1,
+        "-1: after the last step",
+    )
+
+
+def _check_step_index(step_index, sample: torch.Tensor, steps: int, row_note: str) -> torch.Tensor:
+    """A per-sample step index into a table of ``steps`` rows (``row_note`` says what a row is)."""
+    return _check_timesteps(
+        "step_index", step_index, sample.shape[0], sample.device, "sample", "one step per sample of sample", steps,
+        0, row_note,
     )
 
 

@@ -25,18 +25,10 @@ class GaussianDiffusion(nn.Module):
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        schedule: Optional[DiffusionSchedule] = None,
-        parameterization: str = "eps",
-        loss_type: str = "l2",
-        clip_denoised: bool = True,
-        log_every_t: int = 100,
-        l_simple_weight: float = 1.0,
-        original_elbo_weight: float = 0.0,
-        image_size: Union[int, Sequence[int]] = 256,
-        channels: int = 3,
-        backend: str = "auto",
+        self, model: nn.Module, schedule: Optional[DiffusionSchedule] = None, parameterization: str = "eps",
+        loss_type: str = "l2", clip_denoised: bool = True, log_every_t: int = 100, l_simple_weight: float = 1.0,
+        original_elbo_weight: float = 0.0, image_size: Union[int, Sequence[int]] = 256, channels: int = 3,
+        backend: str = "auto"
     ):
         super().__init__()
         model = _checks._check_model(model)
@@ -131,13 +123,8 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def p_sample_loop(
-        self,
-        shape: Sequence[int],
-        return_intermediates: bool = False,
-        generator: Optional[torch.Generator] = None,
-        progress: bool = True,
-        dtype: torch.dtype = torch.float32,
-        sample_offset: int = 0,
+        self, shape: Sequence[int], return_intermediates: bool = False, generator: Optional[torch.Generator] = None,
+        progress: bool = True, dtype: torch.dtype = torch.float32, sample_offset: int = 0
     ):
         """Ancestral sampling from pure noise over all ``num_timesteps`` steps.
 

@@ -55,25 +55,9 @@ def checked_table_step(name, backend, sample, model_output, sigmas, step_index, 
 
 
 def euler_step(
-    sample,
-    model_output,
-    sigmas,
-    step_index,
-    prediction_type="epsilon",
-    noise=None,
-    generator=None,
-    backend="auto",
-    *,
-    s_churn=0.0,
-    s_tmin=0.0,
-    s_tmax=float("inf"),
-    s_noise=1.0,
-    return_pred_x0=False,
-    guidance_scale=None,
-    uncond=None,
-    guidance_rescale=0.0,
-    out=None,
-    sample_offset=0,
+    sample, model_output, sigmas, step_index, prediction_type="epsilon", noise=None, generator=None, backend="auto", *,
+    s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, return_pred_x0=False, guidance_scale=None, uncond=None,
+    guidance_rescale=0.0, out=None, sample_offset=0
 ):
     """One Euler step of ``EulerDiscreteScheduler.step``, per sample ``sigma = sigmas[step_index]`` and
     ``sigma' = sigmas[step_index + 1]``:
@@ -97,21 +81,8 @@ def euler_step(
 
 
 def euler_ancestral_step(
-    sample,
-    model_output,
-    sigmas,
-    step_index,
-    prediction_type="epsilon",
-    noise=None,
-    generator=None,
-    backend="auto",
-    *,
-    return_pred_x0=False,
-    guidance_scale=None,
-    uncond=None,
-    guidance_rescale=0.0,
-    out=None,
-    sample_offset=0,
+    sample, model_output, sigmas, step_index, prediction_type="epsilon", noise=None, generator=None, backend="auto", *,
+    return_pred_x0=False, guidance_scale=None, uncond=None, guidance_rescale=0.0, out=None, sample_offset=0
 ):
     """One ancestral Euler step of ``EulerAncestralDiscreteScheduler.step``:
 

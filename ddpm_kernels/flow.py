@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import _layout
+from . import _checks, _layout
 from ._checks import (
     _check_backend, _check_data, _check_float_tensor, _check_generator, _check_guidance, _check_like, _check_out,
 )
@@ -29,7 +29,6 @@ from .reference import compute_dtype
 
 __all__ = ["flow_interpolate", "flow_step", "flow_loss", "sigma_operand"]
 
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _CHANNELS_LAST_ORDER = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
 
 
@@ -97,26 +96,8 @@ def _check_table(sigmas, data: torch.Tensor, dtype: Optional[torch.dtype] = None
 
 
 def _check_step_index(step_index, data: torch.Tensor, steps: int) -> torch.Tensor:
-    batch = data.shape[0]
-    if not isinstance(step_index, torch.Tensor):
-        raise TypeError(f"step_index: expected an int64 tensor of shape ({batch},), got {type(step_index).__name__}")
-    if step_index.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"step_index: expected an integer tensor (int64), got {step_index.dtype}")
-    if step_index.ndim != 1 or step_index.shape[0] != batch:
-        raise ValueError(f"step_index: expected shape ({batch},) (one step per sample of sample), "
-                         f"got {tuple(step_index.shape)}")
-    if step_index.device != data.device:
-        raise ValueError(f"step_index: expected a tensor on {data.device} (the device of sample), "
-                         f"got {step_index.device}")
-    if step_index.is_cpu and batch and not torch.compiler.is_compiling():
-        values = step_index.tolist()
-        lo, hi = min(values), max(values)
-        if lo < 0 or hi >= steps:
-            raise ValueError(f"step_index: expected values in [0, {steps}) (a step of the sigma table, which "
-                             f"ends with the final sigma), got min {lo}, max {hi}")
-    if step_index.dtype != torch.int64:
-        step_index = step_index.to(torch.int64)
-    return step_index if step_index.is_contiguous() else step_index.contiguous()
+    return _checks._check_step_index(step_index, data, steps, "a step of the sigma table, which ends with the "
+                                     "final sigma")
 
 
 _STEP_OPTIONS = {}
@@ -274,22 +255,8 @@ def flow_interpolate(x0, noise, sigma, backend="auto", *, out=None):
 
 
 def flow_step(
-    sample,
-    model_output,
-    sigmas=None,
-    step_index=None,
-    noise=None,
-    generator=None,
-    backend="auto",
-    *,
-    sigma=None,
-    sigma_next=None,
-    stochastic=False,
-    guidance_scale=None,
-    uncond=None,
-    guidance_rescale=0.0,
-    out=None,
-    sample_offset=0,
+    sample, model_output, sigmas=None, step_index=None, noise=None, generator=None, backend="auto", *, sigma=None,
+    sigma_next=None, stochastic=False, guidance_scale=None, uncond=None, guidance_rescale=0.0, out=None, sample_offset=0
 ):
     """One flow-matching Euler step (diffusers' ``FlowMatchEulerDiscreteScheduler.step``), with ``v`` the
     model's velocity prediction:

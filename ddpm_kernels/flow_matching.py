@@ -47,13 +47,8 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, device=None) -> torch.Tensor
 
 
 def timestep_density(
-    timestep_sampling: str,
-    batch_size: int,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    mode_scale: float = 1.29,
-    device=None,
-    generator: Optional[torch.Generator] = None,
+    timestep_sampling: str, batch_size: int, logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
+    device=None, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
     """``u`` in [0, 1), shape (batch_size,), drawn as diffusers' ``compute_density_for_timestep_sampling`` draws
     it (the same calls on the same generator, so the same values): ``logit_normal`` ``sigmoid(normal(mean,
@@ -91,21 +86,10 @@ class FlowMatching(nn.Module):
     """
 
     def __init__(
-        self,
-        model,
-        timestep_sampling: str = "logit_normal",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-        mode_scale: float = 1.29,
-        weighting: str = "none",
-        loss_type: str = "l2",
-        shift: float = 1.0,
-        num_train_timesteps: int = 1000,
-        num_inference_steps: int = 50,
-        log_every_t: int = 10,
-        image_size: Union[int, Sequence[int]] = 256,
-        channels: int = 3,
-        backend: str = "auto",
+        self, model, timestep_sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
+        mode_scale: float = 1.29, weighting: str = "none", loss_type: str = "l2", shift: float = 1.0,
+        num_train_timesteps: int = 1000, num_inference_steps: int = 50, log_every_t: int = 10,
+        image_size: Union[int, Sequence[int]] = 256, channels: int = 3, backend: str = "auto"
     ):
         super().__init__()
         model = _checks._check_model(model)
@@ -195,21 +179,10 @@ class FlowMatching(nn.Module):
 
     @torch.no_grad()
     def sample_loop(
-        self,
-        shape: Sequence[int],
-        num_steps: Optional[int] = None,
-        guidance_scale=None,
-        cond=None,
-        uncond=None,
-        generator: Optional[torch.Generator] = None,
-        sigmas: Optional[torch.Tensor] = None,
-        stochastic: bool = False,
-        guidance_rescale: float = 0.0,
-        return_intermediates: bool = False,
-        progress: bool = True,
-        dtype: torch.dtype = torch.float32,
-        x_init: Optional[torch.Tensor] = None,
-        sample_offset: int = 0,
+        self, shape: Sequence[int], num_steps: Optional[int] = None, guidance_scale=None, cond=None, uncond=None,
+        generator: Optional[torch.Generator] = None, sigmas: Optional[torch.Tensor] = None, stochastic: bool = False,
+        guidance_rescale: float = 0.0, return_intermediates: bool = False, progress: bool = True,
+        dtype: torch.dtype = torch.float32, x_init: Optional[torch.Tensor] = None, sample_offset: int = 0
     ):
         """Euler sampling from pure noise (sigma = 1) to sigma = 0.
 
@@ -273,16 +246,8 @@ class FlowMatching(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self,
-        batch_size: int = 16,
-        num_steps: Optional[int] = None,
-        guidance_scale=None,
-        cond=None,
-        uncond=None,
-        generator: Optional[torch.Generator] = None,
-        return_intermediates: bool = False,
-        progress: bool = True,
-        **kwargs,
+        self, batch_size: int = 16, num_steps: Optional[int] = None, guidance_scale=None, cond=None, uncond=None,
+        generator: Optional[torch.Generator] = None, return_intermediates: bool = False, progress: bool = True, **kwargs
     ):
         """`sample_loop` at ``(batch_size, channels, *image_size)``."""
         size = self.image_size

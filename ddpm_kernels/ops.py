@@ -334,18 +334,8 @@ def p_mean_variance(x_t, t, model_output, schedule, parameterization="eps", clip
 
 
 def p_sample(
-    x_t,
-    t,
-    model_output,
-    schedule,
-    parameterization="eps",
-    clip_denoised=True,
-    noise=None,
-    generator=None,
-    backend="auto",
-    *,
-    out=None,
-    sample_offset=0,
+    x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True, noise=None, generator=None,
+    backend="auto", *, out=None, sample_offset=0
 ):
     """One ancestral sampling step: ``x_{t-1} = mean + [t > 0] exp(0.5 log_var) z``.
 
@@ -366,16 +356,8 @@ def p_sample(
 
 
 def diffusion_loss(
-    model_output,
-    x_start,
-    noise,
-    t,
-    schedule,
-    parameterization="eps",
-    loss_type="l2",
-    l_simple_weight=1.0,
-    original_elbo_weight=0.0,
-    backend="auto",
+    model_output, x_start, noise, t, schedule, parameterization="eps", loss_type="l2", l_simple_weight=1.0,
+    original_elbo_weight=0.0, backend="auto"
 ):
     """The seed's ``p_losses`` after the model call: ``(loss, loss_simple, loss_vlb)``, scalars in
     ``model_output``'s dtype, computed in float32 (float64 for float64 data).

@@ -177,16 +177,8 @@ def _draw_noise(x_t, generator, cd, sample_offset=0):
 
 
 def p_sample_ref(
-    x_t,
-    t,
-    model_output,
-    schedule,
-    parameterization="eps",
-    clip_denoised=True,
-    noise=None,
-    generator=None,
-    out=None,
-    sample_offset=0,
+    x_t, t, model_output, schedule, parameterization="eps", clip_denoised=True, noise=None, generator=None, out=None,
+    sample_offset=0
 ):
     cd = compute_dtype(x_t.dtype)
     x0 = _x0_pred(x_t, t, model_output, schedule, parameterization, clip_denoised, cd)
@@ -198,15 +190,8 @@ def p_sample_ref(
 
 
 def diffusion_loss_ref(
-    model_output,
-    x_start,
-    noise,
-    t,
-    schedule,
-    parameterization="eps",
-    loss_type="l2",
-    l_simple_weight=1.0,
-    original_elbo_weight=0.0,
+    model_output, x_start, noise, t, schedule, parameterization="eps", loss_type="l2", l_simple_weight=1.0,
+    original_elbo_weight=0.0
 ):
     """The seed's ``p_losses`` after the model call: ``(loss, loss_simple, loss_vlb)``.
 

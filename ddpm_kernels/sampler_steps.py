@@ -14,29 +14,10 @@ __all__ = ["ddim_step", "ddpm_step"]
 
 
 def ddim_step(
-    x_t,
-    t,
-    t_prev,
-    model_output,
-    schedule,
-    eta=0.0,
-    parameterization="eps",
-    clip_denoised=False,
-    noise=None,
-    generator=None,
-    backend="auto",
-    *,
-    set_alpha_to_one=True,
-    use_clipped_model_output=False,
-    clip_range=1.0,
-    threshold_ratio=None,
-    threshold_max=1.0,
-    out=None,
-    return_pred_x0=False,
-    guidance_scale=None,
-    uncond=None,
-    guidance_rescale=0.0,
-    sample_offset=0,
+    x_t, t, t_prev, model_output, schedule, eta=0.0, parameterization="eps", clip_denoised=False, noise=None,
+    generator=None, backend="auto", *, set_alpha_to_one=True, use_clipped_model_output=False, clip_range=1.0,
+    threshold_ratio=None, threshold_max=1.0, out=None, return_pred_x0=False, guidance_scale=None, uncond=None,
+    guidance_rescale=0.0, sample_offset=0
 ):
     """One DDIM step ``x_t -> x_{t_prev}`` (Song et al. 2021, eq. 12), per-sample ``t`` and ``t_prev``:
 
@@ -65,27 +46,9 @@ def ddim_step(
 
 
 def ddpm_step(
-    x_t,
-    t,
-    t_prev,
-    model_output,
-    schedule,
-    parameterization="eps",
-    variance_type="fixed_small",
-    clip_denoised=True,
-    noise=None,
-    generator=None,
-    backend="auto",
-    *,
-    clip_range=1.0,
-    threshold_ratio=None,
-    threshold_max=1.0,
-    out=None,
-    return_pred_x0=False,
-    guidance_scale=None,
-    uncond=None,
-    guidance_rescale=0.0,
-    sample_offset=0,
+    x_t, t, t_prev, model_output, schedule, parameterization="eps", variance_type="fixed_small", clip_denoised=True,
+    noise=None, generator=None, backend="auto", *, clip_range=1.0, threshold_ratio=None, threshold_max=1.0, out=None,
+    return_pred_x0=False, guidance_scale=None, uncond=None, guidance_rescale=0.0, sample_offset=0
 ):
     """One ancestral DDPM step ``x_t -> x_{t_prev}`` on a possibly respaced chain (diffusers'
     ``DDPMScheduler.step``), per-sample ``t`` and ``t_prev`` (``-1``: after the last step, ab_prev = 1):

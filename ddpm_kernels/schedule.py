@@ -172,17 +172,9 @@ class DiffusionSchedule(nn.Module):
     """
 
     def __init__(
-        self,
-        beta_schedule: str = "linear",
-        timesteps: int = 1000,
-        linear_start: float = 1e-4,
-        linear_end: float = 2e-2,
-        cosine_s: float = 8e-3,
-        v_posterior: float = 0.0,
-        given_betas: Optional[Sequence[float]] = None,
-        *,
-        zero_terminal_snr: bool = False,
-        sampling_only: bool = False,
+        self, beta_schedule: str = "linear", timesteps: int = 1000, linear_start: float = 1e-4,
+        linear_end: float = 2e-2, cosine_s: float = 8e-3, v_posterior: float = 0.0,
+        given_betas: Optional[Sequence[float]] = None, *, zero_terminal_snr: bool = False, sampling_only: bool = False
     ):
         super().__init__()
         if not isinstance(zero_terminal_snr, bool):

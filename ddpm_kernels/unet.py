@@ -83,13 +83,8 @@ class UNet(nn.Module):
     """
 
     def __init__(
-        self,
-        in_channels: int = 1,
-        base_channels: int = 32,
-        channel_mult: Sequence[int] = (1, 2, 2),
-        num_res_blocks: int = 1,
-        attention: bool = True,
-        dropout: float = 0.0,
+        self, in_channels: int = 1, base_channels: int = 32, channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 1, attention: bool = True, dropout: float = 0.0
     ):
         super().__init__()
         self.config = dict(

@@ -17,13 +17,8 @@ Generative = Union[GaussianDiffusion, FlowMatching]
 
 
 def build_diffusion(
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    timesteps: int = DEFAULT_TIMESTEPS,
-    backend: str = "auto",
-    base_channels: int = 32,
-    beta_schedule: str = "linear",
-    device="cpu",
-    unet_config: Optional[dict] = None,
+    image_size: int = DEFAULT_IMAGE_SIZE, timesteps: int = DEFAULT_TIMESTEPS, backend: str = "auto",
+    base_channels: int = 32, beta_schedule: str = "linear", device="cpu", unet_config: Optional[dict] = None
 ) -> GaussianDiffusion:
     """The demo's `GaussianDiffusion`: a `UNet` and a CompVis linear schedule.
 
@@ -50,12 +45,8 @@ def build_diffusion(
 
 
 def build_flow_matching(
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    num_steps: int = DEFAULT_FLOW_STEPS,
-    backend: str = "auto",
-    base_channels: int = 32,
-    device="cpu",
-    unet_config: Optional[dict] = None,
+    image_size: int = DEFAULT_IMAGE_SIZE, num_steps: int = DEFAULT_FLOW_STEPS, backend: str = "auto",
+    base_channels: int = 32, device="cpu", unet_config: Optional[dict] = None
 ) -> FlowMatching:
     """The demo's `FlowMatching`: the same `UNet`, trained as a rectified flow (SD3's logit-normal sigmas,
     unweighted l2 on the velocity) and sampled with ``num_steps`` Euler steps on a linear sigma table."""

@@ -103,12 +103,8 @@ def _flow_step_calls(
 
 @torch.no_grad()
 def time_sampling_step(
-    diffusion: Generative,
-    batch_size: int,
-    backend_names: Sequence[str],
-    repeats: int = 50,
-    latent_shape: Sequence[int] = LATENT_SHAPE,
-    seed: int = 0,
+    diffusion: Generative, batch_size: int, backend_names: Sequence[str], repeats: int = 50,
+    latent_shape: Sequence[int] = LATENT_SHAPE, seed: int = 0
 ) -> List[Dict[str, object]]:
     """Per-step sampling time on each backend, same inputs, interleaved so load changes hit all alike.
 

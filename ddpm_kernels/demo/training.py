@@ -63,14 +63,8 @@ def _batch_loss(diffusion: Generative, x: torch.Tensor, g: torch.Generator) -> t
 
 
 def train(
-    diffusion: Generative,
-    images: torch.Tensor,
-    steps: int,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    lr: float = 2e-3,
-    seed: int = 0,
-    progress: bool = True,
-    ema: Optional[EMA] = None,
+    diffusion: Generative, images: torch.Tensor, steps: int, batch_size: int = DEFAULT_BATCH_SIZE, lr: float = 2e-3,
+    seed: int = 0, progress: bool = True, ema: Optional[EMA] = None
 ) -> List[float]:
     """Train ``diffusion.model`` for ``steps`` steps, with the seed's ``p_losses`` for a `GaussianDiffusion` or
     `FlowMatching.training_loss` for a rectified flow; returns the losses.

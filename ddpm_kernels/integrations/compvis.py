@@ -273,16 +273,8 @@ def _p_losses_latent(self, x_start, cond, t, noise=None):
 
 
 def _p_mean_variance_latent(
-    self,
-    x,
-    c,
-    t,
-    clip_denoised: bool,
-    return_codebook_ids=False,
-    quantize_denoised=False,
-    return_x0=False,
-    score_corrector=None,
-    corrector_kwargs=None,
+    self, x, c, t, clip_denoised: bool, return_codebook_ids=False, quantize_denoised=False, return_x0=False,
+    score_corrector=None, corrector_kwargs=None
 ):
     st = _state(self)
     if return_codebook_ids or quantize_denoised or not _fusable(t, x):
@@ -300,19 +292,8 @@ def _p_mean_variance_latent(
 
 @torch.no_grad()
 def _p_sample_latent(
-    self,
-    x,
-    c,
-    t,
-    clip_denoised=False,
-    repeat_noise=False,
-    return_codebook_ids=False,
-    quantize_denoised=False,
-    return_x0=False,
-    temperature=1.0,
-    noise_dropout=0.0,
-    score_corrector=None,
-    corrector_kwargs=None,
+    self, x, c, t, clip_denoised=False, repeat_noise=False, return_codebook_ids=False, quantize_denoised=False,
+    return_x0=False, temperature=1.0, noise_dropout=0.0, score_corrector=None, corrector_kwargs=None
 ):
     st = _state(self)
     if return_codebook_ids or quantize_denoised or not _fusable(t, x):
@@ -379,21 +360,9 @@ def _make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0.0
 
 @torch.no_grad()
 def _p_sample_ddim(
-    self,
-    x,
-    c,
-    t,
-    index,
-    repeat_noise=False,
-    use_original_steps=False,
-    quantize_denoised=False,
-    temperature=1.0,
-    noise_dropout=0.0,
-    score_corrector=None,
-    corrector_kwargs=None,
-    unconditional_guidance_scale=1.0,
-    unconditional_conditioning=None,
-    **extra,
+    self, x, c, t, index, repeat_noise=False, use_original_steps=False, quantize_denoised=False, temperature=1.0,
+    noise_dropout=0.0, score_corrector=None, corrector_kwargs=None, unconditional_guidance_scale=1.0,
+    unconditional_conditioning=None, **extra
 ):
     st = _state(self)
     parameterization = _checks.PARAMETERIZATIONS.get(getattr(self.model, "parameterization", "eps"))

@@ -16,14 +16,13 @@ from __future__ import annotations
 import torch
 
 from .._layout import CONTIGUOUS, dense_format
-from .._checks import _check_like
+from .._checks import _check_like, _check_step_index
 from .._spec import OPS as SPECS, SolverColumns, SolverStepOptions
 from ..flow import cached_options, run_step, step_inputs
 from ..ops import _options
 
 __all__ = ["SolverColumns", "solver_step", "new_history"]
 
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _STEP_OPTIONS = {}
 _WIDTHS = {}
 
@@ -78,29 +77,6 @@ def _check_coefficients(coefficients, sample: torch.Tensor, slots: int) -> torch
     return coefficients if coefficients.is_contiguous() else coefficients.contiguous()
 
 
-def _check_step_index(step_index, sample: torch.Tensor, steps: int) -> torch.Tensor:
-    batch = sample.shape[0]
-    if not isinstance(step_index, torch.Tensor) or step_index.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"step_index: expected an integer tensor of shape ({batch},), got "
-                        f"{getattr(step_index, 'dtype', type(step_index).__name__)}")
-    if step_index.ndim != 1 or step_index.shape[0] != batch:
-        raise ValueError(f"step_index: expected shape ({batch},) (one step per sample), got {tuple(step_index.shape)}")
-    if step_index.device != sample.device:
-        raise ValueError(f"step_index: expected a tensor on {sample.device} (the device of sample), got "
-                         f"{step_index.device}")
-    if step_index.is_cpu and batch and not torch.compiler.is_compiling():
-        # a list for a sampling batch (two small reductions and their reads cost ~15 us per step), reductions for
-        # a large one
-        values = step_index.tolist() if batch <= 256 else (int(step_index.min()), int(step_index.max()))
-        lo, hi = min(values), max(values)
-        if lo < 0 or hi >= steps:
-            raise ValueError(f"step_index: expected values in [0, {steps}) (a row of the coefficient table), got "
-                             f"min {lo}, max {hi}")
-    if step_index.dtype != torch.int64:
-        step_index = step_index.to(torch.int64)
-    return step_index if step_index.is_contiguous() else step_index.contiguous()
-
-
 def new_history(sample: torch.Tensor, slots: int) -> torch.Tensor:
     """A zeroed history ring of ``slots`` entries for `solver_step` on tensors like ``sample`` (same dtype,
     device and memory format)."""
@@ -114,25 +90,9 @@ def new_history(sample: torch.Tensor, slots: int) -> torch.Tensor:
 
 
 def solver_step(
-    sample,
-    model_output,
-    coefficients,
-    step_index,
-    history=None,
-    last_sample=None,
-    noise=None,
-    generator=None,
-    backend="auto",
-    *,
-    stochastic=False,
-    clip_range=None,
-    threshold_ratio=None,
-    threshold_max=1.0,
-    guidance_scale=None,
-    uncond=None,
-    guidance_rescale=0.0,
-    out=None,
-    sample_offset=0,
+    sample, model_output, coefficients, step_index, history=None, last_sample=None, noise=None, generator=None,
+    backend="auto", *, stochastic=False, clip_range=None, threshold_ratio=None, threshold_max=1.0, guidance_scale=None,
+    uncond=None, guidance_rescale=0.0, out=None, sample_offset=0
 ):
     """One step of a multistep solver given as a coefficient table. Per sample ``b`` with ``r =
     coefficients[step_index[b]]`` (columns named by `SolverColumns`, an index outside the table gives NaN):
@@ -163,7 +123,7 @@ def solver_step(
         _check_like("last_sample", last_sample, "sample", sample, mixed=mixed is not None)
     slots = _check_history(history, sample, mixed)
     coefficients = _check_coefficients(coefficients, sample, slots)
-    step_index = _check_step_index(step_index, sample, coefficients.shape[0])
+    step_index = _check_step_index(step_index, sample, coefficients.shape[0], "a row of the coefficient table")
     opts = _step_options((stochastic, clip_range, threshold_ratio, threshold_max, guidance_rescale),
                          guidance is not None)
     # the state is written in place in its own layout: no row-major copies (the kernels index noise themselves)

@@ -127,18 +127,9 @@ def _check(name, value, allowed):
 
 
 def dpm_solver_table(
-    sigmas,
-    *,
-    algorithm_type: str = "dpmsolver++",
-    solver_order: int = 2,
-    solver_type: str = "midpoint",
-    prediction_type: str = "epsilon",
-    thresholding: bool = False,
-    lower_order_final: bool = True,
-    euler_at_final: bool = False,
-    final_sigmas_type: str = "zero",
-    flow_sigmas: bool = False,
-    begin_index: int = 0,
+    sigmas, *, algorithm_type: str = "dpmsolver++", solver_order: int = 2, solver_type: str = "midpoint",
+    prediction_type: str = "epsilon", thresholding: bool = False, lower_order_final: bool = True,
+    euler_at_final: bool = False, final_sigmas_type: str = "zero", flow_sigmas: bool = False, begin_index: int = 0
 ) -> np.ndarray:
     """The `solver_step` coefficient table of ``DPMSolverMultistepScheduler`` on the sigma table ``sigmas`` (the
     scheduler's ``sigmas`` after ``set_timesteps``: ``steps + 1`` values, the last one the final sigma): a float64

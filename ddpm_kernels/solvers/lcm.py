@@ -29,12 +29,8 @@ SIGMA_DATA = 0.5
 
 
 def lcm_coefficients(
-    alphas_cumprod: Sequence[float],
-    timesteps: Sequence[int],
-    *,
-    prediction_type: str = "epsilon",
-    timestep_scaling: float = 10.0,
-    num_inference_steps: Optional[int] = None,
+    alphas_cumprod: Sequence[float], timesteps: Sequence[int], *, prediction_type: str = "epsilon",
+    timestep_scaling: float = 10.0, num_inference_steps: Optional[int] = None
 ) -> np.ndarray:
     """The float64 `solver_step` table of LCM sampling over ``timesteps`` (integer training timesteps, one row
     each; the history ring has 0 slots). ``num_inference_steps``: the row without noise is row

@@ -181,16 +181,9 @@ def _solve_updates(updates, points, predict_x0, solver_type):
 
 
 def unipc_coefficients(
-    sigmas: Sequence[float],
-    *,
-    solver_order: int = 2,
-    solver_type: str = "bh2",
-    predict_x0: bool = True,
-    prediction_type: str = "epsilon",
-    lower_order_final: bool = True,
-    disable_corrector: Iterable[int] = (),
-    flow_sigmas: bool = False,
-    begin_index: int = 0,
+    sigmas: Sequence[float], *, solver_order: int = 2, solver_type: str = "bh2", predict_x0: bool = True,
+    prediction_type: str = "epsilon", lower_order_final: bool = True, disable_corrector: Iterable[int] = (),
+    flow_sigmas: bool = False, begin_index: int = 0
 ) -> np.ndarray:
     """The float64 `solver_step` table of UniPC on the scheduler sigmas ``sigmas`` (``N + 1`` of them, the last
     the final sigma), ``N`` rows of ``SolverColumns(solver_order).width``: row ``i`` is step ``i`` of a loop that

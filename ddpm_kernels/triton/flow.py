@@ -107,18 +107,8 @@ def flow_loss_error(model_output_ptr, x0_ptr, noise_ptr, offs, mask, cd: tl.cons
 # -------------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def flow_interpolate_kernel(
-    x0_ptr,
-    noise_ptr,
-    sigma_ptr,
-    out_ptr,
-    out_b_ptr,
-    N,
-    period,
-    repeat,
-    batch_start,
-    SIGMA_PER_TOKEN: tl.constexpr,
-    BACKWARD: tl.constexpr,
-    BLOCK: tl.constexpr,
+    x0_ptr, noise_ptr, sigma_ptr, out_ptr, out_b_ptr, N, period, repeat, batch_start, SIGMA_PER_TOKEN: tl.constexpr,
+    BACKWARD: tl.constexpr, BLOCK: tl.constexpr
 ):
     """Forward: ``out = (1 - s) x0 + s noise``. ``BACKWARD``: ``x0`` is the incoming gradient ``g``, ``out =
     (1 - s) g`` and ``out_b = s g`` (``noise`` is not read)."""
@@ -138,22 +128,9 @@ def flow_interpolate_kernel(
 
 @triton.jit
 def flow_loss_kernel(
-    model_output_ptr,
-    x0_ptr,
-    noise_ptr,
-    sigma_ptr,
-    partial_ptr,
-    period,
-    repeat,
-    two_over_pi_hi,
-    two_over_pi_lo,
-    N,
-    n_tiles,
-    batch_start,
-    WEIGHTING: tl.constexpr,
-    SIGMA_PER_TOKEN: tl.constexpr,
-    LOSS_L1: tl.constexpr,
-    BLOCK: tl.constexpr,
+    model_output_ptr, x0_ptr, noise_ptr, sigma_ptr, partial_ptr, period, repeat, two_over_pi_hi, two_over_pi_lo, N,
+    n_tiles, batch_start, WEIGHTING: tl.constexpr, SIGMA_PER_TOKEN: tl.constexpr, LOSS_L1: tl.constexpr,
+    BLOCK: tl.constexpr
 ):
     sample, _, offs_in_sample, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = sigma_ptr.dtype.element_ty
@@ -165,13 +142,7 @@ def flow_loss_kernel(
 
 @triton.jit
 def flow_loss_reduce_kernel(
-    partial_ptr,
-    loss_ptr,
-    B,
-    N,
-    n_tiles,
-    BLOCK_B: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    partial_ptr, loss_ptr, B, N, n_tiles, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr
 ):
     cd: tl.constexpr = partial_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_B,), dtype=cd)
@@ -185,27 +156,10 @@ def flow_loss_reduce_kernel(
 
 @triton.jit
 def flow_loss_backward_kernel(
-    model_output_ptr,
-    x0_ptr,
-    noise_ptr,
-    sigma_ptr,
-    grad_loss_ptr,
-    grad_model_output_ptr,
-    grad_x0_ptr,
-    grad_noise_ptr,
-    period,
-    repeat,
-    two_over_pi_hi,
-    two_over_pi_lo,
-    B,
-    N,
-    batch_start,
-    WEIGHTING: tl.constexpr,
-    SIGMA_PER_TOKEN: tl.constexpr,
-    LOSS_L1: tl.constexpr,
-    GRAD_X0: tl.constexpr,
-    GRAD_NOISE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    model_output_ptr, x0_ptr, noise_ptr, sigma_ptr, grad_loss_ptr, grad_model_output_ptr, grad_x0_ptr, grad_noise_ptr,
+    period, repeat, two_over_pi_hi, two_over_pi_lo, B, N, batch_start, WEIGHTING: tl.constexpr,
+    SIGMA_PER_TOKEN: tl.constexpr, LOSS_L1: tl.constexpr, GRAD_X0: tl.constexpr, GRAD_NOISE: tl.constexpr,
+    BLOCK: tl.constexpr
 ):
     sample, _, offs_in_sample, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = sigma_ptr.dtype.element_ty
@@ -336,17 +290,9 @@ def _step_launch(sample, model_output, uncond, guidance, sigma, sigma_next, step
 @takes_noise
 @guided_step
 def _flow_step(
-    sample, model_output, uncond, guidance,
-    sigma: torch.Tensor,
-    sigma_next: torch.Tensor,
-    step_index: Optional[torch.Tensor],
-    period: int,
-    repeat: int,
-    period_next: int,
-    repeat_next: int,
-    stochastic: bool,
-    guidance_rescale: float,
-    noise, seed, philox_seed, philox_offset, sample_offset,
+    sample, model_output, uncond, guidance, sigma: torch.Tensor, sigma_next: torch.Tensor,
+    step_index: Optional[torch.Tensor], period: int, repeat: int, period_next: int, repeat_next: int, stochastic: bool,
+    guidance_rescale: float, noise, seed, philox_seed, philox_offset, sample_offset
 ) -> torch.Tensor:
     """One Euler step. ``step_index`` given: ``sigma`` is the sigma table (``sigma_next`` too, unread) and each
     sample gathers its pair; else ``sigma`` / ``sigma_next`` are ``SigmaOperand`` flat forms with their
@@ -393,14 +339,8 @@ REDUCE_BLOCK_P = 128
 
 
 def _flow_loss(
-    model_output: torch.Tensor,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    sigma: torch.Tensor,
-    period: int,
-    repeat: int,
-    weighting: int,
-    loss_l1: bool,
+    model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, period: int, repeat: int,
+    weighting: int, loss_l1: bool
 ) -> torch.Tensor:
     """The 0-d loss in the sigma's dtype (the compute dtype)."""
     model_output, batch, n = as_rows(model_output)

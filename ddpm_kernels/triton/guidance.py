@@ -112,16 +112,8 @@ def guided_prediction(c, u, guidance_ptr, stats_ptr, sample, n_splits, chunk, N,
 
 @triton.jit
 def guidance_stats_kernel(
-    model_output_ptr,
-    uncond_ptr,
-    guidance_ptr,
-    stats_ptr,
-    N,
-    stride,
-    n_splits,
-    tiles_per_split,
-    batch_start,
-    BLOCK: tl.constexpr,
+    model_output_ptr, uncond_ptr, guidance_ptr, stats_ptr, N, stride, n_splits, tiles_per_split, batch_start,
+    BLOCK: tl.constexpr
 ):
     """Program ``(split, sample)``: (mean, M2) of ``c`` and of ``g = u + w (c - u)`` over the split's tiles
     ``[split * tiles_per_split, ...)`` of the sample's ``N`` guided elements (at ``sample * stride``), stored

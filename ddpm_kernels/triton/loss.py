@@ -74,19 +74,8 @@ def loss_tile(model_output_ptr, t_ptr, N, batch_start, cd: tl.constexpr, BLOCK: 
 
 @triton.jit
 def diffusion_loss_kernel(
-    model_output_ptr,
-    x_start_ptr,
-    noise_ptr,
-    t_ptr,
-    table_ptr,
-    partial_ptr,
-    N,
-    T,
-    batch_start,
-    n_tiles,
-    PARAMETERIZATION: tl.constexpr,
-    LOSS_L1: tl.constexpr,
-    BLOCK: tl.constexpr,
+    model_output_ptr, x_start_ptr, noise_ptr, t_ptr, table_ptr, partial_ptr, N, T, batch_start, n_tiles,
+    PARAMETERIZATION: tl.constexpr, LOSS_L1: tl.constexpr, BLOCK: tl.constexpr
 ):
     cd: tl.constexpr = table_ptr.dtype.element_ty
     sample, mask, offs, t, model_output = loss_tile(model_output_ptr, t_ptr, N, batch_start, cd, BLOCK)
@@ -96,23 +85,9 @@ def diffusion_loss_kernel(
 
 @triton.jit
 def diffusion_loss_reduce_kernel(
-    partial_ptr,
-    t_ptr,
-    table_ptr,
-    loss_ptr,
-    loss_simple_ptr,
-    loss_vlb_ptr,
-    B,
-    N,
-    T,
-    n_tiles,
-    l_simple_weight_hi,
-    l_simple_weight_lo,
-    original_elbo_weight_hi,
-    original_elbo_weight_lo,
-    ROW_LVLB: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    partial_ptr, t_ptr, table_ptr, loss_ptr, loss_simple_ptr, loss_vlb_ptr, B, N, T, n_tiles, l_simple_weight_hi,
+    l_simple_weight_lo, original_elbo_weight_hi, original_elbo_weight_lo, ROW_LVLB: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr
 ):
     cd: tl.constexpr = table_ptr.dtype.element_ty
     simple_acc = tl.zeros((BLOCK_B,), dtype=cd)
@@ -140,31 +115,11 @@ def diffusion_loss_reduce_kernel(
 
 @triton.jit
 def diffusion_loss_backward_kernel(
-    model_output_ptr,
-    x_start_ptr,
-    noise_ptr,
-    t_ptr,
-    table_ptr,
-    grad_loss_ptr,
-    grad_loss_simple_ptr,
-    grad_loss_vlb_ptr,
-    grad_model_output_ptr,
-    grad_x_start_ptr,
-    grad_noise_ptr,
-    B,
-    N,
-    T,
-    batch_start,
-    l_simple_weight_hi,
-    l_simple_weight_lo,
-    original_elbo_weight_hi,
-    original_elbo_weight_lo,
-    PARAMETERIZATION: tl.constexpr,
-    LOSS_L1: tl.constexpr,
-    GRAD_X_START: tl.constexpr,
-    GRAD_NOISE: tl.constexpr,
-    ROW_LVLB: tl.constexpr,
-    BLOCK: tl.constexpr,
+    model_output_ptr, x_start_ptr, noise_ptr, t_ptr, table_ptr, grad_loss_ptr, grad_loss_simple_ptr, grad_loss_vlb_ptr,
+    grad_model_output_ptr, grad_x_start_ptr, grad_noise_ptr, B, N, T, batch_start, l_simple_weight_hi,
+    l_simple_weight_lo, original_elbo_weight_hi, original_elbo_weight_lo, PARAMETERIZATION: tl.constexpr,
+    LOSS_L1: tl.constexpr, GRAD_X_START: tl.constexpr, GRAD_NOISE: tl.constexpr, ROW_LVLB: tl.constexpr,
+    BLOCK: tl.constexpr
 ):
     cd: tl.constexpr = table_ptr.dtype.element_ty
     sample, mask, offs, t, model_output = loss_tile(model_output_ptr, t_ptr, N, batch_start, cd, BLOCK)
@@ -208,15 +163,8 @@ _LVLB_ROW = {0: ROW["lvlb_weights_eps"], 1: ROW["lvlb_weights_x0"], 2: ROW["lvlb
 
 
 def _diffusion_loss(
-    model_output: torch.Tensor,
-    x_start: torch.Tensor,
-    noise: torch.Tensor,
-    t: torch.Tensor,
-    table: torch.Tensor,
-    parameterization: int,
-    loss_l1: bool,
-    l_simple_weight: float,
-    original_elbo_weight: float,
+    model_output: torch.Tensor, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+    parameterization: int, loss_l1: bool, l_simple_weight: float, original_elbo_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     model_output, batch, n = as_rows(model_output)
     x_start, noise = like_dense(model_output, x_start), like_dense(model_output, noise)

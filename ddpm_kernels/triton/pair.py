@@ -100,18 +100,8 @@ def pair_coefficients(table_ptr, t, T, OP: tl.constexpr):
 
 @triton.jit
 def pair_kernel(
-    a_ptr,
-    b_ptr,
-    t_ptr,
-    table_ptr,
-    out_ptr,
-    out_b_ptr,
-    N,
-    T,
-    batch_start,
-    OP: tl.constexpr,
-    BACKWARD: tl.constexpr,
-    BLOCK: tl.constexpr,
+    a_ptr, b_ptr, t_ptr, table_ptr, out_ptr, out_b_ptr, N, T, batch_start, OP: tl.constexpr, BACKWARD: tl.constexpr,
+    BLOCK: tl.constexpr
 ):
     """Forward: ``out = A_t a + B_t b``. ``BACKWARD``: ``a`` is the incoming gradient, ``out = A_t a`` and
     ``out_b = B_t a`` (``b`` is not read)."""

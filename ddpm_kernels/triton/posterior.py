@@ -82,27 +82,10 @@ def x0_from_model_output(x_t, model_output, t, table_ptr, T, PARAMETERIZATION: t
 # The Philox key and offset are int64 whatever their value (``noise.NOISE_SCALARS``).
 @triton.jit(do_not_specialize=NOISE_SCALARS)
 def posterior_kernel(
-    x_t_ptr,
-    model_output_ptr,
-    noise_ptr,
-    seed_ptr,
-    philox_seed: tl.int64,
-    philox_offset: tl.int64,
-    sample_offset: tl.int64,
-    t_ptr,
-    table_ptr,
-    out_ptr,
-    var_ptr,
-    log_var_ptr,
-    N,
-    T,
-    batch_start,
-    PARAMETERIZATION: tl.constexpr,
-    CLIP_DENOISED: tl.constexpr,
-    ADD_NOISE: tl.constexpr,
-    HAS_NOISE: tl.constexpr,
-    WRITE_VARIANCE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    x_t_ptr, model_output_ptr, noise_ptr, seed_ptr, philox_seed: tl.int64, philox_offset: tl.int64,
+    sample_offset: tl.int64, t_ptr, table_ptr, out_ptr, var_ptr, log_var_ptr, N, T, batch_start,
+    PARAMETERIZATION: tl.constexpr, CLIP_DENOISED: tl.constexpr, ADD_NOISE: tl.constexpr, HAS_NOISE: tl.constexpr,
+    WRITE_VARIANCE: tl.constexpr, BLOCK: tl.constexpr
 ):
     sample, tile_start, _, mask, offs = sample_tile(N, batch_start, BLOCK)
     # Math in the table's dtype: float32 for 16/32-bit data, float64 for float64; one rounding at the store.
@@ -198,12 +181,8 @@ def q_posterior(x_start, x_t, t, schedule):
 
 # --------------------------------------------------------------------------------- p_mean_variance
 def _p_mean_variance(
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    model_output: torch.Tensor,
-    table: torch.Tensor,
-    parameterization: int,
-    clip_denoised: bool,
+    x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor, table: torch.Tensor, parameterization: int,
+    clip_denoised: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mean, var, log_var = _mean_and_variances(x_t, t, table, other=model_output)
     _launch(x_t, t, model_output, table, parameterization, clip_denoised, mean, var, log_var)

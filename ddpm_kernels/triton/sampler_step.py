@@ -245,52 +245,14 @@ def prediction_to_x0_eps(x, model_output, a_t, s_t, PARAMETERIZATION: tl.constex
 
 @triton.jit(do_not_specialize=NOISE_SCALARS)
 def sampler_step_kernel(
-    x_t_ptr,
-    model_output_ptr,
-    uncond_ptr,
-    guidance_ptr,
-    stats_ptr,
-    noise_ptr,
-    seed_ptr,
-    philox_seed: tl.int64,
-    philox_offset: tl.int64,
-    sample_offset: tl.int64,
-    t_ptr,
-    t_prev_ptr,
-    alphas_cumprod_ptr,
-    out_ptr,
-    x0_ptr,
-    scale_ptr,
-    eta_hi,
-    eta_lo,
-    clip_range_hi,
-    clip_range_lo,
-    rescale_hi,
-    rescale_lo,
-    n_splits,
-    chunk,
-    N,
-    T,
-    model_output_stride,
-    batch_start,
-    SAMPLER: tl.constexpr,
-    EPS_TERM: tl.constexpr,
-    X_TERM: tl.constexpr,
-    PARAMETERIZATION: tl.constexpr,
-    VARIANCE: tl.constexpr,
-    CLIP_DENOISED: tl.constexpr,
-    USE_CLIPPED_MODEL_OUTPUT: tl.constexpr,
-    SET_ALPHA_TO_ONE: tl.constexpr,
-    ADD_NOISE: tl.constexpr,
-    HAS_NOISE: tl.constexpr,
-    RETURN_X0: tl.constexpr,
-    THRESHOLD: tl.constexpr,
-    X0_ONLY: tl.constexpr,
-    GUIDED: tl.constexpr,
-    RESCALE: tl.constexpr,
-    COMPUTE_FP64: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,
+    x_t_ptr, model_output_ptr, uncond_ptr, guidance_ptr, stats_ptr, noise_ptr, seed_ptr, philox_seed: tl.int64,
+    philox_offset: tl.int64, sample_offset: tl.int64, t_ptr, t_prev_ptr, alphas_cumprod_ptr, out_ptr, x0_ptr, scale_ptr,
+    eta_hi, eta_lo, clip_range_hi, clip_range_lo, rescale_hi, rescale_lo, n_splits, chunk, N, T, model_output_stride,
+    batch_start, SAMPLER: tl.constexpr, EPS_TERM: tl.constexpr, X_TERM: tl.constexpr, PARAMETERIZATION: tl.constexpr,
+    VARIANCE: tl.constexpr, CLIP_DENOISED: tl.constexpr, USE_CLIPPED_MODEL_OUTPUT: tl.constexpr,
+    SET_ALPHA_TO_ONE: tl.constexpr, ADD_NOISE: tl.constexpr, HAS_NOISE: tl.constexpr, RETURN_X0: tl.constexpr,
+    THRESHOLD: tl.constexpr, X0_ONLY: tl.constexpr, GUIDED: tl.constexpr, RESCALE: tl.constexpr,
+    COMPUTE_FP64: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SPLIT: tl.constexpr
 ):
     sample, tile_start, offs_in_sample, mask, offs = sample_tile(N, batch_start, BLOCK)
     cd: tl.constexpr = tl.float64 if COMPUTE_FP64 else tl.float32
@@ -391,27 +353,12 @@ def _launch(x_t, t, t_prev, model_output, alphas_cumprod, sampler, parameterizat
 
 @takes_noise
 def _sampler_step(
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    t_prev: torch.Tensor,
-    model_output: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    sampler: int,
-    parameterization: int,
-    variance: int,
-    eta: float,
-    clip_denoised: bool,
-    clip_range: float,
-    set_alpha_to_one: bool,
-    use_clipped_model_output: bool,
-    add_noise: bool,
-    noise, seed, philox_seed, philox_offset, sample_offset,
-    return_pred_x0: bool,
-    scale: Optional[torch.Tensor],
-    uncond: Optional[torch.Tensor],
-    guidance: Optional[torch.Tensor],
-    stats: Optional[torch.Tensor],
-    guidance_rescale: float,
+    x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, model_output: torch.Tensor, alphas_cumprod: torch.Tensor,
+    sampler: int, parameterization: int, variance: int, eta: float, clip_denoised: bool, clip_range: float,
+    set_alpha_to_one: bool, use_clipped_model_output: bool, add_noise: bool,
+    noise, seed, philox_seed, philox_offset, sample_offset, return_pred_x0: bool, scale: Optional[torch.Tensor],
+    uncond: Optional[torch.Tensor], guidance: Optional[torch.Tensor], stats: Optional[torch.Tensor],
+    guidance_rescale: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x_{t_prev}, x0)``; ``x0`` is a zero-element tensor unless ``return_pred_x0``. Noise keyed as in
     ``p_sample``; ``alphas_cumprod`` is the schedule's float64 row; ``scale`` (per-sample, compute dtype),
@@ -444,17 +391,9 @@ sampler_step_op, sampler_step_out_op = custom_op_with_out(
 
 @torch.library.custom_op("ddpm_kernels_triton::sampler_step_x0", mutates_args=())
 def sampler_step_x0_op(
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    t_prev: torch.Tensor,
-    model_output: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    parameterization: int,
-    variance: int,
-    uncond: Optional[torch.Tensor],
-    guidance: Optional[torch.Tensor],
-    stats: Optional[torch.Tensor],
-    guidance_rescale: float,
+    x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, model_output: torch.Tensor, alphas_cumprod: torch.Tensor,
+    parameterization: int, variance: int, uncond: Optional[torch.Tensor], guidance: Optional[torch.Tensor],
+    stats: Optional[torch.Tensor], guidance_rescale: float
 ) -> torch.Tensor:
     """A step's unclipped x0 prediction in the compute dtype (float32; float64 for float64 data): the first
     pass of a thresholded step. It depends on ``t`` alone (``t_prev`` is read, not used); ``variance`` only

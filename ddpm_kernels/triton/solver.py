@@ -114,46 +114,13 @@ def ring_slot(i, j, SLOTS: tl.constexpr):
 # -------------------------------------------------------------------------------------------------- kernel
 @triton.jit(do_not_specialize=NOISE_SCALARS)
 def solver_step_kernel(
-    sample_ptr,
-    model_output_ptr,
-    uncond_ptr,
-    guidance_ptr,
-    stats_ptr,
-    noise_ptr,
-    seed_ptr,
-    philox_seed: tl.int64,
-    philox_offset: tl.int64,
-    sample_offset: tl.int64,
-    coefficients_ptr,
-    step_index_ptr,
-    n_rows,
-    history_ptr,
-    slot_stride,
-    last_ptr,
-    scale_ptr,
-    clip_hi,
-    clip_lo,
-    rescale_hi,
-    rescale_lo,
-    n_splits,
-    chunk,
-    channels,
-    out_ptr,
-    N,
-    batch_start,
-    SLOTS: tl.constexpr,
-    HAS_LAST: tl.constexpr,
-    GUIDED: tl.constexpr,
-    RESCALE: tl.constexpr,
-    ADD_NOISE: tl.constexpr,
-    HAS_NOISE: tl.constexpr,
-    NOISE_CHANNELS_LAST: tl.constexpr,
-    CLIP: tl.constexpr,
-    THRESHOLD: tl.constexpr,
-    X0_ONLY: tl.constexpr,
-    COMPUTE_FP64: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,
+    sample_ptr, model_output_ptr, uncond_ptr, guidance_ptr, stats_ptr, noise_ptr, seed_ptr, philox_seed: tl.int64,
+    philox_offset: tl.int64, sample_offset: tl.int64, coefficients_ptr, step_index_ptr, n_rows, history_ptr,
+    slot_stride, last_ptr, scale_ptr, clip_hi, clip_lo, rescale_hi, rescale_lo, n_splits, chunk, channels, out_ptr, N,
+    batch_start, SLOTS: tl.constexpr, HAS_LAST: tl.constexpr, GUIDED: tl.constexpr, RESCALE: tl.constexpr,
+    ADD_NOISE: tl.constexpr, HAS_NOISE: tl.constexpr, NOISE_CHANNELS_LAST: tl.constexpr, CLIP: tl.constexpr,
+    THRESHOLD: tl.constexpr, X0_ONLY: tl.constexpr, COMPUTE_FP64: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr
 ):
     """One step (module docstring). ``X0_ONLY``: the first pass of a thresholded step, the raw x0 (compute
     dtype) into ``out`` and nothing else written."""
@@ -309,17 +276,10 @@ def _run(sample, model_output, uncond, guidance, coefficients, step_index, histo
 @takes_noise
 @guided_step
 def _solver_step(
-    sample, model_output, uncond, guidance,
-    coefficients: torch.Tensor,
-    step_index: torch.Tensor,
-    history: Optional[torch.Tensor],
-    last_sample: Optional[torch.Tensor],
-    clip_range: Optional[float],
-    threshold_ratio: Optional[float],
-    threshold_max: float,
-    guidance_rescale: float,
-    stochastic: bool,
-    noise, seed, philox_seed, philox_offset, sample_offset,
+    sample, model_output, uncond, guidance, coefficients: torch.Tensor, step_index: torch.Tensor,
+    history: Optional[torch.Tensor], last_sample: Optional[torch.Tensor], clip_range: Optional[float],
+    threshold_ratio: Optional[float], threshold_max: float, guidance_rescale: float, stochastic: bool,
+    noise, seed, philox_seed, philox_offset, sample_offset
 ) -> torch.Tensor:
     """One step (module docstring): returns ``x'`` in ``sample``'s dense format and writes the ring's slot
     ``step_index mod H`` of ``history`` and ``last_sample``. ``guidance`` (B,) in the compute dtype given:

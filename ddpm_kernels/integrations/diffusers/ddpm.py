@@ -454,12 +454,7 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler, output=DDPMSchedul
         return table.index_select(0, t.clamp(0, table.shape[0] - 1))
 
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep,
-        sample: torch.Tensor,
-        generator=None,
-        return_dict: bool = True,
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True
     ):
         """As ``DDPMScheduler.step``, fused and sync-free; ``timestep`` may be per sample, shape (B,)."""
         fused = self._dk_fused(model_output, timestep, sample)
@@ -516,15 +511,9 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler, output=DDIMSchedul
         return (t - self.config.num_train_timesteps // self.num_inference_steps).clamp(min=-1)
 
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep,
-        sample: torch.Tensor,
-        eta: float = 0.0,
-        use_clipped_model_output: bool = False,
-        generator=None,
-        variance_noise: Optional[torch.Tensor] = None,
-        return_dict: bool = True,
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
+        use_clipped_model_output: bool = False, generator=None, variance_noise: Optional[torch.Tensor] = None,
+        return_dict: bool = True
     ):
         """As ``DDIMScheduler.step``, fused and sync-free; ``timestep`` may be per sample, shape (B,)."""
         fused = fused_eta = None

@@ -175,13 +175,8 @@ class FusedDPMSolverMultistepScheduler(_SigmaSolverDropIn, DPMSolverMultistepSch
         return schedule, index, begin
 
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep,
-        sample: torch.Tensor,
-        generator: Optional[torch.Generator] = None,
-        variance_noise: Optional[torch.Tensor] = None,
-        return_dict: bool = True,
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: Optional[torch.Generator] = None,
+        variance_noise: Optional[torch.Tensor] = None, return_dict: bool = True
     ):
         """As ``DPMSolverMultistepScheduler.step``, fused and sync-free."""
         config = self.config

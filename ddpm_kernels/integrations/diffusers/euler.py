@@ -199,16 +199,9 @@ class FusedEulerDiscreteScheduler(_FusedEulerMixin, EulerDiscreteScheduler, outp
     _dk_predictions = ("epsilon", "v_prediction", "sample")
 
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep,
-        sample: torch.Tensor,
-        s_churn: float = 0.0,
-        s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
-        s_noise: float = 1.0,
-        generator: Optional[torch.Generator] = None,
-        return_dict: bool = True,
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0, s_tmin: float = 0.0,
+        s_tmax: float = float("inf"), s_noise: float = 1.0, generator: Optional[torch.Generator] = None,
+        return_dict: bool = True
     ):
         """As ``EulerDiscreteScheduler.step``, fused and sync-free."""
         result = self._dk_step(model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator)
@@ -260,12 +253,8 @@ class FusedEulerAncestralDiscreteScheduler(
     _dk_predictions = ("epsilon", "v_prediction")
 
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep,
-        sample: torch.Tensor,
-        generator: Optional[torch.Generator] = None,
-        return_dict: bool = True,
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: Optional[torch.Generator] = None,
+        return_dict: bool = True
     ):
         """As ``EulerAncestralDiscreteScheduler.step``, fused and sync-free."""
         prepared = self._dk_prepare(model_output, timestep, sample)

@@ -82,12 +82,8 @@ class FusedFlowMatchEulerDiscreteScheduler(
 
     # ------------------------------------------------------------------ tables
     def set_timesteps(
-        self,
-        num_inference_steps: Optional[int] = None,
-        device: Union[str, torch.device, None] = None,
-        sigmas: Optional[List[float]] = None,
-        mu: Optional[float] = None,
-        timesteps: Optional[List[float]] = None,
+        self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None,
+        sigmas: Optional[List[float]] = None, mu: Optional[float] = None, timesteps: Optional[List[float]] = None
     ):
         # computed on the host (the same float32 arithmetic), so host copies exist without reading a device
         super().set_timesteps(num_inference_steps=num_inference_steps, device=None, sigmas=sigmas, mu=mu,
@@ -117,17 +113,10 @@ class FusedFlowMatchEulerDiscreteScheduler(
 
     # ------------------------------------------------------------------ step
     def step(
-        self,
-        model_output: torch.FloatTensor,
-        timestep: Union[float, torch.FloatTensor],
-        sample: torch.FloatTensor,
-        s_churn: float = 0.0,
-        s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
-        s_noise: float = 1.0,
-        generator: Optional[torch.Generator] = None,
-        per_token_timesteps: Optional[torch.Tensor] = None,
-        return_dict: bool = True,
+        self, model_output: torch.FloatTensor, timestep: Union[float, torch.FloatTensor], sample: torch.FloatTensor,
+        s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+        generator: Optional[torch.Generator] = None, per_token_timesteps: Optional[torch.Tensor] = None,
+        return_dict: bool = True
     ):
         """As ``FlowMatchEulerDiscreteScheduler.step``, fused and sync-free."""
         lane = None if per_token_timesteps is not None else self._dk_lane(model_output, timestep, sample)
@@ -146,14 +135,9 @@ class FusedFlowMatchEulerDiscreteScheduler(
         return self._make_output(prev_sample) if return_dict else (prev_sample,)
 
     def guided_step(
-        self,
-        model_output: torch.FloatTensor,
-        timestep: Union[float, torch.FloatTensor],
-        sample: torch.FloatTensor,
-        guidance_scale: float,
-        guidance_rescale: float = 0.0,
-        generator: Optional[torch.Generator] = None,
-        return_dict: bool = True,
+        self, model_output: torch.FloatTensor, timestep: Union[float, torch.FloatTensor], sample: torch.FloatTensor,
+        guidance_scale: float, guidance_rescale: float = 0.0, generator: Optional[torch.Generator] = None,
+        return_dict: bool = True
     ):
         """``step`` with classifier-free guidance formed inside the fused op (an extension, not stock API).
 
