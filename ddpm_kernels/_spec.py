@@ -302,6 +302,16 @@ PREDICTION_TYPE = Option(
 )
 CLIP_DENOISED = _flag("clip_denoised", True)
 # the scalar options every sampler step of the family shares, after its own
+def _guided_schema(name: str, head: str, options: str, pred_x0: bool = False) -> str:
+    """The schema of a guided step: ``head`` operands, the model output with its guidance operands (uncond and
+    the per-sample scales, absent for an unguided step), the step's tables and ``options``, then the tail every
+    step ends with (guidance_rescale, noise, generator, sample_offset; return_pred_x0 and the x0 prediction as a
+    second result with ``pred_x0``)."""
+    tail = ", bool return_pred_x0) -> (Tensor, Tensor)" if pred_x0 else ") -> Tensor"
+    return (f"{name}({head}, Tensor model_output, Tensor? uncond, Tensor? guidance, {options}, "
+            f"float guidance_rescale, Tensor? noise, Generator? generator, int sample_offset{tail}")
+
+
 _STEP_TAIL = (
     _real_in("clip_range", 1.0, 0.0, _INF, lo_open=True),
     _optional_real_in("threshold_ratio", None, 0.0, 1.0),
@@ -369,10 +379,9 @@ _TABLE = (
             _flag("set_alpha_to_one", True), _flag("use_clipped_model_output", False),
         ) + _STEP_TAIL,
         outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
-        schema="ddim_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor? uncond, "
-        "Tensor? guidance, Tensor table64, float eta, str parameterization, bool clip_denoised, float clip_range, "
-        "bool set_alpha_to_one, bool use_clipped_model_output, float guidance_rescale, Tensor? noise, "
-        "Generator? generator, int sample_offset, bool return_pred_x0) -> (Tensor, Tensor)",
+        schema=_guided_schema("ddim_step", "Tensor x_t, Tensor t, Tensor t_prev", "Tensor table64, float eta, "
+                              "str parameterization, bool clip_denoised, float clip_range, bool set_alpha_to_one, "
+                              "bool use_clipped_model_output", pred_x0=True),
     ),
     OpSpec(
         "ddpm_step", "step", "x_t", like=("model_output",), optional=("noise",), timesteps=("t", "t_prev"),
@@ -383,10 +392,9 @@ _TABLE = (
             CLIP_DENOISED,
         ) + _STEP_TAIL,
         outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
-        schema="ddpm_step(Tensor x_t, Tensor t, Tensor t_prev, Tensor model_output, Tensor? uncond, "
-        "Tensor? guidance, Tensor table64, str parameterization, str variance_type, bool clip_denoised, "
-        "float clip_range, float guidance_rescale, Tensor? noise, Generator? generator, int sample_offset, "
-        "bool return_pred_x0) -> (Tensor, Tensor)",
+        schema=_guided_schema("ddpm_step", "Tensor x_t, Tensor t, Tensor t_prev", "Tensor table64, "
+                              "str parameterization, str variance_type, bool clip_denoised, float clip_range",
+                              pred_x0=True),
     ),
 )
 
@@ -404,10 +412,9 @@ _FLOW_TABLE = (
         sigmas=("sigma", "sigma_next"), options=(_flag("stochastic", False),
                                                  _real_in("guidance_rescale", 0.0, 0.0, 1.0)),
         draws_noise=True, has_out=True,
-        schema="flow_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor? sigmas, "
-        "Tensor? step_index, Tensor? sigma, int sigma_period, int sigma_repeat, Tensor? sigma_next, "
-        "int sigma_next_period, int sigma_next_repeat, bool stochastic, float guidance_rescale, Tensor? noise, "
-        "Generator? generator, int sample_offset) -> Tensor",
+        schema=_guided_schema("flow_step", "Tensor sample", "Tensor? sigmas, Tensor? step_index, Tensor? sigma, "
+                              "int sigma_period, int sigma_repeat, Tensor? sigma_next, int sigma_next_period, "
+                              "int sigma_next_repeat, bool stochastic"),
     ),
     OpSpec(
         "flow_loss", "flow", "model_output", like=("x0", "noise"), timesteps=(), sigmas=("sigma",),
@@ -437,18 +444,16 @@ _EULER_TABLE = (
             Option("s_noise", 1.0, functools.partial(_c._check_weight, "s_noise")),
         ) + _EULER_TAIL,
         outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
-        schema="euler_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor sigmas, "
-        "Tensor step_index, str parameterization, float s_churn, float s_tmin, float s_tmax, float s_noise, "
-        "float guidance_rescale, Tensor? noise, Generator? generator, int sample_offset, bool return_pred_x0) "
-        "-> (Tensor, Tensor)",
+        schema=_guided_schema("euler_step", "Tensor sample", "Tensor sigmas, Tensor step_index, "
+                              "str parameterization, float s_churn, float s_tmin, float s_tmax, float s_noise",
+                              pred_x0=True),
     ),
     OpSpec(
         "euler_ancestral_step", "sigma", "sample", like=("model_output",), optional=("noise",), timesteps=(),
         sigmas=("sigmas",), options=(PREDICTION_TYPE,) + _EULER_TAIL,
         outputs=("like", "pred_x0"), draws_noise=True, has_out=True,
-        schema="euler_ancestral_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, "
-        "Tensor sigmas, Tensor step_index, str parameterization, float guidance_rescale, Tensor? noise, "
-        "Generator? generator, int sample_offset, bool return_pred_x0) -> (Tensor, Tensor)",
+        schema=_guided_schema("euler_ancestral_step", "Tensor sample", "Tensor sigmas, Tensor step_index, "
+                              "str parameterization", pred_x0=True),
     ),
 )
 
@@ -467,9 +472,8 @@ _SOLVER_TABLE = (
             _real_in("guidance_rescale", 0.0, 0.0, 1.0),
         ),
         draws_noise=True, has_out=True,
-        schema="solver_step(Tensor sample, Tensor model_output, Tensor? uncond, Tensor? guidance, Tensor coefficients, "
-        "Tensor step_index, Tensor(b!)? history, Tensor(c!)? last_sample, bool stochastic, float? clip_range, "
-        "float guidance_rescale, Tensor? noise, Generator? generator, int sample_offset) -> Tensor",
+        schema=_guided_schema("solver_step", "Tensor sample", "Tensor coefficients, Tensor step_index, "
+                              "Tensor(b!)? history, Tensor(c!)? last_sample, bool stochastic, float? clip_range"),
     ),
 )
 

@@ -288,3 +288,22 @@ def test_diffusers_loop_is_the_pipeline_loop(name):
         assert (result.scheduler_seconds is not None) == timed
         if timed:
             assert result.scheduler_seconds > 0
+
+
+@pytest.mark.filterwarnings("ignore:ddpm_kernels:RuntimeWarning")  # options a backend hands to the reference
+def test_every_op_call_list_covers_the_table_and_runs_on_cpu():
+    """The sanitizer's and the GPU no-sync test's call list (ddpm_kernels.bench.calls): every public op in it,
+    each call running on the CPU backend, on odd sizes, and on a misaligned view."""
+    from ddpm_kernels.bench.calls import calls
+
+    schedule = DiffusionSchedule("linear", timesteps=1000)
+    for unaligned in (False, True):
+        pointwise, reductions = calls("cpu", torch.float32, (3, 3, 5, 7), schedule, unaligned, device="cpu")
+        names = set(pointwise) | set(reductions)
+        assert not set(pointwise) & set(reductions)
+        missing = [op for op in OPS if not any(name.split()[0] == op for name in names)]
+        assert not missing, f"ops with no call: {missing}"
+        for name, fn in {**pointwise, **reductions}.items():
+            result = fn()
+            flat = result if isinstance(result, (tuple, list)) else (result,)
+            assert all(torch.isfinite(r).all() for r in flat if isinstance(r, torch.Tensor)), name

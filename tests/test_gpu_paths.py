@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import ddpm_kernels as dk
+from ddpm_kernels.bench.calls import calls
 from helpers import assert_matches, capture_cuda_graph, ulp
 
 pytestmark = pytest.mark.gpu
@@ -293,44 +294,16 @@ def test_graph_replay_equals_eager_from_the_same_generator_state(backend, op, sc
 
 # ----------------------------------------------------------------------------- no host sync
 def _sampling_calls(backend, dtype, s):
-    """name -> call, covering every op a sampling loop or a training step makes, noise given and drawn."""
-    shape = (4, 3, 16, 16)
-    x, mo, z = (_randn(shape, dtype, seed) for seed in (7, 8, 9))
-    wide = torch.cat([mo, z.clamp(-1, 1)], 1)  # learned variance: (B, 2C, ...)
+    """name -> call: every op once (ddpm_kernels.bench.calls, the sanitizer's list: noise given and drawn, in
+    place, guided, thresholded, both losses and their backward), and an in-kernel-noise step from a generator."""
+    pointwise, reductions = calls(backend, dtype, (4, 3, 16, 16), s)
+    x, mo = (_randn((4, 3, 16, 16), dtype, seed) for seed in (7, 8))
     t, t_prev = _t([0, 1, 500, 999]), _t([-1, 0, 480, 979])
     g = torch.Generator("cuda").manual_seed(0)
-    buf = x.clone()
-    mo_grad = mo.detach().clone().requires_grad_(True)
-    b = backend
-
-    def loss_backward():
-        loss = dk.diffusion_loss(mo_grad, x, z, t, s, "v", "l1", 0.7, 0.3, backend=b)[0]
-        return torch.autograd.grad(loss, mo_grad)
-
-    return {
-        "q_sample": lambda: dk.q_sample(x, t, z, s, backend=b),
-        "q_sample out=": lambda: dk.q_sample(x, t, z, s, backend=b, out=buf),
-        "predict_start_from_noise": lambda: dk.predict_start_from_noise(x, t, z, s, backend=b),
-        "predict_noise_from_start": lambda: dk.predict_noise_from_start(x, t, z, s, backend=b),
-        "get_v": lambda: dk.get_v(x, z, t, s, backend=b),
-        "predict_start_from_z_and_v": lambda: dk.predict_start_from_z_and_v(x, t, z, s, backend=b),
-        "predict_eps_from_z_and_v": lambda: dk.predict_eps_from_z_and_v(x, t, z, s, backend=b),
-        "q_posterior": lambda: dk.q_posterior(x, z, t, s, backend=b),
-        "p_mean_variance": lambda: dk.p_mean_variance(x, t, mo, s, "v", True, backend=b),
-        "p_sample noise": lambda: dk.p_sample(x, t, mo, s, noise=z, backend=b),
-        "p_sample in-kernel noise": lambda: dk.p_sample(x, t, mo, s, backend=b),
-        "p_sample generator": lambda: dk.p_sample(x, t, mo, s, generator=g, backend=b),
-        "p_sample in place": lambda: dk.p_sample(buf, t, mo, s, backend=b, out=buf),
-        "ddpm_step": lambda: dk.ddpm_step(x, t, t_prev, mo, s, backend=b),
-        "ddpm_step learned_range": lambda: dk.ddpm_step(x, t, t_prev, wide, s, "eps", "learned_range", backend=b),
-        "ddpm_step threshold": lambda: dk.ddpm_step(x, t, t_prev, mo, s, threshold_ratio=0.995, backend=b),
-        "ddim_step eta=0": lambda: dk.ddim_step(x, t, t_prev, mo, s, 0.0, backend=b),
-        "ddim_step eta=1": lambda: dk.ddim_step(x, t, t_prev, mo, s, 1.0, generator=g, backend=b),
-        "ddim_step threshold": lambda: dk.ddim_step(x, t, t_prev, mo, s, 0.5, threshold_ratio=0.995, backend=b),
-        "dynamic_threshold": lambda: dk.dynamic_threshold(x, 0.995, 1.0, backend=b),
-        "diffusion_loss": lambda: dk.diffusion_loss(mo, x, z, t, s, backend=b),
-        "diffusion_loss backward": loss_backward,
-    }
+    return dict(pointwise, **reductions,
+                **{"p_sample generator": lambda: dk.p_sample(x, t, mo, s, generator=g, backend=backend),
+                   "ddim_step eta=1 generator": lambda: dk.ddim_step(x, t, t_prev, mo, s, 1.0, generator=g,
+                                                                     backend=backend)})
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
@@ -338,16 +311,16 @@ def _sampling_calls(backend, dtype, s):
 @pytest.mark.filterwarnings("ignore:ddpm_kernels:RuntimeWarning")  # options a backend hands to the reference
 def test_no_host_sync(backend, dtype, schedule):
     _need(backend, dtype)
-    calls = {}
+    warmed = {}
     for name, fn in _sampling_calls(backend, dtype, schedule).items():
         try:
             fn()  # warm-up: kernel compilation and lazy initialization may synchronize once
         except dk.BackendUnavailableError:
             continue  # an op this backend does not implement (asked for explicitly)
-        calls[name] = fn
+        warmed[name] = fn
     torch.cuda.synchronize()
     synced = []
-    for name, fn in calls.items():
+    for name, fn in warmed.items():
         torch.cuda.set_sync_debug_mode("error")
         try:
             fn()

@@ -435,13 +435,21 @@ def _patch_ddim_sampler(sampler, backend: str):
     st = _Patch(model, backend)
     st.schedule(model)
     st.eta, st.ddim_timesteps = None, None  # known once make_schedule runs (sample() calls it)
-    for name, fn in (("make_schedule", _make_schedule), ("p_sample_ddim", _p_sample_ddim)):
-        if name in sampler.__dict__:
-            st.instance_attrs[name] = sampler.__dict__[name]
-        st.originals[name] = getattr(sampler, name)
-        sampler.__dict__[name] = types.MethodType(fn, sampler)
-    sampler.__dict__[_STATE] = st
-    return sampler
+    return _install(sampler, st, {"make_schedule": _make_schedule, "p_sample_ddim": _p_sample_ddim})
+
+
+def _install(obj, st: _Patch, methods: dict):
+    """Bind ``methods`` on ``obj`` (those it has), keeping the originals (and any instance attributes they
+    shadow) in ``st`` for `unpatch`. Returns ``obj``."""
+    for name, fn in methods.items():
+        if not hasattr(obj, name):
+            continue
+        if name in obj.__dict__:
+            st.instance_attrs[name] = obj.__dict__[name]
+        st.originals[name] = getattr(obj, name)
+        obj.__dict__[name] = types.MethodType(fn, obj)
+    obj.__dict__[_STATE] = st
+    return obj
 
 
 def patch(model, backend: str = "auto"):
@@ -468,16 +476,7 @@ def patch(model, backend: str = "auto"):
         unpatch(model)
     st = _Patch(model, backend)
     st.schedule(model)  # build now: a bad schedule fails here, not in the first step
-    methods = dict(_COMMON, **(_LATENT if st.latent else _DDPM))
-    for name, fn in methods.items():
-        if not hasattr(model, name):
-            continue
-        if name in model.__dict__:
-            st.instance_attrs[name] = model.__dict__[name]
-        st.originals[name] = getattr(model, name)
-        model.__dict__[name] = types.MethodType(fn, model)
-    model.__dict__[_STATE] = st
-    return model
+    return _install(model, st, dict(_COMMON, **(_LATENT if st.latent else _DDPM)))
 
 
 def unpatch(model):
