@@ -15,21 +15,9 @@ from .euler import euler_ancestral_step, euler_step
 from .flow import flow_interpolate, flow_loss, flow_step, randn_stream
 from .flow_matching import FlowMatching, flow_sigmas
 from .ops import (
-    ddim_step,
-    ddpm_step,
-    device_t_check,
-    diffusion_loss,
-    dynamic_threshold,
-    get_v,
-    p_mean_variance,
-    p_sample,
-    predict_eps_from_z_and_v,
-    predict_noise_from_start,
-    predict_start_from_noise,
-    predict_start_from_z_and_v,
-    q_posterior,
-    q_sample,
-    set_device_t_check,
+    ddim_step, ddpm_step, device_t_check, diffusion_loss, dynamic_threshold, get_v, p_mean_variance, p_sample,
+    predict_eps_from_z_and_v, predict_noise_from_start, predict_start_from_noise, predict_start_from_z_and_v,
+    q_posterior, q_sample, set_device_t_check,
 )
 from .solvers import solver_step
 from .schedule import DiffusionSchedule, make_beta_schedule, rescale_zero_terminal_snr

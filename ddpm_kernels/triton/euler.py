@@ -45,24 +45,9 @@ import triton.language as tl
 from .guidance import guidance_kwargs, guidance_stats, guided_prediction, guided_step
 from .noise import NOISE_SCALARS, load_or_draw_noise, noise_kwargs, step_noise, takes_noise, zero_key
 from .utils import (
-    as_rows,
-    call_op,
-    custom_op_with_out,
-    div_rn,
-    empty_dense,
-    empty_dense_if,
-    exact_scalar,
-    launch_per_sample,
-    like_dense,
-    load_tile,
-    PARAMETERIZATION_ID,
-    result_dtype,
-    sample_index,
-    sample_tile,
-    sigma_at,
-    split_float3,
-    sqrt_rn,
-    store_tile,
+    as_rows, call_op, custom_op_with_out, div_rn, empty_dense, empty_dense_if, exact_scalar, launch_per_sample,
+    like_dense, load_tile, PARAMETERIZATION_ID, result_dtype, sample_index, sample_tile, sigma_at, split_float3,
+    sqrt_rn, store_tile,
 )
 
 __all__ = ["SAMPLER_ID", "NO_OPTIONS", "flow_step_kernel", "launch_step", "euler_step"]

@@ -39,28 +39,9 @@ from .euler import NO_OPTIONS, SAMPLER_ID, launch_step
 from .guidance import guided_step
 from .noise import step_noise, takes_noise
 from .utils import (
-    sample_means,
-    as_rows,
-    call_op,
-    custom_op_with_out,
-    div_rn,
-    empty_dense,
-    empty_dense_if,
-    launch_reduce,
-    launch_per_sample,
-    like_dense,
-    load_tile,
-    loss_term_grad,
-    loss_partials,
-    loss_terms,
-    loss_backward_op,
-    result_dtype,
-    sample_tile,
-    sigma_at,
-    split_float,
-    split_scalar,
-    store_partial_sum,
-    store_tile,
+    sample_means, as_rows, call_op, custom_op_with_out, div_rn, empty_dense, empty_dense_if, launch_reduce,
+    launch_per_sample, like_dense, load_tile, loss_term_grad, loss_partials, loss_terms, loss_backward_op, result_dtype,
+    sample_tile, sigma_at, split_float, split_scalar, store_partial_sum, store_tile,
 )
 
 __all__ = [

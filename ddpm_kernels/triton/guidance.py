@@ -30,15 +30,7 @@ import triton.language as tl
 
 from . import utils
 from .utils import (
-    annotated,
-    batch_chunks,
-    device_of,
-    div_rn,
-    launch_config,
-    like_dense,
-    load_tile,
-    split_float,
-    split_scalar,
+    annotated, batch_chunks, device_of, div_rn, launch_config, like_dense, load_tile, split_float, split_scalar,
     sqrt_rn,
 )
 

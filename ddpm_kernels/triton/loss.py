@@ -20,28 +20,9 @@ import triton.language as tl
 
 from .pair import GET_V, pair_coefficients
 from .utils import (
-    sample_means,
-    div_rn,
-    empty_dense,
-    empty_dense_if,
-    like_dense,
-    loss_backward_op,
-    result_dtype,
-    PARAMETERIZATION_ID,
-    ROW,
-    as_rows,
-    gather_coefficient,
-    launch_reduce,
-    launch_per_sample,
-    load_tile,
-    loss_partials,
-    loss_term_grad,
-    loss_terms,
-    sample_tile,
-    split_float,
-    split_scalar,
-    store_partial_sum,
-    store_tile,
+    sample_means, div_rn, empty_dense, empty_dense_if, like_dense, loss_backward_op, result_dtype, PARAMETERIZATION_ID,
+    ROW, as_rows, gather_coefficient, launch_reduce, launch_per_sample, load_tile, loss_partials, loss_term_grad,
+    loss_terms, sample_tile, split_float, split_scalar, store_partial_sum, store_tile,
 )
 
 __all__ = ["diffusion_loss_kernel", "diffusion_loss_reduce_kernel", "diffusion_loss_backward_kernel", "diffusion_loss"]

@@ -25,26 +25,10 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    ROW_POSTERIOR_MEAN_COEF1,
-    ROW_POSTERIOR_MEAN_COEF2,
-    ROW_SQRT_ALPHAS_CUMPROD,
-    ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD,
-    ROW_SQRT_RECIP_ALPHAS_CUMPROD,
-    ROW_SQRT_RECIPM1_ALPHAS_CUMPROD,
-    as_rows,
-    call_op,
-    custom_op_with_out,
-    div_rn,
-    empty_dense,
-    gather_coefficient,
-    launch_per_sample,
-    like_dense,
-    load_tile,
-    register_linear_combination_autograd,
-    result_dtype,
-    sample_tile,
-    store_tile,
-    with_signature,
+    ROW_POSTERIOR_MEAN_COEF1, ROW_POSTERIOR_MEAN_COEF2, ROW_SQRT_ALPHAS_CUMPROD, ROW_SQRT_ONE_MINUS_ALPHAS_CUMPROD,
+    ROW_SQRT_RECIP_ALPHAS_CUMPROD, ROW_SQRT_RECIPM1_ALPHAS_CUMPROD, as_rows, call_op, custom_op_with_out, div_rn,
+    empty_dense, gather_coefficient, launch_per_sample, like_dense, load_tile, register_linear_combination_autograd,
+    result_dtype, sample_tile, store_tile, with_signature,
 )
 
 __all__ = ["PAIR_OPS", "POSTERIOR_MEAN", "pair_kernel", "pair_backward", "pair_backward_fake", "ENTRIES"]

@@ -26,35 +26,14 @@ import triton
 import triton.language as tl
 
 from .pair import (
-    POSTERIOR_MEAN,
-    PREDICT_START_FROM_NOISE,
-    PREDICT_START_FROM_Z_AND_V,
-    pair_backward,
-    pair_backward_fake,
+    POSTERIOR_MEAN, PREDICT_START_FROM_NOISE, PREDICT_START_FROM_Z_AND_V, pair_backward, pair_backward_fake,
     pair_coefficients,
 )
 from .noise import NOISE_PARAMETERS, NOISE_SCALARS, load_or_draw_noise, noise_key, noise_kwargs
 from .utils import (
-    PARAMETERIZATION_ID,
-    ROW,
-    ROW_POSTERIOR_MEAN_COEF1,
-    ROW_POSTERIOR_MEAN_COEF2,
-    as_rows,
-    call_op,
-    clamp_symmetric,
-    custom_op_with_out,
-    empty_dense,
-    extract_rows,
-    gather_coefficient,
-    launch_per_sample,
-    like_dense,
-    load_tile,
-    parameters_of,
-    register_linear_combination_autograd,
-    result_dtype,
-    sample_tile,
-    store_tile,
-    with_signature,
+    PARAMETERIZATION_ID, ROW, ROW_POSTERIOR_MEAN_COEF1, ROW_POSTERIOR_MEAN_COEF2, as_rows, call_op, clamp_symmetric,
+    custom_op_with_out, empty_dense, extract_rows, gather_coefficient, launch_per_sample, like_dense, load_tile,
+    parameters_of, register_linear_combination_autograd, result_dtype, sample_tile, store_tile, with_signature,
 )
 
 __all__ = ["posterior_kernel", "q_posterior", "p_mean_variance", "p_sample"]

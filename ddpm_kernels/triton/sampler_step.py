@@ -79,25 +79,9 @@ from .guidance import guidance_kwargs, guidance_stats, guided_prediction, stats_
 from .noise import NOISE_SCALARS, load_or_draw_noise, noise_kwargs, step_noise, takes_noise
 from .threshold import bound_pred_x0, threshold_scale
 from .utils import (
-    PARAMETERIZATION_ID,
-    ROW,
-    as_rows,
-    call_op,
-    checked_index,
-    compute_dtype,
-    custom_op_with_out,
-    div_rn,
-    empty_dense,
-    empty_dense_if,
-    result_dtype,
-    launch_per_sample,
-    like_dense,
-    load_tile,
-    sample_tile,
-    split_float,
-    split_scalar,
-    sqrt_rn,
-    store_tile,
+    PARAMETERIZATION_ID, ROW, as_rows, call_op, checked_index, compute_dtype, custom_op_with_out, div_rn, empty_dense,
+    empty_dense_if, result_dtype, launch_per_sample, like_dense, load_tile, sample_tile, split_float, split_scalar,
+    sqrt_rn, store_tile,
 )
 
 __all__ = ["SAMPLERS", "sampler_step_kernel", "sampler_step"]

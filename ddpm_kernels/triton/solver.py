@@ -50,17 +50,8 @@ from .noise import (NOISE_SCALARS, load_or_draw_noise, noise_key, noise_kwargs, 
                     zero_key)
 from .threshold import bound_pred_x0, threshold_scale
 from .utils import (
-    as_rows,
-    custom_op_with_out,
-    empty_dense,
-    compute_dtype,
-    result_dtype,
-    launch_per_sample,
-    like_dense,
-    sample_index,
-    sample_tile,
-    split_float,
-    store_tile,
+    as_rows, custom_op_with_out, empty_dense, compute_dtype, result_dtype, launch_per_sample, like_dense, sample_index,
+    sample_tile, split_float, store_tile,
 )
 
 __all__ = ["solver_step_kernel", "solver_step", "solver_step_op", "solver_step_out_op", "philox_normal_at"]

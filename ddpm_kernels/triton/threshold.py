@@ -21,16 +21,8 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    as_rows,
-    clamp_symmetric,
-    compute_dtype,
-    div_rn,
-    empty_dense,
-    launch_per_sample,
-    load_tile,
-    sample_tile,
-    split_scalar,
-    store_tile,
+    as_rows, clamp_symmetric, compute_dtype, div_rn, empty_dense, launch_per_sample, load_tile, sample_tile,
+    split_scalar, store_tile,
 )
 
 __all__ = [
