@@ -291,6 +291,21 @@ def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma,
     return _run_out("flow_step", args, fmt, out)
 
 
+def flow_table_server(opts):
+    """``step(sample, model_output, sigmas, step_index)``: `flow_step` on a sigma table with ``opts`` (unguided,
+    no noise term), for operands a caller checked as the public op does (`ddpm_kernels.flow.table_step_server`).
+    Contiguous operands go straight to the operator, whose arguments besides the four are fixed here (what a
+    drop-in scheduler's step costs the host; docs/design.md, "Host overhead"); others take `flow_step`."""
+    op, tail = _ops().flow_step, (*_NO_SIGMA, *_NO_SIGMA, opts.stochastic, opts.guidance_rescale, None, None, 0)
+
+    def step(sample, model_output, sigmas, step_index):
+        if sample.is_contiguous() and model_output.is_contiguous():
+            return op(sample, model_output, None, None, sigmas, step_index, *tail)
+        return flow_step(sample, model_output, None, None, sigmas, step_index, None, None, opts)
+
+    return step
+
+
 # ------------------------------------------------------------------------------------------ multistep solvers
 def solver_step(sample, model_output, uncond, guidance, coefficients, step_index, history, last_sample, opts,
                 noise=None, generator=None, out=None, sample_offset=0):

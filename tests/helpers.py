@@ -434,12 +434,13 @@ def generator_state(generator):
 @pytest.fixture
 def fail_on_sync(monkeypatch):
     """Make every value-reading Tensor method raise, as a device tensor read would sync, and treat CPU tensors
-    as device tensors in the diffusers drop-ins. The one exception is ddpm_kernels' step-index range check,
-    which runs on CPU tensors only (where it is free) and is skipped for device tensors."""
+    as device tensors in the diffusers drop-ins. The one exception is ddpm_kernels' index range check (of t,
+    t_prev and step_index), which runs on CPU tensors only (where it is free) and is skipped for device
+    tensors."""
     from ddpm_kernels.integrations.diffusers import _common
 
     monkeypatch.setattr(_common, "on_host", lambda tensor: False)
-    return sync_guard(monkeypatch, {"_check_step_index"})
+    return sync_guard(monkeypatch, {"_check_timesteps"})
 
 
 def assert_stock_reads_the_device(arm, stock, *calls):

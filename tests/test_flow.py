@@ -288,6 +288,25 @@ def test_step_out_in_place_and_channels_last(backend):
                                    dk.flow_step(**given, backend="reference"), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend,dtype", backend_params(BACKENDS, DTYPES))
+def test_table_step_server_matches_flow_step(backend, dtype):
+    """The drop-in scheduler's resolved step (`flow.table_step_server`; the compiled backends call their
+    operator directly on contiguous operands) equals `flow_step`, on contiguous and channels_last operands."""
+    from ddpm_kernels import flow
+
+    _backend(backend, "flow_step", dtype)
+    device = DEVICE[backend]
+    kwargs = _step_kwargs((3, 3, 5, 7), (3,), dtype, device, "table", "none", False)
+    sample, model_output, sigmas, index = (kwargs[k] for k in ("sample", "model_output", "sigmas", "step_index"))
+    sigmas = sigmas.to(R.compute_dtype(dtype))  # the server's table: in the compute dtype, as the drop-in keeps it
+    server = flow.table_step_server(backend, sample)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x, v = sample.contiguous(memory_format=fmt), model_output.contiguous(memory_format=fmt)
+        got = server(x, v, sigmas, index)
+        assert got.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(got, dk.flow_step(x, v, sigmas, index, backend=backend), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_step_bad_step_index_gives_nan(backend):
     """The backend function called directly (no validation): a sample whose step index is outside the table
