@@ -27,7 +27,7 @@ struct DoubleIO {
   static DDPM_LANE void load(const scalar_t* p, V* v, int64_t) {
     v[0] = static_cast<double>(static_cast<at::opmath_type<scalar_t>>(*p));
   }
-  static DDPM_LANE void load(MixedPtr p, V* v, int64_t) { v[0] = static_cast<double>(value_at(p)); }
+  static DDPM_LANE void load(MixedPtr p, V* v, int64_t) { v[0] = static_cast<double>(mixed_load<1>(p).val[0]); }
 };
 
 // Piece p = b * chunks + c (kRescaleChunk elements of sample b) into sums[p * kRescaleSums + q]; blocks take

@@ -44,6 +44,44 @@ struct alignas(sizeof(T) * V) Packet {
   T val[V];
 };
 
+// W elements at p of type T as float32 (one packet: p aligned to W elements), and back, rounded once.
+template <typename T, int W>
+DDPM_LANE Packet<float, W> packet_to_float(const void* p) {
+  const Packet<T, W> q = *reinterpret_cast<const Packet<T, W>*>(p);
+  Packet<float, W> r;
+  DDPM_UNROLL
+  for (int k = 0; k < W; ++k) r.val[k] = static_cast<float>(q.val[k]);
+  return r;
+}
+template <typename T, int W>
+DDPM_LANE void packet_from_float(void* p, const Packet<float, W>& v) {
+  Packet<T, W> q;
+  DDPM_UNROLL
+  for (int k = 0; k < W; ++k) q.val[k] = static_cast<T>(v.val[k]);
+  *reinterpret_cast<Packet<T, W>*>(p) = q;
+}
+
+// A mixed operand's W elements in float32, and a mixed output's store: the branch on the operand's dtype in a
+// function of its own (not inlined on the device). Inlined, the per-call dtype fields are loop-invariant in the
+// kernels' loops, and the compiler specialises whole loops per combination of the operands' dtypes (3^4 copies
+// of a step's body): compile time and code size explode for no speed that matters here.
+template <int W>
+__host__ __device__ __noinline__ Packet<float, W> mixed_load(MixedPtr p) {
+  switch (p.type) {
+    case OperandType::kHalf: return packet_to_float<at::Half, W>(p.p);
+    case OperandType::kBFloat16: return packet_to_float<at::BFloat16, W>(p.p);
+    default: return packet_to_float<float, W>(p.p);
+  }
+}
+template <int W>
+__host__ __device__ __noinline__ void mixed_store(MixedMutPtr p, Packet<float, W> v) {
+  switch (p.type) {
+    case OperandType::kHalf: return packet_from_float<at::Half, W>(p.p, v);
+    case OperandType::kBFloat16: return packet_from_float<at::BFloat16, W>(p.p, v);
+    default: return packet_from_float<float, W>(p.p, v);
+  }
+}
+
 // The IO policy of csrc/family.h: a slice is W elements of one sample; W > 1 is one packet load / store,
 // which needs the pointer aligned to W elements.
 template <typename scalar_t, int W>
@@ -65,22 +103,18 @@ struct PacketIO {
   // A mixed call's operands (csrc/mixed.h; scalar_t is float): W elements of the operand's own dtype, one packet
   // of W floats, halves or bfloat16s (the pointer aligned to W of its elements, packets_fit), converted exactly
   // to float32; a MixedMutPtr output (the loss gradients) rounded once to its dtype. Used by mixed calls only.
-  static DDPM_LANE void load(MixedPtr p, V* v, int64_t n) {
+  static DDPM_LANE void load(MixedPtr p, V* v, int64_t) {
     static_assert(std::is_same_v<scalar_t, float>, "a mixed call computes in float32");
-    switch (p.type) {
-      case OperandType::kHalf: return PacketIO<at::Half, W>::load(reinterpret_cast<const at::Half*>(p.p), v, n);
-      case OperandType::kBFloat16:
-        return PacketIO<at::BFloat16, W>::load(reinterpret_cast<const at::BFloat16*>(p.p), v, n);
-      default: return load(reinterpret_cast<const float*>(p.p), v, n);
-    }
+    const Packet<float, W> q = mixed_load<W>(p);
+    DDPM_UNROLL
+    for (int k = 0; k < W; ++k) v[k] = q.val[k];
   }
-  static DDPM_LANE void store(MixedMutPtr p, const V* v, int64_t n) {
+  static DDPM_LANE void store(MixedMutPtr p, const V* v, int64_t) {
     static_assert(std::is_same_v<scalar_t, float>, "a mixed call computes in float32");
-    switch (p.type) {
-      case OperandType::kHalf: return PacketIO<at::Half, W>::store(reinterpret_cast<at::Half*>(p.p), v, n);
-      case OperandType::kBFloat16: return PacketIO<at::BFloat16, W>::store(reinterpret_cast<at::BFloat16*>(p.p), v, n);
-      default: return store(reinterpret_cast<float*>(p.p), v, n);
-    }
+    Packet<float, W> q;
+    DDPM_UNROLL
+    for (int k = 0; k < W; ++k) q.val[k] = v[k];
+    mixed_store<W>(p, q);
   }
 };
 
