@@ -222,7 +222,7 @@ for f in tests/test_extension_gpu.py tests/test_gpu_graphs.py tests/test_triton_
          tests/test_triton.py tests/test_triton_sampler_ops.py tests/test_extension_sampler_ops.py \
          tests/test_layouts.py tests/test_*gpu*.py tests/test_triton_*.py tests/test_flow.py tests/test_euler.py \
          tests/test_guidance.py tests/test_noise_backends.py tests/test_extension_euler.py \
-         tests/test_solver_kernels.py; do
+         tests/test_solver_kernels.py tests/test_mixed_precision.py; do
   [ -f "$f" ] && [[ " ${A_FILES[*]} " != *" $f "* ]] && A_FILES+=("$f")
 done
 IGNORE=()

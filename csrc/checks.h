@@ -60,7 +60,8 @@ inline void check_data(const char* name, const at::Tensor& x, const at::Tensor& 
 
 // ------------------------------------------------------------------------------------------ mixed dtypes
 // Whether backend K's kernels read float operands of different dtypes, each in its own, for the ops that call
-// check_operand (docs/design.md, "Mixed precision"): specialised true by the CPU backend (cpu/registration.cpp).
+// check_operand (docs/design.md, "Mixed precision"): specialised true by the CPU and CUDA backends
+// (cpu/registration.cpp, cuda/registration.cpp).
 template <typename K>
 struct ReadsMixed : std::false_type {};
 

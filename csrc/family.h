@@ -130,8 +130,8 @@ struct NoNoise {
 };
 
 // How a functor reads its operands and writes its outputs: `in` / `out` pointers of the call's one dtype,
-// taken from a tensor by input() / output(). The CPU backend's calls with operands of different dtypes use
-// MixedPtrs instead (csrc/cpu/loops.h: each operand read in its own dtype; docs/design.md, "Mixed precision").
+// taken from a tensor by input() / output(). Calls with operands of different dtypes use MixedPtrs instead
+// (csrc/mixed.h: each operand read in its own dtype; docs/design.md, "Mixed precision").
 template <typename scalar_t>
 struct SamePtrs {
   using in = const scalar_t*;
@@ -140,14 +140,13 @@ struct SamePtrs {
   static out output(const at::Tensor& t) { return t.mutable_data_ptr<scalar_t>(); }
 };
 
-// One element's value (a policy's `in` pointer; the CPU's MixedPtr has its own overload, csrc/cpu/loops.h).
+// One element's value (a policy's `in` pointer; a MixedPtr has its own overload, csrc/mixed.h).
 template <typename T>
 DDPM_HD T value_at(const T* p) {
   return *p;
 }
 
-// Noise passed in as a tensor of the data's layout (Ptr: its pointer, csrc/family.h's SamePtrs::in or the
-// CPU's MixedPtr).
+// Noise passed in as a tensor of the data's layout (Ptr: its pointer, SamePtrs::in or csrc/mixed.h's MixedPtr).
 template <typename scalar_t, typename Ptr = const scalar_t*>
 struct GivenNoise {
   Ptr noise;

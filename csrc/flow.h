@@ -138,7 +138,7 @@ struct FlowInterpolateCall {
 };
 
 // TokenT: bool, or std::integral_constant<bool, ...> (csrc/family.h): the sigma is read per token. Ptrs: how
-// x and y are read (csrc/family.h; the CPU's MixedPtrs reads each in its own dtype, scalar_t then float).
+// x and y are read (csrc/family.h; csrc/mixed.h's MixedPtrs reads each in its own dtype, scalar_t then float).
 template <typename scalar_t, typename TokenT, typename Ptrs = SamePtrs<scalar_t>>
 struct FlowInterpolateKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;
@@ -318,7 +318,7 @@ struct FlowStepCall {
 
 // SamplerT / ParamT: StepSampler / Param, GuidedT / TokenT: bool, or std::integral_constant of them
 // (csrc/family.h). The noise source's present() says whether the step reads z. Ptrs: how the sample and the
-// model outputs are read (the CPU's MixedPtrs: each in its own dtype; scalar_t, the outputs', is then float).
+// model outputs are read (csrc/mixed.h's MixedPtrs: each in its own dtype; scalar_t, the outputs', is then float).
 template <typename scalar_t, typename SamplerT, typename ParamT, typename GuidedT, typename TokenT,
           typename Ptrs = SamePtrs<scalar_t>>
 struct FlowStepKernel : NoPerSampleOutputs {
@@ -464,8 +464,8 @@ struct FlowLossCall {
 };
 
 // Forward sums and the backward pass. L1T / TokenT: bool, or std::integral_constant<bool, ...>. Ptrs: how the
-// three operands are read and the gradient (model_output's dtype) written (the CPU's MixedPtrs: each in its
-// own dtype; scalar_t is then float).
+// three operands are read and the gradient (model_output's dtype) written (csrc/mixed.h's MixedPtrs: each in
+// its own dtype; scalar_t is then float).
 template <typename scalar_t, typename L1T, typename TokenT, typename Ptrs = SamePtrs<scalar_t>>
 struct FlowLossKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;

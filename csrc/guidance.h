@@ -61,7 +61,7 @@ struct GuidanceCoef {
 };
 
 // The operands of a guided model output. `sums` is set by the backend's reduction pass (nullptr: no rescale).
-// Ptrs: how cond and uncond are read (csrc/family.h; the CPU's MixedPtrs reads them in their own dtype).
+// Ptrs: how cond and uncond are read (csrc/family.h; csrc/mixed.h's MixedPtrs reads them in their own dtype).
 template <typename scalar_t, typename Ptrs = SamePtrs<scalar_t>>
 struct Guidance {
   using acc_t = at::opmath_type<scalar_t>;

@@ -95,8 +95,8 @@ enum SolverLive : uint32_t {
 };
 
 // GuidedT / ClipT: bool, or std::integral_constant<bool, ...>; SlotsT: the ring's H, int64_t or
-// std::integral_constant<int64_t, H> (csrc/family.h). Ptrs: how the sample and the model outputs are read (the
-// CPU's MixedPtrs: each in its own dtype; scalar_t, the dtype of out and the state, is then float).
+// std::integral_constant<int64_t, H> (csrc/family.h). Ptrs: how the sample and the model outputs are read
+// (csrc/mixed.h's MixedPtrs: each in its own dtype; scalar_t, the dtype of out and the state, is then float).
 template <typename scalar_t, typename GuidedT, typename ClipT, typename SlotsT, typename Ptrs = SamePtrs<scalar_t>>
 struct SolverStepKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;

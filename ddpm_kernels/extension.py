@@ -79,8 +79,8 @@ def _per_sample(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------- ops
 # ------------------------------------------------------------------------------------------- mixed dtypes
-# The CPU kernels of MIXED_OPS read float32, float16 and bfloat16 operands of one call each in its own dtype
-# (csrc/cpu/loops.h, MixedLanes; docs/design.md, "Mixed precision"), so the prologue does not cast them; a mix they
+# The CPU and CUDA kernels of MIXED_OPS read float32, float16 and bfloat16 operands of one call each in its own
+# dtype (csrc/mixed.h; docs/design.md, "Mixed precision"), so the prologue does not cast them; a mix they
 # do not read (float64 with another dtype) is cast here, to the promoted dtype, as the prologue would have.
 MIXED_OPS = frozenset({"q_sample", "predict_start_from_noise", "predict_noise_from_start", "get_v",
                        "predict_start_from_z_and_v", "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance",
@@ -537,7 +537,5 @@ class _CompiledBackend:
         return f"<ddpm_kernels {self.name} backend>"
 
 
-# The CUDA kernels share the family headers but are instantiated for one dtype per call: their operands are
-# cast to the promoted dtype by the prologue.
 CPU_BACKEND = _CompiledBackend("cpu", "cpu", MIXED_OPS)
-CUDA_BACKEND = _CompiledBackend("cuda", "cuda")
+CUDA_BACKEND = _CompiledBackend("cuda", "cuda", MIXED_OPS)

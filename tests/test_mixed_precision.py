@@ -25,38 +25,77 @@ def _backends():
     return names
 
 
-def _inputs(shape=(3, 2, 5, 7), seed=0):
+# The schedules and sigma tables of the test calls per device type: a call takes them on its data's device, made
+# there by _inputs before any call (so that a test counting conversions sees none of theirs).
+_ON = {"cpu": (S, _KARRAS, torch.linspace(1, 0, T + 1))}
+
+
+def _inputs(shape=(3, 2, 5, 7), seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g) for _ in range(4)], torch.tensor([0, 17, T - 1])
+    if device not in _ON:
+        _ON[device] = (dk.DiffusionSchedule("linear", timesteps=T).to(device), _KARRAS.to(device),
+                       torch.linspace(1, 0, T + 1).to(device))
+    return [torch.randn(shape, generator=g).to(device) for _ in range(4)], torch.tensor([0, 17, T - 1], device=device)
+
+
+def _sched(x):
+    """The schedule S on x's device."""
+    return _ON[x.device.type][0]
+
+
+def _karras(x):
+    """The Euler sigma table on x's device."""
+    return _ON[x.device.type][1]
+
+
+def _linear(x):
+    """A flow-matching sigma table (1 to 0) on x's device."""
+    return _ON[x.device.type][2]
+
+
+def _rand(x, shape, seed):
+    """Uniform values of ``shape`` on x's device from a generator seeded with ``seed`` there."""
+    return torch.rand(shape, generator=torch.Generator(x.device).manual_seed(seed), device=x.device)
+
+
+def _device(backend):
+    """The device of a backend's test tensors: CUDA for the CUDA kernels, else the CPU."""
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+def _runs(backend):
+    """Whether ``backend`` runs here on its device (the CUDA kernels need a GPU)."""
+    device = _device(backend)
+    return (device == "cpu" or torch.cuda.is_available()) and backend in dk.available_backends(device)
 
 
 # (name, call(x, y, z, t, backend)) where y is the operand whose dtype differs (the model output or noise)
 CALLS = {
-    "q_sample": lambda x, y, z, t, b: dk.q_sample(x, t, y, S, backend=b),
-    "predict_start_from_noise": lambda x, y, z, t, b: dk.predict_start_from_noise(x, t, y, S, backend=b),
-    "get_v": lambda x, y, z, t, b: dk.get_v(x, y, t, S, backend=b),
-    "q_posterior": lambda x, y, z, t, b: dk.q_posterior(y, x, t, S, backend=b),
-    "p_mean_variance": lambda x, y, z, t, b: dk.p_mean_variance(x, t, y, S, "v", backend=b),
-    "p_sample": lambda x, y, z, t, b: dk.p_sample(x, t, y, S, noise=z, backend=b),
-    "p_sample_low_noise": lambda x, y, z, t, b: dk.p_sample(x, t, z, S, noise=y, backend=b),
-    "diffusion_loss": lambda x, y, z, t, b: dk.diffusion_loss(y, x, z, t, S, "v", original_elbo_weight=0.5, backend=b),
-    "ddim_step": lambda x, y, z, t, b: dk.ddim_step(x, t, t - 1, y, S, eta=0.5, noise=z, backend=b),
-    "ddpm_step": lambda x, y, z, t, b: dk.ddpm_step(x, t, t - 1, y, S, noise=z, backend=b),
+    "q_sample": lambda x, y, z, t, b: dk.q_sample(x, t, y, _sched(x), backend=b),
+    "predict_start_from_noise": lambda x, y, z, t, b: dk.predict_start_from_noise(x, t, y, _sched(x), backend=b),
+    "get_v": lambda x, y, z, t, b: dk.get_v(x, y, t, _sched(x), backend=b),
+    "q_posterior": lambda x, y, z, t, b: dk.q_posterior(y, x, t, _sched(x), backend=b),
+    "p_mean_variance": lambda x, y, z, t, b: dk.p_mean_variance(x, t, y, _sched(x), "v", backend=b),
+    "p_sample": lambda x, y, z, t, b: dk.p_sample(x, t, y, _sched(x), noise=z, backend=b),
+    "p_sample_low_noise": lambda x, y, z, t, b: dk.p_sample(x, t, z, _sched(x), noise=y, backend=b),
+    "diffusion_loss": lambda x, y, z, t, b: dk.diffusion_loss(y, x, z, t, _sched(x), "v", original_elbo_weight=0.5,
+                                                              backend=b),
+    "ddim_step": lambda x, y, z, t, b: dk.ddim_step(x, t, t - 1, y, _sched(x), eta=0.5, noise=z, backend=b),
+    "ddpm_step": lambda x, y, z, t, b: dk.ddpm_step(x, t, t - 1, y, _sched(x), noise=z, backend=b),
     "flow_interpolate": lambda x, y, z, t, b: dk.flow_interpolate(x, y, t / T, backend=b),
-    "flow_step": lambda x, y, z, t, b: dk.flow_step(x, y, torch.linspace(1, 0, T + 1), t, noise=z,
-                                                    stochastic=True, backend=b),
-    "flow_step_guided": lambda x, y, z, t, b: dk.flow_step(x, y, torch.linspace(1, 0, T + 1), t, backend=b,
-                                                           guidance_scale=3.0, uncond=z, guidance_rescale=0.5),
+    "flow_step": lambda x, y, z, t, b: dk.flow_step(x, y, _linear(x), t, noise=z, stochastic=True, backend=b),
+    "flow_step_guided": lambda x, y, z, t, b: dk.flow_step(x, y, _linear(x), t, backend=b, guidance_scale=3.0,
+                                                           uncond=z, guidance_rescale=0.5),
     "flow_loss": lambda x, y, z, t, b: dk.flow_loss(y, x, z, (t + 1) / (T + 1), "cosmap", backend=b),
     "flow_interpolate_low_x0": lambda x, y, z, t, b: dk.flow_interpolate(y, x, t / T, backend=b),
     "flow_step_per_token_sigma": lambda x, y, z, t, b: dk.flow_step(
-        x, y, sigma=torch.rand(x.shape[0], x.shape[1], generator=torch.Generator().manual_seed(1)),
-        sigma_next=torch.rand(x.shape[0], 1, x.shape[2], generator=torch.Generator().manual_seed(2)), backend=b),
-    "euler_step": lambda x, y, z, t, b: dk.euler_step(x, y, _KARRAS, t, "v_prediction", noise=z, s_churn=5.0,
+        x, y, sigma=_rand(x, (x.shape[0], x.shape[1]), 1), sigma_next=_rand(x, (x.shape[0], 1, x.shape[2]), 2),
+        backend=b),
+    "euler_step": lambda x, y, z, t, b: dk.euler_step(x, y, _karras(x), t, "v_prediction", noise=z, s_churn=5.0,
                                                       return_pred_x0=True, backend=b),
-    "euler_step_guided": lambda x, y, z, t, b: dk.euler_step(x, y, _KARRAS, t, backend=b, guidance_scale=2.5,
+    "euler_step_guided": lambda x, y, z, t, b: dk.euler_step(x, y, _karras(x), t, backend=b, guidance_scale=2.5,
                                                              uncond=z, guidance_rescale=0.3),
-    "euler_ancestral_step": lambda x, y, z, t, b: dk.euler_ancestral_step(x, y, _KARRAS, t, noise=z, backend=b),
+    "euler_ancestral_step": lambda x, y, z, t, b: dk.euler_ancestral_step(x, y, _karras(x), t, noise=z, backend=b),
     "solver_step": lambda x, y, z, t, b: _solver_call(x, y, z, t, b),
     "solver_step_guided_clipped": lambda x, y, z, t, b: _solver_call(x, y, z, t, b, guidance_scale=1.5,
                                                                       uncond=z.flip(0), clip_range=1.0),
@@ -66,11 +105,11 @@ CALLS = {
 def _solver_call(x, y, z, t, backend, noise=True, **kwargs):
     """A stochastic `solver_step` on a random two-slot table: ``(x', history, last_sample)``, the state fresh
     per call (in the promoted dtype of ``x``, ``y`` and ``z``)."""
-    g = torch.Generator().manual_seed(3)
-    table = torch.randn(T, SolverColumns(2).width, generator=g, dtype=torch.float64)
+    g = torch.Generator(x.device).manual_seed(3)
+    table = torch.randn(T, SolverColumns(2).width, generator=g, dtype=torch.float64, device=x.device)
     dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), z.dtype)
-    history = torch.randn((2,) + tuple(x.shape), generator=g, dtype=dtype)  # drawn in it: no cast counted
-    last = torch.randn(x.shape, generator=g, dtype=dtype)
+    history = torch.randn((2,) + tuple(x.shape), generator=g, dtype=dtype, device=x.device)  # drawn in it: no cast
+    last = torch.randn(x.shape, generator=g, dtype=dtype, device=x.device)
     result = dk.solver_step(x, y, table, t, history=history, last_sample=last, noise=z if noise else None,
                             backend=backend, **kwargs)
     return result, history, last
@@ -222,31 +261,39 @@ def test_auto_serves_mixed_calls_with_the_fused_backend():
     assert name == "cpu"
 
 
-# (backend, operator namespace, test shape): the Triton interpreter is slow; the CPU shape has full vectors and tails
-_FUSED = {"triton": ("ddpm_kernels_triton", (3, 2, 3, 5)), "cpu": ("ddpm_kernels", (3, 2, 5, 37))}
+# (backend, operator namespace, test shape): the Triton interpreter is slow; the CPU shape has full vectors and
+# tails, the CUDA one packets (N % 4 == 0) and single elements (odd N)
+_FUSED = {"triton": ("ddpm_kernels_triton", (3, 2, 3, 5)), "cpu": ("ddpm_kernels", (3, 2, 5, 37)),
+          "cuda": ("ddpm_kernels", (3, 2, 5, 37))}
+_CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the compiled CUDA kernels (skipped without a GPU)
+FUSED_BACKENDS = ["triton", "cpu", _CUDA]
+COMPILED_BACKENDS = ["cpu", _CUDA]
 
 
-@pytest.mark.parametrize("backend", list(_FUSED))
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("low", LOW, ids=str)
 @pytest.mark.parametrize("name", NATIVE_CALLS)
 def test_fused_kernels_read_mixed_operands_without_a_cast(name, low, backend):
-    """The Triton and CPU kernels read the low-precision operand in its own dtype: the call launches no
+    """The Triton, CPU and CUDA kernels read the low-precision operand in its own dtype: the call launches no
     conversion or copy before its kernel (the reference, which casts, is the control that the count sees one),
-    and equals the all-float32 call exactly."""
-    if backend not in dk.available_backends("cpu"):
+    and equals the all-float32 call exactly. CUDA: also with N % 4 == 0 (packet loads of each operand's own
+    width)."""
+    if not _runs(backend):
         pytest.skip(f"the {backend} backend does not run here")
     namespace, shape = _FUSED[backend]
-    (x, y, z, _), t = _inputs(shape)
+    (x, y, z, _), t = _inputs(shape, device=_device(backend))
     with _Casts() as ref:
         CALLS[name](x, y.to(low), z, t, "reference")
     assert ref.casts
     _assert_reads_natively(name, low, backend, shape, namespace)
+    if backend == "cuda":
+        _assert_reads_natively(name, low, backend, (3, 2, 4, 36), namespace)
 
 
 def _assert_reads_natively(name, low, backend, shape, namespace):
     """CALLS[name] with its operand y in ``low`` launches no conversion or copy before the operators of
     ``namespace``, and equals the all-float32 call exactly, in float32."""
-    (x, y, z, _), t = _inputs(shape)
+    (x, y, z, _), t = _inputs(shape, device=_device(backend))
     y_low = y.to(low)
     with _Casts() as mode:
         got = _tuple(CALLS[name](x, y_low, z, t, backend))
@@ -330,8 +377,8 @@ def test_triton_mixed_out_rules():
 def _assert_in_place_sigma_steps(backend, x, y, t):
     """Flow and Euler steps of an fp32 buffer in place with a bf16 model output read natively (no cast, the
     all-float32 call exactly); an out in the model output's dtype is refused."""
-    for step in (lambda x, y, out: dk.flow_step(x, y, torch.linspace(1, 0, T + 1), t, backend=backend, out=out),
-                 lambda x, y, out: dk.euler_step(x, y, _KARRAS, t, backend=backend, out=out)):
+    for step in (lambda x, y, out: dk.flow_step(x, y, _linear(x), t, backend=backend, out=out),
+                 lambda x, y, out: dk.euler_step(x, y, _karras(x), t, backend=backend, out=out)):
         buf, y_low = x.clone(), y.bfloat16()
         with _Casts() as mode:
             assert step(buf, y_low, buf) is buf
@@ -342,34 +389,42 @@ def _assert_in_place_sigma_steps(backend, x, y, t):
 
 
 STEP_CALLS = {
-    "ddim_guided_rescaled": lambda x, c, u, z, t, b: dk.ddim_step(x, t, t - 1, c, S, eta=0.5, noise=z, backend=b,
-                                                                  guidance_scale=4.0, uncond=u, guidance_rescale=0.7),
-    "ddim_thresholded": lambda x, c, u, z, t, b: dk.ddim_step(x, t, t - 1, c, S, threshold_ratio=0.9,
+    "ddim_guided_rescaled": lambda x, c, u, z, t, b: dk.ddim_step(x, t, t - 1, c, _sched(x), eta=0.5, noise=z,
+                                                                  backend=b, guidance_scale=4.0, uncond=u,
+                                                                  guidance_rescale=0.7),
+    "ddim_thresholded": lambda x, c, u, z, t, b: dk.ddim_step(x, t, t - 1, c, _sched(x), threshold_ratio=0.9,
                                                               threshold_max=1.5, return_pred_x0=True, backend=b),
     "ddpm_learned_guided": lambda x, c, u, z, t, b: dk.ddpm_step(
-        x, t, t - 1, torch.cat([c, c.flip(0)], 1), S, variance_type="learned_range", noise=z, guidance_scale=2.0,
-        uncond=torch.cat([u, u], 1), backend=b),
+        x, t, t - 1, torch.cat([c, c.flip(0)], 1), _sched(x), variance_type="learned_range", noise=z,
+        guidance_scale=2.0, uncond=torch.cat([u, u], 1), backend=b),
 }
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("name", list(STEP_CALLS))
 def test_mixed_sampler_steps(name, backend):
     """Guided (with rescale: its statistics pass reads the operands natively too), thresholded (the x0 pass;
-    Triton only: the CPU backend declines thresholding) and learned-variance steps with bf16 model outputs and
-    fp32 data: the all-float32 call exactly, with no cast on the way, and with the data in bf16 and the model
-    outputs in fp32 too (shape (3, 2, 3, 37) on the CPU: full vectors and tails)."""
-    if backend not in dk.available_backends("cpu"):
+    Triton only: the compiled backends decline thresholding) and learned-variance steps with bf16 model outputs
+    and fp32 data: the all-float32 call exactly, with no cast on the way, and with the data in bf16 and the model
+    outputs in fp32 too (shape (3, 2, 3, 37) on the CPU: full vectors and tails; CUDA also (3, 2, 3, 36):
+    packets)."""
+    if not _runs(backend):
         pytest.skip(f"the {backend} backend does not run here")
-    if backend == "cpu" and name == "ddim_thresholded":
-        pytest.skip("the CPU backend declines dynamic thresholding")
-    (x, c, u, z), t = _inputs((3, 2, 3, 5) if backend == "triton" else (3, 2, 3, 37))
+    if backend != "triton" and name == "ddim_thresholded":
+        pytest.skip("the compiled backends decline dynamic thresholding")
+    shapes = {"triton": [(3, 2, 3, 5)], "cpu": [(3, 2, 3, 37)], "cuda": [(3, 2, 3, 37), (3, 2, 3, 36)]}[backend]
+    for shape in shapes:
+        _assert_mixed_sampler_step(name, backend, shape)
+
+
+def _assert_mixed_sampler_step(name, backend, shape):
+    (x, c, u, z), t = _inputs(shape, device=_device(backend))
     t = t.clamp(min=1)
     for low_data in (False, True):
         xs, cs, us = (x.bfloat16(), c, u) if low_data else (x, c.bfloat16(), u.bfloat16())
         with _Casts() as mode:
             got = _tuple(STEP_CALLS[name](xs, cs, us, z, t, backend))
-        assert backend != "cpu" or mode.casts == [], mode.casts
+        assert backend == "triton" or mode.casts == [], mode.casts
         expected = _tuple(STEP_CALLS[name](xs.float(), cs.float(), us.float(), z, t, backend))
         for g, e in zip(got, expected, strict=True):
             assert g.dtype == e.dtype == torch.float32
@@ -522,9 +577,9 @@ _NEEDS_CPU = pytest.mark.skipif("cpu" not in dk.available_backends("cpu"), reaso
 
 
 @_NEEDS_CPU
-def test_cpu_backend_declares_its_native_ops():
-    """The CPU backend lists exactly the ops its kernels read mixed (the prologue stops casting for those); the
-    CUDA backend, whose kernels take one dtype per call, lists none."""
+def test_compiled_backends_declare_their_native_ops():
+    """The CPU and CUDA backends list exactly the ops their kernels read mixed (the prologue stops casting for
+    those)."""
     from ddpm_kernels import extension
 
     assert extension.CPU_BACKEND.mixed_dtypes == {
@@ -532,20 +587,20 @@ def test_cpu_backend_declares_its_native_ops():
         "predict_eps_from_z_and_v", "q_posterior", "p_mean_variance", "p_sample", "diffusion_loss", "ddim_step",
         "ddpm_step", "flow_interpolate", "flow_step", "euler_step", "euler_ancestral_step", "flow_loss",
         "solver_step"}
-    assert extension.CUDA_BACKEND.mixed_dtypes == frozenset()
+    assert extension.CUDA_BACKEND.mixed_dtypes == extension.CPU_BACKEND.mixed_dtypes
     (x, y, z, _), t = _inputs()
     dk.p_sample(x, t, y, S, noise=z, backend="cpu")
     assert backends.reads_mixed("cpu", "ddim_step") and backends.reads_mixed("cpu", "flow_step")
     assert not backends.reads_mixed("cpu", "dynamic_threshold")
 
 
-@pytest.mark.parametrize("backend", list(_FUSED))
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_mixes_no_kernel_reads_are_cast(backend):
     """A float64 operand with a bfloat16 one, a mix no kernel reads, is cast by the prologue to the promoted
     float64 (the control that the count sees a cast) and equals the all-float64 call."""
-    if backend not in dk.available_backends("cpu"):
+    if not _runs(backend):
         pytest.skip(f"the {backend} backend does not run here")
-    (x, y, z, _), t = _inputs(_FUSED[backend][1])
+    (x, y, z, _), t = _inputs(_FUSED[backend][1], device=_device(backend))
     x64 = x.double()
     for name in ("flow_step", "q_sample"):
         with _Casts() as mode:
@@ -556,39 +611,44 @@ def test_mixes_no_kernel_reads_are_cast(backend):
 
 
 @_NEEDS_CPU
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 @pytest.mark.parametrize("low", LOW, ids=str)
-def test_cpu_mixed_data_and_three_dtypes(low):
+def test_compiled_mixed_data_and_three_dtypes(low, backend):
     """The data is the low-precision operand (a bf16 sample with an fp32 model output; a bf16 model output as
     the loss's data with fp32 targets), or all three operands differ: float32 results, exactly the all-float32
     call, no cast; in-kernel noise is the same stream."""
-    (x, y, z, _), t = _inputs((3, 2, 5, 37))
+    if not _runs(backend):
+        pytest.skip(f"the {backend} backend does not run here")
+    b, dev = backend, _device(backend)
+    (x, y, z, _), t = _inputs((3, 2, 5, 37), device=dev)
+    s, scale = _sched(x), torch.tensor([1.5, 3.0, 7.5], device=dev)
     other = torch.float16 if low == torch.bfloat16 else torch.bfloat16
     calls = [
-        lambda x, y, z: dk.p_sample(x, t, y, S, noise=z, backend="cpu"),
-        lambda x, y, z: dk.p_sample(x, t, y, S, generator=torch.Generator().manual_seed(5), backend="cpu"),
-        lambda x, y, z: dk.p_mean_variance(x, t, y, S, "x0", backend="cpu"),
-        lambda x, y, z: dk.q_posterior(y, x, t, S, backend="cpu"),
-        lambda x, y, z: dk.diffusion_loss(x, y, z, t, S, "eps", "l1", backend="cpu"),
-        lambda x, y, z: dk.q_sample(x, t, y, S, backend="cpu"),
-        lambda x, y, z: dk.predict_eps_from_z_and_v(x, t, y, S, backend="cpu"),
-        lambda x, y, z: dk.ddim_step(x, t, t - 1, y, S, eta=0.7, noise=z, return_pred_x0=True, backend="cpu"),
-        lambda x, y, z: dk.ddpm_step(x, t, t - 1, y, S, "v", generator=torch.Generator().manual_seed(6),
-                                     backend="cpu"),
-        lambda x, y, z: dk.ddim_step(x, t, t - 1, y, S, guidance_scale=torch.tensor([1.5, 3.0, 7.5]), uncond=y.flip(0),
-                                     guidance_rescale=0.7, clip_denoised=True, backend="cpu"),
-        lambda x, y, z: dk.flow_interpolate(x, y, t / T, backend="cpu"),
-        lambda x, y, z: dk.flow_step(x, y, torch.linspace(1, 0, T + 1), t, generator=torch.Generator().manual_seed(7),
+        lambda x, y, z: dk.p_sample(x, t, y, s, noise=z, backend=b),
+        lambda x, y, z: dk.p_sample(x, t, y, s, generator=torch.Generator(dev).manual_seed(5), backend=b),
+        lambda x, y, z: dk.p_mean_variance(x, t, y, s, "x0", backend=b),
+        lambda x, y, z: dk.q_posterior(y, x, t, s, backend=b),
+        lambda x, y, z: dk.diffusion_loss(x, y, z, t, s, "eps", "l1", backend=b),
+        lambda x, y, z: dk.q_sample(x, t, y, s, backend=b),
+        lambda x, y, z: dk.predict_eps_from_z_and_v(x, t, y, s, backend=b),
+        lambda x, y, z: dk.ddim_step(x, t, t - 1, y, s, eta=0.7, noise=z, return_pred_x0=True, backend=b),
+        lambda x, y, z: dk.ddpm_step(x, t, t - 1, y, s, "v", generator=torch.Generator(dev).manual_seed(6),
+                                     backend=b),
+        lambda x, y, z: dk.ddim_step(x, t, t - 1, y, s, guidance_scale=scale, uncond=y.flip(0),
+                                     guidance_rescale=0.7, clip_denoised=True, backend=b),
+        lambda x, y, z: dk.flow_interpolate(x, y, t / T, backend=b),
+        lambda x, y, z: dk.flow_step(x, y, _linear(x), t, generator=torch.Generator(dev).manual_seed(7),
                                      stochastic=True, guidance_scale=2.0, uncond=y.flip(0), guidance_rescale=0.5,
-                                     backend="cpu"),
-        lambda x, y, z: dk.flow_step(x, y, sigma=torch.rand(3, 2, 1, 1, generator=torch.Generator().manual_seed(1)),
-                                     sigma_next=t / T, noise=z, stochastic=True, backend="cpu"),
-        lambda x, y, z: dk.euler_step(x, y, _KARRAS, t, "v_prediction", noise=z, s_churn=5.0, return_pred_x0=True,
-                                      backend="cpu"),
-        lambda x, y, z: dk.euler_ancestral_step(x, y, _KARRAS, t, generator=torch.Generator().manual_seed(8),
-                                                backend="cpu"),
-        lambda x, y, z: dk.flow_loss(x, y, z, torch.rand(3, 2, 1, 1, generator=torch.Generator().manual_seed(2)),
-                                     "sigma_sqrt", "l1", backend="cpu"),
-        lambda x, y, z: _solver_call(x, y, z, t, "cpu", guidance_scale=1.5, uncond=y.flip(0), clip_range=1.0),
+                                     backend=b),
+        lambda x, y, z: dk.flow_step(x, y, sigma=_rand(x, (3, 2, 1, 1), 1),
+                                     sigma_next=t / T, noise=z, stochastic=True, backend=b),
+        lambda x, y, z: dk.euler_step(x, y, _karras(x), t, "v_prediction", noise=z, s_churn=5.0, return_pred_x0=True,
+                                      backend=b),
+        lambda x, y, z: dk.euler_ancestral_step(x, y, _karras(x), t, generator=torch.Generator(dev).manual_seed(8),
+                                                backend=b),
+        lambda x, y, z: dk.flow_loss(x, y, z, _rand(x, (3, 2, 1, 1), 2),
+                                     "sigma_sqrt", "l1", backend=b),
+        lambda x, y, z: _solver_call(x, y, z, t, b, guidance_scale=1.5, uncond=y.flip(0), clip_range=1.0),
     ]
     for x_, y_, z_ in ((x.to(low), y, z), (x, y.to(low), z.to(other)), (x.to(low), y.to(other), z)):
         for call in calls:
@@ -601,34 +661,43 @@ def test_cpu_mixed_data_and_three_dtypes(low):
 
 
 @_NEEDS_CPU
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 @pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
 @pytest.mark.parametrize("loss_type", ["l2", "l1"])
-def test_cpu_loss_gradient_in_the_model_outputs_dtype(parameterization, loss_type):
+def test_compiled_loss_gradient_in_the_model_outputs_dtype(parameterization, loss_type, backend):
     """The losses (diffusion_loss; flow_loss, whose parameterization is fixed) with a bf16 / fp16 model output and
     fp32 (or other reduced) targets: forward and backward launch no cast; the gradient is written in the model
-    output's dtype, the float32 call's gradient rounded once."""
-    (x, y, z, _), t = _inputs((3, 2, 5, 37))
+    output's dtype, the float32 call's gradient rounded once. CUDA also with N % 4 == 0 (packets)."""
+    if not _runs(backend):
+        pytest.skip(f"the {backend} backend does not run here")
+    for shape in [(3, 2, 5, 37)] + ([(3, 2, 4, 36)] if backend == "cuda" else []):
+        _assert_loss_gradients_natively(parameterization, loss_type, backend, shape)
+
+
+def _assert_loss_gradients_natively(parameterization, loss_type, b, shape):
+    (x, y, z, _), t = _inputs(shape, device=_device(b))
+    s = _sched(x)
     for mo_dtype, z_dtype in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32),
                               (torch.bfloat16, torch.float16)):
         mo, noise = y.to(mo_dtype).requires_grad_(), z.to(z_dtype)
         with _Casts() as mode:
-            loss = dk.diffusion_loss(mo, x, noise, t, S, parameterization, loss_type,
-                                     original_elbo_weight=0.5, backend="cpu")[0]
+            loss = dk.diffusion_loss(mo, x, noise, t, s, parameterization, loss_type,
+                                     original_elbo_weight=0.5, backend=b)[0]
             (g,) = torch.autograd.grad(loss, mo)
         assert mode.casts == [] and "ddpm_kernels::diffusion_loss_backward" in mode.ops, (mode.casts, mode.ops)
         mo32 = y.to(mo_dtype).float().requires_grad_()
-        loss32 = dk.diffusion_loss(mo32, x, z.to(z_dtype).float(), t, S, parameterization, loss_type,
-                                   original_elbo_weight=0.5, backend="cpu")[0]
+        loss32 = dk.diffusion_loss(mo32, x, z.to(z_dtype).float(), t, s, parameterization, loss_type,
+                                   original_elbo_weight=0.5, backend=b)[0]
         (g32,) = torch.autograd.grad(loss32, mo32)
         assert loss.dtype == torch.float32 and g.dtype == mo_dtype
         torch.testing.assert_close(loss, loss32, rtol=0, atol=0)
         torch.testing.assert_close(g, g32.to(mo_dtype), rtol=0, atol=0)
         sigma = (t + 1) / (T + 1)
         with _Casts() as mode:
-            flow = dk.flow_loss(mo, x, noise, sigma, "cosmap", loss_type, backend="cpu")
+            flow = dk.flow_loss(mo, x, noise, sigma, "cosmap", loss_type, backend=b)
             (g,) = torch.autograd.grad(flow, mo)
         assert mode.casts == [] and "ddpm_kernels::flow_loss_backward" in mode.ops, (mode.casts, mode.ops)
-        flow32 = dk.flow_loss(mo32, x, z.to(z_dtype).float(), sigma, "cosmap", loss_type, backend="cpu")
+        flow32 = dk.flow_loss(mo32, x, z.to(z_dtype).float(), sigma, "cosmap", loss_type, backend=b)
         (g32,) = torch.autograd.grad(flow32, mo32)
         assert flow.dtype == torch.float32 and g.dtype == mo_dtype
         torch.testing.assert_close(flow, flow32, rtol=0, atol=0)
@@ -637,14 +706,14 @@ def test_cpu_loss_gradient_in_the_model_outputs_dtype(parameterization, loss_typ
 
 # steps without a noise term, given one: call(x, y, z, t, backend, **guidance)
 _UNREAD_NOISE_STEPS = {
-    "ddim_step": lambda x, y, z, t, b, **kw: dk.ddim_step(x, t, t - 1, y, S, eta=0.0, noise=z, backend=b, **kw),
-    "flow_step": lambda x, y, z, t, b, **kw: dk.flow_step(x, y, torch.linspace(1, 0, T + 1), t, noise=z, backend=b,
+    "ddim_step": lambda x, y, z, t, b, **kw: dk.ddim_step(x, t, t - 1, y, _sched(x), eta=0.0, noise=z, backend=b,
                                                           **kw),
-    "euler_step": lambda x, y, z, t, b, **kw: dk.euler_step(x, y, _KARRAS, t, noise=z, backend=b, **kw),
+    "flow_step": lambda x, y, z, t, b, **kw: dk.flow_step(x, y, _linear(x), t, noise=z, backend=b, **kw),
+    "euler_step": lambda x, y, z, t, b, **kw: dk.euler_step(x, y, _karras(x), t, noise=z, backend=b, **kw),
 }
 
 
-@pytest.mark.parametrize("backend", list(_FUSED))
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("guided", [False, True])
 @pytest.mark.parametrize("name", list(_UNREAD_NOISE_STEPS))
 def test_unread_noise_still_promotes(name, guided, backend):
@@ -652,13 +721,14 @@ def test_unread_noise_still_promotes(name, guided, backend):
     noise of a wider dtype: the result has the promotion of all the operands, as the reference's, with and
     without out= (the noise is not read; a kernel reading the others natively would give their narrower dtype,
     so the call is cast)."""
-    if backend not in dk.available_backends("cpu"):
+    if not _runs(backend):
         pytest.skip(f"the {backend} backend does not run here")
-    (x, y, z, _), t = _inputs(_FUSED[backend][1])
+    (x, y, z, _), t = _inputs(_FUSED[backend][1], device=_device(backend))
     t = t.clamp(min=1)
     step = _UNREAD_NOISE_STEPS[name]
     for xd, nd in ((torch.float16, torch.float32), (torch.float32, torch.float64)):
-        guidance = dict(guidance_scale=torch.tensor([1.5, 3.0, 7.5]), uncond=y.flip(0).to(xd)) if guided else {}
+        scale = torch.tensor([1.5, 3.0, 7.5], device=x.device)
+        guidance = dict(guidance_scale=scale, uncond=y.flip(0).to(xd)) if guided else {}
         ref = step(x.to(xd), y.to(xd), z.to(nd), t, "reference", **guidance)
         got = step(x.to(xd), y.to(xd), z.to(nd), t, backend, **guidance)
         assert got.dtype == ref.dtype == nd
@@ -669,24 +739,29 @@ def test_unread_noise_still_promotes(name, guided, backend):
 
 
 @_NEEDS_CPU
-def test_cpu_mixed_out_rules():
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_compiled_mixed_out_rules(backend):
     """out= of a mixed call has the promoted dtype: an fp32 sampling buffer stepped in place with a bf16 model
     output and fp16 noise reads natively; the raw operator refuses an out of another dtype, and mixes it does
     not read (float64 with float32) name the operand; the public call casts those and still serves them."""
-    (x, y, z, _), t = _inputs((3, 2, 5, 37))
+    if not _runs(backend):
+        pytest.skip(f"the {backend} backend does not run here")
+    b = backend
+    (x, y, z, _), t = _inputs((3, 2, 5, 37), device=_device(b))
+    s = _sched(x)
     buf, mo, noise = x.clone(), y.bfloat16(), z.half()
     with _Casts() as mode:
-        assert dk.p_sample(buf, t, mo, S, noise=noise, backend="cpu", out=buf) is buf
+        assert dk.p_sample(buf, t, mo, s, noise=noise, backend=b, out=buf) is buf
     assert mode.casts == []
-    torch.testing.assert_close(buf, dk.p_sample(x, t, mo.float(), S, noise=noise.float(), backend="cpu"),
+    torch.testing.assert_close(buf, dk.p_sample(x, t, mo.float(), s, noise=noise.float(), backend=b),
                                rtol=0, atol=0)
     buf = x.clone()
     with _Casts() as mode:
-        assert dk.q_sample(buf, t, mo, S, backend="cpu", out=buf) is buf
+        assert dk.q_sample(buf, t, mo, s, backend=b, out=buf) is buf
     assert mode.casts == []
-    torch.testing.assert_close(buf, dk.q_sample(x, t, mo.float(), S, backend="cpu"), rtol=0, atol=0)
-    _assert_in_place_sigma_steps("cpu", x, y, t)
-    ops, table = torch.ops.ddpm_kernels, S.table(torch.float32)
+    torch.testing.assert_close(buf, dk.q_sample(x, t, mo.float(), s, backend=b), rtol=0, atol=0)
+    _assert_in_place_sigma_steps(b, x, y, t)
+    ops, table = torch.ops.ddpm_kernels, s.table(torch.float32)
     with pytest.raises(RuntimeError, match="out has dtype BFloat16, expected Float .the result dtype"):
         ops.q_sample_out(x, t, mo, table, torch.empty_like(x, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="out has dtype BFloat16, expected Float .the result dtype"):
@@ -695,43 +770,47 @@ def test_cpu_mixed_out_rules():
         ops.p_mean_variance(x, t, y.double(), table, "eps", True)
     with pytest.raises(RuntimeError, match="noise has dtype Int, expected BFloat16 .operands of different"):
         ops.diffusion_loss(y.bfloat16(), x, z.int(), t, table, "eps", "l2", 1.0, 0.0)
-    sigmas = torch.linspace(1, 0, T + 1)
+    sigmas = _linear(x)
     with pytest.raises(RuntimeError, match="out has dtype BFloat16, expected Float .the result dtype"):
         ops.flow_step_out(x, y.bfloat16(), None, None, sigmas, t, None, 1, 1, None, 1, 1, False, 0.0, None, None, 0,
                           torch.empty_like(x, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="noise has dtype Double, expected Float .operands of different"):
-        ops.euler_ancestral_step(x, y, None, None, _KARRAS, t, "eps", 0.0, z.double(), None, 0, False)
+        ops.euler_ancestral_step(x, y, None, None, _karras(x), t, "eps", 0.0, z.double(), None, 0, False)
     with pytest.raises(RuntimeError, match="history must be .* of Float"):
-        ops.solver_step(x, y.bfloat16(), None, None, torch.zeros(T, SolverColumns(1).width), t, y.bfloat16()[None],
-                        None, False, None, 0.0, None, None, 0)
-    got = dk.p_mean_variance(x, t, y.double(), S, "v", backend="cpu")
+        ops.solver_step(x, y.bfloat16(), None, None, torch.zeros(T, SolverColumns(1).width, device=x.device), t,
+                        y.bfloat16()[None], None, False, None, 0.0, None, None, 0)
+    got = dk.p_mean_variance(x, t, y.double(), s, "v", backend=b)
     assert got[0].dtype == torch.float64
-    torch.testing.assert_close(got[0], dk.p_mean_variance(x.double(), t, y.double(), S, "v", backend="cpu")[0],
+    torch.testing.assert_close(got[0], dk.p_mean_variance(x.double(), t, y.double(), s, "v", backend=b)[0],
                                rtol=0, atol=0)
 
 
 @_NEEDS_CPU
-def test_cpu_mixed_calls_pass_opcheck():
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_compiled_mixed_calls_pass_opcheck(backend):
     """The fake kernels give a mixed call's output dtypes (float32; the loss gradient in the model output's),
-    as the CPU kernels do: torch.library.opcheck of every operator a mixed call runs."""
-    (x, y, z, _), t = _inputs((2, 2, 3, 4))
-    t = t[1:]
+    as the CPU and CUDA kernels do: torch.library.opcheck of every operator a mixed call runs."""
+    if not _runs(backend):
+        pytest.skip(f"the {backend} backend does not run here")
+    b = backend
+    (x, y, z, _), t = _inputs((2, 2, 3, 4), device=_device(b))
+    t, s = t[1:], _sched(x)
     mo = y.bfloat16().requires_grad_()
     with _Calls("ddpm_kernels") as calls:
-        dk.q_sample(x.bfloat16(), t, y, S, backend="cpu")
-        dk.get_v(x, y.half(), t, S, backend="cpu")
-        dk.p_sample(x, t, y.half(), S, noise=z.bfloat16(), backend="cpu")
-        dk.p_sample(x.bfloat16(), t, y, S, noise=z, backend="cpu", out=x.clone())
-        dk.p_mean_variance(x.bfloat16(), t, y, S, "v", backend="cpu")
-        dk.q_posterior(y.bfloat16(), x, t, S, backend="cpu")
-        loss = dk.diffusion_loss(mo, x, z.half(), t, S, "v", backend="cpu")[0]
+        dk.q_sample(x.bfloat16(), t, y, s, backend=b)
+        dk.get_v(x, y.half(), t, s, backend=b)
+        dk.p_sample(x, t, y.half(), s, noise=z.bfloat16(), backend=b)
+        dk.p_sample(x.bfloat16(), t, y, s, noise=z, backend=b, out=x.clone())
+        dk.p_mean_variance(x.bfloat16(), t, y, s, "v", backend=b)
+        dk.q_posterior(y.bfloat16(), x, t, s, backend=b)
+        loss = dk.diffusion_loss(mo, x, z.half(), t, s, "v", backend=b)[0]
         torch.autograd.grad(loss, mo)
-        dk.flow_interpolate(x.bfloat16(), y, t / T, backend="cpu")
-        dk.flow_step(x, y.bfloat16(), torch.linspace(1, 0, T + 1), t, noise=z.half(), stochastic=True, backend="cpu")
-        dk.euler_step(x.bfloat16(), y, _KARRAS, t, return_pred_x0=True, backend="cpu")
-        dk.euler_ancestral_step(x, y.half(), _KARRAS, t, noise=z.bfloat16(), backend="cpu")
-        _solver_call(x, y.bfloat16(), z, t, "cpu", noise=False)
-        torch.autograd.grad(dk.flow_loss(mo, x, z.half(), t / T, backend="cpu"), mo)
+        dk.flow_interpolate(x.bfloat16(), y, t / T, backend=b)
+        dk.flow_step(x, y.bfloat16(), _linear(x), t, noise=z.half(), stochastic=True, backend=b)
+        dk.euler_step(x.bfloat16(), y, _karras(x), t, return_pred_x0=True, backend=b)
+        dk.euler_ancestral_step(x, y.half(), _karras(x), t, noise=z.bfloat16(), backend=b)
+        _solver_call(x, y.bfloat16(), z, t, b, noise=False)
+        torch.autograd.grad(dk.flow_loss(mo, x, z.half(), t / T, backend=b), mo)
     names = {func.name() for func, _, _ in calls.calls}
     assert {"ddpm_kernels::q_sample", "ddpm_kernels::get_v", "ddpm_kernels::p_sample", "ddpm_kernels::p_sample_out",
             "ddpm_kernels::p_mean_variance", "ddpm_kernels::q_posterior", "ddpm_kernels::diffusion_loss",
@@ -743,18 +822,23 @@ def test_cpu_mixed_calls_pass_opcheck():
 
 
 @_NEEDS_CPU
-def test_cpu_mixed_step_compiles():
-    """torch.compile(fullgraph=True) of mixed calls served natively by the CPU kernels (a bf16 model output with
-    fp32 data: an in-place p_sample, the loss, then its backward) gives eager's results."""
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_compiled_mixed_step_compiles(backend):
+    """torch.compile(fullgraph=True) of mixed calls served natively by the CPU and CUDA kernels (a bf16 model
+    output with fp32 data: an in-place p_sample, the loss, then its backward) gives eager's results."""
     from helpers import assert_compiles_like_eager
 
+    if not _runs(backend):
+        pytest.skip(f"the {backend} backend does not run here")
+    b = backend
     torch._dynamo.reset()
-    (x, y, z, _), t = _inputs((3, 2, 3, 5))
+    (x, y, z, _), t = _inputs((3, 2, 3, 5), device=_device(b))
+    s = _sched(x)
 
     def run(x, y, z, t):
         buf = x.clone()
-        dk.p_sample(buf, t, y.detach(), S, noise=z, backend="cpu", out=buf)
-        return buf, dk.diffusion_loss(y, x, z, t, S, "v", backend="cpu")[0]
+        dk.p_sample(buf, t, y.detach(), s, noise=z, backend=b, out=buf)
+        return buf, dk.diffusion_loss(y, x, z, t, s, "v", backend=b)[0]
 
     mo = y.bfloat16().requires_grad_()
     eager, compiled = assert_compiles_like_eager(run, (x, mo, z, t), exact=(0, 1))

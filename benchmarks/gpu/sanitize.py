@@ -6,7 +6,9 @@
 Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1: then every tensor is its own cudaMalloc, so memcheck sees a read
 or write past a tensor's end; through torch's caching allocator it would land in a neighbouring block of the
 same pool and go unreported. Shapes cover the vector path (16-divisible, 16-byte aligned), the scalar tails
-(odd sizes), a misaligned view, and a loss of several pieces per sample. Only the public API is used.
+(odd sizes), a misaligned view, and a loss of several pieces per sample; and mixed calls (float32 data with a
+bfloat16 or float16 model output and noise, read natively: packets of each operand's own width, or single
+elements). Only the public API is used.
 Prints one line per call; exits 1 if a call raised (the sanitizer's own report counts the memory errors).
 """
 
@@ -44,21 +46,24 @@ def main(argv=None) -> int:
     s = dk.DiffusionSchedule("linear", timesteps=T).to(device)
     torch.manual_seed(0)
     n_calls, raised = 0, []
-    # (dtype, shape, unaligned), most telling first so that a run cut short by its time box keeps them: odd sizes
-    # (scalar tails), misaligned views (no vector path), aligned (vector path), a loss of several pieces per
-    # sample; float16 and float64 once each for their own instantiations. Backends alternate case by case.
+    # (dtype, shape, unaligned, low), most telling first so that a run cut short by its time box keeps them: odd
+    # sizes (scalar tails), misaligned views (no vector path), aligned (vector path), a loss of several pieces per
+    # sample; float16 and float64 once each for their own instantiations; mixed calls (float32 data, the model
+    # outputs and noise in `low`). Backends alternate case by case.
     odd, aligned, pieces = (3, 3, 17, 19), (4, 4, 16, 16), (5, 3, 40, 41)
-    f32, bf16 = torch.float32, torch.bfloat16
-    cases = [(f32, odd, False), (bf16, odd, False), (f32, aligned, True), (bf16, aligned, True),
-             (f32, aligned, False), (bf16, aligned, False), (f32, pieces, False), (torch.float16, odd, False),
-             (torch.float64, odd, False)]
-    for dtype, shape, unaligned in cases:
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    cases = [(f32, odd, False, None), (bf16, odd, False, None), (f32, odd, False, bf16), (f32, aligned, True, None),
+             (bf16, aligned, True, None), (f32, aligned, False, None), (bf16, aligned, False, None),
+             (f32, aligned, False, bf16), (f32, aligned, True, f16), (f32, pieces, False, None),
+             (f16, odd, False, None), (torch.float64, odd, False, None)]
+    for dtype, shape, unaligned, low in cases:
         for backend in args.backends:
-            tag = f"{backend} {str(dtype).split('.')[-1]} {'x'.join(map(str, shape))}{' unaligned' if unaligned else ''}"
+            tag = (f"{backend} {str(dtype).split('.')[-1]}{'+' + str(low).split('.')[-1] if low else ''} "
+                   f"{'x'.join(map(str, shape))}{' unaligned' if unaligned else ''}")
             if backend not in dk.available_backends(device, dtype):
                 print(f"n/a     {tag}: backend not available here")
                 continue
-            pointwise, reductions = calls(backend, dtype, shape, s, unaligned, device)
+            pointwise, reductions = calls(backend, dtype, shape, s, unaligned, device, low)
             todo = dict(reductions) if args.only == "reductions" else {**pointwise, **reductions}
             for name, fn in todo.items():
                 n_calls += 1

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "../coefficients.h"
+#include "../mixed.h"
 
 #if defined(CPU_CAPABILITY_DEFAULT) && (defined(__x86_64__) || defined(_M_X64))
 // The x86-64 baseline build runs plain element loops, which GCC vectorizes for SSE2 (with
@@ -131,59 +132,8 @@ struct Lanes<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
 #endif
 
 // ------------------------------------------------------------------------------------------ mixed dtypes
-// A call whose float operands have different dtypes (a bf16 model output with float32 data, as under
-// autocast) computes in float32 and reads each operand in its own dtype: float32, float16 or bfloat16 (the
-// host side refuses other mixes; docs/design.md, "Mixed precision"). An operand is then its address and dtype.
-enum class OperandType : uint8_t { kFloat, kHalf, kBFloat16 };
-
-inline OperandType operand_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return OperandType::kHalf;
-    case at::kBFloat16: return OperandType::kBFloat16;
-    default: return OperandType::kFloat;
-  }
-}
-
-template <typename Byte>
-struct MixedPtrOf {
-  Byte* p;
-  OperandType type;
-  C10_ALWAYS_INLINE MixedPtrOf operator+(int64_t i) const {
-    return {p + i * (type == OperandType::kFloat ? 4 : 2), type};
-  }
-  bool operator==(std::nullptr_t) const { return p == nullptr; }
-};
-using MixedPtr = MixedPtrOf<const char>;
-using MixedMutPtr = MixedPtrOf<char>;
-
-// One element's value in float32 (csrc/family.h's value_at for a mixed operand).
-inline float value_at(MixedPtr p) {
-  switch (p.type) {
-    case OperandType::kHalf: return static_cast<float>(*reinterpret_cast<const at::Half*>(p.p));
-    case OperandType::kBFloat16: return static_cast<float>(*reinterpret_cast<const at::BFloat16*>(p.p));
-    default: return *reinterpret_cast<const float*>(p.p);
-  }
-}
-
-// The Ptrs policy (csrc/family.h) of a mixed call.
-struct MixedPtrs {
-  using in = MixedPtr;
-  using out = MixedMutPtr;
-  static in input(const at::Tensor& t) { return {static_cast<const char*>(t.const_data_ptr()), operand_type(t)}; }
-  static out output(const at::Tensor& t) { return {static_cast<char*>(t.mutable_data_ptr()), operand_type(t)}; }
-};
-
-// Whether the float operands of a call have different dtypes.
-inline bool mixed_operands(std::initializer_list<const at::Tensor*> operands) {
-  const at::Tensor* first = nullptr;
-  for (const at::Tensor* t : operands) {
-    if (t == nullptr) continue;
-    if (first == nullptr) first = t;
-    else if (t->scalar_type() != first->scalar_type()) return true;
-  }
-  return false;
-}
-
+// A call whose float operands have different dtypes reads each in its own (csrc/mixed.h: MixedPtr, MixedPtrs) and
+// computes in float32 on the lanes below.
 #if defined(DDPM_SCALAR_LANES)
 // The IO policy of a mixed call: one element at a time, in float32.
 struct MixedLanes {
@@ -259,11 +209,6 @@ struct MixedLanes {
   }
 };
 #endif
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
 
 // f(Tag<scalar_t>, Tag<Ptrs>, Tag<IO>) for a call of one dtype `st` (its dispatch: every kernel dtype), or
 // for a mixed call (`mixed`): float32, MixedPtrs, MixedLanes.

@@ -1,7 +1,9 @@
 // CUDA kernels of the flow-matching family (csrc/flow.h): the interpolant, the step (the flow step and the
 // Euler steps on a sigma table) and the loss backward are the family kernel (launch.cuh); the guidance rescale
 // is one reduction launch before the step (cuda/guidance.cuh), the loss a two-launch reduction. Flags are
-// runtime values (uniform branches): one instantiation per dtype.
+// runtime values (uniform branches): one instantiation per dtype, and one for a call whose operands have
+// different dtypes (float32, each operand read in its own: csrc/mixed.h; its outputs float32, the loss gradient
+// in model_output's dtype).
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -63,11 +65,11 @@ __global__ void __launch_bounds__(kThreads)
 void Kernels::flow_interpolate(const FlowInterpolateCall& call) {
   c10::cuda::CUDAGuard guard(call.x.device());
   const int64_t numel = call.x.numel();
-  DDPM_DISPATCH_FLOATING(call.x.scalar_type(), "ddpm_kernels_flow_interpolate_cuda", [&] {
-    run_family<scalar_t>(FlowInterpolateKernel<scalar_t, bool>::make(call, call.period > 1), numel,
-                         numel / call.x.size(0),
-                         {call.x.const_data_ptr(), call.y != nullptr ? call.y->const_data_ptr() : nullptr,
-                          call.out.const_data_ptr(), call.out2 != nullptr ? call.out2->const_data_ptr() : nullptr});
+  dispatch_operands(call.x.scalar_type(), mixed_operands({&call.x, call.y, &call.out}), [&](auto S, auto Ps) {
+    using scalar_t = typename decltype(S)::type;
+    using F = FlowInterpolateKernel<scalar_t, bool, typename decltype(Ps)::type>;
+    run_family<scalar_t>(F::make(call, call.period > 1), numel, numel / call.x.size(0),
+                         {&call.x, call.y, &call.out, call.out2});
   });
 }
 
@@ -82,15 +84,15 @@ void Kernels::flow_step(const FlowStepCall& call) {
     return;
   }
   const int64_t B = call.sample.size(0), N = numel / B;
-  DDPM_DISPATCH_FLOATING(call.sample.scalar_type(), "ddpm_kernels_flow_step_cuda", [&] {
-    auto f = FlowStepKernel<scalar_t, StepSampler, Param, bool, bool>::make(call, call.sampler, call.euler.param,
-                                                                           call.guided(), call.per_token());
+  const bool mixed = mixed_operands({&call.sample, &call.model_output, call.uncond, call.noise, &call.out});
+  dispatch_operands(call.sample.scalar_type(), mixed, [&](auto S, auto Ps) {
+    using scalar_t = typename decltype(S)::type;
+    using Ptrs = typename decltype(Ps)::type;
+    auto f = FlowStepKernel<scalar_t, StepSampler, Param, bool, bool, Ptrs>::make(
+        call, call.sampler, call.euler.param, call.guided(), call.per_token());
     const at::Tensor sums = prepare_rescale(f.guide, B, call.sample.options());
-    run_family<scalar_t>(f, numel, N,
-                         {call.sample.const_data_ptr(), call.model_output.const_data_ptr(),
-                          call.uncond != nullptr ? call.uncond->const_data_ptr() : nullptr,
-                          call.out.const_data_ptr(), call.x0 != nullptr ? call.x0->const_data_ptr() : nullptr},
-                         call.noise, draw, call.generator, call.sample_offset);
+    run_family<scalar_t, Ptrs>(f, numel, N, {&call.sample, &call.model_output, call.uncond, &call.out, call.x0},
+                               call.noise, draw, call.generator, call.sample_offset);
   });
 }
 
@@ -102,12 +104,16 @@ void Kernels::flow_loss(const FlowLossCall& call, const at::Tensor& loss) {
   const int64_t blocks = std::min<int64_t>(pieces, int64_t(sm_count()) * 32);
   at::Tensor partial = at::empty({pieces}, mo.options().dtype(at::kDouble));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  DDPM_DISPATCH_FLOATING(mo.scalar_type(), "ddpm_kernels_flow_loss_cuda", [&] {
+  // a mixed call takes packets of 4 elements where its operands allow, as the all-float32 call: both sum the same
+  // terms in the same order
+  dispatch_operands(mo.scalar_type(), call.mixed(), [&](auto S, auto Ps) {
+    using scalar_t = typename decltype(S)::type;
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kPacket = 16 / sizeof(scalar_t);
-    const auto f = FlowLossKernel<scalar_t, bool, bool>::make(call, call.l1, call.period > 1);
+    const auto f = FlowLossKernel<scalar_t, bool, bool, typename decltype(Ps)::type>::make(call, call.l1,
+                                                                                          call.period > 1);
     double* sums = partial.mutable_data_ptr<double>();
-    if (packets_fit<scalar_t>(kPacket, N, {mo.const_data_ptr(), call.x0.const_data_ptr(), call.noise.const_data_ptr()})) {
+    if (packets_fit(kPacket, N, {mo, call.x0, call.noise})) {
       flow_loss_partials_kernel<scalar_t, kPacket><<<blocks, kThreads, 0, stream>>>(f, N, chunks, pieces, sums);
     } else {
       flow_loss_partials_kernel<scalar_t, 1><<<blocks, kThreads, 0, stream>>>(f, N, chunks, pieces, sums);
@@ -122,11 +128,11 @@ void Kernels::flow_loss(const FlowLossCall& call, const at::Tensor& loss) {
 void Kernels::flow_loss_backward(const FlowLossCall& call, const at::Tensor& grad_loss, const at::Tensor& grad) {
   const at::Tensor& mo = call.model_output;
   c10::cuda::CUDAGuard guard(mo.device());
-  DDPM_DISPATCH_FLOATING(mo.scalar_type(), "ddpm_kernels_flow_loss_backward_cuda", [&] {
-    run_family<scalar_t>(
-        FlowLossKernel<scalar_t, bool, bool>::make_backward(call, call.l1, call.period > 1, grad_loss, grad),
-        mo.numel(), mo.numel() / mo.size(0),
-        {mo.const_data_ptr(), call.x0.const_data_ptr(), call.noise.const_data_ptr(), grad.const_data_ptr()});
+  dispatch_operands(mo.scalar_type(), call.mixed(), [&](auto S, auto Ps) {
+    using scalar_t = typename decltype(S)::type;
+    using F = FlowLossKernel<scalar_t, bool, bool, typename decltype(Ps)::type>;
+    run_family<scalar_t>(F::make_backward(call, call.l1, call.period > 1, grad_loss, grad), mo.numel(),
+                         mo.numel() / mo.size(0), {mo, call.x0, call.noise, grad});
   });
 }
 

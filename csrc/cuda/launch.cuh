@@ -3,9 +3,12 @@
 // Coefficients are gathered on the device from the schedule table by t (never passed as scalars, so a
 // captured CUDA graph reads current values), math in float32 (float64 for float64 data), 128-bit loads and
 // stores when every pointer is aligned and a packet never spans two samples, int64 indexing, launched on the
-// current stream. In-kernel noise is the noise stream of csrc/philox.h (the CPU kernels compile the same code),
-// keyed by the torch CUDA generator's seed at its Philox offset, taken through PhiloxCudaState (the
-// CUDA-graph-safe way torch's own random kernels use) and advanced by a fixed 4 per call.
+// current stream. A call whose float operands have different dtypes (docs/design.md, "Mixed precision") runs
+// the same kernels in float32 with the functors' MixedPtrs policy (csrc/mixed.h): PacketIO<float, W> reads each
+// such operand in its own dtype, W of its elements per packet. In-kernel noise is the noise stream of
+// csrc/philox.h (the CPU kernels compile the same code), keyed by the torch CUDA generator's seed at its Philox
+// offset, taken through PhiloxCudaState (the CUDA-graph-safe way torch's own random kernels use) and advanced by
+// a fixed 4 per call.
 //
 // The grid walks the data in tiles: per turn a block covers one contiguous tile of kThreads * U slices of W
 // elements. The samples a tile touches get their coefficients computed once per tile, one thread per sample,
@@ -29,6 +32,7 @@
 #include <type_traits>
 
 #include "../family.h"
+#include "../mixed.h"
 #include "../philox.h"
 
 namespace ddpm::cuda {
@@ -39,6 +43,44 @@ template <typename T, int V>
 struct alignas(sizeof(T) * V) Packet {
   T val[V];
 };
+
+// W elements at p of type T as float32 (one packet: p aligned to W elements), and back, rounded once.
+template <typename T, int W>
+DDPM_LANE Packet<float, W> packet_to_float(const void* p) {
+  const Packet<T, W> q = *reinterpret_cast<const Packet<T, W>*>(p);
+  Packet<float, W> r;
+  DDPM_UNROLL
+  for (int k = 0; k < W; ++k) r.val[k] = static_cast<float>(q.val[k]);
+  return r;
+}
+template <typename T, int W>
+DDPM_LANE void packet_from_float(void* p, const Packet<float, W>& v) {
+  Packet<T, W> q;
+  DDPM_UNROLL
+  for (int k = 0; k < W; ++k) q.val[k] = static_cast<T>(v.val[k]);
+  *reinterpret_cast<Packet<T, W>*>(p) = q;
+}
+
+// A mixed operand's W elements in float32, and a mixed output's store: the branch on the operand's dtype in a
+// function of its own (not inlined on the device). Inlined, the per-call dtype fields are loop-invariant in the
+// kernels' loops, and the compiler specialises whole loops per combination of the operands' dtypes (3^4 copies
+// of a step's body): compile time and code size explode for no speed that matters here.
+template <int W>
+__host__ __device__ __noinline__ Packet<float, W> mixed_load(MixedPtr p) {
+  switch (p.type) {
+    case OperandType::kHalf: return packet_to_float<at::Half, W>(p.p);
+    case OperandType::kBFloat16: return packet_to_float<at::BFloat16, W>(p.p);
+    default: return packet_to_float<float, W>(p.p);
+  }
+}
+template <int W>
+__host__ __device__ __noinline__ void mixed_store(MixedMutPtr p, Packet<float, W> v) {
+  switch (p.type) {
+    case OperandType::kHalf: return packet_from_float<at::Half, W>(p.p, v);
+    case OperandType::kBFloat16: return packet_from_float<at::BFloat16, W>(p.p, v);
+    default: return packet_from_float<float, W>(p.p, v);
+  }
+}
 
 // The IO policy of csrc/family.h: a slice is W elements of one sample; W > 1 is one packet load / store,
 // which needs the pointer aligned to W elements.
@@ -57,7 +99,32 @@ struct PacketIO {
     for (int k = 0; k < W; ++k) q.val[k] = static_cast<scalar_t>(v[k]);
     *reinterpret_cast<Packet<scalar_t, W>*>(p) = q;
   }
+
+  // A mixed call's operands (csrc/mixed.h; scalar_t is float): W elements of the operand's own dtype, one packet
+  // of W floats, halves or bfloat16s (the pointer aligned to W of its elements, packets_fit), converted exactly
+  // to float32; a MixedMutPtr output (the loss gradients) rounded once to its dtype. Used by mixed calls only.
+  static DDPM_LANE void load(MixedPtr p, V* v, int64_t) {
+    static_assert(std::is_same_v<scalar_t, float>, "a mixed call computes in float32");
+    const Packet<float, W> q = mixed_load<W>(p);
+    DDPM_UNROLL
+    for (int k = 0; k < W; ++k) v[k] = q.val[k];
+  }
+  static DDPM_LANE void store(MixedMutPtr p, const V* v, int64_t) {
+    static_assert(std::is_same_v<scalar_t, float>, "a mixed call computes in float32");
+    Packet<float, W> q;
+    DDPM_UNROLL
+    for (int k = 0; k < W; ++k) q.val[k] = v[k];
+    mixed_store<W>(p, q);
+  }
 };
+
+// f(Tag<scalar_t>, Tag<Ptrs>) for a call of one dtype `st` (its dispatch: every kernel dtype, SamePtrs), or for
+// a mixed call (`mixed`, csrc/mixed.h's mixed_operands): float32 and MixedPtrs.
+template <typename F>
+void dispatch_operands(at::ScalarType st, bool mixed, const F& f) {
+  if (mixed) return f(Tag<float>(), Tag<MixedPtrs>());
+  DDPM_DISPATCH_FLOATING(st, "ddpm_kernels_cuda", [&] { f(Tag<scalar_t>(), Tag<SamePtrs<scalar_t>>()); });
+}
 
 inline int sm_count() {
   static int cached[256] = {0};
@@ -94,13 +161,23 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shared) {
   return v;  // valid in thread 0
 }
 
+// A tensor a launch reads or writes, as packets_fit sees it: its address (nullptr: an absent operand) and its
+// element size (a mixed call's operands differ in it).
+struct Operand {
+  const void* p;
+  int64_t size;
+  Operand(const void* p_, int64_t size_) : p(p_), size(size_) {}
+  Operand(const at::Tensor& t) : Operand(&t) {}
+  Operand(const at::Tensor* t)
+      : p(t != nullptr ? t->const_data_ptr() : nullptr), size(t != nullptr ? t->element_size() : 1) {}
+};
+
 // Whether slices of W elements can be packets: N a multiple of W (no packet spans two samples) and every
-// pointer (nullptr: an absent operand) aligned to a packet.
-template <typename scalar_t>
-bool packets_fit(int W, int64_t N, std::initializer_list<const void*> ptrs) {
+// operand aligned to a packet of W of its own elements.
+inline bool packets_fit(int W, int64_t N, std::initializer_list<Operand> operands) {
   if (N % W != 0) return false;
-  for (const void* p : ptrs)
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % (sizeof(scalar_t) * W) != 0) return false;
+  for (const Operand& o : operands)
+    if (o.p != nullptr && reinterpret_cast<uintptr_t>(o.p) % (o.size * W) != 0) return false;
   return true;
 }
 
@@ -233,10 +310,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Runs f over numel elements (N per sample, numel > 0 or B_out > 0) with noise source z (NoNoise or
-// GivenNoise), packets of 128 bits when the pointers allow; per-sample outputs for samples [0, B_out).
+// GivenNoise), packets of 128 bits of scalar_t when the operands allow (a mixed call: 4 elements, each operand's
+// own); per-sample outputs for samples [0, B_out).
 template <typename scalar_t, typename F, typename Z>
-void launch_family(const F& f, Z z, int64_t numel, int64_t N, int64_t B_out, std::initializer_list<const void*> ptrs,
-                   const void* noise) {
+void launch_family(const F& f, Z z, int64_t numel, int64_t N, int64_t B_out, std::initializer_list<Operand> ptrs,
+                   Operand noise) {
   if (numel == 0 && B_out == 0) return;
   constexpr int kPacket = 16 / sizeof(scalar_t), kU = 4;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -246,7 +324,7 @@ void launch_family(const F& f, Z z, int64_t numel, int64_t N, int64_t B_out, std
                                             at::PhiloxCudaState(), int64_t(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (numel > 0 && packets_fit<scalar_t>(kPacket, N, ptrs) && packets_fit<scalar_t>(kPacket, N, {noise})) {
+  if (numel > 0 && packets_fit(kPacket, N, ptrs) && packets_fit(kPacket, N, {noise})) {
     launch(family_kernel<scalar_t, F, Z, kPacket, kU, true>, kPacket);
   } else {
     launch(family_kernel<scalar_t, F, Z, 1, kU, true>, 1);
@@ -269,14 +347,14 @@ inline at::PhiloxCudaState take_stream_state(std::optional<at::Generator> genera
 
 template <typename scalar_t, typename F>
 void launch_family_philox(const F& f, int64_t numel, int64_t N, std::optional<at::Generator> generator,
-                          int64_t sample_offset, std::initializer_list<const void*> ptrs) {
+                          int64_t sample_offset, std::initializer_list<Operand> ptrs) {
   const at::PhiloxCudaState philox = take_stream_state(std::move(generator));
   if (numel == 0) return;
   const int64_t groups = (numel + 3) / 4;
   const int64_t blocks = grid_for(groups);
   const Walk w = make_walk(numel, N, blocks * kThreads * 4);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (packets_fit<scalar_t>(4, N, ptrs)) {
+  if (packets_fit(4, N, ptrs)) {
     family_kernel<scalar_t, F, PhiloxNoise, 4, 1, true><<<blocks, kThreads, 0, stream>>>(f, {}, w, 0, philox, sample_offset);
   } else {
     family_kernel<scalar_t, F, PhiloxNoise, 4, 1, false><<<blocks, kThreads, 0, stream>>>(f, {}, w, 0, philox, sample_offset);
@@ -284,22 +362,22 @@ void launch_family_philox(const F& f, int64_t numel, int64_t N, std::optional<at
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Runs f over numel elements, N per sample, `ptrs` its data pointers, without noise; per-sample outputs for
+// Runs f over numel elements, N per sample, `ptrs` its data tensors, without noise; per-sample outputs for
 // samples [0, B_out).
 template <typename scalar_t, typename F>
-void run_family(const F& f, int64_t numel, int64_t N, std::initializer_list<const void*> ptrs, int64_t B_out = 0) {
-  launch_family<scalar_t>(f, NoNoise(), numel, N, B_out, ptrs, nullptr);
+void run_family(const F& f, int64_t numel, int64_t N, std::initializer_list<Operand> ptrs, int64_t B_out = 0) {
+  launch_family<scalar_t>(f, NoNoise(), numel, N, B_out, ptrs, static_cast<const at::Tensor*>(nullptr));
 }
 
-// The same for a family with a noise term: the given tensor, else in-kernel noise when `draw`, else none.
-// Per-sample outputs come with the noiseless launches only.
-template <typename scalar_t, typename F>
-void run_family(const F& f, int64_t numel, int64_t N, std::initializer_list<const void*> ptrs,
+// The same for a family with a noise term: the given tensor (read through Ptrs, csrc/family.h), else in-kernel
+// noise when `draw`, else none. Per-sample outputs come with the noiseless launches only.
+template <typename scalar_t, typename Ptrs = SamePtrs<scalar_t>, typename F>
+void run_family(const F& f, int64_t numel, int64_t N, std::initializer_list<Operand> ptrs,
                 const at::Tensor* noise, bool draw, std::optional<at::Generator> generator, int64_t sample_offset,
                 int64_t B_out = 0) {
   if (noise != nullptr) {
-    const scalar_t* z = noise->const_data_ptr<scalar_t>();
-    launch_family<scalar_t>(f, GivenNoise<scalar_t>{z}, numel, N, B_out, ptrs, z);
+    launch_family<scalar_t>(f, GivenNoise<scalar_t, typename Ptrs::in>{Ptrs::input(*noise)}, numel, N, B_out, ptrs,
+                            noise);
   } else if (draw) {
     TORCH_INTERNAL_ASSERT(B_out == 0, "per-sample outputs are written by the noiseless launches");
     launch_family_philox<scalar_t>(f, numel, N, std::move(generator), sample_offset, ptrs);

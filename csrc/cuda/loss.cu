@@ -75,13 +75,16 @@ void Kernels::diffusion_loss(const LossCall& call, const at::Tensor& loss, const
   const int64_t blocks = std::min<int64_t>(pieces, int64_t(sm_count()) * 32);
   at::Tensor partial = at::empty({pieces}, call.table.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  DDPM_DISPATCH_FLOATING(mo.scalar_type(), "ddpm_kernels_diffusion_loss_cuda", [&] {
+  // model_output, x_start and noise of different dtypes: float32, each read in its own (csrc/mixed.h), packets of
+  // 4 elements where they allow, as the all-float32 call's: both sum the same terms in the same order
+  const bool mixed = mixed_operands({&mo, &call.x_start, &call.noise});
+  dispatch_operands(mo.scalar_type(), mixed, [&](auto S, auto Ps) {
+    using scalar_t = typename decltype(S)::type;
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kPacket = 16 / sizeof(scalar_t);
-    const auto f = LossKernel<scalar_t, Param, bool>::make(call, call.param, call.l1);
+    const auto f = LossKernel<scalar_t, Param, bool, typename decltype(Ps)::type>::make(call, call.param, call.l1);
     acc_t* sums = partial.mutable_data_ptr<acc_t>();
-    if (packets_fit<scalar_t>(kPacket, N, {mo.const_data_ptr(), call.x_start.const_data_ptr(),
-                                           call.noise.const_data_ptr()})) {
+    if (packets_fit(kPacket, N, {mo, call.x_start, call.noise})) {
       loss_partials_kernel<scalar_t, kPacket><<<blocks, kThreads, 0, stream>>>(f, N, chunks, pieces, sums);
     } else {
       loss_partials_kernel<scalar_t, 1><<<blocks, kThreads, 0, stream>>>(f, N, chunks, pieces, sums);
@@ -99,12 +102,13 @@ void Kernels::diffusion_loss_backward(const LossCall& call, const at::Tensor& gr
                                       const at::Tensor& grad) {
   const at::Tensor& mo = call.model_output;
   c10::cuda::CUDAGuard guard(mo.device());
-  DDPM_DISPATCH_FLOATING(mo.scalar_type(), "ddpm_kernels_diffusion_loss_backward_cuda", [&] {
-    run_family<scalar_t>(LossKernel<scalar_t, Param, bool>::make_backward(call, call.param, call.l1, grad_loss,
-                                                                          grad_loss_simple, grad_loss_vlb, grad),
-                         mo.numel(), mo.numel() / mo.size(0),
-                         {mo.const_data_ptr(), call.x_start.const_data_ptr(), call.noise.const_data_ptr(),
-                          grad.const_data_ptr()});
+  // a mixed call reads each operand in its own dtype and writes the gradient in model_output's (csrc/mixed.h)
+  const bool mixed = mixed_operands({&mo, &call.x_start, &call.noise});
+  dispatch_operands(mo.scalar_type(), mixed, [&](auto S, auto Ps) {
+    using scalar_t = typename decltype(S)::type;
+    using F = LossKernel<scalar_t, Param, bool, typename decltype(Ps)::type>;
+    run_family<scalar_t>(F::make_backward(call, call.param, call.l1, grad_loss, grad_loss_simple, grad_loss_vlb, grad),
+                         mo.numel(), mo.numel() / mo.size(0), {mo, call.x_start, call.noise, grad});
   });
 }
 

@@ -7,13 +7,18 @@
 
 namespace ddpm::cuda {
 
+// A call whose x_t, model_output and noise have different dtypes computes in float32 and reads each in its own
+// (csrc/mixed.h); the output has the promoted dtype, float32.
 void Kernels::posterior(const PosteriorCall& call) {
   c10::cuda::CUDAGuard guard(call.x_t.device());
   const int64_t B = call.x_t.size(0), numel = call.x_t.numel(), N = numel == 0 ? 0 : numel / B;
-  DDPM_DISPATCH_FLOATING(call.x_t.scalar_type(), "ddpm_kernels_posterior_cuda", [&] {
-    run_family<scalar_t>(PosteriorKernel<scalar_t, Param, bool>::make(call, call.param, call.clip), numel, N,
-                         {call.x_t.const_data_ptr(), call.model_output.const_data_ptr(), call.out.const_data_ptr()},
-                         call.noise, call.sample, call.generator, call.sample_offset, call.var != nullptr ? B : 0);
+  const bool mixed = mixed_operands({&call.x_t, &call.model_output, call.noise});
+  dispatch_operands(call.x_t.scalar_type(), mixed, [&](auto S, auto Ps) {
+    using scalar_t = typename decltype(S)::type;
+    using Ptrs = typename decltype(Ps)::type;
+    run_family<scalar_t, Ptrs>(PosteriorKernel<scalar_t, Param, bool, Ptrs>::make(call, call.param, call.clip), numel,
+                               N, {&call.x_t, &call.model_output, &call.out}, call.noise, call.sample, call.generator,
+                               call.sample_offset, call.var != nullptr ? B : 0);
   });
 }
 

@@ -1,7 +1,7 @@
 // CUDA kernel of the sampler-step family (csrc/sampler_coefficients.h): every sampler, one kernel template,
 // one launch per step (two with a guidance rescale: its reduction first, cuda/guidance.cuh). The sampler,
 // parameterization and guidance are runtime values (uniform branches), so a new sampler adds no instantiation
-// here.
+// here: one per dtype, and one for a call whose operands have different dtypes.
 #include <c10/cuda/CUDAGuard.h>
 
 #include "guidance.cuh"
@@ -19,14 +19,17 @@ void Kernels::sampler_step(const SamplerCall& call) {
     return;
   }
   const SamplerStep& s = call.step;
-  DDPM_DISPATCH_FLOATING(call.x_t.scalar_type(), "ddpm_kernels_sampler_step_cuda", [&] {
-    auto f = SamplerKernel<scalar_t, Sampler, Param, bool>::make(call, s.sampler, s.param, call.guided());
+  // x_t, model_output (and uncond, of its dtype) and noise of different dtypes: float32, each read in its own
+  // (csrc/mixed.h); out (the promoted dtype, which an unread noise of another dtype may also have set) too
+  const bool mixed = mixed_operands({&call.x_t, &call.model_output, call.noise, &call.out});
+  dispatch_operands(call.x_t.scalar_type(), mixed, [&](auto St, auto Ps) {
+    using scalar_t = typename decltype(St)::type;
+    using Ptrs = typename decltype(Ps)::type;
+    auto f = SamplerKernel<scalar_t, Sampler, Param, bool, Ptrs>::make(call, s.sampler, s.param, call.guided());
     const at::Tensor sums = prepare_rescale(f.guide, call.x_t.size(0), call.x_t.options());
-    run_family<scalar_t>(f, numel, numel / call.x_t.size(0),
-                         {call.x_t.const_data_ptr(), call.model_output.const_data_ptr(),
-                          call.uncond != nullptr ? call.uncond->const_data_ptr() : nullptr, call.out.const_data_ptr(),
-                          call.x0 != nullptr ? call.x0->const_data_ptr() : nullptr},
-                         call.noise, s.add_noise, call.generator, call.sample_offset);
+    run_family<scalar_t, Ptrs>(f, numel, numel / call.x_t.size(0),
+                               {&call.x_t, &call.model_output, call.uncond, &call.out, call.x0}, call.noise,
+                               s.add_noise, call.generator, call.sample_offset);
   });
 }
 

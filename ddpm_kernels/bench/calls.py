@@ -13,13 +13,13 @@ import torch
 __all__ = ["calls"]
 
 
-def calls(backend, dtype, shape, s, unaligned=False, device="cuda"):
+def calls(backend, dtype, shape, s, unaligned=False, device="cuda", low=None):
     """(pointwise, reductions): name -> call of every op, noise given and drawn in-kernel, on one backend,
-    dtype and shape."""
+    dtype and shape; with ``low``, the model outputs and the noise in that dtype (a mixed call)."""
     import ddpm_kernels as dk
     from ddpm_kernels.solvers import SolverColumns, new_history, solver_step
 
-    def randn(*sh):
+    def randn(*sh, dtype=dtype):
         if unaligned:  # a view 1 element into its storage: not 16-byte aligned
             n = 1
             for d in sh:
@@ -28,7 +28,7 @@ def calls(backend, dtype, shape, s, unaligned=False, device="cuda"):
         return torch.randn(sh, device=device, dtype=dtype)
 
     B = shape[0]
-    x, mo, z = randn(*shape), randn(*shape), randn(*shape)
+    x, mo, z = randn(*shape), randn(*shape, dtype=low or dtype), randn(*shape, dtype=low or dtype)
     wide = torch.cat([mo, z.clamp(-1, 1)], 1)
     T = s.num_timesteps
     t = torch.randint(0, T, (B,), device=device)
