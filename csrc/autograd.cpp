@@ -33,14 +33,38 @@
 #include <torch/library.h>
 
 #include <initializer_list>
+#include <memory>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 namespace ddpm {
 namespace {
 
 using torch::autograd::variable_list;
+
+// How torch's autograd holds a node: std::shared_ptr up to torch 2.12 (the GPU image's 2.11 among them),
+// c10::intrusive_ptr since. Read off torch::autograd::Edge so the same source builds against both.
+template <typename Holder>
+struct NodeHolding;
+template <>
+struct NodeHolding<std::shared_ptr<torch::autograd::Node>> {
+  template <typename T>
+  using ptr = std::shared_ptr<T>;
+  template <typename T>
+  static ptr<T> make() { return std::make_shared<T>(); }
+};
+template <>
+struct NodeHolding<c10::intrusive_ptr<torch::autograd::Node>> {
+  template <typename T>
+  using ptr = c10::intrusive_ptr<T>;
+  template <typename T>
+  static ptr<T> make() { return c10::make_intrusive<T>(); }
+};
+using Holding = NodeHolding<std::decay_t<decltype(torch::autograd::Edge::function)>>;
+template <typename T>
+using NodePtr = Holding::ptr<T>;
 
 // The kernels index each sample as one dense block in the call's memory format (csrc/checks.h). Incoming
 // gradients need not be (sum() gives an expanded one): bring them to a dense format, as the Python layer does
@@ -244,9 +268,9 @@ struct FlowLossBackwardNode : public torch::autograd::TraceableFunction {
 at::Tensor q_sample_autograd(const at::Tensor& x_start, const at::Tensor& t, const at::Tensor& noise,
                              const at::Tensor& table) {
   check_no_forward_grad("q_sample", {&x_start, &noise});
-  c10::intrusive_ptr<QSampleBackwardNode> grad_fn;
+  NodePtr<QSampleBackwardNode> grad_fn;
   if (torch::autograd::compute_requires_grad(x_start, noise)) {
-    grad_fn = c10::make_intrusive<QSampleBackwardNode>();
+    grad_fn = Holding::make<QSampleBackwardNode>();
     grad_fn->set_next_edges(torch::autograd::collect_next_edges(x_start, noise));
     grad_fn->t = SavedVariable(t, false);
     grad_fn->table = SavedVariable(table, false);
@@ -264,9 +288,9 @@ at::Tensor q_sample_autograd(const at::Tensor& x_start, const at::Tensor& t, con
 std::tuple<at::Tensor, at::Tensor> q_sample_backward_autograd(const at::Tensor& grad, const at::Tensor& t,
                                                               const at::Tensor& table) {
   check_no_forward_grad("q_sample_backward", {&grad});
-  c10::intrusive_ptr<QSampleBackwardBackwardNode> grad_fn;
+  NodePtr<QSampleBackwardBackwardNode> grad_fn;
   if (torch::autograd::compute_requires_grad(grad)) {
-    grad_fn = c10::make_intrusive<QSampleBackwardBackwardNode>();
+    grad_fn = Holding::make<QSampleBackwardBackwardNode>();
     grad_fn->set_next_edges(torch::autograd::collect_next_edges(grad));
     grad_fn->t = SavedVariable(t, false);
     grad_fn->table = SavedVariable(table, false);
@@ -286,9 +310,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_loss_autograd(
     const at::Tensor& table, c10::string_view parameterization, c10::string_view loss_type, double l_simple_weight,
     double original_elbo_weight) {
   check_no_forward_grad("diffusion_loss", {&model_output, &x_start, &noise});
-  c10::intrusive_ptr<DiffusionLossBackwardNode> grad_fn;
+  NodePtr<DiffusionLossBackwardNode> grad_fn;
   if (torch::autograd::compute_requires_grad(model_output, x_start, noise)) {
-    grad_fn = c10::make_intrusive<DiffusionLossBackwardNode>();
+    grad_fn = Holding::make<DiffusionLossBackwardNode>();
     grad_fn->set_next_edges(torch::autograd::collect_next_edges(model_output, x_start, noise));
     grad_fn->model_output = SavedVariable(model_output, false);
     grad_fn->x_start = SavedVariable(x_start, false);
@@ -313,9 +337,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> diffusion_loss_autograd(
 at::Tensor flow_interpolate_autograd(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& sigma,
                                      int64_t sigma_period, int64_t sigma_repeat) {
   check_no_forward_grad("flow_interpolate", {&x0, &noise, &sigma});
-  c10::intrusive_ptr<FlowInterpolateBackwardNode> grad_fn;
+  NodePtr<FlowInterpolateBackwardNode> grad_fn;
   if (torch::autograd::compute_requires_grad(x0, noise, sigma)) {
-    grad_fn = c10::make_intrusive<FlowInterpolateBackwardNode>();
+    grad_fn = Holding::make<FlowInterpolateBackwardNode>();
     grad_fn->set_next_edges(torch::autograd::collect_next_edges(x0, noise, sigma));
     grad_fn->s.save(sigma, sigma_period, sigma_repeat);
   }
@@ -333,9 +357,9 @@ std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_autograd(const at::
   check_no_forward_grad("flow_interpolate_backward", {&grad});
   TORCH_CHECK(!(at::GradMode::is_enabled() && sigma.requires_grad()),
               "ddpm_kernels::flow_interpolate_backward gives no gradient w.r.t. sigma");
-  c10::intrusive_ptr<FlowInterpolateBackwardBackwardNode> grad_fn;
+  NodePtr<FlowInterpolateBackwardBackwardNode> grad_fn;
   if (torch::autograd::compute_requires_grad(grad)) {
-    grad_fn = c10::make_intrusive<FlowInterpolateBackwardBackwardNode>();
+    grad_fn = Holding::make<FlowInterpolateBackwardBackwardNode>();
     grad_fn->set_next_edges(torch::autograd::collect_next_edges(grad));
     grad_fn->s.save(sigma, sigma_period, sigma_repeat);
   }
@@ -353,9 +377,9 @@ at::Tensor flow_loss_autograd(const at::Tensor& model_output, const at::Tensor& 
                               const at::Tensor& sigma, int64_t sigma_period, int64_t sigma_repeat,
                               c10::string_view weighting, c10::string_view loss_type) {
   check_no_forward_grad("flow_loss", {&model_output, &x0, &noise, &sigma});
-  c10::intrusive_ptr<FlowLossBackwardNode> grad_fn;
+  NodePtr<FlowLossBackwardNode> grad_fn;
   if (torch::autograd::compute_requires_grad(model_output, x0, noise, sigma)) {
-    grad_fn = c10::make_intrusive<FlowLossBackwardNode>();
+    grad_fn = Holding::make<FlowLossBackwardNode>();
     grad_fn->set_next_edges(torch::autograd::collect_next_edges(model_output, x0, noise, sigma));
     grad_fn->model_output = SavedVariable(model_output, false);
     grad_fn->x0 = SavedVariable(x0, false);
