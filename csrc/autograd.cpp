@@ -44,8 +44,8 @@ namespace {
 
 using torch::autograd::variable_list;
 
-// How torch's autograd holds a node: std::shared_ptr up to torch 2.12 (the GPU image's 2.11 among them),
-// c10::intrusive_ptr since. Read off torch::autograd::Edge so the same source builds against both.
+// How torch's autograd holds a node: std::shared_ptr in older releases (2.11, the GPU image's), c10::intrusive_ptr
+// since pytorch/pytorch#181782 (2.13, CI's). Read off torch::autograd::Edge so the same source builds against both.
 template <typename Holder>
 struct NodeHolding;
 template <>
