@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 from typing import Optional
 
 import torch
@@ -229,10 +228,12 @@ def table_step_server(backend, sample):
         _check_backend(backend)
     spec = SPECS["flow_step"]
     opts = _step_options(spec, False, 0.0, False)
-    fn = _dispatch(spec, backend, sample, opts, (), grad_free=True)
-    extension = sys.modules.get("ddpm_kernels.extension")
-    if extension is not None and fn is extension.flow_step:  # a compiled backend: its operator, called directly
-        return extension.flow_table_server(opts)
+    name, fn = _dispatch(spec, backend, sample, opts, (), grad_free=True, with_name=True)
+    if name in ("cpu", "cuda"):  # a compiled backend (loaded by that dispatch): its operator, called directly
+        from . import extension
+
+        if fn is extension.flow_step:
+            return extension.flow_table_server(opts)
 
     def step(sample, model_output, sigmas, step_index):
         return fn(sample, model_output, None, None, sigmas, step_index, None, None, opts, None, None, out=None,
