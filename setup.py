@@ -121,7 +121,7 @@ def extension_kwargs():
     include_dirs = [os.path.join(ROOT, "csrc")]
     ext_modules = []
     # the autograd formulas sit with the schemas: one Autograd-key registration serves the CPU and CUDA kernels
-    ops_sources = _sources("csrc/ops.cpp") + _sources("csrc/fast_checks.cpp") + _sources("csrc/autograd.cpp")
+    ops_sources = [f"csrc/{name}.cpp" for name in ("ops", "fast_checks", "fast_calls", "autograd")]
     if _want_cuda():
         cu_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
         # pip-installed CUDA torch ships some CUDA headers (e.g. cusparse/cublas used by ATen/cuda headers)

@@ -25,6 +25,8 @@
 
 #include <cstdint>
 
+#include "python_methods.h"
+
 namespace {
 
 bool is_tensor(PyObject* obj) {
@@ -82,6 +84,8 @@ int inputs_ok(PyObject* const* args) {
   return ok ? (needs_grad ? 1 : 2) : 0;
 }
 
+}  // namespace
+
 PyObject* py_inputs_ok(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 8) {
     PyErr_SetString(PyExc_TypeError,
@@ -98,11 +102,3 @@ PyObject* py_inputs_ok(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nar
   }
   return PyLong_FromLong(ok);
 }
-
-}  // namespace
-
-PyMethodDef kDdpmModuleMethods[] = {
-    {"inputs_ok", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_inputs_ok)), METH_FASTCALL,
-     "Whether a call's tensor arguments are the common valid case (see csrc/fast_checks.cpp)."},
-    {nullptr, nullptr, 0, nullptr},
-};

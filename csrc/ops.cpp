@@ -8,8 +8,19 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// inputs_ok, the Python layer's fast argument check (csrc/fast_checks.cpp), is a function of this module.
-extern PyMethodDef kDdpmModuleMethods[];
+#include "python_methods.h"
+
+// The module's Python functions (csrc/python_methods.h): the Python layer's fast argument check and the
+// bound operator calls of the drop-in schedulers' steps.
+static PyMethodDef kDdpmModuleMethods[] = {
+    {"inputs_ok", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_inputs_ok)), METH_FASTCALL,
+     "Whether a call's tensor arguments are the common valid case (see csrc/fast_checks.cpp)."},
+    {"bind_op", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_bind_op)), METH_FASTCALL,
+     "An operator with its constant arguments converted once, for call_bound (see csrc/fast_calls.cpp)."},
+    {"call_bound", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_call_bound)), METH_FASTCALL,
+     "A bound operator called with its per-call arguments (see csrc/fast_calls.cpp)."},
+    {nullptr, nullptr, 0, nullptr},
+};
 #define DDPM_MODULE_METHODS kDdpmModuleMethods
 #include "module.h"
 

@@ -79,6 +79,11 @@ inputs_ok = getattr(schema_lib, "inputs_ok", None)
 """``ddpm_kernels._C.inputs_ok`` (csrc/fast_checks.cpp), the argument check ``ddpm_kernels.ops`` uses for the
 common case, or None without the compiled library."""
 
+bind_op = getattr(schema_lib, "bind_op", None)
+call_bound = getattr(schema_lib, "call_bound", None)
+"""``ddpm_kernels._C.bind_op`` / ``call_bound`` (csrc/fast_calls.cpp): an operator with its constant arguments
+converted once, called with the rest (``ddpm_kernels.extension.bound_op``); None without the compiled library."""
+
 has_cuda_kernels = bool(
     schema_lib is not None
     and getattr(schema_lib, "WITH_CUDA", 0)

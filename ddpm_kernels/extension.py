@@ -291,17 +291,39 @@ def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma,
     return _run_out("flow_step", args, fmt, out)
 
 
-def flow_table_server(opts):
-    """``step(sample, model_output, sigmas, step_index)``: `flow_step` on a sigma table with ``opts`` (unguided,
-    no noise term), for operands a caller checked as the public op does (`ddpm_kernels.flow.table_step_server`).
-    Contiguous operands go straight to the operator, whose arguments besides the four are fixed here (what a
-    drop-in scheduler's step costs the host; docs/design.md, "Host overhead"); others take `flow_step`."""
-    op, tail = _ops().flow_step, (*_NO_SIGMA, *_NO_SIGMA, opts.stochastic, opts.guidance_rescale, None, None, 0)
+def bound_op(name, args, advance=-1):
+    """``call(*per_call_args[, next_index])``: the operator ``name`` with its constant arguments converted once
+    (``_C.bind_op``, csrc/fast_calls.cpp) — ``args`` holds one entry per schema argument, ``...`` for a tensor
+    given per call — or None without the compiled library. With ``advance`` (the position of a per-call int64
+    tensor) the call takes a last ``next_index`` and, when it is >= 0, writes it into that tensor after the op.
+    The call goes through the dispatcher as ``torch.ops`` does, without converting the constants every time
+    (docs/design.md, "Host overhead"); it is for eager calls: under torch.compile call the operator itself."""
+    if _native.bind_op is None:
+        return None
+    return functools.partial(_native.call_bound, _native.bind_op("ddpm_kernels::" + name, args, advance))
 
-    def step(sample, model_output, sigmas, step_index):
+
+def flow_table_server(opts):
+    """``step(sample, model_output, sigmas, step_index, next_index=-1)``: `flow_step` on a sigma table with
+    ``opts`` (unguided, no noise term), for operands a caller checked as the public op does
+    (`ddpm_kernels.flow.table_step_server`), then, when ``next_index >= 0``, ``step_index.fill_(next_index)``.
+    Contiguous operands go to the operator with its arguments besides the four fixed: bound once (`bound_op`) in
+    eager mode, through ``torch.ops`` while torch.compile traces (what a drop-in scheduler's step costs the host;
+    docs/design.md, "Host overhead"); others take `flow_step`."""
+    op, tail = _ops().flow_step, (*_NO_SIGMA, *_NO_SIGMA, opts.stochastic, opts.guidance_rescale, None, None, 0)
+    fast = bound_op("flow_step", (..., ..., None, None, ..., ..., *tail), advance=5)
+    compiling = torch.compiler.is_compiling
+
+    def step(sample, model_output, sigmas, step_index, next_index=-1):
         if sample.is_contiguous() and model_output.is_contiguous():
-            return op(sample, model_output, None, None, sigmas, step_index, *tail)
-        return flow_step(sample, model_output, None, None, sigmas, step_index, None, None, opts)
+            if fast is not None and not compiling():
+                return fast(sample, model_output, sigmas, step_index, next_index)
+            result = op(sample, model_output, None, None, sigmas, step_index, *tail)
+        else:
+            result = flow_step(sample, model_output, None, None, sigmas, step_index, None, None, opts)
+        if next_index >= 0:
+            step_index.fill_(next_index)
+        return result
 
     return step
 

@@ -220,10 +220,11 @@ def checked_table_step(backend, sample, model_output, sigmas, step_index, stocha
 
 
 def table_step_server(backend, sample):
-    """``step(sample, model_output, sigmas, step_index)``: `checked_table_step`'s deterministic call (no noise,
-    no generator) on operands of ``sample``'s dtype and device of which no gradient is asked, its serving function
-    resolved once here (what dispatch gives each such call), for a caller that repeats the call on operands of
-    that kind (a scheduler's steps on one schedule; docs/design.md, "Host overhead")."""
+    """``step(sample, model_output, sigmas, step_index, next_index=-1)``: `checked_table_step`'s deterministic
+    call (no noise, no generator) on operands of ``sample``'s dtype and device of which no gradient is asked, its
+    serving function resolved once here (what dispatch gives each such call), for a caller that repeats the call
+    on operands of that kind (a scheduler's steps on one schedule; docs/design.md, "Host overhead"). With
+    ``next_index >= 0`` it then writes that value into ``step_index`` (the caller's step index advanced)."""
     if backend not in _BACKENDS:
         _check_backend(backend)
     spec = SPECS["flow_step"]
@@ -235,9 +236,12 @@ def table_step_server(backend, sample):
         if fn is extension.flow_step:
             return extension.flow_table_server(opts)
 
-    def step(sample, model_output, sigmas, step_index):
-        return fn(sample, model_output, None, None, sigmas, step_index, None, None, opts, None, None, out=None,
-                  sample_offset=0)
+    def step(sample, model_output, sigmas, step_index, next_index=-1):
+        result = fn(sample, model_output, None, None, sigmas, step_index, None, None, opts, None, None, out=None,
+                    sample_offset=0)
+        if next_index >= 0:
+            step_index.fill_(next_index)
+        return result
 
     return step
 

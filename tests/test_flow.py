@@ -291,7 +291,8 @@ def test_step_out_in_place_and_channels_last(backend):
 @pytest.mark.parametrize("backend,dtype", backend_params(BACKENDS, DTYPES))
 def test_table_step_server_matches_flow_step(backend, dtype):
     """The drop-in scheduler's resolved step (`flow.table_step_server`; the compiled backends call their
-    operator directly on contiguous operands) equals `flow_step`, on contiguous and channels_last operands."""
+    operator directly on contiguous operands, bound once in eager mode) equals `flow_step`, on contiguous and
+    channels_last operands, advancing the step index when given the next one, and under torch.compile."""
     from ddpm_kernels import flow
 
     _backend(backend, "flow_step", dtype)
@@ -305,6 +306,15 @@ def test_table_step_server_matches_flow_step(backend, dtype):
         got = server(x, v, sigmas, index)
         assert got.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(got, dk.flow_step(x, v, sigmas, index, backend=backend), rtol=0, atol=0)
+        # with the next index: the same step, then that index written into step_index in place
+        expected, moved = dk.flow_step(x, v, sigmas, index, backend=backend), index.clone()
+        assert torch.equal(server(x, v, sigmas, moved, STEPS - 1), expected)
+        assert moved.tolist() == [STEPS - 1] * moved.shape[0]
+    if backend == "cpu":  # traced whole by torch.compile (the bound call is for eager mode: the operator there)
+        compiled = torch.compile(server, backend="eager", fullgraph=True)
+        moved = index.clone()
+        assert torch.equal(compiled(sample, model_output, sigmas, moved, STEPS - 1), expected)
+        assert moved.tolist() == [STEPS - 1] * moved.shape[0]
 
 
 @pytest.mark.parametrize("backend", backend_params(BACKENDS))

@@ -163,13 +163,15 @@ class FusedFlowMatchEulerDiscreteScheduler(
     def _dk_direct(self, lane, model_output, sample, dtype):
         """The deterministic step on ``lane`` (`_dk_lane`: no gradient asked of the operands), its ``prev_sample``
         (the step index advanced): the op on the operands as they are, through the lane's server
-        (`flow.table_step_server`, kept per backend and dtype)."""
-        sigmas, step_index, backend = lane.sigmas, lane.index[0], self.fused_backend
+        (`flow.table_step_server`, kept per backend and dtype), which also writes the advanced index into the
+        lane's index tensor (`_dk_advance` in the same call)."""
+        sigmas, entry, backend = lane.sigmas, lane.index, self.fused_backend
         server = lane.server
         if server is None or server[0] != backend or server[1] != dtype:
             server = lane.server = (backend, dtype, flow_ops.table_step_server(backend, sample))
-        prev_sample = server[2](sample, model_output, sigmas, step_index)
-        self._dk_advance()
+        index = entry[1] + 1  # (the lane's entry holds the Python step index: `_dk_lane`)
+        prev_sample = server[2](sample, model_output, sigmas, entry[0], index)
+        self._step_index = entry[1] = index
         return prev_sample
 
     def _dk_step(self, model_output, timestep, sample, generator, per_token_timesteps, guidance=None):

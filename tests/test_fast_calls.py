@@ -1,0 +1,123 @@
+"""Bound operator calls (``ddpm_kernels.extension.bound_op``: ``_C.bind_op`` / ``call_bound``, csrc/fast_calls.cpp),
+the drop-in schedulers' step call with its constant arguments converted once: the same operator through the
+dispatcher as a ``torch.ops`` call with those arguments (bit for bit, seen by dispatch modes), the optional index
+advance after the op, and clear errors for bad bindings and calls."""
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ddpm_kernels import _native, extension
+from helpers import DTYPES
+
+pytestmark = pytest.mark.skipif(_native.bind_op is None, reason="needs the compiled library")
+
+FLOW_TAIL = (None, 1, 1, None, 1, 1, False, 0.0, None, None, 0)  # flow_step after its table operands
+
+
+def _operands(dtype, shape=(3, 3, 5, 7), steps=10):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(dtype)
+    v = torch.randn(shape, generator=g).to(dtype)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    table = torch.linspace(1.0, 0.0, steps + 1, dtype=compute)
+    index = torch.tensor([0, 4, steps - 1][: shape[0]] * (shape[0] // 3 + 1))[: shape[0]]
+    return x, v, table, index
+
+
+class _Seen(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64))
+def test_bound_flow_step_is_the_operator(dtype):
+    """The bound flow step equals the ``torch.ops`` call with the same arguments bit for bit; with a next index
+    it writes it into the step index after the op, with -1 it leaves the index alone."""
+    x, v, table, index = _operands(dtype)
+    op = torch.ops.ddpm_kernels.flow_step.default
+    expected = op(x, v, None, None, table, index, *FLOW_TAIL)
+    call = extension.bound_op("flow_step", (..., ..., None, None, ..., ..., *FLOW_TAIL), advance=5)
+    before = index.clone()
+    assert torch.equal(call(x, v, table, index, -1), expected) and torch.equal(index, before)
+    assert torch.equal(call(x, v, table, index, 7), expected) and index.tolist() == [7] * x.shape[0]
+
+
+def test_bound_calls_of_other_schemas():
+    """A schema with str / float / bool constants and a tuple result (euler_step), and an out form (no result),
+    without an index advance."""
+    x, v, table, index = _operands(torch.float32)
+    args = ("eps", 0.0, 0.0, math.inf, 1.0, 0.0, None, None, 0, True)  # (no churn: no noise drawn)
+    expected = torch.ops.ddpm_kernels.euler_step.default(x, v, None, None, table * 14.6, index, *args)
+    call = extension.bound_op("euler_step", (..., ..., None, None, ..., ..., *args))
+    got = call(x, v, table * 14.6, index)
+    assert isinstance(got, tuple) and len(got) == 2
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    out = torch.empty_like(x)
+    call_out = extension.bound_op("flow_step_out", (..., ..., None, None, ..., ..., *FLOW_TAIL, ...))
+    assert call_out(x, v, table, index, out) is None
+    assert torch.equal(out, torch.ops.ddpm_kernels.flow_step.default(x, v, None, None, table, index, *FLOW_TAIL))
+    # an optional tensor given per call may be None
+    call_opt = extension.bound_op("flow_step", (..., ..., ..., None, ..., ..., *FLOW_TAIL))
+    assert torch.equal(call_opt(x, v, None, table, index), out)
+
+
+def test_bound_call_goes_through_the_dispatcher():
+    """A TorchDispatchMode sees the operator and then the index fill, as it sees ``torch.ops`` calls."""
+    x, v, table, index = _operands(torch.float32)
+    call = extension.bound_op("flow_step", (..., ..., None, None, ..., ..., *FLOW_TAIL), advance=5)
+    with _Seen() as seen:
+        call(x, v, table, index, 3)
+    assert seen.ops[0] == "ddpm_kernels.flow_step.default" and seen.ops[1].startswith("aten.fill_")
+    assert len(seen.ops) == 2
+
+
+def test_bad_bindings():
+    """Binding names what is wrong: the argument count, a tensor constant, a value of the wrong kind, None for a
+    non-optional argument, a per-call slot that is not a tensor, an advance that is not a per-call slot."""
+    bind = _native.bind_op
+    with pytest.raises(TypeError, match="takes 17 arguments, got 3"):
+        bind("ddpm_kernels::flow_step", (..., ..., None))
+    with pytest.raises(TypeError, match="sigma_period"):
+        bind("ddpm_kernels::flow_step", (..., ..., None, None, ..., ..., None, 1.5, *FLOW_TAIL[2:]))
+    with pytest.raises(TypeError, match="sample"):
+        bind("ddpm_kernels::flow_step", (torch.zeros(1), ..., None, None, ..., ..., *FLOW_TAIL))
+    with pytest.raises(TypeError, match="None for stochastic"):
+        bind("ddpm_kernels::flow_step", (..., ..., None, None, ..., ..., *FLOW_TAIL[:6], None, *FLOW_TAIL[7:]))
+    with pytest.raises(TypeError, match="cannot be given per call"):
+        bind("ddpm_kernels::flow_step", (..., ..., None, None, ..., ..., None, ..., *FLOW_TAIL[2:]))
+    with pytest.raises(TypeError, match="advance=2 is not a per-call argument"):
+        bind("ddpm_kernels::flow_step", (..., ..., None, None, ..., ..., *FLOW_TAIL), 2)
+    with pytest.raises(RuntimeError, match="no_such_op"):
+        bind("ddpm_kernels::no_such_op", ())
+
+
+def test_bad_calls_leave_the_index():
+    """A call with the wrong count or kind of arguments raises TypeError naming it; the operator's own errors
+    come back as ``torch.ops`` raises them; the index is advanced only after a successful op."""
+    x, v, table, index = _operands(torch.float32)
+    call = extension.bound_op("flow_step", (..., ..., None, None, ..., ..., *FLOW_TAIL), advance=5)
+    with pytest.raises(TypeError, match="takes 5 per-call arguments, got 4"):
+        call(x, v, table, index)
+    with pytest.raises(TypeError, match="model_output must be a Tensor, got float"):
+        call(x, 1.0, table, index, 1)
+    with pytest.raises(TypeError, match="sample must be a Tensor, got NoneType"):
+        call(None, v, table, index, 1)
+    with pytest.raises(TypeError):
+        call(x, v, table, index, "1")
+    with pytest.raises(RuntimeError, match="sigmas"):
+        call(x, v, table.double(), index, 1)  # a float64 table for float32 data
+    with pytest.raises(RuntimeError, match="model_output"):
+        call(x, v[:1], table, index, 1)
+    assert index.tolist() == [0, 4, 9]
+    with pytest.raises(TypeError, match="bound operator"):
+        _native.call_bound()
+    with pytest.raises(ValueError):
+        _native.call_bound(object(), x)
