@@ -8,8 +8,9 @@ matching" and "Euler steps")."""
 from __future__ import annotations
 
 from ._spec import OPS as SPECS, EulerStepOptions
+from ._checks import _check_backend
 from .flow import _check_step_index, _check_table, cached_options, checked_step, run_step, step_inputs
-from .ops import _options, row_major
+from .ops import _BACKENDS, _dispatch, _options, row_major
 
 __all__ = ["euler_step", "euler_ancestral_step"]
 
@@ -52,6 +53,36 @@ def checked_table_step(name, backend, sample, model_output, sigmas, step_index, 
     opts = _step_options(spec, values, False)
     return checked_step(spec, backend, opts, opts.adds_noise, sample, model_output, (sigmas, step_index), (sigmas,),
                         noise, generator, mixed)
+
+
+def table_step_server(name, backend, sample, values: tuple):
+    """``step(sample, model_output, sigmas, step_index, next_index=-1)``: `checked_table_step`'s call of ``name``
+    with ``values`` (a step without a noise term: `euler_step` without churn; one with noise takes
+    `checked_table_step`) on operands of ``sample``'s dtype and device
+    of which no gradient is asked, its serving function resolved once (what dispatch gives each such call), as
+    `ddpm_kernels.flow.table_step_server` serves `flow_step`; then ``step_index.fill_(next_index)`` when
+    ``next_index >= 0``. Returns what `checked_table_step` returns."""
+    if backend not in _BACKENDS:
+        _check_backend(backend)
+    spec = SPECS[name]
+    opts = _step_options(spec, values, False)
+    if opts.adds_noise:
+        raise ValueError(f"table_step_server serves steps without a noise term; {name} with {values!r} has one")
+    served, fn = _dispatch(spec, backend, sample, opts, (), grad_free=True, with_name=True)
+    if served in ("cpu", "cuda"):  # a compiled backend (loaded by that dispatch): its operator, bound once
+        from . import extension
+
+        if fn is extension.euler_step:
+            return extension.euler_table_server(opts)
+
+    def step(sample, model_output, sigmas, step_index, next_index=-1):
+        result = fn(sample, model_output, None, None, sigmas, step_index, opts, None, None, out=None,
+                    sample_offset=0)
+        if next_index >= 0:
+            step_index.fill_(next_index)
+        return result
+
+    return step
 
 
 def euler_step(

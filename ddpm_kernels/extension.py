@@ -361,6 +361,32 @@ def euler_step(sample, model_output, uncond, guidance, sigmas, step_index, opts,
                      noise, generator, sample_offset, fmt, out)
 
 
+def euler_table_server(opts):
+    """``step(sample, model_output, sigmas, step_index, next_index=-1)``: `euler_step` with ``opts`` (unguided, no
+    noise operand, no generator: a step without a noise term) as `flow_table_server` serves `flow_step`: bound
+    once on contiguous operands in eager mode, then ``step_index.fill_(next_index)`` when ``next_index >= 0``."""
+    name = opts.sampler + "_step"
+    churn = (opts.s_churn, opts.s_tmin, opts.s_tmax, opts.s_noise) if opts.sampler == "euler" else ()
+    tail = (opts.parameterization, *churn, 0.0, None, None, 0, opts.return_pred_x0)
+    op, fast = getattr(_ops(), name), bound_op(name, (..., ..., None, None, ..., ..., *tail), advance=5)
+    compiling = torch.compiler.is_compiling
+
+    def step(sample, model_output, sigmas, step_index, next_index=-1):
+        if sample.is_contiguous() and model_output.is_contiguous():
+            if fast is not None and not compiling():
+                result = fast(sample, model_output, sigmas, step_index, next_index)
+                return result if opts.return_pred_x0 else result[0]
+            result = op(sample, model_output, None, None, sigmas, step_index, *tail)
+            result = result if opts.return_pred_x0 else result[0]
+        else:
+            result = euler_step(sample, model_output, None, None, sigmas, step_index, opts)
+        if next_index >= 0:
+            step_index.fill_(next_index)
+        return result
+
+    return step
+
+
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):
     _, (model_output, x0, noise), _ = _prepare(model_output, x0, noise)
     return _ops().flow_loss(model_output, x0, noise, sigma.flat, sigma.period, sigma.repeat, weighting, loss_type)

@@ -177,6 +177,13 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
         want_x0 = prediction != "sample"
         values = (prediction,) + churn + (want_x0, 0.0)
         out_dtype = model_output.dtype
+        lane = self.__dict__.get("_dk_lane_")
+        if (noise is None and generator is None and name == "euler_step" and not churn[0] and x is sample
+                and out_dtype == torch.float32 and lane is not None and lane.sigmas is sigmas
+                and lane.index[0] is step_index and lane.index[1] == self._step_index):
+            # a float32 step without noise on the lane's table (docs/design.md, "Host overhead"): the server
+            # resolved once per lane, backend and options, which also advances the index tensor
+            return self._dk_served(lane, values, model_output, x, want_x0)
         if out_dtype in _DIRECT_DTYPES:
             result = euler_ops.checked_table_step(name, self.fused_backend, x, model_output, sigmas, step_index,
                                                   values, noise, generator,
@@ -189,6 +196,18 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
             prev_sample = prev_sample.to(out_dtype)
         self._dk_advance()
         return prev_sample, x0
+
+
+    def _dk_served(self, lane, values, model_output, sample, want_x0):
+        """`_dk_call`'s result on `_dk_call`'s fast case, through `euler.table_step_server` kept on ``lane``."""
+        backend, server = self.fused_backend, lane.server
+        if server is None or server[0] != backend or server[1] != values:
+            server = lane.server = (backend, values, euler_ops.table_step_server("euler_step", backend, sample, values))
+        entry = lane.index
+        index = entry[1] + 1
+        result = server[2](sample, model_output, lane.sigmas, entry[0], index)
+        self._step_index = entry[1] = index
+        return result if want_x0 else (result, model_output)
 
 
 class FusedEulerDiscreteScheduler(_FusedEulerMixin, EulerDiscreteScheduler, output=EulerDiscreteSchedulerOutput):
