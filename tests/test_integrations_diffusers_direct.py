@@ -1,6 +1,6 @@
-"""The direct step of the sigma-table drop-ins (flow matching, Euler, ancestral Euler): a step that continues the
-schedule of the last fused step on operands of the kind it checked skips the checks that step made
-(docs/design.md, "Host overhead"). Whatever changes between two steps of a loop (the step index, the
+"""The direct step of the sigma-table drop-ins (flow matching, Euler, ancestral Euler) and the checked solver call
+of the solver drop-ins (DPM-Solver++, UniPC): a step that continues the schedule of the last fused step on
+operands of the kind it checked skips the checks that step made (docs/design.md, "Host overhead"). Whatever changes between two steps of a loop (the step index, the
 dtypes, the config edited in place, the table edited in place, the batch, an integer timestep, a gradient
 asked of the model output, the backend) must give what the fully checked step gives, bit for bit, and what
 the stock scheduler gives (its result, dtype, error)."""
@@ -13,11 +13,13 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from diffusers import (  # noqa: E402
-    EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+    DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,
 )
 
 from ddpm_kernels.integrations.diffusers import (  # noqa: E402
-    FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler, FusedFlowMatchEulerDiscreteScheduler,
+    FusedDPMSolverMultistepScheduler, FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler,
+    FusedFlowMatchEulerDiscreteScheduler, FusedUniPCMultistepScheduler,
 )
 
 SHAPE = (2, 4, 6, 5)
@@ -28,14 +30,19 @@ FAMILIES = {
     "euler": (EulerDiscreteScheduler, FusedEulerDiscreteScheduler, dict(beta_schedule="scaled_linear")),
     "ancestral": (EulerAncestralDiscreteScheduler, FusedEulerAncestralDiscreteScheduler,
                   dict(beta_schedule="scaled_linear")),
+    "dpm": (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear")),
+    "unipc": (UniPCMultistepScheduler, FusedUniPCMultistepScheduler, dict(beta_schedule="scaled_linear")),
 }
+TAKES_GENERATOR = ("flow", "euler", "ancestral", "dpm")  # (UniPC's step has no generator argument)
 # a config entry each step reads, edited in place: to a value the step takes, and to one the stock step refuses
 # (the flow step reads no entry it could refuse)
 CONFIG_EDITS = {
     "config_in_place": {"flow": ("stochastic_sampling", True), "euler": ("prediction_type", "v_prediction"),
-                        "ancestral": ("prediction_type", "v_prediction")},
+                        "ancestral": ("prediction_type", "v_prediction"), "dpm": ("prediction_type", "v_prediction"),
+                        "unipc": ("prediction_type", "v_prediction")},
     "config_refused": {"flow": ("stochastic_sampling", True), "euler": ("prediction_type", "x0"),
-                       "ancestral": ("prediction_type", "sample")},
+                       "ancestral": ("prediction_type", "sample"), "dpm": ("prediction_type", "x0"),
+                       "unipc": ("prediction_type", "x0")},
 }
 
 
@@ -103,10 +110,12 @@ def run(scheduler, family, name, full_checks=False):
             scheduler.scale_model_input(x, t)  # (the Euler steps warn without it; its result is not needed)
         if full_checks:
             scheduler.__dict__.pop("_dk_lane_", None)
+            scheduler.__dict__.pop("_dk_checked_", None)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # (the fused step names the stock path it takes)
-                out = scheduler.step(mo, t, x, generator=g).prev_sample
+                kwargs = dict(generator=g) if family in TAKES_GENERATOR else {}
+                out = scheduler.step(mo, t, x, **kwargs).prev_sample
         except Exception as exc:  # noqa: BLE001  (the stock error must be the fused one)
             results.append((type(exc), str(exc)))
             break
@@ -132,8 +141,16 @@ EVENTS = [
 ]
 
 
-@pytest.mark.parametrize("name", EVENTS)
-@pytest.mark.parametrize("family", list(FAMILIES))
+# the solver drop-ins' events: those of a loop that continues after them as the sigma-table steps' do (a solver's
+# stock step also takes integer timesteps, and its history of earlier outputs makes a changed dtype, batch or
+# step index a different loop from there on)
+SOLVER_EVENTS = ["none", "mixed_bf16", "config_in_place", "config_refused", "sigmas_in_place", "sigmas_replaced",
+                 "channels_last", "model_output_shape", "backend"]
+CASES = [(family, name) for family in FAMILIES for name in EVENTS
+         if family not in ("dpm", "unipc") or name in SOLVER_EVENTS]
+
+
+@pytest.mark.parametrize("family,name", CASES)
 def test_direct_step_gives_the_checked_and_the_stock_result(family, name):
     stock_class, fused_class, config = FAMILIES[family]
     stock = stock_class(**config)

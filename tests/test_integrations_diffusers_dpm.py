@@ -423,3 +423,36 @@ def test_same_images_as_stock_on_cuda():
             x = s.step(model(x, t), t, x, generator=g).prev_sample
         results.append(x)
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_repeated_plain_steps_take_the_checked_call(monkeypatch):
+    """After a plain step (no noise, one dtype) passed `solver_step`'s checks, the next steps on the same table,
+    index tensor and ring go through the server resolved then (`solvers.table_step_server`: no checks, the index
+    advanced in the same call), bit for bit the fully checked step; a step on other operands (a float16 model
+    output) takes `solver_step`, and the next plain one the server again."""
+    calls = []
+    real_step, real_server = _solver.solver_step, _solver.table_step_server
+
+    def spy_step(*args, **kwargs):
+        calls.append(("checked", args[3].tolist()))
+        return real_step(*args, **kwargs)
+
+    def spy_server(*args):
+        step = real_server(*args)
+        return lambda *b: calls.append(("server", b[3].tolist())) or step(*b)
+
+    monkeypatch.setattr(_solver, "solver_step", spy_step)
+    monkeypatch.setattr(_solver, "table_step_server", spy_server)
+    stock, fused = pair(dict(algorithm_type="dpmsolver++", solver_order=2), 6)
+    checked = FusedDPMSolverMultistepScheduler.from_config(stock.config)
+    checked.set_timesteps(6)
+    x = y = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    for k, t in enumerate(fused.timesteps):
+        out = model(x, t) if k != 4 else model(x, t).half()
+        x = fused.step(out, t, x).prev_sample
+        checked.__dict__.pop("_dk_checked_", None)  # every step fully checked
+        y = checked.step(out, t, y).prev_sample
+        assert torch.equal(x, y), k
+    ours = calls[::2]  # (the calls of `fused`; `checked` takes solver_step every step)
+    assert [c[0] for c in ours] == ["checked", "server", "server", "server", "checked", "server"]
+    assert [c[1] for c in ours] == [[k] * SHAPE[0] for k in range(6)]

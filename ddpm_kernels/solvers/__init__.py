@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 
 from .._layout import CONTIGUOUS, dense_format
-from .._checks import _check_like, _check_step_index
+from .._checks import _check_backend, _check_like, _check_step_index
 from .._spec import OPS as SPECS, SolverColumns, SolverStepOptions
 from ..flow import cached_options, run_step, step_inputs
-from ..ops import _options
+from ..ops import _BACKENDS, _dispatch, _options
 
 __all__ = ["SolverColumns", "solver_step", "new_history"]
 
@@ -87,6 +87,34 @@ def new_history(sample: torch.Tensor, slots: int) -> torch.Tensor:
     flat = torch.empty((slots * sample.shape[0],) + tuple(sample.shape[1:]), dtype=sample.dtype,
                        device=sample.device, memory_format=fmt)
     return flat.zero_().view((slots,) + tuple(sample.shape))
+
+
+def table_step_server(backend, sample, clip_range=None):
+    """``step(sample, model_output, coefficients, step_index, history, last_sample, next_index=-1)``: `solver_step`'s
+    call without a noise term, guidance or thresholding (``clip_range`` as `solver_step` takes it) on operands of
+    ``sample``'s dtype and device of which no gradient is asked, its serving function resolved once (what dispatch
+    gives each such call), for a caller that made the same call through `solver_step` and its checks before and
+    repeats it on the same table, index tensor and state tensors (a drop-in scheduler's steps; docs/design.md,
+    "Host overhead"); then ``step_index.fill_(next_index)`` when ``next_index >= 0``."""
+    if backend not in _BACKENDS:
+        _check_backend(backend)
+    spec = SPECS["solver_step"]
+    opts = _step_options((False, clip_range, None, 1.0, 0.0), False)
+    name, fn = _dispatch(spec, backend, sample, opts, (), grad_free=True, with_name=True)
+    if name in ("cpu", "cuda"):  # a compiled backend (loaded by that dispatch): its operator, bound once
+        from .. import extension
+
+        if fn is extension.solver_step:
+            return extension.solver_table_server(opts)
+
+    def step(sample, model_output, coefficients, step_index, history, last_sample, next_index=-1):
+        result = fn(sample, model_output, None, None, coefficients, step_index, history, last_sample, opts, None, None,
+                    out=None, sample_offset=0)
+        if next_index >= 0:
+            step_index.fill_(next_index)
+        return result
+
+    return step
 
 
 def solver_step(

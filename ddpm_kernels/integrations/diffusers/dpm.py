@@ -47,7 +47,6 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from ...solvers import solver_step
 from ...solvers._columns import PREDICTION_TYPES
 from ...solvers.dpm import ALGORITHMS, dpm_solver_slots, dpm_solver_table
 from ._common import _device, _randn
@@ -210,17 +209,11 @@ class FusedDPMSolverMultistepScheduler(_SigmaSolverDropIn, DPMSolverMultistepSch
         slots = checked.slots
         ring = self._dk_buffers(x, slots)[0] if slots else None
         device = x.device
-        if step.threshold is None:
-            prev_sample = solver_step(
-                x, output, self._dk_table(schedule, begin, _device(device)), self._dk_index_tensor(index, x.shape[0],
-                device), ring, None, noise, generator_for_op, self.fused_backend, stochastic=stochastic,
-            )
-        else:
-            prev_sample = solver_step(
-                x, output, self._dk_table(schedule, begin, _device(device)), self._dk_index_tensor(index, x.shape[0],
-                device), ring, None, noise, generator_for_op, self.fused_backend, stochastic=stochastic,
-                threshold_ratio=step.threshold[0], threshold_max=step.threshold[1],
-            )
+        options = {"stochastic": True} if stochastic else {}
+        if step.threshold is not None:
+            options.update(threshold_ratio=step.threshold[0], threshold_max=step.threshold[1])
+        prev_sample = self._dk_solve(x, output, self._dk_table(schedule, begin, _device(device)), index, ring, None,
+                                     noise, generator_for_op, **options)
         # the stock dtype: that of its converted output
         dtype = output.dtype if step.output_dtype else torch.promote_types(sample.dtype, output.dtype)
         if prev_sample.dtype != dtype:
@@ -229,7 +222,6 @@ class FusedDPMSolverMultistepScheduler(_SigmaSolverDropIn, DPMSolverMultistepSch
             self.lower_order_nums += 1
         self.__dict__["_dk_ring_used"] = True
         self.__dict__["_dk_last"] = index
-        self._dk_advance()
         if not return_dict:
             return (prev_sample,)
         return self._make_output(prev_sample)
