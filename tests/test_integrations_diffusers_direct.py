@@ -146,8 +146,9 @@ EVENTS = [
 # step index a different loop from there on)
 SOLVER_EVENTS = ["none", "mixed_bf16", "config_in_place", "config_refused", "sigmas_in_place", "sigmas_replaced",
                  "channels_last", "model_output_shape", "backend"]
+SOLVER_EVENTS = {"dpm": SOLVER_EVENTS + ["half", "float64"], "unipc": SOLVER_EVENTS}
 CASES = [(family, name) for family in FAMILIES for name in EVENTS
-         if family not in ("dpm", "unipc") or name in SOLVER_EVENTS]
+         if family not in SOLVER_EVENTS or name in SOLVER_EVENTS[family]]
 
 
 @pytest.mark.parametrize("family,name", CASES)
@@ -173,3 +174,20 @@ def test_direct_step_gives_the_checked_and_the_stock_result(family, name):
     if name in ("past_the_end", "one_past_the_end", "int_timestep", "model_output_shape") or (
             name == "config_refused" and family != "flow"):
         assert len(got[-1]) == 2  # (the stock error: the event did happen)
+
+
+@pytest.mark.parametrize("name", ["half", "float64"])
+def test_unipc_step_in_another_precision_keeps_the_history(name):
+    """A UniPC step whose sample and model output come in another precision in the middle of a loop moves the ring
+    and the last sample into buffers of that dtype with their values: that step and the next ones are the stock
+    values (the stock step's result dtype there follows its float32 state instead; the values are compared)."""
+    stock_class, fused_class, config = FAMILIES["unipc"]
+    stock = stock_class(**config)
+    fused = fused_class.from_config(stock.config)
+    expected, got = run(stock, "unipc", name), run(fused, "unipc", name)
+    assert len(got) == len(expected) == STEPS
+    for i, (g, e) in enumerate(zip(got, expected)):
+        scale = max(1.0, e[0].abs().max().item())
+        tol = tolerance(name, i)
+        torch.testing.assert_close(g[0].double(), e[0].double(), rtol=tol, atol=tol * scale, msg=f"step {i}")
+        assert g[2] == e[2]

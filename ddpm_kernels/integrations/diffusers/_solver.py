@@ -137,8 +137,9 @@ class _SolverDropIn(_StepIndex, _FusedBase):
 
     def _dk_table(self, schedule: _Schedule, begin: int, device: torch.device) -> torch.Tensor:
         """The float64 table for a loop starting at ``begin`` on ``device``: built on the host once per (begin,
-        config), copied to the device once (from pinned memory without waiting on a CUDA device)."""
-        key = (begin, self._dk_config().key)
+        config), copied to the device once (from pinned memory without waiting on a CUDA device). Called by a
+        step after `_dk_prepare`, whose `_dk_config` it reads."""
+        key = (begin, self.__dict__["_dk_config_"].key)  # (checked this step: `_dk_prepare`)
         table = schedule.devices.get((key, device))
         if table is None:
             host = schedule.tables.get(key)
@@ -169,15 +170,21 @@ class _SolverDropIn(_StepIndex, _FusedBase):
     # ------------------------------------------------------------------ buffers
     def _dk_buffers(self, sample: torch.Tensor, slots: int):
         """The history ring and the last-sample buffer for samples like ``sample``, allocated once per shape,
-        dtype, device and ring size, in the memory format the kernels run ``sample`` in. A sample whose layout
-        changes within a loop (a permuted first sample, row-major results after it) moves the state into the
-        new format with its values: the ring's history and the last sample are never lost between steps."""
+        dtype, device and ring size, in the memory format the kernels run ``sample`` in. A sample whose layout,
+        dtype or device changes within a loop (a permuted first sample, row-major results after it; a step in
+        another precision) moves the state into the new buffers with its values (converted as ``copy_``
+        converts): the ring's history and the last sample are never lost between steps of one shape."""
         key = (sample.shape, sample.dtype, sample.device, slots)
         fmt = dense_format(sample)
         cached = self.__dict__.get("_dk_buffers_")
         if cached is None or cached[0] != key:
             history = new_history(sample, slots) if slots else None
-            cached = self.__dict__["_dk_buffers_"] = (key, history, empty_in_format(sample, fmt), fmt)
+            last = empty_in_format(sample, fmt)
+            if cached is not None and cached[0][0] == key[0] and cached[0][3] == slots:
+                if slots:
+                    history.copy_(cached[1])
+                last.copy_(cached[2])
+            cached = self.__dict__["_dk_buffers_"] = (key, history, last, fmt)
         elif cached[3] is not fmt:
             history = new_history(sample, slots).copy_(cached[1]) if slots else None
             cached = self.__dict__["_dk_buffers_"] = (key, history, empty_in_format(sample, fmt).copy_(cached[2]), fmt)
@@ -217,7 +224,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         x = sample if sample.dtype == dtype else sample.to(dtype)
         device = _device(x.device)
         history = None
-        slots = self._dk_config().slots
+        slots = self.__dict__["_dk_config_"].slots  # (checked this step: `_dk_prepare`)
         if last is None or slots:
             history, own_last = self._dk_buffers(x, slots)
             last = own_last if last is None else last

@@ -159,7 +159,7 @@ class FusedDPMSolverMultistepScheduler(_SigmaSolverDropIn, DPMSolverMultistepSch
         # the stock order follows lower_order_nums (the steps taken, capped at the order): the table of a loop
         # that started that many steps ago, kept while it gives the same order (another one if the state was set
         # from outside)
-        checked = self._dk_config()
+        checked = self.__dict__["_dk_config_"]  # (checked by the common _dk_prepare)
         order, slots = checked.extra.order, checked.slots
         taken = min(self.lower_order_nums, order)
         if slots and taken and (self.__dict__.get("_dk_ring_used") is not True
