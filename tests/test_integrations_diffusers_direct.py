@@ -146,7 +146,7 @@ EVENTS = [
 # step index a different loop from there on)
 SOLVER_EVENTS = ["none", "mixed_bf16", "config_in_place", "config_refused", "sigmas_in_place", "sigmas_replaced",
                  "channels_last", "model_output_shape", "backend"]
-SOLVER_EVENTS = {"dpm": SOLVER_EVENTS + ["half", "float64"], "unipc": SOLVER_EVENTS}
+SOLVER_EVENTS = {"dpm": SOLVER_EVENTS + ["half", "float64"], "unipc": SOLVER_EVENTS + ["step_index_back", "grad"]}
 CASES = [(family, name) for family in FAMILIES for name in EVENTS
          if family not in SOLVER_EVENTS or name in SOLVER_EVENTS[family]]
 

@@ -297,3 +297,44 @@ class _SigmaSolverDropIn(_SolverDropIn):
     def _dk_build(self, schedule: _Schedule, begin: int) -> np.ndarray:
         return self._dk_sigma_table(schedule.host_sources[0][: schedule.steps + 1],
                                     flow_sigmas=bool(self.config.use_flow_sigmas), begin_index=begin)
+
+
+class _RingHistory:
+    """The stock history lists of a multistep drop-in whose ring holds them (DPM-Solver++, UniPC): after a fused
+    step (``_dk_ring_used`` True, ``_dk_last`` its step index) ``model_outputs`` lists views of the ring's entries,
+    oldest first, as the stock step would have listed them (`_dk_history`); a list assigned from outside (the
+    stock code's resets, a user's) is kept as it is until the next fused step. A loop that hands over to the
+    stock step in its middle first copies the history into plain lists (`_dk_hand_over`), which the stock steps
+    then update as theirs."""
+
+    def _dk_history(self, entry):
+        """``entry(slot or None, steps back)`` for each of the last ``solver_order`` steps, oldest first."""
+        order, last = self.config.solver_order, self.__dict__["_dk_last"]
+        values = [None] * order
+        buffers = self.__dict__.get("_dk_buffers_")
+        slots = self._dk_slots
+        if not slots or buffers is None or buffers[0][-1] != slots:  # no ring at the first order
+            return values
+        ring = buffers[1]
+        for j in range(min(self.lower_order_nums, ring.shape[0])):  # the step j steps before the last
+            values[order - 1 - j] = entry(ring[(last - j) % ring.shape[0]], last - j)
+        return values
+
+    @property
+    def model_outputs(self):
+        """The converted model outputs of the last steps, oldest first, as the stock list (views of the ring)."""
+        if self.__dict__.get("_dk_ring_used") is not True:
+            return self.__dict__.get("_dk_model_outputs")
+        return self._dk_history(lambda slot, index: slot)
+
+    @model_outputs.setter
+    def model_outputs(self, value):
+        # the stock code resets it in __init__ / set_timesteps; a list set from outside is kept as it is (the
+        # stock step never reads an entry older than its warm-up either, and neither does the fused one)
+        self.__dict__["_dk_model_outputs"] = value
+        self.__dict__["_dk_ring_used"] = False
+
+    def _dk_hand_over(self) -> None:
+        """Before the stock step takes over the rest of a loop: the ring's history as the stock list."""
+        if self.__dict__.get("_dk_ring_used") is True:
+            self.model_outputs = list(self.model_outputs)

@@ -50,7 +50,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from ...solvers._columns import PREDICTION_TYPES
 from ...solvers.dpm import ALGORITHMS, dpm_solver_slots, dpm_solver_table
 from ._common import _device, _randn
-from ._solver import _SigmaSolverDropIn, threshold_unsupported
+from ._solver import _RingHistory, _SigmaSolverDropIn, threshold_unsupported
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
 
@@ -67,34 +67,11 @@ class _StepConfig:
     __slots__ = ("order", "sde", "threshold", "output_dtype")
 
 
-class FusedDPMSolverMultistepScheduler(_SigmaSolverDropIn, DPMSolverMultistepScheduler, output=SchedulerOutput):
+class FusedDPMSolverMultistepScheduler(_RingHistory, _SigmaSolverDropIn, DPMSolverMultistepScheduler,
+                                       output=SchedulerOutput):
     """diffusers' ``DPMSolverMultistepScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
 
-
-    # ------------------------------------------------------------------ stock attributes
-    @property
-    def model_outputs(self):
-        """The converted model outputs of the last steps, oldest first, as the stock list (views of the ring)."""
-        if self.__dict__.get("_dk_ring_used") is not True:
-            return self.__dict__.get("_dk_model_outputs")
-        order, last = self.config.solver_order, self.__dict__["_dk_last"]
-        outputs = [None] * order
-        buffers = self.__dict__.get("_dk_buffers_")
-        if not self._dk_slots or buffers is None or buffers[0][-1] != self._dk_slots:  # no ring at the first order
-            return outputs
-        ring = buffers[1]
-        slots = ring.shape[0]
-        for j in range(min(self.lower_order_nums, slots)):  # the output of the step j steps before the last
-            outputs[order - 1 - j] = ring[(last - j) % slots]
-        return outputs
-
-    @model_outputs.setter
-    def model_outputs(self, value):
-        # the stock code resets it in __init__ / set_timesteps; a list set from outside is kept as it is (the
-        # stock step never reads an entry older than its warm-up either, and neither does the fused one)
-        self.__dict__["_dk_model_outputs"] = value
-        self.__dict__["_dk_ring_used"] = False
 
     # ------------------------------------------------------------------ the table
     @property
@@ -188,7 +165,9 @@ class FusedDPMSolverMultistepScheduler(_SigmaSolverDropIn, DPMSolverMultistepSch
             # the rest of this loop takes the stock path too: its history is the stock list from here on
             if self.num_inference_steps is not None and self.__dict__.get("_dk_stock_loop") is not True:
                 self.__dict__["_dk_stock_loop"] = True
-                self.model_outputs = list(self.model_outputs or [None] * config.solver_order)
+                self._dk_hand_over()
+                if self.model_outputs is None:
+                    self.model_outputs = [None] * config.solver_order
             return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
                                 return_dict=return_dict)
         schedule, index, begin = prepared

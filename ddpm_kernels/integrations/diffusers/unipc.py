@@ -16,10 +16,11 @@ another). What changes against the stock class:
   (B,) device tensor advanced in place, found on the first step as `FusedEulerDiscreteScheduler` finds it.
 * The converted model outputs live in a ring of ``solver_order`` preallocated tensors and the corrector's last
   sample in a preallocated buffer (``last_sample`` is that buffer, overwritten by the next step); a loop
-  allocates nothing per step but its results. ``model_outputs`` and ``timestep_list`` are not kept;
-  ``lower_order_nums`` and ``this_order`` are, as stock keeps them. A step index moved back by hand in the
-  middle of a loop starts the warm-up again there (stock keeps counting ``lower_order_nums`` and reads the
-  later steps' outputs its list still holds).
+  allocates nothing per step but its results. ``model_outputs`` and ``timestep_list`` list the ring's entries
+  and their timesteps as stock lists them (views of the ring), and ``lower_order_nums`` and ``this_order`` are
+  kept as stock keeps them; a step the fused op does not take (a gradient asked of the model output, say), a
+  step index moved by hand in the middle of a loop or outputs set from outside hand the rest of the loop to the
+  stock step with that history.
 * The coefficients (the rhos' linear solves included) are float64, not float32, and the step computes in
   float32 (float64 for float64 data) and rounds once to the sample's dtype: the results agree with stock
   within float32 rounding, and for bf16 / fp16 samples or model outputs they are closer to the float64
@@ -47,7 +48,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ...solvers._columns import PREDICTION_TYPES
 from ...solvers.unipc import SOLVER_TYPES, unipc_coefficients
-from ._solver import _SigmaSolverDropIn, threshold_unsupported
+from ._solver import _RingHistory, _SigmaSolverDropIn, threshold_unsupported
 
 __all__ = ["FusedUniPCMultistepScheduler"]
 
@@ -60,9 +61,44 @@ def _step_list(steps) -> tuple:
     return tuple(steps.tolist() if isinstance(steps, (np.ndarray, torch.Tensor)) else steps)
 
 
-class FusedUniPCMultistepScheduler(_SigmaSolverDropIn, UniPCMultistepScheduler, output=SchedulerOutput):
+class FusedUniPCMultistepScheduler(_RingHistory, _SigmaSolverDropIn, UniPCMultistepScheduler, output=SchedulerOutput):
     """diffusers' ``UniPCMultistepScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.solvers.solver_step`; see the module docstring for what differs."""
+
+    @property
+    def timestep_list(self):
+        """The timesteps of the steps whose outputs `model_outputs` lists (the stock list after fused steps)."""
+        if self.__dict__.get("_dk_ring_used") is not True:
+            return self.__dict__.get("_dk_timestep_list")
+        timesteps = self.timesteps
+        return self._dk_history(lambda slot, index: timesteps[index])
+
+    @timestep_list.setter
+    def timestep_list(self, value):
+        self.__dict__["_dk_timestep_list"] = value
+
+
+    def _dk_hand_over(self) -> None:
+        if self.__dict__.get("_dk_ring_used") is True:
+            self.timestep_list = list(self.timestep_list)
+        super()._dk_hand_over()
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        for key in ("_dk_stock_loop", "_dk_last"):
+            self.__dict__.pop(key, None)
+
+    def _dk_prepare(self, model_output, timestep, sample):
+        """The common preparation, or None when the ring does not hold the outputs the stock step would read (a
+        step index moved within the loop, outputs set from outside): the stock step takes the rest of the loop."""
+        prepared = super()._dk_prepare(model_output, timestep, sample)
+        if prepared is not None and self.lower_order_nums and (
+                self.__dict__.get("_dk_ring_used") is not True
+                or prepared[1] != self.__dict__.get("_dk_last", -2) + 1):
+            self._dk_stock("history", "the earlier outputs or the step index were set from outside the loop, so "
+                           "the ring does not hold the outputs the stock step would read")
+            return None
+        return prepared
 
 
     @property
@@ -113,8 +149,12 @@ class FusedUniPCMultistepScheduler(_SigmaSolverDropIn, UniPCMultistepScheduler, 
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """As ``UniPCMultistepScheduler.step``, fused and sync-free."""
-        prepared = self._dk_prepare(model_output, timestep, sample)
+        prepared = None if self.__dict__.get("_dk_stock_loop") else self._dk_prepare(model_output, timestep, sample)
         if prepared is None:
+            # the rest of this loop takes the stock path too: its history is the stock lists from here on
+            if self.num_inference_steps is not None and self.__dict__.get("_dk_stock_loop") is not True:
+                self.__dict__["_dk_stock_loop"] = True
+                self._dk_hand_over()
             return super().step(model_output, timestep, sample, return_dict=return_dict)
         schedule, index, begin = prepared
         c = self.config
@@ -131,6 +171,8 @@ class FusedUniPCMultistepScheduler(_SigmaSolverDropIn, UniPCMultistepScheduler, 
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1
         self.last_sample = last
+        self.__dict__["_dk_ring_used"] = True
+        self.__dict__["_dk_last"] = index
         if not return_dict:
             return (prev,)
         return self._make_output(prev)
