@@ -20,6 +20,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -192,9 +193,14 @@ PyObject* py_call_bound(PyObject* /*self*/, PyObject* const* args, Py_ssize_t na
     if (!index.isTensor()) type_error("call_bound: " + bound->name + ": next_index given without an index tensor");
     advanced = index.toTensor();
   }
-  bound->op.callBoxed(stack);
-  // a scalar write on the device (no host read of it), as the caller's Python fill_ would do
-  if (next_index >= 0) advanced.fill_(next_index);
+  {
+    // without the GIL while the operator runs, as torch.ops calls run (a large CPU step does not hold up the
+    // interpreter's other threads; the dispatcher takes the GIL where a Python mode or kernel needs it)
+    pybind11::gil_scoped_release no_gil;
+    bound->op.callBoxed(stack);
+    // a scalar write on the device (no host read of it), as the caller's Python fill_ would do
+    if (next_index >= 0) advanced.fill_(next_index);
+  }
   return wrap_result(stack);
   END_HANDLE_TH_ERRORS
 }
