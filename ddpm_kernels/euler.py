@@ -56,18 +56,15 @@ def checked_table_step(name, backend, sample, model_output, sigmas, step_index, 
 
 
 def table_step_server(name, backend, sample, values: tuple):
-    """``step(sample, model_output, sigmas, step_index, next_index=-1)``: `checked_table_step`'s call of ``name``
-    with ``values`` (a step without a noise term: `euler_step` without churn; one with noise takes
-    `checked_table_step`) on operands of ``sample``'s dtype and device
-    of which no gradient is asked, its serving function resolved once (what dispatch gives each such call), as
-    `ddpm_kernels.flow.table_step_server` serves `flow_step`; then ``step_index.fill_(next_index)`` when
-    ``next_index >= 0``. Returns what `checked_table_step` returns."""
+    """``step(sample, model_output, sigmas, step_index, noise=None, next_index=-1)``: `checked_table_step`'s call
+    of ``name`` with ``values`` (``noise`` read when the step has a noise term; no generator) on operands of
+    ``sample``'s dtype and device of which no gradient is asked, its serving function resolved once (what dispatch
+    gives each such call), as `ddpm_kernels.flow.table_step_server` serves `flow_step`; then
+    ``step_index.fill_(next_index)`` when ``next_index >= 0``. Returns what `checked_table_step` returns."""
     if backend not in _BACKENDS:
         _check_backend(backend)
     spec = SPECS[name]
     opts = _step_options(spec, values, False)
-    if opts.adds_noise:
-        raise ValueError(f"table_step_server serves steps without a noise term; {name} with {values!r} has one")
     served, fn = _dispatch(spec, backend, sample, opts, (), grad_free=True, with_name=True)
     if served in ("cpu", "cuda"):  # a compiled backend (loaded by that dispatch): its operator, bound once
         from . import extension
@@ -75,8 +72,8 @@ def table_step_server(name, backend, sample, values: tuple):
         if fn is extension.euler_step:
             return extension.euler_table_server(opts)
 
-    def step(sample, model_output, sigmas, step_index, next_index=-1):
-        result = fn(sample, model_output, None, None, sigmas, step_index, opts, None, None, out=None,
+    def step(sample, model_output, sigmas, step_index, noise=None, next_index=-1):
+        result = fn(sample, model_output, None, None, sigmas, step_index, opts, noise, None, out=None,
                     sample_offset=0)
         if next_index >= 0:
             step_index.fill_(next_index)

@@ -381,24 +381,26 @@ def euler_step(sample, model_output, uncond, guidance, sigmas, step_index, opts,
 
 
 def euler_table_server(opts):
-    """``step(sample, model_output, sigmas, step_index, next_index=-1)``: `euler_step` with ``opts`` (unguided, no
-    noise operand, no generator: a step without a noise term) as `flow_table_server` serves `flow_step`: bound
-    once on contiguous operands in eager mode, then ``step_index.fill_(next_index)`` when ``next_index >= 0``."""
+    """``step(sample, model_output, sigmas, step_index, noise=None, next_index=-1)``: `euler_step` /
+    `euler_ancestral_step` with ``opts`` (unguided, no generator; ``noise`` read when the step has a noise term)
+    as `flow_table_server` serves `flow_step`: bound once on contiguous operands in eager mode, then
+    ``step_index.fill_(next_index)`` when ``next_index >= 0``."""
     name = opts.sampler + "_step"
     churn = (opts.s_churn, opts.s_tmin, opts.s_tmax, opts.s_noise) if opts.sampler == "euler" else ()
-    tail = (opts.parameterization, *churn, 0.0, None, None, 0, opts.return_pred_x0)
-    op, fast = getattr(_ops(), name), bound_op(name, (..., ..., None, None, ..., ..., *tail), advance=5)
+    leading = (opts.parameterization, *churn, 0.0)
+    tail = (None, 0, opts.return_pred_x0)  # (generator, sample_offset, return_pred_x0)
+    op, fast = getattr(_ops(), name), bound_op(name, (..., ..., None, None, ..., ..., *leading, ..., *tail), advance=5)
     compiling = torch.compiler.is_compiling
 
-    def step(sample, model_output, sigmas, step_index, next_index=-1):
-        if sample.is_contiguous() and model_output.is_contiguous():
+    def step(sample, model_output, sigmas, step_index, noise=None, next_index=-1):
+        if sample.is_contiguous() and model_output.is_contiguous() and (noise is None or noise.is_contiguous()):
             if fast is not None and not compiling():
-                result = fast(sample, model_output, sigmas, step_index, next_index)
+                result = fast(sample, model_output, sigmas, step_index, noise, next_index)
                 return result if opts.return_pred_x0 else result[0]
-            result = op(sample, model_output, None, None, sigmas, step_index, *tail)
+            result = op(sample, model_output, None, None, sigmas, step_index, *leading, noise, *tail)
             result = result if opts.return_pred_x0 else result[0]
         else:
-            result = euler_step(sample, model_output, None, None, sigmas, step_index, opts)
+            result = euler_step(sample, model_output, None, None, sigmas, step_index, opts, noise)
         if next_index >= 0:
             step_index.fill_(next_index)
         return result

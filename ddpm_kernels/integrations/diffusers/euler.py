@@ -178,12 +178,12 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
         values = (prediction,) + churn + (want_x0, 0.0)
         out_dtype = model_output.dtype
         lane = self.__dict__.get("_dk_lane_")
-        if (noise is None and generator is None and name == "euler_step" and not churn[0] and x is sample
-                and out_dtype == torch.float32 and lane is not None and lane.sigmas is sigmas
-                and lane.index[0] is step_index and lane.index[1] == self._step_index):
-            # a float32 step without noise on the lane's table (docs/design.md, "Host overhead"): the server
-            # resolved once per lane, backend and options, which also advances the index tensor
-            return self._dk_served(lane, values, model_output, x, want_x0)
+        if (generator is None and x is sample and out_dtype == torch.float32 and lane is not None
+                and lane.sigmas is sigmas and lane.index[0] is step_index and lane.index[1] == self._step_index
+                and (noise is None or noise.dtype == out_dtype)):
+            # a float32 step on the lane's table, its noise (if any) given (docs/design.md, "Host overhead"): the
+            # server resolved once per lane, backend, op and options, which also advances the index tensor
+            return self._dk_served(lane, name, values, model_output, x, noise, want_x0)
         if out_dtype in _DIRECT_DTYPES:
             result = euler_ops.checked_table_step(name, self.fused_backend, x, model_output, sigmas, step_index,
                                                   values, noise, generator,
@@ -198,14 +198,19 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
         return prev_sample, x0
 
 
-    def _dk_served(self, lane, values, model_output, sample, want_x0):
-        """`_dk_call`'s result on `_dk_call`'s fast case, through `euler.table_step_server` kept on ``lane``."""
-        backend, server = self.fused_backend, lane.server
-        if server is None or server[0] != backend or server[1] != values:
-            server = lane.server = (backend, values, euler_ops.table_step_server("euler_step", backend, sample, values))
+    def _dk_served(self, lane, name, values, model_output, sample, noise, want_x0):
+        """`_dk_call`'s result on `_dk_call`'s fast case, through `euler.table_step_server` kept on ``lane`` (one
+        per backend, op and options: a churning loop alternates two)."""
+        servers = lane.server
+        if servers is None:
+            servers = lane.server = {}
+        key = (self.fused_backend, name, values)
+        server = servers.get(key)
+        if server is None:
+            server = servers[key] = euler_ops.table_step_server(name, key[0], sample, values)
         entry = lane.index
         index = entry[1] + 1
-        result = server[2](sample, model_output, lane.sigmas, entry[0], index)
+        result = server(sample, model_output, lane.sigmas, entry[0], noise, index)
         self._step_index = entry[1] = index
         return result if want_x0 else (result, model_output)
 
