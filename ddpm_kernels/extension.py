@@ -352,17 +352,21 @@ def solver_step(sample, model_output, uncond, guidance, coefficients, step_index
 
 
 def solver_table_server(opts):
-    """``step(sample, model_output, coefficients, step_index, history, last_sample, next_index=-1)``: `solver_step`
-    with ``opts`` (unguided, no noise term, not thresholded) as `flow_table_server` serves `flow_step`: bound once
-    on contiguous operands in eager mode, then ``step_index.fill_(next_index)`` when ``next_index >= 0``."""
-    tail = (opts.stochastic, opts.clip_range, 0.0, None, None, 0)
-    fast = bound_op("solver_step", (..., ..., None, None, ..., ..., ..., ..., *tail), advance=5)
+    """``step(sample, model_output, coefficients, step_index, history, last_sample, noise=None, next_index=-1)``:
+    `solver_step` with ``opts`` (unguided, not thresholded; ``noise`` read when ``opts.stochastic``, no generator)
+    as `flow_table_server` serves `flow_step`: bound once on contiguous operands in eager mode, then
+    ``step_index.fill_(next_index)`` when ``next_index >= 0``."""
+    head, tail = (opts.stochastic, opts.clip_range, 0.0), (None, 0)
+    fast = bound_op("solver_step", (..., ..., None, None, ..., ..., ..., ..., *head, ..., *tail), advance=5)
     compiling = torch.compiler.is_compiling
 
-    def step(sample, model_output, coefficients, step_index, history, last_sample, next_index=-1):
-        if fast is not None and sample.is_contiguous() and model_output.is_contiguous() and not compiling():
-            return fast(sample, model_output, coefficients, step_index, history, last_sample, next_index)
-        result = solver_step(sample, model_output, None, None, coefficients, step_index, history, last_sample, opts)
+    def step(sample, model_output, coefficients, step_index, history, last_sample, noise=None, next_index=-1):
+        if (fast is not None and sample.is_contiguous() and model_output.is_contiguous()
+                and (history is None or history.is_contiguous()) and (last_sample is None or last_sample.is_contiguous())
+                and (noise is None or noise.is_contiguous()) and not compiling()):
+            return fast(sample, model_output, coefficients, step_index, history, last_sample, noise, next_index)
+        result = solver_step(sample, model_output, None, None, coefficients, step_index, history, last_sample, opts,
+                             noise)
         if next_index >= 0:
             step_index.fill_(next_index)
         return result

@@ -89,17 +89,18 @@ def new_history(sample: torch.Tensor, slots: int) -> torch.Tensor:
     return flat.zero_().view((slots,) + tuple(sample.shape))
 
 
-def table_step_server(backend, sample, clip_range=None):
-    """``step(sample, model_output, coefficients, step_index, history, last_sample, next_index=-1)``: `solver_step`'s
-    call without a noise term, guidance or thresholding (``clip_range`` as `solver_step` takes it) on operands of
-    ``sample``'s dtype and device of which no gradient is asked, its serving function resolved once (what dispatch
-    gives each such call), for a caller that made the same call through `solver_step` and its checks before and
-    repeats it on the same table, index tensor and state tensors (a drop-in scheduler's steps; docs/design.md,
-    "Host overhead"); then ``step_index.fill_(next_index)`` when ``next_index >= 0``."""
+def table_step_server(backend, sample, clip_range=None, stochastic=False):
+    """``step(sample, model_output, coefficients, step_index, history, last_sample, noise=None, next_index=-1)``:
+    `solver_step`'s call without guidance or thresholding (``clip_range`` as `solver_step` takes it; with
+    ``stochastic`` the ``noise`` given to each call is read, no generator) on operands of ``sample``'s dtype and
+    device of which no gradient is asked, its serving function resolved once (what dispatch gives each such call),
+    for a caller that made the same call through `solver_step` and its checks before and repeats it on the same
+    table, index tensor and state (a drop-in scheduler's steps; docs/design.md, "Host overhead"); then
+    ``step_index.fill_(next_index)`` when ``next_index >= 0``."""
     if backend not in _BACKENDS:
         _check_backend(backend)
     spec = SPECS["solver_step"]
-    opts = _step_options((False, clip_range, None, 1.0, 0.0), False)
+    opts = _step_options((bool(stochastic), clip_range, None, 1.0, 0.0), False)
     name, fn = _dispatch(spec, backend, sample, opts, (), grad_free=True, with_name=True)
     if name in ("cpu", "cuda"):  # a compiled backend (loaded by that dispatch): its operator, bound once
         from .. import extension
@@ -107,9 +108,9 @@ def table_step_server(backend, sample, clip_range=None):
         if fn is extension.solver_step:
             return extension.solver_table_server(opts)
 
-    def step(sample, model_output, coefficients, step_index, history, last_sample, next_index=-1):
-        result = fn(sample, model_output, None, None, coefficients, step_index, history, last_sample, opts, None, None,
-                    out=None, sample_offset=0)
+    def step(sample, model_output, coefficients, step_index, history, last_sample, noise=None, next_index=-1):
+        result = fn(sample, model_output, None, None, coefficients, step_index, history, last_sample, opts, noise,
+                    None, out=None, sample_offset=0)
         if next_index >= 0:
             step_index.fill_(next_index)
         return result

@@ -234,33 +234,38 @@ class _SolverDropIn(_StepIndex, _FusedBase):
 
     def _dk_solve(self, x, model_output, table, index: int, history, last, noise=None, generator=None, **options):
         """`solver_step` on operands the drop-in built (``index``: the Python step index), then the step index
-        advanced (`_dk_advance`). A plain call (no noise, generator or options, one dtype, plain tensors of which
-        no gradient is asked) that repeats the last checked plain call on its table, index tensor, state tensors,
-        backend, and its sample's shape, dtype and device skips the checks that call made: the server resolved for
-        it (`solvers.table_step_server`) makes the step and advances the index tensor in the same call
-        (docs/design.md, "Host overhead")."""
+        advanced (`_dk_advance`). A plain call (no generator, no option but ``clip_range``, one dtype, noise and
+        last sample like the sample, plain tensors of which no gradient is asked) that repeats the last checked
+        plain call on its table, index tensor, ring, backend, options, and its sample's shape, dtype and device
+        skips the checks that call made: the server resolved for it (`solvers.table_step_server`) makes the
+        step and advances the index tensor in the same call (docs/design.md, "Host overhead")."""
         tensor = self._dk_index_tensor(index, x.shape[0], x.device)
         backend = self.fused_backend
-        plain = (noise is None and generator is None and not options and type(x) is torch.Tensor
-                 and type(model_output) is torch.Tensor and model_output.dtype == x.dtype
+        clip = options.get("clip_range")
+        shape, dtype, device = x.shape, x.dtype, x.device
+        plain = (generator is None and len(options) == (clip is not None) and type(x) is torch.Tensor
+                 and type(model_output) is torch.Tensor and model_output.dtype == dtype
+                 and (noise is None or (type(noise) is torch.Tensor and noise.dtype == dtype and noise.shape == shape
+                                        and noise.device == device))
+                 and (last is None or (type(last) is torch.Tensor and last.dtype == dtype and last.shape == shape
+                                       and last.device == device))
                  and not ((x.requires_grad or model_output.requires_grad) and torch.is_grad_enabled()))
-        checked = self.__dict__.get("_dk_checked_")
-        if plain and checked is not None:
-            key, server = checked
-            if (key[0] is table and key[1] is tensor and key[2] is history and key[3] is last and key[4] == backend
-                    and key[5] == x.shape and key[6] == x.dtype and key[7] == x.device
-                    and model_output.shape == key[5] and model_output.device == key[7]):
+        if plain:
+            variant = (backend, clip, noise is not None, last is not None, shape, dtype, device)
+            checked = self.__dict__.get("_dk_checked_")
+            if (checked is not None and checked[0] is table and checked[1] is tensor and checked[2] is history
+                    and checked[3] == variant and model_output.shape == shape and model_output.device == device):
                 entry = self.__dict__["_dk_index_"]  # (its value is index: `_dk_index_tensor` returned its tensor)
-                prev = server(x, model_output, table, tensor, history, last, index + 1)
+                prev = checked[4](x, model_output, table, tensor, history, last, noise, index + 1)
                 entry[1] = index + 1
                 self._step_index = self._step_index + 1
                 return prev
         prev = solver_step(x, model_output, table, tensor, history, last, noise, generator, backend, **options)
         if plain:
-            key = (table, tensor, history, last, backend, x.shape, x.dtype, x.device)
-            server = checked[1] if checked is not None and checked[0][4:] == key[4:] else (
-                table_step_server(backend, x))
-            self.__dict__["_dk_checked_"] = (key, server)
+            checked = self.__dict__.get("_dk_checked_")
+            server = checked[4] if checked is not None and checked[3] == variant else (
+                table_step_server(backend, x, clip, noise is not None))
+            self.__dict__["_dk_checked_"] = (table, tensor, history, variant, server)
         self._dk_advance()
         return prev
 
