@@ -188,3 +188,40 @@ def test_a_float_timestep_gets_the_stock_error(form):
     for scheduler in (stock, fused):
         with pytest.raises(IndexError):
             scheduler.step(x, form(scheduler.timesteps[0]), x)
+
+
+def test_repeated_steps_take_the_checked_call(monkeypatch):
+    """After a step passed `solver_step`'s checks, the next steps (each with its stock-drawn noise, a new
+    `denoised` buffer and, with clip_sample, a clip range) go through the server resolved then
+    (`solvers.table_step_server`), bit for bit the fully checked steps, the generator drawn as stock draws it."""
+    from ddpm_kernels.integrations.diffusers import _solver
+
+    calls = []
+    real_step, real_server = _solver.solver_step, _solver.table_step_server
+
+    def spy_step(*args, **kwargs):
+        calls.append("checked")
+        return real_step(*args, **kwargs)
+
+    def spy_server(*args):
+        step = real_server(*args)
+        return lambda *b: calls.append("server") or step(*b)
+
+    monkeypatch.setattr(_solver, "solver_step", spy_step)
+    monkeypatch.setattr(_solver, "table_step_server", spy_server)
+    for config in ({}, dict(clip_sample=True, clip_sample_range=1.5)):
+        calls.clear()
+        fused, checked = (FusedLCMScheduler(**config) for _ in range(2))
+        for s in (fused, checked):
+            s.set_timesteps(6)
+        g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+        x = y = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+        for t in fused.timesteps:
+            out = scheduler_model(x, t)
+            x = fused.step(out, t, x, generator=g1).prev_sample
+            checked.__dict__.pop("_dk_checked_", None)  # every step fully checked
+            y = checked.step(out, t, y, generator=g2).prev_sample
+            assert torch.equal(x, y), t
+        assert torch.equal(g1.get_state(), g2.get_state())
+        # fused: checked, then the server (the last step has no noise: another variant, checked once)
+        assert calls[::2] == ["checked"] + ["server"] * 4 + ["checked"], config
