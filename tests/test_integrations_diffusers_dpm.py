@@ -429,7 +429,8 @@ def test_repeated_plain_steps_take_the_checked_call(monkeypatch):
     """After a plain step (no noise, one dtype) passed `solver_step`'s checks, the next steps on the same table,
     index tensor and ring go through the server resolved then (`solvers.table_step_server`: no checks, the index
     advanced in the same call), bit for bit the fully checked step; a step on other operands (a float16 model
-    output) takes `solver_step`, and the next plain one the server again."""
+    output) takes `solver_step`, and the next plain one the server again. Those served steps skip the step's
+    own preparation too (the direct step)."""
     calls = []
     real_step, real_server = _solver.solver_step, _solver.table_step_server
 
@@ -443,6 +444,14 @@ def test_repeated_plain_steps_take_the_checked_call(monkeypatch):
 
     monkeypatch.setattr(_solver, "solver_step", spy_step)
     monkeypatch.setattr(_solver, "table_step_server", spy_server)
+    direct = []
+    real_direct = FusedDPMSolverMultistepScheduler._dk_direct
+
+    def spy_direct(self, *args):
+        direct.append(self._step_index)
+        return real_direct(self, *args)
+
+    monkeypatch.setattr(FusedDPMSolverMultistepScheduler, "_dk_direct", spy_direct)
     stock, fused = pair(dict(algorithm_type="dpmsolver++", solver_order=2), 6)
     checked = FusedDPMSolverMultistepScheduler.from_config(stock.config)
     checked.set_timesteps(6)
@@ -455,4 +464,5 @@ def test_repeated_plain_steps_take_the_checked_call(monkeypatch):
         assert torch.equal(x, y), k
     ours = calls[::2]  # (the calls of `fused`; `checked` takes solver_step every step)
     assert [c[0] for c in ours] == ["checked", "server", "server", "server", "checked", "server"]
+    assert direct == [1, 2, 3, 5]  # the direct step (`_dk_continues`): all but the first and the float16 step
     assert [c[1] for c in ours] == [[k] * SHAPE[0] for k in range(6)]

@@ -30,10 +30,11 @@ class _Schedule:
     """The stock schedule as the fused step reads it: the ``timesteps`` tensor (and its version) with host
     copies for the first step's index lookup, the host copies of the table sources, why the fused step cannot
     take the schedule (None when it can), the coefficient tables per (begin index, config key) and their copies
-    per device; ``fingerprint``: the host copies' values, which the tables are a function of (with the key)."""
+    per device (``last``: the last one a step took, with its begin index, config key and device);
+    ``fingerprint``: the host copies' values, which the tables are a function of (with the key)."""
 
     __slots__ = ("timesteps", "sources", "versions", "root", "host_timesteps", "host_array", "host_sources", "stock",
-                 "tables", "devices", "steps", "fingerprint")
+                 "tables", "devices", "steps", "fingerprint", "last")
 
 # Built host tables a drop-in keeps across set_timesteps calls (a pipeline sets the same schedule for every
 # generation; a table costs tens of microseconds a row to build).
@@ -115,7 +116,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
     def _dk_new_schedule(self, ts, sources) -> _Schedule:
         schedule = _Schedule()
         schedule.timesteps, schedule.sources, schedule.versions = ts, sources, _versions((ts,) + sources)
-        schedule.tables, schedule.devices = {}, {}
+        schedule.tables, schedule.devices, schedule.last = {}, {}, None
         schedule.stock, schedule.root, schedule.host_array, schedule.host_sources = None, None, None, None
         schedule.steps, schedule.fingerprint = 0, None
         schedule.host_timesteps = _host_copy(ts)
@@ -139,7 +140,11 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         """The float64 table for a loop starting at ``begin`` on ``device``: built on the host once per (begin,
         config), copied to the device once (from pinned memory without waiting on a CUDA device). Called by a
         step after `_dk_prepare`, whose `_dk_config` it reads."""
-        key = (begin, self.__dict__["_dk_config_"].key)  # (checked this step: `_dk_prepare`)
+        config_key = self.__dict__["_dk_config_"].key  # (checked this step: `_dk_prepare`)
+        last = schedule.last
+        if last is not None and last[0] == begin and last[1] is config_key and last[2] == device:
+            return last[3]  # the table of the last step (a loop's steps: no tuple hashed)
+        key = (begin, config_key)
         table = schedule.devices.get((key, device))
         if table is None:
             host = schedule.tables.get(key)
@@ -152,6 +157,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
             else:
                 table = host.to(device)
             schedule.devices[(key, device)] = table
+        schedule.last = (begin, config_key, device, table)
         return table
 
     def _dk_built(self, schedule: _Schedule, key: tuple, begin: int) -> torch.Tensor:

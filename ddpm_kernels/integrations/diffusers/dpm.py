@@ -59,6 +59,18 @@ _SDE = ("sde-dpmsolver", "sde-dpmsolver++")
 _LEARNED = ("learned", "learned_range")
 
 
+class _DirectLane:
+    """What the last plain fused step used (`FusedDPMSolverMultistepScheduler._dk_continues`): the checked config
+    (`_Config`) and schedule, the begin index, the device table, the ring and the checked solver call
+    (`_SolverDropIn._dk_solve`'s record: table, index tensor, ring, variant, server)."""
+
+    __slots__ = ("checked", "schedule", "begin", "table", "ring", "solved")
+
+    def __init__(self, checked, schedule, begin, table, ring, solved):
+        self.checked, self.schedule, self.begin, self.table, self.ring, self.solved = (
+            checked, schedule, begin, table, ring, solved)
+
+
 class _StepConfig:
     """The config values a DPM-Solver step reads (kept per config, `_SolverDropIn._dk_config`): the order, whether
     the algorithm is an SDE form, the thresholding ``(ratio, max)`` (None without), and whether the result has
@@ -124,7 +136,7 @@ class FusedDPMSolverMultistepScheduler(_RingHistory, _SigmaSolverDropIn, DPMSolv
     # ------------------------------------------------------------------ step
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
-        for key in ("_dk_stock_loop", "_dk_last"):
+        for key in ("_dk_stock_loop", "_dk_last", "_dk_lane_"):
             self.__dict__.pop(key, None)
 
     def _dk_prepare(self, model_output, timestep, sample):
@@ -155,6 +167,10 @@ class FusedDPMSolverMultistepScheduler(_RingHistory, _SigmaSolverDropIn, DPMSolv
         variance_noise: Optional[torch.Tensor] = None, return_dict: bool = True
     ):
         """As ``DPMSolverMultistepScheduler.step``, fused and sync-free."""
+        lane = self.__dict__.get("_dk_lane_")
+        if lane is not None and self._dk_continues(lane, model_output, sample):
+            prev_sample = self._dk_direct(lane, model_output, sample)
+            return self._make_output(prev_sample) if return_dict else (prev_sample,)
         config = self.config
         output = model_output
         if (isinstance(output, torch.Tensor) and output.ndim >= 2 and config.variance_type in _LEARNED
@@ -191,8 +207,8 @@ class FusedDPMSolverMultistepScheduler(_RingHistory, _SigmaSolverDropIn, DPMSolv
         options = {"stochastic": True} if stochastic else {}
         if step.threshold is not None:
             options.update(threshold_ratio=step.threshold[0], threshold_max=step.threshold[1])
-        prev_sample = self._dk_solve(x, output, self._dk_table(schedule, begin, _device(device)), index, ring, None,
-                                     noise, generator_for_op, **options)
+        table = self._dk_table(schedule, begin, _device(device))
+        prev_sample = self._dk_solve(x, output, table, index, ring, None, noise, generator_for_op, **options)
         # the stock dtype: that of its converted output
         dtype = output.dtype if step.output_dtype else torch.promote_types(sample.dtype, output.dtype)
         if prev_sample.dtype != dtype:
@@ -201,6 +217,66 @@ class FusedDPMSolverMultistepScheduler(_RingHistory, _SigmaSolverDropIn, DPMSolv
             self.lower_order_nums += 1
         self.__dict__["_dk_ring_used"] = True
         self.__dict__["_dk_last"] = index
+        solved = self.__dict__.get("_dk_checked_")
+        if (solved is not None and solved[0] is table and solved[2] is ring and output is model_output
+                and not options and noise is None and x is sample and output.dtype == sample.dtype):
+            # a plain step: the next ones of this loop may take the direct step (`_dk_continues`)
+            self.__dict__["_dk_lane_"] = _DirectLane(checked, schedule, begin, table, ring, solved)
         if not return_dict:
             return (prev_sample,)
         return self._make_output(prev_sample)
+
+    def _dk_continues(self, lane, model_output, sample) -> bool:
+        """Whether this step continues the loop of the last plain fused step (its `_DirectLane`) on operands of
+        the kind it checked, so that nothing `_dk_prepare` and the checked solver call check can differ: the
+        sample and model output plain tensors of its shape, dtype and device of which no gradient is asked; the
+        config (entries compared as `_dk_config` compares them) and the schedule's tensors unchanged; the step
+        index the next one, a step of the schedule, with the warm-up where that step left it; the ring, the
+        index tensor and the table still the ones it used; the loop not handed to the stock step."""
+        index = self._step_index
+        solved = lane.solved
+        variant = solved[3]  # (backend, clip, noise given, last given, shape, dtype, device)
+        if not (
+            type(index) is int
+            and index == self.__dict__.get("_dk_last", -2) + 1
+            and type(sample) is torch.Tensor
+            and type(model_output) is torch.Tensor
+            and sample.dtype is variant[5]
+            and model_output.dtype is variant[5]
+            and sample.shape == variant[4]
+            and model_output.shape == variant[4]
+            and sample.device == variant[6]
+            and model_output.device == variant[6]
+            and not ((sample.requires_grad or model_output.requires_grad) and torch.is_grad_enabled())
+            and self.__dict__.get("_dk_ring_used") is True
+            and not self.__dict__.get("_dk_stock_loop")
+            and self.fused_backend == variant[0]
+            and self.__dict__.get("_dk_checked_") is solved
+        ):
+            return False
+        checked = lane.checked
+        if self._dk_config() is not checked or self._dk_tables() is not lane.schedule:
+            return False
+        order = checked.extra.order
+        entry = self.__dict__.get("_dk_index_")
+        buffers = self.__dict__.get("_dk_buffers_")
+        return (
+            index < lane.schedule.steps
+            and min(index - lane.begin, order) == min(self.lower_order_nums, order)
+            and self.__dict__.get("_dk_begin_") == lane.begin
+            and entry is not None and entry[0] is solved[1] and entry[1] == index
+            and (lane.ring is None or (buffers is not None and buffers[1] is lane.ring))
+        )
+
+    def _dk_direct(self, lane, model_output, sample):
+        """The step `_dk_continues` accepted: the checked solver call's server on the lane's table, index tensor
+        and ring (the index advanced in the same call), and the stock host state updated as `step` updates it."""
+        index = self._step_index
+        solved = lane.solved
+        prev_sample = solved[4](sample, model_output, lane.table, solved[1], lane.ring, None, None, index + 1)
+        self.__dict__["_dk_index_"][1] = index + 1
+        self._step_index = index + 1
+        if self.lower_order_nums < lane.checked.extra.order:
+            self.lower_order_nums += 1
+        self.__dict__["_dk_last"] = index
+        return prev_sample
