@@ -255,13 +255,21 @@ class FusedDPMSolverMultistepScheduler(_RingHistory, _SigmaSolverDropIn, DPMSolv
         ):
             return False
         checked = lane.checked
-        if self._dk_config() is not checked or self._dk_tables() is not lane.schedule:
+        if self._dk_config() is not checked or self.__dict__.get("_dk_schedule_") is not lane.schedule:
+            return False
+        schedule = lane.schedule
+        # the schedule's tensors unchanged (what `_dk_tables` checks, on the attributes themselves: a tensor
+        # replaced, by an inference tensor say, is another object)
+        attributes = self.__dict__
+        if attributes.get("timesteps") is not schedule.timesteps or attributes.get("sigmas") is not schedule.sources[0]:
+            return False
+        if schedule.timesteps._version != schedule.versions[0] or schedule.sources[0]._version != schedule.versions[1]:
             return False
         order = checked.extra.order
         entry = self.__dict__.get("_dk_index_")
         buffers = self.__dict__.get("_dk_buffers_")
         return (
-            index < lane.schedule.steps
+            index < schedule.steps
             and min(index - lane.begin, order) == min(self.lower_order_nums, order)
             and self.__dict__.get("_dk_begin_") == lane.begin
             and entry is not None and entry[0] is solved[1] and entry[1] == index
