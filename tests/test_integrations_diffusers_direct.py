@@ -1,5 +1,5 @@
-"""The direct step of the sigma-table drop-ins (flow matching, Euler, ancestral Euler) and DPM-Solver++, and the
-checked solver call of the solver drop-ins (DPM-Solver++, UniPC): a step that continues the schedule of the last fused step on
+"""The direct step of the sigma-table drop-ins (flow matching, Euler, ancestral Euler) and of the multistep ones
+(DPM-Solver++, UniPC: with their checked solver call): a step that continues the schedule of the last fused step on
 operands of the kind it checked skips the checks that step made (docs/design.md, "Host overhead"). Whatever changes between two steps of a loop (the step index, the
 dtypes, the config edited in place, the table edited in place, the batch, an integer timestep, a gradient
 asked of the model output, the backend) must give what the fully checked step gives, bit for bit, and what
@@ -149,7 +149,7 @@ EVENTS = [
 # step index a different loop from there on)
 SOLVER_EVENTS = ["none", "mixed_bf16", "config_in_place", "config_refused", "sigmas_in_place", "sigmas_replaced",
                  "channels_last", "model_output_shape", "backend"]
-SOLVER_EVENTS = {"dpm": SOLVER_EVENTS + ["half", "float64", "warmup_reset", "step_index_back", "grad"], "unipc": SOLVER_EVENTS + ["step_index_back", "grad"]}
+SOLVER_EVENTS = {"dpm": SOLVER_EVENTS + ["half", "float64", "warmup_reset", "step_index_back", "grad"], "unipc": SOLVER_EVENTS + ["step_index_back", "grad", "warmup_reset"]}
 CASES = [(family, name) for family in FAMILIES for name in SOLVER_EVENTS.get(family, EVENTS)]
 
 

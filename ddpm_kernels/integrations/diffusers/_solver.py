@@ -265,6 +265,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
                 prev = checked[4](x, model_output, table, tensor, history, last, noise, index + 1)
                 entry[1] = index + 1
                 self._step_index = self._step_index + 1
+                self.__dict__["_dk_plain_"] = index
                 return prev
         prev = solver_step(x, model_output, table, tensor, history, last, noise, generator, backend, **options)
         if plain:
@@ -272,6 +273,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
             server = checked[4] if checked is not None and checked[3] == variant else (
                 table_step_server(backend, x, clip, noise is not None))
             self.__dict__["_dk_checked_"] = (table, tensor, history, variant, server)
+        self.__dict__["_dk_plain_"] = index if plain else None
         self._dk_advance()
         return prev
 
@@ -308,6 +310,15 @@ class _SigmaSolverDropIn(_SolverDropIn):
     def _dk_build(self, schedule: _Schedule, begin: int) -> np.ndarray:
         return self._dk_sigma_table(schedule.host_sources[0][: schedule.steps + 1],
                                     flow_sigmas=bool(self.config.use_flow_sigmas), begin_index=begin)
+
+
+class _DirectLane:
+    """What the last plain fused step of a multistep drop-in used (`_RingHistory._dk_continues`): the checked config
+    (`_Config`), the schedule and its tensors with their versions (``sources``: ``(attribute, tensor, version)``),
+    the begin index, the device table, the ring, the last-sample buffer (None without) and the checked solver
+    call (`_SolverDropIn._dk_solve`'s record: table, index tensor, ring, variant, server)."""
+
+    __slots__ = ("checked", "schedule", "sources", "begin", "table", "ring", "last", "solved")
 
 
 class _RingHistory:
@@ -349,3 +360,103 @@ class _RingHistory:
         """Before the stock step takes over the rest of a loop: the ring's history as the stock list."""
         if self.__dict__.get("_dk_ring_used") is True:
             self.model_outputs = list(self.model_outputs)
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        for key in ("_dk_stock_loop", "_dk_last", "_dk_lane_"):
+            self.__dict__.pop(key, None)
+
+    def _dk_prepare(self, model_output, timestep, sample):
+        """``(schedule, index, begin)`` for the fused step, or None when the stock step is to take the call: the
+        ring does not hold the outputs the stock step would read (a step index moved within the loop, outputs set
+        from outside). The stock order follows ``lower_order_nums`` (the steps taken, capped at the order): the
+        table is that of a loop that started that many steps ago, kept while it gives the same order."""
+        prepared = super()._dk_prepare(model_output, timestep, sample)
+        if prepared is None:
+            return None
+        schedule, index, _ = prepared
+        order, slots = self.config.solver_order, self.__dict__["_dk_config_"].slots
+        taken = min(self.lower_order_nums, order)
+        if slots and taken and (self.__dict__.get("_dk_ring_used") is not True
+                                or (slots > 1 and index != self.__dict__.get("_dk_last", -2) + 1)):
+            # the ring holds the outputs of the fused steps, entry j steps back in slot (index - j) % slots
+            self._dk_stock("history", "the earlier outputs or the step index were set from outside the loop, so "
+                           "the ring does not hold the outputs the stock step would read")
+            return None
+        begin = self.__dict__.get("_dk_begin_")
+        if begin is None or min(index - begin, order) != taken:
+            begin = self.__dict__["_dk_begin_"] = index - min(taken, index)
+        return schedule, index, begin
+
+    def _dk_keep_lane(self, index: int, schedule, begin: int, ring, last) -> None:
+        """After a fused step at ``index`` whose solver call was plain (`_dk_solve`): its `_DirectLane`, for the
+        next steps of the loop (`_dk_continues`)."""
+        solved = self.__dict__.get("_dk_checked_")
+        if self.__dict__.get("_dk_plain_") != index or solved is None or solved[2] is not ring:
+            return
+        lane = _DirectLane()
+        lane.checked, lane.schedule, lane.begin, lane.table, lane.ring, lane.last, lane.solved = (
+            self.__dict__["_dk_config_"], schedule, begin, solved[0], ring, last, solved)
+        names = ("timesteps",) + self._dk_source_names
+        lane.sources = tuple(zip(names, (schedule.timesteps,) + schedule.sources, schedule.versions))
+        self.__dict__["_dk_lane_"] = lane
+
+    def _dk_continues(self, lane, model_output, sample) -> bool:
+        """Whether this step continues the loop of the last plain fused step (its `_DirectLane`) on operands of
+        the kind it checked, so that nothing `_dk_prepare` and the checked solver call check can differ: the
+        sample and model output plain tensors of its shape, dtype and device of which no gradient is asked; the
+        config (entries compared as `_dk_config` compares them) and the schedule's tensors unchanged; the step
+        index the next one, a step of the schedule, with the warm-up where that step left it; the ring, the
+        index tensor and the table still the ones it used; the loop not handed to the stock step."""
+        index = self._step_index
+        solved = lane.solved
+        variant = solved[3]  # (backend, clip, noise given, last given, shape, dtype, device)
+        if not (
+            type(index) is int
+            and index == self.__dict__.get("_dk_last", -2) + 1
+            and type(sample) is torch.Tensor
+            and type(model_output) is torch.Tensor
+            and sample.dtype is variant[5]
+            and model_output.dtype is variant[5]
+            and sample.shape == variant[4]
+            and model_output.shape == variant[4]
+            and sample.device == variant[6]
+            and model_output.device == variant[6]
+            and not ((sample.requires_grad or model_output.requires_grad) and torch.is_grad_enabled())
+            and self.__dict__.get("_dk_ring_used") is True
+            and not self.__dict__.get("_dk_stock_loop")
+            and self.fused_backend == variant[0]
+            and self.__dict__.get("_dk_checked_") is solved
+        ):
+            return False
+        if self._dk_config() is not lane.checked or self.__dict__.get("_dk_schedule_") is not lane.schedule:
+            return False
+        schedule = lane.schedule
+        # the schedule's tensors unchanged (what `_dk_tables` checks, on the attributes themselves: a tensor
+        # replaced, by an inference tensor say, is another object)
+        attributes = self.__dict__
+        for name, tensor, version in lane.sources:
+            if attributes.get(name) is not tensor or tensor._version != version:
+                return False
+        order = self.config.solver_order
+        entry = self.__dict__.get("_dk_index_")
+        buffers = self.__dict__.get("_dk_buffers_")
+        return (
+            index < schedule.steps
+            and min(index - lane.begin, order) == min(self.lower_order_nums, order)
+            and self.__dict__.get("_dk_begin_") == lane.begin
+            and entry is not None and entry[0] is solved[1] and entry[1] == index
+            and (lane.ring is None or (buffers is not None and buffers[1] is lane.ring))
+            and (lane.last is None or (buffers is not None and buffers[2] is lane.last))
+        )
+
+    def _dk_served(self, lane, model_output, sample) -> torch.Tensor:
+        """The solver call of a step `_dk_continues` accepted: the lane's server on its table, index tensor and
+        state, the index advanced in the same call (Python's and the device's)."""
+        index = self._step_index
+        solved = lane.solved
+        prev = solved[4](sample, model_output, lane.table, solved[1], lane.ring, lane.last, None, index + 1)
+        self.__dict__["_dk_index_"][1] = index + 1
+        self._step_index = index + 1
+        self.__dict__["_dk_last"] = index
+        return prev

@@ -59,18 +59,6 @@ _SDE = ("sde-dpmsolver", "sde-dpmsolver++")
 _LEARNED = ("learned", "learned_range")
 
 
-class _DirectLane:
-    """What the last plain fused step used (`FusedDPMSolverMultistepScheduler._dk_continues`): the checked config
-    (`_Config`) and schedule, the begin index, the device table, the ring and the checked solver call
-    (`_SolverDropIn._dk_solve`'s record: table, index tensor, ring, variant, server)."""
-
-    __slots__ = ("checked", "schedule", "begin", "table", "ring", "solved")
-
-    def __init__(self, checked, schedule, begin, table, ring, solved):
-        self.checked, self.schedule, self.begin, self.table, self.ring, self.solved = (
-            checked, schedule, begin, table, ring, solved)
-
-
 class _StepConfig:
     """The config values a DPM-Solver step reads (kept per config, `_SolverDropIn._dk_config`): the order, whether
     the algorithm is an SDE form, the thresholding ``(ratio, max)`` (None without), and whether the result has
@@ -134,34 +122,6 @@ class FusedDPMSolverMultistepScheduler(_RingHistory, _SigmaSolverDropIn, DPMSolv
         )
 
     # ------------------------------------------------------------------ step
-    def set_timesteps(self, *args, **kwargs):
-        super().set_timesteps(*args, **kwargs)
-        for key in ("_dk_stock_loop", "_dk_last", "_dk_lane_"):
-            self.__dict__.pop(key, None)
-
-    def _dk_prepare(self, model_output, timestep, sample):
-        """``(schedule, index, begin)`` for the fused step, or None when the stock step is to take the call."""
-        prepared = super()._dk_prepare(model_output, timestep, sample)
-        if prepared is None:
-            return None
-        schedule, index, _ = prepared
-        # the stock order follows lower_order_nums (the steps taken, capped at the order): the table of a loop
-        # that started that many steps ago, kept while it gives the same order (another one if the state was set
-        # from outside)
-        checked = self.__dict__["_dk_config_"]  # (checked by the common _dk_prepare)
-        order, slots = checked.extra.order, checked.slots
-        taken = min(self.lower_order_nums, order)
-        if slots and taken and (self.__dict__.get("_dk_ring_used") is not True
-                                or (slots > 1 and index != self.__dict__.get("_dk_last", -2) + 1)):
-            # the ring holds the outputs of the fused steps, entry j steps back in slot (index - j) % slots
-            self._dk_stock("history", "the earlier outputs or the step index were set from outside the loop, so "
-                           "the ring does not hold the outputs the stock step would read")
-            return None
-        begin = self.__dict__.get("_dk_begin_")
-        if begin is None or min(index - begin, order) != taken:
-            begin = self.__dict__["_dk_begin_"] = index - min(taken, index)
-        return schedule, index, begin
-
     def step(
         self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: Optional[torch.Generator] = None,
         variance_noise: Optional[torch.Tensor] = None, return_dict: bool = True
@@ -217,74 +177,16 @@ class FusedDPMSolverMultistepScheduler(_RingHistory, _SigmaSolverDropIn, DPMSolv
             self.lower_order_nums += 1
         self.__dict__["_dk_ring_used"] = True
         self.__dict__["_dk_last"] = index
-        solved = self.__dict__.get("_dk_checked_")
-        if (solved is not None and solved[0] is table and solved[2] is ring and output is model_output
-                and not options and noise is None and x is sample and output.dtype == sample.dtype):
-            # a plain step: the next ones of this loop may take the direct step (`_dk_continues`)
-            self.__dict__["_dk_lane_"] = _DirectLane(checked, schedule, begin, table, ring, solved)
+        if output is model_output and not options and noise is None and x is sample and output.dtype == sample.dtype:
+            self._dk_keep_lane(index, schedule, begin, ring, None)
         if not return_dict:
             return (prev_sample,)
         return self._make_output(prev_sample)
 
-    def _dk_continues(self, lane, model_output, sample) -> bool:
-        """Whether this step continues the loop of the last plain fused step (its `_DirectLane`) on operands of
-        the kind it checked, so that nothing `_dk_prepare` and the checked solver call check can differ: the
-        sample and model output plain tensors of its shape, dtype and device of which no gradient is asked; the
-        config (entries compared as `_dk_config` compares them) and the schedule's tensors unchanged; the step
-        index the next one, a step of the schedule, with the warm-up where that step left it; the ring, the
-        index tensor and the table still the ones it used; the loop not handed to the stock step."""
-        index = self._step_index
-        solved = lane.solved
-        variant = solved[3]  # (backend, clip, noise given, last given, shape, dtype, device)
-        if not (
-            type(index) is int
-            and index == self.__dict__.get("_dk_last", -2) + 1
-            and type(sample) is torch.Tensor
-            and type(model_output) is torch.Tensor
-            and sample.dtype is variant[5]
-            and model_output.dtype is variant[5]
-            and sample.shape == variant[4]
-            and model_output.shape == variant[4]
-            and sample.device == variant[6]
-            and model_output.device == variant[6]
-            and not ((sample.requires_grad or model_output.requires_grad) and torch.is_grad_enabled())
-            and self.__dict__.get("_dk_ring_used") is True
-            and not self.__dict__.get("_dk_stock_loop")
-            and self.fused_backend == variant[0]
-            and self.__dict__.get("_dk_checked_") is solved
-        ):
-            return False
-        checked = lane.checked
-        if self._dk_config() is not checked or self.__dict__.get("_dk_schedule_") is not lane.schedule:
-            return False
-        schedule = lane.schedule
-        # the schedule's tensors unchanged (what `_dk_tables` checks, on the attributes themselves: a tensor
-        # replaced, by an inference tensor say, is another object)
-        attributes = self.__dict__
-        if attributes.get("timesteps") is not schedule.timesteps or attributes.get("sigmas") is not schedule.sources[0]:
-            return False
-        if schedule.timesteps._version != schedule.versions[0] or schedule.sources[0]._version != schedule.versions[1]:
-            return False
-        order = checked.extra.order
-        entry = self.__dict__.get("_dk_index_")
-        buffers = self.__dict__.get("_dk_buffers_")
-        return (
-            index < schedule.steps
-            and min(index - lane.begin, order) == min(self.lower_order_nums, order)
-            and self.__dict__.get("_dk_begin_") == lane.begin
-            and entry is not None and entry[0] is solved[1] and entry[1] == index
-            and (lane.ring is None or (buffers is not None and buffers[1] is lane.ring))
-        )
-
     def _dk_direct(self, lane, model_output, sample):
-        """The step `_dk_continues` accepted: the checked solver call's server on the lane's table, index tensor
-        and ring (the index advanced in the same call), and the stock host state updated as `step` updates it."""
-        index = self._step_index
-        solved = lane.solved
-        prev_sample = solved[4](sample, model_output, lane.table, solved[1], lane.ring, None, None, index + 1)
-        self.__dict__["_dk_index_"][1] = index + 1
-        self._step_index = index + 1
-        if self.lower_order_nums < lane.checked.extra.order:
+        """The step `_dk_continues` accepted: the lane's solver call, and the stock host state updated as `step`
+        updates it."""
+        prev_sample = self._dk_served(lane, model_output, sample)
+        if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
-        self.__dict__["_dk_last"] = index
         return prev_sample

@@ -83,23 +83,15 @@ class FusedUniPCMultistepScheduler(_RingHistory, _SigmaSolverDropIn, UniPCMultis
             self.timestep_list = list(self.timestep_list)
         super()._dk_hand_over()
 
-    def set_timesteps(self, *args, **kwargs):
-        super().set_timesteps(*args, **kwargs)
-        for key in ("_dk_stock_loop", "_dk_last"):
-            self.__dict__.pop(key, None)
-
     def _dk_prepare(self, model_output, timestep, sample):
-        """The common preparation, or None when the ring does not hold the outputs the stock step would read (a
-        step index moved within the loop, outputs set from outside): the stock step takes the rest of the loop."""
+        """`_RingHistory._dk_prepare`, and None too when the stock corrector would read outputs set from outside
+        (a last sample kept while ``model_outputs`` was assigned): the stock step takes the rest of the loop."""
         prepared = super()._dk_prepare(model_output, timestep, sample)
-        if prepared is not None and self.lower_order_nums and (
-                self.__dict__.get("_dk_ring_used") is not True
-                or prepared[1] != self.__dict__.get("_dk_last", -2) + 1):
-            self._dk_stock("history", "the earlier outputs or the step index were set from outside the loop, so "
-                           "the ring does not hold the outputs the stock step would read")
+        if prepared is not None and self.__dict__.get("_dk_ring_used") is not True and self.last_sample is not None:
+            self._dk_stock("history", "the earlier outputs were set from outside the loop, so the ring does not hold "
+                           "the outputs the stock corrector would read")
             return None
         return prepared
-
 
     @property
     def _dk_slots(self) -> int:
@@ -149,6 +141,12 @@ class FusedUniPCMultistepScheduler(_RingHistory, _SigmaSolverDropIn, UniPCMultis
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """As ``UniPCMultistepScheduler.step``, fused and sync-free."""
+        lane = self.__dict__.get("_dk_lane_")
+        if lane is not None and self._dk_continues(lane, model_output, sample):
+            index = self._step_index
+            prev = self._dk_served(lane, model_output, sample)
+            self._dk_count_step(lane.schedule, index)
+            return self._make_output(prev) if return_dict else (prev,)
         prepared = None if self.__dict__.get("_dk_stock_loop") else self._dk_prepare(model_output, timestep, sample)
         if prepared is None:
             # the rest of this loop takes the stock path too: its history is the stock lists from here on
@@ -165,14 +163,20 @@ class FusedUniPCMultistepScheduler(_RingHistory, _SigmaSolverDropIn, UniPCMultis
         prev, last = self._dk_solver_step(schedule, index, begin, model_output, sample, **options)
         if prev.dtype != sample.dtype:
             prev = prev.to(sample.dtype)
-        # the stock host state of the warm-up (the table's orders are the same)
+        self._dk_count_step(schedule, index)
+        self.last_sample = last
+        self.__dict__["_dk_ring_used"] = True
+        self.__dict__["_dk_last"] = index
+        if not options and model_output.dtype == sample.dtype:
+            self._dk_keep_lane(index, schedule, begin, self.__dict__["_dk_buffers_"][1], last)
+        if not return_dict:
+            return (prev,)
+        return self._make_output(prev)
+
+    def _dk_count_step(self, schedule, index: int) -> None:
+        """The stock host state of the warm-up after the step at ``index`` (the table's orders are the same)."""
+        c = self.config
         order = min(c.solver_order, schedule.steps - index) if c.lower_order_final else c.solver_order
         self.this_order = min(order, self.lower_order_nums + 1)
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1
-        self.last_sample = last
-        self.__dict__["_dk_ring_used"] = True
-        self.__dict__["_dk_last"] = index
-        if not return_dict:
-            return (prev,)
-        return self._make_output(prev)
