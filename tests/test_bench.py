@@ -144,7 +144,8 @@ def test_host_overhead_table(tmp_path):
     try:
         import diffusers  # noqa: F401
 
-        kinds = ("DDIM", "DDPM", "FlowMatchEulerDiscrete", "DPMSolverMultistep", "UniPCMultistep", "EulerDiscrete")
+        kinds = ("DDIM", "DDPM", "FlowMatchEulerDiscrete", "DPMSolverMultistep", "UniPCMultistep", "EulerDiscrete",
+                 "EulerAncestralDiscrete", "LCM")
         expected |= {f"{p}{s}Scheduler.step" for p in ("", "Fused") for s in kinds}
     except ImportError:
         pass

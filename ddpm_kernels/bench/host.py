@@ -122,24 +122,26 @@ def _walking_steps(stock, fused_name: str, steps: int, **config) -> List[Candida
     return out
 
 
-# the drop-ins walking a 1000-step schedule: (stock class, config)
+# the drop-ins walking a schedule: (stock class, steps, config); LCM's schedule has at most its 50 original steps
 _WALKING = (
-    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
-    ("DPMSolverMultistepScheduler", {}),  # DPM-Solver++ 2M
-    ("UniPCMultistepScheduler", {}),
-    ("EulerDiscreteScheduler", {}),
+    ("FlowMatchEulerDiscreteScheduler", 1000, {"shift": 3.0}),
+    ("DPMSolverMultistepScheduler", 1000, {}),  # DPM-Solver++ 2M
+    ("UniPCMultistepScheduler", 1000, {}),
+    ("EulerDiscreteScheduler", 1000, {}),
+    ("EulerAncestralDiscreteScheduler", 1000, {}),  # (its noise drawn as stock draws it, every step)
+    ("LCMScheduler", 50, {}),  # (its noise drawn as stock draws it, every step but the last)
 )
 
 
 def _sigma_table_steps() -> List[Candidate]:
-    """``step`` of the sigma-table and solver schedulers (`_WALKING`) over 1000 steps, stock and fused."""
+    """``step`` of the sigma-table and solver schedulers (`_WALKING`) over their schedules, stock and fused."""
     if not diffusers_installed():
         return []
     import diffusers
 
     out = []
-    for name, config in _WALKING:
-        out += _walking_steps(getattr(diffusers, name), "Fused" + name, 1000, **config)
+    for name, steps, config in _WALKING:
+        out += _walking_steps(getattr(diffusers, name), "Fused" + name, steps, **config)
     return out
 
 
