@@ -193,3 +193,37 @@ def test_unipc_step_in_another_precision_keeps_the_history(name):
         tol = tolerance(name, i)
         torch.testing.assert_close(g[0].double(), e[0].double(), rtol=tol, atol=tol * scale, msg=f"step {i}")
         assert g[2] == e[2]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES) + ["lcm"])
+def test_a_scheduler_mid_loop_pickles_and_copies(family):
+    """A drop-in pickled or deep-copied in the middle of a loop (its lane and checked call, which hold serving
+    functions, left out) continues that loop as the original does, bit for bit."""
+    import copy
+    import pickle
+
+    from diffusers import LCMScheduler
+
+    from ddpm_kernels.integrations.diffusers import FusedLCMScheduler
+
+    stock_class, fused_class, config = FAMILIES[family] if family != "lcm" else (LCMScheduler, FusedLCMScheduler, {})
+    fused = fused_class(**config)
+    fused.set_timesteps(STEPS)
+    x = torch.randn(SHAPE) * getattr(fused, "init_noise_sigma", 1.0)
+    timesteps = list(fused.timesteps)
+    kwargs = {} if family == "unipc" else dict(generator=torch.Generator().manual_seed(1))
+    for t in timesteps[:3]:
+        fused.is_scale_input_called = True
+        x = fused.step(model(x, t), t, x, **kwargs).prev_sample
+    copies = [pickle.loads(pickle.dumps(fused)), copy.deepcopy(fused)]
+    for c in copies:
+        assert "_dk_lane_" not in c.__dict__ and "_dk_checked_" not in c.__dict__
+    finals = []
+    for s in [fused] + copies:
+        y = x
+        g = None if family == "unipc" else torch.Generator().manual_seed(2)
+        for t in timesteps[3:]:
+            s.is_scale_input_called = True
+            y = s.step(model(y, t), t, y, **({} if g is None else dict(generator=g))).prev_sample
+        finals.append(y)
+    assert all(torch.equal(finals[0], f) for f in finals[1:])

@@ -134,6 +134,17 @@ class _FusedBase:
     _stock_name = ""  # the stock class, for messages
     _make_output = None  # builds the stock step's output dataclass from its field values in order
 
+    # per-loop caches holding resolved serving functions (closures over compiled operators): not pickled
+    _dk_transient = ("_dk_lane_", "_dk_checked_")
+
+    def __getstate__(self):
+        """The state to pickle or copy: without the per-loop caches of serving functions (`_Lane`, the checked
+        solver call), which the next step rebuilds through its full checks."""
+        state = self.__dict__.copy()
+        for key in self._dk_transient:
+            state.pop(key, None)
+        return state
+
     def __init_subclass__(cls, output=None, **kwargs):
         """A drop-in names the stock step's output class (``class Fused...(..., StockScheduler, output=...)``):
         its `_make_output` (`_output_maker`) and `_stock_name` (its last base, the stock class) follow."""
