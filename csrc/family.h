@@ -130,14 +130,17 @@ struct NoNoise {
 };
 
 // How a functor reads its operands and writes its outputs: `in` / `out` pointers of the call's one dtype,
-// taken from a tensor by input() / output(). Calls with operands of different dtypes use MixedPtrs instead
+// taken from a tensor by input() / output(); `model_in` / model_input() for the model outputs a step reads
+// (csrc/guidance.h), the same here. Calls with operands of different dtypes use MixedPtrs or AutocastPtrs instead
 // (csrc/mixed.h: each operand read in its own dtype; docs/design.md, "Mixed precision").
 template <typename scalar_t>
 struct SamePtrs {
   using in = const scalar_t*;
   using out = scalar_t*;
+  using model_in = in;
   static in input(const at::Tensor& t) { return t.const_data_ptr<scalar_t>(); }
   static out output(const at::Tensor& t) { return t.mutable_data_ptr<scalar_t>(); }
+  static model_in model_input(const at::Tensor& t) { return input(t); }
 };
 
 // One element's value (a policy's `in` pointer; a MixedPtr has its own overload, csrc/mixed.h).

@@ -65,8 +65,8 @@ struct GuidanceCoef {
 template <typename scalar_t, typename Ptrs = SamePtrs<scalar_t>>
 struct Guidance {
   using acc_t = at::opmath_type<scalar_t>;
-  typename Ptrs::in cond;
-  typename Ptrs::in uncond;  // null: unguided
+  typename Ptrs::model_in cond;
+  typename Ptrs::model_in uncond;  // null: unguided
   const acc_t* scale;      // w, (B,) in the compute dtype
   int64_t N, extra;        // guided elements per sample, and the elements after them (see the layout above)
   double phi;
@@ -75,8 +75,8 @@ struct Guidance {
 
   static Guidance make(const at::Tensor& cond, const at::Tensor* uncond, const at::Tensor* scale, int64_t N,
                        int64_t extra, double phi) {
-    return {Ptrs::input(cond),
-            uncond != nullptr ? Ptrs::input(*uncond) : typename Ptrs::in{},
+    return {Ptrs::model_input(cond),
+            uncond != nullptr ? Ptrs::model_input(*uncond) : typename Ptrs::model_in{},
             scale != nullptr ? scale->const_data_ptr<acc_t>() : nullptr,
             N,
             extra,

@@ -57,8 +57,23 @@ DDPM_HD float value_at(MixedPtr p) {
 struct MixedPtrs {
   using in = MixedPtr;
   using out = MixedMutPtr;
+  using model_in = MixedPtr;
   static in input(const at::Tensor& t) { return {static_cast<const char*>(t.const_data_ptr()), operand_type(t)}; }
   static out output(const at::Tensor& t) { return {static_cast<char*>(t.mutable_data_ptr()), operand_type(t)}; }
+  static model_in model_input(const at::Tensor& t) { return input(t); }
+};
+
+// The Ptrs policy of the autocast mix, typed: the model outputs (model_in) in the 16-bit float dtype M, every
+// other operand float32. Only for a functor that reads its model outputs through model_in and nothing else of
+// that dtype (the CPU step kernels that choose it: csrc/cpu/loops.h, dispatch_model_operands).
+template <typename M>
+struct AutocastPtrs {
+  using in = const float*;
+  using out = float*;
+  using model_in = const M*;
+  static in input(const at::Tensor& t) { return t.const_data_ptr<float>(); }
+  static out output(const at::Tensor& t) { return t.mutable_data_ptr<float>(); }
+  static model_in model_input(const at::Tensor& t) { return t.const_data_ptr<M>(); }
 };
 
 // Whether the float operands of a call (nullptr: an absent one) have different dtypes.

@@ -291,13 +291,20 @@ def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma,
     return _run_out("flow_step", args, fmt, out)
 
 
+def _traced() -> bool:
+    """Whether a call here is seen above the dispatcher: traced by torch.compile, or under a TorchFunctionMode
+    (both see ``torch.ops`` calls, not a bound C call; dispatch modes, below, see both)."""
+    return torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+
+
 def bound_op(name, args, advance=-1):
     """``call(*per_call_args[, next_index])``: the operator ``name`` with its constant arguments converted once
     (``_C.bind_op``, csrc/fast_calls.cpp) — ``args`` holds one entry per schema argument, ``...`` for a tensor
     given per call — or None without the compiled library. With ``advance`` (the position of a per-call int64
     tensor) the call takes a last ``next_index`` and, when it is >= 0, writes it into that tensor after the op.
     The call goes through the dispatcher as ``torch.ops`` does, without converting the constants every time
-    (docs/design.md, "Host overhead"); it is for eager calls: under torch.compile call the operator itself."""
+    (docs/design.md, "Host overhead"); it is for eager calls: while torch.compile traces or a TorchFunctionMode is
+    active (`_traced`) call the operator itself."""
     if _native.bind_op is None:
         return None
     return functools.partial(_native.call_bound, _native.bind_op("ddpm_kernels::" + name, args, advance))
@@ -308,15 +315,14 @@ def flow_table_server(opts):
     ``opts`` (unguided, no noise term), for operands a caller checked as the public op does
     (`ddpm_kernels.flow.table_step_server`), then, when ``next_index >= 0``, ``step_index.fill_(next_index)``.
     Contiguous operands go to the operator with its arguments besides the four fixed: bound once (`bound_op`) in
-    eager mode, through ``torch.ops`` while torch.compile traces (what a drop-in scheduler's step costs the host;
-    docs/design.md, "Host overhead"); others take `flow_step`."""
+    eager mode, through ``torch.ops`` while torch.compile traces or a TorchFunctionMode is active (what a drop-in
+    scheduler's step costs the host; docs/design.md, "Host overhead"); others take `flow_step`."""
     op, tail = _ops().flow_step, (*_NO_SIGMA, *_NO_SIGMA, opts.stochastic, opts.guidance_rescale, None, None, 0)
     fast = bound_op("flow_step", (..., ..., None, None, ..., ..., *tail), advance=5)
-    compiling = torch.compiler.is_compiling
 
     def step(sample, model_output, sigmas, step_index, next_index=-1):
         if sample.is_contiguous() and model_output.is_contiguous():
-            if fast is not None and not compiling():
+            if fast is not None and not _traced():
                 return fast(sample, model_output, sigmas, step_index, next_index)
             result = op(sample, model_output, None, None, sigmas, step_index, *tail)
         else:
@@ -358,12 +364,11 @@ def solver_table_server(opts):
     ``step_index.fill_(next_index)`` when ``next_index >= 0``."""
     head, tail = (opts.stochastic, opts.clip_range, 0.0), (None, 0)
     fast = bound_op("solver_step", (..., ..., None, None, ..., ..., ..., ..., *head, ..., *tail), advance=5)
-    compiling = torch.compiler.is_compiling
 
     def step(sample, model_output, coefficients, step_index, history, last_sample, noise=None, next_index=-1):
         if (fast is not None and sample.is_contiguous() and model_output.is_contiguous()
                 and (history is None or history.is_contiguous()) and (last_sample is None or last_sample.is_contiguous())
-                and (noise is None or noise.is_contiguous()) and not compiling()):
+                and (noise is None or noise.is_contiguous()) and not _traced()):
             return fast(sample, model_output, coefficients, step_index, history, last_sample, noise, next_index)
         result = solver_step(sample, model_output, None, None, coefficients, step_index, history, last_sample, opts,
                              noise)
@@ -394,11 +399,10 @@ def euler_table_server(opts):
     leading = (opts.parameterization, *churn, 0.0)
     tail = (None, 0, opts.return_pred_x0)  # (generator, sample_offset, return_pred_x0)
     op, fast = getattr(_ops(), name), bound_op(name, (..., ..., None, None, ..., ..., *leading, ..., *tail), advance=5)
-    compiling = torch.compiler.is_compiling
 
     def step(sample, model_output, sigmas, step_index, noise=None, next_index=-1):
         if sample.is_contiguous() and model_output.is_contiguous() and (noise is None or noise.is_contiguous()):
-            if fast is not None and not compiling():
+            if fast is not None and not _traced():
                 result = fast(sample, model_output, sigmas, step_index, noise, next_index)
                 return result if opts.return_pred_x0 else result[0]
             result = op(sample, model_output, None, None, sigmas, step_index, *leading, noise, *tail)

@@ -227,3 +227,92 @@ def test_a_scheduler_mid_loop_pickles_and_copies(family):
             y = s.step(model(y, t), t, y, **({} if g is None else dict(generator=g))).prev_sample
         finals.append(y)
     assert all(torch.equal(finals[0], f) for f in finals[1:])
+
+
+def _loop(scheduler, x, steps, checked=False, **step_kwargs):
+    """The loop's samples; ``checked``: every step without the caches of served calls (the fully checked path)."""
+    out = []
+    for t in list(scheduler.timesteps)[:steps]:
+        if checked:
+            for key in scheduler._dk_transient:
+                scheduler.__dict__.pop(key, None)
+        scheduler.is_scale_input_called = True
+        x = scheduler.step(model(x, t), t, x, **step_kwargs).prev_sample
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("family,churn", [("ancestral", 0.0), ("euler", 1.0)])
+def test_in_kernel_noise_of_a_channels_last_loop_is_the_checked_steps(family, churn):
+    """A step drawing its noise in the kernel draws it in row-major order whatever the sample's layout: the served
+    steps of a channels_last loop are the fully checked ones, bit for bit, and the contiguous loop's."""
+    _, fused_class, config = FAMILIES[family]
+    kwargs = dict(s_churn=churn) if family == "euler" else {}
+    runs = []
+    for fmt, checked in ((torch.channels_last, False), (torch.channels_last, True), (torch.contiguous_format, False)):
+        s = fused_class(**config)
+        s.in_kernel_noise = True
+        s.set_timesteps(STEPS)
+        torch.manual_seed(0)
+        x = (torch.randn(SHAPE) * s.init_noise_sigma).contiguous(memory_format=fmt)
+        runs.append(_loop(s, x, STEPS, checked, **kwargs))
+    for a, b, c in zip(*runs):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+class _Tagged(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("family", ["flow", "euler", "ancestral", "dpm", "unipc"])
+def test_tensor_subclasses_keep_their_type(family):
+    """A tensor subclass sample gives the type the stock step gives (the subclass: its ``__torch_function__``
+    sees the operator), served or not."""
+    stock_class, fused_class, config = FAMILIES[family]
+    for cls in (stock_class, fused_class):
+        s = cls(**config)
+        s.set_timesteps(STEPS)
+        x = torch.randn(SHAPE).as_subclass(_Tagged)
+        kwargs = dict(generator=torch.Generator().manual_seed(0)) if family in TAKES_GENERATOR else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            samples = _loop(s, x, 3, **kwargs)
+        assert all(type(y) is _Tagged for y in samples), (cls.__name__, [type(y) for y in samples])
+
+
+def test_sde_noise_that_requires_grad_gives_no_graph():
+    """DPM-Solver's SDE step with a ``variance_noise`` that requires grad: every step (served or checked) gives
+    a result without an autograd graph, as the first, fully checked one does."""
+    _, fused_class, config = FAMILIES["dpm"]
+    s = fused_class(algorithm_type="sde-dpmsolver++", **config)
+    s.set_timesteps(STEPS)
+    x = torch.randn(SHAPE)
+    for t in list(s.timesteps)[:4]:
+        noise = torch.randn(SHAPE).requires_grad_()
+        x = s.step(model(x, t), t, x, variance_noise=noise).prev_sample
+        assert not x.requires_grad and x.grad_fn is None
+
+
+def test_a_torch_function_mode_sees_the_served_steps():
+    """Under a TorchFunctionMode (as a tracer or profiler installs) the served steps call the operator through
+    ``torch.ops``, so the mode sees each step's operator (a bound C call would pass it by)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    for family, op in (("flow", "flow_step"), ("euler", "euler_step"), ("dpm", "solver_step")):
+        _, fused_class, config = FAMILIES[family]
+        s = fused_class(**config)
+        s.set_timesteps(STEPS)
+        x = torch.randn(SHAPE)
+        _loop(s, x, 2)  # (the served path set up)
+        with Seen() as seen:
+            _loop(s, x, 2)
+        assert sum(op in str(n) for n in seen.names) >= 1, (family, seen.names[:20])

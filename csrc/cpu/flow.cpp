@@ -52,9 +52,10 @@ void Kernels::flow_interpolate(const FlowInterpolateCall& call) {
 // samplers by the parameterization; a step without a noise term compiles no noise source.
 void Kernels::flow_step(const FlowStepCall& call) {
   const int64_t numel = call.sample.numel();
-  dispatch_with_noise({&call.sample, &call.model_output, call.uncond, call.noise, &call.out}, call.sample, call.noise,
-                      call.adds_noise(), call.generator, call.sample_offset, [&](auto St, auto Ps, auto IO,
-                                                                                const auto& z) {
+  // (the autocast mix, float32 data with float16 / bfloat16 model outputs, runs typed: AutocastPtrs)
+  dispatch_step_with_noise({&call.model_output, call.uncond}, {&call.sample, call.noise, &call.out, call.x0},
+                           call.sample, call.noise, call.adds_noise(), call.generator, call.sample_offset,
+                           [&](auto St, auto Ps, auto IO, const auto& z) {
     using scalar_t = typename decltype(St)::type;
     using Ptrs = typename decltype(Ps)::type;
     using L = typename decltype(IO)::type;

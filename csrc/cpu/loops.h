@@ -142,6 +142,8 @@ struct MixedLanes {
   static constexpr int kLanes = 1;
   static constexpr int64_t size() { return 1; }
   static C10_ALWAYS_INLINE void load(const float* p, V* v, int64_t) { v[0] = *p; }
+  static C10_ALWAYS_INLINE void load(const at::Half* p, V* v, int64_t) { v[0] = static_cast<float>(*p); }
+  static C10_ALWAYS_INLINE void load(const at::BFloat16* p, V* v, int64_t) { v[0] = static_cast<float>(*p); }
   static C10_ALWAYS_INLINE void load(MixedPtr p, V* v, int64_t) {
     switch (p.type) {
       case OperandType::kHalf: v[0] = static_cast<float>(*reinterpret_cast<const at::Half*>(p.p)); return;
@@ -177,6 +179,9 @@ struct MixedLanes {
       v[1] = n > W ? load_partial<V>(p + W, n - W) : V(0.f);
     }
   }
+  // an operand of the autocast policy's typed 16-bit model outputs (AutocastPtrs)
+  static C10_ALWAYS_INLINE void load(const at::Half* p, V* v, int64_t n) { Lanes<at::Half>::load(p, v, n); }
+  static C10_ALWAYS_INLINE void load(const at::BFloat16* p, V* v, int64_t n) { Lanes<at::BFloat16>::load(p, v, n); }
   static C10_ALWAYS_INLINE void load(MixedPtr p, V* v, int64_t n) {
     switch (p.type) {
       case OperandType::kHalf: return Lanes<at::Half>::load(reinterpret_cast<const at::Half*>(p.p), v, n);
@@ -218,6 +223,28 @@ void dispatch_operands(at::ScalarType st, bool mixed, const F& f) {
   DDPM_DISPATCH_FLOATING(st, "ddpm_kernels", [&] {
     f(Tag<scalar_t>(), Tag<SamePtrs<scalar_t>>(), Tag<Lanes<scalar_t>>());
   });
+}
+
+// dispatch_operands for a step whose `model` operands (its model outputs; nullptr: absent) may be the autocast
+// mix: all of one 16-bit float dtype M with every `data` operand float32 (nullptr: absent) runs typed,
+// f(Tag<float>, Tag<AutocastPtrs<M>>, Tag<MixedLanes>) (no dtype tag read per slice); any other call as
+// dispatch_operands runs it. The functor must read its model outputs through Ptrs::model_in.
+template <typename F>
+void dispatch_model_operands(at::ScalarType st, bool mixed, std::initializer_list<const at::Tensor*> model,
+                             std::initializer_list<const at::Tensor*> data, const F& f) {
+  if (mixed) {
+    at::ScalarType m = at::ScalarType::Undefined;
+    bool autocast = true;
+    for (const at::Tensor* t : model) {
+      if (t == nullptr) continue;
+      if (m == at::ScalarType::Undefined) m = t->scalar_type();
+      autocast = autocast && t->scalar_type() == m;
+    }
+    for (const at::Tensor* t : data) autocast = autocast && (t == nullptr || t->scalar_type() == at::kFloat);
+    if (autocast && m == at::kBFloat16) return f(Tag<float>(), Tag<AutocastPtrs<at::BFloat16>>(), Tag<MixedLanes>());
+    if (autocast && m == at::kHalf) return f(Tag<float>(), Tag<AutocastPtrs<at::Half>>(), Tag<MixedLanes>());
+  }
+  dispatch_operands(st, mixed, f);
 }
 
 // The sum of a lane's values, in float64.

@@ -132,4 +132,22 @@ void dispatch_with_noise(std::initializer_list<const at::Tensor*> operands, cons
   });
 }
 
+// dispatch_with_noise for a step whose model outputs (`model`) may be the typed autocast mix with the `data`
+// operands (dispatch_model_operands); `x` is the call's data.
+template <typename F>
+void dispatch_step_with_noise(std::initializer_list<const at::Tensor*> model,
+                              std::initializer_list<const at::Tensor*> data, const at::Tensor& x,
+                              const at::Tensor* noise, bool draw, const std::optional<at::Generator>& generator,
+                              int64_t sample_offset, const F& f) {
+  bool mixed = false;
+  for (const auto* list : {&model, &data}) {
+    for (const at::Tensor* t : *list) mixed = mixed || (t != nullptr && t->scalar_type() != x.scalar_type());
+  }
+  dispatch_model_operands(x.scalar_type(), mixed, model, data, [&](auto St, auto Ps, auto IO) {
+    using Noise = CpuNoise<typename decltype(St)::type, typename decltype(IO)::type, typename decltype(Ps)::type>;
+    const Noise z(Noise::spec(noise, draw, generator, x, sample_offset));
+    f(St, Ps, IO, z);
+  });
+}
+
 }  // namespace ddpm::cpu::CPU_CAPABILITY

@@ -252,7 +252,8 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         plain = (generator is None and len(options) == (clip is not None) and type(x) is torch.Tensor
                  and type(model_output) is torch.Tensor and model_output.dtype == dtype
                  and (noise is None or (type(noise) is torch.Tensor and noise.dtype == dtype and noise.shape == shape
-                                        and noise.device == device))
+                                        and noise.device == device
+                                        and not (noise.requires_grad and torch.is_grad_enabled())))
                  and (last is None or (type(last) is torch.Tensor and last.dtype == dtype and last.shape == shape
                                        and last.device == device))
                  and not ((x.requires_grad or model_output.requires_grad) and torch.is_grad_enabled()))

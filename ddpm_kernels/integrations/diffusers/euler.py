@@ -179,8 +179,11 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
         out_dtype = model_output.dtype
         lane = self.__dict__.get("_dk_lane_")
         if (generator is None and x is sample and out_dtype == torch.float32 and lane is not None
+                and type(sample) is torch.Tensor and type(model_output) is torch.Tensor
                 and lane.sigmas is sigmas and lane.index[0] is step_index and lane.index[1] == self._step_index
-                and (noise is None or noise.dtype == out_dtype)):
+                and (noise.dtype == out_dtype and type(noise) is torch.Tensor if noise is not None
+                     # a step drawing in the kernel draws in row-major order: `checked_table_step` lays it out so
+                     else (name == "euler_step" and not churn[0]) or sample.is_contiguous())):
             # a float32 step on the lane's table, its noise (if any) given (docs/design.md, "Host overhead"): the
             # server resolved once per lane, backend, op and options, which also advances the index tensor
             return self._dk_served(lane, name, values, model_output, x, noise, want_x0)
