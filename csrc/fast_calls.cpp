@@ -5,7 +5,8 @@
 // a sampling loop changes only its tensors. `bind_op` converts the constant arguments once; `call_bound` then
 // takes only the per-call ones and calls the same operator through the dispatcher (a boxed call), so everything
 // the dispatcher does for a `torch.ops` call (autograd, Python dispatch modes, the profiler, the backend's kernel)
-// happens here too.
+// happens here too. What `torch.ops` does above the dispatcher does not (`__torch_function__` of tensor subclasses
+// and of a TorchFunctionMode): the Python callers use `torch.ops` for those (ddpm_kernels/extension.py, _traced).
 //
 // bind_op(name, args, advance=-1) -> capsule
 //   name: "ddpm_kernels::flow_step" (the default overload); args: one entry per schema argument, in order: the
