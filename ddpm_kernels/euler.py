@@ -8,9 +8,8 @@ matching" and "Euler steps")."""
 from __future__ import annotations
 
 from ._spec import OPS as SPECS, EulerStepOptions
-from ._checks import _check_backend
 from .flow import _check_step_index, _check_table, cached_options, checked_step, run_step, step_inputs
-from .ops import _BACKENDS, _dispatch, _options, row_major
+from .ops import _options, row_major, step_server
 
 __all__ = ["euler_step", "euler_ancestral_step"]
 
@@ -56,30 +55,16 @@ def checked_table_step(name, backend, sample, model_output, sigmas, step_index, 
 
 
 def table_step_server(name, backend, sample, values: tuple):
-    """``step(sample, model_output, sigmas, step_index, noise=None, next_index=-1)``: `checked_table_step`'s call
-    of ``name`` with ``values`` (``noise`` read when the step has a noise term; no generator) on operands of
-    ``sample``'s dtype and device of which no gradient is asked, its serving function resolved once (what dispatch
-    gives each such call), as `ddpm_kernels.flow.table_step_server` serves `flow_step`; then
-    ``step_index.fill_(next_index)`` when ``next_index >= 0``. Returns what `checked_table_step` returns."""
-    if backend not in _BACKENDS:
-        _check_backend(backend)
+    """``step(sample, model_output, sigmas, step_index[, noise[, next_index]])``: `checked_table_step`'s call of
+    ``name`` with ``values`` (``noise`` read when the step has a noise term; no generator), resolved once for a
+    caller that repeats it (`ddpm_kernels.ops.step_server`). Returns what `checked_table_step` returns."""
     spec = SPECS[name]
     opts = _step_options(spec, values, False)
-    served, fn = _dispatch(spec, backend, sample, opts, (), grad_free=True, with_name=True)
-    if served in ("cpu", "cuda"):  # a compiled backend (loaded by that dispatch): its operator, bound once
-        from . import extension
 
-        if fn is extension.euler_step:
-            return extension.euler_table_server(opts)
+    def run(fn, sample, model_output, sigmas, step_index, noise=None):
+        return fn(sample, model_output, None, None, sigmas, step_index, opts, noise, None, out=None, sample_offset=0)
 
-    def step(sample, model_output, sigmas, step_index, noise=None, next_index=-1):
-        result = fn(sample, model_output, None, None, sigmas, step_index, opts, noise, None, out=None,
-                    sample_offset=0)
-        if next_index >= 0:
-            step_index.fill_(next_index)
-        return result
-
-    return step
+    return step_server(spec, backend, sample, opts, run, 5)
 
 
 def euler_step(

@@ -297,6 +297,14 @@ def _traced() -> bool:
     return torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
 
 
+def _advanced(result, step_index, next_index):
+    """A server's result after writing ``next_index`` into ``step_index`` when it is >= 0 (the bound calls do it
+    in the call)."""
+    if next_index >= 0:
+        step_index.fill_(next_index)
+    return result
+
+
 def bound_op(name, args, advance=-1):
     """``call(*per_call_args[, next_index])``: the operator ``name`` with its constant arguments converted once
     (``_C.bind_op``, csrc/fast_calls.cpp) — ``args`` holds one entry per schema argument, ``...`` for a tensor
@@ -313,7 +321,7 @@ def bound_op(name, args, advance=-1):
 def flow_table_server(opts):
     """``step(sample, model_output, sigmas, step_index, next_index=-1)``: `flow_step` on a sigma table with
     ``opts`` (unguided, no noise term), for operands a caller checked as the public op does
-    (`ddpm_kernels.flow.table_step_server`), then, when ``next_index >= 0``, ``step_index.fill_(next_index)``.
+    (`ddpm_kernels.ops.step_server`), then, when ``next_index >= 0``, ``step_index.fill_(next_index)``.
     Contiguous operands go to the operator with its arguments besides the four fixed: bound once (`bound_op`) in
     eager mode, through ``torch.ops`` while torch.compile traces or a TorchFunctionMode is active (what a drop-in
     scheduler's step costs the host; docs/design.md, "Host overhead"); others take `flow_step`."""
@@ -327,9 +335,7 @@ def flow_table_server(opts):
             result = op(sample, model_output, None, None, sigmas, step_index, *tail)
         else:
             result = flow_step(sample, model_output, None, None, sigmas, step_index, None, None, opts)
-        if next_index >= 0:
-            step_index.fill_(next_index)
-        return result
+        return _advanced(result, step_index, next_index)
 
     return step
 
@@ -372,9 +378,7 @@ def solver_table_server(opts):
             return fast(sample, model_output, coefficients, step_index, history, last_sample, noise, next_index)
         result = solver_step(sample, model_output, None, None, coefficients, step_index, history, last_sample, opts,
                              noise)
-        if next_index >= 0:
-            step_index.fill_(next_index)
-        return result
+        return _advanced(result, step_index, next_index)
 
     return step
 
@@ -409,11 +413,13 @@ def euler_table_server(opts):
             result = result if opts.return_pred_x0 else result[0]
         else:
             result = euler_step(sample, model_output, None, None, sigmas, step_index, opts, noise)
-        if next_index >= 0:
-            step_index.fill_(next_index)
-        return result
+        return _advanced(result, step_index, next_index)
 
     return step
+
+
+# the bound servers of the drop-ins' repeated steps, by the backend function dispatch gives (`ops.step_server`)
+TABLE_SERVERS = {flow_step: flow_table_server, solver_step: solver_table_server, euler_step: euler_table_server}
 
 
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):

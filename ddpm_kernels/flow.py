@@ -24,7 +24,7 @@ from ._checks import (
 )
 from ._spec import OPS as SPECS, FlowStepOptions, SigmaOperand
 from ._stream import check_sample_offset
-from .ops import _BACKENDS, _dispatch, _options, promoted_dtype, restore_format, row_major, serve
+from .ops import _BACKENDS, _dispatch, _options, promoted_dtype, restore_format, row_major, serve, step_server
 from .reference import compute_dtype
 
 __all__ = ["flow_interpolate", "flow_step", "flow_loss", "sigma_operand"]
@@ -220,30 +220,16 @@ def checked_table_step(backend, sample, model_output, sigmas, step_index, stocha
 
 
 def table_step_server(backend, sample):
-    """``step(sample, model_output, sigmas, step_index, next_index=-1)``: `checked_table_step`'s deterministic
-    call (no noise, no generator) on operands of ``sample``'s dtype and device of which no gradient is asked, its
-    serving function resolved once here (what dispatch gives each such call), for a caller that repeats the call
-    on operands of that kind (a scheduler's steps on one schedule; docs/design.md, "Host overhead"). With
-    ``next_index >= 0`` it then writes that value into ``step_index`` (the caller's step index advanced)."""
-    if backend not in _BACKENDS:
-        _check_backend(backend)
+    """``step(sample, model_output, sigmas, step_index[, next_index])``: `checked_table_step`'s deterministic call
+    (no noise, no generator), resolved once for a caller that repeats it (`ddpm_kernels.ops.step_server`)."""
     spec = SPECS["flow_step"]
     opts = _step_options(spec, False, 0.0, False)
-    name, fn = _dispatch(spec, backend, sample, opts, (), grad_free=True, with_name=True)
-    if name in ("cpu", "cuda"):  # a compiled backend (loaded by that dispatch): its operator, called directly
-        from . import extension
 
-        if fn is extension.flow_step:
-            return extension.flow_table_server(opts)
+    def run(fn, sample, model_output, sigmas, step_index):
+        return fn(sample, model_output, None, None, sigmas, step_index, None, None, opts, None, None, out=None,
+                  sample_offset=0)
 
-    def step(sample, model_output, sigmas, step_index, next_index=-1):
-        result = fn(sample, model_output, None, None, sigmas, step_index, None, None, opts, None, None, out=None,
-                    sample_offset=0)
-        if next_index >= 0:
-            step_index.fill_(next_index)
-        return result
-
-    return step
+    return step_server(spec, backend, sample, opts, run, 4)
 
 
 # --------------------------------------------------------------------------------------------------- ops

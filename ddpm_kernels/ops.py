@@ -222,6 +222,33 @@ def _prologue(spec: OpSpec, backend, x, others: tuple, schedule, t, options: tup
     return fn, opts, t, t_prev, out, cast[0], cast[1:]
 
 
+def step_server(spec, backend, x, opts, run, operands: int):
+    """``step(*operands[, next_index])``: a step a caller repeats on operands it built and checked as the public op
+    does (a drop-in scheduler's steps on one schedule; docs/design.md, "Host overhead"), on operands of ``x``'s
+    dtype and device of which no gradient is asked, its serving function resolved once here (what dispatch gives
+    each such call). A compiled backend's function serves through its bound operator
+    (``extension.TABLE_SERVERS``); any other is called as ``run(fn, *operands)``. The step takes up to
+    ``operands`` operands (trailing ones left out take ``run``'s defaults), the step index the fourth, then
+    ``next_index``: when it is >= 0, written into the step index after the step (the caller's index advanced)."""
+    if backend not in _BACKENDS:
+        _check_backend(backend)
+    name, fn = _dispatch(spec, backend, x, opts, (), grad_free=True, with_name=True)
+    if name in ("cpu", "cuda"):  # a compiled backend (loaded by that dispatch): its operator, bound once
+        from . import extension
+
+        server = extension.TABLE_SERVERS.get(fn)
+        if server is not None:
+            return server(opts)
+
+    def step(*args):
+        result = run(fn, *args[:operands])
+        if len(args) > operands and args[operands] >= 0:
+            args[3].fill_(args[operands])
+        return result
+
+    return step
+
+
 def serve(spec, backend, x, opts, tensors: tuple, mixed, operands: tuple, noise=None):
     """``(fn, operands)``: the function serving the call (dispatch on ``tensors``, keyed on ``mixed``, the
     promoted dtype of a call with mixed float operands, when given) and ``operands`` as it reads them: cast to

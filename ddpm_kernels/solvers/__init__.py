@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 
 from .._layout import CONTIGUOUS, dense_format
-from .._checks import _check_backend, _check_like, _check_step_index
+from .._checks import _check_like, _check_step_index
 from .._spec import OPS as SPECS, SolverColumns, SolverStepOptions
 from ..flow import cached_options, run_step, step_inputs
-from ..ops import _BACKENDS, _dispatch, _options
+from ..ops import _options, step_server
 
 __all__ = ["SolverColumns", "solver_step", "new_history"]
 
@@ -90,32 +90,19 @@ def new_history(sample: torch.Tensor, slots: int) -> torch.Tensor:
 
 
 def table_step_server(backend, sample, clip_range=None, stochastic=False):
-    """``step(sample, model_output, coefficients, step_index, history, last_sample, noise=None, next_index=-1)``:
+    """``step(sample, model_output, coefficients, step_index, history, last_sample[, noise[, next_index]])``:
     `solver_step`'s call without guidance or thresholding (``clip_range`` as `solver_step` takes it; with
-    ``stochastic`` the ``noise`` given to each call is read, no generator) on operands of ``sample``'s dtype and
-    device of which no gradient is asked, its serving function resolved once (what dispatch gives each such call),
-    for a caller that made the same call through `solver_step` and its checks before and repeats it on the same
-    table, index tensor and state (a drop-in scheduler's steps; docs/design.md, "Host overhead"); then
-    ``step_index.fill_(next_index)`` when ``next_index >= 0``."""
-    if backend not in _BACKENDS:
-        _check_backend(backend)
+    ``stochastic`` the ``noise`` given to each call is read, no generator), resolved once for a caller that made
+    the same call through `solver_step` and its checks before and repeats it on the same table, index tensor and
+    state (`ddpm_kernels.ops.step_server`)."""
     spec = SPECS["solver_step"]
     opts = _step_options((bool(stochastic), clip_range, None, 1.0, 0.0), False)
-    name, fn = _dispatch(spec, backend, sample, opts, (), grad_free=True, with_name=True)
-    if name in ("cpu", "cuda"):  # a compiled backend (loaded by that dispatch): its operator, bound once
-        from .. import extension
 
-        if fn is extension.solver_step:
-            return extension.solver_table_server(opts)
+    def run(fn, sample, model_output, coefficients, step_index, history, last_sample, noise=None):
+        return fn(sample, model_output, None, None, coefficients, step_index, history, last_sample, opts, noise, None,
+                  out=None, sample_offset=0)
 
-    def step(sample, model_output, coefficients, step_index, history, last_sample, noise=None, next_index=-1):
-        result = fn(sample, model_output, None, None, coefficients, step_index, history, last_sample, opts, noise,
-                    None, out=None, sample_offset=0)
-        if next_index >= 0:
-            step_index.fill_(next_index)
-        return result
-
-    return step
+    return step_server(spec, backend, sample, opts, run, 7)
 
 
 def solver_step(
