@@ -117,23 +117,11 @@ struct CpuNoise {
   }
 };
 
-// The dispatch of a call with a noise term: f(Tag<scalar_t>, Tag<Ptrs>, Tag<IO>, z) for its dtypes
-// (dispatch_operands: the mixed policies when `operands` differ in dtype) with z its noise source, the given
-// `noise`, else in-kernel noise when `draw` (the key drawn from `generator` for every such call, even an empty
-// one, so that every drawing op advances the generator alike), else none. `x` is the call's data.
-template <typename F>
-void dispatch_with_noise(std::initializer_list<const at::Tensor*> operands, const at::Tensor& x,
-                         const at::Tensor* noise, bool draw, const std::optional<at::Generator>& generator,
-                         int64_t sample_offset, const F& f) {
-  dispatch_operands(x.scalar_type(), mixed_operands(operands), [&](auto St, auto Ps, auto IO) {
-    using Noise = CpuNoise<typename decltype(St)::type, typename decltype(IO)::type, typename decltype(Ps)::type>;
-    const Noise z(Noise::spec(noise, draw, generator, x, sample_offset));
-    f(St, Ps, IO, z);
-  });
-}
-
-// dispatch_with_noise for a step whose model outputs (`model`) may be the typed autocast mix with the `data`
-// operands (dispatch_model_operands); `x` is the call's data.
+// The dispatch of a step with a noise term: f(Tag<scalar_t>, Tag<Ptrs>, Tag<IO>, z) for its dtypes
+// (dispatch_model_operands: the mixed policies when its operands differ in dtype from `x`, the call's data; the
+// typed autocast policy when its `model` outputs are its only 16-bit operands) with z its noise source, the
+// given `noise`, else in-kernel noise when `draw` (the key drawn from `generator` for every such call, even an
+// empty one, so that every drawing op advances the generator alike), else none.
 template <typename F>
 void dispatch_step_with_noise(std::initializer_list<const at::Tensor*> model,
                               std::initializer_list<const at::Tensor*> data, const at::Tensor& x,
@@ -148,6 +136,14 @@ void dispatch_step_with_noise(std::initializer_list<const at::Tensor*> model,
     const Noise z(Noise::spec(noise, draw, generator, x, sample_offset));
     f(St, Ps, IO, z);
   });
+}
+
+// dispatch_step_with_noise for a call whose functor reads no operand as a model output (`operands`, x among them).
+template <typename F>
+void dispatch_with_noise(std::initializer_list<const at::Tensor*> operands, const at::Tensor& x,
+                         const at::Tensor* noise, bool draw, const std::optional<at::Generator>& generator,
+                         int64_t sample_offset, const F& f) {
+  dispatch_step_with_noise({}, operands, x, noise, draw, generator, sample_offset, f);
 }
 
 }  // namespace ddpm::cpu::CPU_CAPABILITY
