@@ -1,9 +1,11 @@
 """FusedDDPMScheduler / FusedDDIMScheduler against the stock diffusers schedulers they replace."""
 
 import inspect
+import pickle
 import warnings
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ import ddpm_kernels as dk  # noqa: E402
 from ddpm_kernels import ops  # noqa: E402
 from ddpm_kernels.integrations.diffusers import ddpm as dkd  # noqa: E402  (the module whose globals tests patch)
 from ddpm_kernels.integrations.diffusers import FusedDDIMScheduler, FusedDDPMScheduler  # noqa: E402
+from ddpm_kernels.integrations.diffusers._common import _randn  # noqa: E402
 from helpers import (  # noqa: E402
     GENERATOR_FORMS, assert_stock_reads_the_device, check_same_as_stock, generator_form, generator_state, sync_guard,
     warned_stock_path,
@@ -683,9 +686,41 @@ def test_noise_draw_equals_randn_tensor(generator):
         expected = diffusers.utils.torch_utils.randn_tensor(SHAPE, generator=g1, device=torch.device("cpu"), dtype=dtype)
         s1 = generator_state(g1)
         g2 = generator_form(generator, SHAPE[0])
-        got = dkd._randn(torch.Size(SHAPE), g2, torch.device("cpu"), dtype)
+        got = _randn(torch.Size(SHAPE), g2, torch.device("cpu"), dtype)
         assert torch.equal(got, expected) and got.dtype == dtype
         assert all(torch.equal(a, b) for a, b in zip(generator_state(g2), s1))
+
+
+@pytest.mark.parametrize("generator", GENERATOR_FORMS)
+def test_kept_noise_buffer_draws_randn_tensor(generator):
+    """A drop-in's step noise drawn into its kept buffer (`_dk_randn`) is randn_tensor's draw, call after call
+    (the buffer reused, in and out of inference mode, another dtype or shape), and so is the cast to the op's
+    dtype; the buffer is not pickled."""
+    fused = FusedDDPMScheduler()
+    g = generator_form(generator, SHAPE[0])
+    buffered = generator in ("none", "one")  # (a list goes through randn_tensor)
+    cpu = torch.device("cpu")
+
+    def rewind(states):
+        for target, state in zip(g if isinstance(g, list) else [g], states):
+            torch.set_rng_state(state) if target is None else target.set_state(state)
+    draws = [(SHAPE, torch.float32, None, False), (SHAPE, torch.float32, None, True), (SHAPE, torch.float32, None,
+             False), (SHAPE, torch.float16, torch.float32, False), ((SHAPE[0], 5, 7), torch.float32, None, False)]
+    for shape, dtype, as_dtype, inference in draws:
+        before = generator_state(g)
+        expected = diffusers.utils.torch_utils.randn_tensor(shape, generator=g, device=cpu, dtype=dtype)
+        if as_dtype is not None:
+            expected = expected.to(as_dtype)
+        after = generator_state(g)
+        rewind(before)
+        with torch.inference_mode(inference):
+            got = fused._dk_randn(torch.Size(shape), g, cpu, dtype, as_dtype)
+        assert torch.equal(got, expected) and got.dtype == expected.dtype
+        # (the kept buffer is a normal tensor, drawn into under inference mode too)
+        assert got.is_inference() == (inference and not buffered)
+        assert all(torch.equal(a, b) for a, b in zip(generator_state(g), after))
+    assert (fused.__dict__.get("_dk_noise_") is not None) == buffered
+    assert "_dk_noise_" not in pickle.loads(pickle.dumps(fused)).__dict__
 
 
 def test_step_output_is_the_stock_output():

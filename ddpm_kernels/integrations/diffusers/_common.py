@@ -134,8 +134,9 @@ class _FusedBase:
     _stock_name = ""  # the stock class, for messages
     _make_output = None  # builds the stock step's output dataclass from its field values in order
 
-    # per-loop caches holding resolved serving functions (closures over compiled operators): not pickled
-    _dk_transient = ("_dk_lane_", "_dk_checked_")
+    # per-loop caches holding resolved serving functions (closures over compiled operators) and the noise buffer:
+    # not pickled
+    _dk_transient = ("_dk_lane_", "_dk_checked_", "_dk_noise_")
 
     def __getstate__(self):
         """The state to pickle or copy: without the per-loop caches of serving functions (`_Lane`, the checked
@@ -201,6 +202,23 @@ class _FusedBase:
     def _dk_output(self, result: tuple, return_dict: bool):
         """The stock step's return value: the tuple ``result``, or the output dataclass built from it."""
         return self._make_output(*result) if return_dict else result
+
+    def _dk_randn(self, shape, generator, device: torch.device, dtype: torch.dtype, as_dtype=None) -> torch.Tensor:
+        """`_randn`'s noise (the stock ``randn_tensor`` draw: the same numbers and generator state) for a fused step
+        that hands it to the op and keeps no reference to it. No generator, or one ``torch.Generator`` on
+        ``device``: drawn into a buffer the scheduler keeps per shape, dtype and device (``torch.randn`` is
+        ``torch.empty`` then ``normal_``, the same draw), which saves the allocation and most of ``torch.randn``'s
+        argument parsing (docs/design.md, "Host overhead"); else `_randn`."""
+        if device.type in _PLAIN_RANDN_DEVICES and (
+                generator is None or (type(generator) is torch.Generator and generator.device == device)):
+            key = (shape, dtype, device)
+            kept = self.__dict__.get("_dk_noise_")
+            if kept is None or kept[0] != key:
+                with torch.inference_mode(False):  # a normal tensor, drawn into in and out of inference mode
+                    kept = self.__dict__["_dk_noise_"] = (key, torch.empty(shape, dtype=dtype, device=device))
+            noise = kept[1].normal_(generator=generator)
+            return noise if as_dtype is None or dtype == as_dtype else noise.to(as_dtype)
+        return _randn(shape, generator, device, dtype, as_dtype)
 
     def _dk_kernel_generator(self, generator):
         """``(True, generator for the op)`` when the step noise is to be generated in the kernel (``in_kernel_noise``

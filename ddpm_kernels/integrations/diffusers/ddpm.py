@@ -54,7 +54,7 @@ from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
 from ... import ops
 from ...schedule import DiffusionSchedule
-from ._common import _device, _FusedBase, _is_real, _randn, tracked
+from ._common import _device, _FusedBase, _is_real, tracked
 
 __all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler"]
 
@@ -478,7 +478,7 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler, output=DDPMSchedul
                 noise = torch.zeros_like(sample)
             else:
                 # the stock draw: the model output's (variance-split) shape, dtype and device
-                noise = _randn(sample.shape, generator, sample.device, model_dtype, sample.dtype)
+                noise = self._dk_randn(sample.shape, generator, sample.device, model_dtype, sample.dtype)
         return self._dk_run(ops.ddpm_step, plan, sample, t, t_prev, model_output, schedule, noise, generator_for_op,
                             return_dict, variance_type=plan.variance_type)
 
@@ -540,7 +540,7 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler, output=DDIMSchedul
             else:
                 in_kernel, generator_for_op = self._dk_kernel_generator(generator)
                 if not in_kernel:
-                    noise = _randn(model_output.shape, generator, model_output.device, model_dtype, sample.dtype)
+                    noise = self._dk_randn(model_output.shape, generator, model_output.device, model_dtype, sample.dtype)
         return self._dk_run(ops.ddim_step, plan, sample, t, t_prev, model_output, schedule, noise, generator_for_op,
                             return_dict, eta=eta, set_alpha_to_one=plan.set_alpha_to_one,
                             use_clipped_model_output=bool(use_clipped_model_output))

@@ -49,7 +49,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from ...solvers._columns import PREDICTION_TYPES
 from ...solvers.dpm import ALGORITHMS, dpm_solver_slots, dpm_solver_table
-from ._common import _device, _randn
+from ._common import _device
 from ._solver import _RingHistory, _SigmaSolverDropIn, threshold_unsupported
 
 __all__ = ["FusedDPMSolverMultistepScheduler"]
@@ -156,7 +156,7 @@ class FusedDPMSolverMultistepScheduler(_RingHistory, _SigmaSolverDropIn, DPMSolv
             else:
                 stochastic, generator_for_op = self._dk_kernel_generator(generator)
                 if not stochastic:
-                    noise = _randn(output.shape, generator, output.device, torch.float32)
+                    noise = self._dk_randn(output.shape, generator, output.device, torch.float32)
         # the sample upcast to float32 as stock upcasts it (float64 with a float64 output); no corrector, so no
         # last-sample buffer
         work = torch.float64 if output.dtype == torch.float64 else torch.float32  # promote_types(float32, output)

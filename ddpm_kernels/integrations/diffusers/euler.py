@@ -50,7 +50,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 from ... import euler as euler_ops
-from ._common import (_DIRECT_DTYPES, _device, _FusedBase, _is_real, _randn, _stock_timestep, _StepIndex,
+from ._common import (_DIRECT_DTYPES, _device, _FusedBase, _is_real, _stock_timestep, _StepIndex,
                       SigmaTables)
 
 __all__ = ["FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler"]
@@ -165,7 +165,7 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
         in_kernel, generator_for_op = self._dk_kernel_generator(generator)
         if in_kernel:
             return None, generator_for_op
-        return _randn(model_output.shape, generator, model_output.device, model_output.dtype), None
+        return self._dk_randn(model_output.shape, generator, model_output.device, model_output.dtype), None
 
     def _dk_call(self, name, model_output, sample, sigmas, step_index, prediction, noise, generator, churn=()):
         """The fused op ``name`` on the stock step's operands: the sample upcast to float32 as stock upcasts it,

@@ -56,7 +56,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from ... import flow as flow_ops
 from ...reference import compute_dtype, guided_output
 from . import _common
-from ._common import _DIRECT_DTYPES, _device, _FusedBase, _randn, _stock_timestep, _StepIndex, SigmaTables
+from ._common import _DIRECT_DTYPES, _device, _FusedBase, _stock_timestep, _StepIndex, SigmaTables
 
 __all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
 
@@ -213,7 +213,7 @@ class FusedFlowMatchEulerDiscreteScheduler(
             in_kernel, generator_for_op = self._dk_kernel_generator(generator)
             if not in_kernel:
                 # the stock draw: randn_tensor(sample.shape, generator, sample.device, float32)
-                noise = _randn(sample.shape, generator, device, torch.float32, x.dtype)
+                noise = self._dk_randn(sample.shape, generator, device, torch.float32, x.dtype)
         if per_token_timesteps is None:
             step_index = self._dk_table_index(index, sample, tables, sigmas)
             if guidance is None and sigmas.dtype == compute_dtype(x.dtype):

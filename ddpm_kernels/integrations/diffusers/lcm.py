@@ -37,7 +37,7 @@ from diffusers import LCMScheduler
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 
 from ...solvers.lcm import lcm_coefficients
-from ._common import _is_real, _randn
+from ._common import _is_real
 from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
 
 __all__ = ["FusedLCMScheduler"]
@@ -113,7 +113,7 @@ class FusedLCMScheduler(_SolverDropIn, LCMScheduler, output=LCMSchedulerOutput):
             if in_kernel:
                 options["stochastic"] = True
             else:
-                noise = _randn(model_output.shape, generator, model_output.device, dtype)
+                noise = self._dk_randn(model_output.shape, generator, model_output.device, dtype)
         denoised = torch.empty_like(sample, dtype=dtype)
         prev, denoised = self._dk_solver_step(schedule, index, 0, model_output, sample, last=denoised, noise=noise,
                                               generator=generator_for_op, **options)
