@@ -14,12 +14,12 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffusers import (  # noqa: E402
     DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler,
 )
 
 from ddpm_kernels.integrations.diffusers import (  # noqa: E402
     FusedDPMSolverMultistepScheduler, FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler,
-    FusedFlowMatchEulerDiscreteScheduler, FusedUniPCMultistepScheduler,
+    FusedFlowMatchEulerDiscreteScheduler, FusedLCMScheduler, FusedUniPCMultistepScheduler,
 )
 
 SHAPE = (2, 4, 6, 5)
@@ -32,17 +32,18 @@ FAMILIES = {
                   dict(beta_schedule="scaled_linear")),
     "dpm": (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear")),
     "unipc": (UniPCMultistepScheduler, FusedUniPCMultistepScheduler, dict(beta_schedule="scaled_linear")),
+    "lcm": (LCMScheduler, FusedLCMScheduler, dict(beta_schedule="scaled_linear")),
 }
-TAKES_GENERATOR = ("flow", "euler", "ancestral", "dpm")  # (UniPC's step has no generator argument)
+TAKES_GENERATOR = ("flow", "euler", "ancestral", "dpm", "lcm")  # (UniPC's step has no generator argument)
 # a config entry each step reads, edited in place: to a value the step takes, and to one the stock step refuses
 # (the flow step reads no entry it could refuse)
 CONFIG_EDITS = {
     "config_in_place": {"flow": ("stochastic_sampling", True), "euler": ("prediction_type", "v_prediction"),
                         "ancestral": ("prediction_type", "v_prediction"), "dpm": ("prediction_type", "v_prediction"),
-                        "unipc": ("prediction_type", "v_prediction")},
+                        "unipc": ("prediction_type", "v_prediction"), "lcm": ("prediction_type", "v_prediction")},
     "config_refused": {"flow": ("stochastic_sampling", True), "euler": ("prediction_type", "x0"),
                        "ancestral": ("prediction_type", "sample"), "dpm": ("prediction_type", "x0"),
-                       "unipc": ("prediction_type", "x0")},
+                       "unipc": ("prediction_type", "x0"), "lcm": ("prediction_type", "x0")},
 }
 
 
@@ -80,6 +81,14 @@ def event(name, family, scheduler, x, t):
         x, mo = x.contiguous(memory_format=torch.channels_last), mo.contiguous(memory_format=torch.channels_last)
     elif name == "int_timestep":
         t = int(t)
+    elif name == "float_timestep":  # (LCM's stock step indexes its table by the timestep: its error)
+        t = float(t)
+    elif name == "alphas_in_place":
+        scheduler.alphas_cumprod.mul_(0.999)
+    elif name == "alphas_replaced":
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod * 0.999
+    elif name == "in_kernel_noise" and hasattr(scheduler, "fused_backend"):
+        scheduler.in_kernel_noise = True
     elif name == "model_output_shape":
         mo = mo[..., :-1]
     elif name == "grad":
@@ -112,8 +121,8 @@ def run(scheduler, family, name, full_checks=False):
         if hasattr(scheduler, "scale_model_input"):
             scheduler.scale_model_input(x, t)  # (the Euler steps warn without it; its result is not needed)
         if full_checks:
-            scheduler.__dict__.pop("_dk_lane_", None)
-            scheduler.__dict__.pop("_dk_checked_", None)
+            for key in scheduler._dk_transient:
+                scheduler.__dict__.pop(key, None)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # (the fused step names the stock path it takes)
@@ -149,7 +158,16 @@ EVENTS = [
 # step index a different loop from there on)
 SOLVER_EVENTS = ["none", "mixed_bf16", "config_in_place", "config_refused", "sigmas_in_place", "sigmas_replaced",
                  "channels_last", "model_output_shape", "backend"]
-SOLVER_EVENTS = {"dpm": SOLVER_EVENTS + ["half", "float64", "warmup_reset", "step_index_back", "grad"], "unipc": SOLVER_EVENTS + ["step_index_back", "grad", "warmup_reset"]}
+SOLVER_EVENTS = {
+    "dpm": SOLVER_EVENTS + ["half", "float64", "warmup_reset", "step_index_back", "grad"],
+    "unipc": SOLVER_EVENTS + ["step_index_back", "grad", "warmup_reset"],
+    # (LCM's table is built from alphas_cumprod. Its stock step reads it at the timestep argument, so a float one
+    # errs and a step index moved against the timesteps is another step than the fused one's, which reads it at
+    # timesteps[step_index]; past the end the stock step runs, on the last timestep)
+    "lcm": [e for e in SOLVER_EVENTS if not e.startswith("sigmas")] + [
+        "alphas_in_place", "alphas_replaced", "half", "float64", "past_the_end", "one_past_the_end", "batch", "grad",
+        "float_timestep"],
+}
 CASES = [(family, name) for family in FAMILIES for name in SOLVER_EVENTS.get(family, EVENTS)]
 
 
@@ -173,7 +191,8 @@ def test_direct_step_gives_the_checked_and_the_stock_result(family, name):
         scale = max(1.0, e[0].abs().max().item())
         tol = tolerance(name, i)
         torch.testing.assert_close(g[0].double(), e[0].double(), rtol=tol, atol=tol * scale, msg=f"step {i}")
-    if name in ("past_the_end", "one_past_the_end", "int_timestep", "model_output_shape") or (
+    if name in ("int_timestep", "float_timestep", "model_output_shape") or (
+            name in ("past_the_end", "one_past_the_end") and family != "lcm") or (
             name == "config_refused" and family != "flow"):
         assert len(got[-1]) == 2  # (the stock error: the event did happen)
 
@@ -195,18 +214,14 @@ def test_unipc_step_in_another_precision_keeps_the_history(name):
         assert g[2] == e[2]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES) + ["lcm"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_scheduler_mid_loop_pickles_and_copies(family):
     """A drop-in pickled or deep-copied in the middle of a loop (its lane and checked call, which hold serving
     functions, left out) continues that loop as the original does, bit for bit."""
     import copy
     import pickle
 
-    from diffusers import LCMScheduler
-
-    from ddpm_kernels.integrations.diffusers import FusedLCMScheduler
-
-    stock_class, fused_class, config = FAMILIES[family] if family != "lcm" else (LCMScheduler, FusedLCMScheduler, {})
+    stock_class, fused_class, config = FAMILIES[family]
     fused = fused_class(**config)
     fused.set_timesteps(STEPS)
     x = torch.randn(SHAPE) * getattr(fused, "init_noise_sigma", 1.0)
@@ -217,7 +232,7 @@ def test_a_scheduler_mid_loop_pickles_and_copies(family):
         x = fused.step(model(x, t), t, x, **kwargs).prev_sample
     copies = [pickle.loads(pickle.dumps(fused)), copy.deepcopy(fused)]
     for c in copies:
-        assert "_dk_lane_" not in c.__dict__ and "_dk_checked_" not in c.__dict__
+        assert not any(key in c.__dict__ for key in fused_class._dk_transient)
     finals = []
     for s in [fused] + copies:
         y = x

@@ -192,12 +192,15 @@ def test_a_float_timestep_gets_the_stock_error(form):
 
 def test_repeated_steps_take_the_checked_call(monkeypatch):
     """After a step passed `solver_step`'s checks, the next steps (each with its stock-drawn noise, a new
-    `denoised` buffer and, with clip_sample, a clip range) go through the server resolved then
-    (`solvers.table_step_server`), bit for bit the fully checked steps, the generator drawn as stock draws it."""
+    `denoised` buffer and, with clip_sample, a clip range) are direct steps through the server resolved then
+    (`solvers.table_step_server`; the last step, without noise, through the same call's server without it), bit
+    for bit the fully checked steps, the generator drawn as stock draws it. The same schedule set again (a
+    pipeline's next generation) keeps the checked call: its first step is served too."""
     from ddpm_kernels.integrations.diffusers import _solver
 
-    calls = []
+    calls, direct = [], []
     real_step, real_server = _solver.solver_step, _solver.table_step_server
+    real_served = _solver._SolverDropIn._dk_served
 
     def spy_step(*args, **kwargs):
         calls.append("checked")
@@ -207,21 +210,34 @@ def test_repeated_steps_take_the_checked_call(monkeypatch):
         step = real_server(*args)
         return lambda *b: calls.append("server") or step(*b)
 
+    def spy_served(self, *args):
+        direct.append(self._step_index)
+        return real_served(self, *args)
+
     monkeypatch.setattr(_solver, "solver_step", spy_step)
     monkeypatch.setattr(_solver, "table_step_server", spy_server)
+    monkeypatch.setattr(_solver._SolverDropIn, "_dk_served", spy_served)
     for config in ({}, dict(clip_sample=True, clip_sample_range=1.5)):
-        calls.clear()
         fused, checked = (FusedLCMScheduler(**config) for _ in range(2))
-        for s in (fused, checked):
-            s.set_timesteps(6)
         g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-        x = y = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
-        for t in fused.timesteps:
-            out = scheduler_model(x, t)
-            x = fused.step(out, t, x, generator=g1).prev_sample
-            checked.__dict__.pop("_dk_checked_", None)  # every step fully checked
-            y = checked.step(out, t, y, generator=g2).prev_sample
-            assert torch.equal(x, y), t
-        assert torch.equal(g1.get_state(), g2.get_state())
-        # fused: checked, then the server (the last step has no noise: another variant, checked once)
-        assert calls[::2] == ["checked"] + ["server"] * 4 + ["checked"], config
+        for loop in range(2):
+            calls.clear(), direct.clear()
+            for s in (fused, checked):
+                s.set_timesteps(6)
+            x = y = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+            denoised = []
+            for t in fused.timesteps:
+                out = scheduler_model(x, t)
+                x, d = fused.step(out, t, x, generator=g1).to_tuple()
+                for key in checked._dk_transient:  # every step fully checked
+                    checked.__dict__.pop(key, None)
+                y, e = checked.step(out, t, y, generator=g2, return_dict=False)
+                assert torch.equal(x, y) and torch.equal(d, e), t
+                denoised.append(d)
+            assert torch.equal(g1.get_state(), g2.get_state())
+            # a new `denoised` every step, as stock returns
+            assert len({d.data_ptr() for d in denoised}) == len(denoised)
+            # fused: checked once, then the direct steps through the servers (the first step of the same schedule
+            # set again through the checked call's server)
+            assert calls[::2] == ["checked" if loop == 0 else "server"] + ["server"] * 5, config
+            assert direct == [1, 2, 3, 4, 5], config

@@ -136,7 +136,7 @@ class _FusedBase:
 
     # per-loop caches holding resolved serving functions (closures over compiled operators) and the noise buffer:
     # not pickled
-    _dk_transient = ("_dk_lane_", "_dk_checked_", "_dk_noise_")
+    _dk_transient = ("_dk_lane_", "_dk_checked_", "_dk_other_", "_dk_noise_")
 
     def __getstate__(self):
         """The state to pickle or copy: without the per-loop caches of serving functions (`_Lane`, the checked
@@ -368,9 +368,14 @@ class _StepIndex:
         super()._init_step_index(timestep)
 
     def _dk_index_tensor(self, index: int, batch: int, device: torch.device) -> torch.Tensor:
-        """The (B,) int64 step index on ``device``, kept between steps and advanced there (`_dk_advance`)."""
+        """The (B,) int64 step index on ``device``, kept between steps and advanced there (`_dk_advance`); another
+        index (a new loop) is written into the same tensor, so that the servers resolved for it (and a CUDA graph
+        that read it) stay valid across loops."""
         cached = self.__dict__.get("_dk_index_")
-        if cached is not None and cached[1] == index and cached[2] == batch and cached[3] == device:
+        if cached is not None and cached[2] == batch and cached[3] == device:
+            if cached[1] != index:
+                cached[0].fill_(index)
+                cached[1] = index
             return cached[0]
         with torch.inference_mode(False):  # a normal tensor, advanced in place in and out of inference mode
             tensor = torch.full((batch,), index, dtype=torch.long, device=device)

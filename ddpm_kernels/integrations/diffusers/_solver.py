@@ -76,6 +76,7 @@ class _SolverDropIn(_StepIndex, _FusedBase):
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
         self.__dict__["_dk_begin_"] = None
+        self.__dict__.pop("_dk_lane_", None)
         self._dk_tables()  # the host copies now (set_timesteps may read the device), so that steps never do
 
     def _dk_tables(self) -> _Schedule:
@@ -133,6 +134,11 @@ class _SolverDropIn(_StepIndex, _FusedBase):
             schedule.steps = self._dk_steps(schedule)
             schedule.fingerprint = (schedule.steps, schedule.host_array.dtype.str, schedule.host_array.tobytes(),
                                     tuple(s.tobytes() for s in schedule.host_sources))
+            previous = self.__dict__.get("_dk_schedule_")
+            if previous is not None and previous.fingerprint == schedule.fingerprint:
+                # the same values (a pipeline sets the same schedule for every generation): its tables, host and
+                # device, are this schedule's, so the steps' checked calls on them stay valid across loops
+                schedule.tables, schedule.devices = previous.tables, previous.devices
         self.__dict__["_dk_schedule_"] = schedule
         return schedule
 
@@ -278,6 +284,77 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         self._dk_advance()
         return prev
 
+    # ------------------------------------------------------------------ direct steps
+    def _dk_keep_lane(self, index: int, schedule, begin: int, ring, last) -> None:
+        """After a fused step at ``index`` whose solver call was plain (`_dk_solve`): its `_DirectLane`, for the
+        next steps of the loop (a drop-in's ``_dk_continues``)."""
+        solved = self.__dict__.get("_dk_checked_")
+        if self.__dict__.get("_dk_plain_") != index or solved is None or solved[2] is not ring:
+            return
+        lane = _DirectLane()
+        lane.checked, lane.schedule, lane.begin, lane.table, lane.ring, lane.last, lane.solved = (
+            self.__dict__["_dk_config_"], schedule, begin, solved[0], ring, last, solved)
+        names = ("timesteps",) + self._dk_source_names
+        lane.sources = tuple(zip(names, (schedule.timesteps,) + schedule.sources, schedule.versions))
+        self.__dict__["_dk_lane_"] = lane
+
+    def _dk_lane_holds(self, lane, model_output, sample, index) -> bool:
+        """Whether a step at ``index`` (the Python step index) can take the last plain fused step's `_DirectLane`
+        without the checks that step made (`_dk_prepare`, the checked solver call): the sample and model output
+        plain tensors of its shape, dtype and device of which no gradient is asked; the backend, the config
+        (entries compared as `_dk_config` compares them) and the schedule's tensors unchanged; ``index`` a step
+        of the schedule, the one the index tensor holds; the checked call still the lane's. What else a step
+        reads (its ring, warm-up, noise) the drop-in's ``_dk_continues`` checks."""
+        solved = lane.solved
+        variant = solved[3]  # (backend, clip, noise given, last given, shape, dtype, device)
+        if not (
+            type(sample) is torch.Tensor
+            and type(model_output) is torch.Tensor
+            and sample.dtype is variant[5]
+            and model_output.dtype is variant[5]
+            and sample.shape == variant[4]
+            and model_output.shape == variant[4]
+            and sample.device == variant[6]
+            and model_output.device == variant[6]
+            and not ((sample.requires_grad or model_output.requires_grad) and torch.is_grad_enabled())
+            and self.fused_backend == variant[0]
+            and self.__dict__.get("_dk_checked_") is solved
+        ):
+            return False
+        if self._dk_config() is not lane.checked or self.__dict__.get("_dk_schedule_") is not lane.schedule:
+            return False
+        # the schedule's tensors unchanged (what `_dk_tables` checks, on the attributes themselves: a tensor
+        # replaced, by an inference tensor say, is another object)
+        attributes = self.__dict__
+        for name, tensor, version in lane.sources:
+            if attributes.get(name) is not tensor or tensor._version != version:
+                return False
+        entry = attributes.get("_dk_index_")
+        return index < lane.schedule.steps and entry is not None and entry[0] is solved[1] and entry[1] == index
+
+    def _dk_served(self, lane, model_output, sample, last=None, noise=None) -> torch.Tensor:
+        """The solver call of a step the drop-in's ``_dk_continues`` accepted: the lane's server on its table,
+        index tensor and state (``last``: the last-sample buffer of this step, else the lane's; ``noise``: the
+        step's, given or not as the checked call's, or the other way: LCM's last step draws none, through the
+        same call's server without or with noise, kept with the checked call), the index advanced in the same
+        call (Python's and the device's)."""
+        index = self._step_index
+        solved = lane.solved
+        server = solved[4]
+        variant = solved[3]
+        if variant[2] is (noise is None):
+            other = self.__dict__.get("_dk_other_")
+            if other is None or other[0] is not solved:
+                other = self.__dict__["_dk_other_"] = (
+                    solved, table_step_server(variant[0], sample, variant[1], noise is not None))
+            server = other[1]
+        prev = server(sample, model_output, lane.table, solved[1], lane.ring, lane.last if last is None else last,
+                      noise, index + 1)
+        self.__dict__["_dk_index_"][1] = index + 1
+        self._step_index = index + 1
+        self.__dict__["_dk_plain_"] = index
+        return prev
+
     # ------------------------------------------------------------------ per solver
     def _dk_steps(self, schedule: _Schedule) -> int:
         return schedule.host_array.shape[0]
@@ -314,7 +391,7 @@ class _SigmaSolverDropIn(_SolverDropIn):
 
 
 class _DirectLane:
-    """What the last plain fused step of a multistep drop-in used (`_RingHistory._dk_continues`): the checked config
+    """What the last plain fused step of a solver drop-in used (its ``_dk_continues``): the checked config
     (`_Config`), the schedule and its tensors with their versions (``sources``: ``(attribute, tensor, version)``),
     the begin index, the device table, the ring, the last-sample buffer (None without) and the checked solver
     call (`_SolverDropIn._dk_solve`'s record: table, index tensor, ring, variant, server)."""
@@ -364,7 +441,7 @@ class _RingHistory:
 
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
-        for key in ("_dk_stock_loop", "_dk_last", "_dk_lane_"):
+        for key in ("_dk_stock_loop", "_dk_last"):
             self.__dict__.pop(key, None)
 
     def _dk_prepare(self, model_output, timestep, sample):
@@ -389,75 +466,32 @@ class _RingHistory:
             begin = self.__dict__["_dk_begin_"] = index - min(taken, index)
         return schedule, index, begin
 
-    def _dk_keep_lane(self, index: int, schedule, begin: int, ring, last) -> None:
-        """After a fused step at ``index`` whose solver call was plain (`_dk_solve`): its `_DirectLane`, for the
-        next steps of the loop (`_dk_continues`)."""
-        solved = self.__dict__.get("_dk_checked_")
-        if self.__dict__.get("_dk_plain_") != index or solved is None or solved[2] is not ring:
-            return
-        lane = _DirectLane()
-        lane.checked, lane.schedule, lane.begin, lane.table, lane.ring, lane.last, lane.solved = (
-            self.__dict__["_dk_config_"], schedule, begin, solved[0], ring, last, solved)
-        names = ("timesteps",) + self._dk_source_names
-        lane.sources = tuple(zip(names, (schedule.timesteps,) + schedule.sources, schedule.versions))
-        self.__dict__["_dk_lane_"] = lane
-
     def _dk_continues(self, lane, model_output, sample) -> bool:
         """Whether this step continues the loop of the last plain fused step (its `_DirectLane`) on operands of
-        the kind it checked, so that nothing `_dk_prepare` and the checked solver call check can differ: the
-        sample and model output plain tensors of its shape, dtype and device of which no gradient is asked; the
-        config (entries compared as `_dk_config` compares them) and the schedule's tensors unchanged; the step
-        index the next one, a step of the schedule, with the warm-up where that step left it; the ring, the
-        index tensor and the table still the ones it used; the loop not handed to the stock step."""
+        the kind it checked (`_dk_lane_holds`), with the step index the next one after it, the warm-up where that
+        step left it, the ring and the last-sample buffer still the ones it used and the loop not handed to the
+        stock step."""
         index = self._step_index
-        solved = lane.solved
-        variant = solved[3]  # (backend, clip, noise given, last given, shape, dtype, device)
         if not (
             type(index) is int
             and index == self.__dict__.get("_dk_last", -2) + 1
-            and type(sample) is torch.Tensor
-            and type(model_output) is torch.Tensor
-            and sample.dtype is variant[5]
-            and model_output.dtype is variant[5]
-            and sample.shape == variant[4]
-            and model_output.shape == variant[4]
-            and sample.device == variant[6]
-            and model_output.device == variant[6]
-            and not ((sample.requires_grad or model_output.requires_grad) and torch.is_grad_enabled())
             and self.__dict__.get("_dk_ring_used") is True
             and not self.__dict__.get("_dk_stock_loop")
-            and self.fused_backend == variant[0]
-            and self.__dict__.get("_dk_checked_") is solved
+            and self._dk_lane_holds(lane, model_output, sample, index)
         ):
             return False
-        if self._dk_config() is not lane.checked or self.__dict__.get("_dk_schedule_") is not lane.schedule:
-            return False
-        schedule = lane.schedule
-        # the schedule's tensors unchanged (what `_dk_tables` checks, on the attributes themselves: a tensor
-        # replaced, by an inference tensor say, is another object)
-        attributes = self.__dict__
-        for name, tensor, version in lane.sources:
-            if attributes.get(name) is not tensor or tensor._version != version:
-                return False
         order = self.config.solver_order
-        entry = self.__dict__.get("_dk_index_")
         buffers = self.__dict__.get("_dk_buffers_")
         return (
-            index < schedule.steps
-            and min(index - lane.begin, order) == min(self.lower_order_nums, order)
+            min(index - lane.begin, order) == min(self.lower_order_nums, order)
             and self.__dict__.get("_dk_begin_") == lane.begin
-            and entry is not None and entry[0] is solved[1] and entry[1] == index
             and (lane.ring is None or (buffers is not None and buffers[1] is lane.ring))
             and (lane.last is None or (buffers is not None and buffers[2] is lane.last))
         )
 
-    def _dk_served(self, lane, model_output, sample) -> torch.Tensor:
-        """The solver call of a step `_dk_continues` accepted: the lane's server on its table, index tensor and
-        state, the index advanced in the same call (Python's and the device's)."""
+    def _dk_served(self, lane, model_output, sample, last=None, noise=None) -> torch.Tensor:
         index = self._step_index
-        solved = lane.solved
-        prev = solved[4](sample, model_output, lane.table, solved[1], lane.ring, lane.last, None, index + 1)
-        self.__dict__["_dk_index_"][1] = index + 1
-        self._step_index = index + 1
+        prev = super()._dk_served(lane, model_output, sample, last, noise)
         self.__dict__["_dk_last"] = index
         return prev
+

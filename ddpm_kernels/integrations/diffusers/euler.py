@@ -284,6 +284,17 @@ class FusedEulerAncestralDiscreteScheduler(
         return_dict: bool = True
     ):
         """As ``EulerAncestralDiscreteScheduler.step``, fused and sync-free."""
+        lane = self._dk_lane(model_output, timestep, sample)
+        if (lane is not None and self.is_scale_input_called and sample.dtype is torch.float32
+                and model_output.dtype is torch.float32 and not self.in_kernel_noise):
+            prediction = _PREDICTIONS.get(self.config.prediction_type)
+            if prediction in self._dk_predictions:
+                # the next float32 step of the lane's schedule (what `_dk_call` serves after `_dk_prepare` and
+                # `_dk_noise`, without their dispatch): the stock draw, then the lane's server
+                noise = self._dk_randn(model_output.shape, generator, model_output.device, torch.float32)
+                result = self._dk_served(lane, "euler_ancestral_step", (prediction, True, 0.0), model_output, sample,
+                                         noise, True)
+                return self._make_output(*result) if return_dict else result
         prepared = self._dk_prepare(model_output, timestep, sample)
         if prepared is None:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)

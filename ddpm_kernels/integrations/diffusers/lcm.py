@@ -94,9 +94,31 @@ class FusedLCMScheduler(_SolverDropIn, LCMScheduler, output=LCMSchedulerOutput):
             return dict(clip_range=float(c.clip_sample_range))
         return {}
 
+    def _dk_continues(self, lane, model_output, timestep, sample) -> bool:
+        """Whether this step can take the last plain fused step's `_DirectLane` (`_dk_lane_holds`): an integer
+        timestep (a float one gets the stock error), the step index a Python int, and the step's noise drawn as
+        the stock step draws it (every step but the last draws; with ``in_kernel_noise`` the kernel would)."""
+        index = self._step_index
+        return (
+            type(index) is int
+            and (type(timestep) is int or (type(timestep) is torch.Tensor and not timestep.is_floating_point()))
+            and not self.in_kernel_noise
+            and self._dk_lane_holds(lane, model_output, sample, index)
+        )
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: Optional[torch.Generator] = None, return_dict: bool = True):
         """As ``LCMScheduler.step``, fused and sync-free."""
+        lane = self.__dict__.get("_dk_lane_")
+        if lane is not None and self._dk_continues(lane, model_output, timestep, sample):
+            # the next step of the last plain fused step's loop: its noise drawn as stock draws it, a new
+            # ``denoised`` as stock returns one per step, the lane's solver call
+            noise = None
+            if self._step_index != self.num_inference_steps - 1:
+                noise = self._dk_randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            denoised = torch.empty_like(sample)
+            prev = self._dk_served(lane, model_output, sample, denoised, noise)
+            return self._make_output(prev, denoised) if return_dict else (prev, denoised)
         if isinstance(timestep, (float, np.floating)) or (
                 isinstance(timestep, torch.Tensor) and timestep.is_floating_point()):
             # stock indexes alphas_cumprod by the timestep: a float one gets its IndexError
@@ -117,6 +139,7 @@ class FusedLCMScheduler(_SolverDropIn, LCMScheduler, output=LCMSchedulerOutput):
         denoised = torch.empty_like(sample, dtype=dtype)
         prev, denoised = self._dk_solver_step(schedule, index, 0, model_output, sample, last=denoised, noise=noise,
                                               generator=generator_for_op, **options)
+        self._dk_keep_lane(index, schedule, 0, None, None)
         if not return_dict:
             return (prev, denoised)
         return self._make_output(prev, denoised)
