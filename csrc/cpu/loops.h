@@ -81,13 +81,15 @@ struct Lanes {
   static C10_ALWAYS_INLINE void load_acc(const acc_t* p, V* v) { v[0] = *p; }
 };
 #else
-// Partial vectors (tails) stay out of line so the full-vector path inlines into the loops.
+// Partial vectors (tails) stay out of line so the full-vector path inlines into the loops. The stored vector
+// is taken by value: a reference would take the address of the caller's lane array, which then lives on the
+// stack through the whole loop (GCC keeps a two-vector slice, a float16 / bfloat16 or mixed one, in memory).
 template <typename V, typename T>
 C10_NOINLINE V load_partial(const T* p, int64_t n) {
   return V::loadu(p, n);
 }
 template <typename V, typename T>
-C10_NOINLINE void store_partial(const V& v, T* p, int64_t n) {
+C10_NOINLINE void store_partial(V v, T* p, int64_t n) {
   v.store(p, static_cast<int>(n));
 }
 
