@@ -191,7 +191,8 @@ struct SamplerCall {
 
 // SamplerT / ParamT: Sampler / Param, GuidedT: bool, or std::integral_constant of them (see csrc/family.h).
 // scalar_t: the outputs' dtype (the promoted one of a mixed call); Ptrs: how x_t, model_output and uncond are
-// read (csrc/family.h). `mo` is model_output: sample b's prediction at b * (N + mo_extra), its variance channels N later (mo_extra = N
+// read (csrc/family.h; the model outputs through model_in, so the CPU's typed autocast policy takes the step).
+// `mo` is model_output: sample b's prediction at b * (N + mo_extra), its variance channels N later (mo_extra = N
 // with a learned variance, else 0); guided, the prediction is mixed with uncond's (same layout) first.
 template <typename scalar_t, typename SamplerT, typename ParamT, typename GuidedT, typename Ptrs = SamePtrs<scalar_t>>
 struct SamplerKernel : NoPerSampleOutputs {
@@ -200,7 +201,7 @@ struct SamplerKernel : NoPerSampleOutputs {
     GuidanceCoef<acc_t> guide;
   };
   typename Ptrs::in x_t;
-  typename Ptrs::in mo;
+  typename Ptrs::model_in mo;
   scalar_t* out;
   scalar_t* x0;  // nullptr unless return_pred_x0
   Timesteps<double> ts;
@@ -218,7 +219,7 @@ struct SamplerKernel : NoPerSampleOutputs {
     const int64_t extra = call.step.learned ? N : 0;
     return {{},
             Ptrs::input(call.x_t),
-            Ptrs::input(call.model_output),
+            Ptrs::model_input(call.model_output),
             call.out.mutable_data_ptr<scalar_t>(),
             call.x0 != nullptr ? call.x0->mutable_data_ptr<scalar_t>() : nullptr,
             Timesteps<double>::of(call.t, call.table64),

@@ -10,14 +10,15 @@
 namespace ddpm::cpu::CPU_CAPABILITY {
 
 // A call whose x_t, model_output (and uncond) and noise have different dtypes computes in float32 and reads each
-// in its own (csrc/cpu/loops.h, MixedLanes); its outputs have the promoted dtype, float32.
+// in its own (csrc/cpu/loops.h, MixedLanes; the autocast mix, float32 data with float16 / bfloat16 model outputs,
+// typed: AutocastPtrs); its outputs have the promoted dtype, float32.
 void Kernels::sampler_step(const SamplerCall& call) {
   const int64_t numel = call.x_t.numel();
   // (out: the promoted dtype, which an unread noise operand of another dtype may also have set)
   // p_sample's noise scheme, so a step and a p_sample from the same generator state draw the same normals
-  dispatch_with_noise({&call.x_t, &call.model_output, call.noise, &call.out}, call.x_t, call.noise,
-                      call.step.add_noise, call.generator, call.sample_offset,
-                      [&](auto St, auto Ps, auto IO, const auto& z) {
+  dispatch_step_with_noise({&call.model_output, call.uncond}, {&call.x_t, call.noise, &call.out, call.x0}, call.x_t,
+                           call.noise, call.step.add_noise, call.generator, call.sample_offset,
+                           [&](auto St, auto Ps, auto IO, const auto& z) {
     using scalar_t = typename decltype(St)::type;
     using Ptrs = typename decltype(Ps)::type;
     using L = typename decltype(IO)::type;
