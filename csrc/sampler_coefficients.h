@@ -189,12 +189,15 @@ struct SamplerCall {
   bool guided() const { return uncond != nullptr; }
 };
 
-// SamplerT / ParamT: Sampler / Param, GuidedT: bool, or std::integral_constant of them (see csrc/family.h).
+// SamplerT / ParamT: Sampler / Param, GuidedT / LearnedT: bool, or std::integral_constant of them (see
+// csrc/family.h); LearnedT is `step.learned` (the variance channels read, an exp per element): a constant false
+// compiles neither, so the CPU loop of a fixed-variance step holds no call that clobbers its vector registers.
 // scalar_t: the outputs' dtype (the promoted one of a mixed call); Ptrs: how x_t, model_output and uncond are
 // read (csrc/family.h; the model outputs through model_in, so the CPU's typed autocast policy takes the step).
 // `mo` is model_output: sample b's prediction at b * (N + mo_extra), its variance channels N later (mo_extra = N
 // with a learned variance, else 0); guided, the prediction is mixed with uncond's (same layout) first.
-template <typename scalar_t, typename SamplerT, typename ParamT, typename GuidedT, typename Ptrs = SamePtrs<scalar_t>>
+template <typename scalar_t, typename SamplerT, typename ParamT, typename GuidedT, typename LearnedT,
+          typename Ptrs = SamePtrs<scalar_t>>
 struct SamplerKernel : NoPerSampleOutputs {
   using acc_t = at::opmath_type<scalar_t>;
   struct Coef : SamplerCoef<acc_t> {
@@ -213,8 +216,10 @@ struct SamplerKernel : NoPerSampleOutputs {
   SamplerT sampler;
   ParamT param;
   GuidedT guided;
+  LearnedT learned;
 
-  static SamplerKernel make(const SamplerCall& call, SamplerT sampler, ParamT param, GuidedT guided) {
+  static SamplerKernel make(const SamplerCall& call, SamplerT sampler, ParamT param, GuidedT guided,
+                            LearnedT learned) {
     const int64_t N = call.x_t.numel() == 0 ? 0 : call.x_t.numel() / call.x_t.size(0);
     const int64_t extra = call.step.learned ? N : 0;
     return {{},
@@ -232,7 +237,8 @@ struct SamplerKernel : NoPerSampleOutputs {
                                            call.guidance_rescale),
             sampler,
             param,
-            guided};
+            guided,
+            learned};
   }
 
   DDPM_HD Coef coef(int64_t b) const {
@@ -265,9 +271,9 @@ struct SamplerKernel : NoPerSampleOutputs {
     if (terms.x) r = madd(splat<V>(c.c_x), x, r);
     if (!noisy) return r;
     V sd;
-    if (step.variance == Variance::kLearned) {
+    if (learned && step.variance == Variance::kLearned) {
       sd = splat<V>(c.mask) * lane_exp(splat<V>(acc_t(0.5)) * v);
-    } else if (step.variance == Variance::kLearnedRange) {
+    } else if (learned && step.variance == Variance::kLearnedRange) {
       const V one = splat<V>(acc_t(1)), half = splat<V>(acc_t(0.5));
       const V frac = (v + one) * half;
       sd = splat<V>(c.mask) * lane_exp(half * madd(frac, splat<V>(c.max_log), (one - frac) * splat<V>(c.min_log)));
@@ -285,7 +291,7 @@ struct SamplerKernel : NoPerSampleOutputs {
     IO::load(x_t + i, xv, n);
     IO::load(mo_b + i, mv, n);
     if (guided) guide.template mix<IO>(b, i, n, c.guide, mv);
-    if (step.learned) IO::load(mo_b + i + N, vv, n);
+    if (learned) IO::load(mo_b + i + N, vv, n);
     if (z.present()) z.template get<IO>(i, n, zv);
     DDPM_UNROLL
     for (int k = 0; k < IO::kLanes; ++k) xv[k] = element(c, xv[k], mv[k], vv[k], zv[k], z.present(), x0v[k]);

@@ -28,9 +28,12 @@ void Kernels::sampler_step(const SamplerCall& call) {
     with_sampler(call.step.sampler, [&](auto S) {
       with_param(call.step.param, [&](auto P) {
         with_bool(call.guided(), [&](auto G) {
-          auto f = SamplerKernel<scalar_t, decltype(S), decltype(P), decltype(G), Ptrs>::make(call, S, P, G);
-          prepare_rescale(f.guide, B, sums);
-          run_family_io<L>(f, numel, numel / B, z);
+          with_bool(call.step.learned, [&](auto Lv) {
+            using F = SamplerKernel<scalar_t, decltype(S), decltype(P), decltype(G), decltype(Lv), Ptrs>;
+            auto f = F::make(call, S, P, G, Lv);
+            prepare_rescale(f.guide, B, sums);
+            run_family_io<L>(f, numel, numel / B, z);
+          });
         });
       });
     });

@@ -25,7 +25,8 @@ void Kernels::sampler_step(const SamplerCall& call) {
   dispatch_operands(call.x_t.scalar_type(), mixed, [&](auto St, auto Ps) {
     using scalar_t = typename decltype(St)::type;
     using Ptrs = typename decltype(Ps)::type;
-    auto f = SamplerKernel<scalar_t, Sampler, Param, bool, Ptrs>::make(call, s.sampler, s.param, call.guided());
+    auto f = SamplerKernel<scalar_t, Sampler, Param, bool, bool, Ptrs>::make(call, s.sampler, s.param, call.guided(),
+                                                                             s.learned);
     const at::Tensor sums = prepare_rescale(f.guide, call.x_t.size(0), call.x_t.options());
     run_family<scalar_t, Ptrs>(f, numel, numel / call.x_t.size(0),
                                {&call.x_t, &call.model_output, call.uncond, &call.out, call.x0}, call.noise,
