@@ -13,6 +13,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <optional>
+#include <type_traits>
 
 #include "../philox.h"
 #include "loops.h"
@@ -121,8 +122,10 @@ struct CpuNoise {
 // (dispatch_model_operands: the mixed policies when its operands differ in dtype from `x`, the call's data; the
 // typed autocast policy when its `model` outputs are its only 16-bit operands) with z its noise source, the
 // given `noise`, else in-kernel noise when `draw` (the key drawn from `generator` for every such call, even an
-// empty one, so that every drawing op advances the generator alike), else none.
-template <typename F>
+// empty one, so that every drawing op advances the generator alike), else none. kWide: float32 data runs in
+// MixedLanes' two-vector slices (for a functor with much per-slice work, such as the solver step's branches on
+// its live terms, paid once per two vectors; the same operations per element, so the same bits).
+template <bool kWide = false, typename F>
 void dispatch_step_with_noise(std::initializer_list<const at::Tensor*> model,
                               std::initializer_list<const at::Tensor*> data, const at::Tensor& x,
                               const at::Tensor* noise, bool draw, const std::optional<at::Generator>& generator,
@@ -132,18 +135,20 @@ void dispatch_step_with_noise(std::initializer_list<const at::Tensor*> model,
     for (const at::Tensor* t : *list) mixed = mixed || (t != nullptr && t->scalar_type() != x.scalar_type());
   }
   dispatch_model_operands(x.scalar_type(), mixed, model, data, [&](auto St, auto Ps, auto IO) {
-    using Noise = CpuNoise<typename decltype(St)::type, typename decltype(IO)::type, typename decltype(Ps)::type>;
+    using scalar_t = typename decltype(St)::type;
+    using L = std::conditional_t<kWide && std::is_same_v<scalar_t, float>, MixedLanes, typename decltype(IO)::type>;
+    using Noise = CpuNoise<scalar_t, L, typename decltype(Ps)::type>;
     const Noise z(Noise::spec(noise, draw, generator, x, sample_offset));
-    f(St, Ps, IO, z);
+    f(St, Ps, Tag<L>(), z);
   });
 }
 
 // dispatch_step_with_noise for a call whose functor reads no operand as a model output (`operands`, x among them).
-template <typename F>
+template <bool kWide = false, typename F>
 void dispatch_with_noise(std::initializer_list<const at::Tensor*> operands, const at::Tensor& x,
                          const at::Tensor* noise, bool draw, const std::optional<at::Generator>& generator,
                          int64_t sample_offset, const F& f) {
-  dispatch_step_with_noise({}, operands, x, noise, draw, generator, sample_offset, f);
+  dispatch_step_with_noise<kWide>({}, operands, x, noise, draw, generator, sample_offset, f);
 }
 
 }  // namespace ddpm::cpu::CPU_CAPABILITY
