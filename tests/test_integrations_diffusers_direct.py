@@ -331,3 +331,30 @@ def test_a_torch_function_mode_sees_the_served_steps():
         with Seen() as seen:
             _loop(s, x, 2)
         assert sum(op in str(n) for n in seen.names) >= 1, (family, seen.names[:20])
+
+
+@pytest.mark.parametrize("family", ["euler", "lcm"])
+def test_a_copy_made_in_inference_mode_runs_a_new_loop_outside_it(family):
+    """The step-index tensor is refilled in place for a new loop, but a copy made under inference mode holds an
+    inference tensor, which takes no in-place write outside it: the copy's next loop gets a new index tensor and
+    gives the original's samples."""
+    import copy
+
+    _, fused_class, config = FAMILIES[family]
+    fused = fused_class(**config)
+    fused.set_timesteps(STEPS)
+    x = torch.randn(SHAPE) * getattr(fused, "init_noise_sigma", 1.0)
+    with torch.inference_mode():
+        for t in list(fused.timesteps)[:2]:
+            fused.is_scale_input_called = True
+            fused.step(model(x, t), t, x, generator=torch.Generator().manual_seed(1))
+        twin = copy.deepcopy(fused)
+    finals = []
+    for s in (fused, twin):
+        s.set_timesteps(STEPS)
+        y, g = x, torch.Generator().manual_seed(2)
+        for t in s.timesteps:
+            s.is_scale_input_called = True
+            y = s.step(model(y, t), t, y, generator=g).prev_sample
+        finals.append(y)
+    assert torch.equal(finals[0], finals[1])

@@ -495,3 +495,15 @@ def test_config_round_trip_with_stock(classes, tmp_path):
     assert isinstance(fused, classes[0]) and options(fused) == options(stock)
     back = classes[0].from_config(fused.config)
     assert type(back) is classes[0] and options(back) == options(stock)
+
+
+@pytest.mark.parametrize("classes", [EULER, ANCESTRAL], ids=["euler", "ancestral"])
+def test_scale_model_input_of_a_0d_sample_is_the_stock_result(classes):
+    """A 0-d sample divided by stock's 0-d float32 divisor promotes to float32: the stock code takes it."""
+    stock, fused = pair(classes, SD, dict(num_inference_steps=5))
+    for dtype in (torch.float16, torch.float32):
+        x = torch.tensor(3.0, dtype=dtype)
+        for s in (stock, fused):
+            s._step_index = 2
+        got, expected = fused.scale_model_input(x, None), stock.scale_model_input(x, None)
+        assert got.dtype == expected.dtype and torch.equal(got, expected)

@@ -139,8 +139,9 @@ class _FusedBase:
     _dk_transient = ("_dk_lane_", "_dk_checked_", "_dk_other_", "_dk_noise_")
 
     def __getstate__(self):
-        """The state to pickle or copy: without the per-loop caches of serving functions (`_Lane`, the checked
-        solver call), which the next step rebuilds through its full checks."""
+        """The state to pickle or copy: without the per-loop caches (`_dk_transient`: the `_Lane` and the checked
+        solver call with their serving functions, the same call's other server, the noise buffer), which the next
+        step rebuilds through its full checks."""
         state = self.__dict__.copy()
         for key in self._dk_transient:
             state.pop(key, None)
@@ -369,10 +370,12 @@ class _StepIndex:
 
     def _dk_index_tensor(self, index: int, batch: int, device: torch.device) -> torch.Tensor:
         """The (B,) int64 step index on ``device``, kept between steps and advanced there (`_dk_advance`); another
-        index (a new loop) is written into the same tensor, so that the servers resolved for it (and a CUDA graph
-        that read it) stay valid across loops."""
+        index (a new loop) is written into the same tensor, so that a solver drop-in's checked call on it stays
+        valid across loops (an inference tensor, which a copy made under inference mode holds, is replaced
+        outside inference mode instead: it takes no in-place write there)."""
         cached = self.__dict__.get("_dk_index_")
-        if cached is not None and cached[2] == batch and cached[3] == device:
+        if (cached is not None and cached[2] == batch and cached[3] == device
+                and (cached[1] == index or not cached[0].is_inference() or torch.is_inference_mode_enabled())):
             if cached[1] != index:
                 cached[0].fill_(index)
                 cached[1] = index

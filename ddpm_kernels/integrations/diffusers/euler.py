@@ -94,9 +94,9 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
         if tables.stock is None:
             tables.sigma_values = tables.host_sigmas.tolist()  # float32 values, exactly
             # the stock scale_model_input divisor (sigma**2 + 1) ** 0.5, the same float32 operations per sigma, as
-            # the float32 values (a floating sample divided by one is divided by the float32 0-d tensor stock
-            # divides by: the scalar operand's value is the same float32 number; a list, not 0-d tensors, so that
-            # a 1000-step schedule builds no thousand views)
+            # the float32 values (a floating sample of at least one dim divided by one is divided by the float32
+            # 0-d tensor stock divides by: the scalar operand's value is the same float32 number; a list, not 0-d
+            # tensors, so that a 1000-step schedule builds no thousand views)
             tables.divisors = ((tables.host_sigmas**2 + 1) ** 0.5).tolist()
 
     def _dk_device_sigmas(self, tables: _Tables, device: torch.device) -> torch.Tensor:
@@ -119,8 +119,9 @@ class _FusedEulerMixin(_StepIndex, _FusedBase):
             self._init_step_index(timestep)
         tables = self._dk_tables()
         index = self.step_index
-        if tables.stock is None and isinstance(sample, torch.Tensor) and sample.is_floating_point() and (
-                self._dk_valid_index(index, len(tables.divisors))):
+        # (a 0-d sample divided by stock's 0-d float32 divisor promotes to float32: the stock code)
+        if (tables.stock is None and isinstance(sample, torch.Tensor) and sample.is_floating_point() and sample.ndim
+                and self._dk_valid_index(index, len(tables.divisors))):
             sample = sample / tables.divisors[int(index)]
             self.is_scale_input_called = True
             return sample
