@@ -236,6 +236,28 @@ def sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise=None, gener
     return _run_step(opts.sampler + "_step", leading, opts, noise, generator, sample_offset, fmt, out)
 
 
+def sampler_step_server(opts):
+    """``step(x_t, t, t_prev, model_output, schedule, noise=None)``: `sampler_step` (``ddim_step`` /
+    ``ddpm_step`` by ``opts.sampler``) with ``opts`` (unguided, not thresholded; ``noise`` read when the step has a
+    noise term, no generator) as `flow_table_server` serves `flow_step`: bound once on contiguous operands in eager
+    mode, through `sampler_step` otherwise. Returns what the public op returns with these options."""
+    name = opts.sampler + "_step"
+    tail = (0.0, ..., None, 0, opts.return_pred_x0)  # (guidance_rescale, noise, generator, sample_offset, x0)
+    fast = bound_op(name, (..., ..., ..., ..., None, None, ..., *_step_scalars(opts), *tail))
+    adds_noise, return_pred_x0 = opts.adds_noise, opts.return_pred_x0
+
+    def step(x_t, t, t_prev, model_output, schedule, noise=None):
+        if not adds_noise:
+            noise = None
+        if (fast is not None and x_t.is_contiguous() and model_output.is_contiguous()
+                and (noise is None or noise.is_contiguous()) and not _traced()):
+            result = fast(x_t, t, t_prev, model_output, schedule._buffers["coefficients64"], noise)
+            return result if return_pred_x0 else result[0]
+        return sampler_step(x_t, t, t_prev, model_output, schedule, opts, noise)
+
+    return step
+
+
 def _run_step(op, leading, opts, noise, generator, sample_offset, fmt, out):
     """A step operator returning ``(x', x0)`` (``op``, or ``op_out`` writing ``out`` when it fits ``fmt``) on its
     ``leading`` arguments and the tail every such schema ends with (guidance_rescale, noise, generator,
@@ -419,7 +441,8 @@ def euler_table_server(opts):
 
 
 # the bound servers of the drop-ins' repeated steps, by the backend function dispatch gives (`ops.step_server`)
-TABLE_SERVERS = {flow_step: flow_table_server, solver_step: solver_table_server, euler_step: euler_table_server}
+TABLE_SERVERS = {flow_step: flow_table_server, solver_step: solver_table_server, euler_step: euler_table_server,
+                 sampler_step: sampler_step_server}
 
 
 def flow_loss(model_output, x0, noise, sigma, weighting="none", loss_type="l2"):

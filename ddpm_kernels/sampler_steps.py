@@ -5,12 +5,23 @@ see docs/design.md, "Kernel families". `ddpm_kernels.ops` re-exports both."""
 
 from __future__ import annotations
 
+import inspect
+
 from ._checks import _check_guidance
 from ._spec import OPS as SPECS
 from ._stream import check_sample_offset
-from .ops import _prologue, promoted_dtype, restore_format, row_major
+from .ops import _options, _prologue, promoted_dtype, restore_format, row_major, step_server
 
 __all__ = ["ddim_step", "ddpm_step"]
+
+# each step's options, in the order of the tuple `_step` takes (and their defaults, read from the signatures)
+_OPTION_NAMES = {
+    "ddim_step": ("eta", "parameterization", "clip_denoised", "set_alpha_to_one", "use_clipped_model_output",
+                  "clip_range", "threshold_ratio", "threshold_max", "return_pred_x0", "guidance_rescale"),
+    "ddpm_step": ("parameterization", "variance_type", "clip_denoised", "clip_range", "threshold_ratio",
+                  "threshold_max", "return_pred_x0", "guidance_rescale"),
+}
+_DEFAULTS = {}
 
 
 def ddim_step(
@@ -74,6 +85,31 @@ def ddpm_step(
     )
     return _step("ddpm_step", backend, x_t, t, t_prev, model_output, schedule, options, noise, generator, out,
                  guidance_scale, uncond, guidance_rescale, sample_offset)
+
+
+def step_options(name, **options) -> tuple:
+    """The option values of ``name``'s call (`ddim_step` or `ddpm_step`) with ``options`` given by keyword and
+    the rest at their defaults, in the order `_step` takes them (what `sampler_step_server` binds)."""
+    defaults = _DEFAULTS.get(name)
+    if defaults is None:
+        parameters = inspect.signature(globals()[name]).parameters
+        defaults = _DEFAULTS[name] = {key: parameters[key].default for key in _OPTION_NAMES[name]}
+    values = dict(defaults, **options)
+    return tuple(values[key] for key in defaults)
+
+
+def sampler_step_server(name, backend, x_t, options: tuple):
+    """``step(x_t, t, t_prev, model_output, schedule, noise=None)``: `ddim_step` / `ddpm_step` (``name``) with the
+    option values ``options`` (`step_options`), unguided, without a generator, ``out`` or a sample offset, resolved
+    once for a caller that made the same call through the public op and its checks and repeats it on operands it
+    built and checked as the public op does (a drop-in scheduler's steps: `ddpm_kernels.ops.step_server`)."""
+    spec = SPECS[name]
+    opts = _options(spec, options)
+
+    def run(fn, x_t, t, t_prev, model_output, schedule, noise=None):
+        return fn(x_t, t, t_prev, model_output, schedule, opts, noise, None, out=None, sample_offset=0)
+
+    return step_server(spec, backend, x_t, opts, run, 6)
 
 
 def _step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise, generator, out, guidance_scale,

@@ -1,5 +1,5 @@
-"""The direct step of the sigma-table drop-ins (flow matching, Euler, ancestral Euler) and of the multistep ones
-(DPM-Solver++, UniPC: with their checked solver call): a step that continues the schedule of the last fused step on
+"""The direct step of the sigma-table drop-ins (flow matching, Euler, ancestral Euler), of the multistep ones
+(DPM-Solver++, UniPC, LCM: with their checked solver call) and the served DDIM / DDPM step: a step that continues the schedule of the last fused step on
 operands of the kind it checked skips the checks that step made (docs/design.md, "Host overhead"). Whatever changes between two steps of a loop (the step index, the
 dtypes, the config edited in place, the table edited in place, the batch, an integer timestep, a gradient
 asked of the model output, the backend) must give what the fully checked step gives, bit for bit, and what
@@ -13,13 +13,13 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from diffusers import (  # noqa: E402
-    DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler,
+    DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler,
 )
 
 from ddpm_kernels.integrations.diffusers import (  # noqa: E402
-    FusedDPMSolverMultistepScheduler, FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler,
-    FusedFlowMatchEulerDiscreteScheduler, FusedLCMScheduler, FusedUniPCMultistepScheduler,
+    FusedDDIMScheduler, FusedDDPMScheduler, FusedDPMSolverMultistepScheduler, FusedEulerAncestralDiscreteScheduler,
+    FusedEulerDiscreteScheduler, FusedFlowMatchEulerDiscreteScheduler, FusedLCMScheduler, FusedUniPCMultistepScheduler,
 )
 
 SHAPE = (2, 4, 6, 5)
@@ -33,8 +33,13 @@ FAMILIES = {
     "dpm": (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear")),
     "unipc": (UniPCMultistepScheduler, FusedUniPCMultistepScheduler, dict(beta_schedule="scaled_linear")),
     "lcm": (LCMScheduler, FusedLCMScheduler, dict(beta_schedule="scaled_linear")),
+    "ddim": (DDIMScheduler, FusedDDIMScheduler, dict(beta_schedule="scaled_linear")),
+    "ddim_eta": (DDIMScheduler, FusedDDIMScheduler, dict(beta_schedule="scaled_linear")),
+    "ddpm": (DDPMScheduler, FusedDDPMScheduler, dict(beta_schedule="scaled_linear")),
 }
-TAKES_GENERATOR = ("flow", "euler", "ancestral", "dpm", "lcm")  # (UniPC's step has no generator argument)
+TAKES_GENERATOR = ("flow", "euler", "ancestral", "dpm", "lcm", "ddim", "ddim_eta", "ddpm")  # (not UniPC's step)
+STEP_KWARGS = {"ddim_eta": dict(eta=0.5)}  # (a DDIM loop that draws noise)
+DDPM_FAMILIES = ("ddim", "ddim_eta", "ddpm")  # (the timestep-indexed steps: integer timesteps, no step index)
 # a config entry each step reads, edited in place: to a value the step takes, and to one the stock step refuses
 # (the flow step reads no entry it could refuse)
 CONFIG_EDITS = {
@@ -81,6 +86,8 @@ def event(name, family, scheduler, x, t):
         x, mo = x.contiguous(memory_format=torch.channels_last), mo.contiguous(memory_format=torch.channels_last)
     elif name == "int_timestep":
         t = int(t)
+    elif name == "per_sample_timestep":  # (one timestep per sample, a tensor the DDPM / DDIM drop-ins take)
+        t = torch.full((x.shape[0],), int(t))
     elif name == "float_timestep":  # (LCM's stock step indexes its table by the timestep: its error)
         t = float(t)
     elif name == "alphas_in_place":
@@ -127,11 +134,11 @@ def run(scheduler, family, name, full_checks=False):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # (the fused step names the stock path it takes)
                 kwargs = dict(generator=g) if family in TAKES_GENERATOR else {}
-                out = scheduler.step(mo, t, x, **kwargs).prev_sample
+                out = scheduler.step(mo, t, x, **kwargs, **STEP_KWARGS.get(family, {})).prev_sample
         except Exception as exc:  # noqa: BLE001  (the stock error must be the fused one)
             results.append((type(exc), str(exc)))
             break
-        results.append((out.detach(), out.dtype, scheduler.step_index))
+        results.append((out.detach(), out.dtype, getattr(scheduler, "step_index", None)))
         x = out.detach().float() if name == "mixed_bf16" else out.detach()
         if name in ("half", "float64", "batch", "integer_sample") and i == EVENT_AT:
             x = x.float()  # (the event step alone has the other dtype or batch... and the next ones the first)
@@ -168,6 +175,11 @@ SOLVER_EVENTS = {
         "alphas_in_place", "alphas_replaced", "half", "float64", "past_the_end", "one_past_the_end", "batch", "grad",
         "float_timestep"],
 }
+# the DDPM / DDIM steps' events: what changes the served call (dtypes, batch, layout, backend), timesteps of the
+# other forms they take (an int, one per sample: the checked op), and what the stock step refuses
+SOLVER_EVENTS.update({family: ["none", "half", "mixed_bf16", "float64", "integer_sample", "batch", "channels_last",
+                               "int_timestep", "per_sample_timestep", "model_output_shape", "grad", "backend"]
+                      for family in DDPM_FAMILIES})
 CASES = [(family, name) for family in FAMILIES for name in SOLVER_EVENTS.get(family, EVENTS)]
 
 
@@ -176,9 +188,10 @@ def test_direct_step_gives_the_checked_and_the_stock_result(family, name):
     stock_class, fused_class, config = FAMILIES[family]
     stock = stock_class(**config)
     fused, checked = (fused_class.from_config(stock.config) for _ in range(2))
-    expected = run(stock, family, name)
     got = run(fused, family, name)
     reference = run(checked, family, name, full_checks=True)
+    # (a timestep per sample is what the stock DDPM / DDIM steps do not take: the fused ones against themselves)
+    expected = reference if name == "per_sample_timestep" else run(stock, family, name)
     assert len(got) == len(reference) == len(expected)
     for i, (g, r, e) in enumerate(zip(got, reference, expected)):
         if len(e) == 2:  # the stock error, and the fused one
@@ -191,7 +204,7 @@ def test_direct_step_gives_the_checked_and_the_stock_result(family, name):
         scale = max(1.0, e[0].abs().max().item())
         tol = tolerance(name, i)
         torch.testing.assert_close(g[0].double(), e[0].double(), rtol=tol, atol=tol * scale, msg=f"step {i}")
-    if name in ("int_timestep", "float_timestep", "model_output_shape") or (
+    if (name == "int_timestep" and family not in DDPM_FAMILIES) or name in ("float_timestep", "model_output_shape") or (
             name in ("past_the_end", "one_past_the_end") and family != "lcm") or (
             name == "config_refused" and family != "flow"):
         assert len(got[-1]) == 2  # (the stock error: the event did happen)
@@ -279,7 +292,7 @@ class _Tagged(torch.Tensor):
     pass
 
 
-@pytest.mark.parametrize("family", ["flow", "euler", "ancestral", "dpm", "unipc"])
+@pytest.mark.parametrize("family", ["flow", "euler", "ancestral", "dpm", "unipc", "ddim", "ddpm"])
 def test_tensor_subclasses_keep_their_type(family):
     """A tensor subclass sample gives the type the stock step gives (the subclass: its ``__torch_function__``
     sees the operator), served or not."""
@@ -322,7 +335,8 @@ def test_a_torch_function_mode_sees_the_served_steps():
             self.names.append(getattr(func, "__name__", str(func)))
             return func(*args, **(kwargs or {}))
 
-    for family, op in (("flow", "flow_step"), ("euler", "euler_step"), ("dpm", "solver_step")):
+    for family, op in (("flow", "flow_step"), ("euler", "euler_step"), ("dpm", "solver_step"), ("ddim", "ddim_step"),
+                       ("ddpm", "ddpm_step")):
         _, fused_class, config = FAMILIES[family]
         s = fused_class(**config)
         s.set_timesteps(STEPS)
@@ -358,3 +372,38 @@ def test_a_copy_made_in_inference_mode_runs_a_new_loop_outside_it(family):
             y = s.step(model(y, t), t, y, generator=g).prev_sample
         finals.append(y)
     assert torch.equal(finals[0], finals[1])
+
+
+@pytest.mark.parametrize("family", DDPM_FAMILIES)
+def test_ddpm_ddim_steps_after_the_first_are_served(family, monkeypatch):
+    """The DDPM / DDIM drop-ins make the public op's checked call on a loop's first step only: the next steps,
+    with timesteps of ``scheduler.timesteps`` (or ints), are served on the checked call's operands; a timestep per
+    sample (a tensor the drop-in did not build) and ``in_kernel_noise`` (a draw in the kernel runs on row-major
+operands) take the public op."""
+    import functools
+
+    from ddpm_kernels import ops
+
+    name = "ddpm_step" if family == "ddpm" else "ddim_step"
+    calls = []
+    public = getattr(ops, name)
+
+    @functools.wraps(public)
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return public(*args, **kwargs)
+
+    monkeypatch.setattr(ops, name, counted)
+    _, fused_class, config = FAMILIES[family]
+    kwargs = STEP_KWARGS.get(family, {})
+    for timestep, in_kernel, expected in ((lambda t: t, False, 1), (int, False, 1),
+                                          (lambda t: torch.full((SHAPE[0],), int(t)), False, STEPS),
+                                          (lambda t: t, True, STEPS)):
+        s = fused_class(**config)
+        s.in_kernel_noise = in_kernel
+        s.set_timesteps(STEPS)
+        x, g = torch.randn(SHAPE), torch.Generator().manual_seed(0)
+        calls.clear()
+        for t in s.timesteps:
+            x = s.step(model(x, t), timestep(t), x, generator=g, **kwargs).prev_sample
+        assert len(calls) == expected, (timestep, in_kernel)

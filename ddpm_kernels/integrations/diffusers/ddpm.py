@@ -53,6 +53,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
 from ... import ops
+from ...sampler_steps import sampler_step_server, step_options
 from ...schedule import DiffusionSchedule
 from ._common import _device, _FusedBase, _is_real, tracked
 
@@ -322,13 +323,41 @@ class _FusedSchedulerMixin(_FusedBase):
                                   expected="the model output of the sample's shape with twice its channels")
 
     def _dk_run(self, op, plan: _Plan, sample, t, t_prev, model_output, schedule, noise, generator, return_dict,
-                **options):
-        """The fused step ``op`` (`ops.ddpm_step` or `ops.ddim_step`) with the plan's parameterization, clipping
-        and thresholding and the step's own ``options``, returned as the stock step returns."""
-        result = op(sample, t, t_prev, model_output, schedule, parameterization=plan.parameterization,
-                    clip_denoised=plan.clip, noise=noise, generator=generator, backend=self.fused_backend,
-                    clip_range=plan.clip_range, threshold_ratio=plan.threshold_ratio,
-                    threshold_max=plan.threshold_max, return_pred_x0=True, **options)
+                trusted: bool = False, **options):
+        """The fused step ``op`` (`ops.ddpm_step` or `ops.ddim_step`, named ``_dk_op_name``) with the plan's
+        parameterization, clipping and thresholding and the step's own ``options``, returned as the stock step
+        returns. A plain call (``trusted``: ``t`` and ``t_prev`` are this scheduler's own tensors of values it
+        checked, `_dk_timesteps`; no generator, no thresholding, plain tensors of one dtype, the noise like the sample, none of which asks
+        for a gradient) that repeats the last plain call's plan, schedule, options, backend and its operands'
+        shapes, dtype and device skips the checks the op made on that call: the server resolved for it
+        (`sampler_steps.sampler_step_server`; docs/design.md, "Host overhead")."""
+        backend = self.fused_backend
+        plain = (
+            trusted
+            and generator is None
+            and plan.threshold_ratio is None
+            and type(sample) is torch.Tensor
+            and type(model_output) is torch.Tensor
+            and model_output.dtype == sample.dtype
+            and (noise is None and not self.in_kernel_noise  # (an in-kernel draw runs on row-major operands)
+                 or type(noise) is torch.Tensor and noise.dtype == sample.dtype and noise.shape == sample.shape
+                 and noise.device == sample.device and not noise.requires_grad)
+        )
+        if plain:
+            variant = (op, backend, tuple(options.values()), sample.shape, model_output.shape, sample.dtype,
+                       sample.device, noise is None)
+            checked = self.__dict__.get("_dk_checked_")
+            if checked is not None and checked[0] is plan and checked[1] is schedule and checked[2] == variant:
+                return self._dk_output(checked[3](sample, t, t_prev, model_output, schedule, noise), return_dict)
+        values = dict(parameterization=plan.parameterization, clip_denoised=plan.clip, clip_range=plan.clip_range,
+                      threshold_ratio=plan.threshold_ratio, threshold_max=plan.threshold_max, return_pred_x0=True,
+                      **options)
+        result = op(sample, t, t_prev, model_output, schedule, noise=noise, generator=generator, backend=backend,
+                    **values)
+        if plain:
+            name = self._dk_op_name
+            server = sampler_step_server(name, backend, sample, step_options(name, **values))
+            self.__dict__["_dk_checked_"] = (plan, schedule, variant, server)
         return self._dk_output(result, return_dict)
 
     @staticmethod
@@ -392,6 +421,8 @@ class _FusedSchedulerMixin(_FusedBase):
 class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler, output=DDPMSchedulerOutput):
     """diffusers' ``DDPMScheduler`` (same config, same results) with ``step`` as one fused
     `ddpm_kernels.ddpm_step`; see the module docstring for what differs."""
+
+    _dk_op_name = "ddpm_step"
 
     def set_timesteps(
         self,
@@ -480,7 +511,7 @@ class FusedDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler, output=DDPMSchedul
                 # the stock draw: the model output's (variance-split) shape, dtype and device
                 noise = self._dk_randn(sample.shape, generator, sample.device, model_dtype, sample.dtype)
         return self._dk_run(ops.ddpm_step, plan, sample, t, t_prev, model_output, schedule, noise, generator_for_op,
-                            return_dict, variance_type=plan.variance_type)
+                            return_dict, value is not None, variance_type=plan.variance_type)
 
 
 class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler, output=DDIMSchedulerOutput):
@@ -490,6 +521,8 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler, output=DDIMSchedul
     ``DDIMPipeline.__init__`` converts any scheduler it is given to a stock ``DDIMScheduler``; set
     ``pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)`` after building the pipeline.
     """
+
+    _dk_op_name = "ddim_step"
 
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None):
         # computed on the host, so their values are known without reading a device tensor
@@ -528,7 +561,7 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler, output=DDIMSchedul
                 model_output, timestep, sample, eta=eta, use_clipped_model_output=use_clipped_model_output,
                 generator=generator, variance_noise=variance_noise, return_dict=return_dict,
             )
-        plan, schedule, t, t_prev, _ = fused
+        plan, schedule, t, t_prev, value = fused
         eta = fused_eta
         model_dtype = model_output.dtype
         if model_dtype != sample.dtype:
@@ -542,7 +575,7 @@ class FusedDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler, output=DDIMSchedul
                 if not in_kernel:
                     noise = self._dk_randn(model_output.shape, generator, model_output.device, model_dtype, sample.dtype)
         return self._dk_run(ops.ddim_step, plan, sample, t, t_prev, model_output, schedule, noise, generator_for_op,
-                            return_dict, eta=eta, set_alpha_to_one=plan.set_alpha_to_one,
+                            return_dict, value is not None, eta=eta, set_alpha_to_one=plan.set_alpha_to_one,
                             use_clipped_model_output=bool(use_clipped_model_output))
 
     def _dk_eta(self, eta, variance_noise, generator, sample) -> Optional[float]:
