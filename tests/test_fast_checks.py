@@ -210,3 +210,70 @@ def test_tensors_without_plain_storage_take_the_python_path():
     with pytest.raises(Exception) as info:  # a Python error, whatever layer reports it; never an abort
         dk.q_sample(nested, t, nested, S, backend="cpu")
     assert not isinstance(info.value, AssertionError)
+
+
+def _table_steps(x, m, z, backend, sigmas=None, out=None, index=None):
+    """The table-form steps' common calls: flow_step, euler_step, euler_ancestral_step and solver_step (a
+    2-slot ring and a last-sample buffer, written by the call: fresh ones per call)."""
+    from ddpm_kernels.solvers import SolverColumns, new_history, solver_step
+
+    B = x.shape[0]
+    sigmas = torch.linspace(14.6, 0.0, 11) if sigmas is None else sigmas
+    index = torch.tensor([0, 4][:B]) if index is None else index
+    width = SolverColumns(2).width
+    table = torch.linspace(-1.0, 1.0, 6 * width).reshape(6, width)
+    ring, last = new_history(x, 2), torch.zeros_like(x)
+    return {
+        "flow_step": dk.flow_step(x, m, sigmas, index, backend=backend, out=out),
+        "flow_step stochastic": dk.flow_step(x, m, sigmas, index, noise=z, stochastic=True, backend=backend),
+        "euler_step": dk.euler_step(x, m, sigmas, index, backend=backend, return_pred_x0=True),
+        "euler_ancestral_step": dk.euler_ancestral_step(x, m, sigmas, index, noise=z, backend=backend),
+        "solver_step": (solver_step(x, m, table, index, ring, last, noise=z, backend=backend), ring, last),
+    }
+
+
+def test_table_steps_skip_the_python_tensor_checks(monkeypatch):
+    """The table-form steps' plain valid calls are accepted by the compiled check (the Python tensor checks never
+    run) and give what the Python-checked calls give, bit for bit, on every CPU backend; an invalid call still
+    gets the Python message."""
+    from ddpm_kernels import flow, solvers
+
+    x, m, z = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    for backend in dk.available_backends("cpu"):
+        with monkeypatch.context() as patch:
+            patch.setattr(_native, "inputs_ok", lambda *args: 0)  # every call through the Python checks
+            expected = _table_steps(x, m, z, backend)
+
+        def fail(*args, **kwargs):
+            raise AssertionError("the Python tensor checks ran")
+
+        with monkeypatch.context() as patch:
+            for module, name in ((_checks, "_check_timesteps"), (flow, "_check_like"), (flow, "_check_data"),
+                                 (solvers, "_check_like"), (flow, "_check_out")):
+                patch.setattr(module, name, fail)
+            got = _table_steps(x, m, z, backend, out=torch.empty_like(x))
+        for name, value in expected.items():
+            for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (value, got[name]))):
+                assert torch.equal(a, b), (backend, name)
+    for bad_index in (torch.tensor([0, 10]), torch.tensor([-1, 0])):
+        with pytest.raises(ValueError, match=r"step_index: expected values in \[0, 10\)"):
+            dk.flow_step(x, m, torch.linspace(14.6, 0.0, 11), bad_index, backend="cpu")
+    with pytest.raises(ValueError, match=r"step_index: expected values in \[0, 6\)"):
+        _table_steps(x, m, z, "cpu", index=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="out: expected a tensor that does not require grad"):
+        dk.euler_step(x, m, torch.linspace(14.6, 0.0, 11), torch.tensor([0, 1]), backend="cpu",
+                      out=torch.empty_like(x).requires_grad_())
+    with pytest.raises(TypeError, match="model_output: expected a floating-point tensor"):
+        dk.euler_step(x, m.int(), torch.linspace(14.6, 0.0, 11), torch.tensor([0, 1]), backend="cpu")
+
+
+def test_a_table_that_asks_for_a_gradient_is_dispatched_as_before(monkeypatch):
+    """The compiled check answers for the data operands' gradients; a sigma table that asks for one makes the
+    call one that needs a gradient, as the Python checks make it (the same backend, the same result)."""
+    x, m = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    sigmas = torch.linspace(14.6, 0.0, 11).requires_grad_()
+    index = torch.tensor([0, 4])
+    got = dk.euler_step(x, m, sigmas, index, backend="auto")
+    monkeypatch.setattr(_native, "inputs_ok", lambda *args: 0)
+    expected = dk.euler_step(x, m, sigmas, index, backend="auto")
+    assert torch.equal(got, expected) and got.requires_grad == expected.requires_grad

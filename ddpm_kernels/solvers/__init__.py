@@ -18,7 +18,7 @@ import torch
 from .._layout import CONTIGUOUS, dense_format
 from .._checks import _check_like, _check_step_index
 from .._spec import OPS as SPECS, SolverColumns, SolverStepOptions
-from ..flow import cached_options, run_step, step_inputs
+from ..flow import cached_options, run_step, step_inputs, table_inputs_ok
 from ..ops import _options, step_server
 
 __all__ = ["SolverColumns", "solver_step", "new_history"]
@@ -129,6 +129,20 @@ def solver_step(
     ``sample_offset``: the global index of the batch's first sample in the noise stream (see
     `ddpm_kernels.p_sample`).
     """
+    checked = (guidance_scale is None and uncond is None and not guidance_rescale and not sample_offset
+               and type(coefficients) is torch.Tensor and coefficients.ndim == 2
+               and table_inputs_ok(backend, sample, (model_output, noise, last_sample), out, coefficients,
+                                   coefficients.shape[0], step_index))
+    if checked:
+        # the common call, its tensors accepted by one C call (the last-sample buffer like the sample): the ring and
+        # the table, then the step
+        slots = _check_history(history, sample)
+        coefficients = _check_coefficients(coefficients, sample, slots)
+        stochastic = True if noise is not None else stochastic
+        opts = _step_options((stochastic, clip_range, threshold_ratio, threshold_max, guidance_rescale), False)
+        return run_step(SPECS["solver_step"], backend, opts, None, sample, model_output, None, None,
+                        (coefficients, step_index, history, last_sample), (history, last_sample), noise, generator,
+                        out, 0, None, checked)
     sample, model_output, uncond, noise, guidance, sample_offset, mixed = step_inputs(
         backend, sample, model_output, uncond, noise, guidance_scale, guidance_rescale, sample_offset
     )
