@@ -6,12 +6,14 @@
 // full checks, which raise the detailed error or convert the arguments (e.g. an int32 or strided t), so every
 // message lives in one place (ops.py) and this is a pure accelerator of the same predicate.
 //
-// inputs_ok(x, others, out, table, T, t, t_prev, check_device_values) -> int, nonzero (truthy) when
+// inputs_ok(x, others, out, table, T, t, t_prev, check_device_values[, mixed]) -> int, nonzero (truthy) when
 //   * x, every entry of `others` (a tuple of the call's data tensors; a None there is a missing argument),
 //     `out` (or None), `t`, `t_prev` (or None) and `table` are plain strided torch.Tensors with storage (a
 //     subclass may override metadata, a nested, sparse or functorch-wrapped tensor has no plain storage: they
 //     take the Python path);
-//   * x is floating point with ndim >= 1, and every other data tensor has its dtype, shape and device;
+//   * x is floating point with ndim >= 1, and every other data tensor has its dtype, shape and device (with
+//     `mixed` true, a call whose float operands differ in dtype: any floating dtype, its shape and device; the
+//     caller has checked the dtypes, and checks out's against their promotion);
 //   * `out` does not require grad while grad mode is on;
 //   * t (and t_prev) is int64, 1-D, contiguous, of length B = x.shape[0], on x's device, and `table` is on
 //     x's device;
@@ -35,10 +37,11 @@ bool is_tensor(PyObject* obj) {
   return x.defined() && x.layout() == at::kStrided && !x.is_nested() && x.has_storage();
 }
 
-bool like(PyObject* obj, const at::Tensor& x) {
+bool like(PyObject* obj, const at::Tensor& x, bool mixed) {
   if (!is_tensor(obj)) return false;
   const at::Tensor& y = THPVariable_Unpack(obj);
-  return y.scalar_type() == x.scalar_type() && y.device() == x.device() && y.sizes().equals(x.sizes());
+  return (mixed ? y.is_floating_point() : y.scalar_type() == x.scalar_type()) && y.device() == x.device() &&
+         y.sizes().equals(x.sizes());
 }
 
 bool timesteps_ok(PyObject* obj, const at::Tensor& x, int64_t lo, int64_t T, bool check_device_values) {
@@ -56,7 +59,7 @@ bool timesteps_ok(PyObject* obj, const at::Tensor& x, int64_t lo, int64_t T, boo
   return true;
 }
 
-int inputs_ok(PyObject* const* args) {
+int inputs_ok(PyObject* const* args, bool mixed) {
   PyObject *x_obj = args[0], *others = args[1], *out = args[2], *table = args[3], *t = args[5], *t_prev = args[6];
   if (!is_tensor(x_obj) || !PyTuple_Check(others) || !is_tensor(table)) return 0;
   const at::Tensor& x = THPVariable_Unpack(x_obj);
@@ -65,11 +68,11 @@ int inputs_ok(PyObject* const* args) {
   bool needs_grad = grad_mode && x.requires_grad();
   for (Py_ssize_t i = 0, n = PyTuple_GET_SIZE(others); i < n; ++i) {
     PyObject* y = PyTuple_GET_ITEM(others, i);
-    if (!like(y, x)) return 0;
+    if (!like(y, x, mixed)) return 0;
     needs_grad = needs_grad || (grad_mode && THPVariable_Unpack(y).requires_grad());
   }
   if (out != Py_None) {
-    if (!like(out, x)) return 0;
+    if (!like(out, x, mixed)) return 0;
     if (grad_mode && THPVariable_Unpack(out).requires_grad()) return 0;
   }
   if (THPVariable_Unpack(table).device() != x.device()) return 0;
@@ -87,16 +90,18 @@ int inputs_ok(PyObject* const* args) {
 }  // namespace
 
 PyObject* py_inputs_ok(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 8) {
+  if (nargs != 8 && nargs != 9) {
     PyErr_SetString(PyExc_TypeError,
-                    "inputs_ok(x, others, out, table, T, t, t_prev, check_device_values) takes 8 arguments");
+                    "inputs_ok(x, others, out, table, T, t, t_prev, check_device_values[, mixed]) takes 8 or 9 "
+                    "arguments");
     return nullptr;
   }
+  const bool mixed = nargs == 9 && args[8] == Py_True;
   // A metadata query that throws (a tensor kind not foreseen above) is one more case for the Python checks:
   // an exception must not cross into the interpreter from this plain C function.
   int ok = 0;
   try {
-    ok = inputs_ok(args);
+    ok = inputs_ok(args, mixed);
   } catch (...) {
     ok = 0;
   }

@@ -32,16 +32,17 @@ def _step_options(spec, values: tuple, guided: bool) -> EulerStepOptions:
 def _step(name, sample, model_output, sigmas, step_index, noise, generator, backend, values, out, guidance_scale,
           uncond, guidance_rescale, sample_offset):
     spec = SPECS[name]
-    checked = (guidance_scale is None and uncond is None and not guidance_rescale and not sample_offset
-               and type(sigmas) is torch.Tensor and sigmas.ndim == 1
-               and table_inputs_ok(backend, sample, (model_output, noise), out, sigmas, sigmas.shape[0] - 1, step_index))
+    checked, mixed = (
+        table_inputs_ok(backend, sample, (model_output, noise), out, sigmas, sigmas.shape[0] - 1, step_index)
+        if (guidance_scale is None and uncond is None and not guidance_rescale and not sample_offset
+            and type(sigmas) is torch.Tensor and sigmas.ndim == 1) else (0, None))
     if checked:
         # the common call, its tensors accepted by one C call: the table's own check, then the step
         opts = _step_options(spec, values, False)
-        sigmas = _check_table(sigmas, sample)
+        sigmas = _check_table(sigmas, sample, mixed)
         fmt, sample, (model_output,) = row_major(opts.adds_noise and noise is None, sample, model_output)
         return run_step(spec, backend, opts, fmt, sample, model_output, None, None, (sigmas, step_index), (sigmas,),
-                        noise, generator, out, 0, None, checked)
+                        noise, generator, out, 0, mixed, checked)
     sample, model_output, uncond, noise, guidance, sample_offset, mixed = step_inputs(
         backend, sample, model_output, uncond, noise, guidance_scale, guidance_rescale, sample_offset
     )

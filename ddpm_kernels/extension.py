@@ -108,13 +108,21 @@ def _operands(*tensors):
 def _prepare(*tensors, lead: int = 0):
     """``(fmt, tensors, dtype)``: the call's memory format (``tensors[lead]``'s, `dense_format`), the operands
     in it as the kernels read them (`_operands`; None stays None) and the dtype the schedule table is taken in.
-    The common call, every operand contiguous and of one dtype, costs a few attribute reads."""
+    The common calls, every operand contiguous and of one dtype or of float32 / float16 / bfloat16, cost a few
+    attribute reads."""
     dtype = tensors[lead].dtype
+    mixed = False
     for y in tensors:
-        if y is not None and (y.dtype != dtype or not y.is_contiguous()):
-            break
+        if y is not None:
+            if not y.is_contiguous():
+                break
+            if y.dtype != dtype:
+                mixed = True
     else:
-        return CONTIGUOUS, tensors, dtype
+        if not mixed:
+            return CONTIGUOUS, tensors, dtype
+        if all(y is None or y.dtype in _MIXABLE for y in tensors):
+            return CONTIGUOUS, tensors, torch.float32  # (what `_operands` gives a mix the kernels read)
     fmt = dense_format(tensors[lead])
     tensors, dtype = _operands(*tensors)
     return fmt, tuple(in_format(y, fmt) for y in tensors), dtype

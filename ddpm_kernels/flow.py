@@ -167,20 +167,34 @@ def step_inputs(backend, sample, model_output, uncond, noise, guidance_scale, gu
     return sample, model_output, uncond, noise, guidance, sample_offset, mixed
 
 
-def table_inputs_ok(backend, sample, operands: tuple, out, table, steps: int, step_index) -> int:
-    """The compiled check of a table-form step's tensors (`_native.inputs_ok`, csrc/fast_checks.cpp), for a call
-    without guidance or a sample offset: nonzero when ``backend`` is a backend name, ``sample`` a floating tensor
-    with a batch dimension, ``operands`` (None: absent) and ``out`` (or None) like it, ``table`` a tensor on its
-    device and ``step_index`` int64 (B,), contiguous, on its device, with values in ``[0, steps)`` (CPU tensors;
-    a device tensor's values where `set_device_t_check` asks for it); 2 when, besides, no operand asks for a
-    gradient. 0 (the Python checks run, with their messages and conversions) for anything else, and while
+def table_inputs_ok(backend, sample, operands: tuple, out, table, steps: int, step_index,
+                    promoted: int = 2) -> tuple:
+    """``(checked, mixed)``: the compiled check of a table-form step's tensors (`_native.inputs_ok`,
+    csrc/fast_checks.cpp), for a call without guidance or a sample offset. ``checked`` is nonzero when
+    ``backend`` is a backend name, ``sample`` a floating tensor with a batch dimension, ``operands`` (None:
+    absent) and ``out`` (or None) like it — of its dtype, or ``mixed``, the promoted dtype of float operands of
+    the kernels' dtypes that differ (the first ``promoted`` operands' promotion with the sample's; a state
+    operand after them is the caller's to check against it), with ``out`` of that dtype — ``table`` a tensor on
+    its device and ``step_index`` int64 (B,), contiguous, on its device, with values in ``[0, steps)`` (CPU
+    tensors; a device tensor's values where `set_device_t_check` asks for it); 2 when, besides, no operand asks
+    for a gradient.
+    ``(0, None)`` (the Python checks run, with their messages and conversions) for anything else, and while
     torch.compile traces."""
     if _native.inputs_ok is None or backend not in _BACKENDS or torch.compiler.is_compiling():
-        return 0
+        return 0, None
     present = tuple(y for y in operands if y is not None)
-    ok = _native.inputs_ok(sample, present, out, table, steps, step_index, None, _checks._device_t_check)
+    device_check = _checks._device_t_check
+    mixed = None
+    ok = _native.inputs_ok(sample, present, out, table, steps, step_index, None, device_check)
+    if not ok:
+        mixed = promoted_dtype(sample, operands[:promoted])
+        if mixed is None or (out is not None and getattr(out, "dtype", None) != mixed):
+            return 0, None
+        ok = _native.inputs_ok(sample, present, out, table, steps, step_index, None, device_check, True)
+        if not ok:
+            return 0, None
     # (the compiled check looks at the data operands' gradients: a table that asks for one is named by dispatch)
-    return 1 if ok == 2 and table.requires_grad and torch.is_grad_enabled() else ok
+    return (1 if ok == 2 and table.requires_grad and torch.is_grad_enabled() else ok), mixed
 
 
 def run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, sigma_args, sigma_tensors, noise,
@@ -190,7 +204,8 @@ def run_step(spec, backend, opts, fmt, sample, model_output, uncond, guidance, s
     (`serve`: the operands cast only for a backend that does not read them natively), the backend call
     ``fn(sample, model_output, uncond, guidance, *sigma_args, opts, noise, generator, out=, sample_offset=)``,
     and the result back in ``fmt`` (`row_major`). ``checked``: what `table_inputs_ok` answered for the call's
-    tensors (``out`` among them; 2: none asks for a gradient), 0 when they took the Python checks."""
+    tensors (``out`` among them, of the dtype ``mixed`` of a mixed call; 2: none asks for a gradient), 0 when
+    they took the Python checks."""
     if out is not None and not checked:
         out = _check_out(out, sample, "sample", dtype=mixed)
     if generator is not None:
@@ -293,16 +308,17 @@ def flow_step(
     ``sample``'s dtype; ``out`` may be ``sample`` (an in-place step). Computed in float32 (float64 for float64).
     """
     spec = SPECS["flow_step"]
-    checked = (guidance_scale is None and uncond is None and not guidance_rescale and not sample_offset
-               and sigma is None and sigma_next is None and type(sigmas) is torch.Tensor and sigmas.ndim == 1
-               and table_inputs_ok(backend, sample, (model_output, noise), out, sigmas, sigmas.shape[0] - 1, step_index))
+    checked, mixed = (
+        table_inputs_ok(backend, sample, (model_output, noise), out, sigmas, sigmas.shape[0] - 1, step_index)
+        if (guidance_scale is None and uncond is None and not guidance_rescale and not sample_offset and sigma is None
+            and sigma_next is None and type(sigmas) is torch.Tensor and sigmas.ndim == 1) else (0, None))
     if checked:
         # the common call (the table form), its tensors accepted by one C call: the table's own check, then the step
         opts = _step_options(spec, stochastic, guidance_rescale, False)
-        sigmas = _check_table(sigmas, sample)
+        sigmas = _check_table(sigmas, sample, mixed)
         fmt, sample, (model_output,) = row_major(opts.stochastic and noise is None, sample, model_output)
         return run_step(spec, backend, opts, fmt, sample, model_output, None, None, (sigmas, step_index, None, None),
-                        (sigmas, sigmas), noise, generator, out, 0, None, checked)
+                        (sigmas, sigmas), noise, generator, out, 0, mixed, checked)
     sample, model_output, uncond, noise, guidance, sample_offset, mixed = step_inputs(
         backend, sample, model_output, uncond, noise, guidance_scale, guidance_rescale, sample_offset
     )

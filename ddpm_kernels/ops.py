@@ -61,6 +61,7 @@ _selected = backends._selected
 _NO_T_PREV = object()  # ops without a t_prev argument (None is a bad t_prev of ddim_step/ddpm_step)
 _OPTIONS = {}
 _GUIDED = {}
+_PROMOTED = {}  # promoted_dtype's answer per tuple of operand dtypes
 _OPTIONS_LIMIT = 4096
 # families whose options backends may decline (dispatch keys on them); options are usually a handful of constants,
 # a sweep over floats must not grow the cache forever
@@ -124,7 +125,12 @@ def _tensors(spec: OpSpec, x, others: tuple, schedule, t, t_prev=_NO_T_PREV, out
             return t, t_prev, out, None, accepted == 2
         mixed = promoted_dtype(x, others)  # (a learned model output was not among the checked operands)
         if not accepted:
-            # a mixed call's other operands and out differ from x in dtype: the C check takes x and the timesteps
+            # a mixed call's other operands and out differ from x in dtype: the C check takes them as float
+            # tensors of x's shape and device, out's dtype checked here against their promotion
+            native = mixed is not None and _native.inputs_ok(x, present, out, table, steps, t, t_prev_arg, values,
+                                                             True)
+            if native and (out is None or out.dtype == mixed) and not learned:
+                return t, t_prev, out, mixed, native == 2
             native = mixed is not None and _native.inputs_ok(x, (), None, table, steps, t, t_prev_arg, values)
     else:
         mixed = promoted_dtype(x, others)
@@ -169,12 +175,21 @@ def promoted_dtype(x, others: tuple):
     comparisons) or when a non-tensor operand or one outside the kernels' float dtypes is there for the checks
     to refuse."""
     dtype = getattr(x, "dtype", None)
-    if all(y is None or getattr(y, "dtype", dtype) == dtype for y in others):
+    for y in others:  # (a plain loop: the common answer, one dtype, builds nothing)
+        if y is not None and getattr(y, "dtype", dtype) != dtype:
+            break
+    else:
         return None
-    operands = (x,) + tuple(others)
-    if not all(y is None or (isinstance(y, torch.Tensor) and y.dtype in _KERNEL_DTYPES) for y in operands):
-        return None  # (a float8 operand too: torch does not promote it)
-    return functools.reduce(torch.promote_types, (y.dtype for y in operands if y is not None))
+    dtypes = tuple(y.dtype if isinstance(y, torch.Tensor) else None for y in (x,) + tuple(others) if y is not None)
+    promoted = _PROMOTED.get(dtypes, False)
+    if promoted is False:
+        if all(d in _KERNEL_DTYPES for d in dtypes):
+            promoted = functools.reduce(torch.promote_types, dtypes)
+        else:
+            promoted = None  # (a non-tensor operand, or a float8 one: torch does not promote it)
+        if len(_PROMOTED) < _OPTIONS_LIMIT:
+            _PROMOTED[dtypes] = promoted
+    return promoted
 
 
 def cast_to(dtype, x, others: tuple):

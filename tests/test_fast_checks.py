@@ -277,3 +277,60 @@ def test_a_table_that_asks_for_a_gradient_is_dispatched_as_before(monkeypatch):
     monkeypatch.setattr(_native, "inputs_ok", lambda *args: 0)
     expected = dk.euler_step(x, m, sigmas, index, backend="auto")
     assert torch.equal(got, expected) and got.requires_grad == expected.requires_grad
+
+
+def test_mixed_operands_are_checked_by_the_c_call_as_by_python():
+    """With ``mixed`` (a 9th argument, True) the compiled check takes other operands and ``out`` of any floating
+    dtype, of x's shape and device; integers, other shapes or devices still take the Python path."""
+    x = torch.randn(3, 2, 5)
+    t = torch.tensor([0, 17, T - 1])
+    low, high = x.bfloat16(), x.double()
+    assert not _fast(x, (low,), None, t)
+    assert _native.inputs_ok(x, (low, high), x.clone(), S.table(), T, t, None, False, True) == 2
+    assert _native.inputs_ok(x, (low.requires_grad_(),), None, S.table(), T, t, None, False, True) == 1
+    for bad in (x.int(), torch.randn(3, 2, 4).bfloat16(), torch.randn(2, 2, 5).half()):
+        assert not _native.inputs_ok(x, (bad,), None, S.table(), T, t, None, False, True)
+    assert not _native.inputs_ok(x, (low,), torch.empty(3, 2, 4), S.table(), T, t, None, False, True)
+    with pytest.raises(TypeError, match="takes 8 or 9 arguments"):
+        _native.inputs_ok(x, (), None, S.table(), T, t)
+
+
+def test_mixed_calls_skip_the_python_tensor_checks(monkeypatch):
+    """A bf16 model output with float32 data (autocast's mix): the compiled check accepts the call (no Python
+    tensor check runs) and it gives what the Python-checked call gives, bit for bit, for the DDPM ops and the
+    table-form steps; an ``out`` not in the promoted dtype gets the Python message."""
+    from ddpm_kernels import flow, solvers
+
+    x, z = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    m = torch.randn(2, 3, 4).bfloat16()
+    t = torch.tensor([3, 40])
+
+    def ddpm_ops(backend):
+        return {
+            "p_sample": dk.p_sample(x, t, m, S, noise=z, backend=backend),
+            "ddim_step": dk.ddim_step(x, t, t - 3, m, S, eta=0.5, noise=z, backend=backend),
+            "ddpm_step": dk.ddpm_step(x, t, t - 3, m, S, noise=z, backend=backend, out=torch.empty_like(x)),
+            "diffusion_loss": dk.diffusion_loss(m, x, z, t, S, backend=backend),
+        }
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Python tensor checks ran")
+
+    for backend in dk.available_backends("cpu"):
+        with monkeypatch.context() as patch:
+            patch.setattr(_native, "inputs_ok", lambda *args: 0)  # every call through the Python checks
+            expected = dict(ddpm_ops(backend), **_table_steps(x, m, z, backend))
+        with monkeypatch.context() as patch:
+            for module, name in ((_checks, "_check_timesteps"), (ops, "_check_like"), (ops, "_check_out"),
+                                 (flow, "_check_like"), (flow, "_check_data"), (solvers, "_check_like"),
+                                 (flow, "_check_out")):
+                patch.setattr(module, name, fail)
+            got = dict(ddpm_ops(backend), **_table_steps(x, m, z, backend))
+        for name, value in expected.items():
+            for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (value, got[name]))):
+                assert a.dtype == b.dtype and torch.equal(a, b), (backend, name)
+    with pytest.raises(TypeError, match=r"out: expected dtype torch.float32 \(the promoted dtype"):
+        dk.p_sample(x, t, m, S, noise=z, backend="cpu", out=torch.empty_like(m))
+    with pytest.raises(TypeError, match=r"out: expected dtype torch.float32 \(the promoted dtype"):
+        dk.euler_step(x, m, torch.linspace(14.6, 0.0, 11), torch.tensor([0, 1]), backend="cpu",
+                      out=torch.empty_like(m))

@@ -1,6 +1,7 @@
 """The direct step of the sigma-table drop-ins (flow matching, Euler, ancestral Euler), of the multistep ones
-(DPM-Solver++, UniPC, LCM: with their checked solver call) and the served DDIM / DDPM step: a step that continues the schedule of the last fused step on
-operands of the kind it checked skips the checks that step made (docs/design.md, "Host overhead"). Whatever changes between two steps of a loop (the step index, the
+(DPM-Solver++, UniPC, LCM: with their checked solver call) and the served DDIM / DDPM step: a step that
+continues the schedule of the last fused step on operands of the kind it checked skips the checks that step
+made (docs/design.md, "Host overhead"). Whatever changes between two steps of a loop (the step index, the
 dtypes, the config edited in place, the table edited in place, the batch, an integer timestep, a gradient
 asked of the model output, the backend) must give what the fully checked step gives, bit for bit, and what
 the stock scheduler gives (its result, dtype, error)."""

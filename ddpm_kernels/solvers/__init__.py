@@ -129,20 +129,22 @@ def solver_step(
     ``sample_offset``: the global index of the batch's first sample in the noise stream (see
     `ddpm_kernels.p_sample`).
     """
-    checked = (guidance_scale is None and uncond is None and not guidance_rescale and not sample_offset
-               and type(coefficients) is torch.Tensor and coefficients.ndim == 2
-               and table_inputs_ok(backend, sample, (model_output, noise, last_sample), out, coefficients,
-                                   coefficients.shape[0], step_index))
+    checked, mixed = (
+        table_inputs_ok(backend, sample, (model_output, noise, last_sample), out, coefficients, coefficients.shape[0],
+                        step_index)
+        if (guidance_scale is None and uncond is None and not guidance_rescale and not sample_offset
+            and type(coefficients) is torch.Tensor and coefficients.ndim == 2) else (0, None))
     if checked:
-        # the common call, its tensors accepted by one C call (the last-sample buffer like the sample): the ring and
-        # the table, then the step
-        slots = _check_history(history, sample)
+        # the common call, its tensors accepted by one C call (the last-sample buffer like the sample): the state's
+        # dtype in a mixed call, the ring and the table, then the step
+        _check_state_dtype("last_sample", last_sample, mixed)
+        slots = _check_history(history, sample, mixed)
         coefficients = _check_coefficients(coefficients, sample, slots)
         stochastic = True if noise is not None else stochastic
         opts = _step_options((stochastic, clip_range, threshold_ratio, threshold_max, guidance_rescale), False)
         return run_step(SPECS["solver_step"], backend, opts, None, sample, model_output, None, None,
                         (coefficients, step_index, history, last_sample), (history, last_sample), noise, generator,
-                        out, 0, None, checked)
+                        out, 0, mixed, checked)
     sample, model_output, uncond, noise, guidance, sample_offset, mixed = step_inputs(
         backend, sample, model_output, uncond, noise, guidance_scale, guidance_rescale, sample_offset
     )

@@ -327,8 +327,8 @@ class _FusedSchedulerMixin(_FusedBase):
         """The fused step ``op`` (`ops.ddpm_step` or `ops.ddim_step`, named ``_dk_op_name``) with the plan's
         parameterization, clipping and thresholding and the step's own ``options``, returned as the stock step
         returns. A plain call (``trusted``: ``t`` and ``t_prev`` are this scheduler's own tensors of values it
-        checked, `_dk_timesteps`; no generator, no thresholding, plain tensors of one dtype, the noise like the sample, none of which asks
-        for a gradient) that repeats the last plain call's plan, schedule, options, backend and its operands'
+        checked, `_dk_timesteps`; no generator, no thresholding, plain tensors of one dtype, the noise like the
+        sample, none of which asks for a gradient) that repeats the last plain call's plan, schedule, options, backend and its operands'
         shapes, dtype and device skips the checks the op made on that call: the server resolved for it
         (`sampler_steps.sampler_step_server`; docs/design.md, "Host overhead")."""
         backend = self.fused_backend
