@@ -130,11 +130,22 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         else:
             schedule.root = ts if ts._base is None else ts._base
             schedule.host_array = schedule.host_timesteps.numpy()
-            schedule.host_sources = tuple(_host_copy(s).double().numpy() for s in sources)
+            previous = self.__dict__.get("_dk_schedule_")
+            # a source that is the previous schedule's tensor at the same version (LCM's alphas_cumprod: set_timesteps
+            # keeps it) keeps its host copy and its bytes; the others are copied
+            kept = previous.sources if previous is not None and previous.stock is None else ()
+            copies, source_bytes = [], []
+            for i, s in enumerate(sources):
+                if i < len(kept) and kept[i] is s and previous.versions[i + 1] == s._version:
+                    copies.append(previous.host_sources[i])
+                    source_bytes.append(previous.fingerprint[3][i])
+                else:
+                    copies.append(_host_copy(s).double().numpy())
+                    source_bytes.append(copies[-1].tobytes())
+            schedule.host_sources = tuple(copies)
             schedule.steps = self._dk_steps(schedule)
             schedule.fingerprint = (schedule.steps, schedule.host_array.dtype.str, schedule.host_array.tobytes(),
-                                    tuple(s.tobytes() for s in schedule.host_sources))
-            previous = self.__dict__.get("_dk_schedule_")
+                                    tuple(source_bytes))
             if previous is not None and previous.fingerprint == schedule.fingerprint:
                 # the same values (a pipeline sets the same schedule for every generation): its tables, host and
                 # device, are this schedule's, so the steps' checked calls on them stay valid across loops
