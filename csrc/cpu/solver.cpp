@@ -30,11 +30,13 @@ void with_slots(int64_t slots, const F& f) {
 void Kernels::solver_step(const SolverStepCall& call) {
   const int64_t numel = call.sample.numel();
   // a call whose sample, model outputs and noise have different dtypes computes in float32 and reads each in its
-  // own (csrc/cpu/loops.h, MixedLanes); out and the state have the promoted dtype, float32. Float32 runs in
-  // two-vector slices too (kWide): the branches on the live terms are paid once per slice
-  dispatch_with_noise<true>({&call.sample, &call.model_output, call.uncond, call.noise, &call.out}, call.sample,
-                            call.noise, call.stochastic, call.generator, call.sample_offset,
-                            [&](auto St, auto Ps, auto IO, const auto& z) {
+  // own (csrc/cpu/loops.h, MixedLanes; the autocast mix, float32 data with float16 / bfloat16 model outputs,
+  // typed: AutocastPtrs, the model outputs read through Guidance's model_in); out and the state have the
+  // promoted dtype, float32. Float32 runs in two-vector slices too (kWide): the branches on the live terms are
+  // paid once per slice
+  dispatch_step_with_noise<true>({&call.model_output, call.uncond}, {&call.sample, call.noise, &call.out},
+                                 call.sample, call.noise, call.stochastic, call.generator, call.sample_offset,
+                                 [&](auto St, auto Ps, auto IO, const auto& z) {
     using scalar_t = typename decltype(St)::type;
     using Ptrs = typename decltype(Ps)::type;
     using L = typename decltype(IO)::type;
