@@ -201,13 +201,20 @@ def _dpm_solver_loops(model, x, t, steps, device, min_run_time, model_loop, para
 
 
 # the diffusers schedulers whose fused drop-ins the scheduler-loop table compares with stock: (label, class, config)
+# Stable Diffusion's training schedule, for the schedulers built on one
+_SD_BETAS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+# (label, diffusers class name, constructor arguments)
 SCHEDULER_LOOPS = (
-    ("DPM-Solver++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    ("DPM-Solver++ 2M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    ("UniPC", "UniPCMultistepScheduler", {}),
-    ("Euler ancestral", "EulerAncestralDiscreteScheduler", {}),
-    ("Euler", "EulerDiscreteScheduler", {}),
-    ("DDIM", "DDIMScheduler", {}),
+    ("DPM-Solver++ 2M", "DPMSolverMultistepScheduler", dict(_SD_BETAS, algorithm_type="dpmsolver++", solver_order=2)),
+    ("DPM-Solver++ 2M SDE", "DPMSolverMultistepScheduler",
+     dict(_SD_BETAS, algorithm_type="sde-dpmsolver++", solver_order=2)),
+    ("UniPC", "UniPCMultistepScheduler", _SD_BETAS),
+    ("Euler ancestral", "EulerAncestralDiscreteScheduler", _SD_BETAS),
+    ("Euler", "EulerDiscreteScheduler", _SD_BETAS),
+    ("DDIM", "DDIMScheduler", _SD_BETAS),
+    ("DDPM", "DDPMScheduler", _SD_BETAS),
+    ("LCM", "LCMScheduler", _SD_BETAS),
+    ("Flow matching Euler", "FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
 )
 
 
@@ -236,8 +243,7 @@ def scheduler_loops(device: torch.device, shape: Sequence[int], steps: int, min_
             continue
         per_impl = {}
         for impl, cls in (("stock", getattr(diffusers, name)), ("fused", getattr(fused, "Fused" + name))):
-            scheduler = cls(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                            beta_end=0.012, **config)
+            scheduler = cls(**config)
             g = torch.Generator(device=device)
 
             def loop(scheduler=scheduler, g=g):
