@@ -305,6 +305,9 @@ def flow_interpolate(x0, noise, sigma, out=None):
 
 def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma, sigma_next, opts, noise=None,
               generator=None, out=None, sample_offset=0):
+    if sigmas is not None and not opts.stochastic and _plain_call(opts, out, generator, sample_offset,
+                                                                  (sigmas, step_index), sample, model_output):
+        return _public_server(flow_table_server, opts)(sample, model_output, sigmas, step_index)
     fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise)
     args = (
         *leading,
@@ -319,6 +322,48 @@ def flow_step(sample, model_output, uncond, guidance, sigmas, step_index, sigma,
         sample_offset,
     )
     return _run_out("flow_step", args, fmt, out)
+
+
+# The bound servers of the public table-form steps' plain calls, per server kind and options (`_public_server`).
+_PUBLIC_SERVERS = {}
+
+
+def _plain_call(opts, out, generator, sample_offset, tables: tuple, *operands) -> bool:
+    """Whether a table-form step's call can take its bound server (`_public_server`): unguided, without ``out``,
+    a generator or a sample offset, in eager mode with the compiled library's bound calls, its ``tables`` (the
+    table and step index) plain tensors and its ``operands`` (None: absent) plain contiguous tensors of one dtype
+    or a mix the kernels read (float32 / float16 / bfloat16; other mixes are cast by `_prepare`). A tensor
+    subclass keeps the ``torch.ops`` call, whose ``__torch_function__`` it sees; the server's own fallback for
+    other layouts is this module's step."""
+    if not (out is None and generator is None and not sample_offset and not opts.guided
+            and _native.bind_op is not None and not _traced()):
+        return False
+    for y in tables:
+        if type(y) is not torch.Tensor:
+            return False
+    dtype, mixable = operands[0].dtype, True
+    for y in operands:
+        if y is not None:
+            if type(y) is not torch.Tensor or not y.is_contiguous():
+                return False
+            mixable = mixable and y.dtype in _MIXABLE
+            if y.dtype != dtype and not mixable:
+                return False
+    return True
+
+
+def _public_server(make, opts):
+    """``make(opts)`` (a table server: `flow_table_server`, `euler_table_server`, `solver_table_server`), built
+    once per kind and options: the public steps' plain calls make one bound call of the operator, whose
+    constant arguments were converted once, instead of converting the whole schema's arguments every call
+    (docs/design.md, "Host overhead")."""
+    key = (make, opts)
+    server = _PUBLIC_SERVERS.get(key)
+    if server is None:
+        if len(_PUBLIC_SERVERS) >= 256:
+            _PUBLIC_SERVERS.clear()
+        server = _PUBLIC_SERVERS[key] = make(opts)
+    return server
 
 
 def _traced() -> bool:
@@ -376,6 +421,10 @@ def solver_step(sample, model_output, uncond, guidance, coefficients, step_index
     """The multistep-solver step (csrc/solver.h); the kernels write ``history`` and ``last_sample`` in place
     (through copies written back when they are laid out otherwise than the sample). Thresholded options are
     declined (``declines``)."""
+    if _plain_call(opts, out, generator, sample_offset, (coefficients, step_index), sample, model_output, history,
+                   last_sample, noise if opts.adds_noise else None):
+        return _public_server(solver_table_server, opts)(sample, model_output, coefficients, step_index, history,
+                                                         last_sample, noise if opts.adds_noise else None)
     fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise)
     args = (
         *leading,
@@ -417,6 +466,10 @@ def euler_step(sample, model_output, uncond, guidance, sigmas, step_index, opts,
                out=None, sample_offset=0):
     """``euler_step`` and ``euler_ancestral_step`` (``opts.sampler``): the flow step's kernels with an Euler
     sampler (csrc/flow.h), on the sigma table."""
+    if _plain_call(opts, out, generator, sample_offset, (sigmas, step_index), sample, model_output,
+                   noise if opts.adds_noise else None):
+        return _public_server(euler_table_server, opts)(sample, model_output, sigmas, step_index,
+                                                        noise if opts.adds_noise else None)
     churn = (opts.s_churn, opts.s_tmin, opts.s_tmax, opts.s_noise) if opts.sampler == "euler" else ()
     fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise)
     return _run_step(opts.sampler + "_step", (*leading, sigmas, step_index, opts.parameterization, *churn), opts,

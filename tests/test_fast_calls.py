@@ -121,3 +121,60 @@ def test_bad_calls_leave_the_index():
         _native.call_bound()
     with pytest.raises(ValueError):
         _native.call_bound(object(), x)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_public_table_steps_make_bound_calls(monkeypatch, mixed):
+    """The public table-form steps' plain calls (unguided, no ``out``, generator or sample offset, contiguous
+    operands) make one bound call of their operator: the same results, bit for bit, as the ``torch.ops`` call
+    they make without the bound calls, for one dtype and the autocast mix; a call with ``out`` or a strided
+    sample takes ``torch.ops``."""
+    import ddpm_kernels as dk
+    from ddpm_kernels.solvers import SolverColumns, new_history, solver_step
+
+    x, m, z = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    if mixed:
+        m = m.bfloat16()
+    sigmas, index = torch.linspace(14.6, 0.0, 11), torch.tensor([0, 4])
+    width = SolverColumns(2).width
+    table = torch.linspace(-1.0, 1.0, 6 * width).reshape(6, width)
+
+    def calls(**kwargs):
+        ring, last = new_history(x, 2), torch.zeros_like(x)
+        return [
+            dk.flow_step(x, m, sigmas, index, backend="cpu", **kwargs),
+            dk.euler_step(x, m, sigmas, index, backend="cpu", return_pred_x0=True, **kwargs),
+            dk.euler_ancestral_step(x, m, sigmas, index, noise=z, backend="cpu", **kwargs),
+            solver_step(x, m, table, index, ring, last, noise=z, backend="cpu", **kwargs), ring, last,
+        ]
+
+    bound = []
+    real = _native.call_bound
+    monkeypatch.setattr(_native, "call_bound", lambda *a: bound.append(1) or real(*a))
+    monkeypatch.setattr(extension, "_PUBLIC_SERVERS", {})  # (servers bound after the spy is in place)
+    got = calls()
+    assert len(bound) == 4
+    bound.clear()
+    calls(out=torch.empty_like(x))
+    assert not bound
+    monkeypatch.setattr(_native, "bind_op", None)  # every call through torch.ops
+    expected = calls()
+    flat = lambda values: [t for v in values for t in (v if isinstance(v, tuple) else (v,))]  # noqa: E731
+    for a, b in zip(flat(got), flat(expected)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+class _Tagged(torch.Tensor):
+    pass
+
+
+def test_public_table_steps_keep_a_tensor_subclass():
+    """A tensor subclass operand keeps the ``torch.ops`` call (its ``__torch_function__`` sees the operator), so
+    the public steps return the subclass, as they did before the bound calls."""
+    import ddpm_kernels as dk
+
+    x = torch.randn(2, 3, 4).as_subclass(_Tagged)
+    m = torch.randn(2, 3, 4)
+    sigmas, index = torch.linspace(14.6, 0.0, 11), torch.tensor([0, 4])
+    assert type(dk.flow_step(x, m, sigmas, index, backend="cpu")) is _Tagged
+    assert type(dk.euler_step(x, m, sigmas, index, backend="cpu")) is _Tagged
