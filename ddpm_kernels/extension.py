@@ -421,10 +421,11 @@ def solver_step(sample, model_output, uncond, guidance, coefficients, step_index
     """The multistep-solver step (csrc/solver.h); the kernels write ``history`` and ``last_sample`` in place
     (through copies written back when they are laid out otherwise than the sample). Thresholded options are
     declined (``declines``)."""
+    read_noise = noise if opts.adds_noise else None
     if _plain_call(opts, out, generator, sample_offset, (coefficients, step_index), sample, model_output, history,
-                   last_sample, noise if opts.adds_noise else None):
+                   last_sample, read_noise):
         return _public_server(solver_table_server, opts)(sample, model_output, coefficients, step_index, history,
-                                                         last_sample, noise if opts.adds_noise else None)
+                                                         last_sample, read_noise)
     fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise)
     args = (
         *leading,
@@ -466,10 +467,9 @@ def euler_step(sample, model_output, uncond, guidance, sigmas, step_index, opts,
                out=None, sample_offset=0):
     """``euler_step`` and ``euler_ancestral_step`` (``opts.sampler``): the flow step's kernels with an Euler
     sampler (csrc/flow.h), on the sigma table."""
-    if _plain_call(opts, out, generator, sample_offset, (sigmas, step_index), sample, model_output,
-                   noise if opts.adds_noise else None):
-        return _public_server(euler_table_server, opts)(sample, model_output, sigmas, step_index,
-                                                        noise if opts.adds_noise else None)
+    read_noise = noise if opts.adds_noise else None
+    if _plain_call(opts, out, generator, sample_offset, (sigmas, step_index), sample, model_output, read_noise):
+        return _public_server(euler_table_server, opts)(sample, model_output, sigmas, step_index, read_noise)
     churn = (opts.s_churn, opts.s_tmin, opts.s_tmax, opts.s_noise) if opts.sampler == "euler" else ()
     fmt, leading, noise = _step_operands(opts, sample, model_output, uncond, guidance, noise)
     return _run_step(opts.sampler + "_step", (*leading, sigmas, step_index, opts.parameterization, *churn), opts,
