@@ -199,6 +199,24 @@ def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, no
     return _run_out("p_sample", args, fmt, out)
 
 
+def p_sample_server(opts):
+    """``step(x_t, t, model_output, table, noise, out=None)``: `p_sample` with ``opts`` (parameterization,
+    clip_denoised) and given noise, for contiguous operands of one dtype that the public op checked
+    (``ops.p_sample``'s plain call; docs/design.md, "Host overhead"): one bound call of the operator, or of its
+    ``_out`` form writing ``out``. ``table`` is the schedule's table in the operands' dtype."""
+    tail = (*opts, ..., None, 0)  # (parameterization, clip_denoised, noise, generator, sample_offset)
+    fast = bound_op("p_sample", (..., ..., ..., ..., *tail))
+    fast_out = bound_op("p_sample_out", (..., ..., ..., ..., *tail, ...))
+
+    def step(x_t, t, model_output, table, noise, out=None):
+        if out is None:
+            return fast(x_t, t, model_output, table, noise)
+        fast_out(x_t, t, model_output, table, noise, out)
+        return out
+
+    return step
+
+
 def diffusion_loss(model_output, x_start, noise, t, schedule, *options):
     # options: parameterization, loss_type, l_simple_weight, original_elbo_weight (validated, as the schema)
     _, (model_output, x_start, noise), dtype = _prepare(model_output, x_start, noise)

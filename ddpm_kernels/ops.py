@@ -386,6 +386,11 @@ def p_sample(
     (``sample_offset``, the global index of the batch's first sample, makes a sharded batch draw what one
     device would; docs/design.md, "Noise streams"). ``out`` may be ``x_t`` (an in-place step).
     """
+    if noise is not None and generator is None and not sample_offset:
+        served = _served_p_sample(backend, x_t, t, model_output, schedule, (parameterization, clip_denoised), noise,
+                                  out)
+        if served is not None:
+            return served
     if sample_offset:
         sample_offset = check_sample_offset(sample_offset)
     fn, opts, t, _, out, x_t, (model_output, noise) = _prologue(
@@ -395,6 +400,35 @@ def p_sample(
     fmt, x_t, (model_output,) = row_major(noise is None, x_t, model_output)
     result = fn(x_t, t, model_output, schedule, *opts, noise, generator, out=out, sample_offset=sample_offset)
     return restore_format(result, fmt, out)
+
+
+def _served_p_sample(backend, x_t, t, model_output, schedule, options, noise, out):
+    """The plain `p_sample` call (noise given, no generator or sample offset) served by one bound call of the
+    compiled operator (``extension.p_sample_server``; docs/design.md, "Host overhead"), or None for the prologue:
+    in eager mode, on a `DiffusionSchedule`, with contiguous operands (and ``out``) that the compiled check
+    accepts as of one dtype, none asking for a gradient, and a compiled backend serving the call. The options
+    are validated (and their errors raised) as the prologue validates them."""
+    global _extension
+    if not (_native.bind_op is not None and backend in _BACKENDS and isinstance(schedule, DiffusionSchedule)
+            and not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()):
+        return None
+    spec = SPECS["p_sample"]
+    opts = _options(spec, options)
+    if (_native.inputs_ok(x_t, (model_output, noise), out, schedule._buffers["coefficients"], schedule.num_timesteps,
+                          t, None, device_t_check_enabled()) != 2
+            or not (x_t.is_contiguous() and model_output.is_contiguous() and noise.is_contiguous()
+                    and (out is None or out.is_contiguous()))):
+        return None
+    name, _ = _dispatch(spec, backend, x_t, opts, (), grad_free=True, with_name=True)
+    if name not in ("cpu", "cuda"):
+        return None
+    if _extension is None:
+        from . import extension as _extension
+    server = _extension._public_server(_extension.p_sample_server, opts)
+    return server(x_t, t, model_output, schedule.table(x_t.dtype), noise, out)
+
+
+_extension = None  # ddpm_kernels.extension, imported by the first served call (the compiled backends load it)
 
 
 def diffusion_loss(

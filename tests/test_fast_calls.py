@@ -178,3 +178,78 @@ def test_public_table_steps_keep_a_tensor_subclass():
     sigmas, index = torch.linspace(14.6, 0.0, 11), torch.tensor([0, 4])
     assert type(dk.flow_step(x, m, sigmas, index, backend="cpu")) is _Tagged
     assert type(dk.euler_step(x, m, sigmas, index, backend="cpu")) is _Tagged
+
+
+def _p_sample_calls(x, m, z, t, schedule, **kwargs):
+    """p_sample's calls that may take its bound server: functional, into a new ``out`` and in place, each
+    parameterization with and without clipping."""
+    import ddpm_kernels as dk
+
+    got = []
+    for parameterization in ("eps", "x0", "v"):
+        for clip in (True, False):
+            options = dict(parameterization=parameterization, clip_denoised=clip, noise=z, backend="cpu", **kwargs)
+            got.append(dk.p_sample(x, t, m, schedule, **options))
+            got.append(dk.p_sample(x, t, m, schedule, out=torch.empty_like(x), **options))
+            inplace = x.clone()
+            got.append(dk.p_sample(inplace, t, m, schedule, out=inplace, **options))
+    return got
+
+
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64))
+def test_public_p_sample_makes_bound_calls(monkeypatch, dtype):
+    """p_sample's plain call (noise given, no generator or sample offset, contiguous operands of one dtype, no
+    gradient) makes one bound call of its operator (or of its ``_out`` form): the same results, bit for bit, as the
+    ``torch.ops`` calls it makes without the bound calls, t = 0 (no noise added) included."""
+    from ddpm_kernels import DiffusionSchedule
+
+    g = torch.Generator().manual_seed(1)
+    x, m, z = (torch.randn(3, 2, 5, 3, generator=g).to(dtype) for _ in range(3))
+    t, schedule = torch.tensor([0, 17, 999]), DiffusionSchedule(timesteps=1000)
+    bound = []
+    real = _native.call_bound
+    monkeypatch.setattr(_native, "call_bound", lambda *a: bound.append(1) or real(*a))
+    monkeypatch.setattr(extension, "_PUBLIC_SERVERS", {})
+    got = _p_sample_calls(x, m, z, t, schedule)
+    assert len(bound) == len(got)
+    monkeypatch.setattr(_native, "bind_op", None)  # every call through the prologue and torch.ops
+    expected = _p_sample_calls(x, m, z, t, schedule)
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_public_p_sample_other_calls_take_the_prologue(monkeypatch):
+    """What the bound call does not serve takes the prologue with its checks and messages: a strided or mixed
+    operand, a gradient, a generator or sample offset, a backend other than a compiled one, a tensor subclass, a
+    bad timestep or option."""
+    import ddpm_kernels as dk
+    from ddpm_kernels import DiffusionSchedule
+
+    x, m, z = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    t, schedule = torch.tensor([3, 40]), DiffusionSchedule(timesteps=100)
+    bound = []
+    real = _native.call_bound
+    monkeypatch.setattr(_native, "call_bound", lambda *a: bound.append(1) or real(*a))
+    monkeypatch.setattr(extension, "_PUBLIC_SERVERS", {})
+    base = dk.p_sample(x, t, m, schedule, noise=z, backend="cpu")
+    assert len(bound) == 1
+    bound.clear()
+    strided = torch.randn(2, 4, 3).transpose(1, 2)
+    strided.copy_(x)
+    assert torch.equal(dk.p_sample(strided, t, m, schedule, noise=z, backend="cpu"), base)
+    assert dk.p_sample(x, t, m.bfloat16(), schedule, noise=z, backend="cpu").dtype == torch.float32
+    assert torch.equal(dk.p_sample(x, t, m, schedule, noise=z, backend="cpu", sample_offset=5), base)
+    ref = dk.p_sample(x, t, m, schedule, noise=z, backend="reference")
+    torch.testing.assert_close(ref, base)
+    assert type(dk.p_sample(x.as_subclass(_Tagged), t, m, schedule, noise=z, backend="cpu")) is _Tagged
+    dk.p_sample(x, t, m, schedule, noise=z, generator=torch.Generator(), backend="cpu")
+    graded = dk.p_sample(x, t, m.clone().requires_grad_(), schedule, noise=z, backend="cpu")
+    torch.testing.assert_close(graded.detach(), base)
+    assert not bound
+    with pytest.raises(ValueError, match="t"):
+        dk.p_sample(x, torch.tensor([3, 100]), m, schedule, noise=z, backend="cpu")
+    with pytest.raises(ValueError, match="parameterization"):
+        dk.p_sample(x, t, m, schedule, parameterization="score", noise=z, backend="cpu")
+    with pytest.raises(ValueError, match="out"):
+        dk.p_sample(x, t, m, schedule, noise=z, out=torch.empty(2, 3, 5), backend="cpu")
+    assert not bound
