@@ -107,3 +107,28 @@ PyObject* py_inputs_ok(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nar
   }
   return PyLong_FromLong(ok);
 }
+
+// same_kind(ref, *tensors) -> bool: whether every one of `tensors` is a plain strided torch.Tensor (as
+// inputs_ok takes them) with ref's dtype, sizes and device, none asking for a gradient (grad mode off, or none
+// requires grad). The drop-in schedulers' direct step asks it of a step's sample and model output against a
+// tensor of the kind their checked call had: the metadata reads of two tensors in one C call.
+PyObject* py_same_kind(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1) {
+    PyErr_SetString(PyExc_TypeError, "same_kind(ref, *tensors) takes at least one argument");
+    return nullptr;
+  }
+  bool ok = false;
+  try {
+    ok = is_tensor(args[0]);
+    if (ok) {
+      const at::Tensor& ref = THPVariable_Unpack(args[0]);
+      const bool grad_mode = c10::GradMode::is_enabled();
+      for (Py_ssize_t i = 1; ok && i < nargs; ++i) {
+        ok = like(args[i], ref, false) && !(grad_mode && THPVariable_Unpack(args[i]).requires_grad());
+      }
+    }
+  } catch (...) {
+    ok = false;
+  }
+  return PyBool_FromLong(ok);
+}

@@ -15,6 +15,9 @@
 static PyMethodDef kDdpmModuleMethods[] = {
     {"inputs_ok", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_inputs_ok)), METH_FASTCALL,
      "Whether a call's tensor arguments are the common valid case (see csrc/fast_checks.cpp)."},
+    {"same_kind", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_same_kind)), METH_FASTCALL,
+     "Whether tensors are plain tensors of a reference's dtype, sizes and device asking no gradient (see "
+     "csrc/fast_checks.cpp)."},
     {"bind_op", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_bind_op)), METH_FASTCALL,
      "An operator with its constant arguments converted once, for call_bound (see csrc/fast_calls.cpp)."},
     {"call_bound", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_call_bound)), METH_FASTCALL,

@@ -79,6 +79,10 @@ inputs_ok = getattr(schema_lib, "inputs_ok", None)
 """``ddpm_kernels._C.inputs_ok`` (csrc/fast_checks.cpp), the argument check ``ddpm_kernels.ops`` uses for the
 common case, or None without the compiled library."""
 
+same_kind = getattr(schema_lib, "same_kind", None)
+"""``ddpm_kernels._C.same_kind(ref, *tensors)`` (csrc/fast_checks.cpp): whether the tensors are plain tensors of
+``ref``'s dtype, sizes and device of which no gradient is asked; None without the compiled library."""
+
 bind_op = getattr(schema_lib, "bind_op", None)
 call_bound = getattr(schema_lib, "call_bound", None)
 """``ddpm_kernels._C.bind_op`` / ``call_bound`` (csrc/fast_calls.cpp): an operator with its constant arguments

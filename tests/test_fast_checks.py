@@ -334,3 +334,26 @@ def test_mixed_calls_skip_the_python_tensor_checks(monkeypatch):
     with pytest.raises(TypeError, match=r"out: expected dtype torch.float32 \(the promoted dtype"):
         dk.euler_step(x, m, torch.linspace(14.6, 0.0, 11), torch.tensor([0, 1]), backend="cpu",
                       out=torch.empty_like(m))
+
+
+def test_same_kind():
+    """``same_kind(ref, *tensors)``: True only for plain tensors of the reference's dtype, sizes and device of which
+    no gradient is asked (grad mode on and requires_grad); anything else, a subclass or a non-tensor, is False."""
+    ref = torch.empty((), dtype=torch.float32).expand(2, 3)
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    assert _native.same_kind(ref) is True
+    assert _native.same_kind(ref, x, y) is True
+    assert _native.same_kind(ref, x.t().contiguous().t()) is True  # (strides are not compared)
+    assert _native.same_kind(ref, x, y.double()) is False
+    assert _native.same_kind(ref, x, torch.randn(3, 2)) is False
+    assert _native.same_kind(ref, x, torch.randn(2, 3, 1)) is False
+    assert _native.same_kind(ref, x, torch.randn(2, 3, device="meta")) is False
+    assert _native.same_kind(ref, x.as_subclass(_Subclass)) is False
+    assert _native.same_kind(ref, x, 1.0) is False
+    assert _native.same_kind(1.0, x) is False
+    graded = torch.randn(2, 3, requires_grad=True)
+    assert _native.same_kind(ref, x, graded) is False
+    with torch.no_grad():
+        assert _native.same_kind(ref, x, graded) is True
+    with pytest.raises(TypeError, match="same_kind"):
+        _native.same_kind()

@@ -135,6 +135,8 @@ def run(scheduler, family, name, full_checks=False):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # (the fused step names the stock path it takes)
                 kwargs = dict(generator=g) if family in TAKES_GENERATOR else {}
+                if i == EVENT_AT and name in GENERATOR_EVENTS and kwargs:
+                    kwargs["generator"] = GENERATOR_EVENTS[name]()
                 out = scheduler.step(mo, t, x, **kwargs, **STEP_KWARGS.get(family, {})).prev_sample
         except Exception as exc:  # noqa: BLE001  (the stock error must be the fused one)
             results.append((type(exc), str(exc)))
@@ -154,7 +156,10 @@ def tolerance(name, step):
     return 2e-2 if name in ("half", "mixed_bf16") and step >= EVENT_AT else 1e-4
 
 
+# the step's generator replaced for one step: torch's default generator, another generator
+GENERATOR_EVENTS = {"default_generator": lambda: None, "other_generator": lambda: torch.Generator().manual_seed(7)}
 EVENTS = [
+    *GENERATOR_EVENTS,
     "none", "step_index_back", "past_the_end", "one_past_the_end", "half", "mixed_bf16", "float64", "integer_sample",
     "config_in_place", "config_refused", "sigmas_in_place", "sigmas_replaced", "batch", "channels_last",
     "int_timestep", "model_output_shape", "grad", "backend",
@@ -174,12 +179,13 @@ SOLVER_EVENTS = {
     # timesteps[step_index]; past the end the stock step runs, on the last timestep)
     "lcm": [e for e in SOLVER_EVENTS if not e.startswith("sigmas")] + [
         "alphas_in_place", "alphas_replaced", "half", "float64", "past_the_end", "one_past_the_end", "batch", "grad",
-        "float_timestep"],
+        "float_timestep", *GENERATOR_EVENTS],
 }
 # the DDPM / DDIM steps' events: what changes the served call (dtypes, batch, layout, backend), timesteps of the
 # other forms they take (an int, one per sample: the checked op), and what the stock step refuses
 SOLVER_EVENTS.update({family: ["none", "half", "mixed_bf16", "float64", "integer_sample", "batch", "channels_last",
-                               "int_timestep", "per_sample_timestep", "model_output_shape", "grad", "backend"]
+                               "int_timestep", "per_sample_timestep", "model_output_shape", "grad", "backend",
+                               *GENERATOR_EVENTS]
                       for family in DDPM_FAMILIES})
 CASES = [(family, name) for family in FAMILIES for name in SOLVER_EVENTS.get(family, EVENTS)]
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from ... import _native
+
 # devices on which diffusers' randn_tensor is exactly torch.randn(shape, generator, device, dtype)
 _PLAIN_RANDN_DEVICES = ("cpu", "cuda")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -272,9 +274,36 @@ class _Lane:
     """What the last fused step of a table-driven drop-in checked, for the next steps of its schedule
     (`_StepIndex._dk_lane`): its ``tables``, the device sigma table ``sigmas`` the op read, the step index entry
     ``index`` (``[tensor, value, batch, device]``, `_StepIndex._dk_index_tensor`), the table's step count ``last``,
-    and ``server``, a drop-in's own per-lane cache (None until it sets one)."""
+    and ``server``, a drop-in's own per-lane cache (None until it sets one). ``kind``: a tensor of the operands'
+    kind (shape, dtype, device; one element of storage) that the compiled check compares the next operands with
+    (`_native.same_kind`), set by the first step the lane takes and reset when the operands change kind (None
+    without the compiled library); ``noise``: the buffer of that kind the lane's steps draw into
+    (`lane_randn`)."""
 
-    __slots__ = ("tables", "sigmas", "index", "last", "server")
+    __slots__ = ("tables", "sigmas", "index", "last", "server", "kind", "noise")
+
+
+def kind_of(shape, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+    """A tensor of this shape, dtype and device with one element of storage, for `_native.same_kind`; None
+    without the compiled library."""
+    if _native.same_kind is None:
+        return None
+    return torch.empty((), dtype=dtype, device=device).expand(shape)
+
+
+def lane_randn(scheduler, lane, generator, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scheduler._dk_randn(like.shape, generator, like.device, dtype)`` for a step a lane took, whose noise
+    has the lane's kind: drawn into the buffer `_dk_randn` keeps, which the lane holds after its first draw (the
+    same numbers and generator state), without the buffer's lookup."""
+    noise = lane.noise
+    if noise is not None and (generator is None or (type(generator) is torch.Generator
+                                                    and generator.device == noise.device)):
+        return noise.normal_(generator=generator)
+    noise = scheduler._dk_randn(like.shape, generator, like.device, dtype)
+    kept = scheduler.__dict__.get("_dk_noise_")
+    if kept is not None and kept[1] is noise:
+        lane.noise = noise
+    return noise
 
 
 class _StepIndex:
@@ -391,7 +420,7 @@ class _StepIndex:
         tensor = self._dk_index_tensor(index, sample.shape[0], sample.device)
         lane = _Lane()
         lane.tables, lane.sigmas, lane.index = tables, sigmas, self.__dict__["_dk_index_"]
-        lane.last, lane.server = sigmas.shape[0] - 1, None
+        lane.last, lane.server, lane.kind, lane.noise = sigmas.shape[0] - 1, None, None, None
         self.__dict__["_dk_lane_"] = lane
         return tensor
 
@@ -418,12 +447,17 @@ class _StepIndex:
             and type(sample) is torch.Tensor
             and type(model_output) is torch.Tensor
             and (type(timestep) is float or (type(timestep) is torch.Tensor and timestep.is_floating_point()))
-            and not ((sample.requires_grad or model_output.requires_grad) and torch.is_grad_enabled())
         ):
-            shape, device = sample.shape, entry[3]
-            if (len(shape) and shape[0] == entry[2] and model_output.shape == shape and sample.device == device
-                    and model_output.device == device):
-                return lane
+            kind = lane.kind
+            if kind is not None and _native.same_kind(kind, sample, model_output):
+                return lane  # (operands of the kind the lane's last step took: one C call)
+            if (type(sample) is torch.Tensor and type(model_output) is torch.Tensor
+                    and not ((sample.requires_grad or model_output.requires_grad) and torch.is_grad_enabled())):
+                shape, device = sample.shape, entry[3]
+                if (len(shape) and shape[0] == entry[2] and model_output.shape == shape and sample.device == device
+                        and model_output.device == device):
+                    lane.kind, lane.noise = kind_of(shape, sample.dtype, device), None
+                    return lane
         return None
 
     def _dk_advance(self) -> None:

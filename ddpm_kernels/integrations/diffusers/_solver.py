@@ -11,9 +11,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ... import _native
 from ..._layout import dense_format, empty_in_format
 from ...solvers import new_history, solver_step, table_step_server
-from ._common import _device, _FusedBase, _host_copy, _is_real, _StepIndex, tracked
+from ._common import _device, _FusedBase, _host_copy, _is_real, _StepIndex, kind_of, tracked
 
 
 def threshold_unsupported(config) -> Optional[str]:
@@ -307,6 +308,10 @@ class _SolverDropIn(_StepIndex, _FusedBase):
             self.__dict__["_dk_config_"], schedule, begin, solved[0], ring, last, solved)
         names = ("timesteps",) + self._dk_source_names
         lane.sources = tuple(zip(names, (schedule.timesteps,) + schedule.sources, schedule.versions))
+        # a tensor of the checked call's kind (shape, dtype, device; one element of storage), which the compiled
+        # check compares a step's operands with (`_native.same_kind`)
+        variant = solved[3]
+        lane.kind, lane.noise = kind_of(variant[4], variant[5], variant[6]), None
         self.__dict__["_dk_lane_"] = lane
 
     def _dk_lane_holds(self, lane, model_output, sample, index) -> bool:
@@ -318,16 +323,18 @@ class _SolverDropIn(_StepIndex, _FusedBase):
         reads (its ring, warm-up, noise) the drop-in's ``_dk_continues`` checks."""
         solved = lane.solved
         variant = solved[3]  # (backend, clip, noise given, last given, shape, dtype, device)
+        kind = lane.kind
         if not (
-            type(sample) is torch.Tensor
-            and type(model_output) is torch.Tensor
-            and sample.dtype is variant[5]
-            and model_output.dtype is variant[5]
-            and sample.shape == variant[4]
-            and model_output.shape == variant[4]
-            and sample.device == variant[6]
-            and model_output.device == variant[6]
-            and not ((sample.requires_grad or model_output.requires_grad) and torch.is_grad_enabled())
+            (_native.same_kind(kind, sample, model_output) if kind is not None else (
+                type(sample) is torch.Tensor
+                and type(model_output) is torch.Tensor
+                and sample.dtype is variant[5]
+                and model_output.dtype is variant[5]
+                and sample.shape == variant[4]
+                and model_output.shape == variant[4]
+                and sample.device == variant[6]
+                and model_output.device == variant[6]
+                and not ((sample.requires_grad or model_output.requires_grad) and torch.is_grad_enabled())))
             and self.fused_backend == variant[0]
             and self.__dict__.get("_dk_checked_") is solved
         ):
@@ -405,9 +412,11 @@ class _DirectLane:
     """What the last plain fused step of a solver drop-in used (its ``_dk_continues``): the checked config
     (`_Config`), the schedule and its tensors with their versions (``sources``: ``(attribute, tensor, version)``),
     the begin index, the device table, the ring, the last-sample buffer (None without) and the checked solver
-    call (`_SolverDropIn._dk_solve`'s record: table, index tensor, ring, variant, server)."""
+    call (`_SolverDropIn._dk_solve`'s record: table, index tensor, ring, variant, server) with a tensor of its
+    operands' kind (``kind``, None without the compiled library) and the buffer its steps draw their noise into
+    (``noise``, `_common.lane_randn`)."""
 
-    __slots__ = ("checked", "schedule", "sources", "begin", "table", "ring", "last", "solved")
+    __slots__ = ("checked", "schedule", "sources", "begin", "table", "ring", "last", "solved", "kind", "noise")
 
 
 class _RingHistory:

@@ -50,7 +50,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 from ... import euler as euler_ops
-from ._common import (_DIRECT_DTYPES, _device, _FusedBase, _is_real, _stock_timestep, _StepIndex,
+from ._common import (_DIRECT_DTYPES, _device, _FusedBase, _is_real, _stock_timestep, _StepIndex, lane_randn,
                       SigmaTables)
 
 __all__ = ["FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler"]
@@ -295,7 +295,7 @@ class FusedEulerAncestralDiscreteScheduler(
             if prediction in self._dk_predictions:
                 # the next float32 step of the lane's schedule (what `_dk_call` serves after `_dk_prepare` and
                 # `_dk_noise`, without their dispatch): the stock draw, then the lane's server
-                noise = self._dk_randn(model_output.shape, generator, model_output.device, torch.float32)
+                noise = lane_randn(self, lane, generator, model_output, torch.float32)
                 result = self._dk_served(lane, "euler_ancestral_step", (prediction, True, 0.0), model_output, sample,
                                          noise, True)
                 return self._make_output(*result) if return_dict else result

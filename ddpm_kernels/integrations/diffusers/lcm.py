@@ -37,7 +37,7 @@ from diffusers import LCMScheduler
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 
 from ...solvers.lcm import lcm_coefficients
-from ._common import _is_real
+from ._common import _is_real, lane_randn
 from ._solver import _Schedule, _SolverDropIn, threshold_unsupported
 
 __all__ = ["FusedLCMScheduler"]
@@ -115,7 +115,7 @@ class FusedLCMScheduler(_SolverDropIn, LCMScheduler, output=LCMSchedulerOutput):
             # ``denoised`` as stock returns one per step, the lane's solver call
             noise = None
             if self._step_index != self.num_inference_steps - 1:
-                noise = self._dk_randn(model_output.shape, generator, model_output.device, model_output.dtype)
+                noise = lane_randn(self, lane, generator, model_output, model_output.dtype)
             denoised = torch.empty_like(sample)
             prev = self._dk_served(lane, model_output, sample, denoised, noise)
             return self._make_output(prev, denoised) if return_dict else (prev, denoised)
