@@ -19,11 +19,12 @@ __all__ = ["LoopResult", "diffusers_loop", "step_takes_generator"]
 @dataclasses.dataclass
 class LoopResult:
     """The final ``sample``, the number of ``steps`` taken and, for a timed loop, the seconds spent in the
-    scheduler (``scale_model_input`` + ``step``; None otherwise)."""
+    scheduler (``scale_model_input`` + ``step``) and in the model calls (None otherwise)."""
 
     sample: torch.Tensor
     steps: int
     scheduler_seconds: Optional[float] = None
+    model_seconds: Optional[float] = None
 
 
 def step_takes_generator(scheduler) -> bool:
@@ -41,8 +42,8 @@ def diffusers_loop(scheduler, model: Callable[[torch.Tensor, torch.Tensor], torc
     is, the model on ``x``) and ``x = scheduler.step(output, t, x).prev_sample``,
     with ``generator=generator`` when one is given and ``step`` takes it.
 
-    ``timed``: also count the seconds spent in ``scale_model_input`` and ``step``, the device synchronized
-    around each call (which slows the loop: time the whole loop untimed)."""
+    ``timed``: also count the seconds spent in ``scale_model_input`` and ``step``, and in the model calls, the
+    device synchronized around each call (which slows the loop on a GPU: time the whole loop untimed)."""
     device = torch.device(device)
     scheduler.set_timesteps(steps, device=device)
     # (flow-matching schedulers have neither an initial noise scale nor an input scaling)
@@ -54,17 +55,19 @@ def diffusers_loop(scheduler, model: Callable[[torch.Tensor, torch.Tensor], torc
         for t in timesteps:
             x = scheduler.step(model(scale_model_input(x, t), t), t, x, **extra).prev_sample
         return LoopResult(x, len(timesteps))
-    in_scheduler = 0.0
+    in_scheduler = in_model = 0.0
     for t in timesteps:
         sync(device)
         t0 = time.perf_counter()
         model_in = scale_model_input(x, t)
         sync(device)
-        in_scheduler += time.perf_counter() - t0
+        t1 = time.perf_counter()
         output = model(model_in, t)
         sync(device)
-        t0 = time.perf_counter()
+        t2 = time.perf_counter()
         x = scheduler.step(output, t, x, **extra).prev_sample
         sync(device)
-        in_scheduler += time.perf_counter() - t0
-    return LoopResult(x, len(timesteps), in_scheduler)
+        t3 = time.perf_counter()
+        in_scheduler += (t1 - t0) + (t3 - t2)
+        in_model += t2 - t1
+    return LoopResult(x, len(timesteps), in_scheduler, in_model)

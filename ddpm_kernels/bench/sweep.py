@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .. import backends
@@ -218,11 +219,31 @@ SCHEDULER_LOOPS = (
 )
 
 
+def _loop_times(loop, device: torch.device, min_run_time: float, min_reps: int = 5):
+    """``(loop, model, scheduler)`` median seconds: ``loop()`` untimed (its wall time) alternating with
+    ``loop(timed=True)`` (its model and scheduler seconds, `diffusers_loop`'s count), so both see the same
+    machine state."""
+    walls, models, schedulers = [], [], []
+    start = time.perf_counter()
+    while len(walls) < min_reps or time.perf_counter() - start < 2 * min_run_time:
+        sync(device)
+        t0 = time.perf_counter()
+        loop()
+        sync(device)
+        walls.append(time.perf_counter() - t0)
+        timed = loop(timed=True)
+        models.append(timed.model_seconds)
+        schedulers.append(timed.scheduler_seconds)
+    return float(np.median(walls)), float(np.median(models)), float(np.median(schedulers))
+
+
 def scheduler_loops(device: torch.device, shape: Sequence[int], steps: int, min_run_time: float) -> List[dict]:
     """Whole ``steps``-step diffusers sampling loops with a toy model (one 1x1 convolution, so the scheduler's
-    cost is visible), the stock scheduler against its fused drop-in: per step the loop's wall time, the model
-    calls' alone (timed alternately with the loop) and the difference, the scheduler's time. Empty without
-    diffusers; a scheduler without a drop-in is skipped."""
+    cost is visible), the stock scheduler against its fused drop-in: per step the loop's wall time (untimed
+    loops), and the model's and the scheduler's time measured call by call inside the same loops (timed loops,
+    alternating with the untimed ones; medians). The model's time is measured on the loop's own samples, not
+    apart from the loop: the same convolution on other data, or after other allocations, can take several times
+    as long on a CPU. Empty without diffusers; a scheduler without a drop-in is skipped."""
     try:
         import diffusers
     except ImportError:
@@ -246,23 +267,17 @@ def scheduler_loops(device: torch.device, shape: Sequence[int], steps: int, min_
             scheduler = cls(**config)
             g = torch.Generator(device=device)
 
-            def loop(scheduler=scheduler, g=g):
+            def loop(scheduler=scheduler, g=g, timed=False):
                 g.manual_seed(0)
-                return diffusers_loop(scheduler, toy_model, x_init, steps, device, generator=g).sample
-
-            @torch.no_grad()
-            def model_only():
-                x = x_init
-                for _ in range(steps):
-                    model(x)
+                return diffusers_loop(scheduler, toy_model, x_init, steps, device, generator=g, timed=timed)
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                per_impl[impl] = loop()  # warm-up (lazy tables, caches), and the result to compare
-                loop_s, model_s = paired_median_times(loop, model_only, device, min_run_time)
+                per_impl[impl] = loop().sample  # warm-up (lazy tables, caches), and the result to compare
+                loop_s, model_s, scheduler_s = _loop_times(loop, device, min_run_time)
             results.append(dict(scheduler=label, implementation=impl, shape=list(shape), steps=steps,
                                 step_ms=loop_s / steps * 1e3, model_ms=model_s / steps * 1e3,
-                                scheduler_ms=max(0.0, loop_s - model_s) / steps * 1e3))
+                                scheduler_ms=scheduler_s / steps * 1e3))
         diff = (per_impl["fused"].double() - per_impl["stock"].double()).abs().max().item()
         stock_ms = results[-2]["scheduler_ms"]
         results[-1].update(max_abs_diff_vs_stock=diff,
