@@ -58,6 +58,7 @@ __all__ = ["FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler"
 # the stock prediction types and their name in the fused op
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample", "original_sample": "sample"}
 _SQRT2_MINUS_1 = 2**0.5 - 1
+_NO_CHURN = (0.0, 0.0, math.inf, 1.0)  # (s_churn, s_tmin, s_tmax, s_noise) of a step without churn: the op's defaults
 _SCALE_WARNING = (
     "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
     "See `StableDiffusionPipeline` for a usage example."
@@ -235,6 +236,19 @@ class FusedEulerDiscreteScheduler(_FusedEulerMixin, EulerDiscreteScheduler, outp
         return_dict: bool = True
     ):
         """As ``EulerDiscreteScheduler.step``, fused and sync-free."""
+        if (type(s_churn) is float and s_churn == 0.0 and type(s_tmin) is float and type(s_tmax) is float
+                and type(s_noise) is float and math.isfinite(s_noise)):
+            lane = self._dk_lane(model_output, timestep, sample)
+            if (lane is not None and self.is_scale_input_called and sample.dtype is torch.float32
+                    and model_output.dtype is torch.float32):
+                prediction = _PREDICTIONS.get(self.config.prediction_type)
+                if prediction in self._dk_predictions:
+                    # the next float32 step of the lane's schedule without churn (what `_dk_step` serves after
+                    # `_dk_prepare`, without its layers): the lane's server
+                    want_x0 = prediction != "sample"
+                    result = self._dk_served(lane, "euler_step", (prediction, *_NO_CHURN, want_x0, 0.0), model_output,
+                                             sample, None, want_x0)
+                    return self._dk_output(result, return_dict)
         result = self._dk_step(model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator)
         if result is None:
             return super().step(model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
@@ -268,7 +282,7 @@ class FusedEulerDiscreteScheduler(_FusedEulerMixin, EulerDiscreteScheduler, outp
             # (an s_churn above the step count gives the same capped gamma as an infinite one, which the op refuses)
             churn = (min(float(s_churn), float(len(tables.sigma_values) - 1)), -math.inf, math.inf, float(s_noise))
         else:
-            churn = (0.0, 0.0, math.inf, 1.0)  # (the op's defaults)
+            churn = _NO_CHURN
         return self._dk_call("euler_step", model_output, sample, sigmas, step_index, prediction, noise,
                              generator_for_op, churn)
 
