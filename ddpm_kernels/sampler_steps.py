@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import inspect
 
-from ._checks import _check_guidance
+import torch
+
+from . import _native
+from ._checks import BACKEND_NAMES, _check_guidance, device_t_check_enabled
 from ._spec import OPS as SPECS
 from ._stream import check_sample_offset
-from .ops import _options, _prologue, promoted_dtype, restore_format, row_major, step_server
+from .ops import _dispatch, _options, _prologue, promoted_dtype, restore_format, row_major, step_server
+from .schedule import DiffusionSchedule
 
 __all__ = ["ddim_step", "ddpm_step"]
 
@@ -112,6 +116,40 @@ def sampler_step_server(name, backend, x_t, options: tuple):
     return step_server(spec, backend, x_t, opts, run, 6)
 
 
+def _served_step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise):
+    """The plain call of `ddim_step` / `ddpm_step` (unguided, no generator, ``out`` or sample offset) served by
+    one bound call of the compiled operator (``extension.sampler_step_server``, what the DDIM / DDPM drop-ins' steps
+    use; docs/design.md, "Host overhead"), or None for the prologue: in eager mode, on a `DiffusionSchedule`,
+    with contiguous operands that the compiled check accepts as of one dtype (``t`` and ``t_prev`` with them),
+    none asking for a gradient, no learned variance, and a compiled backend serving the call (which declines
+    thresholding). The
+    options are validated (and their errors raised) as the prologue validates them."""
+    global _extension
+    if not (_native.bind_op is not None and t_prev is not None and backend in BACKEND_NAMES
+            and isinstance(schedule, DiffusionSchedule) and not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()):
+        return None
+    spec = SPECS[name]
+    opts = _options(spec, options)
+    if opts.learned:  # (a learned variance's model output has twice the channels: the prologue checks it)
+        return None
+    operands = (model_output,) if noise is None else (model_output, noise)
+    if (_native.inputs_ok(x_t, operands, None, schedule._buffers["coefficients"], schedule.num_timesteps, t, t_prev,
+                          device_t_check_enabled()) != 2
+            or not (x_t.is_contiguous() and model_output.is_contiguous()
+                    and (noise is None or noise.is_contiguous()))):
+        return None
+    backend_name, _ = _dispatch(spec, backend, x_t, opts, (), grad_free=True, with_name=True)
+    if backend_name not in ("cpu", "cuda"):
+        return None
+    if _extension is None:
+        from . import extension as _extension
+    return _extension._public_server(_extension.sampler_step_server, opts)(x_t, t, t_prev, model_output, schedule,
+                                                                          noise)
+
+
+_extension = None  # ddpm_kernels.extension, imported by the first served call (the compiled backends load it)
+
+
 def _step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise, generator, out, guidance_scale,
           uncond, guidance_rescale, sample_offset=0):
     """The sampler steps' common call. Guidance (``guidance_scale`` not None), as in `ddpm_kernels.flow_step`:
@@ -120,6 +158,10 @@ def _step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise,
     ``uncond=``), with ``w`` a number or a float tensor (B,) per sample, formed in the step; ``guidance_rescale``
     in [0, 1] is diffusers' ``rescale_noise_cfg`` (per-sample standard deviations). ``sample_offset``: as in
     `ddpm_kernels.p_sample`."""
+    if guidance_scale is None and uncond is None and generator is None and out is None and not sample_offset:
+        served = _served_step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise)
+        if served is not None:
+            return served
     if sample_offset:
         sample_offset = check_sample_offset(sample_offset)
     guidance = None

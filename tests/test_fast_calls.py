@@ -253,3 +253,86 @@ def test_public_p_sample_other_calls_take_the_prologue(monkeypatch):
     with pytest.raises(ValueError, match="out"):
         dk.p_sample(x, t, m, schedule, noise=z, out=torch.empty(2, 3, 5), backend="cpu")
     assert not bound
+
+
+def _sampler_step_calls(x, m, z, t, t_prev, schedule):
+    """ddim_step / ddpm_step calls that may take their bound server: DDIM without and with noise, its options,
+    the returned x0, DDPM's variance types and parameterizations."""
+    import ddpm_kernels as dk
+
+    got = [
+        dk.ddim_step(x, t, t_prev, m, schedule, backend="cpu"),
+        dk.ddim_step(x, t, t_prev, m, schedule, noise=z, backend="cpu"),  # (eta = 0: the noise is not read)
+        dk.ddim_step(x, t, t_prev, m, schedule, eta=0.7, noise=z, parameterization="v", clip_denoised=True,
+                     set_alpha_to_one=False, use_clipped_model_output=True, backend="cpu"),
+        *dk.ddim_step(x, t, t_prev, m, schedule, parameterization="x0", return_pred_x0=True, backend="cpu"),
+    ]
+    for variance_type in ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"):
+        for parameterization in ("eps", "x0", "v"):
+            got.append(dk.ddpm_step(x, t, t_prev, m, schedule, parameterization=parameterization,
+                                    variance_type=variance_type, noise=z, backend="cpu"))
+    got += dk.ddpm_step(x, t, t_prev, m, schedule, noise=z, clip_denoised=False, return_pred_x0=True, backend="cpu")
+    return got
+
+
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64))
+def test_public_sampler_steps_make_bound_calls(monkeypatch, dtype):
+    """ddim_step / ddpm_step's plain calls (unguided, no generator, ``out`` or sample offset, contiguous operands
+    of one dtype, no gradient) make one bound call of their operator: the same results, bit for bit, as the
+    prologue and ``torch.ops`` calls they make without the bound calls, ``t_prev = -1`` and ``t = 0`` included."""
+    from ddpm_kernels import DiffusionSchedule
+
+    g = torch.Generator().manual_seed(2)
+    x, m, z = (torch.randn(3, 2, 5, 3, generator=g).to(dtype) for _ in range(3))
+    t, t_prev = torch.tensor([0, 17, 999]), torch.tensor([-1, 3, 979])
+    schedule = DiffusionSchedule(timesteps=1000)
+    bound = []
+    real = _native.call_bound
+    monkeypatch.setattr(_native, "call_bound", lambda *a: bound.append(1) or real(*a))
+    monkeypatch.setattr(extension, "_PUBLIC_SERVERS", {})
+    got = _sampler_step_calls(x, m, z, t, t_prev, schedule)
+    assert len(bound) == 17  # (one per call: 4 DDIM, 13 DDPM)
+    monkeypatch.setattr(_native, "bind_op", None)
+    expected = _sampler_step_calls(x, m, z, t, t_prev, schedule)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_public_sampler_steps_other_calls_take_the_prologue(monkeypatch):
+    """What the bound call does not serve takes the prologue with its checks and messages: guidance, a generator,
+    ``out``, a sample offset, thresholding (which the compiled backends decline), a learned variance, a strided or
+    mixed operand, a tensor subclass, a missing or bad ``t_prev``, bad options."""
+    import ddpm_kernels as dk
+    from ddpm_kernels import DiffusionSchedule
+
+    x, m, z = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    t, t_prev, schedule = torch.tensor([3, 40]), torch.tensor([1, 20]), DiffusionSchedule(timesteps=100)
+    bound = []
+    real = _native.call_bound
+    monkeypatch.setattr(_native, "call_bound", lambda *a: bound.append(1) or real(*a))
+    monkeypatch.setattr(extension, "_PUBLIC_SERVERS", {})
+    base = dk.ddpm_step(x, t, t_prev, m, schedule, noise=z, backend="cpu")
+    assert len(bound) == 1
+    bound.clear()
+    assert torch.equal(dk.ddpm_step(x, t, t_prev, m, schedule, noise=z, out=torch.empty_like(x), backend="cpu"), base)
+    assert torch.equal(dk.ddpm_step(x, t, t_prev, m, schedule, noise=z, sample_offset=4, backend="cpu"), base)
+    dk.ddpm_step(x, t, t_prev, m, schedule, generator=torch.Generator(), backend="cpu")
+    dk.ddim_step(x, t, t_prev, torch.cat([m, m]), schedule, guidance_scale=2.0, backend="cpu")
+    dk.ddim_step(x, t, t_prev, m, schedule, threshold_ratio=0.9, backend="cpu")
+    dk.ddpm_step(x, t, t_prev, torch.cat([m, m], 1), schedule, variance_type="learned", noise=z, backend="cpu")
+    strided = torch.randn(2, 4, 3).transpose(1, 2)
+    strided.copy_(x)
+    assert torch.equal(dk.ddpm_step(strided, t, t_prev, m, schedule, noise=z, backend="cpu"), base)
+    assert dk.ddpm_step(x, t, t_prev, m.bfloat16(), schedule, noise=z, backend="cpu").dtype == torch.float32
+    assert type(dk.ddim_step(x.as_subclass(_Tagged), t, t_prev, m, schedule, backend="cpu")) is _Tagged
+    assert not bound
+    with pytest.raises(TypeError, match="t_prev"):
+        dk.ddim_step(x, t, None, m, schedule, backend="cpu")
+    with pytest.raises(ValueError, match="t_prev"):
+        dk.ddim_step(x, t, torch.tensor([1, 100]), m, schedule, backend="cpu")
+    with pytest.raises(ValueError, match="variance_type"):
+        dk.ddpm_step(x, t, t_prev, m, schedule, variance_type="other", noise=z, backend="cpu")
+    with pytest.raises(ValueError, match="eta"):
+        dk.ddim_step(x, t, t_prev, m, schedule, eta=-1.0, backend="cpu")
+    assert not bound
