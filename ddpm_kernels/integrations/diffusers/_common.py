@@ -451,8 +451,7 @@ class _StepIndex:
             kind = lane.kind
             if kind is not None and _native.same_kind(kind, sample, model_output):
                 return lane  # (operands of the kind the lane's last step took: one C call)
-            if (type(sample) is torch.Tensor and type(model_output) is torch.Tensor
-                    and not ((sample.requires_grad or model_output.requires_grad) and torch.is_grad_enabled())):
+            if not ((sample.requires_grad or model_output.requires_grad) and torch.is_grad_enabled()):
                 shape, device = sample.shape, entry[3]
                 if (len(shape) and shape[0] == entry[2] and model_output.shape == shape and sample.device == device
                         and model_output.device == device):
