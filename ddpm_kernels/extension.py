@@ -199,10 +199,25 @@ def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, no
     return _run_out("p_sample", args, fmt, out)
 
 
+def q_sample_server(opts=()):
+    """``q(x_start, t, noise, table, out=None)``: `q_sample` for contiguous operands of one dtype that the public
+    op checked, none asking for a gradient (``ops._plain``; docs/design.md, "Host overhead"): one bound call of
+    the operator, or of its ``_out`` form writing ``out``. ``table`` is the schedule's table in their dtype."""
+    fast, fast_out = bound_op("q_sample", (..., ..., ..., ...)), bound_op("q_sample_out", (..., ..., ..., ..., ...))
+
+    def q(x_start, t, noise, table, out=None):
+        if out is None:
+            return fast(x_start, t, noise, table)
+        fast_out(x_start, t, noise, table, out)
+        return out
+
+    return q
+
+
 def p_sample_server(opts):
     """``step(x_t, t, model_output, table, noise, out=None)``: `p_sample` with ``opts`` (parameterization,
     clip_denoised) and given noise, for contiguous operands of one dtype that the public op checked
-    (``ops.p_sample``'s plain call; docs/design.md, "Host overhead"): one bound call of the operator, or of its
+    (``ops._plain``; docs/design.md, "Host overhead"): one bound call of the operator, or of its
     ``_out`` form writing ``out``. ``table`` is the schedule's table in the operands' dtype."""
     tail = (*opts, ..., None, 0)  # (parameterization, clip_denoised, noise, generator, sample_offset)
     fast = bound_op("p_sample", (..., ..., ..., ..., *tail))

@@ -325,6 +325,9 @@ def q_sample(x_start, t, noise, schedule, backend="auto", *, out=None):
     """
     if noise is None:
         noise = torch.randn_like(_check_data("x_start", x_start))
+    elif _plain("q_sample", backend, x_start, (noise,), schedule, t, (), out) is not None:
+        return _extension._public_server(_extension.q_sample_server, ())(x_start, t, noise,
+                                                                        schedule.table(x_start.dtype), out)
     fn, _, t, _, out, x_start, (noise,) = _prologue(
         SPECS["q_sample"], backend, x_start, (noise,), schedule, t, out=out
     )
@@ -387,10 +390,11 @@ def p_sample(
     device would; docs/design.md, "Noise streams"). ``out`` may be ``x_t`` (an in-place step).
     """
     if noise is not None and generator is None and not sample_offset:
-        served = _served_p_sample(backend, x_t, t, model_output, schedule, (parameterization, clip_denoised), noise,
-                                  out)
-        if served is not None:
-            return served
+        plain = _plain("p_sample", backend, x_t, (model_output, noise), schedule, t, (parameterization, clip_denoised),
+                       out)
+        if plain is not None:
+            server = _extension._public_server(_extension.p_sample_server, plain[0])
+            return server(x_t, t, model_output, schedule.table(x_t.dtype), noise, out)
     if sample_offset:
         sample_offset = check_sample_offset(sample_offset)
     fn, opts, t, _, out, x_t, (model_output, noise) = _prologue(
@@ -402,30 +406,36 @@ def p_sample(
     return restore_format(result, fmt, out)
 
 
-def _served_p_sample(backend, x_t, t, model_output, schedule, options, noise, out):
-    """The plain `p_sample` call (noise given, no generator or sample offset) served by one bound call of the
-    compiled operator (``extension.p_sample_server``; docs/design.md, "Host overhead"), or None for the prologue:
-    in eager mode, on a `DiffusionSchedule`, with contiguous operands (and ``out``) that the compiled check
-    accepts as of one dtype, none asking for a gradient, and a compiled backend serving the call. The options
-    are validated (and their errors raised) as the prologue validates them."""
+def _plain(name, backend, x, others: tuple, schedule, t, options: tuple, out, t_prev=None):
+    """``(opts,)`` when the call of op ``name`` is one its compiled operator serves with a bound call (its server
+    in ``extension``, then imported as ``_extension``; docs/design.md, "Host overhead"), else None for the
+    prologue: in eager mode, on a `DiffusionSchedule`, with contiguous operands ``x`` and ``others`` (and
+    ``out``) that the compiled check accepts as of one dtype (``t``, and ``t_prev`` when given, with them), none
+    asking for a gradient, no learned variance (its model output has twice the channels, which the prologue
+    checks), and a compiled backend serving the call. The options are validated (and their errors
+    raised) as the prologue validates them."""
     global _extension
     if not (_native.bind_op is not None and backend in _BACKENDS and isinstance(schedule, DiffusionSchedule)
             and not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()):
         return None
-    spec = SPECS["p_sample"]
-    opts = _options(spec, options)
-    if (_native.inputs_ok(x_t, (model_output, noise), out, schedule._buffers["coefficients"], schedule.num_timesteps,
-                          t, None, device_t_check_enabled()) != 2
-            or not (x_t.is_contiguous() and model_output.is_contiguous() and noise.is_contiguous()
-                    and (out is None or out.is_contiguous()))):
+    spec = SPECS[name]
+    opts = _options(spec, options) if options else ()
+    if getattr(opts, "learned", False):  # (a learned variance's model output has twice the channels)
         return None
-    name, _ = _dispatch(spec, backend, x_t, opts, (), grad_free=True, with_name=True)
-    if name not in ("cpu", "cuda"):
+    if _native.inputs_ok(x, others, out, schedule._buffers["coefficients"], schedule.num_timesteps, t, t_prev,
+                         device_t_check_enabled()) != 2 or not x.is_contiguous():
+        return None
+    for y in others:
+        if not y.is_contiguous():
+            return None
+    if out is not None and not out.is_contiguous():
+        return None
+    backend_name, _ = _dispatch(spec, backend, x, opts, (), grad_free=True, with_name=True)
+    if backend_name not in ("cpu", "cuda"):
         return None
     if _extension is None:
         from . import extension as _extension
-    server = _extension._public_server(_extension.p_sample_server, opts)
-    return server(x_t, t, model_output, schedule.table(x_t.dtype), noise, out)
+    return (opts,)
 
 
 _extension = None  # ddpm_kernels.extension, imported by the first served call (the compiled backends load it)

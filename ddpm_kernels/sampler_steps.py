@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import inspect
 
-import torch
-
-from . import _native
-from ._checks import BACKEND_NAMES, _check_guidance, device_t_check_enabled
+from . import ops
+from ._checks import _check_guidance
 from ._spec import OPS as SPECS
 from ._stream import check_sample_offset
-from .ops import _dispatch, _options, _prologue, promoted_dtype, restore_format, row_major, step_server
-from .schedule import DiffusionSchedule
+from .ops import _options, _prologue, promoted_dtype, restore_format, row_major, step_server
 
 __all__ = ["ddim_step", "ddpm_step"]
 
@@ -117,37 +114,19 @@ def sampler_step_server(name, backend, x_t, options: tuple):
 
 
 def _served_step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise):
-    """The plain call of `ddim_step` / `ddpm_step` (unguided, no generator, ``out`` or sample offset) served by
-    one bound call of the compiled operator (``extension.sampler_step_server``, what the DDIM / DDPM drop-ins' steps
-    use; docs/design.md, "Host overhead"), or None for the prologue: in eager mode, on a `DiffusionSchedule`,
-    with contiguous operands that the compiled check accepts as of one dtype (``t`` and ``t_prev`` with them),
-    none asking for a gradient, no learned variance, and a compiled backend serving the call (which declines
-    thresholding). The
-    options are validated (and their errors raised) as the prologue validates them."""
-    global _extension
-    if not (_native.bind_op is not None and t_prev is not None and backend in BACKEND_NAMES
-            and isinstance(schedule, DiffusionSchedule) and not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()):
+    """The plain call of `ddim_step` / `ddpm_step` (unguided, no generator, ``out`` or sample offset, ``t_prev``
+    given) served by one bound call of the compiled operator (``extension.sampler_step_server``, what the DDIM /
+    DDPM drop-ins' steps use) when `ops._plain` finds it plain (a compiled backend declines thresholding); None
+    for the prologue."""
+    if t_prev is None:
         return None
-    spec = SPECS[name]
-    opts = _options(spec, options)
-    if opts.learned:  # (a learned variance's model output has twice the channels: the prologue checks it)
+    plain = ops._plain(name, backend, x_t, (model_output,) if noise is None else (model_output, noise), schedule,
+                       t, options, None, t_prev)
+    if plain is None:
         return None
-    operands = (model_output,) if noise is None else (model_output, noise)
-    if (_native.inputs_ok(x_t, operands, None, schedule._buffers["coefficients"], schedule.num_timesteps, t, t_prev,
-                          device_t_check_enabled()) != 2
-            or not (x_t.is_contiguous() and model_output.is_contiguous()
-                    and (noise is None or noise.is_contiguous()))):
-        return None
-    backend_name, _ = _dispatch(spec, backend, x_t, opts, (), grad_free=True, with_name=True)
-    if backend_name not in ("cpu", "cuda"):
-        return None
-    if _extension is None:
-        from . import extension as _extension
-    return _extension._public_server(_extension.sampler_step_server, opts)(x_t, t, t_prev, model_output, schedule,
-                                                                          noise)
-
-
-_extension = None  # ddpm_kernels.extension, imported by the first served call (the compiled backends load it)
+    extension = ops._extension
+    return extension._public_server(extension.sampler_step_server, plain[0])(x_t, t, t_prev, model_output, schedule,
+                                                                            noise)
 
 
 def _step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise, generator, out, guidance_scale,

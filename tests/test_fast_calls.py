@@ -336,3 +336,45 @@ def test_public_sampler_steps_other_calls_take_the_prologue(monkeypatch):
     with pytest.raises(ValueError, match="eta"):
         dk.ddim_step(x, t, t_prev, m, schedule, eta=-1.0, backend="cpu")
     assert not bound
+
+
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64))
+def test_public_q_sample_makes_bound_calls(monkeypatch, dtype):
+    """q_sample's plain call (noise given, contiguous operands of one dtype, none asking for a gradient) makes one
+    bound call of its operator (or of its ``_out`` form, into a new tensor or in place): the same results, bit for
+    bit, as without the bound calls; a call that asks for a gradient, a strided, mixed or subclass operand take the
+    prologue, with its graph, result dtype and type."""
+    import ddpm_kernels as dk
+    from ddpm_kernels import DiffusionSchedule
+
+    g = torch.Generator().manual_seed(3)
+    x, z = (torch.randn(3, 2, 5, 3, generator=g).to(dtype) for _ in range(2))
+    t, schedule = torch.tensor([0, 17, 999]), DiffusionSchedule(timesteps=1000)
+
+    def calls():
+        inplace = x.clone()
+        return [dk.q_sample(x, t, z, schedule, backend="cpu"),
+                dk.q_sample(x, t, z, schedule, backend="cpu", out=torch.empty_like(x)),
+                dk.q_sample(inplace, t, z, schedule, backend="cpu", out=inplace)]
+
+    bound = []
+    real = _native.call_bound
+    monkeypatch.setattr(_native, "call_bound", lambda *a: bound.append(1) or real(*a))
+    monkeypatch.setattr(extension, "_PUBLIC_SERVERS", {})
+    got = calls()
+    assert len(bound) == 3
+    bound.clear()
+    graded = dk.q_sample(x.clone().requires_grad_(), t, z, schedule, backend="cpu")
+    assert graded.requires_grad and torch.equal(graded.detach(), got[0])
+    strided = torch.empty(3, 2, 3, 5, dtype=dtype).transpose(2, 3)
+    strided.copy_(x)
+    assert torch.equal(dk.q_sample(strided, t, z, schedule, backend="cpu"), got[0])
+    other = torch.float64 if dtype != torch.float64 else torch.float32
+    assert dk.q_sample(x, t, z.to(other), schedule, backend="cpu").dtype == torch.promote_types(dtype, other)
+    assert type(dk.q_sample(x.as_subclass(_Tagged), t, z, schedule, backend="cpu")) is _Tagged
+    with pytest.raises(ValueError, match="t"):
+        dk.q_sample(x, torch.tensor([0, 1, 1000]), z, schedule, backend="cpu")
+    assert not bound
+    monkeypatch.setattr(_native, "bind_op", None)
+    for a, b in zip(got, calls()):
+        assert a.dtype == b.dtype and torch.equal(a, b)
