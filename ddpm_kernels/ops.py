@@ -389,7 +389,7 @@ def p_sample(
     (``sample_offset``, the global index of the batch's first sample, makes a sharded batch draw what one
     device would; docs/design.md, "Noise streams"). ``out`` may be ``x_t`` (an in-place step).
     """
-    if noise is not None and generator is None and not sample_offset:
+    if noise is not None and generator is None and type(sample_offset) is int and not sample_offset:
         plain = _plain("p_sample", backend, x_t, (model_output, noise), schedule, t, (parameterization, clip_denoised),
                        out)
         if plain is not None:

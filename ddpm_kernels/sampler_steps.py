@@ -137,7 +137,8 @@ def _step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise,
     ``uncond=``), with ``w`` a number or a float tensor (B,) per sample, formed in the step; ``guidance_rescale``
     in [0, 1] is diffusers' ``rescale_noise_cfg`` (per-sample standard deviations). ``sample_offset``: as in
     `ddpm_kernels.p_sample`."""
-    if guidance_scale is None and uncond is None and generator is None and out is None and not sample_offset:
+    if (guidance_scale is None and uncond is None and generator is None and out is None
+            and type(sample_offset) is int and not sample_offset):
         served = _served_step(name, backend, x_t, t, t_prev, model_output, schedule, options, noise)
         if served is not None:
             return served

@@ -190,9 +190,12 @@ def _p_sample_calls(x, m, z, t, schedule, **kwargs):
         for clip in (True, False):
             options = dict(parameterization=parameterization, clip_denoised=clip, noise=z, backend="cpu", **kwargs)
             got.append(dk.p_sample(x, t, m, schedule, **options))
-            got.append(dk.p_sample(x, t, m, schedule, out=torch.empty_like(x), **options))
+            out = torch.empty_like(x)
+            assert dk.p_sample(x, t, m, schedule, out=out, **options) is out
+            got.append(out)
             inplace = x.clone()
-            got.append(dk.p_sample(inplace, t, m, schedule, out=inplace, **options))
+            assert dk.p_sample(inplace, t, m, schedule, out=inplace, **options) is inplace
+            got.append(inplace)
     return got
 
 
@@ -237,6 +240,10 @@ def test_public_p_sample_other_calls_take_the_prologue(monkeypatch):
     strided = torch.randn(2, 4, 3).transpose(1, 2)
     strided.copy_(x)
     assert torch.equal(dk.p_sample(strided, t, m, schedule, noise=z, backend="cpu"), base)
+    assert torch.equal(dk.p_sample(x, t, strided.clone().copy_(m), schedule, noise=z, backend="cpu"), base)
+    assert torch.equal(dk.p_sample(x, t, m, schedule, noise=strided.clone().copy_(z), backend="cpu"), base)
+    out = torch.empty(2, 4, 3).transpose(1, 2)
+    assert dk.p_sample(x, t, m, schedule, noise=z, out=out, backend="cpu") is out and torch.equal(out, base)
     assert dk.p_sample(x, t, m.bfloat16(), schedule, noise=z, backend="cpu").dtype == torch.float32
     assert torch.equal(dk.p_sample(x, t, m, schedule, noise=z, backend="cpu", sample_offset=5), base)
     ref = dk.p_sample(x, t, m, schedule, noise=z, backend="reference")
@@ -326,6 +333,13 @@ def test_public_sampler_steps_other_calls_take_the_prologue(monkeypatch):
     assert torch.equal(dk.ddpm_step(strided, t, t_prev, m, schedule, noise=z, backend="cpu"), base)
     assert dk.ddpm_step(x, t, t_prev, m.bfloat16(), schedule, noise=z, backend="cpu").dtype == torch.float32
     assert type(dk.ddim_step(x.as_subclass(_Tagged), t, t_prev, m, schedule, backend="cpu")) is _Tagged
+    graded = dk.ddpm_step(x, t, t_prev, m.clone().requires_grad_(), schedule, noise=z, backend="cpu")
+    torch.testing.assert_close(graded.detach(), base)
+    strided_m, strided_z = torch.randn(2, 4, 3).transpose(1, 2), torch.randn(2, 4, 3).transpose(1, 2)
+    strided_m.copy_(m)
+    strided_z.copy_(z)
+    assert torch.equal(dk.ddpm_step(x, t, t_prev, strided_m, schedule, noise=z, backend="cpu"), base)
+    assert torch.equal(dk.ddpm_step(x, t, t_prev, m, schedule, noise=strided_z, backend="cpu"), base)
     assert not bound
     with pytest.raises(TypeError, match="t_prev"):
         dk.ddim_step(x, t, None, m, schedule, backend="cpu")
@@ -352,10 +366,10 @@ def test_public_q_sample_makes_bound_calls(monkeypatch, dtype):
     t, schedule = torch.tensor([0, 17, 999]), DiffusionSchedule(timesteps=1000)
 
     def calls():
-        inplace = x.clone()
-        return [dk.q_sample(x, t, z, schedule, backend="cpu"),
-                dk.q_sample(x, t, z, schedule, backend="cpu", out=torch.empty_like(x)),
-                dk.q_sample(inplace, t, z, schedule, backend="cpu", out=inplace)]
+        inplace, out = x.clone(), torch.empty_like(x)
+        assert dk.q_sample(x, t, z, schedule, backend="cpu", out=out) is out
+        assert dk.q_sample(inplace, t, z, schedule, backend="cpu", out=inplace) is inplace
+        return [dk.q_sample(x, t, z, schedule, backend="cpu"), out, inplace]
 
     bound = []
     real = _native.call_bound
@@ -378,3 +392,36 @@ def test_public_q_sample_makes_bound_calls(monkeypatch, dtype):
     monkeypatch.setattr(_native, "bind_op", None)
     for a, b in zip(got, calls()):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_public_plain_calls_under_a_torch_function_mode():
+    """Under a TorchFunctionMode the plain calls of p_sample, q_sample, ddim_step and ddpm_step make their
+    ``torch.ops`` call, which the mode sees (a bound C call would hide it), with the same results."""
+    import ddpm_kernels as dk
+    from torch.overrides import TorchFunctionMode
+
+    from ddpm_kernels import DiffusionSchedule
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, m, z = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    t, t_prev, schedule = torch.tensor([3, 40]), torch.tensor([1, 20]), DiffusionSchedule(timesteps=100)
+    calls = {
+        "p_sample": lambda: dk.p_sample(x, t, m, schedule, noise=z, backend="cpu"),
+        "q_sample": lambda: dk.q_sample(x, t, z, schedule, backend="cpu"),
+        "ddim_step": lambda: dk.ddim_step(x, t, t_prev, m, schedule, backend="cpu"),
+        "ddpm_step": lambda: dk.ddpm_step(x, t, t_prev, m, schedule, noise=z, backend="cpu"),
+    }
+    for name, call in calls.items():
+        expected = call()
+        with Seen() as seen:
+            got = call()
+        assert torch.equal(got, expected)
+        assert any(name in n for n in seen.names), (name, seen.names)

@@ -414,3 +414,33 @@ operands) take the public op."""
         for t in s.timesteps:
             x = s.step(model(x, t), timestep(t), x, generator=g, **kwargs).prev_sample
         assert len(calls) == expected, (timestep, in_kernel)
+
+
+@pytest.mark.parametrize("family", ["euler", "ancestral"])
+def test_a_mixed_precision_loop_keeps_its_lane_kind(family, monkeypatch):
+    """A loop with a bfloat16 model output and a float32 sample takes the lane every step without remaking the
+    tensor of the operands' kind its compiled check compares with (made for operands of one dtype only), and gives
+    the fully checked steps' results."""
+    from ddpm_kernels.integrations.diffusers import _common
+
+    made = []
+    real = _common.kind_of
+    monkeypatch.setattr(_common, "kind_of", lambda *a: made.append(a) or real(*a))
+    stock_class, fused_class, config = FAMILIES[family]
+    fused, checked = (fused_class(**config) for _ in range(2))
+    results = []
+    for scheduler, full in ((fused, False), (checked, True)):
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(1)
+        scheduler.set_timesteps(STEPS)
+        x = torch.randn(SHAPE) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            scheduler.scale_model_input(x, t)
+            if full:
+                for key in scheduler._dk_transient:
+                    scheduler.__dict__.pop(key, None)
+            x = scheduler.step(model(x, t, torch.bfloat16), t, x, generator=g).prev_sample.float()
+        results.append(x)
+        if not full:
+            assert len(made) <= 1, made
+    assert torch.equal(results[0], results[1])

@@ -276,9 +276,9 @@ class _Lane:
     ``index`` (``[tensor, value, batch, device]``, `_StepIndex._dk_index_tensor`), the table's step count ``last``,
     and ``server``, a drop-in's own per-lane cache (None until it sets one). ``kind``: a tensor of the operands'
     kind (shape, dtype, device; one element of storage) that the compiled check compares the next operands with
-    (`_native.same_kind`), set by the first step the lane takes and reset when the operands change kind (None
-    without the compiled library); ``noise``: the buffer of that kind the lane's steps draw into
-    (`lane_randn`)."""
+    (`_native.same_kind`), set by the first step the lane takes and reset when the operands change kind (a
+    sample and model output of one dtype; None without the compiled library); ``noise``: the buffer of that kind
+    the lane's steps draw into (`lane_randn`)."""
 
     __slots__ = ("tables", "sigmas", "index", "last", "server", "kind", "noise")
 
@@ -455,7 +455,8 @@ class _StepIndex:
                 shape, device = sample.shape, entry[3]
                 if (len(shape) and shape[0] == entry[2] and model_output.shape == shape and sample.device == device
                         and model_output.device == device):
-                    lane.kind, lane.noise = kind_of(shape, sample.dtype, device), None
+                    if sample.dtype is model_output.dtype:  # (a mixed call keeps the kind: the next may match it)
+                        lane.kind, lane.noise = kind_of(shape, sample.dtype, device), None
                     return lane
         return None
 
