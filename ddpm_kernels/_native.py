@@ -88,6 +88,13 @@ call_bound = getattr(schema_lib, "call_bound", None)
 """``ddpm_kernels._C.bind_op`` / ``call_bound`` (csrc/fast_calls.cpp): an operator with its constant arguments
 converted once, called with the rest (``ddpm_kernels.extension.bound_op``); None without the compiled library."""
 
+
+def traced() -> bool:
+    """Whether a call here is seen above the dispatcher: traced by torch.compile, or under a TorchFunctionMode
+    (both see ``torch.ops`` calls, not a bound C call; dispatch modes, below, see both). A bound call is for the
+    other, eager calls."""
+    return torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+
 has_cuda_kernels = bool(
     schema_lib is not None
     and getattr(schema_lib, "WITH_CUDA", 0)

@@ -24,6 +24,7 @@ import torch
 from . import _native
 from ._layout import CONTIGUOUS, dense_format, in_format, is_in_format
 from ._native import REBUILD_HINT, ExtensionUnavailableWarning, cpu_capability, inputs_ok, load_error  # noqa: F401
+from ._native import traced as _traced
 from ._spec import OPS as SPECS
 
 __all__ = ["CPU_BACKEND", "CUDA_BACKEND", "ExtensionUnavailableWarning", "cpu_capability", "load_error", "REBUILD_HINT"]
@@ -199,37 +200,33 @@ def p_sample(x_t, t, model_output, schedule, parameterization, clip_denoised, no
     return _run_out("p_sample", args, fmt, out)
 
 
-def q_sample_server(opts=()):
-    """``q(x_start, t, noise, table, out=None)``: `q_sample` for contiguous operands of one dtype that the public
-    op checked, none asking for a gradient (``ops._plain``; docs/design.md, "Host overhead"): one bound call of
-    the operator, or of its ``_out`` form writing ``out``. ``table`` is the schedule's table in their dtype."""
-    fast, fast_out = bound_op("q_sample", (..., ..., ..., ...)), bound_op("q_sample_out", (..., ..., ..., ..., ...))
+def _with_out_server(name, args):
+    """``call(*tensors, out=None)``: the operator ``name`` bound with ``args`` (`bound_op`), or its ``_out`` form
+    bound with them writing ``out`` (returned), for operands the public op checked (``ops._plain``;
+    docs/design.md, "Host overhead")."""
+    fast, fast_out = bound_op(name, args), bound_op(name + "_out", (*args, ...))
 
-    def q(x_start, t, noise, table, out=None):
+    def call(*tensors, out=None):
         if out is None:
-            return fast(x_start, t, noise, table)
-        fast_out(x_start, t, noise, table, out)
+            return fast(*tensors)
+        fast_out(*tensors, out)
         return out
 
-    return q
+    return call
+
+
+def q_sample_server(opts=()):
+    """``q(x_start, t, noise, table, out=None)``: `q_sample` for contiguous operands of one dtype of which no
+    gradient is asked, ``table`` the schedule's table in their dtype (`_with_out_server`)."""
+    return _with_out_server("q_sample", (..., ..., ..., ...))
 
 
 def p_sample_server(opts):
     """``step(x_t, t, model_output, table, noise, out=None)``: `p_sample` with ``opts`` (parameterization,
-    clip_denoised) and given noise, for contiguous operands of one dtype that the public op checked
-    (``ops._plain``; docs/design.md, "Host overhead"): one bound call of the operator, or of its
-    ``_out`` form writing ``out``. ``table`` is the schedule's table in the operands' dtype."""
-    tail = (*opts, ..., None, 0)  # (parameterization, clip_denoised, noise, generator, sample_offset)
-    fast = bound_op("p_sample", (..., ..., ..., ..., *tail))
-    fast_out = bound_op("p_sample_out", (..., ..., ..., ..., *tail, ...))
-
-    def step(x_t, t, model_output, table, noise, out=None):
-        if out is None:
-            return fast(x_t, t, model_output, table, noise)
-        fast_out(x_t, t, model_output, table, noise, out)
-        return out
-
-    return step
+    clip_denoised) and given noise, for contiguous operands of one dtype, ``table`` the schedule's table in their
+    dtype (`_with_out_server`)."""
+    # (x_t, t, model_output, table, parameterization, clip_denoised, noise, generator, sample_offset)
+    return _with_out_server("p_sample", (..., ..., ..., ..., *opts, ..., None, 0))
 
 
 def diffusion_loss(model_output, x_start, noise, t, schedule, *options):
@@ -397,12 +394,6 @@ def _public_server(make, opts):
             _PUBLIC_SERVERS.clear()
         server = _PUBLIC_SERVERS[key] = make(opts)
     return server
-
-
-def _traced() -> bool:
-    """Whether a call here is seen above the dispatcher: traced by torch.compile, or under a TorchFunctionMode
-    (both see ``torch.ops`` calls, not a bound C call; dispatch modes, below, see both)."""
-    return torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
 
 
 def _advanced(result, step_index, next_index):

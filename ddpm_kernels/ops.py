@@ -327,7 +327,7 @@ def q_sample(x_start, t, noise, schedule, backend="auto", *, out=None):
         noise = torch.randn_like(_check_data("x_start", x_start))
     elif _plain("q_sample", backend, x_start, (noise,), schedule, t, (), out) is not None:
         return _extension._public_server(_extension.q_sample_server, ())(x_start, t, noise,
-                                                                        schedule.table(x_start.dtype), out)
+                                                                        schedule.table(x_start.dtype), out=out)
     fn, _, t, _, out, x_start, (noise,) = _prologue(
         SPECS["q_sample"], backend, x_start, (noise,), schedule, t, out=out
     )
@@ -394,7 +394,7 @@ def p_sample(
                        out)
         if plain is not None:
             server = _extension._public_server(_extension.p_sample_server, plain[0])
-            return server(x_t, t, model_output, schedule.table(x_t.dtype), noise, out)
+            return server(x_t, t, model_output, schedule.table(x_t.dtype), noise, out=out)
     if sample_offset:
         sample_offset = check_sample_offset(sample_offset)
     fn, opts, t, _, out, x_t, (model_output, noise) = _prologue(
@@ -416,7 +416,7 @@ def _plain(name, backend, x, others: tuple, schedule, t, options: tuple, out, t_
     raised) as the prologue validates them."""
     global _extension
     if not (_native.bind_op is not None and backend in _BACKENDS and isinstance(schedule, DiffusionSchedule)
-            and not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()):
+            and not _native.traced()):
         return None
     spec = SPECS[name]
     opts = _options(spec, options) if options else ()

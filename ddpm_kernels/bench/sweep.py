@@ -219,22 +219,19 @@ SCHEDULER_LOOPS = (
 )
 
 
-def _loop_times(loop, device: torch.device, min_run_time: float, min_reps: int = 5):
+def _loop_times(loop, device: torch.device, min_run_time: float):
     """``(loop, model, scheduler)`` median seconds: ``loop()`` untimed (its wall time) alternating with
-    ``loop(timed=True)`` (its model and scheduler seconds, `diffusers_loop`'s count), so both see the same
-    machine state."""
-    walls, models, schedulers = [], [], []
-    start = time.perf_counter()
-    while len(walls) < min_reps or time.perf_counter() - start < 2 * min_run_time:
-        sync(device)
-        t0 = time.perf_counter()
-        loop()
-        sync(device)
-        walls.append(time.perf_counter() - t0)
-        timed = loop(timed=True)
-        models.append(timed.model_seconds)
-        schedulers.append(timed.scheduler_seconds)
-    return float(np.median(walls)), float(np.median(models)), float(np.median(schedulers))
+    ``loop(timed=True)`` (its model and scheduler seconds, `diffusers_loop`'s count; `paired_median_times`), so
+    both see the same machine state."""
+    models, schedulers = [], []
+
+    def timed():
+        result = loop(timed=True)
+        models.append(result.model_seconds)
+        schedulers.append(result.scheduler_seconds)
+
+    loop_s, _ = paired_median_times(loop, timed, device, min_run_time)
+    return loop_s, float(np.median(models)), float(np.median(schedulers))
 
 
 def scheduler_loops(device: torch.device, shape: Sequence[int], steps: int, min_run_time: float) -> List[dict]:
